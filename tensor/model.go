@@ -1,0 +1,78 @@
+package tensor
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// Model is a set of named tensors: a model's weights, an update, or optimiser
+// state. Its order is the order tensors are written and streamed in; Sort puts
+// it in name order, which is how safetensors files and the wire list them.
+type Model []*Tensor
+
+// Get returns the tensor with the given name, or nil.
+func (m Model) Get(name string) *Tensor {
+	for _, t := range m {
+		if t.Name == name {
+			return t
+		}
+	}
+	return nil
+}
+
+// Sort orders the tensors by name.
+func (m Model) Sort() {
+	slices.SortFunc(m, func(a, b *Tensor) int { return strings.Compare(a.Name, b.Name) })
+}
+
+// Bytes is the total size of the tensors' data.
+func (m Model) Bytes() int64 {
+	var n int64
+	for _, t := range m {
+		n += int64(len(t.Data))
+	}
+	return n
+}
+
+// Clone returns a deep copy.
+func (m Model) Clone() Model {
+	c := make(Model, len(m))
+	for i, t := range m {
+		c[i] = t.Clone()
+	}
+	return c
+}
+
+// Validate checks every tensor and that no name repeats.
+func (m Model) Validate() error {
+	seen := make(map[string]bool, len(m))
+	for _, t := range m {
+		if err := t.Validate(); err != nil {
+			return err
+		}
+		if seen[t.Name] {
+			return fmt.Errorf("tensor %q appears twice", t.Name)
+		}
+		seen[t.Name] = true
+	}
+	return nil
+}
+
+// Matches reports, as an error that names the first difference, whether other
+// has exactly the tensors of m with the same dtypes and shapes.
+func (m Model) Matches(other Model) error {
+	if len(other) != len(m) {
+		return fmt.Errorf("model has %d tensors, want %d", len(other), len(m))
+	}
+	for _, t := range other {
+		ref := m.Get(t.Name)
+		if ref == nil {
+			return fmt.Errorf("unknown tensor %q", t.Name)
+		}
+		if !SameLayout(ref, t) {
+			return fmt.Errorf("tensor %q is %s%v, want %s%v", t.Name, t.DType, t.Shape, ref.DType, ref.Shape)
+		}
+	}
+	return nil
+}
