@@ -1,0 +1,62 @@
+// Package runner defines how a collaborator runs an experiment's tasks at a site:
+// the Runner interface, the task names a plan may list, and the result a task
+// returns. Implementations live in sub-packages: builtin (plain-Go models) and
+// exec (the experiment's own command, through a language-neutral protocol).
+package runner
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/fx-fl/fx/tensor"
+)
+
+// The tasks a plan may list, in the order a round usually runs them.
+const (
+	// TaskAggregatedValidation validates the round's global model on local data.
+	TaskAggregatedValidation = "aggregated_model_validation"
+	// TaskTrain trains the global model on local data and returns new weights.
+	TaskTrain = "train"
+	// TaskLocalValidation validates the weights the train task just produced.
+	TaskLocalValidation = "locally_tuned_model_validation"
+)
+
+// IsTrain reports whether a task name is the training task, whose result
+// carries a model; every other known task only returns metrics.
+func IsTrain(task string) bool { return task == TaskTrain }
+
+// ValidateTaskName refuses task names fx does not know.
+func ValidateTaskName(task string) error {
+	switch task {
+	case TaskAggregatedValidation, TaskTrain, TaskLocalValidation:
+		return nil
+	}
+	return fmt.Errorf("unknown task %q (want %s, %s or %s)", task, TaskAggregatedValidation, TaskTrain, TaskLocalValidation)
+}
+
+// Task names one unit of work: which task, in which round.
+type Task struct {
+	Name  string
+	Round int
+}
+
+// Result is what a task produced.
+type Result struct {
+	// Model holds the new weights; set by Train only.
+	Model tensor.Model
+	// Samples is how many local samples the task used. FedAvg weighs each
+	// update by it.
+	Samples int64
+	// Metrics are named scalars such as "loss" and "accuracy".
+	Metrics map[string]float64
+}
+
+// Runner runs tasks on one site's data. A collaborator holds one Runner for
+// the life of an experiment; calls are not concurrent.
+type Runner interface {
+	// Train starts from model and returns trained weights with the same
+	// tensor names, dtypes and shapes.
+	Train(ctx context.Context, task Task, model tensor.Model) (Result, error)
+	// Validate evaluates model and returns metrics only.
+	Validate(ctx context.Context, task Task, model tensor.Model) (Result, error)
+}
