@@ -20,7 +20,7 @@ protoc -I proto \
 if [ -d sdk/python/fx ]; then
   out=sdk/python/fx/_proto
   rm -rf "$out" && mkdir -p "$out"
-  python3 -m grpc_tools.protoc -I proto --python_out="$out" --grpc_python_out="$out" proto/fx/v1/*.proto
+  "${PYTHON:-/usr/bin/python3}" -m grpc_tools.protoc -I proto --python_out="$out" --grpc_python_out="$out" proto/fx/v1/*.proto
   # grpc_tools writes absolute imports ("from fx.v1 import ..."); make them
   # relative to the package so the SDK needs no sys.path changes.
   find "$out" -name '*.py' -exec sed -i -E 's/^from fx\.v1 import/from fx._proto.fx.v1 import/' {} +

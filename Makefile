@@ -1,0 +1,32 @@
+# fx developer tasks. `make test` is the command CI runs (through .ci/run).
+GO ?= go
+BIN ?= bin
+
+.PHONY: build test test-short proto proto-check lint bench
+
+build:
+	$(GO) build -o $(BIN)/fx ./cmd/fx
+
+# The whole suite with the race detector, as CI runs it.
+test:
+	$(GO) test -race -timeout 30m ./...
+
+# Unit tests only: skips slow accuracy and end-to-end tests.
+test-short:
+	$(GO) test -short ./...
+
+# Regenerate protocol code after editing proto/fx/v1/*.proto.
+proto:
+	bash scripts/gen-proto.sh
+
+# Fail if the committed generated code differs from a fresh generation.
+proto-check: proto
+	@git diff --exit-code -- proto sdk/python || { echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; }
+	@test -z "$$(git status --porcelain -- proto sdk/python)" || { git status --porcelain -- proto sdk/python; echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; }
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt would change:"; echo "$$out"; exit 1; }
+	$(GO) vet ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./tensor/...
