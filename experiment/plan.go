@@ -1,0 +1,746 @@
+package experiment
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"reflect"
+	"slices"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/fx-fl/fx/runner"
+)
+
+// PlanFile is the name of the plan at the root of an experiment directory or
+// archive.
+const PlanFile = "plan.yaml"
+
+// Runner kinds.
+const (
+	// RunnerBuiltin runs one of fx's plain-Go models (RunnerSpec.Model).
+	RunnerBuiltin = "builtin"
+	// RunnerExec runs the experiment's own command (RunnerSpec.Command) at
+	// each site through the runner protocol.
+	RunnerExec = "exec"
+)
+
+// Built-in models a plan may name with runner.kind: builtin.
+const (
+	ModelSoftmax = "softmax"
+	ModelMLP     = "mlp"
+)
+
+// Aggregation algorithms.
+const (
+	AlgFedAvg      = "fedavg"
+	AlgMedian      = "median"
+	AlgTrimmedMean = "trimmed_mean"
+	AlgFedAdam     = "fedadam"
+	AlgFedYogi     = "fedyogi"
+	AlgFedAdagrad  = "fedadagrad"
+)
+
+// Directions for best_model.mode.
+const (
+	ModeMax = "max"
+	ModeMin = "min"
+)
+
+// The plan's defaults. They are applied in exactly one place, DefaultPlan,
+// which ParsePlan decodes the YAML on top of: a key the plan leaves out (or
+// sets to null) keeps its default, and a key it sets explicitly, even to
+// zero, is validated as written. That is why "stragglers: {deadline: 0}" is
+// an error rather than a silent 10m.
+const (
+	// DefaultParticipantsMin: one accepting envoy is enough to start.
+	DefaultParticipantsMin = 1
+	// DefaultAcceptTimeout bounds how long the director waits for
+	// participants.min envoys to accept before the experiment fails, so an
+	// experiment nobody accepts does not stay pending forever.
+	DefaultAcceptTimeout = 30 * time.Minute
+	// DefaultRunnerTimeout bounds one task (one train or validate call).
+	DefaultRunnerTimeout = 30 * time.Minute
+	// DefaultSeed makes runs reproducible unless the plan asks otherwise.
+	DefaultSeed = 1
+	// DefaultAlgorithm is plain federated averaging.
+	DefaultAlgorithm = AlgFedAvg
+	// DefaultTrim is the fraction trimmed from each end by trimmed_mean
+	// (ignored by the other algorithms).
+	DefaultTrim = 0.1
+	// DefaultDeadline closes a round that is still waiting: a round never
+	// waits forever for a site that went away.
+	DefaultDeadline = 10 * time.Minute
+	// DefaultMinReporting is the number of reports a round needs to close
+	// successfully at the deadline.
+	DefaultMinReporting = 1
+	// DefaultPercent: wait for every participant (until the deadline).
+	DefaultPercent = 1.0
+	// DefaultBestMetric and DefaultBestMode pick the model with the highest
+	// accuracy.
+	DefaultBestMetric = "accuracy"
+	DefaultBestMode   = ModeMax
+	// DefaultBestTask: the best model is judged on the global model's
+	// validation at the start of each round.
+	DefaultBestTask = runner.TaskAggregatedValidation
+)
+
+// DefaultTasks is the task list of a plan that names none: validate the
+// global model, train, validate the trained weights.
+func DefaultTasks() []string {
+	return []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation}
+}
+
+// Plan is an experiment plan, the contents of plan.yaml. Field comments give
+// the YAML key; DefaultPlan gives the defaults.
+type Plan struct {
+	// Name names the experiment (name); see ValidateName. Required.
+	Name string `yaml:"name" json:"name"`
+	// Rounds is the number of federated rounds (rounds). Required, ≥ 1.
+	Rounds int `yaml:"rounds" json:"rounds"`
+	// Participants selects the envoys the experiment is offered to.
+	Participants Participants `yaml:"participants" json:"participants"`
+	// Runner says how collaborators run tasks.
+	Runner RunnerSpec `yaml:"runner" json:"runner"`
+	// Aggregation says how the aggregator combines updates.
+	Aggregation Aggregation `yaml:"aggregation" json:"aggregation"`
+	// Stragglers says when a round closes without everyone.
+	Stragglers Stragglers `yaml:"stragglers" json:"stragglers"`
+	// Tasks are the tasks each collaborator runs every round, in order
+	// (tasks). Must include train, once.
+	Tasks []string `yaml:"tasks" json:"tasks"`
+	// BestModel says which round's model is kept as the best.
+	BestModel BestModel `yaml:"best_model" json:"best_model"`
+}
+
+// Participants selects envoys (participants). An envoy qualifies if it is
+// listed in Envoys (when Envoys is not empty) and its dataset carries every
+// tag in Tags and matches the shapes given.
+type Participants struct {
+	// Min is how many envoys must accept before the experiment starts (min).
+	Min int `yaml:"min" json:"min"`
+	// Envoys names the envoys to offer the experiment to; empty means any
+	// envoy that matches the other criteria (envoys).
+	Envoys []string `yaml:"envoys,omitempty" json:"envoys,omitempty"`
+	// Tags the envoy's dataset must all carry (tags).
+	Tags []string `yaml:"tags,omitempty" json:"tags,omitempty"`
+	// SampleShape and TargetShape, when set, must equal the shapes of the
+	// envoy's dataset samples and targets (sample_shape, target_shape).
+	SampleShape []int64 `yaml:"sample_shape,omitempty" json:"sample_shape,omitempty"`
+	TargetShape []int64 `yaml:"target_shape,omitempty" json:"target_shape,omitempty"`
+	// AcceptTimeout bounds the wait for Min acceptances (accept_timeout).
+	AcceptTimeout Duration `yaml:"accept_timeout" json:"accept_timeout"`
+}
+
+// RunnerSpec says how a collaborator runs tasks (runner).
+type RunnerSpec struct {
+	// Kind is builtin or exec (kind). Required.
+	Kind string `yaml:"kind" json:"kind"`
+	// Model is the built-in model, softmax or mlp (model); builtin only.
+	Model string `yaml:"model,omitempty" json:"model,omitempty"`
+	// Command is the argv run at the site, relative to the unpacked
+	// experiment directory (command); exec only.
+	Command []string `yaml:"command,omitempty" json:"command,omitempty"`
+	// Timeout bounds one task (timeout).
+	Timeout Duration `yaml:"timeout" json:"timeout"`
+	// Seed seeds the runner's randomness (seed).
+	Seed int64 `yaml:"seed" json:"seed"`
+	// Hyperparameters are handed to the runner as they are, as JSON for an
+	// exec runner, so they must be JSON values: string keys, finite numbers
+	// (hyperparameters).
+	Hyperparameters map[string]any `yaml:"hyperparameters,omitempty" json:"hyperparameters,omitempty"`
+}
+
+// Aggregation says how updates are combined (aggregation). LR, Beta1, Beta2
+// and Tau configure the server optimiser of fedadam, fedyogi and fedadagrad;
+// zero means that algorithm's own default, and other algorithms ignore them.
+type Aggregation struct {
+	// Algorithm is one of fedavg, median, trimmed_mean, fedadam, fedyogi,
+	// fedadagrad (algorithm).
+	Algorithm string `yaml:"algorithm" json:"algorithm"`
+	// Trim is the fraction dropped from each end by trimmed_mean, in
+	// [0, 0.5) (trim).
+	Trim float64 `yaml:"trim" json:"trim"`
+	// LR is the server learning rate, ≥ 0 (lr).
+	LR float64 `yaml:"lr,omitempty" json:"lr,omitempty"`
+	// Beta1 and Beta2 are the moment decay rates, in [0, 1) (beta1, beta2).
+	Beta1 float64 `yaml:"beta1,omitempty" json:"beta1,omitempty"`
+	Beta2 float64 `yaml:"beta2,omitempty" json:"beta2,omitempty"`
+	// Tau is the adaptivity (the denominator's epsilon), ≥ 0 (tau).
+	Tau float64 `yaml:"tau,omitempty" json:"tau,omitempty"`
+}
+
+// Stragglers is the policy that closes a round (stragglers). A round closes
+// as soon as Percent of its participants have reported (and at least
+// MinReporting), or at Deadline: then it succeeds if MinReporting reports
+// arrived and fails otherwise.
+type Stragglers struct {
+	// Deadline is the longest a round stays open (deadline), > 0.
+	Deadline Duration `yaml:"deadline" json:"deadline"`
+	// MinReporting is the fewest reports a round may close with
+	// (min_reporting), ≥ 1.
+	MinReporting int `yaml:"min_reporting" json:"min_reporting"`
+	// Percent is the fraction of participants whose reports close the round
+	// early, in (0, 1] (percent).
+	Percent float64 `yaml:"percent" json:"percent"`
+}
+
+// BestModel says how the best model is chosen (best_model): the round whose
+// global model scored best on Metric, as aggregated over the collaborators'
+// results of Task, in direction Mode.
+type BestModel struct {
+	Metric string `yaml:"metric" json:"metric"`
+	Mode   string `yaml:"mode" json:"mode"`
+	Task   string `yaml:"task" json:"task"`
+}
+
+// DefaultPlan returns a plan holding every default and nothing else: no name,
+// no rounds, no runner kind, which a plan must give. ParsePlan decodes YAML on
+// top of it; a Go program building a plan should start from it too.
+func DefaultPlan() Plan {
+	return Plan{
+		Participants: Participants{
+			Min:           DefaultParticipantsMin,
+			AcceptTimeout: Duration(DefaultAcceptTimeout),
+		},
+		Runner: RunnerSpec{
+			Timeout: Duration(DefaultRunnerTimeout),
+			Seed:    DefaultSeed,
+		},
+		Aggregation: Aggregation{
+			Algorithm: DefaultAlgorithm,
+			Trim:      DefaultTrim,
+		},
+		Stragglers: Stragglers{
+			Deadline:     Duration(DefaultDeadline),
+			MinReporting: DefaultMinReporting,
+			Percent:      DefaultPercent,
+		},
+		Tasks: DefaultTasks(),
+		BestModel: BestModel{
+			Metric: DefaultBestMetric,
+			Mode:   DefaultBestMode,
+			Task:   DefaultBestTask,
+		},
+	}
+}
+
+// ErrInvalidPlan is matched (errors.Is) by every error ParsePlan and
+// Plan.Validate return.
+var ErrInvalidPlan = errors.New("invalid plan")
+
+// Problem is one thing wrong with a plan: the key path it concerns (such as
+// "stragglers.percent" or "participants.envoys[1]") and what is wrong. Line
+// is the line in plan.yaml when known (unknown keys), else 0.
+type Problem struct {
+	Key     string
+	Line    int
+	Message string
+}
+
+func (p Problem) String() string {
+	if p.Line > 0 {
+		return fmt.Sprintf("line %d: %s: %s", p.Line, p.Key, p.Message)
+	}
+	return p.Key + ": " + p.Message
+}
+
+// ValidationError lists every problem found in a plan, so a researcher fixes
+// them all in one go rather than one per submission.
+type ValidationError struct {
+	Problems []Problem
+}
+
+func (e *ValidationError) Error() string {
+	var b strings.Builder
+	b.WriteString(ErrInvalidPlan.Error())
+	b.WriteString(": ")
+	for i, p := range e.Problems {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(p.String())
+	}
+	return b.String()
+}
+
+// Unwrap makes errors.Is(err, ErrInvalidPlan) true.
+func (e *ValidationError) Unwrap() error { return ErrInvalidPlan }
+
+// ParsePlan decodes plan.yaml strictly, applies the defaults (see
+// DefaultPlan) and validates the result. Unknown keys are errors that name
+// the key path and its line, as are YAML that is not one mapping, values of
+// the wrong type, and every rule Plan.Validate checks. All errors match
+// ErrInvalidPlan.
+func ParsePlan(data []byte) (*Plan, error) {
+	var doc yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("%w: the plan is empty: it needs at least name, rounds and runner.kind", ErrInvalidPlan)
+		}
+		return nil, fmt.Errorf("%w: %w", ErrInvalidPlan, err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidPlan, err)
+		}
+		return nil, fmt.Errorf("%w: line %d: a second YAML document: a plan is a single document (remove the '---')", ErrInvalidPlan, extra.Line)
+	}
+	root := &doc
+	if root.Kind == yaml.DocumentNode && len(root.Content) == 1 {
+		root = root.Content[0]
+	}
+	if root.Kind != yaml.MappingNode {
+		if root.Kind == yaml.ScalarNode && root.Tag == "!!null" {
+			return nil, fmt.Errorf("%w: the plan is empty: it needs at least name, rounds and runner.kind", ErrInvalidPlan)
+		}
+		return nil, fmt.Errorf("%w: line %d: a plan is a mapping of keys (name, rounds, runner, ...), not a %s", ErrInvalidPlan, root.Line, nodeKindName(root))
+	}
+	var unknown []Problem
+	findUnknownKeys(root, reflect.TypeFor[Plan](), "", &unknown)
+	if len(unknown) > 0 {
+		return nil, &ValidationError{Problems: unknown}
+	}
+
+	p := DefaultPlan()
+	strict := yaml.NewDecoder(bytes.NewReader(data))
+	strict.KnownFields(true)
+	if err := strict.Decode(&p); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidPlan, err)
+	}
+	p.normalize()
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
+// Marshal encodes the plan as YAML that ParsePlan reads back to an equal
+// plan. Defaults are written out, so the output documents what will run.
+func (p *Plan) Marshal() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(p); err != nil {
+		return nil, fmt.Errorf("encoding plan %q: %w", p.Name, err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("encoding plan %q: %w", p.Name, err)
+	}
+	return buf.Bytes(), nil
+}
+
+// normalize makes "envoys: []" and an absent key decode to the same plan, so
+// a plan survives Marshal and ParsePlan unchanged. Tasks are left alone: an
+// explicitly empty task list is an error, not a request for the default.
+func (p *Plan) normalize() {
+	if len(p.Participants.Envoys) == 0 {
+		p.Participants.Envoys = nil
+	}
+	if len(p.Participants.Tags) == 0 {
+		p.Participants.Tags = nil
+	}
+	if len(p.Participants.SampleShape) == 0 {
+		p.Participants.SampleShape = nil
+	}
+	if len(p.Participants.TargetShape) == 0 {
+		p.Participants.TargetShape = nil
+	}
+	if len(p.Runner.Command) == 0 {
+		p.Runner.Command = nil
+	}
+	if len(p.Runner.Hyperparameters) == 0 {
+		p.Runner.Hyperparameters = nil
+	}
+}
+
+// Validate checks every rule of the plan and reports all the problems it
+// finds in one *ValidationError, each naming its key path. It checks the plan
+// as it is: defaults are not filled in here (ParsePlan starts from
+// DefaultPlan), so a zero deadline, say, is reported rather than replaced.
+func (p *Plan) Validate() error {
+	var v problems
+
+	if p.Name == "" {
+		v.add("name", "required: the experiment's name (letters, digits, '.', '_' and '-')")
+	} else if err := ValidateName("experiment", p.Name); err != nil {
+		var ne *NameError
+		if errors.As(err, &ne) {
+			v.add("name", fmt.Sprintf("%q: %s", p.Name, ne.Reason))
+		} else {
+			v.add("name", err.Error())
+		}
+	}
+	switch {
+	case p.Rounds == 0:
+		v.add("rounds", "required: the number of federated rounds, at least 1")
+	case p.Rounds < 0:
+		v.add("rounds", fmt.Sprintf("must be at least 1, got %d", p.Rounds))
+	}
+
+	p.validateParticipants(&v)
+	p.validateRunner(&v)
+	p.validateAggregation(&v)
+	p.validateStragglers(&v)
+	p.validateTasks(&v)
+	p.validateBestModel(&v)
+
+	if len(v) == 0 {
+		return nil
+	}
+	return &ValidationError{Problems: v}
+}
+
+func (p *Plan) validateParticipants(v *problems) {
+	pa := &p.Participants
+	if pa.Min < 1 {
+		v.add("participants.min", fmt.Sprintf("must be at least 1, got %d", pa.Min))
+	}
+	seen := map[string]int{}
+	for i, e := range pa.Envoys {
+		key := fmt.Sprintf("participants.envoys[%d]", i)
+		if err := ValidateName("envoy", e); err != nil {
+			var ne *NameError
+			if errors.As(err, &ne) {
+				v.add(key, fmt.Sprintf("%q: %s", e, ne.Reason))
+			} else {
+				v.add(key, err.Error())
+			}
+			continue
+		}
+		if j, dup := seen[e]; dup {
+			v.add(key, fmt.Sprintf("%q is already listed at participants.envoys[%d]", e, j))
+			continue
+		}
+		seen[e] = i
+	}
+	if len(pa.Envoys) > 0 && pa.Min > len(pa.Envoys) {
+		v.add("participants.min", fmt.Sprintf("is %d but participants.envoys lists only %d envoys: the experiment could never start", pa.Min, len(pa.Envoys)))
+	}
+	seenTag := map[string]int{}
+	for i, t := range pa.Tags {
+		key := fmt.Sprintf("participants.tags[%d]", i)
+		if strings.TrimSpace(t) == "" {
+			v.add(key, "must not be empty")
+			continue
+		}
+		if j, dup := seenTag[t]; dup {
+			v.add(key, fmt.Sprintf("%q is already listed at participants.tags[%d]", t, j))
+			continue
+		}
+		seenTag[t] = i
+	}
+	validateShape(v, "participants.sample_shape", pa.SampleShape)
+	validateShape(v, "participants.target_shape", pa.TargetShape)
+	if pa.AcceptTimeout <= 0 {
+		v.add("participants.accept_timeout", fmt.Sprintf("must be a positive duration such as 30m, got %s", pa.AcceptTimeout))
+	}
+}
+
+func validateShape(v *problems, key string, shape []int64) {
+	for i, d := range shape {
+		if d < 1 {
+			v.add(fmt.Sprintf("%s[%d]", key, i), fmt.Sprintf("dimensions must be at least 1, got %d", d))
+		}
+	}
+}
+
+func (p *Plan) validateRunner(v *problems) {
+	r := &p.Runner
+	switch r.Kind {
+	case "":
+		v.add("runner.kind", "required: builtin (a model shipped with fx) or exec (your own command)")
+	case RunnerBuiltin:
+		switch r.Model {
+		case ModelSoftmax, ModelMLP:
+		case "":
+			v.add("runner.model", "required with kind builtin: softmax or mlp")
+		default:
+			v.add("runner.model", fmt.Sprintf("must be softmax or mlp, got %q", r.Model))
+		}
+		if len(r.Command) > 0 {
+			v.add("runner.command", "only used with kind exec: remove it, or set runner.kind: exec")
+		}
+	case RunnerExec:
+		if len(r.Command) == 0 {
+			v.add("runner.command", "required with kind exec: the program and its arguments, such as [python3, train.py]")
+		} else if strings.TrimSpace(r.Command[0]) == "" {
+			v.add("runner.command[0]", "must name the program to run")
+		}
+		for i, a := range r.Command {
+			if strings.ContainsRune(a, 0) {
+				v.add(fmt.Sprintf("runner.command[%d]", i), "must not contain a NUL character")
+			}
+		}
+		if r.Model != "" {
+			v.add("runner.model", "only used with kind builtin: remove it, or set runner.kind: builtin")
+		}
+	default:
+		v.add("runner.kind", fmt.Sprintf("must be builtin or exec, got %q", r.Kind))
+	}
+	if r.Timeout <= 0 {
+		v.add("runner.timeout", fmt.Sprintf("must be a positive duration such as 30m, got %s", r.Timeout))
+	}
+	keys := make([]string, 0, len(r.Hyperparameters))
+	for k := range r.Hyperparameters {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		if k == "" {
+			v.add("runner.hyperparameters", "keys must not be empty")
+			continue
+		}
+		validateJSONValue(v, "runner.hyperparameters."+k, r.Hyperparameters[k])
+	}
+}
+
+// validateJSONValue checks that a hyperparameter can be handed to a runner as
+// JSON: YAML allows non-string keys and .nan, JSON does not.
+func validateJSONValue(v *problems, key string, x any) {
+	switch x := x.(type) {
+	case nil, bool, string, int, int64, uint64:
+	case float64:
+		if math.IsNaN(x) || math.IsInf(x, 0) {
+			v.add(key, fmt.Sprintf("must be a finite number, got %v", x))
+		}
+	case []any:
+		for i, e := range x {
+			validateJSONValue(v, fmt.Sprintf("%s[%d]", key, i), e)
+		}
+	case map[string]any:
+		keys := make([]string, 0, len(x))
+		for k := range x {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			validateJSONValue(v, key+"."+k, x[k])
+		}
+	case map[any]any:
+		v.add(key, "mapping keys must be strings (runners receive hyperparameters as JSON)")
+	default:
+		v.add(key, fmt.Sprintf("unsupported value of type %T: use strings, numbers, booleans, lists and mappings", x))
+	}
+}
+
+func (p *Plan) validateAggregation(v *problems) {
+	a := &p.Aggregation
+	switch a.Algorithm {
+	case AlgFedAvg, AlgMedian, AlgTrimmedMean, AlgFedAdam, AlgFedYogi, AlgFedAdagrad:
+	case "":
+		v.add("aggregation.algorithm", "must not be empty: fedavg, median, trimmed_mean, fedadam, fedyogi or fedadagrad (default fedavg)")
+	default:
+		v.add("aggregation.algorithm", fmt.Sprintf("must be fedavg, median, trimmed_mean, fedadam, fedyogi or fedadagrad, got %q", a.Algorithm))
+	}
+	if !(a.Trim >= 0 && a.Trim < 0.5) {
+		v.add("aggregation.trim", fmt.Sprintf("must be in [0,0.5), got %v", a.Trim))
+	}
+	if !(a.LR >= 0) || math.IsInf(a.LR, 0) {
+		v.add("aggregation.lr", fmt.Sprintf("must be a finite number ≥ 0 (0 means the algorithm's default), got %v", a.LR))
+	}
+	if !(a.Beta1 >= 0 && a.Beta1 < 1) {
+		v.add("aggregation.beta1", fmt.Sprintf("must be in [0,1) (0 means the algorithm's default), got %v", a.Beta1))
+	}
+	if !(a.Beta2 >= 0 && a.Beta2 < 1) {
+		v.add("aggregation.beta2", fmt.Sprintf("must be in [0,1) (0 means the algorithm's default), got %v", a.Beta2))
+	}
+	if !(a.Tau >= 0) || math.IsInf(a.Tau, 0) {
+		v.add("aggregation.tau", fmt.Sprintf("must be a finite number ≥ 0 (0 means the algorithm's default), got %v", a.Tau))
+	}
+}
+
+func (p *Plan) validateStragglers(v *problems) {
+	s := &p.Stragglers
+	if s.Deadline <= 0 {
+		v.add("stragglers.deadline", fmt.Sprintf("must be a positive duration such as 10m (a round must not wait forever), got %s", s.Deadline))
+	}
+	if s.MinReporting < 1 {
+		v.add("stragglers.min_reporting", fmt.Sprintf("must be at least 1, got %d", s.MinReporting))
+	} else if p.Participants.Min >= 1 && s.MinReporting > p.Participants.Min {
+		v.add("stragglers.min_reporting", fmt.Sprintf("is %d but participants.min is %d: an experiment that starts with %d collaborators could never close a round", s.MinReporting, p.Participants.Min, p.Participants.Min))
+	}
+	if !(s.Percent > 0 && s.Percent <= 1) {
+		v.add("stragglers.percent", fmt.Sprintf("must be in (0,1], got %v", s.Percent))
+	}
+}
+
+func (p *Plan) validateTasks(v *problems) {
+	if len(p.Tasks) == 0 {
+		v.add("tasks", fmt.Sprintf("must list at least train; leave the key out for the default [%s]", strings.Join(DefaultTasks(), ", ")))
+		return
+	}
+	seen := map[string]int{}
+	for i, t := range p.Tasks {
+		key := fmt.Sprintf("tasks[%d]", i)
+		if err := runner.ValidateTaskName(t); err != nil {
+			v.add(key, err.Error())
+			continue
+		}
+		if j, dup := seen[t]; dup {
+			v.add(key, fmt.Sprintf("%s is already listed at tasks[%d]", t, j))
+			continue
+		}
+		seen[t] = i
+	}
+	train, hasTrain := seen[runner.TaskTrain]
+	if !hasTrain {
+		v.add("tasks", "must include train")
+	}
+	if local, ok := seen[runner.TaskLocalValidation]; ok && hasTrain && local < train {
+		v.add(fmt.Sprintf("tasks[%d]", local), fmt.Sprintf("%s validates the weights train produces, so it must come after train", runner.TaskLocalValidation))
+	}
+}
+
+func (p *Plan) validateBestModel(v *problems) {
+	b := &p.BestModel
+	if strings.TrimSpace(b.Metric) == "" {
+		v.add("best_model.metric", "must name a metric the validation task reports, such as accuracy or loss")
+	}
+	switch b.Mode {
+	case ModeMax, ModeMin:
+	default:
+		v.add("best_model.mode", fmt.Sprintf("must be max or min, got %q", b.Mode))
+	}
+	switch {
+	case b.Task == runner.TaskTrain:
+		v.add("best_model.task", fmt.Sprintf("must be a validation task (%s or %s), not train", runner.TaskAggregatedValidation, runner.TaskLocalValidation))
+	case runner.ValidateTaskName(b.Task) != nil:
+		v.add("best_model.task", fmt.Sprintf("must be %s or %s, got %q", runner.TaskAggregatedValidation, runner.TaskLocalValidation, b.Task))
+	case !slices.Contains(p.Tasks, b.Task):
+		v.add("best_model.task", fmt.Sprintf("%s is not in tasks: add it there, or choose a validation task the plan runs", b.Task))
+	}
+}
+
+type problems []Problem
+
+func (v *problems) add(key, msg string) { *v = append(*v, Problem{Key: key, Message: msg}) }
+
+// findUnknownKeys walks the YAML mapping n against the struct type t and
+// reports every key t has no field for, with its full key path and line.
+// The strict decoder would catch them too, but only the first per mapping
+// and naming Go types; this names what the user wrote.
+func findUnknownKeys(n *yaml.Node, t reflect.Type, prefix string, out *[]Problem) {
+	for n.Kind == yaml.AliasNode && n.Alias != nil {
+		n = n.Alias
+	}
+	if t.Kind() != reflect.Struct || n.Kind != yaml.MappingNode || t == reflect.TypeFor[Duration]() {
+		return
+	}
+	fields := map[string]reflect.Type{}
+	var known []string
+	for f := range t.Fields() {
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if name == "" || name == "-" {
+			continue
+		}
+		fields[name] = f.Type
+		known = append(known, name)
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, val := n.Content[i], n.Content[i+1]
+		if k.Value == "<<" { // a merge key; the strict decoder checks what it merges
+			continue
+		}
+		path := k.Value
+		if prefix != "" {
+			path = prefix + "." + k.Value
+		}
+		ft, ok := fields[k.Value]
+		if !ok {
+			where := "a plan"
+			if prefix != "" {
+				where = prefix
+			}
+			*out = append(*out, Problem{Key: path, Line: k.Line,
+				Message: fmt.Sprintf("unknown key (%s takes %s)", where, strings.Join(known, ", "))})
+			continue
+		}
+		findUnknownKeys(val, ft, path, out)
+	}
+}
+
+func nodeKindName(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.SequenceNode:
+		return "list"
+	case yaml.ScalarNode:
+		return "single value"
+	case yaml.AliasNode:
+		return "alias"
+	}
+	return "document"
+}
+
+// Duration is a time.Duration written in plan.yaml as a Go duration string
+// ("90s", "10m", "1h30m"). Bare numbers are refused: "deadline: 600" could
+// mean seconds or nanoseconds, and guessing wrong closes rounds early.
+type Duration time.Duration
+
+// Std returns d as a time.Duration.
+func (d Duration) Std() time.Duration { return time.Duration(d) }
+
+// String writes d the way a person would: "10m" rather than "10m0s".
+func (d Duration) String() string {
+	s := time.Duration(d).String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}
+
+// ParseDuration reads a Go duration string such as "90s" or "1h30m".
+func ParseDuration(s string) (Duration, error) {
+	d, err := time.ParseDuration(strings.TrimSpace(s))
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a duration: write a Go duration such as 90s, 10m or 1h30m", s)
+	}
+	return Duration(d), nil
+}
+
+// MarshalText writes d as String does, for JSON and other text encodings.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// UnmarshalText reads a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = v
+	return nil
+}
+
+// MarshalYAML writes d as a duration string.
+func (d Duration) MarshalYAML() (any, error) { return d.String(), nil }
+
+// UnmarshalYAML reads a duration string and refuses anything else, naming
+// the line. It reports through *yaml.TypeError so decoding goes on and every
+// bad value in the plan is reported at once.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!str" {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %s is not a duration: write a Go duration such as 90s, 10m or 1h30m", n.Line, describeNode(n))}}
+	}
+	v, err := ParseDuration(n.Value)
+	if err != nil {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %v", n.Line, err)}}
+	}
+	*d = v
+	return nil
+}
+
+func describeNode(n *yaml.Node) string {
+	if n.Kind == yaml.ScalarNode {
+		return fmt.Sprintf("%q", n.Value)
+	}
+	return "a " + nodeKindName(n)
+}

@@ -1,0 +1,407 @@
+package experiment
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fx-fl/fx/runner"
+)
+
+func readTestdata(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestParsePlanMinimalGetsDefaults(t *testing.T) {
+	p, err := ParsePlan(readTestdata(t, "minimal.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := DefaultPlan()
+	want.Name = "minimal"
+	want.Rounds = 3
+	want.Runner.Kind = RunnerBuiltin
+	want.Runner.Model = ModelSoftmax
+	if !reflect.DeepEqual(*p, want) {
+		t.Fatalf("got  %+v\nwant %+v", *p, want)
+	}
+	// The documented defaults, spelled out once more so a change to one is
+	// a deliberate change to both.
+	checks := []struct {
+		name      string
+		got, want any
+	}{
+		{"participants.min", p.Participants.Min, 1},
+		{"participants.accept_timeout", p.Participants.AcceptTimeout.Std(), 30 * time.Minute},
+		{"runner.timeout", p.Runner.Timeout.Std(), 30 * time.Minute},
+		{"runner.seed", p.Runner.Seed, int64(1)},
+		{"aggregation.algorithm", p.Aggregation.Algorithm, "fedavg"},
+		{"aggregation.trim", p.Aggregation.Trim, 0.1},
+		{"aggregation.lr", p.Aggregation.LR, 0.0},
+		{"stragglers.deadline", p.Stragglers.Deadline.Std(), 10 * time.Minute},
+		{"stragglers.min_reporting", p.Stragglers.MinReporting, 1},
+		{"stragglers.percent", p.Stragglers.Percent, 1.0},
+		{"tasks", p.Tasks, []string{"aggregated_model_validation", "train", "locally_tuned_model_validation"}},
+		{"best_model.metric", p.BestModel.Metric, "accuracy"},
+		{"best_model.mode", p.BestModel.Mode, "max"},
+		{"best_model.task", p.BestModel.Task, "aggregated_model_validation"},
+	}
+	for _, c := range checks {
+		if !reflect.DeepEqual(c.got, c.want) {
+			t.Errorf("%s: got %v, want %v", c.name, c.got, c.want)
+		}
+	}
+}
+
+func TestParsePlanFull(t *testing.T) {
+	p, err := ParsePlan(readTestdata(t, "full.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Plan{
+		Name:   "fashion-mlp",
+		Rounds: 10,
+		Participants: Participants{
+			Min:           2,
+			Envoys:        []string{"site-a", "site-b", "site-c"},
+			Tags:          []string{"fashion-mnist"},
+			SampleShape:   []int64{28, 28},
+			TargetShape:   []int64{1},
+			AcceptTimeout: Duration(time.Hour),
+		},
+		Runner: RunnerSpec{
+			Kind:    RunnerBuiltin,
+			Model:   ModelMLP,
+			Timeout: Duration(90 * time.Second),
+			Seed:    42,
+			Hyperparameters: map[string]any{
+				"hidden":     []any{128, 64},
+				"lr":         0.05,
+				"batch_size": 32,
+				"epochs":     1,
+				"optimizer":  map[string]any{"name": "sgd", "momentum": 0.9},
+			},
+		},
+		Aggregation: Aggregation{Algorithm: AlgFedAdam, Trim: 0.2, LR: 0.01, Beta1: 0.9, Beta2: 0.99, Tau: 0.001},
+		Stragglers:  Stragglers{Deadline: Duration(5 * time.Minute), MinReporting: 2, Percent: 0.75},
+		Tasks:       []string{runner.TaskTrain, runner.TaskLocalValidation},
+		BestModel:   BestModel{Metric: "loss", Mode: ModeMin, Task: runner.TaskLocalValidation},
+	}
+	if !reflect.DeepEqual(*p, want) {
+		t.Fatalf("got  %#v\nwant %#v", *p, want)
+	}
+}
+
+func TestPlanMarshalRoundTrip(t *testing.T) {
+	for _, file := range []string{"full.yaml", "minimal.yaml", "exec.yaml"} {
+		t.Run(file, func(t *testing.T) {
+			p, err := ParsePlan(readTestdata(t, file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := p.Marshal()
+			if err != nil {
+				t.Fatal(err)
+			}
+			q, err := ParsePlan(out)
+			if err != nil {
+				t.Fatalf("re-parsing marshalled plan: %v\n%s", err, out)
+			}
+			if !reflect.DeepEqual(p, q) {
+				t.Fatalf("round trip changed the plan:\nbefore %#v\nafter  %#v\nyaml:\n%s", p, q, out)
+			}
+			again, err := q.Marshal()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(again) != string(out) {
+				t.Fatalf("Marshal is not stable:\n%s\n---\n%s", out, again)
+			}
+		})
+	}
+}
+
+func TestPlanMarshalWritesDurationsAsWritten(t *testing.T) {
+	p, err := ParsePlan(readTestdata(t, "full.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := p.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"accept_timeout: 1h\n", "timeout: 1m30s\n", "deadline: 5m\n"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("marshalled plan lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestPlanJSON(t *testing.T) {
+	p, err := ParsePlan(readTestdata(t, "full.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), `"deadline":"5m"`) {
+		t.Errorf("JSON should carry durations as strings: %s", b)
+	}
+	var q Plan
+	if err := json.Unmarshal(b, &q); err != nil {
+		t.Fatal(err)
+	}
+	if q.Stragglers.Deadline != p.Stragglers.Deadline || q.Participants.AcceptTimeout != p.Participants.AcceptTimeout {
+		t.Errorf("durations changed through JSON: %+v", q)
+	}
+}
+
+func TestDurationString(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want string
+	}{
+		{"10m", "10m"},
+		{"90s", "1m30s"},
+		{"1h", "1h"},
+		{"1h30m", "1h30m"},
+		{"2h0m5s", "2h0m5s"},
+		{"1.5s", "1.5s"},
+		{"0s", "0s"},
+		{" 30m ", "30m"},
+	} {
+		d, err := ParseDuration(c.in)
+		if err != nil {
+			t.Fatalf("%q: %v", c.in, err)
+		}
+		if got := d.String(); got != c.want {
+			t.Errorf("%q: String() = %q, want %q", c.in, got, c.want)
+		}
+		back, err := ParseDuration(d.String())
+		if err != nil || back != d {
+			t.Errorf("%q: String() does not parse back: %v, %v", c.in, back, err)
+		}
+	}
+	for _, bad := range []string{"", "600", "ten minutes", "5 min"} {
+		if _, err := ParseDuration(bad); err == nil {
+			t.Errorf("ParseDuration(%q) succeeded", bad)
+		}
+	}
+}
+
+// base is a valid plan, to which each validation case adds its own keys.
+const base = "name: exp\nrounds: 2\n"
+const builtinRunner = "runner: {kind: builtin, model: mlp}\n"
+
+func TestParsePlanRules(t *testing.T) {
+	cases := []struct {
+		name string
+		yaml string
+		// keys are the key paths the problems must name, in order; empty
+		// means the plan is valid.
+		keys []string
+		// msg, when set, must appear in the error.
+		msg string
+	}{
+		{"minimal builtin", base + builtinRunner, nil, ""},
+		{"exec", base + "runner: {kind: exec, command: [./train.sh]}\n", nil, ""},
+
+		{"name missing", "rounds: 2\n" + builtinRunner, []string{"name"}, "name: required"},
+		{"name with path characters", "name: ../x\nrounds: 2\n" + builtinRunner, []string{"name"}, `name: "../x": use letters, digits`},
+		{"name with slash", "name: a/b\nrounds: 2\n" + builtinRunner, []string{"name"}, ""},
+		{"name starting with dot", "name: .hidden\nrounds: 2\n" + builtinRunner, []string{"name"}, "must not start with"},
+		{"name too long", "name: " + strings.Repeat("a", 65) + "\nrounds: 2\n" + builtinRunner, []string{"name"}, "at most 64"},
+
+		{"rounds missing", "name: exp\n" + builtinRunner, []string{"rounds"}, "rounds: required"},
+		{"rounds zero", "name: exp\nrounds: 0\n" + builtinRunner, []string{"rounds"}, ""},
+		{"rounds negative", "name: exp\nrounds: -1\n" + builtinRunner, []string{"rounds"}, "got -1"},
+
+		{"participants.min zero", base + builtinRunner + "participants: {min: 0}\n", []string{"participants.min"}, "participants.min: must be at least 1, got 0"},
+		{"participants.min above envoys", base + builtinRunner + "participants: {min: 3, envoys: [a, b]}\n", []string{"participants.min"}, "lists only 2 envoys"},
+		{"participants.min equal to envoys", base + builtinRunner + "participants: {min: 2, envoys: [a, b]}\n", nil, ""},
+		{"participants.min with any envoy", base + builtinRunner + "participants: {min: 5}\n", nil, ""},
+		{"participants.envoys bad name", base + builtinRunner + "participants: {envoys: [ok, ../etc]}\n", []string{"participants.envoys[1]"}, `"../etc"`},
+		{"participants.envoys duplicate", base + builtinRunner + "participants: {envoys: [a, b, a]}\n", []string{"participants.envoys[2]"}, "already listed at participants.envoys[0]"},
+		{"participants.tags empty", base + builtinRunner + "participants: {tags: [x, '']}\n", []string{"participants.tags[1]"}, ""},
+		{"participants.tags duplicate", base + builtinRunner + "participants: {tags: [x, x]}\n", []string{"participants.tags[1]"}, ""},
+		{"participants.sample_shape zero", base + builtinRunner + "participants: {sample_shape: [28, 0]}\n", []string{"participants.sample_shape[1]"}, ""},
+		{"participants.target_shape negative", base + builtinRunner + "participants: {target_shape: [-1]}\n", []string{"participants.target_shape[0]"}, ""},
+		{"participants.accept_timeout zero", base + builtinRunner + "participants: {accept_timeout: 0s}\n", []string{"participants.accept_timeout"}, ""},
+		{"participants.accept_timeout negative", base + builtinRunner + "participants: {accept_timeout: -5m}\n", []string{"participants.accept_timeout"}, "got -5m"},
+
+		{"runner missing", base, []string{"runner.kind"}, "runner.kind: required"},
+		{"runner.kind unknown", base + "runner: {kind: docker}\n", []string{"runner.kind"}, `got "docker"`},
+		{"runner.model missing", base + "runner: {kind: builtin}\n", []string{"runner.model"}, "softmax or mlp"},
+		{"runner.model unknown", base + "runner: {kind: builtin, model: resnet}\n", []string{"runner.model"}, `got "resnet"`},
+		{"runner.command with builtin", base + "runner: {kind: builtin, model: mlp, command: [x]}\n", []string{"runner.command"}, "only used with kind exec"},
+		{"runner.command missing", base + "runner: {kind: exec}\n", []string{"runner.command"}, "required with kind exec"},
+		{"runner.command empty", base + "runner: {kind: exec, command: []}\n", []string{"runner.command"}, ""},
+		{"runner.command empty program", base + "runner: {kind: exec, command: ['', x]}\n", []string{"runner.command[0]"}, ""},
+		{"runner.model with exec", base + "runner: {kind: exec, command: [x], model: mlp}\n", []string{"runner.model"}, "only used with kind builtin"},
+		{"runner.timeout zero", base + "runner: {kind: builtin, model: mlp, timeout: 0s}\n", []string{"runner.timeout"}, ""},
+		{"runner.seed zero is fine", base + "runner: {kind: builtin, model: mlp, seed: 0}\n", nil, ""},
+		{"runner.hyperparameters non-string keys", base + "runner: {kind: builtin, model: mlp, hyperparameters: {layers: {1: 2}}}\n", []string{"runner.hyperparameters.layers"}, "keys must be strings"},
+		{"runner.hyperparameters NaN", base + "runner: {kind: builtin, model: mlp, hyperparameters: {opt: {lr: .nan}}}\n", []string{"runner.hyperparameters.opt.lr"}, "finite"},
+		{"runner.hyperparameters Inf in a list", base + "runner: {kind: builtin, model: mlp, hyperparameters: {xs: [1, .inf]}}\n", []string{"runner.hyperparameters.xs[1]"}, ""},
+
+		{"aggregation.algorithm unknown", base + builtinRunner + "aggregation: {algorithm: krum}\n", []string{"aggregation.algorithm"}, `got "krum"`},
+		{"aggregation.algorithm empty", base + builtinRunner + "aggregation: {algorithm: ''}\n", []string{"aggregation.algorithm"}, ""},
+		{"aggregation.trim 0.5", base + builtinRunner + "aggregation: {algorithm: trimmed_mean, trim: 0.5}\n", []string{"aggregation.trim"}, "must be in [0,0.5), got 0.5"},
+		{"aggregation.trim negative", base + builtinRunner + "aggregation: {trim: -0.1}\n", []string{"aggregation.trim"}, ""},
+		{"aggregation.trim zero", base + builtinRunner + "aggregation: {algorithm: trimmed_mean, trim: 0}\n", nil, ""},
+		{"aggregation.lr negative", base + builtinRunner + "aggregation: {algorithm: fedyogi, lr: -1}\n", []string{"aggregation.lr"}, ""},
+		{"aggregation.lr infinite", base + builtinRunner + "aggregation: {algorithm: fedyogi, lr: .inf}\n", []string{"aggregation.lr"}, ""},
+		{"aggregation.beta1 one", base + builtinRunner + "aggregation: {algorithm: fedadam, beta1: 1}\n", []string{"aggregation.beta1"}, ""},
+		{"aggregation.beta2 NaN", base + builtinRunner + "aggregation: {algorithm: fedadam, beta2: .nan}\n", []string{"aggregation.beta2"}, ""},
+		{"aggregation.tau negative", base + builtinRunner + "aggregation: {algorithm: fedadagrad, tau: -0.001}\n", []string{"aggregation.tau"}, ""},
+		{"every algorithm", base + builtinRunner + "aggregation: {algorithm: median}\n", nil, ""},
+
+		{"stragglers.deadline zero", base + builtinRunner + "stragglers: {deadline: 0s}\n", []string{"stragglers.deadline"}, "must not wait forever"},
+		{"stragglers.deadline bare number", base + builtinRunner + "stragglers: {deadline: 600}\n", nil, `line 4: "600" is not a duration`},
+		{"stragglers.deadline words", base + builtinRunner + "stragglers: {deadline: ten minutes}\n", nil, "not a duration"},
+		{"stragglers.deadline mapping", base + builtinRunner + "stragglers: {deadline: {m: 10}}\n", nil, "not a duration"},
+		{"stragglers.min_reporting zero", base + builtinRunner + "stragglers: {min_reporting: 0}\n", []string{"stragglers.min_reporting"}, ""},
+		{"stragglers.min_reporting above participants.min", base + builtinRunner + "participants: {min: 2}\nstragglers: {min_reporting: 3}\n", []string{"stragglers.min_reporting"}, "could never close a round"},
+		{"stragglers.percent too high", base + builtinRunner + "stragglers: {percent: 1.5}\n", []string{"stragglers.percent"}, "stragglers.percent: must be in (0,1], got 1.5"},
+		{"stragglers.percent zero", base + builtinRunner + "stragglers: {percent: 0}\n", []string{"stragglers.percent"}, ""},
+		{"stragglers.percent NaN", base + builtinRunner + "stragglers: {percent: .nan}\n", []string{"stragglers.percent"}, ""},
+
+		{"tasks empty", base + builtinRunner + "tasks: []\n", []string{"tasks", "best_model.task"}, "must list at least train"},
+		{"tasks null", base + builtinRunner + "tasks:\n", []string{"tasks", "best_model.task"}, ""},
+		{"tasks without train", base + builtinRunner + "tasks: [aggregated_model_validation]\n", []string{"tasks"}, "must include train"},
+		{"tasks unknown", base + builtinRunner + "tasks: [train, evaluate]\n", []string{"tasks[1]", "best_model.task"}, `unknown task "evaluate"`},
+		{"tasks duplicate", base + builtinRunner + "tasks: [aggregated_model_validation, train, train]\n", []string{"tasks[2]"}, "already listed at tasks[1]"},
+		{"tasks local validation before train", base + builtinRunner + "tasks: [aggregated_model_validation, locally_tuned_model_validation, train]\n", []string{"tasks[1]"}, "must come after train"},
+		{"tasks train only needs a best_model task", base + builtinRunner + "tasks: [train]\n", []string{"best_model.task"}, "is not in tasks"},
+
+		{"best_model.metric empty", base + builtinRunner + "best_model: {metric: ''}\n", []string{"best_model.metric"}, ""},
+		{"best_model.mode unknown", base + builtinRunner + "best_model: {mode: maximum}\n", []string{"best_model.mode"}, `got "maximum"`},
+		{"best_model.task train", base + builtinRunner + "best_model: {task: train}\n", []string{"best_model.task"}, "not train"},
+		{"best_model.task unknown", base + builtinRunner + "best_model: {task: foo}\n", []string{"best_model.task"}, ""},
+		{"best_model.task local", base + builtinRunner + "best_model: {task: locally_tuned_model_validation, metric: loss, mode: min}\n", nil, ""},
+
+		{"unknown top-level key", base + builtinRunner + "roundz: 3\n", []string{"roundz"}, "line 4: roundz: unknown key"},
+		{"unknown nested key", base + builtinRunner + "participants:\n  min: 1\n  mn: 2\n", []string{"participants.mn"}, "line 6: participants.mn: unknown key (participants takes min, envoys"},
+		{"unknown keys everywhere", "name: exp\nrounds: 2\nrunner: {kind: builtin, model: mlp, modle: x}\nstragglers: {dedline: 5m}\nextra: 1\n", []string{"runner.modle", "stragglers.dedline", "extra"}, "line 3: runner.modle"},
+		{"hyperparameters are free-form", base + "runner: {kind: builtin, model: mlp, hyperparameters: {anything: {goes: [1, 2]}}}\n", nil, ""},
+		{"wrong type", "name: exp\nrounds: many\n" + builtinRunner, nil, "line 2: cannot unmarshal"},
+		{"list for a mapping", base + builtinRunner + "participants: [a, b]\n", nil, "cannot unmarshal"},
+		{"duplicate key", base + builtinRunner + "rounds: 3\n", nil, `mapping key "rounds" already defined`},
+		{"not a mapping", "- name: exp\n", nil, "a plan is a mapping"},
+		{"empty", "", nil, "the plan is empty"},
+		{"only a comment", "# nothing\n", nil, "the plan is empty"},
+		{"two documents", base + builtinRunner + "---\nname: other\n", nil, "a second YAML document"},
+		{"syntax error", "name: [exp\n", nil, "yaml:"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p, err := ParsePlan([]byte(c.yaml))
+			wantErr := len(c.keys) > 0 || c.msg != ""
+			if !wantErr {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				if p == nil {
+					t.Fatal("nil plan without an error")
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("no error; want problems %v %q", c.keys, c.msg)
+			}
+			if p != nil {
+				t.Errorf("got a plan with an error")
+			}
+			if !errors.Is(err, ErrInvalidPlan) {
+				t.Errorf("error does not match ErrInvalidPlan: %v", err)
+			}
+			if c.msg != "" && !strings.Contains(err.Error(), c.msg) {
+				t.Errorf("error %q does not contain %q", err, c.msg)
+			}
+			if len(c.keys) > 0 {
+				var ve *ValidationError
+				if !errors.As(err, &ve) {
+					t.Fatalf("want a *ValidationError naming %v, got %T: %v", c.keys, err, err)
+				}
+				var got []string
+				for _, pr := range ve.Problems {
+					got = append(got, pr.Key)
+				}
+				if !reflect.DeepEqual(got, c.keys) {
+					t.Errorf("problems name %v, want %v (%v)", got, c.keys, err)
+				}
+			}
+		})
+	}
+}
+
+func TestValidateReportsEveryProblem(t *testing.T) {
+	p := DefaultPlan()
+	p.Name = "bad/name"
+	p.Rounds = 0
+	p.Runner.Kind = "exec"
+	p.Aggregation.Trim = 0.7
+	p.Stragglers.Percent = 1.5
+	p.Stragglers.Deadline = 0
+	p.Tasks = []string{"aggregated_model_validation"}
+	p.BestModel.Mode = "up"
+	err := p.Validate()
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		t.Fatalf("want *ValidationError, got %v", err)
+	}
+	want := []string{"name", "rounds", "runner.command", "aggregation.trim", "stragglers.deadline", "stragglers.percent", "tasks", "best_model.mode"}
+	var got []string
+	for _, pr := range ve.Problems {
+		got = append(got, pr.Key)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("problems %v, want %v\n%v", got, want, err)
+	}
+	if !strings.Contains(err.Error(), "stragglers.percent: must be in (0,1], got 1.5") {
+		t.Errorf("message lacks the percent problem: %v", err)
+	}
+}
+
+func TestValidateGoBuiltPlan(t *testing.T) {
+	p := DefaultPlan()
+	p.Name = "from-go"
+	p.Rounds = 1
+	p.Runner = RunnerSpec{Kind: RunnerExec, Command: []string{"python3", "train.py"}, Timeout: Duration(time.Minute)}
+	if err := p.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	var zero Plan
+	if err := zero.Validate(); err == nil {
+		t.Fatal("a zero plan validated: defaults must come from DefaultPlan, not be invented by Validate")
+	}
+}
+
+func TestDefaultPlanIsFresh(t *testing.T) {
+	a := DefaultPlan()
+	a.Tasks[0] = "changed"
+	if b := DefaultPlan(); b.Tasks[0] != runner.TaskAggregatedValidation {
+		t.Fatal("DefaultPlan shares its task slice between calls")
+	}
+}
+
+func TestProblemString(t *testing.T) {
+	if got := (Problem{Key: "a.b", Line: 3, Message: "bad"}).String(); got != "line 3: a.b: bad" {
+		t.Errorf("got %q", got)
+	}
+	if got := (Problem{Key: "a.b", Message: "bad"}).String(); got != "a.b: bad" {
+		t.Errorf("got %q", got)
+	}
+}
