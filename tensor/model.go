@@ -21,6 +21,18 @@ func (m Model) Get(name string) *Tensor {
 	return nil
 }
 
+// Index maps names to tensors, for lookups in models too large for Get's scan.
+// If a name repeats, the first tensor wins.
+func (m Model) Index() map[string]*Tensor {
+	idx := make(map[string]*Tensor, len(m))
+	for _, t := range m {
+		if _, dup := idx[t.Name]; !dup {
+			idx[t.Name] = t
+		}
+	}
+	return idx
+}
+
 // Sort orders the tensors by name.
 func (m Model) Sort() {
 	slices.SortFunc(m, func(a, b *Tensor) int { return strings.Compare(a.Name, b.Name) })
@@ -62,17 +74,28 @@ func (m Model) Validate() error {
 // Matches reports, as an error that names the first difference, whether other
 // has exactly the tensors of m with the same dtypes and shapes.
 func (m Model) Matches(other Model) error {
-	if len(other) != len(m) {
-		return fmt.Errorf("model has %d tensors, want %d", len(other), len(m))
-	}
+	index := m.Index()
+	seen := make(map[string]bool, len(other))
 	for _, t := range other {
-		ref := m.Get(t.Name)
+		ref := index[t.Name]
 		if ref == nil {
 			return fmt.Errorf("unknown tensor %q", t.Name)
 		}
+		if seen[t.Name] {
+			return fmt.Errorf("tensor %q appears twice", t.Name)
+		}
+		seen[t.Name] = true
 		if !SameLayout(ref, t) {
 			return fmt.Errorf("tensor %q is %s%v, want %s%v", t.Name, t.DType, t.Shape, ref.DType, ref.Shape)
 		}
+	}
+	if len(other) != len(m) {
+		for _, t := range m {
+			if !seen[t.Name] {
+				return fmt.Errorf("tensor %q is missing", t.Name)
+			}
+		}
+		return fmt.Errorf("model has %d tensors, want %d", len(other), len(m))
 	}
 	return nil
 }

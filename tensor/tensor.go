@@ -8,11 +8,13 @@
 package tensor
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
 	"slices"
 	"strings"
+	"unicode/utf8"
 	"unsafe"
 )
 
@@ -63,7 +65,8 @@ type Tensor struct {
 // Elements is the product of the shape (1 for a scalar).
 func (t *Tensor) Elements() int64 { return Elements(t.Shape) }
 
-// Elements is the product of a shape (1 for a scalar, the empty shape).
+// Elements is the product of a shape (1 for a scalar, the empty shape). It
+// does not check for overflow; shapes from outside go through CheckShape first.
 func Elements(shape []int64) int64 {
 	n := int64(1)
 	for _, d := range shape {
@@ -75,32 +78,64 @@ func Elements(shape []int64) int64 {
 // ByteSize is the number of bytes a tensor of this dtype and shape occupies.
 func ByteSize(d DType, shape []int64) int64 { return Elements(shape) * int64(d.Size()) }
 
+// MaxTensorBytes bounds the size of one tensor. Shapes read from files or the
+// wire are checked against it before anything is allocated, so a header that
+// claims an absurd shape is an error rather than an overflow or a crash.
+const MaxTensorBytes = 1 << 46
+
+// CheckShape returns the byte size of a tensor of dtype d and the given shape,
+// or an error if the dtype is unknown, a dimension is negative, or the size
+// overflows MaxTensorBytes.
+func CheckShape(d DType, shape []int64) (int64, error) {
+	size := int64(d.Size())
+	if size == 0 {
+		return 0, fmt.Errorf("unknown dtype %q", d)
+	}
+	for _, dim := range shape {
+		if dim < 0 {
+			return 0, fmt.Errorf("negative dimension in shape %v", shape)
+		}
+	}
+	for _, dim := range shape {
+		if dim == 0 {
+			return 0, nil
+		}
+	}
+	for _, dim := range shape {
+		if size > MaxTensorBytes/dim {
+			return 0, fmt.Errorf("shape %v of %s is larger than %d bytes", shape, d, int64(MaxTensorBytes))
+		}
+		size *= dim
+	}
+	return size, nil
+}
+
 // Validate checks that the name, dtype, shape and data length agree.
 func (t *Tensor) Validate() error {
 	if err := ValidateName(t.Name); err != nil {
 		return err
 	}
-	if !t.DType.Valid() {
-		return fmt.Errorf("tensor %q: unknown dtype %q", t.Name, t.DType)
+	want, err := CheckShape(t.DType, t.Shape)
+	if err != nil {
+		return fmt.Errorf("tensor %q: %w", t.Name, err)
 	}
-	for _, d := range t.Shape {
-		if d < 0 {
-			return fmt.Errorf("tensor %q: negative dimension in shape %v", t.Name, t.Shape)
-		}
-	}
-	if want := ByteSize(t.DType, t.Shape); int64(len(t.Data)) != want {
+	if int64(len(t.Data)) != want {
 		return fmt.Errorf("tensor %q: %s%v needs %d bytes, has %d", t.Name, t.DType, t.Shape, want, len(t.Data))
 	}
 	return nil
 }
 
-// ValidateName refuses names that are empty, too long or hold control characters.
+// ValidateName refuses names that are empty, too long, not UTF-8 (JSON, and
+// so safetensors, would silently rewrite them) or hold control characters.
 func ValidateName(name string) error {
 	if name == "" {
 		return errors.New("tensor name is empty")
 	}
 	if len(name) > 512 {
 		return fmt.Errorf("tensor name %.40q... is longer than 512 bytes", name)
+	}
+	if !utf8.ValidString(name) {
+		return fmt.Errorf("tensor name %q is not valid UTF-8", name)
 	}
 	if strings.ContainsFunc(name, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
 		return fmt.Errorf("tensor name %q holds control characters", name)
@@ -137,16 +172,37 @@ func (t *Tensor) Float64s() []float64 {
 	return bytesAs[float64](t.Data)
 }
 
+// bytesAs reinterprets b as a slice of T. Tensors made by New (and so by every
+// reader in this package) are 8-byte aligned; a hand-built Tensor whose Data is
+// not aligned for T panics rather than handing out a misaligned slice.
 func bytesAs[T float32 | float64](b []byte) []T {
 	if !hostLittleEndian {
 		panic("tensor: typed views need a little-endian host")
 	}
 	var zero T
-	n := len(b) / int(unsafe.Sizeof(zero))
+	size := int(unsafe.Sizeof(zero))
+	n := len(b) / size
 	if n == 0 {
 		return nil
 	}
+	if !aligned(b, size) {
+		panic(fmt.Sprintf("tensor: data is not %d-byte aligned; allocate tensors with New", size))
+	}
 	return unsafe.Slice((*T)(unsafe.Pointer(unsafe.SliceData(b))), n)
+}
+
+// aligned reports whether b starts on a multiple of align bytes.
+func aligned(b []byte, align int) bool {
+	return uintptr(unsafe.Pointer(unsafe.SliceData(b)))%uintptr(align) == 0
+}
+
+// alignedBytes allocates n zeroed bytes on an 8-byte boundary.
+func alignedBytes(n int64) []byte {
+	if n <= 0 {
+		return nil
+	}
+	words := make([]uint64, (n+7)/8)
+	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(words))), n)
 }
 
 // FromFloat32 builds an F32 tensor that copies values.
@@ -159,13 +215,7 @@ func FromFloat32(name string, shape []int64, values []float32) *Tensor {
 // New allocates a zeroed tensor. The backing array is 8-byte aligned so typed
 // views are always valid.
 func New(name string, d DType, shape []int64) *Tensor {
-	n := ByteSize(d, shape)
-	words := make([]uint64, (n+7)/8)
-	var data []byte
-	if n > 0 {
-		data = unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(words))), n)
-	}
-	return &Tensor{Name: name, DType: d, Shape: slices.Clone(shape), Data: data}
+	return &Tensor{Name: name, DType: d, Shape: slices.Clone(shape), Data: alignedBytes(ByteSize(d, shape))}
 }
 
 // Clone returns a deep copy.
@@ -175,21 +225,55 @@ func (t *Tensor) Clone() *Tensor {
 	return c
 }
 
-// CheckFinite returns an error naming the first NaN or Inf element of a float tensor.
+// CheckFinite returns an error naming the first NaN or Inf element of a float
+// tensor. Integer tensors are always finite.
 func (t *Tensor) CheckFinite() error {
-	switch t.DType {
+	if i, v, ok := firstNonFinite(t.Data, t.DType); ok {
+		return fmt.Errorf("tensor %q element %d is %v: %w", t.Name, i, v, ErrNonFinite)
+	}
+	return nil
+}
+
+// ErrNonFinite is wrapped by the errors that report a NaN or Inf value.
+var ErrNonFinite = errors.New("non-finite value")
+
+// CheckFiniteRaw is CheckFinite for raw little-endian elements of dtype d, as
+// they arrive in a chunk; firstElem numbers the elements in the error.
+func CheckFiniteRaw(raw []byte, d DType, firstElem int64) error {
+	if i, v, ok := firstNonFinite(raw, d); ok {
+		return fmt.Errorf("element %d is %v: %w", firstElem+int64(i), v, ErrNonFinite)
+	}
+	return nil
+}
+
+// firstNonFinite finds the first NaN or Inf by its exponent bits, which is
+// exact for every float format and needs no conversion.
+func firstNonFinite(raw []byte, d DType) (int, float64, bool) {
+	switch d {
 	case F32:
-		for i, v := range t.Float32s() {
-			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
-				return fmt.Errorf("tensor %q element %d is %v", t.Name, i, v)
+		for i := 0; i+4 <= len(raw); i += 4 {
+			if b := binary.LittleEndian.Uint32(raw[i:]); b&0x7f800000 == 0x7f800000 {
+				return i / 4, float64(math.Float32frombits(b)), true
 			}
 		}
 	case F64:
-		for i, v := range t.Float64s() {
-			if math.IsNaN(v) || math.IsInf(v, 0) {
-				return fmt.Errorf("tensor %q element %d is %v", t.Name, i, v)
+		for i := 0; i+8 <= len(raw); i += 8 {
+			if b := binary.LittleEndian.Uint64(raw[i:]); b&0x7ff0000000000000 == 0x7ff0000000000000 {
+				return i / 8, math.Float64frombits(b), true
+			}
+		}
+	case F16:
+		for i := 0; i+2 <= len(raw); i += 2 {
+			if h := binary.LittleEndian.Uint16(raw[i:]); h&0x7c00 == 0x7c00 {
+				return i / 2, float64(F16ToFloat32(h)), true
+			}
+		}
+	case BF16:
+		for i := 0; i+2 <= len(raw); i += 2 {
+			if h := binary.LittleEndian.Uint16(raw[i:]); h&0x7f80 == 0x7f80 {
+				return i / 2, float64(BF16ToFloat32(h)), true
 			}
 		}
 	}
-	return nil
+	return 0, 0, false
 }
