@@ -34,7 +34,7 @@ func testModel() Model {
 	binary.LittleEndian.PutUint64(i64.Data, 42)
 	empty := New("d.empty", F32, []int64{0, 3})
 	f16 := New("e.half", F16, []int64{2})
-	binary.LittleEndian.PutUint16(f16.Data, 0x3c00)    // 1.0
+	binary.LittleEndian.PutUint16(f16.Data, 0x3c00)     // 1.0
 	binary.LittleEndian.PutUint16(f16.Data[2:], 0xc000) // -2.0
 	// Out of name order on purpose: the writer sorts.
 	return Model{f32, i64, u8, f16, empty}
