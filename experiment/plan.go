@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -235,7 +236,9 @@ var ErrInvalidPlan = errors.New("invalid plan")
 
 // Problem is one thing wrong with a plan: the key path it concerns (such as
 // "stragglers.percent" or "participants.envoys[1]") and what is wrong. Line
-// is the line in plan.yaml when known (unknown keys), else 0.
+// is the line in plan.yaml for problems found while decoding (unknown keys,
+// wrong types), else 0. A decoding problem that cannot be tied to one key
+// has an empty Key.
 type Problem struct {
 	Key     string
 	Line    int
@@ -243,7 +246,10 @@ type Problem struct {
 }
 
 func (p Problem) String() string {
-	if p.Line > 0 {
+	switch {
+	case p.Key == "":
+		return fmt.Sprintf("line %d: %s", p.Line, p.Message)
+	case p.Line > 0:
 		return fmt.Sprintf("line %d: %s: %s", p.Line, p.Key, p.Message)
 	}
 	return p.Key + ": " + p.Message
@@ -272,10 +278,11 @@ func (e *ValidationError) Error() string {
 func (e *ValidationError) Unwrap() error { return ErrInvalidPlan }
 
 // ParsePlan decodes plan.yaml strictly, applies the defaults (see
-// DefaultPlan) and validates the result. Unknown keys are errors that name
-// the key path and its line, as are YAML that is not one mapping, values of
-// the wrong type, and every rule Plan.Validate checks. All errors match
-// ErrInvalidPlan.
+// DefaultPlan) and validates the result. Unknown keys and values of the
+// wrong type are reported with their key path and line; a document that is
+// not one YAML mapping is refused; then every rule of Plan.Validate is
+// checked. Problems come back together in a *ValidationError where possible,
+// and every error matches ErrInvalidPlan.
 func ParsePlan(data []byte) (*Plan, error) {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
@@ -302,16 +309,20 @@ func ParsePlan(data []byte) (*Plan, error) {
 		}
 		return nil, fmt.Errorf("%w: line %d: a plan is a mapping of keys (name, rounds, runner, ...), not a %s", ErrInvalidPlan, root.Line, nodeKindName(root))
 	}
-	var unknown []Problem
-	findUnknownKeys(root, reflect.TypeFor[Plan](), "", &unknown)
-	if len(unknown) > 0 {
-		return nil, &ValidationError{Problems: unknown}
+	var schema []Problem
+	checkSchema(root, reflect.TypeFor[Plan](), "", &schema)
+	if len(schema) > 0 {
+		return nil, &ValidationError{Problems: schema}
 	}
 
 	p := DefaultPlan()
 	strict := yaml.NewDecoder(bytes.NewReader(data))
 	strict.KnownFields(true)
 	if err := strict.Decode(&p); err != nil {
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			return nil, &ValidationError{Problems: typeProblems(root, te)}
+		}
 		return nil, fmt.Errorf("%w: %w", ErrInvalidPlan, err)
 	}
 	p.normalize()
@@ -622,15 +633,30 @@ type problems []Problem
 
 func (v *problems) add(key, msg string) { *v = append(*v, Problem{Key: key, Message: msg}) }
 
-// findUnknownKeys walks the YAML mapping n against the struct type t and
-// reports every key t has no field for, with its full key path and line.
-// The strict decoder would catch them too, but only the first per mapping
-// and naming Go types; this names what the user wrote.
-func findUnknownKeys(n *yaml.Node, t reflect.Type, prefix string, out *[]Problem) {
+// checkSchema walks the YAML node n against the Go type t and reports, with
+// full key path and line, every key t has no field for and every
+// non-integer given for an integer. The strict decoder catches unknown keys
+// too, but names Go types and stops at the first per mapping; and it quietly
+// truncates 1.5 to 1 for an integer field, which would turn "rounds: 1.5"
+// into one round.
+func checkSchema(n *yaml.Node, t reflect.Type, prefix string, out *[]Problem) {
 	for n.Kind == yaml.AliasNode && n.Alias != nil {
 		n = n.Alias
 	}
-	if t.Kind() != reflect.Struct || n.Kind != yaml.MappingNode || t == reflect.TypeFor[Duration]() {
+	switch {
+	case t == reflect.TypeFor[Duration]():
+		return
+	case t.Kind() == reflect.Slice && n.Kind == yaml.SequenceNode:
+		for i, item := range n.Content {
+			checkSchema(item, t.Elem(), fmt.Sprintf("%s[%d]", prefix, i), out)
+		}
+		return
+	case t.Kind() >= reflect.Int && t.Kind() <= reflect.Int64:
+		if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!float" {
+			*out = append(*out, Problem{Key: prefix, Line: n.Line, Message: fmt.Sprintf("want an integer, got %s", n.Value)})
+		}
+		return
+	case t.Kind() != reflect.Struct || n.Kind != yaml.MappingNode:
 		return
 	}
 	fields := map[string]reflect.Type{}
@@ -662,12 +688,126 @@ func findUnknownKeys(n *yaml.Node, t reflect.Type, prefix string, out *[]Problem
 				Message: fmt.Sprintf("unknown key (%s takes %s)", where, strings.Join(known, ", "))})
 			continue
 		}
-		findUnknownKeys(val, ft, path, out)
+		checkSchema(val, ft, path, out)
 	}
+}
+
+// typeProblems turns the decoder's "line N: cannot unmarshal ..." messages
+// into problems that also name the key path, found by the line (and, when a
+// flow mapping puts several keys on one line, by the value the message
+// quotes).
+func typeProblems(root *yaml.Node, te *yaml.TypeError) []Problem {
+	values := map[int][]keyedValue{}
+	indexValues(root, "", values)
+	var out []Problem
+	for _, msg := range te.Errors {
+		var line int
+		rest := msg
+		if _, err := fmt.Sscanf(msg, "line %d: ", &line); err == nil {
+			_, rest, _ = strings.Cut(msg, ": ")
+		}
+		out = append(out, Problem{Key: keyAt(values[line], rest), Line: line, Message: friendlyTypeError(rest)})
+	}
+	return out
+}
+
+// unmarshalMsg matches the decoder's type mismatch messages, such as
+// "cannot unmarshal !!str `abc` into int".
+var unmarshalMsg = regexp.MustCompile("^cannot unmarshal !!(\\w+) (`.*` )?into (.+)$")
+
+// friendlyTypeError rewrites a type mismatch in plan terms rather than Go
+// types: "want an integer, got the string `abc`".
+func friendlyTypeError(msg string) string {
+	m := unmarshalMsg.FindStringSubmatch(msg)
+	if m == nil {
+		return msg
+	}
+	var want string
+	switch goType := m[3]; {
+	case strings.HasPrefix(goType, "[]"):
+		want = "a list"
+	case strings.HasPrefix(goType, "int"), strings.HasPrefix(goType, "uint"):
+		want = "an integer"
+	case strings.HasPrefix(goType, "float"):
+		want = "a number"
+	case goType == "string":
+		want = "a string"
+	case goType == "bool":
+		want = "true or false"
+	default:
+		want = "a mapping"
+	}
+	got := map[string]string{"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+		"seq": "a list", "map": "a mapping", "timestamp": "a timestamp", "binary": "binary data"}[m[1]]
+	if got == "" {
+		got = "!!" + m[1]
+	}
+	if m[2] != "" {
+		got += " " + strings.TrimSpace(m[2])
+	}
+	return fmt.Sprintf("want %s, got %s", want, got)
+}
+
+type keyedValue struct {
+	path string
+	node *yaml.Node
+}
+
+// indexValues records every mapping value and sequence item under n by the
+// line it starts on.
+func indexValues(n *yaml.Node, prefix string, out map[int][]keyedValue) {
+	switch n.Kind {
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			path := k.Value
+			if prefix != "" {
+				path = prefix + "." + k.Value
+			}
+			out[v.Line] = append(out[v.Line], keyedValue{path, v})
+			if k.Line != v.Line {
+				out[k.Line] = append(out[k.Line], keyedValue{path, v})
+			}
+			indexValues(v, path, out)
+		}
+	case yaml.SequenceNode:
+		for i, v := range n.Content {
+			path := fmt.Sprintf("%s[%d]", prefix, i)
+			out[v.Line] = append(out[v.Line], keyedValue{path, v})
+			indexValues(v, path, out)
+		}
+	}
+}
+
+// keyAt picks the key path a decoder message on one line is about: the
+// only candidate, or the innermost one whose value the message quotes or
+// whose kind (list, mapping) it names.
+func keyAt(candidates []keyedValue, msg string) string {
+	if len(candidates) == 1 {
+		return candidates[0].path
+	}
+	found := ""
+	for _, c := range candidates {
+		var match bool
+		switch c.node.Kind {
+		case yaml.ScalarNode:
+			match = strings.Contains(msg, "`"+c.node.Value+"`") || strings.Contains(msg, fmt.Sprintf("%q", c.node.Value))
+		case yaml.SequenceNode:
+			match = strings.HasPrefix(msg, "cannot unmarshal !!seq ") || strings.HasPrefix(msg, "a list ")
+		case yaml.MappingNode:
+			match = strings.HasPrefix(msg, "cannot unmarshal !!map ") || strings.HasPrefix(msg, "a mapping ")
+		}
+		if match {
+			found = c.path
+		}
+	}
+	return found
 }
 
 func nodeKindName(n *yaml.Node) string {
 	switch n.Kind {
+	case yaml.MappingNode:
+		return "mapping"
 	case yaml.SequenceNode:
 		return "list"
 	case yaml.ScalarNode:
