@@ -1,0 +1,552 @@
+package tensor
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"sync"
+)
+
+// Accumulator keeps the running weighted sum Σ w_i·u_i of the updates of one
+// round, folded in chunk by chunk as uploads stream in, so the aggregator holds
+// about one model in memory however many collaborators report. Mean then gives
+// the weighted average, the input of FedAvg and of the server optimisers.
+//
+// # Rejecting an upload
+//
+// An upload can only be judged once it has fully arrived: a NaN in its last
+// chunk, a missing tensor or a broken stream must leave the sum as if the
+// upload had never started. Folding chunks in as they come and subtracting them
+// again on rejection cannot promise that: floating-point addition is not
+// invertible ((s + x) − x ≠ s in general, and other uploads' chunks fold in
+// between), and the subtraction would need the chunks again.
+//
+// So an upload is staged first and folded only when accepted:
+//
+//	up, err := acc.Begin()
+//	... up.AddChunk(name, elemOffset, raw, dtype) for every chunk ...
+//	if err != nil { up.Discard() } else { err = up.Commit(weight) }
+//
+// Upload.AddChunk checks each chunk (known tensor, dtype, position, finite
+// values) and copies it into the stage; Commit checks that every tensor is
+// complete, then folds the whole stage into the sum; Discard drops the stage.
+// A rejected upload therefore never touches the sum: it stays bit for bit the
+// same.
+//
+// The price is the stage, one model-sized buffer per upload in flight. By
+// default it is memory, which is fast but makes peak memory (1 + uploads in
+// flight) × model. With AccumulatorConfig.SpillDir the stage is a file there
+// instead (unlinked at once, so nothing is left behind even after a crash):
+// memory stays near one model whatever the concurrency, at the cost of writing
+// each upload to disk and reading it back once, usually from the page cache.
+//
+// The lower-level Accumulator.AddChunk folds a chunk directly, for callers
+// that have already validated the data (or accept that a half-folded upload
+// cannot be taken back); its weights are counted with AddWeight.
+//
+// # Concurrency
+//
+// Any number of uploads may stage and commit concurrently. Folding takes a lock
+// per block of 64 Ki elements (striped over a fixed set of mutexes), so commits
+// of different uploads proceed in parallel on different blocks instead of
+// queueing behind one lock. Mean and Reset wait for the commits in progress and
+// see only whole uploads. Floating-point addition is not associative, so the
+// sum depends on the order commits reach each block, at the level of rounding.
+type Accumulator struct {
+	slots      []accSlot
+	index      map[string]int
+	stageBytes int64
+	spillDir   string
+
+	stripes [lockStripes]paddedMutex
+
+	// gate is read-held by every fold (commits and direct AddChunk) and
+	// write-held by Mean and Reset, which need a sum no upload is halfway into.
+	gate sync.RWMutex
+
+	mu         sync.Mutex // guards the fields below
+	total      float64
+	count      int
+	generation int
+	intsSet    bool  // integer tensors hold the first committed upload's values
+	broken     error // a commit failed after folding part of its upload
+}
+
+// accSlot is one tensor of the layout and its running sum.
+type accSlot struct {
+	name     string
+	dtype    DType
+	shape    []int64
+	n        int64 // elements
+	base     int64 // index of element 0 among all elements, for lock striping
+	stageOff int64 // byte offset of the tensor in a stage (8-byte aligned)
+	sum32    []float32
+	sum64    []float64
+	ints     []byte // integer tensors: the value Mean reports
+	intsInit []byte // integer tensors: the layout's value, restored by Reset
+}
+
+const (
+	lockBlock   = 1 << 16 // elements per lock block
+	lockStripes = 64      // mutexes the lock blocks share
+)
+
+// paddedMutex keeps each stripe on its own cache line.
+type paddedMutex struct {
+	sync.Mutex
+	_ [64 - 8]byte
+}
+
+// AccumulatorConfig configures an Accumulator.
+type AccumulatorConfig struct {
+	// Layout gives the tensors (names, dtypes, shapes) every update must have,
+	// usually the global model. Only integer tensors' data is used: Mean
+	// reports it if no upload was committed through Begin/Commit.
+	Layout Model
+	// SpillDir, if set, stages uploads in files in this directory rather
+	// than in memory (see the type's documentation for the trade-off).
+	SpillDir string
+}
+
+// NewAccumulator allocates a zero sum for cfg.Layout.
+func NewAccumulator(cfg AccumulatorConfig) (*Accumulator, error) {
+	if len(cfg.Layout) == 0 {
+		return nil, errors.New("accumulator: empty layout")
+	}
+	if cfg.SpillDir != "" {
+		fi, err := os.Stat(cfg.SpillDir)
+		if err != nil {
+			return nil, fmt.Errorf("accumulator: spill directory: %w", err)
+		}
+		if !fi.IsDir() {
+			return nil, fmt.Errorf("accumulator: spill directory %s is not a directory", cfg.SpillDir)
+		}
+	}
+	a := &Accumulator{index: make(map[string]int, len(cfg.Layout)), spillDir: cfg.SpillDir}
+	var base int64
+	for _, t := range cfg.Layout {
+		if err := ValidateName(t.Name); err != nil {
+			return nil, fmt.Errorf("accumulator: %w", err)
+		}
+		size, err := CheckShape(t.DType, t.Shape)
+		if err != nil {
+			return nil, fmt.Errorf("accumulator: tensor %q: %w", t.Name, err)
+		}
+		if _, dup := a.index[t.Name]; dup {
+			return nil, fmt.Errorf("accumulator: tensor %q appears twice in the layout", t.Name)
+		}
+		n := size / int64(t.DType.Size())
+		s := accSlot{name: t.Name, dtype: t.DType, shape: t.Shape, n: n, base: base, stageOff: a.stageBytes}
+		switch {
+		case t.DType == F64:
+			s.sum64 = make([]float64, n)
+		case t.DType.IsFloat():
+			s.sum32 = make([]float32, n)
+		default:
+			s.intsInit = alignedBytes(size)
+			if int64(len(t.Data)) == size {
+				copy(s.intsInit, t.Data)
+			}
+			s.ints = alignedBytes(size)
+			copy(s.ints, s.intsInit)
+		}
+		a.index[t.Name] = len(a.slots)
+		a.slots = append(a.slots, s)
+		base += n
+		a.stageBytes += (size + 7) &^ 7
+	}
+	return a, nil
+}
+
+// slot finds the tensor a chunk belongs to and checks that the chunk fits it.
+func (a *Accumulator) slot(name string, elemOffset int64, raw []byte, dtype DType) (*accSlot, int64, error) {
+	i, ok := a.index[name]
+	if !ok {
+		return nil, 0, fmt.Errorf("unknown tensor %q", name)
+	}
+	s := &a.slots[i]
+	if dtype != s.dtype {
+		return nil, 0, fmt.Errorf("tensor %q: chunk is %s, want %s", name, dtype, s.dtype)
+	}
+	size := int64(dtype.Size())
+	if int64(len(raw))%size != 0 {
+		return nil, 0, fmt.Errorf("tensor %q: chunk of %d bytes is not a whole number of %s elements", name, len(raw), dtype)
+	}
+	n := int64(len(raw)) / size
+	if elemOffset < 0 || elemOffset > s.n || n > s.n-elemOffset {
+		return nil, 0, fmt.Errorf("tensor %q: chunk of elements [%d, %d) is outside its %d elements", name, elemOffset, elemOffset+n, s.n)
+	}
+	return s, n, nil
+}
+
+// AddChunk folds weight·chunk into the sum directly: raw holds little-endian
+// elements of tensor name starting at element elemOffset. The chunk is checked
+// (tensor, dtype, range, finite values) before anything is added, but chunks
+// folded earlier cannot be taken back: callers that may still reject an upload
+// must stage it with Begin instead. The weight is not counted; call AddWeight
+// once per update. Safe for concurrent use.
+func (a *Accumulator) AddChunk(name string, elemOffset int64, raw []byte, dtype DType, weight float64) error {
+	s, _, err := a.slot(name, elemOffset, raw, dtype)
+	if err != nil {
+		return fmt.Errorf("accumulator: %w", err)
+	}
+	if !dtype.IsFloat() {
+		return fmt.Errorf("accumulator: tensor %q is %s: only float tensors are summed (stage uploads with Begin to carry integer tensors)", name, dtype)
+	}
+	if math.IsNaN(weight) || math.IsInf(weight, 0) {
+		return fmt.Errorf("accumulator: weight %v is not finite", weight)
+	}
+	if err := CheckFiniteRaw(raw, dtype, elemOffset); err != nil {
+		return fmt.Errorf("accumulator: tensor %q: %w", name, err)
+	}
+	a.gate.RLock()
+	defer a.gate.RUnlock()
+	a.fold(s, elemOffset, raw, weight)
+	return nil
+}
+
+// AddWeight counts one update of the given weight, for callers of AddChunk.
+func (a *Accumulator) AddWeight(weight float64) error {
+	if !(weight > 0) || math.IsInf(weight, 0) {
+		return fmt.Errorf("accumulator: weight %v, want a positive finite number", weight)
+	}
+	a.gate.RLock()
+	defer a.gate.RUnlock()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.total += weight
+	a.count++
+	return nil
+}
+
+// fold adds weight·raw to slot s from element off on, one lock block at a
+// time. The caller holds the gate for reading.
+func (a *Accumulator) fold(s *accSlot, off int64, raw []byte, weight float64) {
+	size := int64(s.dtype.Size())
+	g := s.base + off
+	end := g + int64(len(raw))/size
+	for g < end {
+		blk := g / lockBlock
+		stop := min(end, (blk+1)*lockBlock)
+		k := stop - g
+		lo := g - s.base
+		mu := &a.stripes[blk%lockStripes]
+		mu.Lock()
+		if s.sum64 != nil {
+			axpyRaw(s.sum64[lo:lo+k], raw[:k*size], s.dtype, weight)
+		} else {
+			axpyRaw(s.sum32[lo:lo+k], raw[:k*size], s.dtype, float32(weight))
+		}
+		mu.Unlock()
+		raw = raw[k*size:]
+		g = stop
+	}
+}
+
+// Count is the number of updates counted so far.
+func (a *Accumulator) Count() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.count
+}
+
+// TotalWeight is the sum of the weights counted so far.
+func (a *Accumulator) TotalWeight() float64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.total
+}
+
+// Mean returns the weighted average Σ w_i·u_i / Σ w_i of the updates counted
+// so far, in the layout's order and dtypes. Integer tensors are those of the
+// first committed upload (the layout's if none was staged). It waits for
+// commits in progress; it does not reset the sum.
+func (a *Accumulator) Mean() (Model, error) {
+	a.gate.Lock()
+	defer a.gate.Unlock()
+	if a.broken != nil {
+		return nil, fmt.Errorf("accumulator: sum is unusable: %w", a.broken)
+	}
+	if a.count == 0 || !(a.total > 0) {
+		return nil, errors.New("accumulator: no update has been counted")
+	}
+	out := make(Model, 0, len(a.slots))
+	for i := range a.slots {
+		s := &a.slots[i]
+		t := New(s.name, s.dtype, s.shape)
+		switch s.dtype {
+		case F64:
+			inv := 1 / a.total
+			dst := t.Float64s()
+			parallelBlocks(len(dst), blockElems, func(lo, hi int) { scaleTo(dst[lo:hi], s.sum64[lo:hi], inv) })
+		case F32:
+			inv := float32(1 / a.total)
+			dst := t.Float32s()
+			parallelBlocks(len(dst), blockElems, func(lo, hi int) { scaleTo(dst[lo:hi], s.sum32[lo:hi], inv) })
+		case F16, BF16:
+			inv := float32(1 / a.total)
+			size := s.dtype.Size()
+			parallelBlocks(int(s.n), blockElems, func(lo, hi int) {
+				tmp := make([]float32, hi-lo)
+				scaleTo(tmp, s.sum32[lo:hi], inv)
+				_ = EncodeFloat32(t.Data[lo*size:hi*size], tmp, s.dtype) // lengths agree by construction
+			})
+		default:
+			copy(t.Data, s.ints)
+		}
+		if err := t.CheckFinite(); err != nil {
+			return nil, fmt.Errorf("accumulator: mean is not finite (the sum overflowed): %w", err)
+		}
+		out = append(out, t)
+	}
+	return out, nil
+}
+
+// Reset zeroes the sum for a new round. Uploads begun before Reset can no
+// longer be committed. It waits for commits in progress.
+func (a *Accumulator) Reset() {
+	a.gate.Lock()
+	defer a.gate.Unlock()
+	for i := range a.slots {
+		s := &a.slots[i]
+		clear(s.sum32)
+		clear(s.sum64)
+		copy(s.ints, s.intsInit)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.total, a.count, a.intsSet, a.broken = 0, 0, false, nil
+	a.generation++
+}
+
+// Upload stages one update until it is committed or discarded; see
+// Accumulator. Its methods are safe for concurrent use, so Discard may be
+// called from a goroutine that watches the stream's context.
+type Upload struct {
+	acc        *Accumulator
+	generation int
+
+	mu   sync.Mutex
+	next []int64 // per slot: elements staged so far
+	mem  []byte  // in-memory stage, or
+	file *os.File
+	// unlinked is set once the stage file's name is gone.
+	unlinked bool
+	err      error // first error: the upload can no longer be committed
+	done     bool  // committed or discarded
+}
+
+// Begin starts staging an upload. With a SpillDir, it creates the stage file.
+func (a *Accumulator) Begin() (*Upload, error) {
+	a.mu.Lock()
+	gen := a.generation
+	a.mu.Unlock()
+	u := &Upload{acc: a, generation: gen, next: make([]int64, len(a.slots))}
+	if a.spillDir != "" {
+		f, err := os.CreateTemp(a.spillDir, "fx-upload-*.stage")
+		if err != nil {
+			return nil, fmt.Errorf("accumulator: create stage file: %w", err)
+		}
+		// Unlinked at once: the open file stays usable and is freed on close,
+		// so no stage outlives the process. Where the OS refuses to unlink an
+		// open file, release removes it after closing.
+		u.file = f
+		u.unlinked = os.Remove(f.Name()) == nil
+	} else {
+		u.mem = alignedBytes(a.stageBytes)
+	}
+	return u, nil
+}
+
+// AddChunk checks a chunk of the upload and stages it. Chunks of one tensor
+// must come in order (elemOffset is the number of its elements staged so
+// far); tensors may come in any order. Float chunks must be finite. The first
+// error spoils the upload: later calls and Commit return it, and the caller
+// should Discard.
+func (u *Upload) AddChunk(name string, elemOffset int64, raw []byte, dtype DType) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if err := u.usable(); err != nil {
+		return err
+	}
+	if err := u.stage(name, elemOffset, raw, dtype); err != nil {
+		u.err = fmt.Errorf("upload rejected: %w", err)
+		return u.err
+	}
+	return nil
+}
+
+func (u *Upload) stage(name string, elemOffset int64, raw []byte, dtype DType) error {
+	s, n, err := u.acc.slot(name, elemOffset, raw, dtype)
+	if err != nil {
+		return err
+	}
+	i := u.acc.index[name]
+	if elemOffset != u.next[i] {
+		if u.next[i] == s.n {
+			return fmt.Errorf("tensor %q was already complete", name)
+		}
+		return fmt.Errorf("tensor %q: chunk starts at element %d, want %d", name, elemOffset, u.next[i])
+	}
+	if err := CheckFiniteRaw(raw, dtype, elemOffset); err != nil {
+		return fmt.Errorf("tensor %q: %w", name, err)
+	}
+	at := s.stageOff + elemOffset*int64(dtype.Size())
+	if u.file != nil {
+		if _, err := u.file.WriteAt(raw, at); err != nil {
+			return fmt.Errorf("stage tensor %q: %w", name, err)
+		}
+	} else {
+		copy(u.mem[at:], raw)
+	}
+	u.next[i] += n
+	return nil
+}
+
+// usable reports why the upload can take no more chunks, if it cannot.
+func (u *Upload) usable() error {
+	if u.done {
+		return errors.New("upload was already committed or discarded")
+	}
+	return u.err
+}
+
+// Commit checks that every tensor of the layout arrived complete, then folds
+// the upload into the sum with the given weight (its sample count) and counts
+// it. On error nothing is folded and the upload should be discarded, with one
+// exception: if reading a spilled stage back fails halfway, the sum is marked
+// unusable and Mean reports that error.
+func (u *Upload) Commit(weight float64) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if err := u.usable(); err != nil {
+		return err
+	}
+	if !(weight > 0) || math.IsInf(weight, 0) {
+		return fmt.Errorf("upload: weight %v, want a positive finite number", weight)
+	}
+	a := u.acc
+	for i := range a.slots {
+		if s := &a.slots[i]; u.next[i] != s.n {
+			if u.next[i] == 0 && s.n > 0 {
+				u.err = fmt.Errorf("upload rejected: tensor %q is missing", s.name)
+			} else {
+				u.err = fmt.Errorf("upload rejected: tensor %q is incomplete: %d of %d elements", s.name, u.next[i], s.n)
+			}
+			return u.err
+		}
+	}
+	// Integer tensors are read before anything is folded, so that a failing
+	// read cannot leave the upload half-counted.
+	ints := make([][]byte, len(a.slots))
+	for i := range a.slots {
+		if s := &a.slots[i]; s.ints != nil {
+			ints[i] = make([]byte, len(s.ints))
+			if err := u.read(ints[i], s.stageOff); err != nil {
+				return fmt.Errorf("upload: read back staged tensor %q: %w", s.name, err)
+			}
+		}
+	}
+	a.gate.RLock()
+	defer a.gate.RUnlock()
+	a.mu.Lock()
+	stale := a.generation != u.generation
+	a.mu.Unlock()
+	if stale {
+		return errors.New("upload: the accumulator was reset since this upload began")
+	}
+	if err := u.foldStage(weight); err != nil {
+		a.mu.Lock()
+		if a.broken == nil {
+			a.broken = err
+		}
+		a.mu.Unlock()
+		return err
+	}
+	a.mu.Lock()
+	a.total += weight
+	a.count++
+	if !a.intsSet {
+		for i := range a.slots {
+			if ints[i] != nil {
+				copy(a.slots[i].ints, ints[i])
+			}
+		}
+		a.intsSet = true
+	}
+	a.mu.Unlock()
+	u.release()
+	return nil
+}
+
+// stagePiece is the size of the pieces a spilled stage is read back in.
+const stagePiece = 1 << 20
+
+// foldStage folds every float tensor of the stage into the sum, reading a
+// spilled stage back in pieces of at most stagePiece bytes.
+func (u *Upload) foldStage(weight float64) error {
+	a := u.acc
+	var buf []byte
+	if u.file != nil {
+		buf = alignedBytes(stagePiece)
+	}
+	for i := range a.slots {
+		s := &a.slots[i]
+		if !s.dtype.IsFloat() {
+			continue
+		}
+		size := int64(s.dtype.Size())
+		bytes := s.n * size
+		if u.file == nil {
+			a.fold(s, 0, u.mem[s.stageOff:s.stageOff+bytes], weight)
+			continue
+		}
+		piece := int64(stagePiece) / size * size
+		for off := int64(0); off < bytes; off += piece {
+			b := buf[:min(piece, bytes-off)]
+			if _, err := u.file.ReadAt(b, s.stageOff+off); err != nil {
+				return fmt.Errorf("upload: read back staged tensor %q: %w", s.name, err)
+			}
+			a.fold(s, off/size, b, weight)
+		}
+	}
+	return nil
+}
+
+// read fills dst from the stage at byte offset off.
+func (u *Upload) read(dst []byte, off int64) error {
+	if u.file == nil {
+		copy(dst, u.mem[off:])
+		return nil
+	}
+	_, err := u.file.ReadAt(dst, off)
+	if errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// Discard drops the upload's stage without touching the sum. It is safe to
+// call more than once and after Commit (then it does nothing).
+func (u *Upload) Discard() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !u.done {
+		u.release()
+	}
+}
+
+// release frees the stage; the caller holds u.mu.
+func (u *Upload) release() {
+	u.done = true
+	u.mem = nil
+	if u.file != nil {
+		u.file.Close() // read-only use from here on: a close error loses nothing
+		if !u.unlinked {
+			os.Remove(u.file.Name()) // best effort: the file holds nothing that must survive
+		}
+		u.file = nil
+	}
+}

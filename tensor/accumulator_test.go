@@ -1,0 +1,406 @@
+package tensor
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"math"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// chunks cuts every tensor of m into pieces of random whole-element sizes and
+// calls add for each, visiting tensors in a shuffled order.
+func chunks(rng *rand.Rand, m Model, add func(name string, off int64, raw []byte, dt DType) error) error {
+	order := rng.Perm(len(m))
+	for _, i := range order {
+		t := m[i]
+		size := t.DType.Size()
+		n := len(t.Data) / size
+		for off := 0; off < n; {
+			k := min(n-off, 1+rng.IntN(97))
+			if err := add(t.Name, int64(off), t.Data[off*size:(off+k)*size], t.DType); err != nil {
+				return err
+			}
+			off += k
+		}
+	}
+	return nil
+}
+
+// sums snapshots the accumulator's running sums as bytes, for exact comparison.
+func sums(a *Accumulator) []byte {
+	var b bytes.Buffer
+	for _, s := range a.slots {
+		binary.Write(&b, binary.LittleEndian, s.sum32)
+		binary.Write(&b, binary.LittleEndian, s.sum64)
+		b.Write(s.ints)
+	}
+	return b.Bytes()
+}
+
+func TestAccumulatorMean(t *testing.T) {
+	for _, spill := range []bool{false, true} {
+		name := "memory"
+		if spill {
+			name = "spill"
+		}
+		t.Run(name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(21, 22))
+			updates, values := makeUpdates(rng, 4, 300)
+			weights := []float64{10, 20, 30, 40}
+			cfg := AccumulatorConfig{Layout: updates[0]}
+			if spill {
+				cfg.SpillDir = t.TempDir()
+			}
+			acc, err := NewAccumulator(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, u := range updates {
+				up, err := acc.Begin()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := chunks(rng, u, up.AddChunk); err != nil {
+					t.Fatal(err)
+				}
+				if err := up.Commit(weights[i]); err != nil {
+					t.Fatal(err)
+				}
+				up.Discard() // after Commit: a no-op
+			}
+			if acc.Count() != 4 || acc.TotalWeight() != 100 {
+				t.Errorf("count %d, total %v; want 4, 100", acc.Count(), acc.TotalWeight())
+			}
+			mean, err := acc.Mean()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := updates[0].Matches(mean); err != nil {
+				t.Fatal(err)
+			}
+			checkAgainst(t, mean, values, func(col []float64) float64 {
+				var s float64
+				for i, v := range col {
+					s += weights[i] * v
+				}
+				return s / 100
+			})
+			if steps := binary.LittleEndian.Uint64(mean.Get("steps").Data); steps != 100 {
+				t.Errorf("integer tensor = %d, want the first committed upload's 100", steps)
+			}
+			if spill {
+				if entries, _ := os.ReadDir(cfg.SpillDir); len(entries) != 0 {
+					t.Errorf("spill directory holds %d files after the commits", len(entries))
+				}
+			}
+		})
+	}
+}
+
+func TestAccumulatorRejectedUploadLeavesSumUnchanged(t *testing.T) {
+	type rejection struct {
+		name string
+		// feed stages (part of) a bad upload, returning the first error seen.
+		feed func(up *Upload, m Model) error
+		want string
+	}
+	nanLast := func(up *Upload, m Model) error {
+		// Every chunk is good except the very last, which holds a NaN.
+		var err error
+		for ti, t := range m {
+			n := int64(len(t.Data) / t.DType.Size())
+			size := int64(t.DType.Size())
+			last := ti == len(m)-2 // the last float tensor; "steps" comes after
+			for off := int64(0); off < n && err == nil; off += 50 {
+				end := min(n, off+50)
+				raw := append([]byte(nil), t.Data[off*size:end*size]...)
+				if last && end == n {
+					binary.LittleEndian.PutUint16(raw[len(raw)-2:], 0x7fc0) // bfloat16 NaN
+				}
+				err = up.AddChunk(t.Name, off, raw, t.DType)
+			}
+		}
+		return err
+	}
+	rejections := []rejection{
+		{"NaN in the last chunk", nanLast, "is NaN"},
+		{"missing tensor", func(up *Upload, m Model) error {
+			for _, t := range m[:len(m)-1] {
+				if err := up.AddChunk(t.Name, 0, t.Data, t.DType); err != nil {
+					return err
+				}
+			}
+			return up.Commit(1)
+		}, `tensor "steps" is missing`},
+		{"incomplete tensor", func(up *Upload, m Model) error {
+			for _, t := range m {
+				data := t.Data
+				if t.Name == "w32" {
+					data = data[:len(data)-4]
+				}
+				if err := up.AddChunk(t.Name, 0, data, t.DType); err != nil {
+					return err
+				}
+			}
+			return up.Commit(1)
+		}, "incomplete: 299 of 300"},
+		{"unknown tensor", func(up *Upload, m Model) error {
+			return up.AddChunk("extra", 0, make([]byte, 4), F32)
+		}, `unknown tensor "extra"`},
+		{"wrong dtype", func(up *Upload, m Model) error {
+			return up.AddChunk("w64", 0, make([]byte, 8), F32)
+		}, "chunk is F32, want F64"},
+		{"chunk out of order", func(up *Upload, m Model) error {
+			return up.AddChunk("w32", 5, make([]byte, 4), F32)
+		}, "starts at element 5, want 0"},
+		{"duplicate tensor", func(up *Upload, m Model) error {
+			t := m.Get("w16")
+			if err := up.AddChunk(t.Name, 0, t.Data, t.DType); err != nil {
+				return err
+			}
+			return up.AddChunk(t.Name, 0, t.Data, t.DType)
+		}, "already complete"},
+		{"past the end", func(up *Upload, m Model) error {
+			return up.AddChunk("w32", 0, make([]byte, 4*301), F32)
+		}, "outside its 300 elements"},
+		{"partial element", func(up *Upload, m Model) error {
+			return up.AddChunk("w64", 0, make([]byte, 12), F64)
+		}, "not a whole number"},
+	}
+	for _, spill := range []bool{false, true} {
+		for _, rj := range rejections {
+			t.Run(rj.name+map[bool]string{false: "/memory", true: "/spill"}[spill], func(t *testing.T) {
+				rng := rand.New(rand.NewPCG(23, 24))
+				updates, _ := makeUpdates(rng, 3, 300)
+				cfg := AccumulatorConfig{Layout: updates[0]}
+				if spill {
+					cfg.SpillDir = t.TempDir()
+				}
+				acc, err := NewAccumulator(cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i, u := range updates[:2] {
+					up, _ := acc.Begin()
+					if err := chunks(rng, u, up.AddChunk); err != nil {
+						t.Fatal(err)
+					}
+					if err := up.Commit(float64(i + 1)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				before := sums(acc)
+				meanBefore, err := acc.Mean()
+				if err != nil {
+					t.Fatal(err)
+				}
+
+				up, err := acc.Begin()
+				if err != nil {
+					t.Fatal(err)
+				}
+				err = rj.feed(up, updates[2])
+				if err == nil || !strings.Contains(err.Error(), rj.want) {
+					t.Fatalf("err = %v, want one mentioning %q", err, rj.want)
+				}
+				if err := up.Commit(3); err == nil {
+					t.Fatal("a rejected upload committed")
+				}
+				up.Discard()
+				up.Discard()
+
+				if !bytes.Equal(sums(acc), before) {
+					t.Fatal("the rejected upload changed the sum")
+				}
+				if acc.Count() != 2 || acc.TotalWeight() != 3 {
+					t.Errorf("count %d, total %v; want 2, 3", acc.Count(), acc.TotalWeight())
+				}
+				meanAfter, err := acc.Mean()
+				if err != nil {
+					t.Fatal(err)
+				}
+				assertModelsEqual(t, meanAfter, meanBefore)
+				if err := up.AddChunk("w32", 0, nil, F32); err == nil {
+					t.Error("a discarded upload took a chunk")
+				}
+			})
+		}
+	}
+}
+
+func TestAccumulatorConcurrentUploads(t *testing.T) {
+	for _, spill := range []bool{false, true} {
+		t.Run(map[bool]string{false: "memory", true: "spill"}[spill], func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(25, 26))
+			const n = 8
+			// Large enough that chunks span several lock blocks.
+			updates, values := makeUpdates(rng, n, 3*lockBlock/2)
+			cfg := AccumulatorConfig{Layout: updates[0]}
+			if spill {
+				cfg.SpillDir = t.TempDir()
+			}
+			acc, err := NewAccumulator(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var wg sync.WaitGroup
+			errs := make(chan error, n)
+			for i := range n {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					r := rand.New(rand.NewPCG(uint64(i), 99))
+					up, err := acc.Begin()
+					if err != nil {
+						errs <- err
+						return
+					}
+					defer up.Discard()
+					// Big chunks here: many small ones would make -race slow.
+					err = chunksOf(r, updates[i], 20000, up.AddChunk)
+					if i == n-1 {
+						// The last upload is rejected after staging everything.
+						return
+					}
+					if err == nil {
+						err = up.Commit(float64(i + 1))
+					}
+					if err != nil {
+						errs <- err
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			mean, err := acc.Mean()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var total float64
+			for i := range n - 1 {
+				total += float64(i + 1)
+			}
+			checkAgainst(t, mean, values, func(col []float64) float64 {
+				var s float64
+				for i, v := range col[:n-1] {
+					s += float64(i+1) * v
+				}
+				return s / total
+			})
+		})
+	}
+}
+
+// chunksOf is chunks with a fixed chunk size in bytes (rounded to elements).
+func chunksOf(rng *rand.Rand, m Model, chunkBytes int, add func(string, int64, []byte, DType) error) error {
+	for _, i := range rng.Perm(len(m)) {
+		t := m[i]
+		size := t.DType.Size()
+		step := max(1, chunkBytes/size)
+		n := len(t.Data) / size
+		for off := 0; off < n; off += step {
+			end := min(n, off+step)
+			if err := add(t.Name, int64(off), t.Data[off*size:end*size], t.DType); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func TestAccumulatorDirectAddAndReset(t *testing.T) {
+	layout := Model{FromFloat32("w", []int64{4}, nil), New("n", I32, []int64{1})}
+	binary.LittleEndian.PutUint32(layout[1].Data, 7)
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: layout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := acc.Mean(); err == nil || !strings.Contains(err.Error(), "no update") {
+		t.Errorf("Mean of nothing: err = %v", err)
+	}
+	raw := FromFloat32("w", []int64{4}, []float32{1, 2, 3, 4}).Data
+	if err := acc.AddChunk("w", 0, raw[:8], F32, 2); err != nil {
+		t.Fatal(err)
+	}
+	if err := acc.AddChunk("w", 2, raw[8:], F32, 2); err != nil {
+		t.Fatal(err)
+	}
+	if err := acc.AddWeight(2); err != nil {
+		t.Fatal(err)
+	}
+	nan := FromFloat32("w", []int64{1}, []float32{float32(math.Inf(-1))}).Data
+	directErrs := []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"non-finite chunk", acc.AddChunk("w", 0, nan, F32, 1), "-Inf"},
+		{"integer tensor", acc.AddChunk("n", 0, make([]byte, 4), I32, 1), "only float tensors"},
+		{"NaN weight", acc.AddChunk("w", 0, raw[:4], F32, math.NaN()), "not finite"},
+		{"zero weight", acc.AddWeight(0), "positive"},
+	}
+	for _, d := range directErrs {
+		if d.err == nil || !strings.Contains(d.err.Error(), d.want) {
+			t.Errorf("%s: err = %v, want one mentioning %q", d.name, d.err, d.want)
+		}
+	}
+	if !errors.Is(directErrs[0].err, ErrNonFinite) {
+		t.Errorf("non-finite error %v does not wrap ErrNonFinite", directErrs[0].err)
+	}
+	mean, err := acc.Mean()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mean.Get("w").Float32s(); got[0] != 1 || got[3] != 4 {
+		t.Errorf("mean = %v, want [1 2 3 4]", got)
+	}
+	if n := binary.LittleEndian.Uint32(mean.Get("n").Data); n != 7 {
+		t.Errorf("integer tensor = %d, want the layout's 7", n)
+	}
+
+	stale, _ := acc.Begin()
+	acc.Reset()
+	if acc.Count() != 0 {
+		t.Errorf("count after Reset = %d", acc.Count())
+	}
+	if err := stale.AddChunk("w", 0, raw, F32); err != nil {
+		t.Fatal(err)
+	}
+	if err := stale.AddChunk("n", 0, make([]byte, 4), I32); err != nil {
+		t.Fatal(err)
+	}
+	if err := stale.Commit(1); err == nil || !strings.Contains(err.Error(), "reset") {
+		t.Errorf("commit across Reset: err = %v", err)
+	}
+	if _, err := acc.Mean(); err == nil {
+		t.Error("Mean after Reset succeeded")
+	}
+}
+
+func TestNewAccumulatorRejects(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  AccumulatorConfig
+		want string
+	}{
+		{"empty", AccumulatorConfig{}, "empty layout"},
+		{"duplicate", AccumulatorConfig{Layout: Model{New("a", F32, nil), New("a", F32, nil)}}, "twice"},
+		{"bad dtype", AccumulatorConfig{Layout: Model{{Name: "a", DType: "Q4"}}}, "unknown dtype"},
+		{"spill dir", AccumulatorConfig{Layout: Model{New("a", F32, nil)}, SpillDir: "/nonexistent/dir"}, "spill directory"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := NewAccumulator(tc.cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("err = %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
