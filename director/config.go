@@ -1,0 +1,173 @@
+package director
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+
+	"github.com/fx-fl/fx/director/store"
+	"github.com/fx-fl/fx/experiment"
+)
+
+// Review policies.
+const (
+	// ReviewAuto queues every experiment as soon as it is submitted.
+	ReviewAuto = "auto"
+	// ReviewManual holds every experiment PENDING until an admin approves
+	// or rejects it.
+	ReviewManual = "manual"
+)
+
+// Defaults.
+const (
+	DefaultHeartbeatPeriod = 10 * time.Second
+	DefaultOfflineAfter    = 30 * time.Second
+	DefaultMaxConcurrent   = 4
+	DefaultMaxArchiveBytes = 2 << 30
+	DefaultStopTimeout     = 10 * time.Second
+	// DefaultSweepPeriod is how often offer deadlines and envoy liveness
+	// are checked.
+	DefaultSweepPeriod = time.Second
+	// MaxChunk is the largest chunk the director sends or accepts.
+	MaxChunk = 1 << 20
+)
+
+// Config is what a Director needs. Only DataDir is required when the
+// director is driven without a network server (tests); Run also needs
+// Listener or ListenAddress, and ServerOptions carrying the TLS credentials
+// and the pki interceptors.
+type Config struct {
+	// DataDir holds the store (director.db), archives, aggregator
+	// checkpoints and models.
+	DataDir string
+	// ListenAddress is where the Director service listens (host:port);
+	// ignored when Listener is set.
+	ListenAddress string
+	Listener      net.Listener
+	// ServerOptions configure the director's gRPC server: TLS credentials
+	// and the interceptors that authenticate callers and enforce the roles
+	// table. Without an interceptor that puts a pki.Identity in the
+	// context, every call fails UNAUTHENTICATED.
+	ServerOptions []grpc.ServerOption
+	// AggregatorServerOptions do the same for each aggregator's server,
+	// which presents the director's certificate.
+	AggregatorServerOptions []grpc.ServerOption
+
+	// AdvertiseHost is the host envoys dial to reach this director's
+	// aggregators (it must be in the director certificate's SANs).
+	AdvertiseHost string
+	// ServerName is the name aggregators' certificates carry (the
+	// director's CN), sent to envoys in Start assignments.
+	ServerName string
+	// AggregatorHost is the interface aggregators listen on.
+	AggregatorHost string
+	// AggregatorPortMin and AggregatorPortMax bound the aggregators' ports;
+	// both zero means an ephemeral port each.
+	AggregatorPortMin, AggregatorPortMax int
+
+	HeartbeatPeriod time.Duration
+	// OfflineAfter is the grace period after which an envoy that has not
+	// heartbeated is offline.
+	OfflineAfter time.Duration
+	// ReviewPolicy is ReviewAuto or ReviewManual.
+	ReviewPolicy string
+	// MaxConcurrent caps the experiments offered or running at once; more
+	// wait QUEUED.
+	MaxConcurrent int
+	// MaxArchiveBytes caps an archive's size as uploaded.
+	MaxArchiveBytes int64
+	// ArchiveLimits cap what an archive unpacks to.
+	ArchiveLimits experiment.Limits
+	// StopTimeout bounds the graceful stop of the gRPC server before it is
+	// stopped hard.
+	StopTimeout time.Duration
+	// SweepPeriod is how often deadlines and liveness are checked.
+	SweepPeriod time.Duration
+
+	// Store replaces the bbolt store in DataDir (tests).
+	Store store.Store
+	// Launcher starts aggregators; InProcess when nil.
+	Launcher Launcher
+	// Clock is the time source; the system clock when nil.
+	Clock  Clock
+	Logger hclog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.HeartbeatPeriod == 0 {
+		c.HeartbeatPeriod = DefaultHeartbeatPeriod
+	}
+	if c.OfflineAfter == 0 {
+		c.OfflineAfter = DefaultOfflineAfter
+	}
+	if c.ReviewPolicy == "" {
+		c.ReviewPolicy = ReviewManual
+	}
+	if c.MaxConcurrent == 0 {
+		c.MaxConcurrent = DefaultMaxConcurrent
+	}
+	if c.MaxArchiveBytes == 0 {
+		c.MaxArchiveBytes = DefaultMaxArchiveBytes
+	}
+	if c.StopTimeout == 0 {
+		c.StopTimeout = DefaultStopTimeout
+	}
+	if c.SweepPeriod == 0 {
+		c.SweepPeriod = DefaultSweepPeriod
+	}
+	if c.AggregatorHost == "" {
+		c.AggregatorHost = "0.0.0.0"
+	}
+	if c.Launcher == nil {
+		c.Launcher = InProcess{}
+	}
+	if c.Clock == nil {
+		c.Clock = SystemClock{}
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
+}
+
+// validate names the setting at fault, as the configuration file spells it.
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	if c.DataDir == "" {
+		bad("data_dir", "is required: the directory for the store, archives and models")
+	}
+	if c.HeartbeatPeriod < 0 {
+		bad("heartbeat_period", "%s is negative", c.HeartbeatPeriod)
+	}
+	if c.OfflineAfter <= c.HeartbeatPeriod {
+		bad("offline_after", "%s must be longer than heartbeat_period (%s), or every envoy flaps offline between heartbeats", c.OfflineAfter, c.HeartbeatPeriod)
+	}
+	if c.ReviewPolicy != ReviewAuto && c.ReviewPolicy != ReviewManual {
+		bad("review_policy", "%q: use %s or %s", c.ReviewPolicy, ReviewAuto, ReviewManual)
+	}
+	if c.MaxConcurrent < 1 {
+		bad("max_concurrent_experiments", "%d: at least 1", c.MaxConcurrent)
+	}
+	if c.MaxArchiveBytes < 1 {
+		bad("max_archive_bytes", "%d: at least 1", c.MaxArchiveBytes)
+	}
+	if c.StopTimeout < 0 {
+		bad("stop_timeout", "%s is negative", c.StopTimeout)
+	}
+	if c.SweepPeriod < 0 {
+		bad("sweep_period", "%s is negative", c.SweepPeriod)
+	}
+	lo, hi := c.AggregatorPortMin, c.AggregatorPortMax
+	switch {
+	case lo == 0 && hi == 0:
+	case lo < 1 || hi > 65535 || lo > hi:
+		bad("aggregator.port_min/port_max", "%d-%d: give 1 ≤ port_min ≤ port_max ≤ 65535, or both 0 for ephemeral ports", lo, hi)
+	}
+	return errors.Join(errs...)
+}

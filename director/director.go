@@ -1,0 +1,350 @@
+// Package director is the long-lived service of a federation: it registers
+// envoys and tracks their liveness, takes experiments from researchers
+// (streamed to disk, checked, recorded), has admins or its policy review
+// them, offers them to the envoys their plans select, starts an aggregator
+// for each experiment enough envoys accepted, and serves progress, metrics
+// and models back to researchers.
+//
+// All state that must survive a restart is in a store.Store (bbolt in
+// DataDir) plus the archive and aggregator files under DataDir; everything
+// else (liveness, metric events, live progress) is rebuilt from them, so a
+// director killed at any point comes back with every experiment in its
+// state and running ones resumed from their last completed round.
+//
+// Concurrency: one mutex guards the in-memory state. Store writes happen
+// under it, so the store and memory never disagree; aggregators are called
+// (Drop) only outside it, because they call back into the director through
+// their Sink.
+package director
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/fx-fl/fx/aggregator"
+	"github.com/fx-fl/fx/director/store"
+	"github.com/fx-fl/fx/experiment"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// Director is the federation's coordinator. Make one with New and serve it
+// with Run.
+type Director struct {
+	cfg   Config
+	log   hclog.Logger
+	store store.Store
+	clock Clock
+
+	mu       sync.Mutex
+	exps     map[string]*expState
+	envoys   map[string]*envoyState
+	reserved map[string]bool // owner/name of uploads in progress
+	// runCtx parents every aggregator; nil until Run starts them.
+	runCtx  context.Context
+	runs    sync.WaitGroup
+	stopped bool // Run is shutting down: aggregators stop but stay RUNNING
+
+	addrMu sync.Mutex
+	addr   net.Addr
+	ready  chan struct{}
+}
+
+// New opens (or creates) the director's state in cfg.DataDir and loads it:
+// experiments, participants, envoys, and each experiment's metric log from
+// its aggregator's files. Nothing is served or launched until Run.
+func New(cfg Config) (*Director, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("director: %w", err)
+	}
+	for _, dir := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "experiments"), filepath.Join(cfg.DataDir, "tmp")} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("director: data_dir: %w", err)
+		}
+	}
+	// Uploads interrupted by a crash are never resumed; their bytes are junk.
+	if err := clearDir(filepath.Join(cfg.DataDir, "tmp")); err != nil {
+		return nil, fmt.Errorf("director: data_dir: %w", err)
+	}
+	st := cfg.Store
+	if st == nil {
+		var err error
+		if st, err = store.OpenBolt(filepath.Join(cfg.DataDir, "director.db")); err != nil {
+			return nil, fmt.Errorf("director: %w", err)
+		}
+	}
+	d := &Director{
+		cfg:      cfg,
+		log:      cfg.Logger.Named("director"),
+		store:    st,
+		clock:    cfg.Clock,
+		exps:     map[string]*expState{},
+		envoys:   map[string]*envoyState{},
+		reserved: map[string]bool{},
+		ready:    make(chan struct{}),
+	}
+	if err := d.load(); err != nil {
+		if cfg.Store == nil {
+			_ = st.Close()
+		}
+		return nil, fmt.Errorf("director: load state: %w", err)
+	}
+	return d, nil
+}
+
+func clearDir(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// load rebuilds the in-memory state from the store and the aggregator files.
+func (d *Director) load() error {
+	var exps []*store.Experiment
+	parts := map[string][]*store.Participant{}
+	positions := map[string]store.MetricPosition{}
+	var envoys []*store.Envoy
+	err := d.store.View(func(tx store.Tx) error {
+		var err error
+		if exps, err = tx.Experiments(); err != nil {
+			return err
+		}
+		for _, e := range exps {
+			if parts[e.ID], err = tx.Participants(e.ID); err != nil {
+				return err
+			}
+			if positions[e.ID], err = tx.MetricPosition(e.ID); err != nil {
+				return err
+			}
+		}
+		envoys, err = tx.Envoys()
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	for _, rec := range envoys {
+		shard := &fxv1.DatasetShard{}
+		if err := proto.Unmarshal(rec.Shard, shard); err != nil {
+			return fmt.Errorf("envoy %s: corrupt shard: %w", rec.Name, err)
+		}
+		d.envoys[rec.Name] = &envoyState{rec: *rec, shard: shard, streams: map[*assignStream]struct{}{}}
+	}
+	for _, rec := range exps {
+		plan, err := experiment.ParsePlan([]byte(rec.PlanYAML))
+		if err != nil {
+			return fmt.Errorf("experiment %s: stored plan: %w", rec.ID, err)
+		}
+		e := newExpState(*rec, plan)
+		for _, p := range parts[rec.ID] {
+			e.parts[p.Envoy] = p
+		}
+		if err := d.rebuildMetrics(e, positions[rec.ID]); err != nil {
+			d.log.Error("metric log cannot be rebuilt; metrics of earlier rounds are unavailable", "experiment", rec.ID, "error", err)
+		}
+		d.exps[rec.ID] = e
+	}
+	d.log.Info("state loaded", "experiments", len(d.exps), "envoys", len(d.envoys))
+	return nil
+}
+
+// rebuildMetrics fills an experiment's metric log from its aggregator's
+// round files: the log is a pure function of those files, so rebuilding it
+// after a restart yields exactly the events (and sequence numbers) watchers
+// saw before.
+func (d *Director) rebuildMetrics(e *expState, pos store.MetricPosition) error {
+	dir := d.aggregatorDir(e.rec.ID)
+	if !fileExists(dir) {
+		return nil
+	}
+	summaries, best, err := d.cfg.Launcher.History(dir)
+	if err != nil {
+		return err
+	}
+	for _, s := range summaries {
+		e.metrics.add(s, roundTime(dir, s.Round), e.plan)
+	}
+	e.metrics.best = best
+	if e.metrics.round() < pos.Round {
+		d.log.Warn("the aggregator directory has fewer rounds than the store recorded", "experiment", e.rec.ID, "files", e.metrics.round(), "recorded", pos.Round)
+	}
+	return nil
+}
+
+func roundTime(dir string, round int) time.Time {
+	fi, err := os.Stat(aggregator.RoundPath(dir, round))
+	if err != nil {
+		return time.Time{}
+	}
+	return fi.ModTime().UTC()
+}
+
+func (d *Director) experimentDir(id string) string {
+	return filepath.Join(d.cfg.DataDir, "experiments", id)
+}
+func (d *Director) archivePath(id string) string {
+	return filepath.Join(d.experimentDir(id), "archive")
+}
+func (d *Director) aggregatorDir(id string) string {
+	return filepath.Join(d.experimentDir(id), "aggregator")
+}
+
+// Addr is the address the director serves on, once Run has bound it.
+func (d *Director) Addr() net.Addr {
+	<-d.ready
+	d.addrMu.Lock()
+	defer d.addrMu.Unlock()
+	return d.addr
+}
+
+// Run serves the Director service (with gRPC health and reflection),
+// relaunches the aggregators of RUNNING experiments, offers queued ones,
+// and checks deadlines and liveness, until ctx is cancelled. It then stops
+// the server gracefully (hard after StopTimeout), stops the aggregators
+// (their experiments stay RUNNING and resume at the next start) and closes
+// the store.
+func (d *Director) Run(ctx context.Context) error {
+	defer func() {
+		if d.cfg.Store == nil {
+			_ = d.store.Close()
+		}
+	}()
+	lis := d.cfg.Listener
+	if lis == nil {
+		if d.cfg.ListenAddress == "" {
+			close(d.ready)
+			return errors.New("director: listen_address is required")
+		}
+		var err error
+		if lis, err = net.Listen("tcp", d.cfg.ListenAddress); err != nil {
+			close(d.ready)
+			return fmt.Errorf("director: listen_address: %w", err)
+		}
+	}
+	d.addrMu.Lock()
+	d.addr = lis.Addr()
+	d.addrMu.Unlock()
+	close(d.ready)
+
+	srv := grpc.NewServer(d.cfg.ServerOptions...)
+	fxv1.RegisterDirectorServer(srv, &service{d: d})
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(srv, hs)
+	reflection.Register(srv)
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus(fxv1.Director_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+
+	runCtx, cancelRuns := context.WithCancel(context.Background())
+	defer cancelRuns()
+	d.start(runCtx)
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(lis) }()
+	sweepDone := make(chan struct{})
+	go func() { defer close(sweepDone); d.sweepLoop(ctx) }()
+	d.log.Info("director serving", "address", lis.Addr().String())
+
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-serveErr:
+		err = fmt.Errorf("director: serve: %w", err)
+	}
+	hs.Shutdown()
+	d.mu.Lock()
+	d.stopped = true
+	d.closeStreamsLocked()
+	d.mu.Unlock()
+	stopGRPC(srv, d.cfg.StopTimeout)
+	cancelRuns()
+	d.runs.Wait()
+	<-sweepDone
+	d.log.Info("director stopped")
+	return err
+}
+
+// stopGRPC stops gracefully, then hard after timeout: a client holding a
+// stream open must not keep the director from stopping.
+func stopGRPC(srv *grpc.Server, timeout time.Duration) {
+	done := make(chan struct{})
+	go func() { srv.GracefulStop(); close(done) }()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		srv.Stop()
+		<-done
+	}
+}
+
+// start relaunches RUNNING experiments and fills free slots from the queue.
+func (d *Director) start(runCtx context.Context) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.runCtx = runCtx
+	for _, e := range d.sortedExps() {
+		if e.rec.State == fxv1.ExperimentState_RUNNING {
+			d.launchLocked(e)
+		}
+	}
+	d.scheduleLocked()
+}
+
+func (d *Director) sweepLoop(ctx context.Context) {
+	t := d.clock.NewTicker(d.cfg.SweepPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C():
+			d.sweep()
+		}
+	}
+}
+
+// sweep fails offers whose deadline passed and notes envoys going offline.
+func (d *Director) sweep() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := d.clock.Now()
+	for _, env := range d.envoys {
+		online := d.onlineLocked(env, now)
+		if env.wasOnline && !online {
+			d.log.Warn("envoy offline", "envoy", env.rec.Name, "last_seen", env.lastSeen)
+		}
+		env.wasOnline = online
+	}
+	for _, e := range d.sortedExps() {
+		if e.rec.State != fxv1.ExperimentState_OFFERED || now.Before(e.rec.AnswerBy) {
+			continue
+		}
+		accepted := e.countParts(fxv1.ParticipantState_ACCEPTED)
+		reason := fmt.Sprintf("only %d of the %d envoys needed (participants.min) accepted within participants.accept_timeout (%s)",
+			accepted, e.plan.Participants.Min, e.plan.Participants.AcceptTimeout)
+		if err := d.endLocked(e, fxv1.ExperimentState_FAILED, reason); err != nil {
+			d.log.Error("cannot fail an expired offer", "experiment", e.rec.ID, "error", err)
+		}
+	}
+}

@@ -1,0 +1,187 @@
+package director
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/fx-fl/fx/director/store"
+	"github.com/fx-fl/fx/experiment"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// submitStream is the part of the SubmitExperiment stream intake reads.
+type submitStream interface {
+	Recv() (*fxv1.SubmitExperimentRequest, error)
+}
+
+// submit takes an experiment upload from owner: header first, then the
+// archive streamed straight to a temporary file while it is hashed, so the
+// archive is never held in memory and a too-large upload is refused as soon
+// as its bytes pass the declared size. Only when size, digest, archive and
+// plan all check out is the file moved into place and the record written;
+// any failure removes the file and leaves no record.
+func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, error) {
+	first, err := stream.Recv()
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("empty upload: send a header first: %w", ErrInvalidArgument)
+		}
+		return nil, err
+	}
+	h := first.GetHeader()
+	if h == nil {
+		return nil, fmt.Errorf("the first message of an upload must be the header (name, size, sha256, plan): %w", ErrInvalidArgument)
+	}
+	plan, err := experiment.ParsePlan([]byte(h.GetPlanYaml()))
+	if err != nil {
+		return nil, err
+	}
+	name := h.GetName()
+	if name == "" {
+		name = plan.Name
+	}
+	if err := experiment.ValidateName("experiment", name); err != nil {
+		return nil, err
+	}
+	switch {
+	case h.GetSize() <= 0:
+		return nil, fmt.Errorf("header size %d: an archive has at least one byte: %w", h.GetSize(), ErrInvalidArgument)
+	case h.GetSize() > d.cfg.MaxArchiveBytes:
+		return nil, fmt.Errorf("the archive is %d bytes; this director accepts at most %d: %w", h.GetSize(), d.cfg.MaxArchiveBytes, ErrTooLarge)
+	}
+	want := strings.ToLower(h.GetSha256())
+	if b, err := hex.DecodeString(want); err != nil || len(b) != sha256.Size {
+		return nil, fmt.Errorf("header sha256 %q is not 64 hex digits: %w", h.GetSha256(), ErrInvalidArgument)
+	}
+
+	key := owner + "/" + name
+	d.mu.Lock()
+	if err := d.nameFreeLocked(owner, name); err != nil {
+		d.mu.Unlock()
+		return nil, err
+	}
+	d.reserved[key] = true
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		delete(d.reserved, key)
+		d.mu.Unlock()
+	}()
+
+	tmp, err := os.CreateTemp(filepath.Join(d.cfg.DataDir, "tmp"), "upload-*")
+	if err != nil {
+		return nil, fmt.Errorf("cannot store the upload: %w", err)
+	}
+	tmpPath := tmp.Name()
+	committed := false
+	defer func() {
+		if !committed {
+			_ = tmp.Close()
+			_ = os.Remove(tmpPath)
+		}
+	}()
+	hash := sha256.New()
+	w := io.MultiWriter(tmp, hash)
+	var got int64
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		chunk := msg.GetChunk()
+		if msg.GetHeader() != nil {
+			return nil, fmt.Errorf("a second header after %d bytes: send one header, then chunks: %w", got, ErrInvalidArgument)
+		}
+		if len(chunk) > MaxChunk {
+			return nil, fmt.Errorf("a chunk of %d bytes: chunks are at most %d bytes: %w", len(chunk), MaxChunk, ErrInvalidArgument)
+		}
+		if got+int64(len(chunk)) > h.GetSize() {
+			if got+int64(len(chunk)) > d.cfg.MaxArchiveBytes {
+				return nil, fmt.Errorf("the upload passed this director's limit of %d bytes: %w", d.cfg.MaxArchiveBytes, ErrTooLarge)
+			}
+			return nil, fmt.Errorf("the upload is longer than the %d bytes the header declared: %w", h.GetSize(), ErrInvalidArgument)
+		}
+		if _, err := w.Write(chunk); err != nil {
+			return nil, fmt.Errorf("cannot store the upload: %w", err)
+		}
+		got += int64(len(chunk))
+	}
+	if got != h.GetSize() {
+		return nil, fmt.Errorf("the upload ended after %d of the %d bytes the header declared: %w", got, h.GetSize(), ErrInvalidArgument)
+	}
+	if sum := hex.EncodeToString(hash.Sum(nil)); sum != want {
+		return nil, fmt.Errorf("the archive's sha256 is %s, not %s as the header says: the upload was corrupted or the header is wrong: %w", sum, want, ErrInvalidArgument)
+	}
+	if err := tmp.Sync(); err != nil {
+		return nil, fmt.Errorf("cannot store the upload: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return nil, fmt.Errorf("cannot store the upload: %w", err)
+	}
+	man, err := experiment.Inspect(tmpPath, d.cfg.ArchiveLimits)
+	if err != nil {
+		return nil, err
+	}
+	if string(man.Plan) != h.GetPlanYaml() {
+		return nil, fmt.Errorf("the header's plan differs from the archive's %s: send the archive's plan.yaml byte for byte: %w", experiment.PlanFile, ErrInvalidArgument)
+	}
+
+	id := newID()
+	dir := d.experimentDir(id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("cannot store the archive: %w", err)
+	}
+	if err := os.Rename(tmpPath, d.archivePath(id)); err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, fmt.Errorf("cannot store the archive: %w", err)
+	}
+	committed = true
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := d.clock.Now()
+	rec := store.Experiment{
+		ID: id, Name: name, Owner: owner, State: fxv1.ExperimentState_PENDING,
+		PlanYAML: h.GetPlanYaml(), ArchiveSize: got, ArchiveSHA256: want,
+		CreatedAt: now, Rounds: plan.Rounds,
+	}
+	e := newExpState(rec, plan)
+	if err := d.saveLocked(e, rec); err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, err
+	}
+	d.exps[id] = e
+	d.log.Info("experiment submitted", "experiment", id, "name", name, "owner", owner, "bytes", got)
+	if d.cfg.ReviewPolicy == ReviewAuto {
+		if err := d.approveLocked(e); err != nil {
+			d.log.Error("cannot queue experiment", "experiment", id, "error", err)
+		}
+	}
+	return d.toProtoLocked(e), nil
+}
+
+// nameFreeLocked refuses a name the owner already uses, or is uploading.
+func (d *Director) nameFreeLocked(owner, name string) error {
+	if d.reserved[owner+"/"+name] {
+		return fmt.Errorf("an upload of experiment %q is already in progress: %w", name, ErrAlreadyExists)
+	}
+	for _, e := range d.exps {
+		if e.rec.Owner == owner && e.rec.Name == name {
+			return fmt.Errorf("you already have an experiment named %q (id %s, %s): remove it or choose another name: %w", name, e.rec.ID, e.rec.State, ErrAlreadyExists)
+		}
+	}
+	return nil
+}
+
+// newID is a random, URL-safe experiment id (26 characters of base32).
+func newID() string { return strings.ToLower(rand.Text()) }

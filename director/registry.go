@@ -1,0 +1,171 @@
+package director
+
+import (
+	"fmt"
+	"time"
+
+	"slices"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/fx-fl/fx/director/store"
+	"github.com/fx-fl/fx/experiment"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// registerEnvoy records an envoy and its shard (again, idempotently), marks
+// it seen, and invites it to open offers it qualifies for.
+func (d *Director) registerEnvoy(req *fxv1.RegisterEnvoyRequest) error {
+	name := req.GetEnvoyName()
+	if err := experiment.ValidateName("envoy", name); err != nil {
+		return err
+	}
+	shard := req.GetShard()
+	if shard == nil {
+		return fmt.Errorf("envoy %s: no dataset shard: describe the data the envoy holds: %w", name, ErrInvalidArgument)
+	}
+	if len(shard.GetSampleShape()) == 0 {
+		return fmt.Errorf("envoy %s: the shard has no sample_shape: %w", name, ErrInvalidArgument)
+	}
+	if err := checkDims("shard.sample_shape", shard.GetSampleShape()); err != nil {
+		return err
+	}
+	if err := checkDims("shard.target_shape", shard.GetTargetShape()); err != nil {
+		return err
+	}
+	if shard.GetTrainSamples() <= 0 && shard.GetValidSamples() <= 0 {
+		return fmt.Errorf("envoy %s: the shard has no samples (train_samples and valid_samples are 0): %w", name, ErrInvalidArgument)
+	}
+	if shard.GetTrainSamples() < 0 || shard.GetValidSamples() < 0 || shard.GetClasses() < 0 || req.GetMaxExperiments() < 0 {
+		return fmt.Errorf("envoy %s: negative sample, class or max_experiments count: %w", name, ErrInvalidArgument)
+	}
+	raw, err := proto.Marshal(shard)
+	if err != nil {
+		return fmt.Errorf("envoy %s: %w", name, err)
+	}
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := d.clock.Now()
+	rec := store.Envoy{Name: name, Shard: raw, MaxExperiments: req.GetMaxExperiments(), Version: req.GetVersion(), RegisteredAt: now}
+	env := d.envoys[name]
+	if env != nil {
+		rec.RegisteredAt = env.rec.RegisteredAt
+	}
+	if err := d.store.Update(func(tx store.Tx) error { return tx.PutEnvoy(&rec) }); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	if env == nil {
+		env = &envoyState{streams: map[*assignStream]struct{}{}}
+		d.envoys[name] = env
+		d.log.Info("envoy registered", "envoy", name, "tags", shard.GetTags(), "sample_shape", shard.GetSampleShape(), "version", req.GetVersion())
+	} else {
+		d.log.Info("envoy re-registered", "envoy", name)
+	}
+	env.rec = rec
+	env.shard = proto.Clone(shard).(*fxv1.DatasetShard)
+	d.seenLocked(env, now)
+	d.inviteAllLocked()
+	return nil
+}
+
+func checkDims(key string, dims []int64) error {
+	for i, v := range dims {
+		if v < 0 {
+			return fmt.Errorf("%s[%d] is %d: dimensions must not be negative: %w", key, i, v, ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+// seenLocked marks a heartbeat; an envoy that comes back online is invited
+// to offers it missed while away.
+func (d *Director) seenLocked(env *envoyState, now time.Time) {
+	env.lastSeen = now
+	if !env.wasOnline {
+		env.wasOnline = true
+		d.log.Info("envoy online", "envoy", env.rec.Name)
+		d.inviteAllLocked()
+	}
+}
+
+func (d *Director) heartbeat(req *fxv1.HeartbeatRequest) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	env := d.envoys[req.GetEnvoyName()]
+	if env == nil {
+		return fmt.Errorf("envoy %s is not registered with this director: call RegisterEnvoy: %w", req.GetEnvoyName(), ErrFailedPrecondition)
+	}
+	running := slices.Clone(req.GetRunningExperiments())
+	for _, a := range d.heartbeatStopsLocked(env, running) {
+		d.sendLocked(env.rec.Name, a)
+	}
+	env.running = running
+	d.seenLocked(env, d.clock.Now())
+	return nil
+}
+
+func (d *Director) envoyInfoLocked(env *envoyState) *fxv1.EnvoyInfo {
+	info := &fxv1.EnvoyInfo{
+		Name:           env.rec.Name,
+		Online:         d.onlineLocked(env, d.clock.Now()),
+		RegisteredAt:   timestamppb.New(env.rec.RegisteredAt),
+		Shard:          proto.Clone(env.shard).(*fxv1.DatasetShard),
+		MaxExperiments: env.rec.MaxExperiments,
+		Version:        env.rec.Version,
+	}
+	if !env.lastSeen.IsZero() {
+		info.LastSeen = timestamppb.New(env.lastSeen)
+	}
+	for _, e := range d.sortedExps() {
+		if e.rec.Ended() {
+			continue
+		}
+		if p, ok := e.parts[env.rec.Name]; ok && (p.State == fxv1.ParticipantState_ACCEPTED || p.State == fxv1.ParticipantState_TRAINING) {
+			info.Experiments = append(info.Experiments, e.rec.ID)
+		}
+	}
+	return info
+}
+
+func (d *Director) listEnvoys(req *fxv1.ListEnvoysRequest) []*fxv1.EnvoyInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []*fxv1.EnvoyInfo
+	for _, env := range d.sortedEnvoys() {
+		info := d.envoyInfoLocked(env)
+		if req.GetOnlineOnly() && !info.Online {
+			continue
+		}
+		if !shardMatches(env.shard, req.GetTags(), nil, nil) {
+			continue
+		}
+		out = append(out, info)
+	}
+	return out
+}
+
+func (d *Director) searchDatasets(req *fxv1.SearchDatasetsRequest) ([]*fxv1.DatasetMatch, error) {
+	if err := checkDims("sample_shape", req.GetSampleShape()); err != nil {
+		return nil, err
+	}
+	if err := checkDims("target_shape", req.GetTargetShape()); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := d.clock.Now()
+	var out []*fxv1.DatasetMatch
+	for _, env := range d.sortedEnvoys() {
+		online := d.onlineLocked(env, now)
+		if !online && !req.GetIncludeOffline() {
+			continue
+		}
+		if !shardMatches(env.shard, req.GetTags(), req.GetSampleShape(), req.GetTargetShape()) {
+			continue
+		}
+		out = append(out, &fxv1.DatasetMatch{Envoy: env.rec.Name, Online: online, Shard: proto.Clone(env.shard).(*fxv1.DatasetShard)})
+	}
+	return out, nil
+}
