@@ -1,0 +1,254 @@
+package envoy
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/fx-fl/fx/dataset"
+	"github.com/fx-fl/fx/experiment"
+)
+
+// Review policies: how the data owner decides on an offered experiment.
+const (
+	// PolicyAuto accepts every offer whose archive downloads, verifies and
+	// unpacks, and whose plan this envoy can run.
+	PolicyAuto = "auto"
+	// PolicyManual holds every offer until a person at the site runs
+	// `fx envoy approve` or `fx envoy reject`.
+	PolicyManual = "manual"
+	// PolicyAllowlist accepts an archive only when its sha256 is listed in
+	// the allow-list file, and rejects the rest.
+	PolicyAllowlist = "allowlist"
+)
+
+// Defaults of the settings a configuration may leave out.
+const (
+	DefaultWorkDir        = "./envoy-work"
+	DefaultMaxExperiments = 1
+	DefaultRPCTimeout     = 15 * time.Second
+	DefaultRetryInitial   = 500 * time.Millisecond
+	DefaultRetryMax       = 30 * time.Second
+)
+
+// DirectorConfig says where the director listens.
+type DirectorConfig struct {
+	// Address is host:port of the director.
+	Address string `mapstructure:"address"`
+	// ServerName is the name the director's certificate must carry; empty
+	// means the host part of Address.
+	ServerName string `mapstructure:"server_name"`
+}
+
+// TLSConfig names the envoy's certificate, its key and the federation's
+// root certificate, as written by `fx pki` or scripts/pki-bootstrap.sh.
+type TLSConfig struct {
+	// Cert is the envoy's certificate followed by the signing CA's.
+	Cert string `mapstructure:"cert"`
+	// Key is the envoy's private key.
+	Key string `mapstructure:"key"`
+	// CA holds the federation root certificate(s).
+	CA string `mapstructure:"ca"`
+	// CRL is the federation's revocation list, optional: with it the envoy
+	// refuses a director or aggregator whose certificate was revoked.
+	CRL string `mapstructure:"crl"`
+}
+
+// ReviewConfig is the data owner's policy for offered experiments.
+type ReviewConfig struct {
+	// Policy is auto, manual or allowlist.
+	Policy string `mapstructure:"policy"`
+	// Allowlist is a file of accepted archive digests, one lower-case hex
+	// sha256 a line ('#' starts a comment); policy allowlist only. It is
+	// read at every decision, so the owner edits it without a restart.
+	Allowlist string `mapstructure:"allowlist"`
+}
+
+// RetryConfig bounds the capped exponential backoff of every retry loop.
+type RetryConfig struct {
+	Initial time.Duration `mapstructure:"initial"`
+	Max     time.Duration `mapstructure:"max"`
+}
+
+// Config is everything an envoy needs. The fields with mapstructure keys
+// come from configs/envoy.yaml (see internal/config); the others are set by
+// the program that embeds the envoy.
+type Config struct {
+	// Name is the envoy's name. It is its certificate's CN; when set here it
+	// must equal the CN, which catches a site started with the wrong
+	// certificate. Empty means the CN.
+	Name     string         `mapstructure:"name"`
+	Director DirectorConfig `mapstructure:"director"`
+	TLS      TLSConfig      `mapstructure:"tls"`
+	// WorkDir holds downloaded archives, unpacked experiments, their state,
+	// and by default the admin socket. It survives restarts: an envoy that
+	// comes back finds what it accepted there and does not download again.
+	WorkDir string `mapstructure:"work_dir"`
+	// MaxExperiments is how many experiments the envoy runs at once.
+	MaxExperiments int `mapstructure:"max_experiments"`
+	// Tags label the data so researchers can select it ("fashion-mnist").
+	Tags []string `mapstructure:"tags"`
+	// Shard is the site's data; it is loaded at start-up, so missing or
+	// malformed files stop the envoy before it registers.
+	Shard  dataset.Config `mapstructure:"shard"`
+	Review ReviewConfig   `mapstructure:"review"`
+	// AdminSocket is the unix socket `fx envoy pending|approve|reject` talk
+	// to; empty means <work_dir>/admin/envoy.sock.
+	AdminSocket string `mapstructure:"admin_socket"`
+	// RPCTimeout bounds every unary call to the director, and the silence
+	// allowed between two chunks of a download.
+	RPCTimeout time.Duration `mapstructure:"rpc_timeout"`
+	Retry      RetryConfig   `mapstructure:"retry"`
+
+	// Logger receives the envoy's logs; nil discards them.
+	Logger hclog.Logger `mapstructure:"-"`
+	// Version is reported to the director at registration.
+	Version string `mapstructure:"-"`
+	// Credentials builds the TLS identity; nil loads the TLS files through a
+	// reloading pki.Keyring. Embedding programs may supply their own.
+	Credentials CredentialsSource `mapstructure:"-"`
+	// NewRunner builds the task runner of an accepted plan; nil uses the
+	// runners this binary has (see DefaultRunner).
+	NewRunner RunnerFactory `mapstructure:"-"`
+	// RunCollaborator runs one experiment's collaborator until it ends; nil
+	// uses the collaborator package (see DefaultCollaborator).
+	RunCollaborator CollaboratorFunc `mapstructure:"-"`
+}
+
+// DefaultConfig returns the defaults that a configuration file overrides.
+func DefaultConfig() Config {
+	return Config{
+		WorkDir:        DefaultWorkDir,
+		MaxExperiments: DefaultMaxExperiments,
+		Review:         ReviewConfig{Policy: PolicyAuto},
+		RPCTimeout:     DefaultRPCTimeout,
+		Retry:          RetryConfig{Initial: DefaultRetryInitial, Max: DefaultRetryMax},
+	}
+}
+
+// AdminSocketPath is where the admin socket lives under this configuration.
+func (c *Config) AdminSocketPath() string {
+	if c.AdminSocket != "" {
+		return c.AdminSocket
+	}
+	return filepath.Join(c.WorkDir, "admin", "envoy.sock")
+}
+
+// directorServerName is the name the director's certificate must carry.
+func (c *Config) directorServerName() string {
+	if c.Director.ServerName != "" {
+		return c.Director.ServerName
+	}
+	host, _, err := net.SplitHostPort(c.Director.Address)
+	if err != nil {
+		return c.Director.Address
+	}
+	return host
+}
+
+// Validate checks the settings without touching the network. It names every
+// problem it finds, with the key to fix, so a site fixes them in one go.
+func (c *Config) Validate() error {
+	var problems []string
+	add := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
+
+	if c.Name != "" {
+		if err := experiment.ValidateName("envoy", c.Name); err != nil {
+			add("name: %v", err)
+		}
+	}
+	if c.Director.Address == "" {
+		add("director.address is required (host:port of the director)")
+	} else if _, port, err := net.SplitHostPort(c.Director.Address); err != nil || port == "" {
+		add("director.address %q is not host:port", c.Director.Address)
+	}
+	if c.Credentials == nil {
+		for _, f := range []struct{ key, path string }{{"tls.cert", c.TLS.Cert}, {"tls.key", c.TLS.Key}, {"tls.ca", c.TLS.CA}} {
+			if f.path == "" {
+				add("%s is required", f.key)
+			}
+		}
+	}
+	if c.WorkDir == "" {
+		add("work_dir is required")
+	}
+	if c.MaxExperiments < 1 {
+		add("max_experiments must be at least 1, got %d", c.MaxExperiments)
+	}
+	for i, t := range c.Tags {
+		if strings.TrimSpace(t) == "" {
+			add("tags[%d] is empty", i)
+		}
+	}
+	if err := c.Shard.Validate(); err != nil {
+		add("shard: %v", err)
+	}
+	switch c.Review.Policy {
+	case PolicyAuto, PolicyManual:
+		if c.Review.Allowlist != "" {
+			add("review.allowlist is set but review.policy is %q: set policy allowlist or remove the file", c.Review.Policy)
+		}
+	case PolicyAllowlist:
+		if c.Review.Allowlist == "" {
+			add("review.policy allowlist needs review.allowlist, a file of sha256 digests")
+		} else if _, err := ReadAllowlist(c.Review.Allowlist); err != nil {
+			add("review.allowlist: %v", err)
+		}
+	default:
+		add("review.policy %q: use auto, manual or allowlist", c.Review.Policy)
+	}
+	if c.RPCTimeout <= 0 {
+		add("rpc_timeout must be positive, got %s", c.RPCTimeout)
+	}
+	if c.Retry.Initial <= 0 || c.Retry.Max < c.Retry.Initial {
+		add("retry: want 0 < retry.initial <= retry.max, got %s and %s", c.Retry.Initial, c.Retry.Max)
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("envoy configuration: %s", strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// ReadAllowlist reads a file of archive digests: one sha256 (64 hex digits)
+// a line; blank lines and text after '#' are ignored, and a line may carry
+// a file name after the digest, as sha256sum prints it.
+func ReadAllowlist(path string) (map[string]bool, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading allow-list: %w", err)
+	}
+	out := map[string]bool{}
+	for i, line := range strings.Split(string(data), "\n") {
+		if j := strings.IndexByte(line, '#'); j >= 0 {
+			line = line[:j]
+		}
+		fields := strings.Fields(line)
+		if len(fields) == 0 {
+			continue
+		}
+		d := strings.ToLower(fields[0])
+		if !isSHA256(d) {
+			return nil, fmt.Errorf("allow-list %s line %d: %q is not a sha256 (64 hex digits)", path, i+1, fields[0])
+		}
+		out[d] = true
+	}
+	return out, nil
+}
+
+func isSHA256(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}

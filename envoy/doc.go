@@ -1,0 +1,2 @@
+// Package envoy is a data site's agent.
+package envoy

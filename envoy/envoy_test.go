@@ -1,0 +1,468 @@
+package envoy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/fx-fl/fx/pki"
+)
+
+func TestRegistersAndHeartbeats(t *testing.T) {
+	d := newFakeDirector(t)
+	s := startSite(t, testConfig(t, d, "site-a"), nil)
+
+	d.waitFor("three heartbeats", func() bool { return d.heartbeats["site-a"] >= 3 })
+	d.mu.Lock()
+	reg := d.registered["site-a"]
+	d.mu.Unlock()
+	sh := reg.GetShard()
+	if !slices.Equal(sh.GetSampleShape(), []int64{4}) || sh.GetTrainSamples() != 40 || sh.GetValidSamples() != 10 || sh.GetClasses() != 2 {
+		t.Errorf("registered shard %v, want 4 features, 40+10 samples, 2 classes", sh)
+	}
+	if !slices.Equal(sh.GetTags(), []string{"synthetic"}) || reg.GetMaxExperiments() != 1 {
+		t.Errorf("registered tags %v and max_experiments %d", sh.GetTags(), reg.GetMaxExperiments())
+	}
+	if s.envoy.Name() != "site-a" {
+		t.Errorf("Name() = %q, want the CN site-a", s.envoy.Name())
+	}
+	d.waitFor("an assignment stream", func() bool { return d.streams["site-a"] >= 1 })
+	if n := strings.Count(s.log.String(), "connected to the director"); n != 1 {
+		t.Errorf("logged %d connections, want 1:\n%s", n, s.log.String())
+	}
+}
+
+func TestReregistersAfterDirectorRestart(t *testing.T) {
+	d := newFakeDirector(t)
+	s := startSite(t, testConfig(t, d, "site-a"), nil)
+	d.waitFor("heartbeats", func() bool { return d.heartbeats["site-a"] >= 2 })
+
+	d.restart()
+	var before int
+	d.mu.Lock()
+	before = d.heartbeats["site-a"]
+	d.mu.Unlock()
+	d.waitFor("a second registration", func() bool { return d.registrations["site-a"] >= 2 })
+	d.waitFor("heartbeats after the restart", func() bool { return d.heartbeats["site-a"] >= before+2 })
+	d.waitFor("a new assignment stream", func() bool { return d.streams["site-a"] >= 2 })
+
+	// The restarted director offers something: the new stream works.
+	d.push("site-a", d.offer("exp-after-restart", makeArchive(t, fmt.Sprintf(softmaxPlan, "after"), 0), fmt.Sprintf(softmaxPlan, "after")), true)
+	if a := d.answer("site-a", "exp-after-restart"); !a.GetAccept() {
+		t.Errorf("offer after restart answered %v", a)
+	}
+	log := s.log.String()
+	if n := strings.Count(log, "connected to the director"); n < 2 {
+		t.Errorf("logged %d connections, want one per session:\n%s", n, log)
+	}
+	if n := strings.Count(log, "[WARN]"); n > 3 {
+		t.Errorf("logged %d warnings for one restart, want the state changes only:\n%s", n, log)
+	}
+}
+
+func TestDownloadResumesFromOffset(t *testing.T) {
+	d := newFakeDirector(t)
+	plan := fmt.Sprintf(softmaxPlan, "resume")
+	archive := makeArchive(t, plan, 8*archiveChunk)
+	cut := int64(3 * archiveChunk)
+	d.update(func() { d.cutAfter["exp-1"] = cut })
+	s := startSite(t, testConfig(t, d, "site-a"), nil)
+
+	d.push("site-a", d.offer("exp-1", archive, plan), true)
+	if a := d.answer("site-a", "exp-1"); !a.GetAccept() {
+		t.Fatalf("answer %v, want accept", a)
+	}
+	d.mu.Lock()
+	downloads := slices.Clone(d.downloads)
+	d.mu.Unlock()
+	want := []download{{"exp-1", 0}, {"exp-1", cut}}
+	if !slices.Equal(downloads, want) {
+		t.Errorf("downloads %v, want %v (resumed at the byte where the stream broke)", downloads, want)
+	}
+	got, err := os.ReadFile(filepath.Join(s.cfg.WorkDir, "experiments", "exp-1", archiveFile))
+	if err != nil || digest(got) != digest(archive) {
+		t.Errorf("stored archive differs from the director's (err %v)", err)
+	}
+	if _, err := os.Stat(filepath.Join(s.cfg.WorkDir, "experiments", "exp-1", filesDir, "blob.bin")); err != nil {
+		t.Errorf("archive not unpacked: %v", err)
+	}
+}
+
+func TestResumesPartialFileLeftByEarlierRun(t *testing.T) {
+	d := newFakeDirector(t)
+	plan := fmt.Sprintf(softmaxPlan, "partial")
+	archive := makeArchive(t, plan, 6*archiveChunk)
+	cfg := testConfig(t, d, "site-a")
+	// An earlier envoy recorded the offer and died after writing 2500
+	// bytes of the archive.
+	offer := d.offer("exp-p", archive, plan)
+	dir := filepath.Join(cfg.WorkDir, "experiments", "exp-p")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	o := offer.GetOffer()
+	rec, _ := json.Marshal(record{ID: "exp-p", Name: o.GetName(), Owner: o.GetOwner(), ArchiveSize: o.GetArchiveSize(), ArchiveSHA256: o.GetArchiveSha256(), PlanYAML: plan})
+	if err := os.WriteFile(filepath.Join(dir, recordFile), rec, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, partFile), archive[:2500], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	startSite(t, cfg, nil)
+	d.push("site-a", offer, true)
+	if a := d.answer("site-a", "exp-p"); !a.GetAccept() {
+		t.Fatalf("answer %v, want accept", a)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !slices.Equal(d.downloads, []download{{"exp-p", 2500}}) {
+		t.Errorf("downloads %v, want one from offset 2500", d.downloads)
+	}
+}
+
+func TestCorruptArchiveRejected(t *testing.T) {
+	d := newFakeDirector(t)
+	plan := fmt.Sprintf(softmaxPlan, "corrupt")
+	archive := makeArchive(t, plan, 4*archiveChunk)
+	d.update(func() { d.corrupt["exp-bad"] = true })
+	s := startSite(t, testConfig(t, d, "site-a"), nil)
+
+	d.push("site-a", d.offer("exp-bad", archive, plan), true)
+	a := d.answer("site-a", "exp-bad")
+	if a.GetAccept() {
+		t.Fatal("a corrupted archive was accepted")
+	}
+	mustContain(t, "reason", a.GetReason(), "sha256 mismatch", digest(archive))
+	d.mu.Lock()
+	downloads := slices.Clone(d.downloads)
+	d.mu.Unlock()
+	if !slices.Equal(downloads, []download{{"exp-bad", 0}, {"exp-bad", 0}}) {
+		t.Errorf("downloads %v, want two whole downloads (one retry from the start)", downloads)
+	}
+	dir := filepath.Join(s.cfg.WorkDir, "experiments", "exp-bad")
+	for _, f := range []string{archiveFile, partFile, filesDir} {
+		if _, err := os.Stat(filepath.Join(dir, f)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind after rejection (err %v)", f, err)
+		}
+	}
+	// A replayed offer gets the same answer without a new download.
+	d.update(func() { delete(d.answers, "site-a/exp-bad") })
+	d.push("site-a", d.offer("exp-bad", archive, plan), false)
+	if a := d.answer("site-a", "exp-bad"); a.GetAccept() {
+		t.Error("replayed offer accepted")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.downloads) != 2 {
+		t.Errorf("replayed offer downloaded again: %v", d.downloads)
+	}
+}
+
+func TestReviewPolicies(t *testing.T) {
+	plan := fmt.Sprintf(softmaxPlan, "policy")
+	d := newFakeDirector(t)
+	archive := makeArchive(t, plan, 0)
+	other := makeArchive(t, fmt.Sprintf(softmaxPlan, "other"), 0)
+	allow := filepath.Join(t.TempDir(), "allow.txt")
+	if err := os.WriteFile(allow, []byte("# reviewed by the DPO\n"+digest(archive)+"  fashion.tar.gz\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name       string
+		policy     string
+		archive    []byte
+		plan       string
+		accept     bool
+		wantReason string
+	}{
+		{"auto accepts", PolicyAuto, archive, plan, true, "auto review policy"},
+		{"allowlist accepts a listed digest", PolicyAllowlist, archive, plan, true, "allow-list"},
+		{"allowlist rejects the rest", PolicyAllowlist, other, fmt.Sprintf(softmaxPlan, "other"), false, "not on the site's allow-list"},
+		{"exec runner refused", PolicyAuto, makeArchive(t, fmt.Sprintf(execPlan, "execy"), 0), fmt.Sprintf(execPlan, "execy"), false, "exec runner not supported by this envoy"},
+		{"model this data cannot feed", PolicyAuto, makeArchive(t, strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), 0), strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), false, "cannot run the plan"},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			name := fmt.Sprintf("site-p%d", i)
+			cfg := testConfig(t, d, name)
+			cfg.Review.Policy = tc.policy
+			if tc.policy == PolicyAllowlist {
+				cfg.Review.Allowlist = allow
+			}
+			s := startSite(t, cfg, nil)
+			id := fmt.Sprintf("exp-%d", i)
+			d.push(name, d.offer(id, tc.archive, tc.plan), true)
+			a := d.answer(name, id)
+			if a.GetAccept() != tc.accept {
+				t.Errorf("accept = %v, want %v (reason %q)", a.GetAccept(), tc.accept, a.GetReason())
+			}
+			mustContain(t, "reason", a.GetReason(), tc.wantReason)
+			s.stop(t)
+		})
+	}
+}
+
+func TestManualReviewThroughAdminSocket(t *testing.T) {
+	d := newFakeDirector(t)
+	cfg := testConfig(t, d, "site-m")
+	cfg.Review.Policy = PolicyManual
+	s := startSite(t, cfg, nil)
+	socket := cfg.AdminSocketPath()
+
+	planA, planB := fmt.Sprintf(softmaxPlan, "study-a"), fmt.Sprintf(softmaxPlan, "study-b")
+	archiveA := makeArchive(t, planA, 0)
+	d.push("site-m", d.offer("exp-a", archiveA, planA), true)
+	d.push("site-m", d.offer("exp-b", makeArchive(t, planB, 0), planB), true)
+
+	ctx := context.Background()
+	var pending []PendingOffer
+	eventually(t, "two pending offers", func() bool {
+		resp, err := AdminCall(ctx, socket, AdminRequest{Command: AdminPending})
+		if err != nil {
+			t.Fatalf("pending: %v", err)
+		}
+		pending = resp.Pending
+		return len(pending) == 2
+	})
+	if pending[0].ArchiveSHA256 != digest(archiveA) && pending[1].ArchiveSHA256 != digest(archiveA) {
+		t.Errorf("pending offers %+v do not show the archive digest", pending)
+	}
+	for _, p := range pending {
+		mustContain(t, "summary", p.Summary, "2 rounds", "builtin softmax", "fedavg")
+	}
+
+	// Waiting for a person blocks nothing: heartbeats go on.
+	d.mu.Lock()
+	hb := d.heartbeats["site-m"]
+	d.mu.Unlock()
+	d.waitFor("heartbeats while offers wait", func() bool { return d.heartbeats["site-m"] >= hb+2 })
+	d.mu.Lock()
+	if len(d.answers) != 0 {
+		t.Errorf("answers sent before the owner decided: %v", d.answers)
+	}
+	d.mu.Unlock()
+
+	// Only the envoy's user can reach the socket.
+	if fi, err := os.Stat(socket); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v (err %v), want 0600", fi.Mode().Perm(), err)
+	}
+	if fi, err := os.Stat(filepath.Dir(socket)); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("socket directory mode %v (err %v), want 0700", fi.Mode().Perm(), err)
+	}
+
+	if _, err := AdminCall(ctx, socket, AdminRequest{Command: AdminApprove, Experiment: "no-such"}); err == nil || !strings.Contains(err.Error(), "study-a") {
+		t.Errorf("approving an unknown name: %v, want an error listing the pending names", err)
+	}
+	if _, err := AdminCall(ctx, socket, AdminRequest{Command: AdminApprove, Experiment: "study-a"}); err != nil {
+		t.Fatalf("approve: %v", err)
+	}
+	if _, err := AdminCall(ctx, socket, AdminRequest{Command: AdminReject, Experiment: "exp-b", Reason: "not covered by our consent"}); err != nil {
+		t.Fatalf("reject: %v", err)
+	}
+	if a := d.answer("site-m", "exp-a"); !a.GetAccept() || !strings.Contains(a.GetReason(), "data owner") {
+		t.Errorf("exp-a answered %v, want accepted by the data owner", a)
+	}
+	if a := d.answer("site-m", "exp-b"); a.GetAccept() || a.GetReason() != "not covered by our consent" {
+		t.Errorf("exp-b answered %v, want rejected with the owner's reason", a)
+	}
+	resp, err := AdminCall(ctx, socket, AdminRequest{Command: AdminPending})
+	if err != nil || len(resp.Pending) != 0 {
+		t.Errorf("pending after deciding: %v, %v", resp.Pending, err)
+	}
+	if _, err := AdminCall(ctx, socket, AdminRequest{Command: "format-disk"}); err == nil {
+		t.Error("unknown admin command accepted")
+	}
+	s.stop(t)
+	if _, err := os.Stat(socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left behind after stop: %v", err)
+	}
+}
+
+func TestStartRunsCollaboratorAndStopCleans(t *testing.T) {
+	d := newFakeDirector(t)
+	s := startSite(t, testConfig(t, d, "site-a"), nil)
+	plan := fmt.Sprintf(softmaxPlan, "run")
+	d.push("site-a", d.offer("exp-r", makeArchive(t, plan, 0), plan), true)
+	d.answer("site-a", "exp-r")
+
+	d.push("site-a", startAssignment("exp-r"), true)
+	s.collab.waitFor(t, "the collaborator", func() bool { return s.collab.active["exp-r"] })
+	d.waitFor("heartbeat listing the experiment", func() bool { return slices.Contains(d.running["site-a"], "exp-r") })
+	s.collab.mu.Lock()
+	spec := s.collab.starts[0]
+	s.collab.mu.Unlock()
+	if spec.Name != "site-a" || spec.Address != "127.0.0.1:1" || spec.ServerName != "director" || spec.Plan.Name != "run" {
+		t.Errorf("collaborator spec %+v", spec)
+	}
+	// A replayed Start is a no-op.
+	d.push("site-a", startAssignment("exp-r"), false)
+	d.push("site-a", stopAssignment("exp-r"), false)
+	s.collab.waitFor(t, "the collaborator to stop", func() bool { return !s.collab.active["exp-r"] })
+	eventually(t, "the work directory to be cleaned", func() bool {
+		_, err := os.Stat(filepath.Join(s.cfg.WorkDir, "experiments", "exp-r"))
+		return errors.Is(err, os.ErrNotExist)
+	})
+	s.collab.mu.Lock()
+	defer s.collab.mu.Unlock()
+	if len(s.collab.starts) != 1 {
+		t.Errorf("%d collaborators started, want 1 (replayed Start is a no-op)", len(s.collab.starts))
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.failures) != 0 {
+		t.Errorf("failures reported for a stopped experiment: %v", d.failures)
+	}
+}
+
+func TestCollaboratorFailureReported(t *testing.T) {
+	d := newFakeDirector(t)
+	s := startSite(t, testConfig(t, d, "site-a"), nil)
+	plan := fmt.Sprintf(softmaxPlan, "fails")
+	d.push("site-a", d.offer("exp-f", makeArchive(t, plan, 0), plan), true)
+	d.answer("site-a", "exp-f")
+	d.push("site-a", startAssignment("exp-f"), true)
+	s.collab.waitFor(t, "the collaborator", func() bool { return s.collab.active["exp-f"] })
+	s.collab.finishCh("exp-f") <- errors.New("train: out of memory")
+	d.waitFor("a failure report", func() bool { return len(d.failures) == 1 })
+	d.mu.Lock()
+	f := d.failures[0]
+	d.mu.Unlock()
+	if f.GetExperimentId() != "exp-f" || !strings.Contains(f.GetReason(), "out of memory") || f.GetRound() != 1 {
+		t.Errorf("failure %v", f)
+	}
+	// Start for an experiment never accepted is reported too.
+	d.push("site-a", startAssignment("exp-unknown"), false)
+	d.waitFor("a second failure report", func() bool { return len(d.failures) == 2 })
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	mustContain(t, "reason", d.failures[1].GetReason(), "no record of accepting")
+}
+
+func TestRejoinsAfterEnvoyRestart(t *testing.T) {
+	d := newFakeDirector(t)
+	cfg := testConfig(t, d, "site-a")
+	first := startSite(t, cfg, nil)
+	plan := fmt.Sprintf(softmaxPlan, "long")
+	d.push("site-a", d.offer("exp-l", makeArchive(t, plan, 2*archiveChunk), plan), true)
+	d.answer("site-a", "exp-l")
+	// Once running, the director replays Start (not the answered offer).
+	d.setReplay("site-a", startAssignment("exp-l"))
+	d.push("site-a", startAssignment("exp-l"), false)
+	first.collab.waitFor(t, "the first collaborator", func() bool { return first.collab.active["exp-l"] })
+
+	first.stop(t)
+	first.collab.waitFor(t, "the first collaborator to end", func() bool { return !first.collab.active["exp-l"] })
+	d.mu.Lock()
+	downloads, streams := len(d.downloads), d.streams["site-a"]
+	d.mu.Unlock()
+
+	second := startSite(t, cfg, nil)
+	second.collab.waitFor(t, "the collaborator to rejoin", func() bool { return second.collab.active["exp-l"] })
+	d.waitFor("heartbeat listing the experiment", func() bool {
+		return d.streams["site-a"] > streams && slices.Contains(d.running["site-a"], "exp-l")
+	})
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.downloads) != downloads {
+		t.Errorf("rejoining downloaded the archive again: %v", d.downloads)
+	}
+	if len(d.failures) != 0 {
+		t.Errorf("stopping the envoy reported failures: %v", d.failures)
+	}
+	_ = second
+}
+
+func TestTwoEnvoysHoldDifferentIDXShards(t *testing.T) {
+	d := newFakeDirector(t)
+	dir := writeIDX(t, 40, 10)
+	for i, name := range []string{"site-1", "site-2"} {
+		cfg := testConfig(t, d, name)
+		cfg.Shard = idxShard(dir, fmt.Sprintf("%d/2", i+1))
+		cfg.Tags = []string{"tiny-idx"}
+		startSite(t, cfg, nil)
+	}
+	d.waitFor("both registrations", func() bool { return d.registered["site-1"] != nil && d.registered["site-2"] != nil })
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	total := int64(0)
+	for i, name := range []string{"site-1", "site-2"} {
+		sh := d.registered[name].GetShard()
+		if !slices.Equal(sh.GetSampleShape(), []int64{3, 3}) || sh.GetClasses() != 4 {
+			t.Errorf("%s: shape %v classes %d", name, sh.GetSampleShape(), sh.GetClasses())
+		}
+		if sh.GetTrainSamples() != 20 || sh.GetValidSamples() != 5 {
+			t.Errorf("%s: %d+%d samples, want 20+5", name, sh.GetTrainSamples(), sh.GetValidSamples())
+		}
+		mustContain(t, name+" description", sh.GetDescription(), fmt.Sprintf("shard %d/2", i+1))
+		total += sh.GetTrainSamples()
+	}
+	if total != 40 {
+		t.Errorf("shards hold %d training samples together, want 40", total)
+	}
+}
+
+func TestStartupFailures(t *testing.T) {
+	d := newFakeDirector(t)
+	p := getPKI(t)
+	researcher := p.files(t, pki.RoleResearcher, "rita")
+	idxDir := writeIDX(t, 10, 4)
+	tests := []struct {
+		name   string
+		mutate func(*Config)
+		want   []string
+	}{
+		{"missing data files", func(c *Config) { c.Shard = idxShard(filepath.Join(t.TempDir(), "nowhere"), "") }, []string{"shard", "nowhere"}},
+		{"malformed data file", func(c *Config) {
+			os.WriteFile(filepath.Join(idxDir, "t10k-labels-idx1-ubyte"), []byte("garbage"), 0o600)
+			c.Shard = idxShard(idxDir, "")
+		}, []string{"shard", "t10k-labels"}},
+		{"certificate of another role", func(c *Config) {
+			c.TLS = TLSConfig{Cert: researcher.Cert, Key: researcher.Key, CA: researcher.CA}
+		}, []string{`role "researcher"`, "envoy"}},
+		{"name is not the CN", func(c *Config) { c.Name = "site-b" }, []string{"site-b", "site-a", "CN"}},
+		{"missing certificate", func(c *Config) { c.TLS.Cert = filepath.Join(t.TempDir(), "none.crt") }, []string{"none.crt"}},
+		{"no director", func(c *Config) { c.Director.Address = "" }, []string{"director.address"}},
+		{"bad policy", func(c *Config) { c.Review.Policy = "maybe" }, []string{`review.policy "maybe"`}},
+		{"allowlist without file", func(c *Config) { c.Review.Policy = PolicyAllowlist }, []string{"review.allowlist"}},
+		{"allowlist with a bad line", func(c *Config) {
+			f := filepath.Join(t.TempDir(), "allow")
+			os.WriteFile(f, []byte("not-a-digest\n"), 0o600)
+			c.Review = ReviewConfig{Policy: PolicyAllowlist, Allowlist: f}
+		}, []string{"line 1", "not-a-digest"}},
+		{"zero max_experiments", func(c *Config) { c.MaxExperiments = 0 }, []string{"max_experiments"}},
+		{"bad shard", func(c *Config) { c.Shard.Shard = "3/2" }, []string{"shard", "3/2"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(t, d, "site-a")
+			tc.mutate(&cfg)
+			_, err := New(cfg)
+			if err == nil {
+				t.Fatal("New succeeded")
+			}
+			mustContain(t, "error", err.Error(), tc.want...)
+		})
+	}
+}
+
+func TestSecondEnvoyOnSameSocketRefused(t *testing.T) {
+	d := newFakeDirector(t)
+	cfg := testConfig(t, d, "site-a")
+	startSite(t, cfg, nil)
+	d.waitFor("registration", func() bool { return d.registered["site-a"] != nil })
+	cfg.RunCollaborator = newFakeCollaborators().run
+	e, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = e.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Errorf("second envoy on the same work_dir: %v, want the socket in use", err)
+	}
+}

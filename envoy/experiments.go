@@ -1,0 +1,355 @@
+package envoy
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	"github.com/fx-fl/fx/experiment"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// phase is where one experiment is at this envoy.
+type phase string
+
+const (
+	// phaseReviewing: downloading, verifying, unpacking, applying the policy.
+	phaseReviewing phase = "reviewing"
+	// phasePending: waiting for the data owner (manual policy).
+	phasePending  phase = "pending"
+	phaseAccepted phase = "accepted"
+	phaseRejected phase = "rejected"
+	// phaseRunning: its collaborator runs.
+	phaseRunning phase = "running"
+	// phaseFinished: the collaborator ended normally; waiting for Stop.
+	phaseFinished phase = "finished"
+	// phaseFailed: the collaborator failed and the failure was reported.
+	phaseFailed phase = "failed"
+)
+
+// exp is the envoy's in-memory state of one experiment. Fields are guarded
+// by Envoy.mu.
+type exp struct {
+	rec   record
+	phase phase
+	// plan is the plan of the verified archive, once unpacked.
+	plan *experiment.Plan
+	// cancel and done belong to the goroutine working on the experiment
+	// (intake or collaborator); done is closed when it returns.
+	cancel context.CancelFunc
+	done   chan struct{}
+	// decide carries the data owner's decision to a pending intake.
+	decide chan decision
+	// start is the Start the collaborator runs under.
+	start *fxv1.Start
+	// answering is set while a goroutine sends a recorded decision again.
+	answering bool
+}
+
+type decision struct {
+	accept bool
+	reason string
+}
+
+// handle dispatches one assignment. It never blocks on the network: the
+// work each assignment asks for runs in its own goroutine, so a slow
+// download or a pending review holds up nothing else.
+func (e *Envoy) handle(a *fxv1.Assignment) {
+	id := a.GetExperimentId()
+	if err := experiment.ValidateName("experiment id", id); err != nil {
+		e.log.Warn("ignoring an assignment with an unusable experiment id", "error", err)
+		return
+	}
+	switch k := a.GetKind().(type) {
+	case *fxv1.Assignment_Offer:
+		e.onOffer(id, k.Offer)
+	case *fxv1.Assignment_Start:
+		e.onStart(id, k.Start)
+	case *fxv1.Assignment_Stop:
+		e.onStop(id, k.Stop)
+	default:
+		e.log.Warn("ignoring an assignment of an unknown kind (is the director newer than this envoy?)", "experiment", id)
+	}
+}
+
+// spawn runs f for x in a goroutine that Stop can cancel and Run waits for.
+// The previous goroutine of x, if any, is cancelled and finishes before f
+// starts, so two never work on one experiment at once. Called with e.mu held.
+func (e *Envoy) spawn(x *exp, f func(ctx context.Context, done chan struct{})) {
+	prevDone := x.done
+	if x.cancel != nil {
+		x.cancel()
+	}
+	ctx, cancel := context.WithCancel(e.runCtx)
+	done := make(chan struct{})
+	x.cancel, x.done = cancel, done
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		defer close(done)
+		defer cancel()
+		if prevDone != nil {
+			<-prevDone
+		}
+		f(ctx, done)
+	}()
+}
+
+// current reports whether the goroutine that owns done still owns x; a
+// goroutine that was replaced must not change x's state.
+func current(x *exp, done chan struct{}) bool { return x.done == done }
+
+func (e *Envoy) onOffer(id string, o *fxv1.Offer) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if x, ok := e.exps[id]; ok {
+		// A replayed offer: answer again if the answer may not have
+		// arrived; otherwise the review in progress goes on.
+		if x.rec.Decision != "" && !x.answering && (x.phase == phaseAccepted || x.phase == phaseRejected) {
+			x.answering = true
+			d := decision{accept: x.rec.Decision == decisionAccept, reason: x.rec.Reason}
+			e.wg.Add(1)
+			go func() {
+				defer e.wg.Done()
+				e.answer(e.runCtx, id, d)
+				e.mu.Lock()
+				x.answering = false
+				e.mu.Unlock()
+			}()
+		}
+		return
+	}
+	rec := record{
+		ID:            id,
+		Name:          o.GetName(),
+		Owner:         o.GetOwner(),
+		ArchiveSize:   o.GetArchiveSize(),
+		ArchiveSHA256: o.GetArchiveSha256(),
+		PlanYAML:      o.GetPlanYaml(),
+		OfferedAt:     time.Now().UTC(),
+	}
+	if o.GetAnswerBy() != nil {
+		rec.AnswerBy = o.GetAnswerBy().AsTime()
+	}
+	x := &exp{rec: rec, phase: phaseReviewing, decide: make(chan decision, 1)}
+	e.exps[id] = x
+	e.log.Info("experiment offered", "experiment", id, "name", rec.Name, "owner", rec.Owner, "archive_bytes", rec.ArchiveSize)
+	e.spawn(x, func(ctx context.Context, done chan struct{}) { e.intake(ctx, x, done) })
+}
+
+func (e *Envoy) onStart(id string, s *fxv1.Start) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	x, ok := e.exps[id]
+	if !ok {
+		e.reportAsync(id, s.GetRound(), "this envoy has no record of accepting the experiment (its work directory was lost or it never accepted)")
+		return
+	}
+	switch x.phase {
+	case phaseRunning:
+		if x.start.GetAggregatorAddress() == s.GetAggregatorAddress() && x.start.GetAggregatorServerName() == s.GetAggregatorServerName() {
+			return // a replay
+		}
+		e.log.Info("the aggregator moved; restarting the collaborator", "experiment", id, "address", s.GetAggregatorAddress())
+	case phaseAccepted:
+		if n := e.countRunning(); n >= e.cfg.MaxExperiments {
+			x.phase = phaseFailed
+			e.reportAsync(id, s.GetRound(), fmt.Sprintf("the envoy already runs its maximum of %d experiments (max_experiments)", e.cfg.MaxExperiments))
+			return
+		}
+	case phaseFinished, phaseFailed:
+		return // it ran here already; a replay changes nothing
+	case phaseRejected:
+		e.reportAsync(id, s.GetRound(), "the data owner rejected this experiment: "+x.rec.Reason)
+		return
+	default:
+		e.reportAsync(id, s.GetRound(), "the experiment started before this envoy finished reviewing it")
+		return
+	}
+	x.phase = phaseRunning
+	x.start = s
+	e.spawn(x, func(ctx context.Context, done chan struct{}) { e.collaborate(ctx, x, s, done) })
+}
+
+func (e *Envoy) onStop(id string, s *fxv1.Stop) {
+	e.mu.Lock()
+	x, ok := e.exps[id]
+	delete(e.exps, id)
+	e.mu.Unlock()
+	if ok {
+		e.log.Info("experiment stopped", "experiment", id, "state", s.GetState().String(), "reason", s.GetReason())
+	}
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		if ok {
+			e.mu.Lock()
+			cancel, done := x.cancel, x.done
+			e.mu.Unlock()
+			if cancel != nil {
+				cancel()
+				<-done
+			}
+		}
+		e.removeDir(id)
+	}()
+}
+
+// countRunning is the number of collaborators running. Called with e.mu held.
+func (e *Envoy) countRunning() int {
+	n := 0
+	for _, x := range e.exps {
+		if x.phase == phaseRunning {
+			n++
+		}
+	}
+	return n
+}
+
+// running lists the experiments whose collaborators run, for heartbeats.
+func (e *Envoy) running() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var ids []string
+	for id, x := range e.exps {
+		if x.phase == phaseRunning {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// collaborate runs the experiment's collaborator until it ends, and reports
+// a failure to the director. A collaborator stopped by Stop or by the envoy
+// shutting down is not a failure: after a restart the director's replayed
+// Start brings it back.
+func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, done chan struct{}) {
+	e.mu.Lock()
+	id, plan := x.rec.ID, x.plan
+	e.mu.Unlock()
+	log := e.log.With("experiment", id)
+	err := e.runCollaborator(ctx, id, plan, s)
+	if ctx.Err() != nil {
+		log.Debug("collaborator stopped")
+		return
+	}
+	e.mu.Lock()
+	if current(x, done) {
+		if err == nil {
+			x.phase = phaseFinished
+		} else {
+			x.phase = phaseFailed
+		}
+	}
+	e.mu.Unlock()
+	if err == nil {
+		log.Info("collaborator finished")
+		return
+	}
+	log.Error("collaborator failed", "error", err)
+	e.report(ctx, id, s.GetRound(), err.Error())
+}
+
+// runCollaborator builds the plan's runner on the site's data and runs a
+// collaborator with it.
+func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment.Plan, s *fxv1.Start) error {
+	r, err := e.newRunner(plan, filepath.Join(e.expDir(id), filesDir), e.data)
+	if err != nil {
+		return fmt.Errorf("building the task runner: %w", err)
+	}
+	tlsCfg := e.creds.ClientTLS(s.GetAggregatorServerName())
+	e.log.Info("starting the collaborator", "experiment", id, "aggregator", s.GetAggregatorAddress(), "round", s.GetRound())
+	return e.runCollab(ctx, CollaboratorSpec{
+		ExperimentID: id,
+		Name:         e.name,
+		Address:      s.GetAggregatorAddress(),
+		ServerName:   s.GetAggregatorServerName(),
+		Round:        s.GetRound(),
+		DialOptions:  []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg))},
+		Runner:       r,
+		Plan:         plan,
+		Dir:          filepath.Join(e.expDir(id), filesDir),
+		Logger:       e.log.Named("collaborator").With("experiment", id),
+	})
+}
+
+// reportAsync reports a failure without holding up the caller.
+func (e *Envoy) reportAsync(id string, round int32, reason string) {
+	e.log.Error("cannot take part in the experiment", "experiment", id, "reason", reason)
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		e.report(e.runCtx, id, round, reason)
+	}()
+}
+
+// report tells the director a collaborator failed, retrying transient
+// errors until the director answers or the envoy stops.
+func (e *Envoy) report(ctx context.Context, id string, round int32, reason string) {
+	e.retry(ctx, "reporting a failure", id, func(ctx context.Context) error {
+		_, err := e.client.ReportFailure(ctx, &fxv1.ReportFailureRequest{ExperimentId: id, EnvoyName: e.name, Round: round, Reason: reason})
+		return err
+	})
+}
+
+// answer sends the data owner's decision, retrying transient errors.
+func (e *Envoy) answer(ctx context.Context, id string, d decision) {
+	e.retry(ctx, "answering the offer", id, func(ctx context.Context) error {
+		resp, err := e.client.AnswerOffer(ctx, &fxv1.AnswerOfferRequest{ExperimentId: id, EnvoyName: e.name, Accept: d.accept, Reason: d.reason})
+		if err == nil {
+			e.log.Info("offer answered", "experiment", id, "accept", d.accept, "reason", d.reason, "state", resp.GetState().String())
+		}
+		return err
+	})
+}
+
+// retry calls f, each call bounded by the RPC timeout, until it succeeds,
+// fails for good, or ctx ends. Failing for good is an answer the director
+// would repeat (the offer is closed, the envoy takes no part): it is logged
+// and not retried.
+func (e *Envoy) retry(ctx context.Context, what, id string, f func(context.Context) error) {
+	b := newBackoff(e.cfg.Retry)
+	for {
+		rctx, cancel := e.rpcContext(ctx)
+		err := f(rctx)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		if permanent(err) {
+			e.log.Warn(what+": the director refused", "experiment", id, "error", err)
+			return
+		}
+		e.log.Debug(what+": retrying", "experiment", id, "error", err)
+		if !b.wait(ctx) {
+			return
+		}
+	}
+}
+
+// permanent reports whether an RPC error would come back on a retry.
+func permanent(err error) bool {
+	switch status.Code(err) {
+	case codes.NotFound, codes.FailedPrecondition, codes.InvalidArgument, codes.PermissionDenied, codes.OutOfRange, codes.AlreadyExists:
+		return true
+	}
+	return false
+}
+
+// unpackedPlan reads the plan of an experiment's unpacked archive.
+func (e *Envoy) unpackedPlan(id string) (*experiment.Plan, error) {
+	data, err := os.ReadFile(filepath.Join(e.expDir(id), filesDir, experiment.PlanFile))
+	if err != nil {
+		return nil, err
+	}
+	return experiment.ParsePlan(data)
+}

@@ -1,0 +1,109 @@
+package envoy
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// The files of one experiment under <work_dir>/experiments/<id>/.
+const (
+	recordFile  = "record.json"  // the offer and the data owner's decision
+	partFile    = "archive.part" // a download in progress; resumed at its size
+	archiveFile = "archive"      // the verified archive
+	filesDir    = "files"        // the unpacked archive
+)
+
+// Decisions a record may hold.
+const (
+	decisionAccept = "accept"
+	decisionReject = "reject"
+)
+
+// record is what the envoy keeps on disk about one offered experiment, so
+// that after a restart it answers a replayed offer the same way, and rejoins
+// an accepted experiment without downloading it again.
+type record struct {
+	ID            string    `json:"id"`
+	Name          string    `json:"name"`
+	Owner         string    `json:"owner"`
+	ArchiveSize   int64     `json:"archive_size"`
+	ArchiveSHA256 string    `json:"archive_sha256"`
+	PlanYAML      string    `json:"plan_yaml"`
+	AnswerBy      time.Time `json:"answer_by,omitzero"`
+	OfferedAt     time.Time `json:"offered_at"`
+	// Decision is empty until the owner's policy or the owner decided.
+	Decision string `json:"decision,omitempty"`
+	Reason   string `json:"reason,omitempty"`
+}
+
+// experimentsDir holds one directory per offered experiment.
+func (e *Envoy) experimentsDir() string { return filepath.Join(e.cfg.WorkDir, "experiments") }
+
+// expDir is the directory of one experiment. The id was checked with
+// experiment.ValidateName, so it is a single safe path element.
+func (e *Envoy) expDir(id string) string { return filepath.Join(e.experimentsDir(), id) }
+
+// saveRecord writes the record atomically: a crash leaves the old record or
+// the new one, never half of one.
+func (e *Envoy) saveRecord(r record) error {
+	dir := e.expDir(r.ID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating %s: %w", dir, err)
+	}
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding the record of %s: %w", r.ID, err)
+	}
+	tmp, err := os.CreateTemp(dir, recordFile+".*")
+	if err != nil {
+		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
+	}
+	if err := os.Rename(tmp.Name(), filepath.Join(dir, recordFile)); err != nil {
+		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
+	}
+	return nil
+}
+
+// loadRecords reads every experiment directory's record. Directories
+// without a readable record are returned in broken, for the caller to clear.
+func (e *Envoy) loadRecords() (records []record, broken []string, err error) {
+	entries, err := os.ReadDir(e.experimentsDir())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil, nil
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading %s: %w", e.experimentsDir(), err)
+	}
+	for _, ent := range entries {
+		if !ent.IsDir() {
+			continue
+		}
+		data, err := os.ReadFile(filepath.Join(e.experimentsDir(), ent.Name(), recordFile))
+		var r record
+		if err == nil {
+			err = json.Unmarshal(data, &r)
+		}
+		if err != nil || r.ID != ent.Name() {
+			broken = append(broken, ent.Name())
+			continue
+		}
+		records = append(records, r)
+	}
+	return records, broken, nil
+}
