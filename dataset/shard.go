@@ -1,0 +1,239 @@
+package dataset
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+)
+
+// Stream numbers of the random generators, so that the shuffles of different
+// purposes never share a sequence even with the same seed.
+const (
+	streamShardIID uint64 = iota + 1
+	streamShardDirichlet
+	streamCSVSplit
+	streamSyntheticCentres
+	streamSyntheticSamples
+)
+
+// newRand returns the deterministic generator fx uses for one purpose; PCG's
+// output is specified, so a seed means the same data on every machine.
+func newRand(seed int64, stream uint64) *rand.Rand {
+	return rand.New(rand.NewPCG(uint64(seed), stream))
+}
+
+// applyShard replaces d's splits by shard "i/N" of them, as configured.
+func applyShard(d *Dataset, c Config) error {
+	i, n, err := ParseShard(c.Shard)
+	if err != nil {
+		return err
+	}
+	if n == 1 {
+		return nil
+	}
+	train, valid, err := partition(d.Train.Y, d.Valid.Y, d.Classes, n, c.DirichletAlpha, c.Seed)
+	if err != nil {
+		return err
+	}
+	f := d.Features()
+	d.Train = subset(&d.Train, f, train[i-1])
+	d.Valid = subset(&d.Valid, f, valid[i-1])
+	return nil
+}
+
+// partition cuts two label sets into n disjoint parts each that together
+// cover them. With alpha == 0 the cut is uniform at random (shard sizes
+// differ by at most one). With alpha > 0 each class c is spread over the
+// shards in proportions p_c ~ Dirichlet(alpha), and the validation split uses
+// the same proportions as the training split, so a site validates on the
+// label mix it trains on. Every training shard receives at least
+// min(10, len(train)/n) samples and every validation shard at least one
+// (when the validation split has n samples or more): draws that miss this are
+// redrawn a few times and then repaired by moving single samples from the
+// largest cells.
+func partition(train, valid []int32, classes, n int, alpha float64, seed int64) (tr, va [][]int, err error) {
+	if len(train) < n {
+		return nil, nil, fmt.Errorf("dataset: cannot cut %d training samples into %d non-empty shards", len(train), n)
+	}
+	if len(valid) > 0 && len(valid) < n {
+		return nil, nil, fmt.Errorf("dataset: cannot cut %d validation samples into %d non-empty shards", len(valid), n)
+	}
+	if alpha == 0 {
+		rng := newRand(seed, streamShardIID)
+		return cutUniform(rng, len(train), n), cutUniform(rng, len(valid), n), nil
+	}
+	rng := newRand(seed, streamShardDirichlet)
+	trainByClass := indicesByClass(train, classes)
+	validByClass := indicesByClass(valid, classes)
+	for _, idx := range trainByClass {
+		rng.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
+	}
+	for _, idx := range validByClass {
+		rng.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
+	}
+	minTrain := min(minSamplesPerShardCap, len(train)/n)
+	minValid := 0
+	if len(valid) > 0 {
+		minValid = 1
+	}
+	const draws = 50
+	var trainCounts, validCounts [][]int
+	for range draws {
+		trainCounts = make([][]int, classes)
+		validCounts = make([][]int, classes)
+		for c := range classes {
+			p := dirichlet(rng, alpha, n)
+			trainCounts[c] = apportion(p, len(trainByClass[c]))
+			validCounts[c] = apportion(p, len(validByClass[c]))
+		}
+		if shardsReach(trainCounts, n, minTrain) && shardsReach(validCounts, n, minValid) {
+			break
+		}
+	}
+	repair(trainCounts, n, minTrain)
+	repair(validCounts, n, minValid)
+	return cutByCounts(trainByClass, trainCounts, n), cutByCounts(validByClass, validCounts, n), nil
+}
+
+// cutUniform shuffles 0..size-1 and cuts it into n parts whose sizes differ
+// by at most one.
+func cutUniform(rng *rand.Rand, size, n int) [][]int {
+	perm := rng.Perm(size)
+	parts := make([][]int, n)
+	for j := range n {
+		parts[j] = perm[j*size/n : (j+1)*size/n]
+	}
+	return parts
+}
+
+func indicesByClass(labels []int32, classes int) [][]int {
+	by := make([][]int, classes)
+	for i, y := range labels {
+		by[y] = append(by[y], i)
+	}
+	return by
+}
+
+// dirichlet draws p ~ Dirichlet(alpha, ..., alpha) of dimension n.
+func dirichlet(rng *rand.Rand, alpha float64, n int) []float64 {
+	p := make([]float64, n)
+	sum := 0.0
+	for j := range p {
+		p[j] = gamma(rng, alpha)
+		sum += p[j]
+	}
+	if sum == 0 || math.IsInf(sum, 0) {
+		// Every draw underflowed (tiny alpha): the limit of the distribution
+		// puts all mass on one coordinate chosen uniformly.
+		clear(p)
+		p[rng.IntN(n)] = 1
+		return p
+	}
+	for j := range p {
+		p[j] /= sum
+	}
+	return p
+}
+
+// gamma draws from Gamma(shape, 1) by Marsaglia and Tsang's method, boosted
+// for shape < 1.
+func gamma(rng *rand.Rand, shape float64) float64 {
+	if shape < 1 {
+		u := rng.Float64()
+		return gamma(rng, shape+1) * math.Pow(u, 1/shape)
+	}
+	d := shape - 1.0/3
+	c := 1 / math.Sqrt(9*d)
+	for {
+		x := rng.NormFloat64()
+		v := 1 + c*x
+		if v <= 0 {
+			continue
+		}
+		v = v * v * v
+		u := rng.Float64()
+		if u < 1-0.0331*x*x*x*x || math.Log(u) < 0.5*x*x+d*(1-v+math.Log(v)) {
+			return d * v
+		}
+	}
+}
+
+// apportion splits total into len(p) integer counts proportional to p, by
+// largest remainder, so the counts sum to total exactly.
+func apportion(p []float64, total int) []int {
+	counts := make([]int, len(p))
+	rem := make([]float64, len(p))
+	given := 0
+	for j, pj := range p {
+		exact := pj * float64(total)
+		counts[j] = int(math.Floor(exact))
+		rem[j] = exact - float64(counts[j])
+		given += counts[j]
+	}
+	for ; given < total; given++ {
+		best := 0
+		for j := range rem {
+			if rem[j] > rem[best] {
+				best = j
+			}
+		}
+		counts[best]++
+		rem[best] = -1
+	}
+	return counts
+}
+
+func shardTotals(counts [][]int, n int) []int {
+	totals := make([]int, n)
+	for _, row := range counts {
+		for j, v := range row {
+			totals[j] += v
+		}
+	}
+	return totals
+}
+
+func shardsReach(counts [][]int, n, minimum int) bool {
+	for _, t := range shardTotals(counts, n) {
+		if t < minimum {
+			return false
+		}
+	}
+	return true
+}
+
+// repair moves single samples into shards below minimum, each time from the
+// largest (class, shard) cell of a shard that can spare one. The caller has
+// checked that n*minimum samples exist, so this ends.
+func repair(counts [][]int, n, minimum int) {
+	totals := shardTotals(counts, n)
+	for j := range n {
+		for totals[j] < minimum {
+			bc, bs := -1, -1
+			for c, row := range counts {
+				for s, v := range row {
+					if s != j && totals[s] > minimum && v > 0 && (bc < 0 || v > counts[bc][bs]) {
+						bc, bs = c, s
+					}
+				}
+			}
+			counts[bc][bs]--
+			totals[bs]--
+			counts[bc][j]++
+			totals[j]++
+		}
+	}
+}
+
+// cutByCounts hands each shard its counted run of every class's shuffled indices.
+func cutByCounts(byClass [][]int, counts [][]int, n int) [][]int {
+	parts := make([][]int, n)
+	for c, idx := range byClass {
+		at := 0
+		for j := range n {
+			parts[j] = append(parts[j], idx[at:at+counts[c][j]]...)
+			at += counts[c][j]
+		}
+	}
+	return parts
+}
