@@ -1,0 +1,154 @@
+package director
+
+import (
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+func TestRegistration(t *testing.T) {
+	f := newFed(t, nil)
+	ctx := ctxT(t)
+
+	// Heartbeat before registering: the envoy is told to register.
+	if err := f.heartbeat("site-1"); code(err) != codes.FailedPrecondition {
+		t.Fatalf("heartbeat before register: %v, want FailedPrecondition", err)
+	}
+	resp, err := f.envoy("site-1").RegisterEnvoy(ctx, &fxv1.RegisterEnvoyRequest{
+		EnvoyName: "site-1", MaxExperiments: 2, Version: "v1",
+		Shard: &fxv1.DatasetShard{Tags: []string{"fashion", "train"}, SampleShape: []int64{28, 28}, TrainSamples: 60, Classes: 10},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetHeartbeatPeriod().AsDuration() != 5*time.Second || resp.GetOfflineAfter().AsDuration() != 15*time.Second {
+		t.Errorf("RegisterEnvoy = %v", resp)
+	}
+	f.register("site-2", "cifar")
+
+	online := func(name string) bool {
+		envs, err := f.admin().ListEnvoys(ctx, &fxv1.ListEnvoysRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range envs.GetEnvoys() {
+			if e.GetName() == name {
+				return e.GetOnline()
+			}
+		}
+		t.Fatalf("envoy %s not listed", name)
+		return false
+	}
+	if !online("site-1") || !online("site-2") {
+		t.Fatal("registered envoys are not online")
+	}
+
+	// Heartbeats keep site-1 online; site-2 goes quiet past the grace period.
+	f.clock.Advance(10 * time.Second)
+	must(t, f.heartbeat("site-1"))
+	f.clock.Advance(10 * time.Second)
+	if !online("site-1") || online("site-2") {
+		t.Fatalf("after 20s: site-1 online=%v (want true), site-2 online=%v (want false)", online("site-1"), online("site-2"))
+	}
+	onlineOnly, err := f.researcher("alice").ListEnvoys(ctx, &fxv1.ListEnvoysRequest{OnlineOnly: true})
+	must(t, err)
+	if n := len(onlineOnly.GetEnvoys()); n != 1 {
+		t.Errorf("online envoys: %d, want 1", n)
+	}
+	// site-2 comes back.
+	must(t, f.heartbeat("site-2"))
+	if !online("site-2") {
+		t.Error("site-2 is not online after heartbeating again")
+	}
+	tagged, err := f.researcher("alice").ListEnvoys(ctx, &fxv1.ListEnvoysRequest{Tags: []string{"fashion"}})
+	must(t, err)
+	if len(tagged.GetEnvoys()) != 1 || tagged.GetEnvoys()[0].GetName() != "site-1" || tagged.GetEnvoys()[0].GetMaxExperiments() != 2 {
+		t.Errorf("ListEnvoys(tags=fashion) = %v", tagged.GetEnvoys())
+	}
+}
+
+func TestRegisterErrors(t *testing.T) {
+	f := newFed(t, nil)
+	good := func() *fxv1.DatasetShard {
+		return &fxv1.DatasetShard{SampleShape: []int64{4}, TrainSamples: 1}
+	}
+	tests := []struct {
+		name string
+		req  *fxv1.RegisterEnvoyRequest
+		want codes.Code
+	}{
+		{"another envoy's name", &fxv1.RegisterEnvoyRequest{EnvoyName: "other", Shard: good()}, codes.PermissionDenied},
+		{"no shard", &fxv1.RegisterEnvoyRequest{EnvoyName: "e1"}, codes.InvalidArgument},
+		{"no sample shape", &fxv1.RegisterEnvoyRequest{EnvoyName: "e1", Shard: &fxv1.DatasetShard{TrainSamples: 1}}, codes.InvalidArgument},
+		{"negative dimension", &fxv1.RegisterEnvoyRequest{EnvoyName: "e1", Shard: &fxv1.DatasetShard{SampleShape: []int64{-1}, TrainSamples: 1}}, codes.InvalidArgument},
+		{"no samples", &fxv1.RegisterEnvoyRequest{EnvoyName: "e1", Shard: &fxv1.DatasetShard{SampleShape: []int64{4}}}, codes.InvalidArgument},
+		{"ok", &fxv1.RegisterEnvoyRequest{EnvoyName: "e1", Shard: good()}, codes.OK},
+		{"ok again (idempotent)", &fxv1.RegisterEnvoyRequest{EnvoyName: "e1", Shard: good()}, codes.OK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := f.envoy("e1").RegisterEnvoy(ctxT(t), tt.req)
+			if code(err) != tt.want {
+				t.Fatalf("RegisterEnvoy = %v, want %v", err, tt.want)
+			}
+		})
+	}
+	if _, err := f.envoy("e1").Heartbeat(ctxT(t), &fxv1.HeartbeatRequest{EnvoyName: "e2"}); code(err) != codes.PermissionDenied {
+		t.Errorf("heartbeat naming another envoy: %v", err)
+	}
+}
+
+func TestSearchDatasets(t *testing.T) {
+	f := newFed(t, nil)
+	ctx := ctxT(t)
+	reg := func(name string, tags []string, sample, target []int64) {
+		_, err := f.envoy(name).RegisterEnvoy(ctx, &fxv1.RegisterEnvoyRequest{EnvoyName: name,
+			Shard: &fxv1.DatasetShard{Tags: tags, SampleShape: sample, TargetShape: target, TrainSamples: 5}})
+		must(t, err)
+	}
+	reg("a", []string{"mnist", "hospital"}, []int64{28, 28}, nil)
+	reg("b", []string{"mnist"}, []int64{28, 28}, []int64{1})
+	reg("c", []string{"cifar"}, []int64{32, 32, 3}, nil)
+	f.clock.Advance(20 * time.Second) // all offline
+	must(t, f.heartbeat("a"))
+	must(t, f.heartbeat("c"))
+
+	tests := []struct {
+		name string
+		req  *fxv1.SearchDatasetsRequest
+		want []string
+		code codes.Code
+	}{
+		{"all online", &fxv1.SearchDatasetsRequest{}, []string{"a", "c"}, codes.OK},
+		{"with offline", &fxv1.SearchDatasetsRequest{IncludeOffline: true}, []string{"a", "b", "c"}, codes.OK},
+		{"tag", &fxv1.SearchDatasetsRequest{Tags: []string{"mnist"}, IncludeOffline: true}, []string{"a", "b"}, codes.OK},
+		{"two tags", &fxv1.SearchDatasetsRequest{Tags: []string{"mnist", "hospital"}, IncludeOffline: true}, []string{"a"}, codes.OK},
+		{"sample shape", &fxv1.SearchDatasetsRequest{SampleShape: []int64{32, 32, 3}}, []string{"c"}, codes.OK},
+		{"target shape", &fxv1.SearchDatasetsRequest{TargetShape: []int64{1}, IncludeOffline: true}, []string{"b"}, codes.OK},
+		{"no match", &fxv1.SearchDatasetsRequest{Tags: []string{"x"}}, nil, codes.OK},
+		{"negative", &fxv1.SearchDatasetsRequest{SampleShape: []int64{-2}}, nil, codes.InvalidArgument},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp, err := f.researcher("r").SearchDatasets(ctx, tt.req)
+			if code(err) != tt.code {
+				t.Fatalf("SearchDatasets = %v, want %v", err, tt.code)
+			}
+			var got []string
+			for _, m := range resp.GetMatches() {
+				got = append(got, m.GetEnvoy())
+			}
+			if len(got) != len(tt.want) {
+				t.Fatalf("matches %v, want %v", got, tt.want)
+			}
+			for i := range got {
+				if got[i] != tt.want[i] {
+					t.Fatalf("matches %v, want %v", got, tt.want)
+				}
+			}
+		})
+	}
+}
