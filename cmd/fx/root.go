@@ -45,6 +45,7 @@ certificate.`,
 	root.PersistentFlags().StringVar(&opts.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	root.PersistentFlags().BoolVar(&opts.logJSON, "log-json", false, "log one JSON object per line, for machines")
 	root.AddCommand(newVersionCommand())
+	root.AddCommand(newEnvoyCommand(opts))
 	return root
 }
 

@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fx-fl/fx/dataset"
+	"github.com/fx-fl/fx/envoy"
+	"github.com/fx-fl/fx/pki"
+)
+
+// envoyCerts issues an envoy and a researcher certificate from a new CA.
+func envoyCerts(t *testing.T) (envoyFiles, researcher pki.Files) {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), pki.InitOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	issue := func(role pki.Role, name string) pki.Files {
+		iss, err := ca.Issue(pki.IssueRequest{Role: role, Name: name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := iss.WriteFiles(filepath.Join(dir, string(role)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	return issue(pki.RoleEnvoy, "envoy-1"), issue(pki.RoleResearcher, "rita")
+}
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "envoy.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestEnvoyStartRefusesBadSettings(t *testing.T) {
+	good, researcher := envoyCerts(t)
+	base := func(f pki.Files, extra string) string {
+		return "director: {address: 127.0.0.1:1}\n" +
+			"tls: {cert: " + f.Cert + ", key: " + f.Key + ", ca: " + f.CA + "}\n" +
+			"work_dir: " + t.TempDir() + "\n" + extra
+	}
+	synthetic := "shard: {kind: synthetic, train_samples: 20, valid_samples: 4}\n"
+	tests := []struct {
+		name string
+		file string
+		args []string
+		want []string
+	}{
+		{"no such file", filepath.Join(t.TempDir(), "missing.yaml"), nil, []string{"missing.yaml", "does not exist"}},
+		{"unknown key", writeConfig(t, base(good, synthetic+"shard_colour: blue\n")), nil, []string{`unknown key "shard_colour"`}},
+		{"malformed yaml", writeConfig(t, base(good, synthetic+"tags: [unclosed\n")), nil, []string{"envoy.yaml"}},
+		{"wrong type", writeConfig(t, base(good, synthetic+"max_experiments: lots\n")), nil, []string{"max_experiments"}},
+		{"missing data", writeConfig(t, base(good, "shard: {kind: idx, path: /nonexistent/fashion}\n")), nil, []string{"shard", "/nonexistent/fashion"}},
+		{"certificate of another role", writeConfig(t, base(researcher, synthetic)), nil, []string{`role "researcher"`}},
+		{"name not the CN", writeConfig(t, base(good, synthetic+"name: envoy-2\n")), nil, []string{"envoy-2", "envoy-1"}},
+		{"bad policy from a flag", writeConfig(t, base(good, synthetic)), []string{"--review-policy", "sometimes"}, []string{"review.policy", "sometimes"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"envoy", "start", "--config", tc.file}, tc.args...)
+			_, err := run(t, args...)
+			if err == nil {
+				t.Fatal("fx envoy start succeeded")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestExampleEnvoyConfigLoads(t *testing.T) {
+	cfg, err := loadEnvoyConfig(filepath.Join("..", "..", "configs", "envoy.yaml"), nil)
+	if err != nil {
+		t.Fatalf("configs/envoy.yaml: %v", err)
+	}
+	if cfg.Name != "envoy-1" || cfg.Shard.Kind != dataset.KindIDX || cfg.Review.Policy != envoy.PolicyAuto || cfg.Retry.Max != 30*time.Second {
+		t.Errorf("configs/envoy.yaml loaded as %+v", cfg)
+	}
+	if err := cfg.Shard.Validate(); err != nil {
+		t.Errorf("configs/envoy.yaml shard: %v", err)
+	}
+}
+
+func TestEnvoyAdminCommands(t *testing.T) {
+	files, _ := envoyCerts(t)
+	work, err := os.MkdirTemp("", "fx-envoy-cmd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(work) })
+	cfgFile := writeConfig(t, "director: {address: 127.0.0.1:1}\n"+
+		"tls: {cert: "+files.Cert+", key: "+files.Key+", ca: "+files.CA+"}\n"+
+		"work_dir: "+work+"\nreview: {policy: manual}\n"+
+		"shard: {kind: synthetic, train_samples: 20, valid_samples: 4}\n")
+	cfg, err := loadEnvoyConfig(cfgFile, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RunCollaborator = func(ctx context.Context, _ envoy.CollaboratorSpec) error {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	e, err := envoy.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+
+	// The envoy serves its socket even while the director is unreachable;
+	// wait for it to appear.
+	socket := cfg.AdminSocketPath()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		out, err := run(t, "envoy", "pending", "--config", cfgFile)
+		if err == nil {
+			if !strings.Contains(out, "no offers await a decision") {
+				t.Errorf("fx envoy pending = %q", out)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("fx envoy pending: %v", err)
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("envoy ended: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	out, err := run(t, "envoy", "pending", "--socket", socket, "--json")
+	if err != nil || strings.TrimSpace(out) != "[]" {
+		t.Errorf("fx envoy pending --json = %q, %v", out, err)
+	}
+	if _, err := run(t, "envoy", "approve", "study", "--socket", socket); err == nil || !strings.Contains(err.Error(), "no offer awaits a decision") {
+		t.Errorf("fx envoy approve with nothing pending: %v", err)
+	}
+	if _, err := run(t, "envoy", "reject", "study"); err == nil || !strings.Contains(err.Error(), "--config") {
+		t.Errorf("fx envoy reject without a socket: %v", err)
+	}
+	if _, err := run(t, "envoy", "pending", "--socket", filepath.Join(work, "nope.sock")); err == nil || !strings.Contains(err.Error(), "is the envoy running") {
+		t.Errorf("fx envoy pending on a dead socket: %v", err)
+	}
+}
