@@ -117,7 +117,7 @@ func (l *fakeLauncher) Launch(spec LaunchSpec) (Aggregator, error) {
 	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	a := &fakeAgg{spec: spec, result: make(chan error, 1), running: make(chan struct{})}
+	a := &fakeAgg{spec: spec, result: make(chan error, 1), running: make(chan struct{}), stopped: make(chan struct{})}
 	l.aggs[spec.ExperimentID] = append(l.aggs[spec.ExperimentID], a)
 	return a, nil
 }
@@ -174,6 +174,7 @@ type fakeAgg struct {
 	spec    LaunchSpec
 	result  chan error
 	running chan struct{}
+	stopped chan struct{}
 	once    sync.Once
 	mu      sync.Mutex
 	drops   []string
@@ -181,6 +182,7 @@ type fakeAgg struct {
 }
 
 func (a *fakeAgg) Run(ctx context.Context) error {
+	defer close(a.stopped)
 	defer a.spec.Listener.Close()
 	a.once.Do(func() { close(a.running) })
 	select {
