@@ -1,0 +1,127 @@
+package pki
+
+import (
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cloudflare/cfssl/csr"
+)
+
+// CSRRequest describes the certificate a site asks the CA for. The CA has the
+// last word on every field: it sets the role from its own command line and
+// ignores what it does not allow.
+type CSRRequest struct {
+	Name  string
+	Role  Role
+	Hosts []string // director only: the names and addresses it is reached on
+}
+
+// NewCSR makes a private key and a certificate request for it. The key stays
+// at the site; only the request travels to the CA.
+func NewCSR(req CSRRequest) (keyPEM, csrPEM []byte, err error) {
+	if err := validateIssue(&IssueRequest{Role: req.Role, Name: req.Name, Hosts: req.Hosts}); err != nil {
+		return nil, nil, err
+	}
+	hosts := req.Hosts
+	if req.Role == RoleDirector && len(hosts) == 0 {
+		hosts = []string{req.Name}
+	}
+	csrPEM, keyPEM, err = csr.ParseRequest(&csr.CertificateRequest{
+		CN:         req.Name,
+		Names:      []csr.Name{{OU: string(req.Role)}},
+		Hosts:      hosts,
+		KeyRequest: leafKeyRequest(),
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("making a key and certificate request for %s %s: %w", req.Role, req.Name, err)
+	}
+	return keyPEM, csrPEM, nil
+}
+
+// WriteCSR makes a key and request with NewCSR and writes them to
+// dir/NAME.key (mode 0600; refused if it exists) and dir/NAME.csr.
+func WriteCSR(dir string, req CSRRequest) (keyPath, csrPath string, err error) {
+	keyPEM, csrPEM, err := NewCSR(req)
+	if err != nil {
+		return "", "", err
+	}
+	files := PartyFiles(dir, req.Name)
+	csrPath = filepath.Join(dir, req.Name+".csr")
+	if err := writeKeyFile(files.Key, keyPEM); err != nil {
+		return "", "", err
+	}
+	if err := writeFileAtomic(csrPath, csrPEM, 0o644); err != nil {
+		return "", "", err
+	}
+	return files.Key, csrPath, nil
+}
+
+// ImportCertificate installs a certificate that the CA signed for a key made
+// by WriteCSR. It checks, before writing anything, that the chain verifies
+// against the root in rootPEM and that the leaf belongs to dir/NAME.key
+// (NAME being the certificate's CN); then it writes dir/NAME.crt and
+// dir/ca.crt. ca.crt is refused if it already holds a different root.
+func ImportCertificate(dir string, chainPEM, rootPEM []byte) (Files, Identity, error) {
+	chain, err := parseCertificatesPEM(chainPEM)
+	if err != nil {
+		return Files{}, Identity{}, fmt.Errorf("reading the certificate to import: %w", err)
+	}
+	roots, err := parseCertificatesPEM(rootPEM)
+	if err != nil {
+		return Files{}, Identity{}, fmt.Errorf("reading the root certificate: %w", err)
+	}
+	leaf := chain[0]
+	id, err := IdentityFromCertificate(leaf)
+	if err != nil {
+		return Files{}, Identity{}, err
+	}
+	if err := verifyChain(chain, roots, time.Now()); err != nil {
+		return Files{}, Identity{}, fmt.Errorf("the certificate for %s does not verify against the given root: %w", id.Name, err)
+	}
+	files := PartyFiles(dir, id.Name)
+	key, err := readPrivateKey(files.Key)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return Files{}, Identity{}, fmt.Errorf("no key %s for the certificate's name %s: import into the directory where `fx pki csr` wrote the key", files.Key, id.Name)
+		}
+		return Files{}, Identity{}, err
+	}
+	if !publicKeysEqual(leaf.PublicKey, key.Public()) {
+		return Files{}, Identity{}, fmt.Errorf("the certificate for %s was not issued for the key in %s: was the request made with another key?", id.Name, files.Key)
+	}
+	if err := checkRootFile(files.CA, rootPEM); err != nil {
+		return Files{}, Identity{}, err
+	}
+	if err := writeRootFile(files.CA, rootPEM); err != nil {
+		return Files{}, Identity{}, err
+	}
+	if err := writeFileAtomic(files.Cert, chainPEM, 0o644); err != nil {
+		return Files{}, Identity{}, err
+	}
+	return files, id, nil
+}
+
+// verifyChain checks that chain[0] verifies against roots with chain[1:] as
+// intermediates, for any key usage (the caller checks usages when it
+// matters).
+func verifyChain(chain, roots []*x509.Certificate, now time.Time) error {
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	_, err := chain[0].Verify(x509.VerifyOptions{
+		Roots:         pool,
+		Intermediates: inter,
+		CurrentTime:   now,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
+	})
+	return err
+}
