@@ -151,7 +151,15 @@ func TestCorruptArchiveRejected(t *testing.T) {
 			t.Errorf("%s left behind after rejection (err %v)", f, err)
 		}
 	}
-	// A replayed offer gets the same answer without a new download.
+	// A replayed offer gets the same answer without a new download. (An
+	// offer replayed while the first answer is still in flight is skipped,
+	// so wait for it to land.)
+	eventually(t, "the first answer to complete", func() bool {
+		s.envoy.mu.Lock()
+		defer s.envoy.mu.Unlock()
+		x := s.envoy.exps["exp-bad"]
+		return x != nil && !x.answering
+	})
 	d.update(func() { delete(d.answers, "site-a/exp-bad") })
 	d.push("site-a", d.offer("exp-bad", archive, plan), false)
 	if a := d.answer("site-a", "exp-bad"); a.GetAccept() {

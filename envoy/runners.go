@@ -66,9 +66,12 @@ type CollaboratorSpec struct {
 	DialOptions []grpc.DialOption
 	Runner      runner.Runner
 	Plan        *experiment.Plan
-	// Dir is the unpacked experiment.
-	Dir    string
-	Logger hclog.Logger
+	// Dir is the unpacked experiment, read-only.
+	Dir string
+	// WorkDir is the collaborator's own state (trained weights between
+	// tasks); it survives an envoy restart and is removed on Stop.
+	WorkDir string
+	Logger  hclog.Logger
 }
 
 // CollaboratorFunc runs a collaborator until the experiment ends for it

@@ -11,10 +11,11 @@ import (
 
 // The files of one experiment under <work_dir>/experiments/<id>/.
 const (
-	recordFile  = "record.json"  // the offer and the data owner's decision
-	partFile    = "archive.part" // a download in progress; resumed at its size
-	archiveFile = "archive"      // the verified archive
-	filesDir    = "files"        // the unpacked archive
+	recordFile      = "record.json"  // the offer and the data owner's decision
+	partFile        = "archive.part" // a download in progress; resumed at its size
+	archiveFile     = "archive"      // the verified archive
+	filesDir        = "files"        // the unpacked archive
+	collaboratorDir = "collaborator" // the collaborator's own state
 )
 
 // Decisions a record may hold.
