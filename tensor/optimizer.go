@@ -128,6 +128,7 @@ func newOptimizer(cfg OptimizerConfig, layout Model) (*Optimizer, error) {
 		return nil, err
 	}
 	o := &Optimizer{cfg: cfg, m: map[string]*Tensor{}, v: map[string]*Tensor{}}
+	seen := make(map[string]bool, len(layout))
 	for _, t := range layout {
 		if err := ValidateName(t.Name); err != nil {
 			return nil, err
@@ -135,9 +136,10 @@ func newOptimizer(cfg OptimizerConfig, layout Model) (*Optimizer, error) {
 		if _, err := CheckShape(t.DType, t.Shape); err != nil {
 			return nil, fmt.Errorf("tensor %q: %w", t.Name, err)
 		}
-		if o.layout.Get(t.Name) != nil {
+		if seen[t.Name] {
 			return nil, fmt.Errorf("tensor %q appears twice", t.Name)
 		}
+		seen[t.Name] = true
 		o.layout = append(o.layout, &Tensor{Name: t.Name, DType: t.DType, Shape: slices.Clone(t.Shape)})
 		if !t.DType.IsFloat() {
 			continue

@@ -5,6 +5,24 @@
 // safetensors format and the wire protocol, so moving a tensor between disk and
 // network never converts it. Typed views (Float32s) are provided for the
 // arithmetic that needs them.
+//
+// The package also holds the arithmetic of aggregation, because it is where
+// the bytes are:
+//
+//   - kernels (WeightedSum, Axpy, AxpyBytes, Scale): blocked, parallel,
+//     single-pass loops over float32 data, see kernels.go;
+//   - whole-model algorithms: FedAvg, Median, TrimmedMean, and the server
+//     optimisers FedAdam, FedYogi, FedAdagrad (Optimizer);
+//   - Accumulator, which folds uploads into a running weighted sum chunk by
+//     chunk as they stream in, staging each upload so a rejected one leaves
+//     the sum untouched;
+//   - Encoder and Decoder, which turn models into fxv1.TensorFrame streams and
+//     back, or hand each chunk to an Accumulator.
+//
+// Memory, per round of N updates of a model of size M: FedAvg over in-memory
+// updates and Median/TrimmedMean hold N×M; the Accumulator holds about M plus
+// one M-sized stage per upload in flight (on disk with a spill directory);
+// an Optimizer holds two working-precision (float32 or float64) copies, m and v.
 package tensor
 
 import (
