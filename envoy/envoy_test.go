@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
 func TestRegistersAndHeartbeats(t *testing.T) {
@@ -38,32 +39,64 @@ func TestRegistersAndHeartbeats(t *testing.T) {
 	}
 }
 
-func TestReregistersAfterDirectorRestart(t *testing.T) {
+func TestReregistersWhenDirectorLosesIt(t *testing.T) {
+	tests := []struct {
+		name string
+		lose func(d *fakeDirector)
+	}{
+		{"director restarted", func(d *fakeDirector) { d.restart() }},
+		{"director forgot the registration", func(d *fakeDirector) {
+			d.update(func() { d.registered = map[string]*fxv1.RegisterEnvoyRequest{} })
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := newFakeDirector(t)
+			s := startSite(t, testConfig(t, d, "site-a"), nil)
+			d.waitFor("heartbeats", func() bool { return d.heartbeats["site-a"] >= 2 })
+
+			tc.lose(d)
+			d.mu.Lock()
+			before := d.heartbeats["site-a"]
+			d.mu.Unlock()
+			d.waitFor("a second registration", func() bool { return d.registrations["site-a"] >= 2 })
+			d.waitFor("heartbeats after re-registering", func() bool { return d.heartbeats["site-a"] >= before+2 })
+			d.waitFor("a new assignment stream", func() bool { return d.streams["site-a"] >= 2 })
+
+			// The new stream works.
+			plan := fmt.Sprintf(softmaxPlan, "after")
+			d.push("site-a", d.offer("exp-after", makeArchive(t, plan, 0), plan), true)
+			if a := d.answer("site-a", "exp-after"); !a.GetAccept() {
+				t.Errorf("offer after re-registering answered %v", a)
+			}
+			log := s.log.String()
+			if n := strings.Count(log, "connected to the director"); n < 2 {
+				t.Errorf("logged %d connections, want one per session:\n%s", n, log)
+			}
+			if n := strings.Count(log, "[WARN]"); n > 3 {
+				t.Errorf("logged %d warnings for one loss, want the state changes only:\n%s", n, log)
+			}
+		})
+	}
+}
+
+func TestStaysUpWhileDirectorIsDown(t *testing.T) {
 	d := newFakeDirector(t)
 	s := startSite(t, testConfig(t, d, "site-a"), nil)
-	d.waitFor("heartbeats", func() bool { return d.heartbeats["site-a"] >= 2 })
-
-	d.restart()
-	var before int
-	d.mu.Lock()
-	before = d.heartbeats["site-a"]
-	d.mu.Unlock()
-	d.waitFor("a second registration", func() bool { return d.registrations["site-a"] >= 2 })
-	d.waitFor("heartbeats after the restart", func() bool { return d.heartbeats["site-a"] >= before+2 })
-	d.waitFor("a new assignment stream", func() bool { return d.streams["site-a"] >= 2 })
-
-	// The restarted director offers something: the new stream works.
-	d.push("site-a", d.offer("exp-after-restart", makeArchive(t, fmt.Sprintf(softmaxPlan, "after"), 0), fmt.Sprintf(softmaxPlan, "after")), true)
-	if a := d.answer("site-a", "exp-after-restart"); !a.GetAccept() {
-		t.Errorf("offer after restart answered %v", a)
-	}
+	d.waitFor("heartbeats", func() bool { return d.heartbeats["site-a"] >= 1 })
+	d.stop()
+	// Many attempts fail while the director is down...
+	eventually(t, "retries while the director is down", func() bool {
+		return strings.Count(s.log.String(), "director still unreachable") >= 3
+	})
 	log := s.log.String()
-	if n := strings.Count(log, "connected to the director"); n < 2 {
-		t.Errorf("logged %d connections, want one per session:\n%s", n, log)
+	if n := strings.Count(log, "disconnected from the director"); n != 1 {
+		t.Errorf("logged the disconnection %d times, want once:\n%s", n, log)
 	}
-	if n := strings.Count(log, "[WARN]"); n > 3 {
-		t.Errorf("logged %d warnings for one restart, want the state changes only:\n%s", n, log)
-	}
+	// ...and the envoy comes back by itself.
+	d.restart()
+	d.waitFor("a registration after the outage", func() bool { return d.registrations["site-a"] >= 2 })
+	d.waitFor("heartbeats after the outage", func() bool { return d.heartbeats["site-a"] >= 2 })
 }
 
 func TestDownloadResumesFromOffset(t *testing.T) {
@@ -472,5 +505,61 @@ func TestSecondEnvoyOnSameSocketRefused(t *testing.T) {
 	err = e.Run(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Errorf("second envoy on the same work_dir: %v, want the socket in use", err)
+	}
+}
+
+func TestPendingOfferSurvivesEnvoyRestart(t *testing.T) {
+	d := newFakeDirector(t)
+	cfg := testConfig(t, d, "site-m")
+	cfg.Review.Policy = PolicyManual
+	first := startSite(t, cfg, nil)
+	plan := fmt.Sprintf(softmaxPlan, "waiting")
+	d.push("site-m", d.offer("exp-w", makeArchive(t, plan, 3*archiveChunk), plan), true)
+	eventually(t, "the offer to be pending", func() bool { return len(first.envoy.Pending()) == 1 })
+	first.stop(t)
+
+	second := startSite(t, cfg, nil)
+	var pending []PendingOffer
+	eventually(t, "the replayed offer to be pending again", func() bool {
+		resp, err := AdminCall(context.Background(), cfg.AdminSocketPath(), AdminRequest{Command: AdminPending})
+		pending = resp.Pending
+		return err == nil && len(pending) == 1
+	})
+	if pending[0].ID != "exp-w" || pending[0].Name != "waiting" {
+		t.Errorf("pending after restart: %+v", pending)
+	}
+	if _, err := second.envoy.Decide("alice/waiting", true, ""); err != nil {
+		t.Fatalf("Decide: %v", err)
+	}
+	if a := d.answer("site-m", "exp-w"); !a.GetAccept() {
+		t.Errorf("answer %v", a)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.downloads) != 1 {
+		t.Errorf("downloads %v, want the archive downloaded once across the restart", d.downloads)
+	}
+}
+
+func TestStartWithNewAggregatorAddressRestartsCollaborator(t *testing.T) {
+	d := newFakeDirector(t)
+	s := startSite(t, testConfig(t, d, "site-a"), nil)
+	plan := fmt.Sprintf(softmaxPlan, "moved")
+	d.push("site-a", d.offer("exp-m", makeArchive(t, plan, 0), plan), true)
+	d.answer("site-a", "exp-m")
+	d.push("site-a", startAssignment("exp-m"), false)
+	s.collab.waitFor(t, "the collaborator", func() bool { return s.collab.active["exp-m"] })
+
+	moved := startAssignment("exp-m")
+	moved.GetStart().AggregatorAddress = "127.0.0.1:2"
+	moved.GetStart().Round = 4
+	d.push("site-a", moved, false)
+	s.collab.waitFor(t, "a second collaborator", func() bool {
+		return len(s.collab.starts) == 2 && s.collab.active["exp-m"]
+	})
+	s.collab.mu.Lock()
+	defer s.collab.mu.Unlock()
+	if got := s.collab.starts[1]; got.Address != "127.0.0.1:2" || got.Round != 4 {
+		t.Errorf("restarted collaborator spec %+v", got)
 	}
 }
