@@ -394,3 +394,33 @@ func (d *Decoder) Finish() (Model, error) {
 	}
 	return d.model, nil
 }
+
+// SendModel sends m through send: EncodeModel on a new Encoder.
+func SendModel(m Model, send func(*fxv1.TensorFrame) error) error {
+	return NewEncoder(send).EncodeModel(m)
+}
+
+// ReceiveModel assembles the model carried by the frames recv returns until
+// it returns io.EOF (as a gRPC stream's Recv does at the end).
+func ReceiveModel(recv func() (*fxv1.TensorFrame, error)) (Model, error) {
+	return Receive(DecoderConfig{}, recv)
+}
+
+// Receive feeds the frames recv returns, until io.EOF, to a Decoder built from
+// cfg and returns what Finish does: the assembled model, or nil when cfg sends
+// the chunks to OnChunk. Any other error from recv is returned wrapped.
+func Receive(cfg DecoderConfig, recv func() (*fxv1.TensorFrame, error)) (Model, error) {
+	d := NewDecoder(cfg)
+	for {
+		f, err := recv()
+		if errors.Is(err, io.EOF) {
+			return d.Finish()
+		}
+		if err != nil {
+			return nil, fmt.Errorf("tensor stream: receive: %w", err)
+		}
+		if err := d.Decode(f); err != nil {
+			return nil, err
+		}
+	}
+}

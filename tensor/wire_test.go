@@ -3,6 +3,7 @@ package tensor
 import (
 	"bytes"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -305,5 +306,43 @@ func TestEncoderRejectsAndPropagates(t *testing.T) {
 	enc = NewEncoder(func(*fxv1.TensorFrame) error { return broken })
 	if err := enc.EncodeTensor(New("w", F32, []int64{1})); !errors.Is(err, broken) {
 		t.Errorf("send error = %v, want it wrapped", err)
+	}
+}
+
+func TestSendReceiveModel(t *testing.T) {
+	m := testModel()
+	var frames []*fxv1.TensorFrame
+	if err := SendModel(m, func(f *fxv1.TensorFrame) error { frames = append(frames, f); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	feed := func(frames []*fxv1.TensorFrame, end error) func() (*fxv1.TensorFrame, error) {
+		return func() (*fxv1.TensorFrame, error) {
+			if len(frames) == 0 {
+				return nil, end
+			}
+			f := frames[0]
+			frames = frames[1:]
+			return f, nil
+		}
+	}
+	got, err := ReceiveModel(feed(frames, io.EOF))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := m.Clone()
+	want.Sort()
+	assertModelsEqual(t, got, want)
+
+	broken := errors.New("connection reset")
+	if _, err := ReceiveModel(feed(frames[:3], broken)); !errors.Is(err, broken) {
+		t.Errorf("broken stream: err = %v, want it wrapped", err)
+	}
+	// Cut short between frames: the decoder notices the incomplete tensor.
+	if _, err := ReceiveModel(feed(frames[:3], io.EOF)); err == nil || !strings.Contains(err.Error(), "ended after") {
+		t.Errorf("truncated stream: err = %v", err)
+	}
+	// Against a layout, a stream missing a tensor is refused at the end.
+	if _, err := Receive(DecoderConfig{Layout: m}, feed(frames[:2], io.EOF)); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Errorf("stream missing tensors: err = %v", err)
 	}
 }
