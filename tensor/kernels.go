@@ -82,7 +82,8 @@ func parallelBlocksWork(n, block, work int, fn func(lo, hi int)) {
 
 // WeightedSum sets dst[j] = Σ_i weights[i]·srcs[i][j] in one blocked, parallel
 // pass. Every source must have len(dst) elements; with no sources dst is zeroed.
-// It panics on mismatched lengths, like copy's callers would expect of a kernel.
+// Mismatched lengths are a programming error and panic, as an index out of
+// range would.
 func WeightedSum(dst []float32, srcs [][]float32, weights []float32) {
 	weightedSum(dst, srcs, weights)
 }
