@@ -527,6 +527,46 @@ func (iss *Issued) WriteFiles(dir string) (Files, error) {
 	return files, nil
 }
 
+// IssueTo issues a certificate with a new key like Issue and writes it to dir
+// like WriteFiles, but checks first that the files can be written (no
+// NAME.key there, no other root in ca.crt), so that a refusal leaves no
+// certificate on the CA's record that nobody holds.
+func (ca *CA) IssueTo(dir string, req IssueRequest) (*Issued, Files, error) {
+	if err := ValidateName(req.Name); err != nil {
+		return nil, Files{}, err
+	}
+	files := PartyFiles(dir, req.Name)
+	if exists, err := fileExists(files.Key); err != nil || exists {
+		if err == nil {
+			err = fmt.Errorf("%s already exists: fx never overwrites a private key; move it away first, or renew with a CSR for the existing key (fx pki csr, fx pki sign): %w", files.Key, ErrExists)
+		}
+		return nil, Files{}, err
+	}
+	if err := checkRootFile(files.CA, ca.RootPEM()); err != nil {
+		return nil, Files{}, err
+	}
+	iss, err := ca.Issue(req)
+	if err != nil {
+		return nil, Files{}, err
+	}
+	files, err = iss.WriteFiles(dir)
+	return iss, files, err
+}
+
+// SignCSRTo signs like SignCSR and writes NAME.crt and ca.crt to dir like
+// WriteFiles, checking first that ca.crt there does not hold another root.
+func (ca *CA) SignCSRTo(dir string, csrPEM []byte, req IssueRequest) (*Issued, Files, error) {
+	if err := checkRootFile(PartyFiles(dir, "").CA, ca.RootPEM()); err != nil {
+		return nil, Files{}, err
+	}
+	iss, err := ca.SignCSR(csrPEM, req)
+	if err != nil {
+		return nil, Files{}, err
+	}
+	files, err := iss.WriteFiles(dir)
+	return iss, files, err
+}
+
 // IssuedCertificate is one entry of the CA's record of what it issued.
 type IssuedCertificate struct {
 	Identity
@@ -537,8 +577,8 @@ type IssuedCertificate struct {
 	RevokedAt time.Time
 }
 
-// List returns every certificate the CA issued, oldest first, with its
-// revocation status.
+// List returns every certificate the CA issued, with its revocation status,
+// ordered by role, name and issue time.
 func (ca *CA) List() ([]IssuedCertificate, error) {
 	certs, err := ca.issued()
 	if err != nil {
@@ -567,6 +607,17 @@ func (ca *CA) List() ([]IssuedCertificate, error) {
 			RevokedAt: at,
 		})
 	}
+	rank := func(r Role) int { return slices.Index(Roles(), r) }
+	sort.SliceStable(out, func(i, j int) bool {
+		a, b := out[i], out[j]
+		if a.Role != b.Role {
+			return rank(a.Role) < rank(b.Role)
+		}
+		if a.Name != b.Name {
+			return a.Name < b.Name
+		}
+		return a.NotBefore.Before(b.NotBefore)
+	})
 	return out, nil
 }
 

@@ -46,6 +46,7 @@ certificate.`,
 	root.PersistentFlags().BoolVar(&opts.logJSON, "log-json", false, "log one JSON object per line, for machines")
 	root.AddCommand(newVersionCommand())
 	root.AddCommand(newEnvoyCommand(opts))
+	root.AddCommand(newPKICommand())
 	return root
 }
 
