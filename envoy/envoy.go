@@ -175,8 +175,8 @@ func (e *Envoy) rpcContext(ctx context.Context) (context.Context, context.Cancel
 // restore reloads the records of the work directory. Decided offers come
 // back as they were, so that a replayed Start rejoins an experiment without
 // downloading it again; undecided ones wait for the director to replay the
-// offer (the download resumes from the partial file); broken ones and
-// undecided ones whose answer time has passed are removed.
+// offer (the download resumes from the partial file); broken ones, and
+// undecided or rejected ones whose answer time has passed, are removed.
 func (e *Envoy) restore() error {
 	records, broken, err := e.loadRecords()
 	if err != nil {
@@ -199,6 +199,11 @@ func (e *Envoy) restore() error {
 			e.exps[r.ID] = &exp{rec: r, phase: phaseAccepted, plan: plan}
 			e.log.Info("restored an accepted experiment", "experiment", r.ID, "name", r.Name)
 		case decisionReject:
+			if !r.AnswerBy.IsZero() && r.AnswerBy.Before(now) {
+				// The offer has closed: no replay will ask again.
+				e.removeDir(r.ID)
+				continue
+			}
 			e.exps[r.ID] = &exp{rec: r, phase: phaseRejected}
 		default:
 			if !r.AnswerBy.IsZero() && r.AnswerBy.Before(now) {

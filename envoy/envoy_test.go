@@ -563,3 +563,29 @@ func TestStartWithNewAggregatorAddressRestartsCollaborator(t *testing.T) {
 		t.Errorf("restarted collaborator spec %+v", got)
 	}
 }
+
+func TestExperimentEndedWhileEnvoyWasAwayIsCleanedUp(t *testing.T) {
+	d := newFakeDirector(t)
+	cfg := testConfig(t, d, "site-a")
+	first := startSite(t, cfg, nil)
+	plan := fmt.Sprintf(softmaxPlan, "gone")
+	d.push("site-a", d.offer("exp-g", makeArchive(t, plan, 0), plan), true)
+	d.answer("site-a", "exp-g")
+	d.setReplay("site-a")
+	d.push("site-a", startAssignment("exp-g"), false)
+	first.collab.waitFor(t, "the collaborator", func() bool { return first.collab.active["exp-g"] })
+	first.stop(t)
+
+	d.update(func() { d.ended["exp-g"] = true })
+	second := startSite(t, cfg, nil)
+	eventually(t, "the ended experiment's files to be removed", func() bool {
+		_, err := os.Stat(filepath.Join(cfg.WorkDir, "experiments", "exp-g"))
+		return errors.Is(err, os.ErrNotExist)
+	})
+	d.waitFor("heartbeats without the experiment", func() bool { return len(d.running["site-a"]) == 0 })
+	second.collab.mu.Lock()
+	defer second.collab.mu.Unlock()
+	if len(second.collab.starts) != 0 {
+		t.Errorf("collaborator started for an ended experiment")
+	}
+}

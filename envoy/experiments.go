@@ -214,13 +214,19 @@ func (e *Envoy) countRunning() int {
 	return n
 }
 
-// running lists the experiments whose collaborators run, for heartbeats.
+// running lists, for heartbeats, the experiments whose collaborators run
+// here, and also those this envoy accepted and holds files for but was not
+// yet told to stop (not started yet, finished, failed). The director answers
+// a listed experiment that has ended, or that it no longer knows, with a
+// Stop, so listing them is how the files of an experiment that ended while
+// the envoy was away get cleaned up.
 func (e *Envoy) running() []string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var ids []string
 	for id, x := range e.exps {
-		if x.phase == phaseRunning {
+		switch x.phase {
+		case phaseAccepted, phaseRunning, phaseFinished, phaseFailed:
 			ids = append(ids, id)
 		}
 	}

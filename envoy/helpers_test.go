@@ -141,6 +141,9 @@ type fakeDirector struct {
 	downloads   []download
 	answers     map[string]*fxv1.AnswerOfferRequest
 	failures    []*fxv1.ReportFailureRequest
+	// ended experiments are answered with a Stop when a heartbeat lists
+	// them, as the director does.
+	ended map[string]bool
 }
 
 type download struct {
@@ -171,6 +174,7 @@ func newFakeDirector(t *testing.T) *fakeDirector {
 		corrupt:       map[string]bool{},
 		cutAfter:      map[string]int64{},
 		answers:       map[string]*fxv1.AnswerOfferRequest{},
+		ended:         map[string]bool{},
 	}
 	f.serve("127.0.0.1:0")
 	t.Cleanup(func() { f.stop() })
@@ -294,6 +298,11 @@ func (f *fakeDirector) Heartbeat(ctx context.Context, req *fxv1.HeartbeatRequest
 		if _, known = f.registered[req.GetEnvoyName()]; known {
 			f.heartbeats[req.GetEnvoyName()]++
 			f.running[req.GetEnvoyName()] = req.GetRunningExperiments()
+			for _, id := range req.GetRunningExperiments() {
+				if q := f.queues[req.GetEnvoyName()]; f.ended[id] && q != nil {
+					q <- stopAssignment(id)
+				}
+			}
 		}
 	})
 	if !known {
