@@ -23,8 +23,8 @@ import (
 
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/experiment"
-	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
 // waitTimeout bounds every wait on a condition; generous because the race

@@ -3,8 +3,8 @@ package director
 import (
 	"google.golang.org/grpc"
 
-	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
 // Methods every authenticated party may call on the director: health checks
