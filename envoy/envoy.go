@@ -109,7 +109,7 @@ func New(cfg Config) (*Envoy, error) {
 		e.newRunner = DefaultRunner
 	}
 	if e.runCollab == nil {
-		return nil, errors.New("envoy: no collaborator to run (Config.RunCollaborator)")
+		e.runCollab = DefaultCollaborator
 	}
 	return e, nil
 }

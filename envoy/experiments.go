@@ -285,7 +285,7 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 		Plan:         plan,
 		Dir:          filepath.Join(e.expDir(id), filesDir),
 		WorkDir:      filepath.Join(e.expDir(id), collaboratorDir),
-		Logger:       e.log.Named("collaborator").With("experiment", id),
+		Logger:       e.log,
 	})
 }
 
