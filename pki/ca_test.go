@@ -525,3 +525,27 @@ func TestOpenSSLAcceptsChains(t *testing.T) {
 		t.Errorf("openssl crl -verify: %v\n%s", err, out)
 	}
 }
+
+// During a root rotation a party's ca.crt bundles the old and the new root:
+// certificates of either CA load, and writing the new CA's files keeps the
+// bundle.
+func TestRootBundle(t *testing.T) {
+	oldCA, newCA := newTestCA(t), newTestCA(t)
+	dir := t.TempDir()
+	bundle := append(oldCA.RootPEM(), newCA.RootPEM()...)
+	if err := os.WriteFile(filepath.Join(dir, "ca.crt"), bundle, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, ca := range []*CA{oldCA, newCA} {
+		_, files, err := ca.IssueTo(dir, IssueRequest{Role: RoleEnvoy, Name: "site-" + FormatSerial(ca.Root().SerialNumber)[:6]})
+		if err != nil {
+			t.Fatalf("IssueTo with a bundle that holds the root: %v", err)
+		}
+		if got, _ := os.ReadFile(files.CA); !bytes.Equal(got, bundle) {
+			t.Fatal("writing files replaced the bundle")
+		}
+		if _, err := NewKeyring(KeyringConfig{Files: files}); err != nil {
+			t.Fatalf("a certificate of one root of the bundle does not load: %v", err)
+		}
+	}
+}

@@ -121,13 +121,13 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 }
 
 // writeRootFile writes the federation root to path unless the file already
-// holds exactly that root. A different root is refused: replacing it would
+// holds that root (alone or in a bundle). A different root is refused: replacing it would
 // silently make the party distrust everyone it talks to today.
 func writeRootFile(path string, rootPEM []byte) error {
 	old, err := os.ReadFile(path)
 	switch {
 	case err == nil:
-		if sameCertificates(old, rootPEM) {
+		if containsCertificates(old, rootPEM) {
 			return nil
 		}
 		return fmt.Errorf("%s already holds a different root certificate: it would be replaced by the root of this CA; remove it first if this party is moving to a new federation: %w", path, ErrExists)
@@ -142,20 +142,30 @@ func writeRootFile(path string, rootPEM []byte) error {
 // nothing is written when the whole operation cannot complete.
 func checkRootFile(path string, rootPEM []byte) error {
 	old, err := os.ReadFile(path)
-	if err == nil && !sameCertificates(old, rootPEM) {
+	if err == nil && !containsCertificates(old, rootPEM) {
 		return fmt.Errorf("%s already holds a different root certificate: it would be replaced by the root of this CA; remove it first if this party is moving to a new federation: %w", path, ErrExists)
 	}
 	return nil
 }
 
-func sameCertificates(a, b []byte) bool {
-	ca, errA := parseCertificatesPEM(a)
-	cb, errB := parseCertificatesPEM(b)
-	if errA != nil || errB != nil || len(ca) != len(cb) {
+// containsCertificates reports whether every certificate of want is in
+// have: a ca.crt that bundles the old and the new root during a root
+// rotation already trusts the new one and is kept as it is.
+func containsCertificates(have, want []byte) bool {
+	hc, errH := parseCertificatesPEM(have)
+	wc, errW := parseCertificatesPEM(want)
+	if errH != nil || errW != nil {
 		return false
 	}
-	for i := range ca {
-		if !bytes.Equal(ca[i].Raw, cb[i].Raw) {
+	for _, w := range wc {
+		found := false
+		for _, h := range hc {
+			if bytes.Equal(h.Raw, w.Raw) {
+				found = true
+				break
+			}
+		}
+		if !found {
 			return false
 		}
 	}

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -540,6 +542,7 @@ func showFile(w io.Writer, path, caPath, crlPath string) error {
 			hosts = append(hosts, ip.String())
 		}
 		fmt.Fprintf(w, "hosts    %s\n", orNone(strings.Join(hosts, ", ")))
+		fmt.Fprintf(w, "key      sha256:%s (compare with the site out of band before signing)\n", keyFingerprint(req.RawSubjectPublicKeyInfo))
 		if err := req.CheckSignature(); err != nil {
 			return fmt.Errorf("%s is not signed by its own key: %w", path, err)
 		}
@@ -582,6 +585,7 @@ func showFile(w io.Writer, path, caPath, crlPath string) error {
 	}
 	fmt.Fprintf(w, "hosts        %s\n", orNone(strings.Join(hostsOf(leaf), ", ")))
 	fmt.Fprintf(w, "serial       %s\n", pki.FormatSerial(leaf.SerialNumber))
+	fmt.Fprintf(w, "key          sha256:%s\n", keyFingerprint(leaf.RawSubjectPublicKeyInfo))
 	fmt.Fprintf(w, "issuer       %s\n", leaf.Issuer.CommonName)
 	fmt.Fprintf(w, "valid        %s to %s\n", leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339))
 	fmt.Fprintf(w, "chain        %d certificate(s) in the file\n", len(chain))
@@ -694,6 +698,13 @@ func hostsOf(c *x509.Certificate) []string {
 		hosts = append(hosts, ip.String())
 	}
 	return hosts
+}
+
+// keyFingerprint identifies a public key, so a site and the CA can confirm
+// over the phone that a request is the one the site made.
+func keyFingerprint(spki []byte) string {
+	sum := sha256.Sum256(spki)
+	return hex.EncodeToString(sum[:])
 }
 
 func orNone(s string) string {
