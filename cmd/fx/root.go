@@ -47,6 +47,7 @@ certificate.`,
 	root.AddCommand(newVersionCommand())
 	root.AddCommand(newEnvoyCommand(opts))
 	root.AddCommand(newPKICommand())
+	root.AddCommand(newDirectorCommand(opts))
 	return root
 }
 

@@ -1,0 +1,186 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"google.golang.org/grpc/status"
+
+	"github.com/fx-fl/fx/director"
+	"github.com/fx-fl/fx/internal/config"
+	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// directorFlagKeys maps `fx director start` flags to configuration keys.
+var directorFlagKeys = map[string]string{
+	"listen":          "listen_address",
+	"advertise-host":  "advertise.host",
+	"data-dir":        "data_dir",
+	"review-policy":   "review_policy",
+	"max-concurrent":  "max_concurrent_experiments",
+	"tls-cert":        "tls.cert",
+	"tls-key":         "tls.key",
+	"tls-ca":          "tls.ca",
+	"tls-crl":         "tls.crl",
+	"aggregator-host": "aggregator.host",
+}
+
+func newDirectorCommand(opts *globalOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "director",
+		Short: "Run the federation's director and review experiments",
+		Long: `The director is the federation's long-lived service. Envoys register their
+data with it and heartbeat; researchers submit experiments to it; it offers
+each approved experiment to the envoys its plan selects and starts an
+aggregator once enough of them accept.
+
+Under the manual review policy every submitted experiment waits PENDING until
+an admin runs 'fx director approve' or 'fx director reject'.`,
+	}
+	cmd.AddCommand(newDirectorStartCommand(opts), newDirectorReviewCommand(true), newDirectorReviewCommand(false))
+	return cmd
+}
+
+// loadDirectorSettings reads the settings: defaults, then the file, the
+// FX_* environment and the flags the user set.
+func loadDirectorSettings(file string, flags *pflag.FlagSet) (director.Settings, error) {
+	s := director.DefaultSettings()
+	err := config.Load(config.Source{File: file, Flags: flags, FlagKeys: directorFlagKeys}, &s)
+	return s, err
+}
+
+func newDirectorStartCommand(opts *globalOptions) *cobra.Command {
+	var file string
+	cmd := &cobra.Command{
+		Use:   "start",
+		Short: "Start the director: serve envoys, researchers and admins",
+		Long: `Start the director with the settings of --config (see configs/director.yaml),
+the FX_* environment (FX_DATA_DIR, FX_TLS_CERT, ...) and the flags, in
+increasing precedence. A bad setting stops it at once with a message naming
+the key. It reloads every experiment from data_dir, resumes running ones
+from their last completed round, and stops gracefully on SIGINT or SIGTERM.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := loadDirectorSettings(file, cmd.Flags())
+			if err != nil {
+				return err
+			}
+			cfg, err := s.Config(opts.logger(cmd.ErrOrStderr()))
+			if err != nil {
+				return err
+			}
+			d, err := director.New(cfg)
+			if err != nil {
+				return err
+			}
+			return d.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&file, "config", "c", "", "director configuration file (YAML)")
+	f.String("listen", "", "address to serve on, host:port")
+	f.String("advertise-host", "", "host envoys dial to reach aggregators")
+	f.String("data-dir", "", "directory for the store, archives and models")
+	f.String("review-policy", "", "review of submitted experiments: auto or manual")
+	f.Int("max-concurrent", 0, "how many experiments may be offered or running at once")
+	f.String("tls-cert", "", "the director's certificate (PEM)")
+	f.String("tls-key", "", "the director's private key (PEM)")
+	f.String("tls-ca", "", "the federation root certificate (PEM)")
+	f.String("tls-crl", "", "the federation's certificate revocation list")
+	f.String("aggregator-host", "", "interface aggregators listen on")
+	return cmd
+}
+
+// clientFlags say how an admin command reaches the director.
+type clientFlags struct {
+	address, serverName string
+	cert, key, ca       string
+	timeout             time.Duration
+}
+
+func (c *clientFlags) add(f *pflag.FlagSet) {
+	f.StringVar(&c.address, "director", "localhost:50051", "director address, host:port")
+	f.StringVar(&c.serverName, "server-name", "", "name on the director's certificate (default: the host of --director)")
+	f.StringVar(&c.cert, "tls-cert", "pki/admin/admin.crt", "the admin's certificate (PEM)")
+	f.StringVar(&c.key, "tls-key", "pki/admin/admin.key", "the admin's private key (PEM)")
+	f.StringVar(&c.ca, "tls-ca", "pki/admin/ca.crt", "the federation root certificate (PEM)")
+	f.DurationVar(&c.timeout, "timeout", 15*time.Second, "bound on the call")
+}
+
+// dial connects to the director with the admin's certificate.
+func (c *clientFlags) dial() (fxv1.DirectorClient, func(), error) {
+	k, err := pki.NewKeyring(pki.KeyringConfig{Files: pki.Files{Cert: c.cert, Key: c.key, CA: c.ca}})
+	if err != nil {
+		return nil, nil, fmt.Errorf("admin certificate: %w", err)
+	}
+	conn, err := pki.NewClient(c.address, k, c.serverName)
+	if err != nil {
+		return nil, nil, fmt.Errorf("director %s: %w", c.address, err)
+	}
+	return fxv1.NewDirectorClient(conn), func() { conn.Close() }, nil
+}
+
+func newDirectorReviewCommand(approve bool) *cobra.Command {
+	var cf clientFlags
+	var owner, reason, id string
+	use, short := "approve NAME", "Approve a PENDING experiment, so it is offered to envoys"
+	if !approve {
+		use, short = "reject NAME", "Reject a PENDING experiment, ending it as REJECTED"
+	}
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: short,
+		Long: short + `.
+
+NAME is the experiment's name; give --owner (the researcher's name) when the
+admin did not submit it, or --id instead of NAME. Rejecting needs --reason,
+which the researcher sees.`,
+		Args: cobra.RangeArgs(0, 1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ref := &fxv1.ExperimentRef{Id: id, Owner: owner}
+			switch {
+			case len(args) == 1 && id != "":
+				return errors.New("give NAME or --id, not both")
+			case len(args) == 1:
+				ref.Name = args[0]
+			case id == "":
+				return errors.New("name the experiment: NAME [--owner OWNER], or --id ID")
+			}
+			if !approve && reason == "" {
+				return errors.New("--reason is required: say why, for the researcher")
+			}
+			c, closeConn, err := cf.dial()
+			if err != nil {
+				return err
+			}
+			defer closeConn()
+			ctx, cancel := context.WithTimeout(cmd.Context(), cf.timeout)
+			defer cancel()
+			req := &fxv1.ReviewExperimentRequest{Experiment: ref, Reason: reason}
+			var e *fxv1.Experiment
+			if approve {
+				e, err = c.ApproveExperiment(ctx, req)
+			} else {
+				e, err = c.RejectExperiment(ctx, req)
+			}
+			if err != nil {
+				if st, ok := status.FromError(err); ok {
+					return fmt.Errorf("%s: %s", st.Code(), st.Message())
+				}
+				return err
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s/%s (id %s) is now %s\n", e.GetOwner(), e.GetName(), e.GetId(), e.GetState())
+			return err
+		},
+	}
+	cf.add(cmd.Flags())
+	cmd.Flags().StringVar(&owner, "owner", "", "the experiment's owner (default: the admin's own name)")
+	cmd.Flags().StringVar(&id, "id", "", "the experiment's id, instead of NAME")
+	cmd.Flags().StringVar(&reason, "reason", "", "why; required when rejecting, shown to the researcher")
+	return cmd
+}

@@ -1,0 +1,135 @@
+package director
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/fx-fl/fx/pki"
+)
+
+// Settings are the director's configuration file (configs/director.yaml),
+// loaded by `fx director start` through internal/config: every field's
+// mapstructure key is a key of the file and, as FX_<KEY>, of the
+// environment.
+type Settings struct {
+	// ListenAddress is where the Director service listens.
+	ListenAddress string `mapstructure:"listen_address"`
+	Advertise     struct {
+		// Host is the host envoys dial to reach this director's
+		// aggregators; it must be among the certificate's SANs.
+		Host string `mapstructure:"host"`
+		// ServerName is the name envoys check on the aggregators'
+		// certificate; default the director certificate's CN.
+		ServerName string `mapstructure:"server_name"`
+	} `mapstructure:"advertise"`
+	TLS struct {
+		Cert string `mapstructure:"cert"`
+		Key  string `mapstructure:"key"`
+		CA   string `mapstructure:"ca"`
+		// CRL is optional; with it revoked parties are refused.
+		CRL string `mapstructure:"crl"`
+	} `mapstructure:"tls"`
+	DataDir         string        `mapstructure:"data_dir"`
+	HeartbeatPeriod time.Duration `mapstructure:"heartbeat_period"`
+	OfflineAfter    time.Duration `mapstructure:"offline_after"`
+	ReviewPolicy    string        `mapstructure:"review_policy"`
+	MaxConcurrent   int           `mapstructure:"max_concurrent_experiments"`
+	MaxArchiveBytes int64         `mapstructure:"max_archive_bytes"`
+	Aggregator      struct {
+		// Host is the interface aggregators listen on.
+		Host string `mapstructure:"host"`
+		// PortMin and PortMax bound their ports; both 0 for ephemeral.
+		PortMin int `mapstructure:"port_min"`
+		PortMax int `mapstructure:"port_max"`
+	} `mapstructure:"aggregator"`
+	StopTimeout time.Duration `mapstructure:"stop_timeout"`
+}
+
+// DefaultSettings are what a configuration file overrides.
+func DefaultSettings() Settings {
+	var s Settings
+	s.ListenAddress = "0.0.0.0:50051"
+	s.Advertise.Host = "localhost"
+	s.DataDir = "./director-data"
+	s.HeartbeatPeriod = DefaultHeartbeatPeriod
+	s.OfflineAfter = DefaultOfflineAfter
+	s.ReviewPolicy = ReviewManual
+	s.MaxConcurrent = DefaultMaxConcurrent
+	s.MaxArchiveBytes = DefaultMaxArchiveBytes
+	s.Aggregator.Host = "0.0.0.0"
+	s.StopTimeout = DefaultStopTimeout
+	return s
+}
+
+// Config checks the settings and turns them into a Config: it loads the
+// director's certificate (which must carry role director) into a keyring
+// that reloads on change, and builds the servers' TLS and authorisation
+// options from it. Every error names the setting at fault.
+func (s Settings) Config(logger hclog.Logger) (Config, error) {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	if s.ListenAddress == "" {
+		bad("listen_address", "is required (host:port)")
+	}
+	if s.Advertise.Host == "" {
+		bad("advertise.host", "is required: the host envoys dial to reach aggregators")
+	}
+	for key, path := range map[string]string{"tls.cert": s.TLS.Cert, "tls.key": s.TLS.Key, "tls.ca": s.TLS.CA} {
+		if path == "" {
+			bad(key, "is required")
+		} else if _, err := os.Stat(path); err != nil {
+			bad(key, "%v", err)
+		}
+	}
+	if s.TLS.CRL != "" {
+		if _, err := os.Stat(s.TLS.CRL); err != nil {
+			bad("tls.crl", "%v", err)
+		}
+	}
+	cfg := Config{
+		DataDir:           s.DataDir,
+		ListenAddress:     s.ListenAddress,
+		AdvertiseHost:     s.Advertise.Host,
+		ServerName:        s.Advertise.ServerName,
+		AggregatorHost:    s.Aggregator.Host,
+		AggregatorPortMin: s.Aggregator.PortMin,
+		AggregatorPortMax: s.Aggregator.PortMax,
+		HeartbeatPeriod:   s.HeartbeatPeriod,
+		OfflineAfter:      s.OfflineAfter,
+		ReviewPolicy:      s.ReviewPolicy,
+		MaxConcurrent:     s.MaxConcurrent,
+		MaxArchiveBytes:   s.MaxArchiveBytes,
+		StopTimeout:       s.StopTimeout,
+		Logger:            logger,
+	}
+	if err := cfg.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return Config{}, errors.Join(errs...)
+	}
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	k, err := pki.NewKeyring(pki.KeyringConfig{
+		Files:  pki.Files{Cert: s.TLS.Cert, Key: s.TLS.Key, CA: s.TLS.CA, CRL: s.TLS.CRL},
+		Logger: logger.Named("tls"),
+	})
+	if err != nil {
+		return Config{}, fmt.Errorf("tls: %w", err)
+	}
+	if id := k.Identity(); id.Role != pki.RoleDirector {
+		return Config{}, fmt.Errorf("tls.cert: %s is the certificate of %s; the director needs one with role director (fx pki certify --role director)", s.TLS.Cert, id)
+	}
+	if cfg.ServerName == "" {
+		cfg.ServerName = k.Identity().Name
+	}
+	cfg.ServerOptions, cfg.AggregatorServerOptions = ServerOptions(k)
+	return cfg, nil
+}
