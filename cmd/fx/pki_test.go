@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"testing"
 
@@ -148,6 +149,19 @@ func TestPKICommands(t *testing.T) {
 	}
 }
 
+func raceEnabled() bool {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return false
+	}
+	for _, s := range info.Settings {
+		if s.Key == "-race" {
+			return s.Value == "true"
+		}
+	}
+	return false
+}
+
 func TestPKIBootstrapScript(t *testing.T) {
 	bash, err := exec.LookPath("bash")
 	if err != nil {
@@ -159,7 +173,13 @@ func TestPKIBootstrapScript(t *testing.T) {
 	tmp := t.TempDir()
 	fx := filepath.Join(tmp, "fx")
 	goTool := filepath.Join(runtime.GOROOT(), "bin", "go")
-	build := exec.Command(goTool, "build", "-o", fx, ".")
+	args := []string{"build", "-o", fx}
+	if raceEnabled() {
+		// The packages are already compiled with -race for this test run;
+		// building the binary the same way reuses them.
+		args = append(args, "-race")
+	}
+	build := exec.Command(goTool, append(args, ".")...)
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
