@@ -333,6 +333,9 @@ func (ca *CA) Issue(req IssueRequest) (*Issued, error) {
 		return nil, err
 	}
 	if req.Role == RoleDirector && len(req.Hosts) == 0 {
+		if err := nameAsHost(req.Name); err != nil {
+			return nil, err
+		}
 		req.Hosts = []string{req.Name}
 	}
 	csrPEM, keyPEM, err := csr.ParseRequest(&csr.CertificateRequest{
@@ -390,10 +393,22 @@ func (ca *CA) SignCSR(csrPEM []byte, req IssueRequest) (*Issued, error) {
 			}
 		}
 		if len(req.Hosts) == 0 {
+			if err := nameAsHost(req.Name); err != nil {
+				return nil, err
+			}
 			req.Hosts = []string{req.Name}
 		}
 	}
 	return ca.sign(csrPEM, req)
+}
+
+// nameAsHost checks a director name that is to be its only SAN, because no
+// host was given: clients can only dial it if it is a DNS name.
+func nameAsHost(name string) error {
+	if err := ValidateHost(name); err != nil {
+		return fmt.Errorf("director %s has no hosts and its name is not a DNS name to use instead (%v): give the names and addresses it is reached on", name, err)
+	}
+	return nil
 }
 
 func validateIssue(req *IssueRequest) error {

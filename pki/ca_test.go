@@ -141,6 +141,7 @@ func TestIssueRefusesBadRequests(t *testing.T) {
 		{IssueRequest{Role: RoleEnvoy, Name: strings.Repeat("a", 65)}, "limit is 64"},
 		{IssueRequest{Role: RoleEnvoy, Name: "site", Hosts: []string{"site.example"}}, "only director certificates carry hosts"},
 		{IssueRequest{Role: RoleDirector, Name: "d", Hosts: []string{"*.example"}}, "no wildcards"},
+		{IssueRequest{Role: RoleDirector, Name: "director_1"}, "not a DNS name"},
 		{IssueRequest{Role: RoleEnvoy, Name: "site", TTL: 20 * 365 * 24 * time.Hour}, "after the signing CA"},
 		{IssueRequest{Role: RoleEnvoy, Name: "site", TTL: -time.Hour}, "negative"},
 	}

@@ -28,6 +28,9 @@ func NewCSR(req CSRRequest) (keyPEM, csrPEM []byte, err error) {
 	}
 	hosts := req.Hosts
 	if req.Role == RoleDirector && len(hosts) == 0 {
+		if err := nameAsHost(req.Name); err != nil {
+			return nil, nil, err
+		}
 		hosts = []string{req.Name}
 	}
 	csrPEM, keyPEM, err = csr.ParseRequest(&csr.CertificateRequest{
