@@ -60,6 +60,9 @@ type Director struct {
 	addrMu sync.Mutex
 	addr   net.Addr
 	ready  chan struct{}
+	// shutdown is closed when Run starts stopping, to end streams that
+	// would otherwise wait for events (WatchMetrics) until the hard stop.
+	shutdown chan struct{}
 }
 
 // New opens (or creates) the director's state in cfg.DataDir and loads it:
@@ -95,6 +98,7 @@ func New(cfg Config) (*Director, error) {
 		envoys:   map[string]*envoyState{},
 		reserved: map[string]bool{},
 		ready:    make(chan struct{}),
+		shutdown: make(chan struct{}),
 	}
 	if err := d.load(); err != nil {
 		if cfg.Store == nil {
@@ -274,6 +278,7 @@ func (d *Director) Run(ctx context.Context) error {
 	d.mu.Lock()
 	d.stopped = true
 	d.closeStreamsLocked()
+	close(d.shutdown)
 	d.mu.Unlock()
 	stopGRPC(srv, d.cfg.StopTimeout)
 	cancelRuns()

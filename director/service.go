@@ -326,6 +326,8 @@ func (s *service) WatchMetrics(req *fxv1.WatchMetricsRequest, stream grpc.Server
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-d.shutdown:
+			return toStatus(fmt.Errorf("the director is shutting down; watch again after sequence %d: %w", next, errUnavailable))
 		case <-changed:
 		}
 	}
