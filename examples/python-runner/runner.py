@@ -376,14 +376,19 @@ def parse_hyperparameters(hp):
         raise RunnerError(f"unknown hyperparameters {unknown} (this runner knows {sorted(HYPERPARAMETERS)})")
     out = dict(HYPERPARAMETERS)
     out.update(hp)
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     for key in ("lr", "momentum", "weight_decay"):
+        if not number(out[key]) or not math.isfinite(out[key]) or out[key] < 0:
+            raise RunnerError(f"hyperparameter {key} = {out[key]!r} must be a finite number >= 0")
         out[key] = float(out[key])
-        if not math.isfinite(out[key]) or out[key] < 0:
-            raise RunnerError(f"hyperparameter {key} = {out[key]} must be a finite number >= 0")
     for key in ("batch_size", "epochs"):
-        if not isinstance(out[key], (int, float)) or int(out[key]) != out[key] or out[key] < 1:
+        if not number(out[key]) or int(out[key]) != out[key] or out[key] < 1:
             raise RunnerError(f"hyperparameter {key} = {out[key]!r} must be a whole number >= 1")
         out[key] = int(out[key])
+    if out["seed"] is not None and (not number(out["seed"]) or int(out["seed"]) != out["seed"]):
+        raise RunnerError(f"hyperparameter seed = {out['seed']!r} must be a whole number")
     return out
 
 
@@ -510,10 +515,17 @@ def cmd_init(args):
         if a not in opts:
             raise RunnerError(f"init: unknown option {a!r} (want {', '.join(opts)})")
         opts[a] = next(it, None)
+        if opts[a] is None:
+            raise RunnerError(f"init: {a} needs a value")
     if opts["--features"] is None or opts["--classes"] is None:
         raise RunnerError("init needs --features and --classes")
-    f, c = int(opts["--features"]), int(opts["--classes"])
-    rng = np.random.default_rng(int(opts["--seed"]))
+    try:
+        f, c, seed = int(opts["--features"]), int(opts["--classes"]), int(opts["--seed"])
+    except ValueError as e:
+        raise RunnerError(f"init: {e}") from None
+    if f < 1 or c < 2:
+        raise RunnerError("init: want --features >= 1 and --classes >= 2")
+    rng = np.random.default_rng(seed)
     limit = math.sqrt(6 / (f + c))
     w = rng.uniform(-limit, limit, size=(c, f)).astype(np.float32)
     write_safetensors(opts["--out"], {"fc0.weight": w, "fc0.bias": np.zeros(c, np.float32)})

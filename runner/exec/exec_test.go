@@ -7,6 +7,7 @@ import (
 	"errors"
 	"math"
 	"os"
+	osexec "os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -627,6 +628,48 @@ cp "$FX_INPUT_MODEL" "$FX_OUTPUT_MODEL"
 		t.Fatal(err)
 	}
 	processGone(t, pid)
+}
+
+// TestEscapedProcessDoesNotHang: a process that left the command's process
+// group (and so cannot be killed with it) and holds its output open must not
+// keep the task from ending.
+func TestEscapedProcessDoesNotHang(t *testing.T) {
+	if _, err := osexec.LookPath("setsid"); err != nil {
+		t.Skip("no setsid program")
+	}
+	f := newFixture(t)
+	c := f.config(f.script(t, "escape.sh", `setsid sh -c 'echo $$ > "$SPY/pid"; exec sleep 30' &
+while [ ! -s "$SPY/pid" ]; do sleep 0.01; done
+cp "$FX_INPUT_MODEL" "$FX_OUTPUT_MODEL"
+`+goodMetrics))
+	r := f.runner(t, c)
+	start := time.Now()
+	_, err := r.Train(context.Background(), runner.Task{Name: runner.TaskTrain}, testModel())
+	if pid, perr := strconv.Atoi(f.spyFile(t, "pid")); perr == nil {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	if err != nil {
+		t.Fatalf("Train: %v", err)
+	}
+	if took := time.Since(start); took > drainTimeout+5*time.Second {
+		t.Errorf("the task took %s", took)
+	}
+	if !strings.Contains(f.log.String(), "still holds its output open") {
+		t.Errorf("the log does not mention the escaped process:\n%s", f.log.String())
+	}
+}
+
+func TestStartFailure(t *testing.T) {
+	f := newFixture(t)
+	// Executable, but neither a binary nor a script with a #! line.
+	if err := os.WriteFile(filepath.Join(f.dir, "nohashbang"), []byte{0x7f, 'E', 'L', 'F', 0, 0}, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := f.runner(t, f.config([]string{"./nohashbang"}))
+	_, err := r.Train(context.Background(), runner.Task{Name: runner.TaskTrain}, testModel())
+	if !errors.Is(err, ErrStart) || !strings.Contains(err.Error(), "exec format error") {
+		t.Errorf("error %v, want ErrStart with the reason", err)
+	}
 }
 
 func TestContextCancellation(t *testing.T) {
