@@ -34,6 +34,11 @@ const (
 // connection open forever.
 const adminIOTimeout = 10 * time.Second
 
+// maxSocketPath is the longest unix socket path Linux accepts (sun_path
+// holds 108 bytes with the terminating NUL); macOS allows less, and bind
+// reports that itself.
+const maxSocketPath = 107
+
 // maxAdminRequest bounds a request line.
 const maxAdminRequest = 64 << 10
 
@@ -80,6 +85,9 @@ type PendingOffer struct {
 // is replaced, one that answers means another envoy uses the path.
 func (e *Envoy) listenAdmin() (net.Listener, error) {
 	path := e.cfg.AdminSocketPath()
+	if len(path) > maxSocketPath {
+		return nil, fmt.Errorf("admin_socket: %s is %d bytes long, but a unix socket path may have at most %d: set admin_socket to a shorter path", path, len(path), maxSocketPath)
+	}
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("admin_socket: creating %s: %w", dir, err)

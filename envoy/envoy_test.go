@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
@@ -125,6 +126,27 @@ func TestDownloadResumesFromOffset(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(s.cfg.WorkDir, "experiments", "exp-1", filesDir, "blob.bin")); err != nil {
 		t.Errorf("archive not unpacked: %v", err)
 	}
+}
+
+func TestStalledDownloadAbandonedAndResumed(t *testing.T) {
+	d := newFakeDirector(t)
+	plan := fmt.Sprintf(softmaxPlan, "stall")
+	archive := makeArchive(t, plan, 5*archiveChunk)
+	stall := int64(2 * archiveChunk)
+	d.update(func() { d.stallAfter["exp-s"] = stall })
+	cfg := testConfig(t, d, "site-a")
+	cfg.RPCTimeout = 300 * time.Millisecond
+	s := startSite(t, cfg, nil)
+	d.push("site-a", d.offer("exp-s", archive, plan), true)
+	if a := d.answer("site-a", "exp-s"); !a.GetAccept() {
+		t.Fatalf("answer %v, want accept", a)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if want := []download{{"exp-s", 0}, {"exp-s", stall}}; !slices.Equal(d.downloads, want) {
+		t.Errorf("downloads %v, want %v", d.downloads, want)
+	}
+	mustContain(t, "log", s.log.String(), "stalled")
 }
 
 func TestResumesPartialFileLeftByEarlierRun(t *testing.T) {

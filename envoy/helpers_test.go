@@ -138,9 +138,12 @@ type fakeDirector struct {
 	archives    map[string][]byte
 	corrupt     map[string]bool
 	cutAfter    map[string]int64
-	downloads   []download
-	answers     map[string]*fxv1.AnswerOfferRequest
-	failures    []*fxv1.ReportFailureRequest
+	// stallAfter makes the first download of an experiment go silent
+	// after this many bytes, until the client gives up.
+	stallAfter map[string]int64
+	downloads  []download
+	answers    map[string]*fxv1.AnswerOfferRequest
+	failures   []*fxv1.ReportFailureRequest
 	// ended experiments are answered with a Stop when a heartbeat lists
 	// them, as the director does.
 	ended map[string]bool
@@ -173,6 +176,7 @@ func newFakeDirector(t *testing.T) *fakeDirector {
 		archives:      map[string][]byte{},
 		corrupt:       map[string]bool{},
 		cutAfter:      map[string]int64{},
+		stallAfter:    map[string]int64{},
 		answers:       map[string]*fxv1.AnswerOfferRequest{},
 		ended:         map[string]bool{},
 	}
@@ -353,8 +357,10 @@ const archiveChunk = 1024
 func (f *fakeDirector) DownloadArchive(req *fxv1.DownloadArchiveRequest, stream grpc.ServerStreamingServer[fxv1.ArchiveChunk]) error {
 	id := req.GetExperimentId()
 	var data []byte
-	var cut int64
+	var cut, stall int64
 	f.update(func() {
+		stall = f.stallAfter[id]
+		delete(f.stallAfter, id)
 		data = f.archives[id]
 		if f.corrupt[id] && data != nil {
 			data = bytes.Clone(data)
@@ -373,6 +379,10 @@ func (f *fakeDirector) DownloadArchive(req *fxv1.DownloadArchiveRequest, stream 
 	for off := req.GetOffset(); off < int64(len(data)); off += archiveChunk {
 		if cut > 0 && off >= cut {
 			return status.Error(codes.Unavailable, "connection reset (test)")
+		}
+		if stall > 0 && off >= stall {
+			<-stream.Context().Done()
+			return stream.Context().Err()
 		}
 		end := min(off+archiveChunk, int64(len(data)))
 		if err := stream.Send(&fxv1.ArchiveChunk{Offset: off, Data: data[off:end]}); err != nil {
