@@ -16,6 +16,7 @@
 package exec
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -535,7 +536,7 @@ func readMetrics(path string) (int64, map[string]float64, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	dec := json.NewDecoder(strings.NewReader(string(quoteNonFinite(b))))
+	dec := json.NewDecoder(bytes.NewReader(quoteNonFinite(b)))
 	dec.DisallowUnknownFields()
 	var mf metricsFile
 	if err := dec.Decode(&mf); err != nil {
@@ -621,11 +622,17 @@ func validateMetricName(name string) error {
 	return nil
 }
 
+// nonFiniteTokens are the bare tokens quoteNonFinite quotes, longest first.
+var nonFiniteTokens = [][]byte{[]byte("-Infinity"), []byte("Infinity"), []byte("NaN")}
+
 // quoteNonFinite rewrites the bare tokens NaN, Infinity and -Infinity that
 // Python's json module (and others) write for non-finite floats into JSON
 // strings, so that the document parses and the metric holding one can be
 // named in the error instead of a bare syntax error.
 func quoteNonFinite(b []byte) []byte {
+	if !bytes.Contains(b, []byte("NaN")) && !bytes.Contains(b, []byte("Infinity")) {
+		return b
+	}
 	var out []byte
 	inString, escaped := false, false
 	last := 0
@@ -646,8 +653,8 @@ func quoteNonFinite(b []byte) []byte {
 			inString = true
 			continue
 		}
-		for _, tok := range []string{"-Infinity", "Infinity", "NaN"} {
-			if strings.HasPrefix(string(b[i:min(len(b), i+len(tok))]), tok) {
+		for _, tok := range nonFiniteTokens {
+			if bytes.HasPrefix(b[i:], tok) {
 				out = append(out, b[last:i]...)
 				out = append(out, '"')
 				out = append(out, tok...)
