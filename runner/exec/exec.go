@@ -161,8 +161,8 @@ type Runner struct {
 var _ runner.Runner = (*Runner)(nil)
 
 // New checks the configuration and resolves the command, so that a plan
-// that cannot run at this site fails when the experiment is accepted rather
-// than in its first round.
+// that cannot run at this site fails before its first task rather than in
+// the middle of a round.
 func New(c Config) (*Runner, error) {
 	if c.Dir == "" {
 		return nil, errors.New("exec runner: no experiment directory")
@@ -287,7 +287,7 @@ type TaskSpec struct {
 	Task string `json:"task"`
 	// Train is true for the train task, the only one that writes a model.
 	Train bool `json:"train"`
-	// Round numbers the federated round, from 0.
+	// Round is the federated round number, as the aggregator counts rounds.
 	Round int `json:"round"`
 	// Seed is the plan's runner.seed; runners derive per-round randomness
 	// from seed and round so reruns repeat.
