@@ -105,7 +105,8 @@ func (f *fixture) spyFile(t *testing.T, name string) string {
 	return strings.TrimSpace(string(b))
 }
 
-// workDirEmpty reports whether every task directory was removed.
+// workDirEntries lists what is left in the work directory: nothing, once
+// every task directory was removed.
 func (f *fixture) workDirEntries(t *testing.T) []string {
 	t.Helper()
 	ents, err := os.ReadDir(f.work)
@@ -244,6 +245,9 @@ func TestTaskNameChecks(t *testing.T) {
 	}
 }
 
+// lines makes the optional line count of a TestTaskFailures case.
+func lines(n int) *int { return &n }
+
 func TestTaskFailures(t *testing.T) {
 	f := newFixture(t)
 	wrong := testModel()
@@ -258,13 +262,13 @@ func TestTaskFailures(t *testing.T) {
 	copyModel := `cp "$FX_INPUT_MODEL" "$FX_OUTPUT_MODEL"` + "\n"
 	metrics := func(doc string) string { return `printf '%s\n' '` + doc + `' > "$FX_OUTPUT_METRICS"` + "\n" }
 	tests := []struct {
-		name     string
-		task     string // default train
-		body     string
-		is       error
-		want     []string // substrings of the error
-		notWant  []string
-		stderrNo int // expected number of stderr lines in the TaskError, -1 to skip
+		name    string
+		task    string // default train
+		body    string
+		is      error
+		want    []string // substrings of the error
+		notWant []string
+		stderr  *int // the number of stderr lines the TaskError must carry, if set
 	}{
 		{
 			name: "non-zero exit keeps the stderr tail",
@@ -272,24 +276,24 @@ func TestTaskFailures(t *testing.T) {
 i=1; while [ $i -le 30 ]; do echo "step $i" >&2; i=$((i+1)); done
 echo "ValueError: shapes do not align" >&2
 exit 3`,
-			is:       ErrExit,
-			want:     []string{"train round 0", "exited with status 3", "ValueError: shapes do not align", "step 30", "step 12"},
-			notWant:  []string{"loading data", "step 11\n"},
-			stderrNo: StderrTail,
+			is:      ErrExit,
+			want:    []string{"train round 0", "exited with status 3", "ValueError: shapes do not align", "step 30", "step 12"},
+			notWant: []string{"loading data", "step 11\n"},
+			stderr:  lines(StderrTail),
 		},
 		{
-			name:     "killed by a signal",
-			body:     `echo "about to crash" >&2; kill -SEGV $$`,
-			is:       ErrExit,
-			want:     []string{"killed by signal 11", "about to crash"},
-			stderrNo: 1,
+			name:   "killed by a signal",
+			body:   `echo "about to crash" >&2; kill -SEGV $$`,
+			is:     ErrExit,
+			want:   []string{"killed by signal 11", "about to crash"},
+			stderr: lines(1),
 		},
 		{
-			name:     "no stderr says so",
-			body:     `exit 1`,
-			is:       ErrExit,
-			want:     []string{"exited with status 1", "wrote nothing to stderr"},
-			stderrNo: 0,
+			name:   "no stderr says so",
+			body:   `exit 1`,
+			is:     ErrExit,
+			want:   []string{"exited with status 1", "wrote nothing to stderr"},
+			stderr: lines(0),
 		},
 		{
 			name: "missing output model",
@@ -451,10 +455,8 @@ exit 3`,
 			if !errors.As(err, &te) {
 				t.Fatalf("error %T is not a *TaskError", err)
 			}
-			if tc.stderrNo != 0 || strings.Contains(tc.name, "no stderr") {
-				if len(te.Stderr) != tc.stderrNo {
-					t.Errorf("TaskError.Stderr has %d lines, want %d: %q", len(te.Stderr), tc.stderrNo, te.Stderr)
-				}
+			if tc.stderr != nil && len(te.Stderr) != *tc.stderr {
+				t.Errorf("TaskError.Stderr has %d lines, want %d: %q", len(te.Stderr), *tc.stderr, te.Stderr)
 			}
 		})
 	}
