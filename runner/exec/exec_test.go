@@ -829,3 +829,33 @@ func TestQuoteNonFinite(t *testing.T) {
 		}
 	}
 }
+
+// TestConcurrentTasks: tasks have their own directories, so a Runner may run
+// several at once and each gets its own results.
+func TestConcurrentTasks(t *testing.T) {
+	f := newFixture(t)
+	r := f.runner(t, f.config(f.script(t, "round.sh", `cp "$FX_INPUT_MODEL" "$FX_OUTPUT_MODEL"
+echo "{\"samples\": $FX_ROUND, \"metrics\": {\"round\": $FX_ROUND}}" > "$FX_OUTPUT_METRICS"`)))
+	const n = 4
+	var wg sync.WaitGroup
+	results := make([]runner.Result, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], errs[i] = r.Train(context.Background(), runner.Task{Name: runner.TaskTrain, Round: i + 1}, testModel())
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil {
+			t.Errorf("round %d: %v", i+1, errs[i])
+		} else if results[i].Samples != int64(i+1) || results[i].Metrics["round"] != float64(i+1) {
+			t.Errorf("round %d got %+v", i+1, results[i])
+		}
+	}
+	if ents := f.workDirEntries(t); len(ents) != 0 {
+		t.Errorf("task directories left behind: %v", ents)
+	}
+}
