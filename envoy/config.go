@@ -69,6 +69,19 @@ type ReviewConfig struct {
 	Allowlist string `mapstructure:"allowlist"`
 }
 
+// ExecConfig is the site's policy for exec runners, which run the
+// experiment's own command at the site.
+type ExecConfig struct {
+	// Allow lets plans with runner kind exec be accepted. Such a command
+	// runs as the envoy's user and can read what it can: a site that does
+	// not want researchers' code set it to false and runs built-in models
+	// only (or reviews each archive under the manual or allowlist policy).
+	Allow bool `mapstructure:"allow"`
+	// Env holds KEY=VALUE variables the command may see (PATH, PYTHONPATH,
+	// CUDA_VISIBLE_DEVICES); it never sees the envoy's own environment.
+	Env []string `mapstructure:"env"`
+}
+
 // RetryConfig bounds the capped exponential backoff of every retry loop.
 type RetryConfig struct {
 	Initial time.Duration `mapstructure:"initial"`
@@ -97,6 +110,7 @@ type Config struct {
 	// malformed files stop the envoy before it registers.
 	Shard  dataset.Config `mapstructure:"shard"`
 	Review ReviewConfig   `mapstructure:"review"`
+	Exec   ExecConfig     `mapstructure:"exec"`
 	// AdminSocket is the unix socket `fx envoy pending|approve|reject` talk
 	// to; empty means <work_dir>/admin/envoy.sock.
 	AdminSocket string `mapstructure:"admin_socket"`
@@ -126,6 +140,7 @@ func DefaultConfig() Config {
 		WorkDir:        DefaultWorkDir,
 		MaxExperiments: DefaultMaxExperiments,
 		Review:         ReviewConfig{Policy: PolicyAuto},
+		Exec:           ExecConfig{Allow: true},
 		RPCTimeout:     DefaultRPCTimeout,
 		Retry:          RetryConfig{Initial: DefaultRetryInitial, Max: DefaultRetryMax},
 	}
@@ -201,6 +216,13 @@ func (c *Config) Validate() error {
 		}
 	default:
 		add("review.policy %q: use auto, manual or allowlist", c.Review.Policy)
+	}
+	for i, kv := range c.Exec.Env {
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			add("exec.env[%d] %q is not KEY=VALUE", i, kv)
+		} else if strings.HasPrefix(k, "FX_") {
+			add("exec.env[%d]: %s is reserved for the runner protocol (FX_*)", i, k)
+		}
 	}
 	if c.RPCTimeout <= 0 {
 		add("rpc_timeout must be positive, got %s", c.RPCTimeout)

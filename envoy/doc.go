@@ -38,10 +38,12 @@
 //     the size of the partial file after any interruption (also across an
 //     envoy restart); verified against the offer's size and sha256; unpacked
 //     with experiment.Unpack, the director's own safety rules; the plan is
-//     checked to be runnable here (the runner is built on the site's data:
-//     an exec plan is refused with "exec runner not supported by this
-//     envoy"); then the data owner's policy decides and AnswerOffer carries
-//     the decision and its reason.
+//     checked to be runnable here (its runner is built on the site's data:
+//     a built-in model with its hyperparameters, or an exec runner whose
+//     command must resolve inside the experiment or in PATH, and which a
+//     site refuses altogether with exec.allow: false); then the data
+//     owner's policy decides and AnswerOffer carries the decision and its
+//     reason.
 //   - Start: the accepted experiment's collaborator starts with the plan's
 //     runner on the site's data and the envoy's certificate. A Start naming
 //     another aggregator address restarts it. A collaborator that fails is
@@ -88,6 +90,7 @@
 //	<work_dir>/experiments/<id>/archive       the verified archive
 //	<work_dir>/experiments/<id>/files/        the unpacked archive
 //	<work_dir>/experiments/<id>/collaborator/ the collaborator's state
+//	<work_dir>/experiments/<id>/runner/       an exec runner's task directories
 //	<work_dir>/admin/envoy.sock               the admin socket
 //
 // Decisions are recorded before they are sent, so an envoy restarted at any

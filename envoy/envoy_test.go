@@ -236,6 +236,9 @@ func TestReviewPolicies(t *testing.T) {
 	if err := os.WriteFile(allow, []byte("# reviewed by the DPO\n"+digest(archive)+"  fashion.tar.gz\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	execYAML := fmt.Sprintf(execPlan, "execy")
+	execArchive := makeArchive(t, execYAML, 0, "run.sh", "#!/bin/sh\nexit 0\n")
+	missingYAML := strings.Replace(execYAML, "[sh, run.sh]", "[./missing.sh]", 1)
 	tests := []struct {
 		name       string
 		policy     string
@@ -247,14 +250,17 @@ func TestReviewPolicies(t *testing.T) {
 		{"auto accepts", PolicyAuto, archive, plan, true, "auto review policy"},
 		{"allowlist accepts a listed digest", PolicyAllowlist, archive, plan, true, "allow-list"},
 		{"allowlist rejects the rest", PolicyAllowlist, other, fmt.Sprintf(softmaxPlan, "other"), false, "not on the site's allow-list"},
-		{"exec runner refused", PolicyAuto, makeArchive(t, fmt.Sprintf(execPlan, "execy"), 0), fmt.Sprintf(execPlan, "execy"), false, "exec runner not supported by this envoy"},
-		{"model this data cannot feed", PolicyAuto, makeArchive(t, strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), 0), strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), false, "cannot run the plan"},
+		{"exec runner whose command is there", PolicyAuto, execArchive, execYAML, true, "auto review policy"},
+		{"exec runner refused by the site", PolicyAuto, execArchive, execYAML, false, "exec runners are not allowed at this site"},
+		{"exec runner without its command", PolicyAuto, makeArchive(t, missingYAML, 0), missingYAML, false, "missing.sh"},
+		{"hyperparameters the builtin model refuses", PolicyAuto, makeArchive(t, strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), 0), strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), false, "cannot run the plan"},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			name := fmt.Sprintf("site-p%d", i)
 			cfg := testConfig(t, d, name)
 			cfg.Review.Policy = tc.policy
+			cfg.Exec.Allow = !strings.Contains(tc.name, "refused by the site")
 			if tc.policy == PolicyAllowlist {
 				cfg.Review.Allowlist = allow
 			}
@@ -500,6 +506,7 @@ func TestStartupFailures(t *testing.T) {
 		}, []string{"line 1", "not-a-digest"}},
 		{"zero max_experiments", func(c *Config) { c.MaxExperiments = 0 }, []string{"max_experiments"}},
 		{"bad shard", func(c *Config) { c.Shard.Shard = "3/2" }, []string{"shard", "3/2"}},
+		{"protocol variable in exec.env", func(c *Config) { c.Exec.Env = []string{"FX_TASK=x"} }, []string{"exec.env[0]", "FX_TASK"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -268,7 +268,7 @@ func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, done cha
 // runCollaborator builds the plan's runner on the site's data and runs a
 // collaborator with it.
 func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment.Plan, s *fxv1.Start) error {
-	r, err := e.newRunner(plan, filepath.Join(e.expDir(id), filesDir), e.data)
+	r, err := e.newRunner(e.runnerInput(id, plan))
 	if err != nil {
 		return fmt.Errorf("building the task runner: %w", err)
 	}
@@ -287,6 +287,19 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 		WorkDir:      filepath.Join(e.expDir(id), collaboratorDir),
 		Logger:       e.log,
 	})
+}
+
+// runnerInput is what the experiment's runner is built from.
+func (e *Envoy) runnerInput(id string, plan *experiment.Plan) RunnerInput {
+	return RunnerInput{
+		Plan:       plan,
+		Dir:        filepath.Join(e.expDir(id), filesDir),
+		WorkDir:    filepath.Join(e.expDir(id), runnerDir),
+		Data:       e.data,
+		DataConfig: e.cfg.Shard,
+		Exec:       e.cfg.Exec,
+		Logger:     e.log.Named("runner").With("experiment", id),
+	}
 }
 
 // reportAsync reports a failure without holding up the caller.

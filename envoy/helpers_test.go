@@ -453,16 +453,21 @@ runner: {kind: builtin, model: softmax, hyperparameters: {lr: 0.1, batch_size: 8
 
 const execPlan = `name: %s
 rounds: 1
-runner: {kind: exec, command: [python3, train.py]}
+runner: {kind: exec, command: [sh, run.sh]}
 `
 
-// makeArchive packs a plan and an incompressible file big enough to take
-// several chunks.
-func makeArchive(t *testing.T, planYAML string, extra int) []byte {
+// makeArchive packs a plan, an incompressible file of extra bytes (to take
+// several chunks) and the named files given as name, content pairs.
+func makeArchive(t *testing.T, planYAML string, extra int, files ...string) []byte {
 	t.Helper()
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, experiment.PlanFile), []byte(planYAML), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(files); i += 2 {
+		if err := os.WriteFile(filepath.Join(dir, files[i]), []byte(files[i+1]), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if extra > 0 {
 		noise := make([]byte, extra)

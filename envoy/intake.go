@@ -135,7 +135,7 @@ func (e *Envoy) review(ctx context.Context, x *exp, done chan struct{}) (decisio
 	e.mu.Lock()
 	x.plan = plan
 	e.mu.Unlock()
-	if _, err := e.newRunner(plan, filepath.Join(e.expDir(rec.ID), filesDir), e.data); err != nil {
+	if _, err := e.newRunner(e.runnerInput(rec.ID, plan)); err != nil {
 		return decision{reason: fmt.Sprintf("this site cannot run the plan: %v", err)}, nil
 	}
 	switch e.cfg.Review.Policy {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"path/filepath"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
@@ -13,25 +14,43 @@ import (
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/runner/builtin"
+	"github.com/fx-fl/fx/runner/exec"
 )
 
-// RunnerFactory builds the task runner for an accepted plan on the site's
-// data. dir is the unpacked experiment (runner files of an exec plan). It is
-// called once at review, so that a plan this site cannot run is rejected
-// with the reason rather than failing after it started, and again for every
-// collaborator.
-type RunnerFactory func(plan *experiment.Plan, dir string, data *dataset.Dataset) (runner.Runner, error)
+// RunnerInput is what a task runner is built from at this site.
+type RunnerInput struct {
+	Plan *experiment.Plan
+	// Dir is the unpacked experiment (an exec runner's command and files).
+	Dir string
+	// WorkDir is scratch space private to the envoy (exec task directories).
+	WorkDir string
+	// Data is the site's data set, loaded at start-up.
+	Data *dataset.Dataset
+	// DataConfig is the data owner's description of the data (the shard
+	// setting), which an exec runner's command loads by itself.
+	DataConfig dataset.Config
+	// Exec is the site's policy for exec runners.
+	Exec   ExecConfig
+	Logger hclog.Logger
+}
 
-// ErrExecUnsupported is the reason an offer with an exec runner is rejected:
-// this envoy runs built-in models only.
-var ErrExecUnsupported = errors.New("exec runner not supported by this envoy")
+// RunnerFactory builds the task runner of an accepted plan. It is called at
+// review, so that a plan this site cannot run is rejected with the reason
+// rather than failing after it started, and again for every collaborator.
+type RunnerFactory func(in RunnerInput) (runner.Runner, error)
 
-// DefaultRunner builds the runners this binary has: the built-in models.
-// The plan's runner.seed seeds the model unless its hyperparameters name a
-// seed of their own.
-func DefaultRunner(plan *experiment.Plan, _ string, data *dataset.Dataset) (runner.Runner, error) {
+// ErrExecRefused is the reason an exec plan is rejected at a site whose
+// configuration sets exec.allow to false.
+var ErrExecRefused = errors.New("exec runners are not allowed at this site (exec.allow is false): it runs built-in models only")
+
+// DefaultRunner builds the runners this binary has: the built-in models,
+// and the experiment's own command through the runner protocol.
+func DefaultRunner(in RunnerInput) (runner.Runner, error) {
+	plan := in.Plan
 	switch plan.Runner.Kind {
 	case experiment.RunnerBuiltin:
+		// The plan's runner.seed seeds the model unless its
+		// hyperparameters name a seed of their own.
 		hp := maps.Clone(plan.Runner.Hyperparameters)
 		if hp == nil {
 			hp = map[string]any{}
@@ -39,15 +58,69 @@ func DefaultRunner(plan *experiment.Plan, _ string, data *dataset.Dataset) (runn
 		if _, ok := hp["seed"]; !ok {
 			hp["seed"] = plan.Runner.Seed
 		}
-		r, err := builtin.New(builtin.Config{Model: plan.Runner.Model, Hyperparameters: hp, Data: data})
+		r, err := builtin.New(builtin.Config{Model: plan.Runner.Model, Hyperparameters: hp, Data: in.Data})
 		if err != nil {
 			return nil, fmt.Errorf("builtin runner: %w", err)
 		}
 		return r, nil
 	case experiment.RunnerExec:
-		return nil, ErrExecUnsupported
+		if !in.Exec.Allow {
+			return nil, ErrExecRefused
+		}
+		data, err := dataSettings(in.DataConfig, in.Data)
+		if err != nil {
+			return nil, err
+		}
+		r, err := exec.New(exec.Config{
+			Dir:             in.Dir,
+			Command:         plan.Runner.Command,
+			Timeout:         plan.Runner.Timeout.Std(),
+			Hyperparameters: plan.Runner.Hyperparameters,
+			Seed:            plan.Runner.Seed,
+			Data:            data,
+			Env:             in.Exec.Env,
+			Logger:          in.Logger,
+			WorkDir:         in.WorkDir,
+		})
+		if err != nil {
+			return nil, err
+		}
+		return r, nil
 	}
 	return nil, fmt.Errorf("runner kind %q is not known to this envoy", plan.Runner.Kind)
+}
+
+// dataSettings is the data owner's shard setting as an exec runner's
+// command reads it (docs/runner-protocol.md): the options the owner set,
+// the path made absolute (the command runs in the experiment directory),
+// and the shapes and class count of the loaded data.
+func dataSettings(c dataset.Config, d *dataset.Dataset) (map[string]any, error) {
+	m := map[string]any{"kind": c.Kind, "seed": c.Seed}
+	if c.Path != "" {
+		abs, err := filepath.Abs(c.Path)
+		if err != nil {
+			return nil, fmt.Errorf("shard.path: %w", err)
+		}
+		m["path"] = abs
+	}
+	set := func(key string, v any, isSet bool) {
+		if isSet {
+			m[key] = v
+		}
+	}
+	set("shard", c.Shard, c.Shard != "")
+	set("dirichlet_alpha", c.DirichletAlpha, c.DirichletAlpha != 0)
+	set("label_column", c.LabelColumn, c.LabelColumn != "")
+	set("valid_fraction", c.ValidFraction, c.ValidFraction != 0)
+	set("features", c.Features, c.Features != 0)
+	set("train_samples", c.TrainSamples, c.TrainSamples != 0)
+	set("valid_samples", c.ValidSamples, c.ValidSamples != 0)
+	set("cluster_spread", c.ClusterSpread, c.ClusterSpread != 0)
+	if d != nil {
+		m["sample_shape"] = d.SampleShape
+		m["classes"] = d.Classes
+	}
+	return m, nil
 }
 
 // CollaboratorSpec is one collaborator to run.

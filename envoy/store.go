@@ -16,6 +16,7 @@ const (
 	archiveFile     = "archive"      // the verified archive
 	filesDir        = "files"        // the unpacked archive
 	collaboratorDir = "collaborator" // the collaborator's own state
+	runnerDir       = "runner"       // an exec runner's task directories
 )
 
 // Decisions a record may hold.

@@ -3,9 +3,12 @@ package envoy
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fx-fl/fx/dataset"
 )
 
 func TestBackoffGrowsToCapWithJitter(t *testing.T) {
@@ -88,5 +91,18 @@ func TestAdminSocketDirectoryMustBePrivate(t *testing.T) {
 	e.cfg.AdminSocket = filepath.Join(notSocket, "envoy.sock")
 	if _, err := e.listenAdmin(); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Fatalf("listenAdmin over a regular file: %v", err)
+	}
+}
+
+func TestDataSettingsForExecRunners(t *testing.T) {
+	d := &dataset.Dataset{SampleShape: []int64{28, 28}, Classes: 10}
+	got, err := dataSettings(dataset.Config{Kind: dataset.KindIDX, Path: "data/fmnist", Shard: "2/4", Seed: 7}, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs("data/fmnist")
+	want := map[string]any{"kind": "idx", "path": abs, "shard": "2/4", "seed": int64(7), "sample_shape": []int64{28, 28}, "classes": 10}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("dataSettings = %v, want %v", got, want)
 	}
 }
