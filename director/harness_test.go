@@ -34,7 +34,7 @@ const waitTimeout = 20 * time.Second
 // eventually polls cond until it holds or the deadline passes. Conditions
 // are cheap reads over gRPC or of the director's state; nothing sleeps
 // waiting for a fixed time.
-func eventually(t *testing.T, what string, cond func() bool) {
+func eventually(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(waitTimeout)
 	tick := time.NewTicker(2 * time.Millisecond)
@@ -130,7 +130,7 @@ func (l *fakeLauncher) launches(id string) int {
 }
 
 // agg waits for the experiment's latest aggregator to run.
-func (l *fakeLauncher) agg(t *testing.T, id string, launch int) *fakeAgg {
+func (l *fakeLauncher) agg(t testing.TB, id string, launch int) *fakeAgg {
 	t.Helper()
 	eventually(t, fmt.Sprintf("launch %d of experiment %s", launch, id), func() bool { return l.launches(id) >= launch })
 	l.mu.Lock()
@@ -243,7 +243,7 @@ func (a *fakeAgg) completeRound(t *testing.T) aggregator.RoundSummary {
 	return s
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
@@ -255,7 +255,7 @@ func must(t *testing.T, err error) {
 // fed is a director on loopback with real mTLS certificates from a CA made
 // for the test, and clients for any party.
 type fed struct {
-	t        *testing.T
+	t        testing.TB
 	ca       *pki.CA
 	dataDir  string
 	clock    *fakeClock
@@ -274,7 +274,7 @@ type fed struct {
 	certDir string
 }
 
-func newFed(t *testing.T, mod func(*Config)) *fed {
+func newFed(t testing.TB, mod func(*Config)) *fed {
 	t.Helper()
 	ca, err := pki.InitCA(filepath.Join(t.TempDir(), "ca"), pki.InitOptions{Organization: "test"})
 	if err != nil {
@@ -409,7 +409,7 @@ func (f *fed) researcher(name string) fxv1.DirectorClient { return f.client(pki.
 func (f *fed) admin() fxv1.DirectorClient                 { return f.client(pki.RoleAdmin, "root") }
 func (f *fed) envoy(name string) fxv1.DirectorClient      { return f.client(pki.RoleEnvoy, name) }
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	t.Cleanup(cancel)
 	return ctx
@@ -442,7 +442,7 @@ runner: {kind: builtin, model: mlp}
 `
 
 // archive packs plan (and any extra files) as an experiment archive.
-func archive(t *testing.T, plan string, extra map[string]string) []byte {
+func archive(t testing.TB, plan string, extra map[string]string) []byte {
 	t.Helper()
 	dir := t.TempDir()
 	must(t, os.WriteFile(filepath.Join(dir, experiment.PlanFile), []byte(plan), 0o600))

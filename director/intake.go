@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/fx-fl/fx/director/store"
 	"github.com/fx-fl/fx/experiment"
@@ -87,8 +89,13 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 			_ = os.Remove(tmpPath)
 		}
 	}()
+	began := time.Now()
 	hash := sha256.New()
-	w := io.MultiWriter(tmp, hash)
+	// Writing and hashing run beside the receiving, so the network, TLS
+	// and the disk work at once; at most uploadQueue chunks wait between
+	// them, which bounds the memory an upload takes whatever its size.
+	w := newAsyncWriter(io.MultiWriter(tmp, hash), uploadQueue)
+	defer w.Close()
 	var got int64
 	for {
 		msg, err := stream.Recv()
@@ -116,6 +123,9 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 		}
 		got += int64(len(chunk))
 	}
+	if err := w.Close(); err != nil {
+		return nil, fmt.Errorf("cannot store the upload: %w", err)
+	}
 	if got != h.GetSize() {
 		return nil, fmt.Errorf("the upload ended after %d of the %d bytes the header declared: %w", got, h.GetSize(), ErrInvalidArgument)
 	}
@@ -128,10 +138,12 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 	if err := tmp.Close(); err != nil {
 		return nil, fmt.Errorf("cannot store the upload: %w", err)
 	}
+	received := time.Since(began)
 	man, err := experiment.Inspect(tmpPath, d.cfg.ArchiveLimits)
 	if err != nil {
 		return nil, err
 	}
+	d.log.Debug("upload checked", "owner", owner, "name", name, "bytes", got, "receive", received, "inspect", time.Since(began)-received)
 	if string(man.Plan) != h.GetPlanYaml() {
 		return nil, fmt.Errorf("the header's plan differs from the archive's %s: send the archive's plan.yaml byte for byte: %w", experiment.PlanFile, ErrInvalidArgument)
 	}
@@ -185,3 +197,62 @@ func (d *Director) nameFreeLocked(owner, name string) error {
 
 // newID is a random, URL-safe experiment id (26 characters of base32).
 func newID() string { return strings.ToLower(rand.Text()) }
+
+// uploadQueue is how many received chunks may wait to be written.
+const uploadQueue = 4
+
+// asyncWriter writes in a goroutine of its own. Write hands over the slice
+// (the caller must not reuse it); the first write error is returned by the
+// next Write and by Close.
+type asyncWriter struct {
+	ch     chan []byte
+	done   chan struct{}
+	mu     sync.Mutex
+	err    error
+	closed bool
+}
+
+func newAsyncWriter(w io.Writer, depth int) *asyncWriter {
+	a := &asyncWriter{ch: make(chan []byte, depth), done: make(chan struct{})}
+	go func() {
+		defer close(a.done)
+		for b := range a.ch {
+			if a.failed() != nil {
+				continue
+			}
+			if _, err := w.Write(b); err != nil {
+				a.mu.Lock()
+				a.err = err
+				a.mu.Unlock()
+			}
+		}
+	}()
+	return a
+}
+
+func (a *asyncWriter) failed() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.err
+}
+
+func (a *asyncWriter) Write(b []byte) (int, error) {
+	if err := a.failed(); err != nil {
+		return 0, err
+	}
+	a.ch <- b
+	return len(b), nil
+}
+
+// Close waits for every handed-over chunk to be written. It is safe to
+// call more than once.
+func (a *asyncWriter) Close() error {
+	a.mu.Lock()
+	if !a.closed {
+		a.closed = true
+		close(a.ch)
+	}
+	a.mu.Unlock()
+	<-a.done
+	return a.failed()
+}
