@@ -21,8 +21,8 @@ import (
 
 	"google.golang.org/grpc"
 
-	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
 const benchPlan = "name: big\nrounds: 1\nrunner: {kind: builtin, model: softmax}\n"

@@ -161,7 +161,14 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// Creation times order listings; they are made strictly increasing so
+	// that two submissions within one clock tick still list in order.
 	now := d.clock.Now()
+	for _, e := range d.exps {
+		if !now.After(e.rec.CreatedAt) {
+			now = e.rec.CreatedAt.Add(time.Nanosecond)
+		}
+	}
 	rec := store.Experiment{
 		ID: id, Name: name, Owner: owner, State: fxv1.ExperimentState_PENDING,
 		PlanYAML: h.GetPlanYaml(), ArchiveSize: got, ArchiveSHA256: want,
