@@ -56,11 +56,7 @@ func LoadCSV(c Config) (*Dataset, error) {
 	if err := d.Validate(); err != nil {
 		return nil, fmt.Errorf("%w, in %s", err, c.Path)
 	}
-	if err := applyShard(d, c); err != nil {
-		return nil, err
-	}
-	d.Description += c.describeCut()
-	return d, nil
+	return shardAsConfigured(d, c)
 }
 
 // readCSV parses the whole table. Errors name the file, the line and the

@@ -311,19 +311,6 @@ func ParseShard(s string) (i, n int, err error) {
 	return i, n, nil
 }
 
-// describeCut says how a loader cut its data, for Description.
-func (c Config) describeCut() string {
-	i, n, _ := ParseShard(c.Shard)
-	if n == 1 {
-		return ""
-	}
-	s := fmt.Sprintf(", shard %d/%d", i, n)
-	if c.DirichletAlpha > 0 {
-		s += fmt.Sprintf(" with Dirichlet(%g) label skew", c.DirichletAlpha)
-	}
-	return s + fmt.Sprintf(", seed %d", c.Seed)
-}
-
 // subset gathers the rows of s at idx (kept in ascending order, so a shard
 // reads like the source).
 func subset(s *Split, features int, idx []int) Split {

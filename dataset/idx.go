@@ -70,11 +70,7 @@ func LoadIDX(c Config) (*Dataset, error) {
 	if err := d.Validate(); err != nil {
 		return nil, fmt.Errorf("%w, in %s", err, c.Path)
 	}
-	if err := applyShard(d, c); err != nil {
-		return nil, err
-	}
-	d.Description += c.describeCut()
-	return d, nil
+	return shardAsConfigured(d, c)
 }
 
 // loadIDXPair reads an images file and its labels file into a Split.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 )
 
 // Stream numbers of the random generators, so that the shuffles of different
@@ -22,23 +23,52 @@ func newRand(seed int64, stream uint64) *rand.Rand {
 	return rand.New(rand.NewPCG(uint64(seed), stream))
 }
 
-// applyShard replaces d's splits by shard "i/N" of them, as configured.
-func applyShard(d *Dataset, c Config) error {
+// shardAsConfigured returns the shard of d that c names (d itself when c
+// names none).
+func shardAsConfigured(d *Dataset, c Config) (*Dataset, error) {
 	i, n, err := ParseShard(c.Shard)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if n == 1 {
-		return nil
+		return d, nil
 	}
-	train, valid, err := partition(d.Train.Y, d.Valid.Y, d.Classes, n, c.DirichletAlpha, c.Seed)
+	return d.Shard(i, n, c.DirichletAlpha, c.Seed)
+}
+
+// Shard returns part i (1-based) of n disjoint parts of d, cut as a Config's
+// Shard, DirichletAlpha and Seed cut at load time: loading shard i/n equals
+// loading the whole and calling Shard(i, n, alpha, seed). Simulations use it
+// to cut one data set in memory rather than load it once per site. The
+// validation split is cut with the same label proportions as the training
+// split; d is left unchanged.
+func (d *Dataset) Shard(i, n int, alpha float64, seed int64) (*Dataset, error) {
+	if n < 1 || i < 1 || i > n {
+		return nil, fmt.Errorf("dataset: shard %d/%d: want 1 <= i <= N", i, n)
+	}
+	if alpha < 0 || math.IsNaN(alpha) || math.IsInf(alpha, 0) {
+		return nil, fmt.Errorf("dataset: dirichlet_alpha %v must be positive (or 0 for no skew)", alpha)
+	}
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
+	train, valid, err := partition(d.Train.Y, d.Valid.Y, d.Classes, n, alpha, seed)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	desc := fmt.Sprintf("%s, shard %d/%d", d.Description, i, n)
+	if alpha > 0 {
+		desc += fmt.Sprintf(" with Dirichlet(%g) label skew", alpha)
 	}
 	f := d.Features()
-	d.Train = subset(&d.Train, f, train[i-1])
-	d.Valid = subset(&d.Valid, f, valid[i-1])
-	return nil
+	return &Dataset{
+		Train:       subset(&d.Train, f, train[i-1]),
+		Valid:       subset(&d.Valid, f, valid[i-1]),
+		SampleShape: slices.Clone(d.SampleShape),
+		Classes:     d.Classes,
+		ClassNames:  slices.Clone(d.ClassNames),
+		Description: desc + fmt.Sprintf(", seed %d", seed),
+	}, nil
 }
 
 // partition cuts two label sets into n disjoint parts each that together

@@ -223,3 +223,42 @@ func TestPartitionTooFewSamples(t *testing.T) {
 		t.Error("2 validation samples cut into 4 shards: no error")
 	}
 }
+
+// TestShardMatchesLoad checks that cutting a loaded data set in memory gives
+// the shard a loader gives, so simulations and sites see the same data.
+func TestShardMatchesLoad(t *testing.T) {
+	base := Config{Kind: KindSynthetic, TrainSamples: 900, ValidSamples: 300, Seed: 11}
+	whole, err := Load(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, alpha := range []float64{0, 0.3} {
+		for i := 1; i <= 3; i++ {
+			c := base
+			c.Shard, c.DirichletAlpha = fmt.Sprintf("%d/3", i), alpha
+			loaded, err := Load(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cut, err := whole.Shard(i, 3, alpha, 11)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(loaded.Train.X, cut.Train.X) || !slices.Equal(loaded.Valid.Y, cut.Valid.Y) ||
+				loaded.Description != cut.Description {
+				t.Errorf("alpha %g shard %d: Load and Shard differ (%q vs %q)", alpha, i, loaded.Description, cut.Description)
+			}
+		}
+	}
+	if whole.Train.N != 900 {
+		t.Errorf("Shard changed the whole data set: %d samples", whole.Train.N)
+	}
+	for _, bad := range [][2]int{{0, 3}, {4, 3}, {1, 0}} {
+		if _, err := whole.Shard(bad[0], bad[1], 0, 1); err == nil {
+			t.Errorf("Shard(%d, %d) accepted", bad[0], bad[1])
+		}
+	}
+	if _, err := whole.Shard(1, 2, -1, 1); err == nil {
+		t.Error("negative alpha accepted")
+	}
+}

@@ -62,9 +62,5 @@ func LoadSynthetic(c Config) (*Dataset, error) {
 		Classes:     k,
 		Description: fmt.Sprintf("synthetic Gaussian clusters (%d features, %d classes, spread %g, seed %d)", f, k, c.ClusterSpread, c.Seed),
 	}
-	if err := applyShard(d, c); err != nil {
-		return nil, err
-	}
-	d.Description += c.describeCut()
-	return d, nil
+	return shardAsConfigured(d, c)
 }
