@@ -92,13 +92,13 @@ func (d *Director) replayLocked(env *envoyState) []*fxv1.Assignment {
 			out = append(out, d.startAssignment(e))
 		}
 	}
-	out = append(out, d.stopsLocked(env.running)...)
+	out = append(out, d.stopsLocked(name, env.running)...)
 	return out
 }
 
 // stopsLocked returns a Stop for each experiment in running (as an envoy
 // reported it) that the envoy should not be running.
-func (d *Director) stopsLocked(running []string) []*fxv1.Assignment {
+func (d *Director) stopsLocked(name string, running []string) []*fxv1.Assignment {
 	var out []*fxv1.Assignment
 	for _, id := range running {
 		e := d.exps[id]
@@ -107,6 +107,10 @@ func (d *Director) stopsLocked(running []string) []*fxv1.Assignment {
 			out = append(out, stopAssignment(id, fxv1.ExperimentState_EXPERIMENT_STATE_UNSPECIFIED, "the director does not know this experiment (it was removed)"))
 		case e.rec.Ended():
 			out = append(out, stopAssignment(id, e.rec.State, e.rec.Reason))
+		default:
+			if why := d.notTakingPartLocked(e, name); why != "" {
+				out = append(out, stopAssignment(id, e.rec.State, why))
+			}
 		}
 	}
 	return out
@@ -122,5 +126,23 @@ func (d *Director) heartbeatStopsLocked(env *envoyState, running []string) []*fx
 			fresh = append(fresh, id)
 		}
 	}
-	return d.stopsLocked(fresh)
+	return d.stopsLocked(env.rec.Name, fresh)
+}
+
+// notTakingPartLocked says why an envoy holding a live experiment should let
+// it go, or "" when it may keep it: it was never offered it, declined it,
+// was dropped, or the experiment started without it.
+func (d *Director) notTakingPartLocked(e *expState, envoy string) string {
+	p, ok := e.parts[envoy]
+	switch {
+	case !ok:
+		return "this envoy does not take part in the experiment"
+	case p.State == fxv1.ParticipantState_DECLINED:
+		return "this envoy declined the experiment"
+	case p.State == fxv1.ParticipantState_DROPPED:
+		return "this envoy was dropped from the experiment: " + p.Reason
+	case p.State == fxv1.ParticipantState_INVITED && e.rec.State != fxv1.ExperimentState_OFFERED:
+		return "offer closed: the experiment started without this envoy"
+	}
+	return ""
 }

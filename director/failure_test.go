@@ -51,9 +51,8 @@ func TestReportFailure(t *testing.T) {
 	}{
 		{"empty reason", "a", "", codes.InvalidArgument},
 		{"not a participant", "c", "boom", codes.NotFound},
-		{"unknown experiment", "a", "boom", codes.OK},
 	}
-	for _, tt := range tests[:2] {
+	for _, tt := range tests {
 		if err := report(tt.envoy, tt.reason); code(err) != tt.want {
 			t.Errorf("%s: %v, want %v", tt.name, err, tt.want)
 		}
@@ -65,8 +64,20 @@ func TestReportFailure(t *testing.T) {
 		t.Errorf("naming another envoy: %v", err)
 	}
 
+	// c still holds the archive from the offer: its heartbeat says so, and
+	// the director tells it to let go.
+	must(t, f.heartbeat("c", e.Id))
+	if s := wc.next(t, e.Id, "stop").GetStop(); !strings.Contains(s.GetReason(), "started without this envoy") {
+		t.Errorf("stop for c: %v", s)
+	}
+
 	// One of two participants fails: fewer than participants.min remain.
+	wa := f.watch("a")
+	wa.next(t, e.Id, "start")
 	must(t, report("a", "out of memory"))
+	if s := wa.next(t, e.Id, "stop").GetStop(); !strings.Contains(s.GetReason(), "out of memory") {
+		t.Errorf("stop for a: %v", s)
+	}
 	got := f.waitState(e.Id, fxv1.ExperimentState_FAILED)
 	if !strings.Contains(got.GetReason(), "only 1 participants remain") || !strings.Contains(got.GetReason(), "out of memory") {
 		t.Errorf("reason %q", got.GetReason())

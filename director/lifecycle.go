@@ -2,7 +2,6 @@ package director
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"slices"
@@ -351,8 +350,8 @@ func (d *Director) aggregatorDone(id string, rs *runState, err error) {
 	}
 	e.run = nil
 	e.lastRun = rs
-	if d.stopped || errors.Is(err, context.Canceled) {
-		return
+	if d.stopped {
+		return // shutting down: the experiment resumes at the next start
 	}
 	if err == nil {
 		_ = d.endLocked(e, fxv1.ExperimentState_FINISHED, "")
@@ -425,6 +424,7 @@ func (d *Director) reportFailureLocked(e *expState, envoy string, round int32, r
 		return nil, err
 	}
 	d.log.Warn("participant dropped", "experiment", e.rec.ID, "envoy", envoy, "reason", np.Reason)
+	d.sendLocked(envoy, stopAssignment(e.rec.ID, e.rec.State, "this envoy was dropped from the experiment: "+np.Reason))
 	if e.rec.State != fxv1.ExperimentState_RUNNING {
 		return nil, nil
 	}
