@@ -200,31 +200,11 @@ func TestCorruptArchiveRejected(t *testing.T) {
 	if !slices.Equal(downloads, []download{{"exp-bad", 0}, {"exp-bad", 0}}) {
 		t.Errorf("downloads %v, want two whole downloads (one retry from the start)", downloads)
 	}
-	dir := filepath.Join(s.cfg.WorkDir, "experiments", "exp-bad")
-	for _, f := range []string{archiveFile, partFile, filesDir} {
-		if _, err := os.Stat(filepath.Join(dir, f)); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("%s left behind after rejection (err %v)", f, err)
-		}
-	}
-	// A replayed offer gets the same answer without a new download. (An
-	// offer replayed while the first answer is still in flight is skipped,
-	// so wait for it to land.)
-	eventually(t, "the first answer to complete", func() bool {
-		s.envoy.mu.Lock()
-		defer s.envoy.mu.Unlock()
-		x := s.envoy.exps["exp-bad"]
-		return x != nil && !x.answering
+	// Once the director has the answer nothing of the experiment remains.
+	eventually(t, "the rejected experiment's directory to go", func() bool {
+		_, err := os.Stat(filepath.Join(s.cfg.WorkDir, "experiments", "exp-bad"))
+		return errors.Is(err, os.ErrNotExist)
 	})
-	d.update(func() { delete(d.answers, "site-a/exp-bad") })
-	d.push("site-a", d.offer("exp-bad", archive, plan), false)
-	if a := d.answer("site-a", "exp-bad"); a.GetAccept() {
-		t.Error("replayed offer accepted")
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if len(d.downloads) != 2 {
-		t.Errorf("replayed offer downloaded again: %v", d.downloads)
-	}
 }
 
 func TestReviewPolicies(t *testing.T) {
@@ -616,5 +596,61 @@ func TestExperimentEndedWhileEnvoyWasAwayIsCleanedUp(t *testing.T) {
 	defer second.collab.mu.Unlock()
 	if len(second.collab.starts) != 0 {
 		t.Errorf("collaborator started for an ended experiment")
+	}
+}
+
+func TestRecordedDecisionSentAgainAfterRestart(t *testing.T) {
+	tests := []struct {
+		name     string
+		decision string
+		accept   bool
+	}{
+		{"rejection", decisionReject, false},
+		{"acceptance", decisionAccept, true},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := newFakeDirector(t)
+			cfg := testConfig(t, d, "site-a")
+			id := fmt.Sprintf("exp-d%d", i)
+			plan := fmt.Sprintf(softmaxPlan, "decided")
+			offer := d.offer(id, makeArchive(t, plan, 0), plan)
+			// An earlier envoy decided and died before the answer reached
+			// the director.
+			o := offer.GetOffer()
+			rec := record{ID: id, Name: o.GetName(), Owner: o.GetOwner(), ArchiveSize: o.GetArchiveSize(),
+				ArchiveSHA256: o.GetArchiveSha256(), PlanYAML: plan, Decision: tc.decision, Reason: "decided before the crash"}
+			e := &Envoy{cfg: cfg}
+			if err := e.saveRecord(rec); err != nil {
+				t.Fatal(err)
+			}
+			if tc.accept {
+				files := filepath.Join(cfg.WorkDir, "experiments", id, filesDir)
+				os.MkdirAll(files, 0o700)
+				os.WriteFile(filepath.Join(files, "plan.yaml"), []byte(plan), 0o600)
+			}
+			startSite(t, cfg, nil)
+			d.push("site-a", offer, true)
+			a := d.answer("site-a", id)
+			if a.GetAccept() != tc.accept || a.GetReason() != "decided before the crash" {
+				t.Errorf("answer %v, want the recorded decision", a)
+			}
+			d.mu.Lock()
+			if len(d.downloads) != 0 {
+				t.Errorf("a decided offer was downloaded again: %v", d.downloads)
+			}
+			d.mu.Unlock()
+			dir := filepath.Join(cfg.WorkDir, "experiments", id)
+			if tc.accept {
+				if _, err := os.Stat(dir); err != nil {
+					t.Errorf("an accepted experiment's directory is gone: %v", err)
+				}
+				return
+			}
+			eventually(t, "the rejected experiment's directory to go", func() bool {
+				_, err := os.Stat(dir)
+				return errors.Is(err, os.ErrNotExist)
+			})
+		})
 	}
 }

@@ -119,10 +119,13 @@ func (e *Envoy) onOffer(id string, o *fxv1.Offer) {
 			e.wg.Add(1)
 			go func() {
 				defer e.wg.Done()
-				e.answer(e.runCtx, id, d)
+				delivered := e.answer(e.runCtx, id, d)
 				e.mu.Lock()
 				x.answering = false
 				e.mu.Unlock()
+				if delivered && !d.accept {
+					e.dropRejected(x)
+				}
 			}()
 		}
 		return
@@ -321,9 +324,11 @@ func (e *Envoy) report(ctx context.Context, id string, round int32, reason strin
 	})
 }
 
-// answer sends the data owner's decision, retrying transient errors.
-func (e *Envoy) answer(ctx context.Context, id string, d decision) {
-	e.retry(ctx, "answering the offer", id, func(ctx context.Context) error {
+// answer sends the data owner's decision, retrying transient errors. It
+// reports whether the director has the answer or refused it for good (the
+// offer closed), that is whether nothing is left to send.
+func (e *Envoy) answer(ctx context.Context, id string, d decision) bool {
+	return e.retry(ctx, "answering the offer", id, func(ctx context.Context) error {
 		resp, err := e.client.AnswerOffer(ctx, &fxv1.AnswerOfferRequest{ExperimentId: id, EnvoyName: e.name, Accept: d.accept, Reason: d.reason})
 		if err == nil {
 			e.log.Info("offer answered", "experiment", id, "accept", d.accept, "reason", d.reason, "state", resp.GetState().String())
@@ -333,26 +338,46 @@ func (e *Envoy) answer(ctx context.Context, id string, d decision) {
 }
 
 // retry calls f, each call bounded by the RPC timeout, until it succeeds,
-// fails for good, or ctx ends. Failing for good is an answer the director
-// would repeat (the offer is closed, the envoy takes no part): it is logged
-// and not retried.
-func (e *Envoy) retry(ctx context.Context, what, id string, f func(context.Context) error) {
+// fails for good, or ctx ends; it reports false only in the last case.
+// Failing for good is an answer the director would repeat (the offer is
+// closed, the envoy takes no part): it is logged and not retried.
+func (e *Envoy) retry(ctx context.Context, what, id string, f func(context.Context) error) bool {
 	b := newBackoff(e.cfg.Retry)
 	for {
 		rctx, cancel := e.rpcContext(ctx)
 		err := f(rctx)
 		cancel()
-		if err == nil || ctx.Err() != nil {
-			return
+		if err == nil {
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
 		}
 		if permanent(err) {
 			e.log.Warn(what+": the director refused", "experiment", id, "error", err)
-			return
+			return true
 		}
 		e.log.Debug(what+": retrying", "experiment", id, "error", err)
 		if !b.wait(ctx) {
-			return
+			return false
 		}
+	}
+}
+
+// dropRejected forgets a rejected offer once the director has the answer:
+// the director does not offer a declined experiment again, so its record
+// has no further use. Until then the record stays, so that an envoy
+// restarted before the answer arrived sends the same one.
+func (e *Envoy) dropRejected(x *exp) {
+	e.mu.Lock()
+	cur, ok := e.exps[x.rec.ID]
+	drop := ok && cur == x && x.phase == phaseRejected && !x.answering
+	if drop {
+		delete(e.exps, x.rec.ID)
+	}
+	e.mu.Unlock()
+	if drop {
+		e.removeDir(x.rec.ID)
 	}
 }
 

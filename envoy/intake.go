@@ -60,8 +60,8 @@ func (e *Envoy) intake(ctx context.Context, x *exp, done chan struct{}) {
 		return
 	}
 	if !d.accept {
-		// A rejected archive is of no use here; the record stays so a
-		// replayed offer gets the same answer.
+		// A rejected archive is of no use here; the record stays until the
+		// director has the answer.
 		os.Remove(filepath.Join(e.expDir(rec.ID), archiveFile))
 		os.Remove(filepath.Join(e.expDir(rec.ID), partFile))
 		os.RemoveAll(filepath.Join(e.expDir(rec.ID), filesDir))
@@ -86,10 +86,13 @@ func (e *Envoy) intake(ctx context.Context, x *exp, done chan struct{}) {
 	}
 	e.mu.Unlock()
 	log.Info("offer decided", "accept", d.accept, "reason", d.reason)
-	e.answer(ctx, rec.ID, d)
+	delivered := e.answer(ctx, rec.ID, d)
 	e.mu.Lock()
 	x.answering = false
 	e.mu.Unlock()
+	if delivered && !d.accept {
+		e.dropRejected(x)
+	}
 }
 
 // forget drops an experiment whose review could not finish, so that the
