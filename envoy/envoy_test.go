@@ -424,7 +424,11 @@ func TestRejoinsAfterEnvoyRestart(t *testing.T) {
 	if len(d.failures) != 0 {
 		t.Errorf("stopping the envoy reported failures: %v", d.failures)
 	}
-	_ = second
+	second.collab.mu.Lock()
+	defer second.collab.mu.Unlock()
+	if got := second.collab.starts[0]; got.Plan.Name != "long" || got.Address != "127.0.0.1:1" {
+		t.Errorf("rejoined with %+v", got)
+	}
 }
 
 func TestTwoEnvoysHoldDifferentIDXShards(t *testing.T) {
