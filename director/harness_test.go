@@ -282,7 +282,7 @@ func newFed(t testing.TB, mod func(*Config)) *fed {
 	}
 	f := &fed{t: t, ca: ca, dataDir: t.TempDir(), clock: newFakeClock(), launcher: newFakeLauncher(),
 		cfgMod: mod, clients: map[string]fxv1.DirectorClient{}, certDir: t.TempDir()}
-	files := f.issue(pki.RoleDirector, "director.test", "127.0.0.1", "localhost")
+	files := f.issue(pki.RoleDirector, "director.test", "director.test", "127.0.0.1", "localhost")
 	f.keyring, err = pki.NewKeyring(pki.KeyringConfig{Files: files, CheckInterval: -1})
 	if err != nil {
 		t.Fatal(err)

@@ -130,6 +130,15 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 	if cfg.ServerName == "" {
 		cfg.ServerName = k.Identity().Name
 	}
+	// Envoys check the aggregators' certificate (the director's) against
+	// this name; one the certificate does not carry fails every handshake.
+	if err := k.Certificate().VerifyHostname(cfg.ServerName); err != nil {
+		key := "advertise.server_name"
+		if s.Advertise.ServerName == "" {
+			key += " (default: the certificate's CN)"
+		}
+		return Config{}, fmt.Errorf("%s: %q is not among the names of %s (%v): envoys could not verify the aggregators", key, cfg.ServerName, s.TLS.Cert, err)
+	}
 	cfg.ServerOptions, cfg.AggregatorServerOptions = ServerOptions(k)
 	return cfg, nil
 }

@@ -79,6 +79,9 @@ func TestDirectorStartBadSettings(t *testing.T) {
 		{"grace too short", func(s string) string { return strings.Replace(s, "offline_after: 30s", "offline_after: 5s", 1) }, nil, "offline_after"},
 		{"port range", func(s string) string { return strings.Replace(s, "port_min: 0", "port_min: 900", 1) }, nil, "aggregator.port_min"},
 		{"missing cert", func(s string) string { return strings.Replace(s, "pki/director/localhost.crt", "pki/nope.crt", 1) }, nil, "tls.cert"},
+		{"server name not in certificate", func(s string) string {
+			return strings.Replace(s, `server_name: ""`, "server_name: nope.example", 1)
+		}, nil, "advertise.server_name"},
 		{"flag over file", func(s string) string { return s }, []string{"--review-policy", "maybe"}, "review_policy"},
 		{"not a director certificate", func(s string) string {
 			return strings.NewReplacer("pki/director/localhost.crt", "pki/admin/admin.crt", "pki/director/localhost.key", "pki/admin/admin.key").Replace(s)
