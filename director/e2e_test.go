@@ -4,8 +4,8 @@ import (
 	"path/filepath"
 	"testing"
 
-	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
 // TestRealAggregator runs an experiment with the in-process launcher: the
