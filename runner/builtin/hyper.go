@@ -39,8 +39,9 @@ type Hyperparameters struct {
 	WeightDecay float64
 }
 
-// Defaults for the hyper-parameters a plan leaves out. They train the mlp to
-// about 0.87 test accuracy on Fashion-MNIST in 3 epochs.
+// Defaults for the hyper-parameters a plan leaves out: one epoch of the
+// default mlp at these settings reaches about 0.84 test accuracy on
+// Fashion-MNIST, in well under a second on two cores.
 const (
 	DefaultLR        = 0.05
 	DefaultMomentum  = 0.9
