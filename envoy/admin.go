@@ -158,6 +158,9 @@ func (e *Envoy) serveAdmin(ctx context.Context, ln net.Listener) {
 }
 
 func (e *Envoy) adminExchange(c net.Conn) AdminResponse {
+	if err := checkPeer(c); err != nil {
+		return AdminResponse{Error: err.Error()}
+	}
 	sc := bufio.NewScanner(c)
 	sc.Buffer(make([]byte, 4096), maxAdminRequest)
 	if !sc.Scan() {

@@ -37,7 +37,8 @@
 //   - Offer: the archive is downloaded into the work directory, resuming at
 //     the size of the partial file after any interruption (also across an
 //     envoy restart); verified against the offer's size and sha256; unpacked
-//     with experiment.Unpack, the director's own safety rules; the plan is
+//     with experiment.Unpack, the director's own safety rules, and its
+//     plan.yaml must be the plan the offer showed; the plan is
 //     checked to be runnable here (its runner is built on the site's data:
 //     a built-in model with its hyperparameters, or an exec runner whose
 //     command must resolve inside the experiment or in PATH, and which a
@@ -76,7 +77,9 @@
 // # Admin socket
 //
 // A unix socket, by default <work_dir>/admin/envoy.sock, created 0600 in a
-// directory of mode 0700; a directory other users can enter is refused.
+// directory of mode 0700; a directory other users can enter is refused. On
+// Linux the caller's user is also checked from the kernel's peer credentials
+// (the envoy's user or root).
 // The protocol is one JSON line each way per connection: an AdminRequest
 // ({"command":"pending"}, {"command":"approve","experiment":"NAME"},
 // {"command":"reject","experiment":"NAME","reason":"…"}) and an

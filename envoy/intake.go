@@ -346,6 +346,12 @@ func (e *Envoy) unpack(rec record) (*experiment.Plan, error) {
 	if err != nil {
 		return nil, err
 	}
+	if string(m.Plan) != rec.PlanYAML {
+		// The owner reviews the offer's plan; what runs is the archive's.
+		// They must be the same text (the director checks this at submission).
+		os.RemoveAll(dest)
+		return nil, fmt.Errorf("%w: the archive's plan.yaml differs from the plan in the offer", experiment.ErrInvalidArchive)
+	}
 	plan, err := experiment.ParsePlan(m.Plan)
 	if err != nil {
 		return nil, fmt.Errorf("the archive's plan.yaml: %w", err)
