@@ -51,6 +51,9 @@ func TestRestart(t *testing.T) {
 		before[id] = f.get("", id)
 	}
 	metricsBefore := watchAll(t, f, running.Id, 9)
+	if lr := before[running.Id].GetParticipants()[0].GetLastRound(); lr != 1 {
+		t.Errorf("last_round before restart %d, want 1", lr)
+	}
 
 	f.restart()
 
@@ -61,7 +64,6 @@ func TestRestart(t *testing.T) {
 		for _, x := range []*fxv1.Experiment{a, b} {
 			for _, p := range x.Participants {
 				p.State = fxv1.ParticipantState_PARTICIPANT_STATE_UNSPECIFIED
-				p.LastRound, p.Task = 0, ""
 			}
 		}
 		if !proto.Equal(a, b) {

@@ -89,15 +89,18 @@ type envoyState struct {
 // changed, which is closed and replaced on every append and when the
 // experiment ends.
 type metricLog struct {
-	events  []*fxv1.MetricEvent
-	last    int                        // last round folded in
-	rounds  map[int]map[string]float64 // round → flattened aggregates
-	best    *aggregator.Best
-	changed chan struct{}
+	events []*fxv1.MetricEvent
+	last   int                        // last round folded in
+	rounds map[int]map[string]float64 // round → flattened aggregates
+	// reported is the last round each collaborator's train result counted
+	// in, so a participant's last_round survives a restart.
+	reported map[string]int
+	best     *aggregator.Best
+	changed  chan struct{}
 }
 
 func newMetricLog() *metricLog {
-	return &metricLog{rounds: map[int]map[string]float64{}, changed: make(chan struct{})}
+	return &metricLog{rounds: map[int]map[string]float64{}, reported: map[string]int{}, changed: make(chan struct{})}
 }
 
 func (m *metricLog) round() int { return m.last }
@@ -134,6 +137,9 @@ func (m *metricLog) add(s aggregator.RoundSummary, at time.Time, plan *experimen
 		})
 	}
 	m.rounds[s.Round] = flatten(s.Aggregates)
+	for _, name := range s.Reported {
+		m.reported[name] = s.Round
+	}
 	m.last = s.Round
 	m.notify()
 }
@@ -232,8 +238,11 @@ func (d *Director) toProtoLocked(e *expState) *fxv1.Experiment {
 			}
 		}
 		pp := &fxv1.Participant{Envoy: name, State: state, Reason: p.Reason, LastRound: -1, UpdatedAt: timestamppb.New(p.UpdatedAt)}
+		if r, ok := e.metrics.reported[name]; ok {
+			pp.LastRound = int32(r)
+		}
 		if pr, ok := e.progress[name]; ok {
-			pp.LastRound = int32(pr.LastRound)
+			pp.LastRound = max(pp.LastRound, int32(pr.LastRound))
 			pp.Task = pr.Task
 		}
 		out.Participants = append(out.Participants, pp)
