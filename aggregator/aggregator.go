@@ -1,0 +1,545 @@
+package aggregator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+
+	"github.com/fx-fl/fx/experiment"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/tensor"
+)
+
+// DefaultPollWindow is how long GetTasks holds a call with nothing to hand out.
+const DefaultPollWindow = 20 * time.Second
+
+// Config is what an aggregator needs to run one experiment.
+type Config struct {
+	ExperimentID string
+	Plan         *experiment.Plan
+	// Participants are the accepted envoys' names (their certificates' CNs).
+	Participants []string
+	// InitialModel is round 0's model; ignored when Dir holds a checkpoint.
+	InitialModel tensor.Model
+	// Dir holds checkpoints, models and round summaries (see the package doc).
+	Dir string
+	// Listener is where the Aggregator service is served; Run closes it.
+	Listener net.Listener
+	// ServerOptions secure the server: TLS credentials and the pki
+	// interceptors that authenticate callers and enforce AggregatorRoles.
+	ServerOptions []grpc.ServerOption
+	Sink          Sink
+	Logger        hclog.Logger
+	// PollWindow bounds a GetTasks long poll; DefaultPollWindow when zero.
+	PollWindow time.Duration
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+}
+
+// Aggregator runs one experiment's rounds.
+type Aggregator struct {
+	cfg    Config
+	log    hclog.Logger
+	plan   *experiment.Plan
+	layout tensor.Model // names, dtypes and shapes of the model; no data
+	// acc sums the round's train updates (FedAvg and the server optimisers).
+	acc *tensor.Accumulator
+	// opt is the server optimiser; nil unless the plan names one.
+	opt *tensor.Optimizer
+
+	closeReq chan struct{} // a report arrived: check whether the round may close
+
+	mu       sync.Mutex
+	changed  chan struct{} // closed and replaced on every state change
+	model    tensor.Model  // the global model the current round started from
+	round    *roundState
+	parts    map[string]*participant
+	best     *Best
+	ended    bool   // no more rounds: pollers get QUIT
+	endWhy   string // the reason QUIT carries
+	optSteps int
+}
+
+type participant struct {
+	name      string
+	dropped   string // why, when dropped
+	task      string
+	lastRound int
+	quitSeen  bool
+}
+
+// New checks the configuration and prepares the directory. The model is
+// loaded, or the initial one written, by Run.
+func New(cfg Config) (*Aggregator, error) {
+	switch {
+	case cfg.ExperimentID == "":
+		return nil, errors.New("aggregator: experiment id is empty")
+	case cfg.Plan == nil:
+		return nil, errors.New("aggregator: no plan")
+	case len(cfg.Participants) == 0:
+		return nil, errors.New("aggregator: no participants")
+	case cfg.Dir == "":
+		return nil, errors.New("aggregator: no directory for checkpoints")
+	case cfg.Listener == nil:
+		return nil, errors.New("aggregator: no listener")
+	}
+	if err := cfg.Plan.Validate(); err != nil {
+		return nil, fmt.Errorf("aggregator: %w", err)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.PollWindow <= 0 {
+		cfg.PollWindow = DefaultPollWindow
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Sink == nil {
+		cfg.Sink = nopSink{}
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("aggregator: %w", err)
+	}
+	a := &Aggregator{
+		cfg:      cfg,
+		log:      cfg.Logger.Named("aggregator").With("experiment", cfg.ExperimentID),
+		plan:     cfg.Plan,
+		closeReq: make(chan struct{}, 1),
+		changed:  make(chan struct{}),
+		parts:    map[string]*participant{},
+	}
+	for _, name := range cfg.Participants {
+		a.parts[name] = &participant{name: name, lastRound: -1}
+	}
+	return a, nil
+}
+
+// Run serves the experiment until every round is complete (nil), a round
+// fails (an error saying why), or ctx is cancelled (ctx's error).
+func (a *Aggregator) Run(ctx context.Context) error {
+	if err := a.restore(); err != nil {
+		a.cfg.Listener.Close()
+		return err
+	}
+	srv := grpc.NewServer(a.cfg.ServerOptions...)
+	fxv1.RegisterAggregatorServer(srv, &service{a: a})
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(a.cfg.Listener) }()
+	defer stopServer(srv, 5*time.Second)
+
+	err := a.loop(ctx)
+	a.finish(err)
+	if err == nil || !errors.Is(err, ctx.Err()) {
+		a.lingerForQuit(ctx, serveErr)
+	}
+	return err
+}
+
+// restore loads the checkpoint from Dir, or writes the initial model.
+func (a *Aggregator) restore() error {
+	c, err := readCheckpoint(a.cfg.Dir)
+	if err != nil {
+		return err
+	}
+	completed := 0
+	if c == nil {
+		if len(a.cfg.InitialModel) == 0 {
+			return errors.New("aggregator: no initial model and no checkpoint to resume from")
+		}
+		if err := a.cfg.InitialModel.Validate(); err != nil {
+			return fmt.Errorf("initial model: %w", err)
+		}
+		if err := writeModel(a.cfg.Dir, 0, a.cfg.InitialModel); err != nil {
+			return fmt.Errorf("write initial model: %w", err)
+		}
+		if err := writeCheckpoint(a.cfg.Dir, &checkpoint{ExperimentID: a.cfg.ExperimentID}); err != nil {
+			return err
+		}
+		a.model = a.cfg.InitialModel
+	} else {
+		if c.ExperimentID != a.cfg.ExperimentID {
+			return fmt.Errorf("aggregator: %s holds experiment %s's checkpoint, not %s's", a.cfg.Dir, c.ExperimentID, a.cfg.ExperimentID)
+		}
+		completed = c.Completed
+		a.best = c.Best
+		a.optSteps = c.OptimizerStep
+		lastModel := min(completed, a.plan.Rounds)
+		m, _, err := tensor.ReadFile(ModelPath(a.cfg.Dir, lastModel))
+		if err != nil {
+			return fmt.Errorf("aggregator: resume from round %d: %w", completed, err)
+		}
+		a.model = m
+		a.log.Info("resuming from checkpoint", "completed_round", completed)
+	}
+	a.layout = layoutOf(a.model)
+	if err := a.restoreOptimizer(c != nil); err != nil {
+		return err
+	}
+	if !a.collects() {
+		spill := filepath.Join(a.cfg.Dir, "spool")
+		if err := os.MkdirAll(spill, 0o700); err != nil {
+			return err
+		}
+		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{Layout: a.model, SpillDir: spill})
+		if err != nil {
+			return fmt.Errorf("aggregator: %w", err)
+		}
+		a.acc = acc
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if completed >= a.lastRound() {
+		a.ended, a.endWhy = true, "the experiment has finished"
+		return nil
+	}
+	a.startRound(completed + 1)
+	return nil
+}
+
+// lastRound is the number of the final round: the plan's rounds, plus one
+// validation-only round that scores the final model when the plan validates
+// the aggregated model.
+func (a *Aggregator) lastRound() int {
+	if slices.Contains(a.plan.Tasks, runner.TaskAggregatedValidation) {
+		return a.plan.Rounds + 1
+	}
+	return a.plan.Rounds
+}
+
+// tasksFor is the task list of a round.
+func (a *Aggregator) tasksFor(round int) []string {
+	if round > a.plan.Rounds {
+		return []string{runner.TaskAggregatedValidation}
+	}
+	return a.plan.Tasks
+}
+
+// startRound opens round n. Callers hold a.mu.
+func (a *Aggregator) startRound(n int) {
+	if a.acc != nil {
+		a.acc.Reset()
+	}
+	a.round = newRoundState(n, a.tasksFor(n), a.cfg.Now().Add(a.plan.Stragglers.Deadline.Std()))
+	a.log.Info("round started", "round", n, "tasks", a.round.tasks)
+	a.broadcast()
+}
+
+// broadcast wakes every long poll. Callers hold a.mu.
+func (a *Aggregator) broadcast() {
+	close(a.changed)
+	a.changed = make(chan struct{})
+}
+
+// loop closes rounds one after another.
+func (a *Aggregator) loop(ctx context.Context) error {
+	for {
+		a.mu.Lock()
+		if a.ended {
+			a.mu.Unlock()
+			return nil
+		}
+		r := a.round
+		a.mu.Unlock()
+
+		timer := time.NewTimer(max(0, r.deadline.Sub(a.cfg.Now())))
+		atDeadline := false
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				return ctx.Err()
+			case <-timer.C:
+				atDeadline = true
+				break wait
+			case <-a.closeReq:
+				a.mu.Lock()
+				ready := a.readyToClose(r)
+				a.mu.Unlock()
+				if ready {
+					timer.Stop()
+					break wait
+				}
+			}
+		}
+		if err := a.closeRound(r, atDeadline); err != nil {
+			return err
+		}
+	}
+}
+
+// active lists the participants that have not been dropped. Callers hold a.mu.
+func (a *Aggregator) active() []string {
+	var out []string
+	for name, p := range a.parts {
+		if p.dropped == "" {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// readyToClose applies the straggler policy before the deadline: the round
+// closes once every active participant has reported all its tasks, or once
+// the plan's percentage of them has (and at least min_reporting). Callers
+// hold a.mu.
+func (a *Aggregator) readyToClose(r *roundState) bool {
+	active := a.active()
+	complete := 0
+	for _, name := range active {
+		if r.completedAll(name) {
+			complete++
+		}
+	}
+	if len(active) > 0 && complete == len(active) {
+		return true
+	}
+	need := max(a.plan.Stragglers.MinReporting, int(math.Ceil(a.plan.Stragglers.Percent*float64(len(active))-1e-9)))
+	return complete >= need && complete > 0
+}
+
+// Drop removes a participant that failed: the current round stops waiting
+// for it and it gets no more tasks.
+func (a *Aggregator) Drop(collaborator, reason string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	p := a.parts[collaborator]
+	if p == nil || p.dropped != "" {
+		return
+	}
+	if reason == "" {
+		reason = "dropped"
+	}
+	p.dropped = reason
+	a.log.Warn("participant dropped", "collaborator", collaborator, "reason", reason)
+	a.broadcast()
+	a.requestClose()
+}
+
+// requestClose asks the loop to re-check the round. Never blocks.
+func (a *Aggregator) requestClose() {
+	select {
+	case a.closeReq <- struct{}{}:
+	default:
+	}
+}
+
+// closeRound turns the round's reports into the next model, persists it, and
+// opens the next round or ends the experiment.
+func (a *Aggregator) closeRound(r *roundState, atDeadline bool) error {
+	a.mu.Lock()
+	r.closed = true // uploads from now on are late
+	a.mu.Unlock()
+	r.committing.Wait()
+
+	a.mu.Lock()
+	results := slices.Clone(r.results)
+	trainers := sortedKeys(r.trainers)
+	var missing []string
+	for _, name := range a.active() {
+		if !r.completedAll(name) {
+			missing = append(missing, name)
+		}
+	}
+	a.mu.Unlock()
+
+	training := r.number <= a.plan.Rounds
+	if training && len(trainers) < a.plan.Stragglers.MinReporting {
+		why := "deadline"
+		if !atDeadline {
+			why = "loss of participants"
+		}
+		return fmt.Errorf("round %d closed at its %s with %d of the %d train results stragglers.min_reporting requires (missing: %v)",
+			r.number, why, len(trainers), a.plan.Stragglers.MinReporting, missing)
+	}
+
+	model := a.model
+	if training {
+		next, err := a.aggregate(r)
+		if err != nil {
+			return fmt.Errorf("round %d: aggregation failed: %w", r.number, err)
+		}
+		model = next
+		if err := writeModel(a.cfg.Dir, r.number, model); err != nil {
+			return fmt.Errorf("round %d: write model: %w", r.number, err)
+		}
+		if a.opt != nil {
+			if err := tensor.WriteFile(optimizerPath(a.cfg.Dir), a.opt.State(), a.opt.Metadata()); err != nil {
+				return fmt.Errorf("round %d: write optimiser state: %w", r.number, err)
+			}
+		}
+	}
+	summary := RoundSummary{
+		Round:      r.number,
+		Results:    results,
+		Aggregates: aggregateMetrics(results),
+		Reported:   trainers,
+		Missing:    missing,
+	}
+	best := a.scoreBest(summary)
+	if err := writeJSON(RoundPath(a.cfg.Dir, r.number), summary); err != nil {
+		return fmt.Errorf("round %d: write summary: %w", r.number, err)
+	}
+	if err := writeCheckpoint(a.cfg.Dir, &checkpoint{ExperimentID: a.cfg.ExperimentID, Completed: r.number, Best: best, OptimizerStep: a.optSteps}); err != nil {
+		return fmt.Errorf("round %d: write checkpoint: %w", r.number, err)
+	}
+	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates)
+	a.cfg.Sink.RoundCompleted(summary, best)
+
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.model, a.best = model, best
+	if r.number >= a.lastRound() {
+		a.ended, a.endWhy = true, "the experiment has finished"
+		a.broadcast()
+		return nil
+	}
+	a.startRound(r.number + 1)
+	return nil
+}
+
+// scoreBest updates the best model from a round's aggregates. The aggregated
+// model validation of round n scores the model round n started from (round
+// n-1's); the other tasks score round n's own.
+func (a *Aggregator) scoreBest(s RoundSummary) *Best {
+	rule := a.plan.BestModel
+	value, ok := s.Aggregates[rule.Task][rule.Metric]
+	if !ok {
+		return a.best
+	}
+	round := s.Round
+	if rule.Task == runner.TaskAggregatedValidation {
+		round--
+	}
+	if round > a.plan.Rounds {
+		return a.best
+	}
+	better := a.best == nil ||
+		(rule.Mode == "max" && value > a.best.Value) ||
+		(rule.Mode == "min" && value < a.best.Value)
+	if !better {
+		return a.best
+	}
+	return &Best{Round: round, Metric: rule.Metric, Value: value}
+}
+
+// finish marks the experiment ended so pollers get QUIT.
+func (a *Aggregator) finish(err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.ended {
+		a.ended = true
+		a.endWhy = "the experiment has stopped"
+		if err != nil {
+			a.endWhy = "the experiment failed: " + err.Error()
+		}
+	}
+	a.broadcast()
+}
+
+// lingerForQuit keeps serving briefly so that every collaborator still
+// polling hears QUIT instead of finding the aggregator gone.
+func (a *Aggregator) lingerForQuit(ctx context.Context, serveErr <-chan error) {
+	deadline := time.NewTimer(min(a.cfg.PollWindow, 5*time.Second))
+	defer deadline.Stop()
+	for {
+		a.mu.Lock()
+		all := true
+		for _, p := range a.parts {
+			if p.dropped == "" && !p.quitSeen {
+				all = false
+			}
+		}
+		ch := a.changed
+		a.mu.Unlock()
+		if all {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			return
+		case <-ctx.Done():
+			return
+		case <-serveErr:
+			return
+		}
+	}
+}
+
+func stopServer(srv *grpc.Server, timeout time.Duration) {
+	done := make(chan struct{})
+	go func() { srv.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+		srv.Stop()
+	}
+}
+
+// layoutOf keeps a model's names, dtypes and shapes without its data.
+func layoutOf(m tensor.Model) tensor.Model {
+	out := make(tensor.Model, len(m))
+	for i, t := range m {
+		out[i] = &tensor.Tensor{Name: t.Name, DType: t.DType, Shape: slices.Clone(t.Shape)}
+	}
+	return out
+}
+
+type nopSink struct{}
+
+func (nopSink) RoundCompleted(RoundSummary, *Best) {}
+func (nopSink) Progress(Progress)                  {}
+
+// restoreOptimizer sets up the plan's server optimiser, from its saved state
+// when resuming. Plan hyper-parameters left at zero take the optimiser's
+// defaults.
+func (a *Aggregator) restoreOptimizer(resuming bool) error {
+	kind := tensor.OptimizerKind(a.plan.Aggregation.Algorithm)
+	switch kind {
+	case tensor.FedAdam, tensor.FedYogi, tensor.FedAdagrad:
+	default:
+		return nil
+	}
+	cfg := tensor.DefaultOptimizerConfig(kind)
+	p := a.plan.Aggregation
+	for _, o := range []struct {
+		dst *float64
+		v   float64
+	}{{&cfg.LR, p.LR}, {&cfg.Beta1, p.Beta1}, {&cfg.Beta2, p.Beta2}, {&cfg.Tau, p.Tau}} {
+		if o.v != 0 {
+			*o.dst = o.v
+		}
+	}
+	if resuming && a.optSteps > 0 {
+		state, meta, err := tensor.ReadFile(optimizerPath(a.cfg.Dir))
+		if err != nil {
+			return fmt.Errorf("aggregator: resume optimiser state: %w", err)
+		}
+		opt, err := tensor.RestoreOptimizer(cfg, a.layout, state, meta)
+		if err != nil {
+			return fmt.Errorf("aggregator: resume optimiser state: %w", err)
+		}
+		a.opt = opt
+		return nil
+	}
+	opt, err := tensor.NewOptimizer(cfg, a.layout)
+	if err != nil {
+		return fmt.Errorf("aggregator: %w", err)
+	}
+	a.opt = opt
+	return nil
+}

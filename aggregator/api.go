@@ -1,0 +1,82 @@
+// Package aggregator runs one experiment's rounds: it hands tasks to the
+// experiment's collaborators by long poll, streams them the global model,
+// folds their uploads into the next model as the bytes arrive, closes each
+// round under the plan's straggler policy, and checkpoints after every round
+// so a restarted aggregator resumes from the next one.
+//
+// The director starts one Aggregator per running experiment (Config → New →
+// Run) and learns what happens through a Sink. Everything durable lives in
+// Config.Dir:
+//
+//	checkpoint.json             the last completed round, the best round, the optimiser's step
+//	optimizer.safetensors       server-optimiser state (fedadam, fedyogi, fedadagrad)
+//	models/round-NNNNNN.safetensors   the global model after round N (0: the initial model)
+//	rounds/round-NNNNNN.json    round N's results and aggregated metrics
+//
+// Model and round files are written before checkpoint.json names their round,
+// each atomically, so a crash at any point leaves a consistent checkpoint.
+package aggregator
+
+import (
+	"fmt"
+	"path/filepath"
+)
+
+// TaskResult is one collaborator's report for one task in one round.
+type TaskResult struct {
+	Collaborator string             `json:"collaborator"`
+	Task         string             `json:"task"`
+	Samples      int64              `json:"samples"`
+	Metrics      map[string]float64 `json:"metrics"`
+}
+
+// RoundSummary is a completed round: every result that counted, and per task
+// the sample-weighted mean of each metric over the collaborators.
+type RoundSummary struct {
+	Round      int                           `json:"round"`
+	Results    []TaskResult                  `json:"results"`
+	Aggregates map[string]map[string]float64 `json:"aggregates"`
+	// Reported lists the collaborators whose train result went into the
+	// round's model; Missing those that did not report before it closed.
+	Reported []string `json:"reported"`
+	Missing  []string `json:"missing,omitempty"`
+}
+
+// Best is the best model so far by the plan's best_model rule.
+type Best struct {
+	Round  int     `json:"round"`
+	Metric string  `json:"metric"`
+	Value  float64 `json:"value"`
+}
+
+// Progress is a live, not durable, view of one collaborator.
+type Progress struct {
+	Collaborator string
+	Round        int
+	// Task is the task it was last handed, or "" when idle.
+	Task string
+	// LastRound is the last round whose every task it reported; -1 if none.
+	LastRound int
+}
+
+// Sink receives what the aggregator does. Calls come from the aggregator's
+// goroutines, one at a time, and must not block for long.
+type Sink interface {
+	// RoundCompleted is called once round's checkpoint is durable.
+	RoundCompleted(summary RoundSummary, best *Best)
+	// Progress is called when a collaborator takes or finishes a task.
+	Progress(p Progress)
+}
+
+// ModelPath is where the global model after round is kept (0: the initial model).
+func ModelPath(dir string, round int) string {
+	return filepath.Join(dir, "models", fmt.Sprintf("round-%06d.safetensors", round))
+}
+
+// RoundPath is where round's summary is kept.
+func RoundPath(dir string, round int) string {
+	return filepath.Join(dir, "rounds", fmt.Sprintf("round-%06d.json", round))
+}
+
+func checkpointPath(dir string) string { return filepath.Join(dir, "checkpoint.json") }
+func optimizerPath(dir string) string  { return filepath.Join(dir, "optimizer.safetensors") }

@@ -1,0 +1,161 @@
+package aggregator
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/fx-fl/fx/tensor"
+)
+
+// checkpoint is the durable record of an aggregator's progress. It is written
+// last after a round, once the round's model and summary are on disk, so the
+// round it names is always complete.
+type checkpoint struct {
+	ExperimentID string `json:"experiment_id"`
+	// Completed is the last completed round; 0 when only the initial model exists.
+	Completed int   `json:"completed"`
+	Best      *Best `json:"best,omitempty"`
+	// OptimizerStep counts server-optimiser steps taken (fedadam & co.).
+	OptimizerStep int `json:"optimizer_step,omitempty"`
+}
+
+func readCheckpoint(dir string) (*checkpoint, error) {
+	data, err := os.ReadFile(checkpointPath(dir))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read checkpoint: %w", err)
+	}
+	var c checkpoint
+	if err := json.Unmarshal(data, &c); err != nil {
+		return nil, fmt.Errorf("checkpoint %s is corrupt: %w", checkpointPath(dir), err)
+	}
+	return &c, nil
+}
+
+func writeCheckpoint(dir string, c *checkpoint) error {
+	return writeJSON(checkpointPath(dir), c)
+}
+
+// writeJSON writes v to path atomically: a temporary file in the same
+// directory, synced, then renamed over path.
+func writeJSON(path string, v any) error {
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(path, data)
+}
+
+func writeFileAtomic(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path)+"-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("install %s: %w", path, err)
+	}
+	return syncDir(filepath.Dir(path))
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// writeModel stores a round's global model.
+func writeModel(dir string, round int, m tensor.Model) error {
+	path := ModelPath(dir, round)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return tensor.WriteFile(path, m, map[string]string{"fx.round": fmt.Sprint(round)})
+}
+
+// History returns the completed rounds kept in an aggregator directory, in
+// order, and the best model so far. A directory without a checkpoint has no
+// history. The director uses it to rebuild an experiment's metric log after a
+// restart: it is derived from the same files the aggregator resumes from, so
+// nothing is lost or repeated.
+func History(dir string) ([]RoundSummary, *Best, error) {
+	c, err := readCheckpoint(dir)
+	if err != nil || c == nil {
+		return nil, nil, err
+	}
+	out := make([]RoundSummary, 0, c.Completed)
+	for r := 1; r <= c.Completed; r++ {
+		data, err := os.ReadFile(RoundPath(dir, r))
+		if err != nil {
+			return nil, nil, fmt.Errorf("round %d summary: %w", r, err)
+		}
+		var s RoundSummary
+		if err := json.Unmarshal(data, &s); err != nil {
+			return nil, nil, fmt.Errorf("round %d summary %s is corrupt: %w", r, RoundPath(dir, r), err)
+		}
+		out = append(out, s)
+	}
+	return out, c.Best, nil
+}
+
+// aggregateMetrics is, per task, the sample-weighted mean of each metric over
+// the results that reported it. A task whose results all have zero samples is
+// averaged unweighted.
+func aggregateMetrics(results []TaskResult) map[string]map[string]float64 {
+	type acc struct{ sum, weight float64 }
+	sums := map[string]map[string]*acc{}
+	plain := map[string]map[string]*acc{}
+	for _, r := range results {
+		for k, v := range r.Metrics {
+			for _, m := range []map[string]map[string]*acc{sums, plain} {
+				if m[r.Task] == nil {
+					m[r.Task] = map[string]*acc{}
+				}
+				if m[r.Task][k] == nil {
+					m[r.Task][k] = &acc{}
+				}
+			}
+			sums[r.Task][k].sum += v * float64(r.Samples)
+			sums[r.Task][k].weight += float64(r.Samples)
+			plain[r.Task][k].sum += v
+			plain[r.Task][k].weight++
+		}
+	}
+	out := map[string]map[string]float64{}
+	for task, metrics := range sums {
+		out[task] = map[string]float64{}
+		for k, a := range metrics {
+			if a.weight > 0 {
+				out[task][k] = a.sum / a.weight
+			} else {
+				p := plain[task][k]
+				out[task][k] = p.sum / p.weight
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,157 @@
+package aggregator
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/fx-fl/fx/tensor"
+)
+
+// roundState is one round's reports, guarded by the aggregator's mutex.
+type roundState struct {
+	number   int
+	tasks    []string
+	deadline time.Time
+
+	closed   bool
+	reported map[string]map[string]bool // collaborator → task → result counted
+	inflight map[string]map[string]bool // collaborator → task → upload in progress
+	results  []TaskResult
+	trainers map[string]bool
+	// committing counts accepted train uploads still folding into the sum;
+	// the round's close waits for them.
+	committing sync.WaitGroup
+	// updates holds whole train updates for median and trimmed mean.
+	updates []tensor.Model
+}
+
+func newRoundState(n int, tasks []string, deadline time.Time) *roundState {
+	return &roundState{
+		number:   n,
+		tasks:    tasks,
+		deadline: deadline,
+		reported: map[string]map[string]bool{},
+		inflight: map[string]map[string]bool{},
+		trainers: map[string]bool{},
+	}
+}
+
+// remaining lists the tasks a collaborator still owes, in plan order.
+func (r *roundState) remaining(name string) []string {
+	var out []string
+	for _, t := range r.tasks {
+		if !r.reported[name][t] {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+func (r *roundState) completedAll(name string) bool { return len(r.remaining(name)) == 0 }
+
+func mark(m map[string]map[string]bool, name, task string, v bool) {
+	if m[name] == nil {
+		m[name] = map[string]bool{}
+	}
+	m[name][task] = v
+}
+
+// stage receives one train upload's chunks, after the wire decoder has
+// checked them against the model's layout, and counts the upload only on
+// Commit: a refused upload never reaches the round's model.
+type stage interface {
+	AddChunk(name string, elem int64, raw []byte, dtype tensor.DType) error
+	Commit(weight float64) error
+	Discard()
+}
+
+// newStage picks how the round keeps a train upload. FedAvg and the server
+// optimisers fold it into the Accumulator's running sum, staged on disk
+// while it streams, so memory holds about one model however many
+// collaborators upload at once. Median and trimmed mean need every update
+// at the round's close: they keep each one whole in memory, N models for N
+// collaborators.
+func (a *Aggregator) newStage(r *roundState) (stage, error) {
+	if a.collects() {
+		return &collectStage{a: a, r: r, model: newLike(a.layout)}, nil
+	}
+	return a.acc.Begin()
+}
+
+// collects reports whether the algorithm needs every update at once.
+func (a *Aggregator) collects() bool {
+	alg := a.plan.Aggregation.Algorithm
+	return alg == "median" || alg == "trimmed_mean"
+}
+
+// collectStage assembles an update in memory for median and trimmed mean.
+type collectStage struct {
+	a     *Aggregator
+	r     *roundState
+	model tensor.Model
+}
+
+func (s *collectStage) AddChunk(name string, elem int64, raw []byte, dtype tensor.DType) error {
+	t := s.model.Get(name)
+	if t == nil || t.DType != dtype {
+		return fmt.Errorf("unknown tensor %q", name)
+	}
+	if err := tensor.CheckFiniteRaw(raw, dtype, elem); err != nil {
+		return fmt.Errorf("tensor %q: %w", name, err)
+	}
+	copy(t.Data[elem*int64(dtype.Size()):], raw)
+	return nil
+}
+
+func (s *collectStage) Commit(float64) error {
+	s.a.mu.Lock()
+	defer s.a.mu.Unlock()
+	s.r.updates = append(s.r.updates, s.model)
+	return nil
+}
+
+func (s *collectStage) Discard() { s.model = nil }
+
+// newLike allocates a zeroed model with layout's tensors.
+func newLike(layout tensor.Model) tensor.Model {
+	out := make(tensor.Model, len(layout))
+	for i, t := range layout {
+		out[i] = tensor.New(t.Name, t.DType, t.Shape)
+	}
+	return out
+}
+
+// aggregate computes the round's new global model with the plan's algorithm.
+func (a *Aggregator) aggregate(r *roundState) (tensor.Model, error) {
+	switch a.plan.Aggregation.Algorithm {
+	case "median":
+		return tensor.Median(r.updates)
+	case "trimmed_mean":
+		return tensor.TrimmedMean(r.updates, a.plan.Aggregation.Trim)
+	}
+	avg, err := a.acc.Mean()
+	if err != nil {
+		return nil, err
+	}
+	if a.opt == nil {
+		return avg, nil
+	}
+	next, err := a.opt.Step(a.model, avg)
+	if err != nil {
+		return nil, err
+	}
+	a.optSteps++
+	return next, nil
+}
+
+// sortedKeys returns a map's keys in order.
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}

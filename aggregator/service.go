@@ -1,0 +1,299 @@
+package aggregator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/tensor"
+)
+
+// service is the Aggregator gRPC service of one experiment.
+type service struct {
+	fxv1.UnimplementedAggregatorServer
+	a *Aggregator
+}
+
+// participant checks that the request is for this experiment and comes from
+// one of its participants, named by its certificate.
+func (s *service) participant(ctx context.Context, experimentID, collaborator string) (string, error) {
+	if experimentID != s.a.cfg.ExperimentID {
+		return "", status.Errorf(codes.NotFound, "this aggregator serves experiment %s, not %q", s.a.cfg.ExperimentID, experimentID)
+	}
+	if err := pki.RequireCaller(ctx, collaborator); err != nil {
+		return "", err
+	}
+	s.a.mu.Lock()
+	_, ok := s.a.parts[collaborator]
+	s.a.mu.Unlock()
+	if !ok {
+		return "", status.Errorf(codes.PermissionDenied, "envoy %s is not a participant of experiment %s", collaborator, experimentID)
+	}
+	return collaborator, nil
+}
+
+// GetTasks is the long poll described in the protocol.
+func (s *service) GetTasks(ctx context.Context, req *fxv1.GetTasksRequest) (*fxv1.GetTasksResponse, error) {
+	name, err := s.participant(ctx, req.GetExperimentId(), req.GetCollaborator())
+	if err != nil {
+		return nil, err
+	}
+	a := s.a
+	window := time.NewTimer(a.cfg.PollWindow)
+	defer window.Stop()
+	for {
+		a.mu.Lock()
+		p := a.parts[name]
+		if a.ended || p.dropped != "" {
+			reason := a.endWhy
+			if p.dropped != "" {
+				reason = "dropped from the experiment: " + p.dropped
+			}
+			p.quitSeen = true
+			a.broadcast()
+			a.mu.Unlock()
+			return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_QUIT, Reason: reason}, nil
+		}
+		r := a.round
+		if tasks := r.remaining(name); !r.closed && len(tasks) > 0 {
+			p.task = tasks[0]
+			progress := a.progressOf(p)
+			a.mu.Unlock()
+			a.cfg.Sink.Progress(progress)
+			return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_RUN, Round: int32(r.number), Tasks: tasks}, nil
+		}
+		changed := a.changed
+		a.mu.Unlock()
+		select {
+		case <-changed:
+		case <-window.C:
+			return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_WAIT}, nil
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+	}
+}
+
+func (a *Aggregator) progressOf(p *participant) Progress {
+	return Progress{Collaborator: p.name, Round: a.round.number, Task: p.task, LastRound: p.lastRound}
+}
+
+// FetchModel streams the model a round starts from.
+func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator_FetchModelServer) error {
+	if _, err := s.participant(stream.Context(), req.GetExperimentId(), req.GetCollaborator()); err != nil {
+		return err
+	}
+	round := int(req.GetRound())
+	a := s.a
+	a.mu.Lock()
+	current, model := a.round.number, a.model
+	if a.ended {
+		current = a.lastRound() + 1
+	}
+	a.mu.Unlock()
+	switch {
+	case round == current:
+	case round >= 1 && round < current:
+		m, _, err := tensor.ReadFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)))
+		if err != nil {
+			return status.Errorf(codes.NotFound, "the model of round %d is not kept: %v", round, err)
+		}
+		model = m
+	default:
+		return status.Errorf(codes.NotFound, "round %d has not started (current round: %d)", round, current)
+	}
+	header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(model)), Bytes: model.Bytes()}
+	if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
+		return err
+	}
+	return sendModel(model, func(f *fxv1.TensorFrame) error {
+		return stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Frame{Frame: f}})
+	})
+}
+
+// UploadResult receives one task's result; see the protocol for the rules.
+func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error {
+	first, err := stream.Recv()
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "upload ended before its header: %v", err)
+	}
+	h := first.GetHeader()
+	if h == nil {
+		return status.Error(codes.InvalidArgument, "an upload must start with a ResultHeader")
+	}
+	name, err := s.participant(stream.Context(), h.GetExperimentId(), h.GetCollaborator())
+	if err != nil {
+		return err
+	}
+	if err := checkHeader(h); err != nil {
+		return err
+	}
+	a := s.a
+	r, err := a.openUpload(name, h)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		a.mu.Lock()
+		mark(r.inflight, name, h.Task, false)
+		a.mu.Unlock()
+	}()
+
+	train := runner.IsTrain(h.Task)
+	var st stage
+	if train {
+		if st, err = a.newStage(r); err != nil {
+			return status.Errorf(codes.Internal, "stage upload: %v", err)
+		}
+		if err := receiveModel(a.layout, st, func() (*fxv1.TensorFrame, error) {
+			msg, err := stream.Recv()
+			if err != nil {
+				return nil, err
+			}
+			if msg.GetFrame() == nil {
+				return nil, status.Error(codes.InvalidArgument, "a second ResultHeader in one upload")
+			}
+			return msg.GetFrame(), nil
+		}); err != nil {
+			st.Discard()
+			return uploadError(err)
+		}
+	} else if msg, err := stream.Recv(); err != io.EOF {
+		if err != nil {
+			return err
+		}
+		_ = msg
+		return status.Errorf(codes.InvalidArgument, "task %s returns metrics only, but the upload carries tensors", h.Task)
+	}
+
+	result := TaskResult{Collaborator: name, Task: h.Task, Samples: h.SampleCount, Metrics: h.Metrics}
+	if err := a.countResult(r, result, st); err != nil {
+		return err
+	}
+	a.mu.Lock()
+	remaining := r.remaining(name)
+	a.mu.Unlock()
+	return stream.SendAndClose(&fxv1.UploadResultResponse{RemainingTasks: remaining})
+}
+
+// checkHeader validates what a header says on its own.
+func checkHeader(h *fxv1.ResultHeader) error {
+	if err := runner.ValidateTaskName(h.Task); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	if h.SampleCount < 0 {
+		return status.Errorf(codes.InvalidArgument, "sample count %d is negative", h.SampleCount)
+	}
+	if runner.IsTrain(h.Task) && h.SampleCount == 0 {
+		return status.Error(codes.InvalidArgument, "a train result must report the samples it trained on (sample_count > 0): FedAvg weighs updates by it")
+	}
+	for _, k := range sortedKeys(h.Metrics) {
+		if v := h.Metrics[k]; math.IsNaN(v) || math.IsInf(v, 0) {
+			return status.Errorf(codes.InvalidArgument, "metric %q is %v; metrics must be finite", k, v)
+		}
+	}
+	return nil
+}
+
+// openUpload checks that the result is due in the current round and marks
+// it in flight, so a concurrent duplicate is refused.
+func (a *Aggregator) openUpload(name string, h *fxv1.ResultHeader) (*roundState, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r := a.round
+	switch {
+	case a.ended:
+		return nil, status.Error(codes.FailedPrecondition, "the experiment has ended; the result is late")
+	case int(h.Round) != r.number:
+		return nil, status.Errorf(codes.FailedPrecondition, "result for round %d refused: the current round is %d", h.Round, r.number)
+	case r.closed:
+		return nil, status.Errorf(codes.FailedPrecondition, "round %d has closed; the result is late", r.number)
+	case a.parts[name].dropped != "":
+		return nil, status.Errorf(codes.FailedPrecondition, "envoy %s was dropped from the experiment: %s", name, a.parts[name].dropped)
+	case !slices.Contains(r.tasks, h.Task):
+		return nil, status.Errorf(codes.InvalidArgument, "task %s is not part of round %d (tasks: %v)", h.Task, r.number, r.tasks)
+	case r.reported[name][h.Task]:
+		return nil, status.Errorf(codes.AlreadyExists, "%s already reported %s in round %d", name, h.Task, r.number)
+	case r.inflight[name][h.Task]:
+		return nil, status.Errorf(codes.AlreadyExists, "an upload of %s for round %d from %s is already in progress", h.Task, r.number, name)
+	}
+	mark(r.inflight, name, h.Task, true)
+	return r, nil
+}
+
+// countResult commits a received result, unless its round closed meanwhile.
+func (a *Aggregator) countResult(r *roundState, result TaskResult, st stage) error {
+	a.mu.Lock()
+	if r.closed || a.round != r {
+		a.mu.Unlock()
+		if st != nil {
+			st.Discard()
+		}
+		return status.Errorf(codes.FailedPrecondition, "round %d closed while the result was arriving; it is late", r.number)
+	}
+	r.committing.Add(1)
+	a.mu.Unlock()
+	defer r.committing.Done()
+
+	if st != nil {
+		if err := st.Commit(float64(result.Samples)); err != nil {
+			st.Discard()
+			return status.Errorf(codes.InvalidArgument, "update refused: %v", err)
+		}
+	}
+	a.mu.Lock()
+	p := a.parts[result.Collaborator]
+	mark(r.reported, result.Collaborator, result.Task, true)
+	r.results = append(r.results, result)
+	if st != nil {
+		r.trainers[result.Collaborator] = true
+	}
+	p.task = ""
+	if r.completedAll(result.Collaborator) {
+		p.lastRound = r.number
+	}
+	progress := a.progressOf(p)
+	a.broadcast()
+	a.mu.Unlock()
+	a.cfg.Sink.Progress(progress)
+	a.requestClose()
+	return nil
+}
+
+// uploadError turns a failed tensor stream into a status that says why.
+func uploadError(err error) error {
+	if _, ok := status.FromError(err); ok && status.Code(err) != codes.Unknown {
+		return err
+	}
+	if errors.Is(err, io.EOF) {
+		return status.Error(codes.InvalidArgument, "the upload ended before the model was complete")
+	}
+	return status.Error(codes.InvalidArgument, fmt.Sprintf("update refused: %v", err))
+}
+
+// sendModel streams a model as tensor frames.
+func sendModel(m tensor.Model, send func(*fxv1.TensorFrame) error) error {
+	return tensor.SendModel(m, send)
+}
+
+// receiveModel checks an uploaded model against the layout frame by frame
+// and hands each chunk to the stage.
+func receiveModel(layout tensor.Model, st stage, recv func() (*fxv1.TensorFrame, error)) error {
+	_, err := tensor.Receive(tensor.DecoderConfig{
+		Layout: layout,
+		OnChunk: func(h *tensor.Tensor, elem int64, data []byte) error {
+			return st.AddChunk(h.Name, elem, data, h.DType)
+		},
+	}, recv)
+	return err
+}

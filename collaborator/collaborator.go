@@ -1,0 +1,364 @@
+// Package collaborator runs one envoy's part of one experiment: it asks the
+// experiment's aggregator for tasks (a long poll, never a sleep loop),
+// downloads the round's global model as a stream, runs each task through a
+// runner.Runner, and streams the results back.
+//
+// Network trouble is normal: every call has a deadline, failed calls are
+// retried with capped exponential backoff and jitter, and a result that was
+// computed is re-sent, not recomputed. A collaborator restarted mid-round
+// asks for its tasks again and gets only those it has not reported; the
+// weights its train task produced are kept in its work directory so the
+// locally-tuned validation can still run after a restart.
+package collaborator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/tensor"
+)
+
+// Config is what a collaborator needs.
+type Config struct {
+	ExperimentID string
+	// Name is the envoy's name, its certificate's CN.
+	Name string
+	// Address is the aggregator's host:port.
+	Address string
+	// DialOptions carry the TLS credentials (the envoy's certificate, the
+	// federation CA, the aggregator's expected server name).
+	DialOptions []grpc.DialOption
+	Runner      runner.Runner
+	// WorkDir keeps the weights of the current round's train task.
+	WorkDir string
+	Logger  hclog.Logger
+	// MaxUnreachable bounds how long the aggregator may stay unreachable
+	// before Run gives up; DefaultMaxUnreachable when zero.
+	MaxUnreachable time.Duration
+	// CallTimeout bounds each call other than the long poll and the
+	// transfers; DefaultCallTimeout when zero.
+	CallTimeout time.Duration
+}
+
+// Defaults for Config.
+const (
+	DefaultMaxUnreachable = 30 * time.Minute
+	DefaultCallTimeout    = 30 * time.Second
+	// pollTimeout bounds a GetTasks long poll; the server answers WAIT well
+	// before it.
+	pollTimeout = 2 * time.Minute
+	// transferTimeout bounds a model download or a result upload.
+	transferTimeout = 30 * time.Minute
+	backoffMin      = 200 * time.Millisecond
+	backoffMax      = 15 * time.Second
+)
+
+// Collaborator runs one experiment's tasks at one site.
+type Collaborator struct {
+	cfg    Config
+	log    hclog.Logger
+	conn   *grpc.ClientConn
+	client fxv1.AggregatorClient
+
+	// the round whose global model is held, and the model
+	modelRound int
+	model      tensor.Model
+	// the current round's trained weights, if the train task ran
+	trainedRound int
+	trained      tensor.Model
+}
+
+// New checks the configuration and prepares the connection (gRPC connects
+// lazily, on the first call).
+func New(cfg Config) (*Collaborator, error) {
+	switch {
+	case cfg.ExperimentID == "":
+		return nil, errors.New("collaborator: experiment id is empty")
+	case cfg.Name == "":
+		return nil, errors.New("collaborator: name is empty")
+	case cfg.Address == "":
+		return nil, errors.New("collaborator: aggregator address is empty")
+	case cfg.Runner == nil:
+		return nil, errors.New("collaborator: no task runner")
+	case cfg.WorkDir == "":
+		return nil, errors.New("collaborator: no work directory")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.MaxUnreachable <= 0 {
+		cfg.MaxUnreachable = DefaultMaxUnreachable
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = DefaultCallTimeout
+	}
+	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
+		return nil, fmt.Errorf("collaborator: %w", err)
+	}
+	conn, err := grpc.NewClient(cfg.Address, cfg.DialOptions...)
+	if err != nil {
+		return nil, fmt.Errorf("collaborator: aggregator address %q: %w", cfg.Address, err)
+	}
+	return &Collaborator{
+		cfg:    cfg,
+		log:    cfg.Logger.Named("collaborator").With("experiment", cfg.ExperimentID),
+		conn:   conn,
+		client: fxv1.NewAggregatorClient(conn),
+	}, nil
+}
+
+// Quit is returned by Run when the aggregator said the experiment is over
+// for this collaborator; Reason says why (finished, cancelled, failed,
+// dropped).
+type Quit struct{ Reason string }
+
+func (q *Quit) Error() string { return "aggregator said quit: " + q.Reason }
+
+// Run takes part in rounds until the aggregator says QUIT (a *Quit error,
+// which callers may treat as the normal end), a task or call fails for good,
+// the aggregator stays unreachable for MaxUnreachable, or ctx is cancelled.
+func (c *Collaborator) Run(ctx context.Context) error {
+	defer c.conn.Close()
+	c.log.Info("joining experiment", "aggregator", c.cfg.Address)
+	for {
+		var resp *fxv1.GetTasksResponse
+		err := c.retry(ctx, "ask for tasks", func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, pollTimeout)
+			defer cancel()
+			var err error
+			resp, err = c.client.GetTasks(ctx, &fxv1.GetTasksRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name})
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		switch resp.GetAction() {
+		case fxv1.GetTasksResponse_WAIT:
+			continue
+		case fxv1.GetTasksResponse_QUIT:
+			c.log.Info("leaving experiment", "reason", resp.GetReason())
+			c.cleanTrained()
+			return &Quit{Reason: resp.GetReason()}
+		case fxv1.GetTasksResponse_RUN:
+			if err := c.runRound(ctx, int(resp.GetRound()), resp.GetTasks()); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("aggregator answered with unknown action %v", resp.GetAction())
+		}
+	}
+}
+
+// runRound runs a round's remaining tasks in order.
+func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) error {
+	if err := c.fetchModel(ctx, round); err != nil {
+		return err
+	}
+	for _, task := range tasks {
+		start := time.Now()
+		res, err := c.runTask(ctx, runner.Task{Name: task, Round: round})
+		if err != nil {
+			return fmt.Errorf("round %d, task %s: %w", round, task, err)
+		}
+		c.log.Info("task done", "round", round, "task", task, "samples", res.Samples, "metrics", res.Metrics, "took", time.Since(start).Round(time.Millisecond))
+		late, err := c.upload(ctx, round, task, res)
+		if err != nil {
+			return err
+		}
+		if late {
+			return nil // the round moved on: ask for tasks again
+		}
+	}
+	return nil
+}
+
+// runTask runs one task on the right model.
+func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Result, error) {
+	switch task.Name {
+	case runner.TaskTrain:
+		res, err := c.cfg.Runner.Train(ctx, task, c.model.Clone())
+		if err != nil {
+			return res, err
+		}
+		if err := c.model.Matches(res.Model); err != nil {
+			return res, fmt.Errorf("the runner's trained model does not match the global model: %w", err)
+		}
+		c.trained, c.trainedRound = res.Model, task.Round
+		if err := tensor.WriteFile(c.trainedPath(), res.Model, map[string]string{"fx.round": fmt.Sprint(task.Round)}); err != nil {
+			return res, fmt.Errorf("keep trained weights: %w", err)
+		}
+		return res, nil
+	case runner.TaskLocalValidation:
+		trained, err := c.trainedWeights(ctx, task.Round)
+		if err != nil {
+			return runner.Result{}, err
+		}
+		return c.cfg.Runner.Validate(ctx, task, trained)
+	default:
+		return c.cfg.Runner.Validate(ctx, task, c.model)
+	}
+}
+
+// trainedWeights returns this round's trained weights: from memory, from the
+// work directory after a restart, or by training again — the built-in
+// runners are deterministic, so that gives the same weights.
+func (c *Collaborator) trainedWeights(ctx context.Context, round int) (tensor.Model, error) {
+	if c.trained != nil && c.trainedRound == round {
+		return c.trained, nil
+	}
+	if m, meta, err := tensor.ReadFile(c.trainedPath()); err == nil && meta["fx.round"] == fmt.Sprint(round) {
+		c.trained, c.trainedRound = m, round
+		return m, nil
+	}
+	c.log.Info("trained weights of this round were lost; training again for the local validation", "round", round)
+	res, err := c.cfg.Runner.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: round}, c.model.Clone())
+	if err != nil {
+		return nil, err
+	}
+	c.trained, c.trainedRound = res.Model, round
+	return res.Model, nil
+}
+
+func (c *Collaborator) trainedPath() string { return filepath.Join(c.cfg.WorkDir, "trained.safetensors") }
+
+func (c *Collaborator) cleanTrained() { os.Remove(c.trainedPath()) }
+
+// fetchModel downloads the round's global model unless it is held already.
+func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
+	if c.model != nil && c.modelRound == round {
+		return nil
+	}
+	return c.retry(ctx, fmt.Sprintf("download the round %d model", round), func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, transferTimeout)
+		defer cancel()
+		stream, err := c.client.FetchModel(ctx, &fxv1.FetchModelRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name, Round: int32(round)})
+		if err != nil {
+			return err
+		}
+		first, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if first.GetHeader() == nil {
+			return status.Error(codes.Internal, "model stream did not start with a header")
+		}
+		// The header's size bounds what the frames may announce.
+		m, err := tensor.Receive(tensor.DecoderConfig{MaxBytes: first.GetHeader().GetBytes()}, func() (*fxv1.TensorFrame, error) {
+			msg, err := stream.Recv()
+			if err != nil {
+				return nil, err
+			}
+			return msg.GetFrame(), nil
+		})
+		if err != nil {
+			return err
+		}
+		if int32(len(m)) != first.GetHeader().GetTensors() {
+			return status.Errorf(codes.DataLoss, "model stream announced %d tensors, delivered %d", first.GetHeader().GetTensors(), len(m))
+		}
+		c.model, c.modelRound = m, round
+		return nil
+	})
+}
+
+// upload sends a result, retrying on transient errors. late reports that
+// the round closed without it, which is not an error: the collaborator
+// carries on with the next round.
+func (c *Collaborator) upload(ctx context.Context, round int, task string, res runner.Result) (late bool, err error) {
+	err = c.retry(ctx, "upload "+task, func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, transferTimeout)
+		defer cancel()
+		stream, err := c.client.UploadResult(ctx)
+		if err != nil {
+			return err
+		}
+		header := &fxv1.ResultHeader{
+			ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name,
+			Round: int32(round), Task: task, SampleCount: res.Samples, Metrics: res.Metrics,
+		}
+		if err := stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Header{Header: header}}); err != nil {
+			_, err = stream.CloseAndRecv()
+			return err
+		}
+		if runner.IsTrain(task) {
+			err := tensor.SendModel(res.Model, func(f *fxv1.TensorFrame) error {
+				return stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Frame{Frame: f}})
+			})
+			if err != nil && !errors.Is(err, io.EOF) {
+				return err
+			}
+		}
+		_, err = stream.CloseAndRecv()
+		return err
+	})
+	switch status.Code(err) {
+	case codes.OK:
+		return false, nil
+	case codes.AlreadyExists:
+		// Reported before a restart or a lost answer: the aggregator has it.
+		return false, nil
+	case codes.FailedPrecondition:
+		c.log.Warn("result not counted", "round", round, "task", task, "reason", status.Convert(err).Message())
+		return true, nil
+	}
+	return false, err
+}
+
+// transient reports whether a failed call is worth repeating.
+func transient(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted, codes.Internal, codes.Unknown, codes.DataLoss:
+		return true
+	}
+	return false
+}
+
+// retry calls f until it succeeds, fails for good, or the aggregator has
+// been unreachable for MaxUnreachable. The log says once that the
+// aggregator is unreachable and once that it is back, not at every attempt.
+func (c *Collaborator) retry(ctx context.Context, what string, f func(context.Context) error) error {
+	var since time.Time
+	delay := backoffMin
+	for {
+		err := f(ctx)
+		if err == nil || !transient(err) || ctx.Err() != nil {
+			if err == nil && !since.IsZero() {
+				c.log.Info("aggregator reachable again", "after", time.Since(since).Round(time.Second))
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil && status.Code(err) != codes.AlreadyExists && status.Code(err) != codes.FailedPrecondition {
+				return fmt.Errorf("%s: %w", what, err)
+			}
+			return err
+		}
+		if since.IsZero() {
+			since = time.Now()
+			c.log.Warn("aggregator unreachable; retrying with backoff", "call", what, "error", status.Convert(err).Message())
+		}
+		if time.Since(since) > c.cfg.MaxUnreachable {
+			return fmt.Errorf("%s: aggregator unreachable for %s: %w", what, c.cfg.MaxUnreachable, err)
+		}
+		jittered := delay/2 + rand.N(delay/2+1)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(jittered):
+		}
+		delay = min(2*delay, backoffMax)
+	}
+}
