@@ -232,7 +232,9 @@ func (c *Collaborator) trainedWeights(ctx context.Context, round int) (tensor.Mo
 	return res.Model, nil
 }
 
-func (c *Collaborator) trainedPath() string { return filepath.Join(c.cfg.WorkDir, "trained.safetensors") }
+func (c *Collaborator) trainedPath() string {
+	return filepath.Join(c.cfg.WorkDir, "trained.safetensors")
+}
 
 func (c *Collaborator) cleanTrained() { os.Remove(c.trainedPath()) }
 
