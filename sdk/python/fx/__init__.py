@@ -1,0 +1,1 @@
+"""fx: the notebook client for an fx federation."""
