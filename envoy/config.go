@@ -31,9 +31,11 @@ const (
 const (
 	DefaultWorkDir        = "./envoy-work"
 	DefaultMaxExperiments = 1
-	DefaultRPCTimeout     = 15 * time.Second
-	DefaultRetryInitial   = 500 * time.Millisecond
-	DefaultRetryMax       = 30 * time.Second
+	// DefaultMaxArchiveBytes matches the director's default limit.
+	DefaultMaxArchiveBytes = 2 << 30
+	DefaultRPCTimeout      = 15 * time.Second
+	DefaultRetryInitial    = 500 * time.Millisecond
+	DefaultRetryMax        = 30 * time.Second
 )
 
 // DirectorConfig says where the director listens.
@@ -104,6 +106,9 @@ type Config struct {
 	WorkDir string `mapstructure:"work_dir"`
 	// MaxExperiments is how many experiments the envoy runs at once.
 	MaxExperiments int `mapstructure:"max_experiments"`
+	// MaxArchiveBytes bounds the archive of an offer the envoy downloads;
+	// a larger one is rejected before a byte is written.
+	MaxArchiveBytes int64 `mapstructure:"max_archive_bytes"`
 	// Tags label the data so researchers can select it ("fashion-mnist").
 	Tags []string `mapstructure:"tags"`
 	// Shard is the site's data; it is loaded at start-up, so missing or
@@ -137,12 +142,13 @@ type Config struct {
 // DefaultConfig returns the defaults that a configuration file overrides.
 func DefaultConfig() Config {
 	return Config{
-		WorkDir:        DefaultWorkDir,
-		MaxExperiments: DefaultMaxExperiments,
-		Review:         ReviewConfig{Policy: PolicyAuto},
-		Exec:           ExecConfig{Allow: true},
-		RPCTimeout:     DefaultRPCTimeout,
-		Retry:          RetryConfig{Initial: DefaultRetryInitial, Max: DefaultRetryMax},
+		WorkDir:         DefaultWorkDir,
+		MaxExperiments:  DefaultMaxExperiments,
+		MaxArchiveBytes: DefaultMaxArchiveBytes,
+		Review:          ReviewConfig{Policy: PolicyAuto},
+		Exec:            ExecConfig{Allow: true},
+		RPCTimeout:      DefaultRPCTimeout,
+		Retry:           RetryConfig{Initial: DefaultRetryInitial, Max: DefaultRetryMax},
 	}
 }
 
@@ -194,6 +200,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxExperiments < 1 {
 		add("max_experiments must be at least 1, got %d", c.MaxExperiments)
+	}
+	if c.MaxArchiveBytes < 1 {
+		add("max_archive_bytes must be positive, got %d", c.MaxArchiveBytes)
 	}
 	for i, t := range c.Tags {
 		if strings.TrimSpace(t) == "" {

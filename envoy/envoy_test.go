@@ -233,6 +233,7 @@ func TestReviewPolicies(t *testing.T) {
 		{"exec runner whose command is there", PolicyAuto, execArchive, execYAML, true, "auto review policy"},
 		{"exec runner refused by the site", PolicyAuto, execArchive, execYAML, false, "exec runners are not allowed at this site"},
 		{"exec runner without its command", PolicyAuto, makeArchive(t, missingYAML, 0), missingYAML, false, "missing.sh"},
+		{"archive over the site's limit", PolicyAuto, makeArchive(t, plan, 4*archiveChunk), plan, false, "over this site's limit"},
 		{"offer's plan is not the archive's", PolicyAuto, other, plan, false, "differs from the plan in the offer"},
 		{"hyperparameters the builtin model refuses", PolicyAuto, makeArchive(t, strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), 0), strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), false, "cannot run the plan"},
 	}
@@ -242,6 +243,9 @@ func TestReviewPolicies(t *testing.T) {
 			cfg := testConfig(t, d, name)
 			cfg.Review.Policy = tc.policy
 			cfg.Exec.Allow = !strings.Contains(tc.name, "refused by the site")
+			if strings.Contains(tc.name, "limit") {
+				cfg.MaxArchiveBytes = 2 * archiveChunk
+			}
 			if tc.policy == PolicyAllowlist {
 				cfg.Review.Allowlist = allow
 			}

@@ -121,6 +121,9 @@ func (e *Envoy) review(ctx context.Context, x *exp, done chan struct{}) (decisio
 	if rec.ArchiveSize <= 0 {
 		return decision{reason: fmt.Sprintf("the offer's archive_size %d is not positive", rec.ArchiveSize)}, nil
 	}
+	if rec.ArchiveSize > e.cfg.MaxArchiveBytes {
+		return decision{reason: fmt.Sprintf("the archive is %d bytes, over this site's limit of %d (max_archive_bytes)", rec.ArchiveSize, e.cfg.MaxArchiveBytes)}, nil
+	}
 	if err := e.fetchArchive(ctx, rec); err != nil {
 		var de *digestError
 		if errors.As(err, &de) {
