@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -35,7 +37,7 @@ func envoyCerts(t *testing.T) (envoyFiles, researcher pki.Files) {
 	return issue(pki.RoleEnvoy, "envoy-1"), issue(pki.RoleResearcher, "rita")
 }
 
-func writeConfig(t *testing.T, body string) string {
+func writeEnvoyConfig(t *testing.T, body string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "envoy.yaml")
 	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
@@ -59,13 +61,13 @@ func TestEnvoyStartRefusesBadSettings(t *testing.T) {
 		want []string
 	}{
 		{"no such file", filepath.Join(t.TempDir(), "missing.yaml"), nil, []string{"missing.yaml", "does not exist"}},
-		{"unknown key", writeConfig(t, base(good, synthetic+"shard_colour: blue\n")), nil, []string{`unknown key "shard_colour"`}},
-		{"malformed yaml", writeConfig(t, base(good, synthetic+"tags: [unclosed\n")), nil, []string{"envoy.yaml"}},
-		{"wrong type", writeConfig(t, base(good, synthetic+"max_experiments: lots\n")), nil, []string{"max_experiments"}},
-		{"missing data", writeConfig(t, base(good, "shard: {kind: idx, path: /nonexistent/fashion}\n")), nil, []string{"shard", "/nonexistent/fashion"}},
-		{"certificate of another role", writeConfig(t, base(researcher, synthetic)), nil, []string{`role "researcher"`}},
-		{"name not the CN", writeConfig(t, base(good, synthetic+"name: envoy-2\n")), nil, []string{"envoy-2", "envoy-1"}},
-		{"bad policy from a flag", writeConfig(t, base(good, synthetic)), []string{"--review-policy", "sometimes"}, []string{"review.policy", "sometimes"}},
+		{"unknown key", writeEnvoyConfig(t, base(good, synthetic+"shard_colour: blue\n")), nil, []string{`unknown key "shard_colour"`}},
+		{"malformed yaml", writeEnvoyConfig(t, base(good, synthetic+"tags: [unclosed\n")), nil, []string{"envoy.yaml"}},
+		{"wrong type", writeEnvoyConfig(t, base(good, synthetic+"max_experiments: lots\n")), nil, []string{"max_experiments"}},
+		{"missing data", writeEnvoyConfig(t, base(good, "shard: {kind: idx, path: /nonexistent/fashion}\n")), nil, []string{"shard", "/nonexistent/fashion"}},
+		{"certificate of another role", writeEnvoyConfig(t, base(researcher, synthetic)), nil, []string{`role "researcher"`}},
+		{"name not the CN", writeEnvoyConfig(t, base(good, synthetic+"name: envoy-2\n")), nil, []string{"envoy-2", "envoy-1"}},
+		{"bad policy from a flag", writeEnvoyConfig(t, base(good, synthetic)), []string{"--review-policy", "sometimes"}, []string{"review.policy", "sometimes"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -103,7 +105,7 @@ func TestEnvoyAdminCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(work) })
-	cfgFile := writeConfig(t, "director: {address: 127.0.0.1:1}\n"+
+	cfgFile := writeEnvoyConfig(t, "director: {address: 127.0.0.1:1}\n"+
 		"tls: {cert: "+files.Cert+", key: "+files.Key+", ca: "+files.CA+"}\n"+
 		"work_dir: "+work+"\nreview: {policy: manual}\n"+
 		"shard: {kind: synthetic, train_samples: 20, valid_samples: 4}\n")
@@ -163,4 +165,73 @@ func TestEnvoyAdminCommands(t *testing.T) {
 	if _, err := run(t, "envoy", "pending", "--socket", filepath.Join(work, "nope.sock")); err == nil || !strings.Contains(err.Error(), "is the envoy running") {
 		t.Errorf("fx envoy pending on a dead socket: %v", err)
 	}
+}
+
+func TestEnvoyStartRunsUntilCancelled(t *testing.T) {
+	files, _ := envoyCerts(t)
+	work, err := os.MkdirTemp("", "fx-envoy-start-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(work) })
+	cfgFile := writeEnvoyConfig(t, "director: {address: 127.0.0.1:1}\n"+
+		"tls: {cert: "+files.Cert+", key: "+files.Key+", ca: "+files.CA+"}\n"+
+		"work_dir: "+work+"\n"+
+		"shard: {kind: synthetic, train_samples: 20, valid_samples: 4}\n")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cmd := newRootCommand()
+	var out envoyLogBuffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	cmd.SetArgs([]string{"--log-level", "debug", "envoy", "start", "--config", cfgFile, "--tags", "a,b"})
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+
+	// Wait until the envoy serves its admin socket and has tried the
+	// (unreachable) director.
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(out.String(), "cannot reach the director") {
+		if time.Now().After(deadline) {
+			t.Fatalf("envoy did not start:\n%s", out.String())
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("fx envoy start ended: %v\n%s", err, out.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if _, err := run(t, "envoy", "pending", "--socket", filepath.Join(work, "admin", "envoy.sock")); err != nil {
+		t.Errorf("fx envoy pending against the started envoy: %v", err)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("fx envoy start after cancellation: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("fx envoy start did not stop")
+	}
+	if !strings.Contains(out.String(), "envoy stopped") || !strings.Contains(out.String(), "envoy=envoy-1") {
+		t.Errorf("log:\n%s", out.String())
+	}
+}
+
+// envoyLogBuffer is a bytes.Buffer safe for the logger's goroutines.
+type envoyLogBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *envoyLogBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *envoyLogBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
