@@ -28,6 +28,7 @@ const (
 	AdminPending = "pending"
 	AdminApprove = "approve"
 	AdminReject  = "reject"
+	AdminStatus  = "status"
 )
 
 // adminIOTimeout bounds one admin exchange, so a stuck client cannot hold a
@@ -61,6 +62,34 @@ type AdminResponse struct {
 	Pending []PendingOffer `json:"pending,omitempty"`
 	// Decided is the offer a decision was given for (approve, reject).
 	Decided *PendingOffer `json:"decided,omitempty"`
+	// Status is the envoy's state (command status).
+	Status *Status `json:"status,omitempty"`
+}
+
+// Status is what an envoy is doing, for its operator.
+type Status struct {
+	Name     string `json:"name"`
+	Director string `json:"director"`
+	// Connected reports whether the last session with the director is up.
+	Connected bool   `json:"connected"`
+	Data      string `json:"data"`
+	Review    string `json:"review"`
+	// Experiments are the experiments the envoy holds, by id.
+	Experiments []ExperimentStatus `json:"experiments"`
+}
+
+// ExperimentStatus is one experiment at this envoy.
+type ExperimentStatus struct {
+	ID    string `json:"id"`
+	Name  string `json:"name"`
+	Owner string `json:"owner"`
+	// Phase is reviewing, pending, accepted, rejected, running, finished
+	// or failed.
+	Phase string `json:"phase"`
+	// Reason is the decision's reason, once decided.
+	Reason string `json:"reason,omitempty"`
+	// Aggregator is where its collaborator connects, once started.
+	Aggregator string `json:"aggregator,omitempty"`
 }
 
 // PendingOffer is an offer awaiting the data owner's decision, with what the
@@ -173,6 +202,9 @@ func (e *Envoy) adminExchange(c net.Conn) AdminResponse {
 	switch req.Command {
 	case AdminPending:
 		return AdminResponse{OK: true, Pending: e.Pending()}
+	case AdminStatus:
+		st := e.Status()
+		return AdminResponse{OK: true, Status: &st}
 	case AdminApprove, AdminReject:
 		p, err := e.Decide(req.Experiment, req.Command == AdminApprove, req.Reason)
 		if err != nil {
@@ -180,7 +212,30 @@ func (e *Envoy) adminExchange(c net.Conn) AdminResponse {
 		}
 		return AdminResponse{OK: true, Decided: &p}
 	}
-	return AdminResponse{Error: fmt.Sprintf("unknown command %q: use %s, %s or %s", req.Command, AdminPending, AdminApprove, AdminReject)}
+	return AdminResponse{Error: fmt.Sprintf("unknown command %q: use %s, %s, %s or %s", req.Command, AdminPending, AdminApprove, AdminReject, AdminStatus)}
+}
+
+// Status reports the connection and every experiment the envoy holds.
+func (e *Envoy) Status() Status {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := Status{
+		Name:        e.name,
+		Director:    e.cfg.Director.Address,
+		Connected:   e.link == linkUp,
+		Data:        e.data.String(),
+		Review:      e.cfg.Review.Policy,
+		Experiments: []ExperimentStatus{},
+	}
+	for _, x := range e.exps {
+		es := ExperimentStatus{ID: x.rec.ID, Name: x.rec.Name, Owner: x.rec.Owner, Phase: string(x.phase), Reason: x.rec.Reason}
+		if x.start != nil && (x.phase == phaseRunning || x.phase == phaseFinished || x.phase == phaseFailed) {
+			es.Aggregator = x.start.GetAggregatorAddress()
+		}
+		st.Experiments = append(st.Experiments, es)
+	}
+	slices.SortFunc(st.Experiments, func(a, b ExperimentStatus) int { return strings.Compare(a.ID, b.ID) })
+	return st
 }
 
 // Pending lists the offers awaiting the data owner, oldest first.

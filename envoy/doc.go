@@ -82,8 +82,9 @@
 // (the envoy's user or root).
 // The protocol is one JSON line each way per connection: an AdminRequest
 // ({"command":"pending"}, {"command":"approve","experiment":"NAME"},
-// {"command":"reject","experiment":"NAME","reason":"…"}) and an
-// AdminResponse ({"ok":true,"pending":[…]} or {"ok":false,"error":"…"}).
+// {"command":"reject","experiment":"NAME","reason":"…"},
+// {"command":"status"}) and an AdminResponse ({"ok":true,"pending":[…]},
+// {"ok":true,"status":{…}} or {"ok":false,"error":"…"}).
 // NAME is an experiment id, a name, or owner/name. AdminCall is the client.
 //
 // # Work directory

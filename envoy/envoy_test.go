@@ -354,6 +354,15 @@ func TestStartRunsCollaboratorAndStopCleans(t *testing.T) {
 	if spec.Name != "site-a" || spec.Address != "127.0.0.1:1" || spec.ServerName != "director" || spec.Plan.Name != "run" {
 		t.Errorf("collaborator spec %+v", spec)
 	}
+	resp, err := AdminCall(context.Background(), s.cfg.AdminSocketPath(), AdminRequest{Command: AdminStatus})
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	st := resp.Status
+	if !st.Connected || st.Name != "site-a" || len(st.Experiments) != 1 ||
+		st.Experiments[0].Phase != "running" || st.Experiments[0].Aggregator != "127.0.0.1:1" || st.Experiments[0].Name != "run" {
+		t.Errorf("status %+v", st)
+	}
 	// A replayed Start is a no-op.
 	d.push("site-a", startAssignment("exp-r"), false)
 	d.push("site-a", stopAssignment("exp-r"), false)

@@ -45,7 +45,7 @@ Under the manual policy, offers wait until someone at the site runs
 commands talk to the running envoy through its admin socket, which only the
 envoy's user can open.`,
 	}
-	cmd.AddCommand(newEnvoyStartCommand(opts), newEnvoyPendingCommand(), newEnvoyDecideCommand(true), newEnvoyDecideCommand(false))
+	cmd.AddCommand(newEnvoyStartCommand(opts), newEnvoyStatusCommand(), newEnvoyPendingCommand(), newEnvoyDecideCommand(true), newEnvoyDecideCommand(false))
 	return cmd
 }
 
@@ -138,6 +138,57 @@ func adminCall(ctx context.Context, s *socketFlags, req envoy.AdminRequest) (env
 	ctx, cancel := context.WithTimeout(ctx, adminTimeout)
 	defer cancel()
 	return envoy.AdminCall(ctx, socket, req)
+}
+
+func newEnvoyStatusCommand() *cobra.Command {
+	var sf socketFlags
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the running envoy's connection and experiments",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			resp, err := adminCall(cmd.Context(), &sf, envoy.AdminRequest{Command: envoy.AdminStatus})
+			if err != nil {
+				return err
+			}
+			st := resp.Status
+			if st == nil {
+				return errors.New("the envoy answered without a status")
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			conn := "connected to"
+			if !st.Connected {
+				conn = "not connected to"
+			}
+			fmt.Fprintf(out, "envoy %s, %s the director at %s\ndata: %s\nreview policy: %s\n", st.Name, conn, st.Director, st.Data, st.Review)
+			if len(st.Experiments) == 0 {
+				_, err := fmt.Fprintln(out, "no experiments")
+				return err
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "\nID\tNAME\tOWNER\tPHASE\tAGGREGATOR\tREASON")
+			for _, x := range st.Experiments {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", x.ID, x.Name, x.Owner, x.Phase, dash(x.Aggregator), dash(x.Reason))
+			}
+			return tw.Flush()
+		},
+	}
+	sf.add(cmd.Flags())
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON, for programs")
+	return cmd
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func newEnvoyPendingCommand() *cobra.Command {

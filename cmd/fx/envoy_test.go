@@ -152,7 +152,11 @@ func TestEnvoyAdminCommands(t *testing.T) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-	out, err := run(t, "envoy", "pending", "--socket", socket, "--json")
+	out, err := run(t, "envoy", "status", "--socket", socket)
+	if err != nil || !strings.Contains(out, "envoy envoy-1, not connected to the director at 127.0.0.1:1") || !strings.Contains(out, "no experiments") {
+		t.Errorf("fx envoy status = %q, %v", out, err)
+	}
+	out, err = run(t, "envoy", "pending", "--socket", socket, "--json")
 	if err != nil || strings.TrimSpace(out) != "[]" {
 		t.Errorf("fx envoy pending --json = %q, %v", out, err)
 	}
