@@ -1,0 +1,339 @@
+package experiment
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+
+	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// Client defaults. They are applied by Dial to the zero fields of
+// ClientConfig.
+const (
+	// DefaultConnectTimeout bounds how long Dial waits to reach the director
+	// and hear back from it: a wrong address or a director that is down
+	// fails with a message naming the address instead of hanging.
+	DefaultConnectTimeout = 10 * time.Second
+	// DefaultCallTimeout bounds a unary call (Get, List, Cancel, ...) whose
+	// context has no deadline of its own.
+	DefaultCallTimeout = 30 * time.Second
+	// DefaultRetryInitial and DefaultRetryMax bound the pause between two
+	// attempts to reconnect a metric stream: it starts short so a brief
+	// network blip costs little, and doubles up to the maximum so a director
+	// that is restarting is not hammered.
+	DefaultRetryInitial = 100 * time.Millisecond
+	DefaultRetryMax     = 5 * time.Second
+	// DefaultGiveUpAfter is how long a metric stream keeps reconnecting
+	// without receiving anything before it reports the director lost.
+	DefaultGiveUpAfter = 2 * time.Minute
+)
+
+// ChunkSize is the largest piece of an archive Submit sends in one message;
+// the protocol caps messages at 1 MiB.
+const ChunkSize = 1 << 20
+
+// ErrWrongRole is matched (errors.Is) by the error Dial returns when the
+// certificate is not a researcher's or an admin's: the director would refuse
+// every call, so Dial refuses before making one.
+var ErrWrongRole = errors.New("wrong certificate role")
+
+// ClientConfig says how a researcher's program reaches the director.
+type ClientConfig struct {
+	// Director is the director's address, host:port. Required.
+	Director string
+	// ServerName is the name the director's certificate must carry; empty
+	// means the host of Director.
+	ServerName string
+	// Cert, Key and CA are the researcher's certificate (PEM, with its
+	// chain), private key and the federation root. Required.
+	Cert, Key, CA string
+
+	// ConnectTimeout bounds Dial's wait for the director (see
+	// DefaultConnectTimeout).
+	ConnectTimeout time.Duration
+	// CallTimeout bounds unary calls whose context has no deadline (see
+	// DefaultCallTimeout).
+	CallTimeout time.Duration
+	// Retry shapes how a metric stream reconnects after a dropped
+	// connection.
+	Retry Retry
+
+	// DialOptions are added after fx's own (mutual TLS and error
+	// interceptors); for tests and unusual networks.
+	DialOptions []grpc.DialOption
+}
+
+// Retry is the bounded exponential backoff of a reconnecting stream.
+type Retry struct {
+	// Initial is the first pause (see DefaultRetryInitial).
+	Initial time.Duration
+	// Max caps the pause (see DefaultRetryMax).
+	Max time.Duration
+	// GiveUpAfter is how long the stream keeps trying without receiving an
+	// event before it fails (see DefaultGiveUpAfter).
+	GiveUpAfter time.Duration
+}
+
+func (c ClientConfig) withDefaults() ClientConfig {
+	if c.ConnectTimeout <= 0 {
+		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.CallTimeout <= 0 {
+		c.CallTimeout = DefaultCallTimeout
+	}
+	if c.Retry.Initial <= 0 {
+		c.Retry.Initial = DefaultRetryInitial
+	}
+	if c.Retry.Max <= 0 {
+		c.Retry.Max = DefaultRetryMax
+	}
+	if c.Retry.Max < c.Retry.Initial {
+		c.Retry.Max = c.Retry.Initial
+	}
+	if c.Retry.GiveUpAfter <= 0 {
+		c.Retry.GiveUpAfter = DefaultGiveUpAfter
+	}
+	return c
+}
+
+// Client is a researcher's (or an admin's) connection to the director. It
+// is safe for concurrent use; Close it when done.
+type Client struct {
+	cfg  ClientConfig
+	id   pki.Identity
+	conn *grpc.ClientConn
+	rpc  fxv1.DirectorClient
+}
+
+// Dial loads the certificate, checks that it is a researcher's or an
+// admin's, connects to the director and makes one cheap call to prove the
+// director is there and accepts the certificate. It fails within
+// ConnectTimeout (or ctx's deadline, if sooner) with an error naming the
+// address when the director cannot be reached.
+func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
+	cfg = cfg.withDefaults()
+	if cfg.Director == "" {
+		return nil, errors.New("no director address: give it as host:port (the CLI's --director or FX_DIRECTOR)")
+	}
+	if _, _, err := net.SplitHostPort(cfg.Director); err != nil {
+		return nil, fmt.Errorf("director address %q is not host:port: %w", cfg.Director, err)
+	}
+	k, err := pki.NewKeyring(pki.KeyringConfig{Files: pki.Files{Cert: cfg.Cert, Key: cfg.Key, CA: cfg.CA}})
+	if err != nil {
+		return nil, fmt.Errorf("loading the researcher's certificate: %w", err)
+	}
+	id := k.Identity()
+	if id.Role != pki.RoleResearcher && id.Role != pki.RoleAdmin {
+		return nil, fmt.Errorf("%w: %s is the certificate of %s %q, but experiments are driven with a researcher's (or an admin's) certificate: use the one `fx pki certify researcher NAME` wrote", ErrWrongRole, cfg.Cert, id.Role, id.Name)
+	}
+	opts := append([]grpc.DialOption{
+		// Pings no more often than the director's default enforcement
+		// (5 minutes) allows, so a watch over a connection that died
+		// silently (a NAT dropping it) fails and reconnects.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 6 * time.Minute, Timeout: 20 * time.Second}),
+	}, cfg.DialOptions...)
+	conn, err := pki.NewClient(cfg.Director, k, cfg.ServerName, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("director %s: %w", cfg.Director, err)
+	}
+	c := &Client{cfg: cfg, id: id, conn: conn, rpc: fxv1.NewDirectorClient(conn)}
+	if err := c.probe(ctx); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// probe calls GetExperiment without naming one: a director that is there
+// and accepts the certificate answers InvalidArgument at once, and that
+// answer needs no experiment to exist.
+func (c *Client) probe(ctx context.Context) error {
+	pctx, cancel := context.WithTimeout(ctx, c.cfg.ConnectTimeout)
+	defer cancel()
+	_, err := c.rpc.GetExperiment(pctx, &fxv1.GetExperimentRequest{}, grpc.WaitForReady(true))
+	switch status.Code(err) {
+	case codes.OK, codes.InvalidArgument, codes.NotFound:
+		return nil
+	case codes.DeadlineExceeded, codes.Unavailable:
+		if ctx.Err() != nil {
+			return fmt.Errorf("connecting to the director at %s: %w", c.cfg.Director, ctx.Err())
+		}
+		return fmt.Errorf("cannot reach the director at %s within %s: is it running, and is the address right? (%s)", c.cfg.Director, c.cfg.ConnectTimeout, statusMessage(err))
+	}
+	return c.wrap(fmt.Sprintf("connecting to the director at %s", c.cfg.Director), err)
+}
+
+// Close releases the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Identity is who the director knows this client as: the certificate's name
+// and role.
+func (c *Client) Identity() pki.Identity { return c.id }
+
+// Address is the director's address the client dialled.
+func (c *Client) Address() string { return c.cfg.Director }
+
+// StatusError is a call the director refused or that failed on the way. Its
+// message keeps the director's own reason; status.Code(err) and
+// status.FromError(err) see the gRPC status through any wrapping.
+type StatusError struct {
+	// Op says what the client was doing ("cancelling experiment x").
+	Op     string
+	Status *status.Status
+}
+
+func (e *StatusError) Error() string {
+	return fmt.Sprintf("%s: %s (%s)", e.Op, e.Status.Message(), e.Status.Code())
+}
+
+// GRPCStatus lets status.FromError and status.Code read the status.
+func (e *StatusError) GRPCStatus() *status.Status { return e.Status }
+
+// wrap turns a gRPC error into a *StatusError for op; other errors are
+// wrapped with op.
+func (c *Client) wrap(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if st, ok := status.FromError(err); ok {
+		if st.Code() == codes.Unavailable {
+			st = status.New(codes.Unavailable, fmt.Sprintf("the director at %s is unreachable: %s", c.cfg.Director, st.Message()))
+		}
+		return &StatusError{Op: op, Status: st}
+	}
+	return fmt.Errorf("%s: %w", op, err)
+}
+
+func statusMessage(err error) string {
+	if st, ok := status.FromError(err); ok {
+		return st.Message()
+	}
+	return err.Error()
+}
+
+// callCtx bounds a unary call whose context has no deadline.
+func (c *Client) callCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, c.cfg.CallTimeout)
+}
+
+// Ref names an experiment for the director: "NAME" is one of the caller's
+// own, "OWNER/NAME" another researcher's (admins only).
+func Ref(name string) *fxv1.ExperimentRef {
+	if owner, n, ok := strings.Cut(name, "/"); ok {
+		return &fxv1.ExperimentRef{Owner: owner, Name: n}
+	}
+	return &fxv1.ExperimentRef{Name: name}
+}
+
+// Get returns an experiment with its state, progress and participants.
+// name is "NAME", or "OWNER/NAME" for an admin.
+func (c *Client) Get(ctx context.Context, name string) (*fxv1.Experiment, error) {
+	ctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	e, err := c.rpc.GetExperiment(ctx, &fxv1.GetExperimentRequest{Experiment: Ref(name)}, grpc.WaitForReady(true))
+	return e, c.wrap(fmt.Sprintf("experiment %s", name), err)
+}
+
+// List returns the caller's experiments (an admin's: everyone's), newest
+// first; with states, only those in one of them.
+func (c *Client) List(ctx context.Context, states ...fxv1.ExperimentState) ([]*fxv1.Experiment, error) {
+	ctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	resp, err := c.rpc.ListExperiments(ctx, &fxv1.ListExperimentsRequest{States: states}, grpc.WaitForReady(true))
+	if err != nil {
+		return nil, c.wrap("listing experiments", err)
+	}
+	return resp.GetExperiments(), nil
+}
+
+// Cancel stops an experiment that has not ended; models of the rounds it
+// completed stay downloadable. reason is shown with its CANCELLED state.
+func (c *Client) Cancel(ctx context.Context, name, reason string) (*fxv1.Experiment, error) {
+	ctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	e, err := c.rpc.CancelExperiment(ctx, &fxv1.CancelExperimentRequest{Experiment: Ref(name), Reason: reason}, grpc.WaitForReady(true))
+	return e, c.wrap(fmt.Sprintf("cancelling experiment %s", name), err)
+}
+
+// Remove deletes an ended experiment with its archive, models and metrics.
+func (c *Client) Remove(ctx context.Context, name string) error {
+	ctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	_, err := c.rpc.RemoveExperiment(ctx, &fxv1.RemoveExperimentRequest{Experiment: Ref(name)}, grpc.WaitForReady(true))
+	return c.wrap(fmt.Sprintf("removing experiment %s", name), err)
+}
+
+// Envoys lists the registered envoys, online or not; with tags, only those
+// whose dataset carries every one of them.
+func (c *Client) Envoys(ctx context.Context, tags ...string) ([]*fxv1.EnvoyInfo, error) {
+	ctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	resp, err := c.rpc.ListEnvoys(ctx, &fxv1.ListEnvoysRequest{Tags: tags}, grpc.WaitForReady(true))
+	if err != nil {
+		return nil, c.wrap("listing envoys", err)
+	}
+	return resp.GetEnvoys(), nil
+}
+
+// Search finds the online envoys whose datasets carry every tag and, when
+// given, have exactly these sample and target shapes: where a plan's
+// participants section would find data, before submitting it.
+func (c *Client) Search(ctx context.Context, tags []string, sampleShape, targetShape []int64) ([]*fxv1.DatasetMatch, error) {
+	ctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	resp, err := c.rpc.SearchDatasets(ctx, &fxv1.SearchDatasetsRequest{Tags: tags, SampleShape: sampleShape, TargetShape: targetShape}, grpc.WaitForReady(true))
+	if err != nil {
+		return nil, c.wrap("searching datasets", err)
+	}
+	return resp.GetMatches(), nil
+}
+
+// backoff is the pause schedule of one reconnecting stream.
+type backoff struct {
+	r    Retry
+	next time.Duration
+}
+
+func newBackoff(r Retry) *backoff { return &backoff{r: r, next: r.Initial} }
+
+// wait pauses before the next attempt, with jitter so that many watchers
+// cut at once do not come back at once. It returns ctx's error if ctx ends
+// first.
+func (b *backoff) wait(ctx context.Context) error {
+	d := b.next/2 + rand.N(b.next/2+1)
+	b.next = min(2*b.next, b.r.Max)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+func (b *backoff) reset() { b.next = b.r.Initial }
+
+// retryable reports whether a stream error may go away by reconnecting: the
+// connection or the director went away, not a refusal.
+func retryable(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.Aborted, codes.Internal, codes.Unknown, codes.ResourceExhausted, codes.DeadlineExceeded:
+		return true
+	}
+	return false
+}

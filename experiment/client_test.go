@@ -1,0 +1,449 @@
+package experiment_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/tensor"
+)
+
+// checkSequence fails unless events are numbered from+1, from+2, ...
+// without a gap or a repeat.
+func checkSequence(t *testing.T, events []*fxv1.MetricEvent, from int64, want int) {
+	t.Helper()
+	for i, ev := range events {
+		if ev.GetSequence() != from+int64(i)+1 {
+			t.Fatalf("event %d has sequence %d, want %d: a gap or a repeat", i, ev.GetSequence(), from+int64(i)+1)
+		}
+	}
+	if len(events) != want {
+		t.Fatalf("%d events, want %d", len(events), want)
+	}
+}
+
+// TestClientExperimentLifecycle drives every call of the client against a
+// real federation: submit a directory, wait for the run to finish, read its
+// metrics, list and get it, download its models to memory and to a file,
+// and remove it.
+func TestClientExperimentLifecycle(t *testing.T) {
+	f := newFederation(t)
+	c := f.dial(f.config(pki.RoleResearcher, "alice"))
+	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	defer cancel()
+
+	if id := c.Identity(); id.Name != "alice" || id.Role != pki.RoleResearcher {
+		t.Errorf("identity = %v", id)
+	}
+	// The envoys register shortly after start; the director's own list is
+	// the condition to wait on.
+	var envoys []*fxv1.EnvoyInfo
+	deadline := time.Now().Add(20 * time.Second)
+	for len(envoys) < 2 {
+		var err error
+		if envoys, err = c.Envoys(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("envoys = %v, want site-1 and site-2", envoys)
+		}
+	}
+	if got, err := c.Envoys(ctx, "synthetic"); err != nil || len(got) != 2 {
+		t.Errorf("Envoys(synthetic) = %d envoys, %v", len(got), err)
+	}
+	if got, err := c.Envoys(ctx, "mri"); err != nil || len(got) != 0 {
+		t.Errorf("Envoys(mri) = %v, %v", got, err)
+	}
+	if got, err := c.Search(ctx, []string{"synthetic"}, nil, nil); err != nil || len(got) != 2 {
+		t.Errorf("Search(synthetic) = %v, %v", got, err)
+	}
+	if got, err := c.Search(ctx, []string{"synthetic"}, []int64{28, 28}, nil); err != nil || len(got) != 0 {
+		t.Errorf("Search(synthetic, 28x28) = %v, %v", got, err)
+	}
+
+	var progress []int64
+	var total int64
+	e, err := c.Submit(ctx, planDir(t, "synth", 2, 2), experiment.SubmitOptions{Name: "run-1", Progress: func(sent, size int64) {
+		progress = append(progress, sent)
+		total = size
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.GetName() != "run-1" || e.GetOwner() != "alice" || e.GetArchiveSize() != total {
+		t.Errorf("submitted %v (archive of %d bytes)", e, total)
+	}
+	if len(progress) == 0 || progress[len(progress)-1] != total {
+		t.Errorf("progress %v, want it to end at %d", progress, total)
+	}
+
+	final, err := c.Wait(ctx, "run-1")
+	if err != nil {
+		t.Fatalf("Wait: %v", err)
+	}
+	if final.GetState() != fxv1.ExperimentState_FINISHED || final.GetBest() == nil || final.GetRound() != 2 {
+		t.Fatalf("final %v", final)
+	}
+
+	var events []*fxv1.MetricEvent
+	for ev, err := range c.Metrics(ctx, "run-1", 0) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		events = append(events, ev)
+	}
+	checkSequence(t, events, 0, eventsPerRun(2))
+	var tail []*fxv1.MetricEvent
+	for ev, err := range c.Metrics(ctx, "run-1", 15) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		tail = append(tail, ev)
+	}
+	checkSequence(t, tail, 15, eventsPerRun(2)-15)
+
+	got, err := c.Get(ctx, "run-1")
+	if err != nil || got.GetId() != e.GetId() {
+		t.Errorf("Get = %v, %v", got, err)
+	}
+	if list, err := c.List(ctx); err != nil || len(list) != 1 || list[0].GetId() != e.GetId() {
+		t.Errorf("List = %v, %v", list, err)
+	}
+	if list, err := c.List(ctx, fxv1.ExperimentState_RUNNING); err != nil || len(list) != 0 {
+		t.Errorf("List(RUNNING) = %v, %v", list, err)
+	}
+
+	best, info, err := c.Model(ctx, "run-1", experiment.SelectBest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(best) == 0 || info.GetRound() != final.GetBest().GetRound() {
+		t.Errorf("best model: %d tensors, round %d, want round %d", len(best), info.GetRound(), final.GetBest().GetRound())
+	}
+	path := filepath.Join(t.TempDir(), "last.safetensors")
+	info, err = c.ModelToFile(ctx, "run-1", experiment.SelectLast, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromFile, _, err := tensor.ReadFile(path)
+	if err != nil || info.GetRound() != 2 {
+		t.Fatalf("last model file: round %d, %v", info.GetRound(), err)
+	}
+	round2, _, err := c.Model(ctx, "run-1", experiment.SelectRound(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := round2.Matches(fromFile); err != nil {
+		t.Errorf("round 2 and last differ: %v", err)
+	}
+	if entries, _ := os.ReadDir(filepath.Dir(path)); len(entries) != 1 {
+		t.Errorf("download left %d files behind, want only the model", len(entries))
+	}
+
+	if _, err := c.Cancel(ctx, "run-1", "too late"); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("Cancel of a finished experiment: %v", err)
+	}
+	if err := c.Remove(ctx, "run-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, "run-1"); status.Code(err) != codes.NotFound {
+		t.Errorf("Get after Remove: %v", err)
+	}
+}
+
+// cutter is a stream interceptor that breaks WatchMetrics streams after
+// given cumulative numbers of events, as a dropped connection would: the
+// stream is cancelled and the receiver sees Unavailable. It records the
+// after_sequence of every stream opened.
+type cutter struct {
+	mu     sync.Mutex
+	cuts   []int // cumulative event counts to cut after, ascending
+	seen   int
+	afters []int64
+}
+
+func (c *cutter) intercept(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	if !strings.HasSuffix(method, "/WatchMetrics") {
+		return streamer(ctx, desc, cc, method, opts...)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	s, err := streamer(ctx, desc, cc, method, opts...)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	return &cutStream{ClientStream: s, c: c, cancel: cancel}, nil
+}
+
+type cutStream struct {
+	grpc.ClientStream
+	c      *cutter
+	cancel context.CancelFunc
+}
+
+func (s *cutStream) SendMsg(m any) error {
+	if req, ok := m.(*fxv1.WatchMetricsRequest); ok {
+		s.c.mu.Lock()
+		s.c.afters = append(s.c.afters, req.GetAfterSequence())
+		s.c.mu.Unlock()
+	}
+	return s.ClientStream.SendMsg(m)
+}
+
+func (s *cutStream) RecvMsg(m any) error {
+	s.c.mu.Lock()
+	cut := len(s.c.cuts) > 0 && s.c.seen == s.c.cuts[0]
+	if cut {
+		s.c.cuts = s.c.cuts[1:]
+	}
+	s.c.mu.Unlock()
+	if cut {
+		s.cancel()
+		return status.Error(codes.Unavailable, "test: connection cut")
+	}
+	err := s.ClientStream.RecvMsg(m)
+	if err == nil {
+		s.c.mu.Lock()
+		s.c.seen++
+		s.c.mu.Unlock()
+	}
+	return err
+}
+
+// TestClientMetricsResumeAfterCut cuts the metric stream after various
+// numbers of events, once or several times: the iterator reconnects and
+// resumes after the last event it delivered, so the caller sees every
+// event exactly once.
+func TestClientMetricsResumeAfterCut(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	defer cancel()
+	plain := f.dial(f.config(pki.RoleResearcher, "alice"))
+	if _, err := plain.Submit(ctx, planDir(t, "synth", 2, 2), experiment.SubmitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := plain.Wait(ctx, "synth"); err != nil {
+		t.Fatal(err)
+	}
+	total := eventsPerRun(2)
+
+	tests := []struct {
+		name  string
+		after int64
+		cuts  []int
+	}{
+		{"before the first event", 0, []int{0}},
+		{"after one event", 0, []int{1}},
+		{"mid-way", 0, []int{10}},
+		{"twice in a row", 0, []int{5, 5}},
+		{"three times", 0, []int{3, 9, 20}},
+		{"resumed watch cut again", 7, []int{4}},
+		{"just before the end", 0, []int{total - 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cut := &cutter{cuts: slices.Clone(tt.cuts)}
+			cfg := f.config(pki.RoleResearcher, "alice")
+			cfg.DialOptions = []grpc.DialOption{grpc.WithChainStreamInterceptor(cut.intercept)}
+			c := f.dial(cfg)
+			var events []*fxv1.MetricEvent
+			for ev, err := range c.Metrics(ctx, "synth", tt.after) {
+				if err != nil {
+					t.Fatalf("after %d events: %v", len(events), err)
+				}
+				events = append(events, ev)
+			}
+			checkSequence(t, events, tt.after, total-int(tt.after))
+			if len(cut.cuts) != 0 {
+				t.Fatalf("cuts %v never happened", cut.cuts)
+			}
+			// Every reconnect asked for the events after the last one
+			// delivered.
+			want := []int64{tt.after}
+			for _, n := range tt.cuts {
+				want = append(want, tt.after+int64(n))
+			}
+			if !slices.Equal(cut.afters, want) {
+				t.Errorf("streams opened after sequences %v, want %v", cut.afters, want)
+			}
+		})
+	}
+}
+
+// TestClientWatchAcrossDirectorRestart restarts the director while a
+// watcher is mid-way through a live experiment: the watcher reconnects to
+// the new director and sees every event once, and Wait reports the end.
+func TestClientWatchAcrossDirectorRestart(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	defer cancel()
+	c := f.dial(f.config(pki.RoleResearcher, "alice"))
+	if _, err := c.Submit(ctx, planDir(t, "synth", 4, 2), experiment.SubmitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var events []*fxv1.MetricEvent
+	restarted := false
+	for ev, err := range c.Metrics(ctx, "synth", 0) {
+		if err != nil {
+			t.Fatalf("after %d events: %v", len(events), err)
+		}
+		events = append(events, ev)
+		if !restarted && ev.GetCollaborator() == "" {
+			f.restartDirector()
+			restarted = true
+		}
+	}
+	checkSequence(t, events, 0, eventsPerRun(4))
+	e, err := c.Wait(ctx, "synth")
+	if err != nil || e.GetState() != fxv1.ExperimentState_FINISHED {
+		t.Fatalf("Wait = %v, %v", e, err)
+	}
+}
+
+// TestClientWaitReportsCancellation: an experiment that cannot start (it
+// needs three sites, the federation has two) is cancelled while a Wait is
+// under way; Wait returns an *EndedError with the state and the reason.
+func TestClientWaitReportsCancellation(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+	defer cancel()
+	c := f.dial(f.config(pki.RoleResearcher, "alice"))
+	if _, err := c.Submit(ctx, planDir(t, "needs-three", 1, 3), experiment.SubmitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		e   *fxv1.Experiment
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		e, err := c.Wait(ctx, "needs-three")
+		done <- result{e, err}
+	}()
+	if _, err := c.Cancel(ctx, "needs-three", "not enough sites today"); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	var ended *experiment.EndedError
+	if !errors.As(r.err, &ended) || ended.State != fxv1.ExperimentState_CANCELLED || !strings.Contains(r.err.Error(), "not enough sites today") {
+		t.Fatalf("Wait = %v, %v; want CANCELLED with the reason", r.e, r.err)
+	}
+}
+
+// TestClientBadInput: every mistake reaches the caller as a message that
+// names the problem, and none of them hangs.
+func TestClientBadInput(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+	defer cancel()
+	c := f.dial(f.config(pki.RoleResearcher, "alice"))
+	if _, err := c.Submit(ctx, planDir(t, "taken", 1, 3), experiment.SubmitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	noPlan := t.TempDir()
+	if err := os.WriteFile(filepath.Join(noPlan, "train.py"), []byte("print(1)\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	badPlan := planDir(t, "x", 1, 1)
+	if err := os.WriteFile(filepath.Join(badPlan, "plan.yaml"), []byte("name: x\nrounds: 0\nrunner: {kind: builtin, model: softmax}\ncolour: blue\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	unreachable := f.config(pki.RoleResearcher, "alice")
+	unreachable.Director = freeAddr(t)
+	unreachable.ConnectTimeout = 500 * time.Millisecond
+
+	tests := []struct {
+		name     string
+		call     func() error
+		code     codes.Code // when the director answered
+		contains []string
+	}{
+		{"directory without plan.yaml", func() error {
+			_, err := c.Submit(ctx, noPlan, experiment.SubmitOptions{})
+			return err
+		}, codes.Unknown, []string{noPlan, "has no plan.yaml"}},
+		{"path that does not exist", func() error {
+			_, err := experiment.PrepareUpload(filepath.Join(noPlan, "nope"))
+			return err
+		}, codes.Unknown, []string{"does not exist"}},
+		{"invalid plan", func() error {
+			_, err := c.Submit(ctx, badPlan, experiment.SubmitOptions{})
+			return err
+		}, codes.Unknown, []string{"colour", "unknown key"}},
+		{"name already taken", func() error {
+			_, err := c.Submit(ctx, planDir(t, "taken", 1, 3), experiment.SubmitOptions{})
+			return err
+		}, codes.AlreadyExists, []string{"taken"}},
+		{"bad name", func() error {
+			_, err := c.Submit(ctx, planDir(t, "ok", 1, 1), experiment.SubmitOptions{Name: "../etc"})
+			return err
+		}, codes.Unknown, []string{"../etc"}},
+		{"get unknown experiment", func() error { _, err := c.Get(ctx, "ghost"); return err }, codes.NotFound, []string{"ghost"}},
+		{"cancel unknown experiment", func() error { _, err := c.Cancel(ctx, "ghost", ""); return err }, codes.NotFound, []string{"ghost"}},
+		{"remove unknown experiment", func() error { return c.Remove(ctx, "ghost") }, codes.NotFound, []string{"ghost"}},
+		{"remove running experiment", func() error { return c.Remove(ctx, "taken") }, codes.FailedPrecondition, []string{"taken"}},
+		{"model of unknown experiment", func() error { _, _, err := c.Model(ctx, "ghost", experiment.SelectBest); return err }, codes.NotFound, []string{"ghost"}},
+		{"model before any round", func() error {
+			_, err := c.ModelToFile(ctx, "taken", experiment.SelectLast, filepath.Join(t.TempDir(), "m.safetensors"))
+			return err
+		}, codes.NotFound, []string{"taken"}},
+		{"watch unknown experiment", func() error {
+			for _, err := range c.Metrics(ctx, "ghost", 0) {
+				return err
+			}
+			return nil
+		}, codes.NotFound, []string{"ghost"}},
+		{"wait on unknown experiment", func() error { _, err := c.Wait(ctx, "ghost"); return err }, codes.NotFound, []string{"ghost"}},
+		{"envoy certificate", func() error {
+			_, err := experiment.Dial(ctx, f.config(pki.RoleEnvoy, "site-1"))
+			if !errors.Is(err, experiment.ErrWrongRole) {
+				t.Errorf("error %v does not match ErrWrongRole", err)
+			}
+			return err
+		}, codes.Unknown, []string{"envoy", "site-1", "researcher"}},
+		{"unreachable director", func() error {
+			start := time.Now()
+			_, err := experiment.Dial(ctx, unreachable)
+			if d := time.Since(start); d > 10*time.Second {
+				t.Errorf("Dial took %s with a 500ms connect timeout", d)
+			}
+			return err
+		}, codes.Unknown, []string{unreachable.Director, "cannot reach"}},
+		{"missing certificate", func() error {
+			cfg := f.config(pki.RoleResearcher, "alice")
+			cfg.Cert = filepath.Join(noPlan, "alice.crt")
+			_, err := experiment.Dial(ctx, cfg)
+			return err
+		}, codes.Unknown, []string{"alice.crt"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.call()
+			if err == nil {
+				t.Fatal("no error")
+			}
+			t.Log(err)
+			if got := status.Code(err); got != tt.code {
+				t.Errorf("code %v, want %v (error %v)", got, tt.code, err)
+			}
+			for _, s := range tt.contains {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q does not mention %q", err, s)
+				}
+			}
+		})
+	}
+}
