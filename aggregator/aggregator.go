@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/atomicfile"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -23,6 +24,14 @@ import (
 
 // DefaultPollWindow is how long GetTasks holds a call with nothing to hand out.
 const DefaultPollWindow = 20 * time.Second
+
+// MemoryStageBudget decides where train uploads wait between arriving and
+// being folded into the round's sum. When one model-sized stage per
+// participant fits in it, stages are kept in memory, which is fastest for
+// small models; above it each stage is a file (an unlinked temporary, read
+// back once from the page cache), so memory stays near one model however
+// many collaborators upload a large model at once.
+const MemoryStageBudget = 256 << 20
 
 // Config is what an aggregator needs to run one experiment.
 type Config struct {
@@ -188,9 +197,12 @@ func (a *Aggregator) restore() error {
 		return err
 	}
 	if !a.collects() {
-		spill := filepath.Join(a.cfg.Dir, "spool")
-		if err := os.MkdirAll(spill, 0o700); err != nil {
-			return err
+		spill := ""
+		if a.model.Bytes()*int64(len(a.parts)) > MemoryStageBudget {
+			spill = filepath.Join(a.cfg.Dir, "spool")
+			if err := os.MkdirAll(spill, 0o700); err != nil {
+				return err
+			}
 		}
 		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{Layout: a.model, SpillDir: spill})
 		if err != nil {
@@ -390,7 +402,7 @@ func (a *Aggregator) closeRound(r *roundState, atDeadline bool) error {
 		Missing:    missing,
 	}
 	best := a.scoreBest(summary)
-	if err := writeJSON(RoundPath(a.cfg.Dir, r.number), summary); err != nil {
+	if err := atomicfile.WriteJSON(RoundPath(a.cfg.Dir, r.number), summary); err != nil {
 		return fmt.Errorf("round %d: write summary: %w", r.number, err)
 	}
 	if err := writeCheckpoint(a.cfg.Dir, &checkpoint{ExperimentID: a.cfg.ExperimentID, Completed: r.number, Best: best, OptimizerStep: a.optSteps}); err != nil {

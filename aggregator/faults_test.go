@@ -2,8 +2,15 @@ package aggregator_test
 
 import (
 	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/fx-fl/fx/aggregator"
+	"github.com/fx-fl/fx/pki"
+	"github.com/fx-fl/fx/runner"
 )
 
 const shortDeadline = `
@@ -122,4 +129,58 @@ func (g *gatedRunner) Train(ctx context.Context, task runnerTask, m modelT) (run
 		}
 	}
 	return g.stepRunner.Train(ctx, task, m)
+}
+
+// failingValidator refuses to validate: a collaborator that uses it must
+// take its validation results from what it saved before a restart.
+type failingValidator struct{ stepRunner }
+
+func (*failingValidator) Validate(context.Context, runnerTask, modelT) (runnerResult, error) {
+	return runnerResult{}, errors.New("validation must not run again")
+}
+
+// A collaborator restarted between uploading its train result and its
+// validation result sends the validation metrics it computed before, from
+// its work directory, instead of recomputing them.
+func TestRestartedCollaboratorSendsSavedResults(t *testing.T) {
+	f := newFederation(t, parsePlan(t, `
+name: test
+rounds: 1
+participants: {min: 1}
+runner: {kind: builtin, model: mlp}
+tasks: [train, locally_tuned_model_validation]
+best_model: {task: locally_tuned_model_validation}
+`), "alpha")
+	f.start()
+	ctx := t.Context()
+	// Before the "restart": train was uploaded, and the local validation
+	// computed and saved, but not uploaded.
+	if err := send(ctx, dial(t, f, pki.RoleEnvoy, "alpha"), upload{experiment: experimentID, collaborator: "alpha", round: 1, task: runner.TaskTrain, samples: 1, tensors: goodTensors(1)}); err != nil {
+		t.Fatal(err)
+	}
+	work := t.TempDir()
+	saved := `{"round": 1, "results": {"locally_tuned_model_validation": {"samples": 7, "metrics": {"accuracy": 0.77}}}}`
+	if err := os.WriteFile(filepath.Join(work, "pending.json"), []byte(saved), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := f.collab(ctx, "alpha", &failingValidator{}, work)
+	if err := f.wait(20 * time.Second); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if err := <-done; !finished(err) {
+		t.Fatalf("collaborator: %v", err)
+	}
+	res := f.sink.summaries()[0].Results
+	var got *aggregator.TaskResult
+	for i := range res {
+		if res[i].Task == runner.TaskLocalValidation {
+			got = &res[i]
+		}
+	}
+	if got == nil || got.Samples != 7 || got.Metrics["accuracy"] != 0.77 {
+		t.Fatalf("local validation result %+v, want the saved one (7 samples, accuracy 0.77)", got)
+	}
+	if _, err := os.Stat(filepath.Join(work, "pending.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("pending.json left behind after the upload: %v", err)
+	}
 }

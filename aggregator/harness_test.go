@@ -27,7 +27,7 @@ const experimentID = "exp-test"
 
 // federation is an aggregator under test with its CA.
 type federation struct {
-	t       *testing.T
+	t       testing.TB
 	ca      *testpki.CA
 	server  *pki.Keyring
 	dir     string
@@ -57,7 +57,7 @@ func initialModel() tensor.Model {
 	}
 }
 
-func newFederation(t *testing.T, plan *experiment.Plan, parts ...string) *federation {
+func newFederation(t testing.TB, plan *experiment.Plan, parts ...string) *federation {
 	t.Helper()
 	ca := testpki.New(t)
 	f := &federation{
@@ -205,6 +205,8 @@ type recordingSink struct {
 	best     *aggregator.Best
 	progress []aggregator.Progress
 	changed  chan struct{}
+	// onRound, if set, is called at every completed round.
+	onRound func()
 }
 
 func newSink() *recordingSink { return &recordingSink{changed: make(chan struct{}, 1000)} }
@@ -214,7 +216,13 @@ func (s *recordingSink) RoundCompleted(r aggregator.RoundSummary, best *aggregat
 	s.rounds = append(s.rounds, r)
 	s.best = best
 	s.mu.Unlock()
-	s.changed <- struct{}{}
+	if s.onRound != nil {
+		s.onRound()
+	}
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
 }
 
 func (s *recordingSink) Progress(p aggregator.Progress) {
@@ -247,7 +255,7 @@ func (s *recordingSink) waitRounds(t *testing.T, n int, timeout time.Duration) {
 
 // testLogger shows warnings and errors on stderr; goroutines may outlive a
 // test by a moment, so it does not write through t.Log.
-func testLogger(_ *testing.T, name string) hclog.Logger {
+func testLogger(_ testing.TB, name string) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Name: name, Level: hclog.Warn, Output: os.Stderr})
 }
 

@@ -6,13 +6,13 @@
 // Network trouble is normal: every call has a deadline, failed calls are
 // retried with capped exponential backoff and jitter, and a result that was
 // computed is re-sent, not recomputed. A collaborator restarted mid-round
-// asks for its tasks again and gets only those it has not reported; the
-// weights its train task produced are kept in its work directory so the
-// locally-tuned validation can still run after a restart.
+// asks for its tasks again and gets only those it has not reported; results
+// computed but not yet uploaded are kept in its work directory.
 package collaborator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/fx-fl/fx/internal/atomicfile"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -42,7 +43,7 @@ type Config struct {
 	// federation CA, the aggregator's expected server name).
 	DialOptions []grpc.DialOption
 	Runner      runner.Runner
-	// WorkDir keeps the weights of the current round's train task.
+	// WorkDir keeps the round's results until they are uploaded.
 	WorkDir string
 	Logger  hclog.Logger
 	// MaxUnreachable bounds how long the aggregator may stay unreachable
@@ -150,7 +151,7 @@ func (c *Collaborator) Run(ctx context.Context) error {
 			continue
 		case fxv1.GetTasksResponse_QUIT:
 			c.log.Info("leaving experiment", "reason", resp.GetReason())
-			c.cleanTrained()
+			c.clearPending()
 			return &Quit{Reason: resp.GetReason()}
 		case fxv1.GetTasksResponse_RUN:
 			if err := c.runRound(ctx, int(resp.GetRound()), resp.GetTasks()); err != nil {
@@ -162,19 +163,36 @@ func (c *Collaborator) Run(ctx context.Context) error {
 	}
 }
 
-// runRound runs a round's remaining tasks in order.
+// runRound runs a round's remaining tasks, then uploads their results in
+// plan order. Computing everything first means the trained weights are
+// needed only in memory: what must survive a restart between two uploads is
+// just the metrics of the results not yet sent, a few bytes kept in the work
+// directory.
 func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) error {
 	if err := c.fetchModel(ctx, round); err != nil {
 		return err
 	}
-	for _, task := range tasks {
+	saved := c.loadPending(round)
+	results := make([]runner.Result, len(tasks))
+	for i, task := range tasks {
+		if res, ok := saved[task]; ok {
+			results[i] = res
+			continue
+		}
 		start := time.Now()
 		res, err := c.runTask(ctx, runner.Task{Name: task, Round: round})
 		if err != nil {
 			return fmt.Errorf("round %d, task %s: %w", round, task, err)
 		}
 		c.log.Info("task done", "round", round, "task", task, "samples", res.Samples, "metrics", res.Metrics, "took", time.Since(start).Round(time.Millisecond))
-		late, err := c.upload(ctx, round, task, res)
+		results[i] = res
+	}
+	if err := c.savePending(round, tasks, results); err != nil {
+		return err
+	}
+	defer c.clearPending()
+	for i, task := range tasks {
+		late, err := c.upload(ctx, round, task, results[i])
 		if err != nil {
 			return err
 		}
@@ -197,9 +215,6 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 			return res, fmt.Errorf("the runner's trained model does not match the global model: %w", err)
 		}
 		c.trained, c.trainedRound = res.Model, task.Round
-		if err := tensor.WriteFile(c.trainedPath(), res.Model, map[string]string{"fx.round": fmt.Sprint(task.Round)}); err != nil {
-			return res, fmt.Errorf("keep trained weights: %w", err)
-		}
 		return res, nil
 	case runner.TaskLocalValidation:
 		trained, err := c.trainedWeights(ctx, task.Round)
@@ -212,18 +227,15 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 	}
 }
 
-// trainedWeights returns this round's trained weights: from memory, from the
-// work directory after a restart, or by training again — the built-in
-// runners are deterministic, so that gives the same weights.
+// trainedWeights returns this round's trained weights: from memory, or, when
+// a restart lost them before the local validation was computed, by training
+// again — the built-in runners are deterministic, so that gives the same
+// weights.
 func (c *Collaborator) trainedWeights(ctx context.Context, round int) (tensor.Model, error) {
 	if c.trained != nil && c.trainedRound == round {
 		return c.trained, nil
 	}
-	if m, meta, err := tensor.ReadFile(c.trainedPath()); err == nil && meta["fx.round"] == fmt.Sprint(round) {
-		c.trained, c.trainedRound = m, round
-		return m, nil
-	}
-	c.log.Info("trained weights of this round were lost; training again for the local validation", "round", round)
+	c.log.Info("trained weights of this round were lost in a restart; training again for the local validation", "round", round)
 	res, err := c.cfg.Runner.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: round}, c.model.Clone())
 	if err != nil {
 		return nil, err
@@ -232,11 +244,54 @@ func (c *Collaborator) trainedWeights(ctx context.Context, round int) (tensor.Mo
 	return res.Model, nil
 }
 
-func (c *Collaborator) trainedPath() string {
-	return filepath.Join(c.cfg.WorkDir, "trained.safetensors")
+// pending is what savePending keeps: the metrics-only results of a round
+// that are computed but maybe not yet uploaded.
+type pending struct {
+	Round   int                      `json:"round"`
+	Results map[string]pendingResult `json:"results"`
 }
 
-func (c *Collaborator) cleanTrained() { os.Remove(c.trainedPath()) }
+type pendingResult struct {
+	Samples int64              `json:"samples"`
+	Metrics map[string]float64 `json:"metrics"`
+}
+
+func (c *Collaborator) pendingPath() string { return filepath.Join(c.cfg.WorkDir, "pending.json") }
+
+// savePending keeps the round's metrics-only results. The train result is
+// not kept: if it was not uploaded before a restart, the round's train task
+// is handed out again and runs again.
+func (c *Collaborator) savePending(round int, tasks []string, results []runner.Result) error {
+	p := pending{Round: round, Results: map[string]pendingResult{}}
+	for i, task := range tasks {
+		if !runner.IsTrain(task) {
+			p.Results[task] = pendingResult{Samples: results[i].Samples, Metrics: results[i].Metrics}
+		}
+	}
+	if err := atomicfile.ReplaceJSON(c.pendingPath(), p); err != nil {
+		return fmt.Errorf("keep results until they are uploaded: %w", err)
+	}
+	return nil
+}
+
+// loadPending returns results computed for this round before a restart.
+func (c *Collaborator) loadPending(round int) map[string]runner.Result {
+	data, err := os.ReadFile(c.pendingPath())
+	if err != nil {
+		return nil
+	}
+	var p pending
+	if json.Unmarshal(data, &p) != nil || p.Round != round {
+		return nil
+	}
+	out := map[string]runner.Result{}
+	for task, r := range p.Results {
+		out[task] = runner.Result{Samples: r.Samples, Metrics: r.Metrics}
+	}
+	return out
+}
+
+func (c *Collaborator) clearPending() { os.Remove(c.pendingPath()) }
 
 // fetchModel downloads the round's global model unless it is held already.
 func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
