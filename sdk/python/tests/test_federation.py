@@ -1,0 +1,278 @@
+"""End-to-end: the SDK against a real director and two real envoys."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+
+import fx
+from conftest import SYNTH_PLAN, free_port
+
+# softmax over 8 features and 3 classes.
+SHAPES = {"fc0.weight": (3, 8), "fc0.bias": (3,)}
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def finished(cluster, fed, tmp_path_factory):
+    """One experiment run to the end: (experiment, events streamed, progress calls)."""
+    d = tmp_path_factory.mktemp("finished")
+    (d / "plan.yaml").write_text(SYNTH_PLAN.format(name="synth-finished", rounds=3, epochs=1))
+    calls = []
+    exp = fed.submit(d, progress=lambda sent, total: calls.append((sent, total)))
+    events = []
+    deadline = time.monotonic() + 120
+    for ev in exp.metrics():
+        events.append(ev)
+        assert time.monotonic() < deadline, "metrics still streaming after 120s"
+    try:
+        status = exp.wait(timeout=60)
+    except fx.FXError as e:
+        pytest.fail(f"{e}\n{cluster.logs()}")
+    return exp, events, calls, status
+
+
+def test_envoys_and_search(fed):
+    envoys = {e.name: e for e in fed.envoys()}
+    assert set(envoys) == {"site-1", "site-2"}
+    for e in envoys.values():
+        assert e.online and e.tags == ["synthetic"] and e.sample_shape == [8] and e.classes == 3
+        assert e.train_samples == 300
+    assert [e.name for e in fed.envoys(tags=["no-such-tag"])] == []
+    assert sorted(m.envoy for m in fed.search(["synthetic"], sample_shape=[8])) == ["site-1", "site-2"]
+    assert fed.search(["synthetic"], sample_shape=[28, 28]) == []
+    assert fed.search("synthetic", target_shape=[]) != []
+    with pytest.raises(fx.FXError) as ei:
+        fed.search(["synthetic"], sample_shape=[-1])
+    assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in str(ei.value)
+
+
+def test_submit_stream_wait(finished):
+    exp, events, calls, status = finished
+    assert status.state == "FINISHED" and status.ended and status.rounds == 3
+    assert exp.name == "synth-finished" and exp.id
+    # Progress went from 0 to the archive's size.
+    assert calls[0] == (0, status.archive_size) and calls[-1] == (status.archive_size, status.archive_size)
+    # Every event once, in order, without gaps.
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert {e.round for e in events} >= {1, 2, 3}
+    agg = [e for e in events if e.aggregate]
+    assert agg and all(0 <= e.metrics["accuracy"] <= 1 for e in agg if "accuracy" in e.metrics)
+    assert {e.collaborator for e in events} == {"", "site-1", "site-2"}
+    assert status.best is not None and status.best["metric"] == "accuracy"
+    assert {p.envoy: p.state for p in status.participants} == {"site-1": "COMPLETED", "site-2": "COMPLETED"}
+    # wait() on an ended experiment answers at once.
+    t0 = time.monotonic()
+    assert exp.wait(timeout=5).state == "FINISHED"
+    assert time.monotonic() - t0 < 5
+
+
+def test_metrics_table(finished):
+    _, events, _, _ = finished
+    rows = fx.metrics_table(events)
+    assert len(rows) == sum(len(e.metrics) for e in events)
+    assert set(rows[0]) == {"round", "task", "collaborator", "metric", "value", "samples"}
+    acc = fx.metric_by_round(rows, "accuracy")
+    assert [r["round"] for r in acc] == sorted({e.round for e in events if e.aggregate and e.task == "aggregated_model_validation"})
+    assert fx.metric_by_round(events) == acc
+    assert "accuracy" in fx.format_table(rows)
+
+
+def test_model_best_last_round(finished, tmp_path):
+    exp, _, _, status = finished
+    best = exp.model("best")
+    assert {k: v.shape for k, v in best.items()} == SHAPES
+    for v in best.values():
+        assert v.dtype == np.float32 and np.isfinite(v).all()
+    last = exp.model("last")
+    assert {k: v.shape for k, v in last.items()} == SHAPES
+    initial = exp.model(0)
+    assert {k: v.shape for k, v in initial.items()} == SHAPES
+    assert any(not np.array_equal(initial[k], last[k]) for k in SHAPES), "training changed nothing"
+    r = status.best["round"]
+    by_round = exp.model(r)
+    for k in SHAPES:
+        np.testing.assert_array_equal(by_round[k], best[k])
+    info = exp.save_model("best", tmp_path / "best.safetensors")
+    assert info.round == r and info.size == os.path.getsize(tmp_path / "best.safetensors")
+    loaded = fx.load_safetensors(tmp_path / "best.safetensors")
+    for k in SHAPES:
+        np.testing.assert_array_equal(loaded[k], best[k])
+    assert not (tmp_path / "best.safetensors.part").exists()
+    with pytest.raises(fx.FXError) as ei:
+        exp.model(99)
+    assert ei.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(fx.FXError):
+        exp.model("worst")
+
+
+def test_metrics_resume_after(finished):
+    exp, events, _, _ = finished
+    k = len(events) // 2
+    tail = list(exp.metrics(after=k))
+    assert [e.sequence for e in tail] == list(range(k + 1, len(events) + 1))
+    assert tail == events[k:]
+    assert list(exp.metrics(after=len(events))) == []
+    assert len(exp.metrics_rows()) == len(fx.metrics_table(events))
+    with pytest.raises(fx.FXError):
+        list(exp.metrics(after=-1))
+
+
+def test_lookup_and_list(fed, finished):
+    exp, _, _, _ = finished
+    again = fed.experiment("synth-finished")
+    assert again.id == exp.id and again.last.state == "FINISHED"
+    assert fed.experiment(id=exp.id).name == "synth-finished"
+    assert exp.id in {e.id for e in fed.experiments()}
+    assert exp.id in {e.id for e in fed.experiments(states=["finished"])}
+    assert exp.id not in {e.id for e in fed.experiments(states=["RUNNING"])}
+    with pytest.raises(fx.FXError):
+        fed.experiments(states=["SLEEPING"])
+
+
+def test_unknown_experiment(fed):
+    with pytest.raises(fx.FXError) as ei:
+        fed.experiment("no-such-experiment")
+    assert ei.value.code == grpc.StatusCode.NOT_FOUND
+    assert "no-such-experiment" in str(ei.value)
+
+
+def test_submit_needs_plan_before_connecting(fed, tmp_path):
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    with pytest.raises(fx.FXError) as ei:
+        fed.submit(tmp_path)
+    assert "plan.yaml" in str(ei.value) and ei.value.code is None  # refused locally
+    with pytest.raises(fx.FXError) as ei:
+        fed.submit(tmp_path / "missing")
+    assert "does not exist" in str(ei.value)
+
+
+def test_submit_invalid_plan_gets_server_message(fed, make_experiment):
+    d = make_experiment("bad", plan="name: bad-plan\nrounds: 2\nparticipants: {min: 1}\nrunner: {kind: builtin, model: softmax}\nbogus_key: 1\n")
+    with pytest.raises(fx.FXError) as ei:
+        fed.submit(d)
+    assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bogus_key" in ei.value.details
+
+
+def test_submit_twice_same_name(fed, make_experiment, finished):
+    with pytest.raises(fx.FXError) as ei:
+        fed.submit(make_experiment("synth-finished"))
+    assert ei.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_cancel_wait_remove(fed, make_experiment):
+    # No envoy carries the tag, so the experiment waits for participants.
+    name = unique("never-starts")
+    plan = SYNTH_PLAN.format(name=name, rounds=2, epochs=1).replace("tags: [synthetic]", "tags: [nobody-has-this]")
+    exp = fed.submit(make_experiment(name, plan=plan))
+    assert exp.status().state in ("PENDING", "QUEUED", "OFFERED")
+    with pytest.raises(fx.FXTimeout):
+        exp.wait(timeout=1)
+    with pytest.raises(fx.FXError) as ei:
+        exp.remove()
+    assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    exp.cancel("changed my mind")
+    t0 = time.monotonic()
+    with pytest.raises(fx.ExperimentEnded) as ei:
+        exp.wait(timeout=30)
+    assert ei.value.state == "CANCELLED" and "CANCELLED" in str(ei.value)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(fx.FXError) as ei:
+        exp.cancel()
+    assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    exp.remove()
+    with pytest.raises(fx.FXError) as ei:
+        fed.experiment(name)
+    assert ei.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_metrics_survive_dropped_connection(cluster, fed, proxy, make_experiment):
+    """Cut the connection under a live watch: it resumes, no gaps, no repeats."""
+    via = cluster.federation(proxy.address, reconnect_timeout=30)
+    try:
+        exp = via.submit(make_experiment(unique("dropped"), rounds=12, epochs=3))
+        seen = []
+        dropped_live = None
+        for ev in exp.metrics():
+            seen.append(ev.sequence)
+            if dropped_live is None:
+                proxy.blocked = True
+                proxy.drop()
+                # Is the experiment still going (so the watch was open)?
+                dropped_live = not fed.experiment(id=exp.id).last.ended
+                time.sleep(0.3)
+                proxy.blocked = False
+        assert seen == list(range(1, len(seen) + 1))
+        st = exp.wait(timeout=60)
+        assert st.state == "FINISHED"
+        all_events = [e.sequence for e in fed.experiment(id=exp.id).metrics()]
+        assert seen == all_events
+        # 11 more rounds were to go when the first event came: the watch was
+        # open when the connection was cut, so it had to reconnect.
+        assert dropped_live, "the experiment ended before the connection was cut"
+        assert proxy.accepted >= 2, "the watch never reconnected"
+    finally:
+        via.close()
+
+
+def test_unreachable_director_fails_within_timeout(cluster):
+    port = free_port()
+    t0 = time.monotonic()
+    with pytest.raises(fx.FXTimeout) as ei:
+        fx.Federation(f"127.0.0.1:{port}", **cluster.researcher(timeout=1.5))
+    took = time.monotonic() - t0
+    assert took < 6, f"took {took:.1f}s"
+    assert f"127.0.0.1:{port}" in str(ei.value) and "cannot reach" in str(ei.value)
+
+
+def test_wrong_server_name_fails_clearly(cluster):
+    t0 = time.monotonic()
+    with pytest.raises(fx.FXTimeout) as ei:
+        cluster.federation(server_name="not-the-director", timeout=1.5)
+    assert time.monotonic() - t0 < 6
+    assert "server_name" in str(ei.value)
+
+
+def test_missing_credentials(cluster, tmp_path):
+    with pytest.raises(fx.FXError) as ei:
+        fx.Federation(cluster.address, ca=str(tmp_path / "nope.crt"), cert="x", key="y")
+    assert "nope.crt" in str(ei.value)
+    with pytest.raises(fx.FXError):
+        fx.Federation("no-port", **cluster.researcher())
+
+
+def test_default_server_name_is_the_host(cluster):
+    # The director's certificate carries 127.0.0.1 as a SAN.
+    with fx.Federation(cluster.address, **cluster.researcher()) as f:
+        assert {e.name for e in f.envoys()} == {"site-1", "site-2"}
+
+
+def test_wait_survives_dropped_connection(cluster, proxy, make_experiment):
+    via = cluster.federation(proxy.address, reconnect_timeout=30)
+    try:
+        exp = via.submit(make_experiment(unique("wait-dropped"), rounds=8, epochs=3))
+        events = []
+
+        def cut(ev):
+            events.append(ev.sequence)
+            if len(events) == 1:
+                proxy.blocked = True
+                proxy.drop()
+                time.sleep(0.3)
+                proxy.blocked = False
+
+        st = exp.wait(timeout=90, on_event=cut)
+        assert st.state == "FINISHED"
+        assert events == list(range(1, len(events) + 1)) and len(events) > 1
+        assert proxy.accepted >= 2
+    finally:
+        via.close()
