@@ -279,8 +279,19 @@ func (d *Director) Run(ctx context.Context) error {
 	d.stopped = true
 	d.closeStreamsLocked()
 	close(d.shutdown)
+	var live []*runState
+	for _, e := range d.exps {
+		if e.run != nil {
+			live = append(live, e.run)
+		}
+	}
 	d.mu.Unlock()
 	stopGRPC(srv, d.cfg.StopTimeout)
+	// Aggregators go as if the process died (see severableListener): their
+	// experiments stay RUNNING and resume at the next start.
+	for _, rs := range live {
+		rs.lis.sever()
+	}
 	cancelRuns()
 	d.runs.Wait()
 	<-sweepDone

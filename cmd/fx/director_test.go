@@ -224,17 +224,30 @@ func TestDirectorStartAndReview(t *testing.T) {
 
 func waitForReady() grpc.CallOption { return grpc.WaitForReady(true) }
 
-// TestFederationEndToEnd runs a whole federation in one process: a
-// director, two envoys holding halves of a synthetic data set, and a
-// researcher who submits a two-round experiment, watches its metrics to
-// the end and downloads the best model. Everything talks gRPC over mutual
-// TLS on loopback with certificates from a CA made here.
-func TestFederationEndToEnd(t *testing.T) {
+// federation is a director and two envoys holding halves of a synthetic
+// data set, in one process, talking gRPC over mutual TLS on loopback with
+// certificates from a CA made for the test.
+type federation struct {
+	t      *testing.T
+	root   string
+	addr   string
+	logger hclog.Logger
+	cfg    director.Settings
+	ctx    context.Context
+
+	stopDirector context.CancelFunc
+	directorDone chan error
+	envoysDone   chan error
+	client       fxv1.DirectorClient
+}
+
+func newFederation(t *testing.T) *federation {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("end-to-end federation")
 	}
-	root := t.TempDir()
-	ca, err := pki.InitCA(filepath.Join(root, "ca"), pki.InitOptions{})
+	f := &federation{t: t, root: t.TempDir(), envoysDone: make(chan error, 2)}
+	ca, err := pki.InitCA(filepath.Join(f.root, "ca"), pki.InitOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,148 +256,179 @@ func TestFederationEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		files, err := iss.WriteFiles(filepath.Join(root, string(role), name))
+		files, err := iss.WriteFiles(filepath.Join(f.root, string(role), name))
 		if err != nil {
 			t.Fatal(err)
 		}
 		return files
 	}
-	logger := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: io.Discard})
+	f.logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: io.Discard})
 	if testing.Verbose() {
-		logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Info, Output: os.Stderr})
+		f.logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Info, Output: os.Stderr})
 	}
-
-	// The director.
 	dirFiles := issue(pki.RoleDirector, "localhost", "localhost", "127.0.0.1")
+	f.addr = freePort(t)
 	s := director.DefaultSettings()
-	s.ListenAddress = "127.0.0.1:0"
+	s.ListenAddress = f.addr
 	s.Advertise.Host = "127.0.0.1"
 	s.Aggregator.Host = "127.0.0.1"
 	s.TLS.Cert, s.TLS.Key, s.TLS.CA = dirFiles.Cert, dirFiles.Key, dirFiles.CA
-	s.DataDir = filepath.Join(root, "director")
+	s.DataDir = filepath.Join(f.root, "director")
 	s.ReviewPolicy = director.ReviewAuto
 	s.HeartbeatPeriod, s.OfflineAfter = time.Second, 5*time.Second
-	cfg, err := s.Config(logger)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Listener = lis
-	d, err := director.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s.StopTimeout = 2 * time.Second
+	f.cfg = s
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan error, 3)
-	go func() { done <- d.Run(ctx) }()
-	addr := lis.Addr().String()
+	f.ctx = ctx
+	t.Cleanup(func() {
+		cancel()
+		if f.stopDirector != nil {
+			f.stopDirector()
+			<-f.directorDone
+		}
+		for range 2 {
+			select {
+			case <-f.envoysDone:
+			case <-time.After(30 * time.Second):
+				t.Error("an envoy did not stop")
+			}
+		}
+	})
+	f.startDirector()
 
-	// Two envoys, each with half of one synthetic data set.
 	for i, name := range []string{"site-1", "site-2"} {
 		files := issue(pki.RoleEnvoy, name)
 		ec := envoy.DefaultConfig()
-		ec.Director.Address = addr
+		ec.Director.Address = f.addr
 		ec.Director.ServerName = "localhost"
 		ec.TLS.Cert, ec.TLS.Key, ec.TLS.CA = files.Cert, files.Key, files.CA
-		ec.WorkDir = filepath.Join(root, "envoys", name)
+		ec.WorkDir = filepath.Join(f.root, "envoys", name)
 		ec.Tags = []string{"synthetic"}
 		ec.Shard = dataset.Config{Kind: "synthetic", Features: 8, Classes: 3, TrainSamples: 600, ValidSamples: 120, Shard: fmt.Sprintf("%d/2", i+1), Seed: 7}
-		ec.Logger = logger.Named(name)
+		ec.Logger = f.logger.Named(name)
 		ec.RPCTimeout = 10 * time.Second
-		ec.Retry.Initial, ec.Retry.Max = 50*time.Millisecond, time.Second
+		ec.Retry.Initial, ec.Retry.Max = 20*time.Millisecond, 500*time.Millisecond
 		e, err := envoy.New(ec)
 		if err != nil {
 			t.Fatalf("envoy %s: %v", name, err)
 		}
-		go func() { done <- e.Run(ctx) }()
+		go func() { f.envoysDone <- e.Run(ctx) }()
 	}
 
-	// The researcher.
-	rf := issue(pki.RoleResearcher, "alice")
-	k, err := pki.NewKeyring(pki.KeyringConfig{Files: rf})
+	k, err := pki.NewKeyring(pki.KeyringConfig{Files: issue(pki.RoleResearcher, "alice")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := pki.NewClient(addr, k, "localhost")
+	conn, err := pki.NewClient(f.addr, k, "localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	c := fxv1.NewDirectorClient(conn)
-	tctx, tcancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer tcancel()
-	waitEnvoys(t, tctx, c, 2)
+	t.Cleanup(func() { conn.Close() })
+	f.client = fxv1.NewDirectorClient(conn)
+	return f
+}
 
-	plan := `name: synth
-rounds: 2
+// startDirector starts a director on the federation's address and data
+// directory: the first one, or a restarted one.
+func (f *federation) startDirector() {
+	f.t.Helper()
+	cfg, err := f.cfg.Config(f.logger)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	d, err := director.New(cfg)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(f.ctx)
+	f.stopDirector, f.directorDone = cancel, make(chan error, 1)
+	go func() { f.directorDone <- d.Run(ctx) }()
+}
+
+// restartDirector stops the director and starts a new one on the same
+// data directory and address.
+func (f *federation) restartDirector() {
+	f.t.Helper()
+	f.stopDirector()
+	if err := <-f.directorDone; err != nil {
+		f.t.Fatalf("director Run: %v", err)
+	}
+	f.startDirector()
+}
+
+const federationPlan = `name: synth
+rounds: %d
 participants: {min: 2, tags: [synthetic]}
 runner: {kind: builtin, model: softmax, hyperparameters: {lr: 0.1, epochs: 1, batch_size: 32}}
-stragglers: {deadline: 1m}
+stragglers: {deadline: 15s}
 `
-	src := t.TempDir()
+
+// submit uploads a plan of rounds rounds and returns its reference.
+func (f *federation) submit(ctx context.Context, rounds int) *fxv1.ExperimentRef {
+	f.t.Helper()
+	plan := fmt.Sprintf(federationPlan, rounds)
+	src := f.t.TempDir()
 	if err := os.WriteFile(filepath.Join(src, "plan.yaml"), []byte(plan), 0o600); err != nil {
-		t.Fatal(err)
+		f.t.Fatal(err)
 	}
 	var buf bytes.Buffer
 	if err := experiment.Pack(src, &buf); err != nil {
-		t.Fatal(err)
+		f.t.Fatal(err)
 	}
 	sum := sha256.Sum256(buf.Bytes())
-	stream, err := c.SubmitExperiment(tctx)
+	stream, err := f.client.SubmitExperiment(ctx, grpc.WaitForReady(true))
 	if err != nil {
-		t.Fatal(err)
+		f.t.Fatal(err)
 	}
 	if err := stream.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Header{Header: &fxv1.SubmitHeader{
 		Size: int64(buf.Len()), Sha256: hex.EncodeToString(sum[:]), PlanYaml: plan}}}); err != nil {
-		t.Fatal(err)
+		f.t.Fatal(err)
 	}
 	if err := stream.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Chunk{Chunk: buf.Bytes()}}); err != nil {
-		t.Fatal(err)
+		f.t.Fatal(err)
 	}
 	resp, err := stream.CloseAndRecv()
 	if err != nil {
-		t.Fatal(err)
+		f.t.Fatal(err)
 	}
-	ref := &fxv1.ExperimentRef{Id: resp.GetExperiment().GetId()}
+	return &fxv1.ExperimentRef{Id: resp.GetExperiment().GetId()}
+}
 
-	// Metrics stream until the experiment ends.
-	ms, err := c.WatchMetrics(tctx, &fxv1.WatchMetricsRequest{Experiment: ref})
+// watch reads metric events after seq until the stream ends (nil) or
+// fails, calling each(event) for every one.
+func (f *federation) watch(ctx context.Context, ref *fxv1.ExperimentRef, after int64, each func(*fxv1.MetricEvent) bool) error {
+	ms, err := f.client.WatchMetrics(ctx, &fxv1.WatchMetricsRequest{Experiment: ref, AfterSequence: after}, grpc.WaitForReady(true))
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
-	var events []*fxv1.MetricEvent
 	for {
 		ev, err := ms.Recv()
 		if err == io.EOF {
-			break
+			return nil
 		}
 		if err != nil {
-			t.Fatalf("WatchMetrics after %d events: %v", len(events), err)
+			return err
 		}
-		events = append(events, ev)
-	}
-	got, err := c.GetExperiment(tctx, &fxv1.GetExperimentRequest{Experiment: ref})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.GetState() != fxv1.ExperimentState_FINISHED {
-		t.Fatalf("experiment ended %v: %s (participants %v)", got.GetState(), got.GetReason(), got.GetParticipants())
-	}
-	for i, ev := range events {
-		if ev.GetSequence() != int64(i+1) {
-			t.Fatalf("event %d has sequence %d", i, ev.GetSequence())
+		if !each(ev) {
+			return nil
 		}
 	}
-	if len(events) == 0 || got.GetBest() == nil {
-		t.Fatalf("%d events, best %v", len(events), got.GetBest())
-	}
-	ds, err := c.DownloadModel(tctx, &fxv1.DownloadModelRequest{Experiment: ref, Selector: fxv1.ModelSelector_BEST})
+}
+
+// finished checks the experiment ended FINISHED and its best model downloads
+// intact.
+func (f *federation) finished(ctx context.Context, ref *fxv1.ExperimentRef) *fxv1.Experiment {
+	f.t.Helper()
+	got, err := f.client.GetExperiment(ctx, &fxv1.GetExperimentRequest{Experiment: ref})
 	if err != nil {
-		t.Fatal(err)
+		f.t.Fatal(err)
+	}
+	if got.GetState() != fxv1.ExperimentState_FINISHED || got.GetBest() == nil {
+		f.t.Fatalf("experiment ended %v: %s (best %v, participants %v)", got.GetState(), got.GetReason(), got.GetBest(), got.GetParticipants())
+	}
+	ds, err := f.client.DownloadModel(ctx, &fxv1.DownloadModelRequest{Experiment: ref, Selector: fxv1.ModelSelector_BEST})
+	if err != nil {
+		f.t.Fatal(err)
 	}
 	var model bytes.Buffer
 	var info *fxv1.ModelInfo
@@ -394,44 +438,85 @@ stragglers: {deadline: 1m}
 			break
 		}
 		if err != nil {
-			t.Fatal(err)
+			f.t.Fatal(err)
 		}
 		if m.GetInfo() != nil {
 			info = m.GetInfo()
 		}
 		model.Write(m.GetChunk())
 	}
-	msum := sha256.Sum256(model.Bytes())
-	if info == nil || info.GetSize() != int64(model.Len()) || info.GetSha256() != hex.EncodeToString(msum[:]) {
-		t.Errorf("model info %v for %d bytes", info, model.Len())
+	sum := sha256.Sum256(model.Bytes())
+	if info == nil || info.GetSize() != int64(model.Len()) || info.GetSha256() != hex.EncodeToString(sum[:]) {
+		f.t.Errorf("model info %v for %d bytes", info, model.Len())
 	}
-	t.Logf("finished: %d metric events, best %s = %.3f at round %d, model %d bytes",
-		len(events), got.GetBest().GetMetric(), got.GetBest().GetValue(), got.GetBest().GetRound(), model.Len())
-
-	cancel()
-	for range 3 {
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			t.Fatal("the federation did not stop")
-		}
-	}
+	return got
 }
 
-// waitEnvoys waits until n envoys are online.
-func waitEnvoys(t *testing.T, ctx context.Context, c fxv1.DirectorClient, n int) {
-	t.Helper()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
+// TestFederationEndToEnd: a researcher submits a two-round experiment to a
+// federation of two envoys, watches its metrics to the end and downloads
+// the best model.
+func TestFederationEndToEnd(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	defer cancel()
+	ref := f.submit(ctx, 2)
+	var events []*fxv1.MetricEvent
+	if err := f.watch(ctx, ref, 0, func(ev *fxv1.MetricEvent) bool { events = append(events, ev); return true }); err != nil {
+		t.Fatalf("WatchMetrics after %d events: %v", len(events), err)
+	}
+	got := f.finished(ctx, ref)
+	for i, ev := range events {
+		if ev.GetSequence() != int64(i+1) {
+			t.Fatalf("event %d has sequence %d", i, ev.GetSequence())
+		}
+	}
+	// Two rounds of 3 tasks × 2 sites + 3 aggregates, and the final
+	// validation round: 2 results + 1 aggregate.
+	if len(events) != 21 {
+		t.Errorf("%d metric events, want 21", len(events))
+	}
+	t.Logf("finished: %d metric events, best %s = %.3f at round %d", len(events), got.GetBest().GetMetric(), got.GetBest().GetValue(), got.GetBest().GetRound())
+}
+
+// TestFederationSurvivesDirectorRestart stops the director as soon as the
+// first round has completed and starts a new one on the same data
+// directory: the experiment resumes (envoys reconnect and rejoin the
+// relaunched aggregator) and finishes, and the metric stream, resumed from
+// the last sequence seen, has neither gaps nor repeats.
+func TestFederationSurvivesDirectorRestart(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	defer cancel()
+	ref := f.submit(ctx, 4)
+	var events []*fxv1.MetricEvent
+	_ = f.watch(ctx, ref, 0, func(ev *fxv1.MetricEvent) bool {
+		events = append(events, ev)
+		return ev.GetCollaborator() != "" // stop at the first aggregate
+	})
+	f.restartDirector()
+	after := events[len(events)-1].GetSequence()
+	deadline := time.Now().Add(time.Minute)
 	for {
-		resp, err := c.ListEnvoys(ctx, &fxv1.ListEnvoysRequest{OnlineOnly: true})
-		if err == nil && len(resp.GetEnvoys()) == n {
-			return
+		err := f.watch(ctx, ref, after, func(ev *fxv1.MetricEvent) bool {
+			events = append(events, ev)
+			after = ev.GetSequence()
+			return true
+		})
+		if err == nil {
+			break
 		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("envoys online: %v (%v)", resp.GetEnvoys(), err)
-		case <-tick.C:
+		if time.Now().After(deadline) {
+			t.Fatalf("WatchMetrics after the restart: %v", err)
 		}
+	}
+	f.finished(ctx, ref)
+	for i, ev := range events {
+		if ev.GetSequence() != int64(i+1) {
+			t.Fatalf("event %d has sequence %d: a gap or a repeat across the restart", i, ev.GetSequence())
+		}
+	}
+	// Four rounds of 9 events and the final validation round's 3.
+	if len(events) != 39 {
+		t.Errorf("%d metric events, want 39", len(events))
 	}
 }
