@@ -48,6 +48,9 @@ certificate.`,
 	root.AddCommand(newEnvoyCommand(opts))
 	root.AddCommand(newPKICommand())
 	root.AddCommand(newDirectorCommand(opts))
+	root.AddCommand(newExperimentCommand())
+	root.AddCommand(newEnvoysCommand())
+	root.AddCommand(newQuickstartCommand(opts))
 	return root
 }
 
