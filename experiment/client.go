@@ -135,7 +135,7 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	}
 	id := k.Identity()
 	if id.Role != pki.RoleResearcher && id.Role != pki.RoleAdmin {
-		return nil, fmt.Errorf("%w: %s is the certificate of %s %q, but experiments are driven with a researcher's (or an admin's) certificate: use the one `fx pki certify researcher NAME` wrote", ErrWrongRole, cfg.Cert, id.Role, id.Name)
+		return nil, fmt.Errorf("%w: %s is the certificate of %s %q, but experiments are driven with a researcher's (or an admin's) certificate: ask the federation's CA for one (`fx pki certify --role researcher --name NAME`)", ErrWrongRole, cfg.Cert, id.Role, id.Name)
 	}
 	opts := append([]grpc.DialOption{
 		// Pings no more often than the director's default enforcement

@@ -1,0 +1,769 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.yaml.in/yaml/v3"
+	"golang.org/x/term"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/config"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// connSettings say how a researcher's command reaches the director. They
+// come from the flags, the FX_* environment (FX_DIRECTOR, FX_SERVER_NAME,
+// FX_CERT, FX_KEY, FX_CA, FX_TIMEOUT) and the profile file, in that order of
+// precedence.
+type connSettings struct {
+	Director   string        `mapstructure:"director"`
+	ServerName string        `mapstructure:"server_name"`
+	Cert       string        `mapstructure:"cert"`
+	Key        string        `mapstructure:"key"`
+	CA         string        `mapstructure:"ca"`
+	Timeout    time.Duration `mapstructure:"timeout"`
+}
+
+// The defaults follow scripts/pki-bootstrap.sh's layout, so a researcher in
+// the directory it ran in needs no settings at all.
+func defaultConnSettings() connSettings {
+	return connSettings{
+		Director: "localhost:50051",
+		Cert:     filepath.Join("pki", "researcher", "researcher.crt"),
+		Key:      filepath.Join("pki", "researcher", "researcher.key"),
+		CA:       filepath.Join("pki", "researcher", "ca.crt"),
+		Timeout:  experiment.DefaultConnectTimeout,
+	}
+}
+
+// profileEnv names the profile file when --profile is not given.
+const profileEnv = "FX_PROFILE"
+
+// researcherOptions are the flags shared by `fx experiment` and `fx envoys`.
+type researcherOptions struct {
+	profile string
+	output  string
+}
+
+const connFlagsHelp = `Connection settings come from flags, then the environment (FX_DIRECTOR,
+FX_SERVER_NAME, FX_CERT, FX_KEY, FX_CA, FX_TIMEOUT), then a profile file:
+--profile, else $FX_PROFILE, else ~/.config/fx/config.yaml if it exists. A
+profile holds the same keys, and relative paths in it are relative to the
+profile's directory:
+
+  director: director.example.org:50051
+  server_name: director.example.org
+  cert: alice.crt
+  key: alice.key
+  ca: ca.crt
+  timeout: 10s
+
+Without any of them fx uses localhost:50051 and pki/researcher/researcher.crt,
+.key and pki/researcher/ca.crt, the layout scripts/pki-bootstrap.sh writes.`
+
+// addPersistent registers the connection and output flags on a command
+// group.
+func (o *researcherOptions) addPersistent(f *pflag.FlagSet) {
+	f.String("director", "", "director address, host:port (default localhost:50051)")
+	f.String("server-name", "", "name on the director's certificate (default: the host of --director)")
+	f.String("cert", "", "your researcher certificate (PEM)")
+	f.String("key", "", "your private key (PEM)")
+	f.String("ca", "", "the federation root certificate (PEM)")
+	f.Duration("timeout", 0, "how long to wait for the director to answer (default 10s)")
+	f.StringVar(&o.profile, "profile", "", "profile file with connection settings (default $FX_PROFILE or ~/.config/fx/config.yaml)")
+	f.StringVar(&o.output, "output", "table", "output format: table (for people) or json (for scripts)")
+}
+
+// profilePath is the profile to read: the one the user named, which must
+// exist, else the default one if it exists, else none.
+func (o *researcherOptions) profilePath() string {
+	if o.profile != "" {
+		return o.profile
+	}
+	if p := os.Getenv(profileEnv); p != "" {
+		return p
+	}
+	dir, err := os.UserConfigDir()
+	if err != nil {
+		return ""
+	}
+	p := filepath.Join(dir, "fx", "config.yaml")
+	if _, err := os.Stat(p); err != nil {
+		return ""
+	}
+	return p
+}
+
+// settings loads the connection settings for cmd.
+func (o *researcherOptions) settings(cmd *cobra.Command) (connSettings, error) {
+	s := defaultConnSettings()
+	profile := o.profilePath()
+	if err := config.Load(config.Source{File: profile, Flags: cmd.Flags(), FlagKeys: map[string]string{"server-name": "server_name"}}, &s); err != nil {
+		return s, err
+	}
+	if profile != "" {
+		if err := resolveProfilePaths(profile, &s); err != nil {
+			return s, err
+		}
+	}
+	return s, nil
+}
+
+// resolveProfilePaths makes the relative certificate paths a profile gives
+// relative to the profile's directory, so ~/.config/fx/config.yaml can say
+// "cert: alice.crt" and work from any directory. Paths from flags and the
+// environment stay relative to the working directory.
+func resolveProfilePaths(profile string, s *connSettings) error {
+	data, err := os.ReadFile(profile)
+	if err != nil {
+		return fmt.Errorf("profile %s: %w", profile, err)
+	}
+	var inFile map[string]any
+	if err := yaml.Unmarshal(data, &inFile); err != nil {
+		return fmt.Errorf("profile %s: %w", profile, err)
+	}
+	dir := filepath.Dir(profile)
+	for key, v := range map[string]*string{"cert": &s.Cert, "key": &s.Key, "ca": &s.CA} {
+		given, _ := inFile[key].(string)
+		if given != "" && *v == given && !filepath.IsAbs(given) {
+			*v = filepath.Join(dir, given)
+		}
+	}
+	return nil
+}
+
+// dial connects to the director with the researcher's certificate.
+func (o *researcherOptions) dial(cmd *cobra.Command) (*experiment.Client, error) {
+	if err := o.checkOutput(); err != nil {
+		return nil, err
+	}
+	s, err := o.settings(cmd)
+	if err != nil {
+		return nil, err
+	}
+	return experiment.Dial(cmd.Context(), experiment.ClientConfig{
+		Director: s.Director, ServerName: s.ServerName,
+		Cert: s.Cert, Key: s.Key, CA: s.CA,
+		ConnectTimeout: s.Timeout,
+	})
+}
+
+func (o *researcherOptions) checkOutput() error {
+	switch o.output {
+	case "table", "json":
+		return nil
+	}
+	return fmt.Errorf("--output %q: use table or json", o.output)
+}
+
+func (o *researcherOptions) json() bool { return o.output == "json" }
+
+// writeJSON prints a message as indented JSON with proto field names.
+// protojson varies its whitespace on purpose; re-indenting it makes the
+// output byte-stable for scripts and diffs.
+func writeJSON(w io.Writer, m proto.Message) error {
+	data, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, data, "", "  "); err != nil {
+		return err
+	}
+	buf.WriteByte('\n')
+	_, err = w.Write(buf.Bytes())
+	return err
+}
+
+// writeJSONLine prints a message as one compact JSON line, for streams.
+func writeJSONLine(w io.Writer, m proto.Message) error {
+	data, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	if err := json.Compact(&buf, data); err != nil {
+		return err
+	}
+	buf.WriteByte('\n')
+	_, err = w.Write(buf.Bytes())
+	return err
+}
+
+func newExperimentCommand() *cobra.Command {
+	o := &researcherOptions{}
+	cmd := &cobra.Command{
+		Use:     "experiment",
+		Aliases: []string{"exp"},
+		Short:   "Submit experiments, follow them and fetch their models",
+		Long: `Submit an experiment (a directory holding plan.yaml, see docs/experiments.md),
+follow its rounds and metrics, download its models, cancel and remove it.
+Experiments are named by the name they were submitted under; an admin names
+another researcher's as OWNER/NAME.
+
+` + connFlagsHelp,
+		Example: `  fx experiment submit ./fashion-mlp --wait
+  fx experiment list
+  fx experiment watch fashion-mlp
+  fx experiment model fashion-mlp --best -o best.safetensors`,
+	}
+	o.addPersistent(cmd.PersistentFlags())
+	cmd.AddCommand(
+		newExperimentSubmitCommand(o),
+		newExperimentListCommand(o),
+		newExperimentStatusCommand(o),
+		newExperimentWatchCommand(o),
+		newExperimentModelCommand(o),
+		newExperimentCancelCommand(o),
+		newExperimentRemoveCommand(o),
+	)
+	return cmd
+}
+
+func newExperimentSubmitCommand(o *researcherOptions) *cobra.Command {
+	var name string
+	var wait bool
+	cmd := &cobra.Command{
+		Use:   "submit DIR|ARCHIVE",
+		Short: "Pack an experiment directory and submit it to the director",
+		Long: `Pack DIR (which must hold plan.yaml at its root) into a tar.gz and upload it to
+the director, or upload a .tar.gz or .zip archive as it is. The plan is
+checked before connecting, so a mistake is reported with every problem at
+once. The experiment takes the plan's name unless --name gives another.
+
+With --wait, follow the experiment until it ends, showing its round, its
+participants and its latest metrics; the command then fails unless the
+experiment FINISHED, so scripts can chain on it.`,
+		Example: `  fx experiment submit ./fashion-mlp
+  fx experiment submit ./fashion-mlp --name fashion-mlp-lr01 --wait
+  fx experiment submit fashion-mlp.tar.gz --output json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.checkOutput(); err != nil {
+				return err
+			}
+			u, err := experiment.PrepareUpload(args[0])
+			if err != nil {
+				return err
+			}
+			defer u.Close()
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			bar := newProgressBar(cmd.ErrOrStderr(), fmt.Sprintf("uploading %s", u.Path))
+			e, err := c.SubmitUpload(cmd.Context(), u, experiment.SubmitOptions{Name: name, Progress: bar.update})
+			bar.done()
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if !wait {
+				if o.json() {
+					return writeJSON(out, e)
+				}
+				_, err := fmt.Fprintf(out, "submitted %s (id %s): %s\nfollow it with: fx experiment watch %s\n", e.GetName(), e.GetId(), e.GetState(), e.GetName())
+				return err
+			}
+			if !o.json() {
+				fmt.Fprintf(out, "submitted %s (id %s)\n", e.GetName(), e.GetId())
+			}
+			return followExperiment(cmd.Context(), c, out, e.GetName(), o.json())
+		},
+	}
+	cmd.Flags().StringVar(&name, "name", "", "the experiment's name (default: the plan's name)")
+	cmd.Flags().BoolVar(&wait, "wait", false, "follow the experiment until it ends; fail unless it FINISHED")
+	return cmd
+}
+
+// followExperiment shows an experiment's progress until it ends: a line
+// whenever its state, round or participants change, or a round's metrics
+// arrive. With asJSON it prints only the final experiment. It returns the
+// *EndedError of an experiment that did not finish.
+func followExperiment(ctx context.Context, c *experiment.Client, out io.Writer, name string, asJSON bool) error {
+	v := &liveView{out: out, quiet: asJSON}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Metric events say when rounds complete; a slow ticker shows state
+	// changes before the first one (offered, accepted, running).
+	ticks := time.NewTicker(2 * time.Second)
+	defer ticks.Stop()
+	type result struct {
+		e   *fxv1.Experiment
+		err error
+	}
+	done := make(chan result, 1)
+	aggregates := make(chan *fxv1.MetricEvent, 16)
+	go func() {
+		e, err := c.WaitFunc(ctx, name, func(ev *fxv1.MetricEvent) {
+			if ev.GetCollaborator() == "" {
+				select {
+				case aggregates <- ev:
+				case <-ctx.Done():
+				}
+			}
+		})
+		done <- result{e, err}
+	}()
+	v.refresh(ctx, c, name)
+	for {
+		select {
+		case ev := <-aggregates:
+			v.metrics(ev)
+			v.refresh(ctx, c, name)
+		case <-ticks.C:
+			v.refresh(ctx, c, name)
+		case r := <-done:
+			for len(aggregates) > 0 {
+				v.metrics(<-aggregates)
+			}
+			if r.e != nil {
+				v.show(r.e)
+				if asJSON {
+					if err := writeJSON(out, r.e); err != nil {
+						return err
+					}
+				}
+			}
+			return r.err
+		}
+	}
+}
+
+// liveView prints an experiment's progress, one line per change.
+type liveView struct {
+	out   io.Writer
+	quiet bool
+	last  string
+}
+
+func (v *liveView) refresh(ctx context.Context, c *experiment.Client, name string) {
+	e, err := c.Get(ctx, name)
+	if err == nil {
+		v.show(e)
+	}
+}
+
+func (v *liveView) show(e *fxv1.Experiment) {
+	line := fmt.Sprintf("%s  round %d/%d  %s", e.GetState(), e.GetRound(), e.GetRounds(), participantSummary(e.GetParticipants()))
+	if e.GetReason() != "" {
+		line += "  (" + e.GetReason() + ")"
+	}
+	if line == v.last || v.quiet {
+		return
+	}
+	v.last = line
+	fmt.Fprintln(v.out, line)
+}
+
+func (v *liveView) metrics(ev *fxv1.MetricEvent) {
+	if v.quiet {
+		return
+	}
+	fmt.Fprintf(v.out, "  round %d %s: %s\n", ev.GetRound(), ev.GetTask(), formatMetrics(ev.GetMetrics()))
+}
+
+// participantSummary is "site-1 TRAINING, site-2 ACCEPTED".
+func participantSummary(ps []*fxv1.Participant) string {
+	if len(ps) == 0 {
+		return "no participants yet"
+	}
+	parts := make([]string, len(ps))
+	for i, p := range ps {
+		parts[i] = p.GetEnvoy() + " " + p.GetState().String()
+	}
+	return strings.Join(parts, ", ")
+}
+
+// formatMetrics is "accuracy=0.8125 loss=0.4432", keys in order.
+func formatMetrics(m map[string]float64) string {
+	if len(m) == 0 {
+		return "-"
+	}
+	keys := slices.Sorted(maps.Keys(m))
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s=%.4g", k, m[k])
+	}
+	return strings.Join(parts, " ")
+}
+
+// progressBar draws upload progress on a terminal, and nothing otherwise,
+// so logs and pipes stay clean.
+type progressBar struct {
+	w     io.Writer
+	label string
+	on    bool
+	drawn bool
+}
+
+func newProgressBar(w io.Writer, label string) *progressBar {
+	f, ok := w.(*os.File)
+	return &progressBar{w: w, label: label, on: ok && term.IsTerminal(int(f.Fd()))}
+}
+
+func (b *progressBar) update(sent, total int64) {
+	if !b.on || total <= 0 {
+		return
+	}
+	const width = 30
+	filled := int(sent * width / total)
+	fmt.Fprintf(b.w, "\r\033[K%s [%s%s] %3d%% %s / %s", b.label, strings.Repeat("#", filled), strings.Repeat("-", width-filled), sent*100/total, humanBytes(sent), humanBytes(total))
+	b.drawn = true
+}
+
+func (b *progressBar) done() {
+	if b.drawn {
+		fmt.Fprintln(b.w)
+	}
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+func newExperimentListCommand(o *researcherOptions) *cobra.Command {
+	var states []string
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List your experiments, newest first",
+		Long: `List your experiments (an admin sees everyone's), newest first, with their
+state, round and best score. --state keeps only those in the given states.`,
+		Example: `  fx experiment list
+  fx experiment list --state RUNNING,OFFERED
+  fx experiment list --output json | jq -r '.experiments[].name'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var filter []fxv1.ExperimentState
+			for _, s := range states {
+				v, ok := fxv1.ExperimentState_value[strings.ToUpper(strings.TrimSpace(s))]
+				if !ok || v == 0 {
+					return fmt.Errorf("--state %q: use PENDING, QUEUED, OFFERED, RUNNING, FINISHED, FAILED, CANCELLED or REJECTED", s)
+				}
+				filter = append(filter, fxv1.ExperimentState(v))
+			}
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			list, err := c.List(cmd.Context(), filter...)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if o.json() {
+				return writeJSON(out, &fxv1.ListExperimentsResponse{Experiments: list})
+			}
+			if len(list) == 0 {
+				_, err := fmt.Fprintln(out, "no experiments")
+				return err
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tOWNER\tSTATE\tROUND\tBEST\tCREATED\tID")
+			for _, e := range list {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\n", e.GetName(), e.GetOwner(), e.GetState(), e.GetRound(), e.GetRounds(),
+					bestSummary(e.GetBest()), formatTime(e.GetCreatedAt().AsTime()), e.GetId())
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringSliceVar(&states, "state", nil, "only experiments in these states (comma-separated)")
+	return cmd
+}
+
+func bestSummary(b *fxv1.ModelSummary) string {
+	if b == nil {
+		return "-"
+	}
+	return fmt.Sprintf("%s=%.4g (round %d)", b.GetMetric(), b.GetValue(), b.GetRound())
+}
+
+func formatTime(t time.Time) string {
+	if t.IsZero() || t.Unix() == 0 {
+		return "-"
+	}
+	return t.Local().Format("2006-01-02 15:04:05")
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func newExperimentStatusCommand(o *researcherOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status NAME",
+		Short: "Show an experiment's state, progress, participants and latest metrics",
+		Example: `  fx experiment status fashion-mlp
+  fx experiment status alice/fashion-mlp   # an admin, another researcher's
+  fx experiment status fashion-mlp --output json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			e, err := c.Get(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if o.json() {
+				return writeJSON(cmd.OutOrStdout(), e)
+			}
+			return printExperiment(cmd.OutOrStdout(), e)
+		},
+	}
+	return cmd
+}
+
+func printExperiment(w io.Writer, e *fxv1.Experiment) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "name:\t%s\n", e.GetName())
+	fmt.Fprintf(tw, "id:\t%s\n", e.GetId())
+	fmt.Fprintf(tw, "owner:\t%s\n", e.GetOwner())
+	fmt.Fprintf(tw, "state:\t%s\n", e.GetState())
+	if e.GetReason() != "" {
+		fmt.Fprintf(tw, "reason:\t%s\n", e.GetReason())
+	}
+	fmt.Fprintf(tw, "round:\t%d of %d\n", e.GetRound(), e.GetRounds())
+	fmt.Fprintf(tw, "best:\t%s\n", bestSummary(e.GetBest()))
+	fmt.Fprintf(tw, "latest metrics:\t%s\n", formatMetrics(e.GetLatestMetrics()))
+	fmt.Fprintf(tw, "archive:\t%s, sha256 %s\n", humanBytes(e.GetArchiveSize()), e.GetArchiveSha256())
+	fmt.Fprintf(tw, "created:\t%s\n", formatTime(e.GetCreatedAt().AsTime()))
+	fmt.Fprintf(tw, "updated:\t%s\n", formatTime(e.GetUpdatedAt().AsTime()))
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(e.GetParticipants()) == 0 {
+		_, err := fmt.Fprintln(w, "\nno participants yet")
+		return err
+	}
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "\nENVOY\tSTATE\tLAST ROUND\tTASK\tREASON")
+	for _, p := range e.GetParticipants() {
+		last := "-"
+		if p.GetLastRound() >= 0 {
+			last = fmt.Sprint(p.GetLastRound())
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", p.GetEnvoy(), p.GetState(), last, orDash(p.GetTask()), orDash(p.GetReason()))
+	}
+	return tw.Flush()
+}
+
+func newExperimentWatchCommand(o *researcherOptions) *cobra.Command {
+	var after int64
+	cmd := &cobra.Command{
+		Use:   "watch NAME",
+		Short: "Print an experiment's metric events as they happen, until it ends",
+		Long: `Print every metric event of the experiment, one line each: each
+collaborator's task results and, with COLLABORATOR "-", each round's
+aggregate. The watch survives a dropped connection or a restarting director:
+it reconnects and resumes after the last event it printed, without gaps or
+repeats. It ends when the experiment ends, and fails unless it FINISHED.
+
+--after N skips the events up to sequence N, to resume an earlier watch.
+--output json prints one JSON object per line.`,
+		Example: `  fx experiment watch fashion-mlp
+  fx experiment watch fashion-mlp --after 42 --output json`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if after < 0 {
+				return fmt.Errorf("--after %d: use 0 for every event, or the last sequence seen", after)
+			}
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			out := cmd.OutOrStdout()
+			var tw *tabwriter.Writer
+			if !o.json() {
+				// Flushed after every line: a watch is read live.
+				tw = tabwriter.NewWriter(out, 6, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "SEQ\tROUND\tTASK\tCOLLABORATOR\tSAMPLES\tMETRICS")
+				tw.Flush()
+			}
+			var werr error
+			e, err := c.WaitFunc(cmd.Context(), args[0], func(ev *fxv1.MetricEvent) {
+				if werr != nil {
+					return
+				}
+				if o.json() {
+					werr = writeJSONLine(out, ev)
+					return
+				}
+				fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%s\n", ev.GetSequence(), ev.GetRound(), ev.GetTask(), orDash(ev.GetCollaborator()), ev.GetSamples(), formatMetrics(ev.GetMetrics()))
+				werr = tw.Flush()
+			})
+			if werr != nil {
+				return werr
+			}
+			if e != nil && !o.json() {
+				fmt.Fprintf(out, "%s ended %s (best %s)\n", e.GetName(), e.GetState(), bestSummary(e.GetBest()))
+			}
+			return err
+		},
+	}
+	cmd.Flags().Int64Var(&after, "after", 0, "start after this sequence number")
+	return cmd
+}
+
+func newExperimentModelCommand(o *researcherOptions) *cobra.Command {
+	var best, last bool
+	var round int
+	var file string
+	cmd := &cobra.Command{
+		Use:   "model NAME [--best | --last | --round N] [-o FILE]",
+		Short: "Download one of an experiment's models as a safetensors file",
+		Long: `Download a model of the experiment: the best (by the plan's best_model metric,
+the default), the last completed round's, or a given round's (0 is the
+initial model). The file is written atomically: its size and sha256 are
+checked against what the director announced before it replaces FILE. It
+loads in PyTorch (safetensors.torch.load_file) and numpy.
+
+FILE defaults to NAME-best.safetensors, NAME-last.safetensors or
+NAME-roundN.safetensors in the current directory.`,
+		Example: `  fx experiment model fashion-mlp --best -o best.safetensors
+  fx experiment model fashion-mlp --round 3 -o round3.safetensors`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			chosen := 0
+			sel, suffix := experiment.SelectBest, "best"
+			if best {
+				chosen++
+			}
+			if last {
+				chosen++
+				sel, suffix = experiment.SelectLast, "last"
+			}
+			if cmd.Flags().Changed("round") {
+				chosen++
+				if round < 0 {
+					return fmt.Errorf("--round %d: rounds count from 1 (0 is the initial model)", round)
+				}
+				sel, suffix = experiment.SelectRound(round), fmt.Sprintf("round%d", round)
+			}
+			if chosen > 1 {
+				return errors.New("choose one of --best, --last and --round N")
+			}
+			if file == "" {
+				file = strings.ReplaceAll(args[0], "/", "-") + "-" + suffix + ".safetensors"
+			}
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			info, err := c.ModelToFile(cmd.Context(), args[0], sel, file)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if o.json() {
+				return writeJSON(out, info)
+			}
+			_, err = fmt.Fprintf(out, "wrote %s: the %s model (round %d), %s, sha256 %s\nmetrics: %s\n", file, sel, info.GetRound(), humanBytes(info.GetSize()), info.GetSha256(), formatMetrics(info.GetMetrics()))
+			return err
+		},
+	}
+	cmd.Flags().BoolVar(&best, "best", false, "the best model by the plan's best_model metric (the default)")
+	cmd.Flags().BoolVar(&last, "last", false, "the last completed round's model")
+	cmd.Flags().IntVar(&round, "round", 0, "the model after round N (0: the initial model)")
+	cmd.Flags().StringVarP(&file, "file", "o", "", "where to write the model")
+	return cmd
+}
+
+func newExperimentCancelCommand(o *researcherOptions) *cobra.Command {
+	var reason string
+	cmd := &cobra.Command{
+		Use:   "cancel NAME",
+		Short: "Stop an experiment that has not ended",
+		Long: `Stop the experiment: its aggregator and collaborators stop and it becomes
+CANCELLED. Models of the rounds it completed stay downloadable until you
+remove it.`,
+		Example: `  fx experiment cancel fashion-mlp --reason "wrong learning rate"`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			e, err := c.Cancel(cmd.Context(), args[0], reason)
+			if err != nil {
+				return err
+			}
+			if o.json() {
+				return writeJSON(cmd.OutOrStdout(), e)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s is now %s\n", e.GetName(), e.GetState())
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&reason, "reason", "", "why, recorded with the experiment")
+	return cmd
+}
+
+func newExperimentRemoveCommand(o *researcherOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "remove NAME",
+		Short: "Delete an ended experiment with its archive, models and metrics",
+		Long: `Delete an experiment that has ended (FINISHED, FAILED, CANCELLED or REJECTED)
+from the director: its record, archive, checkpoints, models and metrics.
+Download the models you want to keep first. A running experiment must be
+cancelled before it can be removed.`,
+		Example: `  fx experiment model fashion-mlp --best -o best.safetensors && fx experiment remove fashion-mlp`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			if err := c.Remove(cmd.Context(), args[0]); err != nil {
+				return err
+			}
+			if o.json() {
+				data, err := json.MarshalIndent(map[string]string{"removed": args[0]}, "", "  ")
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s\n", data)
+				return err
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "removed %s\n", args[0])
+			return err
+		},
+	}
+	return cmd
+}
