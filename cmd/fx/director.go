@@ -169,10 +169,7 @@ which the researcher sees.`,
 				e, err = c.RejectExperiment(ctx, req)
 			}
 			if err != nil {
-				if st, ok := status.FromError(err); ok {
-					return fmt.Errorf("%s: %s", st.Code(), st.Message())
-				}
-				return err
+				return statusError(err)
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s/%s (id %s) is now %s\n", e.GetOwner(), e.GetName(), e.GetId(), e.GetState())
 			return err
@@ -183,4 +180,12 @@ which the researcher sees.`,
 	cmd.Flags().StringVar(&id, "id", "", "the experiment's id, instead of NAME")
 	cmd.Flags().StringVar(&reason, "reason", "", "why; required when rejecting, shown to the researcher")
 	return cmd
+}
+
+// statusError turns a gRPC status into "Code: message".
+func statusError(err error) error {
+	if st, ok := status.FromError(err); ok {
+		return fmt.Errorf("%s: %s", st.Code(), st.Message())
+	}
+	return err
 }
