@@ -130,13 +130,19 @@ func Ended(s fxv1.ExperimentState) bool {
 // director ends when the experiment ends, so it survives dropped
 // connections as Metrics does and costs no polling.
 func (c *Client) Wait(ctx context.Context, name string) (*fxv1.Experiment, error) {
-	return c.WaitFunc(ctx, name, nil)
+	return c.Follow(ctx, name, 0, nil)
 }
 
 // WaitFunc is Wait that also hands every metric event to each (when not
 // nil) as it arrives: for a live view.
 func (c *Client) WaitFunc(ctx context.Context, name string, each func(*fxv1.MetricEvent)) (*fxv1.Experiment, error) {
-	var last int64
+	return c.Follow(ctx, name, 0, each)
+}
+
+// Follow is WaitFunc for a watch that resumes: each sees the events after
+// afterSequence, each exactly once.
+func (c *Client) Follow(ctx context.Context, name string, afterSequence int64, each func(*fxv1.MetricEvent)) (*fxv1.Experiment, error) {
+	last := afterSequence
 	bo := newBackoff(c.cfg.Retry)
 	for {
 		for ev, err := range c.Metrics(ctx, name, last) {

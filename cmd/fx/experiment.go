@@ -114,6 +114,11 @@ func (o *researcherOptions) profilePath() string {
 func (o *researcherOptions) settings(cmd *cobra.Command) (connSettings, error) {
 	s := defaultConnSettings()
 	profile := o.profilePath()
+	if profile != "" {
+		if _, err := os.Stat(profile); err != nil {
+			return s, fmt.Errorf("profile %s (from --profile or %s): %w", profile, profileEnv, err)
+		}
+	}
 	if err := config.Load(config.Source{File: profile, Flags: cmd.Flags(), FlagKeys: map[string]string{"server-name": "server_name"}}, &s); err != nil {
 		return s, err
 	}
@@ -614,7 +619,7 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 				tw.Flush()
 			}
 			var werr error
-			e, err := c.WaitFunc(cmd.Context(), args[0], func(ev *fxv1.MetricEvent) {
+			e, err := c.Follow(cmd.Context(), args[0], after, func(ev *fxv1.MetricEvent) {
 				if werr != nil {
 					return
 				}
