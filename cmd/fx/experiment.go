@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"os"
 	"path/filepath"
@@ -115,8 +116,10 @@ func (o *researcherOptions) settings(cmd *cobra.Command) (connSettings, error) {
 	s := defaultConnSettings()
 	profile := o.profilePath()
 	if profile != "" {
-		if _, err := os.Stat(profile); err != nil {
-			return s, fmt.Errorf("profile %s (from --profile or %s): %w", profile, profileEnv, err)
+		if _, err := os.Stat(profile); errors.Is(err, fs.ErrNotExist) {
+			return s, fmt.Errorf("profile %s does not exist (it was named by --profile or %s)", profile, profileEnv)
+		} else if err != nil {
+			return s, fmt.Errorf("profile %s: %w", profile, err)
 		}
 	}
 	if err := config.Load(config.Source{File: profile, Flags: cmd.Flags(), FlagKeys: map[string]string{"server-name": "server_name"}}, &s); err != nil {
