@@ -158,6 +158,12 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 		return nil, fmt.Errorf("cannot store the archive: %w", err)
 	}
 	committed = true
+	// The record written next promises the archive exists; make its name
+	// durable first.
+	if err := syncDir(dir); err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, fmt.Errorf("cannot store the archive: %w", err)
+	}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -262,4 +268,14 @@ func (a *asyncWriter) Close() error {
 	a.mu.Unlock()
 	<-a.done
 	return a.failed()
+}
+
+// syncDir fsyncs a directory, making the names created in it durable.
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }

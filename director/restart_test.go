@@ -1,10 +1,13 @@
 package director
 
 import (
+	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/fx-fl/fx/director/store"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -112,4 +115,39 @@ func watchAll(t *testing.T, f *fed, id string, n int) []*fxv1.MetricEvent {
 		t.Fatalf("%d events, want %d", len(evs), n)
 	}
 	return evs
+}
+
+// TestSecondDirectorRefused: two directors on one data_dir would corrupt
+// each other's view, so the second fails to start and says why.
+func TestSecondDirectorRefused(t *testing.T) {
+	f := newFed(t, nil)
+	cfg := f.config()
+	defer cfg.Listener.Close()
+	_, err := New(cfg)
+	if err == nil || !strings.Contains(err.Error(), "another process") {
+		t.Fatalf("second director on one data_dir: %v", err)
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	tests := []struct {
+		name string
+		mod  func(*Config)
+		key  string
+	}{
+		{"no data dir", func(c *Config) { c.DataDir = "" }, "data_dir"},
+		{"grace shorter than period", func(c *Config) { c.OfflineAfter = time.Second; c.HeartbeatPeriod = 2 * time.Second }, "offline_after"},
+		{"policy", func(c *Config) { c.ReviewPolicy = "sometimes" }, "review_policy"},
+		{"concurrency", func(c *Config) { c.MaxConcurrent = -1 }, "max_concurrent_experiments"},
+		{"ports", func(c *Config) { c.AggregatorPortMin, c.AggregatorPortMax = 9000, 8000 }, "aggregator.port_min"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := Config{DataDir: t.TempDir(), Store: store.NewMem()}
+			tt.mod(&cfg)
+			if _, err := New(cfg); err == nil || !strings.Contains(err.Error(), tt.key) {
+				t.Fatalf("New = %v, want an error naming %s", err, tt.key)
+			}
+		})
+	}
 }
