@@ -239,3 +239,29 @@ func TestCancel(t *testing.T) {
 		t.Errorf("cancel twice: %v", err)
 	}
 }
+
+// TestDisconnected: a training participant whose envoy stops heartbeating
+// shows as DISCONNECTED, and as TRAINING again once it is back.
+func TestDisconnected(t *testing.T) {
+	f := newFed(t, nil)
+	e, _ := f.running("alice")
+	state := func(envoy string) fxv1.ParticipantState {
+		for _, p := range f.get("", e.Id).GetParticipants() {
+			if p.GetEnvoy() == envoy {
+				return p.GetState()
+			}
+		}
+		t.Fatalf("no participant %s", envoy)
+		return 0
+	}
+	f.clock.Advance(10 * time.Second)
+	must(t, f.heartbeat("b"))
+	f.clock.Advance(10 * time.Second)
+	if a, b := state("a"), state("b"); a != fxv1.ParticipantState_DISCONNECTED || b != fxv1.ParticipantState_TRAINING {
+		t.Fatalf("a %v (want DISCONNECTED), b %v (want TRAINING)", a, b)
+	}
+	must(t, f.heartbeat("a"))
+	if a := state("a"); a != fxv1.ParticipantState_TRAINING {
+		t.Errorf("a after heartbeating again: %v", a)
+	}
+}
