@@ -239,3 +239,19 @@ func (b *envoyLogBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+func TestPrintPending(t *testing.T) {
+	offers := []envoy.PendingOffer{{
+		ID: "id1", Name: "fashion-mlp", Owner: "alice", ArchiveSHA256: strings.Repeat("ab", 32), ArchiveSize: 1234,
+		Summary: "10 rounds; runner builtin mlp", Plan: "name: fashion-mlp\nrounds: 10\n",
+	}}
+	var b bytes.Buffer
+	if err := printPending(&b, offers, true); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"fashion-mlp", "alice", "id1", "1234", strings.Repeat("ab", 32), "10 rounds; runner builtin mlp", "rounds: 10", "fx envoy approve NAME"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, b.String())
+		}
+	}
+}
