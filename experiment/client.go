@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
@@ -142,6 +143,13 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 		// (5 minutes) allows, so a watch over a connection that died
 		// silently (a NAT dropping it) fails and reconnects.
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 6 * time.Minute, Timeout: 20 * time.Second}),
+		// Reconnect on the same schedule as Retry, so a restarted
+		// director is found again within Retry.Max rather than gRPC's
+		// default of up to two minutes.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: cfg.Retry.Initial, Multiplier: 1.6, Jitter: 0.2, MaxDelay: cfg.Retry.Max},
+			MinConnectTimeout: 20 * time.Second,
+		}),
 	}, cfg.DialOptions...)
 	conn, err := pki.NewClient(cfg.Director, k, cfg.ServerName, opts...)
 	if err != nil {

@@ -122,7 +122,9 @@ func (c *Client) download(ctx context.Context, name string, sel ModelSelector, o
 	}
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := c.rpc.DownloadModel(sctx, &fxv1.DownloadModelRequest{Experiment: Ref(name), Selector: sel.which, Round: sel.round}, grpc.WaitForReady(true))
+	// Fail fast: a director that is away is reported at once rather than
+	// waited for without bound (the context may have no deadline).
+	stream, err := c.rpc.DownloadModel(sctx, &fxv1.DownloadModelRequest{Experiment: Ref(name), Selector: sel.which, Round: sel.round})
 	if err != nil {
 		return nil, c.wrap(op, err)
 	}

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 
-	"google.golang.org/grpc"
 
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -192,7 +191,9 @@ func (c *Client) SubmitUpload(ctx context.Context, u *Upload, opts SubmitOptions
 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := c.rpc.SubmitExperiment(sctx, grpc.WaitForReady(true))
+	// Fail fast: a director that is away is reported at once rather than
+	// waited for without bound (the context may have no deadline).
+	stream, err := c.rpc.SubmitExperiment(sctx)
 	if err != nil {
 		return nil, c.wrap(op, err)
 	}

@@ -3,6 +3,7 @@ package experiment_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -446,4 +447,42 @@ func TestClientBadInput(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestClientMetricsGivesUp: when the director goes away for good, the
+// metric stream retries with bounded backoff and then reports the loss,
+// naming the sequence to resume after, instead of retrying forever.
+func TestClientMetricsGivesUp(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+	defer cancel()
+	cfg := f.config(pki.RoleResearcher, "alice")
+	cfg.Retry = experiment.Retry{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, GiveUpAfter: time.Second}
+	c := f.dial(cfg)
+	if _, err := c.Submit(ctx, planDir(t, "synth", 50, 2), experiment.SubmitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var last int64
+	var stoppedAt time.Time
+	var final error
+	for ev, err := range c.Metrics(ctx, "synth", 0) {
+		if err != nil {
+			final = err
+			break
+		}
+		last = ev.GetSequence()
+		if stoppedAt.IsZero() {
+			f.stopDirector()
+			<-f.directorDone
+			f.stopDirector = nil
+			stoppedAt = time.Now()
+		}
+	}
+	if final == nil || !strings.Contains(final.Error(), "gave up reconnecting") || !strings.Contains(final.Error(), fmt.Sprintf("after sequence %d", last)) {
+		t.Fatalf("after the director went away: %v (last sequence %d)", final, last)
+	}
+	if d := time.Since(stoppedAt); d > 20*time.Second {
+		t.Errorf("gave up after %s with GiveUpAfter 1s", d)
+	}
+	t.Log(final)
 }

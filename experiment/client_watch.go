@@ -8,7 +8,6 @@ import (
 	"iter"
 	"time"
 
-	"google.golang.org/grpc"
 
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -73,7 +72,10 @@ func (c *Client) watchOnce(ctx context.Context, name string, last *int64, yield 
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	op := fmt.Sprintf("watching experiment %s", name)
-	stream, err := c.rpc.WatchMetrics(sctx, &fxv1.WatchMetricsRequest{Experiment: Ref(name), AfterSequence: *last}, grpc.WaitForReady(true))
+	// Fail fast rather than wait for ready: while the director is away the
+	// attempt fails at once and Metrics' own backoff paces the retries and
+	// gives up after Retry.GiveUpAfter, instead of blocking unboundedly.
+	stream, err := c.rpc.WatchMetrics(sctx, &fxv1.WatchMetricsRequest{Experiment: Ref(name), AfterSequence: *last})
 	if err != nil {
 		return false, false, c.wrap(op, err)
 	}
