@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 
-
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 

@@ -8,7 +8,6 @@ import (
 	"iter"
 	"time"
 
-
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -54,7 +53,7 @@ func (c *Client) Metrics(ctx context.Context, name string, afterSequence int64) 
 				yield(nil, err)
 				return
 			case time.Since(lastProgress) > c.cfg.Retry.GiveUpAfter:
-				yield(nil, fmt.Errorf("watching experiment %s: gave up reconnecting after %s (resume after sequence %d): %w", name, c.cfg.Retry.GiveUpAfter.Round(time.Second), last, err))
+				yield(nil, fmt.Errorf("gave up reconnecting after %s (resume after sequence %d): %w", c.cfg.Retry.GiveUpAfter, last, err))
 				return
 			}
 			if bo.wait(ctx) != nil {
