@@ -132,18 +132,29 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 	if sum := hex.EncodeToString(hash.Sum(nil)); sum != want {
 		return nil, fmt.Errorf("the archive's sha256 is %s, not %s as the header says: the upload was corrupted or the header is wrong: %w", sum, want, ErrInvalidArgument)
 	}
-	if err := tmp.Sync(); err != nil {
-		return nil, fmt.Errorf("cannot store the upload: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return nil, fmt.Errorf("cannot store the upload: %w", err)
-	}
+	// Flushing the file to disk and checking the archive both take a while
+	// for a large upload; they run side by side (the check reads the
+	// bytes back from the page cache).
 	received := time.Since(began)
+	synced := make(chan error, 1)
+	go func() {
+		start := time.Now()
+		err := tmp.Sync()
+		if cerr := tmp.Close(); err == nil {
+			err = cerr
+		}
+		d.log.Debug("upload flushed", "name", name, "took", time.Since(start))
+		synced <- err
+	}()
 	man, err := experiment.Inspect(tmpPath, d.cfg.ArchiveLimits)
+	serr := <-synced
 	if err != nil {
 		return nil, err
 	}
-	d.log.Debug("upload checked", "owner", owner, "name", name, "bytes", got, "receive", received, "inspect", time.Since(began)-received)
+	if serr != nil {
+		return nil, fmt.Errorf("cannot store the upload: %w", serr)
+	}
+	d.log.Debug("upload checked", "owner", owner, "name", name, "bytes", got, "receive", received, "check", time.Since(began)-received)
 	if string(man.Plan) != h.GetPlanYaml() {
 		return nil, fmt.Errorf("the header's plan differs from the archive's %s: send the archive's plan.yaml byte for byte: %w", experiment.PlanFile, ErrInvalidArgument)
 	}
