@@ -553,6 +553,11 @@ class Experiment:
                 failed(from_rpc(e, "watching metrics"))
             finally:
                 call.cancel()
+        if on_event:
+            # The experiment ended while the stream was away: hand over the
+            # events not seen yet (the stream of an ended experiment ends).
+            for ev in self._watch(last, None):
+                on_event(ev)
         if st.state != "FINISHED":
             why = f": {st.reason}" if st.reason else ""
             raise ExperimentEnded(f"experiment {self.name} ended {st.state}{why}", st.state, st.reason, st)
