@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand"
 	"os"
 	"path/filepath"
 	"slices"
@@ -485,4 +486,72 @@ func TestClientMetricsGivesUp(t *testing.T) {
 		t.Errorf("gave up after %s with GiveUpAfter 1s", d)
 	}
 	t.Log(final)
+}
+
+// TestClientSubmitStreamsChunks: a directory with a few MiB of
+// incompressible data goes up in chunks of at most ChunkSize, with progress
+// after each, and the director records the size and digest PrepareUpload
+// computed; the packed archive itself can be submitted as well.
+func TestClientSubmitStreamsChunks(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+	defer cancel()
+	c := f.dial(f.config(pki.RoleResearcher, "alice"))
+	dir := planDir(t, "big", 1, 3)
+	blob := make([]byte, 3*experiment.ChunkSize+12345)
+	rand.New(rand.NewSource(1)).Read(blob)
+	if err := os.WriteFile(filepath.Join(dir, "weights.bin"), blob, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	u, err := experiment.PrepareUpload(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sent []int64
+	e, err := c.SubmitUpload(ctx, u, experiment.SubmitOptions{Progress: func(n, total int64) {
+		if total != u.Size {
+			t.Errorf("progress total %d, archive %d bytes", total, u.Size)
+		}
+		sent = append(sent, n)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.GetArchiveSize() != u.Size || e.GetArchiveSha256() != u.SHA256 || e.GetName() != "big" {
+		t.Errorf("recorded %d bytes sha256 %s as %q, uploaded %d bytes sha256 %s", e.GetArchiveSize(), e.GetArchiveSha256(), e.GetName(), u.Size, u.SHA256)
+	}
+	if len(sent) < 4 || sent[len(sent)-1] != u.Size {
+		t.Fatalf("progress %v for %d bytes", sent, u.Size)
+	}
+	for i := 1; i < len(sent); i++ {
+		if d := sent[i] - sent[i-1]; d <= 0 || d > experiment.ChunkSize {
+			t.Errorf("chunk %d is %d bytes", i, d)
+		}
+	}
+
+	// The same archive, given as a file, under another name.
+	archive := filepath.Join(t.TempDir(), "big.tar.gz")
+	data, err := os.ReadFile(u.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(archive, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(u.Path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Close left the packed archive behind: %v", err)
+	}
+	e2, err := c.Submit(ctx, archive, experiment.SubmitOptions{Name: "big-2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e2.GetArchiveSha256() != e.GetArchiveSha256() {
+		t.Errorf("the archive file was recorded with sha256 %s, the packed directory %s", e2.GetArchiveSha256(), e.GetArchiveSha256())
+	}
+	if _, err := os.Stat(archive); err != nil {
+		t.Errorf("Submit removed the caller's archive: %v", err)
+	}
 }
