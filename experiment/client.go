@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
@@ -165,21 +166,50 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 
 // probe calls GetExperiment without naming one: a director that is there
 // and accepts the certificate answers InvalidArgument at once, and that
-// answer needs no experiment to exist.
+// answer needs no experiment to exist. Attempts fail fast, so a director
+// that refuses the certificate in the handshake (revoked, another
+// federation's) is reported at once rather than after ConnectTimeout;
+// between attempts it waits for the connection's state to change, not for
+// a fixed time.
 func (c *Client) probe(ctx context.Context) error {
 	pctx, cancel := context.WithTimeout(ctx, c.cfg.ConnectTimeout)
 	defer cancel()
-	_, err := c.rpc.GetExperiment(pctx, &fxv1.GetExperimentRequest{}, grpc.WaitForReady(true))
-	switch status.Code(err) {
-	case codes.OK, codes.InvalidArgument, codes.NotFound:
-		return nil
-	case codes.DeadlineExceeded, codes.Unavailable:
+	var last error
+	bo := newBackoff(c.cfg.Retry)
+	for {
+		_, err := c.rpc.GetExperiment(pctx, &fxv1.GetExperimentRequest{})
+		switch status.Code(err) {
+		case codes.OK, codes.InvalidArgument, codes.NotFound:
+			return nil
+		case codes.Unavailable:
+			last = err
+			switch st := c.conn.GetState(); st {
+			case connectivity.Ready:
+				// The director itself answered Unavailable (it is
+				// shutting down): ask again after a pause.
+				if bo.wait(pctx) == nil {
+					continue
+				}
+			default:
+				if st == connectivity.Idle {
+					c.conn.Connect()
+				}
+				if c.conn.WaitForStateChange(pctx, st) {
+					continue
+				}
+			}
+		case codes.DeadlineExceeded, codes.Canceled:
+			if last == nil {
+				last = err
+			}
+		default:
+			return c.wrap(fmt.Sprintf("connecting to the director at %s", c.cfg.Director), err)
+		}
 		if ctx.Err() != nil {
 			return fmt.Errorf("connecting to the director at %s: %w", c.cfg.Director, ctx.Err())
 		}
-		return fmt.Errorf("cannot reach the director at %s within %s: is it running, and is the address right? (%s)", c.cfg.Director, c.cfg.ConnectTimeout, statusMessage(err))
+		return fmt.Errorf("cannot reach the director at %s within %s: is it running, and is the address right? (%s)", c.cfg.Director, c.cfg.ConnectTimeout, statusMessage(last))
 	}
-	return c.wrap(fmt.Sprintf("connecting to the director at %s", c.cfg.Director), err)
 }
 
 // Close releases the connection.

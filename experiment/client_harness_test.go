@@ -50,7 +50,7 @@ func newFederation(t *testing.T) *federation {
 	s.ListenAddress = f.addr
 	s.Advertise.Host = "127.0.0.1"
 	s.Aggregator.Host = "127.0.0.1"
-	s.TLS.Cert, s.TLS.Key, s.TLS.CA = dirFiles.Cert, dirFiles.Key, dirFiles.CA
+	s.TLS.Cert, s.TLS.Key, s.TLS.CA, s.TLS.CRL = dirFiles.Cert, dirFiles.Key, dirFiles.CA, f.ca.CA.CRLPath()
 	s.DataDir = filepath.Join(f.root, "director")
 	s.ReviewPolicy = director.ReviewAuto
 	s.HeartbeatPeriod, s.OfflineAfter = time.Second, 5*time.Second

@@ -555,3 +555,37 @@ func TestClientSubmitStreamsChunks(t *testing.T) {
 		t.Errorf("Submit removed the caller's archive: %v", err)
 	}
 }
+
+// TestClientRevokedCertificate: a researcher whose certificate the CA has
+// revoked is refused in the handshake, and Dial says so at once instead of
+// waiting out ConnectTimeout as if the director were unreachable.
+func TestClientRevokedCertificate(t *testing.T) {
+	f := newFederation(t)
+	cfg := f.config(pki.RoleResearcher, "mallory")
+	cfg.ConnectTimeout = time.Minute
+	if _, err := f.ca.CA.RevokeName("mallory"); err != nil {
+		t.Fatal(err)
+	}
+	// The director looks at its CRL file at most once a second, so the
+	// first connections may still be accepted; each Dial is a new one.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		start := time.Now()
+		c, err := experiment.Dial(f.ctx, cfg)
+		if err == nil {
+			c.Close()
+			if time.Now().After(deadline) {
+				t.Fatal("the revoked certificate is still accepted")
+			}
+			continue
+		}
+		if d := time.Since(start); d > 10*time.Second {
+			t.Errorf("Dial took %s to report a refused certificate", d)
+		}
+		if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "revoked") {
+			t.Fatalf("Dial with a revoked certificate: %v", err)
+		}
+		t.Log(err)
+		return
+	}
+}
