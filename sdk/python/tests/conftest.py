@@ -122,6 +122,25 @@ class Cluster:
         kw.setdefault("server_name", "localhost")
         return fx.Federation(address or self.address, **self.researcher(**kw))
 
+    def start_director(self) -> str:
+        """Starts (or restarts) the director; returns the address it serves on."""
+        n = sum(1 for p in self.procs if p.name.startswith("director"))
+        log = self.root / ("director.log" if n == 0 else f"director-{n + 1}.log")
+        d = Process("director", [str(self.fx_bin), "--log-json", "director", "start", "--config", str(self.root / "director.yaml")],
+                    log, self.root)
+        self.procs.insert(0, d)
+        self.director = d
+        addr = wait_for(lambda: _director_address(d.log) or (not d.alive() and "dead"), START_TIMEOUT, "the director to serve")
+        assert addr != "dead", f"the director exited:\n{d.tail()}"
+        return addr
+
+    def stop_director(self, kill: bool = False) -> None:
+        """Stops the director: SIGTERM (graceful), or SIGKILL (a crash)."""
+        if kill and self.director.alive():
+            self.director.p.kill()
+            self.director.p.wait(STOP_TIMEOUT)
+        self.director.stop()
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ({p.log}) ---\n{p.tail()}" for p in self.procs)
 
@@ -144,16 +163,16 @@ def _director_address(log: Path) -> Optional[str]:
     return None
 
 
-@pytest.fixture(scope="session")
-def cluster(workdir, fx_bin, pki):
-    """A real director (review auto) and envoys site-1 and site-2, each with
-    half of a synthetic data set (8 features, 3 classes) tagged synthetic."""
-    root = workdir / "cluster"
-    root.mkdir()
+def start_cluster(root: Path, pki: Path, fx_bin: Path, listen: str = "127.0.0.1:0") -> Cluster:
+    """Starts a director (review auto) and envoys site-1 and site-2, each with
+    half of a synthetic data set (8 features, 3 classes) tagged synthetic, and
+    waits until both envoys are online. The caller stops it."""
+    root.mkdir(parents=True, exist_ok=True)
     c = Cluster(root, pki)
+    c.fx_bin = fx_bin
     try:
         (root / "director.yaml").write_text(f"""\
-listen_address: 127.0.0.1:0
+listen_address: {listen}
 advertise: {{host: 127.0.0.1}}
 tls:
   cert: {pki}/director/localhost.crt
@@ -167,11 +186,7 @@ review_policy: auto
 aggregator: {{host: 127.0.0.1, port_min: 0, port_max: 0}}
 stop_timeout: 5s
 """)
-        d = Process("director", [str(fx_bin), "--log-json", "director", "start", "--config", str(root / "director.yaml")],
-                    root / "director.log", root)
-        c.procs.append(d)
-        c.address = wait_for(lambda: _director_address(d.log) or (not d.alive() and "dead"), START_TIMEOUT, "the director to serve")
-        assert c.address != "dead", f"the director exited:\n{d.tail()}"
+        c.address = c.start_director()
         for i in (1, 2):
             name = f"site-{i}"
             ep = pki / "envoys" / name
@@ -195,6 +210,17 @@ retry: {{initial: 100ms, max: 2s}}
                     assert p.alive(), f"{p.name} exited:\n{p.tail()}"
                 return len(fed.envoys(online_only=True)) == 2
             wait_for(online, START_TIMEOUT, "two envoys online", interval=0.1)
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
+@pytest.fixture(scope="session")
+def cluster(workdir, fx_bin, pki):
+    """The session's federation (see start_cluster)."""
+    c = start_cluster(workdir / "cluster", pki, fx_bin)
+    try:
         yield c
     finally:
         c.stop()
