@@ -155,6 +155,22 @@ func TestClientExperimentLifecycle(t *testing.T) {
 		t.Errorf("download left %d files behind, want only the model", len(entries))
 	}
 
+	// Another researcher does not see it; an admin names it OWNER/NAME.
+	bob := f.dial(f.config(pki.RoleResearcher, "bob"))
+	if _, err := bob.Get(ctx, "run-1"); status.Code(err) != codes.NotFound {
+		t.Errorf("bob's Get of alice's experiment: %v", err)
+	}
+	if list, err := bob.List(ctx); err != nil || len(list) != 0 {
+		t.Errorf("bob's List = %v, %v", list, err)
+	}
+	admin := f.dial(f.config(pki.RoleAdmin, "root"))
+	if got, err := admin.Get(ctx, "alice/run-1"); err != nil || got.GetId() != e.GetId() {
+		t.Errorf("admin Get(alice/run-1) = %v, %v", got, err)
+	}
+	if _, err := bob.Submit(ctx, planDir(t, "synth", 1, 1), experiment.SubmitOptions{}); err != nil {
+		t.Errorf("bob may use a name alice uses: %v", err)
+	}
+
 	if _, err := c.Cancel(ctx, "run-1", "too late"); status.Code(err) != codes.FailedPrecondition {
 		t.Errorf("Cancel of a finished experiment: %v", err)
 	}
