@@ -24,6 +24,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -31,6 +32,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/protobuf/proto"
 
@@ -250,7 +252,7 @@ func (d *Director) Run(ctx context.Context) error {
 	d.addrMu.Unlock()
 	close(d.ready)
 
-	srv := grpc.NewServer(d.cfg.ServerOptions...)
+	srv := grpc.NewServer(append(slices.Clone(d.cfg.ServerOptions), keepaliveOptions()...)...)
 	fxv1.RegisterDirectorServer(srv, &service{d: d})
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
@@ -297,6 +299,18 @@ func (d *Director) Run(ctx context.Context) error {
 	<-sweepDone
 	d.log.Info("director stopped")
 	return err
+}
+
+// keepaliveOptions let the director notice a peer that vanished without
+// closing its connection (a site whose network dropped): an idle
+// connection is pinged every minute and closed when a ping goes
+// unanswered, so an envoy's assignment stream does not linger for the
+// operating system's TCP timeout. Clients may ping as often as every 10s.
+func keepaliveOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	}
 }
 
 // stopGRPC stops gracefully, then hard after timeout: a client holding a
