@@ -548,7 +548,10 @@ type HeartbeatRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Must equal the caller's CN.
 	EnvoyName string `protobuf:"bytes,1,opt,name=envoy_name,json=envoyName,proto3" json:"envoy_name,omitempty"`
-	// Ids of the experiments whose collaborators are running at the site.
+	// Ids of the experiments the envoy holds and has not been told to stop:
+	// accepted, running, or ended while the envoy was away. The director
+	// answers an id whose experiment has ended with a Stop assignment, which
+	// is how a site that was offline cleans up.
 	RunningExperiments []string `protobuf:"bytes,2,rep,name=running_experiments,json=runningExperiments,proto3" json:"running_experiments,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
