@@ -334,8 +334,8 @@ func followExperiment(ctx context.Context, c *experiment.Client, out io.Writer, 
 	for {
 		select {
 		case ev := <-aggregates:
-			v.metrics(ev)
 			v.refresh(ctx, c, name)
+			v.metrics(ev)
 		case <-ticks.C:
 			v.refresh(ctx, c, name)
 		case r := <-done:
@@ -357,9 +357,10 @@ func followExperiment(ctx context.Context, c *experiment.Client, out io.Writer, 
 
 // liveView prints an experiment's progress, one line per change.
 type liveView struct {
-	out   io.Writer
-	quiet bool
-	last  string
+	out    io.Writer
+	quiet  bool
+	last   string
+	rounds int32
 }
 
 func (v *liveView) refresh(ctx context.Context, c *experiment.Client, name string) {
@@ -370,6 +371,7 @@ func (v *liveView) refresh(ctx context.Context, c *experiment.Client, name strin
 }
 
 func (v *liveView) show(e *fxv1.Experiment) {
+	v.rounds = e.GetRounds()
 	line := fmt.Sprintf("%s  round %d/%d  %s", e.GetState(), e.GetRound(), e.GetRounds(), participantSummary(e.GetParticipants()))
 	if e.GetReason() != "" {
 		line += "  (" + e.GetReason() + ")"
@@ -385,7 +387,12 @@ func (v *liveView) metrics(ev *fxv1.MetricEvent) {
 	if v.quiet {
 		return
 	}
-	fmt.Fprintf(v.out, "  round %d %s: %s\n", ev.GetRound(), ev.GetTask(), formatMetrics(ev.GetMetrics()))
+	round := fmt.Sprintf("round %d", ev.GetRound())
+	if v.rounds > 0 && ev.GetRound() > v.rounds {
+		// After the last round the final model is validated once more.
+		round = "final"
+	}
+	fmt.Fprintf(v.out, "  %s %s: %s\n", round, ev.GetTask(), formatMetrics(ev.GetMetrics()))
 }
 
 // participantSummary is "site-1 TRAINING, site-2 ACCEPTED".
@@ -614,12 +621,11 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 			}
 			defer c.Close()
 			out := cmd.OutOrStdout()
-			var tw *tabwriter.Writer
+			// Fixed columns rather than a tabwriter: a watch is read live,
+			// line by line, and cannot wait for the widest row.
+			const row = "%6v  %5v  %-30s  %-16s  %8v  %s\n"
 			if !o.json() {
-				// Flushed after every line: a watch is read live.
-				tw = tabwriter.NewWriter(out, 6, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "SEQ\tROUND\tTASK\tCOLLABORATOR\tSAMPLES\tMETRICS")
-				tw.Flush()
+				fmt.Fprintf(out, row, "SEQ", "ROUND", "TASK", "COLLABORATOR", "SAMPLES", "METRICS")
 			}
 			var werr error
 			e, err := c.Follow(cmd.Context(), args[0], after, func(ev *fxv1.MetricEvent) {
@@ -630,8 +636,7 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 					werr = writeJSONLine(out, ev)
 					return
 				}
-				fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%d\t%s\n", ev.GetSequence(), ev.GetRound(), ev.GetTask(), orDash(ev.GetCollaborator()), ev.GetSamples(), formatMetrics(ev.GetMetrics()))
-				werr = tw.Flush()
+				_, werr = fmt.Fprintf(out, row, ev.GetSequence(), ev.GetRound(), ev.GetTask(), orDash(ev.GetCollaborator()), ev.GetSamples(), formatMetrics(ev.GetMetrics()))
 			})
 			if werr != nil {
 				return werr
