@@ -2,7 +2,7 @@
 GO ?= go
 BIN ?= bin
 
-.PHONY: build test test-short proto proto-check lint bench
+.PHONY: build test test-accuracy test-python quickstart test-short proto proto-check lint bench
 
 build:
 	$(GO) build -o $(BIN)/fx ./cmd/fx
@@ -10,6 +10,19 @@ build:
 # The whole suite with the race detector, as CI runs it.
 test:
 	$(GO) test -race -timeout 30m ./...
+
+# The accuracy tests on Fashion-MNIST, which the race detector would make too
+# slow and so skips: here without it.
+test-accuracy:
+	$(GO) test -count=1 -run 'TestFashion' -v ./runner/builtin/
+
+# The Python notebook client against a real federation.
+test-python:
+	bash sdk/python/run-tests.sh
+
+# The README's first command, in a throw-away directory.
+quickstart:
+	dir=$$(mktemp -d) && $(GO) run ./cmd/fx quickstart --workdir "$$dir" && rm -rf "$$dir"
 
 # Unit tests only: skips slow accuracy and end-to-end tests.
 test-short:
