@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/fx-fl/fx/director"
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
@@ -331,33 +332,77 @@ func TestClientWatchAcrossDirectorRestart(t *testing.T) {
 	}
 }
 
-// TestClientWaitReportsCancellation: an experiment that cannot start (it
-// needs three sites, the federation has two) is cancelled while a Wait is
-// under way; Wait returns an *EndedError with the state and the reason.
-func TestClientWaitReportsCancellation(t *testing.T) {
-	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
-	defer cancel()
-	c := f.dial(f.config(pki.RoleResearcher, "alice"))
-	if _, err := c.Submit(ctx, planDir(t, "needs-three", 1, 3), experiment.SubmitOptions{}); err != nil {
-		t.Fatal(err)
+// TestClientWaitReportsEnds: Wait returns an *EndedError with the state and
+// the director's reason for an experiment that ends other than FINISHED:
+// one cancelled while it waits for a third site (the federation has two),
+// and one an admin rejects at review under the manual policy.
+func TestClientWaitReportsEnds(t *testing.T) {
+	tests := []struct {
+		name   string
+		manual bool
+		end    func(t *testing.T, f *federation, ctx context.Context, c *experiment.Client)
+		state  fxv1.ExperimentState
+		reason string
+		plan   string // replaces the plan when set
+	}{
+		{"failed", false, func(*testing.T, *federation, context.Context, *experiment.Client) {},
+			fxv1.ExperimentState_FAILED, "accept_timeout",
+			"name: exp\nrounds: 1\nparticipants: {min: 3, accept_timeout: 500ms}\nrunner: {kind: builtin, model: softmax}\n"},
+		{"cancelled", false, func(t *testing.T, _ *federation, ctx context.Context, c *experiment.Client) {
+			if _, err := c.Cancel(ctx, "exp", "not enough sites today"); err != nil {
+				t.Fatal(err)
+			}
+		}, fxv1.ExperimentState_CANCELLED, "not enough sites today", ""},
+		{"rejected", true, func(t *testing.T, f *federation, ctx context.Context, _ *experiment.Client) {
+			k := f.ca.Keyring(pki.RoleAdmin, "root")
+			conn, err := pki.NewClient(f.addr, k, "localhost")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			_, err = fxv1.NewDirectorClient(conn).RejectExperiment(ctx, &fxv1.ReviewExperimentRequest{
+				Experiment: &fxv1.ExperimentRef{Name: "exp", Owner: "alice"}, Reason: "uses too much memory"})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}, fxv1.ExperimentState_REJECTED, "uses too much memory", ""},
 	}
-	type result struct {
-		e   *fxv1.Experiment
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		e, err := c.Wait(ctx, "needs-three")
-		done <- result{e, err}
-	}()
-	if _, err := c.Cancel(ctx, "needs-three", "not enough sites today"); err != nil {
-		t.Fatal(err)
-	}
-	r := <-done
-	var ended *experiment.EndedError
-	if !errors.As(r.err, &ended) || ended.State != fxv1.ExperimentState_CANCELLED || !strings.Contains(r.err.Error(), "not enough sites today") {
-		t.Fatalf("Wait = %v, %v; want CANCELLED with the reason", r.e, r.err)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFederation(t)
+			if tt.manual {
+				f.cfg.ReviewPolicy = director.ReviewManual
+				f.restartDirector()
+			}
+			ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+			defer cancel()
+			c := f.dial(f.config(pki.RoleResearcher, "alice"))
+			dir := planDir(t, "exp", 1, 3)
+			if tt.plan != "" {
+				if err := os.WriteFile(filepath.Join(dir, "plan.yaml"), []byte(tt.plan), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := c.Submit(ctx, dir, experiment.SubmitOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			type result struct {
+				e   *fxv1.Experiment
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				e, err := c.Wait(ctx, "exp")
+				done <- result{e, err}
+			}()
+			tt.end(t, f, ctx, c)
+			r := <-done
+			var ended *experiment.EndedError
+			if !errors.As(r.err, &ended) || ended.State != tt.state || !strings.Contains(r.err.Error(), tt.reason) || r.e.GetState() != tt.state {
+				t.Fatalf("Wait = %v, %v; want %v with the reason", r.e, r.err, tt.state)
+			}
+			t.Log(r.err)
+		})
 	}
 }
 
