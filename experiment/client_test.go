@@ -309,7 +309,10 @@ func TestClientWatchAcrossDirectorRestart(t *testing.T) {
 	f := newFederation(t)
 	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
 	defer cancel()
-	c := f.dial(f.config(pki.RoleResearcher, "alice"))
+	opens := &cutter{} // cuts nothing; records the streams opened
+	cfg := f.config(pki.RoleResearcher, "alice")
+	cfg.DialOptions = []grpc.DialOption{grpc.WithChainStreamInterceptor(opens.intercept)}
+	c := f.dial(cfg)
 	if _, err := c.Submit(ctx, planDir(t, "synth", 4, 2), experiment.SubmitOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -326,6 +329,13 @@ func TestClientWatchAcrossDirectorRestart(t *testing.T) {
 		}
 	}
 	checkSequence(t, events, 0, eventsPerRun(4))
+	opens.mu.Lock()
+	afters := opens.afters
+	opens.mu.Unlock()
+	t.Logf("metric streams opened after sequences %v", afters)
+	if len(afters) < 2 || afters[0] != 0 {
+		t.Errorf("metric streams opened after sequences %v: the watch never reconnected", afters)
+	}
 	e, err := c.Wait(ctx, "synth")
 	if err != nil || e.GetState() != fxv1.ExperimentState_FINISHED {
 		t.Fatalf("Wait = %v, %v", e, err)
