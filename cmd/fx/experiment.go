@@ -165,11 +165,15 @@ func (o *researcherOptions) dial(cmd *cobra.Command) (*experiment.Client, error)
 	if err != nil {
 		return nil, err
 	}
-	return experiment.Dial(cmd.Context(), experiment.ClientConfig{
+	c, err := experiment.Dial(cmd.Context(), experiment.ClientConfig{
 		Director: s.Director, ServerName: s.ServerName,
 		Cert: s.Cert, Key: s.Key, CA: s.CA,
 		ConnectTimeout: s.Timeout,
 	})
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w\n(say where your certificate, key and CA are with --cert, --key and --ca, FX_CERT, FX_KEY and FX_CA, or a profile: see 'fx experiment --help')", err)
+	}
+	return c, err
 }
 
 func (o *researcherOptions) checkOutput() error {

@@ -324,6 +324,7 @@ func TestExperimentCommandsBadInput(t *testing.T) {
 		{"unreachable director from the environment", append([]string{"envoys", "list"}, p...), map[string]string{"FX_DIRECTOR": dead, "FX_TIMEOUT": "300ms"}, []string{dead}},
 		{"missing profile", []string{"experiment", "list", "--profile", filepath.Join(noPlan, "nope.yaml")}, nil, []string{"nope.yaml", "does not exist"}},
 		{"missing profile from FX_PROFILE", []string{"experiment", "list"}, map[string]string{"FX_PROFILE": filepath.Join(noPlan, "gone.yaml")}, []string{"gone.yaml"}},
+		{"certificate file missing", append([]string{"experiment", "list", "--cert", filepath.Join(noPlan, "alice.crt")}, p...), nil, []string{"alice.crt", "--cert", "FX_CERT"}},
 		{"bad output format", append([]string{"experiment", "list", "--output", "xml"}, p...), nil, []string{"--output", "xml"}},
 		{"negative round", append([]string{"experiment", "model", "x", "--round", "-1"}, p...), nil, []string{"--round -1"}},
 	}
