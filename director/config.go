@@ -32,6 +32,8 @@ const (
 	// DefaultSweepPeriod is how often offer deadlines and envoy liveness
 	// are checked.
 	DefaultSweepPeriod = time.Second
+	// DefaultUploadIdleTimeout abandons a stalled upload.
+	DefaultUploadIdleTimeout = 2 * time.Minute
 	// MaxChunk is the largest chunk the director sends or accepts.
 	MaxChunk = 1 << 20
 )
@@ -87,6 +89,9 @@ type Config struct {
 	StopTimeout time.Duration
 	// SweepPeriod is how often deadlines and liveness are checked.
 	SweepPeriod time.Duration
+	// UploadIdleTimeout abandons an upload that sends nothing for this
+	// long.
+	UploadIdleTimeout time.Duration
 
 	// Store replaces the bbolt store in DataDir (tests).
 	Store store.Store
@@ -118,6 +123,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.SweepPeriod == 0 {
 		c.SweepPeriod = DefaultSweepPeriod
+	}
+	if c.UploadIdleTimeout == 0 {
+		c.UploadIdleTimeout = DefaultUploadIdleTimeout
 	}
 	if c.AggregatorHost == "" {
 		c.AggregatorHost = "0.0.0.0"
@@ -162,6 +170,9 @@ func (c *Config) validate() error {
 	}
 	if c.SweepPeriod < 0 {
 		bad("sweep_period", "%s is negative", c.SweepPeriod)
+	}
+	if c.UploadIdleTimeout < 0 {
+		bad("upload_idle_timeout", "%s is negative", c.UploadIdleTimeout)
 	}
 	lo, hi := c.AggregatorPortMin, c.AggregatorPortMax
 	switch {

@@ -1,6 +1,7 @@
 package director
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -289,4 +290,53 @@ func syncDir(dir string) error {
 	}
 	defer f.Close()
 	return f.Sync()
+}
+
+// idleStream receives in a goroutine of its own so that an upload whose
+// client stops sending, without closing the stream, can be abandoned after
+// idle: otherwise it would hold its name, its temporary file and a handler
+// for as long as the client keeps the connection open. At most one message
+// waits between the goroutine and the reader.
+type idleStream struct {
+	ctx  context.Context
+	idle time.Duration
+	ch   chan recvResult
+}
+
+type recvResult struct {
+	msg *fxv1.SubmitExperimentRequest
+	err error
+}
+
+// newIdleStream starts receiving from s; the goroutine ends when s fails,
+// which it does once the handler returns and the stream's context ends.
+func newIdleStream(ctx context.Context, s submitStream, idle time.Duration) *idleStream {
+	is := &idleStream{ctx: ctx, idle: idle, ch: make(chan recvResult, 1)}
+	go func() {
+		for {
+			msg, err := s.Recv()
+			select {
+			case is.ch <- recvResult{msg, err}:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return is
+}
+
+func (is *idleStream) Recv() (*fxv1.SubmitExperimentRequest, error) {
+	t := time.NewTimer(is.idle)
+	defer t.Stop()
+	select {
+	case r := <-is.ch:
+		return r.msg, r.err
+	case <-t.C:
+		return nil, fmt.Errorf("no data for %s: the upload was abandoned; send it again: %w", is.idle, context.DeadlineExceeded)
+	case <-is.ctx.Done():
+		return nil, is.ctx.Err()
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 
@@ -131,4 +132,24 @@ colour: blue
 	if !bytes.Equal(stored, good) {
 		t.Error("stored archive differs from the upload")
 	}
+}
+
+// TestUploadIdle: an upload that stops sending without closing is
+// abandoned after the idle timeout and leaves nothing behind.
+func TestUploadIdle(t *testing.T) {
+	f := newFed(t, func(c *Config) { c.UploadIdleTimeout = 200 * time.Millisecond })
+	data := archive(t, planTwo, nil)
+	stream, err := f.researcher("alice").SubmitExperiment(ctxT(t))
+	must(t, err)
+	must(t, stream.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Header{Header: &fxv1.SubmitHeader{
+		Size: int64(len(data)), Sha256: sha(data), PlanYaml: planTwo}}}))
+	must(t, stream.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Chunk{Chunk: data[:10]}}))
+	// Neither more data nor CloseSend: the director gives up.
+	err = stream.RecvMsg(&fxv1.SubmitExperimentResponse{})
+	if code(err) != codes.DeadlineExceeded || !strings.Contains(err.Error(), "abandoned") {
+		t.Fatalf("stalled upload: %v, want DeadlineExceeded", err)
+	}
+	eventually(t, "upload cleaned up", func() bool { return len(dirEntries(t, filepath.Join(f.dataDir, "tmp"))) == 0 })
+	// The name is free for the retry.
+	f.submitPlan("alice", planTwo)
 }

@@ -205,7 +205,7 @@ func (s *service) SubmitExperiment(stream grpc.ClientStreamingServer[fxv1.Submit
 	if err != nil {
 		return toStatus(err)
 	}
-	exp, err := s.d.submit(id.Name, stream)
+	exp, err := s.d.submit(id.Name, newIdleStream(stream.Context(), stream, s.d.cfg.UploadIdleTimeout))
 	if err != nil {
 		return toStatus(err)
 	}

@@ -47,6 +47,8 @@ type Settings struct {
 		PortMax int `mapstructure:"port_max"`
 	} `mapstructure:"aggregator"`
 	StopTimeout time.Duration `mapstructure:"stop_timeout"`
+	// UploadIdleTimeout abandons an upload that sends nothing for this long.
+	UploadIdleTimeout time.Duration `mapstructure:"upload_idle_timeout"`
 }
 
 // DefaultSettings are what a configuration file overrides.
@@ -62,6 +64,7 @@ func DefaultSettings() Settings {
 	s.MaxArchiveBytes = DefaultMaxArchiveBytes
 	s.Aggregator.Host = "0.0.0.0"
 	s.StopTimeout = DefaultStopTimeout
+	s.UploadIdleTimeout = DefaultUploadIdleTimeout
 	return s
 }
 
@@ -106,6 +109,7 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 		MaxConcurrent:     s.MaxConcurrent,
 		MaxArchiveBytes:   s.MaxArchiveBytes,
 		StopTimeout:       s.StopTimeout,
+		UploadIdleTimeout: s.UploadIdleTimeout,
 		Logger:            logger,
 	}
 	if err := cfg.validate(); err != nil {
