@@ -707,7 +707,7 @@ NAME-roundN.safetensors in the current directory.`,
 			}
 			out := cmd.OutOrStdout()
 			if o.json() {
-				return writeJSON(out, info)
+				return writeModelJSON(out, file, info)
 			}
 			_, err = fmt.Fprintf(out, "wrote %s: the %s model (round %d), %s, sha256 %s\nmetrics: %s\n", file, sel, info.GetRound(), humanBytes(info.GetSize()), info.GetSha256(), formatMetrics(info.GetMetrics()))
 			return err
@@ -718,6 +718,24 @@ NAME-roundN.safetensors in the current directory.`,
 	cmd.Flags().IntVar(&round, "round", 0, "the model after round N (0: the initial model)")
 	cmd.Flags().StringVarP(&file, "file", "o", "", "where to write the model")
 	return cmd
+}
+
+// writeModelJSON prints {"file": ..., "model": ModelInfo}: a script needs
+// the file name, which may have been chosen by default.
+func writeModelJSON(w io.Writer, file string, info *fxv1.ModelInfo) error {
+	model, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(info)
+	if err != nil {
+		return err
+	}
+	data, err := json.MarshalIndent(struct {
+		File  string          `json:"file"`
+		Model json.RawMessage `json:"model"`
+	}{file, model}, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", data)
+	return err
 }
 
 func newExperimentCancelCommand(o *researcherOptions) *cobra.Command {

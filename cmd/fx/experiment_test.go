@@ -247,6 +247,18 @@ func TestExperimentCommands(t *testing.T) {
 	if m, _, err := tensor.ReadFile(model); err != nil || len(m) == 0 {
 		t.Errorf("the downloaded model does not load: %v", err)
 	}
+	out, _, err = fx(t, append([]string{"experiment", "model", "run-1", "--round", "2", "-o", model + ".2", "--output", "json"}, p...)...)
+	var got struct {
+		File  string `json:"file"`
+		Model struct {
+			Round  int    `json:"round"`
+			Size   string `json:"size"`
+			Sha256 string `json:"sha256"`
+		} `json:"model"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &got) != nil || got.File != model+".2" || got.Model.Round != 2 || len(got.Model.Sha256) != 64 {
+		t.Errorf("model --round 2 --output json = %q, %v", out, err)
+	}
 	if _, _, err := fx(t, append([]string{"experiment", "model", "run-1", "--last", "--round", "1"}, p...)...); err == nil || !strings.Contains(err.Error(), "one of") {
 		t.Errorf("model --last --round 1: %v", err)
 	}
