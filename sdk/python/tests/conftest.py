@@ -116,7 +116,7 @@ class Cluster:
 
     def researcher(self, **kw) -> dict:
         r = self.pki / "researcher"
-        return dict(ca=str(r / "ca.crt"), cert=str(r / "researcher.crt"), key=str(r / "researcher.key"), **kw)
+        return {**dict(ca=str(r / "ca.crt"), cert=str(r / "researcher.crt"), key=str(r / "researcher.key")), **kw}
 
     def federation(self, address: Optional[str] = None, **kw) -> fx.Federation:
         kw.setdefault("server_name", "localhost")
@@ -344,3 +344,14 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+@pytest.fixture(scope="session")
+def other_pki(workdir, fx_bin) -> Path:
+    """A second federation's PKI: its CA is not the test federation's."""
+    d = workdir / "other-pki"
+    env = dict(os.environ, FX=str(fx_bin))
+    r = subprocess.run(["bash", str(REPO / "scripts" / "pki-bootstrap.sh"), "--dir", str(d), "site-1"],
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert r.returncode == 0, r.stdout.decode(errors="replace")
+    return d

@@ -276,3 +276,26 @@ def test_wait_survives_dropped_connection(cluster, proxy, make_experiment):
         assert proxy.accepted >= 2
     finally:
         via.close()
+
+
+def test_director_from_another_federation(cluster, other_pki):
+    # Our trust root does not vouch for the director's certificate.
+    with pytest.raises(fx.FXTimeout) as ei:
+        cluster.federation(ca=str(other_pki / "researcher" / "ca.crt"), timeout=1.5)
+    assert "certificate verify failed" in str(ei.value)
+
+
+def test_researcher_from_another_federation(cluster, other_pki):
+    # The director does not know our CA: it refuses the handshake.
+    r = other_pki / "researcher"
+    with pytest.raises(fx.FXTimeout) as ei:
+        cluster.federation(cert=str(r / "researcher.crt"), key=str(r / "researcher.key"), timeout=1.5)
+    assert cluster.address in str(ei.value)
+
+
+def test_wrong_role(cluster):
+    e = cluster.pki / "envoys" / "site-1"
+    with cluster.federation(cert=str(e / "site-1.crt"), key=str(e / "site-1.key")) as as_envoy:
+        with pytest.raises(fx.FXError) as ei:
+            as_envoy.experiments()
+    assert ei.value.code == grpc.StatusCode.PERMISSION_DENIED and "envoy" in ei.value.details
