@@ -367,7 +367,12 @@ type liveView struct {
 	rounds int32
 }
 
+// refresh shows the experiment's current state. It is best effort and
+// briefly bounded: while the director is away the view just goes quiet, and
+// the metric stream behind it reconnects by itself.
 func (v *liveView) refresh(ctx context.Context, c *experiment.Client, name string) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
 	e, err := c.Get(ctx, name)
 	if err == nil {
 		v.show(e)
