@@ -299,3 +299,22 @@ def test_wrong_role(cluster):
         with pytest.raises(fx.FXError) as ei:
             as_envoy.experiments()
     assert ei.value.code == grpc.StatusCode.PERMISSION_DENIED and "envoy" in ei.value.details
+
+
+def test_director_and_envoys_accept_the_python_archive(fed, make_experiment):
+    """Nested and empty directories, an executable, a non-ASCII name and a
+    name over tar's 100 bytes (a PAX header): the director validates the
+    archive, the envoys unpack it, and the experiment runs."""
+    name = unique("layout")
+    d = make_experiment(name)
+    (d / "src" / "pkg").mkdir(parents=True)
+    (d / "src" / "pkg" / "model.py").write_text("W = 1\n")
+    (d / "empty").mkdir()
+    (d / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(d / "run.sh", 0o755)
+    (d / "données-é.txt").write_text("é\n")
+    (d / ("x" * 150 + ".txt")).write_text("long\n")
+    arc = fx.pack(d)
+    exp = fed.submit(d)
+    assert exp.last.archive_sha256 == arc.sha256 and exp.last.archive_size == arc.size
+    assert exp.wait(timeout=120).state == "FINISHED"
