@@ -1,0 +1,62 @@
+// Command fxbench holds fx's benchmark commands that cannot be Go
+// benchmarks: they run parties as separate processes, or for minutes. Each
+// prints its figures next to a baseline measured in the same run and writes
+// them as JSON for `fxbench report`, which makes bench/RESULTS.md.
+//
+//	fxbench capacity -n 1000     director capacity: N envoys heartbeating over mTLS
+//	fxbench fashion              federated Fashion-MNIST to 0.85 vs centralised training
+//	fxbench report               collect bench/out into bench/RESULTS.md
+//
+// See bench/README.md.
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+		os.Exit(2)
+	}
+	cmd, args := os.Args[1], os.Args[2:]
+	var err error
+	switch cmd {
+	case "capacity":
+		err = capacityMain(args)
+	case "serve": // the child process of capacity
+		err = serveMain(args)
+	case "fashion":
+		err = fashionMain(args)
+	case "report":
+		err = reportMain(args)
+	case "-h", "-help", "--help", "help":
+		usage()
+		return
+	default:
+		fmt.Fprintf(os.Stderr, "fxbench: unknown command %q\n", cmd)
+		usage()
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "fxbench %s: %v\n", cmd, err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage: fxbench <command> [flags]
+
+commands:
+  capacity   director capacity: N simulated envoys, each with its own mTLS
+             connection and certificate, register and heartbeat; baseline:
+             the same connections calling grpc.health.v1 Check on a bare
+             gRPC server with the same mTLS
+  fashion    federated Fashion-MNIST (built-in MLP, 4 envoys) to a target
+             accuracy; baseline: centralised training of the same model
+  report     write bench/RESULTS.md from the outputs in bench/out
+
+Run "fxbench <command> -h" for a command's flags.
+`)
+}

@@ -1,0 +1,4 @@
+package main
+
+func fashionMain([]string) error { return nil }
+func reportMain([]string) error  { return nil }
