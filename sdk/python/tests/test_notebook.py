@@ -40,13 +40,14 @@ def test_notebook_is_valid_nbformat4():
     nbformat.validate(nbformat.reads(NOTEBOOK.read_text(encoding="utf-8"), as_version=4))
 
 
-def test_notebook_runs_against_a_quickstart_layout(cluster, fx_bin, pki, tmp_path, capsys):
+def test_notebook_runs_against_a_quickstart_layout(cluster, fx_bin, pki, workdir, capsys):
     """Lay out a directory as fx quickstart does (pki/, director.yaml,
     envoys/*.yaml), let the notebook start that federation itself, and run
     every code cell; without Fashion-MNIST shards it trains on the synthetic
     data, and without matplotlib it prints the table."""
-    qs = tmp_path / "fx-quickstart"
-    qs.mkdir()
+    # Short paths: the envoys' admin sockets live under it (sun_path is 108 bytes).
+    qs = workdir / "nb" / "fx-quickstart"
+    qs.mkdir(parents=True)
     os.symlink(pki, qs / "pki")
     addr = f"127.0.0.1:{free_port()}"
     (qs / "director.yaml").write_text(
