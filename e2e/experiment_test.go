@@ -1,0 +1,162 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/tensor"
+)
+
+// syntheticPlan trains the built-in MLP on the generated data set.
+func syntheticPlan(name string, rounds int, hyper, stragglers string) string {
+	if hyper == "" {
+		hyper = "hidden: [32], lr: 0.05, momentum: 0.9, batch_size: 64, epochs: 1"
+	}
+	if stragglers == "" {
+		stragglers = "deadline: 2m, min_reporting: 1"
+	}
+	return fmt.Sprintf(`name: %s
+rounds: %d
+participants: {min: 2, tags: [synthetic]}
+runner:
+  kind: builtin
+  model: mlp
+  hyperparameters: {%s}
+aggregation: {algorithm: fedavg}
+stragglers: {%s}
+best_model: {metric: accuracy, mode: max}
+`, name, rounds, hyper, stragglers)
+}
+
+// TestFullExperiment: a director and two envoys run a three-round
+// experiment submitted with the CLI; the best model downloads as a
+// safetensors file with the MLP's tensors, and the metric stream holds every
+// round's aggregates.
+func TestFullExperiment(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", syntheticShard(1, 2, ""))
+	f.startEnvoy("site-2", syntheticShard(2, 2, ""))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	const rounds = 3
+	start := time.Now()
+	e := f.submit("alice", writePlan(t, syntheticPlan("full", rounds, "", "")))
+	if e.GetName() != "full" || e.GetOwner() != "alice" || e.GetId() == "" {
+		t.Fatalf("submitted: name %q owner %q id %q", e.GetName(), e.GetOwner(), e.GetId())
+	}
+	final := f.waitState(c, "full", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+	t.Logf("%d rounds with 2 envoys in %s", rounds, time.Since(start).Round(time.Millisecond))
+	if final.GetRound() != rounds {
+		t.Errorf("finished at round %d, want %d", final.GetRound(), rounds)
+	}
+	for _, site := range []string{"site-1", "site-2"} {
+		p := participant(final, site)
+		// The last round a participant reports in is the final
+		// validation of the last model, numbered rounds+1.
+		if p == nil || p.GetState() != fxv1.ParticipantState_COMPLETED || p.GetLastRound() < rounds {
+			t.Errorf("participant %s: %v, want COMPLETED with last round ≥ %d", site, p, rounds)
+		}
+	}
+	best := final.GetBest()
+	if best == nil || best.GetMetric() != "accuracy" || best.GetRound() < 1 || best.GetRound() > rounds {
+		t.Fatalf("best model summary %v", best)
+	}
+
+	// The CLI's status agrees with the client.
+	st, err := f.status("alice", "full")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.GetState() != fxv1.ExperimentState_FINISHED || st.GetId() != e.GetId() {
+		t.Errorf("fx experiment status: %s %s, want FINISHED %s", st.GetState(), st.GetId(), e.GetId())
+	}
+
+	// The best model, through the CLI.
+	file := filepath.Join(t.TempDir(), "best.safetensors")
+	out := f.mustExp("alice", "model", "full", "--best", "-o", file, "--output", "json")
+	var written struct {
+		File  string          `json:"file"`
+		Model json.RawMessage `json:"model"`
+	}
+	var info fxv1.ModelInfo
+	if err := json.Unmarshal([]byte(out), &written); err != nil {
+		t.Fatalf("fx experiment model --output json: %v\n%s", err, out)
+	}
+	if err := protojson.Unmarshal(written.Model, &info); err != nil {
+		t.Fatalf("fx experiment model --output json: model: %v\n%s", err, out)
+	}
+	if written.File != file {
+		t.Errorf("fx experiment model --output json names %q, want %q", written.File, file)
+	}
+	if info.GetRound() != best.GetRound() {
+		t.Errorf("downloaded the model of round %d, the best is round %d", info.GetRound(), best.GetRound())
+	}
+	m, _, err := tensor.ReadFile(file)
+	if err != nil {
+		t.Fatalf("reading the best model: %v", err)
+	}
+	// The synthetic data: 16 features, 4 classes; hidden [32].
+	want := map[string][]int64{
+		"fc0.weight": {32, 16}, "fc0.bias": {32},
+		"fc1.weight": {4, 32}, "fc1.bias": {4},
+	}
+	if len(m) != len(want) {
+		t.Errorf("model has %d tensors, want %d", len(m), len(want))
+	}
+	for name, shape := range want {
+		tn := m.Get(name)
+		if tn == nil {
+			t.Errorf("model has no %s", name)
+			continue
+		}
+		if !slices.Equal(tn.Shape, shape) || tn.DType != tensor.F32 {
+			t.Errorf("%s: %s %v, want F32 %v", name, tn.DType, tn.Shape, shape)
+		}
+	}
+
+	// Every round's aggregates, once each, through the CLI's watch.
+	evs := f.watchEvents("alice", "full")
+	checkSequences(t, evs)
+	agg := aggregates(t, evs)
+	for r := 1; r <= rounds; r++ {
+		for _, task := range []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation} {
+			m, ok := agg[r][task]
+			if !ok {
+				t.Errorf("round %d: no aggregate for %s", r, task)
+				continue
+			}
+			if _, ok := m["accuracy"]; !ok {
+				t.Errorf("round %d %s: no accuracy in %v", r, task, m)
+			}
+		}
+		if got := reporters(evs, r, runner.TaskTrain); !slices.Equal(got, []string{"site-1", "site-2"}) {
+			t.Errorf("round %d: train reported by %v, want both sites", r, got)
+		}
+	}
+	t.Logf("best model: round %d accuracy %.4f; aggregated validation per round: %v", best.GetRound(), best.GetValue(), accuracies(agg, runner.TaskAggregatedValidation))
+	last := agg[rounds][runner.TaskLocalValidation]["accuracy"]
+	if last < 0.5 {
+		t.Errorf("round %d local validation accuracy %.3f: the synthetic data should be easy", rounds, last)
+	}
+}
+
+// accuracies lists each round's aggregated accuracy of task, in round order.
+func accuracies(agg map[int]map[string]map[string]float64, task string) []string {
+	var out []string
+	for r := 1; agg[r] != nil; r++ {
+		if m, ok := agg[r][task]; ok {
+			out = append(out, fmt.Sprintf("%d:%.4f", r, m["accuracy"]))
+		}
+	}
+	return out
+}
