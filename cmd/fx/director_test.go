@@ -93,6 +93,17 @@ func TestDirectorStartBadSettings(t *testing.T) {
 			return strings.NewReplacer("pki/director/localhost.crt", "pki/admin/admin.crt", "pki/director/localhost.key", "pki/admin/admin.key").Replace(s)
 		}, nil, "tls.cert"},
 	}
+	t.Run("environment over file", func(t *testing.T) {
+		t.Setenv("FX_MAX_CONCURRENT_EXPERIMENTS", "0")
+		cfg := filepath.Join(t.TempDir(), "director.yaml")
+		if err := os.WriteFile(cfg, example, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := run(t, "director", "start", "--config", cfg)
+		if err == nil || !strings.Contains(err.Error(), "max_concurrent_experiments") {
+			t.Fatalf("error = %v, want it to name max_concurrent_experiments", err)
+		}
+	})
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := filepath.Join(t.TempDir(), "director.yaml")
