@@ -39,6 +39,9 @@ type federation struct {
 
 func newFederation(t *testing.T) *federation {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end federation")
+	}
 	f := &federation{t: t, ca: testpki.New(t), root: t.TempDir()}
 	f.logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: io.Discard})
 	if testing.Verbose() {
