@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-
-import pytest
 
 from conftest import REPO, free_port
 
