@@ -280,7 +280,7 @@ experiment FINISHED, so scripts can chain on it.`,
 				return err
 			}
 			defer c.Close()
-			bar := newProgressBar(cmd.ErrOrStderr(), fmt.Sprintf("uploading %s", u.Path))
+			bar := newProgressBar(cmd.ErrOrStderr(), fmt.Sprintf("uploading %s", args[0]))
 			e, err := c.SubmitUpload(cmd.Context(), u, experiment.SubmitOptions{Name: name, Progress: bar.update})
 			bar.done()
 			if err != nil {
