@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import types
 
 from conftest import REPO, free_port
 
@@ -83,3 +85,31 @@ def test_notebook_runs_against_a_quickstart_layout(cluster, fx_bin, pki, workdir
     if ns["plt"] is None:
         assert "model after round" in out
     assert all(p.poll() is not None for p in ns["started"])  # the last cell stopped them
+
+    # The plot cell again, with a stand-in for matplotlib when it is missing.
+    plot_cell = next(c for c in cells if "matplotlib" in "".join(c["source"]))
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            def record(*args, **kwargs):
+                calls.append(name)
+                return (Recorder(), Recorder()) if name == "subplots" else None
+            return record
+
+    pyplot = types.ModuleType("matplotlib.pyplot")
+    pyplot.subplots = Recorder().subplots
+    pyplot.show = Recorder().show
+    mpl = types.ModuleType("matplotlib")
+    mpl.pyplot = pyplot
+    saved = {k: sys.modules.get(k) for k in ("matplotlib", "matplotlib.pyplot")}
+    sys.modules.update({"matplotlib": mpl, "matplotlib.pyplot": pyplot})
+    try:
+        exec(compile("".join(plot_cell["source"]), "plot cell", "exec"), ns)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    assert calls[0] == "subplots" and "plot" in calls and calls[-1] == "show"
