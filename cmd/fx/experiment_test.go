@@ -403,3 +403,42 @@ func TestExperimentProfileSources(t *testing.T) {
 		t.Errorf("with FX_PROFILE (%s): %q, %v", data, out, err)
 	}
 }
+
+func TestExperimentFormatting(t *testing.T) {
+	tests := []struct {
+		name, got, want string
+	}{
+		{"bytes", humanBytes(999), "999 B"},
+		{"KiB", humanBytes(1536), "1.5 KiB"},
+		{"GiB", humanBytes(3 << 30), "3.0 GiB"},
+		{"metrics sorted", formatMetrics(map[string]float64{"loss": 0.123456, "accuracy": 0.9}), "accuracy=0.9 loss=0.1235"},
+		{"no metrics", formatMetrics(nil), "-"},
+		{"shape", formatShape([]int64{28, 28}), "[28,28]"},
+		{"scalar shape", formatShape(nil), "[]"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.got != tt.want {
+				t.Errorf("got %q, want %q", tt.got, tt.want)
+			}
+		})
+	}
+
+	// The bar draws only on a terminal; here it is forced on.
+	var buf bytes.Buffer
+	bar := &progressBar{w: &buf, label: "uploading x", on: true}
+	for _, sent := range []int64{0, 1 << 20, 2 << 20} {
+		bar.update(sent, 2<<20)
+	}
+	bar.done()
+	if out := buf.String(); !strings.Contains(out, " 50% 1.0 MiB / 2.0 MiB") || !strings.Contains(out, "100%") || !strings.HasSuffix(out, "\n") {
+		t.Errorf("progress bar drew %q", out)
+	}
+	buf.Reset()
+	off := newProgressBar(&buf, "uploading x")
+	off.update(1, 2)
+	off.done()
+	if buf.Len() != 0 {
+		t.Errorf("progress bar drew %q on a writer that is not a terminal", buf.String())
+	}
+}
