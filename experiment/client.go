@@ -289,9 +289,16 @@ func (c *Client) Get(ctx context.Context, name string) (*fxv1.Experiment, error)
 // List returns the caller's experiments (an admin's: everyone's), newest
 // first; with states, only those in one of them.
 func (c *Client) List(ctx context.Context, states ...fxv1.ExperimentState) ([]*fxv1.Experiment, error) {
+	return c.ListOf(ctx, "", states...)
+}
+
+// ListOf is List for an admin: only owner's experiments (all when owner is
+// empty). The director ignores owner for a researcher, who always sees
+// their own.
+func (c *Client) ListOf(ctx context.Context, owner string, states ...fxv1.ExperimentState) ([]*fxv1.Experiment, error) {
 	ctx, cancel := c.callCtx(ctx)
 	defer cancel()
-	resp, err := c.rpc.ListExperiments(ctx, &fxv1.ListExperimentsRequest{States: states}, grpc.WaitForReady(true))
+	resp, err := c.rpc.ListExperiments(ctx, &fxv1.ListExperimentsRequest{States: states, Owner: owner}, grpc.WaitForReady(true))
 	if err != nil {
 		return nil, c.wrap("listing experiments", err)
 	}

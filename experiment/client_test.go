@@ -168,8 +168,17 @@ func TestClientExperimentLifecycle(t *testing.T) {
 	if got, err := admin.Get(ctx, "alice/run-1"); err != nil || got.GetId() != e.GetId() {
 		t.Errorf("admin Get(alice/run-1) = %v, %v", got, err)
 	}
-	if _, err := bob.Submit(ctx, planDir(t, "synth", 1, 1), experiment.SubmitOptions{}); err != nil {
+	if _, err := bob.Submit(ctx, planDir(t, "run-1", 1, 3), experiment.SubmitOptions{}); err != nil {
 		t.Errorf("bob may use a name alice uses: %v", err)
+	}
+	if list, err := admin.List(ctx); err != nil || len(list) != 2 {
+		t.Errorf("admin List = %d experiments, %v; want alice's and bob's", len(list), err)
+	}
+	if list, err := admin.ListOf(ctx, "bob"); err != nil || len(list) != 1 || list[0].GetOwner() != "bob" {
+		t.Errorf("admin ListOf(bob) = %v, %v", list, err)
+	}
+	if list, err := bob.ListOf(ctx, "alice"); err != nil || len(list) != 1 || list[0].GetOwner() != "bob" {
+		t.Errorf("bob's ListOf(alice) = %v, %v; want only bob's own", list, err)
 	}
 
 	if _, err := c.Cancel(ctx, "run-1", "too late"); status.Code(err) != codes.FailedPrecondition {

@@ -474,11 +474,13 @@ func humanBytes(n int64) string {
 
 func newExperimentListCommand(o *researcherOptions) *cobra.Command {
 	var states []string
+	var owner string
 	cmd := &cobra.Command{
 		Use:   "list",
 		Short: "List your experiments, newest first",
-		Long: `List your experiments (an admin sees everyone's), newest first, with their
-state, round and best score. --state keeps only those in the given states.`,
+		Long: `List your experiments (an admin sees everyone's, or one researcher's with
+--owner), newest first, with their state, round and best score. --state keeps
+only those in the given states.`,
 		Example: `  fx experiment list
   fx experiment list --state RUNNING,OFFERED
   fx experiment list --output json | jq -r '.experiments[].name'`,
@@ -497,7 +499,7 @@ state, round and best score. --state keeps only those in the given states.`,
 				return err
 			}
 			defer c.Close()
-			list, err := c.List(cmd.Context(), filter...)
+			list, err := c.ListOf(cmd.Context(), owner, filter...)
 			if err != nil {
 				return err
 			}
@@ -519,6 +521,7 @@ state, round and best score. --state keeps only those in the given states.`,
 		},
 	}
 	cmd.Flags().StringSliceVar(&states, "state", nil, "only experiments in these states (comma-separated)")
+	cmd.Flags().StringVar(&owner, "owner", "", "admins: only this researcher's experiments")
 	return cmd
 }
 
