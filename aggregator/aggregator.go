@@ -77,6 +77,7 @@ type Aggregator struct {
 	best     *Best
 	ended    bool   // no more rounds: pollers get QUIT
 	endWhy   string // the reason QUIT carries
+	stopping bool   // Run was cancelled: pollers get UNAVAILABLE, never QUIT
 	optSteps int
 }
 
@@ -149,10 +150,19 @@ func (a *Aggregator) Run(ctx context.Context) error {
 	defer stopServer(srv, 5*time.Second)
 
 	err := a.loop(ctx)
-	a.finish(err)
-	if err == nil || !errors.Is(err, ctx.Err()) {
-		a.lingerForQuit(ctx, serveErr)
+	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		// Stopped from outside (the director shutting down or cancelling):
+		// the experiment has not ended, so collaborators must not be told
+		// to quit. Pending polls answer UNAVAILABLE and the collaborators
+		// retry until an aggregator serves the experiment again.
+		a.mu.Lock()
+		a.stopping = true
+		a.broadcast()
+		a.mu.Unlock()
+		return err
 	}
+	a.finish(err)
+	a.lingerForQuit(ctx, serveErr)
 	return err
 }
 
@@ -448,13 +458,13 @@ func (a *Aggregator) scoreBest(s RoundSummary) *Best {
 	return &Best{Round: round, Metric: rule.Metric, Value: value}
 }
 
-// finish marks the experiment ended so pollers get QUIT.
+// finish marks the experiment ended, finished or failed, so pollers get QUIT.
 func (a *Aggregator) finish(err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if !a.ended {
 		a.ended = true
-		a.endWhy = "the experiment has stopped"
+		a.endWhy = "the experiment has finished"
 		if err != nil {
 			a.endWhy = "the experiment failed: " + err.Error()
 		}

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/fx-fl/fx/aggregator"
+	"github.com/fx-fl/fx/collaborator"
 	"github.com/fx-fl/fx/pki"
 	"github.com/fx-fl/fx/runner"
 )
@@ -70,8 +72,9 @@ func TestStragglerStopsAndRejoins(t *testing.T) {
 	}
 }
 
-// An aggregator stopped after a round and started again on its directory
-// resumes from the next round; its collaborators carry on.
+// An aggregator stopped mid-round and started again on its directory
+// resumes from the next round, and the collaborators, which were never told
+// to quit, reconnect and carry on to the end.
 func TestAggregatorResumesFromCheckpoint(t *testing.T) {
 	plan := parsePlan(t, threeRounds)
 	f := newFederation(t, plan, "alpha", "beta")
@@ -79,30 +82,26 @@ func TestAggregatorResumesFromCheckpoint(t *testing.T) {
 	ctx := t.Context()
 	gate := make(chan struct{})
 	slowBeta := &gatedRunner{stepRunner: stepRunner{Step: 3, Samples: 1}, gate: gate, gateRound: 2}
-	alphaCtx, stopAlpha := context.WithCancel(ctx)
-	betaCtx, stopBeta := context.WithCancel(ctx)
-	alpha := f.collab(alphaCtx, "alpha", &stepRunner{Step: 1, Samples: 1}, t.TempDir())
-	beta := f.collab(betaCtx, "beta", slowBeta, t.TempDir())
+	alpha := f.collab(ctx, "alpha", &stepRunner{Step: 1, Samples: 1}, t.TempDir())
+	beta := f.collab(ctx, "beta", slowBeta, t.TempDir())
 	f.sink.waitRounds(t, 1, 20*time.Second)
 	// Round 2 cannot close while beta is held; stop the aggregator now.
 	if err := f.stop(); err == nil {
 		t.Fatal("a cancelled aggregator returned nil")
 	}
-	stopAlpha()
-	stopBeta()
-	<-alpha
-	<-beta
 	close(gate)
 
 	f.sink = newSink()
 	f.start()
-	alpha = f.collab(ctx, "alpha", &stepRunner{Step: 1, Samples: 1}, t.TempDir())
-	beta = f.collab(ctx, "beta", &stepRunner{Step: 3, Samples: 1}, t.TempDir())
 	if err := f.wait(30 * time.Second); err != nil {
 		t.Fatalf("resumed Run: %v", err)
 	}
-	<-alpha
-	<-beta
+	for name, done := range map[string]<-chan error{"alpha": alpha, "beta": beta} {
+		var q *collaborator.Quit
+		if err := <-done; !errors.As(err, &q) || !strings.Contains(q.Reason, "finished") {
+			t.Errorf("%s ended with %v; want the quit of a finished experiment", name, err)
+		}
+	}
 	sums := f.sink.summaries()
 	if len(sums) == 0 || sums[0].Round != 2 {
 		t.Fatalf("resumed aggregator's first round is %+v, want round 2", sums)

@@ -71,7 +71,11 @@ func newFederation(t testing.TB, plan *experiment.Plan, parts ...string) *federa
 // start runs an aggregator on the federation's directory.
 func (f *federation) start() {
 	f.t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	addr := "127.0.0.1:0"
+	if f.addr != "" {
+		addr = f.addr // a restart serves where the collaborators look
+	}
+	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		f.t.Fatal(err)
 	}

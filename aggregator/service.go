@@ -54,6 +54,10 @@ func (s *service) GetTasks(ctx context.Context, req *fxv1.GetTasksRequest) (*fxv
 	for {
 		a.mu.Lock()
 		p := a.parts[name]
+		if a.stopping {
+			a.mu.Unlock()
+			return nil, status.Error(codes.Unavailable, "the aggregator is stopping; retry: the experiment continues when it is served again")
+		}
 		if a.ended || p.dropped != "" {
 			reason := a.endWhy
 			if p.dropped != "" {
