@@ -1,9 +1,16 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
+	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
@@ -97,4 +104,123 @@ func TestEnvoyKilledMidRound(t *testing.T) {
 		t.Fatalf("site-2 never reported train after its restart (rounds %d..%d)", k+1, rounds)
 	}
 	t.Logf("site-2 rejoined and trained in round %d", rejoined)
+}
+
+// TestDirectorKilledMidExperiment: the director (and with it the
+// aggregator) dies by SIGKILL after round 1 has completed, and is started
+// again on the same data_dir. The experiment resumes from its last completed
+// round and finishes; read from the start, the metric stream holds each
+// round's aggregates exactly once, rounds 1..N with no gap and no repeat. A
+// watch started before the crash rides it out and sees the same events.
+func TestDirectorKilledMidExperiment(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", slowShard(1, 2))
+	f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	const rounds = 4
+	start := time.Now()
+	f.submit("alice", writePlan(t, syntheticPlan("resume", rounds, slowHyper, "deadline: 1m, min_reporting: 2")))
+	f.waitState(c, "resume", time.Minute, fxv1.ExperimentState_RUNNING)
+
+	// A watch that lives through the crash, as a researcher's would.
+	watchCtx, stopWatch := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer stopWatch()
+	files := f.files("researcher", "alice")
+	watch := exec.CommandContext(watchCtx, fxBin, "experiment", "watch", "resume", "--output", "json",
+		"--director", f.addr, "--server-name", "localhost", "--cert", files.Cert, "--key", files.Key, "--ca", files.CA)
+	watch.Env = baseEnv()
+	var watchOut, watchErr bytes.Buffer
+	watch.Stdout, watch.Stderr = &watchOut, &watchErr
+	if err := watch.Start(); err != nil {
+		t.Fatal(err)
+	}
+	watchDone := make(chan error, 1)
+	go func() { watchDone <- watch.Wait() }()
+
+	var killRound int32
+	f.waitFor(time.Minute, "round 1 to complete", func() (bool, error) {
+		e, err := getExp(c, "resume")
+		if err != nil {
+			return false, err
+		}
+		killRound = e.GetRound()
+		if e.GetState() != fxv1.ExperimentState_RUNNING {
+			t.Fatalf("experiment %s before the crash", e.GetState())
+		}
+		if killRound >= rounds {
+			t.Fatalf("round %d reached before the crash: make rounds slower", killRound)
+		}
+		return killRound >= 2, nil
+	})
+	f.director.kill(t)
+	t.Logf("killed the director in round %d, %s after submitting", killRound, time.Since(start).Round(time.Millisecond))
+
+	f.restartDirector()
+	e := f.waitState(c, "resume", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+	t.Logf("finished %s after submitting", time.Since(start).Round(time.Millisecond))
+	if e.GetRound() != rounds {
+		t.Errorf("finished at round %d, want %d", e.GetRound(), rounds)
+	}
+
+	// The restarted aggregator's first round is the one the crash
+	// interrupted (or the next, had it just completed), not round 1.
+	first := 0
+	for _, line := range logLinesAfter(f.director.log(), 2) {
+		if strings.Contains(line, "round started:") {
+			first = atoi(logField(line, "round"))
+			break
+		}
+	}
+	if first != int(killRound) && first != int(killRound)+1 {
+		t.Errorf("after the restart the aggregator started at round %d; the crash was in round %d", first, killRound)
+	}
+	t.Logf("resumed at round %d", first)
+
+	evs := f.watchEvents("alice", "resume")
+	checkSequences(t, evs)
+	agg := aggregates(t, evs)
+	for r := range agg {
+		if r < 1 || r > rounds+1 {
+			t.Errorf("aggregates for round %d of a %d-round experiment", r, rounds)
+		}
+	}
+	for r := 1; r <= rounds; r++ {
+		for _, task := range []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation} {
+			if _, ok := agg[r][task]; !ok {
+				t.Errorf("round %d: no %s aggregate", r, task)
+			}
+		}
+		for _, task := range []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation} {
+			if got := reporters(evs, r, task); !slices.Equal(got, []string{"site-1", "site-2"}) {
+				t.Errorf("round %d %s: reported by %v, want each site once", r, task, got)
+			}
+		}
+	}
+
+	// The watch that lived through the crash saw the same stream.
+	select {
+	case err := <-watchDone:
+		if err != nil {
+			t.Fatalf("the watch across the crash: %v\n%s", err, watchErr.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the watch across the crash did not end with the experiment")
+	}
+	lines := strings.Split(strings.TrimSpace(watchOut.String()), "\n")
+	if len(lines) != len(evs) {
+		t.Errorf("the watch across the crash printed %d events, a watch afterwards %d\n%s", len(lines), len(evs), watchErr.String())
+	}
+	for i := 0; i < min(len(lines), len(evs)); i++ {
+		var ev fxv1.MetricEvent
+		if err := protojson.Unmarshal([]byte(lines[i]), &ev); err != nil {
+			t.Fatalf("watch line %q: %v", lines[i], err)
+		}
+		if !proto.Equal(&ev, evs[i]) {
+			t.Errorf("event %d: across the crash %v, afterwards %v", i, &ev, evs[i])
+			break
+		}
+	}
 }
