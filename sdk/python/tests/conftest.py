@@ -59,6 +59,8 @@ def fx_bin(workdir) -> Path:
         return Path(os.environ["FX_BIN"]).resolve()
     out = workdir / "fx"
     go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not os.path.exists(go):
+        pytest.fail("no go toolchain to build ./cmd/fx: put go on PATH, or set FX_BIN=/path/to/fx")
     try:
         subprocess.run([go, "build", "-o", str(out), "./cmd/fx"], cwd=REPO, check=True, timeout=BUILD_TIMEOUT,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
