@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -667,5 +669,98 @@ func TestClientRevokedCertificate(t *testing.T) {
 		}
 		t.Log(err)
 		return
+	}
+}
+
+// cutProxy forwards TCP connections to a target and can sever every
+// connection it carries at once, as a network failure would.
+type cutProxy struct {
+	l      net.Listener
+	target string
+	mu     sync.Mutex
+	conns  []net.Conn
+	opened int
+}
+
+func newCutProxy(t *testing.T, target string) *cutProxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cutProxy{l: l, target: target}
+	t.Cleanup(func() { l.Close(); p.cut() })
+	go p.serve()
+	return p
+}
+
+func (p *cutProxy) serve() {
+	for {
+		in, err := p.l.Accept()
+		if err != nil {
+			return
+		}
+		out, err := net.Dial("tcp", p.target)
+		if err != nil {
+			in.Close()
+			continue
+		}
+		p.mu.Lock()
+		p.conns = append(p.conns, in, out)
+		p.opened++
+		p.mu.Unlock()
+		go func() { io.Copy(out, in); out.Close() }()
+		go func() { io.Copy(in, out); in.Close() }()
+	}
+}
+
+// cut closes every connection the proxy carries; new ones are accepted.
+func (p *cutProxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+func (p *cutProxy) connections() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.opened
+}
+
+// TestClientMetricsSurviveCutConnection watches a live experiment through
+// a proxy that severs the TCP connection after the first event and again
+// later: the watch reconnects through the proxy and delivers every event
+// exactly once.
+func TestClientMetricsSurviveCutConnection(t *testing.T) {
+	f := newFederation(t)
+	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	defer cancel()
+	proxy := newCutProxy(t, f.addr)
+	cfg := f.config(pki.RoleResearcher, "alice")
+	cfg.Director = proxy.l.Addr().String()
+	c := f.dial(cfg)
+	const rounds = 20
+	if _, err := c.Submit(ctx, planDir(t, "synth", rounds, 2), experiment.SubmitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var events []*fxv1.MetricEvent
+	for ev, err := range c.Metrics(ctx, "synth", 0) {
+		if err != nil {
+			t.Fatalf("after %d events: %v", len(events), err)
+		}
+		events = append(events, ev)
+		// The first cut comes while the experiment has most of its rounds
+		// ahead, so the stream is surely still open.
+		if len(events) == 1 || len(events) == 60 {
+			proxy.cut()
+		}
+	}
+	checkSequence(t, events, 0, eventsPerRun(rounds))
+	t.Logf("the proxy carried %d connections", proxy.connections())
+	if n := proxy.connections(); n < 2 {
+		t.Errorf("the proxy carried %d connection(s): the watch never reconnected", n)
 	}
 }
