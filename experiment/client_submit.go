@@ -199,9 +199,12 @@ func (c *Client) SubmitUpload(ctx context.Context, u *Upload, opts SubmitOptions
 	err = stream.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Header{Header: &fxv1.SubmitHeader{
 		Name: opts.Name, Size: u.Size, Sha256: u.SHA256, PlanYaml: string(u.Plan),
 	}}})
-	buf := make([]byte, ChunkSize)
 	var sent int64
 	for err == nil {
+		// A fresh buffer per chunk: gRPC forbids changing a message after
+		// Send (stats handlers may read it later). Only one chunk is live
+		// at a time, so memory stays at about ChunkSize.
+		buf := make([]byte, ChunkSize)
 		var n int
 		n, err = io.ReadFull(f, buf)
 		if n > 0 {
