@@ -21,6 +21,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"runtime/metrics"
 	"slices"
 	"strconv"
@@ -343,13 +344,14 @@ func uploaderMain(spec string) int {
 type heapSampler struct {
 	stop     chan struct{}
 	done     chan struct{}
-	peakHeap uint64
+	peakHeap uint64 // heap objects, live or awaiting collection
+	peakLive uint64 // heap live after the last GC: what the aggregator retains
 	peakAll  uint64
 }
 
 func sampleHeap() *heapSampler {
 	s := &heapSampler{stop: make(chan struct{}), done: make(chan struct{})}
-	samples := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"}}
+	samples := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"}, {Name: "/gc/heap/live:bytes"}}
 	go func() {
 		defer close(s.done)
 		tick := time.NewTicker(2 * time.Millisecond)
@@ -358,6 +360,7 @@ func sampleHeap() *heapSampler {
 			metrics.Read(samples)
 			s.peakHeap = max(s.peakHeap, samples[0].Value.Uint64())
 			s.peakAll = max(s.peakAll, samples[1].Value.Uint64()-samples[2].Value.Uint64())
+			s.peakLive = max(s.peakLive, samples[3].Value.Uint64())
 			select {
 			case <-s.stop:
 				return
@@ -377,13 +380,21 @@ func currentHeap() uint64 {
 	return s[0].Value.Uint64()
 }
 
+// BenchmarkUploadMemory reports the aggregator's peak memory two ways. The
+// live heap is what it retains: the global model, the round's running sum,
+// and buffers. The heap in use adds garbage awaiting collection — every
+// 1 MiB frame off the wire is one — which Go lets grow to the live heap's
+// size by default; a process given its budget as a memory limit (GOMEMLIMIT,
+// or debug.SetMemoryLimit as here) collects sooner and stays within it, at
+// little cost since the large arrays hold no pointers to scan.
 func BenchmarkUploadMemory(b *testing.B) {
 	const (
 		uploaders = 8
 		params    = 64 << 20 // 256 MiB of float32
 	)
 	modelBytes := float64(params * 4)
-	var heapPeaks, allPeaks []float64
+	goal := 2*modelBytes + 64*mib
+	var live, heap, all []float64
 	for range b.N {
 		before := currentHeap()
 		f := newFederation(b, benchPlan(b, 1, "[train, locally_tuned_model_validation]"), names(uploaders)...)
@@ -391,6 +402,7 @@ func BenchmarkUploadMemory(b *testing.B) {
 			f.ca.Files(pki.RoleEnvoy, name)
 		}
 		f.initial = benchModel(params)
+		limit := debug.SetMemoryLimit(int64(before) + int64(goal))
 		f.start()
 		sampler := sampleHeap()
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -403,16 +415,20 @@ func BenchmarkUploadMemory(b *testing.B) {
 			b.Fatal(err)
 		}
 		sampler.finish()
-		heapPeaks = append(heapPeaks, float64(sampler.peakHeap-before))
-		allPeaks = append(allPeaks, float64(sampler.peakAll))
+		debug.SetMemoryLimit(limit)
+		live = append(live, float64(sampler.peakLive-min(sampler.peakLive, before)))
+		heap = append(heap, float64(sampler.peakHeap-min(sampler.peakHeap, before)))
+		all = append(all, float64(sampler.peakAll))
 		f.initial = nil
 	}
-	goal := 2*modelBytes + 64*mib
 	b.ReportMetric(modelBytes/mib, "model_MiB")
 	b.ReportMetric(uploaders*modelBytes/mib, "received_MiB")
-	b.ReportMetric(median(heapPeaks)/mib, "peak_heap_MiB")
-	b.ReportMetric(median(heapPeaks)/goal, "peak_heap/goal")
-	b.ReportMetric(median(allPeaks)/mib, "peak_process_MiB")
+	b.ReportMetric(goal/mib, "goal_MiB")
+	b.ReportMetric(median(live)/mib, "peak_live_MiB")
+	b.ReportMetric(median(live)/goal, "peak_live/goal")
+	b.ReportMetric(median(heap)/mib, "peak_heap_MiB")
+	b.ReportMetric(median(heap)/goal, "peak_heap/goal")
+	b.ReportMetric(median(all)/mib, "peak_process_MiB")
 }
 
 // nopRunner trains nothing: it returns the model it was given.

@@ -131,7 +131,7 @@ func (a *Aggregator) aggregate(r *roundState) (tensor.Model, error) {
 	case "trimmed_mean":
 		return tensor.TrimmedMean(r.updates, a.plan.Aggregation.Trim)
 	}
-	avg, err := a.acc.Mean()
+	avg, err := a.acc.TakeMean()
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"slices"
 	"sync"
 )
 
@@ -304,6 +305,64 @@ func (a *Accumulator) Mean() (Model, error) {
 	return out, nil
 }
 
+// TakeMean is Mean without a second copy of the model: F32 and F64 sums are
+// divided in place and handed over as the result's data, so the round's
+// close needs no memory beyond the sum it already holds. The accumulator
+// then counts no uploads until Reset, which allocates fresh sums.
+func (a *Accumulator) TakeMean() (Model, error) {
+	a.gate.Lock()
+	defer a.gate.Unlock()
+	if a.broken != nil {
+		return nil, fmt.Errorf("accumulator: sum is unusable: %w", a.broken)
+	}
+	if a.count == 0 || !(a.total > 0) {
+		return nil, errors.New("accumulator: no update has been counted")
+	}
+	out := make(Model, 0, len(a.slots))
+	for i := range a.slots {
+		s := &a.slots[i]
+		var t *Tensor
+		switch s.dtype {
+		case F32:
+			inv := float32(1 / a.total)
+			sum := s.sum32
+			parallelBlocks(len(sum), blockElems, func(lo, hi int) { scaleTo(sum[lo:hi], sum[lo:hi], inv) })
+			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(sum)}
+			s.sum32 = nil
+		case F64:
+			inv := 1 / a.total
+			sum := s.sum64
+			parallelBlocks(len(sum), blockElems, func(lo, hi int) { scaleTo(sum[lo:hi], sum[lo:hi], inv) })
+			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(sum)}
+			s.sum64 = nil
+		case F16, BF16:
+			t = New(s.name, s.dtype, s.shape)
+			inv := float32(1 / a.total)
+			size := s.dtype.Size()
+			parallelBlocks(int(s.n), blockElems, func(lo, hi int) {
+				tmp := make([]float32, hi-lo)
+				scaleTo(tmp, s.sum32[lo:hi], inv)
+				_ = EncodeFloat32(t.Data[lo*size:hi*size], tmp, s.dtype) // lengths agree by construction
+			})
+		default:
+			t = New(s.name, s.dtype, s.shape)
+			copy(t.Data, s.ints)
+		}
+		if err := t.CheckFinite(); err != nil {
+			a.broken = errTaken
+			return nil, fmt.Errorf("accumulator: mean is not finite (the sum overflowed): %w", err)
+		}
+		out = append(out, t)
+	}
+	a.mu.Lock()
+	a.broken = errTaken
+	a.mu.Unlock()
+	return out, nil
+}
+
+// errTaken marks an accumulator whose sums TakeMean handed over.
+var errTaken = errors.New("its mean was taken; Reset it for the next round")
+
 // Reset zeroes the sum for a new round. Uploads begun before Reset can no
 // longer be committed. It waits for commits in progress.
 func (a *Accumulator) Reset() {
@@ -311,6 +370,12 @@ func (a *Accumulator) Reset() {
 	defer a.gate.Unlock()
 	for i := range a.slots {
 		s := &a.slots[i]
+		switch {
+		case s.dtype == F64 && s.sum64 == nil:
+			s.sum64 = make([]float64, s.n) // handed over by TakeMean
+		case (s.dtype == F32 || s.dtype == F16 || s.dtype == BF16) && s.sum32 == nil:
+			s.sum32 = make([]float32, s.n)
+		}
 		clear(s.sum32)
 		clear(s.sum64)
 		copy(s.ints, s.intsInit)
@@ -452,10 +517,13 @@ func (u *Upload) Commit(weight float64) error {
 	a.gate.RLock()
 	defer a.gate.RUnlock()
 	a.mu.Lock()
-	stale := a.generation != u.generation
+	stale, broken := a.generation != u.generation, a.broken
 	a.mu.Unlock()
 	if stale {
 		return errors.New("upload: the accumulator was reset since this upload began")
+	}
+	if broken != nil {
+		return fmt.Errorf("upload: the accumulator takes no uploads: %w", broken)
 	}
 	if err := u.foldStage(weight); err != nil {
 		a.mu.Lock()

@@ -404,3 +404,76 @@ func TestNewAccumulatorRejects(t *testing.T) {
 		})
 	}
 }
+
+// TakeMean gives what Mean gives, without a copy, and the accumulator works
+// again after Reset.
+func TestTakeMean(t *testing.T) {
+	layout := Model{
+		FromFloat32("a", []int64{3}, []float32{0, 0, 0}),
+		New("b", F64, []int64{2}),
+		New("h", F16, []int64{2}),
+	}
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: layout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	add := func(w float64, a []float32, b []float64, h []float32) {
+		t.Helper()
+		bt := New("b", F64, []int64{2})
+		copy(bt.Float64s(), b)
+		ht := New("h", F16, []int64{2})
+		if err := ht.SetFloat32(h); err != nil {
+			t.Fatal(err)
+		}
+		up, err := acc.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, x := range (Model{FromFloat32("a", []int64{3}, a), bt, ht}) {
+			if err := up.AddChunk(x.Name, 0, x.Data, x.DType); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := up.Commit(w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for round := range 2 {
+		add(1, []float32{1, 2, 3}, []float64{4, 8}, []float32{1, 2})
+		add(3, []float32{5, 6, 7}, []float64{8, 4}, []float32{3, 2})
+		want, err := acc.Mean()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := acc.TakeMean()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// (1·1 + 3·5)/4 = 4, (2+18)/4 = 5, (3+21)/4 = 6; (4+24)/4 = 7, (8+12)/4 = 5; (1+9)/4 = 2.5, 2.
+		for i, name := range []string{"a", "b", "h"} {
+			if !bytes.Equal(got[i].Data, want[i].Data) {
+				t.Fatalf("round %d: TakeMean %s = %v, Mean gives %v", round, name, got[i].Data, want[i].Data)
+			}
+		}
+		if v := got[0].Float32s(); v[0] != 4 || v[1] != 5 || v[2] != 6 {
+			t.Fatalf("round %d: a = %v, want [4 5 6]", round, v)
+		}
+		if up, err := acc.Begin(); err == nil {
+			for _, x := range layout {
+				if err := up.AddChunk(x.Name, 0, x.Data, x.DType); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if up.Commit(1) == nil {
+				t.Fatal("a complete upload was counted after TakeMean and before Reset")
+			}
+		}
+		acc.Reset()
+		// The taken model is not touched by the next round's sums.
+		add(1, []float32{9, 9, 9}, []float64{9, 9}, []float32{9, 9})
+		if v := got[0].Float32s(); v[0] != 4 {
+			t.Fatalf("round %d: the taken mean changed to %v", round, v)
+		}
+		acc.Reset()
+	}
+}

@@ -190,6 +190,19 @@ func (t *Tensor) Float64s() []float64 {
 	return bytesAs[float64](t.Data)
 }
 
+// asBytes is bytesAs's inverse: v's memory as little-endian bytes, shared,
+// not copied.
+func asBytes[T float32 | float64](v []T) []byte {
+	if !hostLittleEndian {
+		panic("tensor: typed views need a little-endian host")
+	}
+	if len(v) == 0 {
+		return nil
+	}
+	var zero T
+	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(v))), len(v)*int(unsafe.Sizeof(zero)))
+}
+
 // bytesAs reinterprets b as a slice of T. Tensors made by New (and so by every
 // reader in this package) are 8-byte aligned; a hand-built Tensor whose Data is
 // not aligned for T panics rather than handing out a misaligned slice.
