@@ -47,6 +47,8 @@ type sideResult struct {
 	Server string
 	// Connect: every simulated envoy's first call, which includes the TLS
 	// handshake (RegisterEnvoy on the director, Check on the baseline).
+	// FirstCallErrors counts failed attempts (each retried with backoff);
+	// FirstCalls the envoys whose first call succeeded.
 	FirstCalls, FirstCallErrors int
 	FirstCallP50MS              float64
 	FirstCallP99MS              float64
@@ -146,8 +148,8 @@ func capacityMain(args []string) error {
 		}
 	}
 	for _, s := range []*sideResult{res.Raw, res.Director} {
-		if s != nil && (s.FirstCallErrors > 0 || s.HeartbeatErrors > 0) {
-			return fmt.Errorf("%s: %d first-call errors, %d heartbeat errors (first: %v)", s.Server, s.FirstCallErrors, s.HeartbeatErrors, s.FirstErrors)
+		if s != nil && (s.FirstCalls < res.N || s.HeartbeatErrors > 0) {
+			return fmt.Errorf("%s: %d of %d envoys up, %d heartbeat errors (first errors: %v)", s.Server, s.FirstCalls, res.N, s.HeartbeatErrors, s.FirstErrors)
 		}
 	}
 	return nil
@@ -310,6 +312,8 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 		}
 	}()
 	start := time.Now()
+	upBound := cfg.period + 10*time.Minute
+	upDeadline := start.Add(upBound)
 	up.Add(cfg.n)
 	for i := range cfg.n {
 		offset := time.Duration(int64(cfg.period) * int64(i) / int64(cfg.n))
@@ -332,9 +336,12 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 			dc := fxv1.NewDirectorClient(cc)
 			hc := healthpb.NewHealthClient(cc)
 			// The first call connects (TCP + TLS handshake) and registers.
-			// A real envoy retries with backoff; here up to 5 times.
+			// On failure it retries as a real envoy does: exponential
+			// backoff from 0.5s to 30s (envoy.DefaultRetryInitial/Max),
+			// bounded by the run's deadline.
 			var err error
-			for attempt := range 5 {
+			backoff := 500 * time.Millisecond
+			for {
 				t := time.Now()
 				cctx, ccancel := context.WithTimeout(ctx, callTimeout)
 				if mode == "director" {
@@ -351,9 +358,10 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 					break
 				}
 				noteErr(envoy+" first call", err, &firstErrs)
-				if ctx.Err() != nil || !sleepUntil(ctx, time.Now().Add(time.Duration(attempt+1)*time.Second)) {
+				if time.Now().Add(backoff).After(upDeadline) || !sleepUntil(ctx, time.Now().Add(backoff)) {
 					return
 				}
+				backoff = min(2*backoff, 30*time.Second)
 			}
 			if err != nil {
 				return
@@ -367,6 +375,9 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 			// Heartbeat every period from the envoy's start offset.
 			for k := 1; ; k++ {
 				at := start.Add(offset + time.Duration(k)*cfg.period)
+				if at.Before(time.Now()) {
+					continue // a slot missed while registering: no catch-up burst
+				}
 				if end := windowEnd.Load(); end != 0 && at.UnixNano() >= end {
 					return
 				}
@@ -402,11 +413,10 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 	// Wait for every envoy's first call, bounded.
 	upDone := make(chan struct{})
 	go func() { up.Wait(); close(upDone) }()
-	bound := cfg.period + 10*time.Minute
 	select {
 	case <-upDone:
-	case <-time.After(bound):
-		fmt.Printf("%s: not every envoy was up after %s; measuring anyway\n", name, bound)
+	case <-time.After(time.Until(upDeadline) + callTimeout):
+		fmt.Printf("%s: not every envoy was up after %s; measuring anyway\n", name, upBound)
 	}
 	res.AllConnectedSeconds = float64(lastUp.Load()-start.UnixNano()) / 1e9
 	mu.Lock()

@@ -1,0 +1,337 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// goBench is one benchmark line of `go test -bench` output.
+type goBench struct {
+	Name    string
+	N       int
+	Metrics map[string]float64 // unit → value
+}
+
+// goRun is one `go test -bench` output file written by bench/run.sh.
+type goRun struct {
+	File    string
+	Benches map[string]*goBench // name without the -GOMAXPROCS suffix
+	Fails   []string            // failure lines, to explain a missing figure
+}
+
+func parseGoBench(path string) (*goRun, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	r := &goRun{File: filepath.Base(path), Benches: map[string]*goBench{}}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		f := strings.Fields(line)
+		switch {
+		case strings.HasPrefix(line, "Benchmark") && len(f) >= 3:
+			n, err := strconv.Atoi(f[1])
+			if err != nil {
+				continue
+			}
+			name := f[0]
+			if i := strings.LastIndexByte(name, '-'); i > 0 {
+				if _, err := strconv.Atoi(name[i+1:]); err == nil {
+					name = name[:i]
+				}
+			}
+			gb := &goBench{Name: name, N: n, Metrics: map[string]float64{}}
+			for i := 2; i+1 < len(f); i += 2 {
+				if v, err := strconv.ParseFloat(f[i], 64); err == nil {
+					gb.Metrics[f[i+1]] = v
+				}
+			}
+			r.Benches[name] = gb
+		case strings.HasPrefix(line, "--- FAIL"), strings.HasPrefix(line, "--- SKIP"),
+			strings.Contains(line, "_test.go:"), strings.HasPrefix(line, "panic:"):
+			if len(r.Fails) < 6 {
+				r.Fails = append(r.Fails, line)
+			}
+		}
+	}
+	return r, sc.Err()
+}
+
+func reportMain(args []string) error {
+	fs := flag.NewFlagSet("report", flag.ExitOnError)
+	dir := fs.String("dir", "bench/out", "where bench/run.sh left its outputs")
+	out := fs.String("out", "bench/RESULTS.md", "the table to write")
+	_ = fs.Parse(args)
+
+	var w bytes.Buffer
+	p := func(format string, a ...any) { fmt.Fprintf(&w, format, a...) }
+	p("# fx benchmark results\n\n")
+	p("Written by `fxbench report` from the outputs of `make bench` (bench/run.sh) in %s.\n", *dir)
+	p("Every figure sits next to a baseline measured in the same run on the same machine; the ratio is what to compare across runs.\n")
+	p("The machine is shared (2 cores, other engineers' builds and tests running): absolute numbers are noisy, the load average at each measurement is given.\n\n")
+
+	p("## Machine\n\n| | |\n|---|---|\n")
+	p("| date (report written) | %s |\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	p("| nproc | %d |\n", runtime.NumCPU())
+	p("| CPU | %s |\n", cpuModel())
+	p("| memory | %s |\n", memTotal())
+	p("| Go | %s |\n", goVersion())
+	p("| kernel | %s |\n", cmdOut("uname", "-sr"))
+	if s := readTrim(filepath.Join(*dir, "uptime-start.txt")); s != "" {
+		p("| load when `make bench` started | `%s` |\n", s)
+	}
+	if s := readTrim(filepath.Join(*dir, "uptime-end.txt")); s != "" {
+		p("| load when it ended | `%s` |\n", s)
+	}
+	p("\n")
+
+	runs := map[string]*goRun{}
+	for _, f := range []string{"go-tensor.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
+		if r, err := parseGoBench(filepath.Join(*dir, f)); err == nil {
+			runs[f] = r
+		}
+	}
+	// metric looks a figure up; missing ones say why.
+	metric := func(file, bench, unit string) (float64, bool) {
+		r := runs[file]
+		if r == nil {
+			return 0, false
+		}
+		b := r.Benches[bench]
+		if b == nil {
+			return 0, false
+		}
+		v, ok := b.Metrics[unit]
+		return v, ok
+	}
+	why := func(file, bench string) string {
+		r := runs[file]
+		if r == nil {
+			return "not run (no " + file + ")"
+		}
+		var lines []string
+		for _, l := range r.Fails {
+			lines = append(lines, strings.ReplaceAll(l, "|", "\\|"))
+		}
+		if len(lines) == 0 {
+			return bench + " printed no result"
+		}
+		return "**failed**: " + strings.Join(lines, " ")
+	}
+	f := func(v float64, ok bool, prec int) string {
+		if !ok {
+			return "—"
+		}
+		return strconv.FormatFloat(v, 'f', prec, 64)
+	}
+	type row struct {
+		file, bench               string
+		what                      string
+		val, base, ratio          string // units
+		vprec, bprec, rprec       int
+		baseName, ratioName, goal string
+		valSuffix, baseSuffix     string
+		extra                     func() string
+	}
+	rows := []row{
+		{file: "go-tensor.txt", bench: "BenchmarkFedAvg", what: "FedAvg kernel, 10 updates × 25M float32", val: "package-GB/s", base: "reference-GB/s", ratio: "package/reference",
+			vprec: 2, bprec: 2, rprec: 2, baseName: "reference single-pass blocked kernel", goal: "package/reference ≥ 0.8", valSuffix: " GB/s", baseSuffix: " GB/s",
+			extra: func() string {
+				v, ok := metric("go-tensor.txt", "BenchmarkFedAvg", "package/naive")
+				n, ok2 := metric("go-tensor.txt", "BenchmarkFedAvg", "naive-GB/s")
+				return fmt.Sprintf("naive %s GB/s; package/naive %s×", f(n, ok2, 2), f(v, ok, 2))
+			}},
+		{file: "go-aggregator-transfer.txt", bench: "BenchmarkTransfer", what: "model download, 256 MiB, mTLS", val: "fx_down_GB/s", base: "raw_down_GB/s", ratio: "down/raw",
+			vprec: 3, bprec: 3, rprec: 2, baseName: "raw gRPC byte stream, same mTLS", goal: "≥ 0.85", valSuffix: " GB/s", baseSuffix: " GB/s"},
+		{file: "go-aggregator-transfer.txt", bench: "BenchmarkTransfer", what: "model upload, 256 MiB, mTLS", val: "fx_up_GB/s", base: "raw_up_GB/s", ratio: "up/raw",
+			vprec: 3, bprec: 3, rprec: 2, baseName: "raw gRPC byte stream, same mTLS", goal: "≥ 0.85", valSuffix: " GB/s", baseSuffix: " GB/s"},
+		{file: "go-aggregator-memory.txt", bench: "BenchmarkUploadMemory", what: "aggregator peak heap, 8 uploaders × 256 MiB (child process)", val: "peak_heap_MiB", ratio: "peak_heap/goal",
+			vprec: 0, rprec: 2, baseName: "goal 2 × model + 64 MiB", goal: "peak_heap/goal ≤ 1", valSuffix: " MiB",
+			extra: func() string {
+				r, ok := metric("go-aggregator-memory.txt", "BenchmarkUploadMemory", "received_MiB")
+				pp, ok2 := metric("go-aggregator-memory.txt", "BenchmarkUploadMemory", "peak_process_MiB")
+				return fmt.Sprintf("received %s MiB; peak process memory %s MiB", f(r, ok, 0), f(pp, ok2, 0))
+			}},
+		{file: "go-aggregator-memory.txt", bench: "BenchmarkRoundOverhead", what: "round time p50, no-op runner, 10 collaborators, 1M params", val: "p50_ms/round", ratio: "p50/raw_transfer",
+			vprec: 1, rprec: 2, baseName: "the same bytes over raw gRPC", goal: "p50 < 50 ms", valSuffix: " ms",
+			extra: func() string {
+				v, ok := metric("go-aggregator-memory.txt", "BenchmarkRoundOverhead", "p99_ms/round")
+				return "p99 " + f(v, ok, 1) + " ms"
+			}},
+		{file: "go-director.txt", bench: "BenchmarkSubmitLargeArchive", what: "director: 1 GiB archive submission", val: "director-MiB/s", base: "raw-grpc-MiB/s", ratio: "throughput-ratio",
+			vprec: 0, bprec: 0, rprec: 2, baseName: "raw gRPC client stream, same mTLS", goal: "heap growth < 64 MiB", valSuffix: " MiB/s", baseSuffix: " MiB/s",
+			extra: func() string {
+				v, ok := metric("go-director.txt", "BenchmarkSubmitLargeArchive", "peak-heap-growth-MiB")
+				return "peak heap growth " + f(v, ok, 1) + " MiB"
+			}},
+		{file: "go-runner.txt", bench: "BenchmarkEpoch/mlp[256]", what: "built-in MLP[256], one Fashion-MNIST epoch", val: "s/epoch", base: "naive_s/epoch", ratio: "speedup_vs_naive",
+			vprec: 2, bprec: 1, rprec: 1, baseName: "naive GEMM (scaled from 1/10 epoch)", valSuffix: " s", baseSuffix: " s"},
+		{file: "go-runner.txt", bench: "BenchmarkEpoch/softmax[]", what: "built-in softmax, one Fashion-MNIST epoch", val: "s/epoch", base: "naive_s/epoch", ratio: "speedup_vs_naive",
+			vprec: 2, bprec: 2, rprec: 1, baseName: "naive GEMM (scaled from 1/10 epoch)", valSuffix: " s", baseSuffix: " s"},
+	}
+	p("## Go benchmarks\n\n")
+	p("| figure | fx | baseline (same run) | ratio | goal | notes |\n|---|---|---|---|---|---|\n")
+	for _, r := range rows {
+		v, ok := metric(r.file, r.bench, r.val)
+		if !ok {
+			p("| %s | — | %s | — | %s | %s |\n", r.what, r.baseName, r.goal, why(r.file, r.bench))
+			continue
+		}
+		base := r.baseName
+		if r.base != "" {
+			bv, bok := metric(r.file, r.bench, r.base)
+			base = f(bv, bok, r.bprec) + r.baseSuffix + " (" + r.baseName + ")"
+		}
+		rv, rok := metric(r.file, r.bench, r.ratio)
+		notes := ""
+		if r.extra != nil {
+			notes = r.extra()
+		}
+		p("| %s | %s%s | %s | %s× (%s) | %s | %s |\n", r.what, f(v, ok, r.vprec), r.valSuffix, base, f(rv, rok, r.rprec), r.ratio, r.goal, notes)
+	}
+	for _, name := range []string{"go-tensor.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
+		if s := readTrim(filepath.Join(*dir, strings.TrimSuffix(name, ".txt")+".uptime")); s != "" {
+			p("\n- `%s`: load at start `%s`", name, s)
+		}
+	}
+	p("\n\n")
+
+	// Director capacity.
+	p("## Director capacity\n\n")
+	p("A real director (`director.New`, as `fx director start` builds it, bbolt store, CRL checks) runs as a child process; N simulated envoys in the parent, each with its own P-384 certificate (CN = envoy name) and its own gRPC connection over mutual TLS, register, hold a WatchAssignments stream open and heartbeat every period, starts staggered uniformly over one period. ")
+	p("After every envoy is up and one more period has passed, heartbeats are timed for the window; the server's CPU is (utime+stime) over the window from /proc/PID/stat, its memory VmRSS/VmHWM from /proc/PID/status. ")
+	p("Baseline, same run, same connections, certificates, TLS and authorisation interceptors: a child process serving only grpc.health.v1 (Check as the heartbeat, Watch as the stream).\n\n")
+	p("| N | server | heartbeat p50 | p99 | max | heartbeats/s | server CPU (%% of a core) | server RSS (peak) | RSS per envoy | first call incl. handshake p50 / p99 | all up after | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	var capRuns []*capacityResult
+	for _, n := range []int{1000, 10000} {
+		var c capacityResult
+		b, err := os.ReadFile(filepath.Join(*dir, fmt.Sprintf("capacity-%d.json", n)))
+		if err != nil || json.Unmarshal(b, &c) != nil {
+			p("| %d | — | not measured (no capacity-%d.json) | | | | | | | | | |\n", n, n)
+			continue
+		}
+		capRuns = append(capRuns, &c)
+		for _, s := range []*sideResult{c.Raw, c.Director} {
+			if s == nil {
+				continue
+			}
+			p("| %d | %s | %.2f ms | %.2f ms | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d + %d |\n",
+				c.N, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
+				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, s.HeartbeatErrors)
+		}
+		if c.Raw != nil && c.Director != nil {
+			p("| %d | **director/raw** | **%.2f×** | **%.2f×** | | | **%.2f×** | **%.2f×** | | | | |\n", c.N, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, c.ServerCPURatio, c.ServerRSSRatio)
+		}
+	}
+	p("\n")
+	for _, c := range capRuns {
+		cs := c.Certificates
+		p("- N = %d: period %s, window %s, started %s, load `%s`. ", c.N, c.Period, c.Window, c.Start.Format("15:04 MST"), c.Uptime)
+		if cs.Issued > 0 {
+			p("Certificates: %d issued in %.1f s (%.2f ms each with %d workers)", cs.Issued, cs.Seconds, cs.PerCertMS, cs.Workers)
+			if cs.Reused > 0 {
+				p(", %d reused from the cache", cs.Reused)
+			}
+			p(".")
+		} else {
+			p("Certificates: all %d reused from the cache", cs.Reused)
+			if cs.Earlier != nil {
+				p(" (issuing %d took %.1f s, %.2f ms each with %d workers)", cs.Earlier.Issued, cs.Earlier.Seconds, cs.Earlier.PerCertMS, cs.Earlier.Workers)
+			}
+			p(".")
+		}
+		for _, s := range []*sideResult{c.Raw, c.Director} {
+			if s != nil {
+				p(" Load generator during the %s window: %.0f%% CPU, %.0f MiB RSS.", s.Server, s.ClientCPUPercent, s.ClientRSSMiB)
+			}
+		}
+		p("\n")
+	}
+	p("\n")
+
+	// Federated Fashion-MNIST.
+	p("## Federated Fashion-MNIST\n\n")
+	var fr fashionResult
+	if b, err := os.ReadFile(filepath.Join(*dir, "fashion.json")); err != nil || json.Unmarshal(b, &fr) != nil {
+		p("Not measured (no fashion.json).\n")
+	} else {
+		p("Built-in %s; %d envoys (%s), each its own certificate, director and envoys in one process over mTLS on 127.0.0.1, FedAvg, the quickstart plan with more rounds. ", fr.Model, fr.Envoys, fr.Sharding)
+		p("Accuracy is the aggregated validation accuracy (the envoys' validation shards together are the 10000 test images). ")
+		p("Time: from the submission until the round whose model reached %.2f completed (the accuracy itself is reported with the next round's aggregated_model_validation). ", fr.Target)
+		p("Baseline, same run: the same model, hyper-parameters and initialisation trained centrally (runner/builtin, one epoch per step) on all 60000 images, validated on the 10000 test images after each epoch. Started %s, load `%s`.\n\n", fr.Start.Format("15:04 MST"), fr.Uptime)
+		p("| run | to %.2f | wall time | accuracy known after | per step (s, accuracy) |\n|---|---|---|---|---|\n", fr.Target)
+		steps := func(v []fashionStep) string {
+			var s []string
+			for _, x := range v {
+				s = append(s, fmt.Sprintf("%d: %.1f s %.4f", x.N, x.Seconds, x.Accuracy))
+			}
+			return strings.Join(s, "; ")
+		}
+		p("| centralised (baseline) | %d epochs | %.1f s | %.1f s | %s |\n", fr.Central.Epochs, fr.Central.Seconds, fr.Central.KnownSeconds, steps(fr.Central.Steps))
+		p("| federated, %d envoys | %d rounds | %.1f s | %.1f s | %s |\n", fr.Envoys, fr.Federated.Rounds, fr.Federated.Seconds, fr.Federated.KnownSeconds, steps(fr.Federated.Steps))
+		p("| **federated/centralised** | | **%.2f×** | | setup before submission (PKI, director, envoys loading shards, all online): %.1f s |\n", fr.TimeRatio, fr.Federated.SetupSeconds)
+	}
+	p("\n")
+	if err := os.WriteFile(*out, w.Bytes(), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("wrote %s\n", *out)
+	return nil
+}
+
+func readTrim(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	return strings.Join(strings.Fields(string(b)), " ")
+}
+
+func cmdOut(name string, args ...string) string {
+	b, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func cpuModel() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
+}
+
+func memTotal() string {
+	b, _ := os.ReadFile("/proc/meminfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, "MemTotal:"); ok {
+			fs := strings.Fields(rest)
+			if kb, err := strconv.ParseFloat(fs[0], 64); err == nil {
+				return fmt.Sprintf("%.1f GiB", kb/(1<<20))
+			}
+		}
+	}
+	return "?"
+}
+
+func goVersion() string {
+	if s := cmdOut("go", "version"); s != "?" {
+		return s
+	}
+	return runtime.Version()
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs every fx benchmark and writes bench/RESULTS.md: `make bench`.
+#
+# Outputs go to bench/out (git-ignored); the certificate cache of the
+# capacity benchmark stays there between runs (bench/out/pki).
+#
+# Environment:
+#   GO                 the go command (default go)
+#   BENCH_CAPACITY_N   envoy counts for the capacity benchmark (default "1000 10000")
+#   BENCH_WINDOW       capacity measurement window (default 60s)
+#   BENCH_SKIP         space-separated parts to skip: go capacity fashion
+#   FX_BENCH_ARCHIVE_MIB  archive size of the director's submission benchmark (default 1 GiB)
+set -u
+cd "$(dirname "$0")/.."
+GO=${GO:-go}
+OUT=bench/out
+N_LIST=${BENCH_CAPACITY_N:-1000 10000}
+WINDOW=${BENCH_WINDOW:-60s}
+SKIP=" ${BENCH_SKIP:-} "
+mkdir -p "$OUT"
+status=0
+uptime > "$OUT/uptime-start.txt"
+
+# gobench NAME PKG PATTERN BENCHTIME: one `go test -bench` run into $OUT/go-NAME.txt.
+gobench() {
+	local name=$1 pkg=$2 pattern=$3 benchtime=$4
+	echo "== go test -bench '$pattern' -benchtime $benchtime $pkg"
+	uptime > "$OUT/go-$name.uptime"
+	if ! $GO test -run '^$' -bench "$pattern" -benchtime "$benchtime" -timeout 60m "$pkg" 2>&1 | tee "$OUT/go-$name.txt"; then
+		echo "!! $pkg $pattern failed (see $OUT/go-$name.txt)"
+		status=1
+	fi
+}
+
+if [[ $SKIP != *" go "* ]]; then
+	gobench tensor ./tensor/ 'FedAvg' 3x
+	gobench aggregator-transfer ./aggregator/ 'Transfer' 3x
+	gobench aggregator-memory ./aggregator/ 'UploadMemory|RoundOverhead' 1x
+	gobench director ./director/ 'SubmitLargeArchive' 1x
+	gobench runner ./runner/builtin/ 'Epoch' 2x
+fi
+
+$GO build -o "$OUT/fxbench" ./bench/cmd/fxbench || exit 1
+
+if [[ $SKIP != *" capacity "* ]]; then
+	for n in $N_LIST; do
+		echo "== fxbench capacity -n $n -window $WINDOW"
+		if ! "$OUT/fxbench" capacity -n "$n" -window "$WINDOW" -pki "$OUT/pki" -out "$OUT/capacity-$n.json" 2>&1 | tee "$OUT/capacity-$n.txt"; then
+			echo "!! capacity -n $n failed (see $OUT/capacity-$n.txt)"
+			status=1
+		fi
+	done
+fi
+
+if [[ $SKIP != *" fashion "* ]]; then
+	echo "== fxbench fashion"
+	if ! "$OUT/fxbench" fashion -pki "$OUT/pki" -out "$OUT/fashion.json" 2>&1 | tee "$OUT/fashion.txt"; then
+		echo "!! fashion failed (see $OUT/fashion.txt)"
+		status=1
+	fi
+fi
+
+uptime > "$OUT/uptime-end.txt"
+"$OUT/fxbench" report -dir "$OUT" -out bench/RESULTS.md || status=1
+exit $status
