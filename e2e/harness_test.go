@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -501,18 +503,59 @@ func (f *fed) researcher(name string) *experiment.Client {
 
 // rawConn is a gRPC connection with any party's certificate, for the calls
 // the CLI and the researcher's client will not make.
-func (f *fed) rawConn(files pki.Files, addr string) *grpc.ClientConn {
-	f.t.Helper()
+func rawConn(t *testing.T, files pki.Files, addr string) *grpc.ClientConn {
+	t.Helper()
 	k, err := pki.NewKeyring(pki.KeyringConfig{Files: files})
 	if err != nil {
-		f.t.Fatal(err)
+		t.Fatal(err)
 	}
 	conn, err := pki.NewClient(addr, k, "localhost")
 	if err != nil {
-		f.t.Fatal(err)
+		t.Fatal(err)
 	}
-	f.t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() { conn.Close() })
 	return conn
+}
+
+// tlsHandshake connects to addr with plain crypto/tls, presenting any
+// certificate (even one fx's own client would refuse to load) and trusting
+// the root in caFile, and returns how the server answered: nil if it
+// accepted the certificate, else the alert it sent. With TLS 1.3 a refusal
+// arrives after the client's side of the handshake, so it reads once.
+func tlsHandshake(t *testing.T, certFile, keyFile, caFile, addr string) error {
+	t.Helper()
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		t.Fatalf("%s holds no certificate", caFile)
+	}
+	d := &net.Dialer{Timeout: 5 * time.Second}
+	conn, err := tls.DialWithDialer(d, "tcp", addr, &tls.Config{
+		// Always this certificate, even when the server asks for one
+		// from other CAs.
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil },
+		RootCAs:              roots, ServerName: "localhost",
+		NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS12,
+	})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	// A server that accepted the certificate sends its HTTP/2 settings;
+	// one that refused it sends an alert.
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var b [1]byte
+	if _, err := conn.Read(b[:]); err != nil {
+		return err
+	}
+	return nil
 }
 
 // ---------------------------------------------------------------- CLI
