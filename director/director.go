@@ -281,19 +281,10 @@ func (d *Director) Run(ctx context.Context) error {
 	d.stopped = true
 	d.closeStreamsLocked()
 	close(d.shutdown)
-	var live []*runState
-	for _, e := range d.exps {
-		if e.run != nil {
-			live = append(live, e.run)
-		}
-	}
 	d.mu.Unlock()
 	stopGRPC(srv, d.cfg.StopTimeout)
-	// Aggregators go as if the process died (see severableListener): their
-	// experiments stay RUNNING and resume at the next start.
-	for _, rs := range live {
-		rs.lis.sever()
-	}
+	// Cancelled aggregators stop without telling collaborators to quit:
+	// their experiments stay RUNNING and resume at the next start.
 	cancelRuns()
 	d.runs.Wait()
 	<-sweepDone

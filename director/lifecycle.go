@@ -283,9 +283,8 @@ func (d *Director) launchLocked(e *expState) {
 		return
 	}
 	port := lis.Addr().(*net.TCPAddr).Port
-	sl := newSeverableListener(lis)
 	ctx, cancel := context.WithCancel(d.runCtx)
-	rs := &runState{cancel: cancel, address: net.JoinHostPort(d.advertiseHost(), strconv.Itoa(port)), done: make(chan struct{}), lis: sl}
+	rs := &runState{cancel: cancel, address: net.JoinHostPort(d.advertiseHost(), strconv.Itoa(port)), done: make(chan struct{})}
 	e.run = rs
 	participants := e.partNames(fxv1.ParticipantState_TRAINING)
 	shards := map[string]*fxv1.DatasetShard{}
@@ -302,7 +301,7 @@ func (d *Director) launchLocked(e *expState) {
 		ArchivePath:   d.archivePath(e.rec.ID),
 		Limits:        d.cfg.ArchiveLimits,
 		Dir:           d.aggregatorDir(e.rec.ID),
-		Listener:      sl,
+		Listener:      lis,
 		ServerOptions: d.cfg.AggregatorServerOptions,
 		Sink:          &sink{d: d, id: e.rec.ID},
 		Logger:        d.cfg.Logger.Named("experiment-" + e.rec.ID),

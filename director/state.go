@@ -67,7 +67,6 @@ type runState struct {
 	cancel  context.CancelFunc
 	address string
 	done    chan struct{}
-	lis     *severableListener
 	// agg is set once the aggregator is built; drops reported before that
 	// are queued in drops and applied when it is.
 	agg   Aggregator
