@@ -2,8 +2,6 @@ package envoy
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -317,17 +315,10 @@ func (e *Envoy) downloadOnce(ctx context.Context, rec record, part string) error
 
 // verifyFile checks an archive's size and sha256 against the offer.
 func verifyFile(path string, rec record) error {
-	f, err := os.Open(path)
+	n, got, err := experiment.HashFile(path)
 	if err != nil {
 		return fmt.Errorf("verifying the archive: %w", err)
 	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		return fmt.Errorf("verifying the archive: %w", err)
-	}
-	got := hex.EncodeToString(h.Sum(nil))
 	if n != rec.ArchiveSize || got != rec.ArchiveSHA256 {
 		return &digestError{want: rec.ArchiveSHA256, got: got}
 	}

@@ -6,6 +6,8 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -932,4 +934,20 @@ func fileTypeName(t fs.FileMode) string {
 		return "device"
 	}
 	return "special file"
+}
+
+// HashFile returns a file's size and sha256 (lower-case hex), the two
+// numbers that identify an archive on the wire and in allow-lists.
+func HashFile(path string) (size int64, sha string, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return 0, "", fmt.Errorf("read %s: %w", path, err)
+	}
+	return n, hex.EncodeToString(h.Sum(nil)), nil
 }

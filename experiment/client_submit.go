@@ -111,17 +111,11 @@ func (u *Upload) checkPlan(where string) error {
 }
 
 func (u *Upload) hashFile() error {
-	f, err := os.Open(u.Path)
+	size, sha, err := HashFile(u.Path)
 	if err != nil {
 		return fmt.Errorf("reading the archive: %w", err)
 	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		return fmt.Errorf("reading the archive %s: %w", u.Path, err)
-	}
-	u.Size, u.SHA256 = n, hex.EncodeToString(h.Sum(nil))
+	u.Size, u.SHA256 = size, sha
 	return nil
 }
 

@@ -69,11 +69,11 @@ func WriteCSR(dir string, req CSRRequest) (keyPath, csrPath string, err error) {
 // (NAME being the certificate's CN); then it writes dir/NAME.crt and
 // dir/ca.crt. ca.crt is refused if it already holds a different root.
 func ImportCertificate(dir string, chainPEM, rootPEM []byte) (Files, Identity, error) {
-	chain, err := parseCertificatesPEM(chainPEM)
+	chain, err := ParseCertificatesPEM(chainPEM)
 	if err != nil {
 		return Files{}, Identity{}, fmt.Errorf("reading the certificate to import: %w", err)
 	}
-	roots, err := parseCertificatesPEM(rootPEM)
+	roots, err := ParseCertificatesPEM(rootPEM)
 	if err != nil {
 		return Files{}, Identity{}, fmt.Errorf("reading the root certificate: %w", err)
 	}

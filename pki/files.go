@@ -152,8 +152,8 @@ func checkRootFile(path string, rootPEM []byte) error {
 // have: a ca.crt that bundles the old and the new root during a root
 // rotation already trusts the new one and is kept as it is.
 func containsCertificates(have, want []byte) bool {
-	hc, errH := parseCertificatesPEM(have)
-	wc, errW := parseCertificatesPEM(want)
+	hc, errH := ParseCertificatesPEM(have)
+	wc, errW := ParseCertificatesPEM(want)
 	if errH != nil || errW != nil {
 		return false
 	}
@@ -172,8 +172,9 @@ func containsCertificates(have, want []byte) bool {
 	return true
 }
 
-// parseCertificatesPEM returns every CERTIFICATE block of data, in order.
-func parseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
+// ParseCertificatesPEM returns every CERTIFICATE block of data, in order,
+// skipping other blocks; data without one is an error.
+func ParseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
 	var certs []*x509.Certificate
 	rest := data
 	for {
@@ -203,7 +204,7 @@ func readCertificates(path string) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading certificates: %w", err)
 	}
-	certs, err := parseCertificatesPEM(data)
+	certs, err := ParseCertificatesPEM(data)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}

@@ -264,52 +264,15 @@ func (a *Accumulator) TotalWeight() float64 {
 // so far, in the layout's order and dtypes. Integer tensors are those of the
 // first committed upload (the layout's if none was staged). It waits for
 // commits in progress; it does not reset the sum.
-func (a *Accumulator) Mean() (Model, error) {
-	a.gate.Lock()
-	defer a.gate.Unlock()
-	if a.broken != nil {
-		return nil, fmt.Errorf("accumulator: sum is unusable: %w", a.broken)
-	}
-	if a.count == 0 || !(a.total > 0) {
-		return nil, errors.New("accumulator: no update has been counted")
-	}
-	out := make(Model, 0, len(a.slots))
-	for i := range a.slots {
-		s := &a.slots[i]
-		t := New(s.name, s.dtype, s.shape)
-		switch s.dtype {
-		case F64:
-			inv := 1 / a.total
-			dst := t.Float64s()
-			parallelBlocks(len(dst), blockElems, func(lo, hi int) { scaleTo(dst[lo:hi], s.sum64[lo:hi], inv) })
-		case F32:
-			inv := float32(1 / a.total)
-			dst := t.Float32s()
-			parallelBlocks(len(dst), blockElems, func(lo, hi int) { scaleTo(dst[lo:hi], s.sum32[lo:hi], inv) })
-		case F16, BF16:
-			inv := float32(1 / a.total)
-			size := s.dtype.Size()
-			parallelBlocks(int(s.n), blockElems, func(lo, hi int) {
-				tmp := make([]float32, hi-lo)
-				scaleTo(tmp, s.sum32[lo:hi], inv)
-				_ = EncodeFloat32(t.Data[lo*size:hi*size], tmp, s.dtype) // lengths agree by construction
-			})
-		default:
-			copy(t.Data, s.ints)
-		}
-		if err := t.CheckFinite(); err != nil {
-			return nil, fmt.Errorf("accumulator: mean is not finite (the sum overflowed): %w", err)
-		}
-		out = append(out, t)
-	}
-	return out, nil
-}
+func (a *Accumulator) Mean() (Model, error) { return a.mean(false) }
 
 // TakeMean is Mean without a second copy of the model: F32 and F64 sums are
 // divided in place and handed over as the result's data, so the round's
 // close needs no memory beyond the sum it already holds. The accumulator
 // then counts no uploads until Reset, which allocates fresh sums.
-func (a *Accumulator) TakeMean() (Model, error) {
+func (a *Accumulator) TakeMean() (Model, error) { return a.mean(true) }
+
+func (a *Accumulator) mean(take bool) (Model, error) {
 	a.gate.Lock()
 	defer a.gate.Unlock()
 	if a.broken != nil {
@@ -322,42 +285,53 @@ func (a *Accumulator) TakeMean() (Model, error) {
 	for i := range a.slots {
 		s := &a.slots[i]
 		var t *Tensor
-		switch s.dtype {
-		case F32:
-			inv := float32(1 / a.total)
-			sum := s.sum32
-			parallelBlocks(len(sum), blockElems, func(lo, hi int) { scaleTo(sum[lo:hi], sum[lo:hi], inv) })
-			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(sum)}
+		switch {
+		case take && s.dtype == F32:
+			scaleParallel(s.sum32, s.sum32, float32(1/a.total))
+			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(s.sum32)}
 			s.sum32 = nil
-		case F64:
-			inv := 1 / a.total
-			sum := s.sum64
-			parallelBlocks(len(sum), blockElems, func(lo, hi int) { scaleTo(sum[lo:hi], sum[lo:hi], inv) })
-			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(sum)}
+		case take && s.dtype == F64:
+			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(s.sum64)}
+			scaleParallel(s.sum64, s.sum64, 1/a.total)
 			s.sum64 = nil
-		case F16, BF16:
-			t = New(s.name, s.dtype, s.shape)
-			inv := float32(1 / a.total)
-			size := s.dtype.Size()
-			parallelBlocks(int(s.n), blockElems, func(lo, hi int) {
-				tmp := make([]float32, hi-lo)
-				scaleTo(tmp, s.sum32[lo:hi], inv)
-				_ = EncodeFloat32(t.Data[lo*size:hi*size], tmp, s.dtype) // lengths agree by construction
-			})
 		default:
 			t = New(s.name, s.dtype, s.shape)
-			copy(t.Data, s.ints)
+			switch s.dtype {
+			case F64:
+				scaleParallel(t.Float64s(), s.sum64, 1/a.total)
+			case F32:
+				scaleParallel(t.Float32s(), s.sum32, float32(1/a.total))
+			case F16, BF16:
+				inv := float32(1 / a.total)
+				size := s.dtype.Size()
+				parallelBlocks(int(s.n), blockElems, func(lo, hi int) {
+					tmp := make([]float32, hi-lo)
+					scaleTo(tmp, s.sum32[lo:hi], inv)
+					_ = EncodeFloat32(t.Data[lo*size:hi*size], tmp, s.dtype) // lengths agree by construction
+				})
+			default:
+				copy(t.Data, s.ints)
+			}
 		}
 		if err := t.CheckFinite(); err != nil {
-			a.broken = errTaken
+			if take {
+				a.broken = errTaken
+			}
 			return nil, fmt.Errorf("accumulator: mean is not finite (the sum overflowed): %w", err)
 		}
 		out = append(out, t)
 	}
-	a.mu.Lock()
-	a.broken = errTaken
-	a.mu.Unlock()
+	if take {
+		a.mu.Lock()
+		a.broken = errTaken
+		a.mu.Unlock()
+	}
 	return out, nil
+}
+
+// scaleParallel sets dst = a·src over both cores, block by block.
+func scaleParallel[T float](dst, src []T, a T) {
+	parallelBlocks(len(dst), blockElems, func(lo, hi int) { scaleTo(dst[lo:hi], src[lo:hi], a) })
 }
 
 // errTaken marks an accumulator whose sums TakeMean handed over.

@@ -549,25 +549,9 @@ func showFile(w io.Writer, path, caPath, crlPath string) error {
 		return nil
 	}
 
-	var chain []*x509.Certificate
-	rest := data
-	for {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return fmt.Errorf("%s: certificate %d: %w", path, len(chain)+1, err)
-		}
-		chain = append(chain, c)
-	}
-	if len(chain) == 0 {
-		return fmt.Errorf("%s holds no PEM certificate or certificate request", path)
+	chain, err := pki.ParseCertificatesPEM(data)
+	if err != nil {
+		return fmt.Errorf("%s holds no PEM certificate or certificate request: %w", path, err)
 	}
 	leaf := chain[0]
 	now := time.Now()
