@@ -207,7 +207,7 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Result, error) {
 	switch task.Name {
 	case runner.TaskTrain:
-		res, err := c.cfg.Runner.Train(ctx, task, c.model.Clone())
+		res, err := c.cfg.Runner.Train(ctx, task, c.model)
 		if err != nil {
 			return res, err
 		}
@@ -236,7 +236,7 @@ func (c *Collaborator) trainedWeights(ctx context.Context, round int) (tensor.Mo
 		return c.trained, nil
 	}
 	c.log.Info("trained weights of this round were lost in a restart; training again for the local validation", "round", round)
-	res, err := c.cfg.Runner.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: round}, c.model.Clone())
+	res, err := c.cfg.Runner.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: round}, c.model)
 	if err != nil {
 		return nil, err
 	}

@@ -52,7 +52,9 @@ type Result struct {
 }
 
 // Runner runs tasks on one site's data. A collaborator holds one Runner for
-// the life of an experiment; calls are not concurrent.
+// the life of an experiment; calls are not concurrent. A runner must not
+// modify the model it is given: the collaborator hands it the round's global
+// model without copying it, and uses that model again for other tasks.
 type Runner interface {
 	// Train starts from model and returns trained weights with the same
 	// tensor names, dtypes and shapes.
