@@ -160,25 +160,22 @@ func (p *proc) exitErr() error {
 }
 
 // signal sends sig and waits up to wait for the process to end; after that
-// it is killed outright.
-func (p *proc) signal(t *testing.T, sig syscall.Signal, wait time.Duration) {
+// it is killed outright. It reports whether the process ended of sig alone.
+func (p *proc) signal(t *testing.T, sig syscall.Signal, wait time.Duration) bool {
 	t.Helper()
 	p.mu.Lock()
 	cmd, done := p.cmd, p.done
 	if cmd == nil || isClosed(done) {
 		p.mu.Unlock()
-		return
+		return true
 	}
 	p.expected = true
 	p.mu.Unlock()
 	_ = cmd.Process.Signal(sig)
 	select {
 	case <-done:
-		return
+		return true
 	case <-time.After(wait):
-	}
-	if sig != syscall.SIGKILL {
-		t.Logf("%s did not stop within %s after %s; killing it", p.name, wait, sig)
 	}
 	_ = cmd.Process.Kill()
 	select {
@@ -186,13 +183,27 @@ func (p *proc) signal(t *testing.T, sig syscall.Signal, wait time.Duration) {
 	case <-time.After(10 * time.Second):
 		t.Errorf("%s (pid %d) did not die after SIGKILL", p.name, cmd.Process.Pid)
 	}
+	return false
 }
 
 // kill ends the process with SIGKILL, as a crash would.
 func (p *proc) kill(t *testing.T) { p.signal(t, syscall.SIGKILL, 10*time.Second) }
 
-// stop ends the process gracefully (SIGTERM), or hard after 15s.
-func (p *proc) stop(t *testing.T) { p.signal(t, syscall.SIGTERM, 15*time.Second) }
+// stop ends the process gracefully (SIGTERM), or hard after 20s; a party
+// that needs the hard way, or exits with an error, fails the test.
+func (p *proc) stop(t *testing.T) {
+	t.Helper()
+	if !p.running() {
+		return
+	}
+	if !p.signal(t, syscall.SIGTERM, 20*time.Second) {
+		t.Errorf("%s did not stop within 20s of SIGTERM; it was killed", p.name)
+		return
+	}
+	if err := p.exitErr(); err != nil {
+		t.Errorf("%s exited with %v after SIGTERM, want a clean exit", p.name, err)
+	}
+}
 
 // log returns what the process logged so far.
 func (p *proc) log() string {
