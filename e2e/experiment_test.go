@@ -2,9 +2,13 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -148,6 +152,55 @@ func TestFullExperiment(t *testing.T) {
 	if last < 0.5 {
 		t.Errorf("round %d local validation accuracy %.3f: the synthetic data should be easy", rounds, last)
 	}
+
+	// The sites, as `fx envoys list` shows them to a researcher.
+	files := f.files("researcher", "alice")
+	out = f.fx("envoys", "list", "--output", "json", "--tags", "synthetic", "--director", f.addr, "--server-name", "localhost",
+		"--cert", files.Cert, "--key", files.Key, "--ca", files.CA)
+	var envoys fxv1.ListEnvoysResponse
+	if err := protojson.Unmarshal([]byte(out), &envoys); err != nil {
+		t.Fatalf("fx envoys list --output json: %v\n%s", err, out)
+	}
+	var online []string
+	for _, e := range envoys.GetEnvoys() {
+		if e.GetOnline() {
+			online = append(online, e.GetName())
+		}
+	}
+	slices.Sort(online)
+	if !slices.Equal(online, []string{"site-1", "site-2"}) {
+		t.Errorf("fx envoys list: online %v, want both sites", online)
+	}
+
+	// A name is taken until the experiment is removed.
+	dir := writePlan(t, syntheticPlan("full", 1, "", ""))
+	if r := f.exp("alice", "submit", dir); r.err == nil || !strings.Contains(r.stderr, "AlreadyExists") {
+		t.Errorf("a second experiment named full: %v %q, want AlreadyExists", r.err, r.stderr)
+	}
+	// submit --wait follows an experiment to its end and prints it.
+	out = f.mustExp("alice", "submit", dir, "--name", "full-again", "--wait", "--output", "json")
+	var again fxv1.Experiment
+	if err := protojson.Unmarshal([]byte(out), &again); err != nil {
+		t.Fatalf("fx experiment submit --wait --output json: %v\n%s", err, out)
+	}
+	if again.GetName() != "full-again" || again.GetState() != fxv1.ExperimentState_FINISHED {
+		t.Errorf("submit --wait printed %s %s, want full-again FINISHED", again.GetName(), again.GetState())
+	}
+
+	// Removing an experiment deletes its files and frees its name.
+	expDir := filepath.Join(f.dataDir, "experiments", e.GetId())
+	if _, err := os.Stat(expDir); err != nil {
+		t.Fatalf("the director keeps no %s: %v", expDir, err)
+	}
+	f.mustExp("alice", "remove", "full")
+	if _, err := os.Stat(expDir); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("after fx experiment remove, %s: %v, want it gone", expDir, err)
+	}
+	if r := f.exp("alice", "model", "full", "-o", filepath.Join(t.TempDir(), "x.safetensors")); r.err == nil || !strings.Contains(r.stderr, "NotFound") {
+		t.Errorf("the model of a removed experiment: %v %q, want NotFound", r.err, r.stderr)
+	}
+	f.submit("alice", dir)
+	f.waitState(c, "full", time.Minute, fxv1.ExperimentState_FINISHED)
 }
 
 // accuracies lists each round's aggregated accuracy of task, in round order.

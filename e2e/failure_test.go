@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os/exec"
 	"slices"
 	"strings"
@@ -72,6 +73,15 @@ func TestEnvoyKilledMidRound(t *testing.T) {
 		return e.GetRound() > killRound || e.GetState() == fxv1.ExperimentState_FINISHED, nil
 	})
 	t.Logf("round %d closed %s after the kill", killRound, time.Since(killed).Round(time.Millisecond))
+	// Without heartbeats it is shown disconnected (offline_after is 4s).
+	f.waitFor(30*time.Second, "site-2 shown DISCONNECTED", func() (bool, error) {
+		e, err := getExp(c, "straggler")
+		if err != nil {
+			return false, err
+		}
+		p := participant(e, "site-2")
+		return p.GetState() == fxv1.ParticipantState_DISCONNECTED, fmt.Errorf("site-2: %v", p)
+	})
 
 	// Back with the same configuration and work directory.
 	victim.start(t)
