@@ -70,9 +70,13 @@ type sideResult struct {
 	ServerRSSPerConnKiB         float64 // (RSS - idle RSS) / N
 	ClientCPUPercent            float64 // the load generator, same window
 	ClientRSSMiB                float64
-	ClientGCs                   uint32   // the generator's collections during the window
-	ClientGCPauseMS             float64  // and their stop-the-world pauses
-	FirstErrors                 []string `json:",omitempty"`
+	// From the director's log: registrations it committed (each a store
+	// transaction; a retried attempt whose caller had given up still
+	// counts) and envoys it marked offline.
+	Registrations, Offline int      `json:",omitempty"`
+	ClientGCs              uint32   // the generator's collections during the window
+	ClientGCPauseMS        float64  // and their stop-the-world pauses
+	FirstErrors            []string `json:",omitempty"`
 }
 
 func capacityMain(args []string) error {
@@ -472,10 +476,37 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 	res.ServerRSSPerConnKiB = float64(rss-min(rss, idle)) / float64(cfg.n) / 1024
 	res.ClientRSSMiB = mib(selfRSS)
 	res.FirstErrors = errSamples
+	if mode == "director" {
+		res.Registrations, res.Offline = directorLogCounts(filepath.Join(work, "director.log"))
+	}
+	if mode == "director" {
+		fmt.Printf("%s: committed %d registrations for %d envoys; marked envoys offline %d times\n", name, res.Registrations, cfg.n, res.Offline)
+	}
 	fmt.Printf("%s: %d heartbeats in %.0fs: p50 %.2f ms, p99 %.2f ms, max %.1f ms, %d errors; server CPU %.1f%% of a core, RSS %.1f MiB (peak %.1f, %.1f KiB/envoy); generator CPU %.1f%%, RSS %.0f MiB, %d GCs (%.1f ms of pauses)\n",
 		name, res.Heartbeats, secs, res.HeartbeatP50MS, res.HeartbeatP99MS, res.HeartbeatMaxMS, res.HeartbeatErrors,
 		res.ServerCPUPercent, res.ServerRSSMiB, res.ServerHWMMiB, res.ServerRSSPerConnKiB, res.ClientCPUPercent, res.ClientRSSMiB, res.ClientGCs, res.ClientGCPauseMS)
 	return res, nil
+}
+
+// directorLogCounts counts the director's "envoy registered", "envoy
+// re-registered" and "envoy offline" log lines.
+func directorLogCounts(path string) (registrations, offline int) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		l := sc.Text()
+		switch {
+		case strings.Contains(l, "envoy registered:"), strings.Contains(l, "envoy re-registered:"):
+			registrations++
+		case strings.Contains(l, "envoy offline:"):
+			offline++
+		}
+	}
+	return registrations, offline
 }
 
 // holdStream keeps the envoy's long-lived stream open until ctx ends, as a

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -152,16 +153,14 @@ func reportMain(args []string) error {
 				n, ok2 := metric("go-tensor.txt", "BenchmarkFedAvg", "naive-GB/s")
 				return fmt.Sprintf("naive %s GB/s; package/naive %s×", f(n, ok2, 2), f(v, ok, 2))
 			}},
-		{file: "go-aggregator-transfer.txt", bench: "BenchmarkTransfer", what: "model download, 256 MiB, mTLS", val: "fx_down_GB/s", base: "raw_down_GB/s", ratio: "down/raw",
-			vprec: 3, bprec: 3, rprec: 2, baseName: "raw gRPC byte stream, same mTLS", goal: "≥ 0.85", valSuffix: " GB/s", baseSuffix: " GB/s"},
-		{file: "go-aggregator-transfer.txt", bench: "BenchmarkTransfer", what: "model upload, 256 MiB, mTLS", val: "fx_up_GB/s", base: "raw_up_GB/s", ratio: "up/raw",
-			vprec: 3, bprec: 3, rprec: 2, baseName: "raw gRPC byte stream, same mTLS", goal: "≥ 0.85", valSuffix: " GB/s", baseSuffix: " GB/s"},
-		{file: "go-aggregator-memory.txt", bench: "BenchmarkUploadMemory", what: "aggregator peak heap, 8 uploaders × 256 MiB (child process)", val: "peak_heap_MiB", ratio: "peak_heap/goal",
-			vprec: 0, rprec: 2, baseName: "goal 2 × model + 64 MiB", goal: "peak_heap/goal ≤ 1", valSuffix: " MiB",
+		{file: "go-aggregator-memory.txt", bench: "BenchmarkUploadMemory", what: "aggregator peak live heap, 8 uploaders × 256 MiB (child process)", val: "peak_live_MiB", ratio: "peak_live/goal",
+			vprec: 0, rprec: 2, baseName: "goal 2 × model + 64 MiB", goal: "peak/goal ≤ 1", valSuffix: " MiB",
 			extra: func() string {
 				r, ok := metric("go-aggregator-memory.txt", "BenchmarkUploadMemory", "received_MiB")
+				h, ok1 := metric("go-aggregator-memory.txt", "BenchmarkUploadMemory", "peak_heap_MiB")
+				hg, ok3 := metric("go-aggregator-memory.txt", "BenchmarkUploadMemory", "peak_heap/goal")
 				pp, ok2 := metric("go-aggregator-memory.txt", "BenchmarkUploadMemory", "peak_process_MiB")
-				return fmt.Sprintf("received %s MiB; peak process memory %s MiB", f(r, ok, 0), f(pp, ok2, 0))
+				return fmt.Sprintf("received %s MiB; peak heap in use %s MiB (%s× goal); peak process memory %s MiB", f(r, ok, 0), f(h, ok1, 0), f(hg, ok3, 2), f(pp, ok2, 0))
 			}},
 		{file: "go-aggregator-memory.txt", bench: "BenchmarkRoundOverhead", what: "round time p50, no-op runner, 10 collaborators, 1M params", val: "p50_ms/round", ratio: "p50/raw_transfer",
 			vprec: 1, rprec: 2, baseName: "the same bytes over raw gRPC", goal: "p50 < 50 ms", valSuffix: " ms",
@@ -180,6 +179,29 @@ func reportMain(args []string) error {
 		{file: "go-runner.txt", bench: "BenchmarkEpoch/softmax[]", what: "built-in softmax, one Fashion-MNIST epoch", val: "s/epoch", base: "naive_s/epoch", ratio: "speedup_vs_naive",
 			vprec: 2, bprec: 2, rprec: 1, baseName: "naive GEMM (scaled from 1/10 epoch)", valSuffix: " s", baseSuffix: " s"},
 	}
+	// One download and one upload row per transfer sub-benchmark.
+	var transfers []row
+	if r := runs["go-aggregator-transfer.txt"]; r != nil {
+		var names []string
+		for name := range r.Benches {
+			if strings.HasPrefix(name, "BenchmarkTransfer") {
+				names = append(names, name)
+			}
+		}
+		slices.Sort(names)
+		for _, name := range names {
+			size := strings.TrimPrefix(strings.TrimPrefix(name, "BenchmarkTransfer"), "/")
+			for _, dir := range []struct{ what, v, b, r string }{{"download", "fx_down_GB/s", "raw_down_GB/s", "down/raw"}, {"upload", "fx_up_GB/s", "raw_up_GB/s", "up/raw"}} {
+				transfers = append(transfers, row{file: "go-aggregator-transfer.txt", bench: name, what: "model " + dir.what + ", " + size + ", mTLS",
+					val: dir.v, base: dir.b, ratio: dir.r, vprec: 3, bprec: 3, rprec: 2, baseName: "raw gRPC byte stream, same mTLS", goal: "≥ 0.85", valSuffix: " GB/s", baseSuffix: " GB/s"})
+			}
+		}
+	}
+	if len(transfers) == 0 {
+		transfers = []row{{file: "go-aggregator-transfer.txt", bench: "BenchmarkTransfer", what: "model download and upload, mTLS", val: "fx_down_GB/s", baseName: "raw gRPC byte stream, same mTLS", goal: "≥ 0.85"}}
+	}
+	rows = append(rows[:1], append(transfers, rows[1:]...)...)
+
 	p("## Go benchmarks\n\n")
 	p("| figure | fx | baseline (same run) | ratio | goal | notes |\n|---|---|---|---|---|---|\n")
 	for _, r := range rows {
@@ -205,20 +227,32 @@ func reportMain(args []string) error {
 			p("\n- `%s`: load at start `%s`", name, s)
 		}
 	}
-	p("\n\n")
+	p("\n\nEvery line the Go benchmarks printed, as printed:\n\n```\n")
+	for _, name := range []string{"go-tensor.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
+		b, err := os.ReadFile(filepath.Join(*dir, name))
+		if err != nil {
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "Benchmark") || strings.HasPrefix(l, "--- FAIL") || strings.HasPrefix(l, "FAIL") || strings.HasPrefix(l, "ok ") {
+				p("%s\n", strings.TrimRight(l, " \t"))
+			}
+		}
+	}
+	p("```\n\n")
 
 	// Director capacity.
 	p("## Director capacity\n\n")
 	p("A real director (`director.New`, as `fx director start` builds it, bbolt store, CRL checks) runs as a child process; N simulated envoys in the parent, each with its own P-384 certificate (CN = envoy name) and its own gRPC connection over mutual TLS, register, hold a WatchAssignments stream open and heartbeat every period, starts staggered uniformly over one period. ")
 	p("After every envoy is up and one more period has passed, heartbeats are timed for the window; the server's CPU is (utime+stime) over the window from /proc/PID/stat, its memory VmRSS/VmHWM from /proc/PID/status. ")
 	p("Baseline, same run, same connections, certificates, TLS and authorisation interceptors: a child process serving only grpc.health.v1 (Check as the heartbeat, Watch as the stream).\n\n")
-	p("| N | server | heartbeat p50 | p99 | max | heartbeats/s | server CPU (%% of a core) | server RSS (peak) | RSS per envoy | first call incl. handshake p50 / p99 | all up after | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	p("| N | server | heartbeat p50 | p99 | max | heartbeats/s | server CPU (%% of a core) | server RSS (peak) | RSS per envoy | first call incl. handshake p50 / p99 | all up after | failed first-call attempts (retried) | registrations committed | offline events | heartbeat errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	var capRuns []*capacityResult
 	for _, n := range []int{1000, 10000} {
 		var c capacityResult
 		b, err := os.ReadFile(filepath.Join(*dir, fmt.Sprintf("capacity-%d.json", n)))
 		if err != nil || json.Unmarshal(b, &c) != nil {
-			p("| %d | — | not measured (no capacity-%d.json) | | | | | | | | | |\n", n, n)
+			p("| %d | — | not measured (no capacity-%d.json) | | | | | | | | | | | | |\n", n, n)
 			continue
 		}
 		capRuns = append(capRuns, &c)
@@ -226,12 +260,16 @@ func reportMain(args []string) error {
 			if s == nil {
 				continue
 			}
-			p("| %d | %s | %.2f ms | %.2f ms | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d + %d |\n",
+			regs, off := "—", "—"
+			if s.Server == "director" {
+				regs, off = fmt.Sprint(s.Registrations), fmt.Sprint(s.Offline)
+			}
+			p("| %d | %s | %.2f ms | %.2f ms | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %s | %s | %d |\n",
 				c.N, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
-				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, s.HeartbeatErrors)
+				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, regs, off, s.HeartbeatErrors)
 		}
 		if c.Raw != nil && c.Director != nil {
-			p("| %d | **director/raw** | **%.2f×** | **%.2f×** | | | **%.2f×** | **%.2f×** | | | | |\n", c.N, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, c.ServerCPURatio, c.ServerRSSRatio)
+			p("| %d | **director/raw** | **%.2f×** | **%.2f×** | | | **%.2f×** | **%.2f×** | | | | | | | |\n", c.N, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, c.ServerCPURatio, c.ServerRSSRatio)
 		}
 	}
 	p("\n")
@@ -253,7 +291,7 @@ func reportMain(args []string) error {
 		}
 		for _, s := range []*sideResult{c.Raw, c.Director} {
 			if s != nil {
-				p(" Load generator during the %s window: %.0f%% CPU, %.0f MiB RSS.", s.Server, s.ClientCPUPercent, s.ClientRSSMiB)
+				p(" Load generator during the %s window: %.0f%% CPU, %.0f MiB RSS, %d GCs (%.0f ms of pauses).", s.Server, s.ClientCPUPercent, s.ClientRSSMiB, s.ClientGCs, s.ClientGCPauseMS)
 			}
 		}
 		p("\n")
