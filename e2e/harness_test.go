@@ -234,13 +234,14 @@ type fed struct {
 	dir string
 	ca  string // the CA directory
 
-	addr      string // the director's host:port
-	aggPort   int    // the one port aggregators listen on, 0 for any
-	dataDir   string
-	dirConfig string
-	director  *proc
-	envoys    map[string]*proc
-	procs     []*proc
+	addr         string // the director's host:port
+	aggPort      int    // the one port aggregators listen on, 0 for any
+	dataDir      string
+	dirConfig    string
+	director     *proc
+	envoys       map[string]*proc
+	envoyConfigs map[string]string
+	procs        []*proc
 }
 
 // directorOptions shape the director's configuration file.
@@ -258,7 +259,7 @@ func newFed(t *testing.T, researchers, envoys []string) *fed {
 	t.Helper()
 	requireE2E(t)
 	dir := t.TempDir()
-	f := &fed{t: t, dir: dir, ca: filepath.Join(dir, "pki", "ca"), envoys: map[string]*proc{}}
+	f := &fed{t: t, dir: dir, ca: filepath.Join(dir, "pki", "ca"), envoys: map[string]*proc{}, envoyConfigs: map[string]string{}}
 	t.Cleanup(f.cleanup)
 	f.fx("pki", "init", "--dir", f.ca, "--org", "fx e2e")
 	f.fx("pki", "certify", "--dir", f.ca, "--role", "director", "--name", "localhost",
@@ -411,9 +412,16 @@ func syntheticShard(i, n int, extra string) shard {
 	return shard{tags: []string{"synthetic"}, yaml: fmt.Sprintf("kind: synthetic\nshard: %d/%d\nseed: 1\n%s", i, n, extra)}
 }
 
-// startEnvoy writes an envoy's configuration file, starts it and returns
-// it; wait for it with waitEnvoysOnline.
+// startEnvoy writes an envoy's configuration file (auto review), starts
+// it and returns it; wait for it with waitEnvoysOnline. env is added to
+// its environment.
 func (f *fed) startEnvoy(name string, s shard, env ...string) *proc {
+	f.t.Helper()
+	return f.startEnvoyReview(name, s, "auto", env...)
+}
+
+// startEnvoyReview is startEnvoy with the data owner's review policy.
+func (f *fed) startEnvoyReview(name string, s shard, review string, env ...string) *proc {
 	f.t.Helper()
 	e := f.files("envoy", name)
 	var sh strings.Builder
@@ -433,7 +441,7 @@ max_experiments: 2
 tags: [%s]
 shard:
 %sreview:
-  policy: auto
+  policy: %s
 exec:
   allow: true
   env: [PATH=/usr/bin:/bin]
@@ -441,7 +449,7 @@ rpc_timeout: 5s
 retry:
   initial: 200ms
   max: 1s
-`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), strings.Join(s.tags, ", "), sh.String())
+`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), strings.Join(s.tags, ", "), sh.String(), review)
 	file := filepath.Join(f.dir, "envoys", name+".yaml")
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		f.t.Fatal(err)
@@ -449,6 +457,7 @@ retry:
 	if err := os.WriteFile(file, []byte(cfg), 0o600); err != nil {
 		f.t.Fatal(err)
 	}
+	f.envoyConfigs[name] = file
 	p := f.newProc(name, env, "envoy", "start", "--config", file)
 	f.envoys[name] = p
 	p.start(f.t)

@@ -1,0 +1,115 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+)
+
+// TestReviewAndConcurrency: under manual review an admin approves and
+// rejects experiments with `fx director approve|reject`; a data owner with
+// a manual policy sees the offers with `fx envoy pending` and answers with
+// `fx envoy approve|reject` on the envoy's admin socket; two approved
+// experiments run at once over the same envoys, each with its own
+// aggregator; an offer nobody can accept any more fails at its
+// accept_timeout with the reason.
+func TestReviewAndConcurrency(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	admin := f.certify("admin", "ops")
+	f.startDirector(directorOptions{review: "manual"})
+	f.startEnvoy("site-1", syntheticShard(1, 2, ""))
+	// site-2's data owner reviews by hand.
+	f.startEnvoyReview("site-2", syntheticShard(2, 2, ""), "manual")
+	site2Config := f.envoyConfigs["site-2"]
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	plan := func(name, participants string) string {
+		return strings.Replace(syntheticPlan(name, 3, "", ""), "participants: {min: 2, tags: [synthetic]}", "participants: "+participants, 1)
+	}
+	both := "{min: 2, tags: [synthetic]}"
+	for _, p := range []struct{ name, participants string }{
+		{"exp-a", both}, {"exp-b", both}, {"exp-c", both},
+		{"exp-d", "{min: 1, envoys: [site-2], accept_timeout: 3s}"},
+	} {
+		if e := f.submit("alice", writePlan(t, plan(p.name, p.participants))); e.GetState() != fxv1.ExperimentState_PENDING {
+			t.Fatalf("%s is %s under manual review, want PENDING", p.name, e.GetState())
+		}
+	}
+
+	adminArgs := []string{"--director", f.addr, "--server-name", "localhost", "--tls-cert", admin.Cert, "--tls-key", admin.Key, "--tls-ca", admin.CA, "--owner", "alice"}
+	for _, name := range []string{"exp-a", "exp-b", "exp-d"} {
+		f.fx(append([]string{"director", "approve", name}, adminArgs...)...)
+	}
+	f.fx(append([]string{"director", "reject", "exp-c", "--reason", "uses too much of the sites' time"}, adminArgs...)...)
+	if e := f.waitState(c, "exp-c", 10*time.Second, fxv1.ExperimentState_REJECTED); !strings.Contains(e.GetReason(), "too much of the sites' time") {
+		t.Errorf("the rejected experiment's reason is %q", e.GetReason())
+	}
+	// A researcher may not review.
+	files := f.files("researcher", "alice")
+	if r := f.runFx("director", "approve", "exp-c", "--director", f.addr, "--server-name", "localhost", "--tls-cert", files.Cert, "--tls-key", files.Key, "--tls-ca", files.CA); r.err == nil || !strings.Contains(r.stderr+r.stdout, "PermissionDenied") && !strings.Contains(r.stderr+r.stdout, "admin") {
+		t.Errorf("a researcher approves: %v %q, want a refusal", r.err, r.stderr)
+	}
+
+	// site-2's owner sees the three offers once downloaded and checked.
+	var pending []struct {
+		Name, Owner, ID string
+	}
+	f.waitFor(30*time.Second, "three offers pending at site-2", func() (bool, error) {
+		r := f.runFx("envoy", "pending", "--config", site2Config, "--json")
+		if r.err != nil {
+			return false, fmt.Errorf("%v: %s", r.err, r.stderr)
+		}
+		pending = nil
+		if err := json.Unmarshal([]byte(r.stdout), &pending); err != nil {
+			return false, err
+		}
+		return len(pending) == 3, fmt.Errorf("pending: %s", r.stdout)
+	})
+	var names []string
+	for _, p := range pending {
+		names = append(names, p.Name)
+		if p.Owner != "alice" {
+			t.Errorf("offer %s: owner %q", p.Name, p.Owner)
+		}
+	}
+	slices.Sort(names)
+	if !slices.Equal(names, []string{"exp-a", "exp-b", "exp-d"}) {
+		t.Errorf("pending at site-2: %v", names)
+	}
+	for _, name := range []string{"exp-a", "exp-b"} {
+		f.fx("envoy", "approve", name, "--config", site2Config)
+	}
+	f.fx("envoy", "reject", "exp-d", "--config", site2Config, "--reason", "not on our patients")
+
+	for _, name := range []string{"exp-a", "exp-b"} {
+		e := f.waitState(c, name, 2*time.Minute, fxv1.ExperimentState_FINISHED)
+		if e.GetRound() != 3 {
+			t.Errorf("%s finished at round %d, want 3", name, e.GetRound())
+		}
+	}
+	// Each had its own aggregator.
+	var addrs []string
+	for _, line := range strings.Split(f.director.log(), "\n") {
+		if strings.Contains(line, "aggregator starting:") {
+			addrs = append(addrs, logField(line, "address"))
+		}
+	}
+	if len(addrs) != 2 || addrs[0] == addrs[1] {
+		t.Errorf("aggregators started at %v, want two different addresses", addrs)
+	}
+
+	e := f.waitState(c, "exp-d", 30*time.Second, fxv1.ExperimentState_FAILED)
+	t.Logf("exp-d: %s", e.GetReason())
+	if p := participant(e, "site-2"); p.GetState() != fxv1.ParticipantState_DECLINED || !strings.Contains(p.GetReason(), "not on our patients") {
+		t.Errorf("site-2 in exp-d: %v, want DECLINED with the owner's reason", p)
+	}
+	if !strings.Contains(e.GetReason(), "accept") {
+		t.Errorf("exp-d failed with %q, want the accept timeout named", e.GetReason())
+	}
+}
