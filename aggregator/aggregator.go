@@ -368,6 +368,10 @@ func (a *Aggregator) closeRound(r *roundState, atDeadline bool) error {
 	r.committing.Wait()
 
 	a.mu.Lock()
+	if err := r.commitErr; err != nil {
+		a.mu.Unlock()
+		return fmt.Errorf("round %d: %w", r.number, err)
+	}
 	results := slices.Clone(r.results)
 	trainers := sortedKeys(r.trainers)
 	var missing []string

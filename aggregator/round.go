@@ -21,8 +21,10 @@ type roundState struct {
 	results  []TaskResult
 	trainers map[string]bool
 	// committing counts accepted train uploads still folding into the sum;
-	// the round's close waits for them.
+	// the round's close waits for them. commitErr holds folds that failed
+	// (a spilled stage that could not be read back), which fail the round.
 	committing sync.WaitGroup
+	commitErr  error
 	// updates holds whole train updates for median and trimmed mean.
 	updates []tensor.Model
 }

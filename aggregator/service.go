@@ -235,7 +235,11 @@ func (a *Aggregator) openUpload(name string, h *fxv1.ResultHeader) (*roundState,
 	return r, nil
 }
 
-// countResult commits a received result, unless its round closed meanwhile.
+// countResult counts a received result, unless its round closed
+// meanwhile. A train update has been checked whole by now (layout, every
+// element finite, every tensor complete), so it is acknowledged at once and
+// folded into the round's sum in the background: the collaborator does not
+// wait for the fold, and the round's close waits for every fold in progress.
 func (a *Aggregator) countResult(r *roundState, result TaskResult, st stage) error {
 	a.mu.Lock()
 	if r.closed || a.round != r {
@@ -245,22 +249,21 @@ func (a *Aggregator) countResult(r *roundState, result TaskResult, st stage) err
 		}
 		return status.Errorf(codes.FailedPrecondition, "round %d closed while the result was arriving; it is late", r.number)
 	}
-	r.committing.Add(1)
-	a.mu.Unlock()
-	defer r.committing.Done()
-
-	if st != nil {
-		if err := st.Commit(float64(result.Samples)); err != nil {
-			st.Discard()
-			return status.Errorf(codes.InvalidArgument, "update refused: %v", err)
-		}
-	}
-	a.mu.Lock()
 	p := a.parts[result.Collaborator]
 	mark(r.reported, result.Collaborator, result.Task, true)
 	r.results = append(r.results, result)
 	if st != nil {
 		r.trainers[result.Collaborator] = true
+		r.committing.Add(1)
+		go func() {
+			defer r.committing.Done()
+			if err := st.Commit(float64(result.Samples)); err != nil {
+				st.Discard()
+				a.mu.Lock()
+				r.commitErr = errors.Join(r.commitErr, fmt.Errorf("the update of %s could not be added: %w", result.Collaborator, err))
+				a.mu.Unlock()
+			}
+		}()
 	}
 	p.task = ""
 	if r.completedAll(result.Collaborator) {
