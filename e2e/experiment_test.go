@@ -71,6 +71,14 @@ func TestFullExperiment(t *testing.T) {
 			t.Errorf("participant %s: %v, want COMPLETED with last round ≥ %d", site, p, rounds)
 		}
 	}
+	// The sites delete their copy of an experiment that has ended.
+	for _, site := range []string{"site-1", "site-2"} {
+		dir := filepath.Join(f.dir, "envoys", site, "experiments", e.GetId())
+		f.waitFor(30*time.Second, site+" to delete its copy", func() (bool, error) {
+			_, err := os.Stat(dir)
+			return errors.Is(err, fs.ErrNotExist), err
+		})
+	}
 	best := final.GetBest()
 	if best == nil || best.GetMetric() != "accuracy" || best.GetRound() < 1 || best.GetRound() > rounds {
 		t.Fatalf("best model summary %v", best)

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -15,6 +17,7 @@ import (
 
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/tensor"
 )
 
 // slowShard is synthetic data big enough that one train task takes a
@@ -233,4 +236,67 @@ func TestDirectorKilledMidExperiment(t *testing.T) {
 			break
 		}
 	}
+}
+
+// TestCancelWhileAnEnvoyIsDown: a running experiment is cancelled with the
+// CLI while one of its envoys is down (SIGKILL). The experiment ends
+// CANCELLED with the reason; the envoy that is up stops its collaborator
+// and deletes its copy; the one that was down learns of the end when it
+// comes back and deletes its copy too. The models of completed rounds stay
+// downloadable, and an ended experiment cannot be cancelled again.
+func TestCancelWhileAnEnvoyIsDown(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", slowShard(1, 2))
+	down := f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	e := f.submit("alice", writePlan(t, syntheticPlan("doomed", 20, slowHyper, "deadline: 3s, min_reporting: 1")))
+	f.waitFor(time.Minute, "round 1 to complete", func() (bool, error) {
+		e, err := getExp(c, "doomed")
+		if err != nil {
+			return false, err
+		}
+		return e.GetRound() >= 2, fmt.Errorf("round %d %s", e.GetRound(), e.GetState())
+	})
+	expDirs := map[string]string{}
+	for _, site := range []string{"site-1", "site-2"} {
+		expDirs[site] = filepath.Join(f.dir, "envoys", site, "experiments", e.GetId())
+		if _, err := os.Stat(expDirs[site]); err != nil {
+			t.Fatalf("%s holds no copy of the running experiment: %v", site, err)
+		}
+	}
+	down.kill(t)
+
+	out := f.mustExp("alice", "cancel", "doomed", "--reason", "wrong learning rate", "--output", "json")
+	var cancelled fxv1.Experiment
+	if err := protojson.Unmarshal([]byte(out), &cancelled); err != nil {
+		t.Fatalf("fx experiment cancel --output json: %v\n%s", err, out)
+	}
+	if cancelled.GetState() != fxv1.ExperimentState_CANCELLED || !strings.Contains(cancelled.GetReason(), "wrong learning rate") {
+		t.Errorf("after cancel: %s %q, want CANCELLED with the reason", cancelled.GetState(), cancelled.GetReason())
+	}
+	if r := f.exp("alice", "cancel", "doomed"); r.err == nil || !strings.Contains(r.stderr, "FailedPrecondition") {
+		t.Errorf("cancelling a cancelled experiment: %v %q, want FailedPrecondition", r.err, r.stderr)
+	}
+	f.waitFor(30*time.Second, "site-1 to delete its copy", func() (bool, error) {
+		_, err := os.Stat(expDirs["site-1"])
+		return os.IsNotExist(err), err
+	})
+	if _, err := os.Stat(expDirs["site-2"]); err != nil {
+		t.Fatalf("site-2's copy vanished while it was down: %v", err)
+	}
+	down.start(t)
+	f.waitFor(30*time.Second, "site-2, back, to delete its copy", func() (bool, error) {
+		_, err := os.Stat(expDirs["site-2"])
+		return os.IsNotExist(err), err
+	})
+
+	file := filepath.Join(t.TempDir(), "last.safetensors")
+	f.mustExp("alice", "model", "doomed", "--last", "-o", file)
+	if m, _, err := tensor.ReadFile(file); err != nil || m.Get("fc0.weight") == nil {
+		t.Errorf("the last completed round's model: %v (%v)", m, err)
+	}
+	f.mustExp("alice", "remove", "doomed")
 }
