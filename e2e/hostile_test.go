@@ -245,3 +245,58 @@ func uploadWrongShape(agg fxv1.AggregatorClient, id, collaborator string, round 
 	_, err = stream.CloseAndRecv()
 	return err
 }
+
+// TestDirectorKilledMidUpload: the director dies while an archive is
+// arriving. The researcher's upload fails; the restarted director holds no
+// partial file and no record of it.
+func TestDirectorKilledMidUpload(t *testing.T) {
+	f := newFed(t, []string{"alice"}, nil)
+	f.startDirector(directorOptions{})
+	alice := f.researcher("alice")
+	conn := rawConn(t, f.files("researcher", "alice"), f.addr)
+	before := listTree(t, f.dataDir)
+
+	plan := syntheticPlan("interrupted", 1, "", "")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	stream, err := fxv1.NewDirectorClient(conn).SubmitExperiment(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 8 << 20
+	if err := stream.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Header{Header: &fxv1.SubmitHeader{
+		Size: size, Sha256: strings.Repeat("ab", 32), PlanYaml: plan,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	for range 4 {
+		if err := stream.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Chunk{Chunk: chunk}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tmp := filepath.Join(f.dataDir, "tmp")
+	f.waitFor(30*time.Second, "the upload to reach the director's disk", func() (bool, error) {
+		ents, err := os.ReadDir(tmp)
+		if err != nil {
+			return false, err
+		}
+		for _, e := range ents {
+			if fi, err := e.Info(); err == nil && fi.Size() > 0 {
+				return true, nil
+			}
+		}
+		return false, fmt.Errorf("%s holds %d entries, none with data yet", tmp, len(ents))
+	})
+	f.director.kill(t)
+	if _, err := stream.CloseAndRecv(); err == nil {
+		t.Error("the upload succeeded although the director died during it")
+	}
+	f.restartDirector()
+	if after := listTree(t, f.dataDir); !slices.Equal(before, after) {
+		t.Errorf("the director's data_dir after the restart:\nbefore %v\nafter  %v", before, after)
+	}
+	if list, err := alice.List(context.Background()); err != nil || len(list) != 0 {
+		t.Errorf("experiments after the interrupted upload: %v (%v), want none", list, err)
+	}
+}
