@@ -300,3 +300,49 @@ func TestCancelWhileAnEnvoyIsDown(t *testing.T) {
 	}
 	f.mustExp("alice", "remove", "doomed")
 }
+
+// TestEnvoyRestartedRejoinsCurrentRound: an envoy killed mid-round and
+// started again at once (before the round's deadline) rejoins the round it
+// left: the round completes with both sites' updates instead of waiting
+// for its deadline.
+func TestEnvoyRestartedRejoinsCurrentRound(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", slowShard(1, 2))
+	victim := f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	const rounds = 3
+	start := time.Now()
+	f.submit("alice", writePlan(t, syntheticPlan("rejoin", rounds, slowHyper, "deadline: 10m, min_reporting: 1, percent: 1.0")))
+	var killRound int32
+	f.waitFor(time.Minute, "site-2 computing round 2", func() (bool, error) {
+		e, err := getExp(c, "rejoin")
+		if err != nil {
+			return false, err
+		}
+		p := participant(e, "site-2")
+		if e.GetRound() > 2 {
+			t.Fatalf("round %d reached before site-2 was seen computing round 2", e.GetRound())
+		}
+		if e.GetRound() == 2 && p.GetTask() != "" && p.GetLastRound() < 2 {
+			killRound = e.GetRound()
+			return true, nil
+		}
+		return false, nil
+	})
+	victim.kill(t)
+	victim.start(t)
+	// A round that waited for its 10-minute deadline would blow this bound.
+	f.waitState(c, "rejoin", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+	t.Logf("killed and restarted site-2 in round %d; finished %s after submitting", killRound, time.Since(start).Round(time.Millisecond))
+
+	evs := f.watchEvents("alice", "rejoin")
+	aggregates(t, evs)
+	for r := 1; r <= rounds; r++ {
+		if got := reporters(evs, r, runner.TaskTrain); !slices.Equal(got, []string{"site-1", "site-2"}) {
+			t.Errorf("round %d: train reported by %v, want both sites once", r, got)
+		}
+	}
+}
