@@ -136,6 +136,16 @@ func TestFullExperiment(t *testing.T) {
 		}
 	}
 
+	// The initial model is round 0; there is no round past the last.
+	initial := filepath.Join(t.TempDir(), "round0.safetensors")
+	f.mustExp("alice", "model", "full", "--round", "0", "-o", initial)
+	if m0, _, err := tensor.ReadFile(initial); err != nil || m0.Matches(m) != nil {
+		t.Errorf("the initial model: %v, layout %v", err, m0.Matches(m))
+	}
+	if r := f.exp("alice", "model", "full", "--round", fmt.Sprint(rounds+1), "-o", filepath.Join(t.TempDir(), "x.safetensors")); r.err == nil || !strings.Contains(r.stderr, "NotFound") {
+		t.Errorf("the model of round %d of %d: %v %q, want NotFound", rounds+1, rounds, r.err, r.stderr)
+	}
+
 	// Every round's aggregates, once each, through the CLI's watch.
 	evs := f.watchEvents("alice", "full")
 	checkSequences(t, evs)

@@ -191,6 +191,11 @@ func TestDirectorKilledMidExperiment(t *testing.T) {
 		t.Errorf("after the restart the aggregator started at round %d; the crash was in round %d", first, killRound)
 	}
 	t.Logf("resumed at round %d", first)
+	best := filepath.Join(t.TempDir(), "best.safetensors")
+	f.mustExp("alice", "model", "resume", "--best", "-o", best)
+	if _, _, err := tensor.ReadFile(best); err != nil {
+		t.Errorf("the best model after the restart: %v", err)
+	}
 
 	evs := f.watchEvents("alice", "resume")
 	checkSequences(t, evs)
