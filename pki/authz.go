@@ -86,10 +86,40 @@ func StreamServerInterceptor(rules Rules, revocation RevocationChecker) grpc.Str
 // the keyring and the interceptors enforcing rules with the keyring's CRL.
 func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
 	a := NewAuthorizer(rules, k)
-	return []grpc.ServerOption{
+	return append([]grpc.ServerOption{
 		grpc.Creds(credentials.NewTLS(k.ServerConfig())),
 		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor()),
 		grpc.ChainStreamInterceptor(a.StreamServerInterceptor()),
+	}, bulkServerOptions()...)
+}
+
+// Flow control for bulk streams. fx moves models and archives as streams of
+// 1 MiB frames; with gRPC's default 64 KiB starting window, grown only by
+// probing, a receiver that checks each frame before reading the next stalls
+// its sender. Fixed windows of a few frames keep the pipe full while bounding
+// what one stream can buffer (streamWindow per stream, connWindow per
+// connection).
+const (
+	streamWindow = 4 << 20
+	connWindow   = 16 << 20
+	ioBuffer     = 256 << 10
+)
+
+func bulkServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(connWindow),
+		grpc.ReadBufferSize(ioBuffer),
+		grpc.WriteBufferSize(ioBuffer),
+	}
+}
+
+func bulkDialOptions() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithInitialWindowSize(streamWindow),
+		grpc.WithInitialConnWindowSize(connWindow),
+		grpc.WithReadBufferSize(ioBuffer),
+		grpc.WithWriteBufferSize(ioBuffer),
 	}
 }
 

@@ -121,11 +121,11 @@ func (c *prereadConn) Read(p []byte) (int, error) {
 // and interceptors that turn a handshake refusal into an Unauthenticated
 // status that says why.
 func DialOptions(k *Keyring, serverName string) []grpc.DialOption {
-	return []grpc.DialOption{
+	return append([]grpc.DialOption{
 		grpc.WithTransportCredentials(k.TransportCredentials(serverName)),
 		grpc.WithChainUnaryInterceptor(UnaryClientInterceptor()),
 		grpc.WithChainStreamInterceptor(StreamClientInterceptor()),
-	}
+	}, bulkDialOptions()...)
 }
 
 // NewClient creates a gRPC client connection to target with DialOptions and

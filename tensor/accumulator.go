@@ -63,6 +63,12 @@ type Accumulator struct {
 
 	stripes [lockStripes]paddedMutex
 
+	// stages recycles in-memory stages: a fresh model-sized buffer per upload
+	// would cost the kernel faulting in and zeroing it every time. A reused
+	// stage is never read before it is fully written: Commit refuses an
+	// upload with any element missing.
+	stages sync.Pool
+
 	// gate is read-held by every fold (commits and direct AddChunk) and
 	// write-held by Mean and Reset, which need a sum no upload is halfway into.
 	gate sync.RWMutex
@@ -393,6 +399,8 @@ func (a *Accumulator) Begin() (*Upload, error) {
 		// open file, release removes it after closing.
 		u.file = f
 		u.unlinked = os.Remove(f.Name()) == nil
+	} else if buf, ok := a.stages.Get().(*[]byte); ok {
+		u.mem = *buf
 	} else {
 		u.mem = alignedBytes(a.stageBytes)
 	}
@@ -583,7 +591,11 @@ func (u *Upload) Discard() {
 // release frees the stage; the caller holds u.mu.
 func (u *Upload) release() {
 	u.done = true
-	u.mem = nil
+	if u.mem != nil {
+		buf := u.mem
+		u.acc.stages.Put(&buf)
+		u.mem = nil
+	}
 	if u.file != nil {
 		u.file.Close() // read-only use from here on: a close error loses nothing
 		if !u.unlinked {
