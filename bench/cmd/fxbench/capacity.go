@@ -35,6 +35,7 @@ type capacityResult struct {
 	Period        string
 	Window        string
 	Watch         bool
+	MaxConnecting int
 	Start         time.Time
 	Uptime        string // load when the run started
 	Certificates  issueStats
@@ -89,6 +90,7 @@ func capacityMain(args []string) error {
 	workers := fs.Int("issue-workers", 0, "parallel certificate issuers (0: one per CPU)")
 	out := fs.String("out", "", "write the result as JSON here")
 	only := fs.String("only", "", "run only this server: director or raw (default both)")
+	maxConnecting := fs.Int("max-connecting", 0, "at most this many first calls (TLS handshake + RegisterEnvoy/Check) in flight; 0: no limit. With no limit, more handshakes than the machine can finish within the call timeout make every one of them late and retried (overload collapse)")
 	gogc := fs.Int("generator-gogc", 400, "GOGC of this load generator (not of the servers): fewer collections of its large heap of connections, so its pauses disturb the timings less")
 	_ = fs.Parse(args)
 	debug.SetGCPercent(*gogc)
@@ -101,7 +103,7 @@ func capacityMain(args []string) error {
 	} else {
 		fmt.Printf("RLIMIT_NOFILE %d (need %d)\n", got, need)
 	}
-	res := &capacityResult{N: *n, Period: period.String(), Window: window.String(), Watch: *watch, Start: time.Now().UTC()}
+	res := &capacityResult{N: *n, Period: period.String(), Window: window.String(), Watch: *watch, MaxConnecting: *maxConnecting, Start: time.Now().UTC()}
 	if b, err := exec.Command("uptime").Output(); err == nil {
 		res.Uptime = strings.TrimSpace(string(b))
 	}
@@ -129,7 +131,7 @@ func capacityMain(args []string) error {
 	}
 	fmt.Printf("keyrings: %d loaded in %.1fs\n", *n, time.Since(t0).Seconds())
 
-	cfg := sideConfig{n: *n, period: *period, window: *window, watch: *watch, pki: p, keyrings: keyrings, nofile: need}
+	cfg := sideConfig{n: *n, period: *period, window: *window, watch: *watch, pki: p, keyrings: keyrings, nofile: need, maxConnecting: *maxConnecting}
 	// The baseline first, then the director, each alone on the machine.
 	if *only == "" || *only == "raw" {
 		if res.Raw, err = runSide(cfg, "raw"); err != nil {
@@ -166,7 +168,7 @@ func capacityMain(args []string) error {
 }
 
 func printCapacity(w io.Writer, r *capacityResult) {
-	fmt.Fprintf(w, "\ncapacity: N=%d envoys, heartbeat period %s, window %s, watch streams %v\n", r.N, r.Period, r.Window, r.Watch)
+	fmt.Fprintf(w, "\ncapacity: N=%d envoys, heartbeat period %s, window %s, watch streams %v, max connecting %d\n", r.N, r.Period, r.Window, r.Watch, r.MaxConnecting)
 	fmt.Fprintf(w, "%-9s %10s %10s %10s %9s %9s %9s %10s %10s %9s\n", "server", "hb_p50_ms", "hb_p99_ms", "hb_max_ms", "hb/s", "cpu_%", "rss_MiB", "hwm_MiB", "conn_p99", "all_up_s")
 	for _, s := range []*sideResult{r.Raw, r.Director} {
 		if s == nil {
@@ -187,6 +189,7 @@ type sideConfig struct {
 	pki            *benchPKI
 	keyrings       []*pki.Keyring
 	nofile         uint64
+	maxConnecting  int
 }
 
 // child is a server process under measurement.
@@ -324,6 +327,12 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 	start := time.Now()
 	upBound := cfg.period + 10*time.Minute
 	upDeadline := start.Add(upBound)
+	// At most cfg.maxConnecting first calls (handshake + registration) in
+	// flight, when set.
+	var connecting chan struct{}
+	if cfg.maxConnecting > 0 {
+		connecting = make(chan struct{}, cfg.maxConnecting)
+	}
 	up.Add(cfg.n)
 	for i := range cfg.n {
 		offset := time.Duration(int64(cfg.period) * int64(i) / int64(cfg.n))
@@ -352,6 +361,13 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 			var err error
 			backoff := 500 * time.Millisecond
 			for {
+				if connecting != nil {
+					select {
+					case connecting <- struct{}{}:
+					case <-ctx.Done():
+						return
+					}
+				}
 				t := time.Now()
 				cctx, ccancel := context.WithTimeout(ctx, callTimeout)
 				if mode == "director" {
@@ -360,6 +376,9 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 					_, err = hc.Check(cctx, &healthpb.HealthCheckRequest{})
 				}
 				ccancel()
+				if connecting != nil {
+					<-connecting
+				}
 				if err == nil {
 					ms := float64(time.Since(t)) / 1e6
 					mu.Lock()

@@ -248,14 +248,32 @@ func reportMain(args []string) error {
 	p("Baseline, same run, same connections, certificates, TLS and authorisation interceptors: a child process serving only grpc.health.v1 (Check as the heartbeat, Watch as the stream).\n\n")
 	p("| N | server | heartbeat p50 | p99 | max | heartbeats/s | server CPU (%% of a core) | server RSS (peak) | RSS per envoy | first call incl. handshake p50 / p99 | all up after | failed first-call attempts (retried) | registrations committed | offline events | heartbeat errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	var capRuns []*capacityResult
-	for _, n := range []int{1000, 10000} {
+	// capacity-1000.json and capacity-10000.json, then any other
+	// capacity-*.json (earlier or differently configured runs kept there).
+	files := []string{"capacity-1000.json", "capacity-10000.json"}
+	more, _ := filepath.Glob(filepath.Join(*dir, "capacity-*.json"))
+	slices.Sort(more)
+	for _, m := range more {
+		if b := filepath.Base(m); !slices.Contains(files, b) {
+			files = append(files, b)
+		}
+	}
+	for _, file := range files {
 		var c capacityResult
-		b, err := os.ReadFile(filepath.Join(*dir, fmt.Sprintf("capacity-%d.json", n)))
+		b, err := os.ReadFile(filepath.Join(*dir, file))
 		if err != nil || json.Unmarshal(b, &c) != nil {
-			p("| %d | — | not measured (no capacity-%d.json) | | | | | | | | | | | | |\n", n, n)
+			p("| — | — | not measured (no %s) | | | | | | | | | | | | |\n", file)
 			continue
 		}
 		capRuns = append(capRuns, &c)
+		label := fmt.Sprint(c.N)
+		if c.MaxConnecting > 0 {
+			label += fmt.Sprintf(" (≤ %d connecting)", c.MaxConnecting)
+		}
+		if file != fmt.Sprintf("capacity-%d.json", c.N) {
+			label += " " + strings.TrimSuffix(strings.TrimPrefix(file, fmt.Sprintf("capacity-%d", c.N)), ".json")
+		}
+		n := label
 		for _, s := range []*sideResult{c.Raw, c.Director} {
 			if s == nil {
 				continue
@@ -264,18 +282,22 @@ func reportMain(args []string) error {
 			if s.Server == "director" {
 				regs, off = fmt.Sprint(s.Registrations), fmt.Sprint(s.Offline)
 			}
-			p("| %d | %s | %.2f ms | %.2f ms | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %s | %s | %d |\n",
-				c.N, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
+			p("| %s | %s | %.2f ms | %.2f ms | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %s | %s | %d |\n",
+				n, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
 				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, regs, off, s.HeartbeatErrors)
 		}
 		if c.Raw != nil && c.Director != nil {
-			p("| %d | **director/raw** | **%.2f×** | **%.2f×** | | | **%.2f×** | **%.2f×** | | | | | | | |\n", c.N, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, c.ServerCPURatio, c.ServerRSSRatio)
+			p("| %s | **director/raw** | **%.2f×** | **%.2f×** | | | **%.2f×** | **%.2f×** | | | | | | | |\n", n, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, c.ServerCPURatio, c.ServerRSSRatio)
 		}
 	}
 	p("\n")
 	for _, c := range capRuns {
 		cs := c.Certificates
-		p("- N = %d: period %s, window %s, started %s, load `%s`. ", c.N, c.Period, c.Window, c.Start.Format("15:04 MST"), c.Uptime)
+		limit := "no limit on connecting envoys"
+		if c.MaxConnecting > 0 {
+			limit = fmt.Sprintf("at most %d first calls in flight", c.MaxConnecting)
+		}
+		p("- N = %d: period %s, window %s, %s, started %s, load `%s`. ", c.N, c.Period, c.Window, limit, c.Start.Format("15:04 MST"), c.Uptime)
 		if cs.Issued > 0 {
 			p("Certificates: %d issued in %.1f s (%.2f ms each with %d workers)", cs.Issued, cs.Seconds, cs.PerCertMS, cs.Workers)
 			if cs.Reused > 0 {
