@@ -351,3 +351,56 @@ func TestEnvoyRestartedRejoinsCurrentRound(t *testing.T) {
 		}
 	}
 }
+
+// TestDirectorKilledBetweenUploads: the director dies after one site has
+// reported a round and before the other has, the round still open. After
+// the restart the round is run again; its aggregates and each site's
+// results appear once in the metric stream, not the early site's twice.
+func TestDirectorKilledBetweenUploads(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"fast", "slow"})
+	f.startDirector(directorOptions{})
+	// Same shard of differently sized data sets: "slow" trains on six
+	// times as many samples.
+	f.startEnvoy("fast", syntheticShard(1, 2, "features: 64\ntrain_samples: 10000\nvalid_samples: 2000\n"))
+	f.startEnvoy("slow", syntheticShard(1, 2, "features: 64\ntrain_samples: 60000\nvalid_samples: 2000\n"))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "fast", "slow")
+
+	const rounds = 3
+	f.submit("alice", writePlan(t, syntheticPlan("between", rounds, slowHyper, "deadline: 2m, min_reporting: 2")))
+	var killRound int32
+	f.waitFor(time.Minute, "fast to report a round that slow has not", func() (bool, error) {
+		e, err := getExp(c, "between")
+		if err != nil {
+			return false, err
+		}
+		r := e.GetRound()
+		if e.GetState() == fxv1.ExperimentState_FINISHED {
+			t.Fatal("finished before the moment came")
+		}
+		if e.GetState() == fxv1.ExperimentState_RUNNING && r < rounds &&
+			participant(e, "fast").GetLastRound() == r && participant(e, "slow").GetLastRound() < r {
+			killRound = r
+			return true, nil
+		}
+		return false, nil
+	})
+	f.director.kill(t)
+	t.Logf("killed the director in round %d, fast reported, slow not", killRound)
+	f.restartDirector()
+	f.waitState(c, "between", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+
+	evs := f.watchEvents("alice", "between")
+	checkSequences(t, evs)
+	agg := aggregates(t, evs)
+	for r := 1; r <= rounds; r++ {
+		if _, ok := agg[r][runner.TaskTrain]; !ok {
+			t.Errorf("round %d: no train aggregate", r)
+		}
+		for _, task := range []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation} {
+			if got := reporters(evs, r, task); !slices.Equal(got, []string{"fast", "slow"}) {
+				t.Errorf("round %d %s: reported by %v, want each site once", r, task, got)
+			}
+		}
+	}
+}
