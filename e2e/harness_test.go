@@ -337,6 +337,15 @@ func (f *fed) newProc(name string, env []string, args ...string) *proc {
 // waits until it answers a researcher.
 func (f *fed) startDirector(o directorOptions) {
 	f.t.Helper()
+	f.writeDirectorConfig(o)
+	f.director = f.newProc("director", nil, "director", "start", "--config", f.dirConfig)
+	f.restartDirector()
+}
+
+// writeDirectorConfig writes the director's configuration file to
+// f.dirConfig, choosing its address.
+func (f *fed) writeDirectorConfig(o directorOptions) {
+	f.t.Helper()
 	f.addr = fmt.Sprintf("127.0.0.1:%d", freePort(f.t))
 	f.dataDir = filepath.Join(f.dir, "director-data")
 	if o.review == "" {
@@ -374,8 +383,6 @@ stop_timeout: 5s
 	if err := os.WriteFile(f.dirConfig, []byte(cfg), 0o600); err != nil {
 		f.t.Fatal(err)
 	}
-	f.director = f.newProc("director", nil, "director", "start", "--config", f.dirConfig)
-	f.restartDirector()
 }
 
 // restartDirector starts the director process (again, after a stop or a
@@ -590,10 +597,16 @@ type cliResult struct {
 // what it printed and how it ended.
 func (f *fed) runFx(args ...string) cliResult {
 	f.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	return f.runFxEnv(2*time.Minute, nil, args...)
+}
+
+// runFxEnv is runFx with a bound and extra environment variables.
+func (f *fed) runFxEnv(timeout time.Duration, env []string, args ...string) cliResult {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, fxBin, args...)
-	cmd.Env = baseEnv()
+	cmd.Env = append(baseEnv(), env...)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err := cmd.Run()
