@@ -376,13 +376,14 @@ func (d *Director) endLocked(e *expState, state fxv1.ExperimentState, reason str
 	rec := e.rec
 	rec.State = state
 	rec.Reason = reason
+	// Whatever the end, the envoys still taking part took part until it:
+	// none is shown TRAINING (or, offline, DISCONNECTED) in an ended
+	// experiment.
 	var changed []*store.Participant
-	if state == fxv1.ExperimentState_FINISHED {
-		for _, name := range e.partNames(fxv1.ParticipantState_TRAINING) {
-			np := participantCopy(e.parts[name])
-			np.State = fxv1.ParticipantState_COMPLETED
-			changed = append(changed, np)
-		}
+	for _, name := range e.partNames(fxv1.ParticipantState_TRAINING) {
+		np := participantCopy(e.parts[name])
+		np.State = fxv1.ParticipantState_COMPLETED
+		changed = append(changed, np)
 	}
 	if err := d.saveLocked(e, rec, changed...); err != nil {
 		return err

@@ -282,6 +282,11 @@ func TestCancelWhileAnEnvoyIsDown(t *testing.T) {
 	if cancelled.GetState() != fxv1.ExperimentState_CANCELLED || !strings.Contains(cancelled.GetReason(), "wrong learning rate") {
 		t.Errorf("after cancel: %s %q, want CANCELLED with the reason", cancelled.GetState(), cancelled.GetReason())
 	}
+	if e, err := getExp(c, "doomed"); err != nil {
+		t.Fatal(err)
+	} else {
+		checkEndedParticipants(t, e)
+	}
 	if r := f.exp("alice", "cancel", "doomed"); r.err == nil || !strings.Contains(r.stderr, "FailedPrecondition") {
 		t.Errorf("cancelling a cancelled experiment: %v %q, want FailedPrecondition", r.err, r.stderr)
 	}

@@ -424,12 +424,28 @@ func syntheticShard(i, n int, extra string) shard {
 // its environment.
 func (f *fed) startEnvoy(name string, s shard, env ...string) *proc {
 	f.t.Helper()
-	return f.startEnvoyReview(name, s, "auto", env...)
+	return f.startEnvoyOpts(name, s, envoyOptions{env: env})
+}
+
+// envoyOptions shape an envoy's configuration file and process.
+type envoyOptions struct {
+	review string   // the data owner's policy; default auto
+	noExec bool     // refuse exec runners (exec.allow: false)
+	env    []string // added to the process's environment
 }
 
 // startEnvoyReview is startEnvoy with the data owner's review policy.
-func (f *fed) startEnvoyReview(name string, s shard, review string, env ...string) *proc {
+func (f *fed) startEnvoyReview(name string, s shard, review string) *proc {
 	f.t.Helper()
+	return f.startEnvoyOpts(name, s, envoyOptions{review: review})
+}
+
+// startEnvoyOpts is startEnvoy with options.
+func (f *fed) startEnvoyOpts(name string, s shard, o envoyOptions) *proc {
+	f.t.Helper()
+	if o.review == "" {
+		o.review = "auto"
+	}
 	e := f.files("envoy", name)
 	var sh strings.Builder
 	for line := range strings.SplitSeq(strings.TrimRight(s.yaml, "\n"), "\n") {
@@ -450,13 +466,13 @@ shard:
 %sreview:
   policy: %s
 exec:
-  allow: true
+  allow: %t
   env: [PATH=/usr/bin:/bin]
 rpc_timeout: 5s
 retry:
   initial: 200ms
   max: 1s
-`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), strings.Join(s.tags, ", "), sh.String(), review)
+`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), strings.Join(s.tags, ", "), sh.String(), o.review, !o.noExec)
 	file := filepath.Join(f.dir, "envoys", name+".yaml")
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		f.t.Fatal(err)
@@ -465,7 +481,7 @@ retry:
 		f.t.Fatal(err)
 	}
 	f.envoyConfigs[name] = file
-	p := f.newProc(name, env, "envoy", "start", "--config", file)
+	p := f.newProc(name, o.env, "envoy", "start", "--config", file)
 	f.envoys[name] = p
 	p.start(f.t)
 	return p
@@ -845,4 +861,16 @@ func logField(line, key string) string {
 func atoi(s string) int {
 	n, _ := strconv.Atoi(s)
 	return n
+}
+
+// checkEndedParticipants fails if an ended experiment still shows a
+// participant as taking part in rounds (TRAINING, or DISCONNECTED, which is
+// how TRAINING shows while the envoy is offline).
+func checkEndedParticipants(t *testing.T, e *fxv1.Experiment) {
+	t.Helper()
+	for _, p := range e.GetParticipants() {
+		if s := p.GetState(); s == fxv1.ParticipantState_TRAINING || s == fxv1.ParticipantState_DISCONNECTED {
+			t.Errorf("experiment %s ended %s, but participant %s is still %s", e.GetName(), e.GetState(), p.GetEnvoy(), s)
+		}
+	}
 }

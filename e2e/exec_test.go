@@ -1,0 +1,121 @@
+package e2e
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/tensor"
+)
+
+// execPlan runs ./run.sh at the sites named.
+func execPlan(name, participants string) string {
+	return fmt.Sprintf(`name: %s
+rounds: 2
+participants: %s
+runner: {kind: exec, command: [./run.sh], timeout: 1m}
+stragglers: {deadline: 1m, min_reporting: 1}
+`, name, participants)
+}
+
+// writeSoftmaxModel writes a zero softmax model for the synthetic data
+// (16 features, 4 classes) as dir/model.safetensors.
+func writeSoftmaxModel(t *testing.T, dir string) {
+	t.Helper()
+	f32 := func(name string, shape ...int64) *tensor.Tensor {
+		n := tensor.Elements(shape)
+		data := make([]byte, 4*n)
+		for i := range n {
+			binary.LittleEndian.PutUint32(data[4*i:], math.Float32bits(0))
+		}
+		return &tensor.Tensor{Name: name, DType: tensor.F32, Shape: shape, Data: data}
+	}
+	m := tensor.Model{f32("fc0.weight", 4, 16), f32("fc0.bias", 4)}
+	if err := tensor.WriteFile(filepath.Join(dir, "model.safetensors"), m, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestExecFailures: what a researcher sees when an exec experiment cannot
+// run: an archive without the initial model an exec runner needs, a site
+// that does not run experiments' own code, and a runner that crashes. Each
+// ends FAILED with a reason that names the cause, and the sites clean up.
+func TestExecFailures(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2", "site-3"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", syntheticShard(1, 3, ""))
+	f.startEnvoy("site-2", syntheticShard(2, 3, ""))
+	f.startEnvoyOpts("site-3", syntheticShard(3, 3, ""), envoyOptions{noExec: true})
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2", "site-3")
+	crash := "#!/bin/sh\necho 'run.sh: error: the GPU caught fire' >&2\nexit 3\n"
+
+	t.Run("no initial model", func(t *testing.T) {
+		dir := writePlan(t, execPlan("no-model", "{min: 2, envoys: [site-1, site-2]}"))
+		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		f.submit("alice", dir)
+		e := f.waitState(c, "no-model", time.Minute, fxv1.ExperimentState_FAILED)
+		t.Logf("reason: %s", e.GetReason())
+		if !strings.Contains(e.GetReason(), "model.safetensors") {
+			t.Errorf("reason %q does not name model.safetensors", e.GetReason())
+		}
+	})
+
+	t.Run("a site that runs no experiment code", func(t *testing.T) {
+		dir := writePlan(t, execPlan("refused", "{min: 1, envoys: [site-3], accept_timeout: 2s}"))
+		writeSoftmaxModel(t, dir)
+		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		f.submit("alice", dir)
+		e := f.waitState(c, "refused", time.Minute, fxv1.ExperimentState_FAILED)
+		p := participant(e, "site-3")
+		t.Logf("site-3: %s %s; experiment: %s", p.GetState(), p.GetReason(), e.GetReason())
+		if p.GetState() != fxv1.ParticipantState_DECLINED || !strings.Contains(p.GetReason(), "exec") {
+			t.Errorf("site-3: %v, want DECLINED with a reason naming exec", p)
+		}
+	})
+
+	t.Run("a crashing runner", func(t *testing.T) {
+		dir := writePlan(t, execPlan("crashing", "{min: 2, envoys: [site-1, site-2]}"))
+		writeSoftmaxModel(t, dir)
+		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		e := f.submit("alice", dir)
+		final := f.waitState(c, "crashing", time.Minute, fxv1.ExperimentState_FAILED)
+		t.Logf("experiment: %s", final.GetReason())
+		checkEndedParticipants(t, final)
+		for _, site := range []string{"site-1", "site-2"} {
+			p := participant(final, site)
+			t.Logf("%s: %s %s", site, p.GetState(), p.GetReason())
+			if p.GetState() != fxv1.ParticipantState_DROPPED && !strings.Contains(final.GetReason(), "GPU caught fire") {
+				t.Errorf("%s: %v", site, p)
+			}
+		}
+		if !strings.Contains(final.GetReason(), "GPU caught fire") {
+			found := false
+			for _, p := range final.GetParticipants() {
+				found = found || strings.Contains(p.GetReason(), "GPU caught fire")
+			}
+			if !found {
+				t.Errorf("neither the experiment's reason nor a participant's carries the runner's error")
+			}
+		}
+		for _, site := range []string{"site-1", "site-2"} {
+			dir := filepath.Join(f.dir, "envoys", site, "experiments", e.GetId())
+			f.waitFor(30*time.Second, site+" to delete its copy", func() (bool, error) {
+				_, err := os.Stat(dir)
+				return os.IsNotExist(err), err
+			})
+		}
+	})
+}
