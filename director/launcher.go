@@ -109,7 +109,7 @@ func initialModel(spec LaunchSpec) (tensor.Model, error) {
 	}
 	plan := spec.Plan
 	if plan.Runner.Kind != experiment.RunnerBuiltin {
-		return nil, fmt.Errorf("the archive has no %s: a %s runner needs the initial model in the archive", InitialModelFile, plan.Runner.Kind)
+		return nil, fmt.Errorf("the archive has no %s: runner kind %s needs the initial model in the archive (the aggregator initialises built-in models only)", InitialModelFile, plan.Runner.Kind)
 	}
 	// Every participant must hold data of one shape, or no single model fits.
 	names := slices.Sorted(maps.Keys(spec.Shards))
