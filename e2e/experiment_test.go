@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -230,4 +232,55 @@ func accuracies(agg map[int]map[string]map[string]float64, task string) []string
 		}
 	}
 	return out
+}
+
+// TestLargeModel: a model of several MiB, with tensors larger than the
+// protocol's 1 MiB chunks, goes through every stream (the collaborators'
+// downloads and uploads, the researcher's download) intact.
+func TestLargeModel(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	data := "features: 512\ntrain_samples: 1000\nvalid_samples: 400\n"
+	f.startEnvoy("site-1", syntheticShard(1, 2, data))
+	f.startEnvoy("site-2", syntheticShard(2, 2, data))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	f.submit("alice", writePlan(t, syntheticPlan("large", 2, "hidden: [1024, 512], lr: 0.01, momentum: 0.9, batch_size: 50, epochs: 1", "")))
+	f.waitState(c, "large", 3*time.Minute, fxv1.ExperimentState_FINISHED)
+
+	file := filepath.Join(t.TempDir(), "large.safetensors")
+	out := f.mustExp("alice", "model", "large", "--last", "-o", file, "--output", "json")
+	var written struct {
+		Model json.RawMessage `json:"model"`
+	}
+	var info fxv1.ModelInfo
+	if err := json.Unmarshal([]byte(out), &written); err != nil {
+		t.Fatal(err)
+	}
+	if err := protojson.Unmarshal(written.Model, &info); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	if int64(len(b)) != info.GetSize() || hex.EncodeToString(sum[:]) != info.GetSha256() {
+		t.Errorf("downloaded %d bytes sha256 %x; the director announced %d bytes sha256 %s", len(b), sum, info.GetSize(), info.GetSha256())
+	}
+	m, _, err := tensor.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]int64{"fc0.weight": {1024, 512}, "fc0.bias": {1024}, "fc1.weight": {512, 1024}, "fc1.bias": {512}, "fc2.weight": {4, 512}, "fc2.bias": {4}}
+	for name, shape := range want {
+		if tn := m.Get(name); tn == nil || !slices.Equal(tn.Shape, shape) {
+			t.Errorf("%s: %v, want shape %v", name, tn, shape)
+		}
+	}
+	if err := m.Validate(); err != nil {
+		t.Errorf("the downloaded model: %v", err)
+	}
+	t.Logf("model of %.1f MiB, largest tensor %.1f MiB", float64(len(b))/(1<<20), float64(len(m.Get("fc0.weight").Data))/(1<<20))
 }
