@@ -57,6 +57,7 @@ func TestExecFailures(t *testing.T) {
 	crash := "#!/bin/sh\necho 'run.sh: error: the GPU caught fire' >&2\nexit 3\n"
 
 	t.Run("no initial model", func(t *testing.T) {
+		f := f.sub(t)
 		dir := writePlan(t, execPlan("no-model", "{min: 2, envoys: [site-1, site-2]}"))
 		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
 			t.Fatal(err)
@@ -70,6 +71,7 @@ func TestExecFailures(t *testing.T) {
 	})
 
 	t.Run("a site that runs no experiment code", func(t *testing.T) {
+		f := f.sub(t)
 		dir := writePlan(t, execPlan("refused", "{min: 1, envoys: [site-3], accept_timeout: 2s}"))
 		writeSoftmaxModel(t, dir)
 		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
@@ -85,6 +87,7 @@ func TestExecFailures(t *testing.T) {
 	})
 
 	t.Run("a crashing runner", func(t *testing.T) {
+		f := f.sub(t)
 		dir := writePlan(t, execPlan("crashing", "{min: 2, envoys: [site-1, site-2]}"))
 		writeSoftmaxModel(t, dir)
 		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {

@@ -290,6 +290,14 @@ func (f *fed) files(role, name string) pki.Files {
 	return pki.PartyFiles(f.partyDir(role, name), name)
 }
 
+// sub is f for a subtest: the same federation, with failures reported
+// on t. A subtest must not start processes through it.
+func (f *fed) sub(t *testing.T) *fed {
+	c := *f
+	c.t = t
+	return &c
+}
+
 func (f *fed) cleanup() {
 	for _, p := range slices.Backward(f.procs) {
 		p.stop(f.t)

@@ -106,6 +106,7 @@ func TestHostileInput(t *testing.T) {
 	before := listTree(t, f.dataDir)
 
 	t.Run("zip slip", func(t *testing.T) {
+		f := f.sub(t)
 		archive := makeZip(t, [2]string{"plan.yaml", goodPlan}, [2]string{"../evil", "pwned"})
 		file := filepath.Join(t.TempDir(), "evil.zip")
 		if err := os.WriteFile(file, archive, 0o600); err != nil {
@@ -126,6 +127,7 @@ func TestHostileInput(t *testing.T) {
 	})
 
 	t.Run("over the size limit", func(t *testing.T) {
+		f := f.sub(t)
 		dir := writePlan(t, goodPlan)
 		blob := make([]byte, limit+(64<<10)) // random: it does not compress
 		if _, err := rand.Read(blob); err != nil {
@@ -151,6 +153,7 @@ func TestHostileInput(t *testing.T) {
 	})
 
 	t.Run("plan with unknown keys", func(t *testing.T) {
+		f := f.sub(t)
 		plan := strings.Replace(goodPlan, "rounds: 1\n", "rounds: 1\nepochz: 3\n", 1)
 		plan = strings.Replace(plan, "deadline: 2m", "deadlin: 2m", 1)
 		dir := writePlan(t, plan)
@@ -163,6 +166,7 @@ func TestHostileInput(t *testing.T) {
 	})
 
 	t.Run("a name with path characters", func(t *testing.T) {
+		f := f.sub(t)
 		if r := f.exp("alice", "submit", writePlan(t, goodPlan), "--name", "../../etc"); r.err == nil || !strings.Contains(r.stderr, "../../etc") {
 			t.Errorf("fx experiment submit --name ../../etc: %v %q, want a refusal naming it", r.err, r.stderr)
 		} else {
@@ -174,6 +178,7 @@ func TestHostileInput(t *testing.T) {
 	})
 
 	t.Run("nothing left behind", func(t *testing.T) {
+		f := f.sub(t)
 		if after := listTree(t, f.dataDir); !slices.Equal(before, after) {
 			t.Errorf("the director's data_dir changed:\nbefore %v\nafter  %v", before, after)
 		}
@@ -183,6 +188,7 @@ func TestHostileInput(t *testing.T) {
 	})
 
 	t.Run("a model update of the wrong shape", func(t *testing.T) {
+		f := f.sub(t)
 		e := f.submit("alice", writePlan(t, syntheticPlan("shapes", 2, slowHyper, "")))
 		f.waitState(alice, "shapes", time.Minute, fxv1.ExperimentState_RUNNING)
 		// The director's certificate does not name its aggregators'

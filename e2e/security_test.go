@@ -33,6 +33,7 @@ func TestSecurity(t *testing.T) {
 	}
 
 	t.Run("other researchers see nothing", func(t *testing.T) {
+		f := f.sub(t)
 		for _, args := range [][]string{
 			{"status", "secret"},
 			{"cancel", "secret", "--reason", "mine now"},
@@ -78,6 +79,7 @@ func TestSecurity(t *testing.T) {
 	})
 
 	t.Run("an envoy certificate cannot submit", func(t *testing.T) {
+		f := f.sub(t)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		raw := fxv1.NewDirectorClient(rawConn(t, f.files("envoy", "site-1"), f.addr))
@@ -110,6 +112,7 @@ func TestSecurity(t *testing.T) {
 	})
 
 	t.Run("an envoy naming another is refused", func(t *testing.T) {
+		f := f.sub(t)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		raw := fxv1.NewDirectorClient(rawConn(t, f.files("envoy", "site-1"), f.addr))
@@ -120,6 +123,7 @@ func TestSecurity(t *testing.T) {
 	})
 
 	t.Run("a certificate from another CA is refused", func(t *testing.T) {
+		f := f.sub(t)
 		other := filepath.Join(t.TempDir(), "other")
 		f.fx("pki", "init", "--dir", filepath.Join(other, "ca"), "--org", "impostors")
 		for _, p := range []struct{ role, name string }{{"researcher", "alice"}, {"envoy", "site-1"}} {
@@ -151,6 +155,7 @@ func TestSecurity(t *testing.T) {
 
 	// Last: it takes site-2 away.
 	t.Run("a revoked envoy is refused", func(t *testing.T) {
+		f := f.sub(t)
 		out := f.fx("pki", "revoke", "--dir", f.ca, "--name", "site-2")
 		t.Logf("fx pki revoke: %s", strings.TrimSpace(out))
 		// A new connection is refused in the handshake, and the running
