@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
@@ -151,6 +152,12 @@ func TestFullExperiment(t *testing.T) {
 	// Every round's aggregates, once each, through the CLI's watch.
 	evs := f.watchEvents("alice", "full")
 	checkSequences(t, evs)
+	// A watch resumed after an event sees exactly the ones after it.
+	half := len(evs) / 2
+	rest := f.watchEvents("alice", "full", "--after", fmt.Sprint(evs[half].GetSequence()))
+	if len(rest) != len(evs)-half-1 || (len(rest) > 0 && !proto.Equal(rest[0], evs[half+1])) {
+		t.Errorf("watch --after %d: %d events, want the last %d", evs[half].GetSequence(), len(rest), len(evs)-half-1)
+	}
 	agg := aggregates(t, evs)
 	for r := 1; r <= rounds; r++ {
 		for _, task := range []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation} {

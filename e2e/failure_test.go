@@ -126,6 +126,16 @@ func TestEnvoyKilledMidRound(t *testing.T) {
 // round's aggregates exactly once, rounds 1..N with no gap and no repeat. A
 // watch started before the crash rides it out and sees the same events.
 func TestDirectorKilledMidExperiment(t *testing.T) {
+	testDirectorRestart(t, true)
+}
+
+// TestDirectorStoppedMidExperiment is TestDirectorKilledMidExperiment
+// with a graceful stop (SIGTERM), as an operator's restart would be.
+func TestDirectorStoppedMidExperiment(t *testing.T) {
+	testDirectorRestart(t, false)
+}
+
+func testDirectorRestart(t *testing.T, kill bool) {
 	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
 	f.startDirector(directorOptions{})
 	f.startEnvoy("site-1", slowShard(1, 2))
@@ -168,8 +178,12 @@ func TestDirectorKilledMidExperiment(t *testing.T) {
 		}
 		return killRound >= 2, nil
 	})
-	f.director.kill(t)
-	t.Logf("killed the director in round %d, %s after submitting", killRound, time.Since(start).Round(time.Millisecond))
+	if kill {
+		f.director.kill(t)
+	} else {
+		f.director.stop(t)
+	}
+	t.Logf("stopped the director (SIGKILL %t) in round %d, %s after submitting", kill, killRound, time.Since(start).Round(time.Millisecond))
 
 	f.restartDirector()
 	e := f.waitState(c, "resume", 2*time.Minute, fxv1.ExperimentState_FINISHED)

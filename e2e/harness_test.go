@@ -692,11 +692,12 @@ func (f *fed) status(who, name string) (*fxv1.Experiment, error) {
 	return &e, nil
 }
 
-// watchEvents runs `fx experiment watch --output json` from the first event
-// (it ends with the experiment) and parses every line.
-func (f *fed) watchEvents(who, name string) []*fxv1.MetricEvent {
+// watchEvents runs `fx experiment watch --output json` (from the first
+// event, unless args say otherwise; it ends with the experiment) and parses
+// every line.
+func (f *fed) watchEvents(who, name string, args ...string) []*fxv1.MetricEvent {
 	f.t.Helper()
-	r := f.exp(who, "watch", name, "--output", "json")
+	r := f.exp(who, append([]string{"watch", name, "--output", "json"}, args...)...)
 	if r.err != nil {
 		f.t.Fatalf("fx experiment watch %s: %v\n%s", name, r.err, r.stderr)
 	}
