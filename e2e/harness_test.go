@@ -113,7 +113,7 @@ func (p *proc) start(t *testing.T) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group, so a Ctrl-C of the test run is not delivered
 	// twice, and a kill reaches nothing else.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = procAttr()
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("starting %s: %v", p.name, err)
