@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -121,4 +122,69 @@ func TestExecFailures(t *testing.T) {
 			})
 		}
 	})
+}
+
+// runnerProcesses lists the processes whose working directory lies under
+// dir: the exec runner commands an envoy with that work directory started.
+func runnerProcesses(dir string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cwd, err := os.Readlink(filepath.Join("/proc", e.Name(), "cwd"))
+		if err == nil && strings.HasPrefix(cwd, dir+string(filepath.Separator)) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// TestExecRunnerDiesWithEnvoy: when an envoy dies (SIGKILL) while the
+// experiment's own command runs a task, the command does not run on
+// unsupervised: it is gone within seconds, before a restarted envoy would
+// start the task again.
+func TestExecRunnerDiesWithEnvoy(t *testing.T) {
+	if _, err := os.Stat("/proc/self/cwd"); err != nil {
+		t.Skip("needs /proc to find the runner's processes")
+	}
+	f := newFed(t, []string{"alice"}, []string{"site-1"})
+	f.startDirector(directorOptions{})
+	victim := f.startEnvoy("site-1", syntheticShard(1, 1, ""))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1")
+
+	dir := writePlan(t, execPlan("sleepy", "{min: 1, envoys: [site-1]}"))
+	writeSoftmaxModel(t, dir)
+	// Every task takes five minutes.
+	if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte("#!/bin/sh\nexec sleep 300\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f.submit("alice", dir)
+	work, err := filepath.EvalSymlinks(filepath.Join(f.dir, "envoys", "site-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	f.waitFor(time.Minute, "the runner command to start", func() (bool, error) {
+		pids = runnerProcesses(work)
+		return len(pids) > 0, nil
+	})
+	t.Cleanup(func() {
+		for _, pid := range runnerProcesses(work) {
+			if p, err := os.FindProcess(pid); err == nil {
+				_ = p.Kill()
+			}
+		}
+	})
+	victim.kill(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for len(runnerProcesses(work)) > 0 && time.Now().Before(deadline) {
+		<-time.After(100 * time.Millisecond)
+	}
+	if left := runnerProcesses(work); len(left) > 0 {
+		t.Errorf("the runner command (pids %v) still runs 10s after its envoy died", left)
+	}
 }

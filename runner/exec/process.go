@@ -57,7 +57,7 @@ func (r *Runner) execute(ctx context.Context, task runner.Task, td *taskDir, log
 		Env:         r.environment(task, td),
 		Stdout:      outW,
 		Stderr:      errW,
-		SysProcAttr: &syscall.SysProcAttr{Setpgid: true},
+		SysProcAttr: procAttr(),
 	}
 	err = cmd.Start()
 	// The child holds its own copies of the write ends; closing ours lets

@@ -1,0 +1,14 @@
+package exec
+
+import "syscall"
+
+// procAttr starts the command in its own process group, so a timeout or a
+// cancellation can signal everything it started, and has the kernel kill it
+// (SIGKILL) if the process that started it dies: an envoy killed mid-task
+// must not leave the experiment's code running unsupervised, with no timeout
+// enforced, beside the copy the restarted envoy starts. (The signal reaches
+// the command's main process; what it started in turn is its business, as
+// when its main process exits.)
+func procAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+}
