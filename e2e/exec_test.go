@@ -187,4 +187,17 @@ func TestExecRunnerDiesWithEnvoy(t *testing.T) {
 	if left := runnerProcesses(work); len(left) > 0 {
 		t.Errorf("the runner command (pids %v) still runs 10s after its envoy died", left)
 	}
+
+	// Restarted, the envoy runs the task again; stopped gracefully, it
+	// stops the command and exits cleanly (stop checks both).
+	victim.start(t)
+	f.waitFor(time.Minute, "the runner command to start again", func() (bool, error) {
+		return len(runnerProcesses(work)) > 0, nil
+	})
+	start := time.Now()
+	victim.stop(t)
+	t.Logf("the envoy stopped %s after SIGTERM", time.Since(start).Round(time.Millisecond))
+	if left := runnerProcesses(work); len(left) > 0 {
+		t.Errorf("the runner command (pids %v) outlived its envoy's graceful stop", left)
+	}
 }
