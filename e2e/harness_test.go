@@ -242,6 +242,11 @@ type fed struct {
 	envoys       map[string]*proc
 	envoyConfigs map[string]string
 	procs        []*proc
+	researchers  []string
+	// scriptLayout: the PKI is scripts/pki-bootstrap.sh's (pki/director,
+	// pki/envoys/NAME, pki/researcher, pki/admin), not one directory per
+	// party under pki/ROLEs/.
+	scriptLayout bool
 }
 
 // directorOptions shape the director's configuration file.
@@ -257,10 +262,7 @@ type directorOptions struct {
 // process's log.
 func newFed(t *testing.T, researchers, envoys []string) *fed {
 	t.Helper()
-	requireE2E(t)
-	dir := t.TempDir()
-	f := &fed{t: t, dir: dir, ca: filepath.Join(dir, "pki", "ca"), envoys: map[string]*proc{}, envoyConfigs: map[string]string{}}
-	t.Cleanup(f.cleanup)
+	f := emptyFed(t, researchers)
 	f.fx("pki", "init", "--dir", f.ca, "--org", "fx e2e")
 	f.fx("pki", "certify", "--dir", f.ca, "--role", "director", "--name", "localhost",
 		"--host", "localhost", "--host", "127.0.0.1", "--out", f.partyDir("director", "localhost"))
@@ -273,6 +275,35 @@ func newFed(t *testing.T, researchers, envoys []string) *fed {
 	return f
 }
 
+func emptyFed(t *testing.T, researchers []string) *fed {
+	t.Helper()
+	requireE2E(t)
+	dir := t.TempDir()
+	f := &fed{t: t, dir: dir, ca: filepath.Join(dir, "pki", "ca"), envoys: map[string]*proc{}, envoyConfigs: map[string]string{}, researchers: researchers}
+	t.Cleanup(f.cleanup)
+	return f
+}
+
+// newFedBootstrap is newFed with the PKI made by scripts/pki-bootstrap.sh:
+// a CA, the director "localhost", the envoys named, one researcher and an
+// admin named "ops".
+func newFedBootstrap(t *testing.T, researcher string, envoys []string) *fed {
+	t.Helper()
+	f := emptyFed(t, []string{researcher})
+	f.scriptLayout = true
+	args := append([]string{"../scripts/pki-bootstrap.sh", "--dir", filepath.Join(f.dir, "pki"), "--researcher", researcher, "--admin", "ops", "--org", "fx e2e"}, envoys...)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", args...)
+	cmd.Env = append(baseEnv(), "FX="+fxBin)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("scripts/pki-bootstrap.sh: %v\n%s", err, out)
+	}
+	t.Logf("scripts/pki-bootstrap.sh:\n%s", out)
+	return f
+}
+
 // certify issues a certificate for a party with `fx pki certify`.
 func (f *fed) certify(role, name string) pki.Files {
 	f.t.Helper()
@@ -282,7 +313,14 @@ func (f *fed) certify(role, name string) pki.Files {
 }
 
 func (f *fed) partyDir(role, name string) string {
-	return filepath.Join(f.dir, "pki", role+"s", name)
+	switch {
+	case !f.scriptLayout:
+		return filepath.Join(f.dir, "pki", role+"s", name)
+	case role == "envoy":
+		return filepath.Join(f.dir, "pki", "envoys", name)
+	default:
+		return filepath.Join(f.dir, "pki", role)
+	}
 }
 
 // files are a party's certificate, key and root.
@@ -409,11 +447,10 @@ func (f *fed) restartDirector() {
 }
 
 func (f *fed) firstResearcher() string {
-	ents, err := os.ReadDir(filepath.Join(f.dir, "pki", "researchers"))
-	if err != nil || len(ents) == 0 {
-		f.t.Fatalf("no researcher certificate in %s", f.dir)
+	if len(f.researchers) == 0 {
+		f.t.Fatal("the federation has no researcher")
 	}
-	return ents[0].Name()
+	return f.researchers[0]
 }
 
 // shard is an envoy's data: its tags and its shard descriptor (YAML, the
