@@ -423,3 +423,41 @@ func TestDirectorKilledBetweenUploads(t *testing.T) {
 		}
 	}
 }
+
+// TestQueueAcrossRestart: with room for one experiment at a time, a second
+// waits QUEUED while the first runs; the director is killed with one
+// RUNNING and one QUEUED and restarted; the first resumes, and the second
+// runs after it.
+func TestQueueAcrossRestart(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{maxConcurrent: 1})
+	f.startEnvoy("site-1", slowShard(1, 2))
+	f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	f.submit("alice", writePlan(t, syntheticPlan("first", 3, slowHyper, "")))
+	f.waitState(c, "first", time.Minute, fxv1.ExperimentState_RUNNING)
+	if e := f.submit("alice", writePlan(t, syntheticPlan("second", 2, slowHyper, ""))); e.GetState() != fxv1.ExperimentState_QUEUED {
+		t.Errorf("the second experiment is %s while the first runs, want QUEUED", e.GetState())
+	}
+	f.director.kill(t)
+	f.restartDirector()
+	if e, err := getExp(c, "second"); err != nil || e.GetState() != fxv1.ExperimentState_QUEUED {
+		t.Errorf("after the restart the second experiment is %v (%v), want QUEUED", e.GetState(), err)
+	}
+	first := f.waitState(c, "first", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+	second := f.waitState(c, "second", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+	// The second started only once the first had ended.
+	var started time.Time
+	for _, line := range logLinesAfter(f.director.log(), 2) {
+		if strings.Contains(line, "experiment running:") && strings.Contains(line, second.GetId()) {
+			started, _ = time.Parse("2006-01-02T15:04:05.000Z0700", strings.Fields(line)[0])
+		}
+	}
+	if started.IsZero() {
+		t.Errorf("no 'experiment running' line for the second experiment after the restart")
+	} else if ended := first.GetUpdatedAt().AsTime(); started.Before(ended.Add(-time.Millisecond)) {
+		t.Errorf("the second experiment started at %s, before the first ended at %s", started, ended)
+	}
+}

@@ -254,6 +254,7 @@ type directorOptions struct {
 	review          string // auto (default) or manual
 	maxArchiveBytes int64  // 0: the default
 	fixedAggPort    bool   // aggregators on one known port
+	maxConcurrent   int    // experiments offered or running at once; 0: 4
 }
 
 // newFed makes a directory, a CA and certificates for a director, the
@@ -400,6 +401,9 @@ func (f *fed) writeDirectorConfig(o directorOptions) {
 	if o.fixedAggPort {
 		f.aggPort = freePort(f.t)
 	}
+	if o.maxConcurrent == 0 {
+		o.maxConcurrent = 4
+	}
 	d := f.files("director", "localhost")
 	var extra string
 	if o.maxArchiveBytes > 0 {
@@ -418,13 +422,13 @@ data_dir: %s
 heartbeat_period: 1s
 offline_after: 4s
 review_policy: %s
-max_concurrent_experiments: 4
+max_concurrent_experiments: %d
 aggregator:
   host: 127.0.0.1
   port_min: %d
   port_max: %d
 stop_timeout: 5s
-%s`, f.addr, d.Cert, d.Key, d.CA, filepath.Join(f.ca, "crl.pem"), f.dataDir, o.review, f.aggPort, f.aggPort, extra)
+%s`, f.addr, d.Cert, d.Key, d.CA, filepath.Join(f.ca, "crl.pem"), f.dataDir, o.review, o.maxConcurrent, f.aggPort, f.aggPort, extra)
 	f.dirConfig = filepath.Join(f.dir, "director.yaml")
 	if err := os.WriteFile(f.dirConfig, []byte(cfg), 0o600); err != nil {
 		f.t.Fatal(err)
