@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"archive/zip"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -459,5 +462,91 @@ func TestQueueAcrossRestart(t *testing.T) {
 		t.Errorf("no 'experiment running' line for the second experiment after the restart")
 	} else if ended := first.GetUpdatedAt().AsTime(); started.Before(ended.Add(-time.Millisecond)) {
 		t.Errorf("the second experiment started at %s, before the first ended at %s", started, ended)
+	}
+}
+
+// TestDirectorKilledMidDownload: the director dies while an envoy
+// downloads a large experiment archive. Restarted, it offers the
+// experiment again; the envoy resumes the download where it stopped
+// (rather than from the start), verifies it, and the experiment runs.
+func TestDirectorKilledMidDownload(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", syntheticShard(1, 1, ""))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1")
+
+	// 128 MiB that does not compress, stored uncompressed in a zip.
+	plan := strings.Replace(syntheticPlan("bulky", 1, "", ""), "min: 2", "min: 1", 1)
+	archive := filepath.Join(t.TempDir(), "bulky.zip")
+	writeStoredZip(t, archive, plan, 128<<20)
+	e := f.submit("alice", archive)
+	part := filepath.Join(f.dir, "envoys", "site-1", "experiments", e.GetId(), "archive.part")
+	total := e.GetArchiveSize()
+
+	// Kill the director as soon as part of the archive has arrived; a
+	// tight poll, bounded.
+	var got int64
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		if fi, err := os.Stat(part); err == nil && fi.Size() > 0 {
+			got = fi.Size()
+			break
+		}
+		<-time.After(5 * time.Millisecond)
+	}
+	f.director.kill(t)
+	caught := got > 0 && got < total
+	if fi, err := os.Stat(part); err == nil {
+		got = fi.Size()
+	}
+	t.Logf("killed the director with %d of %d bytes downloaded", got, total)
+
+	f.restartDirector()
+	f.waitState(c, "bulky", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+	if !caught {
+		t.Log("the download completed before the director died; resumption not exercised")
+		return
+	}
+	resumed := false
+	for _, line := range strings.Split(f.envoys["site-1"].log(), "\n") {
+		if strings.Contains(line, "resuming the archive download") && atoi(logField(line, "offset")) > 0 {
+			resumed = true
+		}
+	}
+	if !resumed {
+		t.Errorf("site-1 did not resume its download at the bytes it had (its log has no 'resuming the archive download' with offset > 0)")
+	}
+}
+
+// writeStoredZip writes a zip holding plan.yaml and size random bytes,
+// stored (not compressed).
+func writeStoredZip(t *testing.T, path, plan string, size int) {
+	t.Helper()
+	out, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	zw := zip.NewWriter(out)
+	w, err := zw.Create("plan.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(w, plan); err != nil {
+		t.Fatal(err)
+	}
+	w, err = zw.CreateHeader(&zip.FileHeader{Name: "data.bin", Method: zip.Store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.CopyN(w, rand.Reader, int64(size)); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
