@@ -38,6 +38,7 @@ type capacityResult struct {
 	MaxConnecting int
 	Start         time.Time
 	Uptime        string // load when the run started
+	Note          string `json:",omitempty"` // added by hand to a kept result
 	Certificates  issueStats
 	Raw, Director *sideResult
 	// Ratios director / raw.
@@ -95,6 +96,7 @@ func capacityMain(args []string) error {
 	out := fs.String("out", "", "write the result as JSON here")
 	only := fs.String("only", "", "run only this server: director or raw (default both)")
 	maxConnecting := fs.Int("max-connecting", 0, "at most this many first calls (TLS handshake + RegisterEnvoy/Check) in flight; 0: no limit. With no limit, more handshakes than the machine can finish within the call timeout make every one of them late and retried (overload collapse)")
+	certsOnly := fs.Bool("certs-only", false, "only issue the missing certificates (timed), then stop")
 	gogc := fs.Int("generator-gogc", 400, "GOGC of this load generator (not of the servers): fewer collections of its large heap of connections, so its pauses disturb the timings less")
 	_ = fs.Parse(args)
 	debug.SetGCPercent(*gogc)
@@ -123,6 +125,9 @@ func capacityMain(args []string) error {
 		return err
 	}
 	fmt.Printf("certificates: %d issued in %.1fs (%.2f ms each, %d workers), %d reused\n", st.Issued, st.Seconds, st.PerCertMS, st.Workers, st.Reused)
+	if *certsOnly {
+		return nil
+	}
 
 	// One keyring per envoy, loaded once for both servers.
 	t0 := time.Now()

@@ -282,15 +282,25 @@ func reportMain(args []string) error {
 			if s.Server == "director" {
 				regs, off = fmt.Sprint(s.Registrations), fmt.Sprint(s.Offline)
 			}
-			p("| %s | %s | %.2f ms | %.2f ms | %.2f ms | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %s | %s | %d |\n",
-				n, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, s.HeartbeatP99SliceMedianMS, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
+			slice := "—"
+			if s.HeartbeatP99SliceMedianMS > 0 {
+				slice = fmt.Sprintf("%.2f ms", s.HeartbeatP99SliceMedianMS)
+			}
+			p("| %s | %s | %.2f ms | %.2f ms | %s | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %s | %s | %d |\n",
+				n, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, slice, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
 				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, regs, off, s.HeartbeatErrors)
 		}
 		if c.Raw != nil && c.Director != nil {
-			p("| %s | **director/raw** | **%.2f×** | **%.2f×** | **%.2f×** | | | **%.2f×** | **%.2f×** | | | | | | | |\n", n, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, c.HeartbeatP99SliceMedianRatio, c.ServerCPURatio, c.ServerRSSRatio)
+			sr := "—"
+			if c.HeartbeatP99SliceMedianRatio > 0 {
+				sr = fmt.Sprintf("**%.2f×**", c.HeartbeatP99SliceMedianRatio)
+			}
+			p("| %s | **director/raw** | **%.2f×** | **%.2f×** | %s | | | **%.2f×** | **%.2f×** | | | | | | | |\n", n, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, sr, c.ServerCPURatio, c.ServerRSSRatio)
 		}
 	}
-	p("\n")
+	p("\nReading the table: the first call of an envoy is its TLS handshake plus RegisterEnvoy (director) or Check (baseline); a failed attempt (the 15 s call timeout) is retried with the envoy's backoff. ")
+	p("Registrations committed counts the director's \"envoy registered\" and \"envoy re-registered\" log lines: more than N means attempts whose callers had already given up were still committed. ")
+	p("Offline events are envoys the director marked offline although they were heartbeating. The per-period p99 median is the median over the window's 10 s slices of each slice's p99, which a few seconds of another process hogging the shared cores does not decide.\n\n")
 	for _, c := range capRuns {
 		cs := c.Certificates
 		limit := "no limit on connecting envoys"
@@ -298,6 +308,9 @@ func reportMain(args []string) error {
 			limit = fmt.Sprintf("at most %d first calls in flight", c.MaxConnecting)
 		}
 		p("- N = %d: period %s, window %s, %s, started %s, load `%s`. ", c.N, c.Period, c.Window, limit, c.Start.Format("15:04 MST"), c.Uptime)
+		if c.Note != "" {
+			p("%s ", c.Note)
+		}
 		if cs.Issued > 0 {
 			p("Certificates: %d issued in %.1f s (%.2f ms each with %d workers)", cs.Issued, cs.Seconds, cs.PerCertMS, cs.Workers)
 			if cs.Reused > 0 {
