@@ -184,14 +184,23 @@ func shardMatches(s *fxv1.DatasetShard, tags []string, sample, target []int64) b
 	return true
 }
 
-// loadLocked counts the live experiments an envoy has accepted.
+// loadLocked counts the live experiments an envoy has accepted, and the
+// offers it has not answered yet: an outstanding offer holds a place, or an
+// envoy with one place left could be offered two experiments at once,
+// accept both, and then have to refuse to start one of them (which fails
+// an experiment that needs it).
 func (d *Director) loadLocked(envoy string) int {
 	n := 0
 	for _, e := range d.exps {
 		if e.rec.Ended() {
 			continue
 		}
-		if p, ok := e.parts[envoy]; ok && (p.State == fxv1.ParticipantState_ACCEPTED || p.State == fxv1.ParticipantState_TRAINING) {
+		p, ok := e.parts[envoy]
+		switch {
+		case !ok:
+		case p.State == fxv1.ParticipantState_ACCEPTED || p.State == fxv1.ParticipantState_TRAINING:
+			n++
+		case p.State == fxv1.ParticipantState_INVITED && e.rec.State == fxv1.ExperimentState_OFFERED:
 			n++
 		}
 	}
@@ -238,6 +247,9 @@ func (d *Director) answerLocked(e *expState, envoy string, accept bool, reason s
 	if accept && e.countParts(fxv1.ParticipantState_ACCEPTED) >= e.plan.Participants.Min {
 		return d.startLocked(e)
 	}
+	if !accept {
+		d.inviteAllLocked() // the offer no longer holds a place at the envoy
+	}
 	return nil
 }
 
@@ -267,6 +279,9 @@ func (d *Director) startLocked(e *expState) error {
 		d.sendLocked(name, stopAssignment(e.rec.ID, rec.State, "offer closed: the experiment started without this envoy"))
 	}
 	d.launchLocked(e)
+	if len(closed) > 0 {
+		d.inviteAllLocked() // the closed offers no longer hold places
+	}
 	return nil
 }
 

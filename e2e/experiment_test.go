@@ -291,3 +291,42 @@ func TestLargeModel(t *testing.T) {
 	}
 	t.Logf("model of %.1f MiB, largest tensor %.1f MiB", float64(len(b))/(1<<20), float64(len(m.Get("fc0.weight").Data))/(1<<20))
 }
+
+// TestAggregationAlgorithms: every aggregation algorithm a plan may name
+// trains the MLP on three sites to a useful model. The six experiments are
+// submitted at once: four run side by side (the director's limit) and the
+// others wait their turn.
+func TestAggregationAlgorithms(t *testing.T) {
+	sites := []string{"site-1", "site-2", "site-3"}
+	f := newFed(t, []string{"alice"}, sites)
+	f.startDirector(directorOptions{})
+	for i, s := range sites {
+		f.startEnvoy(s, syntheticShard(i+1, 3, ""))
+	}
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, sites...)
+
+	algorithms := map[string]string{
+		"fedavg":       "{algorithm: fedavg}",
+		"median":       "{algorithm: median}",
+		"trimmed_mean": "{algorithm: trimmed_mean, trim: 0.34}",
+		"fedadam":      "{algorithm: fedadam, lr: 0.1}",
+		"fedyogi":      "{algorithm: fedyogi, lr: 0.1}",
+		"fedadagrad":   "{algorithm: fedadagrad, lr: 0.5}",
+	}
+	for alg, spec := range algorithms {
+		plan := syntheticPlan("agg-"+strings.ReplaceAll(alg, "_", "-"), 3, "", "")
+		plan = strings.Replace(plan, "participants: {min: 2,", "participants: {min: 3,", 1)
+		plan = strings.Replace(plan, "aggregation: {algorithm: fedavg}", "aggregation: "+spec, 1)
+		f.submit("alice", writePlan(t, plan))
+	}
+	for alg := range algorithms {
+		name := "agg-" + strings.ReplaceAll(alg, "_", "-")
+		e := f.waitState(c, name, 2*time.Minute, fxv1.ExperimentState_FINISHED)
+		acc := e.GetLatestMetrics()
+		t.Logf("%s: best %v, last round's metrics %v", alg, e.GetBest(), acc)
+		if b := e.GetBest(); b == nil || b.GetValue() < 0.6 {
+			t.Errorf("%s: best model %v, want accuracy ≥ 0.6 on the easy synthetic data", alg, b)
+		}
+	}
+}

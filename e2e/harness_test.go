@@ -480,6 +480,7 @@ func (f *fed) startEnvoy(name string, s shard, env ...string) *proc {
 type envoyOptions struct {
 	review string   // the data owner's policy; default auto
 	noExec bool     // refuse exec runners (exec.allow: false)
+	maxExp int      // max_experiments; 0: 2
 	env    []string // added to the process's environment
 }
 
@@ -495,6 +496,9 @@ func (f *fed) startEnvoyOpts(name string, s shard, o envoyOptions) *proc {
 	if o.review == "" {
 		o.review = "auto"
 	}
+	if o.maxExp == 0 {
+		o.maxExp = 2
+	}
 	e := f.files("envoy", name)
 	var sh strings.Builder
 	for line := range strings.SplitSeq(strings.TrimRight(s.yaml, "\n"), "\n") {
@@ -509,7 +513,7 @@ tls:
   key: %s
   ca: %s
 work_dir: %s
-max_experiments: 2
+max_experiments: %d
 tags: [%s]
 shard:
 %sreview:
@@ -521,7 +525,7 @@ rpc_timeout: 5s
 retry:
   initial: 200ms
   max: 1s
-`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), strings.Join(s.tags, ", "), sh.String(), o.review, !o.noExec)
+`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, !o.noExec)
 	file := filepath.Join(f.dir, "envoys", name+".yaml")
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		f.t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fx-fl/fx/experiment"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -24,7 +25,8 @@ func TestReviewAndConcurrency(t *testing.T) {
 	f.startDirector(directorOptions{review: "manual"})
 	f.startEnvoy("site-1", syntheticShard(1, 2, ""))
 	// site-2's data owner reviews by hand.
-	f.startEnvoyReview("site-2", syntheticShard(2, 2, ""), "manual")
+	// (Three places, so it is offered all three experiments at once.)
+	f.startEnvoyOpts("site-2", syntheticShard(2, 2, ""), envoyOptions{review: "manual", maxExp: 3})
 	site2Config := f.envoyConfigs["site-2"]
 	c := f.researcher("alice")
 	f.waitEnvoysOnline(c, "site-1", "site-2")
@@ -111,5 +113,65 @@ func TestReviewAndConcurrency(t *testing.T) {
 	}
 	if !strings.Contains(e.GetReason(), "accept") {
 		t.Errorf("exp-d failed with %q, want the accept timeout named", e.GetReason())
+	}
+}
+
+// TestEnvoyCapacity: an envoy that runs one experiment at a time
+// (max_experiments: 1) and whose data owner reviews by hand is offered a
+// second experiment only once the first has ended, so approving every
+// offer it shows never makes it refuse a start. Both experiments finish.
+func TestEnvoyCapacity(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1"})
+	f.startDirector(directorOptions{})
+	f.startEnvoyOpts("site-1", slowShard(1, 1), envoyOptions{review: "manual", maxExp: 1})
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1")
+	cfg := f.envoyConfigs["site-1"]
+
+	for _, name := range []string{"first", "second"} {
+		plan := strings.Replace(syntheticPlan(name, 2, slowHyper, ""), "participants: {min: 2, tags: [synthetic]}", "participants: {min: 1, envoys: [site-1]}", 1)
+		f.submit("alice", writePlan(t, plan))
+	}
+	// The data owner approves whatever is pending, until both have ended.
+	approved := map[string]bool{}
+	var pendingBoth bool
+	f.waitFor(3*time.Minute, "both experiments to end", func() (bool, error) {
+		r := f.runFx("envoy", "pending", "--config", cfg, "--json")
+		if r.err != nil {
+			return false, fmt.Errorf("%v: %s", r.err, r.stderr)
+		}
+		var pending []struct{ Name string }
+		if err := json.Unmarshal([]byte(r.stdout), &pending); err != nil {
+			return false, err
+		}
+		pendingBoth = pendingBoth || len(pending) > 1
+		for _, p := range pending {
+			if !approved[p.Name] {
+				f.fx("envoy", "approve", p.Name, "--config", cfg)
+				approved[p.Name] = true
+			}
+		}
+		ended := 0
+		for _, name := range []string{"first", "second"} {
+			e, err := getExp(c, name)
+			if err != nil {
+				return false, err
+			}
+			if e.GetState() == fxv1.ExperimentState_FAILED {
+				t.Fatalf("%s FAILED: %s", name, e.GetReason())
+			}
+			if experiment.Ended(e.GetState()) {
+				ended++
+			}
+		}
+		return ended == 2, fmt.Errorf("approved %v", approved)
+	})
+	if pendingBoth {
+		t.Errorf("site-1 (max_experiments 1) was offered both experiments at once")
+	}
+	for _, name := range []string{"first", "second"} {
+		if e, err := getExp(c, name); err != nil || e.GetState() != fxv1.ExperimentState_FINISHED {
+			t.Errorf("%s: %v (%v), want FINISHED", name, e.GetState(), err)
+		}
 	}
 }
