@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -158,6 +159,12 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 	d.log.Debug("upload checked", "owner", owner, "name", name, "bytes", got, "receive", received, "check", time.Since(began)-received)
 	if string(man.Plan) != h.GetPlanYaml() {
 		return nil, fmt.Errorf("the header's plan differs from the archive's %s: send the archive's plan.yaml byte for byte: %w", experiment.PlanFile, ErrInvalidArgument)
+	}
+	// Only built-in models get an initial model from the aggregator; an
+	// experiment without one could never start, after every site had
+	// downloaded and reviewed it.
+	if plan.Runner.Kind != experiment.RunnerBuiltin && !slices.ContainsFunc(man.Files, func(f experiment.FileInfo) bool { return f.Path == InitialModelFile }) {
+		return nil, fmt.Errorf("the archive has no %s at its root: runner kind %s needs the initial model there (the aggregator initialises built-in models only): %w", InitialModelFile, plan.Runner.Kind, ErrInvalidArgument)
 	}
 
 	id := newID()

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -63,11 +64,16 @@ func TestExecFailures(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		f.submit("alice", dir)
-		e := f.waitState(c, "no-model", time.Minute, fxv1.ExperimentState_FAILED)
-		t.Logf("reason: %s", e.GetReason())
-		if !strings.Contains(e.GetReason(), "model.safetensors") {
-			t.Errorf("reason %q does not name model.safetensors", e.GetReason())
+		// Refused at once: it could never start, and sites would download
+		// and review it for nothing.
+		r := f.exp("alice", "submit", dir)
+		if r.err == nil || !strings.Contains(r.stderr, "InvalidArgument") || !strings.Contains(r.stderr, "model.safetensors") {
+			t.Errorf("submitting an exec experiment without model.safetensors: %v %q, want InvalidArgument naming model.safetensors", r.err, r.stderr)
+		} else {
+			t.Logf("refused: %s", strings.TrimSpace(r.stderr))
+		}
+		if list, err := c.List(context.Background()); err != nil || len(list) != 0 {
+			t.Errorf("experiments after the refusal: %v (%v)", list, err)
 		}
 	})
 
