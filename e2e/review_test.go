@@ -175,3 +175,38 @@ func TestEnvoyCapacity(t *testing.T) {
 		}
 	}
 }
+
+// TestPendingOfferAcrossRestarts: an offer awaiting the data owner's
+// decision survives the director's crash and the envoy's restart; the
+// owner approves it afterwards and the experiment runs.
+func TestPendingOfferAcrossRestarts(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1"})
+	f.startDirector(directorOptions{})
+	site := f.startEnvoyReview("site-1", syntheticShard(1, 1, ""), "manual")
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1")
+	cfg := f.envoyConfigs["site-1"]
+
+	plan := strings.Replace(syntheticPlan("patient", 2, "", ""), "participants: {min: 2, tags: [synthetic]}", "participants: {min: 1, envoys: [site-1]}", 1)
+	f.submit("alice", writePlan(t, plan))
+	pending := func() (bool, error) {
+		r := f.runFx("envoy", "pending", "--config", cfg, "--json")
+		if r.err != nil {
+			return false, fmt.Errorf("%v: %s", r.err, r.stderr)
+		}
+		return strings.Contains(r.stdout, `"patient"`), fmt.Errorf("pending: %s", r.stdout)
+	}
+	f.waitFor(30*time.Second, "the offer pending at site-1", pending)
+
+	f.director.kill(t)
+	f.restartDirector()
+	site.stop(t)
+	site.start(t)
+	f.waitEnvoysOnline(c, "site-1")
+	f.waitFor(30*time.Second, "the offer pending at site-1 after the restarts", pending)
+	if e, err := getExp(c, "patient"); err != nil || e.GetState() != fxv1.ExperimentState_OFFERED {
+		t.Fatalf("after the restarts: %v (%v), want OFFERED", e.GetState(), err)
+	}
+	f.fx("envoy", "approve", "patient", "--config", cfg)
+	f.waitState(c, "patient", time.Minute, fxv1.ExperimentState_FINISHED)
+}
