@@ -550,3 +550,79 @@ func writeStoredZip(t *testing.T, path, plan string, size int) {
 		t.Fatal(err)
 	}
 }
+
+// TestEnvoyFrozen: an envoy freezes (SIGSTOP) mid-round with its
+// connections open, as a hung machine or a partition looks to its peers.
+// The round closes at the straggler deadline without it and it is shown
+// DISCONNECTED; when it thaws (SIGCONT) its stale work is refused or
+// dropped, it rejoins, reports in a later round, and the experiment
+// finishes with each site's results at most once per round.
+func TestEnvoyFrozen(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", slowShard(1, 2))
+	frozen := f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	const rounds = 5
+	start := time.Now()
+	f.submit("alice", writePlan(t, syntheticPlan("frozen", rounds, slowHyper, "deadline: 3s, min_reporting: 1, percent: 1.0")))
+	var freezeRound int32
+	f.waitFor(time.Minute, "site-2 computing a round", func() (bool, error) {
+		e, err := getExp(c, "frozen")
+		if err != nil {
+			return false, err
+		}
+		p := participant(e, "site-2")
+		if e.GetRound() >= rounds-2 {
+			t.Fatalf("round %d reached before site-2 was seen computing", e.GetRound())
+		}
+		if e.GetState() == fxv1.ExperimentState_RUNNING && p.GetTask() != "" && p.GetLastRound() < e.GetRound() {
+			freezeRound = e.GetRound()
+			return true, nil
+		}
+		return false, nil
+	})
+	frozen.pause(t)
+	t.Logf("froze site-2 in round %d", freezeRound)
+	f.waitFor(30*time.Second, "site-2 shown DISCONNECTED, its round closed", func() (bool, error) {
+		e, err := getExp(c, "frozen")
+		if err != nil {
+			return false, err
+		}
+		p := participant(e, "site-2")
+		return e.GetRound() > freezeRound && p.GetState() == fxv1.ParticipantState_DISCONNECTED, fmt.Errorf("round %d, site-2 %v", e.GetRound(), p)
+	})
+	frozen.resume(t)
+	e := f.waitState(c, "frozen", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+	t.Logf("finished %s after submitting", time.Since(start).Round(time.Millisecond))
+	if p := participant(e, "site-2"); p.GetState() != fxv1.ParticipantState_COMPLETED {
+		t.Errorf("site-2 ended %v, want COMPLETED", p)
+	}
+
+	evs := f.watchEvents("alice", "frozen")
+	agg := aggregates(t, evs)
+	rejoined := 0
+	for r := 1; r <= rounds; r++ {
+		if _, ok := agg[r][runner.TaskTrain]; !ok {
+			t.Errorf("round %d: no train aggregate", r)
+		}
+		for _, task := range []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation} {
+			got := reporters(evs, r, task)
+			if len(slices.Compact(slices.Clone(got))) != len(got) {
+				t.Errorf("round %d %s: reported by %v: a site twice", r, task, got)
+			}
+		}
+		if r > int(freezeRound) && rejoined == 0 && slices.Contains(reporters(evs, r, runner.TaskTrain), "site-2") {
+			rejoined = r
+		}
+	}
+	if got := reporters(evs, int(freezeRound), runner.TaskTrain); slices.Contains(got, "site-2") {
+		t.Errorf("round %d (site-2 frozen): train reported by %v", freezeRound, got)
+	}
+	if rejoined == 0 {
+		t.Errorf("site-2 never trained again after it thawed")
+	}
+	t.Logf("site-2 trained again in round %d", rejoined)
+}

@@ -186,6 +186,30 @@ func (p *proc) signal(t *testing.T, sig syscall.Signal, wait time.Duration) bool
 	return false
 }
 
+// pause freezes the process (SIGSTOP), as a hung machine or a network
+// partition would look to its peers, until resume; a cleanup resumes it.
+func (p *proc) pause(t *testing.T) {
+	t.Helper()
+	p.mu.Lock()
+	cmd := p.cmd
+	p.mu.Unlock()
+	if err := cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatalf("pausing %s: %v", p.name, err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGCONT) })
+}
+
+// resume lets a paused process run again (SIGCONT).
+func (p *proc) resume(t *testing.T) {
+	t.Helper()
+	p.mu.Lock()
+	cmd := p.cmd
+	p.mu.Unlock()
+	if err := cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatalf("resuming %s: %v", p.name, err)
+	}
+}
+
 // kill ends the process with SIGKILL, as a crash would.
 func (p *proc) kill(t *testing.T) { p.signal(t, syscall.SIGKILL, 10*time.Second) }
 
