@@ -626,3 +626,55 @@ func TestEnvoyFrozen(t *testing.T) {
 	}
 	t.Logf("site-2 trained again in round %d", rejoined)
 }
+
+// TestDirectorFrozen: the director (with its aggregator) freezes (SIGSTOP)
+// mid-round until both envoys notice they lost it, then thaws. The
+// envoys find it again, and the experiment finishes with each round's
+// aggregates once.
+func TestDirectorFrozen(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", slowShard(1, 2))
+	f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	const rounds = 4
+	f.submit("alice", writePlan(t, syntheticPlan("thaw", rounds, slowHyper, "deadline: 1m, min_reporting: 2")))
+	f.waitFor(time.Minute, "round 2", func() (bool, error) {
+		e, err := getExp(c, "thaw")
+		if err != nil {
+			return false, err
+		}
+		return e.GetRound() >= 2, nil
+	})
+	marks := map[string]int{}
+	for _, s := range []string{"site-1", "site-2"} {
+		marks[s] = len(f.envoys[s].log())
+	}
+	f.director.pause(t)
+	f.waitFor(time.Minute, "both envoys to notice the director is gone", func() (bool, error) {
+		for s, at := range marks {
+			if !strings.Contains(f.envoys[s].log()[at:], "disconnected from the director") {
+				return false, fmt.Errorf("%s has not noticed", s)
+			}
+		}
+		return true, nil
+	})
+	f.director.resume(t)
+	f.waitState(c, "thaw", 2*time.Minute, fxv1.ExperimentState_FINISHED)
+
+	evs := f.watchEvents("alice", "thaw")
+	checkSequences(t, evs)
+	agg := aggregates(t, evs)
+	for r := 1; r <= rounds; r++ {
+		for _, task := range []string{runner.TaskAggregatedValidation, runner.TaskTrain, runner.TaskLocalValidation} {
+			if _, ok := agg[r][task]; !ok {
+				t.Errorf("round %d: no %s aggregate", r, task)
+			}
+			if got := reporters(evs, r, task); !slices.Equal(got, []string{"site-1", "site-2"}) {
+				t.Errorf("round %d %s: reported by %v, want each site once", r, task, got)
+			}
+		}
+	}
+}
