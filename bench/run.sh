@@ -6,7 +6,8 @@
 #
 # Environment:
 #   GO                 the go command (default go)
-#   BENCH_CAPACITY_N   envoy counts for the capacity benchmark (default "1000 10000")
+#   BENCH_CAPACITY_N   capacity runs, N or N:LIMIT (LIMIT first calls in flight, 0 none);
+#                      default "1000 10000 10000:0"
 #   BENCH_WINDOW       capacity measurement window (default 60s)
 #   BENCH_MAX_CONNECTING  first calls in flight for N > 1000 (default 128; 0: no limit)
 #   BENCH_SKIP         space-separated parts to skip: go capacity fashion
@@ -15,7 +16,7 @@ set -u
 cd "$(dirname "$0")/.."
 GO=${GO:-go}
 OUT=bench/out
-N_LIST=${BENCH_CAPACITY_N:-1000 10000}
+N_LIST=${BENCH_CAPACITY_N:-1000 10000 10000:0}
 WINDOW=${BENCH_WINDOW:-60s}
 SKIP=" ${BENCH_SKIP:-} "
 mkdir -p "$OUT"
@@ -44,15 +45,29 @@ fi
 $GO build -o "$OUT/fxbench" ./bench/cmd/fxbench || exit 1
 
 if [[ $SKIP != *" capacity "* ]]; then
-	for n in $N_LIST; do
-		# Above 1000 envoys, the staggered starts ask for more TLS handshakes
-		# a second than 2 cores finish within the call timeout; a limit on
-		# first calls in flight keeps them from timing out and retrying.
-		limit=0
-		if [ "$n" -gt 1000 ]; then limit=${BENCH_MAX_CONNECTING:-128}; fi
+	# Issue (and time) every envoy certificate the runs need first; they
+	# are cached in $OUT/pki and reused by later runs.
+	max=0
+	for spec in $N_LIST; do n=${spec%%:*}; if [ "$n" -gt "$max" ]; then max=$n; fi; done
+	echo "== fxbench capacity -n $max -certs-only"
+	"$OUT/fxbench" capacity -n "$max" -certs-only -pki "$OUT/pki" 2>&1 | tee "$OUT/certificates.txt" || status=1
+	for spec in $N_LIST; do
+		n=${spec%%:*}
+		name=capacity-$n
+		if [[ $spec == *:* ]]; then
+			limit=${spec#*:}
+			name=capacity-$n-limit$limit
+		else
+			# Above 1000 envoys, the staggered starts ask for more TLS
+			# handshakes a second than 2 cores finish within the call
+			# timeout; a limit on first calls in flight keeps them from
+			# timing out and retrying (N:0 runs without it).
+			limit=0
+			if [ "$n" -gt 1000 ]; then limit=${BENCH_MAX_CONNECTING:-128}; fi
+		fi
 		echo "== fxbench capacity -n $n -window $WINDOW -max-connecting $limit"
-		if ! "$OUT/fxbench" capacity -n "$n" -window "$WINDOW" -max-connecting "$limit" -pki "$OUT/pki" -out "$OUT/capacity-$n.json" 2>&1 | tee "$OUT/capacity-$n.txt"; then
-			echo "!! capacity -n $n failed (see $OUT/capacity-$n.txt)"
+		if ! "$OUT/fxbench" capacity -n "$n" -window "$WINDOW" -max-connecting "$limit" -pki "$OUT/pki" -out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"; then
+			echo "!! capacity -n $n -max-connecting $limit failed (see $OUT/$name.txt)"
 			status=1
 		fi
 	done

@@ -65,6 +65,11 @@ type sideResult struct {
 	HeartbeatP50MS              float64
 	HeartbeatP99MS              float64
 	HeartbeatMaxMS              float64
+	// Heartbeats of envoys already up while others were still connecting
+	// and registering: how many, how many failed (the call timeout), and
+	// the p99 of those that did not.
+	RampHeartbeats, RampHeartbeatErrors int
+	RampHeartbeatP99MS                  float64
 	// HeartbeatP99SliceMedianMS is the median over the window's
 	// period-long slices of each slice's p99.
 	HeartbeatP99SliceMedianMS  float64
@@ -312,6 +317,9 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 		firstLat    []float64
 		hbLat       []float64
 		hbSlot      []int // which period-long slice of the window each heartbeat fell in
+		rampLat     []float64
+		rampHB      int
+		rampErrs    int
 		firstErrs   int
 		hbErrs      int
 		errSamples  []string
@@ -435,7 +443,19 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 				ccancel()
 				ms := float64(time.Since(t)) / 1e6
 				ws, we := windowStart.Load(), windowEnd.Load()
-				if ws == 0 || t.UnixNano() < ws || t.UnixNano() >= we {
+				if ws == 0 {
+					// Before the window: while other envoys connect.
+					mu.Lock()
+					rampHB++
+					if err != nil {
+						rampErrs++
+					} else {
+						rampLat = append(rampLat, ms)
+					}
+					mu.Unlock()
+					continue
+				}
+				if t.UnixNano() < ws || t.UnixNano() >= we {
 					continue
 				}
 				if err != nil {
@@ -501,6 +521,7 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 	res.Heartbeats, res.HeartbeatErrors = len(hbLat), hbErrs
 	res.HeartbeatP50MS, res.HeartbeatP99MS, res.HeartbeatMaxMS = pct(hbLat, 0.50), pct(hbLat, 0.99), pct(hbLat, 1)
 	res.HeartbeatsPerSecond = float64(len(hbLat)) / secs
+	res.RampHeartbeats, res.RampHeartbeatErrors, res.RampHeartbeatP99MS = rampHB, rampErrs, pct(rampLat, 0.99)
 	// The p99 of each period-long slice of the window, and their median: a
 	// figure that a few seconds of another process hogging the shared
 	// cores does not decide.
@@ -522,6 +543,7 @@ func runSide(cfg sideConfig, mode string) (*sideResult, error) {
 	if mode == "director" {
 		res.Registrations, res.Offline = directorLogCounts(filepath.Join(work, "director.log"))
 	}
+	fmt.Printf("%s: while envoys were connecting: %d heartbeats, %d failed, p99 of the others %.1f ms\n", name, res.RampHeartbeats, res.RampHeartbeatErrors, res.RampHeartbeatP99MS)
 	if mode == "director" {
 		fmt.Printf("%s: committed %d registrations for %d envoys; marked envoys offline %d times\n", name, res.Registrations, cfg.n, res.Offline)
 	}

@@ -246,7 +246,7 @@ func reportMain(args []string) error {
 	p("A real director (`director.New`, as `fx director start` builds it, bbolt store, CRL checks) runs as a child process; N simulated envoys in the parent, each with its own P-384 certificate (CN = envoy name) and its own gRPC connection over mutual TLS, register, hold a WatchAssignments stream open and heartbeat every period, starts staggered uniformly over one period. ")
 	p("After every envoy is up and one more period has passed, heartbeats are timed for the window; the server's CPU is (utime+stime) over the window from /proc/PID/stat, its memory VmRSS/VmHWM from /proc/PID/status. ")
 	p("Baseline, same run, same connections, certificates, TLS and authorisation interceptors: a child process serving only grpc.health.v1 (Check as the heartbeat, Watch as the stream).\n\n")
-	p("| N | server | heartbeat p50 | p99 | median of per-period p99s | max | heartbeats/s | server CPU (%% of a core) | server RSS (peak) | RSS per envoy | first call incl. handshake p50 / p99 | all up after | failed first-call attempts (retried) | registrations committed | offline events | heartbeat errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	p("| N | server | heartbeat p50 | p99 | median of per-period p99s | max | heartbeats/s | server CPU (%% of a core) | server RSS (peak) | RSS per envoy | first call incl. handshake p50 / p99 | all up after | failed first-call attempts (retried) | heartbeats while others connected: failed / sent, p99 | registrations committed | offline events | heartbeat errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	var capRuns []*capacityResult
 	// capacity-1000.json and capacity-10000.json, then any other
 	// capacity-*.json (earlier or differently configured runs kept there).
@@ -262,7 +262,7 @@ func reportMain(args []string) error {
 		var c capacityResult
 		b, err := os.ReadFile(filepath.Join(*dir, file))
 		if err != nil || json.Unmarshal(b, &c) != nil {
-			p("| — | — | not measured (no %s) | | | | | | | | | | | | | |\n", file)
+			p("| — | — | not measured (no %s) | | | | | | | | | | | | | | |\n", file)
 			continue
 		}
 		capRuns = append(capRuns, &c)
@@ -270,7 +270,10 @@ func reportMain(args []string) error {
 		if c.MaxConnecting > 0 {
 			label += fmt.Sprintf(" (≤ %d connecting)", c.MaxConnecting)
 		}
-		if file != fmt.Sprintf("capacity-%d.json", c.N) {
+		if c.MaxConnecting == 0 && c.N > 1000 {
+			label += " (no limit on connecting)"
+		}
+		if file != fmt.Sprintf("capacity-%d.json", c.N) && file != fmt.Sprintf("capacity-%d-limit%d.json", c.N, c.MaxConnecting) {
 			label += " " + strings.TrimSuffix(strings.TrimPrefix(file, fmt.Sprintf("capacity-%d", c.N)), ".json")
 		}
 		n := label
@@ -286,16 +289,16 @@ func reportMain(args []string) error {
 			if s.HeartbeatP99SliceMedianMS > 0 {
 				slice = fmt.Sprintf("%.2f ms", s.HeartbeatP99SliceMedianMS)
 			}
-			p("| %s | %s | %.2f ms | %.2f ms | %s | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %s | %s | %d |\n",
+			p("| %s | %s | %.2f ms | %.2f ms | %s | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %d / %d, %.0f ms | %s | %s | %d |\n",
 				n, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, slice, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
-				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, regs, off, s.HeartbeatErrors)
+				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, s.RampHeartbeatErrors, s.RampHeartbeats, s.RampHeartbeatP99MS, regs, off, s.HeartbeatErrors)
 		}
 		if c.Raw != nil && c.Director != nil {
 			sr := "—"
 			if c.HeartbeatP99SliceMedianRatio > 0 {
 				sr = fmt.Sprintf("**%.2f×**", c.HeartbeatP99SliceMedianRatio)
 			}
-			p("| %s | **director/raw** | **%.2f×** | **%.2f×** | %s | | | **%.2f×** | **%.2f×** | | | | | | | |\n", n, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, sr, c.ServerCPURatio, c.ServerRSSRatio)
+			p("| %s | **director/raw** | **%.2f×** | **%.2f×** | %s | | | **%.2f×** | **%.2f×** | | | | | | | | |\n", n, c.HeartbeatP50Ratio, c.HeartbeatP99Ratio, sr, c.ServerCPURatio, c.ServerRSSRatio)
 		}
 	}
 	p("\nReading the table: the first call of an envoy is its TLS handshake plus RegisterEnvoy (director) or Check (baseline); a failed attempt (the 15 s call timeout) is retried with the envoy's backoff. ")
