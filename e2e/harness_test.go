@@ -502,10 +502,12 @@ func (f *fed) startEnvoy(name string, s shard, env ...string) *proc {
 
 // envoyOptions shape an envoy's configuration file and process.
 type envoyOptions struct {
-	review string   // the data owner's policy; default auto
-	noExec bool     // refuse exec runners (exec.allow: false)
-	maxExp int      // max_experiments; 0: 2
-	env    []string // added to the process's environment
+	review string // the data owner's policy; default auto
+	noExec bool   // refuse exec runners (exec.allow: false)
+	maxExp int    // max_experiments; 0: 2
+	// allowlist is review.allowlist (with review "allowlist").
+	allowlist string
+	env       []string // added to the process's environment
 }
 
 // startEnvoyReview is startEnvoy with the data owner's review policy.
@@ -542,6 +544,7 @@ tags: [%s]
 shard:
 %sreview:
   policy: %s
+  allowlist: "%s"
 exec:
   allow: %t
   env: [PATH=/usr/bin:/bin]
@@ -549,7 +552,7 @@ rpc_timeout: 5s
 retry:
   initial: 200ms
   max: 1s
-`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, !o.noExec)
+`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, o.allowlist, !o.noExec)
 	file := filepath.Join(f.dir, "envoys", name+".yaml")
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		f.t.Fatal(err)

@@ -1,8 +1,12 @@
 package e2e
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -209,4 +213,51 @@ func TestPendingOfferAcrossRestarts(t *testing.T) {
 	}
 	f.fx("envoy", "approve", "patient", "--config", cfg)
 	f.waitState(c, "patient", time.Minute, fxv1.ExperimentState_FINISHED)
+}
+
+// TestAllowlist: a site whose data owner accepts only listed archives
+// (review.policy allowlist) declines an unlisted one with a reason, and
+// accepts one whose sha256 the owner adds to the list while the envoy
+// runs (the list is read at every offer).
+func TestAllowlist(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1"})
+	f.startDirector(directorOptions{})
+	list := filepath.Join(f.dir, "allowlist")
+	if err := os.WriteFile(list, []byte("# archives our ethics board approved\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.startEnvoyOpts("site-1", syntheticShard(1, 1, ""), envoyOptions{review: "allowlist", allowlist: list})
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1")
+
+	archive := func(name, participants string) (string, string) {
+		plan := strings.Replace(syntheticPlan(name, 1, "", ""), "participants: {min: 2, tags: [synthetic]}", "participants: "+participants, 1)
+		b := makeZip(t, [2]string{"plan.yaml", plan})
+		path := filepath.Join(t.TempDir(), name+".zip")
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(b)
+		return path, hex.EncodeToString(sum[:])
+	}
+	unlisted, _ := archive("unlisted", "{min: 1, envoys: [site-1], accept_timeout: 2s}")
+	listed, sum := archive("listed", "{min: 1, envoys: [site-1]}")
+
+	f.submit("alice", unlisted)
+	e := f.waitState(c, "unlisted", time.Minute, fxv1.ExperimentState_FAILED)
+	p := participant(e, "site-1")
+	t.Logf("unlisted: site-1 %s: %s", p.GetState(), p.GetReason())
+	if p.GetState() != fxv1.ParticipantState_DECLINED || !strings.Contains(p.GetReason(), "allow-list") {
+		t.Errorf("site-1 on the unlisted archive: %v, want DECLINED naming the allowlist", p)
+	}
+
+	// The owner approves the other archive, as sha256sum prints it.
+	fh, err := os.OpenFile(list, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(fh, "%s  listed.zip\n", sum)
+	fh.Close()
+	f.submit("alice", listed)
+	f.waitState(c, "listed", time.Minute, fxv1.ExperimentState_FINISHED)
 }
