@@ -207,3 +207,24 @@ func TestExecRunnerDiesWithEnvoy(t *testing.T) {
 		t.Errorf("the runner command (pids %v) outlived its envoy's graceful stop", left)
 	}
 }
+
+// TestMismatchedShards: two sites whose data differ in shape cannot train
+// one built-in model; the experiment fails with a reason naming both sites'
+// shapes rather than training garbage or hanging.
+func TestMismatchedShards(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"narrow", "wide"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("narrow", syntheticShard(1, 2, "features: 16\n"))
+	f.startEnvoy("wide", syntheticShard(2, 2, "features: 32\n"))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "narrow", "wide")
+	f.submit("alice", writePlan(t, syntheticPlan("mismatch", 2, "", "")))
+	e := f.waitState(c, "mismatch", time.Minute, fxv1.ExperimentState_FAILED)
+	t.Logf("reason: %s", e.GetReason())
+	for _, s := range []string{"narrow", "wide", "16", "32"} {
+		if !strings.Contains(e.GetReason(), s) {
+			t.Errorf("the reason does not name %q", s)
+		}
+	}
+	checkEndedParticipants(t, e)
+}
