@@ -53,9 +53,12 @@ type Best struct {
 type Progress struct {
 	Collaborator string
 	Round        int
-	// Task is the task it was last handed, or "" when idle.
+	// Task is the next task whose result is due from it in this round, or ""
+	// when it owes nothing.
 	Task string
-	// LastRound is the last round whose every task it reported; -1 if none.
+	// LastRound is the last training round whose every task it reported; -1
+	// if none. The final validation-only round counts as the last training
+	// round, whose model it scores.
 	LastRound int
 }
 

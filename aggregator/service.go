@@ -266,8 +266,10 @@ func (a *Aggregator) countResult(r *roundState, result TaskResult, st stage) err
 		}()
 	}
 	p.task = ""
-	if r.completedAll(result.Collaborator) {
-		p.lastRound = r.number
+	if rest := r.remaining(result.Collaborator); len(rest) > 0 {
+		p.task = rest[0]
+	} else {
+		p.lastRound = min(r.number, a.plan.Rounds)
 	}
 	progress := a.progressOf(p)
 	a.broadcast()

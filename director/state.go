@@ -239,7 +239,9 @@ func (d *Director) toProtoLocked(e *expState) *fxv1.Experiment {
 		}
 		pp := &fxv1.Participant{Envoy: name, State: state, Reason: p.Reason, LastRound: -1, UpdatedAt: timestamppb.New(p.UpdatedAt)}
 		if r, ok := e.metrics.reported[name]; ok {
-			pp.LastRound = int32(r)
+			// The final validation-only round (rounds+1) scores the last
+			// training round's model; it is not a round of its own.
+			pp.LastRound = int32(min(r, e.plan.Rounds))
 		}
 		if pr, ok := e.progress[name]; ok {
 			pp.LastRound = max(pp.LastRound, int32(pr.LastRound))

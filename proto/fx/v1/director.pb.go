@@ -1343,7 +1343,7 @@ type Participant struct {
 	Reason string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	// The last round this participant reported results in; -1 if none.
 	LastRound int32 `protobuf:"varint,4,opt,name=last_round,json=lastRound,proto3" json:"last_round,omitempty"`
-	// The task it is running, if any.
+	// The next task whose result is due from it in the current round, if any.
 	Task          string                 `protobuf:"bytes,5,opt,name=task,proto3" json:"task,omitempty"`
 	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
