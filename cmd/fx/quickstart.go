@@ -347,30 +347,21 @@ func quickstartLogs(opts *globalOptions, q *quickstartOptions, work string, errO
 	}, nil
 }
 
-// waitForEnvoys waits until every envoy has registered and is online.
+// waitForEnvoys waits until every envoy is online, or one of the parties
+// fails, for at most 30 s.
 func waitForEnvoys(ctx context.Context, c *experiment.Client, n int, failures <-chan error) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		envoys, err := c.Envoys(ctx)
-		online := 0
-		for _, e := range envoys {
-			if e.GetOnline() {
-				online++
-			}
+	done := make(chan error, 1)
+	go func() { done <- c.WaitForEnvoys(ctx, n) }()
+	select {
+	case err := <-failures:
+		return err
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("%w (see the logs)", err)
 		}
-		if err == nil && online >= n {
-			return nil
-		}
-		select {
-		case err := <-failures:
-			return err
-		case <-ctx.Done():
-			return fmt.Errorf("only %d of %d envoys came online within 30s (see the logs)", online, n)
-		case <-tick.C:
-		}
+		return nil
 	}
 }
 

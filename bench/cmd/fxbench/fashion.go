@@ -356,29 +356,17 @@ best_model: {metric: accuracy, mode: max}
 	return nil
 }
 
-// waitOnline waits until n envoys are online, bounded.
+// waitOnline waits until n envoys are online, or a party fails, for at
+// most 2 minutes.
 func waitOnline(ctx context.Context, c *experiment.Client, n int, failures <-chan error) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		envoys, err := c.Envoys(ctx)
-		online := 0
-		for _, e := range envoys {
-			if e.GetOnline() {
-				online++
-			}
-		}
-		if err == nil && online >= n {
-			return nil
-		}
-		select {
-		case err := <-failures:
-			return err
-		case <-ctx.Done():
-			return fmt.Errorf("only %d of %d envoys came online within 2 minutes", online, n)
-		case <-tick.C:
-		}
+	done := make(chan error, 1)
+	go func() { done <- c.WaitForEnvoys(ctx, n) }()
+	select {
+	case err := <-failures:
+		return err
+	case err := <-done:
+		return err
 	}
 }
