@@ -285,13 +285,17 @@ func reportMain(args []string) error {
 			if s.Server == "director" {
 				regs, off = fmt.Sprint(s.Registrations), fmt.Sprint(s.Offline)
 			}
+			ramp := "—"
+			if s.RampHeartbeats > 0 {
+				ramp = fmt.Sprintf("%d / %d, %.0f ms", s.RampHeartbeatErrors, s.RampHeartbeats, s.RampHeartbeatP99MS)
+			}
 			slice := "—"
 			if s.HeartbeatP99SliceMedianMS > 0 {
 				slice = fmt.Sprintf("%.2f ms", s.HeartbeatP99SliceMedianMS)
 			}
-			p("| %s | %s | %.2f ms | %.2f ms | %s | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %d / %d, %.0f ms | %s | %s | %d |\n",
+			p("| %s | %s | %.2f ms | %.2f ms | %s | %.1f ms | %.0f | %.1f%% | %.0f MiB (%.0f) | %.0f KiB | %.0f / %.0f ms | %.1f s | %d | %s | %s | %s | %d |\n",
 				n, s.Server, s.HeartbeatP50MS, s.HeartbeatP99MS, slice, s.HeartbeatMaxMS, s.HeartbeatsPerSecond, s.ServerCPUPercent,
-				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, s.RampHeartbeatErrors, s.RampHeartbeats, s.RampHeartbeatP99MS, regs, off, s.HeartbeatErrors)
+				s.ServerRSSMiB, s.ServerHWMMiB, s.ServerRSSPerConnKiB, s.FirstCallP50MS, s.FirstCallP99MS, s.AllConnectedSeconds, s.FirstCallErrors, ramp, regs, off, s.HeartbeatErrors)
 		}
 		if c.Raw != nil && c.Director != nil {
 			sr := "—"
