@@ -1,6 +1,8 @@
 package director
 
 import (
+	"bytes"
+	"context"
 	"fmt"
 	"time"
 
@@ -16,7 +18,13 @@ import (
 
 // registerEnvoy records an envoy and its shard (again, idempotently), marks
 // it seen, and invites it to open offers it qualifies for.
-func (d *Director) registerEnvoy(req *fxv1.RegisterEnvoyRequest) error {
+// registerEnvoy records an envoy and its shard. A registration that repeats
+// what the store holds (an envoy reconnecting, every envoy after a director
+// restart) writes nothing: the store's commit is synchronous and taken under
+// the director's lock, so a storm of identical re-registrations must not
+// queue a commit each. A caller that gave up while waiting for the lock gets
+// its context's error and changes nothing.
+func (d *Director) registerEnvoy(ctx context.Context, req *fxv1.RegisterEnvoyRequest) error {
 	name := req.GetEnvoyName()
 	if err := experiment.ValidateName("envoy", name); err != nil {
 		return err
@@ -40,21 +48,26 @@ func (d *Director) registerEnvoy(req *fxv1.RegisterEnvoyRequest) error {
 	if shard.GetTrainSamples() < 0 || shard.GetValidSamples() < 0 || shard.GetClasses() < 0 || req.GetMaxExperiments() < 0 {
 		return fmt.Errorf("envoy %s: negative sample, class or max_experiments count: %w", name, ErrInvalidArgument)
 	}
-	raw, err := proto.Marshal(shard)
+	raw, err := proto.MarshalOptions{Deterministic: true}.Marshal(shard)
 	if err != nil {
 		return fmt.Errorf("envoy %s: %w", name, err)
 	}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("envoy %s: registration abandoned by the caller: %w", name, err)
+	}
 	now := d.clock.Now()
 	rec := store.Envoy{Name: name, Shard: raw, MaxExperiments: req.GetMaxExperiments(), Version: req.GetVersion(), RegisteredAt: now}
 	env := d.envoys[name]
 	if env != nil {
 		rec.RegisteredAt = env.rec.RegisteredAt
 	}
-	if err := d.store.Update(func(tx store.Tx) error { return tx.PutEnvoy(&rec) }); err != nil {
-		return fmt.Errorf("store: %w", err)
+	if env == nil || !sameEnvoyRecord(env.rec, rec) {
+		if err := d.store.Update(func(tx store.Tx) error { return tx.PutEnvoy(&rec) }); err != nil {
+			return fmt.Errorf("store: %w", err)
+		}
 	}
 	if env == nil {
 		env = &envoyState{streams: map[*assignStream]struct{}{}}
@@ -68,6 +81,12 @@ func (d *Director) registerEnvoy(req *fxv1.RegisterEnvoyRequest) error {
 	d.seenLocked(env, now)
 	d.inviteAllLocked()
 	return nil
+}
+
+// sameEnvoyRecord reports whether storing b would change nothing of a.
+func sameEnvoyRecord(a, b store.Envoy) bool {
+	return a.Name == b.Name && bytes.Equal(a.Shard, b.Shard) && a.MaxExperiments == b.MaxExperiments &&
+		a.Version == b.Version && a.RegisteredAt.Equal(b.RegisteredAt)
 }
 
 func checkDims(key string, dims []int64) error {

@@ -1,11 +1,15 @@
 package director
 
 import (
+	"context"
+	"errors"
+	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
 
+	"github.com/fx-fl/fx/director/store"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -150,5 +154,59 @@ func TestSearchDatasets(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// countingStore counts the write transactions a director commits.
+type countingStore struct {
+	store.Store
+	mu      sync.Mutex
+	updates int
+}
+
+func (c *countingStore) Update(fn func(store.Tx) error) error {
+	c.mu.Lock()
+	c.updates++
+	c.mu.Unlock()
+	return c.Store.Update(fn)
+}
+
+func (c *countingStore) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.updates
+}
+
+// A re-registration that changes nothing commits nothing, a changed one
+// does, and a caller that gave up changes nothing.
+func TestReRegistrationWritesOnlyChanges(t *testing.T) {
+	counting := &countingStore{Store: store.NewMem()}
+	f := newFed(t, func(c *Config) { c.Store = counting })
+	req := func(version string) *fxv1.RegisterEnvoyRequest {
+		return &fxv1.RegisterEnvoyRequest{EnvoyName: "site-1", MaxExperiments: 1, Version: version,
+			Shard: &fxv1.DatasetShard{Tags: []string{"a", "b"}, SampleShape: []int64{4}, TrainSamples: 10}}
+	}
+	before := counting.count()
+	must(t, f.d.registerEnvoy(t.Context(), req("v1")))
+	if got := counting.count() - before; got != 1 {
+		t.Fatalf("first registration: %d commits, want 1", got)
+	}
+	for range 3 {
+		must(t, f.d.registerEnvoy(t.Context(), req("v1")))
+	}
+	if got := counting.count() - before; got != 1 {
+		t.Fatalf("identical re-registrations committed %d times in all, want 1", got)
+	}
+	must(t, f.d.registerEnvoy(t.Context(), req("v2")))
+	if got := counting.count() - before; got != 2 {
+		t.Fatalf("a changed registration: %d commits in all, want 2", got)
+	}
+	done, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := f.d.registerEnvoy(done, req("v3")); !errors.Is(err, context.Canceled) {
+		t.Fatalf("abandoned registration: %v, want context.Canceled", err)
+	}
+	if got := counting.count() - before; got != 2 {
+		t.Fatalf("an abandoned registration was committed (%d commits)", got)
 	}
 }

@@ -43,7 +43,7 @@ func (s *service) RegisterEnvoy(ctx context.Context, req *fxv1.RegisterEnvoyRequ
 	if err := pki.RequireCaller(ctx, req.GetEnvoyName()); err != nil {
 		return nil, err
 	}
-	if err := s.d.registerEnvoy(req); err != nil {
+	if err := s.d.registerEnvoy(ctx, req); err != nil {
 		return nil, toStatus(err)
 	}
 	return &fxv1.RegisterEnvoyResponse{
