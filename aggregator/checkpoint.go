@@ -4,11 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/atomicfile"
 	"io/fs"
 	"os"
 	"path/filepath"
 
+	"github.com/fx-fl/fx/internal/atomicfile"
 	"github.com/fx-fl/fx/tensor"
 )
 

@@ -3,7 +3,6 @@ package aggregator_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -288,8 +287,6 @@ func equalFloats(a, b []float32) bool {
 	}
 	return true
 }
-
-func describe(v []float32) string { return fmt.Sprint(v) }
 
 type (
 	runnerTask   = runner.Task

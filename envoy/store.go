@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/fx-fl/fx/internal/atomicfile"
 )
 
 // The files of one experiment under <work_dir>/experiments/<id>/.
@@ -49,34 +51,10 @@ func (e *Envoy) experimentsDir() string { return filepath.Join(e.cfg.WorkDir, "e
 // experiment.ValidateName, so it is a single safe path element.
 func (e *Envoy) expDir(id string) string { return filepath.Join(e.experimentsDir(), id) }
 
-// saveRecord writes the record atomically: a crash leaves the old record or
-// the new one, never half of one.
+// saveRecord writes the record atomically and durably: a crash leaves the
+// old record or the new one, never half of one.
 func (e *Envoy) saveRecord(r record) error {
-	dir := e.expDir(r.ID)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("creating %s: %w", dir, err)
-	}
-	data, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encoding the record of %s: %w", r.ID, err)
-	}
-	tmp, err := os.CreateTemp(dir, recordFile+".*")
-	if err != nil {
-		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
-	}
-	if err := os.Rename(tmp.Name(), filepath.Join(dir, recordFile)); err != nil {
+	if err := atomicfile.WriteJSON(filepath.Join(e.expDir(r.ID), recordFile), r); err != nil {
 		return fmt.Errorf("saving the record of %s: %w", r.ID, err)
 	}
 	return nil

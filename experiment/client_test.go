@@ -21,6 +21,7 @@ import (
 
 	"github.com/fx-fl/fx/director"
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/testfed"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/tensor"
@@ -47,7 +48,7 @@ func checkSequence(t *testing.T, events []*fxv1.MetricEvent, from int64, want in
 func TestClientExperimentLifecycle(t *testing.T) {
 	f := newFederation(t)
 	c := f.dial(f.config(pki.RoleResearcher, "alice"))
-	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, 2*time.Minute)
 	defer cancel()
 
 	if id := c.Identity(); id.Name != "alice" || id.Role != pki.RoleResearcher {
@@ -259,7 +260,7 @@ func (s *cutStream) RecvMsg(m any) error {
 // event exactly once.
 func TestClientMetricsResumeAfterCut(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, 2*time.Minute)
 	defer cancel()
 	plain := f.dial(f.config(pki.RoleResearcher, "alice"))
 	if _, err := plain.Submit(ctx, planDir(t, "synth", 2, 2), experiment.SubmitOptions{}); err != nil {
@@ -318,7 +319,7 @@ func TestClientMetricsResumeAfterCut(t *testing.T) {
 // the new director and sees every event once, and Wait reports the end.
 func TestClientWatchAcrossDirectorRestart(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, 2*time.Minute)
 	defer cancel()
 	opens := &cutter{} // cuts nothing; records the streams opened
 	cfg := f.config(pki.RoleResearcher, "alice")
@@ -335,7 +336,7 @@ func TestClientWatchAcrossDirectorRestart(t *testing.T) {
 		}
 		events = append(events, ev)
 		if !restarted && ev.GetCollaborator() == "" {
-			f.restartDirector()
+			f.RestartDirector()
 			restarted = true
 		}
 	}
@@ -375,8 +376,8 @@ func TestClientWaitReportsEnds(t *testing.T) {
 			}
 		}, fxv1.ExperimentState_CANCELLED, "not enough sites today", ""},
 		{"rejected", true, func(t *testing.T, f *federation, ctx context.Context, _ *experiment.Client) {
-			k := f.ca.Keyring(pki.RoleAdmin, "root")
-			conn, err := pki.NewClient(f.addr, k, "localhost")
+			k := f.CA.Keyring(pki.RoleAdmin, "root")
+			conn, err := pki.NewClient(f.Addr, k, "localhost")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -392,10 +393,10 @@ func TestClientWaitReportsEnds(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFederation(t)
 			if tt.manual {
-				f.cfg.ReviewPolicy = director.ReviewManual
-				f.restartDirector()
+				f.Settings.ReviewPolicy = director.ReviewManual
+				f.RestartDirector()
 			}
-			ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+			ctx, cancel := context.WithTimeout(f.Ctx, time.Minute)
 			defer cancel()
 			c := f.dial(f.config(pki.RoleResearcher, "alice"))
 			dir := planDir(t, "exp", 1, 3)
@@ -431,7 +432,7 @@ func TestClientWaitReportsEnds(t *testing.T) {
 // names the problem, and none of them hangs.
 func TestClientBadInput(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, time.Minute)
 	defer cancel()
 	c := f.dial(f.config(pki.RoleResearcher, "alice"))
 	if _, err := c.Submit(ctx, planDir(t, "taken", 1, 3), experiment.SubmitOptions{}); err != nil {
@@ -446,7 +447,7 @@ func TestClientBadInput(t *testing.T) {
 		t.Fatal(err)
 	}
 	unreachable := f.config(pki.RoleResearcher, "alice")
-	unreachable.Director = freeAddr(t)
+	unreachable.Director = testfed.FreeAddr(t)
 	unreachable.ConnectTimeout = 500 * time.Millisecond
 
 	tests := []struct {
@@ -537,7 +538,7 @@ func TestClientBadInput(t *testing.T) {
 // naming the sequence to resume after, instead of retrying forever.
 func TestClientMetricsGivesUp(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, time.Minute)
 	defer cancel()
 	cfg := f.config(pki.RoleResearcher, "alice")
 	cfg.Retry = experiment.Retry{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond, GiveUpAfter: time.Second}
@@ -555,9 +556,7 @@ func TestClientMetricsGivesUp(t *testing.T) {
 		}
 		last = ev.GetSequence()
 		if stoppedAt.IsZero() {
-			f.stopDirector()
-			<-f.directorDone
-			f.stopDirector = nil
+			f.StopDirector()
 			stoppedAt = time.Now()
 		}
 	}
@@ -576,7 +575,7 @@ func TestClientMetricsGivesUp(t *testing.T) {
 // computed; the packed archive itself can be submitted as well.
 func TestClientSubmitStreamsChunks(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, time.Minute)
 	defer cancel()
 	c := f.dial(f.config(pki.RoleResearcher, "alice"))
 	dir := planDir(t, "big", 1, 3)
@@ -645,7 +644,7 @@ func TestClientRevokedCertificate(t *testing.T) {
 	f := newFederation(t)
 	cfg := f.config(pki.RoleResearcher, "mallory")
 	cfg.ConnectTimeout = time.Minute
-	if _, err := f.ca.CA.RevokeName("mallory"); err != nil {
+	if _, err := f.CA.CA.RevokeName("mallory"); err != nil {
 		t.Fatal(err)
 	}
 	// The director looks at its CRL file at most once a second, so the
@@ -653,7 +652,7 @@ func TestClientRevokedCertificate(t *testing.T) {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		start := time.Now()
-		c, err := experiment.Dial(f.ctx, cfg)
+		c, err := experiment.Dial(f.Ctx, cfg)
 		if err == nil {
 			c.Close()
 			if time.Now().After(deadline) {
@@ -736,9 +735,9 @@ func (p *cutProxy) connections() int {
 // exactly once.
 func TestClientMetricsSurviveCutConnection(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, 2*time.Minute)
 	defer cancel()
-	proxy := newCutProxy(t, f.addr)
+	proxy := newCutProxy(t, f.Addr)
 	cfg := f.config(pki.RoleResearcher, "alice")
 	cfg.Director = proxy.l.Addr().String()
 	c := f.dial(cfg)

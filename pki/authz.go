@@ -72,16 +72,6 @@ func NewAuthorizer(rules Rules, revocation RevocationChecker) *Authorizer {
 	return &Authorizer{rules: rules, revocation: revocation, now: time.Now}
 }
 
-// UnaryServerInterceptor returns the unary interceptor of NewAuthorizer(rules, revocation).
-func UnaryServerInterceptor(rules Rules, revocation RevocationChecker) grpc.UnaryServerInterceptor {
-	return NewAuthorizer(rules, revocation).UnaryServerInterceptor()
-}
-
-// StreamServerInterceptor returns the stream interceptor of NewAuthorizer(rules, revocation).
-func StreamServerInterceptor(rules Rules, revocation RevocationChecker) grpc.StreamServerInterceptor {
-	return NewAuthorizer(rules, revocation).StreamServerInterceptor()
-}
-
 // ServerOptions are the options an fx gRPC server needs: TLS credentials from
 // the keyring and the interceptors enforcing rules with the keyring's CRL.
 func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {

@@ -7,20 +7,16 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 
-	"github.com/fx-fl/fx/dataset"
-	"github.com/fx-fl/fx/director"
-	"github.com/fx-fl/fx/envoy"
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/testfed"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -118,17 +114,6 @@ func TestDirectorStartBadSettings(t *testing.T) {
 	}
 }
 
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
-
 // TestDirectorStartAndReview runs configs/director.yaml as is (only the
 // listen address moved to a free port) against certificates in the
 // pki-bootstrap layout, submits an experiment as the researcher, and
@@ -141,7 +126,7 @@ func TestDirectorStartAndReview(t *testing.T) {
 		t.Fatal(err)
 	}
 	inDir(t, dir)
-	addr := freePort(t)
+	addr := testfed.FreeAddr(t)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -239,132 +224,21 @@ func waitForReady() grpc.CallOption { return grpc.WaitForReady(true) }
 // data set, in one process, talking gRPC over mutual TLS on loopback with
 // certificates from a CA made for the test.
 type federation struct {
+	*testfed.Federation
 	t      *testing.T
-	root   string
-	addr   string
-	logger hclog.Logger
-	cfg    director.Settings
-	ctx    context.Context
-
-	stopDirector context.CancelFunc
-	directorDone chan error
-	envoysDone   chan error
-	client       fxv1.DirectorClient
+	client fxv1.DirectorClient
 }
 
 func newFederation(t *testing.T) *federation {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("end-to-end federation")
-	}
-	f := &federation{t: t, root: t.TempDir(), envoysDone: make(chan error, 2)}
-	ca, err := pki.InitCA(filepath.Join(f.root, "ca"), pki.InitOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	issue := func(role pki.Role, name string, hosts ...string) pki.Files {
-		iss, err := ca.Issue(pki.IssueRequest{Role: role, Name: name, Hosts: hosts})
-		if err != nil {
-			t.Fatal(err)
-		}
-		files, err := iss.WriteFiles(filepath.Join(f.root, string(role), name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return files
-	}
-	f.logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: io.Discard})
-	if testing.Verbose() {
-		f.logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Info, Output: os.Stderr})
-	}
-	dirFiles := issue(pki.RoleDirector, "localhost", "localhost", "127.0.0.1")
-	f.addr = freePort(t)
-	s := director.DefaultSettings()
-	s.ListenAddress = f.addr
-	s.Advertise.Host = "127.0.0.1"
-	s.Aggregator.Host = "127.0.0.1"
-	s.TLS.Cert, s.TLS.Key, s.TLS.CA = dirFiles.Cert, dirFiles.Key, dirFiles.CA
-	s.DataDir = filepath.Join(f.root, "director")
-	s.ReviewPolicy = director.ReviewAuto
-	s.HeartbeatPeriod, s.OfflineAfter = time.Second, 5*time.Second
-	s.StopTimeout = 2 * time.Second
-	f.cfg = s
-	ctx, cancel := context.WithCancel(context.Background())
-	f.ctx = ctx
-	t.Cleanup(func() {
-		cancel()
-		if f.stopDirector != nil {
-			f.stopDirector()
-			<-f.directorDone
-		}
-		for range 2 {
-			select {
-			case <-f.envoysDone:
-			case <-time.After(30 * time.Second):
-				t.Error("an envoy did not stop")
-			}
-		}
-	})
-	f.startDirector()
-
-	for i, name := range []string{"site-1", "site-2"} {
-		files := issue(pki.RoleEnvoy, name)
-		ec := envoy.DefaultConfig()
-		ec.Director.Address = f.addr
-		ec.Director.ServerName = "localhost"
-		ec.TLS.Cert, ec.TLS.Key, ec.TLS.CA = files.Cert, files.Key, files.CA
-		ec.WorkDir = filepath.Join(f.root, "envoys", name)
-		ec.Tags = []string{"synthetic"}
-		ec.Shard = dataset.Config{Kind: "synthetic", Features: 8, Classes: 3, TrainSamples: 600, ValidSamples: 120, Shard: fmt.Sprintf("%d/2", i+1), Seed: 7}
-		ec.Logger = f.logger.Named(name)
-		ec.RPCTimeout = 10 * time.Second
-		ec.Retry.Initial, ec.Retry.Max = 20*time.Millisecond, 500*time.Millisecond
-		e, err := envoy.New(ec)
-		if err != nil {
-			t.Fatalf("envoy %s: %v", name, err)
-		}
-		go func() { f.envoysDone <- e.Run(ctx) }()
-	}
-
-	k, err := pki.NewKeyring(pki.KeyringConfig{Files: issue(pki.RoleResearcher, "alice")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := pki.NewClient(f.addr, k, "localhost")
+	f := &federation{Federation: testfed.New(t), t: t}
+	k := f.CA.Keyring(pki.RoleResearcher, "alice")
+	conn, err := pki.NewClient(f.Addr, k, "localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
 	f.client = fxv1.NewDirectorClient(conn)
 	return f
-}
-
-// startDirector starts a director on the federation's address and data
-// directory: the first one, or a restarted one.
-func (f *federation) startDirector() {
-	f.t.Helper()
-	cfg, err := f.cfg.Config(f.logger)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	d, err := director.New(cfg)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(f.ctx)
-	f.stopDirector, f.directorDone = cancel, make(chan error, 1)
-	go func() { f.directorDone <- d.Run(ctx) }()
-}
-
-// restartDirector stops the director and starts a new one on the same
-// data directory and address.
-func (f *federation) restartDirector() {
-	f.t.Helper()
-	f.stopDirector()
-	if err := <-f.directorDone; err != nil {
-		f.t.Fatalf("director Run: %v", err)
-	}
-	f.startDirector()
 }
 
 const federationPlan = `name: synth
@@ -468,7 +342,7 @@ func (f *federation) finished(ctx context.Context, ref *fxv1.ExperimentRef) *fxv
 // the best model.
 func TestFederationEndToEnd(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, 2*time.Minute)
 	defer cancel()
 	ref := f.submit(ctx, 2)
 	var events []*fxv1.MetricEvent
@@ -496,7 +370,7 @@ func TestFederationEndToEnd(t *testing.T) {
 // the last sequence seen, has neither gaps nor repeats.
 func TestFederationSurvivesDirectorRestart(t *testing.T) {
 	f := newFederation(t)
-	ctx, cancel := context.WithTimeout(f.ctx, 2*time.Minute)
+	ctx, cancel := context.WithTimeout(f.Ctx, 2*time.Minute)
 	defer cancel()
 	ref := f.submit(ctx, 4)
 	var events []*fxv1.MetricEvent
@@ -504,7 +378,7 @@ func TestFederationSurvivesDirectorRestart(t *testing.T) {
 		events = append(events, ev)
 		return ev.GetCollaborator() != "" // stop at the first aggregate
 	})
-	f.restartDirector()
+	f.RestartDirector()
 	after := events[len(events)-1].GetSequence()
 	deadline := time.Now().Add(time.Minute)
 	for {

@@ -2,23 +2,15 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-
-	"github.com/fx-fl/fx/dataset"
-	"github.com/fx-fl/fx/director"
-	"github.com/fx-fl/fx/envoy"
-	"github.com/fx-fl/fx/internal/testpki"
+	"github.com/fx-fl/fx/internal/testfed"
 	"github.com/fx-fl/fx/pki"
 	"github.com/fx-fl/fx/tensor"
 )
@@ -28,8 +20,7 @@ import (
 // in-process. profile is a profile file for researcher alice whose
 // certificate paths are relative to it.
 type researchFederation struct {
-	ca      *testpki.CA
-	addr    string
+	*testfed.Federation
 	profile string
 }
 
@@ -45,63 +36,12 @@ func newResearchFederation(t *testing.T) *researchFederation {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
 	}
-	root := t.TempDir()
-	f := &researchFederation{ca: testpki.New(t)}
-	logger := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: io.Discard})
-	dirFiles := f.ca.Files(pki.RoleDirector, "localhost")
-	f.addr = loopbackAddr(t)
-	s := director.DefaultSettings()
-	s.ListenAddress = f.addr
-	s.Advertise.Host, s.Aggregator.Host = "127.0.0.1", "127.0.0.1"
-	s.TLS.Cert, s.TLS.Key, s.TLS.CA = dirFiles.Cert, dirFiles.Key, dirFiles.CA
-	s.DataDir = filepath.Join(root, "director")
-	s.ReviewPolicy = director.ReviewAuto
-	s.HeartbeatPeriod, s.OfflineAfter = time.Second, 5*time.Second
-	s.StopTimeout = 2 * time.Second
-	cfg, err := s.Config(logger)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := director.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 3)
-	go func() { done <- d.Run(ctx) }()
-	for i, name := range []string{"site-1", "site-2"} {
-		files := f.ca.Files(pki.RoleEnvoy, name)
-		ec := envoy.DefaultConfig()
-		ec.Director.Address, ec.Director.ServerName = f.addr, "localhost"
-		ec.TLS.Cert, ec.TLS.Key, ec.TLS.CA = files.Cert, files.Key, files.CA
-		ec.WorkDir = filepath.Join(root, "envoys", name)
-		ec.Tags = []string{"synthetic"}
-		ec.Shard = dataset.Config{Kind: "synthetic", Features: 8, Classes: 3, TrainSamples: 600, ValidSamples: 120, Shard: fmt.Sprintf("%d/2", i+1), Seed: 7}
-		ec.Logger = logger.Named(name)
-		ec.RPCTimeout = 10 * time.Second
-		ec.Retry.Initial, ec.Retry.Max = 20*time.Millisecond, 500*time.Millisecond
-		e, err := envoy.New(ec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		go func() { done <- e.Run(ctx) }()
-	}
-	t.Cleanup(func() {
-		cancel()
-		for range 3 {
-			select {
-			case <-done:
-			case <-time.After(30 * time.Second):
-				t.Error("the federation did not stop")
-				return
-			}
-		}
-	})
+	f := &researchFederation{Federation: testfed.New(t)}
 
-	alice := f.ca.Files(pki.RoleResearcher, "alice")
+	alice := f.CA.Files(pki.RoleResearcher, "alice")
 	f.profile = filepath.Join(filepath.Dir(alice.Cert), "config.yaml")
 	profile := fmt.Sprintf("director: %s\nserver_name: localhost\ncert: %s\nkey: %s\nca: %s\n",
-		f.addr, filepath.Base(alice.Cert), filepath.Base(alice.Key), filepath.Base(alice.CA))
+		f.Addr, filepath.Base(alice.Cert), filepath.Base(alice.Key), filepath.Base(alice.CA))
 	if err := os.WriteFile(f.profile, []byte(profile), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -109,17 +49,6 @@ func newResearchFederation(t *testing.T) *researchFederation {
 }
 
 // loopbackAddr is a loopback address nothing listens on (yet).
-func loopbackAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
-
 // fx runs the command tree in-process with args and returns stdout, stderr
 // and the error main would print.
 func fx(t *testing.T, args ...string) (stdout, stderr string, err error) {
@@ -319,8 +248,8 @@ func TestExperimentCommandsBadInput(t *testing.T) {
 	f := newResearchFederation(t)
 	p := []string{"--profile", f.profile}
 	noPlan := t.TempDir()
-	envoyFiles := f.ca.Files(pki.RoleEnvoy, "site-1")
-	dead := loopbackAddr(t)
+	envoyFiles := f.CA.Files(pki.RoleEnvoy, "site-1")
+	dead := testfed.FreeAddr(t)
 
 	tests := []struct {
 		name     string
@@ -374,26 +303,26 @@ func TestExperimentProfileSources(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The default profile, with absolute certificate paths.
-	alice := f.ca.Files(pki.RoleResearcher, "alice")
+	alice := f.CA.Files(pki.RoleResearcher, "alice")
 	cfgHome := t.TempDir()
 	t.Setenv("XDG_CONFIG_HOME", cfgHome)
 	if err := os.MkdirAll(filepath.Join(cfgHome, "fx"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	def := fmt.Sprintf("director: %s\nserver_name: localhost\ncert: %s\nkey: %s\nca: %s\n", f.addr, alice.Cert, alice.Key, alice.CA)
+	def := fmt.Sprintf("director: %s\nserver_name: localhost\ncert: %s\nkey: %s\nca: %s\n", f.Addr, alice.Cert, alice.Key, alice.CA)
 	if err := os.WriteFile(filepath.Join(cfgHome, "fx", "config.yaml"), []byte(def), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if out, _, err := fx(t, "envoys", "list"); err != nil || !strings.Contains(out, "site-1") {
 		t.Fatalf("with the default profile: %q, %v", out, err)
 	}
-	dead := loopbackAddr(t)
+	dead := testfed.FreeAddr(t)
 	t.Setenv("FX_DIRECTOR", dead)
 	t.Setenv("FX_TIMEOUT", "300ms")
 	if _, _, err := fx(t, "envoys", "list"); err == nil || !strings.Contains(err.Error(), dead) {
 		t.Errorf("FX_DIRECTOR over the profile: %v", err)
 	}
-	if out, _, err := fx(t, "envoys", "list", "--director", f.addr); err != nil || !strings.Contains(out, "site-1") {
+	if out, _, err := fx(t, "envoys", "list", "--director", f.Addr); err != nil || !strings.Contains(out, "site-1") {
 		t.Errorf("--director over FX_DIRECTOR: %q, %v", out, err)
 	}
 	os.Unsetenv("FX_DIRECTOR")

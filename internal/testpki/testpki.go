@@ -4,7 +4,6 @@
 package testpki
 
 import (
-	"crypto/tls"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -90,6 +89,3 @@ func ServerOptions(k *pki.Keyring, table map[string][]fxv1.Role) []grpc.ServerOp
 func DialOptions(k *pki.Keyring, serverName string) []grpc.DialOption {
 	return pki.DialOptions(k, serverName)
 }
-
-// TLS is the client configuration, for callers that dial by other means.
-func TLS(k *pki.Keyring, serverName string) *tls.Config { return k.ClientConfig(serverName) }

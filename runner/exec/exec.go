@@ -671,10 +671,9 @@ func quoteNonFinite(b []byte) []byte {
 	return append(out, b[last:]...)
 }
 
-// readRegular reads a file the command wrote, refusing anything but a
-// regular file (a FIFO would block the envoy, a link could point anywhere)
-// and anything larger than limit.
-func readRegular(path string, limit int64, what string) ([]byte, error) {
+// statOutput finds a file the command had to write and refuses anything but
+// a regular file: a FIFO would block the envoy, a link could point anywhere.
+func statOutput(path, what string) (os.FileInfo, error) {
 	fi, err := os.Lstat(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("the command exited 0 but wrote no %s at %s", what, path)
@@ -684,6 +683,17 @@ func readRegular(path string, limit int64, what string) ([]byte, error) {
 	}
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s at %s is not a regular file (%s)", what, path, fi.Mode().Type())
+	}
+	return fi, nil
+}
+
+// readRegular reads a file the command wrote, refusing anything but a
+// regular file (a FIFO would block the envoy, a link could point anywhere)
+// and anything larger than limit.
+func readRegular(path string, limit int64, what string) ([]byte, error) {
+	fi, err := statOutput(path, what)
+	if err != nil {
+		return nil, err
 	}
 	if fi.Size() > limit {
 		return nil, fmt.Errorf("%s at %s is %d bytes, more than the %d allowed", what, path, fi.Size(), limit)
@@ -701,15 +711,8 @@ func readRegular(path string, limit int64, what string) ([]byte, error) {
 // allocation. The tensors are returned in the input model's order.
 func readModel(path string, input tensor.Model) (tensor.Model, error) {
 	what := "output model (" + ModelFileName + ")"
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("the command exited 0 but wrote no %s at %s", what, path)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s at %s is not a regular file (%s)", what, path, fi.Mode().Type())
+	if _, err := statOutput(path, what); err != nil {
+		return nil, err
 	}
 	hdr, err := tensor.ReadHeaderFile(path)
 	if err != nil {
