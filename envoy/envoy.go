@@ -12,7 +12,6 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/experiment"
@@ -87,8 +86,7 @@ func New(cfg Config) (*Envoy, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.WorkDir, "experiments"), 0o700); err != nil {
 		return nil, fmt.Errorf("work_dir: %w", err)
 	}
-	conn, err := grpc.NewClient(cfg.Director.Address,
-		grpc.WithTransportCredentials(credentials.NewTLS(creds.ClientTLS(cfg.directorServerName()))))
+	conn, err := grpc.NewClient(cfg.Director.Address, pki.ClientDialOptions(creds.ClientTLS, cfg.directorServerName())...)
 	if err != nil {
 		return nil, fmt.Errorf("director.address %q: %w", cfg.Director.Address, err)
 	}

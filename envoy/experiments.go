@@ -8,12 +8,11 @@ import (
 	"slices"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -275,7 +274,6 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 	if err != nil {
 		return fmt.Errorf("building the task runner: %w", err)
 	}
-	tlsCfg := e.creds.ClientTLS(s.GetAggregatorServerName())
 	e.log.Info("starting the collaborator", "experiment", id, "aggregator", s.GetAggregatorAddress(), "round", s.GetRound())
 	return e.runCollab(ctx, CollaboratorSpec{
 		ExperimentID: id,
@@ -283,7 +281,7 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 		Address:      s.GetAggregatorAddress(),
 		ServerName:   s.GetAggregatorServerName(),
 		Round:        s.GetRound(),
-		DialOptions:  []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg))},
+		DialOptions:  pki.ClientDialOptions(e.creds.ClientTLS, s.GetAggregatorServerName()),
 		Runner:       r,
 		Plan:         plan,
 		Dir:          filepath.Join(e.expDir(id), filesDir),

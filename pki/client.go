@@ -15,18 +15,12 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// TransportCredentials are gRPC client credentials from ClientConfig: each
-// connection uses the keyring's material current at that moment and checks
-// the server's certificate for serverName, or for the host of the dial
-// target when serverName is empty. The handshake returns only once the
-// server has accepted this party's certificate or refused it; see
-// clientCreds.
-func (k *Keyring) TransportCredentials(serverName string) credentials.TransportCredentials {
-	return &clientCreds{config: k.ClientConfig, serverName: serverName}
-}
-
-// clientCreds are TLS client credentials that wait for the server's verdict
-// on the client certificate. In TLS 1.3 the client's handshake is over
+// clientCreds are TLS client credentials from a client configuration (see
+// Keyring.ClientConfig): each connection uses the material current at that
+// moment and checks the server's certificate for serverName, or for the host
+// of the dial target when serverName is empty. They coalesce TLS records
+// (see coalescingConn) and wait for the server's verdict on the client
+// certificate. In TLS 1.3 the client's handshake is over
 // before the server has looked at the client certificate; a refusal then
 // arrives as an alert that races with the client's first write, and the user
 // often sees only "broken pipe". gRPC servers speak first (the HTTP/2
@@ -51,10 +45,12 @@ func (c *clientCreds) ClientHandshake(ctx context.Context, authority string, raw
 		}
 		name = host
 	}
-	conn, info, err := credentials.NewTLS(c.config(name)).ClientHandshake(ctx, authority, raw)
+	under := newCoalescingConn(raw)
+	tlsConn, info, err := credentials.NewTLS(c.config(name)).ClientHandshake(ctx, authority, under)
 	if err != nil {
 		return nil, nil, err
 	}
+	conn := &coalescedTLS{Conn: tlsConn, raw: under}
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(serverVerdictTimeout)
@@ -116,13 +112,19 @@ func (c *prereadConn) Read(p []byte) (int, error) {
 }
 
 // DialOptions are the options an fx client needs to call the director or an
-// aggregator: mutual TLS from the keyring (the server's certificate checked
-// for serverName, or for the dial target's host when serverName is empty)
-// and interceptors that turn a handshake refusal into an Unauthenticated
-// status that says why.
+// aggregator as the keyring's party; see ClientDialOptions.
 func DialOptions(k *Keyring, serverName string) []grpc.DialOption {
+	return ClientDialOptions(k.ClientConfig, serverName)
+}
+
+// ClientDialOptions are the options an fx client needs, with its TLS client
+// configuration from config: mutual TLS (the server's certificate checked
+// for serverName, or for the dial target's host when serverName is empty),
+// interceptors that turn a handshake refusal into an Unauthenticated status
+// that says why, and flow control for bulk streams.
+func ClientDialOptions(config func(serverName string) *tls.Config, serverName string) []grpc.DialOption {
 	return append([]grpc.DialOption{
-		grpc.WithTransportCredentials(k.TransportCredentials(serverName)),
+		grpc.WithTransportCredentials(&clientCreds{config: config, serverName: serverName}),
 		grpc.WithChainUnaryInterceptor(UnaryClientInterceptor()),
 		grpc.WithChainStreamInterceptor(StreamClientInterceptor()),
 	}, bulkDialOptions()...)

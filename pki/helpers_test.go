@@ -141,22 +141,18 @@ func dial(t *testing.T, addr string, files Files) *grpc.ClientConn {
 }
 
 // dialRaw connects with a hand-made TLS configuration, for clients a Keyring
-// would refuse to load (no certificate, an expired one), through the same
-// credentials and interceptors as DialOptions.
+// would refuse to load (no certificate, an expired one), through
+// ClientDialOptions.
 func dialRaw(t *testing.T, addr string, roots *x509.CertPool, cert *tls.Certificate) *grpc.ClientConn {
 	t.Helper()
-	creds := &clientCreds{config: func(name string) *tls.Config {
+	config := func(name string) *tls.Config {
 		cfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots, ServerName: name}
 		if cert != nil {
 			cfg.Certificates = []tls.Certificate{*cert}
 		}
 		return cfg
-	}}
-	conn, err := grpc.NewClient(addr,
-		grpc.WithTransportCredentials(creds),
-		grpc.WithChainUnaryInterceptor(UnaryClientInterceptor()),
-		grpc.WithChainStreamInterceptor(StreamClientInterceptor()),
-	)
+	}
+	conn, err := grpc.NewClient(addr, ClientDialOptions(config, "")...)
 	if err != nil {
 		t.Fatalf("grpc.NewClient: %v", err)
 	}
