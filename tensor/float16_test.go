@@ -1,6 +1,7 @@
 package tensor
 
 import (
+	"encoding/binary"
 	"math"
 	"math/rand/v2"
 	"sort"
@@ -251,5 +252,64 @@ func TestCheckFinite(t *testing.T) {
 		if want := "element 2"; !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: error %q does not name %q", tc.dtype, err, want)
 		}
+	}
+}
+
+// TestNonFiniteScreenMatchesExactScan checks the word-at-a-time screen
+// against the element-at-a-time scan: every 16-bit pattern in every lane of
+// the unrolled loop and of the word after it,
+// and the exponent edges of F32 and F64 at positions on both sides of the
+// screen's blocks and in unaligned tails.
+func TestNonFiniteScreenMatchesExactScan(t *testing.T) {
+	for _, d := range []DType{F16, BF16} {
+		word := make([]byte, 40) // the unrolled loop's 32 bytes and one more word
+		for h := range 1 << 16 {
+			for lane := range len(word) / 2 {
+				clear(word)
+				binary.LittleEndian.PutUint16(word[2*lane:], uint16(h))
+				_, _, want := firstNonFiniteScalar(word, d)
+				if got := nonFiniteScreens[d].flags(word); got != want {
+					t.Fatalf("%s pattern %#04x in lane %d: screen says %v, scan says %v", d, h, lane, got, want)
+				}
+			}
+		}
+	}
+
+	edges := map[DType][]uint64{
+		F32: {0x7f800000, 0xff800000, 0x7fc00000, 0x7f800001, 0x7f7fffff, 0xff7fffff, 0x00800000, 0x80000001, 0x3f800000},
+		F64: {0x7ff0000000000000, 0xfff0000000000000, 0x7ff8000000000000, 0x7fefffffffffffff, 0x0010000000000000, 0x8000000000000001},
+		F16: {0x7c00, 0xfc00, 0x7e00, 0x7bff, 0xfbff, 0x0400},
+		BF16: {0x7f80, 0xff80, 0x7fc0, 0x7f7f, 0xff7f, 0x0080},
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for d, values := range edges {
+		size := d.Size()
+		for _, elems := range []int{1, 3, 7, 4096 / size, 4096/size + 1, 3 * 4096 / size, 3*4096/size + 5} {
+			for _, v := range values {
+				for _, at := range []int{0, elems - 1, rng.IntN(elems), min(elems-1, 4096/size), max(0, min(elems-1, 4096/size-1))} {
+					raw := make([]byte, elems*size)
+					for i := range elems { // finite filler: ones
+						putElem(raw[i*size:], d, map[DType]uint64{F32: 0x3f800000, F64: 0x3ff0000000000000, F16: 0x3c00, BF16: 0x3f80}[d])
+					}
+					putElem(raw[at*size:], d, v)
+					gi, gv, gok := firstNonFinite(raw, d)
+					wi, wv, wok := firstNonFiniteScalar(raw, d)
+					if gi != wi || gok != wok || (gok && !(gv == wv || gv != gv && wv != wv)) {
+						t.Fatalf("%s, %d elements, %#x at %d: got (%d, %v, %v), exact scan (%d, %v, %v)", d, elems, v, at, gi, gv, gok, wi, wv, wok)
+					}
+				}
+			}
+		}
+	}
+}
+
+func putElem(b []byte, d DType, v uint64) {
+	switch d.Size() {
+	case 2:
+		binary.LittleEndian.PutUint16(b, uint16(v))
+	case 4:
+		binary.LittleEndian.PutUint32(b, uint32(v))
+	case 8:
+		binary.LittleEndian.PutUint64(b, v)
 	}
 }

@@ -278,8 +278,63 @@ func CheckFiniteRaw(raw []byte, d DType, firstElem int64) error {
 }
 
 // firstNonFinite finds the first NaN or Inf by its exponent bits, which is
-// exact for every float format and needs no conversion.
+// exact for every float format and needs no conversion. Every upload passes
+// through it, so it screens eight bytes at a time (see nonFiniteScreen) and
+// looks at single elements only in a block the screen flagged.
 func firstNonFinite(raw []byte, d DType) (int, float64, bool) {
+	screen, ok := nonFiniteScreens[d]
+	if !ok {
+		return 0, 0, false
+	}
+	const block = 4 << 10
+	for off := 0; off < len(raw); off += block {
+		b := raw[off:min(off+block, len(raw))]
+		if !screen.flags(b) {
+			continue
+		}
+		if i, v, ok := firstNonFiniteScalar(b, d); ok {
+			return off/d.Size() + i, v, true
+		}
+	}
+	return 0, 0, false
+}
+
+// nonFiniteScreen tests the elements packed in a 64-bit word at once. Masked
+// to its exponent bits, an element's exponent is all ones (NaN or Inf)
+// exactly when adding the exponent's lowest bit carries into the element's
+// sign bit; no element's sum can carry into its neighbour.
+type nonFiniteScreen struct {
+	exponent uint64 // each element's exponent bits
+	lowest   uint64 // each element's lowest exponent bit
+	sign     uint64 // each element's sign bit
+}
+
+var nonFiniteScreens = map[DType]nonFiniteScreen{
+	F32:  {0x7f800000_7f800000, 0x00800000_00800000, 0x80000000_80000000},
+	F64:  {0x7ff00000_00000000, 0x00100000_00000000, 0x80000000_00000000},
+	F16:  {0x7c00_7c00_7c00_7c00, 0x0400_0400_0400_0400, 0x8000_8000_8000_8000},
+	BF16: {0x7f80_7f80_7f80_7f80, 0x0080_0080_0080_0080, 0x8000_8000_8000_8000},
+}
+
+// flags reports whether b may hold a NaN or Inf: false means it holds none.
+func (s nonFiniteScreen) flags(b []byte) bool {
+	var acc uint64
+	i := 0
+	for ; i+32 <= len(b); i += 32 {
+		w := b[i : i+32 : i+32]
+		acc |= (binary.LittleEndian.Uint64(w[0:])&s.exponent + s.lowest) |
+			(binary.LittleEndian.Uint64(w[8:])&s.exponent + s.lowest) |
+			(binary.LittleEndian.Uint64(w[16:])&s.exponent + s.lowest) |
+			(binary.LittleEndian.Uint64(w[24:])&s.exponent + s.lowest)
+	}
+	for ; i+8 <= len(b); i += 8 {
+		acc |= binary.LittleEndian.Uint64(b[i:])&s.exponent + s.lowest
+	}
+	return acc&s.sign != 0 || i < len(b) // a tail is left to the exact scan
+}
+
+// firstNonFiniteScalar is the exact scan, one element at a time.
+func firstNonFiniteScalar(raw []byte, d DType) (int, float64, bool) {
 	switch d {
 	case F32:
 		for i := 0; i+4 <= len(raw); i += 4 {
