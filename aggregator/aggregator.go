@@ -143,6 +143,9 @@ func (a *Aggregator) Run(ctx context.Context) error {
 		a.cfg.Listener.Close()
 		return err
 	}
+	if a.acc != nil {
+		defer a.acc.Close() // its kept stage files; runs after the server stops
+	}
 	srv := grpc.NewServer(a.cfg.ServerOptions...)
 	fxv1.RegisterAggregatorServer(srv, &service{a: a})
 	serveErr := make(chan error, 1)

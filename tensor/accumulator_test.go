@@ -477,3 +477,98 @@ func TestTakeMean(t *testing.T) {
 		acc.Reset()
 	}
 }
+
+// TestSpilledStageFilesAreReused commits an upload, then stages a refused
+// one and a good one in the file the first left behind: the refused one
+// leaves the sum unchanged even though the reused file holds the first
+// upload's bytes wherever it did not write, and Close frees the kept file.
+func TestSpilledStageFilesAreReused(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	updates, values := makeUpdates(rng, 3, 200)
+	dir := t.TempDir()
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], SpillDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := acc.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := first.file
+	if err := chunks(rng, updates[0], first.AddChunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Commit(1); err != nil {
+		t.Fatal(err)
+	}
+	before := sums(acc)
+
+	refused, err := acc.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if refused.file != file {
+		t.Fatal("the second upload did not reuse the first one's stage file")
+	}
+	// Everything but one float tensor: its bytes in the file are the first
+	// upload's, which must not be counted.
+	var partial Model
+	for _, tn := range updates[1] {
+		if tn.Name != "wbf" {
+			partial = append(partial, tn)
+		}
+	}
+	if err := chunks(rng, partial, refused.AddChunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := refused.Commit(1); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Fatalf("Commit of an incomplete upload in a reused file: %v, want a missing tensor", err)
+	}
+	refused.Discard()
+	if !bytes.Equal(sums(acc), before) {
+		t.Fatal("a refused upload in a reused stage file changed the sum")
+	}
+
+	second, err := acc.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if second.file != file {
+		t.Fatal("the third upload did not reuse the stage file")
+	}
+	if err := chunks(rng, updates[1], second.AddChunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := second.Commit(3); err != nil {
+		t.Fatal(err)
+	}
+	mean, err := acc.Mean()
+	if err != nil {
+		t.Fatal(err)
+	}
+	firstTwo := map[string][][]float64{}
+	for name, cols := range values {
+		firstTwo[name] = cols[:2]
+	}
+	checkAgainst(t, mean, firstTwo, func(col []float64) float64 { return (col[0] + 3*col[1]) / 4 })
+
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("spill directory holds %d names; stage files are unlinked", len(entries))
+	}
+	if err := acc.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := file.Stat(); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Stat of the kept stage file after Close: %v, want it closed", err)
+	}
+	// Uploads begun after Close still work; their files are not kept.
+	late, err := acc.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lateFile := late.file
+	late.Discard()
+	if _, err := lateFile.Stat(); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("a stage file released after Close was kept open: %v", err)
+	}
+}
