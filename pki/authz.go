@@ -90,7 +90,7 @@ func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
 // what one stream can buffer (streamWindow per stream, connWindow per
 // connection).
 const (
-	streamWindow = 4 << 20
+	streamWindow = 2 << 20
 	connWindow   = 16 << 20
 	ioBuffer     = 256 << 10
 )
