@@ -1,7 +1,6 @@
 package pki
 
 import (
-	"bufio"
 	"net"
 	"sync"
 
@@ -19,32 +18,75 @@ import (
 // same, and a write returns only once its records are with the kernel.
 
 // coalesceSize is how much a coalescingConn collects before writing, and
-// the size of its read buffer: the size of gRPC's own I/O buffers above TLS.
+// the most it reads from the socket at once: the size of gRPC's own I/O
+// buffers above TLS.
 const coalesceSize = ioBuffer
+
+// blocks lends coalescingConns their buffers only while data passes: a
+// director holds thousands of mostly idle connections, and a buffer each
+// would be megabytes of heap that does nothing.
+var blocks = sync.Pool{New: func() any {
+	b := make([]byte, coalesceSize+32<<10) // room for the record that crosses coalesceSize
+	return &b
+}}
 
 // coalescingConn is the raw connection under TLS; see above. Writes outside
 // a coalesced TLS write (handshake messages, alerts, key updates) pass
-// straight through, in order.
+// straight through, in order. Reads are not concurrent: crypto/tls
+// serialises them.
 type coalescingConn struct {
 	net.Conn
-	in *bufio.Reader
 
-	mu         sync.Mutex // guards coalescing and pending, and orders writes
+	// Read side: unread bytes of the last socket read, in a lent block.
+	readBlock *[]byte
+	unread    []byte
+	readErr   error // returned once unread is drained
+
+	mu         sync.Mutex // guards the write side and orders writes
 	coalescing bool
+	writeBlock *[]byte
 	pending    []byte
 }
 
-func newCoalescingConn(raw net.Conn) *coalescingConn {
-	return &coalescingConn{Conn: raw, in: bufio.NewReaderSize(raw, coalesceSize)}
-}
+func newCoalescingConn(raw net.Conn) *coalescingConn { return &coalescingConn{Conn: raw} }
 
-func (c *coalescingConn) Read(p []byte) (int, error) { return c.in.Read(p) }
+// Read reads up to coalesceSize bytes from the socket into a lent block and
+// hands them out over the following calls; a read that fits in p gives the
+// block back at once.
+func (c *coalescingConn) Read(p []byte) (int, error) {
+	if c.readBlock == nil {
+		if len(p) >= coalesceSize {
+			return c.Conn.Read(p)
+		}
+		b := blocks.Get().(*[]byte)
+		n, err := c.Conn.Read((*b)[:coalesceSize])
+		if n <= len(p) {
+			copy(p, (*b)[:n])
+			blocks.Put(b)
+			return n, err
+		}
+		c.readBlock, c.unread, c.readErr = b, (*b)[:n], err
+	}
+	n := copy(p, c.unread)
+	c.unread = c.unread[n:]
+	if len(c.unread) > 0 {
+		return n, nil
+	}
+	blocks.Put(c.readBlock)
+	err := c.readErr
+	c.readBlock, c.unread, c.readErr = nil, nil, nil
+	return n, err
+}
 
 func (c *coalescingConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.coalescing {
 		return c.Conn.Write(p)
+	}
+	if c.writeBlock == nil {
+		c.writeBlock = blocks.Get().(*[]byte)
+		c.pending = (*c.writeBlock)[:0]
 	}
 	c.pending = append(c.pending, p...)
 	if len(c.pending) >= coalesceSize {
@@ -64,7 +106,8 @@ func (c *coalescingConn) flushLocked() error {
 	return err
 }
 
-// begin starts collecting records; end writes what was collected and stops.
+// begin starts collecting records; end writes what was collected, stops,
+// and gives the block back.
 func (c *coalescingConn) begin() {
 	c.mu.Lock()
 	c.coalescing = true
@@ -75,7 +118,12 @@ func (c *coalescingConn) end() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.coalescing = false
-	return c.flushLocked()
+	err := c.flushLocked()
+	if c.writeBlock != nil {
+		blocks.Put(c.writeBlock)
+		c.writeBlock, c.pending = nil, nil
+	}
+	return err
 }
 
 // coalescedTLS is the TLS connection gRPC uses: each of its writes is

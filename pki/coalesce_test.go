@@ -183,3 +183,85 @@ func TestBulkTransfersCoalesceRecords(t *testing.T) {
 		}
 	}
 }
+
+// TestCoalescingConnLendsBuffersOnlyWhileDataWaits checks that a connection
+// holds a read buffer only while bytes it read are waiting to be handed
+// out, and a write buffer only during a coalesced write: idle connections
+// on a busy director hold none.
+func TestCoalescingConnLendsBuffersOnlyWhileDataWaits(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := lis.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	rawClient, err := net.Dial("tcp", lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rawClient.Close()
+	rawServer, ok := <-accepted
+	if !ok {
+		t.Fatal("accept failed")
+	}
+	defer rawServer.Close()
+	sender, receiver := newCoalescingConn(rawClient), newCoalescingConn(rawServer)
+
+	data := make([]byte, 60<<10) // within the socket buffers: nobody reads until the write is done
+	rand.Read(data)
+	sender.begin()
+	for off := 0; off < len(data); off += 1000 {
+		if _, err := sender.Write(data[off:min(off+1000, len(data))]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if sender.writeBlock == nil || len(sender.pending) != len(data) {
+		t.Fatalf("during a coalesced write: %d bytes pending, want all %d held back", len(sender.pending), len(data))
+	}
+	if err := sender.end(); err != nil {
+		t.Fatal(err)
+	}
+	if sender.writeBlock != nil {
+		t.Error("the write buffer was kept after the coalesced write")
+	}
+
+	var got bytes.Buffer
+	small := make([]byte, 10)
+	for got.Len() < len(data) {
+		n, err := receiver.Read(small)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got.Write(small[:n])
+		if got.Len() == 10 && receiver.readBlock == nil {
+			t.Fatal("a socket read larger than the caller's buffer kept nothing back")
+		}
+	}
+	if !bytes.Equal(got.Bytes(), data) {
+		t.Fatal("bytes read differ from bytes written")
+	}
+	if receiver.readBlock != nil {
+		t.Error("the read buffer was kept after every byte was handed out")
+	}
+
+	// A small message read into a large enough buffer keeps nothing.
+	if _, err := sender.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	big := make([]byte, 512)
+	n, err := receiver.Read(big)
+	if err != nil || string(big[:n]) != "ping" {
+		t.Fatalf("Read = %q, %v", big[:n], err)
+	}
+	if receiver.readBlock != nil {
+		t.Error("a read that fit the caller's buffer kept a block")
+	}
+}
