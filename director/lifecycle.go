@@ -248,9 +248,32 @@ func (d *Director) answerLocked(e *expState, envoy string, accept bool, reason s
 		return d.startLocked(e)
 	}
 	if !accept {
+		if why := cannotStart(e); why != "" {
+			// Waiting out accept_timeout could change nothing.
+			if err := d.endLocked(e, fxv1.ExperimentState_FAILED, why); err != nil {
+				d.log.Error("cannot fail an offer too many envoys declined", "experiment", e.rec.ID, "error", err)
+			}
+		}
 		d.inviteAllLocked() // the offer no longer holds a place at the envoy
 	}
 	return nil
+}
+
+// cannotStart explains why an offer to the envoys a plan names can no
+// longer gather participants.min acceptances, or returns "" while it still
+// can. An offer by tags and shapes always can: matching envoys may yet come
+// online.
+func cannotStart(e *expState) string {
+	named := len(slices.Compact(slices.Sorted(slices.Values(e.plan.Participants.Envoys))))
+	if named == 0 {
+		return ""
+	}
+	declined := e.countParts(fxv1.ParticipantState_DECLINED)
+	if named-declined >= e.plan.Participants.Min {
+		return ""
+	}
+	return fmt.Sprintf("%d of the %d envoys the plan names declined, so at most %d can accept and participants.min is %d",
+		declined, named, named-declined, e.plan.Participants.Min)
 }
 
 // startLocked makes an OFFERED experiment RUNNING: accepted envoys become

@@ -212,6 +212,36 @@ func TestAcceptTimeoutAndDecline(t *testing.T) {
 	}
 }
 
+// TestDeclinesBelowMinFailTheOfferAtOnce: when the envoys a plan names can
+// no longer reach participants.min, the offer fails on the decline that
+// decided it, not at accept_timeout.
+func TestDeclinesBelowMinFailTheOfferAtOnce(t *testing.T) {
+	f := newFed(t, nil)
+	for _, name := range []string{"a", "b", "c"} {
+		f.register(name, "fashion")
+	}
+	e := f.submitPlan("alice", `name: named
+rounds: 1
+participants: {min: 2, envoys: [a, b, c]}
+runner: {kind: builtin, model: softmax}
+`)
+	f.waitState(e.Id, fxv1.ExperimentState_OFFERED)
+	_, err := f.answer("a", e.Id, false)
+	must(t, err)
+	if got := f.get("", e.Id); got.GetState() != fxv1.ExperimentState_OFFERED {
+		t.Fatalf("after one of three declined (two can still accept): %v %q", got.GetState(), got.GetReason())
+	}
+	_, err = f.answer("b", e.Id, false)
+	must(t, err)
+	got := f.waitState(e.Id, fxv1.ExperimentState_FAILED)
+	if want := "2 of the 3 envoys the plan names declined, so at most 1 can accept and participants.min is 2"; got.GetReason() != want {
+		t.Errorf("reason %q, want %q", got.GetReason(), want)
+	}
+	if _, err := f.answer("c", e.Id, true); code(err) != codes.FailedPrecondition {
+		t.Errorf("accepting the failed offer: %v, want FailedPrecondition", err)
+	}
+}
+
 func TestCancel(t *testing.T) {
 	f := newFed(t, nil)
 	ctx := ctxT(t)
