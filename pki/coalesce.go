@@ -33,7 +33,10 @@ var blocks = sync.Pool{New: func() any {
 // coalescingConn is the raw connection under TLS; see above. Writes outside
 // a coalesced TLS write (handshake messages, alerts, key updates) pass
 // straight through, in order. Reads are not concurrent: crypto/tls
-// serialises them.
+// serialises them. Close does not flush: closing is how gRPC unblocks a
+// write to a peer that stopped reading, so it must never wait on one; what
+// a close racing a write would drop is a connection's last bytes as it goes
+// away.
 type coalescingConn struct {
 	net.Conn
 
