@@ -50,6 +50,10 @@ type Director struct {
 	store store.Store
 	clock Clock
 
+	// registering orders the registrations of each envoy; see
+	// registerEnvoy. Taken before mu.
+	registering [64]sync.Mutex
+
 	mu       sync.Mutex
 	exps     map[string]*expState
 	envoys   map[string]*envoyState

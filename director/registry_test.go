@@ -3,7 +3,9 @@ package director
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -157,7 +159,7 @@ func TestSearchDatasets(t *testing.T) {
 	}
 }
 
-// countingStore counts the write transactions a director commits.
+// countingStore counts the writes a director asks the store for.
 type countingStore struct {
 	store.Store
 	mu      sync.Mutex
@@ -169,6 +171,13 @@ func (c *countingStore) Update(fn func(store.Tx) error) error {
 	c.updates++
 	c.mu.Unlock()
 	return c.Store.Update(fn)
+}
+
+func (c *countingStore) Batch(fn func(store.Tx) error) error {
+	c.mu.Lock()
+	c.updates++
+	c.mu.Unlock()
+	return c.Store.Batch(fn)
 }
 
 func (c *countingStore) count() int {
@@ -208,5 +217,101 @@ func TestReRegistrationWritesOnlyChanges(t *testing.T) {
 	}
 	if got := counting.count() - before; got != 2 {
 		t.Fatalf("an abandoned registration was committed (%d commits)", got)
+	}
+}
+
+// stallingStore, once armed, holds every write until released, as a slow
+// disk would.
+type stallingStore struct {
+	store.Store
+	armed   atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *stallingStore) stall() {
+	if s.armed.Load() {
+		s.entered <- struct{}{}
+		<-s.release
+	}
+}
+
+func (s *stallingStore) Update(fn func(store.Tx) error) error {
+	s.stall()
+	return s.Store.Update(fn)
+}
+
+func (s *stallingStore) Batch(fn func(store.Tx) error) error {
+	s.stall()
+	return s.Store.Batch(fn)
+}
+
+// TestRegistrationCommitsDoNotHoldUpTheDirector: while a new envoy's
+// record is being committed, other envoys' heartbeats and researchers'
+// listings are answered; the new envoy appears once its commit is done.
+func TestRegistrationCommitsDoNotHoldUpTheDirector(t *testing.T) {
+	stalling := &stallingStore{Store: store.NewMem(), entered: make(chan struct{}), release: make(chan struct{})}
+	f := newFed(t, func(c *Config) { c.Store = stalling })
+	req := func(name string) *fxv1.RegisterEnvoyRequest {
+		return &fxv1.RegisterEnvoyRequest{EnvoyName: name, Shard: &fxv1.DatasetShard{SampleShape: []int64{4}, TrainSamples: 10}}
+	}
+	must(t, f.d.registerEnvoy(t.Context(), req("old")))
+	stalling.armed.Store(true)
+
+	registered := make(chan error, 1)
+	go func() { registered <- f.d.registerEnvoy(t.Context(), req("new")) }()
+	<-stalling.entered // the new envoy's commit is under way, and stalled
+	answered := make(chan error, 1)
+	go func() {
+		err := f.d.heartbeat(&fxv1.HeartbeatRequest{EnvoyName: "old"})
+		if err == nil && len(f.d.listEnvoys(&fxv1.ListEnvoysRequest{})) != 1 {
+			err = errors.New("the envoy whose record is not committed yet is listed")
+		}
+		answered <- err
+	}()
+	var err error
+	timedOut := false
+	select {
+	case err = <-answered:
+	case <-time.After(10 * time.Second):
+		timedOut = true
+	}
+	close(stalling.release) // and the director can stop even if this failed
+	stalling.armed.Store(false)
+	must(t, <-registered)
+	if timedOut {
+		t.Fatal("a heartbeat waited for another envoy's registration to commit")
+	}
+	must(t, err)
+	if n := len(f.d.listEnvoys(&fxv1.ListEnvoysRequest{})); n != 2 {
+		t.Fatalf("%d envoys listed after the commit, want 2", n)
+	}
+}
+
+// TestConcurrentRegistrationsOfOneEnvoyAgreeWithTheStore: whichever of
+// many concurrent registrations of one envoy lands last, memory and the
+// store hold the same one.
+func TestConcurrentRegistrationsOfOneEnvoyAgreeWithTheStore(t *testing.T) {
+	mem := store.NewMem()
+	f := newFed(t, func(c *Config) { c.Store = mem })
+	var wg sync.WaitGroup
+	for i := range 32 {
+		wg.Go(func() {
+			must(t, f.d.registerEnvoy(t.Context(), &fxv1.RegisterEnvoyRequest{EnvoyName: "site-1", Version: fmt.Sprintf("v%d", i),
+				Shard: &fxv1.DatasetShard{SampleShape: []int64{4}, TrainSamples: 10}}))
+		})
+	}
+	wg.Wait()
+	var stored *store.Envoy
+	must(t, mem.View(func(tx store.Tx) error {
+		var err error
+		stored, err = tx.Envoy("site-1")
+		return err
+	}))
+	f.d.mu.Lock()
+	inMemory := f.d.envoys["site-1"].rec.Version
+	f.d.mu.Unlock()
+	if stored.Version != inMemory {
+		t.Fatalf("the store holds version %s, the director's memory %s", stored.Version, inMemory)
 	}
 }

@@ -51,6 +51,12 @@ func (s *Bolt) Update(fn func(Tx) error) error {
 	return s.db.Update(func(btx *bolt.Tx) error { return fn(tx{kv: boltKV{btx}}) })
 }
 
+// Batch implements Store with bbolt's Batch, which gathers the calls made
+// within a few milliseconds into one commit and one fsync.
+func (s *Bolt) Batch(fn func(Tx) error) error {
+	return s.db.Batch(func(btx *bolt.Tx) error { return fn(tx{kv: boltKV{btx}}) })
+}
+
 // Close implements Store.
 func (s *Bolt) Close() error { return s.db.Close() }
 

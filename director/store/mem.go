@@ -54,6 +54,9 @@ func (m *Mem) Update(fn func(Tx) error) error {
 	return nil
 }
 
+// Batch implements Store: each call is its own Update.
+func (m *Mem) Batch(fn func(Tx) error) error { return m.Update(fn) }
+
 // Close implements Store.
 func (m *Mem) Close() error {
 	m.mu.Lock()

@@ -112,6 +112,11 @@ type Store interface {
 	// Update runs fn in a read-write transaction, committed if fn returns
 	// nil and rolled back otherwise.
 	Update(fn func(Tx) error) error
+	// Batch is Update for many independent writers at once: fn may share
+	// its transaction, and so one commit, with other Batch calls made
+	// meanwhile, and may run more than once, so it must be idempotent. A
+	// nil return means fn's writes are committed.
+	Batch(fn func(Tx) error) error
 	Close() error
 }
 

@@ -2,6 +2,7 @@ package store
 
 import (
 	"errors"
+	"fmt"
 	"path/filepath"
 	"testing"
 	"time"
@@ -167,5 +168,61 @@ func TestBoltSurvivesReopen(t *testing.T) {
 	}
 	if got.State != fxv1.ExperimentState_RUNNING {
 		t.Errorf("state after reopen = %v", got.State)
+	}
+}
+
+// TestBatch: concurrent batched writes are all committed (and survive a
+// reopen, for bolt), and a failing one commits nothing of its own.
+func TestBatch(t *testing.T) {
+	for name, open := range implementations() {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "fx.db")
+			s := open(t, path)
+			const n = 50
+			errs := make(chan error, n+1)
+			for i := range n {
+				go func() {
+					errs <- s.Batch(func(tx Tx) error { return tx.PutEnvoy(&Envoy{Name: fmt.Sprintf("e%02d", i)}) })
+				}()
+			}
+			boom := errors.New("boom")
+			go func() {
+				errs <- s.Batch(func(tx Tx) error {
+					if err := tx.PutEnvoy(&Envoy{Name: "failed"}); err != nil {
+						return err
+					}
+					return boom
+				})
+			}()
+			failed := 0
+			for range n + 1 {
+				if err := <-errs; errors.Is(err, boom) {
+					failed++
+				} else if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if failed != 1 {
+				t.Fatalf("%d batches reported the failure, want 1", failed)
+			}
+			if name == "bolt" {
+				if err := s.Close(); err != nil {
+					t.Fatal(err)
+				}
+				s = open(t, path)
+			}
+			defer s.Close()
+			var envoys []*Envoy
+			if err := s.View(func(tx Tx) error {
+				var err error
+				envoys, err = tx.Envoys()
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if len(envoys) != n {
+				t.Fatalf("%d envoys stored, want the %d committed ones and not the failed one", len(envoys), n)
+			}
+		})
 	}
 }
