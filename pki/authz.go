@@ -77,7 +77,7 @@ func NewAuthorizer(rules Rules, revocation RevocationChecker) *Authorizer {
 func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
 	a := NewAuthorizer(rules, k)
 	return append([]grpc.ServerOption{
-		grpc.Creds(coalescingCreds{credentials.NewTLS(k.ServerConfig())}),
+		grpc.Creds(limitHandshakes(coalescingCreds{credentials.NewTLS(k.ServerConfig())}, handshakeSlots, maxHandshakeQueueWait)),
 		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor()),
 		grpc.ChainStreamInterceptor(a.StreamServerInterceptor()),
 	}, bulkServerOptions()...)
