@@ -48,12 +48,31 @@ func (a namedAddr) String() string  { return string(a) }
 
 func (c namedConn) RemoteAddr() net.Addr { return namedAddr(c.name) }
 
+// waitStart and release fail the test rather than hang it.
+func (g *gatedCreds) waitStart(t *testing.T) {
+	t.Helper()
+	select {
+	case <-g.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("timed out waiting for a handshake to start")
+	}
+}
+
+func (g *gatedCreds) release(t *testing.T) {
+	t.Helper()
+	select {
+	case g.released <- struct{}{}:
+	case <-time.After(10 * time.Second):
+		t.Fatal("timed out waiting for a handshake to release")
+	}
+}
+
 // TestHandshakeLimiter: at most n handshakes run at once, waiting ones run
 // in arrival order, and one that waits too long is refused without a
 // handshake.
 func TestHandshakeLimiter(t *testing.T) {
 	g := &gatedCreds{started: make(chan struct{}), released: make(chan struct{})}
-	limiter := limitHandshakes(g, 2, 200*time.Millisecond)
+	limiter := limitHandshakes(g, 2, time.Minute)
 	conns := []string{"a", "b", "c", "d"}
 	results := make(chan error, len(conns))
 	for i, name := range conns {
@@ -62,18 +81,18 @@ func TestHandshakeLimiter(t *testing.T) {
 			results <- err
 		}()
 		if i < 2 {
-			<-g.started // a and b take the two slots
+			g.waitStart(t) // a and b take the two slots
 		} else {
 			time.Sleep(100 * time.Millisecond) // c queues before d
 		}
 	}
-	// c and d wait; release a, then b: c runs, then d.
-	g.released <- struct{}{}
-	<-g.started
-	g.released <- struct{}{}
-	<-g.started
-	g.released <- struct{}{}
-	g.released <- struct{}{}
+	// c and d wait; each release lets the next in line start.
+	g.release(t)
+	g.waitStart(t)
+	g.release(t)
+	g.waitStart(t)
+	g.release(t)
+	g.release(t)
 	for range conns {
 		if err := <-results; err != nil {
 			t.Fatalf("handshake: %v", err)
@@ -87,22 +106,23 @@ func TestHandshakeLimiter(t *testing.T) {
 	}
 
 	// Both slots taken for longer than the queue wait: a third is refused.
+	short := limitHandshakes(g, 2, 200*time.Millisecond)
 	for _, name := range []string{"e", "f"} {
 		go func() {
-			_, _, err := limiter.ServerHandshake(namedConn{name: name})
+			_, _, err := short.ServerHandshake(namedConn{name: name})
 			results <- err
 		}()
-		<-g.started
+		g.waitStart(t)
 	}
 	start := time.Now()
-	if _, _, err := limiter.ServerHandshake(namedConn{name: "late"}); !errors.Is(err, errHandshakeQueueFull) {
+	if _, _, err := short.ServerHandshake(namedConn{name: "late"}); !errors.Is(err, errHandshakeQueueFull) {
 		t.Errorf("a handshake that waited past the limit: %v, want refused", err)
 	}
 	if waited := time.Since(start); waited < 200*time.Millisecond {
 		t.Errorf("refused after %v, before the 200ms limit", waited)
 	}
-	g.released <- struct{}{}
-	g.released <- struct{}{}
+	g.release(t)
+	g.release(t)
 	for range 2 {
 		if err := <-results; err != nil {
 			t.Fatal(err)
