@@ -288,12 +288,27 @@ func TestRegistrationCommitsDoNotHoldUpTheDirector(t *testing.T) {
 	}
 }
 
+// lateReturningStore commits each Batch at once but returns later the
+// earlier it was called, so that, unordered, the first registration to
+// commit would be the last applied in memory.
+type lateReturningStore struct {
+	store.Store
+	calls atomic.Int32
+}
+
+func (s *lateReturningStore) Batch(fn func(store.Tx) error) error {
+	err := s.Store.Batch(fn)
+	n := s.calls.Add(1)
+	time.Sleep(time.Duration(max(0, 32-n)) * 2 * time.Millisecond)
+	return err
+}
+
 // TestConcurrentRegistrationsOfOneEnvoyAgreeWithTheStore: whichever of
 // many concurrent registrations of one envoy lands last, memory and the
 // store hold the same one.
 func TestConcurrentRegistrationsOfOneEnvoyAgreeWithTheStore(t *testing.T) {
 	mem := store.NewMem()
-	f := newFed(t, func(c *Config) { c.Store = mem })
+	f := newFed(t, func(c *Config) { c.Store = &lateReturningStore{Store: mem} })
 	var wg sync.WaitGroup
 	for i := range 32 {
 		wg.Go(func() {

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/fx-fl/fx/experiment"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -29,6 +30,20 @@ func slowShard(i, n int) shard {
 	return syntheticShard(i, n, "features: 64\ntrain_samples: 60000\nvalid_samples: 2000\n")
 }
 
+// slowSites starts a director and two envoys on slow shards, site-1 and
+// site-2, and waits until both are online; it returns the federation,
+// alice's client, and site-2's process, which the failure tests disturb.
+func slowSites(t *testing.T) (*fed, *experiment.Client, *proc) {
+	t.Helper()
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", slowShard(1, 2))
+	site2 := f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+	return f, c, site2
+}
+
 const slowHyper = "hidden: [128], lr: 0.05, momentum: 0.9, batch_size: 64, epochs: 8"
 
 // TestEnvoyKilledMidRound: an envoy dies (SIGKILL) while training; the
@@ -36,12 +51,7 @@ const slowHyper = "hidden: [128], lr: 0.05, momentum: 0.9, batch_size: 64, epoch
 // envoy, restarted with the same configuration and work directory, rejoins
 // and reports in a later round; the experiment finishes.
 func TestEnvoyKilledMidRound(t *testing.T) {
-	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
-	f.startDirector(directorOptions{})
-	f.startEnvoy("site-1", slowShard(1, 2))
-	victim := f.startEnvoy("site-2", slowShard(2, 2))
-	c := f.researcher("alice")
-	f.waitEnvoysOnline(c, "site-1", "site-2")
+	f, c, victim := slowSites(t)
 
 	const rounds = 5
 	start := time.Now()
@@ -139,12 +149,7 @@ func TestDirectorStoppedMidExperiment(t *testing.T) {
 }
 
 func testDirectorRestart(t *testing.T, kill bool) {
-	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
-	f.startDirector(directorOptions{})
-	f.startEnvoy("site-1", slowShard(1, 2))
-	f.startEnvoy("site-2", slowShard(2, 2))
-	c := f.researcher("alice")
-	f.waitEnvoysOnline(c, "site-1", "site-2")
+	f, c, _ := slowSites(t)
 
 	const rounds = 4
 	start := time.Now()
@@ -267,12 +272,7 @@ func testDirectorRestart(t *testing.T, kill bool) {
 // comes back and deletes its copy too. The models of completed rounds stay
 // downloadable, and an ended experiment cannot be cancelled again.
 func TestCancelWhileAnEnvoyIsDown(t *testing.T) {
-	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
-	f.startDirector(directorOptions{})
-	f.startEnvoy("site-1", slowShard(1, 2))
-	down := f.startEnvoy("site-2", slowShard(2, 2))
-	c := f.researcher("alice")
-	f.waitEnvoysOnline(c, "site-1", "site-2")
+	f, c, down := slowSites(t)
 
 	e := f.submit("alice", writePlan(t, syntheticPlan("doomed", 20, slowHyper, "deadline: 3s, min_reporting: 1")))
 	f.waitFor(time.Minute, "round 1 to complete", func() (bool, error) {
@@ -333,12 +333,7 @@ func TestCancelWhileAnEnvoyIsDown(t *testing.T) {
 // left: the round completes with both sites' updates instead of waiting
 // for its deadline.
 func TestEnvoyRestartedRejoinsCurrentRound(t *testing.T) {
-	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
-	f.startDirector(directorOptions{})
-	f.startEnvoy("site-1", slowShard(1, 2))
-	victim := f.startEnvoy("site-2", slowShard(2, 2))
-	c := f.researcher("alice")
-	f.waitEnvoysOnline(c, "site-1", "site-2")
+	f, c, victim := slowSites(t)
 
 	const rounds = 3
 	start := time.Now()
@@ -632,12 +627,7 @@ func TestEnvoyFrozen(t *testing.T) {
 // envoys find it again, and the experiment finishes with each round's
 // aggregates once.
 func TestDirectorFrozen(t *testing.T) {
-	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
-	f.startDirector(directorOptions{})
-	f.startEnvoy("site-1", slowShard(1, 2))
-	f.startEnvoy("site-2", slowShard(2, 2))
-	c := f.researcher("alice")
-	f.waitEnvoysOnline(c, "site-1", "site-2")
+	f, c, _ := slowSites(t)
 
 	const rounds = 4
 	f.submit("alice", writePlan(t, syntheticPlan("thaw", rounds, slowHyper, "deadline: 1m, min_reporting: 2")))

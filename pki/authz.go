@@ -75,7 +75,11 @@ func NewAuthorizer(rules Rules, revocation RevocationChecker) *Authorizer {
 // ServerOptions are the options an fx gRPC server needs: TLS credentials from
 // the keyring and the interceptors enforcing rules with the keyring's CRL.
 func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
-	a := NewAuthorizer(rules, k)
+	return serverOptions(k, NewAuthorizer(rules, k))
+}
+
+// serverOptions are ServerOptions with a given Authorizer.
+func serverOptions(k *Keyring, a *Authorizer) []grpc.ServerOption {
 	return append([]grpc.ServerOption{
 		grpc.Creds(limitHandshakes(coalescingCreds{credentials.NewTLS(k.ServerConfig())}, handshakeSlots, maxHandshakeQueueWait)),
 		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor()),

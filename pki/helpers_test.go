@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
@@ -109,11 +108,7 @@ func startServer(t *testing.T, files Files, rules Rules) *testServer {
 		t.Fatalf("NewKeyring(server): %v", err)
 	}
 	a := NewAuthorizer(rules, k)
-	srv := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(k.ServerConfig())),
-		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor()),
-		grpc.ChainStreamInterceptor(a.StreamServerInterceptor()),
-	)
+	srv := grpc.NewServer(serverOptions(k, a)...) // the production server, with a handle on its Authorizer
 	h := &healthService{}
 	healthpb.RegisterHealthServer(srv, h)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")

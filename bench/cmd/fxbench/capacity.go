@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -25,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/fx-fl/fx/internal/atomicfile"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -166,11 +166,7 @@ func capacityMain(args []string) error {
 	}
 	printCapacity(os.Stdout, res)
 	if *out != "" {
-		if err := os.MkdirAll(filepath.Dir(*out), 0o755); err != nil {
-			return err
-		}
-		b, _ := json.MarshalIndent(res, "", "  ")
-		if err := os.WriteFile(*out, b, 0o644); err != nil {
+		if err := atomicfile.ReplaceJSON(*out, res); err != nil {
 			return err
 		}
 	}

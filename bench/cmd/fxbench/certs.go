@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/fx-fl/fx/internal/atomicfile"
 	"github.com/fx-fl/fx/pki"
 )
 
@@ -143,8 +144,7 @@ func (p *benchPKI) envoys(n, workers int) (issueStats, error) {
 		}
 	}
 	if st.Earlier == nil && st.Issued > 0 {
-		b, _ := json.MarshalIndent(st, "", "  ")
-		_ = os.WriteFile(p.statsPath(), b, 0o644)
+		_ = atomicfile.ReplaceJSON(p.statsPath(), st)
 	}
 	return st, nil
 }

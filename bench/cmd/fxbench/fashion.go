@@ -3,7 +3,6 @@ package main
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -21,6 +20,7 @@ import (
 	"github.com/fx-fl/fx/director"
 	"github.com/fx-fl/fx/envoy"
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/atomicfile"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
@@ -124,11 +124,7 @@ func fashionMain(args []string) error {
 		res.Federated.Rounds, res.Federated.Seconds, res.Federated.KnownSeconds, res.Federated.SetupSeconds)
 	fmt.Printf("  federated/centralised wall time: %.2f× (median of %d runs: %v)\n", res.TimeRatio, res.Runs, ratios)
 	if *out != "" {
-		if err := os.MkdirAll(filepath.Dir(*out), 0o755); err != nil {
-			return err
-		}
-		b, _ := json.MarshalIndent(res, "", "  ")
-		if err := os.WriteFile(*out, b, 0o644); err != nil {
+		if err := atomicfile.ReplaceJSON(*out, res); err != nil {
 			return err
 		}
 	}
