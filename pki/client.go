@@ -160,7 +160,7 @@ var handshakeRefusals = []struct{ alert, explain string }{
 	{"tls: unknown certificate authority", "the server does not trust the CA that issued this certificate: is it from another federation?"},
 	{"tls: expired certificate", "the server says this certificate has expired: ask the federation's CA for a new one"},
 	{"tls: revoked certificate", "the server says this certificate was revoked"},
-	{"tls: bad certificate", "the server refused this certificate: it was revoked, or it carries no fx role"},
+	{"tls: bad certificate", "the server refused this certificate: it was revoked, carries no fx role, or was not issued by the federation's signing CA"},
 	{"tls: unsupported certificate", "the server refused this certificate: it is not for client use"},
 	{"tls: certificate unknown", "the server refused this certificate"},
 }

@@ -110,7 +110,7 @@ func ImportCertificate(dir string, chainPEM, rootPEM []byte) (Files, Identity, e
 
 // verifyChain checks that chain[0] verifies against roots with chain[1:] as
 // intermediates, for any key usage (the caller checks usages when it
-// matters).
+// matters), and was issued by a signing CA (see issuedBySigningCA).
 func verifyChain(chain, roots []*x509.Certificate, now time.Time) error {
 	pool := x509.NewCertPool()
 	for _, r := range roots {
@@ -120,11 +120,33 @@ func verifyChain(chain, roots []*x509.Certificate, now time.Time) error {
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	_, err := chain[0].Verify(x509.VerifyOptions{
+	chains, err := chain[0].Verify(x509.VerifyOptions{
 		Roots:         pool,
 		Intermediates: inter,
 		CurrentTime:   now,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	return issuedBySigningCA(chains)
+}
+
+var errSignedByRoot = errors.New("signed by the federation root")
+
+// issuedBySigningCA refuses verified chains (leaf first, root last) in which
+// the leaf was signed by a root itself. An fx root signs only its signing
+// CA, and every party's certificate comes from the signing CA, whose CRL is
+// the only one parties read: a leaf signed by the root could never be
+// revoked. Go's verification alone accepts any chain to a root, so the
+// handshakes in both directions call this too.
+func issuedBySigningCA(chains [][]*x509.Certificate) error {
+	for _, c := range chains {
+		if len(c) < 3 {
+			leaf, root := c[0], c[len(c)-1]
+			return fmt.Errorf("certificate %q (serial %s) is %w %q itself, not by its signing CA: fx roots sign only the signing CA, and only certificates the signing CA issued can be revoked; issue it with `fx pki certify` or `fx pki sign`",
+				leaf.Subject.CommonName, FormatSerial(leaf.SerialNumber), errSignedByRoot, root.Subject.CommonName)
+		}
+	}
+	return nil
 }

@@ -225,6 +225,9 @@ func (k *Keyring) load() (*material, error) {
 		return nil, fmt.Errorf("certificate %s for %s is not valid before %s: check this machine's clock", cfg.Cert, id, leaf.NotBefore.Format(time.RFC3339))
 	}
 	if err := verifyChain(chain, rootCerts, now); err != nil {
+		if errors.Is(err, errSignedByRoot) {
+			return nil, fmt.Errorf("%s: %w", cfg.Cert, err)
+		}
 		if len(chain) == 1 {
 			return nil, fmt.Errorf("%s holds only the leaf certificate: it must be followed by the signing CA certificate, as `fx pki certify` writes it, or peers cannot verify it: %w", cfg.Cert, err)
 		}
@@ -337,6 +340,10 @@ func (k *Keyring) verifyClient(cs tls.ConnectionState) error {
 		k.log.Warn("refused a client certificate without an fx identity", "subject", chain[0].Subject.String(), "error", err)
 		return fmt.Errorf("fx: %w", err)
 	}
+	if err := issuedBySigningCA(cs.VerifiedChains); err != nil {
+		k.log.Warn("refused a client certificate not issued by the signing CA", "identity", id.String(), "error", err)
+		return fmt.Errorf("fx: %w", err)
+	}
 	if at, revoked := k.Revocation(chain); revoked {
 		k.log.Warn("refused a revoked client certificate", "identity", id.String(), "revoked_at", at)
 		return fmt.Errorf("fx: certificate for %s was revoked at %s", id, at.Format(time.RFC3339))
@@ -394,6 +401,9 @@ func (k *Keyring) verifyServer(cs tls.ConnectionState, serverName string) error 
 		DNSName:       serverName,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	})
+	if err == nil {
+		err = issuedBySigningCA(chains)
+	}
 	if err != nil {
 		return fmt.Errorf("fx: the server's certificate is not valid for %s in this federation: %w", serverName, err)
 	}
