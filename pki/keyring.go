@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/big"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -35,7 +36,8 @@ type KeyringConfig struct {
 // Files are looked at during handshakes and calls, at most once per
 // CheckInterval; a set of files that does not load (a key that no longer
 // matches its certificate while both are being replaced, a CRL with a bad
-// signature) is logged and the previous material stays in use.
+// signature, a CRL older than the one in force) is logged and the previous
+// material stays in use.
 type Keyring struct {
 	cfg KeyringConfig
 	log hclog.Logger
@@ -61,9 +63,14 @@ type material struct {
 // crlInfo is a CRL whose signature was verified against issuer.
 type crlInfo struct {
 	issuer     *x509.Certificate
+	number     *big.Int             // the CRL number; zero when the CRL has none
 	revoked    map[string]time.Time // FormatSerial → revocation time
 	nextUpdate time.Time
 }
+
+// errOlderCRL is wrapped by a load refused because its CRL is older than
+// the one in force.
+var errOlderCRL = errors.New("older than the CRL in force")
 
 type fileStamp struct {
 	exists bool
@@ -147,7 +154,12 @@ func (k *Keyring) refresh() {
 func (k *Keyring) reloadLocked() error {
 	m, err := k.load()
 	if err != nil {
-		if k.lastErr == nil || k.lastErr.Error() != err.Error() {
+		switch {
+		case errors.Is(err, errOlderCRL):
+			// Not a file caught half-replaced but a revocation being
+			// undone: whoever replaced the CRL must hear of it.
+			k.log.Error("REFUSED AN OLDER CRL: revoked certificates stay revoked; find out who replaced the CRL file and copy the CA's current crl.pem there", "error", err)
+		case k.lastErr == nil || k.lastErr.Error() != err.Error():
 			k.log.Warn("keeping the previous certificates: the files on disk do not load", "error", err)
 		}
 		k.lastErr = err
@@ -243,6 +255,9 @@ func (k *Keyring) load() (*material, error) {
 		if err != nil {
 			return nil, err
 		}
+		if err := notOlderCRL(m.crl, k.cur.Load(), cfg.CRL); err != nil {
+			return nil, err
+		}
 		if now.After(m.crl.nextUpdate) {
 			k.log.Warn("the CRL is past its next update: it still applies, but re-issue it with `fx pki crl` and copy it here", "crl", cfg.CRL, "next_update", m.crl.nextUpdate)
 		}
@@ -272,11 +287,34 @@ func loadCRL(path string, candidates []*x509.Certificate, now time.Time) (*crlIn
 	if issuer == nil {
 		return nil, fmt.Errorf("CRL %s (issuer %q) is not signed by the signing CA of this party's certificate nor by a federation root: copy the crl.pem of this federation's CA", path, crl.Issuer.String())
 	}
-	info := &crlInfo{issuer: issuer, revoked: make(map[string]time.Time, len(crl.RevokedCertificateEntries)), nextUpdate: crl.NextUpdate}
+	info := &crlInfo{issuer: issuer, number: new(big.Int), revoked: make(map[string]time.Time, len(crl.RevokedCertificateEntries)), nextUpdate: crl.NextUpdate}
+	if crl.Number != nil {
+		info.number = crl.Number
+	}
 	for _, e := range crl.RevokedCertificateEntries {
 		info.revoked[FormatSerial(e.SerialNumber)] = e.RevocationTime
 	}
 	return info, nil
+}
+
+// notOlderCRL refuses crl, read from path, when the material in force holds
+// a CRL of the same signing CA with a higher number. The CA numbers its CRLs
+// in order (RFC 5280's CRL number), and an older one lacks later
+// revocations: taking it would make revoked certificates valid again. A CRL
+// of another signing CA (after moving to a new CA) is not comparable and is
+// taken. A restart reads the CRL on disk afresh, whatever its number.
+func notOlderCRL(crl *crlInfo, inForce *material, path string) error {
+	if inForce == nil || inForce.crl == nil {
+		return nil
+	}
+	cur := inForce.crl
+	if !bytes.Equal(crl.issuer.RawSubject, cur.issuer.RawSubject) || !bytes.Equal(crl.issuer.RawSubjectPublicKeyInfo, cur.issuer.RawSubjectPublicKeyInfo) {
+		return nil
+	}
+	if crl.number.Cmp(cur.number) >= 0 {
+		return nil
+	}
+	return fmt.Errorf("CRL %s is number %s, %w (number %s), and may lack revocations made since: keeping the CRL in force; copy the CA's current crl.pem (`fx pki crl --dir CA` re-issues it with a new number)", path, crl.number, errOlderCRL, cur.number)
 }
 
 // Revocation reports whether a certificate of a verified chain (leaf first)

@@ -1,14 +1,18 @@
 package pki
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -263,5 +267,143 @@ func TestPlainClientWithoutCertificateIsRefused(t *testing.T) {
 	}
 	if n := f.server.health.calls.Load(); n != 0 {
 		t.Fatalf("handler reached %d times", n)
+	}
+}
+
+// Putting an older CRL in place of the current one (a restored backup, a
+// stale copy, an attacker who can write the file) must not make a revoked
+// certificate valid again: the CRL with the higher number stays in force,
+// and the refusal is logged as an error.
+func TestOlderCRLDoesNotUnrevoke(t *testing.T) {
+	ca := newTestCA(t)
+	director, _ := issueFiles(t, ca, IssueRequest{Role: RoleDirector, Name: "director.test", Hosts: []string{"localhost", "127.0.0.1"}})
+	director.CRL = filepath.Join(t.TempDir(), "crl.pem")
+	older, err := os.ReadFile(ca.CRLPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	install := func(crl []byte) {
+		t.Helper()
+		if err := writeFileAtomic(director.CRL, crl, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	install(older)
+	srv := startServer(t, director, testRules())
+	var logged lockedBuffer
+	watcher, err := NewKeyring(KeyringConfig{Files: director, CheckInterval: -1, Logger: hclog.New(&hclog.LoggerOptions{Output: &logged})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testContext(t)
+	envoy, iss := issueFiles(t, ca, IssueRequest{Role: RoleEnvoy, Name: "site-1"})
+	if err := check(ctx, dial(t, srv.addr, envoy), "site-1"); err != nil {
+		t.Fatalf("Check before revocation: %v", err)
+	}
+
+	if _, err := ca.Revoke(iss.Cert.SerialNumber); err != nil {
+		t.Fatal(err)
+	}
+	newer, err := os.ReadFile(ca.CRLPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	install(newer)
+	wantStatus(t, check(ctx, dial(t, srv.addr, envoy), "site-1"), codes.Unauthenticated, "bad certificate")
+	chain := []*x509.Certificate{iss.Cert, ca.Signing()}
+	if _, revoked := watcher.Revocation(chain); !revoked {
+		t.Fatal("the keyring did not load the newer CRL")
+	}
+
+	install(older)
+	wantStatus(t, check(ctx, dial(t, srv.addr, envoy), "site-1"), codes.Unauthenticated, "bad certificate")
+	if _, revoked := watcher.Revocation(chain); !revoked {
+		t.Fatal("an older CRL un-revoked the certificate")
+	}
+	if err := srv.keyring.Reload(); err == nil || !strings.Contains(err.Error(), "older") {
+		t.Fatalf("Reload with an older CRL: %v, want it refused as older", err)
+	}
+	if out := logged.String(); !strings.Contains(out, "[ERROR]") || !strings.Contains(out, "older") {
+		t.Fatalf("the refused CRL was not logged as an error; log:\n%s", out)
+	}
+
+	// A newer CRL is taken again: the refusal was of that file, not of CRLs.
+	admin, adminIss := issueFiles(t, ca, IssueRequest{Role: RoleAdmin, Name: "ops"})
+	if _, err := ca.Revoke(adminIss.Cert.SerialNumber); err != nil {
+		t.Fatal(err)
+	}
+	newest, err := os.ReadFile(ca.CRLPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	install(newest)
+	if err := srv.keyring.Reload(); err != nil {
+		t.Fatalf("Reload with a newer CRL: %v", err)
+	}
+	wantStatus(t, check(ctx, dial(t, srv.addr, admin), "ops"), codes.Unauthenticated, "bad certificate")
+}
+
+// lockedBuffer is a log destination that tests read while servers write.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// Moving to a new CA starts its CRL numbers afresh: a CRL of another signing
+// CA is not older, whatever its number.
+func TestCRLOfNewCAIsTaken(t *testing.T) {
+	oldCA, newCA := newTestCA(t), newTestCA(t)
+	dir := t.TempDir()
+	bundle := append(oldCA.RootPEM(), newCA.RootPEM()...)
+	if err := os.WriteFile(filepath.Join(dir, "ca.crt"), bundle, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, files, err := oldCA.IssueTo(dir, IssueRequest{Role: RoleDirector, Name: "director.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 { // the old CA's CRL is now number 4, the new one's 1
+		if _, _, err := oldCA.WriteCRL(time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	files.CRL = filepath.Join(dir, "crl.pem")
+	copyFile := func(from, to string) {
+		t.Helper()
+		data, err := os.ReadFile(from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := writeFileAtomic(to, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	copyFile(oldCA.CRLPath(), files.CRL)
+	k, err := NewKeyring(KeyringConfig{Files: files, CheckInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	renewed, iss := issueFiles(t, newCA, IssueRequest{Role: RoleDirector, Name: "director.test"})
+	copyFile(renewed.Key, files.Key)
+	copyFile(renewed.Cert, files.Cert)
+	copyFile(newCA.CRLPath(), files.CRL)
+	if err := k.Reload(); err != nil {
+		t.Fatalf("moving to the new CA's certificate and CRL: %v", err)
+	}
+	if got := k.Identity().Serial; got != FormatSerial(iss.Cert.SerialNumber) {
+		t.Fatalf("the keyring holds serial %s, want the new CA's %s", got, FormatSerial(iss.Cert.SerialNumber))
 	}
 }
