@@ -250,23 +250,56 @@ func TestClientChecksServerName(t *testing.T) {
 	}
 }
 
-// A client that does not wait for the server's verdict (any TLS client, not
-// only fx's) is refused just the same; it may only see a vaguer error.
-func TestPlainClientWithoutCertificateIsRefused(t *testing.T) {
+// Any gRPC client that is not built with fx's dial options (grpcio, grpc-go
+// with plain TLS credentials) sees a refusal in the TLS handshake as
+// Unavailable: gRPC reports every failure to set up a connection so, and
+// the server cannot send a status before the handshake has succeeded. fx's
+// clients turn the TLS alert into Unauthenticated (TestRefusedCallsChangeNothing);
+// docs/protocol.md and docs/security.md say both. A plain client also may
+// not wait for the server's verdict, so its message can be vaguer.
+func TestPlainClientSeesHandshakeRefusalAsUnavailable(t *testing.T) {
 	f := newFederation(t, true)
 	ctx := testContext(t)
 	roots := x509.NewCertPool()
 	roots.AddCert(f.ca.Root())
-	conn, err := grpc.NewClient(f.server.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots})))
-	if err != nil {
+	pair := func(files Files) []tls.Certificate {
+		t.Helper()
+		p, err := tls.LoadX509KeyPair(files.Cert, files.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return []tls.Certificate{p}
+	}
+	revoked, iss := issueFiles(t, f.ca, IssueRequest{Role: RoleEnvoy, Name: "site-1"})
+	if _, err := f.ca.Revoke(iss.Cert.SerialNumber); err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	if err := check(ctx, conn, "site-1"); status.Code(err) == codes.OK {
-		t.Fatal("a client without a certificate was served")
-	}
-	if n := f.server.health.calls.Load(); n != 0 {
-		t.Fatalf("handler reached %d times", n)
+	stranger, _ := issueFiles(t, newTestCA(t), IssueRequest{Role: RoleEnvoy, Name: "site-1"})
+
+	for _, tc := range []struct {
+		name  string
+		certs []tls.Certificate
+	}{
+		{"no client certificate", nil},
+		{"revoked certificate", pair(revoked)},
+		{"certificate from another CA", pair(stranger)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			creds := credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots, Certificates: tc.certs})
+			conn, err := grpc.NewClient(f.server.addr, grpc.WithTransportCredentials(creds))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			err = check(ctx, conn, "site-1")
+			t.Logf("refused with: %v", err)
+			if code := status.Code(err); code != codes.Unavailable {
+				t.Fatalf("a plain gRPC client refused in the handshake got %v, want Unavailable (or update docs/protocol.md and docs/security.md)", code)
+			}
+			if n := f.server.health.calls.Load(); n != 0 {
+				t.Fatalf("handler reached %d times", n)
+			}
+		})
 	}
 }
 
