@@ -500,7 +500,20 @@ func encodeHeader(m Model, metadata map[string]string) ([]byte, Model, error) {
 // torn one (a stray ".<name>.tmp-*" file at worst). The file is readable by
 // its owner only: models can carry information about the data they were
 // trained on.
-func WriteFile(path string, m Model, metadata map[string]string) (err error) {
+func WriteFile(path string, m Model, metadata map[string]string) error {
+	return writeFile(path, m, metadata, true)
+}
+
+// WriteScratchFile writes m like WriteFile, atomically and private to its
+// owner, but without flushing it to disk: for files that need not survive a
+// crash, such as the models a site hands its task runner every round. The
+// fsyncs WriteFile pays for durability would cost more than the write
+// itself, and the page cache serves the reader anyway.
+func WriteScratchFile(path string, m Model, metadata map[string]string) error {
+	return writeFile(path, m, metadata, false)
+}
+
+func writeFile(path string, m Model, metadata map[string]string, durable bool) (err error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -520,14 +533,19 @@ func WriteFile(path string, m Model, metadata map[string]string) (err error) {
 	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("safetensors: write %s: %w", path, err)
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("safetensors: sync %s: %w", tmp, err)
+	if durable {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("safetensors: sync %s: %w", tmp, err)
+		}
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("safetensors: close %s: %w", tmp, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("safetensors: %w", err)
+	}
+	if !durable {
+		return nil
 	}
 	return syncDir(dir)
 }

@@ -243,6 +243,13 @@ func FromFloat32(name string, shape []int64, values []float32) *Tensor {
 	return t
 }
 
+// ViewFloat32 wraps values as an F32 tensor without copying them: the
+// tensor's Data is their memory. For large read-only arrays (a site's data
+// set) that are written out once; values must outlive the tensor.
+func ViewFloat32(name string, shape []int64, values []float32) *Tensor {
+	return &Tensor{Name: name, DType: F32, Shape: slices.Clone(shape), Data: asBytes(values)}
+}
+
 // New allocates a zeroed tensor. The backing array is 8-byte aligned so typed
 // views are always valid.
 func New(name string, d DType, shape []int64) *Tensor {

@@ -7,6 +7,7 @@ import (
 	osexec "os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 )
@@ -54,12 +55,16 @@ func lookupEnv(vars []envVar, key string) (string, bool) {
 	return "", false
 }
 
+// pythonNames are the program names that mean "the site's Python".
+var pythonNames = []string{"python", "python3"}
+
 // resolveCommand turns argv[0] into the absolute path of the program to run:
 // an absolute path as it is; a path with a slash inside dir (refusing one
-// that leaves it, by ".." or through a symbolic link); a bare name through
+// that leaves it, by ".." or through a symbolic link); python or python3 as
+// the site's interpreter when it names one; any other bare name through
 // searchPath, whose relative entries are skipped (they would depend on the
 // envoy's working directory).
-func resolveCommand(dir string, argv []string, searchPath string) (string, error) {
+func resolveCommand(dir string, argv []string, searchPath, python string) (string, error) {
 	if len(argv) == 0 {
 		return "", errors.New("exec runner: no command (the plan's runner.command is empty)")
 	}
@@ -92,6 +97,16 @@ func resolveCommand(dir string, argv []string, searchPath string) (string, error
 		}
 		return checkProgram(name, p)
 	}
+	if python != "" && slices.Contains(pythonNames, name) {
+		if !filepath.IsAbs(python) {
+			return "", fmt.Errorf("exec runner: the site's Python interpreter %q (exec.python) must be an absolute path", python)
+		}
+		p, err := checkProgram(python, python)
+		if err != nil {
+			return "", fmt.Errorf("%w (the site's exec.python, which runs plans whose command is %s)", err, name)
+		}
+		return p, nil
+	}
 	for _, d := range filepath.SplitList(searchPath) {
 		if d == "" || !filepath.IsAbs(d) {
 			continue
@@ -101,7 +116,11 @@ func resolveCommand(dir string, argv []string, searchPath string) (string, error
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("exec runner: command %q not found in PATH %q (the site's runner PATH if it sets one, else the envoy's)", name, searchPath)
+	hint := ""
+	if slices.Contains(pythonNames, name) {
+		hint = "; the site can name its interpreter with exec.python"
+	}
+	return "", fmt.Errorf("exec runner: command %q not found in the runners' PATH %q (the site's exec.env PATH, else %s)%s", name, searchPath, DefaultPath, hint)
 }
 
 // checkProgram checks that p is an executable regular file.

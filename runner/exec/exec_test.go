@@ -76,6 +76,7 @@ func (f *fixture) config(command []string) Config {
 	return Config{
 		Dir:             f.dir,
 		Command:         command,
+		Mode:            ModePerTask,
 		Timeout:         20 * time.Second,
 		Hyperparameters: map[string]any{"lr": 0.1, "epochs": 2},
 		Seed:            7,
@@ -756,7 +757,10 @@ func TestNewRefuses(t *testing.T) {
 		{"missing script", func(c *Config) { c.Command = []string{"./missing.sh"} }, "no such file"},
 		{"not executable", func(c *Config) { c.Command = []string{"./plain.sh"} }, "is not executable"},
 		{"a directory", func(c *Config) { c.Command = []string{"./sub"} }, "not a regular file"},
-		{"not in PATH", func(c *Config) { c.Command = []string{"fx-no-such-program"} }, `"fx-no-such-program" not found in PATH`},
+		{"not in PATH", func(c *Config) { c.Command = []string{"fx-no-such-program"} }, `"fx-no-such-program" not found in the runners' PATH`},
+		{"relative python", func(c *Config) { c.Command = []string{"python3", "x.py"}; c.Python = "venv/bin/python3" }, "must be an absolute path"},
+		{"missing python", func(c *Config) { c.Command = []string{"python", "x.py"}; c.Python = "/nonexistent/python3" }, "exec.python"},
+		{"bad mode", func(c *Config) { c.Mode = "forking" }, `mode "forking"`},
 		{"NUL argument", func(c *Config) { c.Command = []string{"./ok.sh", "a\x00b"} }, "NUL"},
 		{"reserved env", func(c *Config) { c.Env = []string{"FX_OUTPUT_DIR=/etc"} }, "reserved for the runner protocol"},
 		{"env without =", func(c *Config) { c.Env = []string{"JUSTANAME"} }, "not KEY=VALUE"},
@@ -806,11 +810,25 @@ func TestCommandResolution(t *testing.T) {
 			}
 		})
 	}
-	t.Run("envoy PATH", func(t *testing.T) {
+	// The envoy's own PATH never decides what runs: it may point at an
+	// interpreter without the site's packages (a pyenv shim, a venv).
+	t.Run("not the envoy PATH", func(t *testing.T) {
 		t.Setenv("PATH", bin)
-		r := f.runner(t, f.config([]string{"site-tool"}))
-		if got := r.Command()[0]; got != filepath.Join(bin, "site-tool") {
-			t.Errorf("resolved to %s", got)
+		if _, err := New(f.config([]string{"site-tool"})); err == nil {
+			t.Error("a program found only in the envoy's PATH was accepted")
+		}
+	})
+	t.Run("site python", func(t *testing.T) {
+		t.Setenv("PATH", bin) // a python3 here must not win
+		if err := os.WriteFile(filepath.Join(bin, "python3"), []byte("#!/bin/sh\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range []string{"python", "python3"} {
+			c := f.config([]string{name, "train.py"})
+			c.Python = filepath.Join(bin, "site-tool")
+			if got := f.runner(t, c).Command(); got[0] != c.Python || got[1] != "train.py" {
+				t.Errorf("%s resolved to %q, want the site's interpreter %s", name, got, c.Python)
+			}
 		}
 	})
 }

@@ -2,19 +2,17 @@ package exec
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"io"
 	"os"
 	osexec "os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-
-	"github.com/fx-fl/fx/runner"
 )
 
 // drainTimeout bounds the wait for the command's output pipes to close
@@ -26,104 +24,191 @@ const drainTimeout = 2 * time.Second
 // so a runner printing a megabyte without a newline cannot bloat the log.
 const maxLineBytes = 8 << 10
 
-// outcome is how a command run ended.
-type outcome struct {
-	startErr error    // the command did not start
-	waitErr  error    // cmd.Wait's error: a non-zero exit or a signal
-	stopped  bool     // fx signalled the group (timeout or cancellation)
-	stderr   []string // the last StderrTail lines of stderr
+// proc is one started runner command: its process group, the goroutines
+// reading its output, and what they have seen.
+type proc struct {
+	cmd  *osexec.Cmd
+	pgid int
+	log  hclog.Logger
+	// exited is closed when the main process has exited; waitErr is then
+	// cmd.Wait's error.
+	exited  chan struct{}
+	waitErr error
+	// pumps read stdout and stderr until both are closed.
+	pumps      sync.WaitGroup
+	outR, errR *os.File
+	tail       *tailBuffer
+	// output counts the bytes written since the last resetOutput; flooded
+	// is closed when they pass limit.
+	output     atomic.Int64
+	limit      int64
+	flooded    chan struct{}
+	floodOnce  sync.Once
+	stopped    atomic.Bool // fx signalled the group
+	stopOnce   sync.Once
+	label      atomic.Pointer[taskLabel]
+	onLine     func(OutputLine)
 }
 
-// execute runs the command for one task in its own process group and waits
-// for it. When ctx ends first, the group gets SIGTERM, then SIGKILL after
-// the grace period. When the command's main process ends, whatever it left
-// running in its group is killed: a task is over when its command exits.
-func (r *Runner) execute(ctx context.Context, task runner.Task, td *taskDir, log hclog.Logger) outcome {
-	tail := &tailBuffer{max: StderrTail}
+// taskLabel names the task a persistent process is running, for its
+// output lines.
+type taskLabel struct {
+	task  string
+	round int
+}
+
+// startProc starts cmd in its own process group with its stdout and stderr
+// pumped line by line into log (and onLine), and returns at once.
+// extraFiles are the child's ends of pipes passed as fds 3, 4, ...; they
+// are closed here once the child holds them.
+func (r *Runner) startProc(cmd *osexec.Cmd, extraFiles []*os.File, log hclog.Logger) (*proc, error) {
+	p := &proc{
+		log:     log,
+		tail:    &tailBuffer{max: StderrTail},
+		limit:   r.maxOutput,
+		flooded: make(chan struct{}),
+		exited:  make(chan struct{}),
+		onLine:  r.output,
+	}
+	closeAll := func(fs ...*os.File) {
+		for _, f := range fs {
+			if f != nil {
+				f.Close()
+			}
+		}
+	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
-		return outcome{startErr: err}
+		closeAll(extraFiles...)
+		return nil, err
 	}
 	errR, errW, err := os.Pipe()
 	if err != nil {
-		outR.Close()
-		outW.Close()
-		return outcome{startErr: err}
+		closeAll(append(extraFiles, outR, outW)...)
+		return nil, err
 	}
-	cmd := &osexec.Cmd{
-		Path:        r.path,
-		Args:        r.argv,
-		Dir:         r.dir,
-		Env:         r.environment(task, td),
-		Stdout:      outW,
-		Stderr:      errW,
-		SysProcAttr: procAttr(),
+	cmd.Stdout, cmd.Stderr = outW, errW
+	cmd.ExtraFiles = extraFiles
+	cmd.SysProcAttr = procAttr()
+	if r.contain != nil {
+		if err := r.contain(cmd); err != nil {
+			closeAll(append(extraFiles, outR, outW, errR, errW)...)
+			return nil, err
+		}
 	}
 	err = cmd.Start()
-	// The child holds its own copies of the write ends; closing ours lets
-	// the readers see EOF when the last process holding them is gone.
-	outW.Close()
-	errW.Close()
+	// The child holds its own copies of the write ends (and of the extra
+	// files); closing ours lets the readers see EOF when the last process
+	// holding them is gone.
+	closeAll(append(extraFiles, outW, errW)...)
 	if err != nil {
-		outR.Close()
-		errR.Close()
-		return outcome{startErr: err}
+		closeAll(outR, errR)
+		return nil, err
 	}
-	pgid := cmd.Process.Pid
-	log.Info("runner command started", "pid", pgid)
-
-	var wg sync.WaitGroup
-	wg.Add(2)
+	p.cmd, p.pgid, p.outR, p.errR = cmd, cmd.Process.Pid, outR, errR
+	log.Info("runner command started", "pid", p.pgid)
+	p.pumps.Add(2)
+	go p.pump(outR, "stdout")
+	go p.pump(errR, "stderr")
 	go func() {
-		defer wg.Done()
-		pumpLines(outR, func(line string) { log.Info(line, "stream", "stdout") })
+		p.waitErr = cmd.Wait()
+		close(p.exited)
 	}()
-	go func() {
-		defer wg.Done()
-		pumpLines(errR, func(line string) {
-			log.Info(line, "stream", "stderr")
-			tail.add(line)
-		})
-	}()
+	return p, nil
+}
 
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-	var out outcome
-	select {
-	case out.waitErr = <-waited:
-	case <-ctx.Done():
-		out.stopped = true
-		log.Warn("stopping the runner command", "reason", context.Cause(ctx), "grace", r.grace)
-		killGroup(pgid, syscall.SIGTERM)
-		grace := time.NewTimer(r.grace)
-		select {
-		case out.waitErr = <-waited:
-		case <-grace.C:
-			log.Warn("the runner command outlived its grace period; killing it", "grace", r.grace)
-			killGroup(pgid, syscall.SIGKILL)
-			out.waitErr = <-waited
+// pump reads one of the command's streams until it closes.
+func (p *proc) pump(r io.Reader, stream string) {
+	defer p.pumps.Done()
+	pumpLines(r, func(n int) {
+		if p.output.Add(int64(n)) > p.limit {
+			p.floodOnce.Do(func() { close(p.flooded) })
 		}
-		grace.Stop()
-	}
-	killGroup(pgid, syscall.SIGKILL)
+	}, func(line string) {
+		l := p.label.Load()
+		if l == nil {
+			l = &taskLabel{}
+		}
+		if p.output.Load() > p.limit {
+			return // flooding: neither logged nor shared
+		}
+		p.log.Info(line, "stream", stream)
+		if stream == "stderr" {
+			p.tail.add(line)
+		}
+		if p.onLine != nil {
+			p.onLine(OutputLine{Stream: stream, Task: l.task, Round: l.round, Text: line})
+		}
+	})
+}
 
-	drained := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(drained)
-	}()
+// setTask labels the output that follows with a task, and restarts the
+// output count: the limit is per task.
+func (p *proc) setTask(task string, round int) {
+	p.label.Store(&taskLabel{task: task, round: round})
+	p.output.Store(0)
+}
+
+// isFlooded reports whether the output passed the limit.
+func (p *proc) isFlooded() bool {
 	select {
-	case <-drained:
-	case <-time.After(drainTimeout):
-		log.Warn("a process that left the runner's process group still holds its output open; no longer reading it")
-		outR.Close()
-		errR.Close()
-		<-drained
+	case <-p.flooded:
+		return true
+	default:
+		return false
 	}
-	outR.Close()
-	errR.Close()
-	out.stderr = tail.lines()
-	return out
+}
+
+// hasExited reports whether the main process has exited.
+func (p *proc) hasExited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop ends the command for good: SIGTERM to its group (unless its main
+// process already exited), SIGKILL after grace, then SIGKILL to whatever it
+// left in its group, and waits for its output to drain. It returns the
+// stderr tail. Safe to call more than once.
+func (p *proc) stop(grace time.Duration, reason string) []string {
+	p.stopOnce.Do(func() {
+		if !p.hasExited() {
+			p.stopped.Store(true)
+			p.log.Warn("stopping the runner command", "reason", reason, "grace", grace)
+			killGroup(p.pgid, syscall.SIGTERM)
+			t := time.NewTimer(grace)
+			select {
+			case <-p.exited:
+			case <-t.C:
+				p.log.Warn("the runner command outlived its grace period; killing it", "grace", grace)
+				killGroup(p.pgid, syscall.SIGKILL)
+				<-p.exited
+			}
+			t.Stop()
+		}
+		// A task is over when its command exits: what it left running in
+		// its group goes too.
+		killGroup(p.pgid, syscall.SIGKILL)
+		drained := make(chan struct{})
+		go func() {
+			p.pumps.Wait()
+			close(drained)
+		}()
+		select {
+		case <-drained:
+		case <-time.After(drainTimeout):
+			p.log.Warn("a process that left the runner's process group still holds its output open; no longer reading it")
+			p.outR.Close()
+			p.errR.Close()
+			<-drained
+		}
+		p.outR.Close()
+		p.errR.Close()
+	})
+	return p.tail.lines()
 }
 
 // killGroup signals every process of the group; a group that is already
@@ -133,14 +218,16 @@ func killGroup(pgid int, sig syscall.Signal) {
 	_ = syscall.Kill(-pgid, sig)
 }
 
-// pumpLines reads r line by line and hands each non-blank line to emit,
-// without its line ending, as valid UTF-8, cut at maxLineBytes.
-func pumpLines(r io.Reader, emit func(string)) {
+// pumpLines reads r line by line, counts every byte read with count, and
+// hands each non-blank line to emit, without its line ending, as valid
+// UTF-8, cut at maxLineBytes.
+func pumpLines(r io.Reader, count func(int), emit func(string)) {
 	br := bufio.NewReaderSize(r, 4096)
 	var line []byte
 	cut := false
 	for {
 		chunk, err := br.ReadSlice('\n')
+		count(len(chunk))
 		if room := maxLineBytes - len(line); len(chunk) > room {
 			line = append(line, chunk[:room]...)
 			cut = true

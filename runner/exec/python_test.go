@@ -51,6 +51,7 @@ func pythonConfig(t *testing.T, log hclog.Logger, data map[string]any) Config {
 	return Config{
 		Dir:             dir,
 		Command:         []string{"python3", "runner.py"},
+		Mode:            ModePerTask,
 		Timeout:         2 * time.Minute,
 		Hyperparameters: map[string]any{"epochs": 3, "lr": 0.1, "batch_size": 32},
 		Seed:            1,
