@@ -40,14 +40,14 @@ type proc struct {
 	tail       *tailBuffer
 	// output counts the bytes written since the last resetOutput; flooded
 	// is closed when they pass limit.
-	output     atomic.Int64
-	limit      int64
-	flooded    chan struct{}
-	floodOnce  sync.Once
-	stopped    atomic.Bool // fx signalled the group
-	stopOnce   sync.Once
-	label      atomic.Pointer[taskLabel]
-	onLine     func(OutputLine)
+	output    atomic.Int64
+	limit     int64
+	flooded   chan struct{}
+	floodOnce sync.Once
+	stopped   atomic.Bool // fx signalled the group
+	stopOnce  sync.Once
+	label     atomic.Pointer[taskLabel]
+	onLine    func(OutputLine)
 }
 
 // taskLabel names the task a persistent process is running, for its
