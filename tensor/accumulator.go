@@ -49,6 +49,25 @@ import (
 // that have already validated the data (or accept that a half-folded upload
 // cannot be taken back); its weights are counted with AddWeight.
 //
+// # Weights cannot overflow the sum
+//
+// A weight is whatever its caller says, a sample count a site reports, say,
+// and a large one must not be able to break the round for everyone: 2^62 ×
+// an element of 1e20 is past float32's range. So weights are folded as
+// fractions: each is scaled by 2^-k, the power of two just above
+// AccumulatorConfig.MaxTotalWeight, and a weight that would take the round's
+// total past MaxTotalWeight is refused. The folded weights then add up to
+// less than 1, and every running sum of finite updates stays within the
+// largest of them in magnitude, whatever the weights' scale. Scaling by a
+// power of two is exact, so the mean is bit for bit what the raw weights
+// would give wherever those did not overflow.
+//
+// Rounding alone can still carry a sum of updates that sit at the very top
+// of their dtype's range a few units past its largest finite value. The
+// exact mean lies within the updates' range, so Mean clamps such an element
+// to the dtype's largest finite value: no accepted input makes the mean Inf
+// or NaN.
+//
 // # Concurrency
 //
 // Any number of uploads may stage and commit concurrently. Folding takes a lock
@@ -75,14 +94,22 @@ type Accumulator struct {
 	// write-held by Mean and Reset, which need a sum no upload is halfway into.
 	gate sync.RWMutex
 
+	// scale is 2^-k for the power of two 2^k just above MaxTotalWeight, by
+	// which every weight is folded (see "Weights cannot overflow the sum").
+	scale    float64
+	maxTotal float64
+
 	mu sync.Mutex // guards the fields below
 	// spares are spilled stage files kept for the next upload, for the same
 	// reason as stages: writing into pages a file already has is about three
 	// times as fast as growing a new one. There are never more than uploads
 	// were staged at once; Close frees them.
-	spares     []*os.File
-	closed     bool
-	total      float64
+	spares []*os.File
+	closed bool
+	total  float64 // the weights counted, unscaled
+	// committing is the weight of commits folding now: counted against
+	// maxTotal already, so that concurrent commits cannot overshoot it.
+	committing float64
 	count      int
 	generation int
 	intsSet    bool  // integer tensors hold the first committed upload's values
@@ -123,12 +150,26 @@ type AccumulatorConfig struct {
 	// SpillDir, if set, stages uploads in files in this directory rather
 	// than in memory (see the type's documentation for the trade-off).
 	SpillDir string
+	// MaxTotalWeight is the most the weights counted between two Resets
+	// may add up to, such as the sum of the participants' largest possible
+	// sample counts. Required: finite and positive. Weights are folded as
+	// fractions of it, and one that would take the total past it is
+	// refused (see the type's documentation).
+	MaxTotalWeight float64
 }
+
+// minWeightFraction is the smallest fraction of MaxTotalWeight a weight may
+// be: its update would vanish in rounding below it, and the mean's scale
+// (the inverse of the folded weights' total) would leave float32's range.
+const minWeightFraction = 0x1p-100
 
 // NewAccumulator allocates a zero sum for cfg.Layout.
 func NewAccumulator(cfg AccumulatorConfig) (*Accumulator, error) {
 	if len(cfg.Layout) == 0 {
 		return nil, errors.New("accumulator: empty layout")
+	}
+	if !(cfg.MaxTotalWeight > 0) || math.IsInf(cfg.MaxTotalWeight, 0) {
+		return nil, fmt.Errorf("accumulator: maximum total weight %v, want a positive finite number: the most a round's weights can add up to", cfg.MaxTotalWeight)
 	}
 	if cfg.SpillDir != "" {
 		fi, err := os.Stat(cfg.SpillDir)
@@ -139,7 +180,13 @@ func NewAccumulator(cfg AccumulatorConfig) (*Accumulator, error) {
 			return nil, fmt.Errorf("accumulator: spill directory %s is not a directory", cfg.SpillDir)
 		}
 	}
-	a := &Accumulator{index: make(map[string]int, len(cfg.Layout)), spillDir: cfg.SpillDir}
+	_, exp := math.Frexp(cfg.MaxTotalWeight) // MaxTotalWeight < 2^exp
+	a := &Accumulator{
+		index:    make(map[string]int, len(cfg.Layout)),
+		spillDir: cfg.SpillDir,
+		scale:    math.Ldexp(1, -exp),
+		maxTotal: cfg.MaxTotalWeight,
+	}
 	var base int64
 	for _, t := range cfg.Layout {
 		if err := ValidateName(t.Name); err != nil {
@@ -210,34 +257,64 @@ func (a *Accumulator) AddChunk(name string, elemOffset int64, raw []byte, dtype 
 	if !dtype.IsFloat() {
 		return fmt.Errorf("accumulator: tensor %q is %s: only float tensors are summed (stage uploads with Begin to carry integer tensors)", name, dtype)
 	}
-	if math.IsNaN(weight) || math.IsInf(weight, 0) {
-		return fmt.Errorf("accumulator: weight %v is not finite", weight)
+	if err := a.checkWeight(weight); err != nil {
+		return fmt.Errorf("accumulator: %w", err)
 	}
 	if err := CheckFiniteRaw(raw, dtype, elemOffset); err != nil {
 		return fmt.Errorf("accumulator: tensor %q: %w", name, err)
 	}
 	a.gate.RLock()
 	defer a.gate.RUnlock()
-	a.fold(s, elemOffset, raw, weight)
+	a.fold(s, elemOffset, raw, weight*a.scale)
+	return nil
+}
+
+// checkWeight refuses a weight that is not a positive finite number, is
+// larger than the maximum total, or is too small a fraction of it.
+func (a *Accumulator) checkWeight(weight float64) error {
+	switch {
+	case !(weight > 0) || math.IsInf(weight, 0):
+		return fmt.Errorf("weight %v, want a positive finite number", weight)
+	case weight > a.maxTotal:
+		return fmt.Errorf("weight %v is more than the %v all of a round's weights may add up to", weight, a.maxTotal)
+	case weight*a.scale < minWeightFraction:
+		return fmt.Errorf("weight %v is too small against the round's maximum total weight %v (below 2^-100 of it): its update would vanish in rounding", weight, a.maxTotal)
+	}
+	return nil
+}
+
+// reserveLocked counts weight against the round's maximum total, or says
+// why it cannot be. Weights are sums of integers in practice but may round,
+// so the total may pass the maximum by a few parts in 10^12. The caller
+// holds a.mu.
+func (a *Accumulator) reserveLocked(weight float64) error {
+	if a.total+a.committing+weight > a.maxTotal*(1+1e-12) {
+		return fmt.Errorf("weight %v would take the round's total weight to %v, past the %v it may reach", weight, a.total+a.committing+weight, a.maxTotal)
+	}
+	a.committing += weight
 	return nil
 }
 
 // AddWeight counts one update of the given weight, for callers of AddChunk.
 func (a *Accumulator) AddWeight(weight float64) error {
-	if !(weight > 0) || math.IsInf(weight, 0) {
-		return fmt.Errorf("accumulator: weight %v, want a positive finite number", weight)
+	if err := a.checkWeight(weight); err != nil {
+		return fmt.Errorf("accumulator: %w", err)
 	}
 	a.gate.RLock()
 	defer a.gate.RUnlock()
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if err := a.reserveLocked(weight); err != nil {
+		return fmt.Errorf("accumulator: %w", err)
+	}
+	a.committing -= weight
 	a.total += weight
 	a.count++
 	return nil
 }
 
 // fold adds weight·raw to slot s from element off on, one lock block at a
-// time. The caller holds the gate for reading.
+// time; weight is already scaled. The caller holds the gate for reading.
 func (a *Accumulator) fold(s *accSlot, off int64, raw []byte, weight float64) {
 	size := int64(s.dtype.Size())
 	g := s.base + off
@@ -295,43 +372,51 @@ func (a *Accumulator) mean(take bool) (Model, error) {
 	if a.count == 0 || !(a.total > 0) {
 		return nil, errors.New("accumulator: no update has been counted")
 	}
+	// The sums hold Σ w·scale·u; minWeightFraction keeps inv within float32.
+	inv := 1 / (a.total * a.scale)
 	out := make(Model, 0, len(a.slots))
 	for i := range a.slots {
 		s := &a.slots[i]
 		var t *Tensor
 		switch {
 		case take && s.dtype == F32:
-			scaleParallel(s.sum32, s.sum32, float32(1/a.total))
+			scaleParallel(s.sum32, s.sum32, float32(inv))
 			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(s.sum32)}
 			s.sum32 = nil
 		case take && s.dtype == F64:
 			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(s.sum64)}
-			scaleParallel(s.sum64, s.sum64, 1/a.total)
+			scaleParallel(s.sum64, s.sum64, inv)
 			s.sum64 = nil
 		default:
 			t = New(s.name, s.dtype, s.shape)
 			switch s.dtype {
 			case F64:
-				scaleParallel(t.Float64s(), s.sum64, 1/a.total)
+				scaleParallel(t.Float64s(), s.sum64, inv)
 			case F32:
-				scaleParallel(t.Float32s(), s.sum32, float32(1/a.total))
+				scaleParallel(t.Float32s(), s.sum32, float32(inv))
 			case F16, BF16:
-				inv := float32(1 / a.total)
+				inv32 := float32(inv)
 				size := s.dtype.Size()
 				parallelBlocks(int(s.n), blockElems, func(lo, hi int) {
 					tmp := make([]float32, hi-lo)
-					scaleTo(tmp, s.sum32[lo:hi], inv)
+					scaleTo(tmp, s.sum32[lo:hi], inv32)
 					_ = EncodeFloat32(t.Data[lo*size:hi*size], tmp, s.dtype) // lengths agree by construction
 				})
 			default:
 				copy(t.Data, s.ints)
 			}
 		}
-		if err := t.CheckFinite(); err != nil {
-			if take {
-				a.broken = errTaken
+		if t.CheckFinite() != nil {
+			// Only rounding at the top of the dtype's range gets here (see
+			// "Weights cannot overflow the sum"); a NaN cannot arise from
+			// finite updates and weights that add up to less than 1.
+			clampInfinities(t)
+			if err := t.CheckFinite(); err != nil {
+				if take {
+					a.broken = errTaken
+				}
+				return nil, fmt.Errorf("accumulator: mean is not finite: %w", err)
 			}
-			return nil, fmt.Errorf("accumulator: mean is not finite (the sum overflowed): %w", err)
 		}
 		out = append(out, t)
 	}
@@ -341,6 +426,40 @@ func (a *Accumulator) mean(take bool) (Model, error) {
 		a.mu.Unlock()
 	}
 	return out, nil
+}
+
+// clampInfinities replaces every ±Inf of a float tensor by its dtype's
+// largest finite value of the same sign. In every IEEE format that value's
+// bits are Inf's minus one.
+func clampInfinities(t *Tensor) {
+	var inf uint64
+	switch t.DType {
+	case F64:
+		inf = 0x7FF0000000000000
+	case F32:
+		inf = 0x7F800000
+	case F16:
+		inf = 0x7C00
+	case BF16:
+		inf = 0x7F80
+	default:
+		return
+	}
+	size := t.DType.Size()
+	sign := uint64(1) << (8*size - 1)
+	for off := 0; off+size <= len(t.Data); off += size {
+		b := t.Data[off : off+size]
+		var v uint64
+		for i := size - 1; i >= 0; i-- {
+			v = v<<8 | uint64(b[i])
+		}
+		if v&^sign == inf {
+			v--
+			for i := range b {
+				b[i] = byte(v >> (8 * i))
+			}
+		}
+	}
 }
 
 // scaleParallel sets dst = a·src over both cores, block by block.
@@ -370,7 +489,7 @@ func (a *Accumulator) Reset() {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.total, a.count, a.intsSet, a.broken = 0, 0, false, nil
+	a.total, a.committing, a.count, a.intsSet, a.broken = 0, 0, 0, false, nil
 	a.generation++
 }
 
@@ -472,19 +591,20 @@ func (u *Upload) usable() error {
 
 // Commit checks that every tensor of the layout arrived complete, then folds
 // the upload into the sum with the given weight (its sample count) and counts
-// it. On error nothing is folded and the upload should be discarded, with one
-// exception: if reading a spilled stage back fails halfway, the sum is marked
-// unusable and Mean reports that error.
+// it. A weight that would take the round's total past MaxTotalWeight is
+// refused. On error nothing is folded and the upload should be discarded,
+// with one exception: if reading a spilled stage back fails halfway, the sum
+// is marked unusable and Mean reports that error.
 func (u *Upload) Commit(weight float64) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if err := u.usable(); err != nil {
 		return err
 	}
-	if !(weight > 0) || math.IsInf(weight, 0) {
-		return fmt.Errorf("upload: weight %v, want a positive finite number", weight)
-	}
 	a := u.acc
+	if err := a.checkWeight(weight); err != nil {
+		return fmt.Errorf("upload: %w", err)
+	}
 	for i := range a.slots {
 		if s := &a.slots[i]; u.next[i] != s.n {
 			if u.next[i] == 0 && s.n > 0 {
@@ -509,16 +629,24 @@ func (u *Upload) Commit(weight float64) error {
 	a.gate.RLock()
 	defer a.gate.RUnlock()
 	a.mu.Lock()
-	stale, broken := a.generation != u.generation, a.broken
+	var err error
+	switch {
+	case a.generation != u.generation:
+		err = errors.New("upload: the accumulator was reset since this upload began")
+	case a.broken != nil:
+		err = fmt.Errorf("upload: the accumulator takes no uploads: %w", a.broken)
+	default:
+		if err = a.reserveLocked(weight); err != nil {
+			err = fmt.Errorf("upload: %w", err)
+		}
+	}
 	a.mu.Unlock()
-	if stale {
-		return errors.New("upload: the accumulator was reset since this upload began")
+	if err != nil {
+		return err
 	}
-	if broken != nil {
-		return fmt.Errorf("upload: the accumulator takes no uploads: %w", broken)
-	}
-	if err := u.foldStage(weight); err != nil {
+	if err := u.foldStage(weight * a.scale); err != nil {
 		a.mu.Lock()
+		a.committing -= weight
 		if a.broken == nil {
 			a.broken = err
 		}
@@ -526,6 +654,7 @@ func (u *Upload) Commit(weight float64) error {
 		return err
 	}
 	a.mu.Lock()
+	a.committing -= weight
 	a.total += weight
 	a.count++
 	if !a.intsSet {
@@ -544,8 +673,9 @@ func (u *Upload) Commit(weight float64) error {
 // stagePiece is the size of the pieces a spilled stage is read back in.
 const stagePiece = 1 << 20
 
-// foldStage folds every float tensor of the stage into the sum, reading a
-// spilled stage back in pieces of at most stagePiece bytes.
+// foldStage folds every float tensor of the stage into the sum with the
+// scaled weight, reading a spilled stage back in pieces of at most
+// stagePiece bytes.
 func (u *Upload) foldStage(weight float64) error {
 	a := u.acc
 	var buf []byte

@@ -12,6 +12,10 @@ import (
 	"testing"
 )
 
+// testMaxWeight is the maximum total weight of the tests' accumulators that
+// are not about it: far above the weights they commit.
+const testMaxWeight = 1 << 20
+
 // chunks cuts every tensor of m into pieces of random whole-element sizes and
 // calls add for each, visiting tensors in a shuffled order.
 func chunks(rng *rand.Rand, m Model, add func(name string, off int64, raw []byte, dt DType) error) error {
@@ -52,7 +56,7 @@ func TestAccumulatorMean(t *testing.T) {
 			rng := rand.New(rand.NewPCG(21, 22))
 			updates, values := makeUpdates(rng, 4, 300)
 			weights := []float64{10, 20, 30, 40}
-			cfg := AccumulatorConfig{Layout: updates[0]}
+			cfg := AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight}
 			if spill {
 				cfg.SpillDir = t.TempDir()
 			}
@@ -177,7 +181,7 @@ func TestAccumulatorRejectedUploadLeavesSumUnchanged(t *testing.T) {
 			t.Run(rj.name+map[bool]string{false: "/memory", true: "/spill"}[spill], func(t *testing.T) {
 				rng := rand.New(rand.NewPCG(23, 24))
 				updates, _ := makeUpdates(rng, 3, 300)
-				cfg := AccumulatorConfig{Layout: updates[0]}
+				cfg := AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight}
 				if spill {
 					cfg.SpillDir = t.TempDir()
 				}
@@ -240,7 +244,7 @@ func TestAccumulatorConcurrentUploads(t *testing.T) {
 			const n = 8
 			// Large enough that chunks span several lock blocks.
 			updates, values := makeUpdates(rng, n, 3*lockBlock/2)
-			cfg := AccumulatorConfig{Layout: updates[0]}
+			cfg := AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight}
 			if spill {
 				cfg.SpillDir = t.TempDir()
 			}
@@ -319,7 +323,7 @@ func chunksOf(rng *rand.Rand, m Model, chunkBytes int, add func(string, int64, [
 func TestAccumulatorDirectAddAndReset(t *testing.T) {
 	layout := Model{FromFloat32("w", []int64{4}, nil), New("n", I32, []int64{1})}
 	binary.LittleEndian.PutUint32(layout[1].Data, 7)
-	acc, err := NewAccumulator(AccumulatorConfig{Layout: layout})
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: layout, MaxTotalWeight: testMaxWeight})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -344,7 +348,7 @@ func TestAccumulatorDirectAddAndReset(t *testing.T) {
 	}{
 		{"non-finite chunk", acc.AddChunk("w", 0, nan, F32, 1), "-Inf"},
 		{"integer tensor", acc.AddChunk("n", 0, make([]byte, 4), I32, 1), "only float tensors"},
-		{"NaN weight", acc.AddChunk("w", 0, raw[:4], F32, math.NaN()), "not finite"},
+		{"NaN weight", acc.AddChunk("w", 0, raw[:4], F32, math.NaN()), "positive finite"},
 		{"zero weight", acc.AddWeight(0), "positive"},
 	}
 	for _, d := range directErrs {
@@ -391,10 +395,12 @@ func TestNewAccumulatorRejects(t *testing.T) {
 		cfg  AccumulatorConfig
 		want string
 	}{
-		{"empty", AccumulatorConfig{}, "empty layout"},
-		{"duplicate", AccumulatorConfig{Layout: Model{New("a", F32, nil), New("a", F32, nil)}}, "twice"},
-		{"bad dtype", AccumulatorConfig{Layout: Model{{Name: "a", DType: "Q4"}}}, "unknown dtype"},
-		{"spill dir", AccumulatorConfig{Layout: Model{New("a", F32, nil)}, SpillDir: "/nonexistent/dir"}, "spill directory"},
+		{"empty", AccumulatorConfig{MaxTotalWeight: 1}, "empty layout"},
+		{"duplicate", AccumulatorConfig{Layout: Model{New("a", F32, nil), New("a", F32, nil)}, MaxTotalWeight: 1}, "twice"},
+		{"bad dtype", AccumulatorConfig{Layout: Model{{Name: "a", DType: "Q4"}}, MaxTotalWeight: 1}, "unknown dtype"},
+		{"spill dir", AccumulatorConfig{Layout: Model{New("a", F32, nil)}, SpillDir: "/nonexistent/dir", MaxTotalWeight: 1}, "spill directory"},
+		{"no maximum total weight", AccumulatorConfig{Layout: Model{New("a", F32, nil)}}, "maximum total weight"},
+		{"infinite maximum total weight", AccumulatorConfig{Layout: Model{New("a", F32, nil)}, MaxTotalWeight: math.Inf(1)}, "maximum total weight"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -413,7 +419,7 @@ func TestTakeMean(t *testing.T) {
 		New("b", F64, []int64{2}),
 		New("h", F16, []int64{2}),
 	}
-	acc, err := NewAccumulator(AccumulatorConfig{Layout: layout})
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: layout, MaxTotalWeight: testMaxWeight})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -486,7 +492,7 @@ func TestSpilledStageFilesAreReused(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	updates, values := makeUpdates(rng, 3, 200)
 	dir := t.TempDir()
-	acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], SpillDir: dir})
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], SpillDir: dir, MaxTotalWeight: testMaxWeight})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -571,4 +577,165 @@ func TestSpilledStageFilesAreReused(t *testing.T) {
 	if _, err := lateFile.Stat(); !errors.Is(err, os.ErrClosed) {
 		t.Errorf("a stage file released after Close was kept open: %v", err)
 	}
+}
+
+// A weight as large as a site may claim (2^62 samples) folded into updates
+// at the top of their dtype's range must not overflow the sum: the mean is
+// finite and is the weighted mean. Weights 1 and 6 over float32's largest
+// value are the case where rounding alone carries the sum past it, which
+// Mean clamps back to the exact mean.
+func TestAccumulatorWeightsCannotOverflow(t *testing.T) {
+	top := func(dt DType) float64 {
+		switch dt {
+		case F64:
+			return math.MaxFloat64
+		case F32:
+			return math.MaxFloat32
+		case BF16:
+			return float64(math.Float32frombits(0x7F7F0000)) // bfloat16's largest
+		}
+		return 65504 // float16's largest
+	}
+	tests := []struct {
+		name    string
+		dtype   DType
+		weights []float64
+		values  func(DType) []float64 // one value per upload
+	}{
+		{"claimed 2^62 samples, float32", F32, []float64{1 << 62, 100}, func(dt DType) []float64 { return []float64{top(dt), 1e20} }},
+		{"claimed 2^62 samples, float64", F64, []float64{1 << 62, 100}, func(dt DType) []float64 { return []float64{top(dt), 1e300} }},
+		{"claimed 2^62 samples, bfloat16", BF16, []float64{1 << 62, 100}, func(dt DType) []float64 { return []float64{top(dt), 1} }},
+		{"claimed 2^62 samples, float16", F16, []float64{1 << 62, 100}, func(dt DType) []float64 { return []float64{top(dt), 1} }},
+		{"rounding at the top, float32", F32, []float64{1, 6}, func(dt DType) []float64 { return []float64{top(dt), top(dt)} }},
+		{"both at the top, float64", F64, []float64{1 << 62, 1 << 62}, func(dt DType) []float64 { return []float64{-top(dt), -top(dt)} }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var total float64
+			for _, w := range tc.weights {
+				total += w
+			}
+			layout := Model{New("w", tc.dtype, []int64{3})}
+			for _, take := range []bool{false, true} {
+				acc, err := NewAccumulator(AccumulatorConfig{Layout: layout, MaxTotalWeight: total})
+				if err != nil {
+					t.Fatal(err)
+				}
+				values := tc.values(tc.dtype)
+				var want float64
+				for i, v := range values {
+					u := floats(t, tc.dtype, v, v, -v)
+					up, err := acc.Begin()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := up.AddChunk("w", 0, u.Data, tc.dtype); err != nil {
+						t.Fatal(err)
+					}
+					if err := up.Commit(tc.weights[i]); err != nil {
+						t.Fatal(err)
+					}
+					want += tc.weights[i] / total * v
+				}
+				mean, err := acc.Mean()
+				if take {
+					mean, err = acc.TakeMean()
+				}
+				if err != nil {
+					t.Fatalf("take %v: %v", take, err)
+				}
+				got := values64(t, mean.Get("w"))
+				if d := math.Abs(got[0]-want) / math.Abs(want); !(d < 1e-2) || got[2] != -got[0] {
+					t.Errorf("take %v: mean %v, want [%v %v %v]", take, got, want, want, -want)
+				}
+			}
+		})
+	}
+}
+
+// A weight that would take the round's total past MaxTotalWeight is refused
+// and leaves the sum as it was; so are weights above the total itself or too
+// small to count.
+func TestAccumulatorRefusesWeightsPastTheMaximum(t *testing.T) {
+	layout := Model{FromFloat32("w", []int64{2}, nil)}
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: layout, MaxTotalWeight: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	commit := func(w float64) error {
+		up, err := acc.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer up.Discard()
+		if err := up.AddChunk("w", 0, FromFloat32("w", []int64{2}, []float32{1, 2}).Data, F32); err != nil {
+			t.Fatal(err)
+		}
+		return up.Commit(w)
+	}
+	if err := commit(60); err != nil {
+		t.Fatal(err)
+	}
+	before := sums(acc)
+	for _, tc := range []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"past the total", commit(41), "past the 100"},
+		{"direct, past the total", acc.AddWeight(41), "past the 100"},
+		{"above the total", commit(101), "more than the 100"},
+		{"direct chunk above the total", acc.AddChunk("w", 0, make([]byte, 8), F32, 101), "more than the 100"},
+		{"vanishing", commit(100 * 0x1p-110), "too small"},
+		{"infinite", commit(math.Inf(1)), "positive finite"},
+	} {
+		if tc.err == nil || !strings.Contains(tc.err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want one mentioning %q", tc.name, tc.err, tc.want)
+		}
+	}
+	if !bytes.Equal(sums(acc), before) || acc.TotalWeight() != 60 || acc.Count() != 1 {
+		t.Fatalf("refused weights changed the sum (total %v, count %d)", acc.TotalWeight(), acc.Count())
+	}
+	if err := commit(40); err != nil {
+		t.Fatalf("a weight that reaches the total exactly: %v", err)
+	}
+	acc.Reset()
+	if err := commit(100); err != nil {
+		t.Fatalf("after Reset the round's total starts again: %v", err)
+	}
+}
+
+// floats makes a tensor "w" of dtype dt holding values.
+func floats(t *testing.T, dt DType, values ...float64) *Tensor {
+	t.Helper()
+	u := New("w", dt, []int64{int64(len(values))})
+	if dt == F64 {
+		copy(u.Float64s(), values)
+		return u
+	}
+	v32 := make([]float32, len(values))
+	for i, v := range values {
+		v32[i] = float32(v)
+	}
+	if err := u.SetFloat32(v32); err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// values64 reads a float tensor of any dtype as float64s.
+func values64(t *testing.T, x *Tensor) []float64 {
+	t.Helper()
+	if x.DType == F64 {
+		return append([]float64(nil), x.Float64s()...)
+	}
+	v32, err := x.Float32Copy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]float64, len(v32))
+	for i, v := range v32 {
+		out[i] = float64(v)
+	}
+	return out
 }

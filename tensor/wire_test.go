@@ -195,7 +195,7 @@ func TestDecoderChunksAtAnySplit(t *testing.T) {
 func TestDecoderIntoAccumulator(t *testing.T) {
 	rng := rand.New(rand.NewPCG(35, 36))
 	updates, values := makeUpdates(rng, 3, 5000)
-	acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0]})
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
 	if err != nil {
 		t.Fatal(err)
 	}
