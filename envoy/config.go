@@ -82,6 +82,18 @@ type ExecConfig struct {
 	// Env holds KEY=VALUE variables the command may see (PATH, PYTHONPATH,
 	// CUDA_VISIBLE_DEVICES); it never sees the envoy's own environment.
 	Env []string `mapstructure:"env"`
+	// Python is the interpreter that runs plans whose command is python or
+	// python3 (an absolute path, such as /opt/venv/bin/python3): the site
+	// decides which installation and packages its runners get. Empty: the
+	// python3 found in the runners' PATH (exec.env's PATH, else
+	// /usr/local/bin:/usr/bin:/bin), never the envoy's own PATH.
+	Python string `mapstructure:"python"`
+	// ShareLogs sends what runners print to the director, where the
+	// experiment's owner reads it (`fx experiment logs`), and lets failure
+	// reasons quote the runner's last lines. Off by default: a runner's
+	// output can quote the site's data, so a site shares it only when its
+	// data protection allows.
+	ShareLogs bool `mapstructure:"share_logs"`
 }
 
 // RetryConfig bounds the capped exponential backoff of every retry loop.
@@ -232,6 +244,9 @@ func (c *Config) Validate() error {
 		} else if strings.HasPrefix(k, "FX_") {
 			add("exec.env[%d]: %s is reserved for the runner protocol (FX_*)", i, k)
 		}
+	}
+	if c.Exec.Python != "" && !filepath.IsAbs(c.Exec.Python) {
+		add("exec.python %q must be an absolute path to an interpreter, such as /usr/bin/python3", c.Exec.Python)
 	}
 	if c.RPCTimeout <= 0 {
 		add("rpc_timeout must be positive, got %s", c.RPCTimeout)

@@ -217,7 +217,8 @@ func TestReviewPolicies(t *testing.T) {
 		t.Fatal(err)
 	}
 	execYAML := fmt.Sprintf(execPlan, "execy")
-	execArchive := makeArchive(t, execYAML, 0, "run.sh", "#!/bin/sh\nexit 0\n")
+	execArchive := makeArchive(t, execYAML, 0, "run.sh", readyRunner)
+	brokenArchive := makeArchive(t, execYAML, 0, "run.sh", "echo \"ModuleNotFoundError: No module named 'torchvision'\" >&2\nexit 1\n")
 	missingYAML := strings.Replace(execYAML, "[sh, run.sh]", "[./missing.sh]", 1)
 	tests := []struct {
 		name       string
@@ -232,6 +233,7 @@ func TestReviewPolicies(t *testing.T) {
 		{"allowlist rejects the rest", PolicyAllowlist, other, fmt.Sprintf(softmaxPlan, "other"), false, "not on the site's allow-list"},
 		{"exec runner whose command is there", PolicyAuto, execArchive, execYAML, true, "auto review policy"},
 		{"exec runner refused by the site", PolicyAuto, execArchive, execYAML, false, "exec runners are not allowed at this site"},
+		{"exec runner that cannot start", PolicyAuto, brokenArchive, execYAML, false, `cannot import the Python module "torchvision"`},
 		{"exec runner without its command", PolicyAuto, makeArchive(t, missingYAML, 0), missingYAML, false, "missing.sh"},
 		{"archive over the site's limit", PolicyAuto, makeArchive(t, plan, 4*archiveChunk), plan, false, "over this site's limit"},
 		{"offer's plan is not the archive's", PolicyAuto, other, plan, false, "differs from the plan in the offer"},

@@ -2,10 +2,12 @@ package envoy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -14,6 +16,7 @@ import (
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner/exec"
 )
 
 // phase is where one experiment is at this envoy.
@@ -264,7 +267,7 @@ func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, done cha
 		return
 	}
 	log.Error("collaborator failed", "error", err)
-	e.report(ctx, id, s.GetRound(), err.Error())
+	e.report(ctx, id, s.GetRound(), e.publicReason(err))
 }
 
 // runCollaborator builds the plan's runner on the site's data and runs a
@@ -274,6 +277,11 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 	if err != nil {
 		return fmt.Errorf("building the task runner: %w", err)
 	}
+	defer func() {
+		if err := closeRunner(r); err != nil {
+			e.log.Warn("cannot clean up after the experiment's runner", "experiment", id, "error", err)
+		}
+	}()
 	e.log.Info("starting the collaborator", "experiment", id, "aggregator", s.GetAggregatorAddress(), "round", s.GetRound())
 	return e.runCollab(ctx, CollaboratorSpec{
 		ExperimentID: id,
@@ -395,4 +403,20 @@ func (e *Envoy) unpackedPlan(id string) (*experiment.Plan, error) {
 		return nil, err
 	}
 	return experiment.ParsePlan(data)
+}
+
+// publicReason is what the site says off-site about a failure: fx's own
+// words, and what the runner printed only where the site shares its
+// runners' output (exec.share_logs), since that output may quote the
+// site's data.
+func (e *Envoy) publicReason(err error) string {
+	msg := err.Error()
+	if e.cfg.Exec.ShareLogs {
+		return msg
+	}
+	var te *exec.TaskError
+	if errors.As(err, &te) {
+		msg = strings.Replace(msg, te.Error(), te.Summary()+" (what the runner printed stays at the site, whose exec.share_logs is off)", 1)
+	}
+	return msg
 }

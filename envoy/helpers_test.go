@@ -456,6 +456,14 @@ rounds: 1
 runner: {kind: exec, command: [sh, run.sh]}
 `
 
+// readyRunner is a persistent runner in sh that says it is ready and
+// serves no task: enough for a review, which starts the runner once.
+const readyRunner = `#!/bin/sh
+read -r setup <&3
+echo '{"type": "ready", "protocol": 2}' >&4
+while read -r msg <&3; do :; done
+`
+
 // makeArchive packs a plan, an incompressible file of extra bytes (to take
 // several chunks) and the named files given as name, content pairs.
 func makeArchive(t *testing.T, planYAML string, extra int, files ...string) []byte {

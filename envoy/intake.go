@@ -139,9 +139,31 @@ func (e *Envoy) review(ctx context.Context, x *exp, done chan struct{}) (decisio
 	e.mu.Lock()
 	x.plan = plan
 	e.mu.Unlock()
-	if _, err := e.newRunner(e.runnerInput(rec.ID, plan)); err != nil {
+	r, err := e.newRunner(e.runnerInput(rec.ID, plan))
+	if err != nil {
 		return decision{reason: fmt.Sprintf("this site cannot run the plan: %v", err)}, nil
 	}
+	defer closeRunner(r)
+	d, err := e.applyPolicy(ctx, x, done, rec)
+	if err != nil || !d.accept {
+		return d, err
+	}
+	// Only code the policy accepted runs, and only now: started once, a
+	// runner that cannot import what it needs declines the offer instead
+	// of failing the experiment's first round.
+	if c, ok := r.(checker); ok {
+		if err := c.Check(ctx); err != nil {
+			if ctx.Err() != nil {
+				return decision{}, ctx.Err()
+			}
+			return decision{reason: "this site cannot start the experiment's runner: " + e.publicReason(err)}, nil
+		}
+	}
+	return d, nil
+}
+
+// applyPolicy applies the data owner's review policy to a verified offer.
+func (e *Envoy) applyPolicy(ctx context.Context, x *exp, done chan struct{}, rec record) (decision, error) {
 	switch e.cfg.Review.Policy {
 	case PolicyAuto:
 		return decision{accept: true, reason: "accepted by the site's auto review policy"}, nil

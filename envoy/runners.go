@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"path/filepath"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/runner/builtin"
 	"github.com/fx-fl/fx/runner/exec"
+	pysdk "github.com/fx-fl/fx/sdk/python"
 )
 
 // RunnerInput is what a task runner is built from at this site.
@@ -32,6 +34,26 @@ type RunnerInput struct {
 	// Exec is the site's policy for exec runners.
 	Exec   ExecConfig
 	Logger hclog.Logger
+	// Output, when set, receives every line an exec runner's command
+	// writes (the site shares them with the researcher).
+	Output func(exec.OutputLine)
+}
+
+// A runner that holds resources between tasks (an exec runner's process)
+// implements io.Closer; whoever builds one closes it when done with it.
+
+// checker is a runner that can be started once at review, so that a plan
+// it cannot run (a module its interpreter lacks) is declined at the offer.
+type checker interface {
+	Check(ctx context.Context) error
+}
+
+// closeRunner closes r if it holds anything.
+func closeRunner(r runner.Runner) error {
+	if c, ok := r.(io.Closer); ok {
+		return c.Close()
+	}
+	return nil
 }
 
 // RunnerFactory builds the task runner of an accepted plan. It is called at
@@ -74,12 +96,17 @@ func DefaultRunner(in RunnerInput) (runner.Runner, error) {
 		r, err := exec.New(exec.Config{
 			Dir:             in.Dir,
 			Command:         plan.Runner.Command,
+			Mode:            plan.Runner.Mode,
+			Python:          in.Exec.Python,
 			Timeout:         plan.Runner.Timeout.Std(),
 			Hyperparameters: plan.Runner.Hyperparameters,
 			Seed:            plan.Runner.Seed,
 			Data:            data,
+			Dataset:         in.Data,
+			PythonLibrary:   pysdk.SiteLibrary,
 			Env:             in.Exec.Env,
 			Logger:          in.Logger,
+			Output:          in.Output,
 			WorkDir:         in.WorkDir,
 		})
 		if err != nil {

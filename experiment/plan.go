@@ -30,6 +30,12 @@ const (
 	RunnerExec = "exec"
 )
 
+// Modes of an exec runner (runner.mode); they match runner/exec's.
+const (
+	RunnerModePersistent = "persistent"
+	RunnerModePerTask    = "per_task"
+)
+
 // Built-in models a plan may name with runner.kind: builtin.
 const (
 	ModelSoftmax = "softmax"
@@ -160,6 +166,10 @@ type RunnerSpec struct {
 // and Tau configure the server optimiser of fedadam, fedyogi and fedadagrad;
 // zero means that algorithm's own default, and other algorithms ignore them.
 type Aggregation struct {
+	// Mode is how an exec runner's command is run (mode): persistent (the
+	// default: one process per site serves every task) or per_task (a
+	// process per task, runner protocol 1); exec only.
+	Mode string `yaml:"mode,omitempty" json:"mode,omitempty"`
 	// Algorithm is one of fedavg, median, trimmed_mean, fedadam, fedyogi,
 	// fedadagrad (algorithm).
 	Algorithm string `yaml:"algorithm" json:"algorithm"`
@@ -498,6 +508,9 @@ func (p *Plan) validateRunner(v *problems) {
 	if r.Timeout <= 0 {
 		v.add("runner.timeout", fmt.Sprintf("must be a positive duration such as 30m, got %s", r.Timeout))
 	}
+		if r.Mode != "" {
+			v.add("runner.mode", "only used with kind exec: remove it, or set runner.kind: exec")
+		}
 	keys := make([]string, 0, len(r.Hyperparameters))
 	for k := range r.Hyperparameters {
 		keys = append(keys, k)
@@ -512,6 +525,12 @@ func (p *Plan) validateRunner(v *problems) {
 	}
 }
 
+		switch r.Mode {
+		case "", RunnerModePersistent, RunnerModePerTask:
+		default:
+			v.add("runner.mode", fmt.Sprintf("must be %s (one process serves every task, the default) or %s (a process per task), got %q",
+				RunnerModePersistent, RunnerModePerTask, r.Mode))
+		}
 // validateJSONValue checks that a hyperparameter can be handed to a runner as
 // JSON: YAML allows non-string keys and .nan, JSON does not.
 func validateJSONValue(v *problems, key string, x any) {

@@ -251,6 +251,8 @@ func TestParsePlanRules(t *testing.T) {
 		{"runner.command empty program", base + "runner: {kind: exec, command: ['', x]}\n", []string{"runner.command[0]"}, ""},
 		{"runner.model with exec", base + "runner: {kind: exec, command: [x], model: mlp}\n", []string{"runner.model"}, "only used with kind builtin"},
 		{"runner.timeout zero", base + "runner: {kind: builtin, model: mlp, timeout: 0s}\n", []string{"runner.timeout"}, ""},
+		{"runner.mode unknown", base + "runner: {kind: exec, command: [x], mode: forking}\n", []string{"runner.mode"}, `got "forking"`},
+		{"runner.mode with builtin", base + "runner: {kind: builtin, model: mlp, mode: per_task}\n", []string{"runner.mode"}, "only used with kind exec"},
 		{"runner.seed zero is fine", base + "runner: {kind: builtin, model: mlp, seed: 0}\n", nil, ""},
 		{"runner.hyperparameters non-string keys", base + "runner: {kind: builtin, model: mlp, hyperparameters: {layers: {1: 2}}}\n", []string{"runner.hyperparameters.layers"}, "keys must be strings"},
 		{"runner.hyperparameters NaN", base + "runner: {kind: builtin, model: mlp, hyperparameters: {opt: {lr: .nan}}}\n", []string{"runner.hyperparameters.opt.lr"}, "finite"},

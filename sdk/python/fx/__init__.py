@@ -8,19 +8,13 @@
     for ev in exp.metrics(): print(ev.round, ev.task, ev.metrics)
     exp.wait()
     weights = exp.model("best")                 # {name: numpy.ndarray}
+
+fx.site, the site library, turns a training script into a participant at a
+data site (see its docstring); it needs only numpy, so the client's names
+below (which need grpc) are imported when first used.
 """
 
 from .archive import Archive, pack
-from .client import (
-    ENDED_STATES,
-    DatasetMatch,
-    EnvoyInfo,
-    Experiment,
-    ExperimentStatus,
-    Federation,
-    ModelInfo,
-    Participant,
-)
 from .errors import ExperimentEnded, FXError, FXTimeout
 from .metrics import MetricEvent, format_table, metric_by_round, metrics_table
 from .safetensors import SafetensorsError, dump_safetensors, load_safetensors, read_safetensors, save_safetensors
@@ -49,3 +43,24 @@ __all__ = [
     "read_safetensors",
     "save_safetensors",
 ]
+
+# The notebook client needs grpc, which a site's interpreter may lack: it is
+# imported on first use of one of its names.
+_CLIENT_NAMES = {
+    "ENDED_STATES",
+    "DatasetMatch",
+    "EnvoyInfo",
+    "Experiment",
+    "ExperimentStatus",
+    "Federation",
+    "ModelInfo",
+    "Participant",
+}
+
+
+def __getattr__(name):
+    if name in _CLIENT_NAMES:
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'fx' has no attribute {name!r}")

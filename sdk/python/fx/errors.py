@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import grpc
+if TYPE_CHECKING:  # the site library (fx.site) runs without grpc
+    import grpc
 
 
 class FXError(Exception):
@@ -46,6 +47,8 @@ class ExperimentEnded(FXError):
 
 def from_rpc(err: grpc.RpcError, what: str) -> FXError:
     """Turns a grpc.RpcError into an FXError that says what was being done."""
+    import grpc
+
     code = err.code() if callable(getattr(err, "code", None)) else None
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     details = details or ""
