@@ -39,6 +39,13 @@ type Config struct {
 	Plan         *experiment.Plan
 	// Participants are the accepted envoys' names (their certificates' CNs).
 	Participants []string
+	// Registered are the sample counts each participant registered with
+	// the director, as they stood when the experiment started; every
+	// participant needs an entry. A participant's results may claim no
+	// more samples than it registered for the task, so that it cannot
+	// inflate its weight in FedAvg or in the aggregated metrics, and they
+	// bound its updates' weights (see experiment.Aggregation.Weights).
+	Registered map[string]SampleCounts
 	// InitialModel is round 0's model; ignored when Dir holds a checkpoint.
 	InitialModel tensor.Model
 	// Dir holds checkpoints, models and round summaries (see the package doc).
@@ -56,6 +63,13 @@ type Config struct {
 	Now func() time.Time
 }
 
+// SampleCounts are the samples an envoy registered: its dataset shard's
+// train_samples and valid_samples.
+type SampleCounts struct {
+	Train int64 `json:"train"`
+	Valid int64 `json:"valid"`
+}
+
 // Aggregator runs one experiment's rounds.
 type Aggregator struct {
 	cfg    Config
@@ -66,6 +80,10 @@ type Aggregator struct {
 	acc *tensor.Accumulator
 	// opt is the server optimiser; nil unless the plan names one.
 	opt *tensor.Optimizer
+	// maxTotalWeight is what the participants' train updates can weigh
+	// together at most in a round: the accumulator folds weights as
+	// fractions of it, so no accepted weight can overflow the sum.
+	maxTotalWeight float64
 
 	closeReq chan struct{} // a report arrived: check whether the round may close
 
@@ -107,6 +125,12 @@ func New(cfg Config) (*Aggregator, error) {
 	if err := cfg.Plan.Validate(); err != nil {
 		return nil, fmt.Errorf("aggregator: %w", err)
 	}
+	for _, name := range cfg.Participants {
+		reg, ok := cfg.Registered[name]
+		if !ok || reg.Train < 0 || reg.Valid < 0 {
+			return nil, fmt.Errorf("aggregator: participant %s has no registered sample counts: they bound what its results may claim", name)
+		}
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
@@ -132,8 +156,35 @@ func New(cfg Config) (*Aggregator, error) {
 	}
 	for _, name := range cfg.Participants {
 		a.parts[name] = &participant{name: name, lastRound: -1}
+		a.maxTotalWeight += float64(a.maxWeight(name))
+	}
+	if a.maxTotalWeight == 0 {
+		return nil, fmt.Errorf("aggregator: none of the participants (%v) registered any train samples, so none can report a train result", cfg.Participants)
 	}
 	return a, nil
+}
+
+// maxWeight is the largest weight a participant's train update can have
+// under the plan's aggregation.weights: its registered train samples, which
+// also bound the samples it may report, or 1 with equal weights.
+func (a *Aggregator) maxWeight(name string) int64 {
+	if a.plan.Aggregation.Weights == experiment.WeightsEqual {
+		return 1
+	}
+	return a.cfg.Registered[name].Train
+}
+
+// weight is a train update's FedAvg weight under the plan's
+// aggregation.weights. checkSamples has bounded the reported samples by
+// the registered ones, so it is at most maxWeight.
+func (a *Aggregator) weight(r TaskResult) float64 {
+	switch a.plan.Aggregation.Weights {
+	case experiment.WeightsEqual:
+		return 1
+	case experiment.WeightsRegistered:
+		return float64(a.cfg.Registered[r.Collaborator].Train)
+	}
+	return float64(r.Samples)
 }
 
 // Run serves the experiment until every round is complete (nil), a round
@@ -217,7 +268,7 @@ func (a *Aggregator) restore() error {
 				return err
 			}
 		}
-		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{Layout: a.model, SpillDir: spill})
+		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{Layout: a.model, SpillDir: spill, MaxTotalWeight: a.maxTotalWeight})
 		if err != nil {
 			return fmt.Errorf("aggregator: %w", err)
 		}

@@ -38,7 +38,14 @@ type federation struct {
 	done    chan error
 	initial tensor.Model
 	parts   []string
+	// registered are the participants' registered sample counts; every
+	// participant registered defaultRegistered unless a test changes it.
+	registered map[string]aggregator.SampleCounts
 }
+
+// defaultRegistered is what the tests' participants register: more samples
+// than any of their results claims.
+var defaultRegistered = aggregator.SampleCounts{Train: 1000, Valid: 1000}
 
 func parsePlan(t *testing.T, yaml string) *experiment.Plan {
 	t.Helper()
@@ -63,6 +70,10 @@ func newFederation(t testing.TB, plan *experiment.Plan, parts ...string) *federa
 		t: t, ca: ca, server: ca.Keyring(pki.RoleDirector, "director"),
 		dir: filepath.Join(t.TempDir(), "aggregator"), plan: plan,
 		sink: newSink(), initial: initialModel(), parts: parts,
+		registered: map[string]aggregator.SampleCounts{},
+	}
+	for _, name := range parts {
+		f.registered[name] = defaultRegistered
 	}
 	return f
 }
@@ -82,6 +93,7 @@ func (f *federation) start() {
 		ExperimentID:  experimentID,
 		Plan:          f.plan,
 		Participants:  f.parts,
+		Registered:    f.registered,
 		InitialModel:  f.initial,
 		Dir:           f.dir,
 		Listener:      lis,

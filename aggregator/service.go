@@ -143,6 +143,9 @@ func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error 
 		return err
 	}
 	a := s.a
+	if err := a.checkSamples(name, h); err != nil {
+		return err
+	}
 	r, err := a.openUpload(name, h)
 	if err != nil {
 		return err
@@ -209,6 +212,24 @@ func checkHeader(h *fxv1.ResultHeader) error {
 	return nil
 }
 
+// checkSamples refuses a result that claims more samples than its envoy
+// registered for the task (train samples for train, validation samples for
+// the validations): the count weighs the update in FedAvg and the metrics in
+// the round's aggregates, so a participant must not set it at will.
+func (a *Aggregator) checkSamples(name string, h *fxv1.ResultHeader) error {
+	reg := a.cfg.Registered[name]
+	registered, kind := reg.Valid, "validation"
+	if runner.IsTrain(h.Task) {
+		registered, kind = reg.Train, "train"
+	}
+	if h.SampleCount > registered {
+		return status.Errorf(codes.InvalidArgument,
+			"%s result refused: sample_count %d is above its bound of %d: envoy %s registered %d %s samples with the director when the experiment started, and a result may claim no more (if the site's data grew, restart its envoy to register the new counts; they bound experiments started after that)",
+			h.Task, h.SampleCount, registered, name, registered, kind)
+	}
+	return nil
+}
+
 // openUpload checks that the result is due in the current round and marks
 // it in flight, so a concurrent duplicate is refused.
 func (a *Aggregator) openUpload(name string, h *fxv1.ResultHeader) (*roundState, error) {
@@ -257,7 +278,7 @@ func (a *Aggregator) countResult(r *roundState, result TaskResult, st stage) err
 		r.committing.Add(1)
 		go func() {
 			defer r.committing.Done()
-			if err := st.Commit(float64(result.Samples)); err != nil {
+			if err := st.Commit(a.weight(result)); err != nil {
 				st.Discard()
 				a.mu.Lock()
 				r.commitErr = errors.Join(r.commitErr, fmt.Errorf("the update of %s could not be added: %w", result.Collaborator, err))

@@ -29,6 +29,9 @@ type LaunchSpec struct {
 	Plan         *experiment.Plan
 	// Participants are the envoys taking part (not dropped), by name.
 	Participants []string
+	// Registered are the sample counts each participant had registered when
+	// the experiment started; they bound what its results may claim.
+	Registered map[string]aggregator.SampleCounts
 	// Shards are the participants' dataset shards, for building a built-in
 	// model's initial weights.
 	Shards map[string]*fxv1.DatasetShard
@@ -86,6 +89,7 @@ func (InProcess) Launch(spec LaunchSpec) (Aggregator, error) {
 		ExperimentID:  spec.ExperimentID,
 		Plan:          spec.Plan,
 		Participants:  spec.Participants,
+		Registered:    spec.Registered,
 		InitialModel:  initial,
 		Dir:           spec.Dir,
 		Listener:      spec.Listener,

@@ -93,6 +93,7 @@ func TestInProcessLaunch(t *testing.T) {
 		must(t, err)
 		agg, err := InProcess{}.Launch(LaunchSpec{
 			ExperimentID: "exp", Plan: p, Participants: []string{"a"},
+			Registered:  map[string]aggregator.SampleCounts{"a": {Train: 1}},
 			Shards:      map[string]*fxv1.DatasetShard{"a": {SampleShape: []int64{4}, Classes: 2, TrainSamples: 1}},
 			ArchivePath: archivePath, Dir: dir, Listener: lis,
 		})

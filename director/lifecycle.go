@@ -277,8 +277,9 @@ func cannotStart(e *expState) string {
 }
 
 // startLocked makes an OFFERED experiment RUNNING: accepted envoys become
-// TRAINING, the offer closes for the rest (they are told to drop it), and
-// the aggregator is launched.
+// TRAINING with the sample counts they registered recorded (they bound what
+// their results may claim in this experiment), the offer closes for the
+// rest (they are told to drop it), and the aggregator is launched.
 func (d *Director) startLocked(e *expState) error {
 	rec := e.rec
 	rec.State = fxv1.ExperimentState_RUNNING
@@ -288,6 +289,7 @@ func (d *Director) startLocked(e *expState) error {
 		np := participantCopy(e.parts[name])
 		if np.State == fxv1.ParticipantState_ACCEPTED {
 			np.State = fxv1.ParticipantState_TRAINING
+			np.Registered = d.registeredLocked(name)
 		} else {
 			np.Reason = "offer closed: the experiment started without this envoy"
 			closed = append(closed, name)
@@ -326,15 +328,22 @@ func (d *Director) launchLocked(e *expState) {
 	e.run = rs
 	participants := e.partNames(fxv1.ParticipantState_TRAINING)
 	shards := map[string]*fxv1.DatasetShard{}
+	registered := map[string]aggregator.SampleCounts{}
 	for _, name := range participants {
 		if env := d.envoys[name]; env != nil {
 			shards[name] = env.shard
 		}
+		reg := e.parts[name].Registered
+		if reg == nil { // a record from before fx kept the counts
+			reg = d.registeredLocked(name)
+		}
+		registered[name] = aggregator.SampleCounts{Train: reg.Train, Valid: reg.Valid}
 	}
 	spec := LaunchSpec{
 		ExperimentID:  e.rec.ID,
 		Plan:          e.plan,
 		Participants:  participants,
+		Registered:    registered,
 		Shards:        shards,
 		ArchivePath:   d.archivePath(e.rec.ID),
 		Limits:        d.cfg.ArchiveLimits,
@@ -480,6 +489,16 @@ func (d *Director) reportFailureLocked(e *expState, envoy string, round int32, r
 		return nil, nil
 	}
 	return e.run.agg, nil
+}
+
+// registeredLocked is what an envoy has registered now: the sample counts
+// of its shard (none if the director does not know it).
+func (d *Director) registeredLocked(envoy string) *store.Samples {
+	env := d.envoys[envoy]
+	if env == nil {
+		return &store.Samples{}
+	}
+	return &store.Samples{Train: env.shard.GetTrainSamples(), Valid: env.shard.GetValidSamples()}
 }
 
 // listenAggregator binds an aggregator's listener: an ephemeral port, or

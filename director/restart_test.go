@@ -1,12 +1,14 @@
 package director
 
 import (
+	"maps"
 	"strings"
 	"testing"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/director/store"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -149,5 +151,28 @@ func TestBadConfig(t *testing.T) {
 				t.Fatalf("New = %v, want an error naming %s", err, tt.key)
 			}
 		})
+	}
+}
+
+// The sample counts envoys had registered when an experiment started bound
+// what their results may claim for every launch of its aggregator: an envoy
+// that re-registers with inflated counts mid-run, then sees the director
+// restart, is still held to the counts it started with.
+func TestRegisteredCountsSurviveReRegistrationAndRestart(t *testing.T) {
+	f := newFed(t, nil)
+	e, agg := f.running("alice")
+	want := map[string]aggregator.SampleCounts{"a": {Train: 100, Valid: 10}, "b": {Train: 100, Valid: 10}}
+	if !maps.Equal(agg.spec.Registered, want) {
+		t.Fatalf("launched with registered counts %v, want %v", agg.spec.Registered, want)
+	}
+	_, err := f.envoy("a").RegisterEnvoy(ctxT(t), &fxv1.RegisterEnvoyRequest{
+		EnvoyName: "a", Version: "test",
+		Shard: &fxv1.DatasetShard{Tags: []string{"fashion"}, SampleShape: []int64{28, 28}, TrainSamples: 1 << 62, ValidSamples: 1 << 62, Classes: 10},
+	})
+	must(t, err)
+	f.restart()
+	relaunched := f.launcher.agg(t, e.Id, 1)
+	if !maps.Equal(relaunched.spec.Registered, want) {
+		t.Fatalf("relaunched after a restart with registered counts %v, want %v", relaunched.spec.Registered, want)
 	}
 }

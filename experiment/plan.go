@@ -52,6 +52,18 @@ const (
 	AlgFedAdagrad  = "fedadagrad"
 )
 
+// How train updates are weighed (aggregation.weights).
+const (
+	// WeightsSamples weighs each update by the samples its result reports,
+	// which may not exceed the train samples its envoy registered.
+	WeightsSamples = "samples"
+	// WeightsRegistered weighs each update by the train samples its envoy
+	// registered, whatever its result reports.
+	WeightsRegistered = "registered"
+	// WeightsEqual weighs every update the same.
+	WeightsEqual = "equal"
+)
+
 // Directions for best_model.mode.
 const (
 	ModeMax = "max"
@@ -76,6 +88,8 @@ const (
 	DefaultSeed = 1
 	// DefaultAlgorithm is plain federated averaging.
 	DefaultAlgorithm = AlgFedAvg
+	// DefaultWeights weighs updates by the samples they report.
+	DefaultWeights = WeightsSamples
 	// DefaultTrim is the fraction trimmed from each end by trimmed_mean
 	// (ignored by the other algorithms).
 	DefaultTrim = 0.1
@@ -152,6 +166,10 @@ type RunnerSpec struct {
 	// Command is the argv run at the site, relative to the unpacked
 	// experiment directory (command); exec only.
 	Command []string `yaml:"command,omitempty" json:"command,omitempty"`
+	// Mode is how an exec runner's command is run (mode): persistent (the
+	// default: one process per site serves every task) or per_task (a
+	// process per task, runner protocol 1); exec only.
+	Mode string `yaml:"mode,omitempty" json:"mode,omitempty"`
 	// Timeout bounds one task (timeout).
 	Timeout Duration `yaml:"timeout" json:"timeout"`
 	// Seed seeds the runner's randomness (seed).
@@ -166,13 +184,14 @@ type RunnerSpec struct {
 // and Tau configure the server optimiser of fedadam, fedyogi and fedadagrad;
 // zero means that algorithm's own default, and other algorithms ignore them.
 type Aggregation struct {
-	// Mode is how an exec runner's command is run (mode): persistent (the
-	// default: one process per site serves every task) or per_task (a
-	// process per task, runner protocol 1); exec only.
-	Mode string `yaml:"mode,omitempty" json:"mode,omitempty"`
 	// Algorithm is one of fedavg, median, trimmed_mean, fedadam, fedyogi,
 	// fedadagrad (algorithm).
 	Algorithm string `yaml:"algorithm" json:"algorithm"`
+	// Weights says how fedavg and the server optimisers weigh each train
+	// update: samples, registered or equal (weights). Reported sample counts
+	// are bounded by the envoy's registered ones under every policy; median
+	// and trimmed_mean weigh no update.
+	Weights string `yaml:"weights" json:"weights"`
 	// Trim is the fraction dropped from each end by trimmed_mean, in
 	// [0, 0.5) (trim).
 	Trim float64 `yaml:"trim" json:"trim"`
@@ -224,6 +243,7 @@ func DefaultPlan() Plan {
 		},
 		Aggregation: Aggregation{
 			Algorithm: DefaultAlgorithm,
+			Weights:   DefaultWeights,
 			Trim:      DefaultTrim,
 		},
 		Stragglers: Stragglers{
@@ -488,6 +508,9 @@ func (p *Plan) validateRunner(v *problems) {
 		if len(r.Command) > 0 {
 			v.add("runner.command", "only used with kind exec: remove it, or set runner.kind: exec")
 		}
+		if r.Mode != "" {
+			v.add("runner.mode", "only used with kind exec: remove it, or set runner.kind: exec")
+		}
 	case RunnerExec:
 		if len(r.Command) == 0 {
 			v.add("runner.command", "required with kind exec: the program and its arguments, such as [python3, train.py]")
@@ -502,15 +525,18 @@ func (p *Plan) validateRunner(v *problems) {
 		if r.Model != "" {
 			v.add("runner.model", "only used with kind builtin: remove it, or set runner.kind: builtin")
 		}
+		switch r.Mode {
+		case "", RunnerModePersistent, RunnerModePerTask:
+		default:
+			v.add("runner.mode", fmt.Sprintf("must be %s (one process serves every task, the default) or %s (a process per task), got %q",
+				RunnerModePersistent, RunnerModePerTask, r.Mode))
+		}
 	default:
 		v.add("runner.kind", fmt.Sprintf("must be builtin or exec, got %q", r.Kind))
 	}
 	if r.Timeout <= 0 {
 		v.add("runner.timeout", fmt.Sprintf("must be a positive duration such as 30m, got %s", r.Timeout))
 	}
-		if r.Mode != "" {
-			v.add("runner.mode", "only used with kind exec: remove it, or set runner.kind: exec")
-		}
 	keys := make([]string, 0, len(r.Hyperparameters))
 	for k := range r.Hyperparameters {
 		keys = append(keys, k)
@@ -525,12 +551,6 @@ func (p *Plan) validateRunner(v *problems) {
 	}
 }
 
-		switch r.Mode {
-		case "", RunnerModePersistent, RunnerModePerTask:
-		default:
-			v.add("runner.mode", fmt.Sprintf("must be %s (one process serves every task, the default) or %s (a process per task), got %q",
-				RunnerModePersistent, RunnerModePerTask, r.Mode))
-		}
 // validateJSONValue checks that a hyperparameter can be handed to a runner as
 // JSON: YAML allows non-string keys and .nan, JSON does not.
 func validateJSONValue(v *problems, key string, x any) {
@@ -568,6 +588,11 @@ func (p *Plan) validateAggregation(v *problems) {
 		v.add("aggregation.algorithm", "must not be empty: fedavg, median, trimmed_mean, fedadam, fedyogi or fedadagrad (default fedavg)")
 	default:
 		v.add("aggregation.algorithm", fmt.Sprintf("must be fedavg, median, trimmed_mean, fedadam, fedyogi or fedadagrad, got %q", a.Algorithm))
+	}
+	switch a.Weights {
+	case WeightsSamples, WeightsRegistered, WeightsEqual:
+	default:
+		v.add("aggregation.weights", fmt.Sprintf("must be samples (the reported samples, at most those registered), registered (the envoy's registered train samples) or equal, got %q", a.Weights))
 	}
 	if !(a.Trim >= 0 && a.Trim < 0.5) {
 		v.add("aggregation.trim", fmt.Sprintf("must be in [0,0.5), got %v", a.Trim))

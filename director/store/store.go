@@ -63,6 +63,17 @@ type Participant struct {
 	State     fxv1.ParticipantState `json:"state"`
 	Reason    string                `json:"reason,omitempty"`
 	UpdatedAt time.Time             `json:"updated_at"`
+	// Registered are the samples the envoy had registered when the
+	// experiment started: the most its results may claim, for every launch
+	// of the experiment's aggregator, whatever the envoy registers later.
+	// Nil before the start (and in records older than the field).
+	Registered *Samples `json:"registered,omitempty"`
+}
+
+// Samples are an envoy's registered sample counts.
+type Samples struct {
+	Train int64 `json:"train"`
+	Valid int64 `json:"valid"`
 }
 
 // Envoy is a registered envoy. Liveness (the last heartbeat) is not kept
