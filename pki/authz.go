@@ -81,7 +81,7 @@ func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
 // serverOptions are ServerOptions with a given Authorizer.
 func serverOptions(k *Keyring, a *Authorizer) []grpc.ServerOption {
 	return append([]grpc.ServerOption{
-		grpc.Creds(limitHandshakes(coalescingCreds{credentials.NewTLS(k.ServerConfig())}, handshakeSlots, maxHandshakeQueueWait)),
+		grpc.Creds(limitHandshakes(coalescingCreds{credentials.NewTLS(k.ServerConfig())}, defaultHandshakeLimits())),
 		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor()),
 		grpc.ChainStreamInterceptor(a.StreamServerInterceptor()),
 	}, bulkServerOptions()...)

@@ -95,8 +95,9 @@ func (c *clientCreds) OverrideServerName(name string) error {
 	return nil
 }
 
-// prereadConn hands back the bytes read while waiting for the server's
-// verdict before reading on.
+// prereadConn hands back bytes read ahead (the server's first bytes while a
+// client waits for its verdict, a ClientHello read before a server
+// handshake) before reading on.
 type prereadConn struct {
 	net.Conn
 	buf []byte
@@ -106,6 +107,9 @@ func (c *prereadConn) Read(p []byte) (int, error) {
 	if len(c.buf) > 0 {
 		n := copy(p, c.buf)
 		c.buf = c.buf[n:]
+		if len(c.buf) == 0 {
+			c.buf = nil // a director keeps thousands of connections: let the bytes go
+		}
 		return n, nil
 	}
 	return c.Conn.Read(p)
