@@ -24,20 +24,21 @@ type service struct {
 	a *Aggregator
 }
 
-// participant checks that the request is for this experiment and comes from
-// one of its participants, named by its certificate.
+// participant checks that the request comes from the envoy it names (by its
+// certificate) and is for this aggregator's experiment, in which that envoy
+// takes part. Every other request gets one NOT_FOUND, built from the
+// request alone: whether the id is the one served here or not, a caller
+// that does not take part learns nothing about it, so experiment ids cannot
+// be probed.
 func (s *service) participant(ctx context.Context, experimentID, collaborator string) (string, error) {
-	if experimentID != s.a.cfg.ExperimentID {
-		return "", status.Errorf(codes.NotFound, "this aggregator serves experiment %s, not %q", s.a.cfg.ExperimentID, experimentID)
-	}
 	if err := pki.RequireCaller(ctx, collaborator); err != nil {
 		return "", err
 	}
 	s.a.mu.Lock()
 	_, ok := s.a.parts[collaborator]
 	s.a.mu.Unlock()
-	if !ok {
-		return "", status.Errorf(codes.PermissionDenied, "envoy %s is not a participant of experiment %s", collaborator, experimentID)
+	if !ok || experimentID != s.a.cfg.ExperimentID {
+		return "", status.Errorf(codes.NotFound, "envoy %s takes part in no experiment %q served here: use the experiment id and aggregator address of the director's Start assignment", collaborator, experimentID)
 	}
 	return collaborator, nil
 }

@@ -134,7 +134,7 @@ best_model: {task: locally_tuned_model_validation}
 		says string
 	}{
 		{"collaborator field names someone else", alpha, with(func(u *upload) { u.collaborator = "beta" }), codes.PermissionDenied, "beta"},
-		{"envoy that is not a participant", mallory, with(func(u *upload) { u.collaborator = "mallory" }), codes.PermissionDenied, "not a participant"},
+		{"envoy that is not a participant", mallory, with(func(u *upload) { u.collaborator = "mallory" }), codes.NotFound, "envoy mallory takes part in no experiment"},
 		{"researcher certificate", researcher, with(func(u *upload) { u.collaborator = "alice" }), codes.PermissionDenied, "researcher"},
 		{"another experiment", alpha, with(func(u *upload) { u.experiment = "exp-other" }), codes.NotFound, "exp-other"},
 		{"a future round", alpha, with(func(u *upload) { u.round = 2 }), codes.FailedPrecondition, "round 2"},

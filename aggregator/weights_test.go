@@ -14,6 +14,7 @@ import (
 
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 )
 
@@ -147,5 +148,57 @@ func TestRegisteredCountsAreRequired(t *testing.T) {
 				t.Fatalf("New: %v, want an error saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// An envoy that does not take part in the experiment learns nothing about
+// experiment ids from the aggregator: the id it serves and any other give
+// the same NOT_FOUND, which never names the id served. A participant that
+// names another id gets the same answer.
+func TestExperimentIDsCannotBeProbed(t *testing.T) {
+	f := newFederation(t, parsePlan(t, fmt.Sprintf(oneTrainRound, "samples", 1)), "alpha", "beta")
+	f.start()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	mallory := dial(t, f, pki.RoleEnvoy, "mallory")
+	alpha := dial(t, f, pki.RoleEnvoy, "alpha")
+
+	calls := map[string]func(conn *grpc.ClientConn, name, id string) error{
+		"GetTasks": func(conn *grpc.ClientConn, name, id string) error {
+			_, err := fxv1.NewAggregatorClient(conn).GetTasks(ctx, &fxv1.GetTasksRequest{ExperimentId: id, Collaborator: name})
+			return err
+		},
+		"FetchModel": func(conn *grpc.ClientConn, name, id string) error {
+			stream, err := fxv1.NewAggregatorClient(conn).FetchModel(ctx, &fxv1.FetchModelRequest{ExperimentId: id, Collaborator: name, Round: 1})
+			if err != nil {
+				return err
+			}
+			_, err = stream.Recv()
+			return err
+		},
+		"UploadResult": func(conn *grpc.ClientConn, name, id string) error {
+			return send(ctx, conn, upload{experiment: id, collaborator: name, round: 1, task: runner.TaskTrain, samples: 1, tensors: goodTensors(1)})
+		},
+	}
+	const unknown = "exp-unknown"
+	for rpc, call := range calls {
+		served := call(mallory, "mallory", experimentID)
+		other := call(mallory, "mallory", unknown)
+		wrongID := call(alpha, "alpha", unknown)
+		for _, err := range []error{served, other, wrongID} {
+			if status.Code(err) != codes.NotFound {
+				t.Errorf("%s: %v, want NotFound", rpc, err)
+			}
+		}
+		a := strings.ReplaceAll(status.Convert(served).Message(), experimentID, "ID")
+		b := strings.ReplaceAll(status.Convert(other).Message(), unknown, "ID")
+		if a != b {
+			t.Errorf("%s: a non-participant can tell the served id from another:\n  served: %s\n  other:  %s", rpc, a, b)
+		}
+		for _, err := range []error{other, wrongID} {
+			if msg := status.Convert(err).Message(); strings.Contains(msg, experimentID) {
+				t.Errorf("%s: a call for %s was answered with the id served: %s", rpc, unknown, msg)
+			}
+		}
 	}
 }

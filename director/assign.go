@@ -77,7 +77,7 @@ func stopAssignment(id string, state fxv1.ExperimentState, reason string) *fxv1.
 // replayLocked is what a new stream of the envoy starts with: open offers
 // (answered or not, until the experiment starts or ends), starts of running
 // experiments it trains in, and stops for experiments it last said it runs
-// that have ended or that the director does not know.
+// that have ended, that it should let go, or that it takes no part in.
 func (d *Director) replayLocked(env *envoyState) []*fxv1.Assignment {
 	name := env.rec.Name
 	var out []*fxv1.Assignment
@@ -97,14 +97,18 @@ func (d *Director) replayLocked(env *envoyState) []*fxv1.Assignment {
 }
 
 // stopsLocked returns a Stop for each experiment in running (as an envoy
-// reported it) that the envoy should not be running.
+// reported it) that the envoy should not be running. Only an experiment
+// the envoy was offered is answered with its state and why; any other id,
+// known or not, gets the one Stop an unknown id gets, so that an envoy
+// cannot learn another experiment's state, reason or existence by naming
+// its id.
 func (d *Director) stopsLocked(name string, running []string) []*fxv1.Assignment {
 	var out []*fxv1.Assignment
 	for _, id := range running {
 		e := d.exps[id]
 		switch {
-		case e == nil:
-			out = append(out, stopAssignment(id, fxv1.ExperimentState_EXPERIMENT_STATE_UNSPECIFIED, "the director does not know this experiment (it was removed)"))
+		case e == nil || e.parts[name] == nil:
+			out = append(out, stopAssignment(id, fxv1.ExperimentState_EXPERIMENT_STATE_UNSPECIFIED, "this envoy takes part in no experiment with this id (it was removed, or never offered to this envoy)"))
 		case e.rec.Ended():
 			out = append(out, stopAssignment(id, e.rec.State, e.rec.Reason))
 		default:
@@ -129,14 +133,12 @@ func (d *Director) heartbeatStopsLocked(env *envoyState, running []string) []*fx
 	return d.stopsLocked(env.rec.Name, fresh)
 }
 
-// notTakingPartLocked says why an envoy holding a live experiment should let
-// it go, or "" when it may keep it: it was never offered it, declined it,
-// was dropped, or the experiment started without it.
+// notTakingPartLocked says why an envoy that was offered a live experiment
+// should let it go, or "" when it may keep it: it declined it, was dropped,
+// or the experiment started without it.
 func (d *Director) notTakingPartLocked(e *expState, envoy string) string {
-	p, ok := e.parts[envoy]
+	p := e.parts[envoy]
 	switch {
-	case !ok:
-		return "this envoy does not take part in the experiment"
 	case p.State == fxv1.ParticipantState_DECLINED:
 		return "this envoy declined the experiment"
 	case p.State == fxv1.ParticipantState_DROPPED:

@@ -212,7 +212,7 @@ func (d *Director) loadLocked(envoy string) int {
 func (d *Director) answerLocked(e *expState, envoy string, accept bool, reason string) error {
 	p, ok := e.parts[envoy]
 	if !ok {
-		return fmt.Errorf("experiment %s was not offered to envoy %s: %w", e.rec.ID, envoy, ErrNotFound)
+		return fmt.Errorf("experiment %q was not offered to envoy %s: %w", e.rec.ID, envoy, ErrNotFound)
 	}
 	want := fxv1.ParticipantState_DECLINED
 	if accept {
@@ -457,7 +457,7 @@ func (d *Director) endLocked(e *expState, state fxv1.ExperimentState, reason str
 func (d *Director) reportFailureLocked(e *expState, envoy string, round int32, reason string) (Aggregator, error) {
 	p, ok := e.parts[envoy]
 	if !ok || (p.State != fxv1.ParticipantState_TRAINING && p.State != fxv1.ParticipantState_ACCEPTED && p.State != fxv1.ParticipantState_DROPPED) {
-		return nil, fmt.Errorf("envoy %s does not take part in experiment %s: %w", envoy, e.rec.ID, ErrNotFound)
+		return nil, fmt.Errorf("envoy %s does not take part in experiment %q: %w", envoy, e.rec.ID, ErrNotFound)
 	}
 	if p.State == fxv1.ParticipantState_DROPPED || e.rec.Ended() {
 		return nil, nil

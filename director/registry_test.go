@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/fx-fl/fx/director/store"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
@@ -328,5 +330,83 @@ func TestConcurrentRegistrationsOfOneEnvoyAgreeWithTheStore(t *testing.T) {
 	f.d.mu.Unlock()
 	if stored.Version != inMemory {
 		t.Fatalf("the store holds version %s, the director's memory %s", stored.Version, inMemory)
+	}
+}
+
+// An envoy hears about an experiment only if it was offered it: naming any
+// other id in a heartbeat, or in AnswerOffer, ReportFailure and
+// DownloadArchive, gets exactly what an id the director does not know gets,
+// so neither a state, a reason nor an id's existence leaks.
+func TestEnvoysCannotProbeOtherExperiments(t *testing.T) {
+	f := newFed(t, nil)
+	ctx := ctxT(t)
+	ended, _ := f.running("alice")
+	_, err := f.researcher("alice").CancelExperiment(ctx, &fxv1.CancelExperimentRequest{Experiment: &fxv1.ExperimentRef{Id: ended.Id}, Reason: "secret reason"})
+	must(t, err)
+	f.waitState(ended.Id, fxv1.ExperimentState_CANCELLED)
+	live := f.submitPlan("alice", strings.Replace(planTwo, "name: fashion", "name: live", 1)) // offered to a and b
+	f.waitState(live.Id, fxv1.ExperimentState_OFFERED)
+	f.register("outsider", "other")
+	const unknown = "exp-unknown"
+
+	// same reports whether two answers differ only in the id they echo.
+	same := func(what string, answers map[string]string) {
+		t.Helper()
+		var first string
+		for id, a := range answers {
+			a = strings.ReplaceAll(a, id, "ID")
+			if first == "" {
+				first = a
+			} else if a != first {
+				t.Errorf("%s: an envoy can tell experiments apart: %q vs %q", what, first, a)
+			}
+			if strings.Contains(a, "secret") {
+				t.Errorf("%s: another experiment's reason leaked: %q", what, a)
+			}
+		}
+	}
+
+	w := f.watch("outsider")
+	must(t, f.heartbeat("outsider", ended.Id, live.Id, unknown))
+	stops := map[string]string{}
+	for _, id := range []string{ended.Id, live.Id, unknown} {
+		s := w.next(t, id, "stop").GetStop()
+		stops[id] = s.GetState().String() + ": " + s.GetReason()
+	}
+	same("heartbeat", stops)
+	if s := stops[unknown]; !strings.HasPrefix(s, fxv1.ExperimentState_EXPERIMENT_STATE_UNSPECIFIED.String()) {
+		t.Errorf("stop for an unknown id: %s", s)
+	}
+
+	for rpc, call := range map[string]func(id string) error{
+		"AnswerOffer": func(id string) error {
+			_, err := f.envoy("outsider").AnswerOffer(ctx, &fxv1.AnswerOfferRequest{ExperimentId: id, EnvoyName: "outsider", Accept: true})
+			return err
+		},
+		"ReportFailure": func(id string) error {
+			_, err := f.envoy("outsider").ReportFailure(ctx, &fxv1.ReportFailureRequest{ExperimentId: id, EnvoyName: "outsider", Reason: "x"})
+			return err
+		},
+		"DownloadArchive": func(id string) error {
+			stream, err := f.envoy("outsider").DownloadArchive(ctx, &fxv1.DownloadArchiveRequest{ExperimentId: id})
+			if err == nil {
+				_, err = stream.Recv()
+			}
+			return err
+		},
+	} {
+		answers := map[string]string{}
+		for _, id := range []string{ended.Id, live.Id, unknown} {
+			err := call(id)
+			answers[id] = status.Convert(err).Code().String() + ": " + status.Convert(err).Message()
+		}
+		same(rpc, answers)
+	}
+
+	// A participant still hears how its experiment ended.
+	wa := f.watch("a")
+	must(t, f.heartbeat("a", ended.Id))
+	if s := wa.next(t, ended.Id, "stop").GetStop(); s.GetState() != fxv1.ExperimentState_CANCELLED || s.GetReason() != "secret reason" {
+		t.Errorf("stop for a participant: %v, want CANCELLED with its reason", s)
 	}
 }
