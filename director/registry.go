@@ -13,6 +13,7 @@ import (
 
 	"github.com/fx-fl/fx/director/store"
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -146,12 +147,17 @@ func (d *Director) heartbeat(req *fxv1.HeartbeatRequest) error {
 	return nil
 }
 
-func (d *Director) envoyInfoLocked(env *envoyState) *fxv1.EnvoyInfo {
+// envoyInfoLocked describes an envoy as viewer may see it. An admin sees
+// everything. A researcher sees the shard without its description, which
+// says where the site keeps its data (dataset descriptions name their
+// files), and of the experiments the envoy takes part in only its own:
+// tags, shapes and counts are what a researcher selects sites by.
+func (d *Director) envoyInfoLocked(env *envoyState, viewer pki.Identity) *fxv1.EnvoyInfo {
 	info := &fxv1.EnvoyInfo{
 		Name:           env.rec.Name,
 		Online:         d.onlineLocked(env, d.clock.Now()),
 		RegisteredAt:   timestamppb.New(env.rec.RegisteredAt),
-		Shard:          proto.Clone(env.shard).(*fxv1.DatasetShard),
+		Shard:          shardFor(env.shard, viewer),
 		MaxExperiments: env.rec.MaxExperiments,
 		Version:        env.rec.Version,
 	}
@@ -159,7 +165,7 @@ func (d *Director) envoyInfoLocked(env *envoyState) *fxv1.EnvoyInfo {
 		info.LastSeen = timestamppb.New(env.lastSeen)
 	}
 	for _, e := range d.sortedExps() {
-		if e.rec.Ended() {
+		if e.rec.Ended() || (viewer.Role != pki.RoleAdmin && e.rec.Owner != viewer.Name) {
 			continue
 		}
 		if p, ok := e.parts[env.rec.Name]; ok && (p.State == fxv1.ParticipantState_ACCEPTED || p.State == fxv1.ParticipantState_TRAINING) {
@@ -169,12 +175,22 @@ func (d *Director) envoyInfoLocked(env *envoyState) *fxv1.EnvoyInfo {
 	return info
 }
 
-func (d *Director) listEnvoys(req *fxv1.ListEnvoysRequest) []*fxv1.EnvoyInfo {
+// shardFor copies a shard for viewer: without its description unless
+// viewer is an admin (see envoyInfoLocked).
+func shardFor(s *fxv1.DatasetShard, viewer pki.Identity) *fxv1.DatasetShard {
+	out := proto.Clone(s).(*fxv1.DatasetShard)
+	if viewer.Role != pki.RoleAdmin {
+		out.Description = ""
+	}
+	return out
+}
+
+func (d *Director) listEnvoys(req *fxv1.ListEnvoysRequest, viewer pki.Identity) []*fxv1.EnvoyInfo {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var out []*fxv1.EnvoyInfo
 	for _, env := range d.sortedEnvoys() {
-		info := d.envoyInfoLocked(env)
+		info := d.envoyInfoLocked(env, viewer)
 		if req.GetOnlineOnly() && !info.Online {
 			continue
 		}
@@ -186,7 +202,7 @@ func (d *Director) listEnvoys(req *fxv1.ListEnvoysRequest) []*fxv1.EnvoyInfo {
 	return out
 }
 
-func (d *Director) searchDatasets(req *fxv1.SearchDatasetsRequest) ([]*fxv1.DatasetMatch, error) {
+func (d *Director) searchDatasets(req *fxv1.SearchDatasetsRequest, viewer pki.Identity) ([]*fxv1.DatasetMatch, error) {
 	if err := checkDims("sample_shape", req.GetSampleShape()); err != nil {
 		return nil, err
 	}
@@ -205,7 +221,7 @@ func (d *Director) searchDatasets(req *fxv1.SearchDatasetsRequest) ([]*fxv1.Data
 		if !shardMatches(env.shard, req.GetTags(), req.GetSampleShape(), req.GetTargetShape()) {
 			continue
 		}
-		out = append(out, &fxv1.DatasetMatch{Envoy: env.rec.Name, Online: online, Shard: proto.Clone(env.shard).(*fxv1.DatasetShard)})
+		out = append(out, &fxv1.DatasetMatch{Envoy: env.rec.Name, Online: online, Shard: shardFor(env.shard, viewer)})
 	}
 	return out, nil
 }

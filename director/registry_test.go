@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -12,8 +13,10 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/fx-fl/fx/director/store"
+	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -266,7 +269,7 @@ func TestRegistrationCommitsDoNotHoldUpTheDirector(t *testing.T) {
 	answered := make(chan error, 1)
 	go func() {
 		err := f.d.heartbeat(&fxv1.HeartbeatRequest{EnvoyName: "old"})
-		if err == nil && len(f.d.listEnvoys(&fxv1.ListEnvoysRequest{})) != 1 {
+		if err == nil && len(f.d.listEnvoys(&fxv1.ListEnvoysRequest{}, pki.Identity{Role: pki.RoleAdmin})) != 1 {
 			err = errors.New("the envoy whose record is not committed yet is listed")
 		}
 		answered <- err
@@ -285,7 +288,7 @@ func TestRegistrationCommitsDoNotHoldUpTheDirector(t *testing.T) {
 		t.Fatal("a heartbeat waited for another envoy's registration to commit")
 	}
 	must(t, err)
-	if n := len(f.d.listEnvoys(&fxv1.ListEnvoysRequest{})); n != 2 {
+	if n := len(f.d.listEnvoys(&fxv1.ListEnvoysRequest{}, pki.Identity{Role: pki.RoleAdmin})); n != 2 {
 		t.Fatalf("%d envoys listed after the commit, want 2", n)
 	}
 }
@@ -408,5 +411,59 @@ func TestEnvoysCannotProbeOtherExperiments(t *testing.T) {
 	must(t, f.heartbeat("a", ended.Id))
 	if s := wa.next(t, ended.Id, "stop").GetStop(); s.GetState() != fxv1.ExperimentState_CANCELLED || s.GetReason() != "secret reason" {
 		t.Errorf("stop for a participant: %v, want CANCELLED with its reason", s)
+	}
+}
+
+// Researchers choose sites by tags, shapes and counts; where a site keeps
+// its data (the shard's description names its files) is for admins only,
+// and so are other researchers' experiments among an envoy's.
+func TestResearchersSeeNoDataPaths(t *testing.T) {
+	f := newFed(t, nil)
+	ctx := ctxT(t)
+	e, _ := f.running("bob") // a and b take part in bob's experiment
+	shard := &fxv1.DatasetShard{Description: "IDX images from /srv/hospital/scans", Tags: []string{"fashion"},
+		SampleShape: []int64{28, 28}, TrainSamples: 100, ValidSamples: 10, Classes: 10}
+	_, err := f.envoy("a").RegisterEnvoy(ctx, &fxv1.RegisterEnvoyRequest{EnvoyName: "a", Version: "test", Shard: shard})
+	must(t, err)
+
+	for _, tc := range []struct {
+		who         string
+		client      fxv1.DirectorClient
+		description string
+		experiments []string
+	}{
+		{"researcher", f.researcher("alice"), "", nil},
+		{"owner", f.researcher("bob"), "", []string{e.Id}},
+		{"admin", f.admin(), shard.Description, []string{e.Id}},
+	} {
+		list, err := tc.client.ListEnvoys(ctx, &fxv1.ListEnvoysRequest{})
+		must(t, err)
+		found, err := tc.client.SearchDatasets(ctx, &fxv1.SearchDatasetsRequest{Tags: []string{"fashion"}})
+		must(t, err)
+		var info *fxv1.EnvoyInfo
+		for _, i := range list.GetEnvoys() {
+			if i.GetName() == "a" {
+				info = i
+			}
+		}
+		var match *fxv1.DatasetMatch
+		for _, m := range found.GetMatches() {
+			if m.GetEnvoy() == "a" {
+				match = m
+			}
+		}
+		if info == nil || match == nil {
+			t.Fatalf("%s: envoy a not listed (%v) or not found (%v)", tc.who, list, found)
+		}
+		for what, got := range map[string]*fxv1.DatasetShard{"ListEnvoys": info.GetShard(), "SearchDatasets": match.GetShard()} {
+			want := proto.Clone(shard).(*fxv1.DatasetShard)
+			want.Description = tc.description
+			if !proto.Equal(got, want) {
+				t.Errorf("%s's %s shows shard %v, want %v", tc.who, what, got, want)
+			}
+		}
+		if !slices.Equal(info.GetExperiments(), tc.experiments) {
+			t.Errorf("%s sees envoy a in experiments %v, want %v", tc.who, info.GetExperiments(), tc.experiments)
+		}
 	}
 }

@@ -457,12 +457,20 @@ func (d *Director) remove(ctx context.Context, e *expState) error {
 	return nil
 }
 
-func (s *service) ListEnvoys(_ context.Context, req *fxv1.ListEnvoysRequest) (*fxv1.ListEnvoysResponse, error) {
-	return &fxv1.ListEnvoysResponse{Envoys: s.d.listEnvoys(req)}, nil
+func (s *service) ListEnvoys(ctx context.Context, req *fxv1.ListEnvoysRequest) (*fxv1.ListEnvoysResponse, error) {
+	id, err := caller(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &fxv1.ListEnvoysResponse{Envoys: s.d.listEnvoys(req, id)}, nil
 }
 
-func (s *service) SearchDatasets(_ context.Context, req *fxv1.SearchDatasetsRequest) (*fxv1.SearchDatasetsResponse, error) {
-	matches, err := s.d.searchDatasets(req)
+func (s *service) SearchDatasets(ctx context.Context, req *fxv1.SearchDatasetsRequest) (*fxv1.SearchDatasetsResponse, error) {
+	id, err := caller(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	matches, err := s.d.searchDatasets(req, id)
 	if err != nil {
 		return nil, toStatus(err)
 	}
