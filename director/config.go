@@ -34,6 +34,9 @@ const (
 	DefaultSweepPeriod = time.Second
 	// DefaultUploadIdleTimeout abandons a stalled upload.
 	DefaultUploadIdleTimeout = 2 * time.Minute
+	// DefaultAggregatorHost is loopback: aggregators serve other machines
+	// only when told to.
+	DefaultAggregatorHost = "127.0.0.1"
 	// MaxChunk is the largest chunk the director sends or accepts.
 	MaxChunk = 1 << 20
 )
@@ -128,7 +131,7 @@ func (c *Config) setDefaults() {
 		c.UploadIdleTimeout = DefaultUploadIdleTimeout
 	}
 	if c.AggregatorHost == "" {
-		c.AggregatorHost = "0.0.0.0"
+		c.AggregatorHost = DefaultAggregatorHost
 	}
 	if c.Launcher == nil {
 		c.Launcher = InProcess{}

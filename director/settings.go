@@ -54,7 +54,8 @@ type Settings struct {
 // DefaultSettings are what a configuration file overrides.
 func DefaultSettings() Settings {
 	var s Settings
-	s.ListenAddress = "0.0.0.0:50051"
+	// Loopback: a director serves other machines only when told to.
+	s.ListenAddress = "127.0.0.1:50051"
 	s.Advertise.Host = "localhost"
 	s.DataDir = "./director-data"
 	s.HeartbeatPeriod = DefaultHeartbeatPeriod
@@ -62,7 +63,7 @@ func DefaultSettings() Settings {
 	s.ReviewPolicy = ReviewManual
 	s.MaxConcurrent = DefaultMaxConcurrent
 	s.MaxArchiveBytes = DefaultMaxArchiveBytes
-	s.Aggregator.Host = "0.0.0.0"
+	s.Aggregator.Host = DefaultAggregatorHost
 	s.StopTimeout = DefaultStopTimeout
 	s.UploadIdleTimeout = DefaultUploadIdleTimeout
 	return s
