@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 
@@ -81,35 +82,38 @@ func History(dir string) ([]RoundSummary, *Best, error) {
 // the results that reported it. A task whose results all have zero samples is
 // averaged unweighted.
 func aggregateMetrics(results []TaskResult) map[string]map[string]float64 {
-	type acc struct{ sum, weight float64 }
-	sums := map[string]map[string]*acc{}
-	plain := map[string]map[string]*acc{}
+	type term struct{ value, weight float64 }
+	terms := map[string]map[string][]term{}
 	for _, r := range results {
 		for k, v := range r.Metrics {
-			for _, m := range []map[string]map[string]*acc{sums, plain} {
-				if m[r.Task] == nil {
-					m[r.Task] = map[string]*acc{}
-				}
-				if m[r.Task][k] == nil {
-					m[r.Task][k] = &acc{}
-				}
+			if terms[r.Task] == nil {
+				terms[r.Task] = map[string][]term{}
 			}
-			sums[r.Task][k].sum += v * float64(r.Samples)
-			sums[r.Task][k].weight += float64(r.Samples)
-			plain[r.Task][k].sum += v
-			plain[r.Task][k].weight++
+			terms[r.Task][k] = append(terms[r.Task][k], term{v, float64(r.Samples)})
 		}
 	}
 	out := map[string]map[string]float64{}
-	for task, metrics := range sums {
+	for task, metrics := range terms {
 		out[task] = map[string]float64{}
-		for k, a := range metrics {
-			if a.weight > 0 {
-				out[task][k] = a.sum / a.weight
-			} else {
-				p := plain[task][k]
-				out[task][k] = p.sum / p.weight
+		for k, ts := range metrics {
+			var total float64
+			for _, t := range ts {
+				total += t.weight
 			}
+			// Each weight is made a fraction before it multiplies, so finite
+			// metrics give a finite mean however many samples the results
+			// claim: Σ w·v would overflow for 2^62 samples of a loss of 1e300.
+			// The exact mean lies within the values' range; the clamp takes
+			// back only what rounding carries past the largest float64.
+			var mean float64
+			for _, t := range ts {
+				frac := 1 / float64(len(ts))
+				if total > 0 {
+					frac = t.weight / total
+				}
+				mean += frac * t.value
+			}
+			out[task][k] = max(-math.MaxFloat64, min(math.MaxFloat64, mean))
 		}
 	}
 	return out

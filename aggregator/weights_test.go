@@ -202,3 +202,34 @@ func TestExperimentIDsCannotBeProbed(t *testing.T) {
 		}
 	}
 }
+
+// Sites that registered (and claim) 2^62 samples, with finite metrics near
+// float64's largest, must not overflow the round's metric means either: the
+// round completes with their weighted mean.
+func TestMetricMeansCannotOverflow(t *testing.T) {
+	f := newFederation(t, parsePlan(t, fmt.Sprintf(oneTrainRound, "samples", 1)), "alpha", "beta")
+	for _, name := range f.parts {
+		f.registered[name] = aggregator.SampleCounts{Train: 1 << 62, Valid: 1 << 62}
+	}
+	f.start()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	for _, name := range f.parts {
+		conn := dial(t, f, pki.RoleEnvoy, name)
+		for _, u := range []upload{
+			{task: runner.TaskTrain, tensors: goodTensors(1)},
+			{task: runner.TaskLocalValidation, metrics: map[string]float64{"loss": 1e308}},
+		} {
+			u.experiment, u.collaborator, u.round, u.samples = experimentID, name, 1, 1<<62
+			if err := send(ctx, conn, u); err != nil {
+				t.Fatalf("%s's %s: %v", name, u.task, err)
+			}
+		}
+	}
+	if err := f.wait(20 * time.Second); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if got := f.sink.summaries()[0].Aggregates[runner.TaskLocalValidation]["loss"]; got != 1e308 {
+		t.Fatalf("aggregated loss %v, want 1e308", got)
+	}
+}
