@@ -155,6 +155,12 @@ func probe(op, arg string) error {
 			return err
 		}
 		return syscall.Kill(pid, 0)
+	case "caps": // fails if the process holds any capability
+		held, err := capabilities()
+		if err == nil && len(held) > 0 {
+			err = fmt.Errorf("holds %s", strings.Join(held, " "))
+		}
+		return err
 	case "ptrace":
 		pid, err := strconv.Atoi(arg)
 		if err != nil {
@@ -179,4 +185,21 @@ func rawConnect(family, typ, proto int, hostport string) error {
 	sa := &unix.SockaddrInet4{Port: addr.Port}
 	copy(sa.Addr[:], addr.IP.To4())
 	return unix.Connect(fd, sa)
+}
+
+// capabilities returns the capability lines of /proc/self/status that are
+// not all zero.
+func capabilities() ([]string, error) {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return nil, err
+	}
+	var held []string
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		if strings.HasPrefix(k, "Cap") && strings.Trim(strings.TrimSpace(v), "0") != "" {
+			held = append(held, k+"="+strings.TrimSpace(v))
+		}
+	}
+	return held, nil
 }

@@ -245,7 +245,11 @@ func landlockRules(rules []rule, abi int) []landlock.Rule {
 		case r.access == readOnly:
 			fr = landlock.ROFiles(r.path)
 		case r.access == procSelf:
-			fr = landlock.PathAccess(ll.AccessFSReadFile|ll.AccessFSReadDir|ll.AccessFSWriteFile, r.path)
+			a := landlock.AccessFSSet(ll.AccessFSReadFile | ll.AccessFSReadDir | ll.AccessFSWriteFile)
+			if abi >= abiTruncate {
+				a |= ll.AccessFSTruncate // echo name > /proc/self/comm opens with O_TRUNC
+			}
+			fr = landlock.PathAccess(a, r.path)
 		case r.dir:
 			fr = landlock.RWDirs(r.path)
 			if abi >= 2 {

@@ -2,17 +2,20 @@
 // that it can touch only what its Policy names: it cannot read the envoy's
 // key, certificate, configuration or work directory, other experiments'
 // files or /proc of other processes, cannot write outside its own scratch
-// directory, and has no TCP unless the site allows it.
+// directory, cannot signal or ptrace the envoy, and has no network unless
+// the site allows it.
 //
-// On Linux this is Landlock, which a process can only apply to itself (and
-// everything it starts afterwards). So Apply does not run the command
-// directly: it rewrites the exec.Cmd to start this very binary
-// (/proc/self/exe) as a trampoline, which locks itself down and then
-// execve's the real command in place, with the same pid, arguments,
-// environment, directory and file descriptors. For that to work the
-// binary must call Main first thing in main (and a test binary in
-// TestMain). Landlock holds for root too, so the sandbox does not depend on
-// the user the envoy runs as.
+// On Linux this is Landlock for files, TCP, signals and abstract unix
+// sockets, a seccomp filter that refuses every socket but a unix one (for
+// the network Landlock does not cover: UDP, MPTCP, raw sockets), and no
+// capabilities, so that a command started by root is root by uid only.
+// Landlock applies to the process that asks for it and what that process
+// starts, so Apply does not run the command directly: it rewrites the
+// exec.Cmd to start this very binary (/proc/self/exe) as a trampoline,
+// which locks itself down and then execve's the real command in place,
+// with the same pid, arguments, environment, directory and file
+// descriptors. For that to work the binary must call Main first thing in
+// main (and a test binary in TestMain).
 //
 // Other systems have no sandbox: Check and Apply return ErrUnsupported.
 package sandbox
@@ -28,7 +31,10 @@ import (
 // /dev/null, /dev/zero, /dev/full, /dev/random and /dev/urandom, read and
 // write /dev/shm (PyTorch's data loaders and Python's multiprocessing
 // locks live there), read its own /proc/self and the few global /proc and
-// /sys files that runtimes read to size themselves (CPUs, memory).
+// /sys files that runtimes read to size themselves (CPUs, memory). The
+// processes the command starts in turn cannot read their own /proc/self:
+// Landlock's rule is on the command's /proc/<pid>, and all of /proc would
+// show the envoy's command line.
 //
 // Hidden is applied to those system directories as well, so an envoy
 // whose key or configuration sits under /etc or /opt stays protected.
@@ -55,10 +61,13 @@ type Policy struct {
 	// or a bind mount of a hidden file elsewhere in an allowed
 	// directory is readable there.
 	Hidden []string
-	// AllowNetwork lets the command bind and connect TCP sockets. When
-	// false (the default) both are denied, which needs Landlock ABI 4
-	// (Linux 6.7); on older kernels Apply refuses rather than start a
-	// command with more access than the policy says.
+	// AllowNetwork lets the command use the network. When false (the
+	// default) it can create unix sockets only: a seccomp filter
+	// refuses every other socket(2) (TCP, UDP, MPTCP, raw, netlink) and
+	// io_uring, on any kernel, and Landlock (ABI 4+) denies TCP bind
+	// and connect as well. The filter exists for amd64 and arm64;
+	// elsewhere Apply refuses a policy without the network rather than
+	// start a command with more access than the policy says.
 	AllowNetwork bool
 }
 
@@ -69,19 +78,22 @@ type Support struct {
 	// kernel's, capped at the newest that go-landlock knows, 0 when
 	// there is no Landlock.
 	ABI int
+	// NoNetwork reports whether a policy without the network can be
+	// enforced here (a seccomp filter exists for this architecture).
+	NoNetwork bool
 }
 
 // The Landlock ABI versions that brought each restriction.
 const (
 	abiTruncate    = 3  // truncate(2) needs write access (Linux 6.2)
 	abiTCP         = 4  // TCP bind and connect (Linux 6.7)
-	abiIoctl       = 5  // ioctl on devices (Linux 6.10)
 	abiScopes      = 6  // signals and abstract unix sockets stay inside the sandbox (Linux 6.12)
 	abiUnixSockets = 9  // connect and sendmsg on pathname unix sockets
 	abiUDP         = 10 // UDP bind, connect and send
 )
 
-// TCP reports whether TCP bind and connect can be denied.
+// TCP reports whether Landlock denies TCP bind and connect (the seccomp
+// filter of NoNetwork denies them on any kernel).
 func (s Support) TCP() bool { return s.ABI >= abiTCP }
 
 // Scoped reports whether the command is kept from signalling processes
@@ -118,7 +130,10 @@ func (s Support) String() string {
 	if len(lacks) > 0 {
 		out += "; not " + join(lacks)
 	}
-	return out
+	if s.NoNetwork {
+		return out + "; a seccomp filter denies all but unix sockets"
+	}
+	return out + "; no seccomp filter for this architecture, so commands need the network allowed"
 }
 
 func join(words []string) string {

@@ -45,7 +45,7 @@ func Check() (Support, error) {
 			v = abiScopes - 1
 		}
 	}
-	return Support{ABI: min(v, len(configs)-1)}, nil
+	return Support{ABI: min(v, len(configs)-1), NoNetwork: auditArch != 0}, nil
 }
 
 // config is what the sandbox restricts on this kernel: all that Landlock
@@ -92,7 +92,21 @@ type spec struct {
 // trampoline still fail (a path removed in between), the command exits
 // with ExitSetupFailed, having said why on stderr, and never runs.
 //
+// Besides its standard files and ExtraFiles the command holds one more
+// descriptor, numbered 100 or above: its own /proc/<pid> directory, held
+// open so that Landlock's rule for /proc/self keeps working (see
+// pinProcSelf). It starts with no capabilities, even from root.
+//
 // The binary must call Main at the start of main (tests: of TestMain).
+//
+// For an exec runner the policy is: ReadOnly the experiment's directory,
+// the dataset's paths, and an interpreter or virtual environment that
+// lives outside /usr and /opt; ReadWrite the task or runner directory;
+// Hidden the envoy's key, certificate and configuration files and its
+// work directory (and anything else of the envoy's, such as a CRL or a
+// state directory); AllowNetwork only if the site says so. Point TMPDIR
+// and HOME at the ReadWrite directory, since /tmp and the envoy's home
+// are out of reach.
 func (p Policy) Apply(cmd *exec.Cmd) error {
 	if cmd.Err != nil {
 		return cmd.Err
@@ -214,6 +228,9 @@ func trampoline() error {
 		return fmt.Errorf("sandbox: landlock_restrict_self: %w", err)
 	}
 	_ = unix.Close(fd)
+	if err := dropCapabilities(); err != nil {
+		return err
+	}
 	if filter != nil {
 		if err := installFilter(filter); err != nil {
 			return err

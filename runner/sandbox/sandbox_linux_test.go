@@ -70,6 +70,8 @@ type site struct {
 	data    string // the site's data
 	outside string // a file outside everything
 	link    string // a symbolic link to siteDir, outside it
+	nextDir string // where the envoy will write its next key
+	nextKey string // that key, hidden but not yet written
 }
 
 func newSite(t *testing.T) site {
@@ -88,7 +90,9 @@ func newSite(t *testing.T) site {
 	s.task = filepath.Join(s.work, "tasks", "exp-a")
 	s.outside = filepath.Join(root, "outside.txt")
 	s.link = filepath.Join(root, "link-to-etc-fx")
-	for _, d := range []string{s.siteDir, s.expA, s.expB, s.task, s.data} {
+	s.nextDir = filepath.Join(root, "pki-next")
+	s.nextKey = filepath.Join(s.nextDir, "next.key")
+	for _, d := range []string{s.siteDir, s.expA, s.expB, s.task, s.data, s.nextDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -97,7 +101,7 @@ func newSite(t *testing.T) site {
 		s.key: "-----BEGIN PRIVATE KEY-----", s.cert: "cert", s.config: "tls: {key: tls.key}",
 		s.caCert: "ca", filepath.Join(s.expA, "train.py"): "print('train')",
 		filepath.Join(s.expB, "secret.txt"): "exp-b", filepath.Join(s.data, "train.csv"): "1,2,3\n",
-		s.outside: "outside",
+		s.outside: "outside", filepath.Join(s.nextDir, "README"): "keys go here",
 	}
 	for name, body := range files {
 		if err := os.WriteFile(name, []byte(body), 0o644); err != nil {
@@ -111,20 +115,24 @@ func newSite(t *testing.T) site {
 }
 
 // hidden is what an envoy hides.
-func (s site) hidden() []string { return []string{s.key, s.cert, s.config, s.work} }
+func (s site) hidden() []string { return []string{s.key, s.cert, s.config, s.work, s.nextKey} }
 
 // runProbes runs the probes in the hostile command, under p or (nil)
-// unconfined, and returns each probe's result ("" or an errno name).
-// between, if set, runs after the command started and before it gets a
-// line on stdin (the "wait:" probe).
+// unconfined, and returns each probe's result ("" or an errno name). If
+// the probes hold a "wait:", between runs once those before it have
+// answered, and the command goes on when it returns.
 func runProbes(t *testing.T, p *sandbox.Policy, dir string, probes []string, between func()) map[string]string {
 	t.Helper()
 	cmd := exec.Command(testBinary(t), probes...)
 	cmd.Dir = dir
 	cmd.Env = []string{probeEnv + "=probe", "PATH=/usr/bin:/bin"}
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
 	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,22 +144,27 @@ func runProbes(t *testing.T, p *sandbox.Policy, dir string, probes []string, bet
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	if between != nil {
+	got := map[string]string{}
+	sc := bufio.NewScanner(stdout)
+	read := func(n int) {
+		for len(got) < n && sc.Scan() {
+			var r probeResult
+			if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+				t.Errorf("probe output %q: %v", sc.Text(), err)
+				return
+			}
+			got[r.Probe] = r.Err
+		}
+	}
+	if i := slices.Index(probes, "wait:"); i >= 0 {
+		read(i)
 		between()
 	}
 	_, _ = stdin.Write([]byte("\n"))
 	_ = stdin.Close()
+	read(len(probes))
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("probe command: %v\nstderr:\n%s", err, stderr.String())
-	}
-	got := map[string]string{}
-	sc := bufio.NewScanner(&stdout)
-	for sc.Scan() {
-		var r probeResult
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatalf("probe output %q: %v", sc.Text(), err)
-		}
-		got[r.Probe] = r.Err
 	}
 	if len(got) != len(probes) {
 		t.Fatalf("probe command answered %d of %d probes; stderr:\n%s", len(got), len(probes), stderr.String())
@@ -315,7 +328,7 @@ func TestHostileCommand(t *testing.T) {
 		policy: sandbox.Policy{
 			ReadOnly:  []string{s.root, s.expA, bin},
 			ReadWrite: []string{s.task},
-			Hidden:    append(s.hidden(), filepath.Join(s.siteDir, "rotated.key")),
+			Hidden:    s.hidden(),
 		},
 		extra: []expect{
 			// The hidden paths' neighbours stay readable, through
@@ -326,22 +339,24 @@ func TestHostileCommand(t *testing.T) {
 			{probe: "read:" + s.outside},
 			{probe: "read:" + s.siteDir, deny: true},
 			{probe: "read:" + s.work, deny: true},
-			// A hidden key written after the command started.
+			// A hidden key written after the command started, in
+			// a directory that held no hidden file until then.
+			{probe: "read:" + filepath.Join(s.nextDir, "README")},
 			{probe: "wait:"},
-			{probe: "read:" + filepath.Join(s.siteDir, "rotated.key"), deny: true},
+			{probe: "read:" + s.nextKey, deny: true},
 		},
 	}}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			exps := append(slices.Clone(common), tc.extra...)
 			run := func(p *sandbox.Policy, id string) map[string]string {
-				_ = os.Remove(filepath.Join(s.siteDir, "rotated.key"))
+				_ = os.Remove(s.nextKey)
 				probes := make([]string, len(exps))
 				for j, e := range exps {
 					probes[j] = strings.ReplaceAll(e.probe, "RUN", id)
 				}
 				got := runProbes(t, p, s.task, probes, func() {
-					if err := os.WriteFile(filepath.Join(s.siteDir, "rotated.key"), []byte("new key"), 0o600); err != nil {
+					if err := os.WriteFile(s.nextKey, []byte("next key"), 0o600); err != nil {
 						t.Error(err)
 					}
 				})
@@ -375,6 +390,41 @@ func TestHostileCommand(t *testing.T) {
 	}
 }
 
+// TestHiddenSystemPaths shows Hidden applied to the system directories
+// the sandbox allows by default: a hidden file in /etc is carved out of
+// it, and a hidden directory holding a default one (/sys/devices/system
+// holds .../cpu) takes it along.
+func TestHiddenSystemPaths(t *testing.T) {
+	landlockABI(t)
+	dir := t.TempDir()
+	p := sandbox.Policy{
+		ReadOnly: []string{filepath.Dir(testBinary(t))},
+		Hidden:   []string{"/etc/passwd", "/sys/devices/system"},
+	}
+	probes := map[string]bool{
+		"read:/etc/passwd":                    true,
+		"read:/sys/devices/system/cpu/online": true,
+		"read:/etc/group":                     false,
+		"read:/usr/bin":                       false,
+	}
+	var list []string
+	for pr := range probes {
+		list = append(list, pr)
+	}
+	free := runProbes(t, nil, dir, list, nil)
+	boxed := runProbes(t, &p, dir, list, nil)
+	for pr, deny := range probes {
+		switch {
+		case free[pr] != "":
+			t.Errorf("unconfined, %s failed (%s)", pr, free[pr])
+		case deny && !denied(boxed[pr]):
+			t.Errorf("sandboxed, %s: got %q, want it denied", pr, boxed[pr])
+		case !deny && boxed[pr] != "":
+			t.Errorf("sandboxed, %s: got %s, want it allowed", pr, boxed[pr])
+		}
+	}
+}
+
 // TestAllowNetwork shows the network switch: a policy that allows the
 // network connects to the loopback listener the default policy cannot
 // reach (TestHostileCommand).
@@ -395,6 +445,24 @@ func TestAllowNetwork(t *testing.T) {
 		if !denied(got[pr]) {
 			t.Errorf("without AllowNetwork, %s: got %q, want it denied", pr, got[pr])
 		}
+	}
+}
+
+// TestRootHasNoCapabilities shows that a command started by root runs
+// without capabilities, so that what Landlock does not cover (BPF, perf,
+// raw I/O, modules) stays closed to it too.
+func TestRootHasNoCapabilities(t *testing.T) {
+	landlockABI(t)
+	if os.Geteuid() != 0 {
+		t.Skip("only root has capabilities to drop")
+	}
+	dir := t.TempDir()
+	if got := runProbes(t, nil, dir, []string{"caps"}, nil)["caps"]; got == "" {
+		t.Fatal("unconfined, the command holds no capabilities: the test shows nothing")
+	}
+	p := sandbox.Policy{ReadOnly: []string{filepath.Dir(testBinary(t))}}
+	if got := runProbes(t, &p, dir, []string{"caps"}, nil)["caps"]; got != "" {
+		t.Errorf("sandboxed, the command %s", got)
 	}
 }
 
@@ -646,5 +714,31 @@ print("trained", loss.item() > 0)
 	}
 	if _, err := os.Stat(filepath.Join(s.task, "model.pt")); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestProcSelfOutlivesCacheEviction shows that a long-running command
+// keeps its /proc/self when the kernel evicts the dentry cache, as it
+// does under memory pressure: Landlock's rule is on the inode of the
+// command's /proc/<pid>, and procfs would make a new one. It needs root
+// to drop the caches.
+func TestProcSelfOutlivesCacheEviction(t *testing.T) {
+	landlockABI(t)
+	if os.Geteuid() != 0 {
+		t.Skip("dropping the dentry cache needs root")
+	}
+	dir := t.TempDir()
+	got := runProbes(t, &sandbox.Policy{ReadOnly: []string{filepath.Dir(testBinary(t))}}, dir,
+		[]string{"read:/proc/self/status", "wait:", "read:/proc/self/stat"}, func() {
+			// A dentry used lately survives one pass of the
+			// shrinker; three make its eviction dependable.
+			for range 3 {
+				if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("2"), 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	if got["read:/proc/self/status"] != "" || got["read:/proc/self/stat"] != "" {
+		t.Errorf("/proc/self before and after the dentry cache was dropped: %q", got)
 	}
 }
