@@ -78,6 +78,12 @@ const (
 type spec struct {
 	Program string
 	Policy  Policy
+	// Files is how many descriptors the command gets: its standard
+	// files and ExtraFiles. Any other the trampoline inherited (one the
+	// envoy itself inherited without close-on-exec, from whatever
+	// started it) is closed, since Landlock does not restrict what is
+	// already open.
+	Files int
 }
 
 // Apply rewrites cmd, not yet started, so that it runs under p: cmd.Path
@@ -140,7 +146,7 @@ func (p Policy) Apply(cmd *exec.Cmd) error {
 		}
 		prog = filepath.Join(base, prog)
 	}
-	b, err := json.Marshal(spec{Program: prog, Policy: p})
+	b, err := json.Marshal(spec{Program: prog, Policy: p, Files: 3 + len(cmd.ExtraFiles)})
 	if err != nil {
 		return fmt.Errorf("sandbox: %w", err)
 	}
@@ -201,6 +207,9 @@ func trampoline() error {
 	cfg, filter, err := sp.Policy.config(s)
 	if err != nil {
 		return err
+	}
+	if err := unix.CloseRange(uint(sp.Files), ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
+		return fmt.Errorf("sandbox: closing inherited descriptors: %w", err)
 	}
 	if err := pinProcSelf(); err != nil {
 		return err

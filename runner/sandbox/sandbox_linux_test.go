@@ -474,11 +474,18 @@ func echoMain() int {
 	if err != nil {
 		fd3 = []byte("error: " + err.Error())
 	}
+	var fds []int
+	if entries, err := os.ReadDir("/proc/self/fd"); err == nil {
+		for _, e := range entries {
+			n, _ := strconv.Atoi(e.Name())
+			fds = append(fds, n)
+		}
+	}
 	pgid, _ := syscall.Getpgid(0)
 	stdin, _ := bufio.NewReader(os.Stdin).ReadString('\n')
 	_ = json.NewEncoder(os.Stdout).Encode(echo{
 		Args: os.Args, Env: os.Environ(), Dir: wd, FD3: string(fd3), Stdin: stdin,
-		PgidIsPid: pgid == os.Getpid(),
+		PgidIsPid: pgid == os.Getpid(), FDs: fds,
 	})
 	code, _ := strconv.Atoi(os.Getenv("EXIT"))
 	return code
@@ -491,6 +498,7 @@ type echo struct {
 	FD3       string
 	Stdin     string
 	PgidIsPid bool
+	FDs       []int
 }
 
 // TestApplyKeepsTheCommand checks that the command Apply starts is the
@@ -521,6 +529,13 @@ func TestApplyKeepsTheCommand(t *testing.T) {
 	cmd.Stdin = strings.NewReader("to stdin\n")
 	cmd.ExtraFiles = []*os.File{f}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// A descriptor this process holds without close-on-exec, as an
+	// envoy may have inherited one: it must not reach the command.
+	const leaked = 77
+	if err := syscall.Dup2(int(f.Fd()), leaked); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(leaked)
 	var out, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &stderr
 	p := sandbox.Policy{ReadOnly: []string{filepath.Dir(exe), extra}, ReadWrite: []string{dir}}
@@ -556,6 +571,21 @@ func TestApplyKeepsTheCommand(t *testing.T) {
 	}
 	if !got.PgidIsPid {
 		t.Error("Setpgid did not reach the command")
+	}
+	// 0-3, those the command opened itself (the Go runtime's poller, the
+	// listing of /proc/self/fd: low numbers), and the /proc/<pid> pin at
+	// 100 or above; nothing inherited beyond them.
+	var others []int
+	for _, fd := range got.FDs {
+		if fd > 3 && fd < 100 && fd != leaked {
+			continue
+		}
+		if fd > 3 {
+			others = append(others, fd)
+		}
+	}
+	if len(others) != 1 || others[0] < 100 {
+		t.Errorf("the command holds descriptors %v; want 0-3, the one listing them, and one of 100 or more (not the leaked %d)", got.FDs, leaked)
 	}
 }
 
