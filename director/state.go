@@ -23,6 +23,9 @@ type expState struct {
 	plan     *experiment.Plan
 	parts    map[string]*store.Participant
 	metrics  *metricLog
+	// logs is what the sites shared of their runners' output; made with
+	// the first line.
+	logs     *runnerLog
 	progress map[string]aggregator.Progress
 	// run is the aggregator of a RUNNING experiment; nil otherwise.
 	run *runState

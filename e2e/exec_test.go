@@ -16,12 +16,12 @@ import (
 	"github.com/fx-fl/fx/tensor"
 )
 
-// execPlan runs ./run.sh at the sites named.
+// execPlan runs ./run.sh at the sites named, a process per task.
 func execPlan(name, participants string) string {
 	return fmt.Sprintf(`name: %s
 rounds: 2
 participants: %s
-runner: {kind: exec, command: [./run.sh], timeout: 1m}
+runner: {kind: exec, command: [./run.sh], mode: per_task, timeout: 1m}
 stragglers: {deadline: 1m, min_reporting: 1}
 `, name, participants)
 }
@@ -51,7 +51,7 @@ func writeSoftmaxModel(t *testing.T, dir string) {
 func TestExecFailures(t *testing.T) {
 	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2", "site-3"})
 	f.startDirector(directorOptions{})
-	f.startEnvoy("site-1", syntheticShard(1, 3, ""))
+	f.startEnvoyOpts("site-1", syntheticShard(1, 3, ""), envoyOptions{shareLogs: true})
 	f.startEnvoy("site-2", syntheticShard(2, 3, ""))
 	f.startEnvoyOpts("site-3", syntheticShard(3, 3, ""), envoyOptions{noExec: true})
 	c := f.researcher("alice")
@@ -93,9 +93,11 @@ func TestExecFailures(t *testing.T) {
 		}
 	})
 
+	// site-1 shares its runners' output: the researcher reads why the
+	// runner failed, in the reasons and in the runner logs.
 	t.Run("a crashing runner", func(t *testing.T) {
 		f := f.sub(t)
-		dir := writePlan(t, execPlan("crashing", "{min: 2, envoys: [site-1, site-2]}"))
+		dir := writePlan(t, execPlan("crashing", "{min: 1, envoys: [site-1]}"))
 		writeSoftmaxModel(t, dir)
 		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
 			t.Fatal(err)
@@ -104,28 +106,44 @@ func TestExecFailures(t *testing.T) {
 		final := f.waitState(c, "crashing", time.Minute, fxv1.ExperimentState_FAILED)
 		t.Logf("experiment: %s", final.GetReason())
 		checkEndedParticipants(t, final)
-		for _, site := range []string{"site-1", "site-2"} {
-			p := participant(final, site)
-			t.Logf("%s: %s %s", site, p.GetState(), p.GetReason())
-			if p.GetState() != fxv1.ParticipantState_DROPPED && !strings.Contains(final.GetReason(), "GPU caught fire") {
-				t.Errorf("%s: %v", site, p)
-			}
+		if p := participant(final, "site-1"); !strings.Contains(final.GetReason()+p.GetReason(), "GPU caught fire") {
+			t.Errorf("neither the experiment's reason nor site-1's carries the runner's error: %q, %v", final.GetReason(), p)
 		}
-		if !strings.Contains(final.GetReason(), "GPU caught fire") {
-			found := false
-			for _, p := range final.GetParticipants() {
-				found = found || strings.Contains(p.GetReason(), "GPU caught fire")
-			}
-			if !found {
-				t.Errorf("neither the experiment's reason nor a participant's carries the runner's error")
-			}
+		logs := f.mustExp("alice", "logs", "crashing")
+		if !strings.Contains(logs, "site-1") || !strings.Contains(logs, "stderr: run.sh: error: the GPU caught fire") {
+			t.Errorf("fx experiment logs:\n%s", logs)
 		}
-		for _, site := range []string{"site-1", "site-2"} {
-			dir := filepath.Join(f.dir, "envoys", site, "experiments", e.GetId())
-			f.waitFor(30*time.Second, site+" to delete its copy", func() (bool, error) {
-				_, err := os.Stat(dir)
-				return os.IsNotExist(err), err
-			})
+		dir = filepath.Join(f.dir, "envoys", "site-1", "experiments", e.GetId())
+		f.waitFor(30*time.Second, "site-1 to delete its copy", func() (bool, error) {
+			_, err := os.Stat(dir)
+			return os.IsNotExist(err), err
+		})
+	})
+
+	// site-2 does not share: what the runner printed stays at the site,
+	// and the researcher gets fx's own words.
+	t.Run("runner output stays at a site that does not share it", func(t *testing.T) {
+		f := f.sub(t)
+		dir := writePlan(t, execPlan("private", "{min: 1, envoys: [site-2]}"))
+		writeSoftmaxModel(t, dir)
+		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		f.submit("alice", dir)
+		final := f.waitState(c, "private", time.Minute, fxv1.ExperimentState_FAILED)
+		reasons := final.GetReason()
+		for _, p := range final.GetParticipants() {
+			reasons += "\n" + p.GetReason()
+		}
+		t.Logf("reasons: %s", reasons)
+		if strings.Contains(reasons, "GPU") || !strings.Contains(reasons, "exited with status 3") || !strings.Contains(reasons, "share_logs") {
+			t.Errorf("reasons %q: want fx's words (the exit status, share_logs) and nothing the runner printed", reasons)
+		}
+		if logs := f.mustExp("alice", "logs", "private"); strings.Contains(logs, "GPU") {
+			t.Errorf("fx experiment logs shows a site's output it does not share:\n%s", logs)
+		}
+		if !strings.Contains(f.envoys["site-2"].log(), "GPU caught fire") {
+			t.Error("site-2's own log lacks what its runner printed")
 		}
 	})
 }

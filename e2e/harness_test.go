@@ -508,6 +508,8 @@ type envoyOptions struct {
 	// allowlist is review.allowlist (with review "allowlist").
 	allowlist string
 	env       []string // added to the process's environment
+	// shareLogs sends the runners' output to the director (exec.share_logs).
+	shareLogs bool
 }
 
 // startEnvoyReview is startEnvoy with the data owner's review policy.
@@ -548,11 +550,12 @@ shard:
 exec:
   allow: %t
   env: [PATH=/usr/bin:/bin]
+  share_logs: %t
 rpc_timeout: 5s
 retry:
   initial: 200ms
   max: 1s
-`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, o.allowlist, !o.noExec)
+`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, o.allowlist, !o.noExec, o.shareLogs)
 	file := filepath.Join(f.dir, "envoys", name+".yaml")
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		f.t.Fatal(err)

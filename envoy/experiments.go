@@ -273,7 +273,9 @@ func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, done cha
 // runCollaborator builds the plan's runner on the site's data and runs a
 // collaborator with it.
 func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment.Plan, s *fxv1.Start) error {
-	r, err := e.newRunner(e.runnerInput(id, plan))
+	output, stopSharing := e.shareOutput(ctx, id)
+	defer stopSharing()
+	r, err := e.newRunner(e.runnerInput(id, plan, output))
 	if err != nil {
 		return fmt.Errorf("building the task runner: %w", err)
 	}
@@ -298,8 +300,9 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 	})
 }
 
-// runnerInput is what the experiment's runner is built from.
-func (e *Envoy) runnerInput(id string, plan *experiment.Plan) RunnerInput {
+// runnerInput is what the experiment's runner is built from; output, if
+// not nil, receives what an exec runner prints.
+func (e *Envoy) runnerInput(id string, plan *experiment.Plan, output func(exec.OutputLine)) RunnerInput {
 	return RunnerInput{
 		Plan:       plan,
 		Dir:        filepath.Join(e.expDir(id), filesDir),
@@ -308,6 +311,7 @@ func (e *Envoy) runnerInput(id string, plan *experiment.Plan) RunnerInput {
 		DataConfig: e.cfg.Shard,
 		Exec:       e.cfg.Exec,
 		Logger:     e.log.Named("runner").With("experiment", id),
+		Output:     output,
 	}
 }
 

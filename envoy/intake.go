@@ -139,7 +139,11 @@ func (e *Envoy) review(ctx context.Context, x *exp, done chan struct{}) (decisio
 	e.mu.Lock()
 	x.plan = plan
 	e.mu.Unlock()
-	r, err := e.newRunner(e.runnerInput(rec.ID, plan))
+	// What the runner prints while it starts is shared too (where the site
+	// shares it): it is what tells a researcher why it could not.
+	output, stopSharing := e.shareOutput(ctx, rec.ID)
+	defer stopSharing()
+	r, err := e.newRunner(e.runnerInput(rec.ID, plan, output))
 	if err != nil {
 		return decision{reason: fmt.Sprintf("this site cannot run the plan: %v", err)}, nil
 	}

@@ -241,6 +241,7 @@ another researcher's as OWNER/NAME.
 		newExperimentListCommand(o),
 		newExperimentStatusCommand(o),
 		newExperimentWatchCommand(o),
+		newExperimentLogsCommand(o),
 		newExperimentModelCommand(o),
 		newExperimentCancelCommand(o),
 		newExperimentRemoveCommand(o),
@@ -660,6 +661,67 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 		},
 	}
 	cmd.Flags().Int64Var(&after, "after", 0, "start after this sequence number")
+	return cmd
+}
+
+func newExperimentLogsCommand(o *researcherOptions) *cobra.Command {
+	var envoy string
+	var follow bool
+	cmd := &cobra.Command{
+		Use:   "logs NAME [--envoy E] [--follow]",
+		Short: "Print what the experiment's runners printed at the sites that share it",
+		Long: `Print the lines the experiment's exec runners wrote to stdout and stderr, at
+the sites whose operators share them (exec.share_logs in the envoy's
+configuration; off by default, since a runner's output may quote the site's
+data). Each line shows the site, the task and round it belongs to, and the
+stream. Sites share at most 20 lines a second; lines over that are counted
+in a line of stream "fx". The director keeps an experiment's last 10,000
+lines, in memory.
+
+--envoy shows one site's lines. --follow keeps printing new lines until the
+experiment ends. --output json prints one JSON object per line.`,
+		Example: `  fx experiment logs fashion-cnn
+  fx experiment logs fashion-cnn --envoy site-a --follow`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := o.checkOutput(); err != nil {
+				return err
+			}
+			c, err := o.dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			out := cmd.OutOrStdout()
+			n := 0
+			for line, err := range c.RunnerLogs(cmd.Context(), args[0], envoy, follow) {
+				if err != nil {
+					return err
+				}
+				n++
+				if o.json() {
+					if err := writeJSONLine(out, line); err != nil {
+						return err
+					}
+					continue
+				}
+				where := "-"
+				if line.GetTask() != "" {
+					where = fmt.Sprintf("%s r%d", line.GetTask(), line.GetRound())
+				}
+				if _, err := fmt.Fprintf(out, "%s  %s  %s  %s: %s\n", line.GetTime().AsTime().Local().Format("15:04:05"),
+					line.GetEnvoy(), where, line.GetStream(), line.GetText()); err != nil {
+					return err
+				}
+			}
+			if n == 0 && !o.json() {
+				fmt.Fprintf(cmd.ErrOrStderr(), "no runner output shared for %s (sites share it only with exec.share_logs: true)\n", args[0])
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&envoy, "envoy", "", "only this site's lines")
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new lines until the experiment ends")
 	return cmd
 }
 

@@ -197,8 +197,9 @@ type Config struct {
 type OutputLine struct {
 	// Stream is "stdout" or "stderr".
 	Stream string
-	// Task and Round are the task the command was running, or empty and 0
-	// for a persistent process between tasks.
+	// Task and Round are the task the command was running (a persistent
+	// process: the last one it was given), or empty and 0 before its
+	// first.
 	Task  string
 	Round int
 	Text  string

@@ -185,8 +185,10 @@ func (r *Runner) runPersistent(ctx context.Context, task runner.Task, model tens
 			}
 		}()
 	}
+	// What the runner printed for the previous task may still be in its
+	// pipes: it keeps that task's label.
+	s.p.settle()
 	s.p.setTask(task.Name, task.Round)
-	defer s.p.setTask("", 0)
 	if err := s.send(msg, deadline); err != nil {
 		stderr = r.endSession(s, "it stopped reading its control pipe")
 		return fail(fmt.Errorf("%w: cannot hand it the task: %w", ErrExit, err))

@@ -1,6 +1,11 @@
 package exec
 
-import "syscall"
+import (
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
 
 // procAttr starts the command in its own process group, so a timeout or a
 // cancellation can signal everything it started, and has the kernel kill it
@@ -11,4 +16,18 @@ import "syscall"
 // when its main process exits.)
 func procAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+}
+
+// pending is how many bytes wait unread in a pipe (0 if unknown). It goes
+// through SyscallConn, which leaves the pipe non-blocking (Fd would not).
+func pending(f *os.File) int {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) {
+		n, _ = unix.IoctlGetInt(int(fd), unix.TIOCINQ)
+	})
+	return n
 }

@@ -38,7 +38,7 @@ type proc struct {
 	pumps      sync.WaitGroup
 	outR, errR *os.File
 	tail       *tailBuffer
-	// output counts the bytes written since the last resetOutput; flooded
+	// output counts the bytes written since the last setTask; flooded
 	// is closed when they pass limit.
 	output    atomic.Int64
 	limit     int64
@@ -48,6 +48,9 @@ type proc struct {
 	stopOnce  sync.Once
 	label     atomic.Pointer[taskLabel]
 	onLine    func(OutputLine)
+	// received counts the bytes read from the output pipes, handled those
+	// whose lines were emitted: settle compares them.
+	received, handled atomic.Int64
 }
 
 // taskLabel names the task a persistent process is running, for its
@@ -120,7 +123,8 @@ func (r *Runner) startProc(cmd *osexec.Cmd, extraFiles []*os.File, log hclog.Log
 // pump reads one of the command's streams until it closes.
 func (p *proc) pump(r io.Reader, stream string) {
 	defer p.pumps.Done()
-	pumpLines(r, func(n int) {
+	pumpLines(countingReader{r, &p.received}, func(n int) {
+		p.handled.Add(int64(n))
 		if p.output.Add(int64(n)) > p.limit {
 			p.floodOnce.Do(func() { close(p.flooded) })
 		}
@@ -140,6 +144,35 @@ func (p *proc) pump(r io.Reader, stream string) {
 			p.onLine(OutputLine{Stream: stream, Task: l.task, Round: l.round, Text: line})
 		}
 	})
+}
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// settleTimeout bounds settle: a line the command left without its
+// newline is never emitted, and must not hold up the next task.
+const settleTimeout = 200 * time.Millisecond
+
+// settle waits until the output the command wrote so far has been read and
+// emitted, so that lines it printed during a task carry that task's label
+// though the command's answer may arrive first.
+func (p *proc) settle() {
+	deadline := time.Now().Add(settleTimeout)
+	for time.Now().Before(deadline) && !p.hasExited() {
+		if pending(p.outR)+pending(p.errR) == 0 && p.received.Load() == p.handled.Load() {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // setTask labels the output that follows with a task, and restarts the
@@ -218,16 +251,17 @@ func killGroup(pgid int, sig syscall.Signal) {
 	_ = syscall.Kill(-pgid, sig)
 }
 
-// pumpLines reads r line by line, counts every byte read with count, and
-// hands each non-blank line to emit, without its line ending, as valid
-// UTF-8, cut at maxLineBytes.
+// pumpLines reads r line by line and hands each non-blank line to emit,
+// without its line ending, as valid UTF-8, cut at maxLineBytes; count is
+// told of every byte once the line it belongs to was emitted (or, for a
+// line longer than the buffer, once its part was taken).
 func pumpLines(r io.Reader, count func(int), emit func(string)) {
 	br := bufio.NewReaderSize(r, 4096)
 	var line []byte
 	cut := false
 	for {
 		chunk, err := br.ReadSlice('\n')
-		count(len(chunk))
+		n := len(chunk)
 		if room := maxLineBytes - len(line); len(chunk) > room {
 			line = append(line, chunk[:room]...)
 			cut = true
@@ -235,6 +269,7 @@ func pumpLines(r io.Reader, count func(int), emit func(string)) {
 			line = append(line, chunk...)
 		}
 		if errors.Is(err, bufio.ErrBufferFull) {
+			count(n)
 			continue
 		}
 		s := strings.TrimRight(strings.ToValidUTF8(string(line), "\uFFFD"), "\r\n")
@@ -244,6 +279,7 @@ func pumpLines(r io.Reader, count func(int), emit func(string)) {
 		if strings.TrimSpace(s) != "" {
 			emit(s)
 		}
+		count(n)
 		line, cut = line[:0], false
 		if err != nil {
 			return

@@ -1335,6 +1335,272 @@ func (*ReportFailureResponse) Descriptor() ([]byte, []int) {
 	return file_fx_v1_director_proto_rawDescGZIP(), []int{16}
 }
 
+// RunnerLogLine is one line a runner wrote at a site.
+type RunnerLogLine struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1, 2, 3, ... within an experiment, set by the director; 0 in a push.
+	Sequence int64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// The envoy whose runner wrote the line; set by the director.
+	Envoy string                 `protobuf:"bytes,2,opt,name=envoy,proto3" json:"envoy,omitempty"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
+	// The task and round the runner was working on; empty and 0 between tasks.
+	Task  string `protobuf:"bytes,4,opt,name=task,proto3" json:"task,omitempty"`
+	Round int32  `protobuf:"varint,5,opt,name=round,proto3" json:"round,omitempty"`
+	// stdout or stderr, or fx for the site's own notes (lines dropped by its
+	// rate limit).
+	Stream        string `protobuf:"bytes,6,opt,name=stream,proto3" json:"stream,omitempty"`
+	Text          string `protobuf:"bytes,7,opt,name=text,proto3" json:"text,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunnerLogLine) Reset() {
+	*x = RunnerLogLine{}
+	mi := &file_fx_v1_director_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunnerLogLine) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunnerLogLine) ProtoMessage() {}
+
+func (x *RunnerLogLine) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunnerLogLine.ProtoReflect.Descriptor instead.
+func (*RunnerLogLine) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *RunnerLogLine) GetSequence() int64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *RunnerLogLine) GetEnvoy() string {
+	if x != nil {
+		return x.Envoy
+	}
+	return ""
+}
+
+func (x *RunnerLogLine) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *RunnerLogLine) GetTask() string {
+	if x != nil {
+		return x.Task
+	}
+	return ""
+}
+
+func (x *RunnerLogLine) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *RunnerLogLine) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *RunnerLogLine) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+type PushRunnerLogsRequest struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	ExperimentId string                 `protobuf:"bytes,1,opt,name=experiment_id,json=experimentId,proto3" json:"experiment_id,omitempty"`
+	// Must equal the caller's CN.
+	EnvoyName     string           `protobuf:"bytes,2,opt,name=envoy_name,json=envoyName,proto3" json:"envoy_name,omitempty"`
+	Lines         []*RunnerLogLine `protobuf:"bytes,3,rep,name=lines,proto3" json:"lines,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PushRunnerLogsRequest) Reset() {
+	*x = PushRunnerLogsRequest{}
+	mi := &file_fx_v1_director_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PushRunnerLogsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PushRunnerLogsRequest) ProtoMessage() {}
+
+func (x *PushRunnerLogsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PushRunnerLogsRequest.ProtoReflect.Descriptor instead.
+func (*PushRunnerLogsRequest) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *PushRunnerLogsRequest) GetExperimentId() string {
+	if x != nil {
+		return x.ExperimentId
+	}
+	return ""
+}
+
+func (x *PushRunnerLogsRequest) GetEnvoyName() string {
+	if x != nil {
+		return x.EnvoyName
+	}
+	return ""
+}
+
+func (x *PushRunnerLogsRequest) GetLines() []*RunnerLogLine {
+	if x != nil {
+		return x.Lines
+	}
+	return nil
+}
+
+type PushRunnerLogsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PushRunnerLogsResponse) Reset() {
+	*x = PushRunnerLogsResponse{}
+	mi := &file_fx_v1_director_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PushRunnerLogsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PushRunnerLogsResponse) ProtoMessage() {}
+
+func (x *PushRunnerLogsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PushRunnerLogsResponse.ProtoReflect.Descriptor instead.
+func (*PushRunnerLogsResponse) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{19}
+}
+
+type WatchRunnerLogsRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Experiment *ExperimentRef         `protobuf:"bytes,1,opt,name=experiment,proto3" json:"experiment,omitempty"`
+	// Only this envoy's lines; empty for every site's.
+	Envoy string `protobuf:"bytes,2,opt,name=envoy,proto3" json:"envoy,omitempty"`
+	// Send lines whose sequence is greater than this; 0 for all kept.
+	AfterSequence int64 `protobuf:"varint,3,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
+	// Wait for new lines until the experiment ends.
+	Follow        bool `protobuf:"varint,4,opt,name=follow,proto3" json:"follow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchRunnerLogsRequest) Reset() {
+	*x = WatchRunnerLogsRequest{}
+	mi := &file_fx_v1_director_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchRunnerLogsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchRunnerLogsRequest) ProtoMessage() {}
+
+func (x *WatchRunnerLogsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchRunnerLogsRequest.ProtoReflect.Descriptor instead.
+func (*WatchRunnerLogsRequest) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *WatchRunnerLogsRequest) GetExperiment() *ExperimentRef {
+	if x != nil {
+		return x.Experiment
+	}
+	return nil
+}
+
+func (x *WatchRunnerLogsRequest) GetEnvoy() string {
+	if x != nil {
+		return x.Envoy
+	}
+	return ""
+}
+
+func (x *WatchRunnerLogsRequest) GetAfterSequence() int64 {
+	if x != nil {
+		return x.AfterSequence
+	}
+	return 0
+}
+
+func (x *WatchRunnerLogsRequest) GetFollow() bool {
+	if x != nil {
+		return x.Follow
+	}
+	return false
+}
+
 // Participant is one envoy's part in an experiment.
 type Participant struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -1352,7 +1618,7 @@ type Participant struct {
 
 func (x *Participant) Reset() {
 	*x = Participant{}
-	mi := &file_fx_v1_director_proto_msgTypes[17]
+	mi := &file_fx_v1_director_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1364,7 +1630,7 @@ func (x *Participant) String() string {
 func (*Participant) ProtoMessage() {}
 
 func (x *Participant) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[17]
+	mi := &file_fx_v1_director_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1377,7 +1643,7 @@ func (x *Participant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Participant.ProtoReflect.Descriptor instead.
 func (*Participant) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{17}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Participant) GetEnvoy() string {
@@ -1455,7 +1721,7 @@ type Experiment struct {
 
 func (x *Experiment) Reset() {
 	*x = Experiment{}
-	mi := &file_fx_v1_director_proto_msgTypes[18]
+	mi := &file_fx_v1_director_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1467,7 +1733,7 @@ func (x *Experiment) String() string {
 func (*Experiment) ProtoMessage() {}
 
 func (x *Experiment) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[18]
+	mi := &file_fx_v1_director_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1480,7 +1746,7 @@ func (x *Experiment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Experiment.ProtoReflect.Descriptor instead.
 func (*Experiment) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{18}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Experiment) GetId() string {
@@ -1600,7 +1866,7 @@ type ModelSummary struct {
 
 func (x *ModelSummary) Reset() {
 	*x = ModelSummary{}
-	mi := &file_fx_v1_director_proto_msgTypes[19]
+	mi := &file_fx_v1_director_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1612,7 +1878,7 @@ func (x *ModelSummary) String() string {
 func (*ModelSummary) ProtoMessage() {}
 
 func (x *ModelSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[19]
+	mi := &file_fx_v1_director_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1625,7 +1891,7 @@ func (x *ModelSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelSummary.ProtoReflect.Descriptor instead.
 func (*ModelSummary) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{19}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ModelSummary) GetRound() int32 {
@@ -1664,7 +1930,7 @@ type ExperimentRef struct {
 
 func (x *ExperimentRef) Reset() {
 	*x = ExperimentRef{}
-	mi := &file_fx_v1_director_proto_msgTypes[20]
+	mi := &file_fx_v1_director_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1676,7 +1942,7 @@ func (x *ExperimentRef) String() string {
 func (*ExperimentRef) ProtoMessage() {}
 
 func (x *ExperimentRef) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[20]
+	mi := &file_fx_v1_director_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1689,7 +1955,7 @@ func (x *ExperimentRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExperimentRef.ProtoReflect.Descriptor instead.
 func (*ExperimentRef) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{20}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ExperimentRef) GetId() string {
@@ -1726,7 +1992,7 @@ type SubmitExperimentRequest struct {
 
 func (x *SubmitExperimentRequest) Reset() {
 	*x = SubmitExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[21]
+	mi := &file_fx_v1_director_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1738,7 +2004,7 @@ func (x *SubmitExperimentRequest) String() string {
 func (*SubmitExperimentRequest) ProtoMessage() {}
 
 func (x *SubmitExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[21]
+	mi := &file_fx_v1_director_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1751,7 +2017,7 @@ func (x *SubmitExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitExperimentRequest.ProtoReflect.Descriptor instead.
 func (*SubmitExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{21}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SubmitExperimentRequest) GetPart() isSubmitExperimentRequest_Part {
@@ -1814,7 +2080,7 @@ type SubmitHeader struct {
 
 func (x *SubmitHeader) Reset() {
 	*x = SubmitHeader{}
-	mi := &file_fx_v1_director_proto_msgTypes[22]
+	mi := &file_fx_v1_director_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1826,7 +2092,7 @@ func (x *SubmitHeader) String() string {
 func (*SubmitHeader) ProtoMessage() {}
 
 func (x *SubmitHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[22]
+	mi := &file_fx_v1_director_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1839,7 +2105,7 @@ func (x *SubmitHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitHeader.ProtoReflect.Descriptor instead.
 func (*SubmitHeader) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{22}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SubmitHeader) GetName() string {
@@ -1879,7 +2145,7 @@ type SubmitExperimentResponse struct {
 
 func (x *SubmitExperimentResponse) Reset() {
 	*x = SubmitExperimentResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[23]
+	mi := &file_fx_v1_director_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1891,7 +2157,7 @@ func (x *SubmitExperimentResponse) String() string {
 func (*SubmitExperimentResponse) ProtoMessage() {}
 
 func (x *SubmitExperimentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[23]
+	mi := &file_fx_v1_director_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1904,7 +2170,7 @@ func (x *SubmitExperimentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitExperimentResponse.ProtoReflect.Descriptor instead.
 func (*SubmitExperimentResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{23}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SubmitExperimentResponse) GetExperiment() *Experiment {
@@ -1923,7 +2189,7 @@ type GetExperimentRequest struct {
 
 func (x *GetExperimentRequest) Reset() {
 	*x = GetExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[24]
+	mi := &file_fx_v1_director_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1935,7 +2201,7 @@ func (x *GetExperimentRequest) String() string {
 func (*GetExperimentRequest) ProtoMessage() {}
 
 func (x *GetExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[24]
+	mi := &file_fx_v1_director_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1948,7 +2214,7 @@ func (x *GetExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExperimentRequest.ProtoReflect.Descriptor instead.
 func (*GetExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{24}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetExperimentRequest) GetExperiment() *ExperimentRef {
@@ -1971,7 +2237,7 @@ type ListExperimentsRequest struct {
 
 func (x *ListExperimentsRequest) Reset() {
 	*x = ListExperimentsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[25]
+	mi := &file_fx_v1_director_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1983,7 +2249,7 @@ func (x *ListExperimentsRequest) String() string {
 func (*ListExperimentsRequest) ProtoMessage() {}
 
 func (x *ListExperimentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[25]
+	mi := &file_fx_v1_director_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1996,7 +2262,7 @@ func (x *ListExperimentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExperimentsRequest.ProtoReflect.Descriptor instead.
 func (*ListExperimentsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{25}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListExperimentsRequest) GetStates() []ExperimentState {
@@ -2022,7 +2288,7 @@ type ListExperimentsResponse struct {
 
 func (x *ListExperimentsResponse) Reset() {
 	*x = ListExperimentsResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[26]
+	mi := &file_fx_v1_director_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2034,7 +2300,7 @@ func (x *ListExperimentsResponse) String() string {
 func (*ListExperimentsResponse) ProtoMessage() {}
 
 func (x *ListExperimentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[26]
+	mi := &file_fx_v1_director_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2047,7 +2313,7 @@ func (x *ListExperimentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExperimentsResponse.ProtoReflect.Descriptor instead.
 func (*ListExperimentsResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{26}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListExperimentsResponse) GetExperiments() []*Experiment {
@@ -2068,7 +2334,7 @@ type WatchMetricsRequest struct {
 
 func (x *WatchMetricsRequest) Reset() {
 	*x = WatchMetricsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[27]
+	mi := &file_fx_v1_director_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2080,7 +2346,7 @@ func (x *WatchMetricsRequest) String() string {
 func (*WatchMetricsRequest) ProtoMessage() {}
 
 func (x *WatchMetricsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[27]
+	mi := &file_fx_v1_director_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2093,7 +2359,7 @@ func (x *WatchMetricsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMetricsRequest.ProtoReflect.Descriptor instead.
 func (*WatchMetricsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{27}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *WatchMetricsRequest) GetExperiment() *ExperimentRef {
@@ -2130,7 +2396,7 @@ type MetricEvent struct {
 
 func (x *MetricEvent) Reset() {
 	*x = MetricEvent{}
-	mi := &file_fx_v1_director_proto_msgTypes[28]
+	mi := &file_fx_v1_director_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2142,7 +2408,7 @@ func (x *MetricEvent) String() string {
 func (*MetricEvent) ProtoMessage() {}
 
 func (x *MetricEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[28]
+	mi := &file_fx_v1_director_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2155,7 +2421,7 @@ func (x *MetricEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MetricEvent.ProtoReflect.Descriptor instead.
 func (*MetricEvent) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{28}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *MetricEvent) GetSequence() int64 {
@@ -2219,7 +2485,7 @@ type DownloadModelRequest struct {
 
 func (x *DownloadModelRequest) Reset() {
 	*x = DownloadModelRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[29]
+	mi := &file_fx_v1_director_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2231,7 +2497,7 @@ func (x *DownloadModelRequest) String() string {
 func (*DownloadModelRequest) ProtoMessage() {}
 
 func (x *DownloadModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[29]
+	mi := &file_fx_v1_director_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2244,7 +2510,7 @@ func (x *DownloadModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadModelRequest.ProtoReflect.Descriptor instead.
 func (*DownloadModelRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{29}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DownloadModelRequest) GetExperiment() *ExperimentRef {
@@ -2281,7 +2547,7 @@ type DownloadModelResponse struct {
 
 func (x *DownloadModelResponse) Reset() {
 	*x = DownloadModelResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[30]
+	mi := &file_fx_v1_director_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2293,7 +2559,7 @@ func (x *DownloadModelResponse) String() string {
 func (*DownloadModelResponse) ProtoMessage() {}
 
 func (x *DownloadModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[30]
+	mi := &file_fx_v1_director_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2306,7 +2572,7 @@ func (x *DownloadModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadModelResponse.ProtoReflect.Descriptor instead.
 func (*DownloadModelResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{30}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DownloadModelResponse) GetPart() isDownloadModelResponse_Part {
@@ -2367,7 +2633,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_fx_v1_director_proto_msgTypes[31]
+	mi := &file_fx_v1_director_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2379,7 +2645,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[31]
+	mi := &file_fx_v1_director_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2392,7 +2658,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{31}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ModelInfo) GetRound() int32 {
@@ -2433,7 +2699,7 @@ type CancelExperimentRequest struct {
 
 func (x *CancelExperimentRequest) Reset() {
 	*x = CancelExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[32]
+	mi := &file_fx_v1_director_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2445,7 +2711,7 @@ func (x *CancelExperimentRequest) String() string {
 func (*CancelExperimentRequest) ProtoMessage() {}
 
 func (x *CancelExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[32]
+	mi := &file_fx_v1_director_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2458,7 +2724,7 @@ func (x *CancelExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelExperimentRequest.ProtoReflect.Descriptor instead.
 func (*CancelExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{32}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CancelExperimentRequest) GetExperiment() *ExperimentRef {
@@ -2484,7 +2750,7 @@ type RemoveExperimentRequest struct {
 
 func (x *RemoveExperimentRequest) Reset() {
 	*x = RemoveExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[33]
+	mi := &file_fx_v1_director_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2496,7 +2762,7 @@ func (x *RemoveExperimentRequest) String() string {
 func (*RemoveExperimentRequest) ProtoMessage() {}
 
 func (x *RemoveExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[33]
+	mi := &file_fx_v1_director_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2509,7 +2775,7 @@ func (x *RemoveExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveExperimentRequest.ProtoReflect.Descriptor instead.
 func (*RemoveExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{33}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *RemoveExperimentRequest) GetExperiment() *ExperimentRef {
@@ -2527,7 +2793,7 @@ type RemoveExperimentResponse struct {
 
 func (x *RemoveExperimentResponse) Reset() {
 	*x = RemoveExperimentResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[34]
+	mi := &file_fx_v1_director_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2539,7 +2805,7 @@ func (x *RemoveExperimentResponse) String() string {
 func (*RemoveExperimentResponse) ProtoMessage() {}
 
 func (x *RemoveExperimentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[34]
+	mi := &file_fx_v1_director_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2552,7 +2818,7 @@ func (x *RemoveExperimentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveExperimentResponse.ProtoReflect.Descriptor instead.
 func (*RemoveExperimentResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{34}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{38}
 }
 
 type ReviewExperimentRequest struct {
@@ -2566,7 +2832,7 @@ type ReviewExperimentRequest struct {
 
 func (x *ReviewExperimentRequest) Reset() {
 	*x = ReviewExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[35]
+	mi := &file_fx_v1_director_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2578,7 +2844,7 @@ func (x *ReviewExperimentRequest) String() string {
 func (*ReviewExperimentRequest) ProtoMessage() {}
 
 func (x *ReviewExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[35]
+	mi := &file_fx_v1_director_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2591,7 +2857,7 @@ func (x *ReviewExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReviewExperimentRequest.ProtoReflect.Descriptor instead.
 func (*ReviewExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{35}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ReviewExperimentRequest) GetExperiment() *ExperimentRef {
@@ -2620,7 +2886,7 @@ type ListEnvoysRequest struct {
 
 func (x *ListEnvoysRequest) Reset() {
 	*x = ListEnvoysRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[36]
+	mi := &file_fx_v1_director_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2632,7 +2898,7 @@ func (x *ListEnvoysRequest) String() string {
 func (*ListEnvoysRequest) ProtoMessage() {}
 
 func (x *ListEnvoysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[36]
+	mi := &file_fx_v1_director_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2645,7 +2911,7 @@ func (x *ListEnvoysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEnvoysRequest.ProtoReflect.Descriptor instead.
 func (*ListEnvoysRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{36}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ListEnvoysRequest) GetTags() []string {
@@ -2671,7 +2937,7 @@ type ListEnvoysResponse struct {
 
 func (x *ListEnvoysResponse) Reset() {
 	*x = ListEnvoysResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[37]
+	mi := &file_fx_v1_director_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2683,7 +2949,7 @@ func (x *ListEnvoysResponse) String() string {
 func (*ListEnvoysResponse) ProtoMessage() {}
 
 func (x *ListEnvoysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[37]
+	mi := &file_fx_v1_director_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2696,7 +2962,7 @@ func (x *ListEnvoysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEnvoysResponse.ProtoReflect.Descriptor instead.
 func (*ListEnvoysResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{37}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListEnvoysResponse) GetEnvoys() []*EnvoyInfo {
@@ -2724,7 +2990,7 @@ type EnvoyInfo struct {
 
 func (x *EnvoyInfo) Reset() {
 	*x = EnvoyInfo{}
-	mi := &file_fx_v1_director_proto_msgTypes[38]
+	mi := &file_fx_v1_director_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2736,7 +3002,7 @@ func (x *EnvoyInfo) String() string {
 func (*EnvoyInfo) ProtoMessage() {}
 
 func (x *EnvoyInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[38]
+	mi := &file_fx_v1_director_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2749,7 +3015,7 @@ func (x *EnvoyInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnvoyInfo.ProtoReflect.Descriptor instead.
 func (*EnvoyInfo) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{38}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *EnvoyInfo) GetName() string {
@@ -2824,7 +3090,7 @@ type SearchDatasetsRequest struct {
 
 func (x *SearchDatasetsRequest) Reset() {
 	*x = SearchDatasetsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[39]
+	mi := &file_fx_v1_director_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2836,7 +3102,7 @@ func (x *SearchDatasetsRequest) String() string {
 func (*SearchDatasetsRequest) ProtoMessage() {}
 
 func (x *SearchDatasetsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[39]
+	mi := &file_fx_v1_director_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2849,7 +3115,7 @@ func (x *SearchDatasetsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchDatasetsRequest.ProtoReflect.Descriptor instead.
 func (*SearchDatasetsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{39}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *SearchDatasetsRequest) GetTags() []string {
@@ -2889,7 +3155,7 @@ type SearchDatasetsResponse struct {
 
 func (x *SearchDatasetsResponse) Reset() {
 	*x = SearchDatasetsResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[40]
+	mi := &file_fx_v1_director_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2901,7 +3167,7 @@ func (x *SearchDatasetsResponse) String() string {
 func (*SearchDatasetsResponse) ProtoMessage() {}
 
 func (x *SearchDatasetsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[40]
+	mi := &file_fx_v1_director_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2914,7 +3180,7 @@ func (x *SearchDatasetsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchDatasetsResponse.ProtoReflect.Descriptor instead.
 func (*SearchDatasetsResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{40}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *SearchDatasetsResponse) GetMatches() []*DatasetMatch {
@@ -2935,7 +3201,7 @@ type DatasetMatch struct {
 
 func (x *DatasetMatch) Reset() {
 	*x = DatasetMatch{}
-	mi := &file_fx_v1_director_proto_msgTypes[41]
+	mi := &file_fx_v1_director_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2947,7 +3213,7 @@ func (x *DatasetMatch) String() string {
 func (*DatasetMatch) ProtoMessage() {}
 
 func (x *DatasetMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[41]
+	mi := &file_fx_v1_director_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2960,7 +3226,7 @@ func (x *DatasetMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DatasetMatch.ProtoReflect.Descriptor instead.
 func (*DatasetMatch) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{41}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *DatasetMatch) GetEnvoy() string {
@@ -3061,7 +3327,28 @@ const file_fx_v1_director_proto_rawDesc = "" +
 	"envoy_name\x18\x02 \x01(\tR\tenvoyName\x12\x14\n" +
 	"\x05round\x18\x03 \x01(\x05R\x05round\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\"\x17\n" +
-	"\x15ReportFailureResponse\"\xd8\x01\n" +
+	"\x15ReportFailureResponse\"\xc7\x01\n" +
+	"\rRunnerLogLine\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x03R\bsequence\x12\x14\n" +
+	"\x05envoy\x18\x02 \x01(\tR\x05envoy\x12.\n" +
+	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x12\n" +
+	"\x04task\x18\x04 \x01(\tR\x04task\x12\x14\n" +
+	"\x05round\x18\x05 \x01(\x05R\x05round\x12\x16\n" +
+	"\x06stream\x18\x06 \x01(\tR\x06stream\x12\x12\n" +
+	"\x04text\x18\a \x01(\tR\x04text\"\x87\x01\n" +
+	"\x15PushRunnerLogsRequest\x12#\n" +
+	"\rexperiment_id\x18\x01 \x01(\tR\fexperimentId\x12\x1d\n" +
+	"\n" +
+	"envoy_name\x18\x02 \x01(\tR\tenvoyName\x12*\n" +
+	"\x05lines\x18\x03 \x03(\v2\x14.fx.v1.RunnerLogLineR\x05lines\"\x18\n" +
+	"\x16PushRunnerLogsResponse\"\xa3\x01\n" +
+	"\x16WatchRunnerLogsRequest\x124\n" +
+	"\n" +
+	"experiment\x18\x01 \x01(\v2\x14.fx.v1.ExperimentRefR\n" +
+	"experiment\x12\x14\n" +
+	"\x05envoy\x18\x02 \x01(\tR\x05envoy\x12%\n" +
+	"\x0eafter_sequence\x18\x03 \x01(\x03R\rafterSequence\x12\x16\n" +
+	"\x06follow\x18\x04 \x01(\bR\x06follow\"\xd8\x01\n" +
 	"\vParticipant\x12\x14\n" +
 	"\x05envoy\x18\x01 \x01(\tR\x05envoy\x12-\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x17.fx.v1.ParticipantStateR\x05state\x12\x16\n" +
@@ -3224,19 +3511,20 @@ const file_fx_v1_director_proto_rawDesc = "" +
 	"\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\b\n" +
 	"\x04BEST\x10\x01\x12\b\n" +
 	"\x04LAST\x10\x02\x12\t\n" +
-	"\x05ROUND\x10\x032\xf0\n" +
-	"\n" +
+	"\x05ROUND\x10\x032\x98\f\n" +
 	"\bDirector\x12Q\n" +
 	"\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x05\xca\xf3\x18\x01\x02\x12E\n" +
 	"\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x05\xca\xf3\x18\x01\x02\x12N\n" +
 	"\x10WatchAssignments\x12\x1e.fx.v1.WatchAssignmentsRequest\x1a\x11.fx.v1.Assignment\"\x05\xca\xf3\x18\x01\x020\x01\x12N\n" +
 	"\x0fDownloadArchive\x12\x1d.fx.v1.DownloadArchiveRequest\x1a\x13.fx.v1.ArchiveChunk\"\x05\xca\xf3\x18\x01\x020\x01\x12K\n" +
 	"\vAnswerOffer\x12\x19.fx.v1.AnswerOfferRequest\x1a\x1a.fx.v1.AnswerOfferResponse\"\x05\xca\xf3\x18\x01\x02\x12Q\n" +
-	"\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x05\xca\xf3\x18\x01\x02\x12\\\n" +
+	"\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x05\xca\xf3\x18\x01\x02\x12T\n" +
+	"\x0ePushRunnerLogs\x12\x1c.fx.v1.PushRunnerLogsRequest\x1a\x1d.fx.v1.PushRunnerLogsResponse\"\x05\xca\xf3\x18\x01\x02\x12\\\n" +
 	"\x10SubmitExperiment\x12\x1e.fx.v1.SubmitExperimentRequest\x1a\x1f.fx.v1.SubmitExperimentResponse\"\x05\xca\xf3\x18\x01\x03(\x01\x12G\n" +
 	"\rGetExperiment\x12\x1b.fx.v1.GetExperimentRequest\x1a\x11.fx.v1.Experiment\"\x06\xca\xf3\x18\x02\x03\x04\x12X\n" +
 	"\x0fListExperiments\x12\x1d.fx.v1.ListExperimentsRequest\x1a\x1e.fx.v1.ListExperimentsResponse\"\x06\xca\xf3\x18\x02\x03\x04\x12H\n" +
-	"\fWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x06\xca\xf3\x18\x02\x03\x040\x01\x12T\n" +
+	"\fWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x06\xca\xf3\x18\x02\x03\x040\x01\x12P\n" +
+	"\x0fWatchRunnerLogs\x12\x1d.fx.v1.WatchRunnerLogsRequest\x1a\x14.fx.v1.RunnerLogLine\"\x06\xca\xf3\x18\x02\x03\x040\x01\x12T\n" +
 	"\rDownloadModel\x12\x1b.fx.v1.DownloadModelRequest\x1a\x1c.fx.v1.DownloadModelResponse\"\x06\xca\xf3\x18\x02\x03\x040\x01\x12M\n" +
 	"\x10CancelExperiment\x12\x1e.fx.v1.CancelExperimentRequest\x1a\x11.fx.v1.Experiment\"\x06\xca\xf3\x18\x02\x03\x04\x12[\n" +
 	"\x10RemoveExperiment\x12\x1e.fx.v1.RemoveExperimentRequest\x1a\x1f.fx.v1.RemoveExperimentResponse\"\x06\xca\xf3\x18\x02\x03\x04\x12I\n" +
@@ -3259,7 +3547,7 @@ func file_fx_v1_director_proto_rawDescGZIP() []byte {
 }
 
 var file_fx_v1_director_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_fx_v1_director_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_fx_v1_director_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_fx_v1_director_proto_goTypes = []any{
 	(ExperimentState)(0),             // 0: fx.v1.ExperimentState
 	(ParticipantState)(0),            // 1: fx.v1.ParticipantState
@@ -3281,117 +3569,128 @@ var file_fx_v1_director_proto_goTypes = []any{
 	(*AnswerOfferResponse)(nil),      // 17: fx.v1.AnswerOfferResponse
 	(*ReportFailureRequest)(nil),     // 18: fx.v1.ReportFailureRequest
 	(*ReportFailureResponse)(nil),    // 19: fx.v1.ReportFailureResponse
-	(*Participant)(nil),              // 20: fx.v1.Participant
-	(*Experiment)(nil),               // 21: fx.v1.Experiment
-	(*ModelSummary)(nil),             // 22: fx.v1.ModelSummary
-	(*ExperimentRef)(nil),            // 23: fx.v1.ExperimentRef
-	(*SubmitExperimentRequest)(nil),  // 24: fx.v1.SubmitExperimentRequest
-	(*SubmitHeader)(nil),             // 25: fx.v1.SubmitHeader
-	(*SubmitExperimentResponse)(nil), // 26: fx.v1.SubmitExperimentResponse
-	(*GetExperimentRequest)(nil),     // 27: fx.v1.GetExperimentRequest
-	(*ListExperimentsRequest)(nil),   // 28: fx.v1.ListExperimentsRequest
-	(*ListExperimentsResponse)(nil),  // 29: fx.v1.ListExperimentsResponse
-	(*WatchMetricsRequest)(nil),      // 30: fx.v1.WatchMetricsRequest
-	(*MetricEvent)(nil),              // 31: fx.v1.MetricEvent
-	(*DownloadModelRequest)(nil),     // 32: fx.v1.DownloadModelRequest
-	(*DownloadModelResponse)(nil),    // 33: fx.v1.DownloadModelResponse
-	(*ModelInfo)(nil),                // 34: fx.v1.ModelInfo
-	(*CancelExperimentRequest)(nil),  // 35: fx.v1.CancelExperimentRequest
-	(*RemoveExperimentRequest)(nil),  // 36: fx.v1.RemoveExperimentRequest
-	(*RemoveExperimentResponse)(nil), // 37: fx.v1.RemoveExperimentResponse
-	(*ReviewExperimentRequest)(nil),  // 38: fx.v1.ReviewExperimentRequest
-	(*ListEnvoysRequest)(nil),        // 39: fx.v1.ListEnvoysRequest
-	(*ListEnvoysResponse)(nil),       // 40: fx.v1.ListEnvoysResponse
-	(*EnvoyInfo)(nil),                // 41: fx.v1.EnvoyInfo
-	(*SearchDatasetsRequest)(nil),    // 42: fx.v1.SearchDatasetsRequest
-	(*SearchDatasetsResponse)(nil),   // 43: fx.v1.SearchDatasetsResponse
-	(*DatasetMatch)(nil),             // 44: fx.v1.DatasetMatch
-	nil,                              // 45: fx.v1.Experiment.LatestMetricsEntry
-	nil,                              // 46: fx.v1.MetricEvent.MetricsEntry
-	nil,                              // 47: fx.v1.ModelInfo.MetricsEntry
-	(*durationpb.Duration)(nil),      // 48: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 49: google.protobuf.Timestamp
+	(*RunnerLogLine)(nil),            // 20: fx.v1.RunnerLogLine
+	(*PushRunnerLogsRequest)(nil),    // 21: fx.v1.PushRunnerLogsRequest
+	(*PushRunnerLogsResponse)(nil),   // 22: fx.v1.PushRunnerLogsResponse
+	(*WatchRunnerLogsRequest)(nil),   // 23: fx.v1.WatchRunnerLogsRequest
+	(*Participant)(nil),              // 24: fx.v1.Participant
+	(*Experiment)(nil),               // 25: fx.v1.Experiment
+	(*ModelSummary)(nil),             // 26: fx.v1.ModelSummary
+	(*ExperimentRef)(nil),            // 27: fx.v1.ExperimentRef
+	(*SubmitExperimentRequest)(nil),  // 28: fx.v1.SubmitExperimentRequest
+	(*SubmitHeader)(nil),             // 29: fx.v1.SubmitHeader
+	(*SubmitExperimentResponse)(nil), // 30: fx.v1.SubmitExperimentResponse
+	(*GetExperimentRequest)(nil),     // 31: fx.v1.GetExperimentRequest
+	(*ListExperimentsRequest)(nil),   // 32: fx.v1.ListExperimentsRequest
+	(*ListExperimentsResponse)(nil),  // 33: fx.v1.ListExperimentsResponse
+	(*WatchMetricsRequest)(nil),      // 34: fx.v1.WatchMetricsRequest
+	(*MetricEvent)(nil),              // 35: fx.v1.MetricEvent
+	(*DownloadModelRequest)(nil),     // 36: fx.v1.DownloadModelRequest
+	(*DownloadModelResponse)(nil),    // 37: fx.v1.DownloadModelResponse
+	(*ModelInfo)(nil),                // 38: fx.v1.ModelInfo
+	(*CancelExperimentRequest)(nil),  // 39: fx.v1.CancelExperimentRequest
+	(*RemoveExperimentRequest)(nil),  // 40: fx.v1.RemoveExperimentRequest
+	(*RemoveExperimentResponse)(nil), // 41: fx.v1.RemoveExperimentResponse
+	(*ReviewExperimentRequest)(nil),  // 42: fx.v1.ReviewExperimentRequest
+	(*ListEnvoysRequest)(nil),        // 43: fx.v1.ListEnvoysRequest
+	(*ListEnvoysResponse)(nil),       // 44: fx.v1.ListEnvoysResponse
+	(*EnvoyInfo)(nil),                // 45: fx.v1.EnvoyInfo
+	(*SearchDatasetsRequest)(nil),    // 46: fx.v1.SearchDatasetsRequest
+	(*SearchDatasetsResponse)(nil),   // 47: fx.v1.SearchDatasetsResponse
+	(*DatasetMatch)(nil),             // 48: fx.v1.DatasetMatch
+	nil,                              // 49: fx.v1.Experiment.LatestMetricsEntry
+	nil,                              // 50: fx.v1.MetricEvent.MetricsEntry
+	nil,                              // 51: fx.v1.ModelInfo.MetricsEntry
+	(*durationpb.Duration)(nil),      // 52: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 53: google.protobuf.Timestamp
 }
 var file_fx_v1_director_proto_depIdxs = []int32{
 	4,  // 0: fx.v1.DatasetShard.devices:type_name -> fx.v1.Device
 	3,  // 1: fx.v1.RegisterEnvoyRequest.shard:type_name -> fx.v1.DatasetShard
-	48, // 2: fx.v1.RegisterEnvoyResponse.heartbeat_period:type_name -> google.protobuf.Duration
-	48, // 3: fx.v1.RegisterEnvoyResponse.offline_after:type_name -> google.protobuf.Duration
-	48, // 4: fx.v1.HeartbeatResponse.next_heartbeat:type_name -> google.protobuf.Duration
+	52, // 2: fx.v1.RegisterEnvoyResponse.heartbeat_period:type_name -> google.protobuf.Duration
+	52, // 3: fx.v1.RegisterEnvoyResponse.offline_after:type_name -> google.protobuf.Duration
+	52, // 4: fx.v1.HeartbeatResponse.next_heartbeat:type_name -> google.protobuf.Duration
 	11, // 5: fx.v1.Assignment.offer:type_name -> fx.v1.Offer
 	12, // 6: fx.v1.Assignment.start:type_name -> fx.v1.Start
 	13, // 7: fx.v1.Assignment.stop:type_name -> fx.v1.Stop
-	49, // 8: fx.v1.Offer.answer_by:type_name -> google.protobuf.Timestamp
+	53, // 8: fx.v1.Offer.answer_by:type_name -> google.protobuf.Timestamp
 	0,  // 9: fx.v1.Stop.state:type_name -> fx.v1.ExperimentState
 	0,  // 10: fx.v1.AnswerOfferResponse.state:type_name -> fx.v1.ExperimentState
-	1,  // 11: fx.v1.Participant.state:type_name -> fx.v1.ParticipantState
-	49, // 12: fx.v1.Participant.updated_at:type_name -> google.protobuf.Timestamp
-	0,  // 13: fx.v1.Experiment.state:type_name -> fx.v1.ExperimentState
-	49, // 14: fx.v1.Experiment.created_at:type_name -> google.protobuf.Timestamp
-	49, // 15: fx.v1.Experiment.updated_at:type_name -> google.protobuf.Timestamp
-	20, // 16: fx.v1.Experiment.participants:type_name -> fx.v1.Participant
-	22, // 17: fx.v1.Experiment.best:type_name -> fx.v1.ModelSummary
-	45, // 18: fx.v1.Experiment.latest_metrics:type_name -> fx.v1.Experiment.LatestMetricsEntry
-	25, // 19: fx.v1.SubmitExperimentRequest.header:type_name -> fx.v1.SubmitHeader
-	21, // 20: fx.v1.SubmitExperimentResponse.experiment:type_name -> fx.v1.Experiment
-	23, // 21: fx.v1.GetExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	0,  // 22: fx.v1.ListExperimentsRequest.states:type_name -> fx.v1.ExperimentState
-	21, // 23: fx.v1.ListExperimentsResponse.experiments:type_name -> fx.v1.Experiment
-	23, // 24: fx.v1.WatchMetricsRequest.experiment:type_name -> fx.v1.ExperimentRef
-	46, // 25: fx.v1.MetricEvent.metrics:type_name -> fx.v1.MetricEvent.MetricsEntry
-	49, // 26: fx.v1.MetricEvent.time:type_name -> google.protobuf.Timestamp
-	23, // 27: fx.v1.DownloadModelRequest.experiment:type_name -> fx.v1.ExperimentRef
-	2,  // 28: fx.v1.DownloadModelRequest.selector:type_name -> fx.v1.ModelSelector
-	34, // 29: fx.v1.DownloadModelResponse.info:type_name -> fx.v1.ModelInfo
-	47, // 30: fx.v1.ModelInfo.metrics:type_name -> fx.v1.ModelInfo.MetricsEntry
-	23, // 31: fx.v1.CancelExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	23, // 32: fx.v1.RemoveExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	23, // 33: fx.v1.ReviewExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	41, // 34: fx.v1.ListEnvoysResponse.envoys:type_name -> fx.v1.EnvoyInfo
-	49, // 35: fx.v1.EnvoyInfo.last_seen:type_name -> google.protobuf.Timestamp
-	49, // 36: fx.v1.EnvoyInfo.registered_at:type_name -> google.protobuf.Timestamp
-	3,  // 37: fx.v1.EnvoyInfo.shard:type_name -> fx.v1.DatasetShard
-	44, // 38: fx.v1.SearchDatasetsResponse.matches:type_name -> fx.v1.DatasetMatch
-	3,  // 39: fx.v1.DatasetMatch.shard:type_name -> fx.v1.DatasetShard
-	5,  // 40: fx.v1.Director.RegisterEnvoy:input_type -> fx.v1.RegisterEnvoyRequest
-	7,  // 41: fx.v1.Director.Heartbeat:input_type -> fx.v1.HeartbeatRequest
-	9,  // 42: fx.v1.Director.WatchAssignments:input_type -> fx.v1.WatchAssignmentsRequest
-	14, // 43: fx.v1.Director.DownloadArchive:input_type -> fx.v1.DownloadArchiveRequest
-	16, // 44: fx.v1.Director.AnswerOffer:input_type -> fx.v1.AnswerOfferRequest
-	18, // 45: fx.v1.Director.ReportFailure:input_type -> fx.v1.ReportFailureRequest
-	24, // 46: fx.v1.Director.SubmitExperiment:input_type -> fx.v1.SubmitExperimentRequest
-	27, // 47: fx.v1.Director.GetExperiment:input_type -> fx.v1.GetExperimentRequest
-	28, // 48: fx.v1.Director.ListExperiments:input_type -> fx.v1.ListExperimentsRequest
-	30, // 49: fx.v1.Director.WatchMetrics:input_type -> fx.v1.WatchMetricsRequest
-	32, // 50: fx.v1.Director.DownloadModel:input_type -> fx.v1.DownloadModelRequest
-	35, // 51: fx.v1.Director.CancelExperiment:input_type -> fx.v1.CancelExperimentRequest
-	36, // 52: fx.v1.Director.RemoveExperiment:input_type -> fx.v1.RemoveExperimentRequest
-	39, // 53: fx.v1.Director.ListEnvoys:input_type -> fx.v1.ListEnvoysRequest
-	42, // 54: fx.v1.Director.SearchDatasets:input_type -> fx.v1.SearchDatasetsRequest
-	38, // 55: fx.v1.Director.ApproveExperiment:input_type -> fx.v1.ReviewExperimentRequest
-	38, // 56: fx.v1.Director.RejectExperiment:input_type -> fx.v1.ReviewExperimentRequest
-	6,  // 57: fx.v1.Director.RegisterEnvoy:output_type -> fx.v1.RegisterEnvoyResponse
-	8,  // 58: fx.v1.Director.Heartbeat:output_type -> fx.v1.HeartbeatResponse
-	10, // 59: fx.v1.Director.WatchAssignments:output_type -> fx.v1.Assignment
-	15, // 60: fx.v1.Director.DownloadArchive:output_type -> fx.v1.ArchiveChunk
-	17, // 61: fx.v1.Director.AnswerOffer:output_type -> fx.v1.AnswerOfferResponse
-	19, // 62: fx.v1.Director.ReportFailure:output_type -> fx.v1.ReportFailureResponse
-	26, // 63: fx.v1.Director.SubmitExperiment:output_type -> fx.v1.SubmitExperimentResponse
-	21, // 64: fx.v1.Director.GetExperiment:output_type -> fx.v1.Experiment
-	29, // 65: fx.v1.Director.ListExperiments:output_type -> fx.v1.ListExperimentsResponse
-	31, // 66: fx.v1.Director.WatchMetrics:output_type -> fx.v1.MetricEvent
-	33, // 67: fx.v1.Director.DownloadModel:output_type -> fx.v1.DownloadModelResponse
-	21, // 68: fx.v1.Director.CancelExperiment:output_type -> fx.v1.Experiment
-	37, // 69: fx.v1.Director.RemoveExperiment:output_type -> fx.v1.RemoveExperimentResponse
-	40, // 70: fx.v1.Director.ListEnvoys:output_type -> fx.v1.ListEnvoysResponse
-	43, // 71: fx.v1.Director.SearchDatasets:output_type -> fx.v1.SearchDatasetsResponse
-	21, // 72: fx.v1.Director.ApproveExperiment:output_type -> fx.v1.Experiment
-	21, // 73: fx.v1.Director.RejectExperiment:output_type -> fx.v1.Experiment
-	57, // [57:74] is the sub-list for method output_type
-	40, // [40:57] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	53, // 11: fx.v1.RunnerLogLine.time:type_name -> google.protobuf.Timestamp
+	20, // 12: fx.v1.PushRunnerLogsRequest.lines:type_name -> fx.v1.RunnerLogLine
+	27, // 13: fx.v1.WatchRunnerLogsRequest.experiment:type_name -> fx.v1.ExperimentRef
+	1,  // 14: fx.v1.Participant.state:type_name -> fx.v1.ParticipantState
+	53, // 15: fx.v1.Participant.updated_at:type_name -> google.protobuf.Timestamp
+	0,  // 16: fx.v1.Experiment.state:type_name -> fx.v1.ExperimentState
+	53, // 17: fx.v1.Experiment.created_at:type_name -> google.protobuf.Timestamp
+	53, // 18: fx.v1.Experiment.updated_at:type_name -> google.protobuf.Timestamp
+	24, // 19: fx.v1.Experiment.participants:type_name -> fx.v1.Participant
+	26, // 20: fx.v1.Experiment.best:type_name -> fx.v1.ModelSummary
+	49, // 21: fx.v1.Experiment.latest_metrics:type_name -> fx.v1.Experiment.LatestMetricsEntry
+	29, // 22: fx.v1.SubmitExperimentRequest.header:type_name -> fx.v1.SubmitHeader
+	25, // 23: fx.v1.SubmitExperimentResponse.experiment:type_name -> fx.v1.Experiment
+	27, // 24: fx.v1.GetExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	0,  // 25: fx.v1.ListExperimentsRequest.states:type_name -> fx.v1.ExperimentState
+	25, // 26: fx.v1.ListExperimentsResponse.experiments:type_name -> fx.v1.Experiment
+	27, // 27: fx.v1.WatchMetricsRequest.experiment:type_name -> fx.v1.ExperimentRef
+	50, // 28: fx.v1.MetricEvent.metrics:type_name -> fx.v1.MetricEvent.MetricsEntry
+	53, // 29: fx.v1.MetricEvent.time:type_name -> google.protobuf.Timestamp
+	27, // 30: fx.v1.DownloadModelRequest.experiment:type_name -> fx.v1.ExperimentRef
+	2,  // 31: fx.v1.DownloadModelRequest.selector:type_name -> fx.v1.ModelSelector
+	38, // 32: fx.v1.DownloadModelResponse.info:type_name -> fx.v1.ModelInfo
+	51, // 33: fx.v1.ModelInfo.metrics:type_name -> fx.v1.ModelInfo.MetricsEntry
+	27, // 34: fx.v1.CancelExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	27, // 35: fx.v1.RemoveExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	27, // 36: fx.v1.ReviewExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	45, // 37: fx.v1.ListEnvoysResponse.envoys:type_name -> fx.v1.EnvoyInfo
+	53, // 38: fx.v1.EnvoyInfo.last_seen:type_name -> google.protobuf.Timestamp
+	53, // 39: fx.v1.EnvoyInfo.registered_at:type_name -> google.protobuf.Timestamp
+	3,  // 40: fx.v1.EnvoyInfo.shard:type_name -> fx.v1.DatasetShard
+	48, // 41: fx.v1.SearchDatasetsResponse.matches:type_name -> fx.v1.DatasetMatch
+	3,  // 42: fx.v1.DatasetMatch.shard:type_name -> fx.v1.DatasetShard
+	5,  // 43: fx.v1.Director.RegisterEnvoy:input_type -> fx.v1.RegisterEnvoyRequest
+	7,  // 44: fx.v1.Director.Heartbeat:input_type -> fx.v1.HeartbeatRequest
+	9,  // 45: fx.v1.Director.WatchAssignments:input_type -> fx.v1.WatchAssignmentsRequest
+	14, // 46: fx.v1.Director.DownloadArchive:input_type -> fx.v1.DownloadArchiveRequest
+	16, // 47: fx.v1.Director.AnswerOffer:input_type -> fx.v1.AnswerOfferRequest
+	18, // 48: fx.v1.Director.ReportFailure:input_type -> fx.v1.ReportFailureRequest
+	21, // 49: fx.v1.Director.PushRunnerLogs:input_type -> fx.v1.PushRunnerLogsRequest
+	28, // 50: fx.v1.Director.SubmitExperiment:input_type -> fx.v1.SubmitExperimentRequest
+	31, // 51: fx.v1.Director.GetExperiment:input_type -> fx.v1.GetExperimentRequest
+	32, // 52: fx.v1.Director.ListExperiments:input_type -> fx.v1.ListExperimentsRequest
+	34, // 53: fx.v1.Director.WatchMetrics:input_type -> fx.v1.WatchMetricsRequest
+	23, // 54: fx.v1.Director.WatchRunnerLogs:input_type -> fx.v1.WatchRunnerLogsRequest
+	36, // 55: fx.v1.Director.DownloadModel:input_type -> fx.v1.DownloadModelRequest
+	39, // 56: fx.v1.Director.CancelExperiment:input_type -> fx.v1.CancelExperimentRequest
+	40, // 57: fx.v1.Director.RemoveExperiment:input_type -> fx.v1.RemoveExperimentRequest
+	43, // 58: fx.v1.Director.ListEnvoys:input_type -> fx.v1.ListEnvoysRequest
+	46, // 59: fx.v1.Director.SearchDatasets:input_type -> fx.v1.SearchDatasetsRequest
+	42, // 60: fx.v1.Director.ApproveExperiment:input_type -> fx.v1.ReviewExperimentRequest
+	42, // 61: fx.v1.Director.RejectExperiment:input_type -> fx.v1.ReviewExperimentRequest
+	6,  // 62: fx.v1.Director.RegisterEnvoy:output_type -> fx.v1.RegisterEnvoyResponse
+	8,  // 63: fx.v1.Director.Heartbeat:output_type -> fx.v1.HeartbeatResponse
+	10, // 64: fx.v1.Director.WatchAssignments:output_type -> fx.v1.Assignment
+	15, // 65: fx.v1.Director.DownloadArchive:output_type -> fx.v1.ArchiveChunk
+	17, // 66: fx.v1.Director.AnswerOffer:output_type -> fx.v1.AnswerOfferResponse
+	19, // 67: fx.v1.Director.ReportFailure:output_type -> fx.v1.ReportFailureResponse
+	22, // 68: fx.v1.Director.PushRunnerLogs:output_type -> fx.v1.PushRunnerLogsResponse
+	30, // 69: fx.v1.Director.SubmitExperiment:output_type -> fx.v1.SubmitExperimentResponse
+	25, // 70: fx.v1.Director.GetExperiment:output_type -> fx.v1.Experiment
+	33, // 71: fx.v1.Director.ListExperiments:output_type -> fx.v1.ListExperimentsResponse
+	35, // 72: fx.v1.Director.WatchMetrics:output_type -> fx.v1.MetricEvent
+	20, // 73: fx.v1.Director.WatchRunnerLogs:output_type -> fx.v1.RunnerLogLine
+	37, // 74: fx.v1.Director.DownloadModel:output_type -> fx.v1.DownloadModelResponse
+	25, // 75: fx.v1.Director.CancelExperiment:output_type -> fx.v1.Experiment
+	41, // 76: fx.v1.Director.RemoveExperiment:output_type -> fx.v1.RemoveExperimentResponse
+	44, // 77: fx.v1.Director.ListEnvoys:output_type -> fx.v1.ListEnvoysResponse
+	47, // 78: fx.v1.Director.SearchDatasets:output_type -> fx.v1.SearchDatasetsResponse
+	25, // 79: fx.v1.Director.ApproveExperiment:output_type -> fx.v1.Experiment
+	25, // 80: fx.v1.Director.RejectExperiment:output_type -> fx.v1.Experiment
+	62, // [62:81] is the sub-list for method output_type
+	43, // [43:62] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_fx_v1_director_proto_init() }
@@ -3405,11 +3704,11 @@ func file_fx_v1_director_proto_init() {
 		(*Assignment_Start)(nil),
 		(*Assignment_Stop)(nil),
 	}
-	file_fx_v1_director_proto_msgTypes[21].OneofWrappers = []any{
+	file_fx_v1_director_proto_msgTypes[25].OneofWrappers = []any{
 		(*SubmitExperimentRequest_Header)(nil),
 		(*SubmitExperimentRequest_Chunk)(nil),
 	}
-	file_fx_v1_director_proto_msgTypes[30].OneofWrappers = []any{
+	file_fx_v1_director_proto_msgTypes[34].OneofWrappers = []any{
 		(*DownloadModelResponse_Info)(nil),
 		(*DownloadModelResponse_Chunk)(nil),
 	}
@@ -3419,7 +3718,7 @@ func file_fx_v1_director_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fx_v1_director_proto_rawDesc), len(file_fx_v1_director_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   45,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

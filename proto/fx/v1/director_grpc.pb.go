@@ -44,10 +44,12 @@ const (
 	Director_DownloadArchive_FullMethodName   = "/fx.v1.Director/DownloadArchive"
 	Director_AnswerOffer_FullMethodName       = "/fx.v1.Director/AnswerOffer"
 	Director_ReportFailure_FullMethodName     = "/fx.v1.Director/ReportFailure"
+	Director_PushRunnerLogs_FullMethodName    = "/fx.v1.Director/PushRunnerLogs"
 	Director_SubmitExperiment_FullMethodName  = "/fx.v1.Director/SubmitExperiment"
 	Director_GetExperiment_FullMethodName     = "/fx.v1.Director/GetExperiment"
 	Director_ListExperiments_FullMethodName   = "/fx.v1.Director/ListExperiments"
 	Director_WatchMetrics_FullMethodName      = "/fx.v1.Director/WatchMetrics"
+	Director_WatchRunnerLogs_FullMethodName   = "/fx.v1.Director/WatchRunnerLogs"
 	Director_DownloadModel_FullMethodName     = "/fx.v1.Director/DownloadModel"
 	Director_CancelExperiment_FullMethodName  = "/fx.v1.Director/CancelExperiment"
 	Director_RemoveExperiment_FullMethodName  = "/fx.v1.Director/RemoveExperiment"
@@ -111,6 +113,15 @@ type DirectorClient interface {
 	// INVALID_ARGUMENT (empty reason); PERMISSION_DENIED (envoy_name is not the
 	// caller's CN).
 	ReportFailure(ctx context.Context, in *ReportFailureRequest, opts ...grpc.CallOption) (*ReportFailureResponse, error)
+	// PushRunnerLogs hands the director lines that this envoy's runner wrote
+	// for an experiment, at a site whose operator shares its runners' output
+	// (exec.share_logs). The director keeps the last lines of each experiment
+	// in memory (a restart forgets them) for WatchRunnerLogs.
+	// Role: envoy.
+	// Errors: NOT_FOUND (the envoy does not take part in the experiment);
+	// INVALID_ARGUMENT (more than 1000 lines, a line over 4 KiB, an unknown
+	// stream); PERMISSION_DENIED (envoy_name is not the caller's CN).
+	PushRunnerLogs(ctx context.Context, in *PushRunnerLogsRequest, opts ...grpc.CallOption) (*PushRunnerLogsResponse, error)
 	// SubmitExperiment uploads an experiment archive: first a header (name,
 	// size, sha256, plan), then the archive's bytes in chunks of at most 1 MiB.
 	// The director writes the bytes to disk as they arrive, checks size and
@@ -139,6 +150,15 @@ type DirectorClient interface {
 	// Role: researcher (own experiments), admin (all).
 	// Errors: NOT_FOUND; INVALID_ARGUMENT (negative after_sequence).
 	WatchMetrics(ctx context.Context, in *WatchMetricsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[MetricEvent], error)
+	// WatchRunnerLogs streams what the experiment's runners printed at the
+	// sites that share it, oldest first, starting after after_sequence. Without
+	// follow the stream ends after the lines kept so far; with follow it waits
+	// for new lines and ends after the last one of an experiment that has
+	// ended. Lines a site's rate limit dropped are announced by a line of
+	// stream "fx". The director keeps the last 10,000 lines of an experiment.
+	// Role: researcher (own experiments), admin (all).
+	// Errors: NOT_FOUND; INVALID_ARGUMENT (negative after_sequence).
+	WatchRunnerLogs(ctx context.Context, in *WatchRunnerLogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[RunnerLogLine], error)
 	// DownloadModel streams a model as a safetensors file: first a ModelInfo,
 	// then the file's bytes in chunks of at most 1 MiB.
 	// Role: researcher (own experiments), admin (all).
@@ -264,6 +284,16 @@ func (c *directorClient) ReportFailure(ctx context.Context, in *ReportFailureReq
 	return out, nil
 }
 
+func (c *directorClient) PushRunnerLogs(ctx context.Context, in *PushRunnerLogsRequest, opts ...grpc.CallOption) (*PushRunnerLogsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PushRunnerLogsResponse)
+	err := c.cc.Invoke(ctx, Director_PushRunnerLogs_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *directorClient) SubmitExperiment(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SubmitExperimentRequest, SubmitExperimentResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &Director_ServiceDesc.Streams[2], Director_SubmitExperiment_FullMethodName, cOpts...)
@@ -316,9 +346,28 @@ func (c *directorClient) WatchMetrics(ctx context.Context, in *WatchMetricsReque
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Director_WatchMetricsClient = grpc.ServerStreamingClient[MetricEvent]
 
+func (c *directorClient) WatchRunnerLogs(ctx context.Context, in *WatchRunnerLogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[RunnerLogLine], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Director_ServiceDesc.Streams[4], Director_WatchRunnerLogs_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchRunnerLogsRequest, RunnerLogLine]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Director_WatchRunnerLogsClient = grpc.ServerStreamingClient[RunnerLogLine]
+
 func (c *directorClient) DownloadModel(ctx context.Context, in *DownloadModelRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DownloadModelResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Director_ServiceDesc.Streams[4], Director_DownloadModel_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Director_ServiceDesc.Streams[5], Director_DownloadModel_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -449,6 +498,15 @@ type DirectorServer interface {
 	// INVALID_ARGUMENT (empty reason); PERMISSION_DENIED (envoy_name is not the
 	// caller's CN).
 	ReportFailure(context.Context, *ReportFailureRequest) (*ReportFailureResponse, error)
+	// PushRunnerLogs hands the director lines that this envoy's runner wrote
+	// for an experiment, at a site whose operator shares its runners' output
+	// (exec.share_logs). The director keeps the last lines of each experiment
+	// in memory (a restart forgets them) for WatchRunnerLogs.
+	// Role: envoy.
+	// Errors: NOT_FOUND (the envoy does not take part in the experiment);
+	// INVALID_ARGUMENT (more than 1000 lines, a line over 4 KiB, an unknown
+	// stream); PERMISSION_DENIED (envoy_name is not the caller's CN).
+	PushRunnerLogs(context.Context, *PushRunnerLogsRequest) (*PushRunnerLogsResponse, error)
 	// SubmitExperiment uploads an experiment archive: first a header (name,
 	// size, sha256, plan), then the archive's bytes in chunks of at most 1 MiB.
 	// The director writes the bytes to disk as they arrive, checks size and
@@ -477,6 +535,15 @@ type DirectorServer interface {
 	// Role: researcher (own experiments), admin (all).
 	// Errors: NOT_FOUND; INVALID_ARGUMENT (negative after_sequence).
 	WatchMetrics(*WatchMetricsRequest, grpc.ServerStreamingServer[MetricEvent]) error
+	// WatchRunnerLogs streams what the experiment's runners printed at the
+	// sites that share it, oldest first, starting after after_sequence. Without
+	// follow the stream ends after the lines kept so far; with follow it waits
+	// for new lines and ends after the last one of an experiment that has
+	// ended. Lines a site's rate limit dropped are announced by a line of
+	// stream "fx". The director keeps the last 10,000 lines of an experiment.
+	// Role: researcher (own experiments), admin (all).
+	// Errors: NOT_FOUND; INVALID_ARGUMENT (negative after_sequence).
+	WatchRunnerLogs(*WatchRunnerLogsRequest, grpc.ServerStreamingServer[RunnerLogLine]) error
 	// DownloadModel streams a model as a safetensors file: first a ModelInfo,
 	// then the file's bytes in chunks of at most 1 MiB.
 	// Role: researcher (own experiments), admin (all).
@@ -542,6 +609,9 @@ func (UnimplementedDirectorServer) AnswerOffer(context.Context, *AnswerOfferRequ
 func (UnimplementedDirectorServer) ReportFailure(context.Context, *ReportFailureRequest) (*ReportFailureResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReportFailure not implemented")
 }
+func (UnimplementedDirectorServer) PushRunnerLogs(context.Context, *PushRunnerLogsRequest) (*PushRunnerLogsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PushRunnerLogs not implemented")
+}
 func (UnimplementedDirectorServer) SubmitExperiment(grpc.ClientStreamingServer[SubmitExperimentRequest, SubmitExperimentResponse]) error {
 	return status.Error(codes.Unimplemented, "method SubmitExperiment not implemented")
 }
@@ -553,6 +623,9 @@ func (UnimplementedDirectorServer) ListExperiments(context.Context, *ListExperim
 }
 func (UnimplementedDirectorServer) WatchMetrics(*WatchMetricsRequest, grpc.ServerStreamingServer[MetricEvent]) error {
 	return status.Error(codes.Unimplemented, "method WatchMetrics not implemented")
+}
+func (UnimplementedDirectorServer) WatchRunnerLogs(*WatchRunnerLogsRequest, grpc.ServerStreamingServer[RunnerLogLine]) error {
+	return status.Error(codes.Unimplemented, "method WatchRunnerLogs not implemented")
 }
 func (UnimplementedDirectorServer) DownloadModel(*DownloadModelRequest, grpc.ServerStreamingServer[DownloadModelResponse]) error {
 	return status.Error(codes.Unimplemented, "method DownloadModel not implemented")
@@ -690,6 +763,24 @@ func _Director_ReportFailure_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Director_PushRunnerLogs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PushRunnerLogsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DirectorServer).PushRunnerLogs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Director_PushRunnerLogs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DirectorServer).PushRunnerLogs(ctx, req.(*PushRunnerLogsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Director_SubmitExperiment_Handler(srv interface{}, stream grpc.ServerStream) error {
 	return srv.(DirectorServer).SubmitExperiment(&grpc.GenericServerStream[SubmitExperimentRequest, SubmitExperimentResponse]{ServerStream: stream})
 }
@@ -743,6 +834,17 @@ func _Director_WatchMetrics_Handler(srv interface{}, stream grpc.ServerStream) e
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Director_WatchMetricsServer = grpc.ServerStreamingServer[MetricEvent]
+
+func _Director_WatchRunnerLogs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchRunnerLogsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(DirectorServer).WatchRunnerLogs(m, &grpc.GenericServerStream[WatchRunnerLogsRequest, RunnerLogLine]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Director_WatchRunnerLogsServer = grpc.ServerStreamingServer[RunnerLogLine]
 
 func _Director_DownloadModel_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(DownloadModelRequest)
@@ -887,6 +989,10 @@ var Director_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Director_ReportFailure_Handler,
 		},
 		{
+			MethodName: "PushRunnerLogs",
+			Handler:    _Director_PushRunnerLogs_Handler,
+		},
+		{
 			MethodName: "GetExperiment",
 			Handler:    _Director_GetExperiment_Handler,
 		},
@@ -938,6 +1044,11 @@ var Director_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchMetrics",
 			Handler:       _Director_WatchMetrics_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchRunnerLogs",
+			Handler:       _Director_WatchRunnerLogs_Handler,
 			ServerStreams: true,
 		},
 		{

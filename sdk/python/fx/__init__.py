@@ -33,6 +33,7 @@ __all__ = [
     "MetricEvent",
     "ModelInfo",
     "Participant",
+    "RunnerLogLine",
     "SafetensorsError",
     "dump_safetensors",
     "format_table",
@@ -55,6 +56,7 @@ _CLIENT_NAMES = {
     "Federation",
     "ModelInfo",
     "Participant",
+    "RunnerLogLine",
 }
 
 

@@ -390,6 +390,27 @@ class Federation:
         return [Experiment(self, e) for e in resp.experiments]
 
 
+@dataclass
+class RunnerLogLine:
+    """One line an experiment's runner printed at a site that shares its runners' output."""
+
+    sequence: int
+    envoy: str
+    time: _dt.datetime
+    task: str
+    round: int
+    stream: str  # stdout, stderr, or fx (the site's note of lines over its rate limit)
+    text: str
+
+    @classmethod
+    def from_proto(cls, m: Any) -> "RunnerLogLine":
+        return cls(m.sequence, m.envoy, m.time.ToDatetime(tzinfo=_dt.timezone.utc), m.task, m.round, m.stream, m.text)
+
+    def __str__(self) -> str:
+        where = f"{self.task} r{self.round}" if self.task else "-"
+        return f"{self.time:%H:%M:%S}  {self.envoy}  {where}  {self.stream}: {self.text}"
+
+
 class Experiment:
     """An experiment at the director. ``last`` is the status last fetched."""
 
@@ -476,6 +497,44 @@ class Experiment:
                         f"watching the metrics of {self.name}: gave up after {fed.reconnect_timeout:g}s "
                         f"of failures (resume with after={last})",
                     ) from None
+                fed._await_channel(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                call.cancel()
+
+    # -- runner output
+
+    def logs(self, envoy: str = "", follow: bool = False) -> Iterator["RunnerLogLine"]:
+        """Yields what the experiment's runners printed at the sites that share it
+        (their ``exec.share_logs``), oldest first: every site's, or ``envoy``'s alone.
+
+        Without ``follow`` it stops after the lines the director keeps (its
+        last 10,000); with it, it waits for new lines until the experiment
+        ends, reopening a dropped connection without repeating a line.
+        """
+        fed = self._fed
+        last = 0
+        backoff = 0.2
+        failing_since: Optional[float] = None
+        while True:
+            req = pb.WatchRunnerLogsRequest(experiment=self._ref(), envoy=envoy, after_sequence=last, follow=follow)
+            call = fed._stub.WatchRunnerLogs(req, timeout=None if follow else fed.timeout)
+            try:
+                for line in call:
+                    if line.sequence <= last:
+                        continue
+                    last = line.sequence
+                    failing_since = None
+                    backoff = 0.2
+                    yield RunnerLogLine.from_proto(line)
+                return
+            except grpc.RpcError as e:
+                if not follow or e.code() not in _RETRYABLE:
+                    raise from_rpc(e, f"reading the runner output of {self.name}") from None
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > fed.reconnect_timeout:
+                    raise from_rpc(e, f"reading the runner output of {self.name}: gave up after {fed.reconnect_timeout:g}s") from None
                 fed._await_channel(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

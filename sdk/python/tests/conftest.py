@@ -168,7 +168,8 @@ def _director_address(log: Path) -> Optional[str]:
 def start_cluster(root: Path, pki: Path, fx_bin: Path, listen: str = "127.0.0.1:0") -> Cluster:
     """Starts a director (review auto) and envoys site-1 and site-2, each with
     half of a synthetic data set (8 features, 3 classes) tagged synthetic, and
-    waits until both envoys are online. The caller stops it."""
+    waits until both envoys are online. Their exec runners use /usr/bin/python3;
+    site-1 shares its runners' output. The caller stops it."""
     root.mkdir(parents=True, exist_ok=True)
     c = Cluster(root, pki)
     c.fx_bin = fx_bin
@@ -201,6 +202,7 @@ work_dir: {root}/{name}
 tags: [synthetic]
 shard: {{kind: synthetic, path: "", features: 8, classes: 3, train_samples: 600, valid_samples: 120, shard: {i}/2, seed: 7}}
 review: {{policy: auto}}
+exec: {{python: /usr/bin/python3, share_logs: {"true" if i == 1 else "false"}}}
 max_experiments: 4
 rpc_timeout: 10s
 retry: {{initial: 100ms, max: 2s}}

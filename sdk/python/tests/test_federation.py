@@ -318,3 +318,59 @@ def test_director_and_envoys_accept_the_python_archive(fed, make_experiment):
     exp = fed.submit(d)
     assert exp.last.archive_sha256 == arc.sha256 and exp.last.archive_size == arc.size
     assert exp.wait(timeout=120).state == "FINISHED"
+
+
+SITE_SCRIPT = """\
+import numpy as np
+from fx import site
+
+data = site.data()
+x, y = np.asarray(data.train.x, dtype=np.float64), data.train.y
+print(f"site data: {len(data.train)} training samples of {data.sample_shape}, {data.classes} classes", flush=True)
+for task in site.tasks():
+    m = task.model()
+    w, b = m["fc0.weight"].astype(np.float64), m["fc0.bias"].astype(np.float64)
+    if task.train:
+        for _ in range(20):  # full-batch gradient descent on softmax regression
+            z = x @ w.T + b
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            p[np.arange(len(y)), y] -= 1
+            w -= 0.5 * p.T @ x / len(y)
+            b -= 0.5 * p.mean(axis=0)
+        print(f"round {task.round}: trained", flush=True)
+        task.send({"fc0.weight": w, "fc0.bias": b}, samples=len(y))
+    else:
+        xv, yv = np.asarray(data.valid.x, dtype=np.float64), data.valid.y
+        acc = float(((xv @ w.T + b).argmax(axis=1) == yv).mean())
+        task.send(samples=len(yv), metrics={"accuracy": acc})
+"""
+
+
+def test_site_library_through_the_federation(fed, tmp_path):
+    """A script on fx.site runs at both sites as a persistent exec runner;
+    the researcher reads the output of the site that shares it."""
+    from fx import site
+
+    d = tmp_path / "site-exp"
+    d.mkdir()
+    name = unique("site-lib")
+    (d / "plan.yaml").write_text(f"""\
+name: {name}
+rounds: 3
+participants: {{min: 2}}
+runner: {{kind: exec, command: [python3, train.py], timeout: 2m}}
+stragglers: {{deadline: 2m, min_reporting: 2}}
+""")
+    (d / "train.py").write_text(SITE_SCRIPT)
+    site.save_model({"fc0.weight": np.zeros(SHAPES["fc0.weight"], np.float32), "fc0.bias": np.zeros(3, np.float32)}, d / "model.safetensors")
+    exp = fed.submit(d)
+    status = exp.wait(timeout=180)
+    assert status.state == "FINISHED"
+    assert status.best["metric"] == "accuracy" and status.best["value"] > 0.6, status.best
+    lines = list(exp.logs())
+    texts = [l.text for l in lines]
+    assert {l.envoy for l in lines} == {"site-1"}, lines
+    assert "site data: 300 training samples of (8,), 3 classes" in texts
+    assert any(l.task == "train" and l.round == 1 and l.text == "round 1: trained" for l in lines), texts
+    assert [l.text for l in exp.logs(envoy="site-2")] == []

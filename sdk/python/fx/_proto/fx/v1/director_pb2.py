@@ -23,7 +23,7 @@ DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/director.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x14\x66x/v1/director.proto\x12\x05\x66x.v1\x1a\x13\x66x/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\x0c\x44\x61tasetShard\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x14\n\x0ctarget_shape\x18\x04 \x03(\x03\x12\x15\n\rtrain_samples\x18\x05 \x01(\x03\x12\x15\n\rvalid_samples\x18\x06 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x07 \x01(\x05\x12\x1e\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\r.fx.v1.Device\":\n\x06\x44\x65vice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"x\n\x14RegisterEnvoyRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\"~\n\x15RegisterEnvoyResponse\x12\x33\n\x10heartbeat_period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\roffline_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"C\n\x10HeartbeatRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x1b\n\x13running_experiments\x18\x02 \x03(\t\"F\n\x11HeartbeatResponse\x12\x31\n\x0enext_heartbeat\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x17WatchAssignmentsRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\"\x86\x01\n\nAssignment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x1d\n\x05offer\x18\x02 \x01(\x0b\x32\x0c.fx.v1.OfferH\x00\x12\x1d\n\x05start\x18\x03 \x01(\x0b\x32\x0c.fx.v1.StartH\x00\x12\x1b\n\x04stop\x18\x04 \x01(\x0b\x32\x0b.fx.v1.StopH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05Offer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\t\x12\x11\n\tplan_yaml\x18\x05 \x01(\t\x12-\n\tanswer_by\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x05Start\x12\x1a\n\x12\x61ggregator_address\x18\x01 \x01(\t\x12\x1e\n\x16\x61ggregator_server_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"=\n\x04Stop\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x16\x44ownloadArchiveRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\",\n\x0c\x41rchiveChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"_\n\x12\x41nswerOfferRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"<\n\x13\x41nswerOfferResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\"`\n\x14ReportFailureRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x17\n\x15ReportFailureResponse\"\xa6\x01\n\x0bParticipant\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.fx.v1.ParticipantState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x05\x12\x0c\n\x04task\x18\x05 \x01(\t\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x03\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tplan_yaml\x18\x06 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x07 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05round\x18\x0b \x01(\x05\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12(\n\x0cparticipants\x18\r \x03(\x0b\x32\x12.fx.v1.Participant\x12!\n\x04\x62\x65st\x18\x0e \x01(\x0b\x32\x13.fx.v1.ModelSummary\x12<\n\x0elatest_metrics\x18\x0f \x03(\x0b\x32$.fx.v1.Experiment.LatestMetricsEntry\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x0cModelSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"8\n\rExperimentRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"Y\n\x17SubmitExperimentRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.SubmitHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"M\n\x0cSubmitHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tplan_yaml\x18\x04 \x01(\t\"A\n\x18SubmitExperimentResponse\x12%\n\nexperiment\x18\x01 \x01(\x0b\x32\x11.fx.v1.Experiment\"@\n\x14GetExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"O\n\x16ListExperimentsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.fx.v1.ExperimentState\x12\r\n\x05owner\x18\x02 \x01(\t\"A\n\x17ListExperimentsResponse\x12&\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x11.fx.v1.Experiment\"W\n\x13WatchMetricsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xef\x01\n\x0bMetricEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.fx.v1.MetricEvent.MetricsEntry\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"w\n\x14\x44ownloadModelRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12&\n\x08selector\x18\x02 \x01(\x0e\x32\x14.fx.v1.ModelSelector\x12\r\n\x05round\x18\x03 \x01(\x05\"R\n\x15\x44ownloadModelResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x10.fx.v1.ModelInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x98\x01\n\tModelInfo\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.fx.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x17\x43\x61ncelExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x17RemoveExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x1a\n\x18RemoveExperimentResponse\"S\n\x17ReviewExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x11ListEnvoysRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x13\n\x0bonline_only\x18\x02 \x01(\x08\"6\n\x12ListEnvoysResponse\x12 \n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x10.fx.v1.EnvoyInfo\"\xee\x01\n\tEnvoyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05shard\x18\x05 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xperiments\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"j\n\x15SearchDatasetsRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12\x14\n\x0ctarget_shape\x18\x03 \x03(\x03\x12\x17\n\x0finclude_offline\x18\x04 \x01(\x08\">\n\x16SearchDatasetsResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.fx.v1.DatasetMatch\"Q\n\x0c\x44\x61tasetMatch\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\"\n\x05shard\x18\x03 \x01(\x0b\x32\x13.fx.v1.DatasetShard*\x9d\x01\n\x0f\x45xperimentState\x12 \n\x1c\x45XPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\x0b\n\x07OFFERED\x10\x03\x12\x0b\n\x07RUNNING\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\r\n\tCANCELLED\x10\x07\x12\x0c\n\x08REJECTED\x10\x08*\x9a\x01\n\x10ParticipantState\x12!\n\x1dPARTICIPANT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07INVITED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0c\n\x08TRAINING\x10\x04\x12\x10\n\x0c\x44ISCONNECTED\x10\x05\x12\x0b\n\x07\x44ROPPED\x10\x06\x12\r\n\tCOMPLETED\x10\x07*N\n\rModelSelector\x12\x1e\n\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x45ST\x10\x01\x12\x08\n\x04LAST\x10\x02\x12\t\n\x05ROUND\x10\x03\x32\xf7\n\n\x08\x44irector\x12P\n\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x04\xc8\xf3\x18\x02\x12\x44\n\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x04\xc8\xf3\x18\x02\x12M\n\x10WatchAssignments\x12\x1e.fx.v1.WatchAssignmentsRequest\x1a\x11.fx.v1.Assignment\"\x04\xc8\xf3\x18\x02\x30\x01\x12M\n\x0f\x44ownloadArchive\x12\x1d.fx.v1.DownloadArchiveRequest\x1a\x13.fx.v1.ArchiveChunk\"\x04\xc8\xf3\x18\x02\x30\x01\x12J\n\x0b\x41nswerOffer\x12\x19.fx.v1.AnswerOfferRequest\x1a\x1a.fx.v1.AnswerOfferResponse\"\x04\xc8\xf3\x18\x02\x12P\n\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x04\xc8\xf3\x18\x02\x12[\n\x10SubmitExperiment\x12\x1e.fx.v1.SubmitExperimentRequest\x1a\x1f.fx.v1.SubmitExperimentResponse\"\x04\xc8\xf3\x18\x03(\x01\x12I\n\rGetExperiment\x12\x1b.fx.v1.GetExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12Z\n\x0fListExperiments\x12\x1d.fx.v1.ListExperimentsRequest\x1a\x1e.fx.v1.ListExperimentsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12J\n\x0cWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12V\n\rDownloadModel\x12\x1b.fx.v1.DownloadModelRequest\x1a\x1c.fx.v1.DownloadModelResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12O\n\x10\x43\x61ncelExperiment\x12\x1e.fx.v1.CancelExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12]\n\x10RemoveExperiment\x12\x1e.fx.v1.RemoveExperimentRequest\x1a\x1f.fx.v1.RemoveExperimentResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12K\n\nListEnvoys\x12\x18.fx.v1.ListEnvoysRequest\x1a\x19.fx.v1.ListEnvoysResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12W\n\x0eSearchDatasets\x12\x1c.fx.v1.SearchDatasetsRequest\x1a\x1d.fx.v1.SearchDatasetsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12L\n\x11\x41pproveExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x12K\n\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  serialized_pb=_b('\n\x14\x66x/v1/director.proto\x12\x05\x66x.v1\x1a\x13\x66x/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\x0c\x44\x61tasetShard\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x14\n\x0ctarget_shape\x18\x04 \x03(\x03\x12\x15\n\rtrain_samples\x18\x05 \x01(\x03\x12\x15\n\rvalid_samples\x18\x06 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x07 \x01(\x05\x12\x1e\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\r.fx.v1.Device\":\n\x06\x44\x65vice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"x\n\x14RegisterEnvoyRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\"~\n\x15RegisterEnvoyResponse\x12\x33\n\x10heartbeat_period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\roffline_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"C\n\x10HeartbeatRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x1b\n\x13running_experiments\x18\x02 \x03(\t\"F\n\x11HeartbeatResponse\x12\x31\n\x0enext_heartbeat\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x17WatchAssignmentsRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\"\x86\x01\n\nAssignment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x1d\n\x05offer\x18\x02 \x01(\x0b\x32\x0c.fx.v1.OfferH\x00\x12\x1d\n\x05start\x18\x03 \x01(\x0b\x32\x0c.fx.v1.StartH\x00\x12\x1b\n\x04stop\x18\x04 \x01(\x0b\x32\x0b.fx.v1.StopH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05Offer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\t\x12\x11\n\tplan_yaml\x18\x05 \x01(\t\x12-\n\tanswer_by\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x05Start\x12\x1a\n\x12\x61ggregator_address\x18\x01 \x01(\t\x12\x1e\n\x16\x61ggregator_server_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"=\n\x04Stop\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x16\x44ownloadArchiveRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\",\n\x0c\x41rchiveChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"_\n\x12\x41nswerOfferRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"<\n\x13\x41nswerOfferResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\"`\n\x14ReportFailureRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x17\n\x15ReportFailureResponse\"\x95\x01\n\rRunnerLogLine\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x0e\n\x06stream\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\"g\n\x15PushRunnerLogsRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12#\n\x05lines\x18\x03 \x03(\x0b\x32\x14.fx.v1.RunnerLogLine\"\x18\n\x16PushRunnerLogsResponse\"y\n\x16WatchRunnerLogsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\xa6\x01\n\x0bParticipant\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.fx.v1.ParticipantState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x05\x12\x0c\n\x04task\x18\x05 \x01(\t\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x03\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tplan_yaml\x18\x06 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x07 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05round\x18\x0b \x01(\x05\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12(\n\x0cparticipants\x18\r \x03(\x0b\x32\x12.fx.v1.Participant\x12!\n\x04\x62\x65st\x18\x0e \x01(\x0b\x32\x13.fx.v1.ModelSummary\x12<\n\x0elatest_metrics\x18\x0f \x03(\x0b\x32$.fx.v1.Experiment.LatestMetricsEntry\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x0cModelSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"8\n\rExperimentRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"Y\n\x17SubmitExperimentRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.SubmitHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"M\n\x0cSubmitHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tplan_yaml\x18\x04 \x01(\t\"A\n\x18SubmitExperimentResponse\x12%\n\nexperiment\x18\x01 \x01(\x0b\x32\x11.fx.v1.Experiment\"@\n\x14GetExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"O\n\x16ListExperimentsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.fx.v1.ExperimentState\x12\r\n\x05owner\x18\x02 \x01(\t\"A\n\x17ListExperimentsResponse\x12&\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x11.fx.v1.Experiment\"W\n\x13WatchMetricsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xef\x01\n\x0bMetricEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.fx.v1.MetricEvent.MetricsEntry\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"w\n\x14\x44ownloadModelRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12&\n\x08selector\x18\x02 \x01(\x0e\x32\x14.fx.v1.ModelSelector\x12\r\n\x05round\x18\x03 \x01(\x05\"R\n\x15\x44ownloadModelResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x10.fx.v1.ModelInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x98\x01\n\tModelInfo\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.fx.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x17\x43\x61ncelExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x17RemoveExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x1a\n\x18RemoveExperimentResponse\"S\n\x17ReviewExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x11ListEnvoysRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x13\n\x0bonline_only\x18\x02 \x01(\x08\"6\n\x12ListEnvoysResponse\x12 \n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x10.fx.v1.EnvoyInfo\"\xee\x01\n\tEnvoyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05shard\x18\x05 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xperiments\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"j\n\x15SearchDatasetsRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12\x14\n\x0ctarget_shape\x18\x03 \x03(\x03\x12\x17\n\x0finclude_offline\x18\x04 \x01(\x08\">\n\x16SearchDatasetsResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.fx.v1.DatasetMatch\"Q\n\x0c\x44\x61tasetMatch\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\"\n\x05shard\x18\x03 \x01(\x0b\x32\x13.fx.v1.DatasetShard*\x9d\x01\n\x0f\x45xperimentState\x12 \n\x1c\x45XPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\x0b\n\x07OFFERED\x10\x03\x12\x0b\n\x07RUNNING\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\r\n\tCANCELLED\x10\x07\x12\x0c\n\x08REJECTED\x10\x08*\x9a\x01\n\x10ParticipantState\x12!\n\x1dPARTICIPANT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07INVITED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0c\n\x08TRAINING\x10\x04\x12\x10\n\x0c\x44ISCONNECTED\x10\x05\x12\x0b\n\x07\x44ROPPED\x10\x06\x12\r\n\tCOMPLETED\x10\x07*N\n\rModelSelector\x12\x1e\n\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x45ST\x10\x01\x12\x08\n\x04LAST\x10\x02\x12\t\n\x05ROUND\x10\x03\x32\xa0\x0c\n\x08\x44irector\x12P\n\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x04\xc8\xf3\x18\x02\x12\x44\n\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x04\xc8\xf3\x18\x02\x12M\n\x10WatchAssignments\x12\x1e.fx.v1.WatchAssignmentsRequest\x1a\x11.fx.v1.Assignment\"\x04\xc8\xf3\x18\x02\x30\x01\x12M\n\x0f\x44ownloadArchive\x12\x1d.fx.v1.DownloadArchiveRequest\x1a\x13.fx.v1.ArchiveChunk\"\x04\xc8\xf3\x18\x02\x30\x01\x12J\n\x0b\x41nswerOffer\x12\x19.fx.v1.AnswerOfferRequest\x1a\x1a.fx.v1.AnswerOfferResponse\"\x04\xc8\xf3\x18\x02\x12P\n\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x04\xc8\xf3\x18\x02\x12S\n\x0ePushRunnerLogs\x12\x1c.fx.v1.PushRunnerLogsRequest\x1a\x1d.fx.v1.PushRunnerLogsResponse\"\x04\xc8\xf3\x18\x02\x12[\n\x10SubmitExperiment\x12\x1e.fx.v1.SubmitExperimentRequest\x1a\x1f.fx.v1.SubmitExperimentResponse\"\x04\xc8\xf3\x18\x03(\x01\x12I\n\rGetExperiment\x12\x1b.fx.v1.GetExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12Z\n\x0fListExperiments\x12\x1d.fx.v1.ListExperimentsRequest\x1a\x1e.fx.v1.ListExperimentsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12J\n\x0cWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12R\n\x0fWatchRunnerLogs\x12\x1d.fx.v1.WatchRunnerLogsRequest\x1a\x14.fx.v1.RunnerLogLine\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12V\n\rDownloadModel\x12\x1b.fx.v1.DownloadModelRequest\x1a\x1c.fx.v1.DownloadModelResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12O\n\x10\x43\x61ncelExperiment\x12\x1e.fx.v1.CancelExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12]\n\x10RemoveExperiment\x12\x1e.fx.v1.RemoveExperimentRequest\x1a\x1f.fx.v1.RemoveExperimentResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12K\n\nListEnvoys\x12\x18.fx.v1.ListEnvoysRequest\x1a\x19.fx.v1.ListEnvoysResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12W\n\x0eSearchDatasets\x12\x1c.fx.v1.SearchDatasetsRequest\x1a\x1d.fx.v1.SearchDatasetsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12L\n\x11\x41pproveExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x12K\n\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
   ,
   dependencies=[fx_dot_v1_dot_options__pb2.DESCRIPTOR,google_dot_protobuf_dot_duration__pb2.DESCRIPTOR,google_dot_protobuf_dot_timestamp__pb2.DESCRIPTOR,])
 
@@ -72,8 +72,8 @@ _EXPERIMENTSTATE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=4437,
-  serialized_end=4594,
+  serialized_start=4843,
+  serialized_end=5000,
 )
 _sym_db.RegisterEnumDescriptor(_EXPERIMENTSTATE)
 
@@ -119,8 +119,8 @@ _PARTICIPANTSTATE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=4597,
-  serialized_end=4751,
+  serialized_start=5003,
+  serialized_end=5157,
 )
 _sym_db.RegisterEnumDescriptor(_PARTICIPANTSTATE)
 
@@ -150,8 +150,8 @@ _MODELSELECTOR = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=4753,
-  serialized_end=4831,
+  serialized_start=5159,
+  serialized_end=5237,
 )
 _sym_db.RegisterEnumDescriptor(_MODELSELECTOR)
 
@@ -934,6 +934,200 @@ _REPORTFAILURERESPONSE = _descriptor.Descriptor(
 )
 
 
+_RUNNERLOGLINE = _descriptor.Descriptor(
+  name='RunnerLogLine',
+  full_name='fx.v1.RunnerLogLine',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='sequence', full_name='fx.v1.RunnerLogLine.sequence', index=0,
+      number=1, type=3, cpp_type=2, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='envoy', full_name='fx.v1.RunnerLogLine.envoy', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='time', full_name='fx.v1.RunnerLogLine.time', index=2,
+      number=3, type=11, cpp_type=10, label=1,
+      has_default_value=False, default_value=None,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='task', full_name='fx.v1.RunnerLogLine.task', index=3,
+      number=4, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='round', full_name='fx.v1.RunnerLogLine.round', index=4,
+      number=5, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='stream', full_name='fx.v1.RunnerLogLine.stream', index=5,
+      number=6, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='text', full_name='fx.v1.RunnerLogLine.text', index=6,
+      number=7, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1635,
+  serialized_end=1784,
+)
+
+
+_PUSHRUNNERLOGSREQUEST = _descriptor.Descriptor(
+  name='PushRunnerLogsRequest',
+  full_name='fx.v1.PushRunnerLogsRequest',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='experiment_id', full_name='fx.v1.PushRunnerLogsRequest.experiment_id', index=0,
+      number=1, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='envoy_name', full_name='fx.v1.PushRunnerLogsRequest.envoy_name', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='lines', full_name='fx.v1.PushRunnerLogsRequest.lines', index=2,
+      number=3, type=11, cpp_type=10, label=3,
+      has_default_value=False, default_value=[],
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1786,
+  serialized_end=1889,
+)
+
+
+_PUSHRUNNERLOGSRESPONSE = _descriptor.Descriptor(
+  name='PushRunnerLogsResponse',
+  full_name='fx.v1.PushRunnerLogsResponse',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1891,
+  serialized_end=1915,
+)
+
+
+_WATCHRUNNERLOGSREQUEST = _descriptor.Descriptor(
+  name='WatchRunnerLogsRequest',
+  full_name='fx.v1.WatchRunnerLogsRequest',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='experiment', full_name='fx.v1.WatchRunnerLogsRequest.experiment', index=0,
+      number=1, type=11, cpp_type=10, label=1,
+      has_default_value=False, default_value=None,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='envoy', full_name='fx.v1.WatchRunnerLogsRequest.envoy', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='after_sequence', full_name='fx.v1.WatchRunnerLogsRequest.after_sequence', index=2,
+      number=3, type=3, cpp_type=2, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='follow', full_name='fx.v1.WatchRunnerLogsRequest.follow', index=3,
+      number=4, type=8, cpp_type=7, label=1,
+      has_default_value=False, default_value=False,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1917,
+  serialized_end=2038,
+)
+
+
 _PARTICIPANT = _descriptor.Descriptor(
   name='Participant',
   full_name='fx.v1.Participant',
@@ -995,8 +1189,8 @@ _PARTICIPANT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1635,
-  serialized_end=1801,
+  serialized_start=2041,
+  serialized_end=2207,
 )
 
 
@@ -1033,8 +1227,8 @@ _EXPERIMENT_LATESTMETRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2245,
-  serialized_end=2297,
+  serialized_start=2651,
+  serialized_end=2703,
 )
 
 _EXPERIMENT = _descriptor.Descriptor(
@@ -1161,8 +1355,8 @@ _EXPERIMENT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1804,
-  serialized_end=2297,
+  serialized_start=2210,
+  serialized_end=2703,
 )
 
 
@@ -1206,8 +1400,8 @@ _MODELSUMMARY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2299,
-  serialized_end=2359,
+  serialized_start=2705,
+  serialized_end=2765,
 )
 
 
@@ -1251,8 +1445,8 @@ _EXPERIMENTREF = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2361,
-  serialized_end=2417,
+  serialized_start=2767,
+  serialized_end=2823,
 )
 
 
@@ -1292,8 +1486,8 @@ _SUBMITEXPERIMENTREQUEST = _descriptor.Descriptor(
       name='part', full_name='fx.v1.SubmitExperimentRequest.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=2419,
-  serialized_end=2508,
+  serialized_start=2825,
+  serialized_end=2914,
 )
 
 
@@ -1344,8 +1538,8 @@ _SUBMITHEADER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2510,
-  serialized_end=2587,
+  serialized_start=2916,
+  serialized_end=2993,
 )
 
 
@@ -1375,8 +1569,8 @@ _SUBMITEXPERIMENTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2589,
-  serialized_end=2654,
+  serialized_start=2995,
+  serialized_end=3060,
 )
 
 
@@ -1406,8 +1600,8 @@ _GETEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2656,
-  serialized_end=2720,
+  serialized_start=3062,
+  serialized_end=3126,
 )
 
 
@@ -1444,8 +1638,8 @@ _LISTEXPERIMENTSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2722,
-  serialized_end=2801,
+  serialized_start=3128,
+  serialized_end=3207,
 )
 
 
@@ -1475,8 +1669,8 @@ _LISTEXPERIMENTSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2803,
-  serialized_end=2868,
+  serialized_start=3209,
+  serialized_end=3274,
 )
 
 
@@ -1513,8 +1707,8 @@ _WATCHMETRICSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2870,
-  serialized_end=2957,
+  serialized_start=3276,
+  serialized_end=3363,
 )
 
 
@@ -1551,8 +1745,8 @@ _METRICEVENT_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3153,
-  serialized_end=3199,
+  serialized_start=3559,
+  serialized_end=3605,
 )
 
 _METRICEVENT = _descriptor.Descriptor(
@@ -1623,8 +1817,8 @@ _METRICEVENT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2960,
-  serialized_end=3199,
+  serialized_start=3366,
+  serialized_end=3605,
 )
 
 
@@ -1668,8 +1862,8 @@ _DOWNLOADMODELREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3201,
-  serialized_end=3320,
+  serialized_start=3607,
+  serialized_end=3726,
 )
 
 
@@ -1709,8 +1903,8 @@ _DOWNLOADMODELRESPONSE = _descriptor.Descriptor(
       name='part', full_name='fx.v1.DownloadModelResponse.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=3322,
-  serialized_end=3404,
+  serialized_start=3728,
+  serialized_end=3810,
 )
 
 
@@ -1747,8 +1941,8 @@ _MODELINFO_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3153,
-  serialized_end=3199,
+  serialized_start=3559,
+  serialized_end=3605,
 )
 
 _MODELINFO = _descriptor.Descriptor(
@@ -1798,8 +1992,8 @@ _MODELINFO = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3407,
-  serialized_end=3559,
+  serialized_start=3813,
+  serialized_end=3965,
 )
 
 
@@ -1836,8 +2030,8 @@ _CANCELEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3561,
-  serialized_end=3644,
+  serialized_start=3967,
+  serialized_end=4050,
 )
 
 
@@ -1867,8 +2061,8 @@ _REMOVEEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3646,
-  serialized_end=3713,
+  serialized_start=4052,
+  serialized_end=4119,
 )
 
 
@@ -1891,8 +2085,8 @@ _REMOVEEXPERIMENTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3715,
-  serialized_end=3741,
+  serialized_start=4121,
+  serialized_end=4147,
 )
 
 
@@ -1929,8 +2123,8 @@ _REVIEWEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3743,
-  serialized_end=3826,
+  serialized_start=4149,
+  serialized_end=4232,
 )
 
 
@@ -1967,8 +2161,8 @@ _LISTENVOYSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3828,
-  serialized_end=3882,
+  serialized_start=4234,
+  serialized_end=4288,
 )
 
 
@@ -1998,8 +2192,8 @@ _LISTENVOYSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3884,
-  serialized_end=3938,
+  serialized_start=4290,
+  serialized_end=4344,
 )
 
 
@@ -2078,8 +2272,8 @@ _ENVOYINFO = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3941,
-  serialized_end=4179,
+  serialized_start=4347,
+  serialized_end=4585,
 )
 
 
@@ -2130,8 +2324,8 @@ _SEARCHDATASETSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4181,
-  serialized_end=4287,
+  serialized_start=4587,
+  serialized_end=4693,
 )
 
 
@@ -2161,8 +2355,8 @@ _SEARCHDATASETSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4289,
-  serialized_end=4351,
+  serialized_start=4695,
+  serialized_end=4757,
 )
 
 
@@ -2206,8 +2400,8 @@ _DATASETMATCH = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4353,
-  serialized_end=4434,
+  serialized_start=4759,
+  serialized_end=4840,
 )
 
 _DATASETSHARD.fields_by_name['devices'].message_type = _DEVICE
@@ -2230,6 +2424,9 @@ _ASSIGNMENT.fields_by_name['stop'].containing_oneof = _ASSIGNMENT.oneofs_by_name
 _OFFER.fields_by_name['answer_by'].message_type = google_dot_protobuf_dot_timestamp__pb2._TIMESTAMP
 _STOP.fields_by_name['state'].enum_type = _EXPERIMENTSTATE
 _ANSWEROFFERRESPONSE.fields_by_name['state'].enum_type = _EXPERIMENTSTATE
+_RUNNERLOGLINE.fields_by_name['time'].message_type = google_dot_protobuf_dot_timestamp__pb2._TIMESTAMP
+_PUSHRUNNERLOGSREQUEST.fields_by_name['lines'].message_type = _RUNNERLOGLINE
+_WATCHRUNNERLOGSREQUEST.fields_by_name['experiment'].message_type = _EXPERIMENTREF
 _PARTICIPANT.fields_by_name['state'].enum_type = _PARTICIPANTSTATE
 _PARTICIPANT.fields_by_name['updated_at'].message_type = google_dot_protobuf_dot_timestamp__pb2._TIMESTAMP
 _EXPERIMENT_LATESTMETRICSENTRY.containing_type = _EXPERIMENT
@@ -2291,6 +2488,10 @@ DESCRIPTOR.message_types_by_name['AnswerOfferRequest'] = _ANSWEROFFERREQUEST
 DESCRIPTOR.message_types_by_name['AnswerOfferResponse'] = _ANSWEROFFERRESPONSE
 DESCRIPTOR.message_types_by_name['ReportFailureRequest'] = _REPORTFAILUREREQUEST
 DESCRIPTOR.message_types_by_name['ReportFailureResponse'] = _REPORTFAILURERESPONSE
+DESCRIPTOR.message_types_by_name['RunnerLogLine'] = _RUNNERLOGLINE
+DESCRIPTOR.message_types_by_name['PushRunnerLogsRequest'] = _PUSHRUNNERLOGSREQUEST
+DESCRIPTOR.message_types_by_name['PushRunnerLogsResponse'] = _PUSHRUNNERLOGSRESPONSE
+DESCRIPTOR.message_types_by_name['WatchRunnerLogsRequest'] = _WATCHRUNNERLOGSREQUEST
 DESCRIPTOR.message_types_by_name['Participant'] = _PARTICIPANT
 DESCRIPTOR.message_types_by_name['Experiment'] = _EXPERIMENT
 DESCRIPTOR.message_types_by_name['ModelSummary'] = _MODELSUMMARY
@@ -2439,6 +2640,34 @@ ReportFailureResponse = _reflection.GeneratedProtocolMessageType('ReportFailureR
   # @@protoc_insertion_point(class_scope:fx.v1.ReportFailureResponse)
   ))
 _sym_db.RegisterMessage(ReportFailureResponse)
+
+RunnerLogLine = _reflection.GeneratedProtocolMessageType('RunnerLogLine', (_message.Message,), dict(
+  DESCRIPTOR = _RUNNERLOGLINE,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.RunnerLogLine)
+  ))
+_sym_db.RegisterMessage(RunnerLogLine)
+
+PushRunnerLogsRequest = _reflection.GeneratedProtocolMessageType('PushRunnerLogsRequest', (_message.Message,), dict(
+  DESCRIPTOR = _PUSHRUNNERLOGSREQUEST,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.PushRunnerLogsRequest)
+  ))
+_sym_db.RegisterMessage(PushRunnerLogsRequest)
+
+PushRunnerLogsResponse = _reflection.GeneratedProtocolMessageType('PushRunnerLogsResponse', (_message.Message,), dict(
+  DESCRIPTOR = _PUSHRUNNERLOGSRESPONSE,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.PushRunnerLogsResponse)
+  ))
+_sym_db.RegisterMessage(PushRunnerLogsResponse)
+
+WatchRunnerLogsRequest = _reflection.GeneratedProtocolMessageType('WatchRunnerLogsRequest', (_message.Message,), dict(
+  DESCRIPTOR = _WATCHRUNNERLOGSREQUEST,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.WatchRunnerLogsRequest)
+  ))
+_sym_db.RegisterMessage(WatchRunnerLogsRequest)
 
 Participant = _reflection.GeneratedProtocolMessageType('Participant', (_message.Message,), dict(
   DESCRIPTOR = _PARTICIPANT,
@@ -2655,8 +2884,8 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   file=DESCRIPTOR,
   index=0,
   options=None,
-  serialized_start=4834,
-  serialized_end=6233,
+  serialized_start=5240,
+  serialized_end=6808,
   methods=[
   _descriptor.MethodDescriptor(
     name='RegisterEnvoy',
@@ -2713,9 +2942,18 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
     options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002')),
   ),
   _descriptor.MethodDescriptor(
+    name='PushRunnerLogs',
+    full_name='fx.v1.Director.PushRunnerLogs',
+    index=6,
+    containing_service=None,
+    input_type=_PUSHRUNNERLOGSREQUEST,
+    output_type=_PUSHRUNNERLOGSRESPONSE,
+    options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002')),
+  ),
+  _descriptor.MethodDescriptor(
     name='SubmitExperiment',
     full_name='fx.v1.Director.SubmitExperiment',
-    index=6,
+    index=7,
     containing_service=None,
     input_type=_SUBMITEXPERIMENTREQUEST,
     output_type=_SUBMITEXPERIMENTRESPONSE,
@@ -2724,7 +2962,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='GetExperiment',
     full_name='fx.v1.Director.GetExperiment',
-    index=7,
+    index=8,
     containing_service=None,
     input_type=_GETEXPERIMENTREQUEST,
     output_type=_EXPERIMENT,
@@ -2733,7 +2971,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='ListExperiments',
     full_name='fx.v1.Director.ListExperiments',
-    index=8,
+    index=9,
     containing_service=None,
     input_type=_LISTEXPERIMENTSREQUEST,
     output_type=_LISTEXPERIMENTSRESPONSE,
@@ -2742,16 +2980,25 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='WatchMetrics',
     full_name='fx.v1.Director.WatchMetrics',
-    index=9,
+    index=10,
     containing_service=None,
     input_type=_WATCHMETRICSREQUEST,
     output_type=_METRICEVENT,
     options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\003\310\363\030\004')),
   ),
   _descriptor.MethodDescriptor(
+    name='WatchRunnerLogs',
+    full_name='fx.v1.Director.WatchRunnerLogs',
+    index=11,
+    containing_service=None,
+    input_type=_WATCHRUNNERLOGSREQUEST,
+    output_type=_RUNNERLOGLINE,
+    options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\003\310\363\030\004')),
+  ),
+  _descriptor.MethodDescriptor(
     name='DownloadModel',
     full_name='fx.v1.Director.DownloadModel',
-    index=10,
+    index=12,
     containing_service=None,
     input_type=_DOWNLOADMODELREQUEST,
     output_type=_DOWNLOADMODELRESPONSE,
@@ -2760,7 +3007,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='CancelExperiment',
     full_name='fx.v1.Director.CancelExperiment',
-    index=11,
+    index=13,
     containing_service=None,
     input_type=_CANCELEXPERIMENTREQUEST,
     output_type=_EXPERIMENT,
@@ -2769,7 +3016,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='RemoveExperiment',
     full_name='fx.v1.Director.RemoveExperiment',
-    index=12,
+    index=14,
     containing_service=None,
     input_type=_REMOVEEXPERIMENTREQUEST,
     output_type=_REMOVEEXPERIMENTRESPONSE,
@@ -2778,7 +3025,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='ListEnvoys',
     full_name='fx.v1.Director.ListEnvoys',
-    index=13,
+    index=15,
     containing_service=None,
     input_type=_LISTENVOYSREQUEST,
     output_type=_LISTENVOYSRESPONSE,
@@ -2787,7 +3034,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='SearchDatasets',
     full_name='fx.v1.Director.SearchDatasets',
-    index=14,
+    index=16,
     containing_service=None,
     input_type=_SEARCHDATASETSREQUEST,
     output_type=_SEARCHDATASETSRESPONSE,
@@ -2796,7 +3043,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='ApproveExperiment',
     full_name='fx.v1.Director.ApproveExperiment',
-    index=15,
+    index=17,
     containing_service=None,
     input_type=_REVIEWEXPERIMENTREQUEST,
     output_type=_EXPERIMENT,
@@ -2805,7 +3052,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   _descriptor.MethodDescriptor(
     name='RejectExperiment',
     full_name='fx.v1.Director.RejectExperiment',
-    index=16,
+    index=18,
     containing_service=None,
     input_type=_REVIEWEXPERIMENTREQUEST,
     output_type=_EXPERIMENT,

@@ -44,6 +44,11 @@ class DirectorStub(object):
         request_serializer=fx_dot_v1_dot_director__pb2.ReportFailureRequest.SerializeToString,
         response_deserializer=fx_dot_v1_dot_director__pb2.ReportFailureResponse.FromString,
         )
+    self.PushRunnerLogs = channel.unary_unary(
+        '/fx.v1.Director/PushRunnerLogs',
+        request_serializer=fx_dot_v1_dot_director__pb2.PushRunnerLogsRequest.SerializeToString,
+        response_deserializer=fx_dot_v1_dot_director__pb2.PushRunnerLogsResponse.FromString,
+        )
     self.SubmitExperiment = channel.stream_unary(
         '/fx.v1.Director/SubmitExperiment',
         request_serializer=fx_dot_v1_dot_director__pb2.SubmitExperimentRequest.SerializeToString,
@@ -63,6 +68,11 @@ class DirectorStub(object):
         '/fx.v1.Director/WatchMetrics',
         request_serializer=fx_dot_v1_dot_director__pb2.WatchMetricsRequest.SerializeToString,
         response_deserializer=fx_dot_v1_dot_director__pb2.MetricEvent.FromString,
+        )
+    self.WatchRunnerLogs = channel.unary_stream(
+        '/fx.v1.Director/WatchRunnerLogs',
+        request_serializer=fx_dot_v1_dot_director__pb2.WatchRunnerLogsRequest.SerializeToString,
+        response_deserializer=fx_dot_v1_dot_director__pb2.RunnerLogLine.FromString,
         )
     self.DownloadModel = channel.unary_stream(
         '/fx.v1.Director/DownloadModel',
@@ -185,6 +195,20 @@ class DirectorServicer(object):
     context.set_details('Method not implemented!')
     raise NotImplementedError('Method not implemented!')
 
+  def PushRunnerLogs(self, request, context):
+    """PushRunnerLogs hands the director lines that this envoy's runner wrote
+    for an experiment, at a site whose operator shares its runners' output
+    (exec.share_logs). The director keeps the last lines of each experiment
+    in memory (a restart forgets them) for WatchRunnerLogs.
+    Role: envoy.
+    Errors: NOT_FOUND (the envoy does not take part in the experiment);
+    INVALID_ARGUMENT (more than 1000 lines, a line over 4 KiB, an unknown
+    stream); PERMISSION_DENIED (envoy_name is not the caller's CN).
+    """
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details('Method not implemented!')
+    raise NotImplementedError('Method not implemented!')
+
   def SubmitExperiment(self, request_iterator, context):
     """----------------------------------------------------------- researchers
 
@@ -228,6 +252,20 @@ class DirectorServicer(object):
     resumes without gaps or duplicates. Any number of watchers may read at
     once. The stream ends (OK) after the last event of an experiment that has
     ended; on a live experiment it waits for new events.
+    Role: researcher (own experiments), admin (all).
+    Errors: NOT_FOUND; INVALID_ARGUMENT (negative after_sequence).
+    """
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details('Method not implemented!')
+    raise NotImplementedError('Method not implemented!')
+
+  def WatchRunnerLogs(self, request, context):
+    """WatchRunnerLogs streams what the experiment's runners printed at the
+    sites that share it, oldest first, starting after after_sequence. Without
+    follow the stream ends after the lines kept so far; with follow it waits
+    for new lines and ends after the last one of an experiment that has
+    ended. Lines a site's rate limit dropped are announced by a line of
+    stream "fx". The director keeps the last 10,000 lines of an experiment.
     Role: researcher (own experiments), admin (all).
     Errors: NOT_FOUND; INVALID_ARGUMENT (negative after_sequence).
     """
@@ -342,6 +380,11 @@ def add_DirectorServicer_to_server(servicer, server):
           request_deserializer=fx_dot_v1_dot_director__pb2.ReportFailureRequest.FromString,
           response_serializer=fx_dot_v1_dot_director__pb2.ReportFailureResponse.SerializeToString,
       ),
+      'PushRunnerLogs': grpc.unary_unary_rpc_method_handler(
+          servicer.PushRunnerLogs,
+          request_deserializer=fx_dot_v1_dot_director__pb2.PushRunnerLogsRequest.FromString,
+          response_serializer=fx_dot_v1_dot_director__pb2.PushRunnerLogsResponse.SerializeToString,
+      ),
       'SubmitExperiment': grpc.stream_unary_rpc_method_handler(
           servicer.SubmitExperiment,
           request_deserializer=fx_dot_v1_dot_director__pb2.SubmitExperimentRequest.FromString,
@@ -361,6 +404,11 @@ def add_DirectorServicer_to_server(servicer, server):
           servicer.WatchMetrics,
           request_deserializer=fx_dot_v1_dot_director__pb2.WatchMetricsRequest.FromString,
           response_serializer=fx_dot_v1_dot_director__pb2.MetricEvent.SerializeToString,
+      ),
+      'WatchRunnerLogs': grpc.unary_stream_rpc_method_handler(
+          servicer.WatchRunnerLogs,
+          request_deserializer=fx_dot_v1_dot_director__pb2.WatchRunnerLogsRequest.FromString,
+          response_serializer=fx_dot_v1_dot_director__pb2.RunnerLogLine.SerializeToString,
       ),
       'DownloadModel': grpc.unary_stream_rpc_method_handler(
           servicer.DownloadModel,

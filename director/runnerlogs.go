@@ -1,0 +1,153 @@
+package director
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
+)
+
+// Bounds on the runner output the director keeps: sites push what they
+// share, researchers read it; neither can make the director hold more than
+// a few MiB per experiment.
+const (
+	// maxRunnerLogLines is how many lines of an experiment are kept; older
+	// ones are forgotten first.
+	maxRunnerLogLines = 10000
+	// maxPushLines and maxLogLineBytes bound one push.
+	maxPushLines    = 1000
+	maxLogLineBytes = 4 << 10
+)
+
+// runnerLog is an experiment's shared runner output: the last
+// maxRunnerLogLines lines, numbered from 1 without gaps. A watcher waits
+// on changed, closed and replaced on every append.
+type runnerLog struct {
+	lines   []*fxv1.RunnerLogLine // the kept lines, oldest first
+	last    int64                 // the sequence of the newest line
+	changed chan struct{}
+}
+
+// runnerLogLocked returns the experiment's log, making it if needed.
+func (e *expState) runnerLogLocked() *runnerLog {
+	if e.logs == nil {
+		e.logs = &runnerLog{changed: make(chan struct{})}
+	}
+	return e.logs
+}
+
+func (l *runnerLog) append(envoy string, lines []*fxv1.RunnerLogLine, now time.Time) {
+	for _, in := range lines {
+		l.last++
+		line := proto.Clone(in).(*fxv1.RunnerLogLine)
+		line.Sequence, line.Envoy = l.last, envoy
+		if line.Time == nil {
+			line.Time = timestamppb.New(now)
+		}
+		l.lines = append(l.lines, line)
+	}
+	if over := len(l.lines) - maxRunnerLogLines; over > 0 {
+		l.lines = append(l.lines[:0:0], l.lines[over:]...)
+	}
+	close(l.changed)
+	l.changed = make(chan struct{})
+}
+
+// after returns the kept lines with sequence > seq from envoy ("" for all).
+func (l *runnerLog) after(seq int64, envoy string) []*fxv1.RunnerLogLine {
+	var out []*fxv1.RunnerLogLine
+	for _, line := range l.lines {
+		if line.GetSequence() > seq && (envoy == "" || line.GetEnvoy() == envoy) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
+// checkLogLines refuses a push the director would not keep as it is.
+func checkLogLines(lines []*fxv1.RunnerLogLine) error {
+	if len(lines) > maxPushLines {
+		return fmt.Errorf("%d lines in one push, more than %d: %w", len(lines), maxPushLines, ErrInvalidArgument)
+	}
+	for i, l := range lines {
+		switch {
+		case len(l.GetText()) > maxLogLineBytes:
+			return fmt.Errorf("line %d is %d bytes, more than %d: %w", i, len(l.GetText()), maxLogLineBytes, ErrInvalidArgument)
+		case l.GetStream() != "stdout" && l.GetStream() != "stderr" && l.GetStream() != "fx":
+			return fmt.Errorf("line %d has stream %.20q: want stdout, stderr or fx: %w", i, l.GetStream(), ErrInvalidArgument)
+		case l.GetTask() != "" && runner.ValidateTaskName(l.GetTask()) != nil:
+			return fmt.Errorf("line %d: %w: %w", i, runner.ValidateTaskName(l.GetTask()), ErrInvalidArgument)
+		case l.GetRound() < 0:
+			return fmt.Errorf("line %d has round %d: %w", i, l.GetRound(), ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+func (s *service) PushRunnerLogs(ctx context.Context, req *fxv1.PushRunnerLogsRequest) (*fxv1.PushRunnerLogsResponse, error) {
+	if err := pki.RequireCaller(ctx, req.GetEnvoyName()); err != nil {
+		return nil, err
+	}
+	if err := checkLogLines(req.GetLines()); err != nil {
+		return nil, toStatus(err)
+	}
+	d := s.d
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.exps[req.GetExperimentId()]
+	if e == nil || e.parts[req.GetEnvoyName()] == nil {
+		return nil, toStatus(fmt.Errorf("envoy %s does not take part in experiment %q: %w", req.GetEnvoyName(), req.GetExperimentId(), ErrNotFound))
+	}
+	if len(req.GetLines()) > 0 {
+		e.runnerLogLocked().append(req.GetEnvoyName(), req.GetLines(), d.clock.Now())
+	}
+	return &fxv1.PushRunnerLogsResponse{}, nil
+}
+
+func (s *service) WatchRunnerLogs(req *fxv1.WatchRunnerLogsRequest, stream grpc.ServerStreamingServer[fxv1.RunnerLogLine]) error {
+	if req.GetAfterSequence() < 0 {
+		return toStatus(fmt.Errorf("after_sequence %d is negative: use 0 for every line kept: %w", req.GetAfterSequence(), ErrInvalidArgument))
+	}
+	ctx := stream.Context()
+	var e *expState
+	if err := s.withExperiment(ctx, req.GetExperiment(), func(_ pki.Identity, found *expState) error {
+		e = found
+		return nil
+	}); err != nil {
+		return toStatus(err)
+	}
+	d := s.d
+	next := req.GetAfterSequence()
+	for {
+		d.mu.Lock()
+		l := e.runnerLogLocked()
+		lines := l.after(next, req.GetEnvoy())
+		last, changed := l.last, l.changed
+		ended := e.rec.Ended() && e.run == nil
+		removed := d.exps[e.rec.ID] != e
+		d.mu.Unlock()
+		for _, line := range lines {
+			if err := stream.Send(line); err != nil {
+				return err
+			}
+		}
+		next = last
+		if !req.GetFollow() || ended || removed {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-d.shutdown:
+			return toStatus(fmt.Errorf("the director is shutting down; watch again after sequence %d: %w", next, errUnavailable))
+		case <-changed:
+		}
+	}
+}
