@@ -19,10 +19,10 @@ import (
 // expState is the director's in-memory view of one experiment: the stored
 // record and participants, plus what is rebuilt or live.
 type expState struct {
-	rec      store.Experiment
-	plan     *experiment.Plan
-	parts    map[string]*store.Participant
-	metrics  *metricLog
+	rec     store.Experiment
+	plan    *experiment.Plan
+	parts   map[string]*store.Participant
+	metrics *metricLog
 	// logs is what the sites shared of their runners' output; made with
 	// the first line.
 	logs     *runnerLog
