@@ -211,7 +211,7 @@ func trampoline() error {
 	if err := unix.CloseRange(uint(sp.Files), ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
 		return fmt.Errorf("sandbox: closing inherited descriptors: %w", err)
 	}
-	if err := pinProcSelf(); err != nil {
+	if err := pinProcSelf(max(pinnedFD, sp.Files)); err != nil {
 		return err
 	}
 	rules, err := sp.Policy.rules()
@@ -246,11 +246,14 @@ func trampoline() error {
 		}
 	}
 	err = syscall.Exec(sp.Program, argv, env)
+	if errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("sandbox: starting %s: %w (the program, and the interpreter of a script, must lie in a system directory or the policy's ReadOnly paths)", sp.Program, err)
+	}
 	return fmt.Errorf("sandbox: starting %s: %w", sp.Program, err)
 }
 
-// pinnedFD is the lowest descriptor number pinProcSelf uses, above those a
-// command expects (standard files and ExtraFiles).
+// pinnedFD is the lowest descriptor number pinProcSelf uses, well above
+// those a command expects (standard files and a few ExtraFiles).
 const pinnedFD = 100
 
 // pinProcSelf opens this process's /proc/<pid> directory and leaves it
@@ -259,13 +262,13 @@ const pinnedFD = 100
 // inode when the directory's dentry is evicted from the cache (memory
 // pressure, drop_caches): without a reference keeping it, a long-running
 // command would lose /proc/self at some point.
-func pinProcSelf() error {
+func pinProcSelf(lowest int) error {
 	fd, err := unix.Open("/proc/self", unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err != nil {
 		return fmt.Errorf("sandbox: opening /proc/self: %w", err)
 	}
 	defer unix.Close(fd)
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD, pinnedFD); err != nil {
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD, lowest); err != nil {
 		return fmt.Errorf("sandbox: keeping /proc/self open: %w", err)
 	}
 	return nil

@@ -772,3 +772,24 @@ func TestProcSelfOutlivesCacheEviction(t *testing.T) {
 		t.Errorf("/proc/self before and after the dentry cache was dropped: %q", got)
 	}
 }
+
+// TestProgramOutsideThePolicy shows what a site sees when the command's
+// program lies where the policy does not reach: the exec is refused and
+// the message says where programs must be.
+func TestProgramOutsideThePolicy(t *testing.T) {
+	landlockABI(t)
+	dir := t.TempDir()
+	prog := filepath.Join(dir, "run.sh")
+	if err := os.WriteFile(prog, []byte("#!/bin/sh\necho ran\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(prog)
+	if err := (sandbox.Policy{}).Apply(cmd); err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != sandbox.ExitSetupFailed || !strings.Contains(string(out), "ReadOnly paths") {
+		t.Errorf("got %v and %q, want exit status %d and a message naming ReadOnly", err, out, sandbox.ExitSetupFailed)
+	}
+}
