@@ -77,31 +77,19 @@ func (p Policy) rules() ([]rule, error) {
 		}
 		b.hidden = append(b.hidden, r)
 	}
-	for _, pth := range systemReadOnly {
-		if err := b.allow(pth, readOnly); err != nil {
-			return nil, err
-		}
-	}
-	for _, pth := range systemReadOnlyFiles {
-		if err := b.allow(pth, readOnly); err != nil {
-			return nil, err
-		}
-	}
-	for _, pth := range systemDevices {
-		if err := b.allow(pth, readWrite); err != nil {
-			return nil, err
-		}
-	}
-	for _, pth := range systemReadWrite {
-		if err := b.allow(pth, readWrite); err != nil {
-			return nil, err
-		}
-	}
 	// The command's own /proc entries (its pid survives execve). Those
 	// of processes it starts are not allowed: the rule is on this pid's
 	// directory.
-	if err := b.allow("/proc/self", procSelf); err != nil {
-		return nil, err
+	self := []string{"/proc/self"}
+	for _, g := range []struct {
+		paths  []string
+		access access
+	}{{systemReadOnly, readOnly}, {systemReadOnlyFiles, readOnly}, {systemDevices, readWrite}, {systemReadWrite, readWrite}, {self, procSelf}} {
+		for _, pth := range g.paths {
+			if err := b.allow(pth, g.access); err != nil {
+				return nil, err
+			}
+		}
 	}
 	for _, pth := range p.ReadOnly {
 		if err := b.allowExplicit("ReadOnly", pth, readOnly); err != nil {
