@@ -82,7 +82,7 @@ func ImportCertificate(dir string, chainPEM, rootPEM []byte) (Files, Identity, e
 	if err != nil {
 		return Files{}, Identity{}, err
 	}
-	if err := verifyChain(chain, roots, time.Now()); err != nil {
+	if err := VerifyChain(chain, roots, time.Now()); err != nil {
 		return Files{}, Identity{}, fmt.Errorf("the certificate for %s does not verify against the given root: %w", id.Name, err)
 	}
 	files := PartyFiles(dir, id.Name)
@@ -108,10 +108,10 @@ func ImportCertificate(dir string, chainPEM, rootPEM []byte) (Files, Identity, e
 	return files, id, nil
 }
 
-// verifyChain checks that chain[0] verifies against roots with chain[1:] as
+// VerifyChain checks that chain[0] verifies against roots with chain[1:] as
 // intermediates, for any key usage (the caller checks usages when it
 // matters), and was issued by a signing CA (see issuedBySigningCA).
-func verifyChain(chain, roots []*x509.Certificate, now time.Time) error {
+func VerifyChain(chain, roots []*x509.Certificate, now time.Time) error {
 	pool := x509.NewCertPool()
 	for _, r := range roots {
 		pool.AddCert(r)

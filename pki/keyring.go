@@ -236,7 +236,7 @@ func (k *Keyring) load() (*material, error) {
 	if now.Before(leaf.NotBefore) {
 		return nil, fmt.Errorf("certificate %s for %s is not valid before %s: check this machine's clock", cfg.Cert, id, leaf.NotBefore.Format(time.RFC3339))
 	}
-	if err := verifyChain(chain, rootCerts, now); err != nil {
+	if err := VerifyChain(chain, rootCerts, now); err != nil {
 		if errors.Is(err, errSignedByRoot) {
 			return nil, fmt.Errorf("%s: %w", cfg.Cert, err)
 		}

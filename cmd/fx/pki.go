@@ -611,21 +611,21 @@ func showFile(w io.Writer, path, caPath, crlPath string) error {
 	return nil
 }
 
+// verifyAgainst checks the chain as every fx party does (pki.VerifyChain):
+// to a root in caPath, through the signing CA, so a leaf the root signed
+// itself is reported as not verifying, as a handshake would refuse it.
 func verifyAgainst(chain []*x509.Certificate, caPath string) error {
 	rootsPEM, err := os.ReadFile(caPath)
 	if err != nil {
 		return err
 	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(rootsPEM) {
-		return fmt.Errorf("%s holds no PEM certificate", caPath)
+	roots, err := pki.ParseCertificatesPEM(rootsPEM)
+	if err != nil {
+		return fmt.Errorf("%s: %w", caPath, err)
 	}
-	inter := x509.NewCertPool()
-	for _, c := range chain[1:] {
-		inter.AddCert(c)
-	}
-	_, err = chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
-	if err != nil && len(chain) == 1 && !chain[0].IsCA {
+	err = pki.VerifyChain(chain, roots, time.Now())
+	var unknown x509.UnknownAuthorityError
+	if errors.As(err, &unknown) && len(chain) == 1 && !chain[0].IsCA {
 		return fmt.Errorf("%w (the file holds only the leaf; fx certificates are followed by their signing CA)", err)
 	}
 	return err

@@ -2,6 +2,13 @@ package main
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +16,9 @@ import (
 	"runtime/debug"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/cloudflare/cfssl/helpers"
 
 	"github.com/fx-fl/fx/pki"
 )
@@ -253,5 +263,56 @@ func TestPKIBootstrapScript(t *testing.T) {
 	}
 	if hosts := strings.Join(director.Certificate().DNSNames, ","); hosts != "localhost" || len(director.Certificate().IPAddresses) != 1 {
 		t.Errorf("director SANs %v %v, want localhost and 127.0.0.1", director.Certificate().DNSNames, director.Certificate().IPAddresses)
+	}
+}
+
+// A leaf the root signed itself, bypassing the signing CA, is refused by
+// every fx party (it could never be revoked), so `fx pki show` must not call
+// it valid.
+func TestPKIShowRefusesLeafSignedByRoot(t *testing.T) {
+	tmp := t.TempDir()
+	caDir := filepath.Join(tmp, "ca")
+	if _, err := run(t, "pki", "init", "--dir", caDir); err != nil {
+		t.Fatal(err)
+	}
+	rootPEM, err := os.ReadFile(filepath.Join(caDir, pki.RootCertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := pki.ParseCertificatesPEM(rootPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(caDir, pki.RootKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootKey, err := helpers.ParsePrivateKeyPEM(keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(4242),
+		Subject:      pkix.Name{CommonName: "site-9", OrganizationalUnit: []string{"envoy"}},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, roots[0], key.Public(), rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	crt := filepath.Join(tmp, "forged.crt")
+	if err := os.WriteFile(crt, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "pki", "show", crt, "--ca", filepath.Join(caDir, pki.RootCertFile))
+	if err == nil || !strings.Contains(out, "verifies     NO") || !strings.Contains(out, "signing CA") {
+		t.Fatalf("pki show of a root-signed leaf: %q, %v; want verifies NO, naming the signing CA", out, err)
 	}
 }
