@@ -4,10 +4,11 @@
 // global model, and upload their results.
 //
 // The collaborator's name is its certificate's CN, which is its envoy's name.
-// A request's collaborator field must equal it, and the CN must be one of the
-// experiment's accepted participants; otherwise PERMISSION_DENIED. A request
-// whose experiment_id is not this aggregator's experiment fails with
-// NOT_FOUND.
+// A request's collaborator field must equal it, or the call fails with
+// PERMISSION_DENIED. A caller that is not one of the experiment's accepted
+// participants, or a request whose experiment_id is not this aggregator's
+// experiment, fails with NOT_FOUND, the same answer for both and one that
+// never names the experiment served here, so experiment ids cannot be probed.
 //
 // Every RPC may also fail with UNAUTHENTICATED (no valid, unexpired,
 // unrevoked client certificate) or PERMISSION_DENIED (role not envoy); those
@@ -452,7 +453,10 @@ type ResultHeader struct {
 	Collaborator string `protobuf:"bytes,2,opt,name=collaborator,proto3" json:"collaborator,omitempty"`
 	Round        int32  `protobuf:"varint,3,opt,name=round,proto3" json:"round,omitempty"`
 	Task         string `protobuf:"bytes,4,opt,name=task,proto3" json:"task,omitempty"`
-	// The local samples the task used; FedAvg weighs the update by it.
+	// The local samples the task used; FedAvg weighs the update by it. It may
+	// not exceed the count the envoy registered with the director when the
+	// experiment started (train samples for train, validation samples for the
+	// validation tasks): a larger one is INVALID_ARGUMENT.
 	SampleCount int64 `protobuf:"varint,5,opt,name=sample_count,json=sampleCount,proto3" json:"sample_count,omitempty"`
 	// Named scalars ("loss", "accuracy"); finite values only.
 	Metrics       map[string]float64 `protobuf:"bytes,6,rep,name=metrics,proto3" json:"metrics,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`

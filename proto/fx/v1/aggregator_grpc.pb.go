@@ -4,10 +4,11 @@
 // global model, and upload their results.
 //
 // The collaborator's name is its certificate's CN, which is its envoy's name.
-// A request's collaborator field must equal it, and the CN must be one of the
-// experiment's accepted participants; otherwise PERMISSION_DENIED. A request
-// whose experiment_id is not this aggregator's experiment fails with
-// NOT_FOUND.
+// A request's collaborator field must equal it, or the call fails with
+// PERMISSION_DENIED. A caller that is not one of the experiment's accepted
+// participants, or a request whose experiment_id is not this aggregator's
+// experiment, fails with NOT_FOUND, the same answer for both and one that
+// never names the experiment served here, so experiment ids cannot be probed.
 //
 // Every RPC may also fail with UNAUTHENTICATED (no valid, unexpired,
 // unrevoked client certificate) or PERMISSION_DENIED (role not envoy); those
@@ -50,14 +51,15 @@ type AggregatorClient interface {
 	// sleeps in a loop. Tasks the caller already reported in this round are not
 	// handed out again, so a restarted collaborator resumes where it stopped.
 	// Role: envoy.
-	// Errors: NOT_FOUND (other experiment); PERMISSION_DENIED (not a
-	// participant, or collaborator is not the caller's CN).
+	// Errors: NOT_FOUND (not a participant, or another experiment);
+	// PERMISSION_DENIED (collaborator is not the caller's CN).
 	GetTasks(ctx context.Context, in *GetTasksRequest, opts ...grpc.CallOption) (*GetTasksResponse, error)
 	// FetchModel streams a round's global model: a ModelHeader, then every
 	// tensor as a TensorHeader followed by data chunks of at most 1 MiB.
 	// Role: envoy.
-	// Errors: NOT_FOUND (other experiment, or the round is neither the current
-	// one nor kept); PERMISSION_DENIED (not a participant).
+	// Errors: NOT_FOUND (not a participant, another experiment, or the round is
+	// neither the current one nor kept); PERMISSION_DENIED (collaborator is not
+	// the caller's CN).
 	FetchModel(ctx context.Context, in *FetchModelRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FetchModelResponse], error)
 	// UploadResult reports one task's result: a ResultHeader (round, task,
 	// sample count, metrics), then, for the train task only, the updated model
@@ -70,8 +72,8 @@ type AggregatorClient interface {
 	// Inf; negative sample count; non-finite metric; tensors sent for a task
 	// that returns none); FAILED_PRECONDITION (the round is not the current one
 	// or has closed: the result is late); ALREADY_EXISTS (this task was already
-	// reported in this round); PERMISSION_DENIED (not a participant, or
-	// collaborator is not the caller's CN); NOT_FOUND (other experiment).
+	// reported in this round); PERMISSION_DENIED (collaborator is not the
+	// caller's CN); NOT_FOUND (not a participant, or another experiment).
 	UploadResult(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadResultRequest, UploadResultResponse], error)
 }
 
@@ -136,14 +138,15 @@ type AggregatorServer interface {
 	// sleeps in a loop. Tasks the caller already reported in this round are not
 	// handed out again, so a restarted collaborator resumes where it stopped.
 	// Role: envoy.
-	// Errors: NOT_FOUND (other experiment); PERMISSION_DENIED (not a
-	// participant, or collaborator is not the caller's CN).
+	// Errors: NOT_FOUND (not a participant, or another experiment);
+	// PERMISSION_DENIED (collaborator is not the caller's CN).
 	GetTasks(context.Context, *GetTasksRequest) (*GetTasksResponse, error)
 	// FetchModel streams a round's global model: a ModelHeader, then every
 	// tensor as a TensorHeader followed by data chunks of at most 1 MiB.
 	// Role: envoy.
-	// Errors: NOT_FOUND (other experiment, or the round is neither the current
-	// one nor kept); PERMISSION_DENIED (not a participant).
+	// Errors: NOT_FOUND (not a participant, another experiment, or the round is
+	// neither the current one nor kept); PERMISSION_DENIED (collaborator is not
+	// the caller's CN).
 	FetchModel(*FetchModelRequest, grpc.ServerStreamingServer[FetchModelResponse]) error
 	// UploadResult reports one task's result: a ResultHeader (round, task,
 	// sample count, metrics), then, for the train task only, the updated model
@@ -156,8 +159,8 @@ type AggregatorServer interface {
 	// Inf; negative sample count; non-finite metric; tensors sent for a task
 	// that returns none); FAILED_PRECONDITION (the round is not the current one
 	// or has closed: the result is late); ALREADY_EXISTS (this task was already
-	// reported in this round); PERMISSION_DENIED (not a participant, or
-	// collaborator is not the caller's CN); NOT_FOUND (other experiment).
+	// reported in this round); PERMISSION_DENIED (collaborator is not the
+	// caller's CN); NOT_FOUND (not a participant, or another experiment).
 	UploadResult(grpc.ClientStreamingServer[UploadResultRequest, UploadResultResponse]) error
 	mustEmbedUnimplementedAggregatorServer()
 }

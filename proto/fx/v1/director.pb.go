@@ -551,7 +551,10 @@ type HeartbeatRequest struct {
 	// Ids of the experiments the envoy holds and has not been told to stop:
 	// accepted, running, or ended while the envoy was away. The director
 	// answers an id whose experiment has ended with a Stop assignment, which
-	// is how a site that was offline cleans up.
+	// is how a site that was offline cleans up. An id the envoy was never
+	// offered is answered as an unknown id is: a Stop with no state and a
+	// reason saying only that this envoy takes part in no such experiment, so
+	// a heartbeat reveals nothing about other sites' experiments.
 	RunningExperiments []string `protobuf:"bytes,2,rep,name=running_experiments,json=runningExperiments,proto3" json:"running_experiments,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache

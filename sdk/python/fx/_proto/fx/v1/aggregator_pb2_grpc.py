@@ -43,8 +43,8 @@ class AggregatorServicer(object):
     sleeps in a loop. Tasks the caller already reported in this round are not
     handed out again, so a restarted collaborator resumes where it stopped.
     Role: envoy.
-    Errors: NOT_FOUND (other experiment); PERMISSION_DENIED (not a
-    participant, or collaborator is not the caller's CN).
+    Errors: NOT_FOUND (not a participant, or another experiment);
+    PERMISSION_DENIED (collaborator is not the caller's CN).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')
@@ -54,8 +54,9 @@ class AggregatorServicer(object):
     """FetchModel streams a round's global model: a ModelHeader, then every
     tensor as a TensorHeader followed by data chunks of at most 1 MiB.
     Role: envoy.
-    Errors: NOT_FOUND (other experiment, or the round is neither the current
-    one nor kept); PERMISSION_DENIED (not a participant).
+    Errors: NOT_FOUND (not a participant, another experiment, or the round is
+    neither the current one nor kept); PERMISSION_DENIED (collaborator is not
+    the caller's CN).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')
@@ -73,8 +74,8 @@ class AggregatorServicer(object):
     Inf; negative sample count; non-finite metric; tensors sent for a task
     that returns none); FAILED_PRECONDITION (the round is not the current one
     or has closed: the result is late); ALREADY_EXISTS (this task was already
-    reported in this round); PERMISSION_DENIED (not a participant, or
-    collaborator is not the caller's CN); NOT_FOUND (other experiment).
+    reported in this round); PERMISSION_DENIED (collaborator is not the
+    caller's CN); NOT_FOUND (not a participant, or another experiment).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')
