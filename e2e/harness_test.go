@@ -510,6 +510,10 @@ type envoyOptions struct {
 	env       []string // added to the process's environment
 	// shareLogs sends the runners' output to the director (exec.share_logs).
 	shareLogs bool
+	// noSandbox runs exec runners unconfined (exec.sandbox: false).
+	noSandbox bool
+	// execEnv is added to exec.env (which holds PATH=/usr/bin:/bin).
+	execEnv []string
 }
 
 // startEnvoyReview is startEnvoy with the data owner's review policy.
@@ -549,13 +553,15 @@ shard:
   allowlist: "%s"
 exec:
   allow: %t
-  env: [PATH=/usr/bin:/bin]
+  env: [%s]
   share_logs: %t
+  sandbox: %t
 rpc_timeout: 5s
 retry:
   initial: 200ms
   max: 1s
-`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, o.allowlist, !o.noExec, o.shareLogs)
+`, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, o.allowlist, !o.noExec,
+		strings.Join(append([]string{"PATH=/usr/bin:/bin"}, o.execEnv...), ", "), o.shareLogs, !o.noSandbox)
 	file := filepath.Join(f.dir, "envoys", name+".yaml")
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		f.t.Fatal(err)

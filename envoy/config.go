@@ -88,6 +88,18 @@ type ExecConfig struct {
 	// python3 found in the runners' PATH (exec.env's PATH, else
 	// /usr/local/bin:/usr/bin:/bin), never the envoy's own PATH.
 	Python string `mapstructure:"python"`
+	// Sandbox confines runners (Landlock and a seccomp filter, see
+	// docs/security.md): they read the experiment, the site's data and
+	// the system's programs, write only their own scratch directory, and
+	// cannot read the envoy's key, configuration or other experiments.
+	// On by default; where the system cannot sandbox, exec runners are
+	// refused unless the site sets it to false and runs experiments' code
+	// unconfined, at its own risk.
+	Sandbox bool `mapstructure:"sandbox"`
+	// Network lets sandboxed runners use the network (TCP, UDP); off by
+	// default, so a runner cannot send the site's data anywhere but in
+	// its results.
+	Network bool `mapstructure:"network"`
 	// ShareLogs sends what runners print to the director, where the
 	// experiment's owner reads it (`fx experiment logs`), and lets failure
 	// reasons quote the runner's last lines. Off by default: a runner's
@@ -136,6 +148,9 @@ type Config struct {
 	RPCTimeout time.Duration `mapstructure:"rpc_timeout"`
 	Retry      RetryConfig   `mapstructure:"retry"`
 
+	// ConfigFile is the file the configuration was read from, if any: it
+	// is hidden from runners, with the key and the work directory.
+	ConfigFile string `mapstructure:"-"`
 	// Logger receives the envoy's logs; nil discards them.
 	Logger hclog.Logger `mapstructure:"-"`
 	// Version is reported to the director at registration.
@@ -158,7 +173,7 @@ func DefaultConfig() Config {
 		MaxExperiments:  DefaultMaxExperiments,
 		MaxArchiveBytes: DefaultMaxArchiveBytes,
 		Review:          ReviewConfig{Policy: PolicyAuto},
-		Exec:            ExecConfig{Allow: true},
+		Exec:            ExecConfig{Allow: true, Sandbox: true},
 		RPCTimeout:      DefaultRPCTimeout,
 		Retry:           RetryConfig{Initial: DefaultRetryInitial, Max: DefaultRetryMax},
 	}

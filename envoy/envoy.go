@@ -17,6 +17,7 @@ import (
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner/sandbox"
 )
 
 // Envoy is a data site's agent. It is made by New and runs until the context
@@ -33,6 +34,9 @@ type Envoy struct {
 
 	newRunner RunnerFactory
 	runCollab CollaboratorFunc
+	// sandboxErr is why exec runners are refused here (they should be
+	// sandboxed and cannot be), or nil.
+	sandboxErr error
 
 	// runCtx is Run's context; every experiment goroutine derives from it.
 	runCtx context.Context
@@ -105,6 +109,12 @@ func New(cfg Config) (*Envoy, error) {
 	}
 	if e.newRunner == nil {
 		e.newRunner = DefaultRunner
+	}
+	e.sandboxErr = checkSandbox(&e.cfg, e.log)
+	// Runners are the envoy's user too: without this they could read its
+	// memory and environment through /proc where no sandbox stops them.
+	if err := sandbox.ProtectSelf(); err != nil {
+		e.log.Warn("cannot make the envoy's process non-dumpable", "error", err)
 	}
 	if e.runCollab == nil {
 		e.runCollab = DefaultCollaborator

@@ -303,10 +303,13 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 // runnerInput is what the experiment's runner is built from; output, if
 // not nil, receives what an exec runner prints.
 func (e *Envoy) runnerInput(id string, plan *experiment.Plan, output func(exec.OutputLine)) RunnerInput {
+	dir, workDir := filepath.Join(e.expDir(id), filesDir), filepath.Join(e.expDir(id), runnerDir)
 	return RunnerInput{
 		Plan:       plan,
-		Dir:        filepath.Join(e.expDir(id), filesDir),
-		WorkDir:    filepath.Join(e.expDir(id), runnerDir),
+		Dir:        dir,
+		WorkDir:    workDir,
+		Contain:    e.contain(dir, workDir),
+		SandboxErr: e.sandboxErr,
 		Data:       e.data,
 		DataConfig: e.cfg.Shard,
 		Exec:       e.cfg.Exec,

@@ -27,6 +27,7 @@ import (
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner/sandbox"
 )
 
 // waitTimeout bounds every wait on a condition in these tests.
@@ -51,6 +52,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	sandbox.Main() // exec runners' sandbox trampoline: this test binary
 	code := m.Run()
 	if sharedPKI != nil {
 		os.RemoveAll(sharedPKI.dir)

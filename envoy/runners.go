@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	osexec "os/exec"
 	"path/filepath"
 
 	"github.com/hashicorp/go-hclog"
@@ -37,6 +38,12 @@ type RunnerInput struct {
 	// Output, when set, receives every line an exec runner's command
 	// writes (the site shares them with the researcher).
 	Output func(exec.OutputLine)
+	// Contain confines an exec runner's command (the site's sandbox); nil
+	// runs it unconfined (exec.sandbox: false).
+	Contain func(*osexec.Cmd) error
+	// SandboxErr, when set, is why this site refuses exec runners: it
+	// should sandbox them and cannot.
+	SandboxErr error
 }
 
 // A runner that holds resources between tasks (an exec runner's process)
@@ -89,6 +96,9 @@ func DefaultRunner(in RunnerInput) (runner.Runner, error) {
 		if !in.Exec.Allow {
 			return nil, ErrExecRefused
 		}
+		if in.SandboxErr != nil {
+			return nil, in.SandboxErr
+		}
 		data, err := dataSettings(in.DataConfig, in.Data)
 		if err != nil {
 			return nil, err
@@ -107,6 +117,7 @@ func DefaultRunner(in RunnerInput) (runner.Runner, error) {
 			Env:             in.Exec.Env,
 			Logger:          in.Logger,
 			Output:          in.Output,
+			Contain:         in.Contain,
 			WorkDir:         in.WorkDir,
 		})
 		if err != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -77,6 +78,11 @@ stops on SIGINT or SIGTERM.`,
 			}
 			cfg.Logger = opts.logger(cmd.ErrOrStderr())
 			cfg.Version = buildVersion()
+			if file != "" {
+				if cfg.ConfigFile, err = filepath.Abs(file); err != nil {
+					return err
+				}
+			}
 			e, err := envoy.New(cfg)
 			if err != nil {
 				return err

@@ -9,9 +9,15 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/fx-fl/fx/runner/sandbox"
 )
 
 func main() {
+	// An exec runner's sandbox starts as this binary (a trampoline that
+	// confines itself, then runs the runner): that must happen before
+	// anything else does.
+	sandbox.Main()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := newRootCommand().ExecuteContext(ctx); err != nil {

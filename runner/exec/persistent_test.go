@@ -17,6 +17,7 @@ import (
 
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/runner/sandbox"
 	"github.com/fx-fl/fx/tensor"
 )
 
@@ -25,6 +26,7 @@ import (
 // instead of the tests. It speaks the protocol as a real runner would and
 // misbehaves on the train task as the behaviour says.
 func TestMain(m *testing.M) {
+	sandbox.Main()
 	if b := os.Getenv("FAKE_RUNNER"); b != "" {
 		os.Exit(fakeRunner(b))
 	}
@@ -385,4 +387,29 @@ func TestPersistentCancellation(t *testing.T) {
 	}
 	pid, _ := strconv.Atoi(f.spyLines(t, "starts")[0])
 	processGone(t, pid)
+}
+
+// TestPersistentSandboxed runs the persistent protocol through the
+// sandbox's trampoline: the control pipes reach the contained command, and
+// it cannot read what the policy hides.
+func TestPersistentSandboxed(t *testing.T) {
+	if _, err := sandbox.Check(); err != nil {
+		t.Skipf("no sandbox here: %v", err)
+	}
+	f := newFixture(t)
+	secret := filepath.Join(t.TempDir(), "envoy.key")
+	if err := os.WriteFile(secret, []byte("key"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := f.fakeConfig(t, "ok")
+	exe, _ := os.Executable()
+	c.Contain = sandbox.Policy{ReadOnly: []string{f.dir, exe}, ReadWrite: []string{f.work, f.spy}, Hidden: []string{secret}}.Apply
+	r := f.runner(t, c)
+	defer r.Close()
+	if _, err := round(context.Background(), r, 1, testModel()); err != nil {
+		t.Fatalf("a round in the sandbox: %v", err)
+	}
+	if starts := f.spyLines(t, "starts"); len(starts) != 1 {
+		t.Errorf("%d processes for a round", len(starts))
+	}
 }
