@@ -73,7 +73,9 @@ func NewAuthorizer(rules Rules, revocation RevocationChecker) *Authorizer {
 }
 
 // ServerOptions are the options an fx gRPC server needs: TLS credentials from
-// the keyring and the interceptors enforcing rules with the keyring's CRL.
+// the keyring, the interceptors enforcing rules with the keyring's CRL, and
+// then the one checking every request against the limits its .proto
+// declares (CheckRequest).
 func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
 	return serverOptions(k, NewAuthorizer(rules, k))
 }
@@ -82,8 +84,8 @@ func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
 func serverOptions(k *Keyring, a *Authorizer) []grpc.ServerOption {
 	return append([]grpc.ServerOption{
 		grpc.Creds(limitHandshakes(coalescingCreds{credentials.NewTLS(k.ServerConfig())}, defaultHandshakeLimits())),
-		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor()),
-		grpc.ChainStreamInterceptor(a.StreamServerInterceptor()),
+		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor(), validateUnary),
+		grpc.ChainStreamInterceptor(a.StreamServerInterceptor(), validateStream),
 	}, bulkServerOptions()...)
 }
 

@@ -2,6 +2,13 @@
 # Regenerates the Go code (and, when its directory exists, the Python code) from
 # proto/fx/v1/*.proto. The Go plugins are the versions pinned in go.mod's tool
 # block, built into a temporary directory; protoc is Debian's protobuf-compiler.
+#
+# proto/buf/validate/validate.proto is protovalidate's rule schema, copied
+# unchanged from github.com/bufbuild/protovalidate (proto/protovalidate/) at
+# the version of the Go module go.mod requires
+# (buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go), whose
+# generated package the Go code imports; only Python needs it generated here.
+# Upgrade the two together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +28,11 @@ if [ -d sdk/python/fx ]; then
   out=sdk/python/fx/_proto
   rm -rf "$out" && mkdir -p "$out"
   "${PYTHON:-/usr/bin/python3}" -m grpc_tools.protoc -I proto --python_out="$out" --grpc_python_out="$out" proto/fx/v1/*.proto
+  # The rules' schema, so the stubs that import it load (Python clients do
+  # not enforce the rules; the servers do).
+  "${PYTHON:-/usr/bin/python3}" -m grpc_tools.protoc -I proto --python_out="$out" proto/buf/validate/validate.proto
   # grpc_tools writes absolute imports ("from fx.v1 import ..."); make them
   # relative to the package so the SDK needs no sys.path changes.
-  find "$out" -name '*.py' -exec sed -i -E 's/^from fx\.v1 import/from fx._proto.fx.v1 import/' {} +
+  find "$out" -name '*.py' -exec sed -i -E 's/^from (fx|buf)\.(v1|validate) import/from fx._proto.\1.\2 import/' {} +
   find "$out" -type d -exec touch {}/__init__.py \;
 fi

@@ -10,6 +10,13 @@
 // experiment, fails with NOT_FOUND, the same answer for both and one that
 // never names the experiment served here, so experiment ids cannot be probed.
 //
+// Every string, bytes, repeated and map field of a request has a maximum,
+// declared below with protovalidate's (buf.validate.field) rules and enforced
+// by the aggregator before the handler runs; a request over one fails with
+// INVALID_ARGUMENT naming the field and its limit. A result's metrics follow
+// the runner protocol's limits (docs/runner-protocol.md): at most 256, named
+// by 1 to 128 printable bytes.
+//
 // Every RPC may also fail with UNAUTHENTICATED (no valid, unexpired,
 // unrevoked client certificate) or PERMISSION_DENIED (role not envoy); those
 // are not repeated below.
@@ -23,6 +30,7 @@
 package fxv1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -458,7 +466,9 @@ type ResultHeader struct {
 	// experiment started (train samples for train, validation samples for the
 	// validation tasks): a larger one is INVALID_ARGUMENT.
 	SampleCount int64 `protobuf:"varint,5,opt,name=sample_count,json=sampleCount,proto3" json:"sample_count,omitempty"`
-	// Named scalars ("loss", "accuracy"); finite values only.
+	// Named scalars ("loss", "accuracy"); finite values only. The runner
+	// protocol's limits: at most 256 metrics, each named by 1 to 128 bytes
+	// without control characters (nor U+FFFD, the mark of undecodable text).
 	Metrics       map[string]float64 `protobuf:"bytes,6,rep,name=metrics,proto3" json:"metrics,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -585,10 +595,10 @@ var File_fx_v1_aggregator_proto protoreflect.FileDescriptor
 
 const file_fx_v1_aggregator_proto_rawDesc = "" +
 	"\n" +
-	"\x16fx/v1/aggregator.proto\x12\x05fx.v1\x1a\x13fx/v1/options.proto\x1a\x12fx/v1/tensor.proto\"Z\n" +
-	"\x0fGetTasksRequest\x12#\n" +
-	"\rexperiment_id\x18\x01 \x01(\tR\fexperimentId\x12\"\n" +
-	"\fcollaborator\x18\x02 \x01(\tR\fcollaborator\"\xcd\x01\n" +
+	"\x16fx/v1/aggregator.proto\x12\x05fx.v1\x1a\x1bbuf/validate/validate.proto\x1a\x13fx/v1/options.proto\x1a\x12fx/v1/tensor.proto\"l\n" +
+	"\x0fGetTasksRequest\x12,\n" +
+	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
+	"\fcollaborator\x18\x02 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\"\xcd\x01\n" +
 	"\x10GetTasksResponse\x126\n" +
 	"\x06action\x18\x01 \x01(\x0e2\x1e.fx.v1.GetTasksResponse.ActionR\x06action\x12\x14\n" +
 	"\x05round\x18\x02 \x01(\x05R\x05round\x12\x14\n" +
@@ -598,10 +608,10 @@ const file_fx_v1_aggregator_proto_rawDesc = "" +
 	"\x12ACTION_UNSPECIFIED\x10\x00\x12\a\n" +
 	"\x03RUN\x10\x01\x12\b\n" +
 	"\x04WAIT\x10\x02\x12\b\n" +
-	"\x04QUIT\x10\x03\"r\n" +
-	"\x11FetchModelRequest\x12#\n" +
-	"\rexperiment_id\x18\x01 \x01(\tR\fexperimentId\x12\"\n" +
-	"\fcollaborator\x18\x02 \x01(\tR\fcollaborator\x12\x14\n" +
+	"\x04QUIT\x10\x03\"\x84\x01\n" +
+	"\x11FetchModelRequest\x12,\n" +
+	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
+	"\fcollaborator\x18\x02 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\x12\x14\n" +
 	"\x05round\x18\x03 \x01(\x05R\x05round\"v\n" +
 	"\x12FetchModelResponse\x12,\n" +
 	"\x06header\x18\x01 \x01(\v2\x12.fx.v1.ModelHeaderH\x00R\x06header\x12*\n" +
@@ -610,14 +620,15 @@ const file_fx_v1_aggregator_proto_rawDesc = "" +
 	"\x13UploadResultRequest\x12-\n" +
 	"\x06header\x18\x01 \x01(\v2\x13.fx.v1.ResultHeaderH\x00R\x06header\x12*\n" +
 	"\x05frame\x18\x02 \x01(\v2\x12.fx.v1.TensorFrameH\x00R\x05frameB\x06\n" +
-	"\x04part\"\x9c\x02\n" +
-	"\fResultHeader\x12#\n" +
-	"\rexperiment_id\x18\x01 \x01(\tR\fexperimentId\x12\"\n" +
-	"\fcollaborator\x18\x02 \x01(\tR\fcollaborator\x12\x14\n" +
-	"\x05round\x18\x03 \x01(\x05R\x05round\x12\x12\n" +
-	"\x04task\x18\x04 \x01(\tR\x04task\x12!\n" +
-	"\fsample_count\x18\x05 \x01(\x03R\vsampleCount\x12:\n" +
-	"\ametrics\x18\x06 \x03(\v2 .fx.v1.ResultHeader.MetricsEntryR\ametrics\x1a:\n" +
+	"\x04part\"\xd2\x03\n" +
+	"\fResultHeader\x12,\n" +
+	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
+	"\fcollaborator\x18\x02 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\x12\x14\n" +
+	"\x05round\x18\x03 \x01(\x05R\x05round\x12\x1b\n" +
+	"\x04task\x18\x04 \x01(\tB\a\xbaH\x04r\x02(@R\x04task\x12!\n" +
+	"\fsample_count\x18\x05 \x01(\x03R\vsampleCount\x12\xd4\x01\n" +
+	"\ametrics\x18\x06 \x03(\v2 .fx.v1.ResultHeader.MetricsEntryB\x97\x01\xbaH\x93\x01\x9a\x01\x8f\x01\x10\x80\x02\"\x89\x01\xba\x01\x7f\n" +
+	"\x15metric_name.printable\x128a metric name must not hold control characters or U+FFFD\x1a,this.matches(r'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$')r\x05 \x01(\x80\x01R\ametrics\x1a:\n" +
 	"\fMetricsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\"?\n" +

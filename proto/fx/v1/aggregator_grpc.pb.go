@@ -10,6 +10,13 @@
 // experiment, fails with NOT_FOUND, the same answer for both and one that
 // never names the experiment served here, so experiment ids cannot be probed.
 //
+// Every string, bytes, repeated and map field of a request has a maximum,
+// declared below with protovalidate's (buf.validate.field) rules and enforced
+// by the aggregator before the handler runs; a request over one fails with
+// INVALID_ARGUMENT naming the field and its limit. A result's metrics follow
+// the runner protocol's limits (docs/runner-protocol.md): at most 256, named
+// by 1 to 128 printable bytes.
+//
 // Every RPC may also fail with UNAUTHENTICATED (no valid, unexpired,
 // unrevoked client certificate) or PERMISSION_DENIED (role not envoy); those
 // are not repeated below.

@@ -17,6 +17,7 @@
 package fxv1
 
 import (
+	_ "buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -102,7 +103,8 @@ type TensorHeader struct {
 	// Unique within a model; 1–512 bytes, no control characters.
 	Name  string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	Dtype DType  `protobuf:"varint,2,opt,name=dtype,proto3,enum=fx.v1.DType" json:"dtype,omitempty"`
-	// Dimensions, outermost first; empty for a scalar. No negative values.
+	// Dimensions, outermost first (at most 64); empty for a scalar. No
+	// negative values.
 	Shape         []int64 `protobuf:"varint,3,rep,packed,name=shape,proto3" json:"shape,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -313,14 +315,14 @@ var File_fx_v1_tensor_proto protoreflect.FileDescriptor
 
 const file_fx_v1_tensor_proto_rawDesc = "" +
 	"\n" +
-	"\x12fx/v1/tensor.proto\x12\x05fx.v1\"\\\n" +
-	"\fTensorHeader\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\"\n" +
-	"\x05dtype\x18\x02 \x01(\x0e2\f.fx.v1.DTypeR\x05dtype\x12\x14\n" +
-	"\x05shape\x18\x03 \x03(\x03R\x05shape\"[\n" +
+	"\x12fx/v1/tensor.proto\x12\x05fx.v1\x1a\x1bbuf/validate/validate.proto\"p\n" +
+	"\fTensorHeader\x12\x1c\n" +
+	"\x04name\x18\x01 \x01(\tB\b\xbaH\x05r\x03(\x80\x04R\x04name\x12\"\n" +
+	"\x05dtype\x18\x02 \x01(\x0e2\f.fx.v1.DTypeR\x05dtype\x12\x1e\n" +
+	"\x05shape\x18\x03 \x03(\x03B\b\xbaH\x05\x92\x01\x02\x10@R\x05shape\"f\n" +
 	"\vTensorFrame\x12-\n" +
-	"\x06header\x18\x01 \x01(\v2\x13.fx.v1.TensorHeaderH\x00R\x06header\x12\x14\n" +
-	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\a\n" +
+	"\x06header\x18\x01 \x01(\v2\x13.fx.v1.TensorHeaderH\x00R\x06header\x12\x1f\n" +
+	"\x04data\x18\x02 \x01(\fB\t\xbaH\x06z\x04\x18\x80\x80@H\x00R\x04dataB\a\n" +
 	"\x05frame\"S\n" +
 	"\vModelHeader\x12\x14\n" +
 	"\x05round\x18\x01 \x01(\x05R\x05round\x12\x18\n" +

@@ -13,6 +13,7 @@ from google.protobuf import descriptor_pb2
 _sym_db = _symbol_database.Default()
 
 
+from fx._proto.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from fx._proto.fx.v1 import options_pb2 as fx_dot_v1_dot_options__pb2
 from fx._proto.fx.v1 import tensor_pb2 as fx_dot_v1_dot_tensor__pb2
 
@@ -21,9 +22,9 @@ DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/aggregator.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x16\x66x/v1/aggregator.proto\x12\x05\x66x.v1\x1a\x13\x66x/v1/options.proto\x1a\x12\x66x/v1/tensor.proto\">\n\x0fGetTasksRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x02 \x01(\t\"\xaf\x01\n\x10GetTasksResponse\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.fx.v1.GetTasksResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04QUIT\x10\x03\"O\n\x11\x46\x65tchModelRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"g\n\x12\x46\x65tchModelResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fx.v1.ModelHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"i\n\x13UploadResultRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.ResultHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"\xd1\x01\n\x0cResultHeader\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .fx.v1.ResultHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x14UploadResultResponse\x12\x17\n\x0fremaining_tasks\x18\x01 \x03(\t2\xeb\x01\n\nAggregator\x12\x41\n\x08GetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x04\xc8\xf3\x18\x02\x12I\n\nFetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12O\n\x0cUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x04\xc8\xf3\x18\x02(\x01\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  serialized_pb=_b('\n\x16\x66x/v1/aggregator.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x12\x66x/v1/tensor.proto\"P\n\x0fGetTasksRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\"\xaf\x01\n\x10GetTasksResponse\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.fx.v1.GetTasksResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04QUIT\x10\x03\"a\n\x11\x46\x65tchModelRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\"g\n\x12\x46\x65tchModelResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fx.v1.ModelHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"i\n\x13UploadResultRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.ResultHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"\x87\x03\n\x0cResultHeader\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\xcb\x01\n\x07metrics\x18\x06 \x03(\x0b\x32 .fx.v1.ResultHeader.MetricsEntryB\x97\x01\xbaH\x93\x01\x9a\x01\x8f\x01\x10\x80\x02\"\x89\x01r\x05 \x01(\x80\x01\xba\x01\x7f\n\x15metric_name.printable\x12\x38\x61 metric name must not hold control characters or U+FFFD\x1a,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x14UploadResultResponse\x12\x17\n\x0fremaining_tasks\x18\x01 \x03(\t2\xeb\x01\n\nAggregator\x12\x41\n\x08GetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x04\xc8\xf3\x18\x02\x12I\n\nFetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12O\n\x0cUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x04\xc8\xf3\x18\x02(\x01\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
   ,
-  dependencies=[fx_dot_v1_dot_options__pb2.DESCRIPTOR,fx_dot_v1_dot_tensor__pb2.DESCRIPTOR,])
+  dependencies=[buf_dot_validate_dot_validate__pb2.DESCRIPTOR,fx_dot_v1_dot_options__pb2.DESCRIPTOR,fx_dot_v1_dot_tensor__pb2.DESCRIPTOR,])
 
 
 
@@ -52,8 +53,8 @@ _GETTASKSRESPONSE_ACTION = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=253,
-  serialized_end=314,
+  serialized_start=300,
+  serialized_end=361,
 )
 _sym_db.RegisterEnumDescriptor(_GETTASKSRESPONSE_ACTION)
 
@@ -71,14 +72,14 @@ _GETTASKSREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='collaborator', full_name='fx.v1.GetTasksRequest.collaborator', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -91,8 +92,8 @@ _GETTASKSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=74,
-  serialized_end=136,
+  serialized_start=103,
+  serialized_end=183,
 )
 
 
@@ -144,8 +145,8 @@ _GETTASKSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=139,
-  serialized_end=314,
+  serialized_start=186,
+  serialized_end=361,
 )
 
 
@@ -162,14 +163,14 @@ _FETCHMODELREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='collaborator', full_name='fx.v1.FetchModelRequest.collaborator', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='round', full_name='fx.v1.FetchModelRequest.round', index=2,
       number=3, type=5, cpp_type=1, label=1,
@@ -189,8 +190,8 @@ _FETCHMODELREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=316,
-  serialized_end=395,
+  serialized_start=363,
+  serialized_end=460,
 )
 
 
@@ -230,8 +231,8 @@ _FETCHMODELRESPONSE = _descriptor.Descriptor(
       name='part', full_name='fx.v1.FetchModelResponse.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=397,
-  serialized_end=500,
+  serialized_start=462,
+  serialized_end=565,
 )
 
 
@@ -271,8 +272,8 @@ _UPLOADRESULTREQUEST = _descriptor.Descriptor(
       name='part', full_name='fx.v1.UploadResultRequest.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=502,
-  serialized_end=607,
+  serialized_start=567,
+  serialized_end=672,
 )
 
 
@@ -309,8 +310,8 @@ _RESULTHEADER_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=773,
-  serialized_end=819,
+  serialized_start=1020,
+  serialized_end=1066,
 )
 
 _RESULTHEADER = _descriptor.Descriptor(
@@ -326,14 +327,14 @@ _RESULTHEADER = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='collaborator', full_name='fx.v1.ResultHeader.collaborator', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='round', full_name='fx.v1.ResultHeader.round', index=2,
       number=3, type=5, cpp_type=1, label=1,
@@ -347,7 +348,7 @@ _RESULTHEADER = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='sample_count', full_name='fx.v1.ResultHeader.sample_count', index=4,
       number=5, type=3, cpp_type=2, label=1,
@@ -361,7 +362,7 @@ _RESULTHEADER = _descriptor.Descriptor(
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\223\001\232\001\217\001\020\200\002\"\211\001r\005 \001(\200\001\272\001\177\n\025metric_name.printable\0228a metric name must not hold control characters or U+FFFD\032,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -374,8 +375,8 @@ _RESULTHEADER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=610,
-  serialized_end=819,
+  serialized_start=675,
+  serialized_end=1066,
 )
 
 
@@ -405,8 +406,8 @@ _UPLOADRESULTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=821,
-  serialized_end=868,
+  serialized_start=1068,
+  serialized_end=1115,
 )
 
 _GETTASKSRESPONSE.fields_by_name['action'].enum_type = _GETTASKSRESPONSE_ACTION
@@ -498,8 +499,24 @@ _sym_db.RegisterMessage(UploadResultResponse)
 
 DESCRIPTOR.has_options = True
 DESCRIPTOR._options = _descriptor._ParseOptions(descriptor_pb2.FileOptions(), _b('Z$github.com/fx-fl/fx/proto/fx/v1;fxv1'))
+_GETTASKSREQUEST.fields_by_name['experiment_id'].has_options = True
+_GETTASKSREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_GETTASKSREQUEST.fields_by_name['collaborator'].has_options = True
+_GETTASKSREQUEST.fields_by_name['collaborator']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_FETCHMODELREQUEST.fields_by_name['experiment_id'].has_options = True
+_FETCHMODELREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_FETCHMODELREQUEST.fields_by_name['collaborator'].has_options = True
+_FETCHMODELREQUEST.fields_by_name['collaborator']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
 _RESULTHEADER_METRICSENTRY.has_options = True
 _RESULTHEADER_METRICSENTRY._options = _descriptor._ParseOptions(descriptor_pb2.MessageOptions(), _b('8\001'))
+_RESULTHEADER.fields_by_name['experiment_id'].has_options = True
+_RESULTHEADER.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_RESULTHEADER.fields_by_name['collaborator'].has_options = True
+_RESULTHEADER.fields_by_name['collaborator']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_RESULTHEADER.fields_by_name['task'].has_options = True
+_RESULTHEADER.fields_by_name['task']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_RESULTHEADER.fields_by_name['metrics'].has_options = True
+_RESULTHEADER.fields_by_name['metrics']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\223\001\232\001\217\001\020\200\002\"\211\001r\005 \001(\200\001\272\001\177\n\025metric_name.printable\0228a metric name must not hold control characters or U+FFFD\032,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')'))
 
 _AGGREGATOR = _descriptor.ServiceDescriptor(
   name='Aggregator',
@@ -507,8 +524,8 @@ _AGGREGATOR = _descriptor.ServiceDescriptor(
   file=DESCRIPTOR,
   index=0,
   options=None,
-  serialized_start=871,
-  serialized_end=1106,
+  serialized_start=1118,
+  serialized_end=1353,
   methods=[
   _descriptor.MethodDescriptor(
     name='GetTasks',

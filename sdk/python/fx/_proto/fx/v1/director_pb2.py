@@ -14,6 +14,7 @@ from google.protobuf import descriptor_pb2
 _sym_db = _symbol_database.Default()
 
 
+from fx._proto.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from fx._proto.fx.v1 import options_pb2 as fx_dot_v1_dot_options__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
@@ -23,9 +24,9 @@ DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/director.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x14\x66x/v1/director.proto\x12\x05\x66x.v1\x1a\x13\x66x/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbc\x01\n\x0c\x44\x61tasetShard\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x14\n\x0ctarget_shape\x18\x04 \x03(\x03\x12\x15\n\rtrain_samples\x18\x05 \x01(\x03\x12\x15\n\rvalid_samples\x18\x06 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x07 \x01(\x05\x12\x1e\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\r.fx.v1.Device\":\n\x06\x44\x65vice\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"x\n\x14RegisterEnvoyRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\t\"~\n\x15RegisterEnvoyResponse\x12\x33\n\x10heartbeat_period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\roffline_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"C\n\x10HeartbeatRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x1b\n\x13running_experiments\x18\x02 \x03(\t\"F\n\x11HeartbeatResponse\x12\x31\n\x0enext_heartbeat\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x17WatchAssignmentsRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\"\x86\x01\n\nAssignment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x1d\n\x05offer\x18\x02 \x01(\x0b\x32\x0c.fx.v1.OfferH\x00\x12\x1d\n\x05start\x18\x03 \x01(\x0b\x32\x0c.fx.v1.StartH\x00\x12\x1b\n\x04stop\x18\x04 \x01(\x0b\x32\x0b.fx.v1.StopH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05Offer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\t\x12\x11\n\tplan_yaml\x18\x05 \x01(\t\x12-\n\tanswer_by\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x05Start\x12\x1a\n\x12\x61ggregator_address\x18\x01 \x01(\t\x12\x1e\n\x16\x61ggregator_server_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"=\n\x04Stop\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x16\x44ownloadArchiveRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\",\n\x0c\x41rchiveChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"_\n\x12\x41nswerOfferRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"<\n\x13\x41nswerOfferResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\"`\n\x14ReportFailureRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x17\n\x15ReportFailureResponse\"\x95\x01\n\rRunnerLogLine\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x0e\n\x06stream\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\"g\n\x15PushRunnerLogsRequest\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x12\n\nenvoy_name\x18\x02 \x01(\t\x12#\n\x05lines\x18\x03 \x03(\x0b\x32\x14.fx.v1.RunnerLogLine\"\x18\n\x16PushRunnerLogsResponse\"y\n\x16WatchRunnerLogsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\xa6\x01\n\x0bParticipant\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.fx.v1.ParticipantState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x05\x12\x0c\n\x04task\x18\x05 \x01(\t\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x03\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tplan_yaml\x18\x06 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x07 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05round\x18\x0b \x01(\x05\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12(\n\x0cparticipants\x18\r \x03(\x0b\x32\x12.fx.v1.Participant\x12!\n\x04\x62\x65st\x18\x0e \x01(\x0b\x32\x13.fx.v1.ModelSummary\x12<\n\x0elatest_metrics\x18\x0f \x03(\x0b\x32$.fx.v1.Experiment.LatestMetricsEntry\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x0cModelSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"8\n\rExperimentRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"Y\n\x17SubmitExperimentRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.SubmitHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"M\n\x0cSubmitHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tplan_yaml\x18\x04 \x01(\t\"A\n\x18SubmitExperimentResponse\x12%\n\nexperiment\x18\x01 \x01(\x0b\x32\x11.fx.v1.Experiment\"@\n\x14GetExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"O\n\x16ListExperimentsRequest\x12&\n\x06states\x18\x01 \x03(\x0e\x32\x16.fx.v1.ExperimentState\x12\r\n\x05owner\x18\x02 \x01(\t\"A\n\x17ListExperimentsResponse\x12&\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x11.fx.v1.Experiment\"W\n\x13WatchMetricsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xef\x01\n\x0bMetricEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.fx.v1.MetricEvent.MetricsEntry\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"w\n\x14\x44ownloadModelRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12&\n\x08selector\x18\x02 \x01(\x0e\x32\x14.fx.v1.ModelSelector\x12\r\n\x05round\x18\x03 \x01(\x05\"R\n\x15\x44ownloadModelResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x10.fx.v1.ModelInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x98\x01\n\tModelInfo\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.fx.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x17\x43\x61ncelExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"C\n\x17RemoveExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x1a\n\x18RemoveExperimentResponse\"S\n\x17ReviewExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x11ListEnvoysRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x13\n\x0bonline_only\x18\x02 \x01(\x08\"6\n\x12ListEnvoysResponse\x12 \n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x10.fx.v1.EnvoyInfo\"\xee\x01\n\tEnvoyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05shard\x18\x05 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xperiments\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"j\n\x15SearchDatasetsRequest\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12\x14\n\x0ctarget_shape\x18\x03 \x03(\x03\x12\x17\n\x0finclude_offline\x18\x04 \x01(\x08\">\n\x16SearchDatasetsResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.fx.v1.DatasetMatch\"Q\n\x0c\x44\x61tasetMatch\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\"\n\x05shard\x18\x03 \x01(\x0b\x32\x13.fx.v1.DatasetShard*\x9d\x01\n\x0f\x45xperimentState\x12 \n\x1c\x45XPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\x0b\n\x07OFFERED\x10\x03\x12\x0b\n\x07RUNNING\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\r\n\tCANCELLED\x10\x07\x12\x0c\n\x08REJECTED\x10\x08*\x9a\x01\n\x10ParticipantState\x12!\n\x1dPARTICIPANT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07INVITED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0c\n\x08TRAINING\x10\x04\x12\x10\n\x0c\x44ISCONNECTED\x10\x05\x12\x0b\n\x07\x44ROPPED\x10\x06\x12\r\n\tCOMPLETED\x10\x07*N\n\rModelSelector\x12\x1e\n\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x45ST\x10\x01\x12\x08\n\x04LAST\x10\x02\x12\t\n\x05ROUND\x10\x03\x32\xa0\x0c\n\x08\x44irector\x12P\n\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x04\xc8\xf3\x18\x02\x12\x44\n\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x04\xc8\xf3\x18\x02\x12M\n\x10WatchAssignments\x12\x1e.fx.v1.WatchAssignmentsRequest\x1a\x11.fx.v1.Assignment\"\x04\xc8\xf3\x18\x02\x30\x01\x12M\n\x0f\x44ownloadArchive\x12\x1d.fx.v1.DownloadArchiveRequest\x1a\x13.fx.v1.ArchiveChunk\"\x04\xc8\xf3\x18\x02\x30\x01\x12J\n\x0b\x41nswerOffer\x12\x19.fx.v1.AnswerOfferRequest\x1a\x1a.fx.v1.AnswerOfferResponse\"\x04\xc8\xf3\x18\x02\x12P\n\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x04\xc8\xf3\x18\x02\x12S\n\x0ePushRunnerLogs\x12\x1c.fx.v1.PushRunnerLogsRequest\x1a\x1d.fx.v1.PushRunnerLogsResponse\"\x04\xc8\xf3\x18\x02\x12[\n\x10SubmitExperiment\x12\x1e.fx.v1.SubmitExperimentRequest\x1a\x1f.fx.v1.SubmitExperimentResponse\"\x04\xc8\xf3\x18\x03(\x01\x12I\n\rGetExperiment\x12\x1b.fx.v1.GetExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12Z\n\x0fListExperiments\x12\x1d.fx.v1.ListExperimentsRequest\x1a\x1e.fx.v1.ListExperimentsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12J\n\x0cWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12R\n\x0fWatchRunnerLogs\x12\x1d.fx.v1.WatchRunnerLogsRequest\x1a\x14.fx.v1.RunnerLogLine\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12V\n\rDownloadModel\x12\x1b.fx.v1.DownloadModelRequest\x1a\x1c.fx.v1.DownloadModelResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12O\n\x10\x43\x61ncelExperiment\x12\x1e.fx.v1.CancelExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12]\n\x10RemoveExperiment\x12\x1e.fx.v1.RemoveExperimentRequest\x1a\x1f.fx.v1.RemoveExperimentResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12K\n\nListEnvoys\x12\x18.fx.v1.ListEnvoysRequest\x1a\x19.fx.v1.ListEnvoysResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12W\n\x0eSearchDatasets\x12\x1c.fx.v1.SearchDatasetsRequest\x1a\x1d.fx.v1.SearchDatasetsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12L\n\x11\x41pproveExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x12K\n\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  serialized_pb=_b('\n\x14\x66x/v1/director.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x01\n\x0c\x44\x61tasetShard\x12\x1d\n\x0b\x64\x65scription\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80\x08\x12\x1c\n\x04tags\x18\x02 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x1e\n\x0csample_shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x1e\n\x0ctarget_shape\x18\x04 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x15\n\rtrain_samples\x18\x05 \x01(\x03\x12\x15\n\rvalid_samples\x18\x06 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x07 \x01(\x05\x12(\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\r.fx.v1.DeviceB\x08\xbaH\x05\x92\x01\x02\x10@\"M\n\x06\x44\x65vice\x12\x15\n\x04kind\x18\x01 \x01(\tB\x07\xbaH\x04r\x02( \x12\x16\n\x04name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x8a\x01\n\x14RegisterEnvoyRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x03 \x01(\x05\x12\x18\n\x07version\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\"~\n\x15RegisterEnvoyResponse\x12\x33\n\x10heartbeat_period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\roffline_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x10HeartbeatRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12,\n\x13running_experiments\x18\x02 \x03(\tB\x0f\xbaH\x0c\x92\x01\t\x10\x80 \"\x04r\x02(@\"F\n\x11HeartbeatResponse\x12\x31\n\x0enext_heartbeat\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x17WatchAssignmentsRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\"\x86\x01\n\nAssignment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x1d\n\x05offer\x18\x02 \x01(\x0b\x32\x0c.fx.v1.OfferH\x00\x12\x1d\n\x05start\x18\x03 \x01(\x0b\x32\x0c.fx.v1.StartH\x00\x12\x1b\n\x04stop\x18\x04 \x01(\x0b\x32\x0b.fx.v1.StopH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05Offer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\t\x12\x11\n\tplan_yaml\x18\x05 \x01(\t\x12-\n\tanswer_by\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x05Start\x12\x1a\n\x12\x61ggregator_address\x18\x01 \x01(\t\x12\x1e\n\x16\x61ggregator_server_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"=\n\x04Stop\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\x16\x44ownloadArchiveRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0e\n\x06offset\x18\x02 \x01(\x03\",\n\x0c\x41rchiveChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"{\n\x12\x41nswerOfferRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x18\n\x06reason\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"<\n\x13\x41nswerOfferResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\"|\n\x14ReportFailureRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x18\n\x06reason\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x17\n\x15ReportFailureResponse\"\xba\x01\n\rRunnerLogLine\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x16\n\x05\x65nvoy\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x17\n\x06stream\x18\x06 \x01(\tB\x07\xbaH\x04r\x02(\x10\x12\x16\n\x04text\x18\x07 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x84\x01\n\x15PushRunnerLogsRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12.\n\x05lines\x18\x03 \x03(\x0b\x32\x14.fx.v1.RunnerLogLineB\t\xbaH\x06\x92\x01\x03\x10\xe8\x07\"\x18\n\x16PushRunnerLogsResponse\"\x82\x01\n\x16WatchRunnerLogsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x05\x65nvoy\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\xa6\x01\n\x0bParticipant\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.fx.v1.ParticipantState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x05\x12\x0c\n\x04task\x18\x05 \x01(\t\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x03\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tplan_yaml\x18\x06 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x07 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05round\x18\x0b \x01(\x05\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12(\n\x0cparticipants\x18\r \x03(\x0b\x32\x12.fx.v1.Participant\x12!\n\x04\x62\x65st\x18\x0e \x01(\x0b\x32\x13.fx.v1.ModelSummary\x12<\n\x0elatest_metrics\x18\x0f \x03(\x0b\x32$.fx.v1.Experiment.LatestMetricsEntry\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x0cModelSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"S\n\rExperimentRef\x12\x13\n\x02id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x15\n\x04name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x16\n\x05owner\x18\x03 \x01(\tB\x07\xbaH\x04r\x02(@\"d\n\x17SubmitExperimentRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.SubmitHeaderH\x00\x12\x1a\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x06\n\x04part\"j\n\x0cSubmitHeader\x12\x15\n\x04name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x17\n\x06sha256\x18\x03 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1c\n\tplan_yaml\x18\x04 \x01(\tB\t\xbaH\x06r\x04(\x80\x80@\"A\n\x18SubmitExperimentResponse\x12%\n\nexperiment\x18\x01 \x01(\x0b\x32\x11.fx.v1.Experiment\"@\n\x14GetExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x9f\x01\n\x16ListExperimentsRequest\x12\x30\n\x06states\x18\x01 \x03(\x0e\x32\x16.fx.v1.ExperimentStateB\x08\xbaH\x05\x92\x01\x02\x10\x10\x12\x16\n\x05owner\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\tpage_size\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"Z\n\x17ListExperimentsResponse\x12&\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x11.fx.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"W\n\x13WatchMetricsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xef\x01\n\x0bMetricEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.fx.v1.MetricEvent.MetricsEntry\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"w\n\x14\x44ownloadModelRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12&\n\x08selector\x18\x02 \x01(\x0e\x32\x14.fx.v1.ModelSelector\x12\r\n\x05round\x18\x03 \x01(\x05\"R\n\x15\x44ownloadModelResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x10.fx.v1.ModelInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x98\x01\n\tModelInfo\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.fx.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"]\n\x17\x43\x61ncelExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"C\n\x17RemoveExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x1a\n\x18RemoveExperimentResponse\"]\n\x17ReviewExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x83\x01\n\x11ListEnvoysRequest\x12\x1c\n\x04tags\x18\x01 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x13\n\x0bonline_only\x18\x02 \x01(\x08\x12\x1d\n\tpage_size\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"O\n\x12ListEnvoysResponse\x12 \n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x10.fx.v1.EnvoyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xee\x01\n\tEnvoyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05shard\x18\x05 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xperiments\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xcb\x01\n\x15SearchDatasetsRequest\x12\x1c\n\x04tags\x18\x01 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x1e\n\x0csample_shape\x18\x02 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x1e\n\x0ctarget_shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x17\n\x0finclude_offline\x18\x04 \x01(\x08\x12\x1d\n\tpage_size\x18\x05 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x06 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"W\n\x16SearchDatasetsResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.fx.v1.DatasetMatch\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x0c\x44\x61tasetMatch\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\"\n\x05shard\x18\x03 \x01(\x0b\x32\x13.fx.v1.DatasetShard*\x9d\x01\n\x0f\x45xperimentState\x12 \n\x1c\x45XPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\x0b\n\x07OFFERED\x10\x03\x12\x0b\n\x07RUNNING\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\r\n\tCANCELLED\x10\x07\x12\x0c\n\x08REJECTED\x10\x08*\x9a\x01\n\x10ParticipantState\x12!\n\x1dPARTICIPANT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07INVITED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0c\n\x08TRAINING\x10\x04\x12\x10\n\x0c\x44ISCONNECTED\x10\x05\x12\x0b\n\x07\x44ROPPED\x10\x06\x12\r\n\tCOMPLETED\x10\x07*N\n\rModelSelector\x12\x1e\n\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x45ST\x10\x01\x12\x08\n\x04LAST\x10\x02\x12\t\n\x05ROUND\x10\x03\x32\xa4\x0c\n\x08\x44irector\x12P\n\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x04\xc8\xf3\x18\x02\x12\x44\n\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x04\xc8\xf3\x18\x02\x12M\n\x10WatchAssignments\x12\x1e.fx.v1.WatchAssignmentsRequest\x1a\x11.fx.v1.Assignment\"\x04\xc8\xf3\x18\x02\x30\x01\x12Q\n\x0f\x44ownloadArchive\x12\x1d.fx.v1.DownloadArchiveRequest\x1a\x13.fx.v1.ArchiveChunk\"\x08\xc8\xf3\x18\x02\xc8\xf3\x18\x04\x30\x01\x12J\n\x0b\x41nswerOffer\x12\x19.fx.v1.AnswerOfferRequest\x1a\x1a.fx.v1.AnswerOfferResponse\"\x04\xc8\xf3\x18\x02\x12P\n\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x04\xc8\xf3\x18\x02\x12S\n\x0ePushRunnerLogs\x12\x1c.fx.v1.PushRunnerLogsRequest\x1a\x1d.fx.v1.PushRunnerLogsResponse\"\x04\xc8\xf3\x18\x02\x12[\n\x10SubmitExperiment\x12\x1e.fx.v1.SubmitExperimentRequest\x1a\x1f.fx.v1.SubmitExperimentResponse\"\x04\xc8\xf3\x18\x03(\x01\x12I\n\rGetExperiment\x12\x1b.fx.v1.GetExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12Z\n\x0fListExperiments\x12\x1d.fx.v1.ListExperimentsRequest\x1a\x1e.fx.v1.ListExperimentsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12J\n\x0cWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12R\n\x0fWatchRunnerLogs\x12\x1d.fx.v1.WatchRunnerLogsRequest\x1a\x14.fx.v1.RunnerLogLine\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12V\n\rDownloadModel\x12\x1b.fx.v1.DownloadModelRequest\x1a\x1c.fx.v1.DownloadModelResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12O\n\x10\x43\x61ncelExperiment\x12\x1e.fx.v1.CancelExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12]\n\x10RemoveExperiment\x12\x1e.fx.v1.RemoveExperimentRequest\x1a\x1f.fx.v1.RemoveExperimentResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12K\n\nListEnvoys\x12\x18.fx.v1.ListEnvoysRequest\x1a\x19.fx.v1.ListEnvoysResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12W\n\x0eSearchDatasets\x12\x1c.fx.v1.SearchDatasetsRequest\x1a\x1d.fx.v1.SearchDatasetsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12L\n\x11\x41pproveExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x12K\n\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
   ,
-  dependencies=[fx_dot_v1_dot_options__pb2.DESCRIPTOR,google_dot_protobuf_dot_duration__pb2.DESCRIPTOR,google_dot_protobuf_dot_timestamp__pb2.DESCRIPTOR,])
+  dependencies=[buf_dot_validate_dot_validate__pb2.DESCRIPTOR,fx_dot_v1_dot_options__pb2.DESCRIPTOR,google_dot_protobuf_dot_duration__pb2.DESCRIPTOR,google_dot_protobuf_dot_timestamp__pb2.DESCRIPTOR,])
 
 _EXPERIMENTSTATE = _descriptor.EnumDescriptor(
   name='ExperimentState',
@@ -72,8 +73,8 @@ _EXPERIMENTSTATE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=4843,
-  serialized_end=5000,
+  serialized_start=5562,
+  serialized_end=5719,
 )
 _sym_db.RegisterEnumDescriptor(_EXPERIMENTSTATE)
 
@@ -119,8 +120,8 @@ _PARTICIPANTSTATE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=5003,
-  serialized_end=5157,
+  serialized_start=5722,
+  serialized_end=5876,
 )
 _sym_db.RegisterEnumDescriptor(_PARTICIPANTSTATE)
 
@@ -150,8 +151,8 @@ _MODELSELECTOR = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=5159,
-  serialized_end=5237,
+  serialized_start=5878,
+  serialized_end=5956,
 )
 _sym_db.RegisterEnumDescriptor(_MODELSELECTOR)
 
@@ -193,28 +194,28 @@ _DATASETSHARD = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\010')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='tags', full_name='fx.v1.DatasetShard.tags', index=1,
       number=2, type=9, cpp_type=9, label=3,
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\013\222\001\010\020 \"\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='sample_shape', full_name='fx.v1.DatasetShard.sample_shape', index=2,
       number=3, type=3, cpp_type=2, label=3,
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 ')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='target_shape', full_name='fx.v1.DatasetShard.target_shape', index=3,
       number=4, type=3, cpp_type=2, label=3,
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 ')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='train_samples', full_name='fx.v1.DatasetShard.train_samples', index=4,
       number=5, type=3, cpp_type=2, label=1,
@@ -242,7 +243,7 @@ _DATASETSHARD = _descriptor.Descriptor(
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -255,8 +256,8 @@ _DATASETSHARD = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=118,
-  serialized_end=306,
+  serialized_start=147,
+  serialized_end=391,
 )
 
 
@@ -273,14 +274,14 @@ _DEVICE = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002( ')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='name', full_name='fx.v1.Device.name', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\001')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='memory_bytes', full_name='fx.v1.Device.memory_bytes', index=2,
       number=3, type=3, cpp_type=2, label=1,
@@ -300,8 +301,8 @@ _DEVICE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=308,
-  serialized_end=366,
+  serialized_start=393,
+  serialized_end=470,
 )
 
 
@@ -318,7 +319,7 @@ _REGISTERENVOYREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='shard', full_name='fx.v1.RegisterEnvoyRequest.shard', index=1,
       number=2, type=11, cpp_type=10, label=1,
@@ -339,7 +340,7 @@ _REGISTERENVOYREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -352,8 +353,8 @@ _REGISTERENVOYREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=368,
-  serialized_end=488,
+  serialized_start=473,
+  serialized_end=611,
 )
 
 
@@ -390,8 +391,8 @@ _REGISTERENVOYRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=490,
-  serialized_end=616,
+  serialized_start=613,
+  serialized_end=739,
 )
 
 
@@ -408,14 +409,14 @@ _HEARTBEATREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='running_experiments', full_name='fx.v1.HeartbeatRequest.running_experiments', index=1,
       number=2, type=9, cpp_type=9, label=3,
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\014\222\001\t\020\200 \"\004r\002(@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -428,8 +429,8 @@ _HEARTBEATREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=618,
-  serialized_end=685,
+  serialized_start=741,
+  serialized_end=834,
 )
 
 
@@ -459,8 +460,8 @@ _HEARTBEATRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=687,
-  serialized_end=757,
+  serialized_start=836,
+  serialized_end=906,
 )
 
 
@@ -477,7 +478,7 @@ _WATCHASSIGNMENTSREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -490,8 +491,8 @@ _WATCHASSIGNMENTSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=759,
-  serialized_end=804,
+  serialized_start=908,
+  serialized_end=962,
 )
 
 
@@ -545,8 +546,8 @@ _ASSIGNMENT = _descriptor.Descriptor(
       name='kind', full_name='fx.v1.Assignment.kind',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=807,
-  serialized_end=941,
+  serialized_start=965,
+  serialized_end=1099,
 )
 
 
@@ -611,8 +612,8 @@ _OFFER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=944,
-  serialized_end=1092,
+  serialized_start=1102,
+  serialized_end=1250,
 )
 
 
@@ -656,8 +657,8 @@ _START = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1094,
-  serialized_end=1176,
+  serialized_start=1252,
+  serialized_end=1334,
 )
 
 
@@ -694,8 +695,8 @@ _STOP = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1178,
-  serialized_end=1239,
+  serialized_start=1336,
+  serialized_end=1397,
 )
 
 
@@ -712,7 +713,7 @@ _DOWNLOADARCHIVEREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='offset', full_name='fx.v1.DownloadArchiveRequest.offset', index=1,
       number=2, type=3, cpp_type=2, label=1,
@@ -732,8 +733,8 @@ _DOWNLOADARCHIVEREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1241,
-  serialized_end=1304,
+  serialized_start=1399,
+  serialized_end=1471,
 )
 
 
@@ -770,8 +771,8 @@ _ARCHIVECHUNK = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1306,
-  serialized_end=1350,
+  serialized_start=1473,
+  serialized_end=1517,
 )
 
 
@@ -788,14 +789,14 @@ _ANSWEROFFERREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='envoy_name', full_name='fx.v1.AnswerOfferRequest.envoy_name', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='accept', full_name='fx.v1.AnswerOfferRequest.accept', index=2,
       number=3, type=8, cpp_type=7, label=1,
@@ -809,7 +810,7 @@ _ANSWEROFFERREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 ')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -822,8 +823,8 @@ _ANSWEROFFERREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1352,
-  serialized_end=1447,
+  serialized_start=1519,
+  serialized_end=1642,
 )
 
 
@@ -853,8 +854,8 @@ _ANSWEROFFERRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1449,
-  serialized_end=1509,
+  serialized_start=1644,
+  serialized_end=1704,
 )
 
 
@@ -871,14 +872,14 @@ _REPORTFAILUREREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='envoy_name', full_name='fx.v1.ReportFailureRequest.envoy_name', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='round', full_name='fx.v1.ReportFailureRequest.round', index=2,
       number=3, type=5, cpp_type=1, label=1,
@@ -892,7 +893,7 @@ _REPORTFAILUREREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 ')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -905,8 +906,8 @@ _REPORTFAILUREREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1511,
-  serialized_end=1607,
+  serialized_start=1706,
+  serialized_end=1830,
 )
 
 
@@ -929,8 +930,8 @@ _REPORTFAILURERESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1609,
-  serialized_end=1632,
+  serialized_start=1832,
+  serialized_end=1855,
 )
 
 
@@ -954,7 +955,7 @@ _RUNNERLOGLINE = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='time', full_name='fx.v1.RunnerLogLine.time', index=2,
       number=3, type=11, cpp_type=10, label=1,
@@ -968,7 +969,7 @@ _RUNNERLOGLINE = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='round', full_name='fx.v1.RunnerLogLine.round', index=4,
       number=5, type=5, cpp_type=1, label=1,
@@ -982,14 +983,14 @@ _RUNNERLOGLINE = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(\020')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='text', full_name='fx.v1.RunnerLogLine.text', index=6,
       number=7, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 ')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -1002,8 +1003,8 @@ _RUNNERLOGLINE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1635,
-  serialized_end=1784,
+  serialized_start=1858,
+  serialized_end=2044,
 )
 
 
@@ -1020,21 +1021,21 @@ _PUSHRUNNERLOGSREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='envoy_name', full_name='fx.v1.PushRunnerLogsRequest.envoy_name', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='lines', full_name='fx.v1.PushRunnerLogsRequest.lines', index=2,
       number=3, type=11, cpp_type=10, label=3,
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006\222\001\003\020\350\007')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -1047,8 +1048,8 @@ _PUSHRUNNERLOGSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1786,
-  serialized_end=1889,
+  serialized_start=2047,
+  serialized_end=2179,
 )
 
 
@@ -1071,8 +1072,8 @@ _PUSHRUNNERLOGSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1891,
-  serialized_end=1915,
+  serialized_start=2181,
+  serialized_end=2205,
 )
 
 
@@ -1096,7 +1097,7 @@ _WATCHRUNNERLOGSREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='after_sequence', full_name='fx.v1.WatchRunnerLogsRequest.after_sequence', index=2,
       number=3, type=3, cpp_type=2, label=1,
@@ -1123,8 +1124,8 @@ _WATCHRUNNERLOGSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1917,
-  serialized_end=2038,
+  serialized_start=2208,
+  serialized_end=2338,
 )
 
 
@@ -1189,8 +1190,8 @@ _PARTICIPANT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2041,
-  serialized_end=2207,
+  serialized_start=2341,
+  serialized_end=2507,
 )
 
 
@@ -1227,8 +1228,8 @@ _EXPERIMENT_LATESTMETRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2651,
-  serialized_end=2703,
+  serialized_start=2951,
+  serialized_end=3003,
 )
 
 _EXPERIMENT = _descriptor.Descriptor(
@@ -1355,8 +1356,8 @@ _EXPERIMENT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2210,
-  serialized_end=2703,
+  serialized_start=2510,
+  serialized_end=3003,
 )
 
 
@@ -1400,8 +1401,8 @@ _MODELSUMMARY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2705,
-  serialized_end=2765,
+  serialized_start=3005,
+  serialized_end=3065,
 )
 
 
@@ -1418,21 +1419,21 @@ _EXPERIMENTREF = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='name', full_name='fx.v1.ExperimentRef.name', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='owner', full_name='fx.v1.ExperimentRef.owner', index=2,
       number=3, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -1445,8 +1446,8 @@ _EXPERIMENTREF = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2767,
-  serialized_end=2823,
+  serialized_start=3067,
+  serialized_end=3150,
 )
 
 
@@ -1470,7 +1471,7 @@ _SUBMITEXPERIMENTREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b(""),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006z\004\030\200\200@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -1486,8 +1487,8 @@ _SUBMITEXPERIMENTREQUEST = _descriptor.Descriptor(
       name='part', full_name='fx.v1.SubmitExperimentRequest.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=2825,
-  serialized_end=2914,
+  serialized_start=3152,
+  serialized_end=3252,
 )
 
 
@@ -1504,7 +1505,7 @@ _SUBMITHEADER = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='size', full_name='fx.v1.SubmitHeader.size', index=1,
       number=2, type=3, cpp_type=2, label=1,
@@ -1518,14 +1519,14 @@ _SUBMITHEADER = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='plan_yaml', full_name='fx.v1.SubmitHeader.plan_yaml', index=3,
       number=4, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006r\004(\200\200@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -1538,8 +1539,8 @@ _SUBMITHEADER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2916,
-  serialized_end=2993,
+  serialized_start=3254,
+  serialized_end=3360,
 )
 
 
@@ -1569,8 +1570,8 @@ _SUBMITEXPERIMENTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2995,
-  serialized_end=3060,
+  serialized_start=3362,
+  serialized_end=3427,
 )
 
 
@@ -1600,8 +1601,8 @@ _GETEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3062,
-  serialized_end=3126,
+  serialized_start=3429,
+  serialized_end=3493,
 )
 
 
@@ -1618,14 +1619,28 @@ _LISTEXPERIMENTSREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020\020')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='owner', full_name='fx.v1.ListExperimentsRequest.owner', index=1,
       number=2, type=9, cpp_type=9, label=1,
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='page_size', full_name='fx.v1.ListExperimentsRequest.page_size', index=2,
+      number=3, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007\032\005\030\350\007(\000')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='page_token', full_name='fx.v1.ListExperimentsRequest.page_token', index=3,
+      number=4, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\002')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -1638,8 +1653,8 @@ _LISTEXPERIMENTSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3128,
-  serialized_end=3207,
+  serialized_start=3496,
+  serialized_end=3655,
 )
 
 
@@ -1657,6 +1672,13 @@ _LISTEXPERIMENTSRESPONSE = _descriptor.Descriptor(
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
       options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='next_page_token', full_name='fx.v1.ListExperimentsResponse.next_page_token', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -1669,8 +1691,8 @@ _LISTEXPERIMENTSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3209,
-  serialized_end=3274,
+  serialized_start=3657,
+  serialized_end=3747,
 )
 
 
@@ -1707,8 +1729,8 @@ _WATCHMETRICSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3276,
-  serialized_end=3363,
+  serialized_start=3749,
+  serialized_end=3836,
 )
 
 
@@ -1745,8 +1767,8 @@ _METRICEVENT_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3559,
-  serialized_end=3605,
+  serialized_start=4032,
+  serialized_end=4078,
 )
 
 _METRICEVENT = _descriptor.Descriptor(
@@ -1817,8 +1839,8 @@ _METRICEVENT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3366,
-  serialized_end=3605,
+  serialized_start=3839,
+  serialized_end=4078,
 )
 
 
@@ -1862,8 +1884,8 @@ _DOWNLOADMODELREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3607,
-  serialized_end=3726,
+  serialized_start=4080,
+  serialized_end=4199,
 )
 
 
@@ -1903,8 +1925,8 @@ _DOWNLOADMODELRESPONSE = _descriptor.Descriptor(
       name='part', full_name='fx.v1.DownloadModelResponse.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=3728,
-  serialized_end=3810,
+  serialized_start=4201,
+  serialized_end=4283,
 )
 
 
@@ -1941,8 +1963,8 @@ _MODELINFO_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3559,
-  serialized_end=3605,
+  serialized_start=4032,
+  serialized_end=4078,
 )
 
 _MODELINFO = _descriptor.Descriptor(
@@ -1992,8 +2014,8 @@ _MODELINFO = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3813,
-  serialized_end=3965,
+  serialized_start=4286,
+  serialized_end=4438,
 )
 
 
@@ -2017,7 +2039,7 @@ _CANCELEXPERIMENTREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 ')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -2030,8 +2052,8 @@ _CANCELEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3967,
-  serialized_end=4050,
+  serialized_start=4440,
+  serialized_end=4533,
 )
 
 
@@ -2061,8 +2083,8 @@ _REMOVEEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4052,
-  serialized_end=4119,
+  serialized_start=4535,
+  serialized_end=4602,
 )
 
 
@@ -2085,8 +2107,8 @@ _REMOVEEXPERIMENTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4121,
-  serialized_end=4147,
+  serialized_start=4604,
+  serialized_end=4630,
 )
 
 
@@ -2110,7 +2132,7 @@ _REVIEWEXPERIMENTREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 ')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -2123,8 +2145,8 @@ _REVIEWEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4149,
-  serialized_end=4232,
+  serialized_start=4632,
+  serialized_end=4725,
 )
 
 
@@ -2141,7 +2163,7 @@ _LISTENVOYSREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\013\222\001\010\020 \"\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='online_only', full_name='fx.v1.ListEnvoysRequest.online_only', index=1,
       number=2, type=8, cpp_type=7, label=1,
@@ -2149,6 +2171,20 @@ _LISTENVOYSREQUEST = _descriptor.Descriptor(
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
       options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='page_size', full_name='fx.v1.ListEnvoysRequest.page_size', index=2,
+      number=3, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007\032\005\030\350\007(\000')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='page_token', full_name='fx.v1.ListEnvoysRequest.page_token', index=3,
+      number=4, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\002')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -2161,8 +2197,8 @@ _LISTENVOYSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4234,
-  serialized_end=4288,
+  serialized_start=4728,
+  serialized_end=4859,
 )
 
 
@@ -2180,6 +2216,13 @@ _LISTENVOYSRESPONSE = _descriptor.Descriptor(
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
       options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='next_page_token', full_name='fx.v1.ListEnvoysResponse.next_page_token', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -2192,8 +2235,8 @@ _LISTENVOYSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4290,
-  serialized_end=4344,
+  serialized_start=4861,
+  serialized_end=4940,
 )
 
 
@@ -2272,8 +2315,8 @@ _ENVOYINFO = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4347,
-  serialized_end=4585,
+  serialized_start=4943,
+  serialized_end=5181,
 )
 
 
@@ -2290,21 +2333,21 @@ _SEARCHDATASETSREQUEST = _descriptor.Descriptor(
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\013\222\001\010\020 \"\004r\002(@')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='sample_shape', full_name='fx.v1.SearchDatasetsRequest.sample_shape', index=1,
       number=2, type=3, cpp_type=2, label=3,
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 ')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='target_shape', full_name='fx.v1.SearchDatasetsRequest.target_shape', index=2,
       number=3, type=3, cpp_type=2, label=3,
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 ')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='include_offline', full_name='fx.v1.SearchDatasetsRequest.include_offline', index=3,
       number=4, type=8, cpp_type=7, label=1,
@@ -2312,6 +2355,20 @@ _SEARCHDATASETSREQUEST = _descriptor.Descriptor(
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
       options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='page_size', full_name='fx.v1.SearchDatasetsRequest.page_size', index=4,
+      number=5, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007\032\005\030\350\007(\000')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='page_token', full_name='fx.v1.SearchDatasetsRequest.page_token', index=5,
+      number=6, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\002')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -2324,8 +2381,8 @@ _SEARCHDATASETSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4587,
-  serialized_end=4693,
+  serialized_start=5184,
+  serialized_end=5387,
 )
 
 
@@ -2343,6 +2400,13 @@ _SEARCHDATASETSRESPONSE = _descriptor.Descriptor(
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
       options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='next_page_token', full_name='fx.v1.SearchDatasetsResponse.next_page_token', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -2355,8 +2419,8 @@ _SEARCHDATASETSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4695,
-  serialized_end=4757,
+  serialized_start=5389,
+  serialized_end=5476,
 )
 
 
@@ -2400,8 +2464,8 @@ _DATASETMATCH = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4759,
-  serialized_end=4840,
+  serialized_start=5478,
+  serialized_end=5559,
 )
 
 _DATASETSHARD.fields_by_name['devices'].message_type = _DEVICE
@@ -2871,12 +2935,108 @@ _sym_db.RegisterMessage(DatasetMatch)
 
 DESCRIPTOR.has_options = True
 DESCRIPTOR._options = _descriptor._ParseOptions(descriptor_pb2.FileOptions(), _b('Z$github.com/fx-fl/fx/proto/fx/v1;fxv1'))
+_DATASETSHARD.fields_by_name['description'].has_options = True
+_DATASETSHARD.fields_by_name['description']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\010'))
+_DATASETSHARD.fields_by_name['tags'].has_options = True
+_DATASETSHARD.fields_by_name['tags']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\013\222\001\010\020 \"\004r\002(@'))
+_DATASETSHARD.fields_by_name['sample_shape'].has_options = True
+_DATASETSHARD.fields_by_name['sample_shape']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 '))
+_DATASETSHARD.fields_by_name['target_shape'].has_options = True
+_DATASETSHARD.fields_by_name['target_shape']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 '))
+_DATASETSHARD.fields_by_name['devices'].has_options = True
+_DATASETSHARD.fields_by_name['devices']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020@'))
+_DEVICE.fields_by_name['kind'].has_options = True
+_DEVICE.fields_by_name['kind']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002( '))
+_DEVICE.fields_by_name['name'].has_options = True
+_DEVICE.fields_by_name['name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\001'))
+_REGISTERENVOYREQUEST.fields_by_name['envoy_name'].has_options = True
+_REGISTERENVOYREQUEST.fields_by_name['envoy_name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_REGISTERENVOYREQUEST.fields_by_name['version'].has_options = True
+_REGISTERENVOYREQUEST.fields_by_name['version']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_HEARTBEATREQUEST.fields_by_name['envoy_name'].has_options = True
+_HEARTBEATREQUEST.fields_by_name['envoy_name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_HEARTBEATREQUEST.fields_by_name['running_experiments'].has_options = True
+_HEARTBEATREQUEST.fields_by_name['running_experiments']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\014\222\001\t\020\200 \"\004r\002(@'))
+_WATCHASSIGNMENTSREQUEST.fields_by_name['envoy_name'].has_options = True
+_WATCHASSIGNMENTSREQUEST.fields_by_name['envoy_name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_DOWNLOADARCHIVEREQUEST.fields_by_name['experiment_id'].has_options = True
+_DOWNLOADARCHIVEREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_ANSWEROFFERREQUEST.fields_by_name['experiment_id'].has_options = True
+_ANSWEROFFERREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_ANSWEROFFERREQUEST.fields_by_name['envoy_name'].has_options = True
+_ANSWEROFFERREQUEST.fields_by_name['envoy_name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_ANSWEROFFERREQUEST.fields_by_name['reason'].has_options = True
+_ANSWEROFFERREQUEST.fields_by_name['reason']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 '))
+_REPORTFAILUREREQUEST.fields_by_name['experiment_id'].has_options = True
+_REPORTFAILUREREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_REPORTFAILUREREQUEST.fields_by_name['envoy_name'].has_options = True
+_REPORTFAILUREREQUEST.fields_by_name['envoy_name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_REPORTFAILUREREQUEST.fields_by_name['reason'].has_options = True
+_REPORTFAILUREREQUEST.fields_by_name['reason']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 '))
+_RUNNERLOGLINE.fields_by_name['envoy'].has_options = True
+_RUNNERLOGLINE.fields_by_name['envoy']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_RUNNERLOGLINE.fields_by_name['task'].has_options = True
+_RUNNERLOGLINE.fields_by_name['task']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_RUNNERLOGLINE.fields_by_name['stream'].has_options = True
+_RUNNERLOGLINE.fields_by_name['stream']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(\020'))
+_RUNNERLOGLINE.fields_by_name['text'].has_options = True
+_RUNNERLOGLINE.fields_by_name['text']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 '))
+_PUSHRUNNERLOGSREQUEST.fields_by_name['experiment_id'].has_options = True
+_PUSHRUNNERLOGSREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_PUSHRUNNERLOGSREQUEST.fields_by_name['envoy_name'].has_options = True
+_PUSHRUNNERLOGSREQUEST.fields_by_name['envoy_name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_PUSHRUNNERLOGSREQUEST.fields_by_name['lines'].has_options = True
+_PUSHRUNNERLOGSREQUEST.fields_by_name['lines']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006\222\001\003\020\350\007'))
+_WATCHRUNNERLOGSREQUEST.fields_by_name['envoy'].has_options = True
+_WATCHRUNNERLOGSREQUEST.fields_by_name['envoy']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
 _EXPERIMENT_LATESTMETRICSENTRY.has_options = True
 _EXPERIMENT_LATESTMETRICSENTRY._options = _descriptor._ParseOptions(descriptor_pb2.MessageOptions(), _b('8\001'))
+_EXPERIMENTREF.fields_by_name['id'].has_options = True
+_EXPERIMENTREF.fields_by_name['id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_EXPERIMENTREF.fields_by_name['name'].has_options = True
+_EXPERIMENTREF.fields_by_name['name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_EXPERIMENTREF.fields_by_name['owner'].has_options = True
+_EXPERIMENTREF.fields_by_name['owner']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_SUBMITEXPERIMENTREQUEST.fields_by_name['chunk'].has_options = True
+_SUBMITEXPERIMENTREQUEST.fields_by_name['chunk']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006z\004\030\200\200@'))
+_SUBMITHEADER.fields_by_name['name'].has_options = True
+_SUBMITHEADER.fields_by_name['name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_SUBMITHEADER.fields_by_name['sha256'].has_options = True
+_SUBMITHEADER.fields_by_name['sha256']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_SUBMITHEADER.fields_by_name['plan_yaml'].has_options = True
+_SUBMITHEADER.fields_by_name['plan_yaml']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006r\004(\200\200@'))
+_LISTEXPERIMENTSREQUEST.fields_by_name['states'].has_options = True
+_LISTEXPERIMENTSREQUEST.fields_by_name['states']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020\020'))
+_LISTEXPERIMENTSREQUEST.fields_by_name['owner'].has_options = True
+_LISTEXPERIMENTSREQUEST.fields_by_name['owner']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_LISTEXPERIMENTSREQUEST.fields_by_name['page_size'].has_options = True
+_LISTEXPERIMENTSREQUEST.fields_by_name['page_size']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007\032\005\030\350\007(\000'))
+_LISTEXPERIMENTSREQUEST.fields_by_name['page_token'].has_options = True
+_LISTEXPERIMENTSREQUEST.fields_by_name['page_token']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\002'))
 _METRICEVENT_METRICSENTRY.has_options = True
 _METRICEVENT_METRICSENTRY._options = _descriptor._ParseOptions(descriptor_pb2.MessageOptions(), _b('8\001'))
 _MODELINFO_METRICSENTRY.has_options = True
 _MODELINFO_METRICSENTRY._options = _descriptor._ParseOptions(descriptor_pb2.MessageOptions(), _b('8\001'))
+_CANCELEXPERIMENTREQUEST.fields_by_name['reason'].has_options = True
+_CANCELEXPERIMENTREQUEST.fields_by_name['reason']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 '))
+_REVIEWEXPERIMENTREQUEST.fields_by_name['reason'].has_options = True
+_REVIEWEXPERIMENTREQUEST.fields_by_name['reason']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 '))
+_LISTENVOYSREQUEST.fields_by_name['tags'].has_options = True
+_LISTENVOYSREQUEST.fields_by_name['tags']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\013\222\001\010\020 \"\004r\002(@'))
+_LISTENVOYSREQUEST.fields_by_name['page_size'].has_options = True
+_LISTENVOYSREQUEST.fields_by_name['page_size']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007\032\005\030\350\007(\000'))
+_LISTENVOYSREQUEST.fields_by_name['page_token'].has_options = True
+_LISTENVOYSREQUEST.fields_by_name['page_token']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\002'))
+_SEARCHDATASETSREQUEST.fields_by_name['tags'].has_options = True
+_SEARCHDATASETSREQUEST.fields_by_name['tags']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\013\222\001\010\020 \"\004r\002(@'))
+_SEARCHDATASETSREQUEST.fields_by_name['sample_shape'].has_options = True
+_SEARCHDATASETSREQUEST.fields_by_name['sample_shape']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 '))
+_SEARCHDATASETSREQUEST.fields_by_name['target_shape'].has_options = True
+_SEARCHDATASETSREQUEST.fields_by_name['target_shape']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020 '))
+_SEARCHDATASETSREQUEST.fields_by_name['page_size'].has_options = True
+_SEARCHDATASETSREQUEST.fields_by_name['page_size']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007\032\005\030\350\007(\000'))
+_SEARCHDATASETSREQUEST.fields_by_name['page_token'].has_options = True
+_SEARCHDATASETSREQUEST.fields_by_name['page_token']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\002'))
 
 _DIRECTOR = _descriptor.ServiceDescriptor(
   name='Director',
@@ -2884,8 +3044,8 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   file=DESCRIPTOR,
   index=0,
   options=None,
-  serialized_start=5240,
-  serialized_end=6808,
+  serialized_start=5959,
+  serialized_end=7531,
   methods=[
   _descriptor.MethodDescriptor(
     name='RegisterEnvoy',
@@ -2921,7 +3081,7 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
     containing_service=None,
     input_type=_DOWNLOADARCHIVEREQUEST,
     output_type=_ARCHIVECHUNK,
-    options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002')),
+    options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002\310\363\030\004')),
   ),
   _descriptor.MethodDescriptor(
     name='AnswerOffer',

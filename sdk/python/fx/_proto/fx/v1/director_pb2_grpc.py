@@ -155,14 +155,16 @@ class DirectorServicer(object):
     raise NotImplementedError('Method not implemented!')
 
   def DownloadArchive(self, request, context):
-    """DownloadArchive streams an offered experiment's archive from a byte
-    offset, so an interrupted download resumes where it stopped. Chunks are at
-    most 1 MiB. The envoy checks the sha256 from the offer once it has every
-    byte.
-    Role: envoy.
+    """DownloadArchive streams an experiment's archive from a byte offset, so
+    an interrupted download resumes where it stopped. Chunks are at most 1
+    MiB. The caller checks the sha256 from the offer (or the experiment's
+    record) once it has every byte. An envoy downloads the experiments
+    offered to it, until they end; an admin downloads any experiment's
+    archive, to read the code before approving it (fx director inspect).
+    Role: envoy, admin.
     Errors: NOT_FOUND (no such experiment, or it was not offered to this
     envoy); OUT_OF_RANGE (offset beyond the archive's size); FAILED_PRECONDITION
-    (the experiment has ended).
+    (envoys only: the experiment has ended).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')
@@ -221,8 +223,9 @@ class DirectorServicer(object):
     Errors: INVALID_ARGUMENT (no header first, bad name, malformed or unsafe
     archive, invalid plan, size or digest mismatch: the message says which);
     RESOURCE_EXHAUSTED (archive or its unpacked contents over the director's
-    limits); ALREADY_EXISTS (the caller already has an experiment of that
-    name).
+    limits, or the caller already has as many uploads in progress as the
+    director allows one researcher: wait for one to finish); ALREADY_EXISTS
+    (the caller already has an experiment of that name).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')
@@ -238,9 +241,9 @@ class DirectorServicer(object):
     raise NotImplementedError('Method not implemented!')
 
   def ListExperiments(self, request, context):
-    """ListExperiments returns experiments, newest first.
+    """ListExperiments returns experiments, newest first, a page at a time.
     Role: researcher (own experiments), admin (all, or one owner's).
-    Errors: none beyond authentication.
+    Errors: INVALID_ARGUMENT (a page_token this RPC did not hand out).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')
@@ -307,9 +310,10 @@ class DirectorServicer(object):
     raise NotImplementedError('Method not implemented!')
 
   def ListEnvoys(self, request, context):
-    """ListEnvoys returns the registered envoys with their shards and state.
+    """ListEnvoys returns the registered envoys with their shards and state, by
+    name, a page at a time.
     Role: researcher, admin.
-    Errors: none beyond authentication.
+    Errors: INVALID_ARGUMENT (a page_token this RPC did not hand out).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')
@@ -318,9 +322,10 @@ class DirectorServicer(object):
   def SearchDatasets(self, request, context):
     """SearchDatasets finds the shards that match every given tag and, when
     given, the sample and target shapes: where matching data is, before a
-    researcher submits.
+    researcher submits. Matches come by envoy name, a page at a time.
     Role: researcher, admin.
-    Errors: INVALID_ARGUMENT (a negative dimension).
+    Errors: INVALID_ARGUMENT (a negative dimension, or a page_token this RPC
+    did not hand out).
     """
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details('Method not implemented!')

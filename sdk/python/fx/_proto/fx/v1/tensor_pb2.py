@@ -14,14 +14,16 @@ from google.protobuf import descriptor_pb2
 _sym_db = _symbol_database.Default()
 
 
+from fx._proto.buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 
 
 DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/tensor.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x12\x66x/v1/tensor.proto\x12\x05\x66x.v1\"H\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0c.fx.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"M\n\x0bTensorFrame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.TensorHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"<\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F64\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I32\x10\x05\x12\r\n\tDTYPE_I64\x10\x06\x12\x0c\n\x08\x44TYPE_U8\x10\x07\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
-)
+  serialized_pb=_b('\n\x12\x66x/v1/tensor.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\"\\\n\x0cTensorHeader\x12\x16\n\x04name\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80\x04\x12\x1b\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0c.fx.v1.DType\x12\x17\n\x05shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10@\"X\n\x0bTensorFrame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.TensorHeaderH\x00\x12\x19\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x07\n\x05\x66rame\"<\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F64\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I32\x10\x05\x12\r\n\tDTYPE_I64\x10\x06\x12\x0c\n\x08\x44TYPE_U8\x10\x07\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  ,
+  dependencies=[buf_dot_validate_dot_validate__pb2.DESCRIPTOR,])
 
 _DTYPE = _descriptor.EnumDescriptor(
   name='DType',
@@ -64,8 +66,8 @@ _DTYPE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=245,
-  serialized_end=380,
+  serialized_start=305,
+  serialized_end=440,
 )
 _sym_db.RegisterEnumDescriptor(_DTYPE)
 
@@ -94,7 +96,7 @@ _TENSORHEADER = _descriptor.Descriptor(
       has_default_value=False, default_value=_b("").decode('utf-8'),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\004')), file=DESCRIPTOR),
     _descriptor.FieldDescriptor(
       name='dtype', full_name='fx.v1.TensorHeader.dtype', index=1,
       number=2, type=14, cpp_type=8, label=1,
@@ -108,7 +110,7 @@ _TENSORHEADER = _descriptor.Descriptor(
       has_default_value=False, default_value=[],
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -121,8 +123,8 @@ _TENSORHEADER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=29,
-  serialized_end=101,
+  serialized_start=58,
+  serialized_end=150,
 )
 
 
@@ -146,7 +148,7 @@ _TENSORFRAME = _descriptor.Descriptor(
       has_default_value=False, default_value=_b(""),
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
-      options=None, file=DESCRIPTOR),
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006z\004\030\200\200@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -162,8 +164,8 @@ _TENSORFRAME = _descriptor.Descriptor(
       name='frame', full_name='fx.v1.TensorFrame.frame',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=103,
-  serialized_end=180,
+  serialized_start=152,
+  serialized_end=240,
 )
 
 
@@ -207,8 +209,8 @@ _MODELHEADER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=182,
-  serialized_end=242,
+  serialized_start=242,
+  serialized_end=302,
 )
 
 _TENSORHEADER.fields_by_name['dtype'].enum_type = _DTYPE
@@ -249,4 +251,10 @@ _sym_db.RegisterMessage(ModelHeader)
 
 DESCRIPTOR.has_options = True
 DESCRIPTOR._options = _descriptor._ParseOptions(descriptor_pb2.FileOptions(), _b('Z$github.com/fx-fl/fx/proto/fx/v1;fxv1'))
+_TENSORHEADER.fields_by_name['name'].has_options = True
+_TENSORHEADER.fields_by_name['name']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\004'))
+_TENSORHEADER.fields_by_name['shape'].has_options = True
+_TENSORHEADER.fields_by_name['shape']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020@'))
+_TENSORFRAME.fields_by_name['data'].has_options = True
+_TENSORFRAME.fields_by_name['data']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006z\004\030\200\200@'))
 # @@protoc_insertion_point(module_scope)
