@@ -15,11 +15,11 @@ import (
 // the rest get ALREADY_EXISTS) against uploads of distinct names, answers
 // and heartbeats, under the race detector.
 func TestConcurrentSubmissions(t *testing.T) {
-	f := newFed(t, func(c *Config) { c.MaxConcurrent = 2 })
+	const n = 6
+	f := newFed(t, func(c *Config) { c.MaxConcurrent, c.MaxUploadsPerResearcher = 2, n })
 	f.register("a", "fashion")
 	f.register("b", "fashion")
 	same := archive(t, planTwo, nil)
-	const n = 6
 	var wg sync.WaitGroup
 	results := make(chan error, n)
 	for i := range n {

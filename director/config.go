@@ -34,6 +34,9 @@ const (
 	DefaultSweepPeriod = time.Second
 	// DefaultUploadIdleTimeout abandons a stalled upload.
 	DefaultUploadIdleTimeout = 2 * time.Minute
+	// DefaultMaxUploadsPerResearcher is how many archives one researcher
+	// may be uploading at once.
+	DefaultMaxUploadsPerResearcher = 2
 	// DefaultAggregatorHost is loopback: aggregators serve other machines
 	// only when told to.
 	DefaultAggregatorHost = "127.0.0.1"
@@ -85,6 +88,10 @@ type Config struct {
 	MaxConcurrent int
 	// MaxArchiveBytes caps an archive's size as uploaded.
 	MaxArchiveBytes int64
+	// MaxUploadsPerResearcher caps the uploads (SubmitExperiment) one
+	// researcher has in progress at once: each holds a handler, a
+	// temporary file and disk space up to MaxArchiveBytes until it ends.
+	MaxUploadsPerResearcher int
 	// ArchiveLimits cap what an archive unpacks to.
 	ArchiveLimits experiment.Limits
 	// StopTimeout bounds the graceful stop of the gRPC server before it is
@@ -120,6 +127,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxArchiveBytes == 0 {
 		c.MaxArchiveBytes = DefaultMaxArchiveBytes
+	}
+	if c.MaxUploadsPerResearcher == 0 {
+		c.MaxUploadsPerResearcher = DefaultMaxUploadsPerResearcher
 	}
 	if c.StopTimeout == 0 {
 		c.StopTimeout = DefaultStopTimeout
@@ -167,6 +177,9 @@ func (c *Config) validate() error {
 	}
 	if c.MaxArchiveBytes < 1 {
 		bad("max_archive_bytes", "%d: at least 1", c.MaxArchiveBytes)
+	}
+	if c.MaxUploadsPerResearcher < 1 {
+		bad("max_uploads_per_researcher", "%d: at least 1", c.MaxUploadsPerResearcher)
 	}
 	if c.StopTimeout < 0 {
 		bad("stop_timeout", "%s is negative", c.StopTimeout)

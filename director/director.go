@@ -58,6 +58,7 @@ type Director struct {
 	exps     map[string]*expState
 	envoys   map[string]*envoyState
 	reserved map[string]bool // owner/name of uploads in progress
+	uploads  map[string]int  // uploads in progress by owner
 	// runCtx parents every aggregator; nil until Run starts them.
 	runCtx  context.Context
 	runs    sync.WaitGroup
@@ -103,6 +104,7 @@ func New(cfg Config) (*Director, error) {
 		exps:     map[string]*expState{},
 		envoys:   map[string]*envoyState{},
 		reserved: map[string]bool{},
+		uploads:  map[string]int{},
 		ready:    make(chan struct{}),
 		shutdown: make(chan struct{}),
 	}
@@ -153,11 +155,15 @@ func (d *Director) load() error {
 	if err != nil {
 		return err
 	}
+	// Records written before the protocol bounded reasons and descriptions
+	// are clipped as they load, so that an old oversized one cannot break
+	// a listing; the next write stores the clipped value.
 	for _, rec := range envoys {
 		shard := &fxv1.DatasetShard{}
 		if err := proto.Unmarshal(rec.Shard, shard); err != nil {
 			return fmt.Errorf("envoy %s: corrupt shard: %w", rec.Name, err)
 		}
+		shard.Description = fxv1.Clip(shard.GetDescription(), fxv1.MaxDescriptionBytes())
 		d.envoys[rec.Name] = &envoyState{rec: *rec, shard: shard, streams: map[*assignStream]struct{}{}}
 	}
 	for _, rec := range exps {
@@ -165,8 +171,10 @@ func (d *Director) load() error {
 		if err != nil {
 			return fmt.Errorf("experiment %s: stored plan: %w", rec.ID, err)
 		}
+		rec.Reason = clipReason(rec.Reason)
 		e := newExpState(*rec, plan)
 		for _, p := range parts[rec.ID] {
+			p.Reason = clipReason(p.Reason)
 			e.parts[p.Envoy] = p
 		}
 		if err := d.rebuildMetrics(e, positions[rec.ID]); err != nil {

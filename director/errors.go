@@ -20,8 +20,11 @@ var (
 	ErrFailedPrecondition = errors.New("failed precondition")
 	ErrOutOfRange         = errors.New("out of range")
 	ErrTooLarge           = errors.New("too large")
-	ErrPermissionDenied   = errors.New("permission denied")
-	ErrUnauthenticated    = errors.New("unauthenticated")
+	// ErrBusy: the caller holds its share of a limited resource already;
+	// it may try again once one is released.
+	ErrBusy             = errors.New("busy")
+	ErrPermissionDenied = errors.New("permission denied")
+	ErrUnauthenticated  = errors.New("unauthenticated")
 	// errUnavailable: the director is going away or dropped a stream; the
 	// client should reconnect.
 	errUnavailable = errors.New("unavailable")
@@ -42,7 +45,7 @@ func toStatus(err error) error {
 		code = codes.NotFound
 	case errors.Is(err, ErrAlreadyExists):
 		code = codes.AlreadyExists
-	case errors.Is(err, ErrTooLarge), errors.Is(err, experiment.ErrTooLarge):
+	case errors.Is(err, ErrTooLarge), errors.Is(err, experiment.ErrTooLarge), errors.Is(err, ErrBusy):
 		code = codes.ResourceExhausted
 	case errors.Is(err, ErrInvalidArgument), errors.Is(err, experiment.ErrInvalidPlan),
 		errors.Is(err, experiment.ErrInvalidName), errors.Is(err, experiment.ErrInvalidArchive):

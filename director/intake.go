@@ -32,6 +32,11 @@ type submitStream interface {
 // plan all check out is the file moved into place and the record written;
 // any failure removes the file and leaves no record.
 func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, error) {
+	done, err := d.startUpload(owner)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	first, err := stream.Recv()
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -110,9 +115,6 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 		chunk := msg.GetChunk()
 		if msg.GetHeader() != nil {
 			return nil, fmt.Errorf("a second header after %d bytes: send one header, then chunks: %w", got, ErrInvalidArgument)
-		}
-		if len(chunk) > MaxChunk {
-			return nil, fmt.Errorf("a chunk of %d bytes: chunks are at most %d bytes: %w", len(chunk), MaxChunk, ErrInvalidArgument)
 		}
 		if got+int64(len(chunk)) > h.GetSize() {
 			if got+int64(len(chunk)) > d.cfg.MaxArchiveBytes {
@@ -212,6 +214,26 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 		}
 	}
 	return d.toProtoLocked(e), nil
+}
+
+// startUpload counts an upload of owner's until done is called, refusing
+// one beyond MaxUploadsPerResearcher: every upload holds a handler, a
+// temporary file and up to MaxArchiveBytes of disk until it ends, so one
+// researcher must not be able to start them without bound.
+func (d *Director) startUpload(owner string) (done func(), err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if n := d.uploads[owner]; n >= d.cfg.MaxUploadsPerResearcher {
+		return nil, fmt.Errorf("you have %d uploads in progress, as many as this director takes from one researcher at once (max_uploads_per_researcher): submit again when one has finished: %w", n, ErrBusy)
+	}
+	d.uploads[owner]++
+	return func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.uploads[owner]--; d.uploads[owner] == 0 {
+			delete(d.uploads, owner)
+		}
+	}, nil
 }
 
 // nameFreeLocked refuses a name the owner already uses, or is uploading.

@@ -14,12 +14,15 @@ import (
 
 // saveLocked writes an experiment record and participant changes in one
 // transaction, and only then applies them in memory, so memory never holds
-// a state the store does not.
+// a state the store does not. Reasons are clipped to the protocol's bound
+// here, whoever wrote them, so no record can outgrow a listing.
 func (d *Director) saveLocked(e *expState, rec store.Experiment, parts ...*store.Participant) error {
 	now := d.clock.Now()
 	rec.UpdatedAt = now
+	rec.Reason = clipReason(rec.Reason)
 	for _, p := range parts {
 		p.UpdatedAt = now
+		p.Reason = clipReason(p.Reason)
 	}
 	err := d.store.Update(func(tx store.Tx) error {
 		if err := tx.PutExperiment(&rec); err != nil {
@@ -41,6 +44,11 @@ func (d *Director) saveLocked(e *expState, rec store.Experiment, parts ...*store
 	}
 	return nil
 }
+
+// clipReason bounds a reason the director keeps: an envoy's reason fits the
+// bound, but the director quotes it in reasons of its own ("only 1
+// participant remains after envoy site-2 failed (...)").
+func clipReason(s string) string { return fxv1.Clip(s, fxv1.MaxReasonBytes()) }
 
 // participant returns a copy of a participant record for modification.
 func participantCopy(p *store.Participant) *store.Participant {
@@ -443,7 +451,7 @@ func (d *Director) endLocked(e *expState, state fxv1.ExperimentState, reason str
 	d.log.Info("experiment ended", "experiment", e.rec.ID, "state", state, "reason", reason)
 	for name, p := range e.parts {
 		if p.State != fxv1.ParticipantState_DECLINED {
-			d.sendLocked(name, stopAssignment(e.rec.ID, state, reason))
+			d.sendLocked(name, stopAssignment(e.rec.ID, state, e.rec.Reason))
 		}
 	}
 	e.metrics.notify()

@@ -185,24 +185,33 @@ func shardFor(s *fxv1.DatasetShard, viewer pki.Identity) *fxv1.DatasetShard {
 	return out
 }
 
-func (d *Director) listEnvoys(req *fxv1.ListEnvoysRequest, viewer pki.Identity) []*fxv1.EnvoyInfo {
+// envoyKey is an envoy's key in listings: its name.
+func envoyKey(env *envoyState) string { return env.rec.Name }
+
+func (d *Director) listEnvoys(req *fxv1.ListEnvoysRequest, viewer pki.Identity) (*fxv1.ListEnvoysResponse, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var out []*fxv1.EnvoyInfo
-	for _, env := range d.sortedEnvoys() {
-		info := d.envoyInfoLocked(env, viewer)
-		if req.GetOnlineOnly() && !info.Online {
+	now := d.clock.Now()
+	var cands []*envoyState
+	for _, env := range d.envoys {
+		if req.GetOnlineOnly() && !d.onlineLocked(env, now) {
 			continue
 		}
 		if !shardMatches(env.shard, req.GetTags(), nil, nil) {
 			continue
 		}
-		out = append(out, info)
+		cands = append(cands, env)
 	}
-	return out
+	envoys, next, err := page("ListEnvoys", req.GetPageSize(), req.GetPageToken(), cands, envoyKey, func(env *envoyState) *fxv1.EnvoyInfo {
+		return d.envoyInfoLocked(env, viewer)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &fxv1.ListEnvoysResponse{Envoys: envoys, NextPageToken: next}, nil
 }
 
-func (d *Director) searchDatasets(req *fxv1.SearchDatasetsRequest, viewer pki.Identity) ([]*fxv1.DatasetMatch, error) {
+func (d *Director) searchDatasets(req *fxv1.SearchDatasetsRequest, viewer pki.Identity) (*fxv1.SearchDatasetsResponse, error) {
 	if err := checkDims("sample_shape", req.GetSampleShape()); err != nil {
 		return nil, err
 	}
@@ -212,16 +221,21 @@ func (d *Director) searchDatasets(req *fxv1.SearchDatasetsRequest, viewer pki.Id
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	now := d.clock.Now()
-	var out []*fxv1.DatasetMatch
-	for _, env := range d.sortedEnvoys() {
-		online := d.onlineLocked(env, now)
-		if !online && !req.GetIncludeOffline() {
+	var cands []*envoyState
+	for _, env := range d.envoys {
+		if !d.onlineLocked(env, now) && !req.GetIncludeOffline() {
 			continue
 		}
 		if !shardMatches(env.shard, req.GetTags(), req.GetSampleShape(), req.GetTargetShape()) {
 			continue
 		}
-		out = append(out, &fxv1.DatasetMatch{Envoy: env.rec.Name, Online: online, Shard: shardFor(env.shard, viewer)})
+		cands = append(cands, env)
 	}
-	return out, nil
+	matches, next, err := page("SearchDatasets", req.GetPageSize(), req.GetPageToken(), cands, envoyKey, func(env *envoyState) *fxv1.DatasetMatch {
+		return &fxv1.DatasetMatch{Envoy: env.rec.Name, Online: d.onlineLocked(env, now), Shard: shardFor(env.shard, viewer)}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &fxv1.SearchDatasetsResponse{Matches: matches, NextPageToken: next}, nil
 }

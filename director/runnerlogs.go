@@ -14,17 +14,12 @@ import (
 	"github.com/fx-fl/fx/runner"
 )
 
-// Bounds on the runner output the director keeps: sites push what they
-// share, researchers read it; neither can make the director hold more than
-// a few MiB per experiment.
-const (
-	// maxRunnerLogLines is how many lines of an experiment are kept; older
-	// ones are forgotten first.
-	maxRunnerLogLines = 10000
-	// maxPushLines and maxLogLineBytes bound one push.
-	maxPushLines    = 1000
-	maxLogLineBytes = 4 << 10
-)
+// maxRunnerLogLines is how many lines of an experiment the director keeps;
+// older ones are forgotten first. With the protocol's bounds on a line (4
+// KiB, declared in director.proto like the 1000 lines of one push) no
+// site can make the director hold more than a few tens of MiB per
+// experiment.
+const maxRunnerLogLines = 10000
 
 // runnerLog is an experiment's shared runner output: the last
 // maxRunnerLogLines lines, numbered from 1 without gaps. A watcher waits
@@ -71,15 +66,12 @@ func (l *runnerLog) after(seq int64, envoy string) []*fxv1.RunnerLogLine {
 	return out
 }
 
-// checkLogLines refuses a push the director would not keep as it is.
+// checkLogLines refuses a push the director would not keep as it is. The
+// sizes (lines per push, bytes per line) are the protocol's rules, checked
+// before the handler runs.
 func checkLogLines(lines []*fxv1.RunnerLogLine) error {
-	if len(lines) > maxPushLines {
-		return fmt.Errorf("%d lines in one push, more than %d: %w", len(lines), maxPushLines, ErrInvalidArgument)
-	}
 	for i, l := range lines {
 		switch {
-		case len(l.GetText()) > maxLogLineBytes:
-			return fmt.Errorf("line %d is %d bytes, more than %d: %w", i, len(l.GetText()), maxLogLineBytes, ErrInvalidArgument)
 		case l.GetStream() != "stdout" && l.GetStream() != "stderr" && l.GetStream() != "fx":
 			return fmt.Errorf("line %d has stream %.20q: want stdout, stderr or fx: %w", i, l.GetStream(), ErrInvalidArgument)
 		case l.GetTask() != "" && runner.ValidateTaskName(l.GetTask()) != nil:

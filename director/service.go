@@ -113,11 +113,14 @@ func (s *service) DownloadArchive(req *fxv1.DownloadArchiveRequest, stream grpc.
 	d := s.d
 	d.mu.Lock()
 	e := d.exps[req.GetExperimentId()]
+	admin := id.Role == pki.RoleAdmin
 	var size int64
 	switch {
-	case e == nil || e.parts[id.Name] == nil:
+	case admin && e == nil:
+		err = fmt.Errorf("experiment id %q: %w", req.GetExperimentId(), ErrNotFound)
+	case !admin && (e == nil || e.parts[id.Name] == nil):
 		err = fmt.Errorf("experiment %q was not offered to envoy %s: %w", req.GetExperimentId(), id.Name, ErrNotFound)
-	case e.rec.Ended():
+	case !admin && e.rec.Ended():
 		err = fmt.Errorf("experiment %s has ended (%s): %w", e.rec.ID, e.rec.State, ErrFailedPrecondition)
 	case req.GetOffset() < 0 || req.GetOffset() > e.rec.ArchiveSize:
 		err = fmt.Errorf("offset %d is outside the archive's %d bytes: %w", req.GetOffset(), e.rec.ArchiveSize, ErrOutOfRange)
@@ -275,19 +278,29 @@ func (s *service) ListExperiments(ctx context.Context, req *fxv1.ListExperiments
 	d := s.d
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	out := &fxv1.ListExperimentsResponse{}
-	exps := d.sortedExps()
-	slices.Reverse(exps)
-	for _, e := range exps {
+	var cands []*expState
+	for _, e := range d.exps {
 		if owner != "" && e.rec.Owner != owner {
 			continue
 		}
 		if len(req.GetStates()) > 0 && !slices.Contains(req.GetStates(), e.rec.State) {
 			continue
 		}
-		out.Experiments = append(out.Experiments, d.toProtoLocked(e))
+		cands = append(cands, e)
 	}
-	return out, nil
+	exps, next, err := page("ListExperiments", req.GetPageSize(), req.GetPageToken(), cands, newestFirst, d.toProtoLocked)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &fxv1.ListExperimentsResponse{Experiments: exps, NextPageToken: next}, nil
+}
+
+// newestFirst is an experiment's key in listings: newest first, then by
+// id. Times are mapped to an order-preserving unsigned integer and
+// inverted, so a later time sorts first as text.
+func newestFirst(e *expState) string {
+	t := uint64(e.rec.CreatedAt.UnixNano()) ^ 1<<63
+	return fmt.Sprintf("%016x/%s", ^t, e.rec.ID)
 }
 
 func (s *service) WatchMetrics(req *fxv1.WatchMetricsRequest, stream grpc.ServerStreamingServer[fxv1.MetricEvent]) error {
@@ -462,7 +475,8 @@ func (s *service) ListEnvoys(ctx context.Context, req *fxv1.ListEnvoysRequest) (
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	return &fxv1.ListEnvoysResponse{Envoys: s.d.listEnvoys(req, id)}, nil
+	out, err := s.d.listEnvoys(req, id)
+	return out, toStatus(err)
 }
 
 func (s *service) SearchDatasets(ctx context.Context, req *fxv1.SearchDatasetsRequest) (*fxv1.SearchDatasetsResponse, error) {
@@ -470,11 +484,8 @@ func (s *service) SearchDatasets(ctx context.Context, req *fxv1.SearchDatasetsRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	matches, err := s.d.searchDatasets(req, id)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &fxv1.SearchDatasetsResponse{Matches: matches}, nil
+	out, err := s.d.searchDatasets(req, id)
+	return out, toStatus(err)
 }
 
 // ---------------------------------------------------------------- admins

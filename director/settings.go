@@ -39,7 +39,9 @@ type Settings struct {
 	ReviewPolicy    string        `mapstructure:"review_policy"`
 	MaxConcurrent   int           `mapstructure:"max_concurrent_experiments"`
 	MaxArchiveBytes int64         `mapstructure:"max_archive_bytes"`
-	Aggregator      struct {
+	// MaxUploadsPerResearcher caps one researcher's uploads in progress.
+	MaxUploadsPerResearcher int `mapstructure:"max_uploads_per_researcher"`
+	Aggregator              struct {
 		// Host is the interface aggregators listen on.
 		Host string `mapstructure:"host"`
 		// PortMin and PortMax bound their ports; both 0 for ephemeral.
@@ -63,6 +65,7 @@ func DefaultSettings() Settings {
 	s.ReviewPolicy = ReviewManual
 	s.MaxConcurrent = DefaultMaxConcurrent
 	s.MaxArchiveBytes = DefaultMaxArchiveBytes
+	s.MaxUploadsPerResearcher = DefaultMaxUploadsPerResearcher
 	s.Aggregator.Host = DefaultAggregatorHost
 	s.StopTimeout = DefaultStopTimeout
 	s.UploadIdleTimeout = DefaultUploadIdleTimeout
@@ -97,21 +100,22 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 		}
 	}
 	cfg := Config{
-		DataDir:           s.DataDir,
-		ListenAddress:     s.ListenAddress,
-		AdvertiseHost:     s.Advertise.Host,
-		ServerName:        s.Advertise.ServerName,
-		AggregatorHost:    s.Aggregator.Host,
-		AggregatorPortMin: s.Aggregator.PortMin,
-		AggregatorPortMax: s.Aggregator.PortMax,
-		HeartbeatPeriod:   s.HeartbeatPeriod,
-		OfflineAfter:      s.OfflineAfter,
-		ReviewPolicy:      s.ReviewPolicy,
-		MaxConcurrent:     s.MaxConcurrent,
-		MaxArchiveBytes:   s.MaxArchiveBytes,
-		StopTimeout:       s.StopTimeout,
-		UploadIdleTimeout: s.UploadIdleTimeout,
-		Logger:            logger,
+		DataDir:                 s.DataDir,
+		ListenAddress:           s.ListenAddress,
+		AdvertiseHost:           s.Advertise.Host,
+		ServerName:              s.Advertise.ServerName,
+		AggregatorHost:          s.Aggregator.Host,
+		AggregatorPortMin:       s.Aggregator.PortMin,
+		AggregatorPortMax:       s.Aggregator.PortMax,
+		HeartbeatPeriod:         s.HeartbeatPeriod,
+		OfflineAfter:            s.OfflineAfter,
+		ReviewPolicy:            s.ReviewPolicy,
+		MaxConcurrent:           s.MaxConcurrent,
+		MaxArchiveBytes:         s.MaxArchiveBytes,
+		MaxUploadsPerResearcher: s.MaxUploadsPerResearcher,
+		StopTimeout:             s.StopTimeout,
+		UploadIdleTimeout:       s.UploadIdleTimeout,
+		Logger:                  logger,
 	}
 	if err := cfg.validate(); err != nil {
 		errs = append(errs, err)

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/fx-fl/fx/aggregator"
@@ -222,6 +223,17 @@ func displayRound(e *expState) int32 {
 	return 0
 }
 
+// An experiment's record is bounded field by field (the plan by 1 MiB, each
+// reason by the protocol's bound), but not its number of participants: one
+// offered to a thousand sites that all failed with long reasons would not
+// fit in a message. Past maxExperimentBytes its participants' reasons are
+// cut to shortReasonBytes, which keeps records of several thousand
+// participants under gRPC's 4 MiB limit.
+const (
+	maxExperimentBytes = 3 << 20
+	shortReasonBytes   = 256
+)
+
 // toProto renders an experiment for a client.
 func (d *Director) toProtoLocked(e *expState) *fxv1.Experiment {
 	now := d.clock.Now()
@@ -257,6 +269,11 @@ func (d *Director) toProtoLocked(e *expState) *fxv1.Experiment {
 	}
 	if last := e.metrics.round(); last > 0 {
 		out.LatestMetrics = maps.Clone(e.metrics.rounds[last])
+	}
+	if proto.Size(out) > maxExperimentBytes {
+		for _, p := range out.Participants {
+			p.Reason = fxv1.Clip(p.Reason, shortReasonBytes)
+		}
 	}
 	return out
 }
