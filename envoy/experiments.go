@@ -332,7 +332,7 @@ func (e *Envoy) reportAsync(id string, round int32, reason string) {
 // errors until the director answers or the envoy stops.
 func (e *Envoy) report(ctx context.Context, id string, round int32, reason string) {
 	e.retry(ctx, "reporting a failure", id, func(ctx context.Context) error {
-		_, err := e.client.ReportFailure(ctx, &fxv1.ReportFailureRequest{ExperimentId: id, EnvoyName: e.name, Round: round, Reason: reason})
+		_, err := e.client.ReportFailure(ctx, &fxv1.ReportFailureRequest{ExperimentId: id, EnvoyName: e.name, Round: round, Reason: fxv1.Clip(reason, fxv1.MaxReasonBytes())})
 		return err
 	})
 }
@@ -342,7 +342,7 @@ func (e *Envoy) report(ctx context.Context, id string, round int32, reason strin
 // offer closed), that is whether nothing is left to send.
 func (e *Envoy) answer(ctx context.Context, id string, d decision) bool {
 	return e.retry(ctx, "answering the offer", id, func(ctx context.Context) error {
-		resp, err := e.client.AnswerOffer(ctx, &fxv1.AnswerOfferRequest{ExperimentId: id, EnvoyName: e.name, Accept: d.accept, Reason: d.reason})
+		resp, err := e.client.AnswerOffer(ctx, &fxv1.AnswerOfferRequest{ExperimentId: id, EnvoyName: e.name, Accept: d.accept, Reason: fxv1.Clip(d.reason, fxv1.MaxReasonBytes())})
 		if err == nil {
 			e.log.Info("offer answered", "experiment", id, "accept", d.accept, "reason", d.reason, "state", resp.GetState().String())
 		}
