@@ -129,8 +129,11 @@ func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator
 // UploadResult receives one task's result; see the protocol for the rules.
 func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error {
 	first, err := stream.Recv()
+	if errors.Is(err, io.EOF) {
+		return status.Error(codes.InvalidArgument, "upload ended before its header")
+	}
 	if err != nil {
-		return status.Errorf(codes.InvalidArgument, "upload ended before its header: %v", err)
+		return err // a refused first message (over a declared limit), or the stream's end
 	}
 	h := first.GetHeader()
 	if h == nil {

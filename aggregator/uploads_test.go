@@ -3,19 +3,23 @@ package aggregator_test
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"math"
 	"strings"
 	"testing"
 	"time"
 
+	"buf.build/gen/go/bufbuild/protovalidate/protocolbuffers/go/buf/validate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/fx-fl/fx/internal/testpki"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/runner/exec"
 )
 
 // rawTensor is a tensor as the test puts it on the wire, by hand.
@@ -143,6 +147,9 @@ best_model: {task: locally_tuned_model_validation}
 		{"tensors for a validation task", alpha, with(func(u *upload) { u.task = runner.TaskLocalValidation }), codes.InvalidArgument, "metrics only"},
 		{"no samples", alpha, with(func(u *upload) { u.samples = 0 }), codes.InvalidArgument, "sample_count"},
 		{"non-finite metric", alpha, with(func(u *upload) { u.metrics = map[string]float64{"loss": math.Inf(1)} }), codes.InvalidArgument, "loss"},
+		{"metric name of 1,000,000 bytes", alpha, with(func(u *upload) { u.metrics = map[string]float64{strings.Repeat("m", 1_000_000): 1} }), codes.InvalidArgument, "header.metrics"},
+		{"metric name with a control character", alpha, with(func(u *upload) { u.metrics = map[string]float64{"loss\x1b[2J": 1} }), codes.InvalidArgument, "control characters"},
+		{"257 metrics", alpha, with(func(u *upload) { u.metrics = manyMetrics(257) }), codes.InvalidArgument, "at most 256"},
 		{"unknown tensor", alpha, with(func(u *upload) { u.tensors[1].name = "fc.extra" }), codes.InvalidArgument, "fc.extra"},
 		{"wrong shape", alpha, with(func(u *upload) { u.tensors[0].shape = []int64{3, 2} }), codes.InvalidArgument, "fc.weight"},
 		{"wrong dtype", alpha, with(func(u *upload) { u.tensors[1].dtype = fxv1.DType_DTYPE_F64 }), codes.InvalidArgument, "fc.bias"},
@@ -188,5 +195,27 @@ best_model: {task: locally_tuned_model_validation}
 	// After the end, results are late.
 	if err := send(ctx, beta, upload{experiment: experimentID, collaborator: "beta", round: 1, task: runner.TaskTrain, samples: 3, tensors: goodTensors(5)}); err == nil {
 		t.Fatal("an upload after the end was accepted")
+	}
+}
+
+func manyMetrics(n int) map[string]float64 {
+	m := make(map[string]float64, n)
+	for i := range n {
+		m[fmt.Sprintf("metric-%d", i)] = 1
+	}
+	return m
+}
+
+// The aggregator enforces the runner protocol's limits on a result's
+// metrics (declared on ResultHeader.metrics), so an envoy that skips its
+// runner's checks cannot send more; the two must agree.
+func TestMetricLimitsAreTheRunnerProtocols(t *testing.T) {
+	fd := (&fxv1.ResultHeader{}).ProtoReflect().Descriptor().Fields().ByName("metrics")
+	rules := proto.GetExtension(fd.Options(), validate.E_Field).(*validate.FieldRules).GetMap()
+	if got := rules.GetMaxPairs(); got != exec.MaxMetrics {
+		t.Errorf("ResultHeader.metrics allows %d metrics; the runner protocol %d", got, exec.MaxMetrics)
+	}
+	if got := rules.GetKeys().GetString().GetMaxBytes(); got != 128 {
+		t.Errorf("ResultHeader.metrics allows names of %d bytes; the runner protocol 128", got)
 	}
 }
