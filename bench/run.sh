@@ -10,7 +10,7 @@
 #                      default "1000 10000 10000:0"
 #   BENCH_WINDOW       capacity measurement window (default 60s)
 #   BENCH_MAX_CONNECTING  first calls in flight for N > 1000 (default 128; 0: no limit)
-#   BENCH_SKIP         space-separated parts to skip: go capacity fashion
+#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch fashion
 #   FX_BENCH_ARCHIVE_MIB  archive size of the director's submission benchmark (default 1 GiB)
 set -u
 cd "$(dirname "$0")/.."
@@ -71,6 +71,15 @@ if [[ $SKIP != *" capacity "* ]]; then
 			status=1
 		fi
 	done
+fi
+
+if [[ $SKIP != *" pytorch "* ]]; then
+	echo "== fxbench pytorch"
+	$GO build -o "$OUT/fx" ./cmd/fx || exit 1
+	if ! "$OUT/fxbench" pytorch -fx "$OUT/fx" -pki "$OUT/pki" -out "$OUT/pytorch.json" 2>&1 | tee "$OUT/pytorch.txt"; then
+		echo "!! pytorch failed (see $OUT/pytorch.txt)"
+		status=1
+	fi
 fi
 
 if [[ $SKIP != *" fashion "* ]]; then

@@ -5,6 +5,7 @@
 //
 //	fxbench capacity -n 1000     director capacity: N envoys heartbeating over mTLS
 //	fxbench fashion              federated Fashion-MNIST to 0.85 vs centralised training
+//	fxbench pytorch              a PyTorch MLP through fx's runner vs directly vs the built-in MLP
 //	fxbench report               collect bench/out into bench/RESULTS.md
 //
 // See bench/README.md.
@@ -29,6 +30,8 @@ func main() {
 		err = serveMain(args)
 	case "fashion":
 		err = fashionMain(args)
+	case "pytorch":
+		err = pytorchMain(args)
 	case "report":
 		err = reportMain(args)
 	case "-h", "-help", "--help", "help":
@@ -55,6 +58,10 @@ commands:
              gRPC server with the same mTLS
   fashion    federated Fashion-MNIST (built-in MLP, 4 envoys) to a target
              accuracy; baseline: centralised training of the same model
+  pytorch    the same PyTorch MLP three ways on the same shards: directly in
+             one Python process (the floor), through fx's persistent exec
+             runner with N envoys as separate fx processes, and fx's
+             built-in Go MLP; per-round wall time and the ratios
   report     write bench/RESULTS.md from the outputs in bench/out
 
 Run "fxbench <command> -h" for a command's flags.

@@ -371,6 +371,7 @@ func reportMain(args []string) error {
 		}
 	}
 	p("\n")
+	reportPyTorch(p, *dir)
 	if err := os.WriteFile(*out, w.Bytes(), 0o644); err != nil {
 		return err
 	}
@@ -422,4 +423,26 @@ func goVersion() string {
 		return s
 	}
 	return runtime.Version()
+}
+
+// reportPyTorch writes the section of `fxbench pytorch`.
+func reportPyTorch(p func(string, ...any), dir string) {
+	p("## A PyTorch model through the exec runner\n\n")
+	var r pytorchResult
+	if b, err := os.ReadFile(filepath.Join(dir, "pytorch.json")); err != nil || json.Unmarshal(b, &r) != nil {
+		p("Not measured (no pytorch.json).\n\n")
+		return
+	}
+	p("%s; %d envoys. Three ways, alternated %d times, the same initial model and shards: ", r.Model, r.Envoys, len(r.Runs))
+	p("**direct**, the rounds done in one Python process without fx (bench/pytorch/direct.py: per site, validate the global model, train, validate the trained one; then FedAvg), the floor; ")
+	p("**fx PyTorch**, a director and %d envoys as separate `fx` processes, the same PyTorch code (bench/pytorch/mlp.py, on fx.site) as a persistent, sandboxed exec runner with OMP_NUM_THREADS=%s; ", r.Envoys, r.Threads)
+	p("**fx built-in**, the same federation running fx's Go MLP. A round is the time from one round's aggregate to the next; the first round, which holds the start-up (interpreter, `import torch`, the review's start), is left out of the median and shown apart. ")
+	p("Transfer: the raw mTLS transfer of a round's model bytes (%d envoys × %d B each way, at once, warm connections) between the same certificates: %.1f ms. Started %s, load `%s`; ended `%s`.\n\n", r.Envoys, r.ModelBytes, r.TransferSeconds*1000, r.Start.Format("15:04 MST"), r.Uptime, r.UptimeEnd)
+	p("| run | order | direct (s/round) | fx PyTorch (s/round) | fx built-in (s/round) | first round: PyTorch, built-in (s) | fx PyTorch / (direct + transfer) | fx PyTorch / built-in | accuracy: direct, PyTorch, built-in |\n|---|---|---|---|---|---|---|---|---|\n")
+	for i, x := range r.Runs {
+		p("| %d | %s | %.2f | %.2f | %.2f | %.1f, %.1f | %.2f× | %.2f× | %.4f, %.4f, %.4f |\n", i+1, x.Order, x.Direct.Median, x.FxPyTorch.Median, x.Builtin.Median,
+			x.FxPyTorch.First, x.Builtin.First, x.RatioDirect, x.RatioBuiltin, x.DirectAccuracy, x.FxAccuracy, x.BuiltinAccuracy)
+	}
+	m := r.Median
+	p("\nMedian run: **fx PyTorch %.2f× the direct loop plus the transfer** (goal ≤ 1.3×), **%.2f× the built-in round** (goal ≤ 3×).\n\n", m.RatioDirect, m.RatioBuiltin)
 }
