@@ -287,7 +287,8 @@ func (c *Client) Get(ctx context.Context, name string) (*fxv1.Experiment, error)
 }
 
 // List returns the caller's experiments (an admin's: everyone's), newest
-// first; with states, only those in one of them.
+// first; with states, only those in one of them. Like every listing of the
+// Client it reads all the director's pages.
 func (c *Client) List(ctx context.Context, states ...fxv1.ExperimentState) ([]*fxv1.Experiment, error) {
 	return c.ListOf(ctx, "", states...)
 }
@@ -296,13 +297,33 @@ func (c *Client) List(ctx context.Context, states ...fxv1.ExperimentState) ([]*f
 // empty). The director ignores owner for a researcher, who always sees
 // their own.
 func (c *Client) ListOf(ctx context.Context, owner string, states ...fxv1.ExperimentState) ([]*fxv1.Experiment, error) {
-	ctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := c.rpc.ListExperiments(ctx, &fxv1.ListExperimentsRequest{States: states, Owner: owner}, grpc.WaitForReady(true))
-	if err != nil {
-		return nil, c.wrap("listing experiments", err)
+	return allPages(ctx, c, "listing experiments", func(ctx context.Context, token string) ([]*fxv1.Experiment, string, error) {
+		resp, err := c.rpc.ListExperiments(ctx, &fxv1.ListExperimentsRequest{States: states, Owner: owner, PageToken: token}, grpc.WaitForReady(true))
+		return resp.GetExperiments(), resp.GetNextPageToken(), err
+	})
+}
+
+// allPages reads a listing page by page, each call bounded as any other,
+// until the director says there is no next page.
+func allPages[T any](ctx context.Context, c *Client, what string, fetch func(ctx context.Context, token string) ([]T, string, error)) ([]T, error) {
+	var all []T
+	token := ""
+	for {
+		cctx, cancel := c.callCtx(ctx)
+		items, next, err := fetch(cctx, token)
+		cancel()
+		if err != nil {
+			return nil, c.wrap(what, err)
+		}
+		all = append(all, items...)
+		if next == "" {
+			return all, nil
+		}
+		if next == token {
+			return nil, fmt.Errorf("%s: the director handed out the same page token twice", what)
+		}
+		token = next
 	}
-	return resp.GetExperiments(), nil
 }
 
 // Cancel stops an experiment that has not ended; models of the rounds it
@@ -325,26 +346,20 @@ func (c *Client) Remove(ctx context.Context, name string) error {
 // Envoys lists the registered envoys, online or not; with tags, only those
 // whose dataset carries every one of them.
 func (c *Client) Envoys(ctx context.Context, tags ...string) ([]*fxv1.EnvoyInfo, error) {
-	ctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := c.rpc.ListEnvoys(ctx, &fxv1.ListEnvoysRequest{Tags: tags}, grpc.WaitForReady(true))
-	if err != nil {
-		return nil, c.wrap("listing envoys", err)
-	}
-	return resp.GetEnvoys(), nil
+	return allPages(ctx, c, "listing envoys", func(ctx context.Context, token string) ([]*fxv1.EnvoyInfo, string, error) {
+		resp, err := c.rpc.ListEnvoys(ctx, &fxv1.ListEnvoysRequest{Tags: tags, PageToken: token}, grpc.WaitForReady(true))
+		return resp.GetEnvoys(), resp.GetNextPageToken(), err
+	})
 }
 
 // Search finds the online envoys whose datasets carry every tag and, when
 // given, have exactly these sample and target shapes: where a plan's
 // participants section would find data, before submitting it.
 func (c *Client) Search(ctx context.Context, tags []string, sampleShape, targetShape []int64) ([]*fxv1.DatasetMatch, error) {
-	ctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := c.rpc.SearchDatasets(ctx, &fxv1.SearchDatasetsRequest{Tags: tags, SampleShape: sampleShape, TargetShape: targetShape}, grpc.WaitForReady(true))
-	if err != nil {
-		return nil, c.wrap("searching datasets", err)
-	}
-	return resp.GetMatches(), nil
+	return allPages(ctx, c, "searching datasets", func(ctx context.Context, token string) ([]*fxv1.DatasetMatch, string, error) {
+		resp, err := c.rpc.SearchDatasets(ctx, &fxv1.SearchDatasetsRequest{Tags: tags, SampleShape: sampleShape, TargetShape: targetShape, PageToken: token}, grpc.WaitForReady(true))
+		return resp.GetMatches(), resp.GetNextPageToken(), err
+	})
 }
 
 // backoff is the pause schedule of one reconnecting stream.
