@@ -124,6 +124,9 @@ func fakeRunner(behaviour string) int {
 				m.Index()["fc0.weight"].Float32s()[1] = float32(math.NaN())
 			case "wrong-shape":
 				m.Index()["fc0.weight"].Shape = []int64{3, 2}
+			case "wrong-dtype":
+				w := m.Index()["fc0.weight"]
+				w.DType, w.Shape = tensor.F64, []int64{3} // the same bytes as F64[3]
 			}
 			if err := tensor.WriteFile(msg.OutputModel, m, nil); err != nil {
 				fmt.Fprintln(os.Stderr, "fake runner:", err)
@@ -273,6 +276,7 @@ func TestPersistentFailures(t *testing.T) {
 		{"flood", ErrFlood, "more than 1048576 bytes", true},
 		{"nan", ErrOutput, "NaN", false},
 		{"wrong-shape", ErrOutput, "does not match the input model", false},
+		{"wrong-dtype", ErrOutput, "F64", false},
 		{"report", ErrReported, "CUDA out of memory", false},
 		{"garbage", ErrOutput, "not the expected JSON", true},
 		{"wrong-id", ErrOutput, "for id", true},

@@ -434,7 +434,7 @@ func reportPyTorch(p func(string, ...any), dir string) {
 		return
 	}
 	p("%s; %d envoys. Three ways, alternated %d times, the same initial model and shards: ", r.Model, r.Envoys, len(r.Runs))
-	p("**direct**, the rounds done in one Python process without fx (bench/pytorch/direct.py: per site, validate the global model, train, validate the trained one; then FedAvg), the floor; ")
+	p("**direct**, the rounds done in one Python process without fx (bench/pytorch/direct.py: per site, validate the global model, train, validate the trained one; then FedAvg; OMP_NUM_THREADS=%s), the floor; ", r.Threads)
 	p("**fx PyTorch**, a director and %d envoys as separate `fx` processes, the same PyTorch code (bench/pytorch/mlp.py, on fx.site) as a persistent, sandboxed exec runner with OMP_NUM_THREADS=%s; ", r.Envoys, r.Threads)
 	p("**fx built-in**, the same federation running fx's Go MLP. A round is the time from one round's aggregate to the next; the first round, which holds the start-up (interpreter, `import torch`, the review's start), is left out of the median and shown apart. ")
 	p("Transfer: the raw mTLS transfer of a round's model bytes (%d envoys × %d B each way, at once, warm connections) between the same certificates: %.1f ms. Started %s, load `%s`; ended `%s`.\n\n", r.Envoys, r.ModelBytes, r.TransferSeconds*1000, r.Start.Format("15:04 MST"), r.Uptime, r.UptimeEnd)
