@@ -265,15 +265,30 @@ class Federation:
         except grpc.RpcError as e:
             raise from_rpc(e, what) from None
 
+    def _pages(self, method: str, request: Any, field: str, what: str) -> List[Any]:
+        """Every item of a listing: the director answers a page at a time
+        (next_page_token names the next), each call bounded as any other."""
+        items: List[Any] = []
+        token = ""
+        while True:
+            request.page_token = token
+            resp = self._unary(method, request, what)
+            items.extend(getattr(resp, field))
+            if not resp.next_page_token:
+                return items
+            if resp.next_page_token == token:
+                raise FXError(f"{what}: the director handed out the same page token twice")
+            token = resp.next_page_token
+
     # -- envoys and data
 
     def envoys(self, tags: Optional[Sequence[str]] = None, online_only: bool = False) -> List[EnvoyInfo]:
         """The registered envoys (those whose shard carries every tag given)."""
-        resp = self._unary(
-            "ListEnvoys", pb.ListEnvoysRequest(tags=list(tags or []), online_only=online_only), "listing envoys"
+        envoys = self._pages(
+            "ListEnvoys", pb.ListEnvoysRequest(tags=list(tags or []), online_only=online_only), "envoys", "listing envoys"
         )
         out = []
-        for e in resp.envoys:
+        for e in envoys:
             s = e.shard
             out.append(
                 EnvoyInfo(
@@ -310,7 +325,7 @@ class Federation:
             target_shape=list(target_shape or []),
             include_offline=include_offline,
         )
-        resp = self._unary("SearchDatasets", req, "searching datasets")
+        matches = self._pages("SearchDatasets", req, "matches", "searching datasets")
         return [
             DatasetMatch(
                 envoy=m.envoy,
@@ -323,7 +338,7 @@ class Federation:
                 valid_samples=m.shard.valid_samples,
                 classes=m.shard.classes,
             )
-            for m in resp.matches
+            for m in matches
         ]
 
     # -- experiments
@@ -384,10 +399,10 @@ class Federation:
             st = [pb.ExperimentState.Value(s.upper()) for s in (states or [])]
         except ValueError:
             raise FXError(f"unknown state in {list(states or [])}: want some of {', '.join(ENDED_STATES + ('PENDING', 'QUEUED', 'OFFERED', 'RUNNING'))}") from None
-        resp = self._unary(
-            "ListExperiments", pb.ListExperimentsRequest(states=st, owner=owner or ""), "listing experiments"
+        exps = self._pages(
+            "ListExperiments", pb.ListExperimentsRequest(states=st, owner=owner or ""), "experiments", "listing experiments"
         )
-        return [Experiment(self, e) for e in resp.experiments]
+        return [Experiment(self, e) for e in exps]
 
 
 @dataclass
