@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"io/fs"
 	"os"
@@ -103,6 +104,8 @@ type FileInfo struct {
 	// (owner exec bit); Unpack keeps that bit so exec runners can start
 	// their scripts.
 	Executable bool
+	// SHA256 is the content's sha256, lower-case hex; set by Review only.
+	SHA256 string
 }
 
 // Manifest is what an archive holds, as established by reading all of it.
@@ -126,7 +129,18 @@ type Manifest struct {
 // duplicates), the limits, the integrity of the compressed stream, and that
 // plan.yaml is at the root or under a single top-level directory.
 func Inspect(path string, limits Limits) (*Manifest, error) {
-	return scanArchive(path, limits, discardSink{})
+	return scanArchive(path, limits, discardSink{}, false)
+}
+
+// Review is Inspect for a person deciding whether to let an experiment
+// run: it also hashes every file (FileInfo.SHA256), so what they read can
+// be matched with what runs, and, when dest is not empty, unpacks the
+// archive into dest for reading, exactly as Unpack does.
+func Review(path, dest string, limits Limits) (*Manifest, error) {
+	if dest == "" {
+		return scanArchive(path, limits, discardSink{}, true)
+	}
+	return unpack(path, dest, limits, true)
 }
 
 // Unpack validates the archive at path as Inspect does and extracts it into
@@ -138,7 +152,12 @@ func Inspect(path string, limits Limits) (*Manifest, error) {
 // dest only once every entry has been checked and written, so dest is either
 // absent or complete, even if the process dies halfway. On any error it
 // removes everything it created.
-func Unpack(path, dest string, limits Limits) (m *Manifest, err error) {
+func Unpack(path, dest string, limits Limits) (*Manifest, error) {
+	return unpack(path, dest, limits, false)
+}
+
+// unpack is Unpack, hashing every file when digests is set.
+func unpack(path, dest string, limits Limits, digests bool) (m *Manifest, err error) {
 	dest = filepath.Clean(dest)
 	if err := checkDest(dest); err != nil {
 		return nil, err
@@ -157,7 +176,7 @@ func Unpack(path, dest string, limits Limits) (m *Manifest, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("unpacking into %s: %w", dest, err)
 	}
-	m, err = scanArchive(path, limits, &diskSink{root: root})
+	m, err = scanArchive(path, limits, &diskSink{root: root}, digests)
 	if cerr := root.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("unpacking into %s: %w", dest, cerr)
 	}
@@ -309,8 +328,8 @@ func (s syncCloser) Close() error {
 }
 
 // scanArchive opens the archive, detects its format and feeds every entry
-// through a scanner.
-func scanArchive(name string, limits Limits, out sink) (*Manifest, error) {
+// through a scanner, which hashes every file when digests is set.
+func scanArchive(name string, limits Limits, out sink, digests bool) (*Manifest, error) {
 	f, err := os.Open(name)
 	if err != nil {
 		return nil, fmt.Errorf("opening experiment archive: %w", err)
@@ -332,7 +351,7 @@ func scanArchive(name string, limits Limits, out sink) (*Manifest, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &scanner{limits: limits.withDefaults(), sink: out, kinds: map[string]kind{}, single: true}
+	s := &scanner{limits: limits.withDefaults(), sink: out, kinds: map[string]kind{}, single: true, digests: digests}
 	switch format {
 	case FormatZip:
 		err = s.scanZip(f, fi.Size())
@@ -372,6 +391,7 @@ const (
 type scanner struct {
 	limits  Limits
 	sink    sink
+	digests bool // hash each file (Review)
 	entries int
 	total   int64
 	kinds   map[string]kind
@@ -452,7 +472,12 @@ func (s *scanner) addFile(name string, claimed int64, executable bool, r io.Read
 	dst := io.Writer(w)
 	if isPlan {
 		plan = new(bytes.Buffer)
-		dst = io.MultiWriter(w, &capWriter{buf: plan, max: MaxPlanBytes})
+		dst = io.MultiWriter(dst, &capWriter{buf: plan, max: MaxPlanBytes})
+	}
+	var digest hash.Hash
+	if s.digests {
+		digest = sha256.New()
+		dst = io.MultiWriter(dst, digest)
 	}
 	n, err := s.copyLimited(name, dst, r)
 	if cerr := w.Close(); err == nil && cerr != nil {
@@ -471,7 +496,11 @@ func (s *scanner) addFile(name string, claimed int64, executable bool, r io.Read
 			s.topPlan = plan.Bytes()
 		}
 	}
-	s.files = append(s.files, FileInfo{Path: p, Size: n, Executable: executable})
+	info := FileInfo{Path: p, Size: n, Executable: executable}
+	if digest != nil {
+		info.SHA256 = hex.EncodeToString(digest.Sum(nil))
+	}
+	s.files = append(s.files, info)
 	return nil
 }
 
