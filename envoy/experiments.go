@@ -284,6 +284,9 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 			e.log.Warn("cannot clean up after the experiment's runner", "experiment", id, "error", err)
 		}
 	}()
+	if s, ok := r.(starter); ok {
+		s.Start(ctx) // start-up overlaps the wait for the first task
+	}
 	e.log.Info("starting the collaborator", "experiment", id, "aggregator", s.GetAggregatorAddress(), "round", s.GetRound())
 	return e.runCollab(ctx, CollaboratorSpec{
 		ExperimentID: id,

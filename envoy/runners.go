@@ -55,6 +55,11 @@ type checker interface {
 	Check(ctx context.Context) error
 }
 
+// starter is a runner that can start ahead of its first task.
+type starter interface {
+	Start(ctx context.Context)
+}
+
 // closeRunner closes r if it holds anything.
 func closeRunner(r runner.Runner) error {
 	if c, ok := r.(io.Closer); ok {

@@ -523,6 +523,30 @@ func sameModel(a, b tensor.Model) bool {
 	return true
 }
 
+// Start starts a persistent runner's process now, in the background, so
+// that its start-up (an interpreter, its imports, loading data) overlaps
+// the collaborator's wait for its first task, which then waits for it to
+// be ready. A start that fails is logged, and tried again by the first
+// task, which reports it. A per-task runner has nothing to start.
+func (r *Runner) Start(ctx context.Context) {
+	if r.persistent == nil {
+		return
+	}
+	ps := r.persistent
+	go func() {
+		ps.mu.Lock()
+		defer ps.mu.Unlock()
+		if ps.sess != nil || ctx.Err() != nil {
+			return
+		}
+		tctx, cancel := context.WithTimeout(ctx, r.timeout)
+		defer cancel()
+		if _, err := r.session(ctx, tctx, time.Now(), r.log); err != nil && ctx.Err() == nil {
+			r.log.Warn("the runner did not start ahead of its first task; the task will try again", "error", err)
+		}
+	}()
+}
+
 // Check starts the command as its first task would and waits until it says
 // it is ready, then stops it, so that a plan whose program cannot start at
 // this site — or cannot import what it needs with the site's interpreter —

@@ -417,3 +417,19 @@ func TestPersistentSandboxed(t *testing.T) {
 		t.Errorf("%d processes for a round", len(starts))
 	}
 }
+
+// TestPersistentStartsAhead: Start starts the process before the first
+// task, which then uses it.
+func TestPersistentStartsAhead(t *testing.T) {
+	f := newFixture(t)
+	r := f.runner(t, f.fakeConfig(t, "ok"))
+	defer r.Close()
+	r.Start(context.Background())
+	waitFile(t, filepath.Join(f.spy, "starts"))
+	if _, err := round(context.Background(), r, 1, testModel()); err != nil {
+		t.Fatal(err)
+	}
+	if starts := f.spyLines(t, "starts"); len(starts) != 1 {
+		t.Errorf("%d processes: the first task did not use the one started ahead", len(starts))
+	}
+}
