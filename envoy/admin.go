@@ -29,6 +29,7 @@ const (
 	AdminApprove = "approve"
 	AdminReject  = "reject"
 	AdminStatus  = "status"
+	AdminInspect = "inspect"
 )
 
 // adminIOTimeout bounds one admin exchange, so a stuck client cannot hold a
@@ -45,10 +46,10 @@ const maxAdminRequest = 64 << 10
 
 // AdminRequest is one command on the admin socket.
 type AdminRequest struct {
-	// Command is pending, approve or reject.
+	// Command is pending, approve, reject, inspect or status.
 	Command string `json:"command"`
-	// Experiment names the offer to decide: its id, its name, or
-	// owner/name when two owners used the same name.
+	// Experiment names the offer to decide or inspect: its id, its name,
+	// or owner/name when two owners used the same name.
 	Experiment string `json:"experiment,omitempty"`
 	// Reason is shown to the researcher when rejecting.
 	Reason string `json:"reason,omitempty"`
@@ -64,6 +65,19 @@ type AdminResponse struct {
 	Decided *PendingOffer `json:"decided,omitempty"`
 	// Status is the envoy's state (command status).
 	Status *Status `json:"status,omitempty"`
+	// Inspected is the offer to inspect (command inspect).
+	Inspected *Inspection `json:"inspected,omitempty"`
+}
+
+// Inspection is where a pending offer's verified archive is, so that the
+// data owner can read its code before deciding: the admin socket answers
+// with the path (its client runs as the envoy's user, who can read it),
+// never with the archive itself.
+type Inspection struct {
+	Offer PendingOffer `json:"offer"`
+	// Archive is the path of the archive the envoy downloaded and
+	// verified against Offer.ArchiveSHA256.
+	Archive string `json:"archive"`
 }
 
 // Status is what an envoy is doing, for its operator.
@@ -211,8 +225,14 @@ func (e *Envoy) adminExchange(c net.Conn) AdminResponse {
 			return AdminResponse{Error: err.Error()}
 		}
 		return AdminResponse{OK: true, Decided: &p}
+	case AdminInspect:
+		in, err := e.Inspect(req.Experiment)
+		if err != nil {
+			return AdminResponse{Error: err.Error()}
+		}
+		return AdminResponse{OK: true, Inspected: &in}
 	}
-	return AdminResponse{Error: fmt.Sprintf("unknown command %q: use %s, %s, %s or %s", req.Command, AdminPending, AdminApprove, AdminReject, AdminStatus)}
+	return AdminResponse{Error: fmt.Sprintf("unknown command %q: use %s, %s, %s, %s or %s", req.Command, AdminPending, AdminInspect, AdminApprove, AdminReject, AdminStatus)}
 }
 
 // Status reports the connection and every experiment the envoy holds.
@@ -295,46 +315,28 @@ func summarize(p *experiment.Plan) string {
 		p.Rounds, runner, p.Aggregation.Algorithm, strings.Join(p.Tasks, ", "), p.Participants.Min)
 }
 
+// Inspect tells where the archive of a pending offer (named as for
+// Decide) is.
+func (e *Envoy) Inspect(ref string) (Inspection, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	x, err := e.pendingLocked(ref, "inspect")
+	if err != nil {
+		return Inspection{}, err
+	}
+	return Inspection{Offer: pendingOffer(x), Archive: filepath.Join(e.expDir(x.rec.ID), archiveFile)}, nil
+}
+
 // Decide gives the data owner's decision on a pending offer, named by id,
 // name, or owner/name. A rejection without a reason gets a generic one,
 // since the director requires a reason.
 func (e *Envoy) Decide(ref string, accept bool, reason string) (PendingOffer, error) {
-	ref = strings.TrimSpace(ref)
-	if ref == "" {
-		return PendingOffer{}, errors.New("name the experiment to decide on (its id or name, as `fx envoy pending` lists it)")
-	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	var matches []*exp
-	var names []string
-	for _, x := range e.exps {
-		if x.phase != phasePending {
-			continue
-		}
-		names = append(names, x.rec.Name)
-		if x.rec.ID == ref {
-			matches = []*exp{x}
-			break
-		}
-		if x.rec.Name == ref || x.rec.Owner+"/"+x.rec.Name == ref {
-			matches = append(matches, x)
-		}
+	x, err := e.pendingLocked(ref, "decide on")
+	if err != nil {
+		return PendingOffer{}, err
 	}
-	switch {
-	case len(matches) == 0 && len(names) == 0:
-		return PendingOffer{}, fmt.Errorf("no offer awaits a decision (%q is not pending)", ref)
-	case len(matches) == 0:
-		slices.Sort(names)
-		return PendingOffer{}, fmt.Errorf("no pending offer is called %q; pending: %s", ref, strings.Join(names, ", "))
-	case len(matches) > 1:
-		var ids []string
-		for _, x := range matches {
-			ids = append(ids, x.rec.Owner+"/"+x.rec.Name+" (id "+x.rec.ID+")")
-		}
-		slices.Sort(ids)
-		return PendingOffer{}, fmt.Errorf("%q names several pending offers: %s; give the id or owner/name", ref, strings.Join(ids, ", "))
-	}
-	x := matches[0]
 	if accept {
 		reason = strings.TrimSpace(reason)
 		if reason == "" {
@@ -352,6 +354,46 @@ func (e *Envoy) Decide(ref string, accept bool, reason string) (PendingOffer, er
 	// offer must not be listed or decided again.
 	x.phase = phaseReviewing
 	return pendingOffer(x), nil
+}
+
+// pendingLocked finds the pending offer ref names: its id, its name, or
+// owner/name when two owners used the same name. what says what the
+// caller wants to do with it, for the messages.
+func (e *Envoy) pendingLocked(ref, what string) (*exp, error) {
+	ref = strings.TrimSpace(ref)
+	if ref == "" {
+		return nil, fmt.Errorf("name the experiment to %s (its id or name, as `fx envoy pending` lists it)", what)
+	}
+	var matches []*exp
+	var names []string
+	for _, x := range e.exps {
+		if x.phase != phasePending {
+			continue
+		}
+		names = append(names, x.rec.Name)
+		if x.rec.ID == ref {
+			matches = []*exp{x}
+			break
+		}
+		if x.rec.Name == ref || x.rec.Owner+"/"+x.rec.Name == ref {
+			matches = append(matches, x)
+		}
+	}
+	switch {
+	case len(matches) == 0 && len(names) == 0:
+		return nil, fmt.Errorf("no offer awaits a decision (%q is not pending)", ref)
+	case len(matches) == 0:
+		slices.Sort(names)
+		return nil, fmt.Errorf("no pending offer is called %q; pending: %s", ref, strings.Join(names, ", "))
+	case len(matches) > 1:
+		var ids []string
+		for _, x := range matches {
+			ids = append(ids, x.rec.Owner+"/"+x.rec.Name+" (id "+x.rec.ID+")")
+		}
+		slices.Sort(ids)
+		return nil, fmt.Errorf("%q names several pending offers: %s; give the id or owner/name", ref, strings.Join(ids, ", "))
+	}
+	return matches[0], nil
 }
 
 // AdminCall sends one request to an envoy's admin socket and returns its

@@ -40,9 +40,10 @@ each approved experiment to the envoys its plan selects and starts an
 aggregator once enough of them accept.
 
 Under the manual review policy every submitted experiment waits PENDING until
-an admin runs 'fx director approve' or 'fx director reject'.`,
+an admin runs 'fx director approve' or 'fx director reject'; 'fx director
+inspect' shows its code first.`,
 	}
-	cmd.AddCommand(newDirectorStartCommand(opts), newDirectorReviewCommand(true), newDirectorReviewCommand(false))
+	cmd.AddCommand(newDirectorStartCommand(opts), newDirectorInspectCommand(), newDirectorReviewCommand(true), newDirectorReviewCommand(false))
 	return cmd
 }
 
@@ -142,14 +143,9 @@ admin did not submit it, or --id instead of NAME. Rejecting needs --reason,
 which the researcher sees.`,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ref := &fxv1.ExperimentRef{Id: id, Owner: owner}
-			switch {
-			case len(args) == 1 && id != "":
-				return errors.New("give NAME or --id, not both")
-			case len(args) == 1:
-				ref.Name = args[0]
-			case id == "":
-				return errors.New("name the experiment: NAME [--owner OWNER], or --id ID")
+			ref, err := experimentRef(args, id, owner)
+			if err != nil {
+				return err
 			}
 			if !approve && reason == "" {
 				return errors.New("--reason is required: say why, for the researcher")

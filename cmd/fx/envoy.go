@@ -42,11 +42,12 @@ data owner's policy (auto, manual or an allow-list of archive digests), and
 runs a collaborator for each accepted experiment.
 
 Under the manual policy, offers wait until someone at the site runs
-'fx envoy approve' or 'fx envoy reject'; 'fx envoy pending' lists them. These
+'fx envoy approve' or 'fx envoy reject'; 'fx envoy pending' lists them and
+'fx envoy inspect' shows one's code. These
 commands talk to the running envoy through its admin socket, which only the
 envoy's user can open.`,
 	}
-	cmd.AddCommand(newEnvoyStartCommand(opts), newEnvoyStatusCommand(), newEnvoyPendingCommand(), newEnvoyDecideCommand(true), newEnvoyDecideCommand(false))
+	cmd.AddCommand(newEnvoyStartCommand(opts), newEnvoyStatusCommand(), newEnvoyPendingCommand(), newEnvoyInspectCommand(), newEnvoyDecideCommand(true), newEnvoyDecideCommand(false))
 	return cmd
 }
 
@@ -250,7 +251,7 @@ func printPending(w io.Writer, pending []envoy.PendingOffer, full bool) error {
 			fmt.Fprintf(w, "%s\n", strings.TrimRight(p.Plan, "\n"))
 		}
 	}
-	_, err := fmt.Fprintln(w, "\ndecide with: fx envoy approve NAME  |  fx envoy reject NAME --reason '...'")
+	_, err := fmt.Fprintln(w, "\nread the code with: fx envoy inspect NAME [--extract DIR]\ndecide with: fx envoy approve NAME  |  fx envoy reject NAME --reason '...'")
 	return err
 }
 
