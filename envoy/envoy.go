@@ -128,10 +128,12 @@ func (e *Envoy) Name() string { return e.name }
 // Shard is the description of the data the envoy registers.
 func (e *Envoy) Shard() *fxv1.DatasetShard { return e.shard }
 
-// describeShard says what the site holds without revealing it.
+// describeShard says what the site holds without revealing it. The
+// description names the data's path, which may be longer than the protocol
+// lets a description be: it is clipped rather than refused.
 func describeShard(d *dataset.Dataset, tags []string) *fxv1.DatasetShard {
 	return &fxv1.DatasetShard{
-		Description:  d.Description,
+		Description:  fxv1.Clip(d.Description, fxv1.MaxDescriptionBytes()),
 		Tags:         tags,
 		SampleShape:  d.SampleShape,
 		TargetShape:  []int64{},

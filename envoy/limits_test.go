@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/fx-fl/fx/dataset"
+	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -28,5 +30,19 @@ func TestLongFailureReasonReportedClipped(t *testing.T) {
 	reason := d.failures[0].GetReason()
 	if !strings.Contains(reason, "out of memory") || len(reason) > fxv1.MaxReasonBytes() {
 		t.Fatalf("reported %d bytes starting %.60q; want the start of the message within %d bytes", len(reason), reason, fxv1.MaxReasonBytes())
+	}
+}
+
+// A dataset description names the data's path, which may be longer than the
+// protocol lets a description be; the envoy registers it clipped rather than
+// being refused at every registration.
+func TestLongDescriptionRegistersClipped(t *testing.T) {
+	d := &dataset.Dataset{SampleShape: []int64{4}, Description: "IDX images from " + strings.Repeat("/a-very-long-directory-name", 100)}
+	shard := describeShard(d, []string{"mnist"})
+	if n := len(shard.GetDescription()); n > fxv1.MaxDescriptionBytes() || !strings.HasPrefix(shard.GetDescription(), "IDX images from /a-very-long") {
+		t.Fatalf("description of %d bytes: %.60q", n, shard.GetDescription())
+	}
+	if err := pki.CheckRequest(&fxv1.RegisterEnvoyRequest{EnvoyName: "site-a", Shard: shard}); err != nil {
+		t.Fatalf("the director would refuse the registration: %v", err)
 	}
 }
