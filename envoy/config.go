@@ -38,6 +38,14 @@ const (
 	DefaultRetryMax        = 30 * time.Second
 )
 
+// Bounds on the tags an envoy registers: the protocol's (proto/fx/v1,
+// DatasetShard.tags), checked at start-up so a site learns of a bad tag
+// before the director refuses every registration.
+const (
+	maxTags     = 32
+	maxTagBytes = 64
+)
+
 // DirectorConfig says where the director listens.
 type DirectorConfig struct {
 	// Address is host:port of the director.
@@ -231,9 +239,15 @@ func (c *Config) Validate() error {
 	if c.MaxArchiveBytes < 1 {
 		add("max_archive_bytes must be positive, got %d", c.MaxArchiveBytes)
 	}
+	if len(c.Tags) > maxTags {
+		add("tags: %d tags, at most %d (the director refuses more)", len(c.Tags), maxTags)
+	}
 	for i, t := range c.Tags {
-		if strings.TrimSpace(t) == "" {
+		switch {
+		case strings.TrimSpace(t) == "":
 			add("tags[%d] is empty", i)
+		case len(t) > maxTagBytes:
+			add("tags[%d] is %d bytes, at most %d (the director refuses longer)", i, len(t), maxTagBytes)
 		}
 	}
 	if err := c.Shard.Validate(); err != nil {

@@ -507,6 +507,14 @@ func TestStartupFailures(t *testing.T) {
 		{"zero max_experiments", func(c *Config) { c.MaxExperiments = 0 }, []string{"max_experiments"}},
 		{"bad shard", func(c *Config) { c.Shard.Shard = "3/2" }, []string{"shard", "3/2"}},
 		{"protocol variable in exec.env", func(c *Config) { c.Exec.Env = []string{"FX_TASK=x"} }, []string{"exec.env[0]", "FX_TASK"}},
+		{"relative exec.python", func(c *Config) { c.Exec.Python = "venv/bin/python3" }, []string{"exec.python", "absolute"}},
+		{"too many tags", func(c *Config) {
+			c.Tags = make([]string, 33)
+			for i := range c.Tags {
+				c.Tags[i] = "t"
+			}
+		}, []string{"33 tags", "at most 32"}},
+		{"long tag", func(c *Config) { c.Tags = []string{strings.Repeat("x", 65)} }, []string{"tags[0]", "65 bytes"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
