@@ -107,39 +107,11 @@ func (s *service) WatchRunnerLogs(req *fxv1.WatchRunnerLogsRequest, stream grpc.
 	if req.GetAfterSequence() < 0 {
 		return toStatus(fmt.Errorf("after_sequence %d is negative: use 0 for every line kept: %w", req.GetAfterSequence(), ErrInvalidArgument))
 	}
-	ctx := stream.Context()
-	var e *expState
-	if err := s.withExperiment(ctx, req.GetExperiment(), func(_ pki.Identity, found *expState) error {
-		e = found
-		return nil
-	}); err != nil {
-		return toStatus(err)
-	}
-	d := s.d
-	next := req.GetAfterSequence()
-	for {
-		d.mu.Lock()
-		l := e.runnerLogLocked()
-		lines := l.after(next, req.GetEnvoy())
-		last, changed := l.last, l.changed
-		ended := e.rec.Ended() && e.run == nil
-		removed := d.exps[e.rec.ID] != e
-		d.mu.Unlock()
-		for _, line := range lines {
-			if err := stream.Send(line); err != nil {
-				return err
-			}
-		}
-		next = last
-		if !req.GetFollow() || ended || removed {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-d.shutdown:
-			return toStatus(fmt.Errorf("the director is shutting down; watch again after sequence %d: %w", next, errUnavailable))
-		case <-changed:
-		}
-	}
+	return follow(s, stream.Context(), req.GetExperiment(), req.GetAfterSequence(), req.GetFollow(),
+		func(e *expState, after int64) ([]*fxv1.RunnerLogLine, int64, <-chan struct{}) {
+			l := e.runnerLogLocked()
+			// Caught up to the newest line, though other sites' lines
+			// are not sent to a watcher of one site.
+			return l.after(after, req.GetEnvoy()), max(after, l.last), l.changed
+		}, stream.Send)
 }

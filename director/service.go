@@ -307,40 +307,56 @@ func (s *service) WatchMetrics(req *fxv1.WatchMetricsRequest, stream grpc.Server
 	if req.GetAfterSequence() < 0 {
 		return toStatus(fmt.Errorf("after_sequence %d is negative: use 0 for every event: %w", req.GetAfterSequence(), ErrInvalidArgument))
 	}
-	ctx := stream.Context()
+	return follow(s, stream.Context(), req.GetExperiment(), req.GetAfterSequence(), true,
+		func(e *expState, after int64) ([]*fxv1.MetricEvent, int64, <-chan struct{}) {
+			events := e.metrics.after(after)
+			if len(events) > 0 {
+				after = events[len(events)-1].GetSequence()
+			}
+			return events, after, e.metrics.changed
+		}, stream.Send)
+}
+
+// follow streams an experiment's sequence of items to a watcher. poll,
+// called under the director's lock, returns the items after a sequence,
+// the sequence that leaves it caught up to, and a channel closed at the
+// next change; send is called for each item outside the lock (a slow
+// watcher must not hold the director up). With wait, follow then waits for
+// changes until the experiment has ended (or was removed) and nothing is
+// left to send; without, it returns once caught up.
+func follow[T any](s *service, ctx context.Context, ref *fxv1.ExperimentRef, after int64, wait bool,
+	poll func(e *expState, after int64) ([]T, int64, <-chan struct{}), send func(T) error) error {
 	var e *expState
-	if err := s.withExperiment(ctx, req.GetExperiment(), func(_ pki.Identity, found *expState) error {
+	if err := s.withExperiment(ctx, ref, func(_ pki.Identity, found *expState) error {
 		e = found
 		return nil
 	}); err != nil {
 		return toStatus(err)
 	}
 	d := s.d
-	next := req.GetAfterSequence()
 	for {
 		d.mu.Lock()
-		events := e.metrics.after(next)
-		changed := e.metrics.changed
+		items, last, changed := poll(e, after)
 		ended := e.rec.Ended() && e.run == nil
 		removed := d.exps[e.rec.ID] != e
 		d.mu.Unlock()
-		for _, ev := range events {
-			if err := stream.Send(ev); err != nil {
+		for _, it := range items {
+			if err := send(it); err != nil {
 				return err
 			}
-			next = ev.GetSequence()
 		}
-		if len(events) > 0 {
+		after = last
+		switch {
+		case len(items) > 0:
 			continue
-		}
-		if ended || removed {
+		case !wait || ended || removed:
 			return nil
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-d.shutdown:
-			return toStatus(fmt.Errorf("the director is shutting down; watch again after sequence %d: %w", next, errUnavailable))
+			return toStatus(fmt.Errorf("the director is shutting down; watch again after sequence %d: %w", after, errUnavailable))
 		case <-changed:
 		}
 	}
