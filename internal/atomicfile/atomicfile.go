@@ -5,8 +5,10 @@
 package atomicfile
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 )
@@ -22,7 +24,27 @@ func WriteFile(path string, data []byte) error { return write(path, data, true) 
 // write would cost more than it saves.
 func Replace(path string, data []byte) error { return write(path, data, false) }
 
+// Stream is WriteFile for contents too large to hold in memory (models,
+// copies of a database): fn writes them to w, buffered, and only if it
+// returns nil is the file synced and renamed over path.
+func Stream(path string, fn func(w io.Writer) error) error {
+	return stream(path, true, func(f *os.File) error {
+		bw := bufio.NewWriterSize(f, 1<<20)
+		if err := fn(bw); err != nil {
+			return err
+		}
+		return bw.Flush()
+	})
+}
+
 func write(path string, data []byte, durable bool) error {
+	return stream(path, durable, func(f *os.File) error {
+		_, err := f.Write(data)
+		return err
+	})
+}
+
+func stream(path string, durable bool, fill func(*os.File) error) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
@@ -32,7 +54,7 @@ func write(path string, data []byte, durable bool) error {
 		return err
 	}
 	defer os.Remove(tmp.Name()) // a no-op once renamed
-	if _, err := tmp.Write(data); err != nil {
+	if err := fill(tmp); err != nil {
 		tmp.Close()
 		return fmt.Errorf("write %s: %w", path, err)
 	}

@@ -1,6 +1,8 @@
 package atomicfile
 
 import (
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -33,5 +35,23 @@ func TestWriteReplacesAtomically(t *testing.T) {
 	}
 	if err := WriteFile(filepath.Join(dir, "blocker", "x"), nil); err == nil {
 		t.Fatal("writing under a regular file succeeded")
+	}
+}
+
+func TestStreamKeepsTheOldFileOnError(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "model")
+	if err := Stream(path, func(w io.Writer) error { _, err := w.Write([]byte("old")); return err }); err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("boom")
+	if err := Stream(path, func(w io.Writer) error { w.Write([]byte("partial")); return boom }); !errors.Is(err, boom) {
+		t.Fatalf("Stream = %v, want boom", err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil || string(data) != "old" {
+		t.Fatalf("contents %q, %v: a failed Stream must leave the old file", data, err)
+	}
+	if entries, _ := os.ReadDir(filepath.Dir(path)); len(entries) != 1 {
+		t.Fatalf("%d files in the directory, want only the target", len(entries))
 	}
 }
