@@ -50,6 +50,12 @@ const ChunkSize = 1 << 20
 // every call, so Dial refuses before making one.
 var ErrWrongRole = errors.New("wrong certificate role")
 
+// ErrUnreachable is matched (errors.Is) by the error Dial returns when the
+// director cannot be reached: nothing listens at the address, its
+// certificate does not carry the name asked for, or it did not answer
+// within ConnectTimeout.
+var ErrUnreachable = errors.New("director unreachable")
+
 // ClientConfig says how a researcher's program reaches the director.
 type ClientConfig struct {
 	// Director is the director's address, host:port. Required.
@@ -183,6 +189,10 @@ func (c *Client) probe(ctx context.Context) error {
 			return nil
 		case codes.Unavailable:
 			last = err
+			// Waiting would not change these: say so at once.
+			if why := hopeless(err); why != "" {
+				return fmt.Errorf("%w: cannot reach the director at %s: %s", ErrUnreachable, c.cfg.Director, why)
+			}
 			switch st := c.conn.GetState(); st {
 			case connectivity.Ready:
 				// The director itself answered Unavailable (it is
@@ -208,8 +218,22 @@ func (c *Client) probe(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return fmt.Errorf("connecting to the director at %s: %w", c.cfg.Director, ctx.Err())
 		}
-		return fmt.Errorf("cannot reach the director at %s within %s: is it running, and is the address right? (%s)", c.cfg.Director, c.cfg.ConnectTimeout, statusMessage(last))
+		return fmt.Errorf("%w: cannot reach the director at %s within %s: is it running, and is the address right? (%s)", ErrUnreachable, c.cfg.Director, c.cfg.ConnectTimeout, statusMessage(last))
 	}
+}
+
+// hopeless says why a failed connection attempt will fail again however
+// long one waits, or "" when it might not: nothing listens at the address,
+// or the director's certificate does not carry the name the client checks.
+func hopeless(err error) string {
+	msg := statusMessage(err)
+	switch {
+	case strings.Contains(msg, "connection refused"):
+		return "nothing listens there (connection refused): is the director running, and is the port right?"
+	case strings.Contains(msg, "certificate is valid for"), strings.Contains(msg, "certificate is not valid for"):
+		return "its certificate does not carry the name this client checks (" + msg + "): give the name it carries as the server name (--server-name, FX_SERVER_NAME), or ask the CA for a certificate with this one"
+	}
+	return ""
 }
 
 // Close releases the connection.

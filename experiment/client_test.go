@@ -507,6 +507,33 @@ func TestClientBadInput(t *testing.T) {
 			}
 			return err
 		}, codes.Unknown, []string{unreachable.Director, "cannot reach"}},
+		{"nothing listens: refused at once", func() error {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := f.config(pki.RoleResearcher, "alice")
+			cfg.Director = l.Addr().String()
+			l.Close()
+			cfg.ConnectTimeout = time.Hour // a refused connection does not wait for it
+			start := time.Now()
+			_, err = experiment.Dial(ctx, cfg)
+			if d := time.Since(start); d > time.Minute || !errors.Is(err, experiment.ErrUnreachable) {
+				t.Errorf("Dial took %s, error %v; want ErrUnreachable at once", d, err)
+			}
+			return err
+		}, codes.Unknown, []string{"connection refused", "is the director running"}},
+		{"wrong server name: refused at once", func() error {
+			cfg := f.config(pki.RoleResearcher, "alice")
+			cfg.ServerName = "director.example.org"
+			cfg.ConnectTimeout = time.Hour
+			start := time.Now()
+			_, err := experiment.Dial(ctx, cfg)
+			if d := time.Since(start); d > time.Minute || !errors.Is(err, experiment.ErrUnreachable) {
+				t.Errorf("Dial took %s, error %v; want ErrUnreachable at once", d, err)
+			}
+			return err
+		}, codes.Unknown, []string{"does not carry the name", "director.example.org", "--server-name"}},
 		{"missing certificate", func() error {
 			cfg := f.config(pki.RoleResearcher, "alice")
 			cfg.Cert = filepath.Join(noPlan, "alice.crt")

@@ -355,9 +355,18 @@ func followExperiment(ctx context.Context, c *experiment.Client, out io.Writer, 
 					}
 				}
 			}
-			return r.err
+			return interrupted(r.err, name)
 		}
 	}
+}
+
+// interrupted explains a watch the user stopped (Ctrl-C): the experiment
+// itself goes on at the director.
+func interrupted(err error, name string) error {
+	if errors.Is(err, context.Canceled) {
+		return fmt.Errorf("stopped watching; experiment %s goes on at the director: follow it again with `fx experiment watch %s`, stop it with `fx experiment cancel %s`: %w", name, name, name, err)
+	}
+	return err
 }
 
 // liveView prints an experiment's progress, one line per change.
@@ -657,7 +666,7 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 			if e != nil && !o.json() {
 				fmt.Fprintf(out, "%s ended %s (best %s)\n", e.GetName(), e.GetState(), bestSummary(e.GetBest()))
 			}
-			return err
+			return interrupted(err, args[0])
 		},
 	}
 	cmd.Flags().Int64Var(&after, "after", 0, "start after this sequence number")

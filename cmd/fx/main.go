@@ -22,6 +22,7 @@ func main() {
 	defer stop()
 	if err := newRootCommand().ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "fx:", err)
-		os.Exit(1)
+		stop()
+		os.Exit(exitCode(err))
 	}
 }

@@ -51,6 +51,10 @@ certificate.`,
 	root.AddCommand(newExperimentCommand())
 	root.AddCommand(newEnvoysCommand())
 	root.AddCommand(newQuickstartCommand(opts))
+	root.Version = buildVersion()
+	root.SetVersionTemplate("fx {{.Version}}\n")
+	root.Long += "\n\n" + exitCodesHelp
+	finishTree(root)
 	return root
 }
 
