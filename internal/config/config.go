@@ -100,7 +100,7 @@ func Load(src Source, target any) error {
 		})
 	}
 	err := v.UnmarshalExact(target, viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
-		mapstructure.StringToTimeDurationHookFunc(),
+		durationHook,
 		mapstructure.StringToSliceHookFunc(","),
 	)))
 	if err != nil {
@@ -198,4 +198,27 @@ func cleanDecodeError(err error) error {
 	msg = strings.TrimPrefix(msg, "decoding failed due to the following error(s):")
 	msg = strings.Join(strings.Fields(msg), " ")
 	return errors.New(msg)
+}
+
+// durationHook reads durations, which must carry a unit: a bare number in
+// YAML (`heartbeat_period: 10`) would otherwise be taken as nanoseconds
+// and a bare number in the environment refused with Go's terse message.
+// mapstructure names the key in front of the error.
+func durationHook(from, to reflect.Type, data any) (any, error) {
+	if to != reflect.TypeOf(time.Duration(0)) || from == to {
+		return data, nil // not a duration, or one already (a default)
+	}
+	switch from.Kind() {
+	case reflect.String:
+		s := strings.TrimSpace(data.(string))
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a duration: write one with its unit, such as 10s, 500ms or 2m", s)
+		}
+		return d, nil
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64, reflect.Float32, reflect.Float64:
+		return nil, fmt.Errorf("%v has no unit: write a duration such as %vs (seconds), 500ms or 2m", data, data)
+	}
+	return data, nil
 }

@@ -118,6 +118,13 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"unknown nested key", "tls:\n  cert: a\n  kee: b\n", nil, `unknown key "tls.kee"`},
 		{"bad duration in file", "heartbeat_period: soon\n", nil, "heartbeat_period"},
 		{"bad number from environment", "", []string{"FX_MAX_ACTIVE=many"}, "max_active"},
+		// A bare number is not nanoseconds: it is refused, naming the key
+		// and showing a duration with its unit.
+		{"duration without a unit in the file", "heartbeat_period: 10\n", nil, "heartbeat_period"},
+		{"duration without a unit, what to write", "heartbeat_period: 10\n", nil, "10s"},
+		{"fractional duration without a unit", "heartbeat_period: 2.5\n", nil, "has no unit"},
+		{"duration without a unit from environment", "", []string{"FX_HEARTBEAT_PERIOD=5"}, "heartbeat_period"},
+		{"duration without a unit from environment, what to write", "", []string{"FX_HEARTBEAT_PERIOD=5"}, "such as 10s"},
 		{"not yaml", "listen: [unclosed\n", nil, "c.yaml"},
 	}
 	for _, tc := range tests {
@@ -130,6 +137,9 @@ func TestErrorsNameTheKey(t *testing.T) {
 		})
 	}
 	s := defaults()
+	if err := Load(Source{File: writeFile(t, "heartbeat_period: 10s\n"), Environ: []string{}}, &s); err != nil || s.Period != 10*time.Second {
+		t.Fatalf("heartbeat_period: 10s loaded as %s, %v", s.Period, err)
+	}
 	if err := Load(Source{File: filepath.Join(t.TempDir(), "missing.yaml"), Environ: []string{}}, &s); err == nil || !strings.Contains(err.Error(), "does not exist") {
 		t.Fatalf("missing file: error = %v", err)
 	}
