@@ -78,6 +78,9 @@ const (
 	ExperimentState_CANCELLED ExperimentState = 7
 	// Refused at review. Ended.
 	ExperimentState_REJECTED ExperimentState = 8
+	// Its aggregator waits for a resource (disk space, a working disk); the
+	// reason says which. It runs again by itself once the cause is gone.
+	ExperimentState_PAUSED ExperimentState = 9
 )
 
 // Enum value maps for ExperimentState.
@@ -92,6 +95,7 @@ var (
 		6: "FAILED",
 		7: "CANCELLED",
 		8: "REJECTED",
+		9: "PAUSED",
 	}
 	ExperimentState_value = map[string]int32{
 		"EXPERIMENT_STATE_UNSPECIFIED": 0,
@@ -103,6 +107,7 @@ var (
 		"FAILED":                       6,
 		"CANCELLED":                    7,
 		"REJECTED":                     8,
+		"PAUSED":                       9,
 	}
 )
 
@@ -3599,7 +3604,7 @@ const file_fx_v1_director_proto_rawDesc = "" +
 	"\fDatasetMatch\x12\x14\n" +
 	"\x05envoy\x18\x01 \x01(\tR\x05envoy\x12\x16\n" +
 	"\x06online\x18\x02 \x01(\bR\x06online\x12)\n" +
-	"\x05shard\x18\x03 \x01(\v2\x13.fx.v1.DatasetShardR\x05shard*\x9d\x01\n" +
+	"\x05shard\x18\x03 \x01(\v2\x13.fx.v1.DatasetShardR\x05shard*\xa9\x01\n" +
 	"\x0fExperimentState\x12 \n" +
 	"\x1cEXPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\v\n" +
 	"\aPENDING\x10\x01\x12\n" +
@@ -3611,7 +3616,9 @@ const file_fx_v1_director_proto_rawDesc = "" +
 	"\n" +
 	"\x06FAILED\x10\x06\x12\r\n" +
 	"\tCANCELLED\x10\a\x12\f\n" +
-	"\bREJECTED\x10\b*\x9a\x01\n" +
+	"\bREJECTED\x10\b\x12\n" +
+	"\n" +
+	"\x06PAUSED\x10\t*\x9a\x01\n" +
 	"\x10ParticipantState\x12!\n" +
 	"\x1dPARTICIPANT_STATE_UNSPECIFIED\x10\x00\x12\v\n" +
 	"\aINVITED\x10\x01\x12\f\n" +

@@ -398,7 +398,7 @@ class Federation:
         try:
             st = [pb.ExperimentState.Value(s.upper()) for s in (states or [])]
         except ValueError:
-            raise FXError(f"unknown state in {list(states or [])}: want some of {', '.join(ENDED_STATES + ('PENDING', 'QUEUED', 'OFFERED', 'RUNNING'))}") from None
+            raise FXError(f"unknown state in {list(states or [])}: want some of {', '.join(ENDED_STATES + ('PENDING', 'QUEUED', 'OFFERED', 'RUNNING', 'PAUSED'))}") from None
         exps = self._pages(
             "ListExperiments", pb.ListExperimentsRequest(states=st, owner=owner or ""), "experiments", "listing experiments"
         )
