@@ -4,10 +4,15 @@
 // runner.Runner, and streams the results back.
 //
 // Network trouble is normal: every call has a deadline, failed calls are
-// retried with capped exponential backoff and jitter, and a result that was
-// computed is re-sent, not recomputed. A collaborator restarted mid-round
-// asks for its tasks again and gets only those it has not reported; results
-// computed but not yet uploaded are kept in its work directory.
+// retried on the site's backoff schedule, and a result that was computed is
+// re-sent, not recomputed. The round's results are kept until a later round
+// starts: an aggregator restarted mid-round (a director restart) hands the
+// round out again, and the collaborator uploads what it had computed, the
+// trained weights included, and computes only what it had not. A
+// collaborator restarted mid-round asks for its tasks again and gets only
+// those it has not reported; the metrics of results computed but not yet
+// uploaded are kept in its work directory (the trained weights are not: a
+// restarted collaborator trains again).
 package collaborator
 
 import (
@@ -16,7 +21,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"time"
@@ -27,6 +31,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/fx-fl/fx/internal/atomicfile"
+	"github.com/fx-fl/fx/internal/backoff"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -52,6 +57,9 @@ type Config struct {
 	// CallTimeout bounds each call other than the long poll and the
 	// transfers; DefaultCallTimeout when zero.
 	CallTimeout time.Duration
+	// Retry is the backoff between attempts of a failed call (the site's
+	// retry schedule); DefaultRetry when zero.
+	Retry backoff.Config
 }
 
 // Defaults for Config.
@@ -63,9 +71,10 @@ const (
 	pollTimeout = 2 * time.Minute
 	// transferTimeout bounds a model download or a result upload.
 	transferTimeout = 30 * time.Minute
-	backoffMin      = 200 * time.Millisecond
-	backoffMax      = 15 * time.Second
 )
+
+// DefaultRetry is the backoff of a collaborator whose Config names none.
+var DefaultRetry = backoff.Config{Initial: 200 * time.Millisecond, Max: 15 * time.Second}
 
 // Collaborator runs one experiment's tasks at one site.
 type Collaborator struct {
@@ -77,9 +86,11 @@ type Collaborator struct {
 	// the round whose global model is held, and the model
 	modelRound int
 	model      tensor.Model
-	// the current round's trained weights, if the train task ran
-	trainedRound int
-	trained      tensor.Model
+	// results are the results computed in round resultsRound, by task,
+	// kept after their upload until another round starts, in case the
+	// round is handed out again.
+	resultsRound int
+	results      map[string]runner.Result
 }
 
 // New checks the configuration and prepares the connection (gRPC connects
@@ -106,6 +117,9 @@ func New(cfg Config) (*Collaborator, error) {
 	if cfg.CallTimeout <= 0 {
 		cfg.CallTimeout = DefaultCallTimeout
 	}
+	if cfg.Retry.Initial <= 0 || cfg.Retry.Max < cfg.Retry.Initial {
+		cfg.Retry = DefaultRetry
+	}
 	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
 		return nil, fmt.Errorf("collaborator: %w", err)
 	}
@@ -127,6 +141,17 @@ func New(cfg Config) (*Collaborator, error) {
 type Quit struct{ Reason string }
 
 func (q *Quit) Error() string { return "aggregator said quit: " + q.Reason }
+
+// RoundError is what Run returns when a task, or a call of a round, failed
+// for good: Round is the round it failed in, which callers report beside
+// Err.
+type RoundError struct {
+	Round int
+	Err   error
+}
+
+func (e *RoundError) Error() string { return fmt.Sprintf("round %d: %v", e.Round, e.Err) }
+func (e *RoundError) Unwrap() error { return e.Err }
 
 // Run takes part in rounds until the aggregator says QUIT (a *Quit error,
 // which callers may treat as the normal end), a task or call fails for good,
@@ -154,8 +179,12 @@ func (c *Collaborator) Run(ctx context.Context) error {
 			c.clearPending()
 			return &Quit{Reason: resp.GetReason()}
 		case fxv1.GetTasksResponse_RUN:
-			if err := c.runRound(ctx, int(resp.GetRound()), resp.GetTasks()); err != nil {
-				return err
+			round := int(resp.GetRound())
+			if err := c.runRound(ctx, round, resp.GetTasks()); err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				return &RoundError{Round: round, Err: err}
 			}
 		default:
 			return fmt.Errorf("aggregator answered with unknown action %v", resp.GetAction())
@@ -163,36 +192,42 @@ func (c *Collaborator) Run(ctx context.Context) error {
 	}
 }
 
-// runRound runs a round's remaining tasks, then uploads their results in
-// plan order. Computing everything first means the trained weights are
-// needed only in memory: what must survive a restart between two uploads is
-// just the metrics of the results not yet sent, a few bytes kept in the work
-// directory.
+// runRound runs the round's tasks it has no result for, then uploads the
+// results in plan order. Computing everything first means the trained
+// weights are needed only in memory: what must survive a restart between
+// two uploads is just the metrics of the results not yet sent, a few bytes
+// kept in the work directory. The results stay after their upload until
+// another round starts: when a restarted aggregator hands this round out
+// again, they are uploaded again rather than computed again.
 func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) error {
 	if err := c.fetchModel(ctx, round); err != nil {
 		return err
 	}
-	saved := c.loadPending(round)
-	results := make([]runner.Result, len(tasks))
-	for i, task := range tasks {
-		if res, ok := saved[task]; ok {
-			results[i] = res
+	if c.resultsRound != round || c.results == nil {
+		c.resultsRound, c.results = round, c.loadPending(round)
+	}
+	var kept []string
+	for _, task := range tasks {
+		if _, ok := c.results[task]; ok {
+			kept = append(kept, task)
 			continue
 		}
 		start := time.Now()
 		res, err := c.runTask(ctx, runner.Task{Name: task, Round: round})
 		if err != nil {
-			return fmt.Errorf("round %d, task %s: %w", round, task, err)
+			return fmt.Errorf("task %s: %w", task, err)
 		}
 		c.log.Info("task done", "round", round, "task", task, "samples", res.Samples, "metrics", res.Metrics, "took", time.Since(start).Round(time.Millisecond))
-		results[i] = res
+		c.results[task] = res
 	}
-	if err := c.savePending(round, tasks, results); err != nil {
+	if len(kept) > 0 {
+		c.log.Info("sending results computed before instead of computing them again", "round", round, "tasks", kept)
+	}
+	if err := c.savePending(round); err != nil {
 		return err
 	}
-	defer c.clearPending()
-	for i, task := range tasks {
-		late, err := c.upload(ctx, round, task, results[i])
+	for _, task := range tasks {
+		late, err := c.upload(ctx, round, task, c.results[task])
 		if err != nil {
 			return err
 		}
@@ -214,7 +249,6 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 		if err := c.model.Matches(res.Model); err != nil {
 			return res, fmt.Errorf("the runner's trained model does not match the global model: %w", err)
 		}
-		c.trained, c.trainedRound = res.Model, task.Round
 		return res, nil
 	case runner.TaskLocalValidation:
 		trained, err := c.trainedWeights(ctx, task.Round)
@@ -227,20 +261,19 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 	}
 }
 
-// trainedWeights returns this round's trained weights: from memory, or, when
-// a restart lost them before the local validation was computed, by training
-// again — the built-in runners are deterministic, so that gives the same
-// weights.
+// trainedWeights returns this round's trained weights: from its train
+// result, or, when a restart lost them before the local validation was
+// computed, by training again — the built-in runners are deterministic, so
+// that gives the same weights.
 func (c *Collaborator) trainedWeights(ctx context.Context, round int) (tensor.Model, error) {
-	if c.trained != nil && c.trainedRound == round {
-		return c.trained, nil
+	if res, ok := c.results[runner.TaskTrain]; ok && c.resultsRound == round && res.Model != nil {
+		return res.Model, nil
 	}
 	c.log.Info("trained weights of this round were lost in a restart; training again for the local validation", "round", round)
 	res, err := c.cfg.Runner.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: round}, c.model)
 	if err != nil {
 		return nil, err
 	}
-	c.trained, c.trainedRound = res.Model, round
 	return res.Model, nil
 }
 
@@ -261,11 +294,11 @@ func (c *Collaborator) pendingPath() string { return filepath.Join(c.cfg.WorkDir
 // savePending keeps the round's metrics-only results. The train result is
 // not kept: if it was not uploaded before a restart, the round's train task
 // is handed out again and runs again.
-func (c *Collaborator) savePending(round int, tasks []string, results []runner.Result) error {
+func (c *Collaborator) savePending(round int) error {
 	p := pending{Round: round, Results: map[string]pendingResult{}}
-	for i, task := range tasks {
+	for task, res := range c.results {
 		if !runner.IsTrain(task) {
-			p.Results[task] = pendingResult{Samples: results[i].Samples, Metrics: results[i].Metrics}
+			p.Results[task] = pendingResult{Samples: res.Samples, Metrics: res.Metrics}
 		}
 	}
 	if err := atomicfile.ReplaceJSON(c.pendingPath(), p); err != nil {
@@ -274,17 +307,18 @@ func (c *Collaborator) savePending(round int, tasks []string, results []runner.R
 	return nil
 }
 
-// loadPending returns results computed for this round before a restart.
+// loadPending returns results computed for this round before a restart,
+// never nil.
 func (c *Collaborator) loadPending(round int) map[string]runner.Result {
+	out := map[string]runner.Result{}
 	data, err := os.ReadFile(c.pendingPath())
 	if err != nil {
-		return nil
+		return out
 	}
 	var p pending
 	if json.Unmarshal(data, &p) != nil || p.Round != round {
-		return nil
+		return out
 	}
-	out := map[string]runner.Result{}
 	for task, r := range p.Results {
 		out[task] = runner.Result{Samples: r.Samples, Metrics: r.Metrics}
 	}
@@ -374,21 +408,27 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 	return false, err
 }
 
-// transient reports whether a failed call is worth repeating.
+// transient reports whether a failed call is worth repeating. NotFound is:
+// the aggregator at this address does not serve the experiment, which after
+// a director restart means it serves it elsewhere, and the port went to
+// another experiment's aggregator. The envoy moves the collaborator to the
+// new address when the director tells it, or stops it if the experiment
+// has ended.
 func transient(err error) bool {
 	switch status.Code(err) {
-	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted, codes.Internal, codes.Unknown, codes.DataLoss:
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted, codes.Internal, codes.Unknown, codes.DataLoss, codes.NotFound:
 		return true
 	}
 	return false
 }
 
 // retry calls f until it succeeds, fails for good, or the aggregator has
-// been unreachable for MaxUnreachable. The log says once that the
-// aggregator is unreachable and once that it is back, not at every attempt.
+// been unreachable for MaxUnreachable, pausing between attempts on the
+// Retry schedule. The log says once that the aggregator is unreachable and
+// once that it is back, not at every attempt.
 func (c *Collaborator) retry(ctx context.Context, what string, f func(context.Context) error) error {
 	var since time.Time
-	delay := backoffMin
+	b := backoff.New(c.cfg.Retry)
 	for {
 		err := f(ctx)
 		if err == nil || !transient(err) || ctx.Err() != nil {
@@ -410,12 +450,8 @@ func (c *Collaborator) retry(ctx context.Context, what string, f func(context.Co
 		if time.Since(since) > c.cfg.MaxUnreachable {
 			return fmt.Errorf("%s: aggregator unreachable for %s: %w", what, c.cfg.MaxUnreachable, err)
 		}
-		jittered := delay/2 + rand.N(delay/2+1)
-		select {
-		case <-ctx.Done():
+		if !b.Wait(ctx) {
 			return ctx.Err()
-		case <-time.After(jittered):
 		}
-		delay = min(2*delay, backoffMax)
 	}
 }

@@ -14,14 +14,17 @@ import (
 
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
 )
 
 // fakeAggregator answers GetTasks with one fixed answer, over mTLS with the
-// director's certificate, as a real aggregator presents it.
+// director's certificate, as a real aggregator presents it; with hold it
+// answers nothing and holds every poll until the caller or the server goes.
 type fakeAggregator struct {
 	fxv1.UnimplementedAggregatorServer
 	quit string
 	err  error
+	hold bool
 
 	mu      sync.Mutex
 	callers []string
@@ -34,13 +37,25 @@ func (a *fakeAggregator) GetTasks(ctx context.Context, req *fxv1.GetTasksRequest
 	a.mu.Lock()
 	a.callers = append(a.callers, req.GetCollaborator())
 	a.mu.Unlock()
+	if a.hold {
+		<-ctx.Done()
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
 	if a.err != nil {
 		return nil, a.err
 	}
 	return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_QUIT, Reason: a.quit}, nil
 }
 
-func startAggregator(t *testing.T, a *fakeAggregator) string {
+func (a *fakeAggregator) called() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.callers)
+}
+
+// startAggregator serves a on a port of its own until the test ends or
+// stop is called.
+func startAggregator(t *testing.T, a *fakeAggregator) (addr string, stop func()) {
 	t.Helper()
 	d := getPKI(t)
 	k, err := pki.NewKeyring(pki.KeyringConfig{Files: d.director})
@@ -55,7 +70,7 @@ func startAggregator(t *testing.T, a *fakeAggregator) string {
 	}
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
-	return lis.Addr().String()
+	return lis.Addr().String(), srv.Stop
 }
 
 // TestRealCollaborator runs the collaborator package with the built-in
@@ -73,7 +88,7 @@ func TestRealCollaborator(t *testing.T) {
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			d := newFakeDirector(t)
-			addr := startAggregator(t, tc.agg)
+			addr, _ := startAggregator(t, tc.agg)
 			name := fmt.Sprintf("site-c%d", i)
 			cfg := testConfig(t, d, name)
 			cfg.Logger = nil
@@ -125,5 +140,82 @@ func TestRealCollaborator(t *testing.T) {
 				t.Errorf("reported %q, want it to contain %q", d.failures[0].GetReason(), tc.wantReport)
 			}
 		})
+	}
+}
+
+// TestCollaboratorFollowsMovedAggregator: a restarted director serves the
+// experiment from an aggregator on a new port and says so in a new Start.
+// The envoy moves its collaborator there instead of restarting it: the
+// runner is built once (a task in progress would go on, and results
+// already computed are sent to the new aggregator), and the experiment
+// ends there normally.
+func TestCollaboratorFollowsMovedAggregator(t *testing.T) {
+	d := newFakeDirector(t)
+	old := &fakeAggregator{hold: true}
+	oldAddr, stopOld := startAggregator(t, old)
+	moved := &fakeAggregator{quit: "the experiment has finished"}
+	newAddr, _ := startAggregator(t, moved)
+
+	name := "site-f"
+	cfg := testConfig(t, d, name)
+	var mu sync.Mutex
+	builds := 0
+	cfg.NewRunner = func(in RunnerInput) (runner.Runner, error) {
+		mu.Lock()
+		builds++
+		mu.Unlock()
+		return DefaultRunner(in)
+	}
+	e, err := New(cfg) // the default collaborator
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	plan := fmt.Sprintf(softmaxPlan, "follow")
+	d.push(name, d.offer("exp-f", makeArchive(t, plan, 0), plan), true)
+	d.answer(name, "exp-f")
+	start := startAssignment("exp-f")
+	start.GetStart().AggregatorAddress = oldAddr
+	start.GetStart().AggregatorServerName = "localhost"
+	d.push(name, start, false)
+	eventually(t, "the collaborator polling the first aggregator", func() bool { return old.called() > 0 })
+	mu.Lock()
+	before := builds // the review builds one too, to check the plan
+	mu.Unlock()
+
+	stopOld() // the director (and its aggregator) went away
+	again := startAssignment("exp-f")
+	again.GetStart().AggregatorAddress = newAddr
+	again.GetStart().AggregatorServerName = "localhost"
+	again.GetStart().Round = 3
+	d.push(name, again, false)
+
+	eventually(t, "the collaborator to end", func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		x := e.exps["exp-f"]
+		return x != nil && (x.phase == phaseFinished || x.phase == phaseFailed)
+	})
+	e.mu.Lock()
+	phase := e.exps["exp-f"].phase
+	e.mu.Unlock()
+	if phase != phaseFinished {
+		t.Errorf("the collaborator ended %s, want finished (the moved aggregator said QUIT)", phase)
+	}
+	if moved.called() == 0 {
+		t.Error("the moved aggregator was never called")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if builds != before {
+		t.Errorf("the runner was built again after the move (%d builds, %d before): the collaborator was restarted instead of moved", builds, before)
 	}
 }

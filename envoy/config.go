@@ -12,6 +12,7 @@ import (
 
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/backoff"
 )
 
 // Review policies: how the data owner decides on an offered experiment.
@@ -116,11 +117,16 @@ type ExecConfig struct {
 	ShareLogs bool `mapstructure:"share_logs"`
 }
 
-// RetryConfig bounds the capped exponential backoff of every retry loop.
+// RetryConfig is the capped exponential backoff of every retry loop of the
+// envoy and its collaborators, and of the gRPC connections under them: Max
+// bounds every pause between two attempts to reach the director or an
+// aggregator, so a party back from an outage is found within Max.
 type RetryConfig struct {
 	Initial time.Duration `mapstructure:"initial"`
 	Max     time.Duration `mapstructure:"max"`
 }
+
+func (r RetryConfig) schedule() backoff.Config { return backoff.Config{Initial: r.Initial, Max: r.Max} }
 
 // Config is everything an envoy needs. The fields with mapstructure keys
 // come from configs/envoy.yaml (see internal/config); the others are set by

@@ -90,7 +90,7 @@ func New(cfg Config) (*Envoy, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.WorkDir, "experiments"), 0o700); err != nil {
 		return nil, fmt.Errorf("work_dir: %w", err)
 	}
-	conn, err := grpc.NewClient(cfg.Director.Address, pki.ClientDialOptions(creds.ClientTLS, cfg.directorServerName())...)
+	conn, err := grpc.NewClient(cfg.Director.Address, dialOptions(creds, cfg.Retry, cfg.directorServerName())...)
 	if err != nil {
 		return nil, fmt.Errorf("director.address %q: %w", cfg.Director.Address, err)
 	}
@@ -120,6 +120,13 @@ func New(cfg Config) (*Envoy, error) {
 		e.runCollab = DefaultCollaborator
 	}
 	return e, nil
+}
+
+// dialOptions are the options of every connection the envoy and its
+// collaborators open: mutual TLS as the envoy, and reconnection on the
+// site's retry schedule (see RetryConfig).
+func dialOptions(creds Credentials, retry RetryConfig, serverName string) []grpc.DialOption {
+	return append(pki.ClientDialOptions(creds.ClientTLS, serverName), retry.schedule().DialOption())
 }
 
 // Name is the envoy's name, its certificate's CN.

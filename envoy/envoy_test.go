@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fx-fl/fx/collaborator"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -393,13 +394,15 @@ func TestCollaboratorFailureReported(t *testing.T) {
 	d.answer("site-a", "exp-f")
 	d.push("site-a", startAssignment("exp-f"), true)
 	s.collab.waitFor(t, "the collaborator", func() bool { return s.collab.active["exp-f"] })
-	s.collab.finishCh("exp-f") <- errors.New("train: out of memory")
+	// It fails in round 3, though it started in round 1: the report names
+	// round 3, once, in its round field (the director prefixes it).
+	s.collab.finishCh("exp-f") <- &collaborator.RoundError{Round: 3, Err: errors.New("task train: out of memory")}
 	d.waitFor("a failure report", func() bool { return len(d.failures) == 1 })
 	d.mu.Lock()
 	f := d.failures[0]
 	d.mu.Unlock()
-	if f.GetExperimentId() != "exp-f" || !strings.Contains(f.GetReason(), "out of memory") || f.GetRound() != 1 {
-		t.Errorf("failure %v", f)
+	if f.GetExperimentId() != "exp-f" || f.GetReason() != "task train: out of memory" || f.GetRound() != 3 {
+		t.Errorf("failure %v, want round 3 and the reason without a round", f)
 	}
 	// Start for an experiment never accepted is reported too.
 	d.push("site-a", startAssignment("exp-unknown"), false)
@@ -578,7 +581,10 @@ func TestPendingOfferSurvivesEnvoyRestart(t *testing.T) {
 	}
 }
 
-func TestStartWithNewAggregatorAddressRestartsCollaborator(t *testing.T) {
+// TestStartWithNewServerNameRestartsCollaborator: a Start naming another
+// certificate for the aggregator cannot be followed by the running
+// collaborator's connection (it checks the old name): it is restarted.
+func TestStartWithNewServerNameRestartsCollaborator(t *testing.T) {
 	d := newFakeDirector(t)
 	s := startSite(t, testConfig(t, d, "site-a"), nil)
 	plan := fmt.Sprintf(softmaxPlan, "moved")
@@ -589,6 +595,7 @@ func TestStartWithNewAggregatorAddressRestartsCollaborator(t *testing.T) {
 
 	moved := startAssignment("exp-m")
 	moved.GetStart().AggregatorAddress = "127.0.0.1:2"
+	moved.GetStart().AggregatorServerName = "aggregators.example"
 	moved.GetStart().Round = 4
 	d.push("site-a", moved, false)
 	s.collab.waitFor(t, "a second collaborator", func() bool {
@@ -596,7 +603,7 @@ func TestStartWithNewAggregatorAddressRestartsCollaborator(t *testing.T) {
 	})
 	s.collab.mu.Lock()
 	defer s.collab.mu.Unlock()
-	if got := s.collab.starts[1]; got.Address != "127.0.0.1:2" || got.Round != 4 {
+	if got := s.collab.starts[1]; got.Address != "127.0.0.1:2" || got.ServerName != "aggregators.example" || got.Round != 4 {
 		t.Errorf("restarted collaborator spec %+v", got)
 	}
 }

@@ -10,11 +10,13 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/fx-fl/fx/collaborator"
 	"github.com/fx-fl/fx/experiment"
-	"github.com/fx-fl/fx/pki"
+	"github.com/fx-fl/fx/internal/backoff"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner/exec"
 )
@@ -50,8 +52,11 @@ type exp struct {
 	done   chan struct{}
 	// decide carries the data owner's decision to a pending intake.
 	decide chan decision
-	// start is the Start the collaborator runs under.
+	// start is the Start the collaborator runs under, and link its
+	// connection to the aggregator, which follows the aggregator when a
+	// later Start moves it.
 	start *fxv1.Start
+	link  *aggregatorLink
 	// answering is set while a goroutine sends a recorded decision again.
 	answering bool
 }
@@ -160,10 +165,16 @@ func (e *Envoy) onStart(id string, s *fxv1.Start) {
 	}
 	switch x.phase {
 	case phaseRunning:
-		if x.start.GetAggregatorAddress() == s.GetAggregatorAddress() && x.start.GetAggregatorServerName() == s.GetAggregatorServerName() {
-			return // a replay
+		if x.start.GetAggregatorServerName() == s.GetAggregatorServerName() {
+			if x.start.GetAggregatorAddress() != s.GetAggregatorAddress() {
+				// A restarted director serves the experiment elsewhere.
+				e.log.Info("the aggregator moved; the collaborator follows it", "experiment", id, "address", s.GetAggregatorAddress())
+				x.start = s
+				x.link.move(s.GetAggregatorAddress())
+			}
+			return
 		}
-		e.log.Info("the aggregator moved; restarting the collaborator", "experiment", id, "address", s.GetAggregatorAddress())
+		e.log.Info("the aggregator's certificate name changed; restarting the collaborator", "experiment", id, "server_name", s.GetAggregatorServerName())
 	case phaseAccepted:
 		if n := e.countRunning(); n >= e.cfg.MaxExperiments {
 			x.phase = phaseFailed
@@ -181,7 +192,9 @@ func (e *Envoy) onStart(id string, s *fxv1.Start) {
 	}
 	x.phase = phaseRunning
 	x.start = s
-	e.spawn(x, func(ctx context.Context, done chan struct{}) { e.collaborate(ctx, x, s, done) })
+	link := newAggregatorLink(s.GetAggregatorAddress())
+	x.link = link
+	e.spawn(x, func(ctx context.Context, done chan struct{}) { e.collaborate(ctx, x, s, link, done) })
 }
 
 func (e *Envoy) onStop(id string, s *fxv1.Stop) {
@@ -243,12 +256,12 @@ func (e *Envoy) running() []string {
 // a failure to the director. A collaborator stopped by Stop or by the envoy
 // shutting down is not a failure: after a restart the director's replayed
 // Start brings it back.
-func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, done chan struct{}) {
+func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, link *aggregatorLink, done chan struct{}) {
 	e.mu.Lock()
 	id, plan := x.rec.ID, x.plan
 	e.mu.Unlock()
 	log := e.log.With("experiment", id)
-	err := e.runCollaborator(ctx, id, plan, s)
+	err := e.runCollaborator(ctx, id, plan, s, link)
 	if ctx.Err() != nil {
 		log.Debug("collaborator stopped")
 		return
@@ -267,12 +280,19 @@ func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, done cha
 		return
 	}
 	log.Error("collaborator failed", "error", err)
-	e.report(ctx, id, s.GetRound(), e.publicReason(err))
+	// The director prefixes the round the failure happened in; a failure
+	// outside any round (the runner could not be built) names none.
+	var round int32
+	var re *collaborator.RoundError
+	if errors.As(err, &re) {
+		round, err = int32(re.Round), re.Err
+	}
+	e.report(ctx, id, round, e.publicReason(err))
 }
 
 // runCollaborator builds the plan's runner on the site's data and runs a
 // collaborator with it.
-func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment.Plan, s *fxv1.Start) error {
+func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment.Plan, s *fxv1.Start, link *aggregatorLink) error {
 	output, stopSharing := e.shareOutput(ctx, id)
 	defer stopSharing()
 	r, err := e.newRunner(e.runnerInput(id, plan, output))
@@ -294,7 +314,8 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 		Address:      s.GetAggregatorAddress(),
 		ServerName:   s.GetAggregatorServerName(),
 		Round:        s.GetRound(),
-		DialOptions:  pki.ClientDialOptions(e.creds.ClientTLS, s.GetAggregatorServerName()),
+		DialOptions:  append(dialOptions(e.creds, e.cfg.Retry, s.GetAggregatorServerName()), grpc.WithContextDialer(link.dial)),
+		Retry:        e.cfg.Retry,
 		Runner:       r,
 		Plan:         plan,
 		Dir:          filepath.Join(e.expDir(id), filesDir),
@@ -358,7 +379,7 @@ func (e *Envoy) answer(ctx context.Context, id string, d decision) bool {
 // Failing for good is an answer the director would repeat (the offer is
 // closed, the envoy takes no part): it is logged and not retried.
 func (e *Envoy) retry(ctx context.Context, what, id string, f func(context.Context) error) bool {
-	b := newBackoff(e.cfg.Retry)
+	b := backoff.New(e.cfg.Retry.schedule())
 	for {
 		rctx, cancel := e.rpcContext(ctx)
 		err := f(rctx)
@@ -374,7 +395,7 @@ func (e *Envoy) retry(ctx context.Context, what, id string, f func(context.Conte
 			return true
 		}
 		e.log.Debug(what+": retrying", "experiment", id, "error", err)
-		if !b.wait(ctx) {
+		if !b.Wait(ctx) {
 			return false
 		}
 	}

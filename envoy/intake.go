@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/backoff"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -230,7 +231,7 @@ func (e *Envoy) fetchArchive(ctx context.Context, rec record) error {
 		}
 		os.Remove(final)
 	}
-	b := newBackoff(e.cfg.Retry)
+	b := backoff.New(e.cfg.Retry.schedule())
 	mismatches := 0
 	for {
 		err := e.downloadOnce(ctx, rec, part)
@@ -268,7 +269,7 @@ func (e *Envoy) fetchArchive(ctx context.Context, rec record) error {
 			return fmt.Errorf("%w: the download did not complete before the answer time: %w", errOfferClosed, err)
 		}
 		e.log.Debug("archive download interrupted; resuming", "experiment", rec.ID, "error", err)
-		if !b.wait(ctx) {
+		if !b.Wait(ctx) {
 			return ctx.Err()
 		}
 	}

@@ -178,10 +178,14 @@ type CollaboratorSpec struct {
 	ServerName string
 	// Round is the aggregator's round when Start was sent; > 0 on rejoin.
 	Round int32
-	// DialOptions carry the envoy's mutual-TLS credentials.
+	// DialOptions carry the envoy's mutual-TLS credentials, reconnection
+	// on the site's retry schedule, and a dialer that follows the
+	// aggregator when the director says it moved.
 	DialOptions []grpc.DialOption
-	Runner      runner.Runner
-	Plan        *experiment.Plan
+	// Retry is the site's retry schedule, for the collaborator's calls.
+	Retry  RetryConfig
+	Runner runner.Runner
+	Plan   *experiment.Plan
 	// Dir is the unpacked experiment, read-only.
 	Dir string
 	// WorkDir is the collaborator's own state (trained weights between

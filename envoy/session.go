@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/fx-fl/fx/internal/backoff"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -28,7 +29,7 @@ const (
 // always safe, and it is what a director that lost the envoy (it answers
 // FAILED_PRECONDITION) asks for.
 func (e *Envoy) sessions(ctx context.Context) {
-	b := newBackoff(e.cfg.Retry)
+	b := backoff.New(e.cfg.Retry.schedule())
 	for {
 		var healthy atomic.Bool
 		err := e.session(ctx, &healthy)
@@ -36,10 +37,10 @@ func (e *Envoy) sessions(ctx context.Context) {
 			return
 		}
 		if healthy.Load() {
-			b.reset()
+			b.Reset()
 		}
 		e.linkDown(err)
-		if !b.wait(ctx) {
+		if !b.Wait(ctx) {
 			return
 		}
 	}

@@ -6,26 +6,9 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/fx-fl/fx/dataset"
 )
-
-func TestBackoffGrowsToCapWithJitter(t *testing.T) {
-	b := newBackoff(RetryConfig{Initial: 100 * time.Millisecond, Max: time.Second})
-	wantCeil := []time.Duration{100, 200, 400, 800, 1000, 1000, 1000}
-	for i, ceil := range wantCeil {
-		ceil *= time.Millisecond
-		d := b.next()
-		if d < ceil/2 || d > ceil {
-			t.Errorf("attempt %d: delay %s outside [%s, %s]", i, d, ceil/2, ceil)
-		}
-	}
-	b.reset()
-	if d := b.next(); d > 100*time.Millisecond {
-		t.Errorf("after reset: delay %s, want at most the initial 100ms", d)
-	}
-}
 
 func TestReadAllowlist(t *testing.T) {
 	digest := strings.Repeat("ab", 32)
