@@ -25,6 +25,14 @@ import (
 // DefaultPollWindow is how long GetTasks holds a call with nothing to hand out.
 const DefaultPollWindow = 20 * time.Second
 
+// DefaultRejoinGrace is how long the round an aggregator resumes from a
+// checkpoint (after a director restart) waits for its participants to come
+// back before its deadline starts to count. Envoys find a restarted
+// director within their retry.max (30s by default) and then need the new
+// aggregator's address and a runner; without the grace a round with a
+// short deadline would close before anyone could report, and fail.
+const DefaultRejoinGrace = 2 * time.Minute
+
 // MemoryStageBudget decides where train uploads wait between arriving and
 // being folded into the round's sum. When one model-sized stage per
 // participant fits in it, stages are kept in memory, which is fastest for
@@ -59,6 +67,9 @@ type Config struct {
 	Logger        hclog.Logger
 	// PollWindow bounds a GetTasks long poll; DefaultPollWindow when zero.
 	PollWindow time.Duration
+	// RejoinGrace is how long a resumed round waits for its participants
+	// before its deadline counts; DefaultRejoinGrace when zero.
+	RejoinGrace time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 }
@@ -97,6 +108,9 @@ type Aggregator struct {
 	endWhy   string // the reason QUIT carries
 	stopping bool   // Run was cancelled: pollers get UNAVAILABLE, never QUIT
 	optSteps int
+	// resumed: Run resumed from a checkpoint, so its first round waits
+	// for the participants to rejoin (see RejoinGrace).
+	resumed bool
 }
 
 type participant struct {
@@ -136,6 +150,9 @@ func New(cfg Config) (*Aggregator, error) {
 	}
 	if cfg.PollWindow <= 0 {
 		cfg.PollWindow = DefaultPollWindow
+	}
+	if cfg.RejoinGrace <= 0 {
+		cfg.RejoinGrace = DefaultRejoinGrace
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -254,6 +271,7 @@ func (a *Aggregator) restore() error {
 			return fmt.Errorf("aggregator: resume from round %d: %w", completed, err)
 		}
 		a.model = m
+		a.resumed = true
 		a.log.Info("resuming from checkpoint", "completed_round", completed)
 	}
 	a.layout = layoutOf(a.model)
@@ -302,14 +320,54 @@ func (a *Aggregator) tasksFor(round int) []string {
 	return a.plan.Tasks
 }
 
-// startRound opens round n. Callers hold a.mu.
+// startRound opens round n. Its deadline counts from now, except in the
+// first round of a resumed aggregator: the participants are away until
+// they learn where it is, so its deadline counts from when the last of
+// them is back, or from RejoinGrace from now, whichever comes first.
+// Callers hold a.mu.
 func (a *Aggregator) startRound(n int) {
 	if a.acc != nil {
 		a.acc.Reset()
 	}
-	a.round = newRoundState(n, a.tasksFor(n), a.cfg.Now().Add(a.plan.Stragglers.Deadline.Std()))
-	a.log.Info("round started", "round", n, "tasks", a.round.tasks)
+	now := a.cfg.Now()
+	deadline := a.plan.Stragglers.Deadline.Std()
+	r := newRoundState(n, a.tasksFor(n), now.Add(deadline))
+	if a.resumed {
+		a.resumed = false
+		r.deadline = now.Add(a.cfg.RejoinGrace + deadline)
+		r.rejoining = map[string]bool{}
+		for _, name := range a.active() {
+			r.rejoining[name] = true
+		}
+		a.log.Info("round resumed; its deadline counts once its participants are back, at the latest after the rejoin grace",
+			"round", n, "tasks", r.tasks, "participants", a.active(), "rejoin_grace", a.cfg.RejoinGrace, "deadline", a.plan.Stragglers.Deadline)
+	} else {
+		a.log.Info("round started", "round", n, "tasks", r.tasks)
+	}
+	a.round = r
 	a.broadcast()
+}
+
+// rejoined notes that a participant called the aggregator; once every
+// active participant of a resumed round has, its deadline counts from now.
+// Callers hold a.mu.
+func (a *Aggregator) rejoined(name string) {
+	r := a.round
+	if r == nil || r.rejoining == nil {
+		return
+	}
+	delete(r.rejoining, name)
+	for _, n := range a.active() {
+		if r.rejoining[n] {
+			return
+		}
+	}
+	r.rejoining = nil
+	if d := a.cfg.Now().Add(a.plan.Stragglers.Deadline.Std()); d.Before(r.deadline) {
+		r.deadline = d
+	}
+	a.log.Info("every participant is back; the round's deadline counts from now", "round", r.number, "deadline", r.deadline)
+	a.requestClose() // the loop re-arms its timer
 }
 
 // broadcast wakes every long poll. Callers hold a.mu.
@@ -343,11 +401,15 @@ func (a *Aggregator) loop(ctx context.Context) error {
 			case <-a.closeReq:
 				a.mu.Lock()
 				ready := a.readyToClose(r)
+				deadline := r.deadline
 				a.mu.Unlock()
 				if ready {
 					timer.Stop()
 					break wait
 				}
+				// A resumed round's deadline moves when its
+				// participants are back.
+				timer.Reset(max(0, deadline.Sub(a.cfg.Now())))
 			}
 		}
 		if err := a.closeRound(r, atDeadline); err != nil {
@@ -401,6 +463,7 @@ func (a *Aggregator) Drop(collaborator, reason string) {
 	}
 	p.dropped = reason
 	a.log.Warn("participant dropped", "collaborator", collaborator, "reason", reason)
+	a.rejoined(collaborator) // a resumed round no longer waits for it
 	a.broadcast()
 	a.requestClose()
 }

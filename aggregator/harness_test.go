@@ -41,6 +41,8 @@ type federation struct {
 	// registered are the participants' registered sample counts; every
 	// participant registered defaultRegistered unless a test changes it.
 	registered map[string]aggregator.SampleCounts
+	// grace is the aggregator's RejoinGrace; 0: the default.
+	grace time.Duration
 }
 
 // defaultRegistered is what the tests' participants register: more samples
@@ -101,6 +103,7 @@ func (f *federation) start() {
 		Sink:          f.sink,
 		Logger:        testLogger(f.t, "aggregator"),
 		PollWindow:    2 * time.Second,
+		RejoinGrace:   f.grace,
 	})
 	if err != nil {
 		f.t.Fatalf("aggregator.New: %v", err)

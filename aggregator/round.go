@@ -14,6 +14,9 @@ type roundState struct {
 	number   int
 	tasks    []string
 	deadline time.Time
+	// rejoining are the participants a resumed round waits for before its
+	// deadline counts (see startRound); nil once none is awaited.
+	rejoining map[string]bool
 
 	closed   bool
 	reported map[string]map[string]bool // collaborator → task → result counted

@@ -35,11 +35,12 @@ func (s *service) participant(ctx context.Context, experimentID, collaborator st
 		return "", err
 	}
 	s.a.mu.Lock()
+	defer s.a.mu.Unlock()
 	_, ok := s.a.parts[collaborator]
-	s.a.mu.Unlock()
 	if !ok || experimentID != s.a.cfg.ExperimentID {
 		return "", status.Errorf(codes.NotFound, "envoy %s takes part in no experiment %q served here: use the experiment id and aggregator address of the director's Start assignment", collaborator, experimentID)
 	}
+	s.a.rejoined(collaborator)
 	return collaborator, nil
 }
 
