@@ -6,6 +6,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/fx-fl/fx/director/store"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -88,7 +89,7 @@ func (d *Director) replayLocked(env *envoyState) []*fxv1.Assignment {
 		case e.rec.State == fxv1.ExperimentState_OFFERED &&
 			(p.State == fxv1.ParticipantState_INVITED || p.State == fxv1.ParticipantState_ACCEPTED):
 			out = append(out, d.offerAssignment(e))
-		case e.rec.State == fxv1.ExperimentState_RUNNING && p.State == fxv1.ParticipantState_TRAINING && e.run != nil:
+		case store.Running(e.rec.State) && p.State == fxv1.ParticipantState_TRAINING && e.run != nil:
 			out = append(out, d.startAssignment(e))
 		}
 	}

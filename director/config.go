@@ -42,6 +42,10 @@ const (
 	DefaultAggregatorHost = "127.0.0.1"
 	// MaxChunk is the largest chunk the director sends or accepts.
 	MaxChunk = 1 << 20
+	// DefaultSnapshotInterval and DefaultSnapshotsKept: a copy of the store
+	// every 10 minutes in which something changed, the newest 24 kept.
+	DefaultSnapshotInterval = 10 * time.Minute
+	DefaultSnapshotsKept    = 24
 )
 
 // Config is what a Director needs. Only DataDir is required when the
@@ -102,6 +106,13 @@ type Config struct {
 	// UploadIdleTimeout abandons an upload that sends nothing for this
 	// long.
 	UploadIdleTimeout time.Duration
+	// SnapshotInterval is how often the store is copied to
+	// DataDir/snapshots (when it changed); it is also copied at every
+	// start and clean stop. Negative: only then.
+	SnapshotInterval time.Duration
+	// SnapshotsKept is how many snapshots are kept; negative: none are
+	// taken.
+	SnapshotsKept int
 
 	// Store replaces the bbolt store in DataDir (tests).
 	Store store.Store
@@ -139,6 +150,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.UploadIdleTimeout == 0 {
 		c.UploadIdleTimeout = DefaultUploadIdleTimeout
+	}
+	if c.SnapshotInterval == 0 {
+		c.SnapshotInterval = DefaultSnapshotInterval
+	}
+	if c.SnapshotsKept == 0 {
+		c.SnapshotsKept = DefaultSnapshotsKept
 	}
 	if c.AggregatorHost == "" {
 		c.AggregatorHost = DefaultAggregatorHost

@@ -91,10 +91,11 @@ func New(cfg Config) (*Director, error) {
 	}
 	st := cfg.Store
 	if st == nil {
-		var err error
-		if st, err = store.OpenBolt(filepath.Join(cfg.DataDir, "director.db")); err != nil {
+		bolt, err := openStore(cfg.DataDir)
+		if err != nil {
 			return nil, fmt.Errorf("director: %w", err)
 		}
+		st = bolt
 	}
 	d := &Director{
 		cfg:      cfg,
@@ -114,6 +115,14 @@ func New(cfg Config) (*Director, error) {
 		}
 		return nil, fmt.Errorf("director: load state: %w", err)
 	}
+	if err := d.checkStoreMatches(); err != nil {
+		if cfg.Store == nil {
+			_ = st.Close()
+		}
+		return nil, fmt.Errorf("director: %w", err)
+	}
+	// A copy of the store as it loaded: recovery always has one to go back to.
+	d.snapshot()
 	return d, nil
 }
 
@@ -280,6 +289,8 @@ func (d *Director) Run(ctx context.Context) error {
 	go func() { serveErr <- srv.Serve(lis) }()
 	sweepDone := make(chan struct{})
 	go func() { defer close(sweepDone); d.sweepLoop(ctx) }()
+	snapshotsDone := make(chan struct{})
+	go func() { defer close(snapshotsDone); d.snapshotLoop(ctx) }()
 	d.log.Info("director serving", "address", lis.Addr().String())
 
 	var err error
@@ -300,6 +311,8 @@ func (d *Director) Run(ctx context.Context) error {
 	cancelRuns()
 	d.runs.Wait()
 	<-sweepDone
+	<-snapshotsDone
+	d.snapshot()
 	d.log.Info("director stopped")
 	return err
 }
@@ -331,12 +344,17 @@ func stopGRPC(srv *grpc.Server, timeout time.Duration) {
 	}
 }
 
-// start relaunches RUNNING experiments and fills free slots from the queue.
+// start relaunches RUNNING and PAUSED experiments and fills free slots
+// from the queue. A PAUSED one runs again: its aggregator pauses it anew
+// if what paused it is still there.
 func (d *Director) start(runCtx context.Context) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.runCtx = runCtx
 	for _, e := range d.sortedExps() {
+		if e.rec.State == fxv1.ExperimentState_PAUSED {
+			d.setPausedLocked(e, "")
+		}
 		if e.rec.State == fxv1.ExperimentState_RUNNING {
 			d.launchLocked(e)
 		}

@@ -83,7 +83,7 @@ func (d *Director) scheduleLocked() {
 	var queued []*expState
 	for _, e := range d.sortedExps() {
 		switch e.rec.State {
-		case fxv1.ExperimentState_OFFERED, fxv1.ExperimentState_RUNNING:
+		case fxv1.ExperimentState_OFFERED, fxv1.ExperimentState_RUNNING, fxv1.ExperimentState_PAUSED:
 			active++
 		case fxv1.ExperimentState_QUEUED:
 			queued = append(queued, e)
@@ -231,7 +231,7 @@ func (d *Director) answerLocked(e *expState, envoy string, accept bool, reason s
 	}
 	if e.rec.State != fxv1.ExperimentState_OFFERED {
 		why := "it has ended (" + e.rec.State.String() + ")"
-		if e.rec.State == fxv1.ExperimentState_RUNNING {
+		if store.Running(e.rec.State) {
 			why = "the experiment started without this envoy"
 		}
 		return fmt.Errorf("the offer of experiment %s is closed: %s: %w", e.rec.ID, why, ErrFailedPrecondition)
@@ -481,7 +481,7 @@ func (d *Director) reportFailureLocked(e *expState, envoy string, round int32, r
 	}
 	d.log.Warn("participant dropped", "experiment", e.rec.ID, "envoy", envoy, "reason", np.Reason)
 	d.sendLocked(envoy, stopAssignment(e.rec.ID, e.rec.State, "this envoy was dropped from the experiment: "+np.Reason))
-	if e.rec.State != fxv1.ExperimentState_RUNNING {
+	if !store.Running(e.rec.State) {
 		return nil, nil
 	}
 	remaining := e.countParts(fxv1.ParticipantState_TRAINING)

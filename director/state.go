@@ -217,7 +217,7 @@ func displayRound(e *expState) int32 {
 	if e.rec.Ended() {
 		return int32(min(done, e.rec.Rounds))
 	}
-	if e.rec.State == fxv1.ExperimentState_RUNNING {
+	if store.Running(e.rec.State) {
 		return int32(min(done+1, e.rec.Rounds))
 	}
 	return 0

@@ -57,6 +57,12 @@ func Ended(s fxv1.ExperimentState) bool {
 	return false
 }
 
+// Running reports whether an experiment in state s has an aggregator:
+// RUNNING, or PAUSED while its aggregator waits for a resource.
+func Running(s fxv1.ExperimentState) bool {
+	return s == fxv1.ExperimentState_RUNNING || s == fxv1.ExperimentState_PAUSED
+}
+
 // Participant is one envoy's part in one experiment.
 type Participant struct {
 	Envoy     string                `json:"envoy"`
