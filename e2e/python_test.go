@@ -17,12 +17,16 @@ import (
 // systemPython is Debian's interpreter, which has numpy from python3-numpy.
 const systemPython = "/usr/bin/python3"
 
-// TestPythonRunner (issue #7): the reference runner in examples/python-runner
-// (numpy softmax regression behind the exec runner protocol) completes a
-// three-round experiment over two envoys. Its plan names `python3`, which
-// each envoy resolves through PATH=/usr/bin:/bin, so Debian's python3 runs,
-// not a user's pyenv shim. The archive carries the initial model, written
-// by `runner.py init`: an aggregator cannot make one for an exec runner.
+// TestPythonRunner: the reference runner in examples/python-runner (numpy
+// softmax regression on fx.site, the site library every envoy hands its
+// runners) completes the example's five rounds over two envoys. Its plan
+// names `python3`, which each envoy resolves through its runners' PATH
+// (/usr/bin:/bin), so Debian's python3 runs, not a user's pyenv shim. The
+// archive carries the initial model, written by `runner.py init`: an
+// aggregator cannot make one for an exec runner. Each site starts one
+// runner process for all the experiment's tasks (besides the one start at
+// review), and the output of the site that shares it reaches the
+// researcher.
 func TestPythonRunner(t *testing.T) {
 	requireE2E(t)
 	if out, err := exec.Command(systemPython, "-c", "import numpy").CombinedOutput(); err != nil {
@@ -45,7 +49,10 @@ func TestPythonRunner(t *testing.T) {
 		}
 		if name == "plan.yaml" {
 			plan := string(b)
-			for _, r := range [][2]string{{"rounds: 5\n", "rounds: 3\n"}, {"tags: [fashion-mnist]", "tags: [" + tag + "]"}} {
+			if !strings.Contains(plan, "rounds: 5\n") {
+				t.Fatal("examples/python-runner/plan.yaml no longer runs 5 rounds; update this test")
+			}
+			for _, r := range [][2]string{{"tags: [fashion-mnist]", "tags: [" + tag + "]"}} {
 				if !strings.Contains(plan, r[0]) {
 					t.Fatalf("examples/python-runner/plan.yaml has no %q any more; update this test", r[0])
 				}
@@ -57,8 +64,13 @@ func TestPythonRunner(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	sdk, err := filepath.Abs(filepath.Join("..", "sdk", "python"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	init := exec.Command(systemPython, "runner.py", "init", "--features", features, "--classes", classes)
 	init.Dir = exp
+	init.Env = append(os.Environ(), "PYTHONPATH="+sdk, "PYTHONDONTWRITEBYTECODE=1")
 	if out, err := init.CombinedOutput(); err != nil {
 		t.Fatalf("runner.py init: %v\n%s", err, out)
 	}
@@ -69,28 +81,27 @@ func TestPythonRunner(t *testing.T) {
 
 	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
 	f.startDirector(directorOptions{})
-	for i, name := range []string{"site-1", "site-2"} {
-		f.startEnvoy(name, shardOf(i+1), "PATH=/usr/bin:/bin")
-	}
+	f.startEnvoyOpts("site-1", shardOf(1), envoyOptions{shareLogs: true})
+	f.startEnvoy("site-2", shardOf(2))
 	c := f.researcher("alice")
 	f.waitEnvoysOnline(c, "site-1", "site-2")
 
 	start := time.Now()
 	e := f.submit("alice", exp)
 	final := f.waitState(c, e.GetName(), 5*time.Minute, fxv1.ExperimentState_FINISHED)
-	t.Logf("%s: 3 rounds of the Python runner on %s over 2 envoys in %s", e.GetName(), tag, time.Since(start).Round(100*time.Millisecond))
-	if final.GetRound() != 3 {
-		t.Errorf("finished at round %d, want 3", final.GetRound())
+	t.Logf("%s: 5 rounds of the Python runner on %s over 2 envoys in %s", e.GetName(), tag, time.Since(start).Round(100*time.Millisecond))
+	if final.GetRound() != 5 {
+		t.Errorf("finished at round %d, want 5", final.GetRound())
 	}
 
 	evs := f.watchEvents("alice", e.GetName())
 	agg := aggregates(t, evs)
-	for r := 1; r <= 3; r++ {
+	for r := 1; r <= 5; r++ {
 		if got := reporters(evs, r, runner.TaskTrain); !slices.Equal(got, []string{"site-1", "site-2"}) {
 			t.Errorf("round %d: train reported by %v, want both sites", r, got)
 		}
 	}
-	acc := agg[4][runner.TaskAggregatedValidation]["accuracy"]
+	acc := agg[6][runner.TaskAggregatedValidation]["accuracy"]
 	t.Logf("aggregated validation accuracy per round: %v", accuracies(agg, runner.TaskAggregatedValidation))
 	if acc < 0.7 {
 		t.Errorf("the final model's aggregated validation accuracy is %.4f, want ≥ 0.7", acc)
@@ -109,10 +120,32 @@ func TestPythonRunner(t *testing.T) {
 	if w := m.Get("fc0.weight"); w == nil || len(w.Shape) != 2 || w.Shape[1] != int64(atoi(features)) {
 		t.Errorf("fc0.weight: %v, want [%s %s]", w, classes, features)
 	}
-	// The runners were Debian's python3.
+	// The runners were Debian's python3, one process a site for every task
+	// (5 rounds × 3 and the final validation), and one start at review.
 	for _, name := range []string{"site-1", "site-2"} {
-		if log := f.envoys[name].log(); strings.Contains(log, ".pyenv") {
+		log := f.envoys[name].log()
+		if strings.Contains(log, ".pyenv") {
 			t.Errorf("%s ran a pyenv interpreter", name)
 		}
+		var review, serving int
+		for line := range strings.SplitSeq(log, "\n") {
+			switch {
+			case !strings.Contains(line, "runner process ready"):
+			case strings.Contains(line, "check=true"):
+				review++
+			default:
+				serving++
+			}
+		}
+		if review != 1 || serving != 1 {
+			t.Errorf("%s started its runner %d times at review and %d times for 16 tasks, want 1 and 1", name, review, serving)
+		}
+	}
+	logs := f.mustExp("alice", "logs", e.GetName())
+	if !strings.Contains(logs, "site-1  train r1  stderr: epoch 1/1: loss") {
+		t.Errorf("fx experiment logs lacks site-1's training progress:\n%s", logs)
+	}
+	if strings.Contains(logs, "site-2") {
+		t.Errorf("fx experiment logs shows site-2, which does not share its runners' output:\n%s", logs)
 	}
 }
