@@ -238,7 +238,7 @@ func TestReviewPolicies(t *testing.T) {
 		{"exec runner without its command", PolicyAuto, makeArchive(t, missingYAML, 0), missingYAML, false, "missing.sh"},
 		{"archive over the site's limit", PolicyAuto, makeArchive(t, plan, 4*archiveChunk), plan, false, "over this site's limit"},
 		{"offer's plan is not the archive's", PolicyAuto, other, plan, false, "differs from the plan in the offer"},
-		{"hyperparameters the builtin model refuses", PolicyAuto, makeArchive(t, strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), 0), strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), false, "cannot run the plan"},
+		{"hyperparameters the builtin model refuses", PolicyAuto, makeArchive(t, strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), 0), strings.Replace(plan, "batch_size: 8", "batch_size: -1", 1), false, "the offered plan is invalid: invalid plan: runner.hyperparameters"},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

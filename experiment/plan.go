@@ -15,6 +15,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/runner/builtin"
 )
 
 // PlanFile is the name of the plan at the root of an experiment directory or
@@ -500,6 +501,11 @@ func (p *Plan) validateRunner(v *problems) {
 	case RunnerBuiltin:
 		switch r.Model {
 		case ModelSoftmax, ModelMLP:
+			// Checked here, at the researcher's and at submission, not
+			// by each site after it downloaded the archive.
+			if _, err := builtin.ParseHyperparameters(r.Model, r.Hyperparameters); err != nil {
+				v.add("runner.hyperparameters", err.Error())
+			}
 		case "":
 			v.add("runner.model", "required with kind builtin: softmax or mlp")
 		default:
