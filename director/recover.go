@@ -169,6 +169,9 @@ type Recovery struct {
 	Restored string
 	// SetAside is where the replaced store went, if anywhere.
 	SetAside string
+	// StartedEmpty says that no snapshot was good and the store started
+	// empty (RecoverConfig.StartEmpty).
+	StartedEmpty bool
 	// Actions say, one line each, what was done to reconcile the store
 	// with the experiment directories.
 	Actions []string
@@ -304,7 +307,7 @@ func restoreSnapshot(cfg RecoverConfig, rec *Recovery, why string) error {
 		}
 	}
 	if good == "" {
-		rec.Actions = append(rec.Actions, "no good snapshot: starting with an empty store (--start-empty)")
+		rec.StartedEmpty = true
 		return nil
 	}
 	src, err := os.Open(good)

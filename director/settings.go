@@ -51,6 +51,12 @@ type Settings struct {
 	StopTimeout time.Duration `mapstructure:"stop_timeout"`
 	// UploadIdleTimeout abandons an upload that sends nothing for this long.
 	UploadIdleTimeout time.Duration `mapstructure:"upload_idle_timeout"`
+	// Snapshots are the copies of the store that `fx director recover`
+	// restores.
+	Snapshots struct {
+		Interval time.Duration `mapstructure:"interval"`
+		Keep     int           `mapstructure:"keep"`
+	} `mapstructure:"snapshots"`
 }
 
 // DefaultSettings are what a configuration file overrides.
@@ -69,6 +75,8 @@ func DefaultSettings() Settings {
 	s.Aggregator.Host = DefaultAggregatorHost
 	s.StopTimeout = DefaultStopTimeout
 	s.UploadIdleTimeout = DefaultUploadIdleTimeout
+	s.Snapshots.Interval = DefaultSnapshotInterval
+	s.Snapshots.Keep = DefaultSnapshotsKept
 	return s
 }
 
@@ -94,6 +102,12 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 			bad(key, "%v", err)
 		}
 	}
+	if s.Snapshots.Keep < 1 {
+		bad("snapshots.keep", "%d: at least 1; without snapshots `fx director recover` has nothing to restore", s.Snapshots.Keep)
+	}
+	if s.Snapshots.Interval <= 0 {
+		bad("snapshots.interval", "%s: must be positive", s.Snapshots.Interval)
+	}
 	if s.TLS.CRL != "" {
 		if _, err := os.Stat(s.TLS.CRL); err != nil {
 			bad("tls.crl", "%v", err)
@@ -115,6 +129,8 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 		MaxUploadsPerResearcher: s.MaxUploadsPerResearcher,
 		StopTimeout:             s.StopTimeout,
 		UploadIdleTimeout:       s.UploadIdleTimeout,
+		SnapshotInterval:        s.Snapshots.Interval,
+		SnapshotsKept:           s.Snapshots.Keep,
 		Logger:                  logger,
 	}
 	if err := cfg.validate(); err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -43,7 +44,7 @@ Under the manual review policy every submitted experiment waits PENDING until
 an admin runs 'fx director approve' or 'fx director reject'; 'fx director
 inspect' shows its code first.`,
 	}
-	cmd.AddCommand(newDirectorStartCommand(opts), newDirectorInspectCommand(), newDirectorReviewCommand(true), newDirectorReviewCommand(false))
+	cmd.AddCommand(newDirectorStartCommand(opts), newDirectorInspectCommand(), newDirectorReviewCommand(true), newDirectorReviewCommand(false), newDirectorRecoverCommand(opts))
 	return cmd
 }
 
@@ -95,6 +96,72 @@ from their last completed round, and stops gracefully on SIGINT or SIGTERM.`,
 	f.String("tls-crl", "", "the federation's certificate revocation list")
 	f.String("aggregator-host", "", "interface aggregators listen on")
 	return cmd
+}
+
+func newDirectorRecoverCommand(opts *globalOptions) *cobra.Command {
+	var file string
+	var startEmpty bool
+	cmd := &cobra.Command{
+		Use:   "recover",
+		Short: "Restore the director's store from its newest good snapshot",
+		Long: `Run this, with the director stopped, when 'fx director start' refuses to
+start because its store (data_dir/director.db) is damaged, empty, missing or
+does not match the experiments under data_dir.
+
+It sets the store aside (director.db.set-aside-TIME) and copies in its place
+the newest snapshot under data_dir/snapshots that passes a full check (the
+director takes one at every start, every snapshots.interval and at every
+clean stop), then reconciles it with the experiment directories: a
+directory the snapshot does not know (submitted after it) moves to
+data_dir/orphaned, a record whose directory is gone is deleted if the
+experiment had ended and failed otherwise, and an experiment whose
+aggregator started after the snapshot is RUNNING again. An intact store that
+matches is kept and only reconciled. Nothing is deleted. It prints what it
+did; then start the director.
+
+Without a good snapshot it changes nothing, unless --start-empty: then the
+director starts with an empty store and every experiment directory is set
+aside under data_dir/orphaned.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := loadDirectorSettings(file, cmd.Flags())
+			if err != nil {
+				return err
+			}
+			rec, err := director.Recover(director.RecoverConfig{
+				DataDir: s.DataDir, StartEmpty: startEmpty, Logger: opts.logger(cmd.ErrOrStderr()),
+			})
+			if rec != nil {
+				printRecovery(cmd.OutOrStdout(), s.DataDir, rec)
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVarP(&file, "config", "c", "", "director configuration file (YAML), for its data_dir")
+	f.String("data-dir", "", "the director's data directory")
+	f.BoolVar(&startEmpty, "start-empty", false, "without a good snapshot, start with an empty store and set every experiment directory aside")
+	return cmd
+}
+
+func printRecovery(w io.Writer, dataDir string, rec *director.Recovery) {
+	switch {
+	case rec.Restored != "":
+		fmt.Fprintf(w, "restored the store of %s from %s\n", dataDir, rec.Restored)
+	case rec.StartedEmpty:
+		fmt.Fprintf(w, "no good snapshot: the store of %s starts empty (--start-empty)\n", dataDir)
+	default:
+		fmt.Fprintf(w, "the store of %s is intact; kept it\n", dataDir)
+	}
+	if rec.SetAside != "" {
+		fmt.Fprintf(w, "the previous store is kept as %s\n", rec.SetAside)
+	}
+	for _, a := range rec.Actions {
+		fmt.Fprintf(w, "- %s\n", a)
+	}
+	if len(rec.Actions) == 0 {
+		fmt.Fprintln(w, "every experiment matches its directory")
+	}
 }
 
 // clientFlags say how an admin command reaches the director.
