@@ -176,7 +176,7 @@ func (d *Director) load() error {
 		d.envoys[rec.Name] = &envoyState{rec: *rec, shard: shard, streams: map[*assignStream]struct{}{}}
 	}
 	for _, rec := range exps {
-		plan, err := experiment.ParsePlan([]byte(rec.PlanYAML))
+		plan, err := experiment.ParseStoredPlan([]byte(rec.PlanYAML))
 		if err != nil {
 			return fmt.Errorf("experiment %s: stored plan: %w", rec.ID, err)
 		}

@@ -109,7 +109,15 @@ const (
 	// DefaultBestTask: the best model is judged on the global model's
 	// validation at the start of each round.
 	DefaultBestTask = runner.TaskAggregatedValidation
+	// DefaultRetentionEvery keeps every round's model.
+	DefaultRetentionEvery = 1
 )
+
+// MaxRounds is the most rounds a plan may ask for. A round takes seconds at
+// the least, so it is far beyond what an experiment runs; what it stops is
+// a typo (rounds: 1000000000) that would keep an aggregator, its sites and
+// the director's disk busy for good.
+const MaxRounds = 10000
 
 // DefaultTasks is the task list of a plan that names none: validate the
 // global model, train, validate the trained weights.
@@ -137,6 +145,30 @@ type Plan struct {
 	Tasks []string `yaml:"tasks" json:"tasks"`
 	// BestModel says which round's model is kept as the best.
 	BestModel BestModel `yaml:"best_model" json:"best_model"`
+	// Retention says which rounds' models stay on the director's disk.
+	Retention Retention `yaml:"retention" json:"retention"`
+}
+
+// Retention says which rounds' global models the director keeps once the
+// experiment has moved past them (retention). The initial model, the best
+// and the last two rounds' are always kept: the best and the last for the
+// researcher, the one before the last so that a resume can fall back to it
+// if the last is damaged. Each model is as large as the model itself, so a
+// plan with many rounds of a large model should keep fewer.
+type Retention struct {
+	// Every keeps every Nth round's model as well (every): 1 keeps every
+	// round's (the default), 0 only those always kept.
+	Every int `yaml:"every" json:"every"`
+}
+
+// KeptModels is the most models the plan's retention keeps on disk at
+// once, the initial model included.
+func (p *Plan) KeptModels() int {
+	n := 4 // the initial, the best, the last two
+	if e := p.Retention.Every; e > 0 {
+		n += p.Rounds / e
+	}
+	return min(n, p.Rounds+1)
 }
 
 // Participants selects envoys (participants). An envoy qualifies if it is
@@ -258,6 +290,7 @@ func DefaultPlan() Plan {
 			Mode:   DefaultBestMode,
 			Task:   DefaultBestTask,
 		},
+		Retention: Retention{Every: DefaultRetentionEvery},
 	}
 }
 
@@ -314,7 +347,15 @@ func (e *ValidationError) Unwrap() error { return ErrInvalidPlan }
 // not one YAML mapping is refused; then every rule of Plan.Validate is
 // checked. Problems come back together in a *ValidationError where possible,
 // and every error matches ErrInvalidPlan.
-func ParsePlan(data []byte) (*Plan, error) {
+func ParsePlan(data []byte) (*Plan, error) { return parsePlan(data, true) }
+
+// ParseStoredPlan reads a plan the director accepted before: like
+// ParsePlan, except that limits added since (rounds ≤ MaxRounds) are not
+// applied, so that an experiment recorded before them still loads. Such
+// an experiment cannot start again: the aggregator validates its plan.
+func ParseStoredPlan(data []byte) (*Plan, error) { return parsePlan(data, false) }
+
+func parsePlan(data []byte, limits bool) (*Plan, error) {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil {
@@ -357,7 +398,7 @@ func ParsePlan(data []byte) (*Plan, error) {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidPlan, err)
 	}
 	p.normalize()
-	if err := p.Validate(); err != nil {
+	if err := p.validate(limits); err != nil {
 		return nil, err
 	}
 	return &p, nil
@@ -406,7 +447,9 @@ func (p *Plan) normalize() {
 // finds in one *ValidationError, each naming its key path. It checks the plan
 // as it is: defaults are not filled in here (ParsePlan starts from
 // DefaultPlan), so a zero deadline, say, is reported rather than replaced.
-func (p *Plan) Validate() error {
+func (p *Plan) Validate() error { return p.validate(true) }
+
+func (p *Plan) validate(limits bool) error {
 	var v problems
 
 	if p.Name == "" {
@@ -424,6 +467,11 @@ func (p *Plan) Validate() error {
 		v.add("rounds", "required: the number of federated rounds, at least 1")
 	case p.Rounds < 0:
 		v.add("rounds", fmt.Sprintf("must be at least 1, got %d", p.Rounds))
+	case p.Rounds > MaxRounds && limits:
+		v.add("rounds", fmt.Sprintf("%d is over the limit of %d", p.Rounds, MaxRounds))
+	}
+	if p.Retention.Every < 0 {
+		v.add("retention.every", fmt.Sprintf("must be 0 (keep the initial, best and last two models only), 1 (every round's) or more (every Nth round's too), got %d", p.Retention.Every))
 	}
 
 	p.validateParticipants(&v)

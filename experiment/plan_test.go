@@ -56,6 +56,7 @@ func TestParsePlanMinimalGetsDefaults(t *testing.T) {
 		{"best_model.metric", p.BestModel.Metric, "accuracy"},
 		{"best_model.mode", p.BestModel.Mode, "max"},
 		{"best_model.task", p.BestModel.Task, "aggregated_model_validation"},
+		{"retention.every", p.Retention.Every, 1},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.got, c.want) {
@@ -97,6 +98,7 @@ func TestParsePlanFull(t *testing.T) {
 		Stragglers:  Stragglers{Deadline: Duration(5 * time.Minute), MinReporting: 2, Percent: 0.75},
 		Tasks:       []string{runner.TaskTrain, runner.TaskLocalValidation},
 		BestModel:   BestModel{Metric: "loss", Mode: ModeMin, Task: runner.TaskLocalValidation},
+		Retention:   Retention{Every: 5},
 	}
 	if !reflect.DeepEqual(*p, want) {
 		t.Fatalf("got  %#v\nwant %#v", *p, want)
@@ -228,6 +230,8 @@ func TestParsePlanRules(t *testing.T) {
 		{"rounds missing", "name: exp\n" + builtinRunner, []string{"rounds"}, "rounds: required"},
 		{"rounds zero", "name: exp\nrounds: 0\n" + builtinRunner, []string{"rounds"}, ""},
 		{"rounds negative", "name: exp\nrounds: -1\n" + builtinRunner, []string{"rounds"}, "got -1"},
+		{"rounds over the limit", "name: exp\nrounds: 1000000000\n" + builtinRunner, []string{"rounds"}, "rounds: 1000000000 is over the limit of 10000"},
+		{"retention negative", base + builtinRunner + "retention: {every: -1}\n", []string{"retention.every"}, "got -1"},
 
 		{"participants.min zero", base + builtinRunner + "participants: {min: 0}\n", []string{"participants.min"}, "participants.min: must be at least 1, got 0"},
 		{"participants.min above envoys", base + builtinRunner + "participants: {min: 3, envoys: [a, b]}\n", []string{"participants.min"}, "lists only 2 envoys"},
@@ -418,5 +422,36 @@ func TestProblemString(t *testing.T) {
 	}
 	if got := (Problem{Key: "a.b", Message: "bad"}).String(); got != "a.b: bad" {
 		t.Errorf("got %q", got)
+	}
+}
+
+// TestParseStoredPlanSkipsNewLimits: a plan the director stored before
+// rounds were bounded still loads (and only there).
+func TestParseStoredPlanSkipsNewLimits(t *testing.T) {
+	plan := []byte("name: exp\nrounds: 1000000000\nrunner: {kind: builtin, model: mlp}\n")
+	if _, err := ParsePlan(plan); err == nil {
+		t.Fatal("ParsePlan took rounds over MaxRounds")
+	}
+	p, err := ParseStoredPlan(plan)
+	if err != nil || p.Rounds != 1000000000 {
+		t.Fatalf("ParseStoredPlan = %+v, %v", p, err)
+	}
+	if err := p.Validate(); err == nil {
+		t.Fatal("Validate took rounds over MaxRounds")
+	}
+	if _, err := ParseStoredPlan([]byte("name: exp\nrounds: 2\nrunner: {kind: nope}\n")); err == nil {
+		t.Fatal("ParseStoredPlan took an invalid plan")
+	}
+}
+
+func TestKeptModels(t *testing.T) {
+	for _, c := range []struct{ rounds, every, want int }{
+		{10, 1, 11}, {10, 0, 4}, {10, 5, 6}, {1000, 10, 104}, {2, 0, 3}, {1, 1, 2},
+	} {
+		p := DefaultPlan()
+		p.Rounds, p.Retention.Every = c.rounds, c.every
+		if got := p.KeptModels(); got != c.want {
+			t.Errorf("rounds %d every %d: KeptModels = %d, want %d", c.rounds, c.every, got, c.want)
+		}
 	}
 }
