@@ -64,8 +64,8 @@ part in now. --tags keeps the envoys whose dataset carries every tag given.`,
 				envoys = kept
 			}
 			out := cmd.OutOrStdout()
-			if o.json() {
-				return writeJSON(out, &fxv1.ListEnvoysResponse{Envoys: envoys})
+			if o.structured() {
+				return o.write(out, &fxv1.ListEnvoysResponse{Envoys: envoys})
 			}
 			return printEnvoys(out, envoys)
 		},
@@ -113,8 +113,8 @@ participants.tags, sample_shape and target_shape would find data.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if o.json() {
-				return writeJSON(out, &fxv1.SearchDatasetsResponse{Matches: matches})
+			if o.structured() {
+				return o.write(out, &fxv1.SearchDatasetsResponse{Matches: matches})
 			}
 			if len(matches) == 0 {
 				_, err := fmt.Fprintln(out, "no matching datasets")

@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -20,8 +18,6 @@ import (
 	"github.com/spf13/pflag"
 	"go.yaml.in/yaml/v3"
 	"golang.org/x/term"
-	"google.golang.org/protobuf/encoding/protojson"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/config"
@@ -88,7 +84,7 @@ func (o *researcherOptions) addPersistent(f *pflag.FlagSet) {
 	f.String("ca", "", "the federation root certificate (PEM)")
 	f.Duration("timeout", 0, "how long to wait for the director to answer (default 10s)")
 	f.StringVar(&o.profile, "profile", "", "profile file with connection settings (default $FX_PROFILE or ~/.config/fx/config.yaml)")
-	f.StringVar(&o.output, "output", "table", "output format: table (for people) or json (for scripts)")
+	f.StringVar(&o.output, "output", outputTable, "output format: table (for people), json or yaml (for scripts; 64-bit numbers are numbers)")
 }
 
 // profilePath is the profile to read: the one the user named, which must
@@ -176,48 +172,6 @@ func (o *researcherOptions) dial(cmd *cobra.Command) (*experiment.Client, error)
 	return c, err
 }
 
-func (o *researcherOptions) checkOutput() error {
-	switch o.output {
-	case "table", "json":
-		return nil
-	}
-	return fmt.Errorf("--output %q: use table or json", o.output)
-}
-
-func (o *researcherOptions) json() bool { return o.output == "json" }
-
-// writeJSON prints a message as indented JSON with proto field names.
-// protojson varies its whitespace on purpose; re-indenting it makes the
-// output byte-stable for scripts and diffs.
-func writeJSON(w io.Writer, m proto.Message) error {
-	data, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
-	if err != nil {
-		return err
-	}
-	var buf bytes.Buffer
-	if err := json.Indent(&buf, data, "", "  "); err != nil {
-		return err
-	}
-	buf.WriteByte('\n')
-	_, err = w.Write(buf.Bytes())
-	return err
-}
-
-// writeJSONLine prints a message as one compact JSON line, for streams.
-func writeJSONLine(w io.Writer, m proto.Message) error {
-	data, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(m)
-	if err != nil {
-		return err
-	}
-	var buf bytes.Buffer
-	if err := json.Compact(&buf, data); err != nil {
-		return err
-	}
-	buf.WriteByte('\n')
-	_, err = w.Write(buf.Bytes())
-	return err
-}
-
 func newExperimentCommand() *cobra.Command {
 	o := &researcherOptions{}
 	cmd := &cobra.Command{
@@ -289,16 +243,16 @@ experiment FINISHED, so scripts can chain on it.`,
 			}
 			out := cmd.OutOrStdout()
 			if !wait {
-				if o.json() {
-					return writeJSON(out, e)
+				if o.structured() {
+					return o.write(out, e)
 				}
 				_, err := fmt.Fprintf(out, "submitted %s (id %s): %s\nfollow it with: fx experiment watch %s\n", e.GetName(), e.GetId(), e.GetState(), e.GetName())
 				return err
 			}
-			if !o.json() {
+			if !o.structured() {
 				fmt.Fprintf(out, "submitted %s (id %s)\n", e.GetName(), e.GetId())
 			}
-			return followExperiment(cmd.Context(), c, out, e.GetName(), o.json())
+			return followExperiment(cmd.Context(), c, out, e.GetName(), o)
 		},
 	}
 	cmd.Flags().StringVar(&name, "name", "", "the experiment's name (default: the plan's name)")
@@ -310,8 +264,8 @@ experiment FINISHED, so scripts can chain on it.`,
 // whenever its state, round or participants change, or a round's metrics
 // arrive. With asJSON it prints only the final experiment. It returns the
 // *EndedError of an experiment that did not finish.
-func followExperiment(ctx context.Context, c *experiment.Client, out io.Writer, name string, asJSON bool) error {
-	v := &liveView{out: out, quiet: asJSON}
+func followExperiment(ctx context.Context, c *experiment.Client, out io.Writer, name string, o *researcherOptions) error {
+	v := &liveView{out: out, quiet: o.structured()}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// Metric events say when rounds complete; a slow ticker shows state
@@ -349,8 +303,8 @@ func followExperiment(ctx context.Context, c *experiment.Client, out io.Writer, 
 			}
 			if r.e != nil {
 				v.show(r.e)
-				if asJSON {
-					if err := writeJSON(out, r.e); err != nil {
+				if o.structured() {
+					if err := o.write(out, r.e); err != nil {
 						return err
 					}
 				}
@@ -514,8 +468,8 @@ only those in the given states.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if o.json() {
-				return writeJSON(out, &fxv1.ListExperimentsResponse{Experiments: list})
+			if o.structured() {
+				return o.write(out, &fxv1.ListExperimentsResponse{Experiments: list})
 			}
 			if len(list) == 0 {
 				_, err := fmt.Fprintln(out, "no experiments")
@@ -574,8 +528,8 @@ func newExperimentStatusCommand(o *researcherOptions) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if o.json() {
-				return writeJSON(cmd.OutOrStdout(), e)
+			if o.structured() {
+				return o.write(cmd.OutOrStdout(), e)
 			}
 			return printExperiment(cmd.OutOrStdout(), e)
 		},
@@ -646,7 +600,7 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 			// Fixed columns rather than a tabwriter: a watch is read live,
 			// line by line, and cannot wait for the widest row.
 			const row = "%6v  %5v  %-30s  %-16s  %8v  %s\n"
-			if !o.json() {
+			if !o.structured() {
 				fmt.Fprintf(out, row, "SEQ", "ROUND", "TASK", "COLLABORATOR", "SAMPLES", "METRICS")
 			}
 			var werr error
@@ -654,8 +608,8 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 				if werr != nil {
 					return
 				}
-				if o.json() {
-					werr = writeJSONLine(out, ev)
+				if o.structured() {
+					werr = o.writeItem(out, ev)
 					return
 				}
 				_, werr = fmt.Fprintf(out, row, ev.GetSequence(), ev.GetRound(), ev.GetTask(), orDash(ev.GetCollaborator()), ev.GetSamples(), formatMetrics(ev.GetMetrics()))
@@ -663,7 +617,7 @@ repeats. It ends when the experiment ends, and fails unless it FINISHED.
 			if werr != nil {
 				return werr
 			}
-			if e != nil && !o.json() {
+			if e != nil && !o.structured() {
 				fmt.Fprintf(out, "%s ended %s (best %s)\n", e.GetName(), e.GetState(), bestSummary(e.GetBest()))
 			}
 			return interrupted(err, args[0])
@@ -708,8 +662,8 @@ experiment ends. --output json prints one JSON object per line.`,
 					return err
 				}
 				n++
-				if o.json() {
-					if err := writeJSONLine(out, line); err != nil {
+				if o.structured() {
+					if err := o.writeItem(out, line); err != nil {
 						return err
 					}
 					continue
@@ -723,7 +677,7 @@ experiment ends. --output json prints one JSON object per line.`,
 					return err
 				}
 			}
-			if n == 0 && !o.json() {
+			if n == 0 && !o.structured() {
 				fmt.Fprintf(cmd.ErrOrStderr(), "no runner output shared for %s (sites share it only with exec.share_logs: true)\n", args[0])
 			}
 			return nil
@@ -785,8 +739,8 @@ NAME-roundN.safetensors in the current directory.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if o.json() {
-				return writeModelJSON(out, file, info)
+			if o.structured() {
+				return o.writeObject(out, object{{"file", file}, {"model", plain(info)}})
 			}
 			_, err = fmt.Fprintf(out, "wrote %s: the %s model (round %d), %s, sha256 %s\nmetrics: %s\n", file, sel, info.GetRound(), humanBytes(info.GetSize()), info.GetSha256(), formatMetrics(info.GetMetrics()))
 			return err
@@ -797,24 +751,6 @@ NAME-roundN.safetensors in the current directory.`,
 	cmd.Flags().IntVar(&round, "round", 0, "the model after round N (0: the initial model)")
 	cmd.Flags().StringVarP(&file, "file", "o", "", "where to write the model")
 	return cmd
-}
-
-// writeModelJSON prints {"file": ..., "model": ModelInfo}: a script needs
-// the file name, which may have been chosen by default.
-func writeModelJSON(w io.Writer, file string, info *fxv1.ModelInfo) error {
-	model, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(info)
-	if err != nil {
-		return err
-	}
-	data, err := json.MarshalIndent(struct {
-		File  string          `json:"file"`
-		Model json.RawMessage `json:"model"`
-	}{file, model}, "", "  ")
-	if err != nil {
-		return err
-	}
-	_, err = fmt.Fprintf(w, "%s\n", data)
-	return err
 }
 
 func newExperimentCancelCommand(o *researcherOptions) *cobra.Command {
@@ -837,8 +773,8 @@ remove it.`,
 			if err != nil {
 				return err
 			}
-			if o.json() {
-				return writeJSON(cmd.OutOrStdout(), e)
+			if o.structured() {
+				return o.write(cmd.OutOrStdout(), e)
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s is now %s\n", e.GetName(), e.GetState())
 			return err
@@ -867,13 +803,8 @@ cancelled before it can be removed.`,
 			if err := c.Remove(cmd.Context(), args[0]); err != nil {
 				return err
 			}
-			if o.json() {
-				data, err := json.MarshalIndent(map[string]string{"removed": args[0]}, "", "  ")
-				if err != nil {
-					return err
-				}
-				_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s\n", data)
-				return err
+			if o.structured() {
+				return o.writeObject(cmd.OutOrStdout(), object{{"removed", args[0]}})
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "removed %s\n", args[0])
 			return err

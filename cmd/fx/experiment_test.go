@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"go.yaml.in/yaml/v3"
 	"os"
 	"path/filepath"
 	"strings"
@@ -161,9 +162,9 @@ func TestExperimentCommands(t *testing.T) {
 	}
 	for i, line := range lines {
 		var ev struct {
-			Sequence string `json:"sequence"`
+			Sequence int64 `json:"sequence"` // a number, not protojson's string
 		}
-		if err := json.Unmarshal([]byte(line), &ev); err != nil || ev.Sequence != fmt.Sprint(19+i) {
+		if err := json.Unmarshal([]byte(line), &ev); err != nil || ev.Sequence != int64(19+i) {
 			t.Errorf("line %d = %q (%v), want sequence %d", i, line, err, 19+i)
 		}
 	}
@@ -181,12 +182,21 @@ func TestExperimentCommands(t *testing.T) {
 		File  string `json:"file"`
 		Model struct {
 			Round  int    `json:"round"`
-			Size   string `json:"size"`
+			Size   int64  `json:"size"`
 			Sha256 string `json:"sha256"`
 		} `json:"model"`
 	}
-	if err != nil || json.Unmarshal([]byte(out), &got) != nil || got.File != model+".2" || got.Model.Round != 2 || len(got.Model.Sha256) != 64 {
+	if err != nil || json.Unmarshal([]byte(out), &got) != nil || got.File != model+".2" || got.Model.Round != 2 || got.Model.Size <= 0 || len(got.Model.Sha256) != 64 {
 		t.Errorf("model --round 2 --output json = %q, %v", out, err)
+	}
+	out, _, err = fx(t, append([]string{"experiment", "status", "run-1", "--output", "yaml"}, p...)...)
+	var inYAML struct {
+		Name   string `yaml:"name"`
+		State  string `yaml:"state"`
+		Rounds int    `yaml:"rounds"`
+	}
+	if err != nil || !strings.HasPrefix(out, "---\n") || yaml.Unmarshal([]byte(out), &inYAML) != nil || inYAML.Name != "run-1" || inYAML.State != "FINISHED" || inYAML.Rounds != 2 {
+		t.Errorf("status --output yaml = %q, %v (%+v)", out, err, inYAML)
 	}
 	if _, _, err := fx(t, append([]string{"experiment", "model", "run-1", "--last", "--round", "1"}, p...)...); err == nil || !strings.Contains(err.Error(), "one of") {
 		t.Errorf("model --last --round 1: %v", err)
