@@ -28,6 +28,7 @@ what a plan's participants section can select.
 	}
 	o.addPersistent(cmd.PersistentFlags())
 	cmd.AddCommand(newEnvoysListCommand(o), newEnvoysSearchCommand(o))
+	o.addCompletion(cmd)
 	return cmd
 }
 

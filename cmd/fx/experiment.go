@@ -200,6 +200,15 @@ another researcher's as OWNER/NAME.
 		newExperimentCancelCommand(o),
 		newExperimentRemoveCommand(o),
 	)
+	o.addCompletion(cmd)
+	for _, sub := range cmd.Commands() {
+		switch sub.Name() {
+		case "status", "watch", "logs", "model", "cancel", "remove":
+			sub.ValidArgsFunction = o.completeExperiments
+		case "list":
+			_ = sub.RegisterFlagCompletionFunc("state", completeStates)
+		}
+	}
 	return cmd
 }
 

@@ -189,6 +189,11 @@ func TestExperimentCommands(t *testing.T) {
 	if err != nil || json.Unmarshal([]byte(out), &got) != nil || got.File != model+".2" || got.Model.Round != 2 || got.Model.Size <= 0 || len(got.Model.Sha256) != 64 {
 		t.Errorf("model --round 2 --output json = %q, %v", out, err)
 	}
+	// Completion asks the director for the names.
+	out, _, err = fx(t, append([]string{"__complete", "experiment", "status"}, append(p, "ru")...)...)
+	if err != nil || !strings.Contains(out, "run-1\tFINISHED") {
+		t.Errorf("completing an experiment name: %q, %v", out, err)
+	}
 	out, _, err = fx(t, append([]string{"experiment", "status", "run-1", "--output", "yaml"}, p...)...)
 	var inYAML struct {
 		Name   string `yaml:"name"`

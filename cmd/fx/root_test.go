@@ -108,3 +108,17 @@ func TestExitCodes(t *testing.T) {
 		t.Errorf("interrupted: %s", msg)
 	}
 }
+
+func TestCompletion(t *testing.T) {
+	out, err := run(t, "__complete", "experiment", "list", "--output", "")
+	if err != nil || !strings.Contains(out, "json") || !strings.Contains(out, "yaml") {
+		t.Errorf("completing --output: %q, %v", out, err)
+	}
+	out, err = run(t, "__complete", "experiment", "list", "--state", "FIN")
+	if err != nil || !strings.Contains(out, "FINISHED") || strings.Contains(out, "RUNNING") {
+		t.Errorf("completing --state FIN: %q, %v", out, err)
+	}
+	if out, err := run(t, "completion", "bash"); err != nil || !strings.Contains(out, "bash completion") {
+		t.Errorf("fx completion bash: %v", err)
+	}
+}
