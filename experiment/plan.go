@@ -2,6 +2,7 @@ package experiment
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -325,14 +326,18 @@ type ValidationError struct {
 	Problems []Problem
 }
 
+// Error lists the problems, one a line when there are several.
 func (e *ValidationError) Error() string {
 	var b strings.Builder
 	b.WriteString(ErrInvalidPlan.Error())
-	b.WriteString(": ")
-	for i, p := range e.Problems {
-		if i > 0 {
-			b.WriteString("; ")
-		}
+	b.WriteString(":")
+	if len(e.Problems) == 1 {
+		b.WriteString(" ")
+		b.WriteString(e.Problems[0].String())
+		return b.String()
+	}
+	for _, p := range e.Problems {
+		b.WriteString("\n  ")
 		b.WriteString(p.String())
 	}
 	return b.String()
@@ -383,19 +388,22 @@ func parsePlan(data []byte, limits bool) (*Plan, error) {
 	}
 	var schema []Problem
 	checkSchema(root, reflect.TypeFor[Plan](), "", &schema)
-	if len(schema) > 0 {
-		return nil, &ValidationError{Problems: schema}
-	}
 
+	// Decoded even when the schema check found problems, so that every
+	// unknown key and every value of the wrong type is reported at once.
 	p := DefaultPlan()
 	strict := yaml.NewDecoder(bytes.NewReader(data))
-	strict.KnownFields(true)
+	strict.KnownFields(len(schema) == 0) // unknown keys are in schema already
 	if err := strict.Decode(&p); err != nil {
 		var te *yaml.TypeError
-		if errors.As(err, &te) {
-			return nil, &ValidationError{Problems: typeProblems(root, te)}
+		if !errors.As(err, &te) {
+			return nil, fmt.Errorf("%w: %w", ErrInvalidPlan, err)
 		}
-		return nil, fmt.Errorf("%w: %w", ErrInvalidPlan, err)
+		schema = append(schema, typeProblems(root, te)...)
+	}
+	if len(schema) > 0 {
+		slices.SortStableFunc(schema, func(a, b Problem) int { return cmp.Compare(a.Line, b.Line) })
+		return nil, &ValidationError{Problems: schema}
 	}
 	p.normalize()
 	if err := p.validate(limits); err != nil {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -453,5 +454,25 @@ func TestKeptModels(t *testing.T) {
 		if got := p.KeptModels(); got != c.want {
 			t.Errorf("rounds %d every %d: KeptModels = %d, want %d", c.rounds, c.every, got, c.want)
 		}
+	}
+}
+
+// TestParsePlanReportsEveryProblemAtOnce: unknown keys and values of the
+// wrong type come back together, in line order, one a line.
+func TestParsePlanReportsEveryProblemAtOnce(t *testing.T) {
+	_, err := ParsePlan([]byte("name: x\nrounds: ten\nparticipants: {min: many}\nrunner: {kind: builtin, model: mlp, timeout: 5}\ncolour: red\n"))
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		t.Fatalf("error %v, want a *ValidationError", err)
+	}
+	var keys []string
+	for _, p := range ve.Problems {
+		keys = append(keys, p.Key)
+	}
+	if want := []string{"rounds", "participants.min", "runner.timeout", "colour"}; !slices.Equal(keys, want) {
+		t.Errorf("problems name %v, want %v in line order", keys, want)
+	}
+	if lines := strings.Split(err.Error(), "\n"); len(lines) != 5 || !strings.HasPrefix(lines[1], "  line 2: rounds") {
+		t.Errorf("error %q: want a header and one line per problem", err)
 	}
 }
