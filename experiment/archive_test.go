@@ -934,3 +934,34 @@ func TestPackLongPaths(t *testing.T) {
 	}
 	checkUnpacked(t, dest, files)
 }
+
+// TestPackStoresModelWeights: a directory that is mostly model weights is
+// packed without compression (weights do not compress; deflating them was
+// most of a large submission's time), any other compressed as before.
+func TestPackStoresModelWeights(t *testing.T) {
+	pack := func(files map[string][]byte) int {
+		t.Helper()
+		dir := t.TempDir()
+		files["plan.yaml"] = []byte("name: x\n")
+		for name, b := range files {
+			if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var buf bytes.Buffer
+		if err := Pack(dir, &buf); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Inspect(writeFile(t, buf.Bytes()), DefaultLimits()); err != nil {
+			t.Fatalf("the archive does not inspect: %v", err)
+		}
+		return buf.Len()
+	}
+	zeros := make([]byte, 1<<20) // compressible, to tell the two apart
+	if n := pack(map[string][]byte{"model.safetensors": zeros, "train.py": []byte("print(1)\n")}); n < 1<<20 {
+		t.Errorf("an archive of mostly weights is %d bytes for 1 MiB of them: it was compressed", n)
+	}
+	if n := pack(map[string][]byte{"data.bin": zeros, "model.safetensors": []byte("tiny")}); n > 64<<10 {
+		t.Errorf("an archive of mostly other files is %d bytes for 1 MiB of zeros: it was not compressed", n)
+	}
+}

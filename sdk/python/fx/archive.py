@@ -136,8 +136,19 @@ def pack(directory: Union[str, os.PathLike], out: Optional[BinaryIO] = None) -> 
             self.n += len(b)
             return len(b)
 
+    # Stored, not compressed, when model weights (.safetensors, which do not
+    # compress) are most of the bytes, as fx's Go packer decides.
+    total = weights = 0
+    for name, full, is_dir, _ in entries:
+        if not is_dir:
+            size = os.stat(full).st_size
+            total += size
+            if name.endswith(".safetensors"):
+                weights += size
+    level = 0 if weights > 0 and weights >= total // 2 else 6
+
     sink = _Hashing()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=level) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, full, is_dir, executable in entries:
                 ti = tarfile.TarInfo(name.rstrip("/") if is_dir else name)
