@@ -4,13 +4,19 @@
 # binary at hand (found through $FX, else on PATH).
 #
 # Usage:
-#   scripts/pki-bootstrap.sh [--dir DIR] [--director NAME] [--hosts H1,H2,...]
+#   scripts/pki-bootstrap.sh [--dir DIR] [--hosts H1,H2,...] [--director NAME]
 #                            [--researcher NAME] [--admin NAME] [--org ORG]
 #                            [ENVOY_NAME ...]
 #
-# Defaults: --dir pki, --director localhost, --hosts localhost,127.0.0.1,
-# --researcher researcher, --admin admin, --org fx, envoys envoy-1 envoy-2
-# envoy-3.
+# --hosts lists every DNS name and IP address the director is reached on;
+# its certificate carries them all. The director's name (the certificate's
+# CN, and the file name under DIR/director/) is --director, else the first
+# DNS name of --hosts; it is always among the hosts. Without either, the
+# director is "localhost" with hosts localhost and 127.0.0.1: a federation
+# on one machine, as configs/director.yaml expects.
+#
+# Other defaults: --dir pki, --researcher researcher, --admin admin, --org
+# fx, envoys envoy-1 envoy-2 envoy-3.
 #
 # Layout it creates (NAME.crt is the certificate followed by the signing CA,
 # NAME.key its private key, mode 0600, ca.crt the federation root):
@@ -21,11 +27,13 @@
 #   DIR/researcher/NAME.{crt,key}   plus ca.crt
 #   DIR/admin/NAME.{crt,key}        plus ca.crt
 #
-# Idempotent: a second run keeps the CA and every certificate that exists and
-# adds only what is missing (say, a new envoy named on the command line). It
-# never replaces the CA or a key. Keys made here travel with their
-# directories; for a site that must make its own key, use `fx pki csr` there
-# and `fx pki sign` at the CA instead.
+# Run it again to add parties (say, a new envoy named on the command line):
+# it keeps the CA and every certificate that exists, and never replaces the
+# CA or a key. When --hosts or --director is given and the director's
+# certificate exists with other hosts, it renews that certificate for the
+# same key with the hosts asked for (`fx pki renew`) and says so. Keys made
+# here travel with their directories; for a site that must make its own
+# key, use `fx pki csr` there and `fx pki sign` at the CA instead.
 set -euo pipefail
 
 die() {
@@ -38,8 +46,8 @@ usage() {
 }
 
 dir=pki
-director=localhost
-hosts=localhost,127.0.0.1
+director=
+hosts=
 researcher="researcher"
 admin="admin"
 org=fx
@@ -63,6 +71,39 @@ if [ ${#envoys[@]} -eq 0 ]; then
   envoys=(envoy-1 envoy-2 envoy-3)
 fi
 
+# The director's name and hosts. Asked for explicitly, they also decide
+# whether an existing director certificate still fits.
+hosts_asked=false
+if [ -n "$hosts" ] || [ -n "$director" ]; then
+  hosts_asked=true
+fi
+if [ -z "$hosts" ] && [ -z "$director" ]; then
+  director=localhost
+  hosts=localhost,127.0.0.1
+fi
+IFS=, read -r -a host_list <<<"$hosts"
+if [ -z "$director" ]; then
+  for h in "${host_list[@]}"; do
+    # The first DNS name; an address only when there is no name.
+    if [[ ! $h =~ ^[0-9.]+$ && $h != *:* ]]; then
+      director=$h
+      break
+    fi
+  done
+  director=${director:-${host_list[0]}}
+fi
+[ -n "$director" ] || die "--hosts is empty: give the director's DNS names and addresses, e.g. --hosts director.example.org,10.0.0.5"
+# Envoys and aggregators check the director's certificate against its
+# name, so the name is always among its hosts.
+in_hosts=false
+for h in "${host_list[@]}"; do
+  [ "$h" = "$director" ] && in_hosts=true
+done
+if ! $in_hosts; then
+  host_list=("$director" "${host_list[@]}")
+fi
+hosts=$(IFS=,; printf '%s' "${host_list[*]}")
+
 fx=${FX:-}
 if [ -z "$fx" ]; then
   fx=$(command -v fx) || die "no fx binary: put it on PATH or set FX=/path/to/fx"
@@ -77,11 +118,33 @@ else
   printf 'created  CA in %s\n' "$ca"
 fi
 
+# sorted_hosts H1,H2,...: the hosts sorted, comma-separated, to compare sets.
+sorted_hosts() {
+  tr ',' '\n' <<<"$1" | sed '/^$/d' | sort -u | paste -sd, -
+}
+
+# cert_hosts FILE: the hosts a certificate carries, as sorted_hosts prints them.
+cert_hosts() {
+  local line
+  # show fails on an expired certificate but still prints its hosts.
+  line=$("$fx" pki show "$1" 2>/dev/null | sed -n 's/^hosts *//p') || true
+  sorted_hosts "$(sed 's/, */,/g; s/^-$//' <<<"$line")"
+}
+
 # certify ROLE NAME OUT [HOSTS]: issue NAME's certificate into OUT unless it
-# is already there.
+# is already there, with the hosts asked for (renewed if they changed).
 certify() {
   local role=$1 name=$2 out=$3 host_list=${4:-}
   if [ -e "$out/$name.crt" ] && [ -e "$out/$name.key" ]; then
+    if [ -n "$host_list" ] && $hosts_asked; then
+      local have
+      have=$(cert_hosts "$out/$name.crt")
+      if [ "$have" != "$(sorted_hosts "$host_list")" ]; then
+        "$fx" pki renew --dir "$ca" --cert "$out/$name.crt" --host "$host_list" >/dev/null
+        printf 'renewed  %-10s %-20s %s (hosts were %s, now %s; same key)\n' "$role" "$name" "$out" "$have" "$(sorted_hosts "$host_list")"
+        return 0
+      fi
+    fi
     printf 'keep     %-10s %-20s %s\n' "$role" "$name" "$out"
     return 0
   fi
@@ -119,3 +182,12 @@ cat <<EOF
   keep to yourself   $ca/ (signing.key issues certificates; root.key can go offline)
 Check any certificate with: fx pki show FILE --ca ca.crt --crl $ca/crl.pem
 EOF
+if [ "$director" != localhost ]; then
+  cat <<EOF
+The director's settings (configs/director.yaml) for this certificate:
+  tls.cert: $dir/director/$director.crt
+  tls.key: $dir/director/$director.key
+  advertise.host: $director
+and every party dials it as $director:PORT (envoy.yaml director.address, researchers' --director).
+EOF
+fi

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bytes"
+	"crypto"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
@@ -14,6 +18,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/cloudflare/cfssl/helpers"
 	"github.com/spf13/cobra"
 
 	"github.com/fx-fl/fx/pki"
@@ -37,6 +42,9 @@ Two ways to give a party its certificate:
     site:  fx pki csr --role envoy --name site-1 --out site-1/
     CA:    fx pki sign --dir ca --role envoy --csr site-1.csr --out signed/
     site:  fx pki import --crt signed/site-1.crt --ca signed/ca.crt --out site-1/
+
+A certificate that must change (other director hosts, a new lifetime) is
+renewed for the key it has: fx pki renew --dir ca --cert site-1/site-1.crt.
 
 CA directory (--dir), made by 'fx pki init':
 
@@ -65,6 +73,7 @@ Party directory (--out):
 		newPKICertifyCommand(),
 		newPKICSRCommand(),
 		newPKISignCommand(),
+		newPKIRenewCommand(),
 		newPKIImportCommand(),
 		newPKIRevokeCommand(),
 		newPKICRLCommand(),
@@ -296,6 +305,110 @@ request's CN unless --name is given; either way it is validated.`,
 		_ = cmd.MarkFlagRequired(name)
 	}
 	return cmd
+}
+
+func newPKIRenewCommand() *cobra.Command {
+	var (
+		dir, certPath string
+		hosts         []string
+		ttl           time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "renew --dir CA --cert NAME.crt",
+		Short: "Issue a party's certificate again for the key it has: new hosts, new lifetime",
+		Long: `Issue a new certificate for the party whose certificate --cert names, for the
+private key next to it (NAME.key in the same directory), with the same name
+and role, and replace NAME.crt with it. The key does not change, so only the
+new NAME.crt has to reach the party; fx parties reload their certificate
+from disk without a restart.
+
+Use it when a director's names or addresses change (--host gives the new
+list; without it the current hosts are kept) or a certificate nears its
+end (--ttl). The previous certificate stays valid until it expires; revoke
+it with 'fx pki revoke --serial' if it must stop working sooner.`,
+		Example: `  fx pki renew --dir pki/ca --cert pki/director/director.example.org.crt \
+      --host director.example.org --host 10.0.0.7
+  fx pki renew --dir pki/ca --cert pki/envoys/site-1/site-1.crt --ttl 8760h`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ttl <= 0 {
+				return fmt.Errorf("--ttl %s: give a positive duration such as 8760h", ttl)
+			}
+			old, id, csrPEM, err := renewalRequest(certPath)
+			if err != nil {
+				return err
+			}
+			req := pki.IssueRequest{Role: id.Role, Name: id.Name, Hosts: hosts, TTL: ttl}
+			if id.Role == pki.RoleDirector && len(hosts) == 0 {
+				req.Hosts = hostsOf(old)
+			}
+			ca, err := pki.OpenCA(dir)
+			if err != nil {
+				return err
+			}
+			iss, files, err := ca.SignCSRTo(filepath.Dir(certPath), csrPEM, req)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			printIssued(w, iss, files, false)
+			if was, now := strings.Join(hostsOf(old), ", "), strings.Join(hostsOf(iss.Cert), ", "); was != now {
+				fmt.Fprintf(w, "  hosts were   %s\n", orNone(was))
+			}
+			fmt.Fprintf(w, "the key is unchanged; the previous certificate (serial %s) stays valid until %s: 'fx pki revoke --dir %s --serial %s' ends it sooner\n",
+				pki.FormatSerial(old.SerialNumber), day(old.NotAfter), dir, pki.FormatSerial(old.SerialNumber))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "CA directory (required)")
+	cmd.Flags().StringVar(&certPath, "cert", "", "the party's certificate, NAME.crt, with NAME.key beside it (required)")
+	cmd.Flags().StringSliceVar(&hosts, "host", nil, hostHelp+"; default: the certificate's current hosts")
+	cmd.Flags().DurationVar(&ttl, "ttl", pki.DefaultLeafTTL, "lifetime of the new certificate")
+	for _, name := range []string{"dir", "cert"} {
+		_ = cmd.MarkFlagRequired(name)
+	}
+	return cmd
+}
+
+// renewalRequest reads a party's certificate and the key beside it, checks
+// that they belong together, and makes a certificate request signed by that
+// key, so the CA can issue the party a new certificate for the key it has.
+func renewalRequest(certPath string) (*x509.Certificate, pki.Identity, []byte, error) {
+	data, err := os.ReadFile(certPath)
+	if err != nil {
+		return nil, pki.Identity{}, nil, fmt.Errorf("reading the certificate: %w", err)
+	}
+	chain, err := pki.ParseCertificatesPEM(data)
+	if err != nil {
+		return nil, pki.Identity{}, nil, fmt.Errorf("%s: %w", certPath, err)
+	}
+	old := chain[0]
+	id, err := pki.IdentityFromCertificate(old)
+	if err != nil {
+		return nil, pki.Identity{}, nil, fmt.Errorf("%s is not an fx party's certificate: %w", certPath, err)
+	}
+	keyPath := pki.PartyFiles(filepath.Dir(certPath), id.Name).Key
+	keyPEM, err := os.ReadFile(keyPath)
+	if err != nil {
+		return nil, pki.Identity{}, nil, fmt.Errorf("renewing keeps the party's key, and it is not beside the certificate: %w (a site that holds its key renews with 'fx pki csr' and 'fx pki sign')", err)
+	}
+	key, err := helpers.ParsePrivateKeyPEM(keyPEM)
+	if err != nil {
+		return nil, pki.Identity{}, nil, fmt.Errorf("%s: %w", keyPath, err)
+	}
+	if !bytes.Equal(publicKeyDER(key.Public()), old.RawSubjectPublicKeyInfo) {
+		return nil, pki.Identity{}, nil, fmt.Errorf("%s does not belong to %s: the two files are of different keys", keyPath, certPath)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: id.Name}}, key)
+	if err != nil {
+		return nil, pki.Identity{}, nil, fmt.Errorf("a certificate request for %s: %w", keyPath, err)
+	}
+	return old, id, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}), nil
+}
+
+func publicKeyDER(pub crypto.PublicKey) []byte {
+	der, _ := x509.MarshalPKIXPublicKey(pub)
+	return der
 }
 
 // requestedRole returns the OU a CSR asked for, for a note when the CA

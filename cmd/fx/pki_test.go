@@ -264,6 +264,130 @@ func TestPKIBootstrapScript(t *testing.T) {
 	if hosts := strings.Join(director.Certificate().DNSNames, ","); hosts != "localhost" || len(director.Certificate().IPAddresses) != 1 {
 		t.Errorf("director SANs %v %v, want localhost and 127.0.0.1", director.Certificate().DNSNames, director.Certificate().IPAddresses)
 	}
+
+	// A director reached at a DNS name and an address, as the README's
+	// several-machines section asks for: it is named by its DNS name, and
+	// configs/director.yaml pointed at its files accepts it.
+	tmp = t.TempDir()
+	out := bootstrap("--hosts", "director.example.org,10.0.0.5", "site-a", "site-b")
+	named := filepath.Join(tmp, "pki", "director")
+	checkDirector := func(want string) pki.Files {
+		t.Helper()
+		files := pki.PartyFiles(named, "director.example.org")
+		k, err := pki.NewKeyring(pki.KeyringConfig{Files: files})
+		if err != nil {
+			t.Fatalf("the director certificate: %v\n%s", err, out)
+		}
+		if got := strings.Join(hostsOf(k.Certificate()), ","); got != want || k.Identity().Name != "director.example.org" {
+			t.Errorf("director %s with hosts %s, want director.example.org with %s", k.Identity().Name, got, want)
+		}
+		s, err := loadDirectorSettings(filepath.Join("..", "..", "configs", "director.yaml"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.TLS.Cert, s.TLS.Key, s.TLS.CA, s.TLS.CRL = files.Cert, files.Key, files.CA, ""
+		s.Advertise.Host = "director.example.org"
+		if _, err := s.Config(nil); err != nil {
+			t.Errorf("the director refuses its certificate: %v", err)
+		}
+		return files
+	}
+	files := checkDirector("director.example.org,10.0.0.5")
+	if !strings.Contains(out, "tls.cert: pki/director/director.example.org.crt") {
+		t.Errorf("the script does not say which settings the director needs:\n%s", out)
+	}
+	key, _ := os.ReadFile(files.Key)
+	cert, _ := os.ReadFile(files.Cert)
+
+	// Asked again with the same hosts it keeps the certificate; with
+	// other hosts it renews it for the same key and says so.
+	if out = bootstrap("--hosts", "director.example.org,10.0.0.5", "site-a", "site-b"); !strings.Contains(out, "keep     director") {
+		t.Errorf("a rerun with the same hosts did not keep the director certificate:\n%s", out)
+	}
+	if again, _ := os.ReadFile(files.Cert); !bytes.Equal(cert, again) {
+		t.Error("a rerun with the same hosts replaced the director certificate")
+	}
+	out = bootstrap("--hosts", "director.example.org,10.0.0.7", "site-a", "site-b")
+	if !strings.Contains(out, "renewed  director") || !strings.Contains(out, "10.0.0.5") {
+		t.Errorf("a rerun with other hosts did not say it renewed the director certificate:\n%s", out)
+	}
+	checkDirector("director.example.org,10.0.0.7")
+	if again, _ := os.ReadFile(files.Key); !bytes.Equal(key, again) {
+		t.Error("renewing replaced the director's key")
+	}
+	// Without --hosts a rerun (say, to add a site) leaves it alone.
+	if out = bootstrap("site-c"); strings.Contains(out, "renewed") {
+		t.Errorf("a rerun without --hosts renewed a certificate:\n%s", out)
+	}
+	checkDirector("director.example.org,10.0.0.7")
+}
+
+// fx pki renew issues a certificate again for the key the party has: the
+// same name and role, new hosts or lifetime, and nothing else changes.
+func TestPKIRenew(t *testing.T) {
+	tmp := t.TempDir()
+	caDir := filepath.Join(tmp, "ca")
+	if _, err := run(t, "pki", "init", "--dir", caDir); err != nil {
+		t.Fatal(err)
+	}
+	dirOut := filepath.Join(tmp, "director")
+	if _, err := run(t, "pki", "certify", "--dir", caDir, "--role", "director", "--name", "d.example.org", "--host", "d.example.org,10.0.0.5", "--out", dirOut); err != nil {
+		t.Fatal(err)
+	}
+	files := pki.PartyFiles(dirOut, "d.example.org")
+	before, err := pki.NewKeyring(pki.KeyringConfig{Files: files})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := os.ReadFile(files.Key)
+
+	out, err := run(t, "pki", "renew", "--dir", caDir, "--cert", files.Cert, "--host", "d.example.org,10.0.0.9")
+	if err != nil || !strings.Contains(out, "hosts were   d.example.org, 10.0.0.5") || !strings.Contains(out, "stays valid") {
+		t.Fatalf("pki renew: %q, %v", out, err)
+	}
+	after, err := pki.NewKeyring(pki.KeyringConfig{Files: files})
+	if err != nil {
+		t.Fatalf("the renewed certificate does not load with the key: %v", err)
+	}
+	if got := strings.Join(hostsOf(after.Certificate()), ","); got != "d.example.org,10.0.0.9" {
+		t.Errorf("renewed hosts %s", got)
+	}
+	if after.Identity().Name != "d.example.org" || after.Identity().Role != pki.RoleDirector || after.Identity().Serial == before.Identity().Serial {
+		t.Errorf("renewed %+v, was %+v: want the same name and role, a new serial", after.Identity(), before.Identity())
+	}
+	if again, _ := os.ReadFile(files.Key); !bytes.Equal(key, again) {
+		t.Error("renew replaced the key")
+	}
+
+	// Without --host the hosts stay; --ttl sets the lifetime.
+	if _, err := run(t, "pki", "renew", "--dir", caDir, "--cert", files.Cert, "--ttl", "720h"); err != nil {
+		t.Fatal(err)
+	}
+	k, err := pki.NewKeyring(pki.KeyringConfig{Files: files})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(hostsOf(k.Certificate()), ","); got != "d.example.org,10.0.0.9" {
+		t.Errorf("hosts after a renewal without --host: %s", got)
+	}
+	if left := time.Until(k.Certificate().NotAfter); left > 721*time.Hour || left < 700*time.Hour {
+		t.Errorf("--ttl 720h gave a certificate valid for another %s", left)
+	}
+
+	// An envoy takes no hosts; a key that is not the certificate's is refused.
+	site := filepath.Join(tmp, "site-1")
+	if _, err := run(t, "pki", "certify", "--dir", caDir, "--role", "envoy", "--name", "site-1", "--out", site); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(t, "pki", "renew", "--dir", caDir, "--cert", filepath.Join(site, "site-1.crt"), "--host", "x.example.org"); err == nil || !strings.Contains(err.Error(), "only director certificates carry hosts") {
+		t.Errorf("renew of an envoy with --host: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(site, "site-1.key"), key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(t, "pki", "renew", "--dir", caDir, "--cert", filepath.Join(site, "site-1.crt")); err == nil || !strings.Contains(err.Error(), "does not belong") {
+		t.Errorf("renew with another party's key: %v", err)
+	}
 }
 
 // A leaf the root signed itself, bypassing the signing CA, is refused by
