@@ -375,7 +375,8 @@ func (d *Director) sweepLoop(ctx context.Context) {
 	}
 }
 
-// sweep fails offers whose deadline passed and notes envoys going offline.
+// sweep starts or fails offers whose time has come and notes envoys going
+// offline.
 func (d *Director) sweep() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -387,15 +388,5 @@ func (d *Director) sweep() {
 		}
 		env.wasOnline = online
 	}
-	for _, e := range d.sortedExps() {
-		if e.rec.State != fxv1.ExperimentState_OFFERED || now.Before(e.rec.AnswerBy) {
-			continue
-		}
-		accepted := e.countParts(fxv1.ParticipantState_ACCEPTED)
-		reason := fmt.Sprintf("only %d of the %d envoys needed (participants.min) accepted within participants.accept_timeout (%s)",
-			accepted, e.plan.Participants.Min, e.plan.Participants.AcceptTimeout)
-		if err := d.endLocked(e, fxv1.ExperimentState_FAILED, reason); err != nil {
-			d.log.Error("cannot fail an expired offer", "experiment", e.rec.ID, "error", err)
-		}
-	}
+	d.sweepOffersLocked(now)
 }

@@ -12,7 +12,7 @@ import (
 
 const planThreeMinTwo = `name: trio
 rounds: 3
-participants: {min: 2, tags: [fashion]}
+participants: {min: 2, max: 2, tags: [fashion]}
 runner: {kind: builtin, model: mlp}
 `
 
@@ -79,7 +79,7 @@ func TestReportFailure(t *testing.T) {
 		t.Errorf("stop for a: %v", s)
 	}
 	got := f.waitState(e.Id, fxv1.ExperimentState_FAILED)
-	if !strings.Contains(got.GetReason(), "only 1 participants remain") || !strings.Contains(got.GetReason(), "out of memory") {
+	if !strings.Contains(got.GetReason(), "only 1 participant remains") || !strings.Contains(got.GetReason(), "out of memory") {
 		t.Errorf("reason %q", got.GetReason())
 	}
 	for _, p := range got.GetParticipants() {

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -178,6 +179,7 @@ type fakeAgg struct {
 	once    sync.Once
 	mu      sync.Mutex
 	round   int
+	drops   []string
 }
 
 func (a *fakeAgg) Run(ctx context.Context) error {
@@ -192,8 +194,18 @@ func (a *fakeAgg) Run(ctx context.Context) error {
 	}
 }
 
-// Drop is a no-op: the fake's rounds are driven by the test.
-func (a *fakeAgg) Drop(string, string) {}
+// Drop records the drop; the fake's rounds are driven by the test.
+func (a *fakeAgg) Drop(envoy, reason string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.drops = append(a.drops, envoy+": "+reason)
+}
+
+func (a *fakeAgg) dropped() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.drops)
+}
 
 // completeRound writes the round's model and summary as the aggregator
 // does and tells the sink. Each participant reports accuracy = round/10

@@ -6,6 +6,8 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/director/store"
@@ -216,7 +218,7 @@ func (d *Director) loadLocked(envoy string) int {
 }
 
 // answerLocked records an envoy's answer to an offer and starts the
-// experiment once participants.min have accepted.
+// experiment when it is ready to (see readyToStart).
 func (d *Director) answerLocked(e *expState, envoy string, accept bool, reason string) error {
 	p, ok := e.parts[envoy]
 	if !ok {
@@ -252,19 +254,94 @@ func (d *Director) answerLocked(e *expState, envoy string, accept bool, reason s
 		return err
 	}
 	d.log.Info("offer answered", "experiment", e.rec.ID, "envoy", envoy, "accept", accept, "reason", np.Reason)
-	if accept && e.countParts(fxv1.ParticipantState_ACCEPTED) >= e.plan.Participants.Min {
-		return d.startLocked(e)
-	}
 	if !accept {
 		if why := cannotStart(e); why != "" {
 			// Waiting out accept_timeout could change nothing.
 			if err := d.endLocked(e, fxv1.ExperimentState_FAILED, why); err != nil {
 				d.log.Error("cannot fail an offer too many envoys declined", "experiment", e.rec.ID, "error", err)
 			}
+			return nil
 		}
+	}
+	if started, err := d.startIfReadyLocked(e, d.clock.Now()); started || err != nil {
+		return err
+	}
+	if !accept {
 		d.inviteAllLocked() // the offer no longer holds a place at the envoy
 	}
 	return nil
+}
+
+// readyToStart says whether an OFFERED experiment starts now, and why the
+// envoys that have not answered are left out. It starts once
+// participants.min envoys have accepted, with every envoy that has accepted
+// by then: at once when participants.max have, or when no invited envoy is
+// left to answer; else when participants.gather_timeout has passed since
+// the min-th acceptance, or the offer's answer time has come. Until then
+// the offer stays open, so that every site that wants to take part does,
+// and the experiment can go on without one that fails.
+func readyToStart(e *expState, now time.Time) (ready bool, leftOut string) {
+	sel := e.plan.Participants
+	var accepted []time.Time
+	for _, p := range e.parts {
+		if p.State == fxv1.ParticipantState_ACCEPTED {
+			accepted = append(accepted, p.UpdatedAt) // when it accepted: nothing else saves an accepted participant
+		}
+	}
+	n := len(accepted)
+	switch {
+	case n < sel.Min:
+		return false, ""
+	case sel.Max > 0 && n >= sel.Max:
+		return true, fmt.Sprintf("it started with participants.max (%d) envoys", sel.Max)
+	case e.countParts(fxv1.ParticipantState_INVITED) == 0:
+		return true, ""
+	}
+	slices.SortFunc(accepted, time.Time.Compare)
+	gatherBy := accepted[sel.Min-1].Add(sel.GatherTimeout.Std())
+	switch {
+	case !now.Before(gatherBy):
+		return true, fmt.Sprintf("it started with the %d envoys that had accepted within participants.gather_timeout (%s) of the participants.min-th (%d) acceptance",
+			n, sel.GatherTimeout, sel.Min)
+	case !now.Before(e.rec.AnswerBy):
+		return true, fmt.Sprintf("it started with the %d envoys that had accepted within participants.accept_timeout (%s)", n, sel.AcceptTimeout)
+	}
+	return false, ""
+}
+
+// startIfReadyLocked starts an OFFERED experiment that is ready to start.
+func (d *Director) startIfReadyLocked(e *expState, now time.Time) (bool, error) {
+	ready, leftOut := readyToStart(e, now)
+	if !ready {
+		return false, nil
+	}
+	return true, d.startLocked(e, leftOut)
+}
+
+// sweepOffersLocked starts the offers that are ready to start (their
+// gathering is over) and fails those whose answer time has passed without
+// participants.min acceptances.
+func (d *Director) sweepOffersLocked(now time.Time) {
+	for _, e := range d.sortedExps() {
+		if e.rec.State != fxv1.ExperimentState_OFFERED {
+			continue
+		}
+		if started, err := d.startIfReadyLocked(e, now); started {
+			if err != nil {
+				d.log.Error("cannot start an experiment", "experiment", e.rec.ID, "error", err)
+			}
+			continue
+		}
+		if now.Before(e.rec.AnswerBy) {
+			continue
+		}
+		accepted := e.countParts(fxv1.ParticipantState_ACCEPTED)
+		reason := fmt.Sprintf("only %d of the %d envoys needed (participants.min) accepted within participants.accept_timeout (%s)",
+			accepted, e.plan.Participants.Min, e.plan.Participants.AcceptTimeout)
+		if err := d.endLocked(e, fxv1.ExperimentState_FAILED, reason); err != nil {
+			d.log.Error("cannot fail an expired offer", "experiment", e.rec.ID, "error", err)
+		}
+	}
 }
 
 // cannotStart explains why an offer to the envoys a plan names can no
@@ -287,8 +364,13 @@ func cannotStart(e *expState) string {
 // startLocked makes an OFFERED experiment RUNNING: accepted envoys become
 // TRAINING with the sample counts they registered recorded (they bound what
 // their results may claim in this experiment), the offer closes for the
-// rest (they are told to drop it), and the aggregator is launched.
-func (d *Director) startLocked(e *expState) error {
+// rest (they are told to drop it, and leftOut, if set, says why), and the
+// aggregator is launched.
+func (d *Director) startLocked(e *expState, leftOut string) error {
+	closedWhy := "offer closed: the experiment started without this envoy"
+	if leftOut != "" {
+		closedWhy += ": " + leftOut
+	}
 	rec := e.rec
 	rec.State = fxv1.ExperimentState_RUNNING
 	var changed []*store.Participant
@@ -299,7 +381,7 @@ func (d *Director) startLocked(e *expState) error {
 			np.State = fxv1.ParticipantState_TRAINING
 			np.Registered = d.registeredLocked(name)
 		} else {
-			np.Reason = "offer closed: the experiment started without this envoy"
+			np.Reason = closedWhy
 			closed = append(closed, name)
 		}
 		changed = append(changed, np)
@@ -309,7 +391,7 @@ func (d *Director) startLocked(e *expState) error {
 	}
 	d.log.Info("experiment running", "experiment", e.rec.ID, "participants", e.partNames(fxv1.ParticipantState_TRAINING))
 	for _, name := range closed {
-		d.sendLocked(name, stopAssignment(e.rec.ID, rec.State, "offer closed: the experiment started without this envoy"))
+		d.sendLocked(name, stopAssignment(e.rec.ID, rec.State, closedWhy))
 	}
 	d.launchLocked(e)
 	if len(closed) > 0 {
@@ -409,7 +491,7 @@ func (d *Director) aggregatorDone(id string, rs *runState, err error) {
 		return // shutting down: the experiment resumes at the next start
 	}
 	if err == nil {
-		_ = d.endLocked(e, fxv1.ExperimentState_FINISHED, "")
+		_ = d.endLocked(e, fxv1.ExperimentState_FINISHED, droppedSummary(e))
 		return
 	}
 	d.failLocked(e, err.Error())
@@ -486,9 +568,10 @@ func (d *Director) reportFailureLocked(e *expState, envoy string, round int32, r
 	}
 	remaining := e.countParts(fxv1.ParticipantState_TRAINING)
 	if remaining < e.plan.Participants.Min {
-		d.failLocked(e, fmt.Sprintf("only %d participants remain after envoy %s failed (%s); participants.min is %d", remaining, envoy, np.Reason, e.plan.Participants.Min))
+		d.failLocked(e, fmt.Sprintf("%s after envoy %s failed (%s); participants.min is %d", remain(remaining), envoy, np.Reason, e.plan.Participants.Min))
 		return nil, nil
 	}
+	d.log.Info("the experiment goes on without the dropped envoy", "experiment", e.rec.ID, "envoy", envoy, "participants", remaining)
 	if e.run == nil {
 		return nil, nil
 	}
@@ -574,4 +657,26 @@ func (s *sink) Progress(p aggregator.Progress) {
 	if e := d.exps[s.id]; e != nil {
 		e.progress[p.Collaborator] = p
 	}
+}
+
+// remain says how many participants remain, in words.
+func remain(n int) string {
+	if n == 1 {
+		return "only 1 participant remains"
+	}
+	return fmt.Sprintf("only %d participants remain", n)
+}
+
+// droppedSummary says which participants a finished experiment went on
+// without and why, or "" when none dropped out: the record's participants
+// say it too, one by one.
+func droppedSummary(e *expState) string {
+	var out []string
+	for _, name := range e.partNames(fxv1.ParticipantState_DROPPED) {
+		out = append(out, fmt.Sprintf("%s (%s)", name, e.parts[name].Reason))
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return "finished without the envoys that dropped out: " + strings.Join(out, "; ")
 }

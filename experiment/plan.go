@@ -84,6 +84,12 @@ const (
 	// participants.min envoys to accept before the experiment fails, so an
 	// experiment nobody accepts does not stay pending forever.
 	DefaultAcceptTimeout = 30 * time.Minute
+	// DefaultGatherTimeout is how long an offer that participants.min
+	// envoys have accepted still waits for the other invited envoys to
+	// answer, so that every site that wants to take part does (and the
+	// experiment survives losing one), without waiting for a site that
+	// does not answer.
+	DefaultGatherTimeout = time.Minute
 	// DefaultRunnerTimeout bounds one task (one train or validate call).
 	DefaultRunnerTimeout = 30 * time.Minute
 	// DefaultSeed makes runs reproducible unless the plan asks otherwise.
@@ -175,9 +181,18 @@ func (p *Plan) KeptModels() int {
 // Participants selects envoys (participants). An envoy qualifies if it is
 // listed in Envoys (when Envoys is not empty) and its dataset carries every
 // tag in Tags and matches the shapes given.
+//
+// The experiment starts once Min envoys have accepted, with every invited
+// envoy that has accepted by then, up to Max: as soon as every invited
+// envoy has answered or Max have accepted, and at the latest GatherTimeout
+// after the Min-th acceptance. While it runs, at least Min participants
+// must remain: one that fails is dropped and the others go on.
 type Participants struct {
-	// Min is how many envoys must accept before the experiment starts (min).
+	// Min is how many envoys must accept before the experiment starts,
+	// and how many must remain while it runs (min).
 	Min int `yaml:"min" json:"min"`
+	// Max is the most envoys that take part; 0 means no bound (max).
+	Max int `yaml:"max,omitempty" json:"max,omitempty"`
 	// Envoys names the envoys to offer the experiment to; empty means any
 	// envoy that matches the other criteria (envoys).
 	Envoys []string `yaml:"envoys,omitempty" json:"envoys,omitempty"`
@@ -189,6 +204,10 @@ type Participants struct {
 	TargetShape []int64 `yaml:"target_shape,omitempty" json:"target_shape,omitempty"`
 	// AcceptTimeout bounds the wait for Min acceptances (accept_timeout).
 	AcceptTimeout Duration `yaml:"accept_timeout" json:"accept_timeout"`
+	// GatherTimeout bounds how long, once Min envoys have accepted, the
+	// offer waits for the other invited envoys to answer; 0 starts the
+	// experiment as soon as Min have accepted (gather_timeout).
+	GatherTimeout Duration `yaml:"gather_timeout" json:"gather_timeout"`
 }
 
 // RunnerSpec says how a collaborator runs tasks (runner).
@@ -270,6 +289,7 @@ func DefaultPlan() Plan {
 		Participants: Participants{
 			Min:           DefaultParticipantsMin,
 			AcceptTimeout: Duration(DefaultAcceptTimeout),
+			GatherTimeout: Duration(DefaultGatherTimeout),
 		},
 		Runner: RunnerSpec{
 			Timeout: Duration(DefaultRunnerTimeout),
@@ -500,6 +520,12 @@ func (p *Plan) validateParticipants(v *problems) {
 	if pa.Min < 1 {
 		v.add("participants.min", fmt.Sprintf("must be at least 1, got %d", pa.Min))
 	}
+	switch {
+	case pa.Max < 0:
+		v.add("participants.max", fmt.Sprintf("must be at least participants.min, or 0 for no bound, got %d", pa.Max))
+	case pa.Max > 0 && pa.Max < pa.Min:
+		v.add("participants.max", fmt.Sprintf("is %d but participants.min is %d: the experiment could never start", pa.Max, pa.Min))
+	}
 	seen := map[string]int{}
 	for i, e := range pa.Envoys {
 		key := fmt.Sprintf("participants.envoys[%d]", i)
@@ -538,6 +564,9 @@ func (p *Plan) validateParticipants(v *problems) {
 	validateShape(v, "participants.target_shape", pa.TargetShape)
 	if pa.AcceptTimeout <= 0 {
 		v.add("participants.accept_timeout", fmt.Sprintf("must be a positive duration such as 30m, got %s", pa.AcceptTimeout))
+	}
+	if pa.GatherTimeout < 0 {
+		v.add("participants.gather_timeout", fmt.Sprintf("must be a duration such as 1m, or 0 to start as soon as participants.min have accepted, got %s", pa.GatherTimeout))
 	}
 }
 

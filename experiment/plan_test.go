@@ -44,6 +44,8 @@ func TestParsePlanMinimalGetsDefaults(t *testing.T) {
 	}{
 		{"participants.min", p.Participants.Min, 1},
 		{"participants.accept_timeout", p.Participants.AcceptTimeout.Std(), 30 * time.Minute},
+		{"participants.max", p.Participants.Max, 0},
+		{"participants.gather_timeout", p.Participants.GatherTimeout.Std(), time.Minute},
 		{"runner.timeout", p.Runner.Timeout.Std(), 30 * time.Minute},
 		{"runner.seed", p.Runner.Seed, int64(1)},
 		{"aggregation.algorithm", p.Aggregation.Algorithm, "fedavg"},
@@ -76,11 +78,13 @@ func TestParsePlanFull(t *testing.T) {
 		Rounds: 10,
 		Participants: Participants{
 			Min:           2,
+			Max:           3,
 			Envoys:        []string{"site-a", "site-b", "site-c"},
 			Tags:          []string{"fashion-mnist"},
 			SampleShape:   []int64{28, 28},
 			TargetShape:   []int64{1},
 			AcceptTimeout: Duration(time.Hour),
+			GatherTimeout: Duration(2 * time.Minute),
 		},
 		Runner: RunnerSpec{
 			Kind:    RunnerBuiltin,
@@ -246,6 +250,11 @@ func TestParsePlanRules(t *testing.T) {
 		{"participants.target_shape negative", base + builtinRunner + "participants: {target_shape: [-1]}\n", []string{"participants.target_shape[0]"}, ""},
 		{"participants.accept_timeout zero", base + builtinRunner + "participants: {accept_timeout: 0s}\n", []string{"participants.accept_timeout"}, ""},
 		{"participants.accept_timeout negative", base + builtinRunner + "participants: {accept_timeout: -5m}\n", []string{"participants.accept_timeout"}, "got -5m"},
+		{"participants.max below min", base + builtinRunner + "participants: {min: 3, max: 2}\n", []string{"participants.max"}, "participants.max: is 2 but participants.min is 3"},
+		{"participants.max negative", base + builtinRunner + "participants: {max: -1}\n", []string{"participants.max"}, "got -1"},
+		{"participants.max equal to min", base + builtinRunner + "participants: {min: 2, max: 2}\n", nil, ""},
+		{"participants.gather_timeout zero starts at min", base + builtinRunner + "participants: {gather_timeout: 0s}\n", nil, ""},
+		{"participants.gather_timeout negative", base + builtinRunner + "participants: {gather_timeout: -1m}\n", []string{"participants.gather_timeout"}, "got -1m"},
 
 		{"runner missing", base, []string{"runner.kind"}, "runner.kind: required"},
 		{"runner.kind unknown", base + "runner: {kind: docker}\n", []string{"runner.kind"}, `got "docker"`},
@@ -308,7 +317,7 @@ func TestParsePlanRules(t *testing.T) {
 		{"best_model.task local", base + builtinRunner + "best_model: {task: locally_tuned_model_validation, metric: loss, mode: min}\n", nil, ""},
 
 		{"unknown top-level key", base + builtinRunner + "roundz: 3\n", []string{"roundz"}, "line 4: roundz: unknown key"},
-		{"unknown nested key", base + builtinRunner + "participants:\n  min: 1\n  mn: 2\n", []string{"participants.mn"}, "line 6: participants.mn: unknown key (participants takes min, envoys"},
+		{"unknown nested key", base + builtinRunner + "participants:\n  min: 1\n  mn: 2\n", []string{"participants.mn"}, "line 6: participants.mn: unknown key (participants takes min, max, envoys"},
 		{"unknown keys everywhere", "name: exp\nrounds: 2\nrunner: {kind: builtin, model: mlp, modle: x}\nstragglers: {dedline: 5m}\nextra: 1\n", []string{"runner.modle", "stragglers.dedline", "extra"}, "line 3: runner.modle"},
 		{"exec hyperparameters are free-form", base + "runner: {kind: exec, command: [x], hyperparameters: {anything: {goes: [1, 2]}}}\n", nil, ""},
 		{"wrong type", "name: exp\nrounds: many\n" + builtinRunner, []string{"rounds"}, "line 2: rounds: want an integer, got a string `many`"},
