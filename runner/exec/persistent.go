@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -114,6 +115,11 @@ type persistent struct {
 	// last: the round's global model serves two tasks and the trained
 	// model the local validation, each written (or read back) once.
 	files []modelFile
+	// closes counts Close calls, so that a Start still waiting for the
+	// lock when Close came does not start a process nobody will stop;
+	// starting tracks Starts in flight, which Close waits for.
+	closes   atomic.Int64
+	starting sync.WaitGroup
 }
 
 // modelFile is a model held in a file the command can read.
@@ -437,6 +443,8 @@ func (r *Runner) endSession(s *session, reason string) []string {
 // exit on its own, and removes the scratch files.
 func (r *Runner) closePersistent() error {
 	ps := r.persistent
+	ps.closes.Add(1)
+	ps.starting.Wait() // a Start that sees the Close starts nothing; one already starting finishes
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	if s := ps.sess; s != nil {
@@ -533,10 +541,13 @@ func (r *Runner) Start(ctx context.Context) {
 		return
 	}
 	ps := r.persistent
+	closes := ps.closes.Load()
+	ps.starting.Add(1)
 	go func() {
+		defer ps.starting.Done()
 		ps.mu.Lock()
 		defer ps.mu.Unlock()
-		if ps.sess != nil || ctx.Err() != nil {
+		if ps.sess != nil || ctx.Err() != nil || ps.closes.Load() != closes {
 			return
 		}
 		tctx, cancel := context.WithTimeout(ctx, r.timeout)

@@ -433,3 +433,27 @@ func TestPersistentStartsAhead(t *testing.T) {
 		t.Errorf("%d processes: the first task did not use the one started ahead", len(starts))
 	}
 }
+
+// TestPersistentCloseBeforeStartRuns: a Close that comes while a Start
+// waits to start the process leaves no process behind.
+func TestPersistentCloseBeforeStartRuns(t *testing.T) {
+	f := newFixture(t)
+	r := f.runner(t, f.fakeConfig(t, "ok"))
+	// Hold the runner busy so that Start's goroutine waits for the lock.
+	r.persistent.mu.Lock()
+	r.Start(context.Background())
+	closed := make(chan error, 1)
+	go func() { closed <- r.Close() }()
+	for r.persistent.closes.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	r.persistent.mu.Unlock()
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	// Close waited for the Start: had it started a process, it would have
+	// reported its start.
+	if starts := f.spyLines(t, "starts"); len(starts) != 0 {
+		t.Errorf("a process was started for a runner being closed: %q", starts)
+	}
+}
