@@ -7,7 +7,6 @@ import (
 	"math"
 	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -16,7 +15,6 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/fx-fl/fx/experiment"
-	"github.com/fx-fl/fx/internal/atomicfile"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -72,7 +70,18 @@ type Config struct {
 	RejoinGrace time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+	// DiskReserve is what the file system under Dir must keep free besides
+	// a round's files: a round starts only when there is room for both
+	// (see checkRoom).
+	DiskReserve int64
+	// PauseRetry is how often a paused aggregator tries again what paused
+	// it (see persist); DefaultPauseRetry when zero.
+	PauseRetry time.Duration
 }
+
+// DefaultPauseRetry is how often a paused experiment checks whether its
+// cause is gone.
+const DefaultPauseRetry = 30 * time.Second
 
 // SampleCounts are the samples an envoy registered: its dataset shard's
 // train_samples and valid_samples.
@@ -111,6 +120,9 @@ type Aggregator struct {
 	// resumed: Run resumed from a checkpoint, so its first round waits
 	// for the participants to rejoin (see RejoinGrace).
 	resumed bool
+	// modelSHA and initialSHA are the digests of the files of model and
+	// of round 0's model, for the checkpoint; only the loop changes them.
+	modelSHA, initialSHA string
 }
 
 type participant struct {
@@ -160,6 +172,9 @@ func New(cfg Config) (*Aggregator, error) {
 	if cfg.Sink == nil {
 		cfg.Sink = nopSink{}
 	}
+	if cfg.PauseRetry <= 0 {
+		cfg.PauseRetry = DefaultPauseRetry
+	}
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("aggregator: %w", err)
 	}
@@ -207,7 +222,7 @@ func (a *Aggregator) weight(r TaskResult) float64 {
 // Run serves the experiment until every round is complete (nil), a round
 // fails (an error saying why), or ctx is cancelled (ctx's error).
 func (a *Aggregator) Run(ctx context.Context) error {
-	if err := a.restore(); err != nil {
+	if err := a.restore(ctx); err != nil {
 		a.cfg.Listener.Close()
 		return err
 	}
@@ -235,71 +250,6 @@ func (a *Aggregator) Run(ctx context.Context) error {
 	a.finish(err)
 	a.lingerForQuit(ctx, serveErr)
 	return err
-}
-
-// restore loads the checkpoint from Dir, or writes the initial model.
-func (a *Aggregator) restore() error {
-	c, err := readCheckpoint(a.cfg.Dir)
-	if err != nil {
-		return err
-	}
-	completed := 0
-	if c == nil {
-		if len(a.cfg.InitialModel) == 0 {
-			return errors.New("aggregator: no initial model and no checkpoint to resume from")
-		}
-		if err := a.cfg.InitialModel.Validate(); err != nil {
-			return fmt.Errorf("initial model: %w", err)
-		}
-		if err := writeModel(a.cfg.Dir, 0, a.cfg.InitialModel); err != nil {
-			return fmt.Errorf("write initial model: %w", err)
-		}
-		if err := writeCheckpoint(a.cfg.Dir, &checkpoint{ExperimentID: a.cfg.ExperimentID}); err != nil {
-			return err
-		}
-		a.model = a.cfg.InitialModel
-	} else {
-		if c.ExperimentID != a.cfg.ExperimentID {
-			return fmt.Errorf("aggregator: %s holds experiment %s's checkpoint, not %s's", a.cfg.Dir, c.ExperimentID, a.cfg.ExperimentID)
-		}
-		completed = c.Completed
-		a.best = c.Best
-		a.optSteps = c.OptimizerStep
-		lastModel := min(completed, a.plan.Rounds)
-		m, _, err := tensor.ReadFile(ModelPath(a.cfg.Dir, lastModel))
-		if err != nil {
-			return fmt.Errorf("aggregator: resume from round %d: %w", completed, err)
-		}
-		a.model = m
-		a.resumed = true
-		a.log.Info("resuming from checkpoint", "completed_round", completed)
-	}
-	a.layout = layoutOf(a.model)
-	if err := a.restoreOptimizer(c != nil); err != nil {
-		return err
-	}
-	if !a.collects() {
-		spill := ""
-		if a.model.Bytes()*int64(len(a.parts)) > MemoryStageBudget {
-			spill = filepath.Join(a.cfg.Dir, "spool")
-			if err := os.MkdirAll(spill, 0o700); err != nil {
-				return err
-			}
-		}
-		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{Layout: a.model, SpillDir: spill, MaxTotalWeight: a.maxTotalWeight})
-		if err != nil {
-			return fmt.Errorf("aggregator: %w", err)
-		}
-		a.acc = acc
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if completed >= a.lastRound() {
-		a.ended, a.endWhy = true, "the experiment has finished"
-		return nil
-	}
-	a.startRound(completed + 1)
-	return nil
 }
 
 // lastRound is the number of the final round: the plan's rounds, plus one
@@ -385,9 +335,10 @@ func (a *Aggregator) loop(ctx context.Context) error {
 			return nil
 		}
 		r := a.round
+		deadline := r.deadline // rejoined moves it, under a.mu
 		a.mu.Unlock()
 
-		timer := time.NewTimer(max(0, r.deadline.Sub(a.cfg.Now())))
+		timer := time.NewTimer(max(0, deadline.Sub(a.cfg.Now())))
 		atDeadline := false
 	wait:
 		for {
@@ -412,7 +363,7 @@ func (a *Aggregator) loop(ctx context.Context) error {
 				timer.Reset(max(0, deadline.Sub(a.cfg.Now())))
 			}
 		}
-		if err := a.closeRound(r, atDeadline); err != nil {
+		if err := a.closeRound(ctx, r, atDeadline); err != nil {
 			return err
 		}
 	}
@@ -478,7 +429,7 @@ func (a *Aggregator) requestClose() {
 
 // closeRound turns the round's reports into the next model, persists it, and
 // opens the next round or ends the experiment.
-func (a *Aggregator) closeRound(r *roundState, atDeadline bool) error {
+func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline bool) error {
 	a.mu.Lock()
 	r.closed = true // uploads from now on are late
 	a.mu.Unlock()
@@ -516,14 +467,6 @@ func (a *Aggregator) closeRound(r *roundState, atDeadline bool) error {
 			return fmt.Errorf("round %d: aggregation failed: %w", r.number, err)
 		}
 		model = next
-		if err := writeModel(a.cfg.Dir, r.number, model); err != nil {
-			return fmt.Errorf("round %d: write model: %w", r.number, err)
-		}
-		if a.opt != nil {
-			if err := tensor.WriteFile(optimizerPath(a.cfg.Dir), a.opt.State(), a.opt.Metadata()); err != nil {
-				return fmt.Errorf("round %d: write optimiser state: %w", r.number, err)
-			}
-		}
 	}
 	summary := RoundSummary{
 		Round:      r.number,
@@ -533,14 +476,16 @@ func (a *Aggregator) closeRound(r *roundState, atDeadline bool) error {
 		Missing:    missing,
 	}
 	best := a.scoreBest(summary)
-	if err := atomicfile.WriteJSON(RoundPath(a.cfg.Dir, r.number), summary); err != nil {
-		return fmt.Errorf("round %d: write summary: %w", r.number, err)
-	}
-	if err := writeCheckpoint(a.cfg.Dir, &checkpoint{ExperimentID: a.cfg.ExperimentID, Completed: r.number, Best: best, OptimizerStep: a.optSteps}); err != nil {
-		return fmt.Errorf("round %d: write checkpoint: %w", r.number, err)
+	if err := a.saveRound(ctx, summary, model, training, best); err != nil {
+		return err
 	}
 	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates)
 	a.cfg.Sink.RoundCompleted(summary, best)
+	if r.number < a.lastRound() {
+		if err := a.checkRoom(ctx, model, r.number+1); err != nil {
+			return err
+		}
+	}
 
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -646,43 +591,5 @@ type nopSink struct{}
 
 func (nopSink) RoundCompleted(RoundSummary, *Best) {}
 func (nopSink) Progress(Progress)                  {}
-
-// restoreOptimizer sets up the plan's server optimiser, from its saved state
-// when resuming. Plan hyper-parameters left at zero take the optimiser's
-// defaults.
-func (a *Aggregator) restoreOptimizer(resuming bool) error {
-	kind := tensor.OptimizerKind(a.plan.Aggregation.Algorithm)
-	switch kind {
-	case tensor.FedAdam, tensor.FedYogi, tensor.FedAdagrad:
-	default:
-		return nil
-	}
-	cfg := tensor.DefaultOptimizerConfig(kind)
-	p := a.plan.Aggregation
-	for _, o := range []struct {
-		dst *float64
-		v   float64
-	}{{&cfg.LR, p.LR}, {&cfg.Beta1, p.Beta1}, {&cfg.Beta2, p.Beta2}, {&cfg.Tau, p.Tau}} {
-		if o.v != 0 {
-			*o.dst = o.v
-		}
-	}
-	if resuming && a.optSteps > 0 {
-		state, meta, err := tensor.ReadFile(optimizerPath(a.cfg.Dir))
-		if err != nil {
-			return fmt.Errorf("aggregator: resume optimiser state: %w", err)
-		}
-		opt, err := tensor.RestoreOptimizer(cfg, a.layout, state, meta)
-		if err != nil {
-			return fmt.Errorf("aggregator: resume optimiser state: %w", err)
-		}
-		a.opt = opt
-		return nil
-	}
-	opt, err := tensor.NewOptimizer(cfg, a.layout)
-	if err != nil {
-		return fmt.Errorf("aggregator: %w", err)
-	}
-	a.opt = opt
-	return nil
-}
+func (nopSink) Paused(string)                      {}
+func (nopSink) Resumed()                           {}

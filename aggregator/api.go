@@ -8,13 +8,17 @@
 // Run) and learns what happens through a Sink. Everything durable lives in
 // Config.Dir:
 //
-//	checkpoint.json             the last completed round, the best round, the optimiser's step
-//	optimizer.safetensors       server-optimiser state (fedadam, fedyogi, fedadagrad)
-//	models/round-NNNNNN.safetensors   the global model after round N (0: the initial model)
-//	rounds/round-NNNNNN.json    round N's results and aggregated metrics
+//	checkpoint.json             the last completed round, the best round, the optimiser's step, digests
+//	models/round-NNNNNN.safetensors     the global model after round N (0: the initial model)
+//	optimizer/round-NNNNNN.safetensors  server-optimiser state after round N (fedadam, fedyogi, fedadagrad)
+//	rounds/round-NNNNNN.json    round N's results and aggregated metrics, and its files' digests
+//	discarded/                  the files of rounds a resume could not trust, set aside
 //
 // Model and round files are written before checkpoint.json names their round,
-// each atomically, so a crash at any point leaves a consistent checkpoint.
+// each atomically, so a crash at any point leaves a consistent checkpoint;
+// digests let a resume tell an intact round from a damaged one (see
+// checkpoint.go). Models are kept by the plan's retention, optimiser states
+// for the last two rounds.
 package aggregator
 
 import (
@@ -69,6 +73,11 @@ type Sink interface {
 	RoundCompleted(summary RoundSummary, best *Best)
 	// Progress is called when a collaborator takes or finishes a task.
 	Progress(p Progress)
+	// Paused is called when a resource problem (a full disk, a failing
+	// one) stops the experiment short of failing it, with the reason;
+	// Resumed when the aggregator got past it and runs again.
+	Paused(reason string)
+	Resumed()
 }
 
 // ModelPath is where the global model after round is kept (0: the initial model).
@@ -82,4 +91,7 @@ func RoundPath(dir string, round int) string {
 }
 
 func checkpointPath(dir string) string { return filepath.Join(dir, "checkpoint.json") }
-func optimizerPath(dir string) string  { return filepath.Join(dir, "optimizer.safetensors") }
+
+// legacyOptimizerPath is where fx kept the optimiser state before it kept
+// one per round (see optimizerRoundPath).
+func legacyOptimizerPath(dir string) string { return filepath.Join(dir, "optimizer.safetensors") }

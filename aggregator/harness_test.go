@@ -43,6 +43,9 @@ type federation struct {
 	registered map[string]aggregator.SampleCounts
 	// grace is the aggregator's RejoinGrace; 0: the default.
 	grace time.Duration
+	// diskReserve and pauseRetry go to the aggregator's Config.
+	diskReserve int64
+	pauseRetry  time.Duration
 }
 
 // defaultRegistered is what the tests' participants register: more samples
@@ -103,6 +106,8 @@ func (f *federation) start() {
 		Sink:          f.sink,
 		Logger:        testLogger(f.t, "aggregator"),
 		PollWindow:    2 * time.Second,
+		DiskReserve:   f.diskReserve,
+		PauseRetry:    f.pauseRetry,
 		RejoinGrace:   f.grace,
 	})
 	if err != nil {
@@ -222,7 +227,9 @@ type recordingSink struct {
 	rounds   []aggregator.RoundSummary
 	best     *aggregator.Best
 	progress []aggregator.Progress
-	changed  chan struct{}
+	// pauses are the reasons Paused gave, "" for each Resumed.
+	pauses  []string
+	changed chan struct{}
 	// onRound, if set, is called at every completed round.
 	onRound func()
 }
@@ -247,6 +254,24 @@ func (s *recordingSink) Progress(p aggregator.Progress) {
 	s.mu.Lock()
 	s.progress = append(s.progress, p)
 	s.mu.Unlock()
+}
+
+func (s *recordingSink) Paused(reason string) {
+	s.mu.Lock()
+	s.pauses = append(s.pauses, reason)
+	s.mu.Unlock()
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+func (s *recordingSink) Resumed() { s.Paused("") }
+
+func (s *recordingSink) pauseLog() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.pauses...)
 }
 
 func (s *recordingSink) summaries() []aggregator.RoundSummary {
