@@ -246,6 +246,10 @@ func (c *Client) Identity() pki.Identity { return c.id }
 // Address is the director's address the client dialled.
 func (c *Client) Address() string { return c.cfg.Director }
 
+// RPC is the connection's protocol client, for the calls Client does not
+// wrap (an admin's review of experiments).
+func (c *Client) RPC() fxv1.DirectorClient { return c.rpc }
+
 // StatusError is a call the director refused or that failed on the way. Its
 // message keeps the director's own reason; status.Code(err) and
 // status.FromError(err) see the gRPC status through any wrapping.

@@ -5,15 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/fx-fl/fx/director"
+	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/config"
-	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -164,91 +167,152 @@ func printRecovery(w io.Writer, dataDir string, rec *director.Recovery) {
 	}
 }
 
-// clientFlags say how an admin command reaches the director.
-type clientFlags struct {
-	address, serverName string
-	cert, key, ca       string
-	timeout             time.Duration
+// adminConnSettings are an admin command's settings before any flag,
+// variable or profile: the admin's files in scripts/pki-bootstrap.sh's
+// layout, so an operator in the directory it ran in needs no settings.
+func adminConnSettings() connSettings {
+	s := defaultConnSettings()
+	s.Cert = filepath.Join("pki", "admin", "admin.crt")
+	s.Key = filepath.Join("pki", "admin", "admin.key")
+	s.CA = filepath.Join("pki", "admin", "ca.crt")
+	return s
 }
 
-func (c *clientFlags) add(f *pflag.FlagSet) {
-	f.StringVar(&c.address, "director", "localhost:50051", "director address, host:port")
-	f.StringVar(&c.serverName, "server-name", "", "name on the director's certificate (default: the host of --director)")
-	f.StringVar(&c.cert, "tls-cert", "pki/admin/admin.crt", "the admin's certificate (PEM)")
-	f.StringVar(&c.key, "tls-key", "pki/admin/admin.key", "the admin's private key (PEM)")
-	f.StringVar(&c.ca, "tls-ca", "pki/admin/ca.crt", "the federation root certificate (PEM)")
-	f.DurationVar(&c.timeout, "timeout", 15*time.Second, "bound on the call")
+const adminConnHelp = `Connection settings are those of 'fx experiment' (--director, --server-name,
+--cert, --key, --ca, --timeout; FX_DIRECTOR, FX_CERT, ...; a --profile file),
+with an admin's certificate: by default pki/admin/admin.crt, admin.key and
+pki/admin/ca.crt, as scripts/pki-bootstrap.sh writes them.`
+
+// adminOptions registers on cmd the connection flags every command that
+// talks to the director shares. --tls-cert, --tls-key and --tls-ca, the
+// names these commands had, still work.
+func adminOptions(cmd *cobra.Command) *researcherOptions {
+	o := &researcherOptions{defaults: adminConnSettings}
+	o.addPersistent(cmd.Flags())
+	o.addCompletion(cmd)
+	cmd.Flags().SetNormalizeFunc(func(_ *pflag.FlagSet, name string) pflag.NormalizedName {
+		if n, ok := strings.CutPrefix(name, "tls-"); ok {
+			name = n
+		}
+		return pflag.NormalizedName(name)
+	})
+	return o
 }
 
-// dial connects to the director with the admin's certificate.
-func (c *clientFlags) dial() (fxv1.DirectorClient, func(), error) {
-	k, err := pki.NewKeyring(pki.KeyringConfig{Files: pki.Files{Cert: c.cert, Key: c.key, CA: c.ca}})
+// adminRef names the experiment an admin command is about: --id, OWNER/NAME,
+// NAME with --owner, or NAME alone, which is whoever's experiment carries
+// that name: the PENDING one when several do, and an error listing them
+// when that is not enough to tell.
+func adminRef(ctx context.Context, c *experiment.Client, args []string, id, owner string) (*fxv1.ExperimentRef, error) {
+	ref, err := experimentRef(args, id, owner)
 	if err != nil {
-		return nil, nil, fmt.Errorf("admin certificate: %w", err)
+		return nil, usageError{err}
 	}
-	conn, err := pki.NewClient(c.address, k, c.serverName)
+	if ref.Id != "" || ref.Owner != "" {
+		return ref, nil
+	}
+	if o, n, ok := strings.Cut(ref.Name, "/"); ok {
+		return &fxv1.ExperimentRef{Owner: o, Name: n}, nil
+	}
+	all, err := c.ListOf(ctx, "")
 	if err != nil {
-		return nil, nil, fmt.Errorf("director %s: %w", c.address, err)
+		return nil, err
 	}
-	return fxv1.NewDirectorClient(conn), func() { conn.Close() }, nil
+	var named, pending []*fxv1.Experiment
+	for _, e := range all {
+		if e.GetName() == ref.Name {
+			named = append(named, e)
+			if e.GetState() == fxv1.ExperimentState_PENDING {
+				pending = append(pending, e)
+			}
+		}
+	}
+	switch {
+	case len(pending) == 1:
+		named = pending
+	case len(named) == 0:
+		return nil, &experiment.StatusError{Op: "experiment " + ref.Name, Status: status.New(codes.NotFound, "no researcher has an experiment of that name (fx experiment list shows them all to an admin)")}
+	}
+	if len(named) > 1 {
+		var which []string
+		for _, e := range named {
+			which = append(which, fmt.Sprintf("%s/%s (%s)", e.GetOwner(), e.GetName(), e.GetState()))
+		}
+		return nil, usageError{fmt.Errorf("%d experiments are called %s: name one as OWNER/NAME: %s", len(named), ref.Name, strings.Join(which, ", "))}
+	}
+	return &fxv1.ExperimentRef{Id: named[0].GetId()}, nil
 }
 
 func newDirectorReviewCommand(approve bool) *cobra.Command {
-	var cf clientFlags
 	var owner, reason, id string
 	use, short := "approve NAME", "Approve a PENDING experiment, so it is offered to envoys"
 	if !approve {
 		use, short = "reject NAME", "Reject a PENDING experiment, ending it as REJECTED"
 	}
+	var o *researcherOptions
 	cmd := &cobra.Command{
 		Use:   use,
 		Short: short,
 		Long: short + `.
 
-NAME is the experiment's name; give --owner (the researcher's name) when the
-admin did not submit it, or --id instead of NAME. Rejecting needs --reason,
-which the researcher sees.`,
+NAME is the experiment's name, whoever submitted it (the PENDING one when
+researchers used the same name); OWNER/NAME or --owner picks one
+researcher's, --id one experiment. Rejecting needs --reason, which the
+researcher sees.
+
+` + adminConnHelp,
+		Example: `  fx director approve fashion-mlp
+  fx director reject alice/fashion-mlp --reason "trains on every site's GPU for a week"`,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ref, err := experimentRef(args, id, owner)
-			if err != nil {
-				return err
-			}
 			if !approve && reason == "" {
-				return errors.New("--reason is required: say why, for the researcher")
+				return usageError{errors.New("--reason is required: say why, for the researcher")}
 			}
-			c, closeConn, err := cf.dial()
+			c, err := o.dial(cmd)
 			if err != nil {
 				return err
 			}
-			defer closeConn()
-			ctx, cancel := context.WithTimeout(cmd.Context(), cf.timeout)
+			defer c.Close()
+			ref, err := adminRef(cmd.Context(), c, args, id, owner)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
 			defer cancel()
 			req := &fxv1.ReviewExperimentRequest{Experiment: ref, Reason: reason}
 			var e *fxv1.Experiment
 			if approve {
-				e, err = c.ApproveExperiment(ctx, req)
+				e, err = c.RPC().ApproveExperiment(ctx, req)
 			} else {
-				e, err = c.RejectExperiment(ctx, req)
+				e, err = c.RPC().RejectExperiment(ctx, req)
 			}
 			if err != nil {
 				return statusError(err)
+			}
+			if o.structured() {
+				return o.write(cmd.OutOrStdout(), e)
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s/%s (id %s) is now %s\n", e.GetOwner(), e.GetName(), e.GetId(), e.GetState())
 			return err
 		},
 	}
-	cf.add(cmd.Flags())
-	cmd.Flags().StringVar(&owner, "owner", "", "the experiment's owner (default: the admin's own name)")
+	o = adminOptions(cmd)
+	cmd.Flags().StringVar(&owner, "owner", "", "the experiment's owner, when researchers used the same name")
 	cmd.Flags().StringVar(&id, "id", "", "the experiment's id, instead of NAME")
 	cmd.Flags().StringVar(&reason, "reason", "", "why; required when rejecting, shown to the researcher")
 	return cmd
 }
 
-// statusError turns a gRPC status into "Code: message".
+// statusError shows a gRPC error as "Code: message" and keeps its status,
+// which decides the exit status (3 for NotFound, 5 for PermissionDenied).
 func statusError(err error) error {
 	if st, ok := status.FromError(err); ok {
-		return fmt.Errorf("%s: %s", st.Code(), st.Message())
+		return grpcError{st}
 	}
 	return err
 }
+
+type grpcError struct{ st *status.Status }
+
+func (e grpcError) Error() string              { return fmt.Sprintf("%s: %s", e.st.Code(), e.st.Message()) }
+func (e grpcError) GRPCStatus() *status.Status { return e.st }

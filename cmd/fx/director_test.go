@@ -150,17 +150,28 @@ func TestDirectorStartAndReview(t *testing.T) {
 		}
 	}()
 
-	k, err := pki.NewKeyring(pki.KeyringConfig{Files: pki.PartyFiles(filepath.Join("pki", "researcher"), "researcher")})
+	ca, err := pki.OpenCA(filepath.Join("pki", "ca"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := pki.NewClient(addr, k, "localhost")
-	if err != nil {
+	if _, _, err := ca.IssueTo(filepath.Join("pki", "bob"), pki.IssueRequest{Role: pki.RoleResearcher, Name: "bob"}); err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	client := fxv1.NewDirectorClient(conn)
-	submit := func(name string) {
+	clientOf := func(name string) fxv1.DirectorClient {
+		t.Helper()
+		k, err := pki.NewKeyring(pki.KeyringConfig{Files: pki.PartyFiles(filepath.Join("pki", name), name)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := pki.NewClient(addr, k, "localhost")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return fxv1.NewDirectorClient(conn)
+	}
+	researcher, bob := clientOf("researcher"), clientOf("bob")
+	submit := func(client fxv1.DirectorClient, name string) {
 		t.Helper()
 		plan := "name: " + name + "\nrounds: 1\nrunner: {kind: builtin, model: softmax}\n"
 		src := t.TempDir()
@@ -195,26 +206,44 @@ func TestDirectorStartAndReview(t *testing.T) {
 			}
 		}
 	}
-	submit("first")
-	submit("second")
+	submit(researcher, "first")
+	submit(researcher, "second")
+	submit(researcher, "shared")
+	submit(bob, "shared")
 
-	common := []string{"--director", addr, "--server-name", "localhost"}
-	out, err := run(t, append([]string{"director", "approve", "first", "--owner", "researcher"}, common...)...)
+	// The connection settings are fx experiment's (flags, FX_*, a
+	// profile), with the admin's files in the pki-bootstrap layout as
+	// defaults; an experiment is named as its researcher named it.
+	t.Setenv("FX_DIRECTOR", addr)
+	t.Setenv("FX_SERVER_NAME", "localhost")
+	out, err := run(t, "director", "approve", "first")
 	if err != nil || !strings.Contains(out, "researcher/first") || !strings.Contains(out, "OFFERED") {
 		t.Errorf("approve = %q, %v", out, err)
 	}
-	out, err = run(t, append([]string{"director", "reject", "second", "--owner", "researcher", "--reason", "not now"}, common...)...)
+	admin := pki.PartyFiles(filepath.Join("pki", "admin"), "admin")
+	out, err = run(t, "director", "reject", "researcher/second", "--reason", "not now", "--cert", admin.Cert, "--key", admin.Key, "--ca", admin.CA)
 	if err != nil || !strings.Contains(out, "REJECTED") {
 		t.Errorf("reject = %q, %v", out, err)
 	}
-	if _, err := run(t, append([]string{"director", "reject", "first", "--owner", "researcher"}, common...)...); err == nil || !strings.Contains(err.Error(), "--reason") {
+	if _, err := run(t, "director", "reject", "first"); err == nil || !strings.Contains(err.Error(), "--reason") || exitCode(err) != exitUsage {
 		t.Errorf("reject without reason: %v", err)
 	}
-	if _, err := run(t, append([]string{"director", "approve", "second", "--owner", "researcher"}, common...)...); err == nil || !strings.Contains(err.Error(), "FailedPrecondition") {
+	if _, err := run(t, "director", "approve", "second", "--tls-cert", admin.Cert, "--tls-key", admin.Key, "--tls-ca", admin.CA); err == nil || !strings.Contains(err.Error(), "FailedPrecondition") {
 		t.Errorf("approve a rejected experiment: %v", err)
 	}
-	if _, err := run(t, append([]string{"director", "approve", "ghost"}, common...)...); err == nil || !strings.Contains(err.Error(), "NotFound") {
-		t.Errorf("approve a missing experiment: %v", err)
+	if _, err := run(t, "director", "approve", "ghost"); err == nil || !strings.Contains(err.Error(), "NotFound") || exitCode(err) != exitNotFound {
+		t.Errorf("approve a missing experiment: %v (exit status %d)", err, exitCode(err))
+	}
+	// Two researchers' experiments of one name: the admin says whose.
+	if _, err := run(t, "director", "approve", "shared"); err == nil || !strings.Contains(err.Error(), "bob/shared (PENDING)") || !strings.Contains(err.Error(), "researcher/shared (PENDING)") {
+		t.Errorf("approve an ambiguous name: %v, want both named", err)
+	}
+	if out, err := run(t, "director", "approve", "shared", "--owner", "bob"); err != nil || !strings.Contains(out, "bob/shared") {
+		t.Errorf("approve --owner bob = %q, %v", out, err)
+	}
+	// Now only one of them is PENDING: the name is enough.
+	if out, err := run(t, "director", "approve", "shared"); err != nil || !strings.Contains(out, "researcher/shared") {
+		t.Errorf("approve the one pending = %q, %v", out, err)
 	}
 }
 

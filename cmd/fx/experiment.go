@@ -52,10 +52,14 @@ func defaultConnSettings() connSettings {
 // profileEnv names the profile file when --profile is not given.
 const profileEnv = "FX_PROFILE"
 
-// researcherOptions are the flags shared by `fx experiment` and `fx envoys`.
+// researcherOptions are the flags shared by `fx experiment` and `fx envoys`,
+// and by the admin's `fx director approve|reject|inspect`.
 type researcherOptions struct {
 	profile string
 	output  string
+	// defaults are the settings before any flag, variable or profile;
+	// nil means defaultConnSettings (a researcher's).
+	defaults func() connSettings
 }
 
 const connFlagsHelp = `Connection settings come from flags, then the environment (FX_DIRECTOR,
@@ -79,7 +83,7 @@ Without any of them fx uses localhost:50051 and pki/researcher/researcher.crt,
 func (o *researcherOptions) addPersistent(f *pflag.FlagSet) {
 	f.String("director", "", "director address, host:port (default localhost:50051)")
 	f.String("server-name", "", "name on the director's certificate (default: the host of --director)")
-	f.String("cert", "", "your researcher certificate (PEM)")
+	f.String("cert", "", "your certificate (PEM): a researcher's, or an admin's")
 	f.String("key", "", "your private key (PEM)")
 	f.String("ca", "", "the federation root certificate (PEM)")
 	f.Duration("timeout", 0, "how long to wait for the director to answer (default 10s)")
@@ -110,6 +114,9 @@ func (o *researcherOptions) profilePath() string {
 // settings loads the connection settings for cmd.
 func (o *researcherOptions) settings(cmd *cobra.Command) (connSettings, error) {
 	s := defaultConnSettings()
+	if o.defaults != nil {
+		s = o.defaults()
+	}
 	profile := o.profilePath()
 	if profile != "" {
 		if _, err := os.Stat(profile); errors.Is(err, fs.ErrNotExist) {

@@ -27,7 +27,7 @@ import (
 // unpack by (no links, no paths leaving the directory, size limits).
 
 func newDirectorInspectCommand() *cobra.Command {
-	var cf clientFlags
+	var o *researcherOptions
 	var owner, id, extract string
 	cmd := &cobra.Command{
 		Use:   "inspect NAME",
@@ -38,20 +38,25 @@ and sha256. --extract DIR unpacks it into DIR (new or empty) for reading, as
 an envoy would unpack it: regular files and directories only, nothing outside
 DIR, within the size limits.
 
-NAME is the experiment's name; give --owner (the researcher's name) when the
-admin did not submit it, or --id instead of NAME.`,
+NAME is the experiment's name, whoever submitted it (the PENDING one when
+researchers used the same name); OWNER/NAME or --owner picks one
+researcher's, --id one experiment.
+
+` + adminConnHelp,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ref, err := experimentRef(args, id, owner)
+			conn, err := o.dial(cmd)
 			if err != nil {
 				return err
 			}
-			c, closeConn, err := cf.dial()
+			defer conn.Close()
+			ref, err := adminRef(cmd.Context(), conn, args, id, owner)
 			if err != nil {
 				return err
 			}
-			defer closeConn()
-			ctx, cancel := context.WithTimeout(cmd.Context(), cf.timeout)
+			c := conn.RPC()
+			const timeout = 15 * time.Second
+			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			e, err := c.GetExperiment(ctx, &fxv1.GetExperimentRequest{Experiment: ref})
 			if err != nil {
@@ -65,21 +70,21 @@ admin did not submit it, or --id instead of NAME.`,
 			defer tmp.Close()
 			// The download may take longer than one call: a second per MiB
 			// more.
-			dctx, dcancel := context.WithTimeout(cmd.Context(), cf.timeout+time.Duration(e.GetArchiveSize()>>20)*time.Second)
+			dctx, dcancel := context.WithTimeout(cmd.Context(), timeout+time.Duration(e.GetArchiveSize()>>20)*time.Second)
 			defer dcancel()
 			if err := downloadArchive(dctx, c, e, tmp); err != nil {
 				return err
 			}
 			head := fmt.Sprintf("experiment %s of %s (id %s, %s)", e.GetName(), e.GetOwner(), e.GetId(), e.GetState())
-			decide := fmt.Sprintf("fx director approve %s --owner %s  |  fx director reject %s --owner %s --reason '...'", e.GetName(), e.GetOwner(), e.GetName(), e.GetOwner())
+			decide := fmt.Sprintf("fx director approve %[1]s/%[2]s  |  fx director reject %[1]s/%[2]s --reason '...'", e.GetOwner(), e.GetName())
 			if e.GetState() != fxv1.ExperimentState_PENDING {
 				decide = ""
 			}
 			return review(cmd.OutOrStdout(), tmp.Name(), e.GetArchiveSize(), e.GetArchiveSha256(), head, extract, decide)
 		},
 	}
-	cf.add(cmd.Flags())
-	cmd.Flags().StringVar(&owner, "owner", "", "the experiment's owner (default: the admin's own name)")
+	o = adminOptions(cmd)
+	cmd.Flags().StringVar(&owner, "owner", "", "the experiment's owner, when researchers used the same name")
 	cmd.Flags().StringVar(&id, "id", "", "the experiment's id, instead of NAME")
 	cmd.Flags().StringVar(&extract, "extract", "", "unpack the archive into this directory (new or empty)")
 	return cmd

@@ -85,7 +85,7 @@ func TestDirectorInspect(t *testing.T) {
 	}
 	checkReview(t, out, extracted, files)
 	t.Logf("fx director inspect printed:\n%s", out)
-	if !strings.Contains(out, "experiment study of alice") || !strings.Contains(out, "PENDING") || !strings.Contains(out, "fx director approve study --owner alice") {
+	if !strings.Contains(out, "experiment study of alice") || !strings.Contains(out, "PENDING") || !strings.Contains(out, "fx director approve alice/study") {
 		t.Errorf("director inspect printed:\n%s", out)
 	}
 
