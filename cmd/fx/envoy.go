@@ -30,6 +30,7 @@ var envoyFlagKeys = map[string]string{
 	"tls-key":         "tls.key",
 	"tls-ca":          "tls.ca",
 	"max-experiments": "max_experiments",
+	"shard":           "shard.shard",
 }
 
 func newEnvoyCommand(opts *globalOptions) *cobra.Command {
@@ -105,6 +106,7 @@ stops on SIGINT or SIGTERM.`,
 	f.String("tls-ca", "", "the federation root certificate (PEM)")
 	f.Int("max-experiments", 0, "how many experiments to run at once")
 	f.StringSlice("tags", nil, "labels researchers select the data by")
+	f.String("shard", "", "the part of the data set this site holds, i/N (shard.shard)")
 	return cmd
 }
 

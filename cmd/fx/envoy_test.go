@@ -68,6 +68,7 @@ func TestEnvoyStartRefusesBadSettings(t *testing.T) {
 		{"certificate of another role", writeEnvoyConfig(t, base(researcher, synthetic)), nil, []string{`role "researcher"`}},
 		{"name not the CN", writeEnvoyConfig(t, base(good, synthetic+"name: envoy-2\n")), nil, []string{"envoy-2", "envoy-1"}},
 		{"bad policy from a flag", writeEnvoyConfig(t, base(good, synthetic)), []string{"--review-policy", "sometimes"}, []string{"review.policy", "sometimes"}},
+		{"bad shard from a flag", writeEnvoyConfig(t, base(good, synthetic)), []string{"--shard", "3/2"}, []string{"shard", "3/2"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -90,7 +91,7 @@ func TestExampleEnvoyConfigLoads(t *testing.T) {
 	if err != nil {
 		t.Fatalf("configs/envoy.yaml: %v", err)
 	}
-	if cfg.Name != "envoy-1" || cfg.Shard.Kind != dataset.KindIDX || cfg.Review.Policy != envoy.PolicyAuto || cfg.Retry.Max != 30*time.Second {
+	if cfg.Name != "site-a" || cfg.Shard.Kind != dataset.KindIDX || cfg.Review.Policy != envoy.PolicyAuto || cfg.Retry.Max != 30*time.Second {
 		t.Errorf("configs/envoy.yaml loaded as %+v", cfg)
 	}
 	if err := cfg.Shard.Validate(); err != nil {
