@@ -2,18 +2,16 @@ package aggregator_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/fx-fl/fx/aggregator"
+	"github.com/fx-fl/fx/internal/disk/disktest"
 	"github.com/fx-fl/fx/tensor"
 )
 
@@ -200,45 +198,6 @@ retention: {every: 3}
 	}
 }
 
-// smallDisk mounts a tmpfs of size bytes for the test, or skips the test
-// where that is not possible (it needs root; CI runs as root).
-func smallDisk(t *testing.T, size int) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("the disk-full test mounts a small tmpfs, which needs root (CI runs as root)")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", fmt.Sprintf("size=%d,mode=0700", size), "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("the disk-full test needs a tmpfs and cannot mount one here: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
-	return dir
-}
-
-// fill writes a file into dir until the file system is full.
-func fill(t *testing.T, dir string) string {
-	t.Helper()
-	path := filepath.Join(dir, "filler")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 64<<10)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			if !errors.Is(err, syscall.ENOSPC) {
-				t.Fatal(err)
-			}
-			return path
-		}
-	}
-}
-
 // TestFullDiskPausesAndResumes (issue 16 item 6): the disk under the
 // aggregator fills while a round is under way. Writing the round's model
 // fails with ENOSPC; the experiment pauses (the sink hears why) instead of
@@ -246,7 +205,7 @@ func fill(t *testing.T, dir string) string {
 // space is freed, losing nothing. Before, the round failed the experiment
 // for good.
 func TestFullDiskPausesAndResumes(t *testing.T) {
-	mnt := smallDisk(t, 4<<20)
+	mnt := disktest.Small(t, 4<<20)
 	f := newFederation(t, parsePlan(t, threeRounds), "alpha", "beta")
 	f.dir = filepath.Join(mnt, "aggregator")
 	f.pauseRetry = 50 * time.Millisecond
@@ -257,7 +216,7 @@ func TestFullDiskPausesAndResumes(t *testing.T) {
 	f.collab(ctx, "beta", &gatedRunner{stepRunner: stepRunner{Step: 3, Samples: 1}, gate: gate, gateRound: 2}, t.TempDir())
 	f.sink.waitRounds(t, 1, 30*time.Second)
 
-	filler := fill(t, mnt)
+	filler := disktest.Fill(t, mnt)
 	close(gate) // round 2 closes on a full disk
 	reason := waitPause(t, f.sink, 30*time.Second)
 	if !strings.Contains(reason, "round 2: write model") || !strings.Contains(reason, "no space left on device") {
@@ -286,7 +245,7 @@ func TestFullDiskPausesAndResumes(t *testing.T) {
 // when the disk has room for its files and the reserve; short of that the
 // experiment pauses before the round, and starts it once there is room.
 func TestDiskBudgetPausesBeforeARound(t *testing.T) {
-	mnt := smallDisk(t, 8<<20)
+	mnt := disktest.Small(t, 8<<20)
 	f := newFederation(t, parsePlan(t, threeRounds), "alpha", "beta")
 	f.dir = filepath.Join(mnt, "aggregator")
 	f.pauseRetry = 50 * time.Millisecond
@@ -298,7 +257,7 @@ func TestDiskBudgetPausesBeforeARound(t *testing.T) {
 	f.collab(ctx, "beta", &gatedRunner{stepRunner: stepRunner{Step: 3, Samples: 1}, gate: gate, gateRound: 1}, t.TempDir())
 	// Leave less than the reserve free: round 1 is written (a few
 	// kilobytes fit), round 2 must not start.
-	filler := fill(t, mnt)
+	filler := disktest.Fill(t, mnt)
 	if err := os.Truncate(filler, mustSize(t, filler)-(1<<20)); err != nil {
 		t.Fatal(err)
 	}

@@ -46,6 +46,9 @@ const (
 	// every 10 minutes in which something changed, the newest 24 kept.
 	DefaultSnapshotInterval = 10 * time.Minute
 	DefaultSnapshotsKept    = 24
+	// DefaultDiskReserve is what data_dir's file system keeps free: no
+	// experiment is accepted, and no round started, that would eat into it.
+	DefaultDiskReserve = 256 << 20
 )
 
 // Config is what a Director needs. Only DataDir is required when the
@@ -113,6 +116,13 @@ type Config struct {
 	// SnapshotsKept is how many snapshots are kept; negative: none are
 	// taken.
 	SnapshotsKept int
+	// DiskReserve is what the file system under DataDir must keep free:
+	// a submission whose experiment would not leave it is refused, and a
+	// round that would not leave it waits, PAUSED. Negative: none.
+	DiskReserve int64
+	// PauseRetry is how often a PAUSED experiment's aggregator checks
+	// whether its cause is gone; aggregator.DefaultPauseRetry when zero.
+	PauseRetry time.Duration
 
 	// Store replaces the bbolt store in DataDir (tests).
 	Store store.Store
@@ -157,6 +167,10 @@ func (c *Config) setDefaults() {
 	if c.SnapshotsKept == 0 {
 		c.SnapshotsKept = DefaultSnapshotsKept
 	}
+	if c.DiskReserve == 0 {
+		c.DiskReserve = DefaultDiskReserve
+	}
+	c.DiskReserve = max(c.DiskReserve, 0)
 	if c.AggregatorHost == "" {
 		c.AggregatorHost = DefaultAggregatorHost
 	}

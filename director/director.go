@@ -187,7 +187,7 @@ func (d *Director) load() error {
 			e.parts[p.Envoy] = p
 		}
 		if err := d.rebuildMetrics(e, positions[rec.ID]); err != nil {
-			d.log.Error("metric log cannot be rebuilt; metrics of earlier rounds are unavailable", "experiment", rec.ID, "error", err)
+			d.log.Error("round files that cannot be read are left out of the metric log", "experiment", rec.ID, "error", err)
 		}
 		d.exps[rec.ID] = e
 	}
@@ -204,10 +204,9 @@ func (d *Director) rebuildMetrics(e *expState, pos store.MetricPosition) error {
 	if !fileExists(dir) {
 		return nil
 	}
+	// A damaged round file is left out (and named in err); the rounds
+	// that can be read still make the log.
 	summaries, best, err := d.cfg.Launcher.History(dir)
-	if err != nil {
-		return err
-	}
 	for _, s := range summaries {
 		e.metrics.add(s, roundTime(dir, s.Round), e.plan)
 	}
@@ -215,7 +214,7 @@ func (d *Director) rebuildMetrics(e *expState, pos store.MetricPosition) error {
 	if e.metrics.round() < pos.Round {
 		d.log.Warn("the aggregator directory has fewer rounds than the store recorded", "experiment", e.rec.ID, "files", e.metrics.round(), "recorded", pos.Round)
 	}
-	return nil
+	return err
 }
 
 func roundTime(dir string, round int) time.Time {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/fx-fl/fx/director/store"
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/disk"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -86,7 +87,7 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 
 	tmp, err := os.CreateTemp(filepath.Join(d.cfg.DataDir, "tmp"), "upload-*")
 	if err != nil {
-		return nil, fmt.Errorf("cannot store the upload: %w", err)
+		return nil, storeError(err)
 	}
 	tmpPath := tmp.Name()
 	committed := false
@@ -123,12 +124,12 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 			return nil, fmt.Errorf("the upload is longer than the %d bytes the header declared: %w", h.GetSize(), ErrInvalidArgument)
 		}
 		if _, err := w.Write(chunk); err != nil {
-			return nil, fmt.Errorf("cannot store the upload: %w", err)
+			return nil, storeError(err)
 		}
 		got += int64(len(chunk))
 	}
 	if err := w.Close(); err != nil {
-		return nil, fmt.Errorf("cannot store the upload: %w", err)
+		return nil, storeError(err)
 	}
 	if got != h.GetSize() {
 		return nil, fmt.Errorf("the upload ended after %d of the %d bytes the header declared: %w", got, h.GetSize(), ErrInvalidArgument)
@@ -156,7 +157,7 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 		return nil, err
 	}
 	if serr != nil {
-		return nil, fmt.Errorf("cannot store the upload: %w", serr)
+		return nil, storeError(serr)
 	}
 	d.log.Debug("upload checked", "owner", owner, "name", name, "bytes", got, "receive", received, "check", time.Since(began)-received)
 	if string(man.Plan) != h.GetPlanYaml() {
@@ -168,22 +169,25 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 	if plan.Runner.Kind != experiment.RunnerBuiltin && !slices.ContainsFunc(man.Files, func(f experiment.FileInfo) bool { return f.Path == InitialModelFile }) {
 		return nil, fmt.Errorf("the archive has no %s at its root: runner kind %s needs the initial model there (the aggregator initialises built-in models only): %w", InitialModelFile, plan.Runner.Kind, ErrInvalidArgument)
 	}
+	if err := d.checkDiskBudget(plan, man); err != nil {
+		return nil, err
+	}
 
 	id := newID()
 	dir := d.experimentDir(id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("cannot store the archive: %w", err)
+		return nil, storeError(err)
 	}
 	if err := os.Rename(tmpPath, d.archivePath(id)); err != nil {
 		_ = os.RemoveAll(dir)
-		return nil, fmt.Errorf("cannot store the archive: %w", err)
+		return nil, storeError(err)
 	}
 	committed = true
 	// The record written next promises the archive exists; make its name
 	// durable first.
 	if err := syncDir(dir); err != nil {
 		_ = os.RemoveAll(dir)
-		return nil, fmt.Errorf("cannot store the archive: %w", err)
+		return nil, storeError(err)
 	}
 
 	d.mu.Lock()
@@ -214,6 +218,51 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 		}
 	}
 	return d.toProtoLocked(e), nil
+}
+
+// storeError is a failure to store an upload. A full or failing disk is
+// the director's resource running out (RESOURCE_EXHAUSTED), not a fault in
+// the upload, and the message says so.
+func storeError(err error) error {
+	if disk.IsResourceError(err) {
+		return fmt.Errorf("cannot store the upload: the director's disk is full or failing (%v): submit again later, or ask the operator for room: %w", err, ErrTooLarge)
+	}
+	return fmt.Errorf("cannot store the upload: %w", err)
+}
+
+// checkDiskBudget refuses an experiment whose files would not fit on the
+// director's disk beside DiskReserve (the archive is there already): the
+// models its retention keeps, each the size of the archive's initial
+// model, two rounds of a server optimiser's state (twice the model each),
+// and a summary per round. A built-in model's size is known only once its
+// participants are, so for one without an initial model only the
+// summaries count here; the aggregator checks the room for each round
+// before it starts it, and pauses the experiment when there is none.
+func (d *Director) checkDiskBudget(plan *experiment.Plan, man *experiment.Manifest) error {
+	free, ok := disk.Free(d.cfg.DataDir)
+	if !ok {
+		return nil
+	}
+	var model int64
+	for _, f := range man.Files {
+		if f.Path == InitialModelFile {
+			model = f.Size
+		}
+	}
+	kept := int64(plan.KeptModels())
+	need := kept * model
+	switch plan.Aggregation.Algorithm {
+	case experiment.AlgFedAdam, experiment.AlgFedYogi, experiment.AlgFedAdagrad:
+		need += 2 * 2 * model
+	}
+	// A result in a summary takes a few hundred bytes.
+	sites := int64(max(plan.Participants.Min, len(plan.Participants.Envoys)))
+	need += int64(plan.Rounds+1) * sites * int64(len(plan.Tasks)) * 1024
+	if free-need >= d.cfg.DiskReserve {
+		return nil
+	}
+	return fmt.Errorf("the experiment needs about %d bytes on the director's disk (%d models of %d bytes kept for rounds: %d and retention.every: %d, and its round summaries), but it has %d bytes free beyond the %d it keeps in reserve (disk_reserve_bytes): keep fewer models (retention.every: 0 keeps the initial, the best and the last two; N keeps every Nth besides), run fewer rounds, or ask the operator for room: %w",
+		need, kept, model, plan.Rounds, plan.Retention.Every, max(free-d.cfg.DiskReserve, 0), d.cfg.DiskReserve, ErrTooLarge)
 }
 
 // startUpload counts an upload of owner's until done is called, refusing

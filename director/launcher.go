@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
@@ -45,6 +46,9 @@ type LaunchSpec struct {
 	ServerOptions []grpc.ServerOption
 	Sink          aggregator.Sink
 	Logger        hclog.Logger
+	// DiskReserve and PauseRetry: see Config.
+	DiskReserve int64
+	PauseRetry  time.Duration
 }
 
 // Aggregator is a launched aggregator, as the director drives it.
@@ -96,6 +100,8 @@ func (InProcess) Launch(spec LaunchSpec) (Aggregator, error) {
 		ServerOptions: spec.ServerOptions,
 		Sink:          spec.Sink,
 		Logger:        spec.Logger,
+		DiskReserve:   spec.DiskReserve,
+		PauseRetry:    spec.PauseRetry,
 	})
 }
 

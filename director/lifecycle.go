@@ -442,6 +442,8 @@ func (d *Director) launchLocked(e *expState) {
 		ServerOptions: d.cfg.AggregatorServerOptions,
 		Sink:          &sink{d: d, id: e.rec.ID},
 		Logger:        d.cfg.Logger.Named("experiment-" + e.rec.ID),
+		DiskReserve:   d.cfg.DiskReserve,
+		PauseRetry:    d.cfg.PauseRetry,
 	}
 	d.log.Info("aggregator starting", "experiment", e.rec.ID, "address", rs.address)
 	for _, name := range participants {

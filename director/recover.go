@@ -357,7 +357,7 @@ func reconcile(cfg RecoverConfig, st store.Store, dirs []string, rec *Recovery) 
 			if started(e.State) {
 				continue
 			}
-			participants, err := aggregatorParticipants(filepath.Join(expDir(e.ID), "aggregator"))
+			participants, err := aggregator.Participants(filepath.Join(expDir(e.ID), "aggregator"))
 			if err != nil || len(participants) == 0 {
 				continue // never started, or nothing says with whom
 			}
@@ -418,15 +418,4 @@ func resumeStarted(tx store.Tx, e *store.Experiment, participants []string, now 
 		}
 	}
 	return nil
-}
-
-// aggregatorParticipants are the collaborators of the newest round an
-// aggregator directory records; none if it completed no round.
-func aggregatorParticipants(dir string) ([]string, error) {
-	summaries, _, err := aggregator.History(dir)
-	if len(summaries) == 0 {
-		return nil, err
-	}
-	last := summaries[len(summaries)-1]
-	return slices.Sorted(slices.Values(append(slices.Clone(last.Reported), last.Missing...))), nil
 }

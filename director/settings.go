@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/pki"
 )
 
@@ -57,6 +58,10 @@ type Settings struct {
 		Interval time.Duration `mapstructure:"interval"`
 		Keep     int           `mapstructure:"keep"`
 	} `mapstructure:"snapshots"`
+	// DiskReserveBytes is what data_dir's file system keeps free.
+	DiskReserveBytes int64 `mapstructure:"disk_reserve_bytes"`
+	// PauseRetry is how often a PAUSED experiment checks its cause.
+	PauseRetry time.Duration `mapstructure:"pause_retry"`
 }
 
 // DefaultSettings are what a configuration file overrides.
@@ -77,6 +82,8 @@ func DefaultSettings() Settings {
 	s.UploadIdleTimeout = DefaultUploadIdleTimeout
 	s.Snapshots.Interval = DefaultSnapshotInterval
 	s.Snapshots.Keep = DefaultSnapshotsKept
+	s.DiskReserveBytes = DefaultDiskReserve
+	s.PauseRetry = aggregator.DefaultPauseRetry
 	return s
 }
 
@@ -105,6 +112,12 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 	if s.Snapshots.Keep < 1 {
 		bad("snapshots.keep", "%d: at least 1; without snapshots `fx director recover` has nothing to restore", s.Snapshots.Keep)
 	}
+	if s.DiskReserveBytes < 0 {
+		bad("disk_reserve_bytes", "%d is negative: use 0 for no reserve", s.DiskReserveBytes)
+	}
+	if s.PauseRetry <= 0 {
+		bad("pause_retry", "%s: must be positive", s.PauseRetry)
+	}
 	if s.Snapshots.Interval <= 0 {
 		bad("snapshots.interval", "%s: must be positive", s.Snapshots.Interval)
 	}
@@ -131,6 +144,8 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 		UploadIdleTimeout:       s.UploadIdleTimeout,
 		SnapshotInterval:        s.Snapshots.Interval,
 		SnapshotsKept:           s.Snapshots.Keep,
+		DiskReserve:             reserve(s.DiskReserveBytes),
+		PauseRetry:              s.PauseRetry,
 		Logger:                  logger,
 	}
 	if err := cfg.validate(); err != nil {
@@ -166,4 +181,13 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 	}
 	cfg.ServerOptions, cfg.AggregatorServerOptions = ServerOptions(k)
 	return cfg, nil
+}
+
+// reserve turns disk_reserve_bytes into Config.DiskReserve, whose zero
+// means the default: 0 in the file means no reserve.
+func reserve(n int64) int64 {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
