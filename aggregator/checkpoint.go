@@ -15,7 +15,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/fx-fl/fx/internal/atomicfile"
@@ -643,12 +642,12 @@ func (a *Aggregator) persist(ctx context.Context, what string, step func() error
 			}
 			return nil
 		}
-		if !disk.IsResourceError(err) {
+		if !disk.IsResourceError(err) && !errors.Is(err, errNoRoom) {
 			return fmt.Errorf("%s: %w", what, err)
 		}
 		if !paused {
 			paused = true
-			reason := fmt.Sprintf("%s: %v; it resumes by itself once that is fixed (free space under %s)", what, err, a.cfg.Dir)
+			reason := fmt.Sprintf("%s: %v. It resumes by itself once there is room (free space on the disk under %s)", what, err, a.cfg.Dir)
 			a.log.Warn("experiment paused", "reason", reason, "retry_every", a.cfg.PauseRetry)
 			a.cfg.Sink.Paused(reason)
 		}
@@ -673,6 +672,9 @@ func (a *Aggregator) roundBytes(model tensor.Model) int64 {
 	return n + 1<<20 + int64(len(a.parts))*4<<10
 }
 
+// errNoRoom: the disk has too little room for a round beside the reserve.
+var errNoRoom = errors.New("no room for it")
+
 // checkRoom is the disk-budget check before a round: the file system under
 // Dir must have room for the round's files and DiskReserve besides, or the
 // experiment pauses (see persist) until it has.
@@ -683,8 +685,8 @@ func (a *Aggregator) checkRoom(ctx context.Context, model tensor.Model, round in
 		if !ok || free-need >= a.cfg.DiskReserve {
 			return nil
 		}
-		return fmt.Errorf("%d bytes are free, and the round needs up to %d with %d kept in reserve (disk_reserve_bytes): %w",
-			free, need, a.cfg.DiskReserve, syscall.ENOSPC)
+		return fmt.Errorf("%d bytes are free; the round needs up to %d and %d are kept in reserve (disk_reserve_bytes): %w",
+			free, need, a.cfg.DiskReserve, errNoRoom)
 	})
 }
 

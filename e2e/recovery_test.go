@@ -1,12 +1,14 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/fx-fl/fx/internal/disk/disktest"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -85,6 +87,85 @@ func TestDamagedStoreRecovered(t *testing.T) {
 		t.Errorf("finished at round %d, want %d", e.GetRound(), rounds)
 	}
 	agg := aggregates(t, f.watchEvents("alice", "survivor"))
+	for r := 1; r <= rounds; r++ {
+		if _, ok := agg[r]; !ok {
+			t.Errorf("no aggregates for round %d", r)
+		}
+	}
+}
+
+// TestFullDiskPausesExperiment (issue 16 item 6): the director's data_dir
+// is a small tmpfs that something else fills while an experiment runs.
+// Before the next round would eat into disk_reserve_bytes the experiment
+// goes PAUSED, saying why, instead of FAILED; freeing the space resumes it
+// by itself. Filled again, the director is stopped, the space freed and
+// the director started again: the experiment resumes and finishes with
+// every round. Before, a full disk failed the experiment for good.
+func TestFullDiskPausesExperiment(t *testing.T) {
+	f := newFed(t, []string{"alice"}, []string{"site-1", "site-2"})
+	mnt := disktest.Small(t, 32<<20)
+	f.writeDirectorConfig(directorOptions{})
+	cfg, err := os.ReadFile(f.dirConfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := strings.Replace(string(cfg), "data_dir: "+f.dataDir, "data_dir: "+mnt, 1)
+	conf += "disk_reserve_bytes: 4194304\npause_retry: 200ms\n"
+	if err := os.WriteFile(f.dirConfig, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.dataDir = mnt
+	f.director = f.newProc("director", nil, "director", "start", "--config", f.dirConfig)
+	f.restartDirector()
+	f.startEnvoy("site-1", slowShard(1, 2))
+	f.startEnvoy("site-2", slowShard(2, 2))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, "site-1", "site-2")
+
+	const rounds = 6
+	f.submit("alice", writePlan(t, syntheticPlan("full-disk", rounds, slowHyper, "deadline: 1m, min_reporting: 2")))
+	fillUntilPaused := func(after int32) {
+		t.Helper()
+		f.waitFor(2*time.Minute, fmt.Sprintf("round %d", after+1), func() (bool, error) {
+			e, err := getExp(c, "full-disk")
+			return err == nil && e.GetState() == fxv1.ExperimentState_RUNNING && e.GetRound() > after, err
+		})
+		// Leave 2 MiB: the round under way is written, the next one
+		// would eat into the 4 MiB reserve.
+		filler := disktest.Fill(t, mnt)
+		fi, err := os.Stat(filler)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(filler, fi.Size()-2<<20); err != nil {
+			t.Fatal(err)
+		}
+		e := f.waitState(c, "full-disk", 2*time.Minute, fxv1.ExperimentState_PAUSED)
+		t.Logf("paused in round %d: %s", e.GetRound(), e.GetReason())
+		if !strings.Contains(e.GetReason(), "disk_reserve_bytes") || !strings.Contains(e.GetReason(), "resumes by itself once there is room") {
+			t.Errorf("paused with reason %q; want the reserve and what happens next", e.GetReason())
+		}
+	}
+	filler := filepath.Join(mnt, "filler")
+
+	fillUntilPaused(1)
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	e := f.waitState(c, "full-disk", time.Minute, fxv1.ExperimentState_RUNNING, fxv1.ExperimentState_FINISHED)
+	t.Logf("running again by itself in round %d", e.GetRound())
+
+	fillUntilPaused(e.GetRound())
+	f.director.stop(t)
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	f.restartDirector()
+	e = f.waitState(c, "full-disk", 3*time.Minute, fxv1.ExperimentState_FINISHED)
+	if e.GetRound() != rounds {
+		t.Errorf("finished at round %d, want %d", e.GetRound(), rounds)
+	}
+	agg := aggregates(t, f.watchEvents("alice", "full-disk"))
 	for r := 1; r <= rounds; r++ {
 		if _, ok := agg[r]; !ok {
 			t.Errorf("no aggregates for round %d", r)
