@@ -81,7 +81,8 @@ func (InProcess) History(dir string) ([]aggregator.RoundSummary, *aggregator.Bes
 
 // Launch implements Launcher. The initial model comes, in order of
 // preference, from an earlier launch's round-0 file (a relaunch after a
-// restart: the aggregator resumes from its checkpoint anyway), from the
+// restart: the aggregator resumes from its checkpoint anyway; a damaged
+// one is passed over, and the aggregator's resume judges it), from the
 // archive's model.safetensors, or from the built-in model's initialiser for
 // the participants' data shapes.
 func (InProcess) Launch(spec LaunchSpec) (Aggregator, error) {
@@ -108,10 +109,12 @@ func (InProcess) Launch(spec LaunchSpec) (Aggregator, error) {
 func initialModel(spec LaunchSpec) (tensor.Model, error) {
 	if path := aggregator.ModelPath(spec.Dir, 0); fileExists(path) {
 		m, _, err := tensor.ReadFile(path)
-		if err != nil {
-			return nil, fmt.Errorf("initial model %s: %w", path, err)
+		if err == nil {
+			return m, nil
 		}
-		return m, nil
+		if spec.Logger != nil {
+			spec.Logger.Warn("the initial model an earlier launch kept cannot be read; making it again", "path", path, "error", err)
+		}
 	}
 	m, found, err := archiveModel(spec)
 	if err != nil || found {

@@ -79,6 +79,39 @@ func TestInitialModel(t *testing.T) {
 	}
 }
 
+// TestInitialModelOfARelaunch: a relaunch takes the round-0 file an
+// earlier launch kept, and passes over a damaged one (before, it failed
+// every relaunch, and so the experiment, for good).
+func TestInitialModelOfARelaunch(t *testing.T) {
+	plan := "name: x\nrounds: 1\nrunner: {kind: exec, command: [python3, train.py]}\n"
+	p, err := experiment.ParsePlan([]byte(plan))
+	must(t, err)
+	archived := tensor.Model{tensor.New("archived", tensor.F32, []int64{2})}
+	for name, c := range map[string]struct {
+		write func(path string) error
+		want  string
+	}{
+		"kept": {func(path string) error {
+			return tensor.WriteFile(path, tensor.Model{tensor.New("kept", tensor.F32, []int64{1})}, nil)
+		}, "kept"},
+		"damaged": {func(path string) error {
+			return os.WriteFile(path, []byte("\x10\x00\x00\x00\x00\x00\x00\x00{\"w\":"), 0o600)
+		}, "archived"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			spec := LaunchSpec{ExperimentID: "x", Plan: p, ArchivePath: writeArchive(t, plan, archived), Dir: filepath.Join(t.TempDir(), "aggregator")}
+			path := aggregator.ModelPath(spec.Dir, 0)
+			must(t, os.MkdirAll(filepath.Dir(path), 0o700))
+			must(t, c.write(path))
+			m, err := initialModel(spec)
+			must(t, err)
+			if len(m) != 1 || m[0].Name != c.want {
+				t.Fatalf("initial model %v, want the %s one", m, c.want)
+			}
+		})
+	}
+}
+
 // TestInProcessLaunch runs a real aggregator until it has written its
 // initial model and checkpoint, then stops it, and relaunches it from the
 // same directory as after a director restart.
