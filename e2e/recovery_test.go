@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +12,7 @@ import (
 
 	"github.com/fx-fl/fx/internal/disk/disktest"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/tensor"
 )
 
 // TestDamagedStoreRecovered (issue 16 items 2 and 3): a RUNNING
@@ -169,6 +172,106 @@ func TestFullDiskPausesExperiment(t *testing.T) {
 	for r := 1; r <= rounds; r++ {
 		if _, ok := agg[r]; !ok {
 			t.Errorf("no aggregates for round %d", r)
+		}
+	}
+}
+
+// TestDamagedRoundFilesResume (issue 16 items 4 and 7): between two
+// restarts of the director, a running experiment's checkpoint.json is
+// deleted, and later NaNs are written into its latest model (a well-formed
+// safetensors file). The first restart resumes from the round the round
+// files show complete (before: round 1 again); the second from the round
+// before the poisoned one, which runs again (before: the NaN model was
+// loaded without notice). The experiment finishes with every round and a
+// finite model.
+func TestDamagedRoundFilesResume(t *testing.T) {
+	f, c, _ := slowSites(t)
+	const rounds = 6
+	f.submit("alice", writePlan(t, syntheticPlan("damaged-rounds", rounds, slowHyper, "deadline: 1m, min_reporting: 2")))
+	e := f.waitState(c, "damaged-rounds", time.Minute, fxv1.ExperimentState_RUNNING)
+	dir := filepath.Join(f.dataDir, "experiments", e.GetId(), "aggregator")
+	completed := func() int {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(dir, "checkpoint.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var cp struct{ Completed int }
+		if err := json.Unmarshal(b, &cp); err != nil {
+			t.Fatal(err)
+		}
+		return cp.Completed
+	}
+	// resumedAt is the round the aggregator resumed after, from the log
+	// of the director's last start.
+	resumedAt := func(start int) int {
+		t.Helper()
+		for _, line := range logLinesAfter(f.director.log(), start) {
+			if strings.Contains(line, "resuming from checkpoint") {
+				return atoi(logField(line, "completed_round"))
+			}
+		}
+		t.Fatalf("no resume in the director's log after start %d", start)
+		return 0
+	}
+
+	for i, damage := range []struct {
+		name string
+		// do damages the files after round done and returns the round
+		// the resume must start after.
+		do func(done int) (int, error)
+	}{
+		{"checkpoint.json deleted", func(done int) (int, error) {
+			return done, os.Remove(filepath.Join(dir, "checkpoint.json"))
+		}},
+		{"NaN in the latest model", func(done int) (int, error) {
+			path := filepath.Join(dir, "models", fmt.Sprintf("round-%06d.safetensors", done))
+			m, meta, err := tensor.ReadFile(path)
+			if err != nil {
+				return 0, err
+			}
+			for _, x := range m {
+				if x.DType == tensor.F32 {
+					x.Float32s()[0] = float32(math.NaN())
+					break
+				}
+			}
+			return done - 1, tensor.WriteFile(path, m, meta)
+		}},
+	} {
+		f.waitFor(2*time.Minute, "a round to complete", func() (bool, error) {
+			e, err := getExp(c, "damaged-rounds")
+			if err != nil {
+				return false, err
+			}
+			if e.GetState() != fxv1.ExperimentState_RUNNING {
+				t.Fatalf("experiment %s before the damage (%s)", e.GetState(), e.GetReason())
+			}
+			return e.GetRound() > int32(2*i+2), nil
+		})
+		f.director.stop(t)
+		want, err := damage.do(completed())
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.restartDirector()
+		if got := resumedAt(i + 2); got != want {
+			t.Errorf("%s: resumed after round %d, want %d", damage.name, got, want)
+		}
+	}
+	e = f.waitState(c, "damaged-rounds", 3*time.Minute, fxv1.ExperimentState_FINISHED)
+	if e.GetRound() != rounds {
+		t.Errorf("finished at round %d, want %d", e.GetRound(), rounds)
+	}
+	out := filepath.Join(t.TempDir(), "last.safetensors")
+	f.mustExp("alice", "model", "damaged-rounds", "--last", "-o", out)
+	m, _, err := tensor.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range m {
+		if err := x.CheckFinite(); err != nil {
+			t.Fatalf("the final model: %v", err)
 		}
 	}
 }
