@@ -56,33 +56,44 @@ func newestSnapshot(dataDir string) string {
 	return fmt.Sprintf("the newest good snapshot from %s (the newest was taken %s)", dir, snaps[0].Taken.Format(time.RFC3339))
 }
 
-// checkStoreMatches refuses a store that knows no experiment while the
-// data directory holds some: an emptied or lost director.db would
-// otherwise be taken for a new federation, and every experiment, running
-// ones included, forgotten while its files stay on disk. A store that
-// knows experiments but not every directory is let through with a warning:
-// a crash between writing an archive and its record, or between removing
-// a record and its files, leaves such a directory.
+// checkStoreMatches refuses a store that knows none of the experiment
+// directories in the data directory: an emptied or lost director.db, or
+// another data directory's, would otherwise be taken as the truth, and
+// every experiment here, running ones included, forgotten while its files
+// stay on disk. A store that knows some of them is let through with a
+// warning for the others: a crash between writing an archive and its
+// record, or between removing a record and its files, leaves such a
+// directory.
 func (d *Director) checkStoreMatches() error {
 	dirs, err := experimentDirs(d.cfg.DataDir)
 	if err != nil {
 		return err
 	}
-	var unknown []string
-	for _, id := range dirs {
-		if d.exps[id] == nil {
-			unknown = append(unknown, id)
-		}
-	}
+	unknown := unknownDirs(dirs, func(id string) bool { return d.exps[id] != nil })
 	switch {
 	case len(unknown) == 0:
 		return nil
-	case len(d.exps) > 0:
+	case len(unknown) < len(dirs):
 		d.log.Warn("experiment directories without a record (left by a crash during a submission or a removal; `fx director recover` moves them aside)", "directories", unknown)
 		return nil
 	}
-	return fmt.Errorf("the store %s holds no experiment, but %s holds %d experiment directories (%s): the store is new, emptied or replaced, and starting would forget those experiments. Run `fx director recover --data-dir %s` to restore %s and reconcile it with them; to start a new federation instead, move %s away",
-		storePath(d.cfg.DataDir), filepath.Join(d.cfg.DataDir, "experiments"), len(unknown), listShort(unknown), d.cfg.DataDir, newestSnapshot(d.cfg.DataDir), filepath.Join(d.cfg.DataDir, "experiments"))
+	what := "holds no experiment"
+	if len(d.exps) > 0 {
+		what = fmt.Sprintf("records %d experiments, none of them", len(d.exps))
+	}
+	return fmt.Errorf("the store %s %s, but %s holds %d experiment directories (%s): the store is new, emptied or another data directory's, and starting would forget those experiments. Run `fx director recover --data-dir %s` to restore %s and reconcile it with them; to start a new federation instead, move %s away",
+		storePath(d.cfg.DataDir), what, filepath.Join(d.cfg.DataDir, "experiments"), len(unknown), listShort(unknown), d.cfg.DataDir, newestSnapshot(d.cfg.DataDir), filepath.Join(d.cfg.DataDir, "experiments"))
+}
+
+// unknownDirs are the experiment directories whose id known does not know.
+func unknownDirs(dirs []string, known func(id string) bool) []string {
+	var out []string
+	for _, id := range dirs {
+		if !known(id) {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // experimentDirs lists the experiment directories under data_dir, by id.
@@ -212,7 +223,7 @@ func Recover(cfg RecoverConfig) (*Recovery, error) {
 		return nil, err
 	}
 	rec := &Recovery{}
-	why, err := storeProblem(dbPath, len(dirs) > 0)
+	why, err := storeProblem(dbPath, dirs)
 	if err != nil {
 		return nil, err
 	}
@@ -235,7 +246,8 @@ func Recover(cfg RecoverConfig) (*Recovery, error) {
 
 // storeProblem says why the store at path cannot be used as it is, or ""
 // when it can.
-func storeProblem(path string, haveDirs bool) (string, error) {
+func storeProblem(path string, dirs []string) (string, error) {
+	haveDirs := len(dirs) > 0
 	fi, err := os.Stat(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
@@ -263,17 +275,19 @@ func storeProblem(path string, haveDirs bool) (string, error) {
 		return "", err
 	}
 	defer st.Close()
-	var n int
+	known := map[string]bool{}
 	err = st.View(func(tx store.Tx) error {
 		exps, err := tx.Experiments()
-		n = len(exps)
+		for _, e := range exps {
+			known[e.ID] = true
+		}
 		return err
 	})
 	if err != nil {
 		return "", err
 	}
-	if n == 0 {
-		return "it holds no experiment while the data directory holds some", nil
+	if len(unknownDirs(dirs, func(id string) bool { return known[id] })) == len(dirs) {
+		return "it knows none of the experiment directories in the data directory", nil
 	}
 	return "", nil
 }

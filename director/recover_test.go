@@ -38,6 +38,17 @@ var storeDamages = map[string]func(t *testing.T, path string){
 	// running one while its files stayed on disk.
 	"emptied": func(t *testing.T, path string) { must(t, os.Truncate(path, 0)) },
 	"deleted": func(t *testing.T, path string) { must(t, os.Remove(path)) },
+	// Another data directory's store, copied over this one's.
+	"replaced": func(t *testing.T, path string) {
+		other, err := store.OpenBolt(path + ".other")
+		must(t, err)
+		must(t, other.Update(func(tx store.Tx) error {
+			return tx.PutExperiment(&store.Experiment{ID: "elsewhere", Name: "elsewhere", Owner: "bob", State: fxv1.ExperimentState_FINISHED,
+				PlanYAML: "name: elsewhere\nrounds: 1\nrunner: {kind: builtin, model: mlp}\n"})
+		}))
+		must(t, other.Close())
+		must(t, os.Rename(path+".other", path))
+	},
 }
 
 // TestDamagedStoreStopsTheDirectorAndRecovers (issue 16 items 2 and 3).
@@ -62,7 +73,7 @@ func TestDamagedStoreStopsTheDirectorAndRecovers(t *testing.T) {
 					t.Errorf("error %q does not say %q", err, want)
 				}
 			}
-			if name == "emptied" || name == "deleted" {
+			if name == "emptied" || name == "deleted" || name == "replaced" {
 				if !strings.Contains(err.Error(), e.Id) {
 					t.Errorf("error %q does not name the experiment directory %s", err, e.Id)
 				}
