@@ -289,8 +289,10 @@ func (a *Aggregator) startRound(n int) {
 		for _, name := range a.active() {
 			r.rejoining[name] = true
 		}
-		a.log.Info("round resumed; its deadline counts once its participants are back, at the latest after the rejoin grace",
-			"round", n, "tasks", r.tasks, "participants", a.active(), "rejoin_grace", a.cfg.RejoinGrace, "deadline", a.plan.Stragglers.Deadline)
+		// Its deadline counts once its participants are back, at the
+		// latest after the rejoin grace.
+		a.log.Info("round started", "round", n, "tasks", r.tasks, "resumed", true,
+			"participants", a.active(), "rejoin_grace", a.cfg.RejoinGrace, "deadline", a.plan.Stragglers.Deadline)
 	} else {
 		a.log.Info("round started", "round", n, "tasks", r.tasks)
 	}

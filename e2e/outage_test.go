@@ -89,10 +89,10 @@ func testDirectorOutage(t *testing.T, outage time.Duration, fixedAgg bool) {
 	}
 	resumed := false
 	for _, line := range logLinesAfter(f.director.log(), 2) {
-		resumed = resumed || strings.Contains(line, "round resumed")
+		resumed = resumed || strings.Contains(line, "round started:") && logField(line, "resumed") == "true"
 	}
 	if !resumed {
-		t.Error("the director's log has no 'round resumed' after the restart")
+		t.Error("the director's log has no resumed round after the restart")
 	}
 	evs := f.watchEvents("alice", "outage")
 	checkSequences(t, evs)
