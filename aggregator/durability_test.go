@@ -2,6 +2,7 @@ package aggregator_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math"
 	"os"
@@ -21,7 +22,12 @@ import (
 // after three rounds is 6.
 func stoppedAfterTwo(t *testing.T) *federation {
 	t.Helper()
-	f := newFederation(t, parsePlan(t, threeRounds), "alpha", "beta")
+	return stoppedAfterTwoOf(t, threeRounds)
+}
+
+func stoppedAfterTwoOf(t *testing.T, plan string) *federation {
+	t.Helper()
+	f := newFederation(t, parsePlan(t, plan), "alpha", "beta")
 	f.grace = time.Second
 	f.start()
 	ctx, stop := context.WithCancel(t.Context())
@@ -40,8 +46,18 @@ func stoppedAfterTwo(t *testing.T) *federation {
 
 // resumeAndFinish restarts the aggregator and the collaborators, as a
 // director restart and the envoys that follow it do, lets the experiment
-// finish, and returns the first round the aggregator completed.
+// finish, checks the final bias is 6, and returns the first round the
+// aggregator completed.
 func resumeAndFinish(t *testing.T, f *federation) int {
+	t.Helper()
+	first := resumeOnly(t, f)
+	if got := values(readModel(t, f.dir, 3), "fc.bias"); !equalFloats(got, []float32{6, 6}) {
+		t.Fatalf("final bias %v, want [6 6]: a round was lost, repeated or resumed from a wrong model", got)
+	}
+	return first
+}
+
+func resumeOnly(t *testing.T, f *federation) int {
 	t.Helper()
 	f.sink = newSink()
 	f.start()
@@ -54,10 +70,56 @@ func resumeAndFinish(t *testing.T, f *federation) int {
 	if len(sums) == 0 {
 		t.Fatal("the resumed aggregator completed no round")
 	}
-	if got := values(readModel(t, f.dir, 3), "fc.bias"); !equalFloats(got, []float32{6, 6}) {
-		t.Fatalf("final bias %v, want [6 6]: a round was lost, repeated or resumed from a wrong model", got)
-	}
 	return sums[0].Round
+}
+
+// TestResumesFilesOfThePreviousVersion: an experiment checkpointed by the
+// fx before digests (no checksums, no digests, the server optimiser's
+// state in one optimizer.safetensors) resumes where it stopped and ends
+// with the model an uninterrupted run makes.
+func TestResumesFilesOfThePreviousVersion(t *testing.T) {
+	plan := threeRounds + "aggregation: {algorithm: fedadam, lr: 0.5}\n"
+	want := newFederation(t, parsePlan(t, plan), "alpha", "beta")
+	want.start()
+	want.collab(t.Context(), "alpha", &stepRunner{Step: 1, Samples: 1}, t.TempDir())
+	want.collab(t.Context(), "beta", &stepRunner{Step: 3, Samples: 1}, t.TempDir())
+	if err := want.wait(60 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	f := stoppedAfterTwoOf(t, plan)
+	// Undo what this version adds: seals, digests, per-round optimiser state.
+	for _, path := range []string{filepath.Join(f.dir, "checkpoint.json"), aggregator.RoundPath(f.dir, 1), aggregator.RoundPath(f.dir, 2)} {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v map[string]any
+		if err := json.Unmarshal(b, &v); err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range []string{"checksum", "model_sha256", "initial_sha256", "optimizer_sha256", "participants", "best", "optimizer_step"} {
+			if !strings.HasSuffix(path, "checkpoint.json") || (k != "best" && k != "optimizer_step") {
+				delete(v, k)
+			}
+		}
+		b, _ = json.Marshal(v)
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Rename(filepath.Join(f.dir, "optimizer", "round-000002.safetensors"), filepath.Join(f.dir, "optimizer.safetensors")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(f.dir, "optimizer")); err != nil {
+		t.Fatal(err)
+	}
+	if first := resumeOnly(t, f); first != 3 {
+		t.Fatalf("resumed at round %d, want 3", first)
+	}
+	if got, w := values(readModel(t, f.dir, 3), "fc.bias"), values(readModel(t, want.dir, 3), "fc.bias"); !equalFloats(got, w) {
+		t.Fatalf("final bias %v after resuming the old files, %v without a stop", got, w)
+	}
 }
 
 // TestMissingCheckpointResumesFromRoundFiles (issue 16 item 4): with
