@@ -26,7 +26,7 @@ func Small(t testing.TB, size int64) string {
 		t.Skipf("this disk-full test needs a tmpfs and cannot mount one here: %v: %s", err, out)
 	}
 	t.Cleanup(func() {
-		if out, err := exec.Command("umount", "--lazy", dir).CombinedOutput(); err != nil {
+		if out, err := exec.Command("umount", "-l", dir).CombinedOutput(); err != nil {
 			t.Errorf("umount %s: %v: %s", dir, err, out)
 		}
 	})
