@@ -19,7 +19,8 @@ import (
 // distinct values — numerically when all of them are numbers, so "10" comes
 // after "9", and as strings otherwise — and ClassNames keeps the values.
 // A c.ValidFraction share of the rows, chosen at random with c.Seed, becomes
-// the validation split.
+// the validation split. A CSV file has no test split: keep the test rows in
+// a file of their own, away from the sites.
 func LoadCSV(c Config) (*Dataset, error) {
 	if c.Kind == "" {
 		c.Kind = KindCSV
@@ -43,11 +44,10 @@ func LoadCSV(c Config) (*Dataset, error) {
 	if all.N < 2 {
 		return nil, fmt.Errorf("dataset: csv %s: %d data rows, need at least 2 to hold out a validation split", c.Path, all.N)
 	}
-	nValid := min(max(int(math.Round(c.ValidFraction*float64(all.N))), 1), all.N-1)
-	perm := newRand(c.Seed, streamCSVSplit).Perm(all.N)
+	train, valid := holdOut(&all, features, c.ValidFraction, c.Seed)
 	d := &Dataset{
-		Train:       subset(&all, features, perm[nValid:]),
-		Valid:       subset(&all, features, perm[:nValid]),
+		Train:       train,
+		Valid:       valid,
 		SampleShape: []int64{int64(features)},
 		Classes:     len(names),
 		ClassNames:  names,

@@ -98,6 +98,9 @@ func TestCSVShards(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if d.Test.N != 0 {
+			t.Errorf("shard %d has %d test rows: a CSV file has no test split", i, d.Test.N)
+		}
 		for _, s := range []*Split{&d.Train, &d.Valid} {
 			for _, v := range s.X {
 				seen[v]++

@@ -2,24 +2,31 @@
 // built-in runners: IDX files (the MNIST family), CSV tables, and generated
 // Gaussian clusters for demos and tests.
 //
+// A data set has three splits. The training split is what sites train on;
+// the validation split is held out from the training data and scores the
+// models of every round (and so picks the best); the test split is kept
+// apart from both, for one final evaluation of the model a researcher
+// keeps. Results quoted on the test split have not been used to choose
+// anything. Runners see the training and validation splits only.
+//
 // Federated experiments are usually simulated by cutting one data set into
 // disjoint parts, one per site. Every loader therefore accepts a shard ("i/N")
-// and an optional Dirichlet label skew, applied identically to the training
-// and validation splits, so N envoys configured with shards 1/N..N/N and the
-// same seed hold a partition of the data between them without talking to each
-// other.
+// and an optional Dirichlet label skew, applied identically to every split,
+// so N envoys configured with shards 1/N..N/N and the same seed hold a
+// partition of the data between them without talking to each other.
 package dataset
 
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
 )
 
-// Split is one part of a data set (training or validation) held as a dense
-// row-major matrix, the layout matrix kernels consume without copying.
+// Split is one part of a data set (training, validation or test) held as a
+// dense row-major matrix, the layout matrix kernels consume without copying.
 type Split struct {
 	// X holds N rows of Features() values each.
 	X []float32
@@ -31,7 +38,13 @@ type Split struct {
 
 // Dataset is a labelled classification data set held in memory.
 type Dataset struct {
+	// Train is what a site trains on; Valid is held out from the same
+	// source and validates every round's models.
 	Train, Valid Split
+	// Test is kept apart from training and validation for a final
+	// evaluation (IDX: the t10k files; synthetic: generated alike); empty
+	// when the source has none (CSV). Runners are not given it.
+	Test Split
 	// SampleShape is the shape of one sample, e.g. [28 28]; its product is the
 	// number of features per row of X.
 	SampleShape []int64
@@ -75,7 +88,7 @@ func (d *Dataset) Validate() error {
 	for _, s := range []struct {
 		name  string
 		split *Split
-	}{{"train", &d.Train}, {"valid", &d.Valid}} {
+	}{{"train", &d.Train}, {"valid", &d.Valid}, {"test", &d.Test}} {
 		sp := s.split
 		if sp.N < 0 || len(sp.Y) != sp.N || len(sp.X) != sp.N*f {
 			return fmt.Errorf("dataset: %s split has N=%d, %d labels and %d values, want %d values (%d features per sample)",
@@ -107,8 +120,8 @@ func (d *Dataset) ClassCounts(s *Split) []int {
 
 // String summarises the data set: description, shapes and counts.
 func (d *Dataset) String() string {
-	return fmt.Sprintf("%s: %d training and %d validation samples of shape %v, %d classes",
-		d.Description, d.Train.N, d.Valid.N, d.SampleShape, d.Classes)
+	return fmt.Sprintf("%s: %d training, %d validation and %d test samples of shape %v, %d classes",
+		d.Description, d.Train.N, d.Valid.N, d.Test.N, d.SampleShape, d.Classes)
 }
 
 // Kinds of data source a Config may name.
@@ -158,18 +171,21 @@ type Config struct {
 
 	// LabelColumn names the CSV column holding the label ("label" by default).
 	LabelColumn string `yaml:"label_column" mapstructure:"label_column"`
-	// ValidFraction is the share of CSV rows held out for validation, in
-	// (0, 1); 0.2 by default.
+	// ValidFraction is the share of the training data (the CSV rows, the
+	// IDX train-* files) held out for validation, chosen at random with
+	// Seed before any shard is cut, in (0, 1); 0.2 by default.
 	ValidFraction float64 `yaml:"valid_fraction" mapstructure:"valid_fraction"`
 
 	// Features is the number of generated features per sample (synthetic).
 	Features int `yaml:"features" mapstructure:"features"`
 	// Classes is the number of generated classes (synthetic).
 	Classes int `yaml:"classes" mapstructure:"classes"`
-	// TrainSamples and ValidSamples are the sizes of the whole generated data
-	// set, before sharding (synthetic).
+	// TrainSamples, ValidSamples and TestSamples are the sizes of the
+	// whole generated data set's splits, before sharding (synthetic);
+	// TestSamples is ValidSamples by default.
 	TrainSamples int `yaml:"train_samples" mapstructure:"train_samples"`
 	ValidSamples int `yaml:"valid_samples" mapstructure:"valid_samples"`
+	TestSamples  int `yaml:"test_samples" mapstructure:"test_samples"`
 	// ClusterSpread is the standard deviation of each class cluster around its
 	// centre, relative to the spread of the centres (synthetic); larger is
 	// harder. 1.0 by default.
@@ -200,13 +216,16 @@ func (c Config) Validate() error {
 	}
 	if c.Kind != KindCSV {
 		only(c.LabelColumn != "", "label_column", KindCSV)
-		only(c.ValidFraction != 0, "valid_fraction", KindCSV)
+	}
+	if c.Kind == KindSynthetic && c.ValidFraction != 0 {
+		wrong = append(wrong, "valid_fraction applies to kinds \"idx\" and \"csv\" only (synthetic data sets valid_samples)")
 	}
 	if c.Kind != KindSynthetic {
 		only(c.Features != 0, "features", KindSynthetic)
 		only(c.Classes != 0, "classes", KindSynthetic)
 		only(c.TrainSamples != 0, "train_samples", KindSynthetic)
 		only(c.ValidSamples != 0, "valid_samples", KindSynthetic)
+		only(c.TestSamples != 0, "test_samples", KindSynthetic)
 		only(c.ClusterSpread != 0, "cluster_spread", KindSynthetic)
 	}
 	if len(wrong) > 0 {
@@ -236,11 +255,13 @@ func (c Config) Validate() error {
 			return fmt.Errorf("dataset: train_samples %d must be positive", c.TrainSamples)
 		case d.ValidSamples < 0:
 			return fmt.Errorf("dataset: valid_samples %d must not be negative", c.ValidSamples)
+		case d.TestSamples < 0:
+			return fmt.Errorf("dataset: test_samples %d must not be negative", c.TestSamples)
 		case d.ClusterSpread <= 0 || d.ClusterSpread != d.ClusterSpread:
 			return fmt.Errorf("dataset: cluster_spread %v must be positive", c.ClusterSpread)
-		case int64(d.TrainSamples+d.ValidSamples)*int64(d.Features) > maxSyntheticValues:
+		case int64(d.TrainSamples+d.ValidSamples+d.TestSamples)*int64(d.Features) > maxSyntheticValues:
 			return fmt.Errorf("dataset: %d samples of %d features is more than %d values",
-				d.TrainSamples+d.ValidSamples, d.Features, maxSyntheticValues)
+				d.TrainSamples+d.ValidSamples+d.TestSamples, d.Features, maxSyntheticValues)
 		}
 	}
 	return nil
@@ -249,6 +270,10 @@ func (c Config) Validate() error {
 // withDefaults fills the zero options of the configured kind.
 func (c Config) withDefaults() Config {
 	switch c.Kind {
+	case KindIDX:
+		if c.ValidFraction == 0 {
+			c.ValidFraction = DefaultValidFraction
+		}
 	case KindCSV:
 		if c.LabelColumn == "" {
 			c.LabelColumn = DefaultLabelColumn
@@ -268,6 +293,9 @@ func (c Config) withDefaults() Config {
 		}
 		if c.ValidSamples == 0 {
 			c.ValidSamples = DefaultValidSamples
+		}
+		if c.TestSamples == 0 {
+			c.TestSamples = c.ValidSamples
 		}
 		if c.ClusterSpread == 0 {
 			c.ClusterSpread = DefaultClusterSpread
@@ -309,6 +337,14 @@ func ParseShard(s string) (i, n int, err error) {
 		return 0, 0, fmt.Errorf("dataset: shard %q: want 1 <= i <= N", s)
 	}
 	return i, n, nil
+}
+
+// holdOut cuts all into a training and a validation split: a fraction of
+// its rows, at least one and not all, chosen at random with seed.
+func holdOut(all *Split, features int, fraction float64, seed int64) (train, valid Split) {
+	nValid := min(max(int(math.Round(fraction*float64(all.N))), 1), all.N-1)
+	perm := newRand(seed, streamValidSplit).Perm(all.N)
+	return subset(all, features, perm[nValid:]), subset(all, features, perm[:nValid])
 }
 
 // subset gathers the rows of s at idx (kept in ascending order, so a shard

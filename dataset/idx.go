@@ -30,11 +30,13 @@ const idxUnsignedByte = 0x08
 const maxIDXElements = 1 << 31
 
 // LoadIDX loads an MNIST-format data set (MNIST, Fashion-MNIST, KMNIST...)
-// from the directory c.Path: the train-* files become the training split and
-// the t10k-* files the validation split. Files may be plain or gzip; the
-// magic bytes decide, not the name. Pixels are scaled to [0, 1]. Classes is
-// one more than the largest label in either split, so every shard of the
-// same data set agrees on it.
+// from the directory c.Path: a c.ValidFraction share of the train-* files,
+// chosen at random with c.Seed, becomes the validation split and the rest
+// the training split; the t10k-* files become the test split, kept for a
+// final evaluation. Files may be plain or gzip; the magic bytes decide, not
+// the name. Pixels are scaled to [0, 1]. Classes is one more than the
+// largest label in either file, so every shard of the same data set agrees
+// on it.
 func LoadIDX(c Config) (*Dataset, error) {
 	if c.Kind == "" {
 		c.Kind = KindIDX
@@ -45,32 +47,90 @@ func LoadIDX(c Config) (*Dataset, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	train, shape, err := loadIDXPair(c.Path, idxTrainImages, idxTrainLabels)
+	c = c.withDefaults()
+	all, shape, err := loadIDXPair(c.Path, idxTrainImages, idxTrainLabels)
 	if err != nil {
 		return nil, err
 	}
-	valid, vshape, err := loadIDXPair(c.Path, idxTestImages, idxTestLabels)
+	test, tshape, err := loadIDXPair(c.Path, idxTestImages, idxTestLabels)
 	if err != nil {
 		return nil, err
 	}
-	if !slices.Equal(shape, vshape) {
-		return nil, fmt.Errorf("dataset: idx %s: training images are %v but test images are %v", c.Path, shape, vshape)
+	if !slices.Equal(shape, tshape) {
+		return nil, fmt.Errorf("dataset: idx %s: training images are %v but test images are %v", c.Path, shape, tshape)
 	}
-	classes := 0
-	for _, y := range slices.Concat(train.Y, valid.Y) {
-		classes = max(classes, int(y)+1)
+	if all.N < 2 {
+		return nil, fmt.Errorf("dataset: idx %s: %d training images, need at least 2 to hold out a validation split", c.Path, all.N)
 	}
+	features := 1
+	for _, s := range shape {
+		features *= int(s)
+	}
+	train, valid := holdOut(&all, features, c.ValidFraction, c.Seed)
 	d := &Dataset{
 		Train:       train,
 		Valid:       valid,
+		Test:        test,
 		SampleShape: shape,
-		Classes:     classes,
-		Description: fmt.Sprintf("IDX images from %s", c.Path),
+		Classes:     idxClasses(all.Y, test.Y),
+		Description: fmt.Sprintf("IDX images from %s (%g of the training images held out for validation, seed %d; the t10k images for testing)", c.Path, c.ValidFraction, c.Seed),
 	}
 	if err := d.Validate(); err != nil {
 		return nil, fmt.Errorf("%w, in %s", err, c.Path)
 	}
 	return shardAsConfigured(d, c)
+}
+
+// idxClasses is one more than the largest label.
+func idxClasses(labels ...[]int32) int {
+	classes := 0
+	for _, ys := range labels {
+		for _, y := range ys {
+			classes = max(classes, int(y)+1)
+		}
+	}
+	return classes
+}
+
+// LoadTest loads the test split alone of the data set c names, whole:
+// c's shard and skew do not apply, and Train and Valid are empty. It is
+// for the final evaluation of a model away from the sites (fx quickstart's,
+// a researcher's), and reads no more than it needs: for IDX the t10k files
+// and the training labels (for the class count). CSV data sets have no
+// test split.
+func LoadTest(c Config) (*Dataset, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	c.Shard, c.DirichletAlpha = "", 0
+	switch c.Kind {
+	case KindSynthetic:
+		d, err := LoadSynthetic(c)
+		if err != nil {
+			return nil, err
+		}
+		d.Train, d.Valid = Split{}, Split{}
+		return d, nil
+	case KindIDX:
+		test, shape, err := loadIDXPair(c.Path, idxTestImages, idxTestLabels)
+		if err != nil {
+			return nil, err
+		}
+		labelsPath, err := findIDX(c.Path, idxTrainLabels)
+		if err != nil {
+			return nil, err
+		}
+		_, trainLabels, err := readIDXFile(labelsPath)
+		if err != nil {
+			return nil, err
+		}
+		classes := idxClasses(test.Y)
+		for _, y := range trainLabels {
+			classes = max(classes, int(y)+1)
+		}
+		return &Dataset{Test: test, SampleShape: shape, Classes: classes, Description: fmt.Sprintf("the IDX test images from %s", c.Path)}, nil
+	}
+	return nil, fmt.Errorf("dataset: a %s data set has no test split: keep the test data in a file of its own", c.Kind)
 }
 
 // loadIDXPair reads an images file and its labels file into a Split.

@@ -12,7 +12,7 @@ import (
 const (
 	streamShardIID uint64 = iota + 1
 	streamShardDirichlet
-	streamCSVSplit
+	streamValidSplit // the validation split held out from the training data (CSV, IDX)
 	streamSyntheticCentres
 	streamSyntheticSamples
 )
@@ -40,8 +40,8 @@ func shardAsConfigured(d *Dataset, c Config) (*Dataset, error) {
 // Shard, DirichletAlpha and Seed cut at load time: loading shard i/n equals
 // loading the whole and calling Shard(i, n, alpha, seed). Simulations use it
 // to cut one data set in memory rather than load it once per site. The
-// validation split is cut with the same label proportions as the training
-// split; d is left unchanged.
+// validation and test splits are cut with the same label proportions as the
+// training split; d is left unchanged.
 func (d *Dataset) Shard(i, n int, alpha float64, seed int64) (*Dataset, error) {
 	if n < 1 || i < 1 || i > n {
 		return nil, fmt.Errorf("dataset: shard %d/%d: want 1 <= i <= N", i, n)
@@ -52,7 +52,7 @@ func (d *Dataset) Shard(i, n int, alpha float64, seed int64) (*Dataset, error) {
 	if err := d.Validate(); err != nil {
 		return nil, err
 	}
-	train, valid, err := partition(d.Train.Y, d.Valid.Y, d.Classes, n, alpha, seed)
+	parts, err := partition([]labelled{{"training", d.Train.Y}, {"validation", d.Valid.Y}, {"test", d.Test.Y}}, d.Classes, n, alpha, seed)
 	if err != nil {
 		return nil, err
 	}
@@ -62,8 +62,9 @@ func (d *Dataset) Shard(i, n int, alpha float64, seed int64) (*Dataset, error) {
 	}
 	f := d.Features()
 	return &Dataset{
-		Train:       subset(&d.Train, f, train[i-1]),
-		Valid:       subset(&d.Valid, f, valid[i-1]),
+		Train:       subset(&d.Train, f, parts[0][i-1]),
+		Valid:       subset(&d.Valid, f, parts[1][i-1]),
+		Test:        subset(&d.Test, f, parts[2][i-1]),
 		SampleShape: slices.Clone(d.SampleShape),
 		Classes:     d.Classes,
 		ClassNames:  slices.Clone(d.ClassNames),
@@ -71,58 +72,77 @@ func (d *Dataset) Shard(i, n int, alpha float64, seed int64) (*Dataset, error) {
 	}, nil
 }
 
-// partition cuts two label sets into n disjoint parts each that together
-// cover them. With alpha == 0 the cut is uniform at random (shard sizes
-// differ by at most one). With alpha > 0 each class c is spread over the
-// shards in proportions p_c ~ Dirichlet(alpha), and the validation split uses
-// the same proportions as the training split, so a site validates on the
-// label mix it trains on. Every training shard receives at least
-// min(10, len(train)/n) samples and every validation shard at least one
-// (when the validation split has n samples or more): draws that miss this are
-// redrawn a few times and then repaired by moving single samples from the
-// largest cells.
-func partition(train, valid []int32, classes, n int, alpha float64, seed int64) (tr, va [][]int, err error) {
-	if len(train) < n {
-		return nil, nil, fmt.Errorf("dataset: cannot cut %d training samples into %d non-empty shards", len(train), n)
+// labelled is one split's labels, named for errors.
+type labelled struct {
+	name   string
+	labels []int32
+}
+
+// partition cuts label sets into n disjoint parts each that together cover
+// them; the first set is the training split, the others are cut like it.
+// With alpha == 0 every cut is uniform at random (shard sizes differ by at
+// most one). With alpha > 0 each class c is spread over the shards in
+// proportions p_c ~ Dirichlet(alpha), the same for every set, so a site
+// validates and tests on the label mix it trains on. Every training shard
+// receives at least min(10, len(train)/n) samples and every shard of
+// another non-empty set at least one: draws that miss this are redrawn a
+// few times and then repaired by moving single samples from the largest
+// cells. It returns, per set, the indices of each shard.
+func partition(sets []labelled, classes, n int, alpha float64, seed int64) ([][][]int, error) {
+	minimum := make([]int, len(sets))
+	for k, s := range sets {
+		switch {
+		case k == 0 && len(s.labels) < n:
+			return nil, fmt.Errorf("dataset: cannot cut %d %s samples into %d non-empty shards", len(s.labels), s.name, n)
+		case k == 0:
+			minimum[k] = min(minSamplesPerShardCap, len(s.labels)/n)
+		case len(s.labels) > 0 && len(s.labels) < n:
+			return nil, fmt.Errorf("dataset: cannot cut %d %s samples into %d non-empty shards", len(s.labels), s.name, n)
+		case len(s.labels) > 0:
+			minimum[k] = 1
+		}
 	}
-	if len(valid) > 0 && len(valid) < n {
-		return nil, nil, fmt.Errorf("dataset: cannot cut %d validation samples into %d non-empty shards", len(valid), n)
-	}
+	parts := make([][][]int, len(sets))
 	if alpha == 0 {
 		rng := newRand(seed, streamShardIID)
-		return cutUniform(rng, len(train), n), cutUniform(rng, len(valid), n), nil
+		for k, s := range sets {
+			parts[k] = cutUniform(rng, len(s.labels), n)
+		}
+		return parts, nil
 	}
 	rng := newRand(seed, streamShardDirichlet)
-	trainByClass := indicesByClass(train, classes)
-	validByClass := indicesByClass(valid, classes)
-	for _, idx := range trainByClass {
-		rng.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
-	}
-	for _, idx := range validByClass {
-		rng.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
-	}
-	minTrain := min(minSamplesPerShardCap, len(train)/n)
-	minValid := 0
-	if len(valid) > 0 {
-		minValid = 1
+	byClass := make([][][]int, len(sets))
+	for k, s := range sets {
+		byClass[k] = indicesByClass(s.labels, classes)
+		for _, idx := range byClass[k] {
+			rng.Shuffle(len(idx), func(a, b int) { idx[a], idx[b] = idx[b], idx[a] })
+		}
 	}
 	const draws = 50
-	var trainCounts, validCounts [][]int
+	counts := make([][][]int, len(sets)) // set → class → shard
 	for range draws {
-		trainCounts = make([][]int, classes)
-		validCounts = make([][]int, classes)
+		for k := range sets {
+			counts[k] = make([][]int, classes)
+		}
 		for c := range classes {
 			p := dirichlet(rng, alpha, n)
-			trainCounts[c] = apportion(p, len(trainByClass[c]))
-			validCounts[c] = apportion(p, len(validByClass[c]))
+			for k := range sets {
+				counts[k][c] = apportion(p, len(byClass[k][c]))
+			}
 		}
-		if shardsReach(trainCounts, n, minTrain) && shardsReach(validCounts, n, minValid) {
+		reached := true
+		for k := range sets {
+			reached = reached && shardsReach(counts[k], n, minimum[k])
+		}
+		if reached {
 			break
 		}
 	}
-	repair(trainCounts, n, minTrain)
-	repair(validCounts, n, minValid)
-	return cutByCounts(trainByClass, trainCounts, n), cutByCounts(validByClass, validCounts, n), nil
+	for k := range sets {
+		repair(counts[k], n, minimum[k])
+		parts[k] = cutByCounts(byClass[k], counts[k], n)
+	}
+	return parts, nil
 }
 
 // cutUniform shuffles 0..size-1 and cuts it into n parts whose sizes differ

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -35,7 +36,8 @@ func TestParseShard(t *testing.T) {
 
 // TestShardsPartition loads every shard of a file-backed data set and checks,
 // by the sample identities written into the pixels, that the shards are
-// disjoint, cover both splits, and are reproducible.
+// disjoint, cover every split, keep the training files' samples out of the
+// test split and the test file's out of the others, and are reproducible.
 func TestShardsPartition(t *testing.T) {
 	set := idxSet{nTrain: 600, nTest: 120, rows: 2, cols: 2, classes: 6}
 	dir := t.TempDir()
@@ -49,22 +51,23 @@ func TestShardsPartition(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(fmt.Sprintf("n=%d,alpha=%g", tc.n, tc.alpha), func(t *testing.T) {
-			seenTrain := make([]int, set.nTrain)
-			seenValid := make([]int, set.nTest)
+			seenTrain := make([]int, set.nTrain) // in Train or Valid
+			seenTest := make([]int, set.nTest)
 			for i := 1; i <= tc.n; i++ {
 				c := Config{Kind: KindIDX, Path: dir, Shard: fmt.Sprintf("%d/%d", i, tc.n), DirichletAlpha: tc.alpha, Seed: 42}
 				d, err := Load(c)
 				if err != nil {
 					t.Fatal(err)
 				}
-				if d.Train.N == 0 || d.Valid.N == 0 {
-					t.Fatalf("shard %d is empty: %d train, %d valid", i, d.Train.N, d.Valid.N)
+				if d.Train.N == 0 || d.Valid.N == 0 || d.Test.N == 0 {
+					t.Fatalf("shard %d is empty: %d train, %d valid, %d test", i, d.Train.N, d.Valid.N, d.Test.N)
 				}
 				if d.Classes != set.classes {
 					t.Fatalf("shard %d sees %d classes, want %d", i, d.Classes, set.classes)
 				}
 				if tc.alpha == 0 {
-					if lo, hi := set.nTrain/tc.n, (set.nTrain+tc.n-1)/tc.n; d.Train.N < lo || d.Train.N > hi {
+					const train = 480 // 600 less a fifth held out for validation
+					if lo, hi := train/tc.n, (train+tc.n-1)/tc.n; d.Train.N < lo || d.Train.N > hi {
 						t.Errorf("uniform shard %d has %d samples, want %d..%d", i, d.Train.N, lo, hi)
 					}
 				}
@@ -76,24 +79,31 @@ func TestShardsPartition(t *testing.T) {
 					}
 				}
 				for r := range d.Valid.N {
-					seenValid[sampleID(d.Valid.X, d.Features(), r)]++
+					seenTrain[sampleID(d.Valid.X, d.Features(), r)]++
+				}
+				for r := range d.Test.N {
+					id := sampleID(d.Test.X, d.Features(), r) - testID
+					if id < 0 || id >= set.nTest {
+						t.Fatalf("shard %d: test sample %d is not from the test file", i, id+testID)
+					}
+					seenTest[id]++
 				}
 				again, err := Load(c)
 				if err != nil {
 					t.Fatal(err)
 				}
-				if !slices.Equal(again.Train.X, d.Train.X) || !slices.Equal(again.Valid.Y, d.Valid.Y) {
+				if !slices.Equal(again.Train.X, d.Train.X) || !slices.Equal(again.Valid.Y, d.Valid.Y) || !slices.Equal(again.Test.X, d.Test.X) {
 					t.Errorf("shard %d differs between two loads", i)
 				}
 			}
 			for id, k := range seenTrain {
 				if k != 1 {
-					t.Fatalf("training sample %d is in %d shards, want exactly 1", id, k)
+					t.Fatalf("training file sample %d is in %d training or validation shards, want exactly 1", id, k)
 				}
 			}
-			for id, k := range seenValid {
+			for id, k := range seenTest {
 				if k != 1 {
-					t.Fatalf("validation sample %d is in %d shards, want exactly 1", id, k)
+					t.Fatalf("test sample %d is in %d shards, want exactly 1", id, k)
 				}
 			}
 		})
@@ -133,7 +143,8 @@ func balancedLabels(n, classes int) []int32 {
 }
 
 func TestDirichletSkew(t *testing.T) {
-	train, valid := balancedLabels(10000, 10), balancedLabels(2000, 10)
+	train, valid, test := balancedLabels(10000, 10), balancedLabels(2000, 10), balancedLabels(3000, 10)
+	sets := []labelled{{"training", train}, {"validation", valid}, {"test", test}}
 	tests := []struct {
 		alpha              float64
 		minSkew, maxSkew   float64
@@ -146,46 +157,53 @@ func TestDirichletSkew(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(fmt.Sprintf("alpha=%g", tc.alpha), func(t *testing.T) {
-			tr, va, err := partition(train, valid, 10, 4, tc.alpha, 7)
+			parts, err := partition(sets, 10, 4, tc.alpha, 7)
 			if err != nil {
 				t.Fatal(err)
 			}
+			tr := parts[0]
 			s := skew(t, train, 10, tr)
 			if s < tc.minSkew || s > tc.maxSkew {
 				t.Errorf("training skew %.3f outside [%g, %g]", s, tc.minSkew, tc.maxSkew)
 			}
 			if tc.alpha > 0 {
-				// The validation split of a shard follows its training mix.
+				// The validation and test splits of a shard follow its
+				// training mix.
+				mix := func(labels []int32, idx []int) []float64 {
+					m := make([]float64, 10)
+					for _, i := range idx {
+						m[labels[i]] += 1 / float64(len(idx))
+					}
+					return m
+				}
 				for j := range tr {
-					trainMix := make([]float64, 10)
-					validMix := make([]float64, 10)
-					for _, i := range tr[j] {
-						trainMix[train[i]] += 1 / float64(len(tr[j]))
-					}
-					for _, i := range va[j] {
-						validMix[valid[i]] += 1 / float64(len(va[j]))
-					}
-					for c := range 10 {
-						if math.Abs(trainMix[c]-validMix[c]) > 0.05 {
-							t.Errorf("shard %d class %d: %.2f of training but %.2f of validation", j, c, trainMix[c], validMix[c])
+					trainMix := mix(train, tr[j])
+					for k, other := range sets[1:] {
+						otherMix := mix(other.labels, parts[k+1][j])
+						for c := range 10 {
+							if math.Abs(trainMix[c]-otherMix[c]) > 0.05 {
+								t.Errorf("shard %d class %d: %.2f of training but %.2f of %s", j, c, trainMix[c], otherMix[c], other.name)
+							}
 						}
 					}
 				}
 			}
-			tr2, va2, err := partition(train, valid, 10, 4, tc.alpha, 7)
+			again, err := partition(sets, 10, 4, tc.alpha, 7)
 			if err != nil {
 				t.Fatal(err)
 			}
-			for j := range tr {
-				if !slices.Equal(tr[j], tr2[j]) || !slices.Equal(va[j], va2[j]) {
-					t.Fatalf("shard %d differs between two runs with the same seed", j)
+			for k := range parts {
+				for j := range parts[k] {
+					if !slices.Equal(parts[k][j], again[k][j]) {
+						t.Fatalf("%s shard %d differs between two runs with the same seed", sets[k].name, j)
+					}
 				}
 			}
-			other, _, err := partition(train, valid, 10, 4, tc.alpha, 8)
+			other, err := partition(sets, 10, 4, tc.alpha, 8)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if slices.Equal(other[0], tr[0]) {
+			if slices.Equal(other[0][0], tr[0]) {
 				t.Errorf("seeds 7 and 8 give the same shard")
 			}
 		})
@@ -196,16 +214,17 @@ func TestDirichletSkew(t *testing.T) {
 // without data, and more shards than classes: every shard must still get
 // its minimum.
 func TestDirichletNonEmpty(t *testing.T) {
-	train, valid := balancedLabels(500, 3), balancedLabels(30, 3)
+	train, valid, test := balancedLabels(500, 3), balancedLabels(30, 3), balancedLabels(20, 3)
 	for seed := range int64(20) {
-		tr, va, err := partition(train, valid, 3, 8, 0.001, seed)
+		parts, err := partition([]labelled{{"training", train}, {"validation", valid}, {"test", test}}, 3, 8, 0.001, seed)
 		if err != nil {
 			t.Fatal(err)
 		}
+		tr, va, te := parts[0], parts[1], parts[2]
 		total := 0
 		for j := range tr {
-			if len(tr[j]) < 10 || len(va[j]) < 1 {
-				t.Fatalf("seed %d: shard %d has %d training and %d validation samples", seed, j, len(tr[j]), len(va[j]))
+			if len(tr[j]) < 10 || len(va[j]) < 1 || len(te[j]) < 1 {
+				t.Fatalf("seed %d: shard %d has %d training, %d validation and %d test samples", seed, j, len(tr[j]), len(va[j]), len(te[j]))
 			}
 			total += len(tr[j])
 		}
@@ -216,11 +235,15 @@ func TestDirichletNonEmpty(t *testing.T) {
 }
 
 func TestPartitionTooFewSamples(t *testing.T) {
-	if _, _, err := partition(balancedLabels(3, 2), nil, 2, 4, 0, 1); err == nil {
+	if _, err := partition([]labelled{{"training", balancedLabels(3, 2)}, {"validation", nil}}, 2, 4, 0, 1); err == nil {
 		t.Error("3 samples cut into 4 shards: no error")
 	}
-	if _, _, err := partition(balancedLabels(30, 2), balancedLabels(2, 2), 2, 4, 0.5, 1); err == nil {
-		t.Error("2 validation samples cut into 4 shards: no error")
+	if _, err := partition([]labelled{{"training", balancedLabels(30, 2)}, {"validation", balancedLabels(2, 2)}}, 2, 4, 0.5, 1); err == nil || !strings.Contains(err.Error(), "2 validation samples") {
+		t.Errorf("2 validation samples cut into 4 shards: %v", err)
+	}
+	// A split the source lacks (a CSV file's test split) is no obstacle.
+	if _, err := partition([]labelled{{"training", balancedLabels(30, 2)}, {"validation", balancedLabels(8, 2)}, {"test", nil}}, 2, 4, 0.5, 1); err != nil {
+		t.Errorf("no test split: %v", err)
 	}
 }
 
@@ -244,7 +267,7 @@ func TestShardMatchesLoad(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !slices.Equal(loaded.Train.X, cut.Train.X) || !slices.Equal(loaded.Valid.Y, cut.Valid.Y) ||
+			if !slices.Equal(loaded.Train.X, cut.Train.X) || !slices.Equal(loaded.Valid.Y, cut.Valid.Y) || !slices.Equal(loaded.Test.X, cut.Test.X) ||
 				loaded.Description != cut.Description {
 				t.Errorf("alpha %g shard %d: Load and Shard differ (%q vs %q)", alpha, i, loaded.Description, cut.Description)
 			}

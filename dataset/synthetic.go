@@ -14,10 +14,12 @@ import (
 // within a few percent of perfect), at 2 they overlap markedly. With very
 // few features the random centres vary more, and some may fall close.
 //
-// The whole data set (c.TrainSamples + c.ValidSamples) is generated from
-// c.Seed and then cut like any other by c.Shard and c.DirichletAlpha, so the
-// shards of one seed are disjoint, identically distributed samples of the
-// same problem (or label-skewed ones when alpha is set).
+// The whole data set (c.TrainSamples + c.ValidSamples + c.TestSamples,
+// drawn in that order, so a larger test split leaves the others as they
+// were) is generated from c.Seed and then cut like any other by c.Shard and
+// c.DirichletAlpha, so the shards of one seed are disjoint, identically
+// distributed samples of the same problem (or label-skewed ones when alpha
+// is set).
 func LoadSynthetic(c Config) (*Dataset, error) {
 	if c.Kind == "" {
 		c.Kind = KindSynthetic
@@ -58,6 +60,7 @@ func LoadSynthetic(c Config) (*Dataset, error) {
 	d := &Dataset{
 		Train:       gen(c.TrainSamples),
 		Valid:       gen(c.ValidSamples),
+		Test:        gen(c.TestSamples),
 		SampleShape: []int64{int64(f)},
 		Classes:     k,
 		Description: fmt.Sprintf("synthetic Gaussian clusters (%d features, %d classes, spread %g, seed %d)", f, k, c.ClusterSpread, c.Seed),

@@ -98,8 +98,8 @@ func TestSyntheticShards(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d.Train.N != 1000 || d.Valid.N != 200 {
-			t.Errorf("shard %d: %d/%d samples, want 1000/200", i, d.Train.N, d.Valid.N)
+		if d.Train.N != 1000 || d.Valid.N != 200 || d.Test.N != 200 {
+			t.Errorf("shard %d: %d/%d/%d samples, want 1000/200/200 (the test split as large as the validation split)", i, d.Train.N, d.Valid.N, d.Test.N)
 		}
 		if !strings.Contains(d.Description, fmt.Sprintf("shard %d/3", i)) {
 			t.Errorf("description %q does not name the shard", d.Description)
@@ -127,6 +127,17 @@ func TestSyntheticShards(t *testing.T) {
 	if !slices.Equal(again.Train.X, whole.Train.X) {
 		t.Error("the same seed generated different data")
 	}
+	// The test split is drawn last: asking for another size leaves the
+	// training and validation data as they were.
+	more := base
+	more.TestSamples = 900
+	bigger, err := Load(more)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bigger.Test.N != 900 || !slices.Equal(bigger.Train.X, whole.Train.X) || !slices.Equal(bigger.Valid.X, whole.Valid.X) || !slices.Equal(bigger.Test.X[:len(whole.Test.X)], whole.Test.X) {
+		t.Error("test_samples changed the other splits")
+	}
 }
 
 func TestConfigValidate(t *testing.T) {
@@ -148,6 +159,11 @@ func TestConfigValidate(t *testing.T) {
 		{"alpha without shard", Config{Kind: KindIDX, Path: "/d", DirichletAlpha: 0.5}, "needs a shard"},
 		{"negative alpha", Config{Kind: KindIDX, Path: "/d", Shard: "1/2", DirichletAlpha: -1}, "dirichlet_alpha"},
 		{"fraction 1", Config{Kind: KindCSV, Path: "/f", ValidFraction: 1}, "valid_fraction"},
+		{"idx fraction", Config{Kind: KindIDX, Path: "/d", ValidFraction: 0.1}, ""},
+		{"negative idx fraction", Config{Kind: KindIDX, Path: "/d", ValidFraction: -0.1}, "valid_fraction"},
+		{"synthetic fraction", Config{Kind: KindSynthetic, ValidFraction: 0.1}, "valid_fraction applies to kinds \"idx\" and \"csv\""},
+		{"test samples on idx", Config{Kind: KindIDX, Path: "/d", TestSamples: 5}, "test_samples applies to kind \"synthetic\""},
+		{"negative test samples", Config{Kind: KindSynthetic, TestSamples: -1}, "test_samples"},
 		{"one class", Config{Kind: KindSynthetic, Classes: 1}, "classes 1"},
 		{"negative spread", Config{Kind: KindSynthetic, ClusterSpread: -1}, "cluster_spread"},
 		{"too large", Config{Kind: KindSynthetic, Features: 1 << 20, TrainSamples: 1 << 20}, "more than"},

@@ -23,9 +23,11 @@ var fashionData struct {
 	err  error
 }
 
-// fashion returns the whole of Fashion-MNIST (60000 training, 10000 test
-// images), loaded once per test binary, or skips the test: these tests
-// train for seconds, which -short and the race detector cannot afford.
+// fashion returns the whole of Fashion-MNIST, loaded once per test binary
+// as sites load it: 48000 training and 12000 validation images held out of
+// the 60000 training images, and the 10000 test images apart. It skips the
+// test where these tests cannot run: they train for seconds, which -short
+// and the race detector cannot afford.
 func fashion(tb testing.TB) *dataset.Dataset {
 	tb.Helper()
 	if testing.Short() {
@@ -53,10 +55,12 @@ type phase struct {
 }
 
 // fashionSetups are the hyper-parameters the accuracy test and the epoch
-// benchmark use. They were chosen for the shortest time to the target: the
-// softmax model gets there with a constant rate; the MLP is trained at a
-// high rate and then one epoch at a tenth of it, which settles SGD's noisy
-// last iterate (one more epoch at the high rate gains less).
+// benchmark use, chosen among a few schedules by their accuracy on the
+// validation images (never the test images): the softmax model trains at
+// a constant rate; the MLP at a high rate and then one epoch at a tenth of
+// it, which settles SGD's noisy last iterate. Measured: softmax 0.8458 on
+// the validation images, 0.8369 on the test images; the MLP 0.8768 and
+// 0.8735.
 var fashionSetups = []struct {
 	model  string
 	hidden []any
@@ -64,8 +68,8 @@ var fashionSetups = []struct {
 	phases []phase
 	target float64
 }{
-	{ModelSoftmax, nil, 32, []phase{{0.01, 2}}, 0.83},
-	{ModelMLP, []any{256}, 64, []phase{{0.05, 3}, {0.005, 1}}, 0.87},
+	{ModelSoftmax, nil, 32, []phase{{0.01, 3}}, 0.83},
+	{ModelMLP, []any{256}, 64, []phase{{0.05, 4}, {0.005, 1}}, 0.87},
 }
 
 func fashionHyper(model string, hidden []any, batch int, p phase) map[string]any {
@@ -76,8 +80,10 @@ func fashionHyper(model string, hidden []any, batch int, p phase) map[string]any
 	return h
 }
 
-// TestFashionAccuracy trains each model centrally on the 60000 training
-// images and checks its accuracy on the 10000 test images.
+// TestFashionAccuracy trains each model centrally on the 48000 training
+// images and checks its accuracy on the 10000 test images, which played
+// no part in training or in choosing the hyper-parameters' schedule (the
+// validation images did).
 func TestFashionAccuracy(t *testing.T) {
 	d := fashion(t)
 	ctx := context.Background()
@@ -107,11 +113,15 @@ func TestFashionAccuracy(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			acc := v.Metrics["accuracy"]
-			t.Logf("%s hidden %v: test accuracy %.4f (loss %.4f) after %d epochs, %.1fs of training",
-				tc.model, tc.hidden, acc, v.Metrics["loss"], epochs, elapsed.Seconds())
-			if acc < tc.target {
-				t.Errorf("test accuracy %.4f, want ≥ %.2f", acc, tc.target)
+			test, err := Evaluate(ctx, tc.model, fashionHyper(tc.model, tc.hidden, tc.batch, tc.phases[0]), m, d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			acc := test.Metrics["accuracy"]
+			t.Logf("%s hidden %v: test accuracy %.4f (loss %.4f), validation accuracy %.4f, after %d epochs, %.1fs of training",
+				tc.model, tc.hidden, acc, test.Metrics["loss"], v.Metrics["accuracy"], epochs, elapsed.Seconds())
+			if test.Samples != int64(d.Test.N) || acc < tc.target {
+				t.Errorf("test accuracy %.4f on %d images, want ≥ %.2f on %d", acc, test.Samples, tc.target, d.Test.N)
 			}
 		})
 	}
@@ -120,9 +130,11 @@ func TestFashionAccuracy(t *testing.T) {
 // TestFashionFederated simulates four sites holding label-skewed shards
 // (Dirichlet α = 0.5: most sites lack some classes almost entirely),
 // training two local epochs per round and averaging with FedAvg weighted by
-// sample counts, until the global MLP reaches 0.85 on the test images. (One
-// local epoch per round gets there only in the tenth round; smaller rates
-// or batches, momentum 0.5 and wider or deeper networks did no better.)
+// sample counts, for ten rounds. As fx keeps the best model, the round is
+// chosen on the sites' validation images together; that model must reach
+// 0.85 on the 10000 test images, which chose nothing. (One local epoch per
+// round does worse; smaller rates or batches, momentum 0.5 and wider or
+// deeper networks did no better.)
 func TestFashionFederated(t *testing.T) {
 	d := fashion(t)
 	const (
@@ -144,7 +156,8 @@ func TestFashionFederated(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The whole data set's runner only validates, on all 10000 test images.
+	// The whole data set's runner only validates, on all 12000 validation
+	// images: the sites' validation shards together.
 	central, err := New(Config{Model: ModelMLP, Hyperparameters: hyper, Data: d})
 	if err != nil {
 		t.Fatal(err)
@@ -153,6 +166,8 @@ func TestFashionFederated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var best tensor.Model
+	bestRound, bestAcc := 0, 0.0
 	start := time.Now()
 	for round := 1; round <= rounds; round++ {
 		results := make([]runner.Result, sites)
@@ -167,13 +182,20 @@ func TestFashionFederated(t *testing.T) {
 			t.Fatal(err)
 		}
 		acc := v.Metrics["accuracy"]
-		t.Logf("round %d: test accuracy %.4f (loss %.4f), %.1fs", round, acc, v.Metrics["loss"], time.Since(start).Seconds())
-		if acc >= target {
-			t.Logf("reached %.2f in %d rounds, %.1fs", target, round, time.Since(start).Seconds())
-			return
+		t.Logf("round %d: validation accuracy %.4f (loss %.4f), %.1fs", round, acc, v.Metrics["loss"], time.Since(start).Seconds())
+		if acc > bestAcc {
+			best, bestRound, bestAcc = global, round, acc
 		}
 	}
-	t.Errorf("test accuracy below %.2f after %d rounds", target, rounds)
+	test, err := Evaluate(ctx, ModelMLP, hyper, best, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acc := test.Metrics["accuracy"]
+	t.Logf("best round %d (validation accuracy %.4f): test accuracy %.4f (loss %.4f)", bestRound, bestAcc, acc, test.Metrics["loss"])
+	if acc < target {
+		t.Errorf("test accuracy %.4f of the best round's model, want ≥ %.2f", acc, target)
+	}
 }
 
 // fedAvg averages the trained models weighted by their sample counts.
