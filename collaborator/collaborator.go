@@ -166,6 +166,13 @@ func (c *Collaborator) Run(ctx context.Context) error {
 			defer cancel()
 			var err error
 			resp, err = c.client.GetTasks(ctx, &fxv1.GetTasksRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name})
+			if status.Code(err) == codes.NotFound {
+				// The aggregator at this address does not serve the
+				// experiment: after a director restart its port may
+				// serve another experiment until the envoy moves this
+				// collaborator to the new address (or stops it).
+				return status.Errorf(codes.Unavailable, "the aggregator reached does not serve this experiment (it moved?): %s", status.Convert(err).Message())
+			}
 			return err
 		})
 		if err != nil {
@@ -180,10 +187,16 @@ func (c *Collaborator) Run(ctx context.Context) error {
 			return &Quit{Reason: resp.GetReason()}
 		case fxv1.GetTasksResponse_RUN:
 			round := int(resp.GetRound())
-			if err := c.runRound(ctx, round, resp.GetTasks()); err != nil {
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
+			err := c.runRound(ctx, round, resp.GetTasks())
+			switch {
+			case err == nil:
+			case ctx.Err() != nil:
+				return ctx.Err()
+			case status.Code(err) == codes.NotFound:
+				// The round's model is gone, or the aggregator moved:
+				// what to do is the next GetTasks's answer.
+				c.log.Warn("the aggregator does not have what the round needs; asking for tasks again", "round", round, "error", err)
+			default:
 				return &RoundError{Round: round, Err: err}
 			}
 		default:
@@ -408,15 +421,10 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 	return false, err
 }
 
-// transient reports whether a failed call is worth repeating. NotFound is:
-// the aggregator at this address does not serve the experiment, which after
-// a director restart means it serves it elsewhere, and the port went to
-// another experiment's aggregator. The envoy moves the collaborator to the
-// new address when the director tells it, or stops it if the experiment
-// has ended.
+// transient reports whether a failed call is worth repeating.
 func transient(err error) bool {
 	switch status.Code(err) {
-	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted, codes.Internal, codes.Unknown, codes.DataLoss, codes.NotFound:
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted, codes.Internal, codes.Unknown, codes.DataLoss:
 		return true
 	}
 	return false

@@ -148,10 +148,24 @@ func TestRealCollaborator(t *testing.T) {
 // The envoy moves its collaborator there instead of restarting it: the
 // runner is built once (a task in progress would go on, and results
 // already computed are sent to the new aggregator), and the experiment
-// ends there normally.
+// ends there normally. Meanwhile the old port may be gone, or serve
+// another experiment's aggregator, which answers NOT_FOUND: neither fails
+// the collaborator.
 func TestCollaboratorFollowsMovedAggregator(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		old  *fakeAggregator
+		stop bool
+	}{
+		{"the old aggregator is gone", &fakeAggregator{hold: true}, true},
+		{"the old port serves another experiment", &fakeAggregator{err: status.Error(codes.NotFound, "envoy site-f takes part in no experiment \"exp-f\" served here")}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testFollow(t, tc.old, tc.stop) })
+	}
+}
+
+func testFollow(t *testing.T, old *fakeAggregator, stop bool) {
 	d := newFakeDirector(t)
-	old := &fakeAggregator{hold: true}
 	oldAddr, stopOld := startAggregator(t, old)
 	moved := &fakeAggregator{quit: "the experiment has finished"}
 	newAddr, _ := startAggregator(t, moved)
@@ -191,7 +205,9 @@ func TestCollaboratorFollowsMovedAggregator(t *testing.T) {
 	before := builds // the review builds one too, to check the plan
 	mu.Unlock()
 
-	stopOld() // the director (and its aggregator) went away
+	if stop {
+		stopOld() // the director (and its aggregator) went away
+	}
 	again := startAssignment("exp-f")
 	again.GetStart().AggregatorAddress = newAddr
 	again.GetStart().AggregatorServerName = "localhost"

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -165,7 +166,7 @@ func (e *Envoy) onStart(id string, s *fxv1.Start) {
 	}
 	switch x.phase {
 	case phaseRunning:
-		if x.start.GetAggregatorServerName() == s.GetAggregatorServerName() {
+		if canFollow(x.start, s) {
 			if x.start.GetAggregatorAddress() != s.GetAggregatorAddress() {
 				// A restarted director serves the experiment elsewhere.
 				e.log.Info("the aggregator moved; the collaborator follows it", "experiment", id, "address", s.GetAggregatorAddress())
@@ -174,7 +175,7 @@ func (e *Envoy) onStart(id string, s *fxv1.Start) {
 			}
 			return
 		}
-		e.log.Info("the aggregator's certificate name changed; restarting the collaborator", "experiment", id, "server_name", s.GetAggregatorServerName())
+		e.log.Info("the aggregator's certificate name changed; restarting the collaborator", "experiment", id, "address", s.GetAggregatorAddress(), "server_name", s.GetAggregatorServerName())
 	case phaseAccepted:
 		if n := e.countRunning(); n >= e.cfg.MaxExperiments {
 			x.phase = phaseFailed
@@ -219,6 +220,22 @@ func (e *Envoy) onStop(id string, s *fxv1.Stop) {
 		}
 		e.removeDir(id)
 	}()
+}
+
+// canFollow reports whether a running collaborator can follow its
+// aggregator from one Start to the next by moving its connection: the
+// certificate it checks must stay the same, and without a server name
+// that is the dial target's host.
+func canFollow(from, to *fxv1.Start) bool {
+	if from.GetAggregatorServerName() != to.GetAggregatorServerName() {
+		return false
+	}
+	if from.GetAggregatorServerName() != "" {
+		return true
+	}
+	h1, _, err1 := net.SplitHostPort(from.GetAggregatorAddress())
+	h2, _, err2 := net.SplitHostPort(to.GetAggregatorAddress())
+	return err1 == nil && err2 == nil && h1 == h2
 }
 
 // countRunning is the number of collaborators running. Called with e.mu held.
