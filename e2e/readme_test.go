@@ -344,3 +344,54 @@ func readFile(path string) string {
 	return string(b)
 }
 
+
+// TestReadmeQuickstartOutput runs `fx quickstart` as README.md's first
+// section shows it and checks that it prints what the README says, line
+// for line, up to the numbers (metrics, port, id, sizes, time): a change
+// of the output has to change the README too.
+func TestReadmeQuickstartOutput(t *testing.T) {
+	requireE2E(t)
+	requireFashionMNIST(t)
+	data, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, ok := strings.Cut(string(data), "<!-- readme-test: quickstart-output -->\n```\n")
+	if !ok {
+		t.Fatal("README.md has no quickstart-output block")
+	}
+	block, _, _ = strings.Cut(block, "```")
+	lines := strings.Split(strings.TrimSpace(block), "\n")
+	if !strings.HasPrefix(lines[0], "$ ") || !strings.HasSuffix(lines[0], " quickstart") {
+		t.Fatalf("the README's sample starts %q, want the command", lines[0])
+	}
+	want := lines[1:]
+
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, fxBin, "quickstart")
+	cmd.Dir, cmd.Env = dir, baseEnv()
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("fx quickstart: %v\n%s", err, out)
+	}
+	got := strings.Split(strings.TrimSpace(string(out)), "\n")
+	numbers := regexp.MustCompile(`\(([a-z0-9]{26})\)|\d+(\.\d+)?`)
+	mask := func(l string) string { return numbers.ReplaceAllString(l, "#") }
+	for i := range max(len(want), len(got)) {
+		var w, g string
+		if i < len(want) {
+			w = mask(want[i])
+		}
+		if i < len(got) {
+			g = mask(got[i])
+		}
+		if w != g {
+			t.Errorf("line %d: the README shows\n\t%q\nfx quickstart printed\n\t%q", i+1, w, g)
+		}
+	}
+	if t.Failed() {
+		t.Logf("fx quickstart printed:\n%s", out)
+	}
+}

@@ -14,26 +14,35 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 
+	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/director"
 	"github.com/fx-fl/fx/envoy"
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/runner/builtin"
+	"github.com/fx-fl/fx/tensor"
 )
 
 // fashionMNIST is where Debian's dataset-fashion-mnist package puts the data.
 const fashionMNIST = "/usr/share/datasets/fashion-mnist"
 
 type quickstartOptions struct {
-	workdir string
-	envoys  int
-	rounds  int
-	data    string
-	verbose bool
+	workdir     string
+	envoys      int
+	rounds      int
+	data        string
+	verbose     bool
+	keepRunning bool
 	// fellBack is set when --data auto found no Fashion-MNIST.
 	fellBack bool
 }
+
+// profileFile is the researcher's profile quickstart writes in its work
+// directory: the connection settings `fx experiment --profile` and the
+// Python client's Federation.from_profile read.
+const profileFile = "profile.yaml"
 
 func newQuickstartCommand(opts *globalOptions) *cobra.Command {
 	q := &quickstartOptions{}
@@ -45,8 +54,14 @@ func newQuickstartCommand(opts *globalOptions) *cobra.Command {
 quickstart makes a certificate authority and certificates for a director, N
 envoys and a researcher; starts the director and the envoys, each with its own
 certificate, talking gRPC over mutual TLS; submits an experiment that trains
-the built-in MLP; shows progress round by round; prints the final accuracy
-and saves the best model; and shuts everything down.
+the built-in MLP; shows each round's model with its accuracy on the envoys'
+validation data; saves the best model and scores it on test data no envoy
+trained or validated on; and shuts everything down.
+
+With --keep-running the federation stays up after the experiment, until
+Ctrl-C, for more experiments: from the CLI (fx experiment --profile
+WORKDIR/profile.yaml ...), or from Python and the notebook
+(examples/notebooks/fashion_mnist.ipynb), which read the same profile.
 
 Its data is Fashion-MNIST when ` + fashionMNIST + ` exists
 (apt-get install dataset-fashion-mnist), each envoy holding one shard of it;
@@ -54,9 +69,11 @@ otherwise a generated data set, and it says which.
 
 Everything it makes stays in --workdir: the PKI (kept across runs), the
 configuration files of every party (rerun one by hand with
-"fx director start --config WORKDIR/director.yaml"), logs, and the best model.`,
+"fx director start --config WORKDIR/director.yaml"), the researcher's
+profile (profile.yaml), logs, and the best model.`,
 		Example: `  fx quickstart
-  fx quickstart --envoys 4 --rounds 8 --workdir /tmp/fx-demo`,
+  fx quickstart --envoys 4 --rounds 8 --workdir /tmp/fx-demo
+  fx quickstart --keep-running     # then: FX_PROFILE=fx-quickstart/profile.yaml fx experiment list`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runQuickstart(cmd.Context(), opts, q, cmd.OutOrStdout(), cmd.ErrOrStderr())
@@ -68,6 +85,7 @@ configuration files of every party (rerun one by hand with
 	f.IntVar(&q.rounds, "rounds", 5, "how many federated rounds the experiment runs")
 	f.StringVar(&q.data, "data", "auto", "auto (Fashion-MNIST if installed), fashion-mnist or synthetic")
 	f.BoolVar(&q.verbose, "verbose", false, "show the parties' logs here instead of in WORKDIR/logs")
+	f.BoolVar(&q.keepRunning, "keep-running", false, "after the experiment, keep the federation running until Ctrl-C")
 	return cmd
 }
 
@@ -107,7 +125,7 @@ func runQuickstart(ctx context.Context, opts *globalOptions, q *quickstartOption
 		return err
 	}
 	say := func(format string, args ...any) { fmt.Fprintf(out, format+"\n", args...) }
-	say("fx quickstart: a federation of 1 director and %d envoys on 127.0.0.1, files in %s", q.envoys, work)
+	say("fx quickstart: a federation of 1 director and %d envoys on 127.0.0.1, files in %s", q.envoys, shortPath(work))
 	if q.data == "fashion-mnist" {
 		say("data: Fashion-MNIST from %s, one shard per envoy", fashionMNIST)
 	} else if q.fellBack {
@@ -130,7 +148,7 @@ func runQuickstart(ctx context.Context, opts *globalOptions, q *quickstartOption
 	if err != nil {
 		return err
 	}
-	say("pki: certificate authority and certificates for the director, %d envoys and a researcher in %s", q.envoys, filepath.Join(work, "pki"))
+	say("pki: certificate authority and certificates for the director, %d envoys and a researcher in %s", q.envoys, shortPath(filepath.Join(work, "pki")))
 
 	logs, closeLogs, err := quickstartLogs(opts, q, work, errOut)
 	if err != nil {
@@ -229,7 +247,7 @@ func runQuickstart(ctx context.Context, opts *globalOptions, q *quickstartOption
 	}
 	say("experiment %q submitted (%s): %d rounds of the built-in MLP, FedAvg over %d envoys", exp.GetName(), exp.GetId(), q.rounds, q.envoys)
 
-	progress := newRoundPrinter(out, q.rounds)
+	progress := newRoundPrinter(out, q.rounds, q.envoys)
 	type result struct {
 		exp *fxv1.Experiment
 		err error
@@ -256,18 +274,104 @@ func runQuickstart(ctx context.Context, opts *globalOptions, q *quickstartOption
 		return fmt.Errorf("download the best model: %w", err)
 	}
 	say("")
-	if acc, ok := progress.finalAccuracy(); ok {
-		say("final model (round %d): accuracy %.4f on the envoys' validation data", q.rounds, acc)
+	b := final.GetBest()
+	if b == nil {
+		return fmt.Errorf("experiment %s finished without a best model (logs in %s)", exp.GetName(), filepath.Join(work, "logs"))
 	}
-	if b := final.GetBest(); b != nil {
-		say("best model: round %d, %s %.4f, saved to %s (%d bytes, safetensors)", b.GetRound(), b.GetMetric(), b.GetValue(), bestPath, info.GetSize())
-	} else {
-		say("best model saved to %s", bestPath)
+	// The best model's own validation: the aggregated validation of the
+	// next round scored it, on every envoy's validation data.
+	v := progress.validation(int(b.GetRound()))
+	say("best model: round %d of %d, validation %s on %s; saved to %s (%d bytes, safetensors)",
+		b.GetRound(), q.rounds, formatMetrics(v.metrics), v.coverage(q.envoys), shortPath(bestPath), info.GetSize())
+	test, err := quickstartTest(ctx, q, bestPath)
+	if err != nil {
+		return err
+	}
+	say("test: the best model on %s: %s", test.about, formatMetrics(test.metrics))
+
+	if q.keepRunning {
+		profile := filepath.Join(work, profileFile)
+		if err := os.WriteFile(profile, []byte(profileYAML(addr)), 0o600); err != nil {
+			return err
+		}
+		say("")
+		say("the federation keeps running on %s until Ctrl-C; the researcher's settings are in %s:", addr, shortPath(profile))
+		say("  export FX_PROFILE=%s", profile)
+		say("  fx experiment list                        # the CLI reads $FX_PROFILE")
+		say("  fx.Federation.from_profile()              # and so does Python: examples/notebooks/fashion_mnist.ipynb")
+		select {
+		case <-ctx.Done():
+		case err := <-failures:
+			return fmt.Errorf("%w (logs in %s)", err, filepath.Join(work, "logs"))
+		}
 	}
 	stop()
 	wg.Wait()
 	say("federation stopped after %s", time.Since(start).Round(100*time.Millisecond))
 	return nil
+}
+
+// shortPath shows a path under the working directory as ./PATH, and any
+// other as it is (absolute).
+func shortPath(path string) string {
+	wd, err := os.Getwd()
+	if err != nil {
+		return path
+	}
+	rel, err := filepath.Rel(wd, path)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return path
+	}
+	return "./" + rel
+}
+
+// profileYAML is the researcher's profile for the federation at addr, in
+// the form `fx experiment --profile` reads; its paths are relative to the
+// work directory it is written to.
+func profileYAML(addr string) string {
+	return fmt.Sprintf(`# The researcher's connection settings for the federation fx quickstart
+# runs: fx experiment --profile THIS_FILE (or FX_PROFILE=THIS_FILE), and
+# fx.Federation.from_profile(THIS_FILE) in Python. Paths are relative to
+# this file's directory.
+director: %s
+server_name: localhost
+cert: pki/researcher/researcher.crt
+key: pki/researcher/researcher.key
+ca: pki/researcher/ca.crt
+`, addr)
+}
+
+// testResult is the final evaluation of the best model.
+type testResult struct {
+	about   string
+	metrics map[string]float64
+}
+
+// quickstartTest scores the model in path on the data set's test split,
+// which the envoys hold no part of in their training or validation data:
+// the figure to quote, as nothing was chosen by it.
+func quickstartTest(ctx context.Context, q *quickstartOptions, path string) (testResult, error) {
+	c := dataset.Config{Kind: dataset.KindSynthetic, Seed: 1}
+	if q.data == "fashion-mnist" {
+		c = dataset.Config{Kind: dataset.KindIDX, Path: fashionMNIST, Seed: 1}
+	}
+	d, err := dataset.LoadTest(c)
+	if err != nil {
+		return testResult{}, fmt.Errorf("the test data: %w", err)
+	}
+	weights, _, err := tensor.ReadFile(path)
+	if err != nil {
+		return testResult{}, err
+	}
+	res, err := builtin.Evaluate(ctx, builtin.ModelMLP, quickstartHyper(q), weights, d)
+	if err != nil {
+		return testResult{}, fmt.Errorf("evaluating the best model: %w", err)
+	}
+	about := fmt.Sprintf("the %d generated test samples", d.Test.N)
+	if q.data == "fashion-mnist" {
+		about = fmt.Sprintf("the %d Fashion-MNIST test images", d.Test.N)
+	}
+	return testResult{about: about + ", which no envoy trained or validated on", metrics: res.Metrics}, nil
 }
 
 // quickstartCerts are the files each party uses.
@@ -418,13 +522,24 @@ review:
 `, name, work, addr, f.Cert, f.Key, f.CA, tags, dataset)
 }
 
-// quickstartPlan trains the built-in MLP. One local epoch per round with
-// momentum SGD reaches about 0.85 on Fashion-MNIST in five rounds.
-func quickstartPlan(q *quickstartOptions) string {
-	tag, hidden := "fashion-mnist", 128
+// quickstartHyper are the built-in MLP's settings: one local epoch per
+// round with momentum SGD.
+func quickstartHyper(q *quickstartOptions) map[string]any {
+	hidden := 128
 	if q.data == "synthetic" {
-		tag, hidden = "synthetic", 32
+		hidden = 32
 	}
+	return map[string]any{"hidden": []any{hidden}, "lr": 0.05, "momentum": 0.9, "batch_size": 64, "epochs": 1}
+}
+
+// quickstartPlan trains the built-in MLP of quickstartHyper with FedAvg
+// over every envoy.
+func quickstartPlan(q *quickstartOptions) string {
+	tag := "fashion-mnist"
+	if q.data == "synthetic" {
+		tag = "synthetic"
+	}
+	h := quickstartHyper(q)
 	return fmt.Sprintf(`# Written by fx quickstart.
 name: quickstart-%s-mlp
 rounds: %d
@@ -432,71 +547,86 @@ participants: {min: %d, tags: [%s]}
 runner:
   kind: builtin
   model: mlp
-  hyperparameters: {hidden: [%d], lr: 0.05, momentum: 0.9, batch_size: 64, epochs: 1}
+  hyperparameters: {hidden: %v, lr: %v, momentum: %v, batch_size: %v, epochs: %v}
 aggregation: {algorithm: fedavg}
 stragglers: {deadline: 5m, min_reporting: 1}
 best_model: {metric: accuracy, mode: max}
-`, tag, q.rounds, q.envoys, tag, hidden)
+`, tag, q.rounds, q.envoys, tag, h["hidden"], h["lr"], h["momentum"], h["batch_size"], h["epochs"])
 }
 
-// roundPrinter shows one line per round from the metric stream.
+// roundPrinter shows one line per round from the metric stream: the
+// round's training, and the validation of the model the round made. That
+// validation is the next round's aggregated_model_validation (after the
+// last round, the final validation-only one), so a round's line appears
+// once the next round has validated its model.
 type roundPrinter struct {
 	out    io.Writer
 	rounds int
+	envoys int
 	mu     sync.Mutex
-	agg    map[int]map[string]map[string]float64 // round → task → metric
-	shown  map[int]bool
+	train  map[int]map[string]float64 // round → train aggregate
+	valid  map[int]validation         // model of round → its validation
 }
 
-func newRoundPrinter(out io.Writer, rounds int) *roundPrinter {
-	return &roundPrinter{out: out, rounds: rounds, agg: map[int]map[string]map[string]float64{}, shown: map[int]bool{}}
+// validation is the aggregated validation of one round's model: its
+// metrics, and which envoys' data it covers.
+type validation struct {
+	metrics   map[string]float64
+	samples   int64
+	reporters map[string]bool
+}
+
+// coverage says what the validation was computed on.
+func (v validation) coverage(envoys int) string {
+	who := fmt.Sprintf("all %d envoys", envoys)
+	switch {
+	case envoys == 1 && len(v.reporters) == 1:
+		who = "the envoy"
+	case envoys == 2 && len(v.reporters) == 2:
+		who = "both envoys"
+	case len(v.reporters) < envoys:
+		who = fmt.Sprintf("%d of the %d envoys", len(v.reporters), envoys)
+	}
+	return fmt.Sprintf("the validation data of %s (%d images)", who, v.samples)
+}
+
+func newRoundPrinter(out io.Writer, rounds, envoys int) *roundPrinter {
+	return &roundPrinter{out: out, rounds: rounds, envoys: envoys, train: map[int]map[string]float64{}, valid: map[int]validation{}}
 }
 
 func (p *roundPrinter) event(ev *fxv1.MetricEvent) {
-	if ev.GetCollaborator() != "" {
-		return // the round aggregates are enough here
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	r := int(ev.GetRound())
-	if p.agg[r] == nil {
-		p.agg[r] = map[string]map[string]float64{}
-	}
-	p.agg[r][ev.GetTask()] = ev.GetMetrics()
-	// Print a round once every task's aggregate is in.
-	tasks := p.agg[r]
-	if p.shown[r] {
-		return
-	}
-	for _, task := range experiment.DefaultTasks() {
-		if _, ok := tasks[task]; !ok && r <= p.rounds {
+	switch {
+	case ev.GetTask() == runner.TaskTrain && ev.GetCollaborator() == "":
+		p.train[r] = ev.GetMetrics()
+	case ev.GetTask() == runner.TaskAggregatedValidation:
+		// Round r validates the model of round r-1.
+		v := p.valid[r-1]
+		if v.reporters == nil {
+			v.reporters = map[string]bool{}
+		}
+		if c := ev.GetCollaborator(); c != "" {
+			v.reporters[c] = true
+			p.valid[r-1] = v
 			return
 		}
-	}
-	if r > p.rounds {
-		if m, ok := tasks[runner.TaskAggregatedValidation]; ok {
-			p.shown[r] = true
-			fmt.Fprintf(p.out, "final validation: accuracy %.4f\n", m["accuracy"])
+		v.metrics, v.samples = ev.GetMetrics(), ev.GetSamples()
+		p.valid[r-1] = v
+		if model := r - 1; model >= 1 && model <= p.rounds {
+			line := fmt.Sprintf("round %d/%d  |  training %s  |  global model: validation %s", model, p.rounds, formatMetrics(p.train[model]), formatMetrics(v.metrics))
+			if len(v.reporters) < p.envoys {
+				line += fmt.Sprintf(" (%d of %d envoys)", len(v.reporters), p.envoys)
+			}
+			fmt.Fprintln(p.out, line)
 		}
-		return
 	}
-	train := tasks[runner.TaskTrain]
-	p.shown[r] = true
-	parts := []string{fmt.Sprintf("round %d/%d", r, p.rounds)}
-	parts = append(parts, "train "+formatMetrics(train))
-	if m, ok := tasks[runner.TaskLocalValidation]; ok {
-		parts = append(parts, "local validation "+formatMetrics(m))
-	}
-	if m, ok := tasks[runner.TaskAggregatedValidation]; ok {
-		parts = append(parts, fmt.Sprintf("global model of round %d: %s", r-1, formatMetrics(m)))
-	}
-	fmt.Fprintln(p.out, strings.Join(parts, "  |  "))
 }
 
-// finalAccuracy is the validation accuracy of the last round's model.
-func (p *roundPrinter) finalAccuracy() (float64, bool) {
+// validation is the aggregated validation of round's model.
+func (p *roundPrinter) validation(round int) validation {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	v, ok := p.agg[p.rounds+1][runner.TaskAggregatedValidation]["accuracy"]
-	return v, ok
+	return p.valid[round]
 }
