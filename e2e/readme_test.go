@@ -344,7 +344,6 @@ func readFile(path string) string {
 	return string(b)
 }
 
-
 // TestReadmeQuickstartOutput runs `fx quickstart` as README.md's first
 // section shows it and checks that it prints what the README says, line
 // for line, up to the numbers (metrics, port, id, sizes, time): a change
