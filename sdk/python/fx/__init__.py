@@ -1,9 +1,10 @@
 """fx: the notebook client of an fx federation.
 
     import fx
-    fed = fx.Federation("127.0.0.1:50051", ca="pki/researcher/ca.crt",
-                        cert="pki/researcher/researcher.crt",
-                        key="pki/researcher/researcher.key", server_name="localhost")
+    fed = fx.Federation.from_profile()          # the CLI's settings: $FX_PROFILE, ~/.config/fx/config.yaml
+    # or: fx.Federation("127.0.0.1:50051", ca="pki/researcher/ca.crt",
+    #                   cert="pki/researcher/researcher.crt",
+    #                   key="pki/researcher/researcher.key", server_name="localhost")
     exp = fed.submit("my-experiment/")          # a directory with plan.yaml
     for ev in exp.metrics(): print(ev.round, ev.task, ev.metrics)
     exp.wait()
@@ -17,6 +18,7 @@ below (which need grpc) are imported when first used.
 from .archive import Archive, pack
 from .errors import ExperimentEnded, FXError, FXTimeout
 from .metrics import MetricEvent, format_table, metric_by_round, metrics_table
+from .profile import Profile, load_profile
 from .safetensors import SafetensorsError, dump_safetensors, load_safetensors, read_safetensors, save_safetensors
 
 __all__ = [
@@ -33,10 +35,12 @@ __all__ = [
     "MetricEvent",
     "ModelInfo",
     "Participant",
+    "Profile",
     "RunnerLogLine",
     "SafetensorsError",
     "dump_safetensors",
     "format_table",
+    "load_profile",
     "load_safetensors",
     "metric_by_round",
     "metrics_table",

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from . import archive as _archive
+from . import profile as _profile
 from .errors import ExperimentEnded, FXError, FXTimeout, from_rpc
 from .metrics import MetricEvent, metrics_table
 from .safetensors import read_safetensors
@@ -222,6 +223,26 @@ class Federation:
                 code=grpc.StatusCode.UNAVAILABLE,
                 details=why,
             ) from None
+
+    @classmethod
+    def from_profile(cls, path: Optional[Union[str, os.PathLike]] = None, **kwargs: Any) -> "Federation":
+        """Connects with the settings the fx CLI would use: the profile file
+        ``path``, else ``$FX_PROFILE``, else ``~/.config/fx/config.yaml`` if
+        it exists, with ``FX_*`` variables over it (see :mod:`fx.profile`).
+        ``fx quickstart --keep-running`` writes ``fx-quickstart/profile.yaml``
+        for its federation. ``kwargs`` go to the constructor
+        (``reconnect_timeout``, or any setting to override).
+        """
+        p = _profile.load_profile(path)
+        settings = dict(director=p.director, ca=p.ca, cert=p.cert, key=p.key, server_name=p.server_name, timeout=p.timeout)
+        settings.update(kwargs)
+        if p.path is None and not any(os.path.exists(settings[k]) for k in ("ca", "cert", "key")):
+            raise FXError(
+                f"no profile: {_profile.PROFILE_ENV} is not set and {_profile.default_profile_path()} does not exist, "
+                f"and the default certificate {settings['cert']} is not here either: name the profile, "
+                "e.g. fx.Federation.from_profile('fx-quickstart/profile.yaml'), which fx quickstart --keep-running writes"
+            )
+        return cls(**settings)
 
     def _probe(self) -> str:
         """The channel's last connection error, if a quick call reveals it."""
