@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -389,6 +390,14 @@ func TestReadmeQuickstartOutput(t *testing.T) {
 		if w != g {
 			t.Errorf("line %d: the README shows\n\t%q\nfx quickstart printed\n\t%q", i+1, w, g)
 		}
+	}
+	// The README says what the quickstart reaches; it must.
+	m := regexp.MustCompile(`(?m)^test: .* accuracy=(0\.\d+)`).FindStringSubmatch(string(out))
+	if m == nil {
+		t.Fatalf("no test accuracy in:\n%s", out)
+	}
+	if acc, _ := strconv.ParseFloat(m[1], 64); acc < 0.84 {
+		t.Errorf("the quickstart's best model scores %.4f on the test images, the README promises about 0.85", acc)
 	}
 	if t.Failed() {
 		t.Logf("fx quickstart printed:\n%s", out)
