@@ -69,8 +69,8 @@ otherwise a generated data set, and it says which.
 
 Everything it makes stays in --workdir: the PKI (kept across runs), the
 configuration files of every party (rerun one by hand with
-"fx director start --config WORKDIR/director.yaml"), the researcher's
-profile (profile.yaml), logs, and the best model.`,
+"fx director start --config WORKDIR/director.yaml"), logs, the best model,
+and with --keep-running the researcher's profile (profile.yaml).`,
 		Example: `  fx quickstart
   fx quickstart --envoys 4 --rounds 8 --workdir /tmp/fx-demo
   fx quickstart --keep-running     # then: FX_PROFILE=fx-quickstart/profile.yaml fx experiment list`,
@@ -134,8 +134,9 @@ func runQuickstart(ctx context.Context, opts *globalOptions, q *quickstartOption
 		say("data: a generated data set, one shard per envoy")
 	}
 
-	// Each run starts from a clean federation; only the PKI is kept.
-	for _, dir := range []string{"director", "envoys", "experiment", "logs"} {
+	// Each run starts from a clean federation; only the PKI is kept (and a
+	// profile naming a federation that is gone goes too).
+	for _, dir := range []string{"director", "envoys", "experiment", "logs", profileFile} {
 		if err := os.RemoveAll(filepath.Join(work, dir)); err != nil {
 			return err
 		}

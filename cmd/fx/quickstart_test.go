@@ -141,6 +141,14 @@ func TestQuickstartKeepRunning(t *testing.T) {
 		if err != nil {
 			t.Errorf("quickstart --keep-running stopped with %v", err)
 		}
+		// A run without --keep-running leaves no profile naming a
+		// federation that is gone.
+		if out, err := run(t, "quickstart", "--workdir", work, "--data", "synthetic", "--envoys", "1", "--rounds", "1"); err != nil {
+			t.Fatalf("fx quickstart: %v\n%s", err, out)
+		}
+		if _, err := os.Stat(profile); !os.IsNotExist(err) {
+			t.Errorf("%s is left from the --keep-running run: %v", profile, err)
+		}
 	case <-time.After(time.Minute):
 		t.Fatal("quickstart --keep-running did not stop within a minute of Ctrl-C")
 	}
