@@ -11,5 +11,5 @@ import "embed"
 // needs grpc): fx/__init__.py imports the client lazily, so these files
 // are a complete package for a runner.
 //
-//go:embed fx/__init__.py fx/site.py fx/safetensors.py fx/errors.py fx/archive.py fx/metrics.py
+//go:embed fx/__init__.py fx/site.py fx/safetensors.py fx/errors.py fx/archive.py fx/metrics.py fx/profile.py
 var SiteLibrary embed.FS
