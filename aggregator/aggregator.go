@@ -477,7 +477,10 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 		Reported:   trainers,
 		Missing:    missing,
 	}
-	best := a.scoreBest(summary)
+	a.mu.Lock()
+	participants := len(a.active())
+	a.mu.Unlock()
+	best := a.scoreBest(summary, participants)
 	if err := a.saveRound(ctx, summary, model, training, best); err != nil {
 		return err
 	}
@@ -504,10 +507,26 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 // scoreBest updates the best model from a round's aggregates. The aggregated
 // model validation of round n scores the model round n started from (round
 // n-1's); the other tasks score round n's own.
-func (a *Aggregator) scoreBest(s RoundSummary) *Best {
+//
+// A score counts only when every participant still taking part reported
+// it: a mean over the sites that happened to report (a straggler's
+// validation missing) is not comparable with the others, and would make the
+// best model the one scored on the easiest data.
+func (a *Aggregator) scoreBest(s RoundSummary, participants int) *Best {
 	rule := a.plan.BestModel
 	value, ok := s.Aggregates[rule.Task][rule.Metric]
 	if !ok {
+		return a.best
+	}
+	scored := map[string]bool{}
+	for _, r := range s.Results {
+		if _, has := r.Metrics[rule.Metric]; has && r.Task == rule.Task {
+			scored[r.Collaborator] = true
+		}
+	}
+	if len(scored) < participants {
+		a.log.Info("round's score leaves out participants: not a candidate for the best model", "round", s.Round,
+			"metric", rule.Metric, "scored_by", len(scored), "participants", participants)
 		return a.best
 	}
 	round := s.Round

@@ -160,6 +160,13 @@ func TestDownloadModel(t *testing.T) {
 			if tt.round > 0 && info.GetMetrics()["train/accuracy"] != float64(tt.round)/10 {
 				t.Errorf("metrics %v", info.GetMetrics())
 			}
+			// A model's validation is the next round's
+			// aggregated_model_validation, which scored it; round 2 is the
+			// last completed, so its model has not been validated yet.
+			validation, ok := info.GetMetrics()["aggregated_model_validation/accuracy"]
+			if want := float64(tt.round+1) / 10; tt.round < 2 && (!ok || validation != want) || tt.round == 2 && ok {
+				t.Errorf("round %d model's validation %v (present %v), want round %d's", tt.round, validation, ok, tt.round+1)
+			}
 		})
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"os"
 	"slices"
 
@@ -389,7 +388,7 @@ func (s *service) DownloadModel(req *fxv1.DownloadModelRequest, stream grpc.Serv
 		default:
 			return fmt.Errorf("selector: choose BEST, LAST or ROUND: %w", ErrInvalidArgument)
 		}
-		metrics = maps.Clone(e.metrics.rounds[round])
+		metrics = e.metrics.modelMetrics(round)
 		return nil
 	})
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -15,6 +16,7 @@ import (
 	"github.com/fx-fl/fx/director/store"
 	"github.com/fx-fl/fx/experiment"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
 )
 
 // expState is the director's in-memory view of one experiment: the stored
@@ -165,6 +167,27 @@ func taskOrder(plan *experiment.Plan, aggs map[string]map[string]float64) []stri
 	}
 	slices.Sort(rest)
 	return append(out, rest...)
+}
+
+// modelMetrics are the metrics of the global model round produced: how it
+// was made (round's train and locally_tuned_model_validation aggregates)
+// and how it did (the next round's aggregated_model_validation, which
+// validates exactly this model at every site). Round's own
+// aggregated_model_validation is left out: it scored the model before.
+func (m *metricLog) modelMetrics(round int) map[string]float64 {
+	validation := runner.TaskAggregatedValidation + "/"
+	out := map[string]float64{}
+	for k, v := range m.rounds[round] {
+		if !strings.HasPrefix(k, validation) {
+			out[k] = v
+		}
+	}
+	for k, v := range m.rounds[round+1] {
+		if strings.HasPrefix(k, validation) {
+			out[k] = v
+		}
+	}
+	return out
 }
 
 // flatten turns per-task aggregates into "task/metric" keys.

@@ -141,7 +141,13 @@ func TestPythonRunner(t *testing.T) {
 			t.Errorf("%s started its runner %d times at review and %d times for 16 tasks, want 1 and 1", name, review, serving)
 		}
 	}
-	logs := f.mustExp("alice", "logs", e.GetName())
+	// Sites send their runners' output every second or so: the last lines
+	// may arrive just after the experiment ends.
+	var logs string
+	f.waitFor(time.Minute, "site-1's runner output of round 5", func() (bool, error) {
+		logs = f.mustExp("alice", "logs", e.GetName())
+		return strings.Contains(logs, "site-1  train r5  stderr: epoch 1/1: loss"), nil
+	})
 	if !strings.Contains(logs, "site-1  train r1  stderr: epoch 1/1: loss") {
 		t.Errorf("fx experiment logs lacks site-1's training progress:\n%s", logs)
 	}

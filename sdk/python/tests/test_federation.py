@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fx
-from conftest import SYNTH_PLAN, free_port
+from conftest import SYNTH_PLAN, free_port, wait_for
 
 # softmax over 8 features and 3 classes.
 SHAPES = {"fc0.weight": (3, 8), "fc0.bias": (3,)}
@@ -368,7 +368,13 @@ stragglers: {{deadline: 2m, min_reporting: 2}}
     status = exp.wait(timeout=180)
     assert status.state == "FINISHED"
     assert status.best["metric"] == "accuracy" and status.best["value"] > 0.6, status.best
-    lines = list(exp.logs())
+    # Sites send what their runners print every second or so: the last
+    # lines may arrive just after the experiment ends.
+    def through_round_3():
+        got = list(exp.logs())
+        return got if any(line.text == "round 3: trained" for line in got) else None
+
+    lines = wait_for(through_round_3, 60, "site-1's runner output up to round 3")
     texts = [l.text for l in lines]
     assert {l.envoy for l in lines} == {"site-1"}, lines
     assert "site data: 300 training samples of (8,), 3 classes" in texts
