@@ -361,15 +361,18 @@ func (d *Director) start(runCtx context.Context) {
 	d.scheduleLocked()
 }
 
-func (d *Director) sweepLoop(ctx context.Context) {
-	t := d.clock.NewTicker(d.cfg.SweepPeriod)
+func (d *Director) sweepLoop(ctx context.Context) { d.every(ctx, d.cfg.SweepPeriod, d.sweep) }
+
+// every calls f every period of the director's clock until ctx ends.
+func (d *Director) every(ctx context.Context, period time.Duration, f func()) {
+	t := d.clock.NewTicker(period)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C():
-			d.sweep()
+			f()
 		}
 	}
 }

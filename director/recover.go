@@ -149,16 +149,7 @@ func (d *Director) snapshotLoop(ctx context.Context) {
 	if d.cfg.SnapshotInterval <= 0 {
 		return
 	}
-	t := d.clock.NewTicker(d.cfg.SnapshotInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C():
-			d.snapshot()
-		}
-	}
+	d.every(ctx, d.cfg.SnapshotInterval, d.snapshot)
 }
 
 // RecoverConfig says what Recover works on.

@@ -11,6 +11,7 @@ import (
 	osexec "os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -519,17 +520,7 @@ func (ps *persistent) holds(path string) bool {
 // sameModel reports whether a and b are the same tensors in memory: the
 // collaborator hands the runner the very model it got before (runners must
 // not modify the models they are given), so identity is enough.
-func sameModel(a, b tensor.Model) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
+func sameModel(a, b tensor.Model) bool { return slices.Equal(a, b) }
 
 // Start starts a persistent runner's process now, in the background, so
 // that its start-up (an interpreter, its imports, loading data) overlaps
