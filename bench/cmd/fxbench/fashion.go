@@ -148,7 +148,7 @@ func centralRun(res *fashionResult, maxEpochs int) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("centralised: %d training and %d test images\n", d.Train.N, d.Valid.N)
+	fmt.Printf("centralised: %d training and %d validation images (held out of the training files)\n", d.Train.N, d.Valid.N)
 	start := time.Now()
 	for epoch := 1; epoch <= maxEpochs; epoch++ {
 		tr, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: epoch}, m)

@@ -452,7 +452,18 @@ max_experiments: 1
 	}
 	wctx, wcancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer wcancel()
-	f.client, err = experiment.Dial(wctx, experiment.ClientConfig{Director: addr, ServerName: "localhost", Cert: rfiles.Cert, Key: rfiles.Key, CA: rfiles.CA})
+	// The director process needs a moment to listen: a refused connection
+	// is asked again until it does (Dial itself gives up on one at once).
+	for {
+		f.client, err = experiment.Dial(wctx, experiment.ClientConfig{Director: addr, ServerName: "localhost", Cert: rfiles.Cert, Key: rfiles.Key, CA: rfiles.CA})
+		if err == nil || !errors.Is(err, experiment.ErrUnreachable) || wctx.Err() != nil {
+			break
+		}
+		select {
+		case <-wctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 	if err == nil {
 		err = f.client.WaitForEnvoys(wctx, n)
 	}

@@ -348,9 +348,9 @@ func reportMain(args []string) error {
 		p("Not measured (no fashion.json).\n")
 	} else {
 		p("Built-in %s; %d envoys (%s), each its own certificate, director and envoys in one process over mTLS on 127.0.0.1, FedAvg, the quickstart plan with more rounds. ", fr.Model, fr.Envoys, fr.Sharding)
-		p("Accuracy is the aggregated validation accuracy (the envoys' validation shards together are the 10000 test images). ")
+		p("Accuracy is the aggregated validation accuracy (the envoys' validation shards together are the 20%% of the training images held out of training; the 10000 test images are not used). ")
 		p("Time: from the submission until the round whose model reached %.2f completed (the accuracy itself is reported with the next round's aggregated_model_validation). ", fr.Target)
-		p("Baseline, same run: the same model, hyper-parameters and initialisation trained centrally (runner/builtin, one epoch per step) on all 60000 images, validated on the 10000 test images after each epoch. Started %s, load `%s`.\n\n", fr.Start.Format("15:04 MST"), fr.Uptime)
+		p("Baseline, same run: the same model, hyper-parameters and initialisation trained centrally (runner/builtin, one epoch per step) on the same training images, validated on the same held-out images after each epoch. Started %s, load `%s`.\n\n", fr.Start.Format("15:04 MST"), fr.Uptime)
 		p("| run | to %.2f | wall time | accuracy known after | per step (s, accuracy) |\n|---|---|---|---|---|\n", fr.Target)
 		steps := func(v []fashionStep) string {
 			var s []string
