@@ -344,21 +344,27 @@ func (d *Director) sweepOffersLocked(now time.Time) {
 	}
 }
 
-// cannotStart explains why an offer to the envoys a plan names can no
-// longer gather participants.min acceptances, or returns "" while it still
-// can. An offer by tags and shapes always can: matching envoys may yet come
-// online.
+// cannotStart explains why an offer can no longer gather participants.min
+// acceptances, or returns "" while it still can: the envoys a plan names
+// declined too many to reach it; or, for an offer by tags and shapes, every
+// envoy it was made to declined (matching envoys might yet come online, but
+// a researcher whose every site said no should hear why now, not after
+// accept_timeout). The reason quotes each site's.
 func cannotStart(e *expState) string {
+	declined := e.partNames(fxv1.ParticipantState_DECLINED)
+	var reasons []string
+	for _, name := range declined {
+		reasons = append(reasons, fmt.Sprintf("%s: %s", name, e.parts[name].Reason))
+	}
 	named := len(slices.Compact(slices.Sorted(slices.Values(e.plan.Participants.Envoys))))
-	if named == 0 {
-		return ""
+	switch {
+	case named > 0 && named-len(declined) < e.plan.Participants.Min:
+		return fmt.Sprintf("%d of the %d envoys the plan names declined, so at most %d can accept and participants.min is %d (%s)",
+			len(declined), named, named-len(declined), e.plan.Participants.Min, strings.Join(reasons, "; "))
+	case named == 0 && len(declined) > 0 && len(declined) == len(e.parts):
+		return fmt.Sprintf("every envoy the experiment was offered to declined (%s)", strings.Join(reasons, "; "))
 	}
-	declined := e.countParts(fxv1.ParticipantState_DECLINED)
-	if named-declined >= e.plan.Participants.Min {
-		return ""
-	}
-	return fmt.Sprintf("%d of the %d envoys the plan names declined, so at most %d can accept and participants.min is %d",
-		declined, named, named-declined, e.plan.Participants.Min)
+	return ""
 }
 
 // startLocked makes an OFFERED experiment RUNNING: accepted envoys become

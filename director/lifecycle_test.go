@@ -234,11 +234,33 @@ runner: {kind: builtin, model: softmax}
 	_, err = f.answer("b", e.Id, false)
 	must(t, err)
 	got := f.waitState(e.Id, fxv1.ExperimentState_FAILED)
-	if want := "2 of the 3 envoys the plan names declined, so at most 1 can accept and participants.min is 2"; got.GetReason() != want {
+	if want := "2 of the 3 envoys the plan names declined, so at most 1 can accept and participants.min is 2 (a: no thanks; b: no thanks)"; got.GetReason() != want {
 		t.Errorf("reason %q, want %q", got.GetReason(), want)
 	}
 	if _, err := f.answer("c", e.Id, true); code(err) != codes.FailedPrecondition {
 		t.Errorf("accepting the failed offer: %v, want FailedPrecondition", err)
+	}
+}
+
+// TestEveryInvitedEnvoyDecliningFailsAtOnce: an offer by tags fails on the
+// last decline of the envoys it was made to, with each one's reason, not
+// at accept_timeout; while one has not answered it stays open.
+func TestEveryInvitedEnvoyDecliningFailsAtOnce(t *testing.T) {
+	f := newFed(t, nil)
+	f.register("a", "fashion")
+	f.register("b", "fashion")
+	e := f.submitPlan("alice", planTwo)
+	f.waitState(e.Id, fxv1.ExperimentState_OFFERED)
+	_, err := f.answer("a", e.Id, false)
+	must(t, err)
+	if got := f.get("", e.Id); got.GetState() != fxv1.ExperimentState_OFFERED {
+		t.Fatalf("after one of two declined: %v %q", got.GetState(), got.GetReason())
+	}
+	_, err = f.answer("b", e.Id, false)
+	must(t, err)
+	got := f.waitState(e.Id, fxv1.ExperimentState_FAILED)
+	if want := "every envoy the experiment was offered to declined (a: no thanks; b: no thanks)"; got.GetReason() != want {
+		t.Errorf("reason %q, want %q", got.GetReason(), want)
 	}
 }
 

@@ -128,7 +128,11 @@ type Client struct {
 // admin's, connects to the director and makes one cheap call to prove the
 // director is there and accepts the certificate. It fails within
 // ConnectTimeout (or ctx's deadline, if sooner) with an error naming the
-// address when the director cannot be reached.
+// address when the director cannot be reached, and at once when waiting
+// cannot help: nothing listens at the address (connection refused), or the
+// director's certificate does not carry ServerName. Both match
+// ErrUnreachable; a program that starts a director and dials it at once
+// asks again while its connection is refused.
 func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	cfg = cfg.withDefaults()
 	if cfg.Director == "" {
