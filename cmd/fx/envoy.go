@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -56,8 +58,28 @@ envoy's user can open.`,
 // FX_* environment and the flags the user set.
 func loadEnvoyConfig(file string, flags *pflag.FlagSet) (envoy.Config, error) {
 	cfg := envoy.DefaultConfig()
-	err := config.Load(config.Source{File: file, Flags: flags, FlagKeys: envoyFlagKeys}, &cfg)
+	err := config.Load(config.Source{File: file, Flags: flags, FlagKeys: envoyFlagKeys, Environ: envoyEnviron(os.Environ())}, &cfg)
 	return cfg, err
+}
+
+// envoyEnviron lets FX_DIRECTOR, the variable the researcher's commands
+// read, name the director for an envoy too; FX_DIRECTOR_ADDRESS (the
+// envoy's own key, director.address) wins when both are set.
+func envoyEnviron(environ []string) []string {
+	var director string
+	for _, kv := range environ {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "FX_DIRECTOR_ADDRESS":
+			return environ
+		case "FX_DIRECTOR":
+			director = v
+		}
+	}
+	if director == "" {
+		return environ
+	}
+	return append(slices.Clone(environ), "FX_DIRECTOR_ADDRESS="+director)
 }
 
 func newEnvoyStartCommand(opts *globalOptions) *cobra.Command {

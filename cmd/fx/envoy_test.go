@@ -12,6 +12,7 @@ import (
 
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/envoy"
+	"github.com/fx-fl/fx/internal/config"
 	"github.com/fx-fl/fx/pki"
 )
 
@@ -253,6 +254,26 @@ func TestPrintPending(t *testing.T) {
 	for _, want := range []string{"fashion-mlp", "alice", "id1", "1234", strings.Repeat("ab", 32), "10 rounds; runner builtin mlp", "rounds: 10", "fx envoy approve NAME"} {
 		if !strings.Contains(b.String(), want) {
 			t.Errorf("output lacks %q:\n%s", want, b.String())
+		}
+	}
+}
+
+func TestEnvoyReadsFXDirector(t *testing.T) {
+	tests := []struct {
+		env  []string
+		want string
+	}{
+		{[]string{"FX_DIRECTOR=d.example.org:50051"}, "d.example.org:50051"},
+		{[]string{"FX_DIRECTOR=cli:1", "FX_DIRECTOR_ADDRESS=envoy:2"}, "envoy:2"},
+		{[]string{"PATH=/bin"}, ""},
+	}
+	for _, tc := range tests {
+		cfg := envoy.DefaultConfig()
+		if err := config.Load(config.Source{Environ: envoyEnviron(tc.env)}, &cfg); err != nil {
+			t.Fatal(err)
+		}
+		if cfg.Director.Address != tc.want {
+			t.Errorf("environment %v: director.address %q, want %q", tc.env, cfg.Director.Address, tc.want)
 		}
 	}
 }

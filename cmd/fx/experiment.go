@@ -365,6 +365,9 @@ func (v *liveView) show(e *fxv1.Experiment) {
 	if e.GetReason() != "" {
 		line += "  (" + e.GetReason() + ")"
 	}
+	if e.GetState() == fxv1.ExperimentState_PENDING {
+		line += fmt.Sprintf("  (waiting for the director's admin to approve it: fx director approve %s/%s; Ctrl-C stops only this watch)", e.GetOwner(), e.GetName())
+	}
 	if line == v.last || v.quiet {
 		return
 	}
