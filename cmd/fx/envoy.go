@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -173,7 +172,7 @@ func adminCall(ctx context.Context, s *socketFlags, req envoy.AdminRequest) (env
 
 func newEnvoyStatusCommand() *cobra.Command {
 	var sf socketFlags
-	var asJSON bool
+	var output string
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the running envoy's connection and experiments",
@@ -188,10 +187,8 @@ func newEnvoyStatusCommand() *cobra.Command {
 				return errors.New("the envoy answered without a status")
 			}
 			out := cmd.OutOrStdout()
-			if asJSON {
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				return enc.Encode(st)
+			if output != outputTable {
+				return writeValueAs(out, output, st)
 			}
 			conn := "connected to"
 			if !st.Connected {
@@ -211,7 +208,7 @@ func newEnvoyStatusCommand() *cobra.Command {
 		},
 	}
 	sf.add(cmd.Flags())
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON, for programs")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 
@@ -224,7 +221,8 @@ func dash(s string) string {
 
 func newEnvoyPendingCommand() *cobra.Command {
 	var sf socketFlags
-	var asJSON, full bool
+	var output string
+	var full bool
 	cmd := &cobra.Command{
 		Use:   "pending",
 		Short: "List the offers awaiting the data owner's decision",
@@ -235,19 +233,17 @@ func newEnvoyPendingCommand() *cobra.Command {
 				return err
 			}
 			out := cmd.OutOrStdout()
-			if asJSON {
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
+			if output != outputTable {
 				if resp.Pending == nil {
 					resp.Pending = []envoy.PendingOffer{}
 				}
-				return enc.Encode(resp.Pending)
+				return writeValueAs(out, output, resp.Pending)
 			}
 			return printPending(out, resp.Pending, full)
 		},
 	}
 	sf.add(cmd.Flags())
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON, for programs")
+	addOutputFlag(cmd, &output)
 	cmd.Flags().BoolVar(&full, "plan", false, "print each offer's whole plan")
 	return cmd
 }

@@ -162,6 +162,13 @@ func TestEnvoyAdminCommands(t *testing.T) {
 	if err != nil || strings.TrimSpace(out) != "[]" {
 		t.Errorf("fx envoy pending --json = %q, %v", out, err)
 	}
+	out, err = run(t, "envoy", "status", "--socket", socket, "--output", "yaml")
+	if err != nil || !strings.HasPrefix(out, "---\n") || !strings.Contains(out, "name: envoy-1") {
+		t.Errorf("fx envoy status --output yaml = %q, %v", out, err)
+	}
+	if _, err := run(t, "envoy", "status", "--socket", socket, "--output", "xml"); exitCode(err) != exitUsage {
+		t.Errorf("fx envoy status --output xml: %v, want a usage error", err)
+	}
 	if _, err := run(t, "envoy", "approve", "study", "--socket", socket); err == nil || !strings.Contains(err.Error(), "no offer awaits a decision") {
 		t.Errorf("fx envoy approve with nothing pending: %v", err)
 	}

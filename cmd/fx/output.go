@@ -10,6 +10,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/spf13/cobra"
 	"go.yaml.in/yaml/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -227,4 +228,69 @@ func (o *researcherOptions) checkOutput() error {
 		return nil
 	}
 	return usageError{fmt.Errorf("--output %q: use table, json or yaml", o.output)}
+}
+
+// writeValueAs prints v, any value encoding/json takes (the results that
+// are not protocol messages: the envoy's admin answers, the CA's list), as
+// json or yaml. The YAML is the JSON re-read as YAML, so both show the same
+// keys in the same order.
+func writeValueAs(w io.Writer, format string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	if format != outputYAML {
+		_, err = w.Write(append(b, '\n'))
+		return err
+	}
+	var n yaml.Node
+	if err := yaml.Unmarshal(b, &n); err != nil {
+		return err
+	}
+	blockStyle(&n)
+	var out bytes.Buffer
+	enc := yaml.NewEncoder(&out)
+	enc.SetIndent(2)
+	if err := enc.Encode(&n); err != nil {
+		return err
+	}
+	if err := enc.Close(); err != nil {
+		return err
+	}
+	_, err = w.Write(append([]byte("---\n"), out.Bytes()...))
+	return err
+}
+
+// blockStyle drops the flow and quoting styles JSON's syntax gave the
+// nodes; the encoder quotes a string only where YAML needs it.
+func blockStyle(n *yaml.Node) {
+	n.Style = 0
+	for _, c := range n.Content {
+		blockStyle(c)
+	}
+}
+
+// addOutputFlag adds --output table|json|yaml to a command that is not a
+// researcher's, with --json kept as its old spelling.
+func addOutputFlag(cmd *cobra.Command, output *string) {
+	f := cmd.Flags()
+	f.StringVar(output, "output", outputTable, "output format: table (for people), json or yaml (for scripts)")
+	f.Bool("json", false, "the same as --output json")
+	_ = f.MarkHidden("json")
+	_ = cmd.RegisterFlagCompletionFunc("output", completeOutput)
+	prev := cmd.PreRunE
+	cmd.PreRunE = func(c *cobra.Command, args []string) error {
+		if j, _ := c.Flags().GetBool("json"); j {
+			*output = outputJSON
+		}
+		switch *output {
+		case outputTable, outputJSON, outputYAML:
+		default:
+			return usageError{fmt.Errorf("--output %q: use table, json or yaml", *output)}
+		}
+		if prev != nil {
+			return prev(c, args)
+		}
+		return nil
+	}
 }

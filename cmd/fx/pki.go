@@ -581,7 +581,7 @@ new file to the director.`,
 }
 
 func newPKIListCommand() *cobra.Command {
-	var dir string
+	var dir, output string
 	cmd := &cobra.Command{
 		Use:   "list --dir CA",
 		Short: "List every certificate the CA issued, with its status",
@@ -595,24 +595,46 @@ func newPKIListCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ROLE\tNAME\tSERIAL\tEXPIRES\tSTATUS")
+			type row struct {
+				Role      string     `json:"role"`
+				Name      string     `json:"name"`
+				Serial    string     `json:"serial"`
+				Hosts     []string   `json:"hosts,omitempty"`
+				NotBefore time.Time  `json:"not_before"`
+				NotAfter  time.Time  `json:"not_after"`
+				Status    string     `json:"status"` // valid, expired or revoked
+				RevokedAt *time.Time `json:"revoked_at,omitempty"`
+			}
+			rows := []row{}
 			now := time.Now()
 			for _, c := range certs {
-				state := "valid"
+				r := row{Role: string(c.Role), Name: c.Name, Serial: c.Serial, Hosts: c.Hosts, NotBefore: c.NotBefore, NotAfter: c.NotAfter, Status: "valid"}
 				switch {
 				case c.Revoked:
-					state = "revoked " + day(c.RevokedAt)
+					r.Status, r.RevokedAt = "revoked", &c.RevokedAt
 				case now.After(c.NotAfter):
-					state = "expired"
+					r.Status = "expired"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.Role, c.Name, c.Serial, day(c.NotAfter), state)
+				rows = append(rows, r)
+			}
+			if output != outputTable {
+				return writeValueAs(cmd.OutOrStdout(), output, rows)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ROLE\tNAME\tSERIAL\tEXPIRES\tSTATUS")
+			for _, r := range rows {
+				status := r.Status
+				if r.RevokedAt != nil {
+					status += " " + day(*r.RevokedAt)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Role, r.Name, r.Serial, day(r.NotAfter), status)
 			}
 			return tw.Flush()
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "CA directory (required)")
 	_ = cmd.MarkFlagRequired("dir")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"math/big"
 	"os"
@@ -128,6 +129,26 @@ func TestPKICommands(t *testing.T) {
 	out, err = run(t, "pki", "list", "--dir", caDir)
 	if err != nil || !strings.Contains(out, "revoked") || !strings.Contains(out, "director.test") {
 		t.Fatalf("pki list: %q, %v", out, err)
+	}
+	out, err = run(t, "pki", "list", "--dir", caDir, "--output", "json")
+	var listed []struct {
+		Role, Name, Status string
+		RevokedAt          *time.Time `json:"revoked_at"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &listed) != nil || len(listed) == 0 {
+		t.Fatalf("pki list --output json: %q, %v", out, err)
+	}
+	revoked := 0
+	for _, c := range listed {
+		if c.Status == "revoked" && c.RevokedAt != nil {
+			revoked++
+		}
+	}
+	if revoked != 1 {
+		t.Errorf("pki list --output json shows %d revoked certificates, want 1: %s", revoked, out)
+	}
+	if out, err = run(t, "pki", "list", "--dir", caDir, "--output", "yaml"); err != nil || !strings.HasPrefix(out, "---\n") || !strings.Contains(out, "status: revoked") {
+		t.Errorf("pki list --output yaml: %q, %v", out, err)
 	}
 
 	// CSR flow: the site asks for admin; the CA signs an envoy.
