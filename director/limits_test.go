@@ -2,6 +2,7 @@ package director
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -243,8 +244,13 @@ func TestUploadCapPerResearcher(t *testing.T) {
 		data := archive(t, plan, nil)
 		s, err := f.researcher("alice").SubmitExperiment(ctx)
 		must(t, err)
-		must(t, s.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Header{Header: &fxv1.SubmitHeader{
-			Size: int64(len(data)), Sha256: sha(data), PlanYaml: plan}}}))
+		err = s.Send(&fxv1.SubmitExperimentRequest{Part: &fxv1.SubmitExperimentRequest_Header{Header: &fxv1.SubmitHeader{
+			Size: int64(len(data)), Sha256: sha(data), PlanYaml: plan}}})
+		// io.EOF: the director has already ended the stream (refused
+		// it); CloseAndRecv returns its status.
+		if err != nil && !errors.Is(err, io.EOF) {
+			t.Fatal(err)
+		}
 		return open{plan, data, s}
 	}
 	uploading := func(n int) {

@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -216,7 +217,12 @@ func TestExecRunnerDiesWithEnvoy(t *testing.T) {
 	// stops the command and exits cleanly (stop checks both).
 	victim.start(t)
 	f.waitFor(time.Minute, "the runner command to start again", func() (bool, error) {
-		return len(runnerProcesses(work)) > 0, nil
+		for _, pid := range runnerProcesses(work) {
+			if !slices.Contains(pids, pid) {
+				return true, nil
+			}
+		}
+		return false, nil
 	})
 	start := time.Now()
 	victim.stop(t)

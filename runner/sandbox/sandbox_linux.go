@@ -84,13 +84,22 @@ type spec struct {
 	// started it) is closed, since Landlock does not restrict what is
 	// already open.
 	Files int
+	// ParentDeathSignal and Parent carry SysProcAttr.Pdeathsig across
+	// the trampoline: the kernel keeps it per thread and gives a new
+	// thread none, and the trampoline's Go runtime may execve from a
+	// thread other than the one the setting was made on. So the
+	// trampoline sets it again on the thread that execve's, and exits
+	// if Parent (the process that started it) is already gone.
+	ParentDeathSignal syscall.Signal `json:",omitempty"`
+	Parent            int            `json:",omitempty"`
 }
 
 // Apply rewrites cmd, not yet started, so that it runs under p: cmd.Path
 // becomes this binary, started as a trampoline that restricts itself and
 // then execve's the original program with the original Args, Env, Dir,
 // standard files, ExtraFiles and SysProcAttr (which apply to the
-// trampoline and so to the command that replaces it). The program is
+// trampoline and so to the command that replaces it; Pdeathsig is set
+// again just before execve, see spec). The program is
 // resolved now, so the command does not depend on PATH.
 //
 // Apply checks the policy here, so that a missing path or a kernel that
@@ -146,7 +155,11 @@ func (p Policy) Apply(cmd *exec.Cmd) error {
 		}
 		prog = filepath.Join(base, prog)
 	}
-	b, err := json.Marshal(spec{Program: prog, Policy: p, Files: 3 + len(cmd.ExtraFiles)})
+	sp := spec{Program: prog, Policy: p, Files: 3 + len(cmd.ExtraFiles)}
+	if a := cmd.SysProcAttr; a != nil && a.Pdeathsig != 0 {
+		sp.ParentDeathSignal, sp.Parent = a.Pdeathsig, os.Getpid()
+	}
+	b, err := json.Marshal(sp)
 	if err != nil {
 		return fmt.Errorf("sandbox: %w", err)
 	}
@@ -239,6 +252,14 @@ func trampoline() error {
 	_ = unix.Close(fd)
 	if err := dropCapabilities(); err != nil {
 		return err
+	}
+	if sp.ParentDeathSignal != 0 {
+		if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(sp.ParentDeathSignal), 0, 0, 0); err != nil {
+			return fmt.Errorf("sandbox: prctl(PR_SET_PDEATHSIG): %w", err)
+		}
+		if os.Getppid() != sp.Parent {
+			return errors.New("sandbox: the process that started the command has exited")
+		}
 	}
 	if filter != nil {
 		if err := installFilter(filter); err != nil {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/fx-fl/fx/runner/sandbox"
 )
@@ -30,6 +32,8 @@ func TestMain(m *testing.M) {
 		os.Exit(echoMain())
 	case "protect":
 		os.Exit(protectMain())
+	case "starter":
+		os.Exit(starterMain())
 	}
 	os.Exit(m.Run())
 }
@@ -792,4 +796,104 @@ func TestProgramOutsideThePolicy(t *testing.T) {
 	if !errors.As(err, &ee) || ee.ExitCode() != sandbox.ExitSetupFailed || !strings.Contains(string(out), "ReadOnly paths") {
 		t.Errorf("got %v and %q, want exit status %d and a message naming ReadOnly", err, out, sandbox.ExitSetupFailed)
 	}
+}
+
+// starterMain starts a sandboxed sleep that is to die with its starter
+// (Pdeathsig), prints its pid and waits for standard input to close, for
+// TestCommandDiesWithItsStarter.
+func starterMain() int {
+	cmd := exec.Command("/bin/sleep", "300")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	p := sandbox.Policy{ReadWrite: []string{os.TempDir()}}
+	if err := p.Apply(cmd); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println(cmd.Process.Pid)
+	_, _ = io.Copy(io.Discard, os.Stdin)
+	return 0
+}
+
+// TestCommandDiesWithItsStarter: a sandboxed command started with
+// Pdeathsig dies when the process that started it is killed, as an
+// unsandboxed one does, although the trampoline's Go runtime may execve
+// from a thread other than the one the kernel recorded the setting on.
+// (An envoy killed mid-task must not leave the experiment's code running
+// unsupervised.) Several rounds, since which thread execve's varies.
+func TestCommandDiesWithItsStarter(t *testing.T) {
+	landlockABI(t)
+	for i := range 8 {
+		starter := exec.Command(testBinary(t))
+		starter.Env = append(os.Environ(), probeEnv+"=starter", "TMPDIR="+t.TempDir())
+		stdin, err := starter.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stderr bytes.Buffer
+		starter.Stderr = &stderr
+		out, err := starter.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := starter.Start(); err != nil {
+			t.Fatal(err)
+		}
+		line, err := bufio.NewReader(out).ReadString('\n')
+		pid, perr := strconv.Atoi(strings.TrimSpace(line))
+		if err != nil || perr != nil {
+			_ = starter.Process.Kill()
+			_ = starter.Wait()
+			t.Fatalf("the starter printed %q (%v); stderr:\n%s", line, err, stderr.String())
+		}
+		// Killed only once the trampoline has become the sleep: the
+		// kernel's setting must survive its execve.
+		for c := comm(pid); c != "sleep\n"; c = comm(pid) {
+			if c == "" {
+				_ = starter.Process.Kill()
+				_ = starter.Wait()
+				t.Fatalf("the sandboxed command exited before it ran; the starter's stderr:\n%s", stderr.String())
+			}
+			time.Sleep(time.Millisecond)
+		}
+		_ = starter.Process.Kill()
+		_ = starter.Wait()
+		_ = stdin.Close()
+		// Killed by the kernel, the sleep becomes a zombie of the
+		// process that adopts it, or vanishes; either way it is no
+		// longer sleeping. Five minutes is the sleep's own length: a
+		// bound far past any scheduling delay.
+		deadline := time.Now().Add(5 * time.Minute)
+		for alive(pid) && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		if alive(pid) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+			t.Fatalf("round %d: the sandboxed command (pid %d) outlived the process that started it", i+1, pid)
+		}
+	}
+}
+
+// comm is the name of pid's program ("" once it has gone).
+func comm(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return string(b)
+}
+
+// alive reports whether pid is a process that has not exited (a zombie
+// has).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the command name in parentheses.
+	s := string(b)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2] != 'Z' && s[i+2] != 'X'
+	}
+	return true
 }
