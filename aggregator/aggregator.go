@@ -32,11 +32,11 @@ const DefaultPollWindow = 20 * time.Second
 const DefaultRejoinGrace = 2 * time.Minute
 
 // MemoryStageBudget decides where train uploads wait between arriving and
-// being folded into the round's sum. When one model-sized stage per
-// participant fits in it, stages are kept in memory, which is fastest for
-// small models; above it each stage is a file (an unlinked temporary, read
-// back once from the page cache), so memory stays near one model however
-// many collaborators upload a large model at once.
+// being folded into the round's sum: in memory (the received chunks
+// themselves, no copy) while the uploads staged there take no more than
+// this, else each in a file (an unlinked temporary, read back once from
+// the page cache), so memory stays near one model plus this however many
+// collaborators upload a large model at once.
 const MemoryStageBudget = 256 << 20
 
 // Config is what an aggregator needs to run one experiment.
@@ -77,6 +77,12 @@ type Config struct {
 	// PauseRetry is how often a paused aggregator tries again what paused
 	// it (see persist); DefaultPauseRetry when zero.
 	PauseRetry time.Duration
+	// Serving, if set, is called once Run has loaded (or resumed) the
+	// model and serves on Listener. Whoever tells collaborators where the
+	// aggregator is should tell them only then: the listener accepts
+	// connections from the start, but a TLS handshake waits unanswered
+	// while the model loads, which takes as long as the model is big.
+	Serving func()
 }
 
 // DefaultPauseRetry is how often a paused experiment checks whether its
@@ -234,6 +240,9 @@ func (a *Aggregator) Run(ctx context.Context) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(a.cfg.Listener) }()
 	defer stopServer(srv, 5*time.Second)
+	if a.cfg.Serving != nil {
+		a.cfg.Serving()
+	}
 
 	err := a.loop(ctx)
 	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {

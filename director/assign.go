@@ -89,7 +89,7 @@ func (d *Director) replayLocked(env *envoyState) []*fxv1.Assignment {
 		case e.rec.State == fxv1.ExperimentState_OFFERED &&
 			(p.State == fxv1.ParticipantState_INVITED || p.State == fxv1.ParticipantState_ACCEPTED):
 			out = append(out, d.offerAssignment(e))
-		case store.Running(e.rec.State) && p.State == fxv1.ParticipantState_TRAINING && e.run != nil:
+		case store.Running(e.rec.State) && p.State == fxv1.ParticipantState_TRAINING && e.run != nil && e.run.serving:
 			out = append(out, d.startAssignment(e))
 		}
 	}

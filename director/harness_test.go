@@ -103,6 +103,10 @@ type fakeLauncher struct {
 	mu       sync.Mutex
 	aggs     map[string][]*fakeAgg
 	launchFn func(LaunchSpec) error
+	// serveGate, if set, holds every aggregator's Serving call until it
+	// is closed: the aggregator runs but does not serve yet, as a real
+	// one loading a big model.
+	serveGate chan struct{}
 }
 
 func newFakeLauncher() *fakeLauncher { return &fakeLauncher{aggs: map[string][]*fakeAgg{}} }
@@ -118,7 +122,7 @@ func (l *fakeLauncher) Launch(spec LaunchSpec) (Aggregator, error) {
 	if err := os.MkdirAll(spec.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	a := &fakeAgg{spec: spec, result: make(chan error, 1), running: make(chan struct{}), stopped: make(chan struct{})}
+	a := &fakeAgg{spec: spec, result: make(chan error, 1), running: make(chan struct{}), stopped: make(chan struct{}), serveGate: l.serveGate}
 	l.aggs[spec.ExperimentID] = append(l.aggs[spec.ExperimentID], a)
 	return a, nil
 }
@@ -172,20 +176,31 @@ func (l *fakeLauncher) History(dir string) ([]aggregator.RoundSummary, *aggregat
 }
 
 type fakeAgg struct {
-	spec    LaunchSpec
-	result  chan error
-	running chan struct{}
-	stopped chan struct{}
-	once    sync.Once
-	mu      sync.Mutex
-	round   int
-	drops   []string
+	spec      LaunchSpec
+	serveGate chan struct{}
+	result    chan error
+	running   chan struct{}
+	stopped   chan struct{}
+	once      sync.Once
+	mu        sync.Mutex
+	round     int
+	drops     []string
 }
 
 func (a *fakeAgg) Run(ctx context.Context) error {
 	defer close(a.stopped)
 	defer a.spec.Listener.Close()
 	a.once.Do(func() { close(a.running) })
+	if a.serveGate != nil {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-a.serveGate:
+		}
+	}
+	if a.spec.Serving != nil {
+		a.spec.Serving()
+	}
 	select {
 	case <-ctx.Done():
 		return ctx.Err()

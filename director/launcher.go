@@ -49,6 +49,9 @@ type LaunchSpec struct {
 	// DiskReserve and PauseRetry: see Config.
 	DiskReserve int64
 	PauseRetry  time.Duration
+	// Serving is called once the aggregator serves (aggregator.Config's
+	// Serving); the director tells the participants its address only then.
+	Serving func()
 }
 
 // Aggregator is a launched aggregator, as the director drives it.
@@ -103,6 +106,7 @@ func (InProcess) Launch(spec LaunchSpec) (Aggregator, error) {
 		Logger:        spec.Logger,
 		DiskReserve:   spec.DiskReserve,
 		PauseRetry:    spec.PauseRetry,
+		Serving:       spec.Serving,
 	})
 }
 

@@ -450,11 +450,9 @@ func (d *Director) launchLocked(e *expState) {
 		Logger:        d.cfg.Logger.Named("experiment-" + e.rec.ID),
 		DiskReserve:   d.cfg.DiskReserve,
 		PauseRetry:    d.cfg.PauseRetry,
+		Serving:       func() { d.aggregatorServing(e.rec.ID, rs) },
 	}
 	d.log.Info("aggregator starting", "experiment", e.rec.ID, "address", rs.address)
-	for _, name := range participants {
-		d.sendLocked(name, d.startAssignment(e))
-	}
 	d.runs.Add(1)
 	go d.runAggregator(ctx, e.rec.ID, rs, spec)
 }
@@ -481,6 +479,25 @@ func (d *Director) runAggregator(ctx context.Context, id string, rs *runState, s
 		err = ctx.Err()
 	}
 	d.aggregatorDone(id, rs, err)
+}
+
+// aggregatorServing tells the participants where the aggregator is, now
+// that it serves. Told earlier, their first calls would wait in TLS
+// handshakes that nothing answers while the aggregator loads the model,
+// and a big enough model outlasts any handshake timeout.
+func (d *Director) aggregatorServing(id string, rs *runState) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.exps[id]
+	if e == nil || e.run != rs {
+		return
+	}
+	rs.serving = true
+	participants := e.partNames(fxv1.ParticipantState_TRAINING)
+	d.log.Info("aggregator serving", "experiment", id, "address", rs.address, "participants", participants)
+	for _, name := range participants {
+		d.sendLocked(name, d.startAssignment(e))
+	}
 }
 
 // aggregatorDone records how an aggregator ended, unless the director

@@ -151,6 +151,48 @@ func TestLifecycleFinished(t *testing.T) {
 	}
 }
 
+// TestStartWaitsForTheAggregatorToServe: participants learn the
+// aggregator's address only once it serves, not while it loads the model
+// (their handshakes would hang unanswered until then); an envoy that
+// reconnects meanwhile is not told either.
+func TestStartWaitsForTheAggregatorToServe(t *testing.T) {
+	f := newFed(t, nil)
+	f.launcher.serveGate = make(chan struct{})
+	f.register("a", "fashion")
+	f.register("b", "fashion")
+	wa := f.watch("a")
+	e := f.submitPlan("alice", planTwo)
+	f.waitState(e.Id, fxv1.ExperimentState_OFFERED)
+	for _, env := range []string{"a", "b"} {
+		_, err := f.answer(env, e.Id, true)
+		must(t, err)
+	}
+	f.waitState(e.Id, fxv1.ExperimentState_RUNNING)
+	agg := f.launcher.agg(t, e.Id, 1)
+	wb := f.watch("b") // replays what b should know now
+	// Absence can only be shown over a while: nothing the envoys are
+	// sent in it may be a start.
+	quiet := time.After(300 * time.Millisecond)
+	for waiting := true; waiting; {
+		var a *fxv1.Assignment
+		select {
+		case a = <-wa.ch:
+		case a = <-wb.ch:
+		case <-quiet:
+			waiting = false
+		}
+		if a.GetStart() != nil {
+			t.Fatalf("an envoy was told the aggregator's address before it served: %v", a)
+		}
+	}
+	close(f.launcher.serveGate)
+	for _, w := range []*watcher{wa, wb} {
+		if s := w.next(t, e.Id, "start").GetStart(); s.GetAggregatorAddress() != agg.spec.Listener.Addr().String() {
+			t.Errorf("start %v, want the aggregator's address %s", s, agg.spec.Listener.Addr())
+		}
+	}
+}
+
 func TestReject(t *testing.T) {
 	f := newFed(t, func(c *Config) { c.ReviewPolicy = ReviewManual })
 	ctx := ctxT(t)

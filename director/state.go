@@ -77,6 +77,9 @@ type runState struct {
 	// are queued in drops and applied when it is.
 	agg   Aggregator
 	drops [][2]string
+	// serving is set once the aggregator serves: only then do the
+	// participants learn its address (see aggregatorServing).
+	serving bool
 }
 
 // envoyState is the in-memory view of one registered envoy.
