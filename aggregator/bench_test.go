@@ -3,6 +3,10 @@ package aggregator_test
 // Benchmarks of the aggregator, each reported against a baseline measured in
 // the same run (go test -run '^$' -bench . -benchtime 15x ./aggregator):
 //
+//   - BenchmarkFold, BenchmarkFoldScaling (fold_bench_test.go): folding a
+//     round's updates on the aggregator's path, against the single-pass
+//     kernel out += w·x in the same run (goal ≥ 0.8), and the log-log
+//     slope of its cost from 1M to 100M parameters (goal ≤ 1.1).
 //   - BenchmarkTransfer: model download and upload over mTLS as a ratio of a
 //     raw gRPC byte stream of the same size over the same mTLS (goal ≥ 0.85),
 //     the median of per-iteration ratios.

@@ -513,14 +513,12 @@ func (a *Aggregator) restore(ctx context.Context) error {
 		return err
 	}
 	if !a.collects() {
-		spill := ""
-		if a.model.Bytes()*int64(len(a.parts)) > MemoryStageBudget {
-			spill = filepath.Join(a.cfg.Dir, "spool")
-			if err := os.MkdirAll(spill, 0o700); err != nil {
-				return err
-			}
+		spill := filepath.Join(a.cfg.Dir, "spool")
+		if err := os.MkdirAll(spill, 0o700); err != nil {
+			return err
 		}
-		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{Layout: a.model, SpillDir: spill, MaxTotalWeight: a.maxTotalWeight})
+		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{
+			Layout: a.model, SpillDir: spill, MemoryBudget: MemoryStageBudget, MaxTotalWeight: a.maxTotalWeight})
 		if err != nil {
 			return fmt.Errorf("aggregator: %w", err)
 		}

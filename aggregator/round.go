@@ -65,17 +65,19 @@ func mark(m map[string]map[string]bool, name, task string, v bool) {
 
 // stage receives one train upload's chunks, after the wire decoder has
 // checked them against the model's layout, and counts the upload only on
-// Commit: a refused upload never reaches the round's model.
+// Commit: a refused upload never reaches the round's model. Keep may hold
+// on to raw (a fresh gRPC message's bytes) rather than copy it.
 type stage interface {
-	AddChunk(name string, elem int64, raw []byte, dtype tensor.DType) error
+	Keep(name string, elem int64, raw []byte, dtype tensor.DType) error
 	Commit(weight float64) error
 	Discard()
 }
 
 // newStage picks how the round keeps a train upload. FedAvg and the server
-// optimisers fold it into the Accumulator's running sum, staged on disk
-// while it streams, so memory holds about one model however many
-// collaborators upload at once. Median and trimmed mean need every update
+// optimisers fold it into the Accumulator's running sum, staged while it
+// streams in memory up to MemoryStageBudget and on disk beyond, so memory
+// holds about one model plus the budget however many collaborators upload
+// at once. Median and trimmed mean need every update
 // at the round's close: they keep each one whole in memory, N models for N
 // collaborators.
 func (a *Aggregator) newStage(r *roundState) (stage, error) {
@@ -98,7 +100,7 @@ type collectStage struct {
 	model tensor.Model
 }
 
-func (s *collectStage) AddChunk(name string, elem int64, raw []byte, dtype tensor.DType) error {
+func (s *collectStage) Keep(name string, elem int64, raw []byte, dtype tensor.DType) error {
 	t := s.model.Get(name)
 	if t == nil || t.DType != dtype {
 		return fmt.Errorf("unknown tensor %q", name)

@@ -327,7 +327,7 @@ func receiveModel(layout tensor.Model, st stage, recv func() (*fxv1.TensorFrame,
 	_, err := tensor.Receive(tensor.DecoderConfig{
 		Layout: layout,
 		OnChunk: func(h *tensor.Tensor, elem int64, data []byte) error {
-			return st.AddChunk(h.Name, elem, data, h.DType)
+			return st.Keep(h.Name, elem, data, h.DType)
 		},
 	}, recv)
 	return err

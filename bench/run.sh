@@ -35,7 +35,7 @@ gobench() {
 }
 
 if [[ $SKIP != *" go "* ]]; then
-	gobench tensor ./tensor/ 'FedAvg' 3x
+	gobench fold ./aggregator/ 'Fold' 3x
 	gobench aggregator-transfer ./aggregator/ 'Transfer' 15x
 	gobench aggregator-memory ./aggregator/ 'UploadMemory|RoundOverhead' 1x
 	gobench director ./director/ 'SubmitLargeArchive' 1x

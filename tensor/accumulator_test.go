@@ -739,3 +739,88 @@ func values64(t *testing.T, x *Tensor) []float64 {
 	}
 	return out
 }
+
+// TestMemoryBudgetSpillsBeyondIt: uploads stage in memory while the stages
+// there fit the MemoryBudget (kept chunks, not copies), and in the spill
+// directory beyond it; either way the sum is bit for bit what staging all
+// in memory gives.
+func TestMemoryBudgetSpillsBeyondIt(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	updates, _ := makeUpdates(rng, 3, 300)
+	budgeted, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], SpillDir: t.TempDir(), MemoryBudget: 1, MaxTotalWeight: testMaxWeight})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer budgeted.Close()
+	budgeted.memoryBudget = budgeted.stageBytes // room for one stage
+	plain, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	first, err := budgeted.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := budgeted.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.chunks == nil || first.file != nil {
+		t.Fatal("the first upload, within the budget, is not staged in memory")
+	}
+	if second.file == nil {
+		t.Fatal("the second upload, past the budget, is not spilled")
+	}
+	kept := updates[0][0].Data
+	if err := chunks(rng, updates[0], first.Keep); err != nil {
+		t.Fatal(err)
+	}
+	var staged []byte
+	for _, c := range first.chunks[budgeted.index[updates[0][0].Name]] {
+		staged = append(staged, c...)
+		if &c[0] != &kept[len(staged)-len(c)] {
+			t.Fatal("Keep copied the chunk it was to keep")
+		}
+	}
+	if err := chunks(rng, updates[1], second.AddChunk); err != nil {
+		t.Fatal(err)
+	}
+	for i, u := range []*Upload{first, second} {
+		if err := u.Commit(float64(i + 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	third, err := budgeted.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if third.chunks == nil {
+		t.Fatal("a committed upload did not give its share of the budget back")
+	}
+	if err := chunks(rng, updates[2], third.AddChunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := third.Commit(3); err != nil {
+		t.Fatal(err)
+	}
+
+	for i, u := range updates {
+		up, err := plain.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := chunks(rng, u, up.AddChunk); err != nil {
+			t.Fatal(err)
+		}
+		if err := up.Commit(float64(i + 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(sums(budgeted), sums(plain)) {
+		t.Error("staging in memory and on disk gave another sum than staging in memory")
+	}
+	if budgeted.memStaged != 0 {
+		t.Errorf("%d bytes of the memory budget still held after every upload ended", budgeted.memStaged)
+	}
+}

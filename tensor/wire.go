@@ -211,8 +211,11 @@ func (e *Encoder) EncodeSafetensors(r io.Reader) error {
 
 // ChunkFunc receives one chunk of a tensor as a Decoder reads it: header
 // describes the tensor (its Data is nil), data holds whole elements starting
-// at element elemOffset. data is only valid during the call. An error stops
-// the decoder and is returned from Decode.
+// at element elemOffset. data is part of the frame's own Data (or, for an
+// element split across frames, a slice of its own): it stays valid as long
+// as the frame's Data does, so a receiver whose frames are fresh (each gRPC
+// message is) may keep it without a copy. An error stops the decoder and is
+// returned from Decode.
 type ChunkFunc func(header *Tensor, elemOffset int64, data []byte) error
 
 // DecoderConfig configures a Decoder.
@@ -359,7 +362,7 @@ func (d *Decoder) data(b []byte) error {
 		}
 		copy(d.carry[d.carryN:size], b[:need])
 		d.carryN = 0
-		if err := d.cfg.OnChunk(d.cur, elem, d.carry[:size]); err != nil {
+		if err := d.cfg.OnChunk(d.cur, elem, slices.Clone(d.carry[:size])); err != nil {
 			return err
 		}
 		elem++

@@ -152,6 +152,7 @@ func TestDecoderChunksAtAnySplit(t *testing.T) {
 	}
 	for _, split := range []int{1, 3, 5, 7, 8, 64, 1000} {
 		rebuilt := map[string][]byte{}
+		kept := map[string][][]byte{}
 		calls := 0
 		dec := NewDecoder(DecoderConfig{Layout: m, OnChunk: func(h *Tensor, off int64, data []byte) error {
 			calls++
@@ -164,6 +165,7 @@ func TestDecoderChunksAtAnySplit(t *testing.T) {
 				t.Fatalf("split %d: tensor %s chunk at element %d, have %d bytes", split, h.Name, off, len(buf))
 			}
 			rebuilt[h.Name] = append(buf, data...)
+			kept[h.Name] = append(kept[h.Name], data) // valid while the frame is
 			return nil
 		}})
 		for _, tn := range m {
@@ -184,6 +186,9 @@ func TestDecoderChunksAtAnySplit(t *testing.T) {
 		for _, tn := range m {
 			if !bytes.Equal(rebuilt[tn.Name], tn.Data) {
 				t.Errorf("split %d: tensor %s reassembled wrongly", split, tn.Name)
+			}
+			if !bytes.Equal(bytes.Join(kept[tn.Name], nil), tn.Data) {
+				t.Errorf("split %d: tensor %s's chunks changed after they were handed over", split, tn.Name)
 			}
 		}
 		if calls == 0 {

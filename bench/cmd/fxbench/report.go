@@ -98,7 +98,7 @@ func reportMain(args []string) error {
 	p("\n")
 
 	runs := map[string]*goRun{}
-	for _, f := range []string{"go-tensor.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
+	for _, f := range []string{"go-fold.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
 		if r, err := parseGoBench(filepath.Join(*dir, f)); err == nil {
 			runs[f] = r
 		}
@@ -146,12 +146,17 @@ func reportMain(args []string) error {
 		extra                     func() string
 	}
 	rows := []row{
-		{file: "go-tensor.txt", bench: "BenchmarkFedAvg", what: "FedAvg kernel, 10 updates × 25M float32", val: "package-GB/s", base: "reference-GB/s", ratio: "package/reference",
-			vprec: 2, bprec: 2, rprec: 2, baseName: "reference single-pass blocked kernel", goal: "package/reference ≥ 0.8", valSuffix: " GB/s", baseSuffix: " GB/s",
+		{file: "go-fold.txt", bench: "BenchmarkFold", what: "aggregation fold on the aggregator's path (Accumulator), 10 updates × 25M float32", val: "accumulator-GB/s", base: "reference-GB/s", ratio: "reference/accumulator",
+			vprec: 2, bprec: 2, rprec: 2, baseName: "reference single-pass kernel out += w·x, one goroutine", goal: "≥ 0.8", valSuffix: " GB/s", baseSuffix: " GB/s",
 			extra: func() string {
-				v, ok := metric("go-tensor.txt", "BenchmarkFedAvg", "package/naive")
-				n, ok2 := metric("go-tensor.txt", "BenchmarkFedAvg", "naive-GB/s")
-				return fmt.Sprintf("naive %s GB/s; package/naive %s×", f(n, ok2, 2), f(v, ok, 2))
+				s, ok := metric("go-fold.txt", "BenchmarkFoldScaling", "accumulator-slope")
+				rs, ok2 := metric("go-fold.txt", "BenchmarkFoldScaling", "reference-slope")
+				var at []string
+				for _, m := range []string{"1M", "3M", "10M", "30M", "100M"} {
+					v, ok := metric("go-fold.txt", "BenchmarkFoldScaling", "reference/accumulator@"+m)
+					at = append(at, m+" "+f(v, ok, 2)+"×")
+				}
+				return fmt.Sprintf("1M→100M params: log-log slope %s (reference %s; goal ≤ 1.1); reference/accumulator %s", f(s, ok, 2), f(rs, ok2, 2), strings.Join(at, ", "))
 			}},
 		{file: "go-aggregator-memory.txt", bench: "BenchmarkUploadMemory", what: "aggregator peak live heap, 8 uploaders × 256 MiB (child process)", val: "peak_live_MiB", ratio: "peak_live/goal",
 			vprec: 0, rprec: 2, baseName: "goal 2 × model + 64 MiB", goal: "peak/goal ≤ 1", valSuffix: " MiB",
@@ -223,13 +228,13 @@ func reportMain(args []string) error {
 		}
 		p("| %s | %s%s | %s | %s× (%s) | %s | %s |\n", r.what, f(v, ok, r.vprec), r.valSuffix, base, f(rv, rok, r.rprec), r.ratio, r.goal, notes)
 	}
-	for _, name := range []string{"go-tensor.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
+	for _, name := range []string{"go-fold.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
 		if s := readTrim(filepath.Join(*dir, strings.TrimSuffix(name, ".txt")+".uptime")); s != "" {
 			p("\n- `%s`: load at start `%s`", name, s)
 		}
 	}
 	p("\n\nEvery line the Go benchmarks printed, as printed:\n\n```\n")
-	for _, name := range []string{"go-tensor.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
+	for _, name := range []string{"go-fold.txt", "go-aggregator-transfer.txt", "go-aggregator-memory.txt", "go-director.txt", "go-runner.txt"} {
 		b, err := os.ReadFile(filepath.Join(*dir, name))
 		if err != nil {
 			continue
