@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/membudget"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -235,6 +236,7 @@ func (a *Aggregator) Run(ctx context.Context) error {
 		a.cfg.Listener.Close()
 		return err
 	}
+	defer membudget.Reserve(a.memoryNeed())()
 	if a.acc != nil {
 		defer a.acc.Close() // its kept stage files; runs after the server stops
 	}
@@ -262,6 +264,25 @@ func (a *Aggregator) Run(ctx context.Context) error {
 	a.finish(err)
 	a.lingerForQuit(ctx, serveErr)
 	return err
+}
+
+// memoryNeed is the most this aggregator holds, for the process's memory
+// budget, and how much of it it holds already (the model, and a server
+// optimiser's moments, restored): the global model and the running sum,
+// which becomes the next model at the round's close while the next sum is
+// made; the upload stages it keeps in memory; a server optimiser's two
+// moments and the copies a checkpoint writes of them. Median and trimmed
+// mean hold every update instead of a sum.
+func (a *Aggregator) memoryNeed() (need, held int64) {
+	p, n := a.model.Bytes(), int64(len(a.parts))
+	if a.collects() {
+		return (n + 2) * p, p
+	}
+	need, held = 2*p+min(MemoryStageBudget, n*p), p
+	if a.opt != nil {
+		need, held = need+4*p, held+2*p
+	}
+	return need, held
 }
 
 // lastRound is the number of the final round: the plan's rounds, plus one

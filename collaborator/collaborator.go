@@ -32,6 +32,7 @@ import (
 
 	"github.com/fx-fl/fx/internal/atomicfile"
 	"github.com/fx-fl/fx/internal/backoff"
+	"github.com/fx-fl/fx/internal/membudget"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -91,6 +92,10 @@ type Collaborator struct {
 	// round is handed out again.
 	resultsRound int
 	results      map[string]runner.Result
+	// reserved is the model size the process's memory budget holds for
+	// this collaborator (see membudget), and release gives it back.
+	reserved int64
+	release  func()
 }
 
 // New checks the configuration and prepares the connection (gRPC connects
@@ -158,6 +163,11 @@ func (e *RoundError) Unwrap() error { return e.Err }
 // the aggregator stays unreachable for MaxUnreachable, or ctx is cancelled.
 func (c *Collaborator) Run(ctx context.Context) error {
 	defer c.conn.Close()
+	defer func() {
+		if c.release != nil {
+			c.release()
+		}
+	}()
 	c.log.Info("joining experiment", "aggregator", c.cfg.Address)
 	for {
 		var resp *fxv1.GetTasksResponse
@@ -359,6 +369,13 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		if first.GetHeader() == nil {
 			return status.Error(codes.Internal, "model stream did not start with a header")
 		}
+		// Another round's model and results are of no more use: let them
+		// go before the new model arrives, not after.
+		c.model = nil
+		if c.resultsRound != round {
+			c.results = nil
+		}
+		c.budget(first.GetHeader().GetBytes())
 		// The header's size bounds what the frames may announce.
 		m, err := tensor.Receive(tensor.DecoderConfig{MaxBytes: first.GetHeader().GetBytes()}, func() (*fxv1.TensorFrame, error) {
 			msg, err := stream.Recv()
@@ -376,6 +393,18 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		c.model, c.modelRound = m, round
 		return nil
 	})
+}
+
+// budget reserves memory for a model of the given size: the round's model
+// and the trained weights kept until they are uploaded.
+func (c *Collaborator) budget(modelBytes int64) {
+	if modelBytes == c.reserved {
+		return
+	}
+	if c.release != nil {
+		c.release()
+	}
+	c.reserved, c.release = modelBytes, membudget.Reserve(2*modelBytes, 0)
 }
 
 // upload sends a result, retrying on transient errors. late reports that
