@@ -32,6 +32,7 @@ import (
 
 	"github.com/fx-fl/fx/internal/atomicfile"
 	"github.com/fx-fl/fx/internal/backoff"
+	"github.com/fx-fl/fx/internal/idle"
 	"github.com/fx-fl/fx/internal/membudget"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
@@ -55,9 +56,11 @@ type Config struct {
 	// MaxUnreachable bounds how long the aggregator may stay unreachable
 	// before Run gives up; DefaultMaxUnreachable when zero.
 	MaxUnreachable time.Duration
-	// CallTimeout bounds each call other than the long poll and the
-	// transfers; DefaultCallTimeout when zero.
-	CallTimeout time.Duration
+	// StallTimeout is how long a model download or a result upload may go
+	// without moving a frame before it is abandoned and tried again: a
+	// transfer takes as long as its size needs, but may not stand still.
+	// DefaultStallTimeout when zero.
+	StallTimeout time.Duration
 	// Retry is the backoff between attempts of a failed call (the site's
 	// retry schedule); DefaultRetry when zero.
 	Retry backoff.Config
@@ -66,12 +69,10 @@ type Config struct {
 // Defaults for Config.
 const (
 	DefaultMaxUnreachable = 30 * time.Minute
-	DefaultCallTimeout    = 30 * time.Second
+	DefaultStallTimeout   = 30 * time.Second
 	// pollTimeout bounds a GetTasks long poll; the server answers WAIT well
 	// before it.
 	pollTimeout = 2 * time.Minute
-	// transferTimeout bounds a model download or a result upload.
-	transferTimeout = 30 * time.Minute
 )
 
 // DefaultRetry is the backoff of a collaborator whose Config names none.
@@ -119,8 +120,8 @@ func New(cfg Config) (*Collaborator, error) {
 	if cfg.MaxUnreachable <= 0 {
 		cfg.MaxUnreachable = DefaultMaxUnreachable
 	}
-	if cfg.CallTimeout <= 0 {
-		cfg.CallTimeout = DefaultCallTimeout
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = DefaultStallTimeout
 	}
 	if cfg.Retry.Initial <= 0 || cfg.Retry.Max < cfg.Retry.Initial {
 		cfg.Retry = DefaultRetry
@@ -356,8 +357,8 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		return nil
 	}
 	return c.retry(ctx, fmt.Sprintf("download the round %d model", round), func(ctx context.Context) error {
-		ctx, cancel := context.WithTimeout(ctx, transferTimeout)
-		defer cancel()
+		ctx, progress, stop := idle.Watch(ctx, c.cfg.StallTimeout)
+		defer stop()
 		stream, err := c.client.FetchModel(ctx, &fxv1.FetchModelRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name, Round: int32(round)})
 		if err != nil {
 			return err
@@ -382,10 +383,11 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 			if err != nil {
 				return nil, err
 			}
+			progress()
 			return msg.GetFrame(), nil
 		})
 		if err != nil {
-			return err
+			return stalled(ctx, err)
 		}
 		if int32(len(m)) != first.GetHeader().GetTensors() {
 			return status.Errorf(codes.DataLoss, "model stream announced %d tensors, delivered %d", first.GetHeader().GetTensors(), len(m))
@@ -412,8 +414,8 @@ func (c *Collaborator) budget(modelBytes int64) {
 // carries on with the next round.
 func (c *Collaborator) upload(ctx context.Context, round int, task string, res runner.Result) (late bool, err error) {
 	err = c.retry(ctx, "upload "+task, func(ctx context.Context) error {
-		ctx, cancel := context.WithTimeout(ctx, transferTimeout)
-		defer cancel()
+		ctx, progress, stop := idle.Watch(ctx, c.cfg.StallTimeout)
+		defer stop()
 		stream, err := c.client.UploadResult(ctx)
 		if err != nil {
 			return err
@@ -428,14 +430,15 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 		}
 		if runner.IsTrain(task) {
 			err := tensor.SendModel(res.Model, func(f *fxv1.TensorFrame) error {
+				defer progress()
 				return stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Frame{Frame: f}})
 			})
 			if err != nil && !errors.Is(err, io.EOF) {
-				return err
+				return stalled(ctx, err)
 			}
 		}
 		_, err = stream.CloseAndRecv()
-		return err
+		return stalled(ctx, err)
 	})
 	switch status.Code(err) {
 	case codes.OK:
@@ -448,6 +451,16 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 		return true, nil
 	}
 	return false, err
+}
+
+// stalled turns the cancellation of a transfer that stood still (see
+// idle.Watch) into a retryable DeadlineExceeded that says so; other errors
+// pass unchanged.
+func stalled(ctx context.Context, err error) error {
+	if stall := idle.Stalled(ctx); err != nil && stall != nil {
+		return status.Error(codes.DeadlineExceeded, stall.Error())
+	}
+	return err
 }
 
 // transient reports whether a failed call is worth repeating.

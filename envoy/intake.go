@@ -14,6 +14,7 @@ import (
 
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/backoff"
+	"github.com/fx-fl/fx/internal/idle"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
@@ -297,10 +298,8 @@ func (e *Envoy) downloadOnce(ctx context.Context, rec record, part string) error
 	if size == rec.ArchiveSize {
 		return nil
 	}
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	idle := time.AfterFunc(e.cfg.RPCTimeout, cancel)
-	defer idle.Stop()
+	sctx, progress, stop := idle.Watch(ctx, e.cfg.RPCTimeout)
+	defer stop()
 	stream, err := e.client.DownloadArchive(sctx, &fxv1.DownloadArchiveRequest{ExperimentId: rec.ID, Offset: size})
 	if err != nil {
 		return err
@@ -314,12 +313,12 @@ func (e *Envoy) downloadOnce(ctx context.Context, rec record, part string) error
 			break
 		}
 		if err != nil {
-			if ctx.Err() == nil && sctx.Err() != nil {
-				return fmt.Errorf("the download stalled for %s at byte %d", e.cfg.RPCTimeout, size)
+			if stall := idle.Stalled(sctx); stall != nil {
+				return fmt.Errorf("the download stalled at byte %d: %w", size, stall)
 			}
 			return err
 		}
-		idle.Reset(e.cfg.RPCTimeout)
+		progress()
 		if chunk.GetOffset() != size {
 			return fmt.Errorf("the director sent bytes at offset %d, expected %d", chunk.GetOffset(), size)
 		}
