@@ -117,8 +117,8 @@ func TestStalledTransfersAreTriedAgain(t *testing.T) {
 
 	c, err := New(Config{
 		ExperimentID: "exp", Name: "site-1", Address: lis.Addr().String(),
-		DialOptions:  testpki.DialOptions(ca.Keyring(pki.RoleEnvoy, "site-1"), "localhost"),
-		Runner:       echoRunner{}, WorkDir: t.TempDir(),
+		DialOptions: testpki.DialOptions(ca.Keyring(pki.RoleEnvoy, "site-1"), "localhost"),
+		Runner:      echoRunner{}, WorkDir: t.TempDir(),
 		StallTimeout: 300 * time.Millisecond,
 		Retry:        DefaultRetry,
 	})
