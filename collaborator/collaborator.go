@@ -370,15 +370,16 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		if first.GetHeader() == nil {
 			return status.Error(codes.Internal, "model stream did not start with a header")
 		}
-		// Another round's model and results are of no more use: let them
-		// go before the new model arrives, not after.
+		// Another round's model and results are of no more use: the new
+		// model is decoded into the old one's buffers, and the results go.
+		reuse := c.model
 		c.model = nil
 		if c.resultsRound != round {
 			c.results = nil
 		}
 		c.budget(first.GetHeader().GetBytes())
 		// The header's size bounds what the frames may announce.
-		m, err := tensor.Receive(tensor.DecoderConfig{MaxBytes: first.GetHeader().GetBytes()}, func() (*fxv1.TensorFrame, error) {
+		m, err := tensor.Receive(tensor.DecoderConfig{MaxBytes: first.GetHeader().GetBytes(), Reuse: reuse}, func() (*fxv1.TensorFrame, error) {
 			msg, err := stream.Recv()
 			if err != nil {
 				return nil, err

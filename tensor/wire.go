@@ -227,6 +227,12 @@ type DecoderConfig struct {
 	// nothing; otherwise the decoder assembles the tensors and Finish returns
 	// them.
 	OnChunk ChunkFunc
+	// Reuse, if set, is a model the caller no longer needs (the last
+	// round's): an assembling decoder fills the buffer of its tensor of
+	// the same name, dtype and size instead of allocating one, which spares
+	// the garbage and the page faults of a fresh model-sized allocation.
+	// Its data is overwritten even if decoding fails.
+	Reuse Model
 	// MaxBytes, if positive, bounds the total data the headers may announce.
 	// Without a Layout, it is what stops a sender from making an assembling
 	// decoder allocate whatever its headers claim.
@@ -318,7 +324,11 @@ func (d *Decoder) header(h *fxv1.TensorHeader) error {
 	}
 	d.cur, d.curSize, d.got, d.carryN = t, size, 0, 0
 	if d.cfg.OnChunk == nil {
-		t.Data = alignedBytes(size)
+		if old := d.cfg.Reuse.Get(t.Name); old != nil && old.DType == t.DType && int64(len(old.Data)) == size {
+			t.Data = old.Data
+		} else {
+			t.Data = alignedBytes(size)
+		}
 		d.model = append(d.model, t)
 	}
 	return nil

@@ -351,3 +351,31 @@ func TestSendReceiveModel(t *testing.T) {
 		t.Errorf("stream missing tensors: err = %v", err)
 	}
 }
+
+// TestDecoderReusesBuffers: an assembling decoder fills the buffers of the
+// model it is told to reuse where a tensor's name, dtype and size match,
+// and allocates where they do not.
+func TestDecoderReusesBuffers(t *testing.T) {
+	rng := rand.New(rand.NewPCG(35, 36))
+	next := Model{FromFloat32("f", []int64{300}, randFloats(rng, 300)), FromFloat32("g", []int64{7}, randFloats(rng, 7))}
+	old := Model{New("f", F32, []int64{300}), New("g", F32, []int64{8})}
+	dec := NewDecoder(DecoderConfig{Reuse: old})
+	if err := SendModel(next, dec.Decode); err != nil {
+		t.Fatal(err)
+	}
+	got, err := dec.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if &got[0].Data[0] != &old[0].Data[0] {
+		t.Error("tensor f, the same in both models, was not decoded into the old buffer")
+	}
+	if &got[1].Data[0] == &old[1].Data[0] {
+		t.Error("tensor g, of another size, was decoded into the old buffer")
+	}
+	for i := range next {
+		if !bytes.Equal(got[i].Data, next[i].Data) {
+			t.Errorf("tensor %s decoded wrongly", next[i].Name)
+		}
+	}
+}

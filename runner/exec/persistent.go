@@ -11,12 +11,12 @@ import (
 	osexec "os/exec"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"weak"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -123,10 +123,28 @@ type persistent struct {
 	starting sync.WaitGroup
 }
 
-// modelFile is a model held in a file the command can read.
+// modelFile is a model held in a file the command can read. It knows the
+// model by its tensors' identity and holds them weakly: keeping the file
+// must not keep the model in the envoy's memory after the collaborator let
+// it go (last round's trained weights, a model size each).
 type modelFile struct {
-	model tensor.Model
+	model []weak.Pointer[tensor.Tensor]
 	path  string
+}
+
+// is reports whether m is the very model the file was written from: the
+// collaborator hands the runner the very model it got before (runners must
+// not modify the models they are given), so identity is enough.
+func (f modelFile) is(m tensor.Model) bool {
+	if len(f.model) != len(m) {
+		return false
+	}
+	for i, w := range f.model {
+		if w.Value() != m[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // maxModelFiles is how many model files are kept: the round's global model
@@ -477,8 +495,8 @@ func (r *Runner) closePersistent() error {
 func (r *Runner) modelPath(model tensor.Model) (string, error) {
 	ps := r.persistent
 	for _, f := range ps.files {
-		if sameModel(f.model, model) {
-			ps.remember(f.model, f.path)
+		if f.is(model) {
+			ps.remember(model, f.path)
 			return f.path, nil
 		}
 	}
@@ -500,7 +518,11 @@ func (ps *persistent) remember(model tensor.Model, path string) {
 			break
 		}
 	}
-	ps.files = append(ps.files, modelFile{model: model, path: path})
+	ref := make([]weak.Pointer[tensor.Tensor], len(model))
+	for i, t := range model {
+		ref[i] = weak.Make(t)
+	}
+	ps.files = append(ps.files, modelFile{model: ref, path: path})
 	for len(ps.files) > maxModelFiles {
 		os.Remove(ps.files[0].path)
 		ps.files = ps.files[1:]
@@ -516,11 +538,6 @@ func (ps *persistent) holds(path string) bool {
 	}
 	return false
 }
-
-// sameModel reports whether a and b are the same tensors in memory: the
-// collaborator hands the runner the very model it got before (runners must
-// not modify the models they are given), so identity is enough.
-func sameModel(a, b tensor.Model) bool { return slices.Equal(a, b) }
 
 // Start starts a persistent runner's process now, in the background, so
 // that its start-up (an interpreter, its imports, loading data) overlaps

@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -456,4 +457,24 @@ func TestPersistentCloseBeforeStartRuns(t *testing.T) {
 	if starts := f.spyLines(t, "starts"); len(starts) != 0 {
 		t.Errorf("a process was started for a runner being closed: %q", starts)
 	}
+}
+
+// TestModelFilesDoNotKeepModels: the runner's kept model files know their
+// models by identity without holding them, so a model the collaborator let
+// go is freed although its file is kept; a model still held is found.
+func TestModelFilesDoNotKeepModels(t *testing.T) {
+	ps := &persistent{}
+	held := tensor.Model{tensor.New("w", tensor.F32, []int64{1 << 20})}
+	ps.remember(held, filepath.Join(t.TempDir(), "held.safetensors"))
+	dropped := tensor.Model{tensor.New("w", tensor.F32, []int64{1 << 20})}
+	ps.remember(dropped, filepath.Join(t.TempDir(), "dropped.safetensors"))
+	dropped = nil
+	runtime.GC()
+	if ps.files[1].model[0].Value() != nil {
+		t.Error("a kept model file keeps its model in memory after everyone else let it go")
+	}
+	if !ps.files[0].is(held) || ps.files[0].is(tensor.Model{tensor.New("w", tensor.F32, []int64{1 << 20})}) {
+		t.Error("a kept file does not know its model by identity")
+	}
+	runtime.KeepAlive(held)
 }
