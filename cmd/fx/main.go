@@ -20,7 +20,10 @@ func main() {
 	sandbox.Main()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := newRootCommand().ExecuteContext(ctx); err != nil {
+	stopProfile := startProfile()
+	err := newRootCommand().ExecuteContext(ctx)
+	stopProfile()
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "fx:", err)
 		stop()
 		os.Exit(exitCode(err))
