@@ -6,6 +6,7 @@
 //	fxbench capacity -n 1000     director capacity: N envoys heartbeating over mTLS
 //	fxbench fashion              federated Fashion-MNIST to 0.85 vs centralised training
 //	fxbench pytorch              a PyTorch MLP through fx's runner vs directly vs the built-in MLP
+//	fxbench large                models of 64 MiB to 1 GiB through director and envoy processes vs raw gRPC
 //	fxbench report               collect bench/out into bench/RESULTS.md
 //
 // See bench/README.md.
@@ -32,6 +33,10 @@ func main() {
 		err = fashionMain(args)
 	case "pytorch":
 		err = pytorchMain(args)
+	case "large":
+		err = largeMain(args)
+	case "rawmove": // the child processes of large's baseline
+		err = rawmoveMain(args)
 	case "report":
 		err = reportMain(args)
 	case "-h", "-help", "--help", "help":
@@ -62,6 +67,13 @@ commands:
              one Python process (the floor), through fx's persistent exec
              runner with N envoys as separate fx processes, and fx's
              built-in Go MLP; per-round wall time and the ratios
+  large      models of 64 MiB to 1 GiB (-sizes) through a director and N
+             envoys as separate fx processes, with an exec runner
+             (bench/large/rewrite.py) that rewrites every weight each round;
+             baseline: a raw gRPC/mTLS server process and N client processes
+             moving the same bytes (each client down and up), alternated;
+             per size the round time, the ratio, every process's peak
+             resident memory (VmHWM) and any log line of a timeout or retry
   report     write bench/RESULTS.md from the outputs in bench/out
 
 Run "fxbench <command> -h" for a command's flags.

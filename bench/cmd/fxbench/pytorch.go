@@ -189,7 +189,12 @@ func pytorchMain(args []string) error {
 		r.Direct, r.DirectAccuracy = newRoundTimes(direct), acc
 		fmt.Printf("direct PyTorch: rounds %s s, median %.2f s\n", fmtSeconds(direct), r.Direct.Median)
 
-		fed, err := startProcFederation(bin, p, *envoys, filepath.Join(work, fmt.Sprintf("run-%d", run)), *python, *threads)
+		fed, err := startProcFederation(bin, p, *envoys, filepath.Join(work, fmt.Sprintf("run-%d", run)), fedOptions{
+			python: *python, threads: *threads, tag: "fashion-mnist",
+			shard: func(i, n int) string {
+				return fmt.Sprintf("{kind: idx, path: %s, shard: %d/%d, seed: 1}", fashionDir, i, n)
+			},
+		})
 		if err != nil {
 			return err
 		}
@@ -376,10 +381,21 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
+// fedOptions shape the envoys of a procFederation.
+type fedOptions struct {
+	// python is the exec runners' interpreter, and threads their
+	// OMP_NUM_THREADS.
+	python, threads string
+	// shard is envoy i of n's shard settings (a YAML flow mapping), tag
+	// the tag every envoy has.
+	shard func(i, n int) string
+	tag   string
+}
+
 // startProcFederation starts `fx director start` and n `fx envoy start`
 // processes, as a site runs them: the envoys sandbox their runners, run
-// /usr/bin/python3 (python), and give each OMP_NUM_THREADS=threads.
-func startProcFederation(bin string, p *benchPKI, n int, dir, python, threads string) (*procFederation, error) {
+// o.python, and give each OMP_NUM_THREADS=o.threads.
+func startProcFederation(bin string, p *benchPKI, n int, dir string, o fedOptions) (*procFederation, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -429,15 +445,15 @@ aggregator: {host: 127.0.0.1, port_min: 0, port_max: 0}
 director: {address: "%s", server_name: localhost}
 tls: {cert: %s, key: %s, ca: %s}
 work_dir: %s
-tags: [fashion-mnist]
-shard: {kind: idx, path: %s, shard: %d/%d, seed: 1}
+tags: [%s]
+shard: %s
 review: {policy: auto}
 exec:
   allow: true
   python: %s
   env: [PATH=/usr/bin:/bin, OMP_NUM_THREADS=%s]
 max_experiments: 1
-`, name, addr, e.Cert, e.Key, e.CA, filepath.Join(dir, name), fashionDir, i, n, python, threads), "envoy", "start"); err != nil {
+`, name, addr, e.Cert, e.Key, e.CA, filepath.Join(dir, name), o.tag, o.shard(i, n), o.python, o.threads), "envoy", "start"); err != nil {
 			f.stop()
 			return nil, err
 		}
@@ -525,7 +541,15 @@ best_model: {metric: accuracy, mode: max}
 	if err := os.WriteFile(filepath.Join(dir, experiment.PlanFile), []byte(plan), 0o600); err != nil {
 		return nil, 0, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	return f.run(dir, name, rounds)
+}
+
+// run submits the experiment in dir and waits for it to finish; it returns
+// each round's seconds — from one round's aggregate to the next; the first
+// from the submission, so it holds the start-up — and the last round's
+// validation accuracy of the global model.
+func (f *procFederation) run(dir, name string, rounds int) ([]float64, float64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Hour)
 	defer cancel()
 	submitted := time.Now()
 	if _, err := f.client.Submit(ctx, dir, experiment.SubmitOptions{}); err != nil {
@@ -533,7 +557,7 @@ best_model: {metric: accuracy, mode: max}
 	}
 	done := map[int]time.Time{}
 	var acc float64
-	_, err = f.client.WaitFunc(ctx, name, func(ev *fxv1.MetricEvent) {
+	_, err := f.client.WaitFunc(ctx, name, func(ev *fxv1.MetricEvent) {
 		if ev.GetCollaborator() != "" {
 			return
 		}

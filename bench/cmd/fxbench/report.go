@@ -377,6 +377,7 @@ func reportMain(args []string) error {
 	}
 	p("\n")
 	reportPyTorch(p, *dir)
+	reportLarge(p, *dir)
 	if err := os.WriteFile(*out, w.Bytes(), 0o644); err != nil {
 		return err
 	}
@@ -450,4 +451,27 @@ func reportPyTorch(p func(string, ...any), dir string) {
 	}
 	m := r.Median
 	p("\nMedian run: **fx PyTorch %.2f× the direct loop plus the transfer** (goal ≤ 1.3×), **%.2f× the built-in round** (goal ≤ 3×).\n\n", m.RatioDirect, m.RatioBuiltin)
+}
+
+// reportLarge writes the section of `fxbench large`.
+func reportLarge(p func(string, ...any), dir string) {
+	p("## Large models through real processes\n\n")
+	var r largeResult
+	if b, err := os.ReadFile(filepath.Join(dir, "large.json")); err != nil || json.Unmarshal(b, &r) != nil {
+		p("Not measured (no large.json).\n\n")
+		return
+	}
+	p("A director and %d envoys as separate `fx` processes; %s; %d rounds per size, a fresh federation per size. ", r.Envoys, r.Runner, r.Rounds)
+	p("Baseline: a raw gRPC/mTLS server process and %d client processes moving the same bytes (each client downloads the model and uploads as much, all at once; median of the trials), alternated with fx. ", r.Envoys)
+	p("A round is the time from one round's aggregate to the next, median from the second round (the first, from the submission, holds the start-up). Peak memory is each process's VmHWM; the runners' (Python) are reported apart. Started %s, load `%s`; ended `%s`.\n\n", r.Start.Format("15:04 MST"), r.Uptime, r.UptimeEnd)
+	p("| model | order | raw (s) | fx round (s) | fx / raw (goal ≤ 1.5) | first round (s) | director peak (MiB) | envoys' peak (MiB) | goal 2P + 128 MiB | runners' peak (MiB) | log lines of timeouts or retries (goal 0) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, s := range r.Sizes {
+		first := 0.0
+		if len(s.Rounds) > 0 {
+			first = s.Rounds[0]
+		}
+		p("| %d MiB | %s | %.2f | %.2f | %.2f× | %.1f | %.0f | %s | %.0f | %s | %d |\n", s.ModelMiB, s.Order, s.RawMedian, s.RoundMedian, s.Ratio, first,
+			mib64(s.DirectorHWM), mibList(s.EnvoyHWM), mib64(s.Goal), mibList(s.RunnerHWM), len(s.LogProblems))
+	}
+	p("\n")
 }

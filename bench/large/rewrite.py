@@ -1,0 +1,21 @@
+"""fxbench large's site runner: a training script that rewrites every byte.
+
+Each train task adds a small constant to every weight and sends the result,
+so a round moves and rewrites the whole model as real training would, at a
+cost that is only the bytes: reading the model, one pass of arithmetic,
+writing the trained model. Validations send fixed metrics.
+"""
+
+import numpy as np
+
+from fx import site
+
+data = site.data()
+for task in site.tasks():
+    if task.train:
+        model = task.model()
+        for weights in model.values():
+            weights += np.float32(1e-3)
+        task.send(model, samples=len(data.train), metrics={"loss": 0.0})
+    else:
+        task.send(samples=len(data.valid), metrics={"accuracy": 0.5})
