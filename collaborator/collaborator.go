@@ -216,13 +216,15 @@ func (c *Collaborator) Run(ctx context.Context) error {
 	}
 }
 
-// runRound runs the round's tasks it has no result for, then uploads the
-// results in plan order. Computing everything first means the trained
-// weights are needed only in memory: what must survive a restart between
-// two uploads is just the metrics of the results not yet sent, a few bytes
-// kept in the work directory. The results stay after their upload until
-// another round starts: when a restarted aggregator hands this round out
-// again, they are uploaded again rather than computed again.
+// runRound runs the round's tasks it has no result for and uploads the
+// results in plan order, each as soon as it is ready, by an uploader that
+// overlaps the tasks still to run: the trained weights travel while the
+// local validation computes. The trained weights are needed only in
+// memory: what must survive a restart between two uploads is just the
+// metrics of the results not yet sent, a few bytes kept in the work
+// directory. The results stay after their upload until another round
+// starts: when a restarted aggregator hands this round out again, they are
+// uploaded again rather than computed again.
 func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) error {
 	if err := c.fetchModel(ctx, round); err != nil {
 		return err
@@ -230,33 +232,66 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 	if c.resultsRound != round || c.results == nil {
 		c.resultsRound, c.results = round, c.loadPending(round)
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ready := make(chan taskResult, len(tasks))
+	uploaded := make(chan error, 1)
+	go func() { uploaded <- c.uploadInOrder(ctx, cancel, round, ready) }()
 	var kept []string
+	var runErr error
 	for _, task := range tasks {
-		if _, ok := c.results[task]; ok {
+		res, ok := c.results[task]
+		if ok {
 			kept = append(kept, task)
-			continue
+		} else {
+			start := time.Now()
+			if res, runErr = c.runTask(ctx, runner.Task{Name: task, Round: round}); runErr != nil {
+				runErr = fmt.Errorf("task %s: %w", task, runErr)
+				break
+			}
+			c.log.Info("task done", "round", round, "task", task, "samples", res.Samples, "metrics", res.Metrics, "took", time.Since(start).Round(time.Millisecond))
+			c.results[task] = res
+			if runErr = c.savePending(round); runErr != nil {
+				break
+			}
 		}
-		start := time.Now()
-		res, err := c.runTask(ctx, runner.Task{Name: task, Round: round})
-		if err != nil {
-			return fmt.Errorf("task %s: %w", task, err)
-		}
-		c.log.Info("task done", "round", round, "task", task, "samples", res.Samples, "metrics", res.Metrics, "took", time.Since(start).Round(time.Millisecond))
-		c.results[task] = res
+		ready <- taskResult{task: task, res: res}
 	}
+	close(ready)
 	if len(kept) > 0 {
 		c.log.Info("sending results computed before instead of computing them again", "round", round, "tasks", kept)
 	}
-	if err := c.savePending(round); err != nil {
+	switch err := <-uploaded; {
+	case errors.Is(err, errLate):
+		return nil // the round moved on: ask for tasks again
+	case err != nil:
 		return err
 	}
-	for _, task := range tasks {
-		late, err := c.upload(ctx, round, task, c.results[task])
-		if err != nil {
-			return err
+	return runErr
+}
+
+// taskResult is a task's result, ready to upload.
+type taskResult struct {
+	task string
+	res  runner.Result
+}
+
+// errLate says the round closed without a result: not an error, the
+// collaborator asks for tasks again.
+var errLate = errors.New("the round moved on")
+
+// uploadInOrder uploads the results in the order they come until ready is
+// closed. On a late or failed upload it stops the round's remaining tasks
+// (cancel) and returns errLate or the error.
+func (c *Collaborator) uploadInOrder(ctx context.Context, cancel context.CancelFunc, round int, ready <-chan taskResult) error {
+	for r := range ready {
+		late, err := c.upload(ctx, round, r.task, r.res)
+		if err == nil && late {
+			err = errLate
 		}
-		if late {
-			return nil // the round moved on: ask for tasks again
+		if err != nil {
+			cancel()
+			return err
 		}
 	}
 	return nil
