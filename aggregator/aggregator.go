@@ -114,12 +114,18 @@ type Aggregator struct {
 	// together at most in a round: the accumulator folds weights as
 	// fractions of it, so no accepted weight can overflow the sum.
 	maxTotalWeight float64
+	// modelBytes is the size of the model's data.
+	modelBytes int64
 
 	closeReq chan struct{} // a report arrived: check whether the round may close
 
-	mu       sync.Mutex
-	changed  chan struct{} // closed and replaced on every state change
-	model    tensor.Model  // the global model the current round started from
+	mu      sync.Mutex
+	changed chan struct{} // closed and replaced on every state change
+	// model is the global model the current round started from, held in
+	// memory only while a server optimiser needs it (keepsModel); else it
+	// is nil and served from its round file, which the round wrote anyway:
+	// the aggregator then holds the running sum and not the model too.
+	model    tensor.Model
 	round    *roundState
 	parts    map[string]*participant
 	best     *Best
@@ -274,16 +280,20 @@ func (a *Aggregator) Run(ctx context.Context) error {
 // moments and the copies a checkpoint writes of them. Median and trimmed
 // mean hold every update instead of a sum.
 func (a *Aggregator) memoryNeed() (need, held int64) {
-	p, n := a.model.Bytes(), int64(len(a.parts))
+	p, n := a.modelBytes, int64(len(a.parts))
 	if a.collects() {
-		return (n + 2) * p, p
+		return (n + 1) * p, 0
 	}
-	need, held = 2*p+min(MemoryStageBudget, n*p), p
-	if a.opt != nil {
-		need, held = need+4*p, held+2*p
+	need, held = p+min(MemoryStageBudget, n*p), p
+	if a.keepsModel() {
+		need, held = need+5*p, held+3*p
 	}
 	return need, held
 }
+
+// keepsModel reports whether the global model stays in memory between
+// rounds: a server optimiser steps from it.
+func (a *Aggregator) keepsModel() bool { return a.opt != nil }
 
 // lastRound is the number of the final round: the plan's rounds, plus one
 // validation-only round that scores the final model when the plan validates
@@ -520,7 +530,7 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates)
 	a.cfg.Sink.RoundCompleted(summary, best)
 	if r.number < a.lastRound() {
-		if err := a.checkRoom(ctx, model, r.number+1); err != nil {
+		if err := a.checkRoom(ctx, r.number+1); err != nil {
 			return err
 		}
 	}
@@ -528,6 +538,9 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.model, a.best = model, best
+	if !a.keepsModel() {
+		a.model = nil // its round file serves it (see the field)
+	}
 	if r.number >= a.lastRound() {
 		a.ended, a.endWhy = true, "the experiment has finished"
 		a.broadcast()

@@ -509,6 +509,8 @@ func (a *Aggregator) restore(ctx context.Context) error {
 		a.log.Info("resuming from checkpoint", "completed_round", completed)
 	}
 	a.layout = layoutOf(a.model)
+	a.modelBytes = a.model.Bytes()
+	a.cfg.InitialModel = nil // written as round 0's file; not needed again
 	if err := a.restoreOptimizer(p); err != nil {
 		return err
 	}
@@ -523,6 +525,9 @@ func (a *Aggregator) restore(ctx context.Context) error {
 			return fmt.Errorf("aggregator: %w", err)
 		}
 		a.acc = acc
+	}
+	if !a.keepsModel() {
+		a.model = nil // its round file serves it (see the field)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -662,8 +667,8 @@ func (a *Aggregator) persist(ctx context.Context, what string, step func() error
 // roundBytes bounds what a round of model adds to the directory before
 // pruning: the model, the optimiser's two moments, and a margin for the
 // summary and checkpoint.
-func (a *Aggregator) roundBytes(model tensor.Model) int64 {
-	n := model.Bytes()
+func (a *Aggregator) roundBytes() int64 {
+	n := a.modelBytes
 	if a.opt != nil {
 		n *= 3
 	}
@@ -676,9 +681,9 @@ var errNoRoom = errors.New("no room for it")
 // checkRoom is the disk-budget check before a round: the file system under
 // Dir must have room for the round's files and DiskReserve besides, or the
 // experiment pauses (see persist) until it has.
-func (a *Aggregator) checkRoom(ctx context.Context, model tensor.Model, round int) error {
+func (a *Aggregator) checkRoom(ctx context.Context, round int) error {
 	return a.persist(ctx, fmt.Sprintf("before round %d", round), func() error {
-		need := a.roundBytes(model)
+		need := a.roundBytes()
 		free, ok := disk.Free(a.cfg.Dir)
 		if !ok || free-need >= a.cfg.DiskReserve {
 			return nil

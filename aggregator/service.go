@@ -1,11 +1,13 @@
 package aggregator
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"math"
+	"os"
 	"slices"
 	"time"
 
@@ -107,24 +109,41 @@ func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator
 		current = a.lastRound() + 1
 	}
 	a.mu.Unlock()
-	switch {
-	case round == current:
-	case round >= 1 && round < current:
-		m, _, err := tensor.ReadFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)))
-		if err != nil {
-			return status.Errorf(codes.NotFound, "the model of round %d is not kept: %v", round, err)
-		}
-		model = m
-	default:
-		return status.Errorf(codes.NotFound, "round %d has not started (current round: %d)", round, current)
+	send := func(f *fxv1.TensorFrame) error {
+		return stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Frame{Frame: f}})
 	}
-	header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(model)), Bytes: model.Bytes()}
+	switch {
+	case round == current && model != nil:
+		header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(model)), Bytes: model.Bytes()}
+		if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
+			return err
+		}
+		return sendModel(model, send)
+	case round >= 1 && round <= current:
+		return sendModelFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)), round, stream, send)
+	}
+	return status.Errorf(codes.NotFound, "round %d has not started (current round: %d)", round, current)
+}
+
+// sendModelFile streams the model a round starts from out of its round
+// file, a chunk at a time: the aggregator keeps no copy of it in memory
+// (and a download of an earlier round costs none either).
+func sendModelFile(path string, round int, stream fxv1.Aggregator_FetchModelServer, send func(*fxv1.TensorFrame) error) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return status.Errorf(codes.NotFound, "the model of round %d is not kept: %v", round, err)
+	}
+	defer f.Close()
+	r := bufio.NewReaderSize(f, tensor.MaxChunk)
+	h, err := tensor.ReadHeader(r)
+	if err != nil {
+		return status.Errorf(codes.DataLoss, "the model of round %d cannot be read: %v", round, err)
+	}
+	header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(h.Tensors)), Bytes: h.DataSize}
 	if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
 		return err
 	}
-	return sendModel(model, func(f *fxv1.TensorFrame) error {
-		return stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Frame{Frame: f}})
-	})
+	return tensor.NewEncoder(send).EncodeTensors(r, h)
 }
 
 // UploadResult receives one task's result; see the protocol for the rules.

@@ -197,6 +197,12 @@ func (e *Encoder) EncodeSafetensors(r io.Reader) error {
 	if err != nil {
 		return err
 	}
+	return e.EncodeTensors(r, h)
+}
+
+// EncodeTensors is EncodeSafetensors for a caller that read the header
+// from r already (to announce the model's size first, say).
+func (e *Encoder) EncodeTensors(r io.Reader, h *Header) error {
 	for _, ti := range h.Tensors {
 		if err := e.EncodeFrom(ti.Name, ti.DType, ti.Shape, r); err != nil {
 			return err
