@@ -1,18 +1,29 @@
 package aggregator_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/collaborator"
+	"github.com/fx-fl/fx/internal/backoff"
+	"github.com/fx-fl/fx/internal/testpki"
 	"github.com/fx-fl/fx/pki"
 	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/tensor"
 )
 
 const shortDeadline = `
@@ -182,4 +193,113 @@ best_model: {task: locally_tuned_model_validation}
 	if _, err := os.Stat(filepath.Join(work, "pending.json")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("pending.json left behind after the upload: %v", err)
 	}
+}
+
+// cutProxy forwards connections to target; the first one it cuts once
+// limit bytes have gone from target to the client.
+type cutProxy struct {
+	lis    net.Listener
+	target string
+	limit  int64
+	cuts   atomic.Int32
+}
+
+func newCutProxy(t *testing.T, target string, limit int64) *cutProxy {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cutProxy{lis: lis, target: target, limit: limit}
+	t.Cleanup(func() { lis.Close() })
+	go func() {
+		for first := true; ; first = false {
+			client, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			server, err := net.Dial("tcp", target)
+			if err != nil {
+				client.Close()
+				continue
+			}
+			go func() { _, _ = io.Copy(server, client); server.Close() }()
+			go func(cut bool) {
+				defer client.Close()
+				defer server.Close()
+				if !cut {
+					_, _ = io.Copy(client, server)
+					return
+				}
+				if n, _ := io.CopyN(client, server, p.limit); n == p.limit {
+					p.cuts.Add(1)
+				}
+			}(first)
+		}
+	}()
+	return p
+}
+
+// TestDownloadResumesAfterAConnectionCut: the connection a collaborator
+// downloads the model on is cut halfway; the collaborator reconnects and
+// the download goes on from where it stopped, not from the beginning, and
+// the round completes with the model intact.
+func TestDownloadResumesAfterAConnectionCut(t *testing.T) {
+	f := newFederation(t, parsePlan(t, `
+name: test
+rounds: 1
+participants: {min: 1}
+runner: {kind: builtin, model: mlp}
+tasks: [train, locally_tuned_model_validation]
+best_model: {task: locally_tuned_model_validation}
+`), "alpha")
+	// 8 MiB of weights: the cut at 3 MiB falls mid-tensor.
+	f.initial = tensor.Model{tensor.New("fc.weight", tensor.F32, []int64{1 << 21}), tensor.New("fc.bias", tensor.F32, []int64{2})}
+	f.start()
+	proxy := newCutProxy(t, f.addr, 3<<20)
+	var log bytes.Buffer
+	var mu sync.Mutex
+	k := f.ca.Keyring(pki.RoleEnvoy, "alpha")
+	c, err := collaborator.New(collaborator.Config{
+		ExperimentID: experimentID, Name: "alpha", Address: proxy.lis.Addr().String(),
+		DialOptions: testpki.DialOptions(k, "localhost"),
+		Runner:      &stepRunner{Step: 1, Samples: 1}, WorkDir: t.TempDir(),
+		Logger: hclog.New(&hclog.LoggerOptions{Name: "alpha", Output: &lockedWriter{w: &log, mu: &mu}}),
+		Retry:  backoff.Config{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.Run(t.Context()) }()
+	if err := f.wait(time.Minute); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if err := <-done; !finished(err) {
+		t.Fatalf("collaborator: %v", err)
+	}
+	if proxy.cuts.Load() != 1 {
+		t.Fatal("the proxy never cut the connection: the test shows nothing")
+	}
+	mu.Lock()
+	out := log.String()
+	mu.Unlock()
+	if !regexp.MustCompile(`resuming the model download: .*bytes=[1-9]`).MatchString(out) {
+		t.Errorf("the collaborator did not resume the download where it stopped; its log:\n%s", out)
+	}
+	got := readModel(t, f.dir, 1).Get("fc.weight").Float32s()
+	if got[0] != 1 || got[len(got)-1] != 1 {
+		t.Errorf("the trained model is %v … %v, want every weight 0 + 1", got[0], got[len(got)-1])
+	}
+}
+
+// lockedWriter serialises writes to w.
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }

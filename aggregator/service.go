@@ -109,18 +109,20 @@ func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator
 		current = a.lastRound() + 1
 	}
 	a.mu.Unlock()
-	send := func(f *fxv1.TensorFrame) error {
+	// A download that broke goes on where the collaborator's decoder is.
+	enc := tensor.NewEncoder(func(f *fxv1.TensorFrame) error {
 		return stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Frame{Frame: f}})
-	}
+	})
+	enc.ResumeAt(tensor.Position{Tensors: int(req.GetResumeTensors()), Bytes: req.GetResumeBytes()})
 	switch {
 	case round == current && model != nil:
 		header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(model)), Bytes: model.Bytes()}
 		if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
 			return err
 		}
-		return sendModel(model, send)
+		return enc.EncodeModel(model)
 	case round >= 1 && round <= current:
-		return sendModelFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)), round, stream, send)
+		return sendModelFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)), round, stream, enc)
 	}
 	return status.Errorf(codes.NotFound, "round %d has not started (current round: %d)", round, current)
 }
@@ -128,7 +130,7 @@ func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator
 // sendModelFile streams the model a round starts from out of its round
 // file, a chunk at a time: the aggregator keeps no copy of it in memory
 // (and a download of an earlier round costs none either).
-func sendModelFile(path string, round int, stream fxv1.Aggregator_FetchModelServer, send func(*fxv1.TensorFrame) error) error {
+func sendModelFile(path string, round int, stream fxv1.Aggregator_FetchModelServer, enc *tensor.Encoder) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return status.Errorf(codes.NotFound, "the model of round %d is not kept: %v", round, err)
@@ -143,7 +145,7 @@ func sendModelFile(path string, round int, stream fxv1.Aggregator_FetchModelServ
 	if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
 		return err
 	}
-	return tensor.NewEncoder(send).EncodeTensors(r, h)
+	return enc.EncodeTensors(r, h)
 }
 
 // UploadResult receives one task's result; see the protocol for the rules.
@@ -333,11 +335,6 @@ func uploadError(err error) error {
 		return status.Error(codes.InvalidArgument, "the upload ended before the model was complete")
 	}
 	return status.Error(codes.InvalidArgument, fmt.Sprintf("update refused: %v", err))
-}
-
-// sendModel streams a model as tensor frames.
-func sendModel(m tensor.Model, send func(*fxv1.TensorFrame) error) error {
-	return tensor.SendModel(m, send)
 }
 
 // receiveModel checks an uploaded model against the layout frame by frame

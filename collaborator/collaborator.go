@@ -29,6 +29,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/fx-fl/fx/internal/atomicfile"
 	"github.com/fx-fl/fx/internal/backoff"
@@ -387,46 +388,73 @@ func (c *Collaborator) loadPending(round int) map[string]runner.Result {
 func (c *Collaborator) clearPending() { os.Remove(c.pendingPath()) }
 
 // fetchModel downloads the round's global model unless it is held already.
+// A download that breaks goes on from where it stopped (the decoder's
+// Position) rather than from the beginning: a round's model never changes.
 func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 	if c.model != nil && c.modelRound == round {
 		return nil
 	}
+	var dec *tensor.Decoder    // the download so far, across attempts
+	var want *fxv1.ModelHeader // what it announced
 	return c.retry(ctx, fmt.Sprintf("download the round %d model", round), func(ctx context.Context) error {
 		ctx, progress, stop := idle.Watch(ctx, c.cfg.StallTimeout)
 		defer stop()
-		stream, err := c.client.FetchModel(ctx, &fxv1.FetchModelRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name, Round: int32(round)})
+		req := &fxv1.FetchModelRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name, Round: int32(round)}
+		if dec != nil {
+			pos := dec.Position()
+			req.ResumeTensors, req.ResumeBytes = int32(pos.Tensors), pos.Bytes
+			c.log.Info("resuming the model download", "round", round, "tensors", pos.Tensors, "bytes", pos.Bytes, "of", want.GetBytes())
+		}
+		stream, err := c.client.FetchModel(ctx, req)
 		if err != nil {
 			return err
 		}
 		first, err := stream.Recv()
 		if err != nil {
-			return err
-		}
-		if first.GetHeader() == nil {
-			return status.Error(codes.Internal, "model stream did not start with a header")
-		}
-		// Another round's model and results are of no more use: the new
-		// model is decoded into the old one's buffers, and the results go.
-		reuse := c.model
-		c.model = nil
-		if c.resultsRound != round {
-			c.results = nil
-		}
-		c.budget(first.GetHeader().GetBytes())
-		// The header's size bounds what the frames may announce.
-		m, err := tensor.Receive(tensor.DecoderConfig{MaxBytes: first.GetHeader().GetBytes(), Reuse: reuse}, func() (*fxv1.TensorFrame, error) {
-			msg, err := stream.Recv()
-			if err != nil {
-				return nil, err
-			}
-			progress()
-			return msg.GetFrame(), nil
-		})
-		if err != nil {
 			return stalled(ctx, err)
 		}
-		if int32(len(m)) != first.GetHeader().GetTensors() {
-			return status.Errorf(codes.DataLoss, "model stream announced %d tensors, delivered %d", first.GetHeader().GetTensors(), len(m))
+		h := first.GetHeader()
+		switch {
+		case h == nil:
+			dec = nil
+			return status.Error(codes.Internal, "model stream did not start with a header")
+		case dec != nil && !proto.Equal(h, want):
+			dec = nil // not the model the download began with: start over
+			return status.Errorf(codes.Aborted, "the resumed download announced another model (%v, had %v)", h, want)
+		case dec == nil:
+			// Another round's model and results are of no more use: the
+			// new model is decoded into the old one's buffers, and the
+			// results go.
+			reuse := c.model
+			c.model = nil
+			if c.resultsRound != round {
+				c.results = nil
+			}
+			c.budget(h.GetBytes())
+			// The header's size bounds what the frames may announce.
+			dec, want = tensor.NewDecoder(tensor.DecoderConfig{MaxBytes: h.GetBytes(), Reuse: reuse}), h
+		}
+		for {
+			msg, err := stream.Recv()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				return stalled(ctx, err) // resumable: the decoder holds what came
+			}
+			progress()
+			if err := dec.Decode(msg.GetFrame()); err != nil {
+				dec = nil
+				return status.Error(codes.DataLoss, err.Error())
+			}
+		}
+		m, err := dec.Finish()
+		dec = nil
+		if err != nil {
+			return status.Error(codes.DataLoss, err.Error())
+		}
+		if int32(len(m)) != want.GetTensors() {
+			return status.Errorf(codes.DataLoss, "model stream announced %d tensors, delivered %d", want.GetTensors(), len(m))
 		}
 		c.model, c.modelRound = m, round
 		return nil

@@ -29,6 +29,7 @@ type stallingAggregator struct {
 	mu                 sync.Mutex
 	fetches, uploads   int
 	uploaded, finished bool
+	resumedAt          []int64 // each download's resume_bytes
 }
 
 func (s *stallingAggregator) GetTasks(ctx context.Context, _ *fxv1.GetTasksRequest) (*fxv1.GetTasksResponse, error) {
@@ -41,23 +42,26 @@ func (s *stallingAggregator) GetTasks(ctx context.Context, _ *fxv1.GetTasksReque
 	return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_RUN, Round: 1, Tasks: []string{runner.TaskTrain}}, nil
 }
 
-func (s *stallingAggregator) FetchModel(_ *fxv1.FetchModelRequest, stream fxv1.Aggregator_FetchModelServer) error {
+func (s *stallingAggregator) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator_FetchModelServer) error {
 	s.mu.Lock()
 	s.fetches++
 	first := s.fetches == 1
+	s.resumedAt = append(s.resumedAt, req.GetResumeBytes())
 	s.mu.Unlock()
 	if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: &fxv1.ModelHeader{
 		Round: 1, Tensors: int32(len(s.model)), Bytes: s.model.Bytes()}}}); err != nil {
 		return err
 	}
 	frames := 0
-	return tensor.SendModel(s.model, func(f *fxv1.TensorFrame) error {
-		if frames++; first && frames == 3 {
+	enc := tensor.NewEncoder(func(f *fxv1.TensorFrame) error {
+		if frames++; first && frames == 4 {
 			<-stream.Context().Done() // stand still until the client gives up
 			return stream.Context().Err()
 		}
 		return stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Frame{Frame: f}})
 	})
+	enc.ResumeAt(tensor.Position{Tensors: int(req.GetResumeTensors()), Bytes: req.GetResumeBytes()})
+	return enc.EncodeModel(s.model)
 }
 
 func (s *stallingAggregator) UploadResult(stream fxv1.Aggregator_UploadResultServer) error {
@@ -98,7 +102,8 @@ func (echoRunner) Validate(context.Context, runner.Task, tensor.Model) (runner.R
 
 // TestStalledTransfersAreTriedAgain: a model download and an upload that
 // stand still are abandoned after StallTimeout and tried again, however
-// long a transfer that moves may take; the round then completes.
+// long a transfer that moves may take; the download goes on from where it
+// stopped; the round then completes.
 func TestStalledTransfersAreTriedAgain(t *testing.T) {
 	ca := testpki.New(t)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -136,6 +141,11 @@ func TestStalledTransfersAreTriedAgain(t *testing.T) {
 	defer agg.mu.Unlock()
 	if agg.fetches != 2 || agg.uploads != 2 || !agg.finished {
 		t.Errorf("%d downloads and %d uploads (want 2 each: a stalled one and its retry), finished %v", agg.fetches, agg.uploads, agg.finished)
+	}
+	// The stalled download had three frames: a header and 2 MiB of the
+	// first tensor's 2.5; its retry went on from there, mid-tensor.
+	if want := []int64{0, 2 << 20}; !slices.Equal(agg.resumedAt, want) {
+		t.Errorf("downloads resumed at bytes %v, want %v", agg.resumedAt, want)
 	}
 }
 

@@ -103,6 +103,44 @@ func HeaderFromProto(h *fxv1.TensorHeader) (*Tensor, error) {
 type Encoder struct {
 	send func(*fxv1.TensorFrame) error
 	buf  []byte
+	skip Position // what the receiver has already (ResumeAt)
+}
+
+// Position is how far a receiver got in a model's frame stream: the tensor
+// headers it received and the data bytes of all tensors together. A stream
+// is a function of the model alone, so a download that broke can go on from
+// where it stopped: the sender leaves out what comes before the position
+// (Encoder.ResumeAt) and the receiver's Decoder carries on.
+type Position struct {
+	Tensors int
+	Bytes   int64
+}
+
+// ResumeAt makes the encoder leave out what a receiver at p has received:
+// the first p.Tensors headers and the first p.Bytes of data (a frame that
+// straddles p is cut). A p no Decoder could be at yields a stream the
+// receiver refuses.
+func (e *Encoder) ResumeAt(p Position) { e.skip = p }
+
+// emit sends a frame unless the receiver has it (see ResumeAt).
+func (e *Encoder) emit(f *fxv1.TensorFrame) error {
+	switch x := f.GetFrame().(type) {
+	case *fxv1.TensorFrame_Header:
+		if e.skip.Tensors > 0 {
+			e.skip.Tensors--
+			return nil
+		}
+	case *fxv1.TensorFrame_Data:
+		if e.skip.Bytes > 0 {
+			n := min(e.skip.Bytes, int64(len(x.Data)))
+			e.skip.Bytes -= n
+			if n == int64(len(x.Data)) {
+				return nil
+			}
+			f = &fxv1.TensorFrame{Frame: &fxv1.TensorFrame_Data{Data: x.Data[n:]}}
+		}
+	}
+	return e.send(f)
 }
 
 // NewEncoder returns an Encoder that emits frames through send.
@@ -141,7 +179,7 @@ func (e *Encoder) encode(t *Tensor) error {
 	}
 	for off := 0; off < len(t.Data); off += MaxChunk {
 		end := min(off+MaxChunk, len(t.Data))
-		if err := e.send(&fxv1.TensorFrame{Frame: &fxv1.TensorFrame_Data{Data: t.Data[off:end:end]}}); err != nil {
+		if err := e.emit(&fxv1.TensorFrame{Frame: &fxv1.TensorFrame_Data{Data: t.Data[off:end:end]}}); err != nil {
 			return fmt.Errorf("send tensor %q: %w", t.Name, err)
 		}
 	}
@@ -153,7 +191,7 @@ func (e *Encoder) sendHeader(t *Tensor) error {
 	if err != nil {
 		return err
 	}
-	if err := e.send(&fxv1.TensorFrame{Frame: &fxv1.TensorFrame_Header{Header: h}}); err != nil {
+	if err := e.emit(&fxv1.TensorFrame{Frame: &fxv1.TensorFrame_Header{Header: h}}); err != nil {
 		return fmt.Errorf("send header of tensor %q: %w", t.Name, err)
 	}
 	return nil
@@ -182,7 +220,7 @@ func (e *Encoder) EncodeFrom(name string, dtype DType, shape []int64, r io.Reade
 		if _, err := io.ReadFull(r, chunk); err != nil {
 			return fmt.Errorf("encode tensor %q: read data: %w", name, noEOF(err))
 		}
-		if err := e.send(&fxv1.TensorFrame{Frame: &fxv1.TensorFrame_Data{Data: chunk}}); err != nil {
+		if err := e.emit(&fxv1.TensorFrame{Frame: &fxv1.TensorFrame_Data{Data: chunk}}); err != nil {
 			return fmt.Errorf("send tensor %q: %w", name, err)
 		}
 		left -= int64(len(chunk))
@@ -268,6 +306,15 @@ type Decoder struct {
 	carry   [8]byte
 	carryN  int
 	model   Model
+	// received is the data bytes of all tensors so far (Position).
+	received int64
+}
+
+// Position is how far the decoder got: a sender resuming from it
+// (Encoder.ResumeAt) continues the stream where it broke. Meaningful
+// while Decode has returned no error.
+func (d *Decoder) Position() Position {
+	return Position{Tensors: len(d.seen), Bytes: d.received}
 }
 
 // NewDecoder returns a Decoder for cfg.
@@ -362,6 +409,7 @@ func (d *Decoder) data(b []byte) error {
 	if int64(len(b)) > d.curSize-d.got {
 		return fmt.Errorf("tensor %q: data frames carry more than its %d bytes", d.cur.Name, d.curSize)
 	}
+	d.received += int64(len(b))
 	if d.cfg.OnChunk == nil {
 		copy(d.cur.Data[d.got:], b)
 		d.got += int64(len(b))

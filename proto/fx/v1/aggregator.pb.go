@@ -230,7 +230,15 @@ type FetchModelRequest struct {
 	// Must equal the caller's CN.
 	Collaborator string `protobuf:"bytes,2,opt,name=collaborator,proto3" json:"collaborator,omitempty"`
 	// The round whose global model to fetch (the one GetTasks named).
-	Round         int32 `protobuf:"varint,3,opt,name=round,proto3" json:"round,omitempty"`
+	Round int32 `protobuf:"varint,3,opt,name=round,proto3" json:"round,omitempty"`
+	// Resumes a download that broke: the tensor headers and the data bytes
+	// (all tensors together, in stream order) the caller has. The stream
+	// then starts with the ModelHeader as always and goes on from there: the
+	// rest of the tensor the caller was in (data only), then the following
+	// tensors. A round's model never changes, so this holds across
+	// reconnections and aggregator restarts. 0 and 0: from the beginning.
+	ResumeTensors int32 `protobuf:"varint,4,opt,name=resume_tensors,json=resumeTensors,proto3" json:"resume_tensors,omitempty"`
+	ResumeBytes   int64 `protobuf:"varint,5,opt,name=resume_bytes,json=resumeBytes,proto3" json:"resume_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -282,6 +290,20 @@ func (x *FetchModelRequest) GetCollaborator() string {
 func (x *FetchModelRequest) GetRound() int32 {
 	if x != nil {
 		return x.Round
+	}
+	return 0
+}
+
+func (x *FetchModelRequest) GetResumeTensors() int32 {
+	if x != nil {
+		return x.ResumeTensors
+	}
+	return 0
+}
+
+func (x *FetchModelRequest) GetResumeBytes() int64 {
+	if x != nil {
+		return x.ResumeBytes
 	}
 	return 0
 }
@@ -608,11 +630,13 @@ const file_fx_v1_aggregator_proto_rawDesc = "" +
 	"\x12ACTION_UNSPECIFIED\x10\x00\x12\a\n" +
 	"\x03RUN\x10\x01\x12\b\n" +
 	"\x04WAIT\x10\x02\x12\b\n" +
-	"\x04QUIT\x10\x03\"\x84\x01\n" +
+	"\x04QUIT\x10\x03\"\xe0\x01\n" +
 	"\x11FetchModelRequest\x12,\n" +
 	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
 	"\fcollaborator\x18\x02 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\x12\x14\n" +
-	"\x05round\x18\x03 \x01(\x05R\x05round\"v\n" +
+	"\x05round\x18\x03 \x01(\x05R\x05round\x12.\n" +
+	"\x0eresume_tensors\x18\x04 \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\rresumeTensors\x12*\n" +
+	"\fresume_bytes\x18\x05 \x01(\x03B\a\xbaH\x04\"\x02(\x00R\vresumeBytes\"v\n" +
 	"\x12FetchModelResponse\x12,\n" +
 	"\x06header\x18\x01 \x01(\v2\x12.fx.v1.ModelHeaderH\x00R\x06header\x12*\n" +
 	"\x05frame\x18\x02 \x01(\v2\x12.fx.v1.TensorFrameH\x00R\x05frameB\x06\n" +
