@@ -477,6 +477,7 @@ func (a *Aggregator) requestClose() {
 func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline bool) error {
 	a.mu.Lock()
 	r.closed = true // uploads from now on are late
+	r.dropPartials()
 	a.mu.Unlock()
 	r.committing.Wait()
 

@@ -196,21 +196,31 @@ best_model: {task: locally_tuned_model_validation}
 }
 
 // cutProxy forwards connections to target; the first one it cuts once
-// limit bytes have gone from target to the client.
+// limit bytes have gone one way: from target to the client (a download),
+// or from the client to target (an upload).
 type cutProxy struct {
-	lis    net.Listener
-	target string
-	limit  int64
-	cuts   atomic.Int32
+	lis  net.Listener
+	cuts atomic.Int32
 }
 
-func newCutProxy(t *testing.T, target string, limit int64) *cutProxy {
+func newCutProxy(t *testing.T, target string, limit int64, upload bool) *cutProxy {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &cutProxy{lis: lis, target: target, limit: limit}
+	p := &cutProxy{lis: lis}
 	t.Cleanup(func() { lis.Close() })
+	copyCut := func(dst, src net.Conn, cut bool) {
+		defer dst.Close()
+		defer src.Close()
+		if !cut {
+			_, _ = io.Copy(dst, src)
+			return
+		}
+		if n, _ := io.CopyN(dst, src, limit); n == limit {
+			p.cuts.Add(1)
+		}
+	}
 	go func() {
 		for first := true; ; first = false {
 			client, err := lis.Accept()
@@ -222,18 +232,8 @@ func newCutProxy(t *testing.T, target string, limit int64) *cutProxy {
 				client.Close()
 				continue
 			}
-			go func() { _, _ = io.Copy(server, client); server.Close() }()
-			go func(cut bool) {
-				defer client.Close()
-				defer server.Close()
-				if !cut {
-					_, _ = io.Copy(client, server)
-					return
-				}
-				if n, _ := io.CopyN(client, server, p.limit); n == p.limit {
-					p.cuts.Add(1)
-				}
-			}(first)
+			go copyCut(server, client, first && upload)
+			go copyCut(client, server, first && !upload)
 		}
 	}()
 	return p
@@ -255,7 +255,7 @@ best_model: {task: locally_tuned_model_validation}
 	// 8 MiB of weights: the cut at 3 MiB falls mid-tensor.
 	f.initial = tensor.Model{tensor.New("fc.weight", tensor.F32, []int64{1 << 21}), tensor.New("fc.bias", tensor.F32, []int64{2})}
 	f.start()
-	proxy := newCutProxy(t, f.addr, 3<<20)
+	proxy := newCutProxy(t, f.addr, 3<<20, false)
 	var log bytes.Buffer
 	var mu sync.Mutex
 	k := f.ca.Keyring(pki.RoleEnvoy, "alpha")
@@ -302,4 +302,60 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// TestUploadResumesAfterAConnectionCut: the connection a collaborator
+// uploads its trained weights on is cut halfway; the aggregator keeps what
+// arrived, the collaborator asks how much and sends the rest, and the round
+// completes with the model intact.
+func TestUploadResumesAfterAConnectionCut(t *testing.T) {
+	f := newFederation(t, parsePlan(t, `
+name: test
+rounds: 1
+participants: {min: 1}
+runner: {kind: builtin, model: mlp}
+tasks: [train, locally_tuned_model_validation]
+best_model: {task: locally_tuned_model_validation}
+`), "alpha")
+	f.initial = tensor.Model{tensor.New("fc.weight", tensor.F32, []int64{1 << 21}), tensor.New("fc.bias", tensor.F32, []int64{2})}
+	f.start()
+	// The first connection's client-to-aggregator bytes are the requests
+	// and then the 8 MiB upload: the cut at 3 MiB falls in its first tensor.
+	proxy := newCutProxy(t, f.addr, 3<<20, true)
+	var log bytes.Buffer
+	var mu sync.Mutex
+	k := f.ca.Keyring(pki.RoleEnvoy, "alpha")
+	c, err := collaborator.New(collaborator.Config{
+		ExperimentID: experimentID, Name: "alpha", Address: proxy.lis.Addr().String(),
+		DialOptions: testpki.DialOptions(k, "localhost"),
+		Runner:      &stepRunner{Step: 1, Samples: 1}, WorkDir: t.TempDir(),
+		Logger: hclog.New(&hclog.LoggerOptions{Name: "alpha", Output: &lockedWriter{w: &log, mu: &mu}}),
+		Retry:  backoff.Config{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- c.Run(t.Context()) }()
+	if err := f.wait(time.Minute); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if err := <-done; !finished(err) {
+		t.Fatalf("collaborator: %v", err)
+	}
+	if proxy.cuts.Load() != 1 {
+		t.Fatal("the proxy never cut the connection: the test shows nothing")
+	}
+	mu.Lock()
+	out := log.String()
+	mu.Unlock()
+	if !regexp.MustCompile(`resuming the upload: .*bytes=[1-9]`).MatchString(out) {
+		t.Errorf("the collaborator did not resume the upload where it broke; its log:\n%s", out)
+	}
+	got := readModel(t, f.dir, 1).Get("fc.weight").Float32s()
+	for _, i := range []int{0, len(got) / 2, len(got) - 1} {
+		if got[i] != 1 {
+			t.Errorf("weight %d of the aggregated model is %v, want 0 + 1", i, got[i])
+		}
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/tensor"
 )
 
@@ -30,6 +31,35 @@ type roundState struct {
 	commitErr  error
 	// updates holds whole train updates for median and trimmed mean.
 	updates []tensor.Model
+	// partial are train uploads whose connection broke, kept until they
+	// are resumed, started over, or the round closes: by collaborator.
+	partial map[string]*partialUpload
+}
+
+// partialUpload is what a broken train upload left: its stage, the decoder
+// that checked its frames (its Position is what was received), and the
+// header it started with.
+type partialUpload struct {
+	st     stage
+	dec    *tensor.Decoder
+	header *fxv1.ResultHeader
+}
+
+// takePartial removes and returns name's kept upload, if any. The caller
+// holds a.mu.
+func (r *roundState) takePartial(name string) *partialUpload {
+	p := r.partial[name]
+	delete(r.partial, name)
+	return p
+}
+
+// dropPartials discards every kept upload (the round closed). The caller
+// holds a.mu.
+func (r *roundState) dropPartials() {
+	for name, p := range r.partial {
+		p.st.Discard()
+		delete(r.partial, name)
+	}
 }
 
 func newRoundState(n int, tasks []string, deadline time.Time) *roundState {
@@ -40,6 +70,7 @@ func newRoundState(n int, tasks []string, deadline time.Time) *roundState {
 		reported: map[string]map[string]bool{},
 		inflight: map[string]map[string]bool{},
 		trainers: map[string]bool{},
+		partial:  map[string]*partialUpload{},
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
@@ -185,19 +186,15 @@ func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error 
 	train := runner.IsTrain(h.Task)
 	var st stage
 	if train {
-		if st, err = a.newStage(r); err != nil {
-			return status.Errorf(codes.Internal, "stage upload: %v", err)
+		var dec *tensor.Decoder
+		if st, dec, err = a.trainStage(r, name, h); err != nil {
+			return err
 		}
-		if err := receiveModel(a.layout, st, func() (*fxv1.TensorFrame, error) {
-			msg, err := stream.Recv()
-			if err != nil {
-				return nil, err
+		if err := receiveFrames(dec, stream); err != nil {
+			if broken(stream.Context(), err) {
+				a.keepPartial(r, name, &partialUpload{st: st, dec: dec, header: h})
+				return err
 			}
-			if msg.GetFrame() == nil {
-				return nil, status.Error(codes.InvalidArgument, "a second ResultHeader in one upload")
-			}
-			return msg.GetFrame(), nil
-		}); err != nil {
 			st.Discard()
 			return uploadError(err)
 		}
@@ -326,6 +323,110 @@ func (a *Aggregator) countResult(r *roundState, result TaskResult, st stage) err
 	return nil
 }
 
+// trainStage returns the stage and decoder a train upload goes on with: the
+// ones a broken upload left, if the header resumes it from where they are,
+// else new ones (a kept upload that is not resumed is dropped: the
+// collaborator started over).
+func (a *Aggregator) trainStage(r *roundState, name string, h *fxv1.ResultHeader) (stage, *tensor.Decoder, error) {
+	a.mu.Lock()
+	p := r.takePartial(name)
+	a.mu.Unlock()
+	if resume := (tensor.Position{Tensors: int(h.GetResumeTensors()), Bytes: h.GetResumeBytes()}); resume != (tensor.Position{}) {
+		if p == nil || p.dec.Position() != resume || !sameResult(p.header, h) {
+			if p != nil {
+				p.st.Discard()
+			}
+			return nil, nil, status.Errorf(codes.Aborted, "nothing kept to resume this upload from at tensor %d, byte %d: send the whole result", resume.Tensors, resume.Bytes)
+		}
+		return p.st, p.dec, nil
+	}
+	if p != nil {
+		p.st.Discard()
+	}
+	st, err := a.newStage(r)
+	if err != nil {
+		return nil, nil, status.Errorf(codes.Internal, "stage upload: %v", err)
+	}
+	dec := tensor.NewDecoder(tensor.DecoderConfig{Layout: a.layout, OnChunk: func(t *tensor.Tensor, elem int64, data []byte) error {
+		return st.Keep(t.Name, elem, data, t.DType)
+	}})
+	return st, dec, nil
+}
+
+// sameResult reports whether two headers describe the same result,
+// whatever position they resume from.
+func sameResult(a, b *fxv1.ResultHeader) bool {
+	x, y := proto.CloneOf(a), proto.CloneOf(b)
+	x.ResumeTensors, x.ResumeBytes, y.ResumeTensors, y.ResumeBytes = 0, 0, 0, 0
+	return proto.Equal(x, y)
+}
+
+// receiveFrames feeds an upload's frames to dec until the stream ends,
+// then checks that the model is complete.
+func receiveFrames(dec *tensor.Decoder, stream fxv1.Aggregator_UploadResultServer) error {
+	for {
+		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			_, err := dec.Finish()
+			return err
+		}
+		if err != nil {
+			return err
+		}
+		if msg.GetFrame() == nil {
+			return status.Error(codes.InvalidArgument, "a second ResultHeader in one upload")
+		}
+		if err := dec.Decode(msg.GetFrame()); err != nil {
+			return err
+		}
+	}
+}
+
+// broken reports whether an upload failed because its connection did (the
+// collaborator may resume it), not because of what it sent.
+func broken(ctx context.Context, err error) bool {
+	if ctx.Err() != nil {
+		return true
+	}
+	switch status.Code(err) {
+	case codes.Canceled, codes.DeadlineExceeded, codes.Unavailable:
+		return true
+	}
+	return false
+}
+
+// keepPartial keeps a broken train upload for the collaborator to resume,
+// unless the round has moved on.
+func (a *Aggregator) keepPartial(r *roundState, name string, p *partialUpload) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if r.closed || a.round != r {
+		p.st.Discard()
+		return
+	}
+	if old := r.takePartial(name); old != nil {
+		old.st.Discard()
+	}
+	r.partial[name] = p
+}
+
+// UploadPosition says how much of a broken train upload is kept.
+func (s *service) UploadPosition(ctx context.Context, req *fxv1.UploadPositionRequest) (*fxv1.UploadPositionResponse, error) {
+	name, err := s.participant(ctx, req.GetExperimentId(), req.GetCollaborator())
+	if err != nil {
+		return nil, err
+	}
+	a := s.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r := a.round
+	if r == nil || int(req.GetRound()) != r.number || !runner.IsTrain(req.GetTask()) || r.partial[name] == nil {
+		return &fxv1.UploadPositionResponse{}, nil
+	}
+	pos := r.partial[name].dec.Position()
+	return &fxv1.UploadPositionResponse{Tensors: int32(pos.Tensors), Bytes: pos.Bytes}, nil
+}
+
 // uploadError turns a failed tensor stream into a status that says why.
 func uploadError(err error) error {
 	if _, ok := status.FromError(err); ok && status.Code(err) != codes.Unknown {
@@ -335,16 +436,4 @@ func uploadError(err error) error {
 		return status.Error(codes.InvalidArgument, "the upload ended before the model was complete")
 	}
 	return status.Error(codes.InvalidArgument, fmt.Sprintf("update refused: %v", err))
-}
-
-// receiveModel checks an uploaded model against the layout frame by frame
-// and hands each chunk to the stage.
-func receiveModel(layout tensor.Model, st stage, recv func() (*fxv1.TensorFrame, error)) error {
-	_, err := tensor.Receive(tensor.DecoderConfig{
-		Layout: layout,
-		OnChunk: func(h *tensor.Tensor, elem int64, data []byte) error {
-			return st.Keep(h.Name, elem, data, h.DType)
-		},
-	}, recv)
-	return err
 }

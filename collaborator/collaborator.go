@@ -477,9 +477,16 @@ func (c *Collaborator) budget(modelBytes int64) {
 // the round closed without it, which is not an error: the collaborator
 // carries on with the next round.
 func (c *Collaborator) upload(ctx context.Context, round int, task string, res runner.Result) (late bool, err error) {
+	attempt := 0
 	err = c.retry(ctx, "upload "+task, func(ctx context.Context) error {
+		attempt++
 		ctx, progress, stop := idle.Watch(ctx, c.cfg.StallTimeout)
 		defer stop()
+		// A train upload that broke goes on from what the aggregator kept.
+		var from tensor.Position
+		if runner.IsTrain(task) && attempt > 1 {
+			from = c.uploadPosition(ctx, round, task)
+		}
 		stream, err := c.client.UploadResult(ctx)
 		if err != nil {
 			return err
@@ -487,16 +494,19 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 		header := &fxv1.ResultHeader{
 			ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name,
 			Round: int32(round), Task: task, SampleCount: res.Samples, Metrics: res.Metrics,
+			ResumeTensors: int32(from.Tensors), ResumeBytes: from.Bytes,
 		}
 		if err := stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Header{Header: header}}); err != nil {
 			_, err = stream.CloseAndRecv()
 			return err
 		}
 		if runner.IsTrain(task) {
-			err := tensor.SendModel(res.Model, func(f *fxv1.TensorFrame) error {
+			enc := tensor.NewEncoder(func(f *fxv1.TensorFrame) error {
 				defer progress()
 				return stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Frame{Frame: f}})
 			})
+			enc.ResumeAt(from)
+			err := enc.EncodeModel(res.Model)
 			if err != nil && !errors.Is(err, io.EOF) {
 				return stalled(ctx, err)
 			}
@@ -515,6 +525,21 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 		return true, nil
 	}
 	return false, err
+}
+
+// uploadPosition asks how much of a broken train upload the aggregator
+// kept; nothing (the zero Position) if it kept none or cannot say.
+func (c *Collaborator) uploadPosition(ctx context.Context, round int, task string) tensor.Position {
+	resp, err := c.client.UploadPosition(ctx, &fxv1.UploadPositionRequest{
+		ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name, Round: int32(round), Task: task})
+	if err != nil {
+		return tensor.Position{}
+	}
+	from := tensor.Position{Tensors: int(resp.GetTensors()), Bytes: resp.GetBytes()}
+	if from != (tensor.Position{}) {
+		c.log.Info("resuming the upload", "round", round, "task", task, "tensors", from.Tensors, "bytes", from.Bytes)
+	}
+	return from
 }
 
 // stalled turns the cancellation of a transfer that stood still (see

@@ -491,7 +491,12 @@ type ResultHeader struct {
 	// Named scalars ("loss", "accuracy"); finite values only. The runner
 	// protocol's limits: at most 256 metrics, each named by 1 to 128 bytes
 	// without control characters (nor U+FFFD, the mark of undecodable text).
-	Metrics       map[string]float64 `protobuf:"bytes,6,rep,name=metrics,proto3" json:"metrics,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`
+	Metrics map[string]float64 `protobuf:"bytes,6,rep,name=metrics,proto3" json:"metrics,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"fixed64,2,opt,name=value"`
+	// Continues an upload that broke, from the position UploadPosition
+	// said the aggregator kept: the frames that follow start there. The rest
+	// of the header must be the same as the broken upload's.
+	ResumeTensors int32 `protobuf:"varint,7,opt,name=resume_tensors,json=resumeTensors,proto3" json:"resume_tensors,omitempty"`
+	ResumeBytes   int64 `protobuf:"varint,8,opt,name=resume_bytes,json=resumeBytes,proto3" json:"resume_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -568,6 +573,20 @@ func (x *ResultHeader) GetMetrics() map[string]float64 {
 	return nil
 }
 
+func (x *ResultHeader) GetResumeTensors() int32 {
+	if x != nil {
+		return x.ResumeTensors
+	}
+	return 0
+}
+
+func (x *ResultHeader) GetResumeBytes() int64 {
+	if x != nil {
+		return x.ResumeBytes
+	}
+	return 0
+}
+
 type UploadResultResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The tasks the caller still owes in this round.
@@ -613,6 +632,127 @@ func (x *UploadResultResponse) GetRemainingTasks() []string {
 	return nil
 }
 
+type UploadPositionRequest struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	ExperimentId string                 `protobuf:"bytes,1,opt,name=experiment_id,json=experimentId,proto3" json:"experiment_id,omitempty"`
+	// Must equal the caller's CN.
+	Collaborator  string `protobuf:"bytes,2,opt,name=collaborator,proto3" json:"collaborator,omitempty"`
+	Round         int32  `protobuf:"varint,3,opt,name=round,proto3" json:"round,omitempty"`
+	Task          string `protobuf:"bytes,4,opt,name=task,proto3" json:"task,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UploadPositionRequest) Reset() {
+	*x = UploadPositionRequest{}
+	mi := &file_fx_v1_aggregator_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadPositionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadPositionRequest) ProtoMessage() {}
+
+func (x *UploadPositionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_aggregator_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadPositionRequest.ProtoReflect.Descriptor instead.
+func (*UploadPositionRequest) Descriptor() ([]byte, []int) {
+	return file_fx_v1_aggregator_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *UploadPositionRequest) GetExperimentId() string {
+	if x != nil {
+		return x.ExperimentId
+	}
+	return ""
+}
+
+func (x *UploadPositionRequest) GetCollaborator() string {
+	if x != nil {
+		return x.Collaborator
+	}
+	return ""
+}
+
+func (x *UploadPositionRequest) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *UploadPositionRequest) GetTask() string {
+	if x != nil {
+		return x.Task
+	}
+	return ""
+}
+
+type UploadPositionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tensors       int32                  `protobuf:"varint,1,opt,name=tensors,proto3" json:"tensors,omitempty"`
+	Bytes         int64                  `protobuf:"varint,2,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UploadPositionResponse) Reset() {
+	*x = UploadPositionResponse{}
+	mi := &file_fx_v1_aggregator_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadPositionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadPositionResponse) ProtoMessage() {}
+
+func (x *UploadPositionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_aggregator_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadPositionResponse.ProtoReflect.Descriptor instead.
+func (*UploadPositionResponse) Descriptor() ([]byte, []int) {
+	return file_fx_v1_aggregator_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *UploadPositionResponse) GetTensors() int32 {
+	if x != nil {
+		return x.Tensors
+	}
+	return 0
+}
+
+func (x *UploadPositionResponse) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
 var File_fx_v1_aggregator_proto protoreflect.FileDescriptor
 
 const file_fx_v1_aggregator_proto_rawDesc = "" +
@@ -644,7 +784,7 @@ const file_fx_v1_aggregator_proto_rawDesc = "" +
 	"\x13UploadResultRequest\x12-\n" +
 	"\x06header\x18\x01 \x01(\v2\x13.fx.v1.ResultHeaderH\x00R\x06header\x12*\n" +
 	"\x05frame\x18\x02 \x01(\v2\x12.fx.v1.TensorFrameH\x00R\x05frameB\x06\n" +
-	"\x04part\"\xd2\x03\n" +
+	"\x04part\"\xae\x04\n" +
 	"\fResultHeader\x12,\n" +
 	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
 	"\fcollaborator\x18\x02 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\x12\x14\n" +
@@ -652,18 +792,29 @@ const file_fx_v1_aggregator_proto_rawDesc = "" +
 	"\x04task\x18\x04 \x01(\tB\a\xbaH\x04r\x02(@R\x04task\x12!\n" +
 	"\fsample_count\x18\x05 \x01(\x03R\vsampleCount\x12\xd4\x01\n" +
 	"\ametrics\x18\x06 \x03(\v2 .fx.v1.ResultHeader.MetricsEntryB\x97\x01\xbaH\x93\x01\x9a\x01\x8f\x01\x10\x80\x02\"\x89\x01\xba\x01\x7f\n" +
-	"\x15metric_name.printable\x128a metric name must not hold control characters or U+FFFD\x1a,this.matches(r'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$')r\x05 \x01(\x80\x01R\ametrics\x1a:\n" +
+	"\x15metric_name.printable\x128a metric name must not hold control characters or U+FFFD\x1a,this.matches(r'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$')r\x05 \x01(\x80\x01R\ametrics\x12.\n" +
+	"\x0eresume_tensors\x18\a \x01(\x05B\a\xbaH\x04\x1a\x02(\x00R\rresumeTensors\x12*\n" +
+	"\fresume_bytes\x18\b \x01(\x03B\a\xbaH\x04\"\x02(\x00R\vresumeBytes\x1a:\n" +
 	"\fMetricsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x01R\x05value:\x028\x01\"?\n" +
 	"\x14UploadResultResponse\x12'\n" +
-	"\x0fremaining_tasks\x18\x01 \x03(\tR\x0eremainingTasks2\xee\x01\n" +
+	"\x0fremaining_tasks\x18\x01 \x03(\tR\x0eremainingTasks\"\xa5\x01\n" +
+	"\x15UploadPositionRequest\x12,\n" +
+	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
+	"\fcollaborator\x18\x02 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\x12\x14\n" +
+	"\x05round\x18\x03 \x01(\x05R\x05round\x12\x1b\n" +
+	"\x04task\x18\x04 \x01(\tB\a\xbaH\x04r\x02(@R\x04task\"H\n" +
+	"\x16UploadPositionResponse\x12\x18\n" +
+	"\atensors\x18\x01 \x01(\x05R\atensors\x12\x14\n" +
+	"\x05bytes\x18\x02 \x01(\x03R\x05bytes2\xc4\x02\n" +
 	"\n" +
 	"Aggregator\x12B\n" +
 	"\bGetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x05\xca\xf3\x18\x01\x02\x12J\n" +
 	"\n" +
 	"FetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x05\xca\xf3\x18\x01\x020\x01\x12P\n" +
-	"\fUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x05\xca\xf3\x18\x01\x02(\x01B&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3"
+	"\fUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x05\xca\xf3\x18\x01\x02(\x01\x12T\n" +
+	"\x0eUploadPosition\x12\x1c.fx.v1.UploadPositionRequest\x1a\x1d.fx.v1.UploadPositionResponse\"\x05\xca\xf3\x18\x01\x02B&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3"
 
 var (
 	file_fx_v1_aggregator_proto_rawDescOnce sync.Once
@@ -678,35 +829,39 @@ func file_fx_v1_aggregator_proto_rawDescGZIP() []byte {
 }
 
 var file_fx_v1_aggregator_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_fx_v1_aggregator_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_fx_v1_aggregator_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_fx_v1_aggregator_proto_goTypes = []any{
-	(GetTasksResponse_Action)(0), // 0: fx.v1.GetTasksResponse.Action
-	(*GetTasksRequest)(nil),      // 1: fx.v1.GetTasksRequest
-	(*GetTasksResponse)(nil),     // 2: fx.v1.GetTasksResponse
-	(*FetchModelRequest)(nil),    // 3: fx.v1.FetchModelRequest
-	(*FetchModelResponse)(nil),   // 4: fx.v1.FetchModelResponse
-	(*UploadResultRequest)(nil),  // 5: fx.v1.UploadResultRequest
-	(*ResultHeader)(nil),         // 6: fx.v1.ResultHeader
-	(*UploadResultResponse)(nil), // 7: fx.v1.UploadResultResponse
-	nil,                          // 8: fx.v1.ResultHeader.MetricsEntry
-	(*ModelHeader)(nil),          // 9: fx.v1.ModelHeader
-	(*TensorFrame)(nil),          // 10: fx.v1.TensorFrame
+	(GetTasksResponse_Action)(0),   // 0: fx.v1.GetTasksResponse.Action
+	(*GetTasksRequest)(nil),        // 1: fx.v1.GetTasksRequest
+	(*GetTasksResponse)(nil),       // 2: fx.v1.GetTasksResponse
+	(*FetchModelRequest)(nil),      // 3: fx.v1.FetchModelRequest
+	(*FetchModelResponse)(nil),     // 4: fx.v1.FetchModelResponse
+	(*UploadResultRequest)(nil),    // 5: fx.v1.UploadResultRequest
+	(*ResultHeader)(nil),           // 6: fx.v1.ResultHeader
+	(*UploadResultResponse)(nil),   // 7: fx.v1.UploadResultResponse
+	(*UploadPositionRequest)(nil),  // 8: fx.v1.UploadPositionRequest
+	(*UploadPositionResponse)(nil), // 9: fx.v1.UploadPositionResponse
+	nil,                            // 10: fx.v1.ResultHeader.MetricsEntry
+	(*ModelHeader)(nil),            // 11: fx.v1.ModelHeader
+	(*TensorFrame)(nil),            // 12: fx.v1.TensorFrame
 }
 var file_fx_v1_aggregator_proto_depIdxs = []int32{
 	0,  // 0: fx.v1.GetTasksResponse.action:type_name -> fx.v1.GetTasksResponse.Action
-	9,  // 1: fx.v1.FetchModelResponse.header:type_name -> fx.v1.ModelHeader
-	10, // 2: fx.v1.FetchModelResponse.frame:type_name -> fx.v1.TensorFrame
+	11, // 1: fx.v1.FetchModelResponse.header:type_name -> fx.v1.ModelHeader
+	12, // 2: fx.v1.FetchModelResponse.frame:type_name -> fx.v1.TensorFrame
 	6,  // 3: fx.v1.UploadResultRequest.header:type_name -> fx.v1.ResultHeader
-	10, // 4: fx.v1.UploadResultRequest.frame:type_name -> fx.v1.TensorFrame
-	8,  // 5: fx.v1.ResultHeader.metrics:type_name -> fx.v1.ResultHeader.MetricsEntry
+	12, // 4: fx.v1.UploadResultRequest.frame:type_name -> fx.v1.TensorFrame
+	10, // 5: fx.v1.ResultHeader.metrics:type_name -> fx.v1.ResultHeader.MetricsEntry
 	1,  // 6: fx.v1.Aggregator.GetTasks:input_type -> fx.v1.GetTasksRequest
 	3,  // 7: fx.v1.Aggregator.FetchModel:input_type -> fx.v1.FetchModelRequest
 	5,  // 8: fx.v1.Aggregator.UploadResult:input_type -> fx.v1.UploadResultRequest
-	2,  // 9: fx.v1.Aggregator.GetTasks:output_type -> fx.v1.GetTasksResponse
-	4,  // 10: fx.v1.Aggregator.FetchModel:output_type -> fx.v1.FetchModelResponse
-	7,  // 11: fx.v1.Aggregator.UploadResult:output_type -> fx.v1.UploadResultResponse
-	9,  // [9:12] is the sub-list for method output_type
-	6,  // [6:9] is the sub-list for method input_type
+	8,  // 9: fx.v1.Aggregator.UploadPosition:input_type -> fx.v1.UploadPositionRequest
+	2,  // 10: fx.v1.Aggregator.GetTasks:output_type -> fx.v1.GetTasksResponse
+	4,  // 11: fx.v1.Aggregator.FetchModel:output_type -> fx.v1.FetchModelResponse
+	7,  // 12: fx.v1.Aggregator.UploadResult:output_type -> fx.v1.UploadResultResponse
+	9,  // 13: fx.v1.Aggregator.UploadPosition:output_type -> fx.v1.UploadPositionResponse
+	10, // [10:14] is the sub-list for method output_type
+	6,  // [6:10] is the sub-list for method input_type
 	6,  // [6:6] is the sub-list for extension type_name
 	6,  // [6:6] is the sub-list for extension extendee
 	0,  // [0:6] is the sub-list for field type_name
@@ -733,7 +888,7 @@ func file_fx_v1_aggregator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fx_v1_aggregator_proto_rawDesc), len(file_fx_v1_aggregator_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   8,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -42,9 +42,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Aggregator_GetTasks_FullMethodName     = "/fx.v1.Aggregator/GetTasks"
-	Aggregator_FetchModel_FullMethodName   = "/fx.v1.Aggregator/FetchModel"
-	Aggregator_UploadResult_FullMethodName = "/fx.v1.Aggregator/UploadResult"
+	Aggregator_GetTasks_FullMethodName       = "/fx.v1.Aggregator/GetTasks"
+	Aggregator_FetchModel_FullMethodName     = "/fx.v1.Aggregator/FetchModel"
+	Aggregator_UploadResult_FullMethodName   = "/fx.v1.Aggregator/UploadResult"
+	Aggregator_UploadPosition_FullMethodName = "/fx.v1.Aggregator/UploadPosition"
 )
 
 // AggregatorClient is the client API for Aggregator service.
@@ -82,6 +83,15 @@ type AggregatorClient interface {
 	// reported in this round); PERMISSION_DENIED (collaborator is not the
 	// caller's CN); NOT_FOUND (not a participant, or another experiment).
 	UploadResult(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadResultRequest, UploadResultResponse], error)
+	// UploadPosition says how much of a train upload that broke the
+	// aggregator kept: the tensor headers and data bytes it received. An
+	// upload whose ResultHeader names that position (resume_tensors,
+	// resume_bytes) then sends only the rest. 0 and 0: nothing is kept (the
+	// round moved on, or the upload never started): send the whole result.
+	// Role: envoy.
+	// Errors: NOT_FOUND (not a participant, or another experiment);
+	// PERMISSION_DENIED (collaborator is not the caller's CN).
+	UploadPosition(ctx context.Context, in *UploadPositionRequest, opts ...grpc.CallOption) (*UploadPositionResponse, error)
 }
 
 type aggregatorClient struct {
@@ -134,6 +144,16 @@ func (c *aggregatorClient) UploadResult(ctx context.Context, opts ...grpc.CallOp
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Aggregator_UploadResultClient = grpc.ClientStreamingClient[UploadResultRequest, UploadResultResponse]
 
+func (c *aggregatorClient) UploadPosition(ctx context.Context, in *UploadPositionRequest, opts ...grpc.CallOption) (*UploadPositionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UploadPositionResponse)
+	err := c.cc.Invoke(ctx, Aggregator_UploadPosition_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AggregatorServer is the server API for Aggregator service.
 // All implementations must embed UnimplementedAggregatorServer
 // for forward compatibility.
@@ -169,6 +189,15 @@ type AggregatorServer interface {
 	// reported in this round); PERMISSION_DENIED (collaborator is not the
 	// caller's CN); NOT_FOUND (not a participant, or another experiment).
 	UploadResult(grpc.ClientStreamingServer[UploadResultRequest, UploadResultResponse]) error
+	// UploadPosition says how much of a train upload that broke the
+	// aggregator kept: the tensor headers and data bytes it received. An
+	// upload whose ResultHeader names that position (resume_tensors,
+	// resume_bytes) then sends only the rest. 0 and 0: nothing is kept (the
+	// round moved on, or the upload never started): send the whole result.
+	// Role: envoy.
+	// Errors: NOT_FOUND (not a participant, or another experiment);
+	// PERMISSION_DENIED (collaborator is not the caller's CN).
+	UploadPosition(context.Context, *UploadPositionRequest) (*UploadPositionResponse, error)
 	mustEmbedUnimplementedAggregatorServer()
 }
 
@@ -187,6 +216,9 @@ func (UnimplementedAggregatorServer) FetchModel(*FetchModelRequest, grpc.ServerS
 }
 func (UnimplementedAggregatorServer) UploadResult(grpc.ClientStreamingServer[UploadResultRequest, UploadResultResponse]) error {
 	return status.Error(codes.Unimplemented, "method UploadResult not implemented")
+}
+func (UnimplementedAggregatorServer) UploadPosition(context.Context, *UploadPositionRequest) (*UploadPositionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UploadPosition not implemented")
 }
 func (UnimplementedAggregatorServer) mustEmbedUnimplementedAggregatorServer() {}
 func (UnimplementedAggregatorServer) testEmbeddedByValue()                    {}
@@ -245,6 +277,24 @@ func _Aggregator_UploadResult_Handler(srv interface{}, stream grpc.ServerStream)
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Aggregator_UploadResultServer = grpc.ClientStreamingServer[UploadResultRequest, UploadResultResponse]
 
+func _Aggregator_UploadPosition_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UploadPositionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AggregatorServer).UploadPosition(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Aggregator_UploadPosition_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AggregatorServer).UploadPosition(ctx, req.(*UploadPositionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Aggregator_ServiceDesc is the grpc.ServiceDesc for Aggregator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -255,6 +305,10 @@ var Aggregator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetTasks",
 			Handler:    _Aggregator_GetTasks_Handler,
+		},
+		{
+			MethodName: "UploadPosition",
+			Handler:    _Aggregator_UploadPosition_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -22,7 +22,7 @@ DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/aggregator.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x16\x66x/v1/aggregator.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x12\x66x/v1/tensor.proto\"P\n\x0fGetTasksRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\"\xaf\x01\n\x10GetTasksResponse\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.fx.v1.GetTasksResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04QUIT\x10\x03\"\xa1\x01\n\x11\x46\x65tchModelRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x1f\n\x0eresume_tensors\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1d\n\x0cresume_bytes\x18\x05 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"g\n\x12\x46\x65tchModelResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fx.v1.ModelHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"i\n\x13UploadResultRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.ResultHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"\x87\x03\n\x0cResultHeader\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\xcb\x01\n\x07metrics\x18\x06 \x03(\x0b\x32 .fx.v1.ResultHeader.MetricsEntryB\x97\x01\xbaH\x93\x01\x9a\x01\x8f\x01\x10\x80\x02\"\x89\x01r\x05 \x01(\x80\x01\xba\x01\x7f\n\x15metric_name.printable\x12\x38\x61 metric name must not hold control characters or U+FFFD\x1a,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x14UploadResultResponse\x12\x17\n\x0fremaining_tasks\x18\x01 \x03(\t2\xeb\x01\n\nAggregator\x12\x41\n\x08GetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x04\xc8\xf3\x18\x02\x12I\n\nFetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12O\n\x0cUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x04\xc8\xf3\x18\x02(\x01\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  serialized_pb=_b('\n\x16\x66x/v1/aggregator.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x12\x66x/v1/tensor.proto\"P\n\x0fGetTasksRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\"\xaf\x01\n\x10GetTasksResponse\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.fx.v1.GetTasksResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04QUIT\x10\x03\"\xa1\x01\n\x11\x46\x65tchModelRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x1f\n\x0eresume_tensors\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1d\n\x0cresume_bytes\x18\x05 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"g\n\x12\x46\x65tchModelResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fx.v1.ModelHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"i\n\x13UploadResultRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.ResultHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"\xc7\x03\n\x0cResultHeader\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\xcb\x01\n\x07metrics\x18\x06 \x03(\x0b\x32 .fx.v1.ResultHeader.MetricsEntryB\x97\x01\xbaH\x93\x01\x9a\x01\x8f\x01\x10\x80\x02\"\x89\x01r\x05 \x01(\x80\x01\xba\x01\x7f\n\x15metric_name.printable\x12\x38\x61 metric name must not hold control characters or U+FFFD\x1a,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')\x12\x1f\n\x0eresume_tensors\x18\x07 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1d\n\x0cresume_bytes\x18\x08 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x14UploadResultResponse\x12\x17\n\x0fremaining_tasks\x18\x01 \x03(\t\"|\n\x15UploadPositionRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\"8\n\x16UploadPositionResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x32\xc0\x02\n\nAggregator\x12\x41\n\x08GetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x04\xc8\xf3\x18\x02\x12I\n\nFetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12O\n\x0cUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x04\xc8\xf3\x18\x02(\x01\x12S\n\x0eUploadPosition\x12\x1c.fx.v1.UploadPositionRequest\x1a\x1d.fx.v1.UploadPositionResponse\"\x04\xc8\xf3\x18\x02\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
   ,
   dependencies=[buf_dot_validate_dot_validate__pb2.DESCRIPTOR,fx_dot_v1_dot_options__pb2.DESCRIPTOR,fx_dot_v1_dot_tensor__pb2.DESCRIPTOR,])
 
@@ -324,8 +324,8 @@ _RESULTHEADER_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1085,
-  serialized_end=1131,
+  serialized_start=1149,
+  serialized_end=1195,
 )
 
 _RESULTHEADER = _descriptor.Descriptor(
@@ -377,6 +377,20 @@ _RESULTHEADER = _descriptor.Descriptor(
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
       options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\223\001\232\001\217\001\020\200\002\"\211\001r\005 \001(\200\001\272\001\177\n\025metric_name.printable\0228a metric name must not hold control characters or U+FFFD\032,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='resume_tensors', full_name='fx.v1.ResultHeader.resume_tensors', index=6,
+      number=7, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004\032\002(\000')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='resume_bytes', full_name='fx.v1.ResultHeader.resume_bytes', index=7,
+      number=8, type=3, cpp_type=2, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004\"\002(\000')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -390,7 +404,7 @@ _RESULTHEADER = _descriptor.Descriptor(
   oneofs=[
   ],
   serialized_start=740,
-  serialized_end=1131,
+  serialized_end=1195,
 )
 
 
@@ -420,8 +434,98 @@ _UPLOADRESULTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1133,
-  serialized_end=1180,
+  serialized_start=1197,
+  serialized_end=1244,
+)
+
+
+_UPLOADPOSITIONREQUEST = _descriptor.Descriptor(
+  name='UploadPositionRequest',
+  full_name='fx.v1.UploadPositionRequest',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='experiment_id', full_name='fx.v1.UploadPositionRequest.experiment_id', index=0,
+      number=1, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='collaborator', full_name='fx.v1.UploadPositionRequest.collaborator', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='round', full_name='fx.v1.UploadPositionRequest.round', index=2,
+      number=3, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='task', full_name='fx.v1.UploadPositionRequest.task', index=3,
+      number=4, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1246,
+  serialized_end=1370,
+)
+
+
+_UPLOADPOSITIONRESPONSE = _descriptor.Descriptor(
+  name='UploadPositionResponse',
+  full_name='fx.v1.UploadPositionResponse',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='tensors', full_name='fx.v1.UploadPositionResponse.tensors', index=0,
+      number=1, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='bytes', full_name='fx.v1.UploadPositionResponse.bytes', index=1,
+      number=2, type=3, cpp_type=2, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1372,
+  serialized_end=1428,
 )
 
 _GETTASKSRESPONSE.fields_by_name['action'].enum_type = _GETTASKSRESPONSE_ACTION
@@ -451,6 +555,8 @@ DESCRIPTOR.message_types_by_name['FetchModelResponse'] = _FETCHMODELRESPONSE
 DESCRIPTOR.message_types_by_name['UploadResultRequest'] = _UPLOADRESULTREQUEST
 DESCRIPTOR.message_types_by_name['ResultHeader'] = _RESULTHEADER
 DESCRIPTOR.message_types_by_name['UploadResultResponse'] = _UPLOADRESULTRESPONSE
+DESCRIPTOR.message_types_by_name['UploadPositionRequest'] = _UPLOADPOSITIONREQUEST
+DESCRIPTOR.message_types_by_name['UploadPositionResponse'] = _UPLOADPOSITIONRESPONSE
 _sym_db.RegisterFileDescriptor(DESCRIPTOR)
 
 GetTasksRequest = _reflection.GeneratedProtocolMessageType('GetTasksRequest', (_message.Message,), dict(
@@ -510,6 +616,20 @@ UploadResultResponse = _reflection.GeneratedProtocolMessageType('UploadResultRes
   ))
 _sym_db.RegisterMessage(UploadResultResponse)
 
+UploadPositionRequest = _reflection.GeneratedProtocolMessageType('UploadPositionRequest', (_message.Message,), dict(
+  DESCRIPTOR = _UPLOADPOSITIONREQUEST,
+  __module__ = 'fx.v1.aggregator_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.UploadPositionRequest)
+  ))
+_sym_db.RegisterMessage(UploadPositionRequest)
+
+UploadPositionResponse = _reflection.GeneratedProtocolMessageType('UploadPositionResponse', (_message.Message,), dict(
+  DESCRIPTOR = _UPLOADPOSITIONRESPONSE,
+  __module__ = 'fx.v1.aggregator_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.UploadPositionResponse)
+  ))
+_sym_db.RegisterMessage(UploadPositionResponse)
+
 
 DESCRIPTOR.has_options = True
 DESCRIPTOR._options = _descriptor._ParseOptions(descriptor_pb2.FileOptions(), _b('Z$github.com/fx-fl/fx/proto/fx/v1;fxv1'))
@@ -535,6 +655,16 @@ _RESULTHEADER.fields_by_name['task'].has_options = True
 _RESULTHEADER.fields_by_name['task']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
 _RESULTHEADER.fields_by_name['metrics'].has_options = True
 _RESULTHEADER.fields_by_name['metrics']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\223\001\232\001\217\001\020\200\002\"\211\001r\005 \001(\200\001\272\001\177\n\025metric_name.printable\0228a metric name must not hold control characters or U+FFFD\032,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')'))
+_RESULTHEADER.fields_by_name['resume_tensors'].has_options = True
+_RESULTHEADER.fields_by_name['resume_tensors']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004\032\002(\000'))
+_RESULTHEADER.fields_by_name['resume_bytes'].has_options = True
+_RESULTHEADER.fields_by_name['resume_bytes']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004\"\002(\000'))
+_UPLOADPOSITIONREQUEST.fields_by_name['experiment_id'].has_options = True
+_UPLOADPOSITIONREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_UPLOADPOSITIONREQUEST.fields_by_name['collaborator'].has_options = True
+_UPLOADPOSITIONREQUEST.fields_by_name['collaborator']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_UPLOADPOSITIONREQUEST.fields_by_name['task'].has_options = True
+_UPLOADPOSITIONREQUEST.fields_by_name['task']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
 
 _AGGREGATOR = _descriptor.ServiceDescriptor(
   name='Aggregator',
@@ -542,8 +672,8 @@ _AGGREGATOR = _descriptor.ServiceDescriptor(
   file=DESCRIPTOR,
   index=0,
   options=None,
-  serialized_start=1183,
-  serialized_end=1418,
+  serialized_start=1431,
+  serialized_end=1751,
   methods=[
   _descriptor.MethodDescriptor(
     name='GetTasks',
@@ -570,6 +700,15 @@ _AGGREGATOR = _descriptor.ServiceDescriptor(
     containing_service=None,
     input_type=_UPLOADRESULTREQUEST,
     output_type=_UPLOADRESULTRESPONSE,
+    options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002')),
+  ),
+  _descriptor.MethodDescriptor(
+    name='UploadPosition',
+    full_name='fx.v1.Aggregator.UploadPosition',
+    index=3,
+    containing_service=None,
+    input_type=_UPLOADPOSITIONREQUEST,
+    output_type=_UPLOADPOSITIONRESPONSE,
     options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002')),
   ),
 ])

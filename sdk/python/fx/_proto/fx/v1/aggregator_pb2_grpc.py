@@ -29,6 +29,11 @@ class AggregatorStub(object):
         request_serializer=fx_dot_v1_dot_aggregator__pb2.UploadResultRequest.SerializeToString,
         response_deserializer=fx_dot_v1_dot_aggregator__pb2.UploadResultResponse.FromString,
         )
+    self.UploadPosition = channel.unary_unary(
+        '/fx.v1.Aggregator/UploadPosition',
+        request_serializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionRequest.SerializeToString,
+        response_deserializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionResponse.FromString,
+        )
 
 
 class AggregatorServicer(object):
@@ -81,6 +86,20 @@ class AggregatorServicer(object):
     context.set_details('Method not implemented!')
     raise NotImplementedError('Method not implemented!')
 
+  def UploadPosition(self, request, context):
+    """UploadPosition says how much of a train upload that broke the
+    aggregator kept: the tensor headers and data bytes it received. An
+    upload whose ResultHeader names that position (resume_tensors,
+    resume_bytes) then sends only the rest. 0 and 0: nothing is kept (the
+    round moved on, or the upload never started): send the whole result.
+    Role: envoy.
+    Errors: NOT_FOUND (not a participant, or another experiment);
+    PERMISSION_DENIED (collaborator is not the caller's CN).
+    """
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details('Method not implemented!')
+    raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
   rpc_method_handlers = {
@@ -98,6 +117,11 @@ def add_AggregatorServicer_to_server(servicer, server):
           servicer.UploadResult,
           request_deserializer=fx_dot_v1_dot_aggregator__pb2.UploadResultRequest.FromString,
           response_serializer=fx_dot_v1_dot_aggregator__pb2.UploadResultResponse.SerializeToString,
+      ),
+      'UploadPosition': grpc.unary_unary_rpc_method_handler(
+          servicer.UploadPosition,
+          request_deserializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionRequest.FromString,
+          response_serializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionResponse.SerializeToString,
       ),
   }
   generic_handler = grpc.method_handlers_generic_handler(
