@@ -387,7 +387,7 @@ func TestResumeAnywhere(t *testing.T) {
 	rng := rand.New(rand.NewPCG(37, 38))
 	m := Model{
 		FromFloat32("a", []int64{MaxChunk/4 + 100}, randFloats(rng, MaxChunk/4+100)), // two frames
-		New("b", F32, []int64{0}),                                                     // no data frame
+		New("b", F32, []int64{0}), // no data frame
 		FromFloat32("c", []int64{33}, randFloats(rng, 33)),
 	}
 	var file bytes.Buffer
