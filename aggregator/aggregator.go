@@ -116,6 +116,9 @@ type Aggregator struct {
 	maxTotalWeight float64
 	// modelBytes is the size of the model's data.
 	modelBytes int64
+	// initialDigest is the initial model's tensor.Digest, which round 1's
+	// download announces (empty once round 1 is past at start).
+	initialDigest string
 
 	closeReq chan struct{} // a report arrived: check whether the round may close
 

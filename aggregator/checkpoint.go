@@ -510,6 +510,11 @@ func (a *Aggregator) restore(ctx context.Context) error {
 	}
 	a.layout = layoutOf(a.model)
 	a.modelBytes = a.model.Bytes()
+	if completed == 0 {
+		// Round 1 starts from the initial model, which the collaborators
+		// may hold already: the archive's model.safetensors.
+		a.initialDigest = tensor.Digest(a.model)
+	}
 	a.cfg.InitialModel = nil // written as round 0's file; not needed again
 	if err := a.restoreOptimizer(p); err != nil {
 		return err

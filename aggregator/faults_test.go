@@ -359,3 +359,60 @@ best_model: {task: locally_tuned_model_validation}
 		}
 	}
 }
+
+// TestRoundOneFromTheCollaboratorsOwnModel: round 1's download announces
+// the initial model's digest; a collaborator whose file (the archive's
+// model.safetensors) holds that model reads it instead of downloading it,
+// and one whose file holds another model downloads the round's.
+func TestRoundOneFromTheCollaboratorsOwnModel(t *testing.T) {
+	for _, same := range []bool{true, false} {
+		t.Run(map[bool]string{true: "same model", false: "another model"}[same], func(t *testing.T) {
+			f := newFederation(t, parsePlan(t, `
+name: test
+rounds: 2
+participants: {min: 1}
+runner: {kind: builtin, model: mlp}
+tasks: [train, locally_tuned_model_validation]
+best_model: {task: locally_tuned_model_validation}
+`), "alpha")
+			f.start()
+			own := initialModel()
+			if !same {
+				own[0].Float32s()[0] = 42
+			}
+			file := filepath.Join(t.TempDir(), "model.safetensors")
+			if err := tensor.WriteFile(file, own, map[string]string{"written_by": "the researcher"}); err != nil {
+				t.Fatal(err)
+			}
+			var log bytes.Buffer
+			var mu sync.Mutex
+			c, err := collaborator.New(collaborator.Config{
+				ExperimentID: experimentID, Name: "alpha", Address: f.addr,
+				DialOptions: testpki.DialOptions(f.ca.Keyring(pki.RoleEnvoy, "alpha"), "localhost"),
+				Runner:      &stepRunner{Step: 1, Samples: 1}, WorkDir: t.TempDir(), InitialModel: file,
+				Logger: hclog.New(&hclog.LoggerOptions{Name: "alpha", Output: &lockedWriter{w: &log, mu: &mu}}),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- c.Run(t.Context()) }()
+			if err := f.wait(time.Minute); err != nil {
+				t.Fatalf("Run: %v", err)
+			}
+			if err := <-done; !finished(err) {
+				t.Fatalf("collaborator: %v", err)
+			}
+			mu.Lock()
+			read := strings.Count(log.String(), "instead of downloading it")
+			mu.Unlock()
+			if want := map[bool]int{true: 1, false: 0}[same]; read != want {
+				t.Errorf("the collaborator read its own file for %d rounds, want %d", read, want)
+			}
+			// Either way round 1 trained the initial model: every weight + 1.
+			if got, want := readModel(t, f.dir, 1).Get("fc.weight").Float32s()[0], initialModel()[0].Float32s()[0]+1; got != want {
+				t.Errorf("round 1's model starts %v, want %v", got, want)
+			}
+		})
+	}
+}

@@ -117,21 +117,30 @@ func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator
 	enc.ResumeAt(tensor.Position{Tensors: int(req.GetResumeTensors()), Bytes: req.GetResumeBytes()})
 	switch {
 	case round == current && model != nil:
-		header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(model)), Bytes: model.Bytes()}
+		header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(model)), Bytes: model.Bytes(), Digest: a.digestOf(round)}
 		if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
 			return err
 		}
 		return enc.EncodeModel(model)
 	case round >= 1 && round <= current:
-		return sendModelFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)), round, stream, enc)
+		return sendModelFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)), round, a.digestOf(round), stream, enc)
 	}
 	return status.Errorf(codes.NotFound, "round %d has not started (current round: %d)", round, current)
+}
+
+// digestOf is the digest the download of round's model announces: the
+// initial model's for round 1, none for the others.
+func (a *Aggregator) digestOf(round int) string {
+	if round == 1 {
+		return a.initialDigest
+	}
+	return ""
 }
 
 // sendModelFile streams the model a round starts from out of its round
 // file, a chunk at a time: the aggregator keeps no copy of it in memory
 // (and a download of an earlier round costs none either).
-func sendModelFile(path string, round int, stream fxv1.Aggregator_FetchModelServer, enc *tensor.Encoder) error {
+func sendModelFile(path string, round int, digest string, stream fxv1.Aggregator_FetchModelServer, enc *tensor.Encoder) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return status.Errorf(codes.NotFound, "the model of round %d is not kept: %v", round, err)
@@ -142,7 +151,7 @@ func sendModelFile(path string, round int, stream fxv1.Aggregator_FetchModelServ
 	if err != nil {
 		return status.Errorf(codes.DataLoss, "the model of round %d cannot be read: %v", round, err)
 	}
-	header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(h.Tensors)), Bytes: h.DataSize}
+	header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(h.Tensors)), Bytes: h.DataSize, Digest: digest}
 	if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
 		return err
 	}

@@ -53,7 +53,11 @@ type Config struct {
 	Runner      runner.Runner
 	// WorkDir keeps the round's results until they are uploaded.
 	WorkDir string
-	Logger  hclog.Logger
+	// InitialModel, if set, is a file that may hold round 1's model (the
+	// archive's model.safetensors): when a download announces the digest
+	// of what it holds, the collaborator reads it instead of downloading.
+	InitialModel string
+	Logger       hclog.Logger
 	// MaxUnreachable bounds how long the aggregator may stay unreachable
 	// before Run gives up; DefaultMaxUnreachable when zero.
 	MaxUnreachable time.Duration
@@ -98,6 +102,10 @@ type Collaborator struct {
 	// this collaborator (see membudget), and release gives it back.
 	reserved int64
 	release  func()
+	// triedLocal is set once the InitialModel file was read (local holds
+	// it until used, if it matched).
+	triedLocal bool
+	local      tensor.Model
 }
 
 // New checks the configuration and prepares the connection (gRPC connects
@@ -421,6 +429,14 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		case dec != nil && !proto.Equal(h, want):
 			dec = nil // not the model the download began with: start over
 			return status.Errorf(codes.Aborted, "the resumed download announced another model (%v, had %v)", h, want)
+		case dec == nil && c.haveLocally(h):
+			if c.resultsRound != round {
+				c.results = nil
+			}
+			c.model, c.modelRound = c.local, round
+			c.local = nil
+			c.log.Info("round's model read from the experiment's own file instead of downloading it", "round", round, "file", c.cfg.InitialModel, "bytes", h.GetBytes())
+			return nil // ends the download: its context is cancelled on return
 		case dec == nil:
 			// Another round's model and results are of no more use: the
 			// new model is decoded into the old one's buffers, and the
@@ -459,6 +475,29 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		c.model, c.modelRound = m, round
 		return nil
 	})
+}
+
+// haveLocally reports whether the InitialModel file holds the model a
+// download announces (by its digest), loading it into c.local if so. The
+// file is read once.
+func (c *Collaborator) haveLocally(h *fxv1.ModelHeader) bool {
+	if h.GetDigest() == "" || c.cfg.InitialModel == "" || c.triedLocal {
+		return false
+	}
+	c.triedLocal = true
+	m, _, err := tensor.ReadFile(c.cfg.InitialModel)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			c.log.Warn("cannot read the experiment's initial model; downloading it", "file", c.cfg.InitialModel, "error", err)
+		}
+		return false
+	}
+	if tensor.Digest(m) != h.GetDigest() || m.Bytes() != h.GetBytes() {
+		return false
+	}
+	c.budget(h.GetBytes())
+	c.local = m
+	return true
 }
 
 // budget reserves memory for a model of the given size: the round's model

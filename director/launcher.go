@@ -22,7 +22,7 @@ import (
 )
 
 // InitialModelFile is the optional initial model at an archive's root.
-const InitialModelFile = "model.safetensors"
+const InitialModelFile = experiment.InitialModelFile
 
 // LaunchSpec is everything needed to run one experiment's aggregator.
 type LaunchSpec struct {

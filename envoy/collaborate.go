@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"sync"
 
 	"github.com/fx-fl/fx/collaborator"
+	"github.com/fx-fl/fx/experiment"
 )
 
 // DefaultCollaborator runs the collaborator package's loop. The aggregator
@@ -22,6 +24,7 @@ func DefaultCollaborator(ctx context.Context, spec CollaboratorSpec) error {
 		DialOptions:  spec.DialOptions,
 		Runner:       spec.Runner,
 		WorkDir:      spec.WorkDir,
+		InitialModel: filepath.Join(spec.Dir, experiment.InitialModelFile),
 		Logger:       spec.Logger,
 		Retry:        spec.Retry.schedule(),
 	})

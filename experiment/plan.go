@@ -23,6 +23,11 @@ import (
 // archive.
 const PlanFile = "plan.yaml"
 
+// InitialModelFile is the initial model at an archive's root: required for
+// exec runners, optional for built-in ones (the aggregator initialises
+// those). Round 1 starts from it.
+const InitialModelFile = "model.safetensors"
+
 // Runner kinds.
 const (
 	// RunnerBuiltin runs one of fx's plain-Go models (RunnerSpec.Model).

@@ -1,6 +1,9 @@
 package tensor
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"slices"
 	"strings"
@@ -98,4 +101,31 @@ func (m Model) Matches(other Model) error {
 		return fmt.Errorf("model has %d tensors, want %d", len(other), len(m))
 	}
 	return nil
+}
+
+// Digest is a model's content digest: SHA-256, in hex, over each tensor's
+// name, dtype, shape and data, in name order. Two models have the same
+// digest when they hold the same tensors, whatever file they came from
+// (a safetensors file's metadata and padding do not count).
+func Digest(m Model) string {
+	h := sha256.New()
+	order := slices.Clone(m)
+	order.Sort()
+	var buf [8]byte
+	for _, t := range order {
+		h.Write([]byte(t.Name))
+		h.Write([]byte{0})
+		h.Write([]byte(t.DType))
+		h.Write([]byte{0})
+		binary.LittleEndian.PutUint64(buf[:], uint64(len(t.Shape)))
+		h.Write(buf[:])
+		for _, d := range t.Shape {
+			binary.LittleEndian.PutUint64(buf[:], uint64(d))
+			h.Write(buf[:])
+		}
+		binary.LittleEndian.PutUint64(buf[:], uint64(len(t.Data)))
+		h.Write(buf[:])
+		h.Write(t.Data)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }

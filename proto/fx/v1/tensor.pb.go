@@ -255,7 +255,13 @@ type ModelHeader struct {
 	// How many tensors follow.
 	Tensors int32 `protobuf:"varint,2,opt,name=tensors,proto3" json:"tensors,omitempty"`
 	// The sum of the tensors' data sizes in bytes.
-	Bytes         int64 `protobuf:"varint,3,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	Bytes int64 `protobuf:"varint,3,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// The model's content digest (tensor.Digest: SHA-256 over each tensor's
+	// name, dtype, shape and data, in name order), where the aggregator says
+	// it: for round 1, whose model is the experiment's initial one. A
+	// collaborator that holds a model of this digest (the archive's
+	// model.safetensors) may end the download and use its own.
+	Digest        string `protobuf:"bytes,4,opt,name=digest,proto3" json:"digest,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -311,6 +317,13 @@ func (x *ModelHeader) GetBytes() int64 {
 	return 0
 }
 
+func (x *ModelHeader) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
 var File_fx_v1_tensor_proto protoreflect.FileDescriptor
 
 const file_fx_v1_tensor_proto_rawDesc = "" +
@@ -323,11 +336,12 @@ const file_fx_v1_tensor_proto_rawDesc = "" +
 	"\vTensorFrame\x12-\n" +
 	"\x06header\x18\x01 \x01(\v2\x13.fx.v1.TensorHeaderH\x00R\x06header\x12\x1f\n" +
 	"\x04data\x18\x02 \x01(\fB\t\xbaH\x06z\x04\x18\x80\x80@H\x00R\x04dataB\a\n" +
-	"\x05frame\"S\n" +
+	"\x05frame\"t\n" +
 	"\vModelHeader\x12\x14\n" +
 	"\x05round\x18\x01 \x01(\x05R\x05round\x12\x18\n" +
 	"\atensors\x18\x02 \x01(\x05R\atensors\x12\x14\n" +
-	"\x05bytes\x18\x03 \x01(\x03R\x05bytes*\x87\x01\n" +
+	"\x05bytes\x18\x03 \x01(\x03R\x05bytes\x12\x1f\n" +
+	"\x06digest\x18\x04 \x01(\tB\a\xbaH\x04r\x02(@R\x06digest*\x87\x01\n" +
 	"\x05DType\x12\x15\n" +
 	"\x11DTYPE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDTYPE_F32\x10\x01\x12\r\n" +

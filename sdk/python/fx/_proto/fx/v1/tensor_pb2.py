@@ -21,7 +21,7 @@ DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/tensor.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x12\x66x/v1/tensor.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\"\\\n\x0cTensorHeader\x12\x16\n\x04name\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80\x04\x12\x1b\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0c.fx.v1.DType\x12\x17\n\x05shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10@\"X\n\x0bTensorFrame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.TensorHeaderH\x00\x12\x19\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x07\n\x05\x66rame\"<\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F64\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I32\x10\x05\x12\r\n\tDTYPE_I64\x10\x06\x12\x0c\n\x08\x44TYPE_U8\x10\x07\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  serialized_pb=_b('\n\x12\x66x/v1/tensor.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\"\\\n\x0cTensorHeader\x12\x16\n\x04name\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80\x04\x12\x1b\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0c.fx.v1.DType\x12\x17\n\x05shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10@\"X\n\x0bTensorFrame\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.TensorHeaderH\x00\x12\x19\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x07\n\x05\x66rame\"U\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x17\n\x06\x64igest\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@*\x87\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F64\x10\x02\x12\r\n\tDTYPE_F16\x10\x03\x12\x0e\n\nDTYPE_BF16\x10\x04\x12\r\n\tDTYPE_I32\x10\x05\x12\r\n\tDTYPE_I64\x10\x06\x12\x0c\n\x08\x44TYPE_U8\x10\x07\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
   ,
   dependencies=[buf_dot_validate_dot_validate__pb2.DESCRIPTOR,])
 
@@ -66,8 +66,8 @@ _DTYPE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=305,
-  serialized_end=440,
+  serialized_start=330,
+  serialized_end=465,
 )
 _sym_db.RegisterEnumDescriptor(_DTYPE)
 
@@ -197,6 +197,13 @@ _MODELHEADER = _descriptor.Descriptor(
       message_type=None, enum_type=None, containing_type=None,
       is_extension=False, extension_scope=None,
       options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='digest', full_name='fx.v1.ModelHeader.digest', index=3,
+      number=4, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
   ],
   extensions=[
   ],
@@ -210,7 +217,7 @@ _MODELHEADER = _descriptor.Descriptor(
   oneofs=[
   ],
   serialized_start=242,
-  serialized_end=302,
+  serialized_end=327,
 )
 
 _TENSORHEADER.fields_by_name['dtype'].enum_type = _DTYPE
@@ -257,4 +264,6 @@ _TENSORHEADER.fields_by_name['shape'].has_options = True
 _TENSORHEADER.fields_by_name['shape']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005\222\001\002\020@'))
 _TENSORFRAME.fields_by_name['data'].has_options = True
 _TENSORFRAME.fields_by_name['data']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006z\004\030\200\200@'))
+_MODELHEADER.fields_by_name['digest'].has_options = True
+_MODELHEADER.fields_by_name['digest']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
 # @@protoc_insertion_point(module_scope)
