@@ -544,6 +544,9 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	a.model, a.best = model, best
 	if !a.keepsModel() {
 		a.model = nil // its round file serves it (see the field)
+		if training && a.acc != nil {
+			a.acc.GiveBack(model) // the next round's sum reuses its memory
+		}
 	}
 	if r.number >= a.lastRound() {
 		a.ended, a.endWhy = true, "the experiment has finished"

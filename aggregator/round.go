@@ -180,6 +180,7 @@ func (a *Aggregator) aggregate(r *roundState) (tensor.Model, error) {
 	if err != nil {
 		return nil, err
 	}
+	a.acc.GiveBack(avg) // the next round's sum reuses its memory
 	a.optSteps++
 	return next, nil
 }

@@ -134,6 +134,10 @@ type accSlot struct {
 	sum64    []float64
 	ints     []byte // integer tensors: the value Mean reports
 	intsInit []byte // integer tensors: the layout's value, restored by Reset
+	// taken32 and taken64 are the sums TakeMean handed over, which
+	// GiveBack may return for Reset to reuse.
+	taken32 []float32
+	taken64 []float64
 }
 
 const (
@@ -393,11 +397,11 @@ func (a *Accumulator) mean(take bool) (Model, error) {
 		case take && s.dtype == F32:
 			scaleParallel(s.sum32, s.sum32, float32(inv))
 			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(s.sum32)}
-			s.sum32 = nil
+			s.sum32, s.taken32 = nil, s.sum32
 		case take && s.dtype == F64:
 			t = &Tensor{Name: s.name, DType: s.dtype, Shape: slices.Clone(s.shape), Data: asBytes(s.sum64)}
 			scaleParallel(s.sum64, s.sum64, inv)
-			s.sum64 = nil
+			s.sum64, s.taken64 = nil, s.sum64
 		default:
 			t = New(s.name, s.dtype, s.shape)
 			switch s.dtype {
@@ -478,6 +482,28 @@ func scaleParallel[T float](dst, src []T, a T) {
 	parallelBlocks(len(dst), blockElems, func(lo, hi int) { scaleTo(dst[lo:hi], src[lo:hi], a) })
 }
 
+// GiveBack returns the model TakeMean handed over, once the caller is done
+// with it (has written it to disk, say): the next Reset clears and reuses
+// its memory instead of allocating a new sum, so a round's close needs no
+// second model's worth. The caller must not use m afterwards. Tensors that
+// are not the ones TakeMean handed over are ignored.
+func (a *Accumulator) GiveBack(m Model) {
+	a.gate.Lock()
+	defer a.gate.Unlock()
+	for i := range a.slots {
+		s := &a.slots[i]
+		t := m.Get(s.name)
+		switch {
+		case t == nil || len(t.Data) == 0:
+		case s.taken32 != nil && s.sum32 == nil && &t.Data[0] == &asBytes(s.taken32)[0]:
+			s.sum32 = s.taken32
+		case s.taken64 != nil && s.sum64 == nil && &t.Data[0] == &asBytes(s.taken64)[0]:
+			s.sum64 = s.taken64
+		}
+		s.taken32, s.taken64 = nil, nil
+	}
+}
+
 // errTaken marks an accumulator whose sums TakeMean handed over.
 var errTaken = errors.New("its mean was taken; Reset it for the next round")
 
@@ -494,6 +520,7 @@ func (a *Accumulator) Reset() {
 		case (s.dtype == F32 || s.dtype == F16 || s.dtype == BF16) && s.sum32 == nil:
 			s.sum32 = make([]float32, s.n)
 		}
+		s.taken32, s.taken64 = nil, nil
 		clear(s.sum32)
 		clear(s.sum64)
 		copy(s.ints, s.intsInit)

@@ -824,3 +824,67 @@ func TestMemoryBudgetSpillsBeyondIt(t *testing.T) {
 		t.Errorf("%d bytes of the memory budget still held after every upload ended", budgeted.memStaged)
 	}
 }
+
+// TestGiveBackReusesTheMean: the model TakeMean handed over, given back,
+// becomes the next round's sum (cleared), and the sums are right again.
+func TestGiveBackReusesTheMean(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	updates, _ := makeUpdates(rng, 2, 100)
+	acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
+	if err != nil {
+		t.Fatal(err)
+	}
+	commit := func(m Model) {
+		up, err := acc.Begin()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := chunks(rng, m, up.AddChunk); err != nil {
+			t.Fatal(err)
+		}
+		if err := up.Commit(1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	commit(updates[0])
+	mean, err := acc.TakeMean()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var given *Tensor
+	for _, tn := range mean {
+		if tn.DType == F32 && len(tn.Data) > 0 {
+			given = tn
+			break
+		}
+	}
+	if given == nil {
+		t.Fatal("no F32 tensor in the test model")
+	}
+	acc.GiveBack(mean)
+	acc.Reset()
+	s := acc.slots[acc.index[given.Name]]
+	if &asBytes(s.sum32)[0] != &given.Data[0] {
+		t.Error("Reset allocated a new sum although the mean was given back")
+	}
+	for _, v := range s.sum32 {
+		if v != 0 {
+			t.Fatal("the reused sum was not cleared")
+		}
+	}
+	commit(updates[1])
+	plain, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, _ := plain.Begin()
+	if err := chunks(rng, updates[1], up.AddChunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := up.Commit(1); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(sums(acc), sums(plain)) {
+		t.Error("a round summed into the given-back memory differs from one summed into fresh memory")
+	}
+}
