@@ -485,6 +485,9 @@ func (c *Collaborator) haveLocally(h *fxv1.ModelHeader) bool {
 		return false
 	}
 	c.triedLocal = true
+	// Reserved before the model is read, so that the memory budget does
+	// not count it as the process's own (see membudget.Reserve).
+	c.budget(h.GetBytes())
 	m, _, err := tensor.ReadFile(c.cfg.InitialModel)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
@@ -495,7 +498,6 @@ func (c *Collaborator) haveLocally(h *fxv1.ModelHeader) bool {
 	if tensor.Digest(m) != h.GetDigest() || m.Bytes() != h.GetBytes() {
 		return false
 	}
-	c.budget(h.GetBytes())
 	c.local = m
 	return true
 }
