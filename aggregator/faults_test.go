@@ -256,13 +256,30 @@ best_model: {task: locally_tuned_model_validation}
 	f.initial = tensor.Model{tensor.New("fc.weight", tensor.F32, []int64{1 << 21}), tensor.New("fc.bias", tensor.F32, []int64{2})}
 	f.start()
 	proxy := newCutProxy(t, f.addr, 3<<20, false)
+	out := runLogged(t, f, proxy.lis.Addr().String(), "")
+	if proxy.cuts.Load() != 1 {
+		t.Fatal("the proxy never cut the connection: the test shows nothing")
+	}
+	if !regexp.MustCompile(`resuming the model download: .*bytes=[1-9]`).MatchString(out) {
+		t.Errorf("the collaborator did not resume the download where it stopped; its log:\n%s", out)
+	}
+	got := readModel(t, f.dir, 1).Get("fc.weight").Float32s()
+	if got[0] != 1 || got[len(got)-1] != 1 {
+		t.Errorf("the trained model is %v … %v, want every weight 0 + 1", got[0], got[len(got)-1])
+	}
+}
+
+// runLogged runs collaborator alpha against the aggregator at addr (its
+// own, or a proxy's) with a quick retry schedule until the experiment ends,
+// and returns what it logged.
+func runLogged(t *testing.T, f *federation, addr, initialModel string) string {
+	t.Helper()
 	var log bytes.Buffer
 	var mu sync.Mutex
-	k := f.ca.Keyring(pki.RoleEnvoy, "alpha")
 	c, err := collaborator.New(collaborator.Config{
-		ExperimentID: experimentID, Name: "alpha", Address: proxy.lis.Addr().String(),
-		DialOptions: testpki.DialOptions(k, "localhost"),
-		Runner:      &stepRunner{Step: 1, Samples: 1}, WorkDir: t.TempDir(),
+		ExperimentID: experimentID, Name: "alpha", Address: addr,
+		DialOptions: testpki.DialOptions(f.ca.Keyring(pki.RoleEnvoy, "alpha"), "localhost"),
+		Runner:      &stepRunner{Step: 1, Samples: 1}, WorkDir: t.TempDir(), InitialModel: initialModel,
 		Logger: hclog.New(&hclog.LoggerOptions{Name: "alpha", Output: &lockedWriter{w: &log, mu: &mu}}),
 		Retry:  backoff.Config{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond},
 	})
@@ -277,19 +294,9 @@ best_model: {task: locally_tuned_model_validation}
 	if err := <-done; !finished(err) {
 		t.Fatalf("collaborator: %v", err)
 	}
-	if proxy.cuts.Load() != 1 {
-		t.Fatal("the proxy never cut the connection: the test shows nothing")
-	}
 	mu.Lock()
-	out := log.String()
-	mu.Unlock()
-	if !regexp.MustCompile(`resuming the model download: .*bytes=[1-9]`).MatchString(out) {
-		t.Errorf("the collaborator did not resume the download where it stopped; its log:\n%s", out)
-	}
-	got := readModel(t, f.dir, 1).Get("fc.weight").Float32s()
-	if got[0] != 1 || got[len(got)-1] != 1 {
-		t.Errorf("the trained model is %v … %v, want every weight 0 + 1", got[0], got[len(got)-1])
-	}
+	defer mu.Unlock()
+	return log.String()
 }
 
 // lockedWriter serialises writes to w.
@@ -322,33 +329,10 @@ best_model: {task: locally_tuned_model_validation}
 	// The first connection's client-to-aggregator bytes are the requests
 	// and then the 8 MiB upload: the cut at 3 MiB falls in its first tensor.
 	proxy := newCutProxy(t, f.addr, 3<<20, true)
-	var log bytes.Buffer
-	var mu sync.Mutex
-	k := f.ca.Keyring(pki.RoleEnvoy, "alpha")
-	c, err := collaborator.New(collaborator.Config{
-		ExperimentID: experimentID, Name: "alpha", Address: proxy.lis.Addr().String(),
-		DialOptions: testpki.DialOptions(k, "localhost"),
-		Runner:      &stepRunner{Step: 1, Samples: 1}, WorkDir: t.TempDir(),
-		Logger: hclog.New(&hclog.LoggerOptions{Name: "alpha", Output: &lockedWriter{w: &log, mu: &mu}}),
-		Retry:  backoff.Config{Initial: 10 * time.Millisecond, Max: 100 * time.Millisecond},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- c.Run(t.Context()) }()
-	if err := f.wait(time.Minute); err != nil {
-		t.Fatalf("Run: %v", err)
-	}
-	if err := <-done; !finished(err) {
-		t.Fatalf("collaborator: %v", err)
-	}
+	out := runLogged(t, f, proxy.lis.Addr().String(), "")
 	if proxy.cuts.Load() != 1 {
 		t.Fatal("the proxy never cut the connection: the test shows nothing")
 	}
-	mu.Lock()
-	out := log.String()
-	mu.Unlock()
 	if !regexp.MustCompile(`resuming the upload: .*bytes=[1-9]`).MatchString(out) {
 		t.Errorf("the collaborator did not resume the upload where it broke; its log:\n%s", out)
 	}
@@ -384,28 +368,7 @@ best_model: {task: locally_tuned_model_validation}
 			if err := tensor.WriteFile(file, own, map[string]string{"written_by": "the researcher"}); err != nil {
 				t.Fatal(err)
 			}
-			var log bytes.Buffer
-			var mu sync.Mutex
-			c, err := collaborator.New(collaborator.Config{
-				ExperimentID: experimentID, Name: "alpha", Address: f.addr,
-				DialOptions: testpki.DialOptions(f.ca.Keyring(pki.RoleEnvoy, "alpha"), "localhost"),
-				Runner:      &stepRunner{Step: 1, Samples: 1}, WorkDir: t.TempDir(), InitialModel: file,
-				Logger: hclog.New(&hclog.LoggerOptions{Name: "alpha", Output: &lockedWriter{w: &log, mu: &mu}}),
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			done := make(chan error, 1)
-			go func() { done <- c.Run(t.Context()) }()
-			if err := f.wait(time.Minute); err != nil {
-				t.Fatalf("Run: %v", err)
-			}
-			if err := <-done; !finished(err) {
-				t.Fatalf("collaborator: %v", err)
-			}
-			mu.Lock()
-			read := strings.Count(log.String(), "instead of downloading it")
-			mu.Unlock()
+			read := strings.Count(runLogged(t, f, f.addr, file), "instead of downloading it")
 			if want := map[bool]int{true: 1, false: 0}[same]; read != want {
 				t.Errorf("the collaborator read its own file for %d rounds, want %d", read, want)
 			}
