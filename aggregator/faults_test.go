@@ -239,12 +239,27 @@ func newCutProxy(t *testing.T, target string, limit int64, upload bool) *cutProx
 	return p
 }
 
-// TestDownloadResumesAfterAConnectionCut: the connection a collaborator
-// downloads the model on is cut halfway; the collaborator reconnects and
-// the download goes on from where it stopped, not from the beginning, and
-// the round completes with the model intact.
-func TestDownloadResumesAfterAConnectionCut(t *testing.T) {
-	f := newFederation(t, parsePlan(t, `
+// TestTransferResumesAfterAConnectionCut: the connection a collaborator
+// downloads the model on, or uploads its trained weights on, is cut
+// halfway; the collaborator reconnects and the transfer goes on from where
+// it stopped, not from the beginning (for an upload the aggregator kept
+// what arrived and says how much), and the round completes with the model
+// intact.
+func TestTransferResumesAfterAConnectionCut(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		upload bool
+		logged string
+	}{
+		// The first connection's aggregator-to-collaborator bytes are the
+		// 8 MiB download, its collaborator-to-aggregator bytes the requests
+		// and then the 8 MiB upload: a cut at 3 MiB falls in the first
+		// tensor either way.
+		{"download", false, `resuming the model download: .*bytes=[1-9]`},
+		{"upload", true, `resuming the upload: .*bytes=[1-9]`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFederation(t, parsePlan(t, `
 name: test
 rounds: 1
 participants: {min: 1}
@@ -252,20 +267,23 @@ runner: {kind: builtin, model: mlp}
 tasks: [train, locally_tuned_model_validation]
 best_model: {task: locally_tuned_model_validation}
 `), "alpha")
-	// 8 MiB of weights: the cut at 3 MiB falls mid-tensor.
-	f.initial = tensor.Model{tensor.New("fc.weight", tensor.F32, []int64{1 << 21}), tensor.New("fc.bias", tensor.F32, []int64{2})}
-	f.start()
-	proxy := newCutProxy(t, f.addr, 3<<20, false)
-	out := runLogged(t, f, proxy.lis.Addr().String(), "")
-	if proxy.cuts.Load() != 1 {
-		t.Fatal("the proxy never cut the connection: the test shows nothing")
-	}
-	if !regexp.MustCompile(`resuming the model download: .*bytes=[1-9]`).MatchString(out) {
-		t.Errorf("the collaborator did not resume the download where it stopped; its log:\n%s", out)
-	}
-	got := readModel(t, f.dir, 1).Get("fc.weight").Float32s()
-	if got[0] != 1 || got[len(got)-1] != 1 {
-		t.Errorf("the trained model is %v … %v, want every weight 0 + 1", got[0], got[len(got)-1])
+			f.initial = tensor.Model{tensor.New("fc.weight", tensor.F32, []int64{1 << 21}), tensor.New("fc.bias", tensor.F32, []int64{2})}
+			f.start()
+			proxy := newCutProxy(t, f.addr, 3<<20, tc.upload)
+			out := runLogged(t, f, proxy.lis.Addr().String(), "")
+			if proxy.cuts.Load() != 1 {
+				t.Fatal("the proxy never cut the connection: the test shows nothing")
+			}
+			if !regexp.MustCompile(tc.logged).MatchString(out) {
+				t.Errorf("the collaborator did not resume the %s where it broke; its log:\n%s", tc.name, out)
+			}
+			got := readModel(t, f.dir, 1).Get("fc.weight").Float32s()
+			for _, i := range []int{0, len(got) / 2, len(got) - 1} {
+				if got[i] != 1 {
+					t.Errorf("weight %d of the aggregated model is %v, want 0 + 1", i, got[i])
+				}
+			}
+		})
 	}
 }
 
@@ -309,39 +327,6 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
-}
-
-// TestUploadResumesAfterAConnectionCut: the connection a collaborator
-// uploads its trained weights on is cut halfway; the aggregator keeps what
-// arrived, the collaborator asks how much and sends the rest, and the round
-// completes with the model intact.
-func TestUploadResumesAfterAConnectionCut(t *testing.T) {
-	f := newFederation(t, parsePlan(t, `
-name: test
-rounds: 1
-participants: {min: 1}
-runner: {kind: builtin, model: mlp}
-tasks: [train, locally_tuned_model_validation]
-best_model: {task: locally_tuned_model_validation}
-`), "alpha")
-	f.initial = tensor.Model{tensor.New("fc.weight", tensor.F32, []int64{1 << 21}), tensor.New("fc.bias", tensor.F32, []int64{2})}
-	f.start()
-	// The first connection's client-to-aggregator bytes are the requests
-	// and then the 8 MiB upload: the cut at 3 MiB falls in its first tensor.
-	proxy := newCutProxy(t, f.addr, 3<<20, true)
-	out := runLogged(t, f, proxy.lis.Addr().String(), "")
-	if proxy.cuts.Load() != 1 {
-		t.Fatal("the proxy never cut the connection: the test shows nothing")
-	}
-	if !regexp.MustCompile(`resuming the upload: .*bytes=[1-9]`).MatchString(out) {
-		t.Errorf("the collaborator did not resume the upload where it broke; its log:\n%s", out)
-	}
-	got := readModel(t, f.dir, 1).Get("fc.weight").Float32s()
-	for _, i := range []int{0, len(got) / 2, len(got) - 1} {
-		if got[i] != 1 {
-			t.Errorf("weight %d of the aggregated model is %v, want 0 + 1", i, got[i])
-		}
-	}
 }
 
 // TestRoundOneFromTheCollaboratorsOwnModel: round 1's download announces

@@ -102,10 +102,8 @@ type Collaborator struct {
 	// this collaborator (see membudget), and release gives it back.
 	reserved int64
 	release  func()
-	// triedLocal is set once the InitialModel file was read (local holds
-	// it until used, if it matched).
+	// triedLocal is set once the InitialModel file was read.
 	triedLocal bool
-	local      tensor.Model
 }
 
 // New checks the configuration and prepares the connection (gRPC connects
@@ -422,6 +420,10 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 			return stalled(ctx, err)
 		}
 		h := first.GetHeader()
+		var local tensor.Model // round 1's model from the archive, if it is that
+		if dec == nil && h != nil {
+			local = c.localModel(h)
+		}
 		switch {
 		case h == nil:
 			dec = nil
@@ -429,12 +431,11 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		case dec != nil && !proto.Equal(h, want):
 			dec = nil // not the model the download began with: start over
 			return status.Errorf(codes.Aborted, "the resumed download announced another model (%v, had %v)", h, want)
-		case dec == nil && c.haveLocally(h):
+		case local != nil:
 			if c.resultsRound != round {
 				c.results = nil
 			}
-			c.model, c.modelRound = c.local, round
-			c.local = nil
+			c.model, c.modelRound = local, round
 			c.log.Info("round's model read from the experiment's own file instead of downloading it", "round", round, "file", c.cfg.InitialModel, "bytes", h.GetBytes())
 			return nil // ends the download: its context is cancelled on return
 		case dec == nil:
@@ -477,12 +478,11 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 	})
 }
 
-// haveLocally reports whether the InitialModel file holds the model a
-// download announces (by its digest), loading it into c.local if so. The
-// file is read once.
-func (c *Collaborator) haveLocally(h *fxv1.ModelHeader) bool {
+// localModel returns the model in the InitialModel file if it is the one a
+// download announces (by its digest), else nil. The file is read once.
+func (c *Collaborator) localModel(h *fxv1.ModelHeader) tensor.Model {
 	if h.GetDigest() == "" || c.cfg.InitialModel == "" || c.triedLocal {
-		return false
+		return nil
 	}
 	c.triedLocal = true
 	// Reserved before the model is read, so that the memory budget does
@@ -493,13 +493,12 @@ func (c *Collaborator) haveLocally(h *fxv1.ModelHeader) bool {
 		if !errors.Is(err, os.ErrNotExist) {
 			c.log.Warn("cannot read the experiment's initial model; downloading it", "file", c.cfg.InitialModel, "error", err)
 		}
-		return false
+		return nil
 	}
 	if tensor.Digest(m) != h.GetDigest() || m.Bytes() != h.GetBytes() {
-		return false
+		return nil
 	}
-	c.local = m
-	return true
+	return m
 }
 
 // budget reserves memory for a model of the given size: the round's model

@@ -64,13 +64,6 @@ func Reserve(n, held int64) (release func()) {
 	}
 }
 
-// Limit is the memory limit the reservations set now (math.MaxInt64: none).
-func Limit() int64 {
-	mu.Lock()
-	defer mu.Unlock()
-	return limitLocked()
-}
-
 func limitLocked() int64 {
 	if reserved == 0 || operator {
 		return math.MaxInt64

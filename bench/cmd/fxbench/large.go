@@ -66,13 +66,13 @@ func largeMain(args []string) error {
 	out := fs.String("out", "", "write the result as JSON here")
 	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
-	var mibs []int
+	var sizeMiBs []int
 	for _, s := range strings.Split(*sizes, ",") {
 		v, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || v <= 0 {
 			return fmt.Errorf("-sizes %q: want positive MiB counts, comma-separated", *sizes)
 		}
-		mibs = append(mibs, v)
+		sizeMiBs = append(sizeMiBs, v)
 	}
 	if *envoys < 1 || *rounds < 2 || *trials < 1 {
 		return errors.New("want -envoys ≥ 1, -rounds ≥ 2, -trials ≥ 1")
@@ -80,26 +80,19 @@ func largeMain(args []string) error {
 	if err := exec.Command(*python, "-c", "import numpy").Run(); err != nil {
 		return fmt.Errorf("%s cannot import numpy (%v): apt-get install python3-numpy", *python, err)
 	}
-	bin, err := filepath.Abs(*fxBin)
+	bin, err := fxBinary(*fxBin)
 	if err != nil {
 		return err
-	}
-	if _, err := os.Stat(bin); err != nil {
-		return fmt.Errorf("-fx %s: %w (go build -o %s ./cmd/fx)", *fxBin, err, *fxBin)
 	}
 	script, err := os.ReadFile(filepath.Join("bench", "large", "rewrite.py"))
 	if err != nil {
 		return fmt.Errorf("run from the repository root: %w", err)
 	}
-	work, err := os.MkdirTemp("", "fxbench-large-")
+	work, done, err := workDir("fxbench-large-", *keep)
 	if err != nil {
 		return err
 	}
-	if *keep {
-		fmt.Printf("work directory (kept): %s\n", work)
-	} else {
-		defer os.RemoveAll(work)
-	}
+	defer done()
 	p, err := openBenchPKI(*pkiDir)
 	if err != nil {
 		return err
@@ -109,16 +102,16 @@ func largeMain(args []string) error {
 	}
 	res := &largeResult{Start: time.Now().UTC(), Uptime: uptime(), Envoys: *envoys, Rounds: *rounds,
 		Runner: "bench/large/rewrite.py: Python (numpy) through fx.site, adds a constant to every weight each train task"}
-	for i, mib := range mibs {
-		s := largeSize{ModelMiB: mib, ModelBytes: int64(mib) << 20, Goal: 2*uint64(mib)<<20 + 128<<20}
-		dir := filepath.Join(work, fmt.Sprintf("%dMiB", mib))
+	for i, size := range sizeMiBs {
+		s := largeSize{ModelMiB: size, ModelBytes: int64(size) << 20, Goal: 2*uint64(size)<<20 + 128<<20}
+		dir := filepath.Join(work, fmt.Sprintf("%dMiB", size))
 		raw := func() error {
 			t, err := measureRawProcesses(p, *envoys, s.ModelBytes, *trials)
 			if err != nil {
-				return fmt.Errorf("raw baseline, %d MiB: %w", mib, err)
+				return fmt.Errorf("raw baseline, %d MiB: %w", size, err)
 			}
 			s.Raw, s.RawMedian = t, median(t)
-			fmt.Printf("raw: %d MiB down and up between 1 and %d processes: %s s, median %.2f s\n", mib, *envoys, fmtSeconds(t), s.RawMedian)
+			fmt.Printf("raw: %d MiB down and up between 1 and %d processes: %s s, median %.2f s\n", size, *envoys, fmtSeconds(t), s.RawMedian)
 			return nil
 		}
 		fx := func() error { return runLarge(bin, p, *envoys, *rounds, *python, script, dir, &s) }
@@ -128,7 +121,7 @@ func largeMain(args []string) error {
 			steps[0], steps[1] = fx, raw
 			s.Order = "fx then raw"
 		}
-		fmt.Printf("== %d MiB model (%s)\n", mib, s.Order)
+		fmt.Printf("== %d MiB model (%s)\n", size, s.Order)
 		for _, step := range steps {
 			if err := step(); err != nil {
 				return err
@@ -136,7 +129,7 @@ func largeMain(args []string) error {
 		}
 		s.Ratio = s.RoundMedian / s.RawMedian
 		fmt.Printf("%d MiB: round %.2f s / raw %.2f s = %.2f× (goal ≤ 1.5); peak RSS director %.0f MiB, envoys %s MiB (goal ≤ %.0f), runners %s MiB; %d log lines of timeouts or retries\n",
-			mib, s.RoundMedian, s.RawMedian, s.Ratio, mib64(s.DirectorHWM), mibList(s.EnvoyHWM), mib64(s.Goal), mibList(s.RunnerHWM), len(s.LogProblems))
+			size, s.RoundMedian, s.RawMedian, s.Ratio, mib(s.DirectorHWM), mibList(s.EnvoyHWM), mib(s.Goal), mibList(s.RunnerHWM), len(s.LogProblems))
 		for _, l := range s.LogProblems[:min(5, len(s.LogProblems))] {
 			fmt.Printf("   %s\n", l)
 		}
@@ -149,12 +142,10 @@ func largeMain(args []string) error {
 	return nil
 }
 
-func mib64(b uint64) float64 { return float64(b) / (1 << 20) }
-
 func mibList(v []uint64) string {
 	parts := make([]string, len(v))
 	for i, b := range v {
-		parts[i] = fmt.Sprintf("%.0f", mib64(b))
+		parts[i] = fmt.Sprintf("%.0f", mib(b))
 	}
 	return strings.Join(parts, ", ")
 }

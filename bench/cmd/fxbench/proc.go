@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -104,3 +105,30 @@ func raiseNoFile(need uint64) (uint64, error) {
 }
 
 func mib(b uint64) float64 { return float64(b) / (1 << 20) }
+
+// fxBinary is the absolute path of the fx binary a benchmark runs as its
+// parties, which must have been built.
+func fxBinary(path string) (string, error) {
+	bin, err := filepath.Abs(path)
+	if err != nil {
+		return "", err
+	}
+	if _, err := os.Stat(bin); err != nil {
+		return "", fmt.Errorf("-fx %s: %w (go build -o %s ./cmd/fx)", path, err, path)
+	}
+	return bin, nil
+}
+
+// workDir makes a benchmark's work directory; done removes it, unless keep
+// asks to keep it (then it says where it is).
+func workDir(prefix string, keep bool) (dir string, done func(), err error) {
+	dir, err = os.MkdirTemp("", prefix)
+	if err != nil {
+		return "", nil, err
+	}
+	if keep {
+		fmt.Printf("work directory (kept): %s\n", dir)
+		return dir, func() {}, nil
+	}
+	return dir, func() { os.RemoveAll(dir) }, nil
+}

@@ -106,12 +106,9 @@ func pytorchMain(args []string) error {
 	if err := exec.Command(*python, "-c", "import torch, numpy").Run(); err != nil {
 		return fmt.Errorf("%s cannot import torch and numpy (%v): apt-get install python3-torch python3-numpy", *python, err)
 	}
-	bin, err := filepath.Abs(*fxBin)
+	bin, err := fxBinary(*fxBin)
 	if err != nil {
 		return err
-	}
-	if _, err := os.Stat(bin); err != nil {
-		return fmt.Errorf("-fx %s: %w (go build -o %s ./cmd/fx)", *fxBin, err, *fxBin)
 	}
 	repo, err := os.Getwd()
 	if err != nil {
@@ -121,15 +118,11 @@ func pytorchMain(args []string) error {
 	if _, err := os.Stat(filepath.Join(benchPy, "mlp.py")); err != nil {
 		return fmt.Errorf("run from the repository root: %w", err)
 	}
-	work, err := os.MkdirTemp("", "fxbench-pytorch-")
+	work, done, err := workDir("fxbench-pytorch-", *keep)
 	if err != nil {
 		return err
 	}
-	if *keep {
-		fmt.Printf("work directory (kept): %s\n", work)
-	} else {
-		defer os.RemoveAll(work)
-	}
+	defer done()
 
 	res := &pytorchResult{Start: time.Now().UTC(), Envoys: *envoys, Rounds: *rounds, Threads: *threads,
 		Model: "MLP 784-128-10, SGD " + pytorchHyperJSON + ", 1 epoch a round; IID Fashion-MNIST shards i/N, seed 1"}

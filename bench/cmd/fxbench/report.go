@@ -471,7 +471,7 @@ func reportLarge(p func(string, ...any), dir string) {
 			first = s.Rounds[0]
 		}
 		p("| %d MiB | %s | %.2f | %.2f | %.2f× | %.1f | %.0f | %s | %.0f | %s | %d |\n", s.ModelMiB, s.Order, s.RawMedian, s.RoundMedian, s.Ratio, first,
-			mib64(s.DirectorHWM), mibList(s.EnvoyHWM), mib64(s.Goal), mibList(s.RunnerHWM), len(s.LogProblems))
+			mib(s.DirectorHWM), mibList(s.EnvoyHWM), mib(s.Goal), mibList(s.RunnerHWM), len(s.LogProblems))
 	}
 	p("\n")
 }
