@@ -2,7 +2,7 @@
 GO ?= go
 BIN ?= bin
 
-.PHONY: build test test-accuracy test-python quickstart test-short proto proto-check lint bench
+.PHONY: build test test-accuracy test-python quickstart test-short proto proto-check mocks mocks-check lint bench
 
 build:
 	$(GO) build -o $(BIN)/fx ./cmd/fx
@@ -36,6 +36,16 @@ proto:
 proto-check: proto
 	@git diff --exit-code -- proto sdk/python || { echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; }
 	@test -z "$$(git status --porcelain -- proto sdk/python)" || { git status --porcelain -- proto sdk/python; echo "generated code is stale: run 'make proto' and commit" >&2; exit 1; }
+
+# Regenerate the gomock mocks (mock_*_test.go) after changing an interface
+# a go:generate mockgen line names.
+mocks:
+	$(GO) generate -run mockgen ./...
+
+# Fail if the committed mocks differ from a fresh generation.
+mocks-check: mocks
+	@git diff --exit-code -- '*mock_*_test.go' || { echo "mocks are stale: run 'make mocks' and commit" >&2; exit 1; }
+	@test -z "$$(git ls-files --others --exclude-standard -- '*mock_*_test.go')" || { git ls-files --others --exclude-standard -- '*mock_*_test.go'; echo "new mocks not committed: run 'make mocks' and commit" >&2; exit 1; }
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt would change:"; echo "$$out"; exit 1; }

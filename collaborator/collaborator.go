@@ -83,12 +83,32 @@ const (
 // DefaultRetry is the backoff of a collaborator whose Config names none.
 var DefaultRetry = backoff.Config{Initial: 200 * time.Millisecond, Max: 15 * time.Second}
 
+// aggregator is what a collaborator calls on its aggregator: the calls of
+// fxv1.AggregatorClient it makes, and no more, so that its unit tests stand
+// in for the aggregator call by call (see mock_aggregator_test.go) and a
+// call added to the service for someone else changes nothing here.
+//
+//go:generate go tool mockgen -destination=mock_aggregator_test.go -package=collaborator -mock_names=aggregator=MockAggregator . aggregator
+//go:generate go tool mockgen -destination=mock_stream_test.go -package=collaborator google.golang.org/grpc ServerStreamingClient,ClientStreamingClient
+//go:generate go tool mockgen -destination=mock_runner_test.go -package=collaborator github.com/fx-fl/fx/runner Runner
+type aggregator interface {
+	GetTasks(ctx context.Context, in *fxv1.GetTasksRequest, opts ...grpc.CallOption) (*fxv1.GetTasksResponse, error)
+	FetchModel(ctx context.Context, in *fxv1.FetchModelRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[fxv1.FetchModelResponse], error)
+	UploadResult(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[fxv1.UploadResultRequest, fxv1.UploadResultResponse], error)
+	UploadPosition(ctx context.Context, in *fxv1.UploadPositionRequest, opts ...grpc.CallOption) (*fxv1.UploadPositionResponse, error)
+}
+
 // Collaborator runs one experiment's tasks at one site.
 type Collaborator struct {
 	cfg    Config
 	log    hclog.Logger
-	conn   *grpc.ClientConn
-	client fxv1.AggregatorClient
+	conn   io.Closer // the connection under client, closed when Run returns
+	client aggregator
+	// pause waits out one backoff delay (false if ctx ended first), and
+	// now is the clock that judges MaxUnreachable: the system's, unless a
+	// test counts the pauses instead of waiting them.
+	pause func(ctx context.Context, d time.Duration) bool
+	now   func() time.Time
 
 	// the round whose global model is held, and the model
 	modelRound int
@@ -109,17 +129,43 @@ type Collaborator struct {
 // New checks the configuration and prepares the connection (gRPC connects
 // lazily, on the first call).
 func New(cfg Config) (*Collaborator, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient(cfg.Address, cfg.DialOptions...)
+	if err != nil {
+		return nil, fmt.Errorf("collaborator: aggregator address %q: %w", cfg.Address, err)
+	}
+	return newCollaborator(cfg, fxv1.NewAggregatorClient(conn), conn), nil
+}
+
+// newCollaborator is a collaborator of a checked configuration that calls
+// client, whose connection is conn.
+func newCollaborator(cfg Config, client aggregator, conn io.Closer) *Collaborator {
+	return &Collaborator{
+		cfg:    cfg,
+		log:    cfg.Logger.Named("collaborator").With("experiment", cfg.ExperimentID),
+		conn:   conn,
+		client: client,
+		pause:  backoff.Sleep,
+		now:    time.Now,
+	}
+}
+
+// check validates the configuration, fills in its defaults and makes the
+// work directory.
+func (cfg *Config) check() error {
 	switch {
 	case cfg.ExperimentID == "":
-		return nil, errors.New("collaborator: experiment id is empty")
+		return errors.New("collaborator: experiment id is empty")
 	case cfg.Name == "":
-		return nil, errors.New("collaborator: name is empty")
+		return errors.New("collaborator: name is empty")
 	case cfg.Address == "":
-		return nil, errors.New("collaborator: aggregator address is empty")
+		return errors.New("collaborator: aggregator address is empty")
 	case cfg.Runner == nil:
-		return nil, errors.New("collaborator: no task runner")
+		return errors.New("collaborator: no task runner")
 	case cfg.WorkDir == "":
-		return nil, errors.New("collaborator: no work directory")
+		return errors.New("collaborator: no work directory")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
@@ -134,18 +180,9 @@ func New(cfg Config) (*Collaborator, error) {
 		cfg.Retry = DefaultRetry
 	}
 	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
-		return nil, fmt.Errorf("collaborator: %w", err)
+		return fmt.Errorf("collaborator: %w", err)
 	}
-	conn, err := grpc.NewClient(cfg.Address, cfg.DialOptions...)
-	if err != nil {
-		return nil, fmt.Errorf("collaborator: aggregator address %q: %w", cfg.Address, err)
-	}
-	return &Collaborator{
-		cfg:    cfg,
-		log:    cfg.Logger.Named("collaborator").With("experiment", cfg.ExperimentID),
-		conn:   conn,
-		client: fxv1.NewAggregatorClient(conn),
-	}, nil
+	return nil
 }
 
 // Quit is returned by Run when the aggregator said the experiment is over
@@ -612,7 +649,7 @@ func (c *Collaborator) retry(ctx context.Context, what string, f func(context.Co
 		err := f(ctx)
 		if err == nil || !transient(err) || ctx.Err() != nil {
 			if err == nil && !since.IsZero() {
-				c.log.Info("aggregator reachable again", "after", time.Since(since).Round(time.Second))
+				c.log.Info("aggregator reachable again", "after", c.now().Sub(since).Round(time.Second))
 			}
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -623,13 +660,13 @@ func (c *Collaborator) retry(ctx context.Context, what string, f func(context.Co
 			return err
 		}
 		if since.IsZero() {
-			since = time.Now()
+			since = c.now()
 			c.log.Warn("aggregator unreachable; retrying with backoff", "call", what, "error", status.Convert(err).Message())
 		}
-		if time.Since(since) > c.cfg.MaxUnreachable {
+		if c.now().Sub(since) > c.cfg.MaxUnreachable {
 			return fmt.Errorf("%s: aggregator unreachable for %s: %w", what, c.cfg.MaxUnreachable, err)
 		}
-		if !b.Wait(ctx) {
+		if !c.pause(ctx, b.Next()) {
 			return ctx.Err()
 		}
 	}

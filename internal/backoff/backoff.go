@@ -51,8 +51,12 @@ func (b *Backoff) Reset() { b.attempt = 0 }
 
 // Wait sleeps for the next delay or until ctx ends; it reports whether ctx
 // is still alive.
-func (b *Backoff) Wait(ctx context.Context) bool {
-	t := time.NewTimer(b.Next())
+func (b *Backoff) Wait(ctx context.Context) bool { return Sleep(ctx, b.Next()) }
+
+// Sleep waits for d or until ctx ends; it reports whether ctx is still
+// alive.
+func Sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
