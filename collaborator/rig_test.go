@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -30,9 +31,14 @@ import (
 // pauses), so the figures only need to be told apart.
 var testRetry = backoff.Config{Initial: 100 * time.Millisecond, Max: 800 * time.Millisecond}
 
+// maxPauses bounds the pauses of one test: none needs a tenth of it.
+const maxPauses = 1000
+
 // pauses stands in for the collaborator's clock: a pause moves the time on
 // by its delay at once and is recorded.
 type pauses struct {
+	t      *testing.T
+	stop   context.CancelFunc // ends the run: set by rig.run
 	mu     sync.Mutex
 	at     time.Time
 	delays []time.Duration
@@ -49,6 +55,11 @@ func (p *pauses) pause(ctx context.Context, d time.Duration) bool {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if len(p.delays) == maxPauses {
+		p.t.Errorf("more than %d backoff pauses: a retry loop that does not end", maxPauses)
+		p.stop()
+		return false
+	}
 	p.delays = append(p.delays, d)
 	p.at = p.at.Add(d)
 	return true
@@ -75,6 +86,7 @@ type rig struct {
 	pauses *pauses
 	cfg    Config
 	c      *Collaborator
+	failed <-chan struct{} // closed when a mock expectation failed
 
 	mu      sync.Mutex
 	uploads []upload // every upload attempt that got as far as its header
@@ -90,10 +102,32 @@ type nopCloser struct{}
 
 func (nopCloser) Close() error { return nil }
 
+// reporter is gomock's TestReporter for the rig. A mock is called from
+// the collaborator's goroutines too (its uploader), where t.Fatalf could
+// end only that goroutine and leave Run waiting for it: a failed
+// expectation fails the test and ends the run at once instead.
+type reporter struct {
+	t      *testing.T
+	failed chan struct{}
+	once   sync.Once
+}
+
+func (r *reporter) Errorf(format string, args ...any) { r.t.Helper(); r.t.Errorf(format, args...) }
+func (r *reporter) Helper()                           { r.t.Helper() }
+func (r *reporter) Cleanup(f func())                  { r.t.Cleanup(f) }
+
+func (r *reporter) Fatalf(format string, args ...any) {
+	r.t.Helper()
+	r.t.Errorf(format, args...)
+	r.once.Do(func() { close(r.failed) })
+	runtime.Goexit()
+}
+
 func newRig(t *testing.T, configure ...func(*Config)) *rig {
 	t.Helper()
-	ctrl := gomock.NewController(t)
-	r := &rig{t: t, ctrl: ctrl, agg: NewMockAggregator(ctrl), runner: NewMockRunner(ctrl), pauses: &pauses{at: time.Unix(0, 0)}}
+	rep := &reporter{t: t, failed: make(chan struct{})}
+	ctrl := gomock.NewController(rep)
+	r := &rig{t: t, ctrl: ctrl, failed: rep.failed, agg: NewMockAggregator(ctrl), runner: NewMockRunner(ctrl), pauses: &pauses{t: t, at: time.Unix(0, 0)}}
 	r.cfg = Config{
 		ExperimentID: "exp", Name: "site-1", Address: "aggregator.test:1",
 		Runner: r.runner, WorkDir: t.TempDir(),
@@ -111,11 +145,21 @@ func newRig(t *testing.T, configure ...func(*Config)) *rig {
 }
 
 // run runs the collaborator until it returns, within a bound that only a
-// hung test reaches.
+// hung test reaches: the rig's tests move a few MiB each and take
+// milliseconds.
 func (r *rig) run(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return r.c.Run(ctx)
+	r.pauses.stop = cancel
+	done := make(chan error, 1)
+	go func() { done <- r.c.Run(ctx) }()
+	select {
+	case err := <-done:
+		return err
+	case <-r.failed:
+		r.t.FailNow()
+		return nil
+	}
 }
 
 // Answers of GetTasks.

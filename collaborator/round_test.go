@@ -275,6 +275,38 @@ func mustJSON(t *testing.T, v any) []byte {
 	return b
 }
 
+// TestResultsSurviveARestartOfTheCollaborator: a collaborator whose round
+// failed after a validation was computed (and before its upload) leaves
+// the validation's metrics in the work directory; the collaborator that
+// takes over the round with the same work directory sends them instead of
+// computing them again.
+func TestResultsSurviveARestartOfTheCollaborator(t *testing.T) {
+	global := testModel(6)
+	first := newRig(t)
+	first.expectTasks(runTasks(2, runner.TaskAggregatedValidation, runner.TaskTrain))
+	first.serveModel(global)
+	// The aggregator is gone for good after the download: nothing is
+	// uploaded before the round fails.
+	first.agg.EXPECT().UploadResult(gomock.Any()).Return(nil, status.Error(codes.PermissionDenied, "certificate revoked")).MaxTimes(1)
+	first.runner.EXPECT().Validate(gomock.Any(), gomock.Any(), gomock.Any()).Return(validation(0.125), nil)
+	first.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).Return(runner.Result{}, errors.New("killed"))
+	if err := first.run(context.Background()); err == nil {
+		t.Fatal("the first run did not fail")
+	}
+
+	second := newRig(t, func(c *Config) { c.WorkDir = first.cfg.WorkDir })
+	second.expectTasks(runTasks(2, runner.TaskAggregatedValidation, runner.TaskTrain), quit("finished"))
+	second.serveModel(global)
+	second.acceptUploads(accept)
+	second.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(trainer(t, global, 1, 5))
+	if err := second.run(context.Background()); !isQuit(err, "finished") {
+		t.Fatalf("Run = %v", err)
+	}
+	if h := second.uploadOf(runner.TaskAggregatedValidation).header; h.GetMetrics()["accuracy"] != 0.125 {
+		t.Errorf("uploaded %v, want the first run's accuracy 0.125", h)
+	}
+}
+
 // TestARoundHandedOutAgainIsUploadedNotComputedAgain: an aggregator
 // restarted mid-round hands the same round out again; the collaborator
 // sends the results it holds, trained weights included, without running
@@ -578,8 +610,9 @@ func TestCancellationAtEveryStep(t *testing.T) {
 			}).AnyTimes()
 
 			err := r.run(ctx)
-			if !errors.Is(err, context.Canceled) {
-				t.Fatalf("Run = %v, want context.Canceled", err)
+			var re *RoundError
+			if !errors.Is(err, context.Canceled) || errors.As(err, &re) {
+				t.Fatalf("Run = %v, want context.Canceled, and not as a round's failure (which the envoy would report as the site's)", err)
 			}
 			mu.Lock()
 			defer mu.Unlock()

@@ -63,6 +63,8 @@ type Aggregator interface {
 	Drop(collaborator, reason string)
 }
 
+//go:generate go tool mockgen -destination=mock_launcher_test.go -package=director -mock_names=Aggregator=MockAggregator,Launcher=MockLauncher . Launcher,Aggregator
+
 // Launcher starts aggregators and reads what they left on disk. The
 // director depends on this interface rather than on package aggregator
 // directly so that its lifecycle can be tested with a fake aggregator whose
