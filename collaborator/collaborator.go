@@ -284,6 +284,9 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 	var kept []string
 	var runErr error
 	for _, task := range tasks {
+		if runErr = ctx.Err(); runErr != nil {
+			break // cancelled, or the uploader found the round over
+		}
 		res, ok := c.results[task]
 		if ok {
 			kept = append(kept, task)

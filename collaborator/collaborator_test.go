@@ -125,7 +125,7 @@ func TestStalledTransfersAreTriedAgain(t *testing.T) {
 		ExperimentID: "exp", Name: "site-1", Address: lis.Addr().String(),
 		DialOptions: testpki.DialOptions(ca.Keyring(pki.RoleEnvoy, "site-1"), "localhost"),
 		Runner:      echoRunner{}, WorkDir: t.TempDir(),
-		StallTimeout: 300 * time.Millisecond,
+		StallTimeout: time.Second, // long beside a frame's time even on a loaded machine
 		Retry:        DefaultRetry,
 	})
 	if err != nil {
