@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/fx-fl/fx/internal/telemetry"
 	"math"
 	"net"
 	"os"
@@ -87,6 +88,9 @@ type Config struct {
 	// connections from the start, but a TLS handshake waits unanswered
 	// while the model loads, which takes as long as the model is big.
 	Serving func()
+	// Metrics, if set, receive the rounds' durations, folds, checkpoints
+	// and bytes moved (see internal/telemetry).
+	Metrics *telemetry.Metrics
 }
 
 // DefaultPauseRetry is how often a paused experiment checks whether its
@@ -328,6 +332,7 @@ func (a *Aggregator) startRound(n int) {
 	now := a.cfg.Now()
 	deadline := a.plan.Stragglers.Deadline.Std()
 	r := newRoundState(n, a.tasksFor(n), now.Add(deadline))
+	r.opened = time.Now()
 	if a.resumed {
 		a.resumed = false
 		r.deadline = now.Add(a.cfg.RejoinGrace + deadline)
@@ -511,10 +516,12 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 
 	model := a.model
 	if training {
+		start := time.Now()
 		next, err := a.aggregate(r)
 		if err != nil {
 			return fmt.Errorf("round %d: aggregation failed: %w", r.number, err)
 		}
+		a.cfg.Metrics.Phase(telemetry.PhaseFold, time.Since(start))
 		model = next
 	}
 	summary := RoundSummary{
@@ -528,9 +535,12 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	participants := len(a.active())
 	a.mu.Unlock()
 	best := a.scoreBest(summary, participants)
+	start := time.Now()
 	if err := a.saveRound(ctx, summary, model, training, best); err != nil {
 		return err
 	}
+	a.cfg.Metrics.Phase(telemetry.PhaseCheckpoint, time.Since(start))
+	a.cfg.Metrics.RoundCompleted(time.Since(r.opened))
 	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates)
 	a.cfg.Sink.RoundCompleted(summary, best)
 	if r.number < a.lastRound() {

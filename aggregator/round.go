@@ -15,6 +15,7 @@ type roundState struct {
 	number   int
 	tasks    []string
 	deadline time.Time
+	opened   time.Time // by the wall clock, for the round's duration metric
 	// rejoining are the participants a resumed round waits for before its
 	// deadline counts (see startRound); nil once none is awaited.
 	rejoining map[string]bool

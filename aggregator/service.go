@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/fx-fl/fx/internal/telemetry"
 	"io"
 	"math"
 	"os"
@@ -111,21 +112,28 @@ func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator
 	}
 	a.mu.Unlock()
 	// A download that broke goes on where the collaborator's decoder is.
+	start := time.Now()
 	enc := tensor.NewEncoder(func(f *fxv1.TensorFrame) error {
+		a.cfg.Metrics.Moved(telemetry.Sent, int64(len(f.GetData())))
 		return stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Frame{Frame: f}})
 	})
 	enc.ResumeAt(tensor.Position{Tensors: int(req.GetResumeTensors()), Bytes: req.GetResumeBytes()})
+	var err error
 	switch {
 	case round == current && model != nil:
 		header := &fxv1.ModelHeader{Round: int32(round), Tensors: int32(len(model)), Bytes: model.Bytes(), Digest: a.digestOf(round)}
-		if err := stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err != nil {
-			return err
+		if err = stream.Send(&fxv1.FetchModelResponse{Part: &fxv1.FetchModelResponse_Header{Header: header}}); err == nil {
+			err = enc.EncodeModel(model)
 		}
-		return enc.EncodeModel(model)
 	case round >= 1 && round <= current:
-		return sendModelFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)), round, a.digestOf(round), stream, enc)
+		err = sendModelFile(ModelPath(a.cfg.Dir, min(round-1, a.plan.Rounds)), round, a.digestOf(round), stream, enc)
+	default:
+		return status.Errorf(codes.NotFound, "round %d has not started (current round: %d)", round, current)
 	}
-	return status.Errorf(codes.NotFound, "round %d has not started (current round: %d)", round, current)
+	if err == nil {
+		a.cfg.Metrics.Transferred(telemetry.Sent, time.Since(start))
+	}
+	return err
 }
 
 // digestOf is the digest the download of round's model announces: the
@@ -199,7 +207,13 @@ func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error 
 		if st, dec, err = a.trainStage(r, name, h); err != nil {
 			return err
 		}
-		if err := receiveFrames(dec, stream); err != nil {
+		start, from := time.Now(), dec.Position().Bytes
+		err := receiveFrames(dec, stream)
+		a.cfg.Metrics.Moved(telemetry.Received, dec.Position().Bytes-from)
+		if err == nil {
+			a.cfg.Metrics.Transferred(telemetry.Received, time.Since(start))
+		}
+		if err != nil {
 			if broken(stream.Context(), err) {
 				a.keepPartial(r, name, &partialUpload{st: st, dec: dec, header: h})
 				return err
@@ -217,12 +231,23 @@ func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error 
 
 	result := TaskResult{Collaborator: name, Task: h.Task, Samples: h.SampleCount, Metrics: h.Metrics}
 	if err := a.countResult(r, result, st); err != nil {
+		a.cfg.Metrics.Result(resultOutcome(err))
 		return err
 	}
+	a.cfg.Metrics.Result("counted")
 	a.mu.Lock()
 	remaining := r.remaining(name)
 	a.mu.Unlock()
 	return stream.SendAndClose(&fxv1.UploadResultResponse{RemainingTasks: remaining})
+}
+
+// resultOutcome is the outcome label of a result the aggregator did not
+// count: late when the round had closed without it.
+func resultOutcome(err error) string {
+	if status.Code(err) == codes.FailedPrecondition {
+		return "late"
+	}
+	return "refused"
 }
 
 // checkHeader validates what a header says on its own.

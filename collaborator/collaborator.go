@@ -35,6 +35,7 @@ import (
 	"github.com/fx-fl/fx/internal/backoff"
 	"github.com/fx-fl/fx/internal/idle"
 	"github.com/fx-fl/fx/internal/membudget"
+	"github.com/fx-fl/fx/internal/telemetry"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -69,6 +70,9 @@ type Config struct {
 	// Retry is the backoff between attempts of a failed call (the site's
 	// retry schedule); DefaultRetry when zero.
 	Retry backoff.Config
+	// Metrics, if set, receive the round's phases, bytes moved and task
+	// outcomes (see internal/telemetry).
+	Metrics *telemetry.Metrics
 }
 
 // Defaults for Config.
@@ -283,6 +287,8 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 	go func() { uploaded <- c.uploadInOrder(ctx, cancel, round, ready) }()
 	var kept []string
 	var runErr error
+	tasksStart := time.Now()
+	defer func() { c.cfg.Metrics.Phase(telemetry.PhaseTasks, time.Since(tasksStart)) }()
 	for _, task := range tasks {
 		if runErr = ctx.Err(); runErr != nil {
 			break // cancelled, or the uploader found the round over
@@ -292,7 +298,9 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 			kept = append(kept, task)
 		} else {
 			start := time.Now()
-			if res, runErr = c.runTask(ctx, runner.Task{Name: task, Round: round}); runErr != nil {
+			res, runErr = c.runTask(ctx, runner.Task{Name: task, Round: round})
+			c.cfg.Metrics.RunnerTask(task, time.Since(start), runErr)
+			if runErr != nil {
 				runErr = fmt.Errorf("task %s: %w", task, runErr)
 				break
 			}
@@ -442,6 +450,13 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 	}
 	var dec *tensor.Decoder    // the download so far, across attempts
 	var want *fxv1.ModelHeader // what it announced
+	start := time.Now()
+	defer func() {
+		if c.model != nil && c.modelRound == round {
+			c.cfg.Metrics.Phase(telemetry.PhaseDownload, time.Since(start))
+			c.cfg.Metrics.Transferred(telemetry.Received, time.Since(start))
+		}
+	}()
 	return c.retry(ctx, fmt.Sprintf("download the round %d model", round), func(ctx context.Context) error {
 		ctx, progress, stop := idle.Watch(ctx, c.cfg.StallTimeout)
 		defer stop()
@@ -500,6 +515,7 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 				return stalled(ctx, err) // resumable: the decoder holds what came
 			}
 			progress()
+			c.cfg.Metrics.Moved(telemetry.Received, int64(len(msg.GetFrame().GetData())))
 			if err := dec.Decode(msg.GetFrame()); err != nil {
 				dec = nil
 				return status.Error(codes.DataLoss, err.Error())
@@ -558,6 +574,15 @@ func (c *Collaborator) budget(modelBytes int64) {
 // carries on with the next round.
 func (c *Collaborator) upload(ctx context.Context, round int, task string, res runner.Result) (late bool, err error) {
 	attempt := 0
+	if runner.IsTrain(task) {
+		start := time.Now()
+		defer func() {
+			if err == nil && !late {
+				c.cfg.Metrics.Phase(telemetry.PhaseUpload, time.Since(start))
+				c.cfg.Metrics.Transferred(telemetry.Sent, time.Since(start))
+			}
+		}()
+	}
 	err = c.retry(ctx, "upload "+task, func(ctx context.Context) error {
 		attempt++
 		ctx, progress, stop := idle.Watch(ctx, c.cfg.StallTimeout)
@@ -583,6 +608,7 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 		if runner.IsTrain(task) {
 			enc := tensor.NewEncoder(func(f *fxv1.TensorFrame) error {
 				defer progress()
+				c.cfg.Metrics.Moved(telemetry.Sent, int64(len(f.GetData())))
 				return stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Frame{Frame: f}})
 			})
 			enc.ResumeAt(from)

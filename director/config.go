@@ -3,6 +3,7 @@ package director
 import (
 	"errors"
 	"fmt"
+	"github.com/fx-fl/fx/internal/telemetry"
 	"net"
 	"time"
 
@@ -63,6 +64,16 @@ type Config struct {
 	// ignored when Listener is set.
 	ListenAddress string
 	Listener      net.Listener
+	// MetricsListen, if set, is host:port of the plain-HTTP listener for
+	// /metrics, /healthz and /readyz (telemetry.Server); MetricsListener
+	// is one of the caller's instead. Off when both are unset.
+	MetricsListen   string
+	MetricsListener net.Listener
+	// Metrics, if set, are the series the director records into; it makes
+	// its own when it has a metrics listener and none is given.
+	Metrics *telemetry.Metrics
+	// Version is this build's, for fx_build_info.
+	Version string
 	// ServerOptions configure the director's gRPC server: TLS credentials
 	// and the interceptors that authenticate callers and enforce the roles
 	// table. Without an interceptor that puts a pki.Identity in the

@@ -21,6 +21,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/fx-fl/fx/internal/telemetry"
 	"net"
 	"os"
 	"path/filepath"
@@ -63,6 +64,11 @@ type Director struct {
 	runCtx  context.Context
 	runs    sync.WaitGroup
 	stopped bool // Run is shutting down: aggregators stop but stay RUNNING
+	serving bool // Run serves the Director service
+
+	// metrics, if not nil, are what the director and its aggregators
+	// record (see internal/telemetry).
+	metrics *telemetry.Metrics
 
 	addrMu sync.Mutex
 	addr   net.Addr
@@ -97,10 +103,18 @@ func New(cfg Config) (*Director, error) {
 		}
 		st = bolt
 	}
+	metrics := cfg.Metrics
+	if metrics == nil && (cfg.MetricsListen != "" || cfg.MetricsListener != nil) {
+		metrics = telemetry.New(cfg.Version, telemetry.RoleDirector)
+	}
+	if metrics != nil {
+		st = timedStore{Store: st, m: metrics}
+	}
 	d := &Director{
 		cfg:      cfg,
 		log:      cfg.Logger.Named("director"),
 		store:    st,
+		metrics:  metrics,
 		clock:    cfg.Clock,
 		exps:     map[string]*expState{},
 		envoys:   map[string]*envoyState{},
@@ -123,6 +137,7 @@ func New(cfg Config) (*Director, error) {
 	}
 	// A copy of the store as it loaded: recovery always has one to go back to.
 	d.snapshot()
+	d.registerGauges()
 	return d, nil
 }
 
@@ -267,10 +282,34 @@ func (d *Director) Run(ctx context.Context) error {
 			return fmt.Errorf("director: listen_address: %w", err)
 		}
 	}
+	metricsLis := d.cfg.MetricsListener
+	if metricsLis == nil && d.cfg.MetricsListen != "" {
+		var err error
+		if metricsLis, err = net.Listen("tcp", d.cfg.MetricsListen); err != nil {
+			lis.Close()
+			close(d.ready)
+			return fmt.Errorf("director: metrics.listen: %w", err)
+		}
+	}
 	d.addrMu.Lock()
 	d.addr = lis.Addr()
 	d.addrMu.Unlock()
 	close(d.ready)
+	if metricsLis != nil {
+		// Serves until Run returns, so that /readyz says "stopping" while
+		// the director drains.
+		telemetryCtx, stopTelemetry := context.WithCancel(context.Background())
+		telemetryDone := make(chan error, 1)
+		go func() {
+			telemetryDone <- telemetry.Server{Metrics: d.metrics, Ready: d.readiness, Logger: d.log}.Serve(telemetryCtx, metricsLis)
+		}()
+		defer func() {
+			stopTelemetry()
+			if err := <-telemetryDone; err != nil {
+				d.log.Warn("metrics listener", "error", err)
+			}
+		}()
+	}
 
 	srv := grpc.NewServer(append(slices.Clone(d.cfg.ServerOptions), keepaliveOptions()...)...)
 	fxv1.RegisterDirectorServer(srv, &service{d: d})
@@ -286,6 +325,9 @@ func (d *Director) Run(ctx context.Context) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()
+	d.mu.Lock()
+	d.serving = true
+	d.mu.Unlock()
 	sweepDone := make(chan struct{})
 	go func() { defer close(sweepDone); d.sweepLoop(ctx) }()
 	snapshotsDone := make(chan struct{})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/fx-fl/fx/internal/telemetry"
 	"maps"
 	"net"
 	"os"
@@ -52,6 +53,9 @@ type LaunchSpec struct {
 	// Serving is called once the aggregator serves (aggregator.Config's
 	// Serving); the director tells the participants its address only then.
 	Serving func()
+	// Metrics, if set, are the director's series, which the aggregator
+	// records its rounds into.
+	Metrics *telemetry.Metrics
 }
 
 // Aggregator is a launched aggregator, as the director drives it.
@@ -109,6 +113,7 @@ func (InProcess) Launch(spec LaunchSpec) (Aggregator, error) {
 		DiskReserve:   spec.DiskReserve,
 		PauseRetry:    spec.PauseRetry,
 		Serving:       spec.Serving,
+		Metrics:       spec.Metrics,
 	})
 }
 

@@ -451,6 +451,7 @@ func (d *Director) launchLocked(e *expState) {
 		DiskReserve:   d.cfg.DiskReserve,
 		PauseRetry:    d.cfg.PauseRetry,
 		Serving:       func() { d.aggregatorServing(e.rec.ID, rs) },
+		Metrics:       d.metrics,
 	}
 	d.log.Info("aggregator starting", "experiment", e.rec.ID, "address", rs.address)
 	d.runs.Add(1)

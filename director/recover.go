@@ -130,7 +130,7 @@ type snapshotter interface {
 // snapshot copies the store into data_dir/snapshots, unless nothing changed
 // since the last copy.
 func (d *Director) snapshot() {
-	s, ok := d.store.(snapshotter)
+	s, ok := backing(d.store).(snapshotter)
 	if !ok || d.cfg.SnapshotsKept <= 0 {
 		return
 	}

@@ -62,6 +62,11 @@ type Settings struct {
 	DiskReserveBytes int64 `mapstructure:"disk_reserve_bytes"`
 	// PauseRetry is how often a PAUSED experiment checks its cause.
 	PauseRetry time.Duration `mapstructure:"pause_retry"`
+	// Metrics is the plain-HTTP listener for /metrics, /healthz and
+	// /readyz; off when Listen is empty.
+	Metrics struct {
+		Listen string `mapstructure:"listen"`
+	} `mapstructure:"metrics"`
 }
 
 // DefaultSettings are what a configuration file overrides.
@@ -146,6 +151,7 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 		SnapshotsKept:           s.Snapshots.Keep,
 		DiskReserve:             reserve(s.DiskReserveBytes),
 		PauseRetry:              s.PauseRetry,
+		MetricsListen:           s.Metrics.Listen,
 		Logger:                  logger,
 	}
 	if err := cfg.validate(); err != nil {

@@ -279,6 +279,7 @@ type directorOptions struct {
 	maxArchiveBytes int64  // 0: the default
 	fixedAggPort    bool   // aggregators on one known port
 	maxConcurrent   int    // experiments offered or running at once; 0: 4
+	metricsListen   string // metrics.listen (host:port); empty: off
 }
 
 // newFed makes a directory, a CA and certificates for a director, the
@@ -433,6 +434,9 @@ func (f *fed) writeDirectorConfig(o directorOptions) {
 	if o.maxArchiveBytes > 0 {
 		extra = fmt.Sprintf("max_archive_bytes: %d\n", o.maxArchiveBytes)
 	}
+	if o.metricsListen != "" {
+		extra += fmt.Sprintf("metrics: {listen: %q}\n", o.metricsListen)
+	}
 	cfg := fmt.Sprintf(`listen_address: %s
 advertise:
   host: 127.0.0.1
@@ -514,6 +518,8 @@ type envoyOptions struct {
 	noSandbox bool
 	// execEnv is added to exec.env (which holds PATH=/usr/bin:/bin).
 	execEnv []string
+	// metricsListen is metrics.listen (host:port); empty: off.
+	metricsListen string
 }
 
 // startEnvoyReview is startEnvoy with the data owner's review policy.
@@ -560,8 +566,9 @@ rpc_timeout: 5s
 retry:
   initial: 200ms
   max: 1s
+metrics: {listen: %q}
 `, name, f.addr, e.Cert, e.Key, e.CA, filepath.Join(f.dir, "envoys", name), o.maxExp, strings.Join(s.tags, ", "), sh.String(), o.review, o.allowlist, !o.noExec,
-		strings.Join(append([]string{"PATH=/usr/bin:/bin"}, o.execEnv...), ", "), o.shareLogs, !o.noSandbox)
+		strings.Join(append([]string{"PATH=/usr/bin:/bin"}, o.execEnv...), ", "), o.shareLogs, !o.noSandbox, o.metricsListen)
 	file := filepath.Join(f.dir, "envoys", name+".yaml")
 	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		f.t.Fatal(err)

@@ -27,6 +27,7 @@ func DefaultCollaborator(ctx context.Context, spec CollaboratorSpec) error {
 		InitialModel: filepath.Join(spec.Dir, experiment.InitialModelFile),
 		Logger:       spec.Logger,
 		Retry:        spec.Retry.schedule(),
+		Metrics:      spec.Metrics,
 	})
 	if err != nil {
 		return err

@@ -161,6 +161,9 @@ type Config struct {
 	// allowed between two chunks of a download.
 	RPCTimeout time.Duration `mapstructure:"rpc_timeout"`
 	Retry      RetryConfig   `mapstructure:"retry"`
+	// Metrics is the plain-HTTP listener for /metrics, /healthz and
+	// /readyz (see internal/telemetry); off when Listen is empty.
+	Metrics MetricsConfig `mapstructure:"metrics"`
 
 	// ConfigFile is the file the configuration was read from, if any: it
 	// is hidden from runners, with the key and the work directory.
@@ -178,6 +181,15 @@ type Config struct {
 	// RunCollaborator runs one experiment's collaborator until it ends; nil
 	// uses the collaborator package (see DefaultCollaborator).
 	RunCollaborator CollaboratorFunc `mapstructure:"-"`
+}
+
+// MetricsConfig configures the operations listener.
+type MetricsConfig struct {
+	// Listen is host:port; keep it on loopback unless a remote
+	// Prometheus scrapes it.
+	Listen string `mapstructure:"listen"`
+	// Listener, if set, is one of the caller's instead (tests).
+	Listener net.Listener `mapstructure:"-"`
 }
 
 // DefaultConfig returns the defaults that a configuration file overrides.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/fx-fl/fx/internal/telemetry"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -34,6 +36,9 @@ type Envoy struct {
 
 	newRunner RunnerFactory
 	runCollab CollaboratorFunc
+	// metrics, when the envoy has a metrics listener, receive what its
+	// collaborators and runners do (see internal/telemetry).
+	metrics *telemetry.Metrics
 	// sandboxErr is why exec runners are refused here (they should be
 	// sandboxed and cannot be), or nil.
 	sandboxErr error
@@ -107,6 +112,10 @@ func New(cfg Config) (*Envoy, error) {
 		runCollab: cfg.RunCollaborator,
 		exps:      map[string]*exp{},
 	}
+	if cfg.Metrics.Listen != "" || cfg.Metrics.Listener != nil {
+		e.metrics = telemetry.New(cfg.Version, telemetry.RoleEnvoy)
+		e.registerGauges()
+	}
 	if e.newRunner == nil {
 		e.newRunner = DefaultRunner
 	}
@@ -165,8 +174,18 @@ func (e *Envoy) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	metricsLis := e.cfg.Metrics.Listener
+	if metricsLis == nil && e.cfg.Metrics.Listen != "" {
+		if metricsLis, err = net.Listen("tcp", e.cfg.Metrics.Listen); err != nil {
+			admin.Close()
+			return fmt.Errorf("metrics.listen: %w", err)
+		}
+	}
 	if err := e.restore(); err != nil {
 		admin.Close()
+		if metricsLis != nil {
+			metricsLis.Close()
+		}
 		return err
 	}
 	e.log.Info("envoy started", "director", e.cfg.Director.Address, "data", e.data.String(),
@@ -177,6 +196,16 @@ func (e *Envoy) Run(ctx context.Context) error {
 		defer e.wg.Done()
 		e.serveAdmin(ctx, admin)
 	}()
+	if metricsLis != nil {
+		e.wg.Add(1)
+		go func() {
+			defer e.wg.Done()
+			srv := telemetry.Server{Metrics: e.metrics, Ready: e.readiness, Logger: e.log}
+			if err := srv.Serve(ctx, metricsLis); err != nil {
+				e.log.Warn("metrics listener", "error", err)
+			}
+		}()
+	}
 	e.sessions(ctx)
 	cancel()
 	e.wg.Wait()

@@ -338,6 +338,7 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 		Dir:          filepath.Join(e.expDir(id), filesDir),
 		WorkDir:      filepath.Join(e.expDir(id), collaboratorDir),
 		Logger:       e.log,
+		Metrics:      e.metrics,
 	})
 }
 

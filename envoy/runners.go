@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/fx-fl/fx/internal/telemetry"
 	"io"
 	"maps"
 	osexec "os/exec"
@@ -192,6 +193,8 @@ type CollaboratorSpec struct {
 	// tasks); it survives an envoy restart and is removed on Stop.
 	WorkDir string
 	Logger  hclog.Logger
+	// Metrics, if set, receive the collaborator's transfers and tasks.
+	Metrics *telemetry.Metrics
 }
 
 // CollaboratorFunc runs a collaborator until the experiment ends for it

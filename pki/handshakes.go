@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/credentials"
@@ -219,6 +220,8 @@ func (q *handshakeQueue) acquire(peer string, maxWait time.Duration) (release fu
 		return release, nil
 	default:
 	}
+	handshakesWaiting.Add(1)
+	defer handshakesWaiting.Add(-1)
 	timer := time.NewTimer(maxWait)
 	defer timer.Stop()
 	select {
@@ -239,7 +242,27 @@ func (q *handshakeQueue) acquire(peer string, maxWait time.Duration) (release fu
 		p.turn = nil
 	}
 	q.forgetLocked(p)
+	handshakesRefused.Add(1)
 	return nil, errHandshakeQueueFull
+}
+
+// The process's handshake counts, over all its servers: see Handshakes.
+var handshakesWaiting, handshakesRefused atomic.Int64
+
+// HandshakeCounts are what Handshakes reports.
+type HandshakeCounts struct {
+	// Waiting is how many server handshakes wait for a slot now.
+	Waiting int64
+	// Refused is how many were refused since the process started, for
+	// waiting longer than a client plausibly does.
+	Refused int64
+}
+
+// Handshakes reports the queue of this process's fx servers, for
+// operators' metrics: a queue that stays long, or refusals that grow,
+// mean more sites connect at once than the host handshakes with.
+func Handshakes() HandshakeCounts {
+	return HandshakeCounts{Waiting: handshakesWaiting.Load(), Refused: handshakesRefused.Load()}
 }
 
 func (q *handshakeQueue) release(p *peerLine) {

@@ -32,6 +32,7 @@ var directorFlagKeys = map[string]string{
 	"tls-ca":          "tls.ca",
 	"tls-crl":         "tls.crl",
 	"aggregator-host": "aggregator.host",
+	"metrics-listen":  "metrics.listen",
 }
 
 func newDirectorCommand(opts *globalOptions) *cobra.Command {
@@ -79,6 +80,7 @@ from their last completed round, and stops gracefully on SIGINT or SIGTERM.`,
 			if err != nil {
 				return err
 			}
+			cfg.Version = buildVersion()
 			d, err := director.New(cfg)
 			if err != nil {
 				return err
@@ -98,6 +100,7 @@ from their last completed round, and stops gracefully on SIGINT or SIGTERM.`,
 	f.String("tls-ca", "", "the federation root certificate (PEM)")
 	f.String("tls-crl", "", "the federation's certificate revocation list")
 	f.String("aggregator-host", "", "interface aggregators listen on")
+	f.String("metrics-listen", "", "host:port of the plain-HTTP /metrics, /healthz and /readyz listener (off when empty; keep it on loopback unless a remote Prometheus scrapes it)")
 	return cmd
 }
 

@@ -32,6 +32,7 @@ var envoyFlagKeys = map[string]string{
 	"tls-ca":          "tls.ca",
 	"max-experiments": "max_experiments",
 	"shard":           "shard.shard",
+	"metrics-listen":  "metrics.listen",
 }
 
 func newEnvoyCommand(opts *globalOptions) *cobra.Command {
@@ -128,6 +129,7 @@ stops on SIGINT or SIGTERM.`,
 	f.Int("max-experiments", 0, "how many experiments to run at once")
 	f.StringSlice("tags", nil, "labels researchers select the data by")
 	f.String("shard", "", "the part of the data set this site holds, i/N (shard.shard)")
+	f.String("metrics-listen", "", "host:port of the plain-HTTP /metrics, /healthz and /readyz listener (off when empty; keep it on loopback unless a remote Prometheus scrapes it)")
 	return cmd
 }
 

@@ -1,0 +1,60 @@
+package director
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// TestMetricsAndProbes: a director with a metrics listener exports its
+// state as it is (envoys online, experiments by state, store commits) and
+// is ready while it serves; once stopping it is not.
+func TestMetricsAndProbes(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFed(t, func(c *Config) { c.MetricsListener = lis })
+	f.running("alice")
+	base := "http://" + lis.Addr().String()
+	body := httpBody(t, base+"/metrics", http.StatusOK)
+	for _, want := range []string{
+		`fx_director_envoys{status="online"} 2`,
+		`fx_director_envoys{status="offline"} 0`,
+		`fx_director_experiments{state="RUNNING"} 1`,
+		`fx_director_experiments{state="FINISHED"} 0`,
+		"fx_tls_handshakes_waiting 0",
+		`fx_build_info{role="director"`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	if !strings.Contains(body, "fx_director_store_commit_duration_seconds_count") || strings.Contains(body, "fx_director_store_commit_duration_seconds_count 0\n") {
+		t.Error("/metrics counts no store commit after a submission and its start")
+	}
+	httpBody(t, base+"/readyz", http.StatusOK)
+	f.stop()
+	if err := f.d.readiness(); err == nil || !strings.Contains(err.Error(), "stopping") {
+		t.Errorf("readiness of a stopped director: %v", err)
+	}
+}
+
+func httpBody(t *testing.T, url string, wantCode int) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != wantCode {
+		t.Fatalf("GET %s: %d %s, want %d", url, resp.StatusCode, b, wantCode)
+	}
+	return string(b)
+}
