@@ -4,8 +4,16 @@ BIN ?= bin
 
 .PHONY: build test test-accuracy test-python quickstart test-short proto proto-check mocks mocks-check lint bench
 
+# The version, commit and date `fx version` shows, envoys report to the
+# director, and logs name at start (see internal/version); a plain `go build`
+# in a git checkout records the commit and its date by itself.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null)
+DATE ?= $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
+LDFLAGS = -X github.com/fx-fl/fx/internal/version.version=$(VERSION) -X github.com/fx-fl/fx/internal/version.commit=$(COMMIT) -X github.com/fx-fl/fx/internal/version.date=$(DATE)
+
 build:
-	$(GO) build -o $(BIN)/fx ./cmd/fx
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/fx ./cmd/fx
 
 # The whole suite with the race detector, as CI runs it.
 test:

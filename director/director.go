@@ -332,7 +332,7 @@ func (d *Director) Run(ctx context.Context) error {
 	go func() { defer close(sweepDone); d.sweepLoop(ctx) }()
 	snapshotsDone := make(chan struct{})
 	go func() { defer close(snapshotsDone); d.snapshotLoop(ctx) }()
-	d.log.Info("director serving", "address", lis.Addr().String())
+	d.log.Info("director serving", "address", lis.Addr().String(), "version", d.cfg.Version)
 
 	var err error
 	select {

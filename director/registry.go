@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/fx-fl/fx/internal/version"
 	"hash/fnv"
 	"slices"
 	"time"
@@ -84,6 +85,9 @@ func (d *Director) registerEnvoy(ctx context.Context, req *fxv1.RegisterEnvoyReq
 		env = &envoyState{streams: map[*assignStream]struct{}{}}
 		d.envoys[name] = env
 		d.log.Info("envoy registered", "envoy", name, "tags", shard.GetTags(), "sample_shape", shard.GetSampleShape(), "version", req.GetVersion())
+		if err := version.Compatible(d.cfg.Version, req.GetVersion()); err != nil {
+			d.log.Warn("an envoy runs another release series of fx", "envoy", name, "director_version", d.cfg.Version, "envoy_version", req.GetVersion(), "why", err)
+		}
 	} else {
 		d.log.Info("envoy re-registered", "envoy", name)
 	}

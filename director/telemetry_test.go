@@ -1,11 +1,17 @@
 package director
 
 import (
+	"bytes"
 	"io"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
+
+	"github.com/hashicorp/go-hclog"
+
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
 
 // TestMetricsAndProbes: a director with a metrics listener exports its
@@ -57,4 +63,45 @@ func httpBody(t *testing.T, url string, wantCode int) string {
 		t.Fatalf("GET %s: %d %s, want %d", url, resp.StatusCode, b, wantCode)
 	}
 	return string(b)
+}
+
+// TestAnEnvoyOfAnotherReleaseSeriesIsWarnedAbout: the director logs a
+// warning naming both versions when an envoy of another release series
+// registers, and none for one of its own series.
+func TestAnEnvoyOfAnotherReleaseSeriesIsWarnedAbout(t *testing.T) {
+	var logs syncBuffer
+	f := newFed(t, func(c *Config) {
+		c.Version = "v0.4.2"
+		c.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: &logs})
+	})
+	for name, v := range map[string]string{"same": "v0.4.0", "newer": "v0.5.1"} {
+		_, err := f.envoy(name).RegisterEnvoy(ctxT(t), &fxv1.RegisterEnvoyRequest{EnvoyName: name, Version: v,
+			Shard: &fxv1.DatasetShard{SampleShape: []int64{4}, TrainSamples: 10}})
+		must(t, err)
+	}
+	out := logs.String()
+	if !strings.Contains(out, "envoy=newer") || !strings.Contains(out, "envoy_version=v0.5.1") || !strings.Contains(out, "director_version=v0.4.2") {
+		t.Errorf("no warning about the v0.5.1 envoy:\n%s", out)
+	}
+	if strings.Contains(out, "envoy=same") {
+		t.Errorf("a warning about an envoy of the director's own series:\n%s", out)
+	}
+}
+
+// syncBuffer is a bytes.Buffer that loggers of several goroutines share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

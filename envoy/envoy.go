@@ -188,7 +188,7 @@ func (e *Envoy) Run(ctx context.Context) error {
 		}
 		return err
 	}
-	e.log.Info("envoy started", "director", e.cfg.Director.Address, "data", e.data.String(),
+	e.log.Info("envoy started", "version", e.cfg.Version, "director", e.cfg.Director.Address, "data", e.data.String(),
 		"review", e.cfg.Review.Policy, "admin_socket", e.cfg.AdminSocketPath())
 
 	e.wg.Add(1)

@@ -2,18 +2,14 @@ package main
 
 import (
 	"fmt"
+	"github.com/fx-fl/fx/internal/version"
 	"io"
 	"runtime"
-	"runtime/debug"
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"
 )
-
-// version is set at build time with -ldflags "-X main.version=v1.2.3"; a plain
-// `go build` reports the module version or the VCS revision instead.
-var version = ""
 
 // globalOptions are the flags every command shares.
 type globalOptions struct {
@@ -81,30 +77,14 @@ func parseLevel(s string) (hclog.Level, error) {
 func newVersionCommand() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
-		Short: "Print the fx version, the Go version and the platform",
+		Short: "Print the fx version, its commit and date, the Go version and the platform",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			_, err := fmt.Fprintf(cmd.OutOrStdout(), "fx %s (%s, %s/%s)\n", buildVersion(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
+			_, err := fmt.Fprintf(cmd.OutOrStdout(), "fx %s, %s/%s\n", version.Get(), runtime.GOOS, runtime.GOARCH)
 			return err
 		},
 	}
 }
 
-func buildVersion() string {
-	if version != "" {
-		return version
-	}
-	info, ok := debug.ReadBuildInfo()
-	if !ok {
-		return "unknown"
-	}
-	if v := info.Main.Version; v != "" && v != "(devel)" {
-		return v
-	}
-	for _, s := range info.Settings {
-		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-			return "devel-" + s.Value[:12]
-		}
-	}
-	return "devel"
-}
+// buildVersion is this build's version: see internal/version.
+func buildVersion() string { return version.Get().Version }
