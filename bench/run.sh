@@ -10,7 +10,7 @@
 #                      default "1000 10000 10000:0"
 #   BENCH_WINDOW       capacity measurement window (default 60s)
 #   BENCH_MAX_CONNECTING  first calls in flight for N > 1000 (default 128; 0: no limit)
-#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large fashion
+#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large telemetry fashion
 #   BENCH_LARGE_SIZES  model sizes of fxbench large in MiB (default "64,512,1024")
 #   FX_BENCH_ARCHIVE_MIB  archive size of the director's submission benchmark (default 1 GiB)
 set -u
@@ -88,6 +88,15 @@ if [[ $SKIP != *" large "* ]]; then
 	$GO build -o "$OUT/fx" ./cmd/fx || exit 1
 	if ! "$OUT/fxbench" large -sizes "${BENCH_LARGE_SIZES:-64,512,1024}" -fx "$OUT/fx" -pki "$OUT/pki" -out "$OUT/large.json" 2>&1 | tee "$OUT/large.txt"; then
 		echo "!! large failed (see $OUT/large.txt)"
+		status=1
+	fi
+fi
+
+if [[ $SKIP != *" telemetry "* ]]; then
+	echo "== fxbench telemetry"
+	$GO build -o "$OUT/fx" ./cmd/fx || exit 1
+	if ! "$OUT/fxbench" telemetry -fx "$OUT/fx" -pki "$OUT/pki" -out "$OUT/telemetry.json" 2>&1 | tee "$OUT/telemetry.txt"; then
+		echo "!! telemetry failed (see $OUT/telemetry.txt)"
 		status=1
 	fi
 fi

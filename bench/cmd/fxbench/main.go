@@ -35,6 +35,8 @@ func main() {
 		err = pytorchMain(args)
 	case "large":
 		err = largeMain(args)
+	case "telemetry":
+		err = telemetryMain(args)
 	case "rawmove": // the child processes of large's baseline
 		err = rawmoveMain(args)
 	case "report":
@@ -74,6 +76,10 @@ commands:
              moving the same bytes (each client down and up), alternated;
              per size the round time, the ratio, every process's peak
              resident memory (VmHWM) and any log line of a timeout or retry
+  telemetry  the cost of metrics on round time: a director and N envoys
+             (default 10) as separate fx processes run the built-in MLP on
+             Fashion-MNIST, in trials alternating metrics listeners off and
+             on (every party's /metrics read every -scrape); the ratio
   report     write bench/RESULTS.md from the outputs in bench/out
 
 Run "fxbench <command> -h" for a command's flags.

@@ -362,6 +362,9 @@ type procFederation struct {
 	procs  []*exec.Cmd
 	client *experiment.Client
 	cancel context.CancelFunc
+	// metrics are the parties' metrics listeners (host:port), with
+	// fedOptions.metrics.
+	metrics []string
 }
 
 // freePort returns a port nothing listens on just now.
@@ -383,6 +386,9 @@ type fedOptions struct {
 	// the tag every envoy has.
 	shard func(i, n int) string
 	tag   string
+	// metrics gives the director and every envoy a metrics listener on
+	// loopback (procFederation.metrics lists them).
+	metrics bool
 }
 
 // startProcFederation starts `fx director start` and n `fx envoy start`
@@ -418,8 +424,26 @@ func startProcFederation(bin string, p *benchPKI, n int, dir string, o fedOption
 		f.procs = append(f.procs, cmd)
 		return nil
 	}
+	// metricsYAML is a party's metrics setting: a listener on a free
+	// loopback port when o.metrics, else none.
+	metricsYAML := func() (string, error) {
+		if !o.metrics {
+			return "", nil
+		}
+		port, err := freePort()
+		if err != nil {
+			return "", err
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		f.metrics = append(f.metrics, addr)
+		return fmt.Sprintf("metrics: {listen: %q}\n", addr), nil
+	}
 	d := p.Director
-	if err := start("director", fmt.Sprintf(`listen_address: %s
+	dm, err := metricsYAML()
+	if err != nil {
+		return nil, err
+	}
+	if err := start("director", dm+fmt.Sprintf(`listen_address: %s
 advertise: {host: 127.0.0.1}
 tls: {cert: %s, key: %s, ca: %s, crl: %s}
 data_dir: %s
@@ -434,7 +458,12 @@ aggregator: {host: 127.0.0.1, port_min: 0, port_max: 0}
 	for i := 1; i <= n; i++ {
 		e := p.envoyFiles(i)
 		name := envoyName(i)
-		if err := start(name, fmt.Sprintf(`name: %s
+		em, err := metricsYAML()
+		if err != nil {
+			f.stop()
+			return nil, err
+		}
+		if err := start(name, em+fmt.Sprintf(`name: %s
 director: {address: "%s", server_name: localhost}
 tls: {cert: %s, key: %s, ca: %s}
 work_dir: %s

@@ -378,6 +378,7 @@ func reportMain(args []string) error {
 	p("\n")
 	reportPyTorch(p, *dir)
 	reportLarge(p, *dir)
+	reportTelemetry(p, *dir)
 	if err := os.WriteFile(*out, w.Bytes(), 0o644); err != nil {
 		return err
 	}
@@ -474,4 +475,24 @@ func reportLarge(p func(string, ...any), dir string) {
 			mib(s.DirectorHWM), mibList(s.EnvoyHWM), mib(s.Goal), mibList(s.RunnerHWM), len(s.LogProblems))
 	}
 	p("\n")
+}
+
+// reportTelemetry writes the section of `fxbench telemetry`.
+func reportTelemetry(p func(string, ...any), dir string) {
+	p("## The cost of metrics\n\n")
+	var r telemetryResult
+	if b, err := os.ReadFile(filepath.Join(dir, "telemetry.json")); err != nil || json.Unmarshal(b, &r) != nil {
+		p("Not measured (no telemetry.json).\n\n")
+		return
+	}
+	p("A director and %d envoys as separate `fx` processes run %d rounds of the built-in MLP on Fashion-MNIST, a fresh federation per trial, in trials that alternate the metrics listeners off and on; with them on, every party's `/metrics` is read every %s (Prometheus's default is 1m). A round is the time from one round's aggregate to the next, median from the second round. Started %s, load `%s`; ended `%s`.\n\n", r.Envoys, r.Rounds, r.Scrape, r.Start.Format("15:04 MST"), r.Uptime, r.UptimeEnd)
+	p("| trial | metrics | rounds (s) | median (s) | scrapes |\n|---|---|---|---|---|\n")
+	for i, t := range r.Trials {
+		kind := "off"
+		if t.Metrics {
+			kind = "on"
+		}
+		p("| %d | %s | %s | %.3f | %d |\n", i+1, kind, fmtSeconds(t.Rounds), t.Median, t.Scrapes)
+	}
+	p("\nRound with metrics %.3f s, without %.3f s: **cost %+.1f %%** (goal < 2 %%).\n\n", r.On, r.Off, 100*r.Cost)
 }

@@ -1,0 +1,184 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/atomicfile"
+)
+
+// telemetryTrial is one federation's run, with or without metrics.
+type telemetryTrial struct {
+	Metrics bool
+	// Rounds are the round times (the first, from the submission, is left
+	// out of Median).
+	Rounds []float64
+	Median float64
+	// Scrapes and ScrapedBytes count the /metrics reads of the trial.
+	Scrapes      int64
+	ScrapedBytes int64
+}
+
+type telemetryResult struct {
+	Start             time.Time
+	Uptime, UptimeEnd string
+	Envoys, Rounds    int
+	Scrape            string
+	Trials            []telemetryTrial
+	// Off and On are the medians of the trials' medians without and with
+	// metrics; Cost is On/Off − 1 (goal < 2 %).
+	Off, On, Cost float64
+}
+
+// telemetryMain is fxbench telemetry: the cost of the metrics listeners
+// and their scrapes on round time, with a director and N envoys as
+// separate fx processes running the built-in MLP on Fashion-MNIST, in
+// trials that alternate metrics off and on.
+func telemetryMain(args []string) error {
+	fs := flag.NewFlagSet("telemetry", flag.ExitOnError)
+	envoys := fs.Int("envoys", 10, "envoys, each a process")
+	rounds := fs.Int("rounds", 8, "rounds per trial (the first, with start-up, is left out)")
+	trials := fs.Int("trials", 2, "trials of each kind, alternated: off, on, off, on, ...")
+	scrape := fs.Duration("scrape", time.Second, "how often every party's /metrics is read in the trials with metrics (Prometheus's default is 1m; 15s is common)")
+	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
+	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
+	out := fs.String("out", "", "write the result as JSON here")
+	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
+	_ = fs.Parse(args)
+	if *envoys < 1 || *rounds < 2 || *trials < 1 || *scrape <= 0 {
+		return errors.New("want -envoys ≥ 1, -rounds ≥ 2, -trials ≥ 1, -scrape > 0")
+	}
+	if _, err := os.Stat(fashionDir); err != nil {
+		return fmt.Errorf("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): %w", err)
+	}
+	bin, err := fxBinary(*fxBin)
+	if err != nil {
+		return err
+	}
+	work, done, err := workDir("fxbench-telemetry-", *keep)
+	if err != nil {
+		return err
+	}
+	defer done()
+	p, err := openBenchPKI(*pkiDir)
+	if err != nil {
+		return err
+	}
+	if _, err := p.envoys(*envoys, 0); err != nil {
+		return err
+	}
+	res := &telemetryResult{Start: time.Now().UTC(), Uptime: uptime(), Envoys: *envoys, Rounds: *rounds, Scrape: scrape.String()}
+	var off, on []float64
+	for i := range 2 * *trials {
+		t := telemetryTrial{Metrics: i%2 == 1}
+		if err := runTelemetryTrial(bin, p, *envoys, *rounds, *scrape, filepath.Join(work, fmt.Sprintf("trial-%d", i)), &t); err != nil {
+			return err
+		}
+		kind := "off"
+		if t.Metrics {
+			kind, on = "on", append(on, t.Median)
+		} else {
+			off = append(off, t.Median)
+		}
+		fmt.Printf("metrics %s: rounds %s s, median %.3f s; %d scrapes, %.1f KiB each\n", kind, fmtSeconds(t.Rounds), t.Median, t.Scrapes, float64(t.ScrapedBytes)/float64(max(1, t.Scrapes))/1024)
+		res.Trials = append(res.Trials, t)
+	}
+	res.Off, res.On = median(off), median(on)
+	res.Cost = res.On/res.Off - 1
+	res.UptimeEnd = uptime()
+	fmt.Printf("round with metrics %.3f s / without %.3f s: cost %+.1f %% (goal < 2 %%), %d envoys, scraped every %s; load %s → %s\n",
+		res.On, res.Off, 100*res.Cost, *envoys, scrape, res.Uptime, res.UptimeEnd)
+	if *out != "" {
+		return atomicfile.ReplaceJSON(*out, res)
+	}
+	return nil
+}
+
+// runTelemetryTrial runs one experiment on a fresh federation, scraping
+// every party's metrics while it runs when t.Metrics.
+func runTelemetryTrial(bin string, p *benchPKI, n, rounds int, scrape time.Duration, dir string, t *telemetryTrial) error {
+	fed, err := startProcFederation(bin, p, n, filepath.Join(dir, "fed"), fedOptions{
+		python: "/usr/bin/python3", threads: "1", tag: "fashion-mnist", metrics: t.Metrics,
+		shard: func(i, n int) string {
+			return fmt.Sprintf("{kind: idx, path: %s, shard: %d/%d, seed: 1}", fashionDir, i, n)
+		},
+	})
+	if err != nil {
+		return err
+	}
+	defer fed.stop()
+	exp := filepath.Join(dir, "experiment")
+	if err := os.MkdirAll(exp, 0o700); err != nil {
+		return err
+	}
+	name := "telemetry"
+	plan := fmt.Sprintf(`name: %s
+rounds: %d
+participants: {min: %d, tags: [fashion-mnist]}
+runner: {kind: builtin, model: mlp, hyperparameters: {epochs: 1, batch_size: 64}}
+aggregation: {algorithm: fedavg}
+stragglers: {deadline: 10m, min_reporting: %d}
+`, name, rounds, n, n)
+	if err := os.WriteFile(filepath.Join(exp, experiment.PlanFile), []byte(plan), 0o600); err != nil {
+		return err
+	}
+	ctx, stopScraping := context.WithCancel(context.Background())
+	var scrapes, scraped atomic.Int64
+	var wg sync.WaitGroup
+	for _, addr := range fed.metrics {
+		wg.Go(func() {
+			tick := time.NewTicker(scrape)
+			defer tick.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+				}
+				if n, err := readMetrics(ctx, "http://"+addr+"/metrics"); err == nil {
+					scrapes.Add(1)
+					scraped.Add(n)
+				}
+			}
+		})
+	}
+	times, _, err := fed.run(exp, name, rounds)
+	stopScraping()
+	wg.Wait()
+	if err != nil {
+		return fmt.Errorf("metrics %v: %w (logs in %s)", t.Metrics, err, fed.dir)
+	}
+	t.Rounds, t.Median = times, median(times[1:])
+	t.Scrapes, t.ScrapedBytes = scrapes.Load(), scraped.Load()
+	return nil
+}
+
+// readMetrics reads a /metrics page as Prometheus would and returns its
+// size.
+func readMetrics(ctx context.Context, url string) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("%s: %s", url, resp.Status)
+	}
+	return io.Copy(io.Discard, resp.Body)
+}
