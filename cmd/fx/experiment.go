@@ -194,6 +194,7 @@ another researcher's as OWNER/NAME.
 		Example: `  fx experiment submit ./fashion-mlp --wait
   fx experiment list
   fx experiment watch fashion-mlp
+  fx experiment metrics fashion-mlp --tensorboard runs/fashion-mlp
   fx experiment model fashion-mlp --best -o best.safetensors`,
 	}
 	o.addPersistent(cmd.PersistentFlags())
@@ -202,6 +203,7 @@ another researcher's as OWNER/NAME.
 		newExperimentListCommand(o),
 		newExperimentStatusCommand(o),
 		newExperimentWatchCommand(o),
+		newExperimentMetricsCommand(o),
 		newExperimentLogsCommand(o),
 		newExperimentModelCommand(o),
 		newExperimentCancelCommand(o),
@@ -210,7 +212,7 @@ another researcher's as OWNER/NAME.
 	o.addCompletion(cmd)
 	for _, sub := range cmd.Commands() {
 		switch sub.Name() {
-		case "status", "watch", "logs", "model", "cancel", "remove":
+		case "status", "watch", "metrics", "logs", "model", "cancel", "remove":
 			sub.ValidArgsFunction = o.completeExperiments
 		case "list":
 			_ = sub.RegisterFlagCompletionFunc("state", completeStates)
