@@ -6,8 +6,11 @@ Go code, and prints their scalars as JSON:
 Usage: read_events.py LOGDIR  (every run under LOGDIR: the directories that
 hold an events.out.tfevents.* file, named relative to LOGDIR, "." for LOGDIR)
 
-With TensorBoard installed it is TensorBoard's own EventAccumulator (set
-FX_TFEVENTS_READER=manual to skip it). Otherwise (Debian 12 packages neither
+With TensorBoard importable it is TensorBoard's own EventAccumulator (set
+FX_TFEVENTS_READER=manual to skip it): as pip installs it, or a checkout of
+its source with tensorboard/compat/proto/*.proto and
+tensorboard/plugins/**/*.proto compiled by `protoc --python_out=.`, Debian's
+python3-absl installed, and the checkout on PYTHONPATH. Otherwise (Debian 12 packages neither
 TensorBoard nor TensorFlow) the records are framed and CRC-checked here,
 with a CRC32C written from its definition, and each record is decoded by
 Google's protobuf runtime against tensorflow.Event's schema, declared here
