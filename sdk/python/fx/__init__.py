@@ -17,7 +17,7 @@ below (which need grpc) are imported when first used.
 
 from .archive import Archive, pack
 from .errors import ExperimentEnded, FXError, FXTimeout
-from .metrics import MetricEvent, format_table, metric_by_round, metrics_table
+from .metrics import MetricEvent, format_table, metric_by_round, metrics_frame, metrics_table
 from .profile import Profile, load_profile
 from .safetensors import SafetensorsError, dump_safetensors, load_safetensors, read_safetensors, save_safetensors
 
@@ -43,6 +43,7 @@ __all__ = [
     "load_profile",
     "load_safetensors",
     "metric_by_round",
+    "metrics_frame",
     "metrics_table",
     "pack",
     "read_safetensors",

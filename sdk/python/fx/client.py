@@ -16,7 +16,7 @@ import numpy as np
 from . import archive as _archive
 from . import profile as _profile
 from .errors import ExperimentEnded, FXError, FXTimeout, from_rpc
-from .metrics import MetricEvent, metrics_table
+from .metrics import MetricEvent, metrics_frame, metrics_table
 from .safetensors import read_safetensors
 from ._proto.fx.v1 import director_pb2 as pb
 from ._proto.fx.v1 import director_pb2_grpc as pb_grpc
@@ -579,6 +579,16 @@ class Experiment:
     def metrics_rows(self, after: int = 0) -> List[Dict[str, Any]]:
         """The events so far as rows (see :func:`fx.metrics_table`), without waiting."""
         return metrics_table(self.metrics(after=after, follow=False))
+
+    def metrics_frame(self, after: int = 0) -> Any:
+        """The events so far as a pandas DataFrame (see :func:`fx.metrics_frame`), without waiting.
+
+        One row per round, task, collaborator ("" for the aggregate) and
+        metric, with its value, samples and time: the columns of
+        ``fx experiment metrics --csv``. Raises ImportError, saying how to
+        install it, when pandas is missing.
+        """
+        return metrics_frame(self.metrics(after=after, follow=False))
 
     # -- waiting
 

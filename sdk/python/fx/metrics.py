@@ -54,6 +54,7 @@ def _fields(ev: Event) -> MetricEvent:
             collaborator=ev.get("collaborator", ""),
             samples=int(ev.get("samples", 0)),
             metrics=dict(ev.get("metrics", {})),
+            time=ev.get("time"),
         )
     return MetricEvent.from_proto(ev)  # a fx.v1.MetricEvent message
 
@@ -80,6 +81,44 @@ def metrics_table(events: Iterable[Event]) -> List[Dict[str, Any]]:
                 }
             )
     return rows
+
+
+# The columns of metrics_frame, which `fx experiment metrics --csv` and
+# `--json` write too.
+FRAME_COLUMNS = ["round", "task", "collaborator", "metric", "value", "samples", "time"]
+
+
+def metrics_frame(events: Iterable[Event]) -> Any:
+    """The events as a pandas DataFrame, one row per metric of each event.
+
+    Its columns are those of ``fx experiment metrics --csv``: round, task,
+    collaborator ("" for a round's aggregate), metric, value, samples and
+    time (when the director recorded the result, a UTC timestamp; NaT for
+    events that carry none, such as plain dicts). Rows stay in the order
+    of the events. Takes what :func:`metrics_table` takes.
+
+    pandas is imported here, not with fx: without it this raises an
+    ImportError that says how to install it, and :func:`metrics_table`
+    gives the same rows as dicts.
+    """
+    try:
+        import pandas as pd
+    except ImportError as e:
+        raise ImportError(
+            "fx.metrics_frame needs pandas, which this Python cannot import "
+            "(Debian: apt install python3-pandas; elsewhere: pip install pandas); "
+            "without it, fx.metrics_table() and Experiment.metrics_rows() give the same rows as dicts"
+        ) from e
+    records = []
+    for ev in events:
+        e = _fields(ev)
+        for name, value in sorted(e.metrics.items()):
+            records.append((e.round, e.task, e.collaborator, name, float(value), e.samples, e.time))
+    df = pd.DataFrame.from_records(records, columns=FRAME_COLUMNS)
+    df = df.astype({"round": "int64", "task": "object", "collaborator": "object", "metric": "object",
+                    "value": "float64", "samples": "int64"})
+    df["time"] = pd.to_datetime(df["time"], utc=True)
+    return df
 
 
 # The task whose aggregate best shows the global model's quality.

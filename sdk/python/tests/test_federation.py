@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import uuid
 
@@ -84,6 +85,33 @@ def test_metrics_table(finished):
     assert [r["round"] for r in acc] == sorted({e.round for e in events if e.aggregate and e.task == "aggregated_model_validation"})
     assert fx.metric_by_round(events) == acc
     assert "accuracy" in fx.format_table(rows)
+
+
+def test_metrics_frame_matches_the_cli_export(cluster, fx_bin, finished, tmp_path):
+    pd = pytest.importorskip("pandas", reason="metrics_frame needs pandas (Debian: python3-pandas)")
+    exp, events, _, _ = finished
+    df = exp.metrics_frame()
+    assert df.drop(columns="time").to_dict("records") == fx.metrics_table(events)
+    assert df["time"].notna().all() and str(df["time"].dt.tz) == "UTC"
+    assert set(df.collaborator) == {"", "site-1", "site-2"}
+    assert len(exp.metrics_frame(after=len(events))) == 0
+
+    # `fx experiment metrics --csv` writes the same table.
+    r = cluster.researcher()
+    csv = tmp_path / "metrics.csv"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FX_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path)  # no profile of the developer's
+    out = subprocess.run([str(fx_bin), "experiment", "metrics", exp.name, "--csv", str(csv),
+                          "--director", cluster.address, "--server-name", "localhost",
+                          "--cert", r["cert"], "--key", r["key"], "--ca", r["ca"]],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    assert out.returncode == 0, out.stdout.decode(errors="replace")
+    cli = pd.read_csv(csv, dtype={"collaborator": str}).fillna({"collaborator": ""})
+    cli["time"] = pd.to_datetime(cli["time"], utc=True)
+    assert list(cli.columns) == list(df.columns)
+    pd.testing.assert_frame_equal(cli.drop(columns="time"), df.drop(columns="time"))
+    # The CLI keeps the director's nanoseconds; protobuf's datetimes stop at microseconds.
+    assert ((cli["time"] - df["time"]).abs() < pd.Timedelta(microseconds=1)).all()
 
 
 def test_model_best_last_round(finished, tmp_path):

@@ -1,5 +1,9 @@
 """Metric tables."""
 
+import sys
+
+import pytest
+
 import fx
 from fx._proto.fx.v1 import director_pb2 as pb
 
@@ -42,3 +46,29 @@ def test_format_table():
     assert out.splitlines()[0].split() == ["round", "task", "collaborator", "metric", "value", "samples"]
     assert "0.5500" in out
     assert fx.format_table([]) == "(no rows)"
+
+
+def test_metrics_frame():
+    pd = pytest.importorskip("pandas", reason="metrics_frame needs pandas (Debian: python3-pandas)")
+    ev = pb.MetricEvent(sequence=6, round=2, task="train", collaborator="site-2", samples=7, metrics={"loss": 0.5, "accuracy": 0.75})
+    ev.time.FromSeconds(1700000000)
+    df = fx.metrics_frame(events() + [ev])
+    assert list(df.columns) == ["round", "task", "collaborator", "metric", "value", "samples", "time"]
+    # The rows of metrics_table, in order, and the time where the event has one.
+    rows = fx.metrics_table(events() + [ev])
+    assert df.drop(columns="time").to_dict("records") == rows
+    assert str(df["round"].dtype) == "int64" and str(df["samples"].dtype) == "int64" and str(df["value"].dtype) == "float64"
+    assert df["time"].isna().sum() == len(rows) - 2
+    assert list(df["time"].iloc[-2:]) == [pd.Timestamp(1700000000, unit="s", tz="UTC")] * 2
+    agg = df[(df.collaborator == "") & (df.metric == "accuracy")]
+    assert agg.pivot(index="round", columns="task", values="value").loc[1, "aggregated_model_validation"] == 0.55
+    empty = fx.metrics_frame([])
+    assert list(empty.columns) == list(df.columns) and len(empty) == 0
+
+
+def test_metrics_frame_without_pandas(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
+    with pytest.raises(ImportError) as ei:
+        fx.metrics_frame(events())
+    msg = str(ei.value)
+    assert "pandas" in msg and "python3-pandas" in msg and "metrics_table" in msg
