@@ -4,13 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/telemetry"
 	"math"
 	"net"
 	"os"
 	"slices"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/fx-fl/fx/internal/telemetry"
+	"github.com/fx-fl/fx/internal/tracing"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
@@ -91,6 +96,9 @@ type Config struct {
 	// Metrics, if set, receive the rounds' durations, folds, checkpoints
 	// and bytes moved (see internal/telemetry).
 	Metrics *telemetry.Metrics
+	// Trace is the experiment's span, the parent of the rounds' (see
+	// internal/tracing); invalid when tracing is off.
+	Trace trace.SpanContext
 }
 
 // DefaultPauseRetry is how often a paused experiment checks whether its
@@ -333,6 +341,11 @@ func (a *Aggregator) startRound(n int) {
 	deadline := a.plan.Stragglers.Deadline.Std()
 	r := newRoundState(n, a.tasksFor(n), now.Add(deadline))
 	r.opened = time.Now()
+	if a.round != nil {
+		a.round.span.End() // a round that did not close (a resumed one)
+	}
+	r.ctx, r.span = tracing.Start(trace.ContextWithRemoteSpanContext(context.Background(), a.cfg.Trace), fmt.Sprintf("round %d", n),
+		attribute.Int("round", n), attribute.StringSlice("tasks", r.tasks))
 	if a.resumed {
 		a.resumed = false
 		r.deadline = now.Add(a.cfg.RejoinGrace + deadline)
@@ -517,7 +530,9 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	model := a.model
 	if training {
 		start := time.Now()
+		_, fold := tracing.Start(r.ctx, "fold", attribute.Int("results", len(trainers)))
 		next, err := a.aggregate(r)
+		fold.End()
 		if err != nil {
 			return fmt.Errorf("round %d: aggregation failed: %w", r.number, err)
 		}
@@ -536,11 +551,15 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	a.mu.Unlock()
 	best := a.scoreBest(summary, participants)
 	start := time.Now()
-	if err := a.saveRound(ctx, summary, model, training, best); err != nil {
+	_, checkpoint := tracing.Start(r.ctx, "checkpoint")
+	err := a.saveRound(ctx, summary, model, training, best)
+	checkpoint.End()
+	if err != nil {
 		return err
 	}
 	a.cfg.Metrics.Phase(telemetry.PhaseCheckpoint, time.Since(start))
 	a.cfg.Metrics.RoundCompleted(time.Since(r.opened))
+	r.span.End()
 	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates)
 	a.cfg.Sink.RoundCompleted(summary, best)
 	if r.number < a.lastRound() {

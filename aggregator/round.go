@@ -1,10 +1,13 @@
 package aggregator
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
 
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/tensor"
@@ -16,6 +19,10 @@ type roundState struct {
 	tasks    []string
 	deadline time.Time
 	opened   time.Time // by the wall clock, for the round's duration metric
+	// ctx carries the round's span (see internal/tracing), ended when the
+	// round closes.
+	ctx  context.Context
+	span trace.Span
 	// rejoining are the participants a resumed round waits for before its
 	// deadline counts (see startRound); nil once none is awaited.
 	rejoining map[string]bool
@@ -68,6 +75,8 @@ func newRoundState(n int, tasks []string, deadline time.Time) *roundState {
 		number:   n,
 		tasks:    tasks,
 		deadline: deadline,
+		ctx:      context.Background(),
+		span:     trace.SpanFromContext(context.Background()),
 		reported: map[string]map[string]bool{},
 		inflight: map[string]map[string]bool{},
 		trainers: map[string]bool{},

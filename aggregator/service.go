@@ -5,12 +5,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/telemetry"
 	"io"
 	"math"
 	"os"
 	"slices"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/fx-fl/fx/internal/telemetry"
+	"github.com/fx-fl/fx/internal/tracing"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -80,6 +85,11 @@ func (s *service) GetTasks(ctx context.Context, req *fxv1.GetTasksRequest) (*fxv
 			progress := a.progressOf(p)
 			a.mu.Unlock()
 			a.cfg.Sink.Progress(progress)
+			if tp := tracing.Inject(r.ctx); tp != "" {
+				// The collaborator's spans of this round are the
+				// round's children.
+				_ = grpc.SetHeader(ctx, metadata.Pairs(tracing.RoundHeader, tp))
+			}
 			return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_RUN, Round: int32(r.number), Tasks: tasks}, nil
 		}
 		changed := a.changed

@@ -26,8 +26,10 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"go.opentelemetry.io/otel/attribute"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -36,6 +38,7 @@ import (
 	"github.com/fx-fl/fx/internal/idle"
 	"github.com/fx-fl/fx/internal/membudget"
 	"github.com/fx-fl/fx/internal/telemetry"
+	"github.com/fx-fl/fx/internal/tracing"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
@@ -220,11 +223,13 @@ func (c *Collaborator) Run(ctx context.Context) error {
 	c.log.Info("joining experiment", "aggregator", c.cfg.Address)
 	for {
 		var resp *fxv1.GetTasksResponse
+		var header metadata.MD // carries the round's trace context
 		err := c.retry(ctx, "ask for tasks", func(ctx context.Context) error {
 			ctx, cancel := context.WithTimeout(ctx, pollTimeout)
 			defer cancel()
 			var err error
-			resp, err = c.client.GetTasks(ctx, &fxv1.GetTasksRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name})
+			header = nil
+			resp, err = c.client.GetTasks(ctx, &fxv1.GetTasksRequest{ExperimentId: c.cfg.ExperimentID, Collaborator: c.cfg.Name}, grpc.Header(&header))
 			if status.Code(err) == codes.NotFound {
 				// The aggregator at this address does not serve the
 				// experiment: after a director restart its port may
@@ -246,7 +251,7 @@ func (c *Collaborator) Run(ctx context.Context) error {
 			return &Quit{Reason: resp.GetReason()}
 		case fxv1.GetTasksResponse_RUN:
 			round := int(resp.GetRound())
-			err := c.runRound(ctx, round, resp.GetTasks())
+			err := c.runRound(tracing.FromHeader(ctx, header), round, resp.GetTasks())
 			switch {
 			case err == nil:
 			case ctx.Err() != nil:
@@ -274,7 +279,10 @@ func (c *Collaborator) Run(ctx context.Context) error {
 // starts: when a restarted aggregator hands this round out again, they are
 // uploaded again rather than computed again.
 func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) error {
-	if err := c.fetchModel(ctx, round); err != nil {
+	dctx, download := tracing.Start(ctx, "download", c.spanAttrs(round)...)
+	err := c.fetchModel(dctx, round)
+	download.End()
+	if err != nil {
 		return err
 	}
 	if c.resultsRound != round || c.results == nil {
@@ -298,7 +306,9 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 			kept = append(kept, task)
 		} else {
 			start := time.Now()
-			res, runErr = c.runTask(ctx, runner.Task{Name: task, Round: round})
+			tctx, span := tracing.Start(ctx, "task "+task, c.spanAttrs(round)...)
+			res, runErr = c.runTask(tctx, runner.Task{Name: task, Round: round})
+			span.End()
 			c.cfg.Metrics.RunnerTask(task, time.Since(start), runErr)
 			if runErr != nil {
 				runErr = fmt.Errorf("task %s: %w", task, runErr)
@@ -325,6 +335,11 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 	return runErr
 }
 
+// spanAttrs label a collaborator's spans of round.
+func (c *Collaborator) spanAttrs(round int) []attribute.KeyValue {
+	return []attribute.KeyValue{attribute.String("collaborator", c.cfg.Name), attribute.Int("round", round)}
+}
+
 // taskResult is a task's result, ready to upload.
 type taskResult struct {
 	task string
@@ -340,7 +355,9 @@ var errLate = errors.New("the round moved on")
 // (cancel) and returns errLate or the error.
 func (c *Collaborator) uploadInOrder(ctx context.Context, cancel context.CancelFunc, round int, ready <-chan taskResult) error {
 	for r := range ready {
-		late, err := c.upload(ctx, round, r.task, r.res)
+		uctx, span := tracing.Start(ctx, "upload "+r.task, c.spanAttrs(round)...)
+		late, err := c.upload(uctx, round, r.task, r.res)
+		span.End()
 		if err == nil && late {
 			err = errLate
 		}

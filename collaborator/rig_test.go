@@ -175,7 +175,7 @@ func quit(reason string) *fxv1.GetTasksResponse {
 func (r *rig) expectTasks(answers ...*fxv1.GetTasksResponse) {
 	var calls []any
 	for _, a := range answers {
-		calls = append(calls, r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any()).Return(a, nil))
+		calls = append(calls, r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any(), gomock.Any()).Return(a, nil))
 	}
 	gomock.InOrder(calls...)
 }

@@ -94,9 +94,9 @@ func TestTransientErrorsAreRetriedOnTheSchedulePermanentOnesEndTheRun(t *testing
 	} {
 		t.Run(tc.code.String(), func(t *testing.T) {
 			r := newRig(t)
-			first := r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any()).Return(nil, status.Error(tc.code, "refused"))
+			first := r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any(), gomock.Any()).Return(nil, status.Error(tc.code, "refused"))
 			if tc.transient {
-				r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any()).Return(quit("finished"), nil).After(first)
+				r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any(), gomock.Any()).Return(quit("finished"), nil).After(first)
 			}
 			err := r.run(context.Background())
 			pauses := r.pauses.recorded()
@@ -123,7 +123,7 @@ func TestTransientErrorsAreRetriedOnTheSchedulePermanentOnesEndTheRun(t *testing
 func TestAnUnreachableAggregatorIsGivenUpAfterMaxUnreachable(t *testing.T) {
 	r := newRig(t, func(c *Config) { c.MaxUnreachable = 10 * time.Second })
 	calls := 0
-	r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any()).DoAndReturn(func(context.Context, *fxv1.GetTasksRequest, ...grpc.CallOption) (*fxv1.GetTasksResponse, error) {
+	r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(func(context.Context, *fxv1.GetTasksRequest, ...grpc.CallOption) (*fxv1.GetTasksResponse, error) {
 		calls++
 		return nil, status.Error(codes.Unavailable, "connection refused")
 	}).AnyTimes()
@@ -541,7 +541,7 @@ func TestCancellationAtEveryStep(t *testing.T) {
 				return nil
 			}
 			asked := 0
-			r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any()).DoAndReturn(func(ctx context.Context, _ *fxv1.GetTasksRequest, _ ...grpc.CallOption) (*fxv1.GetTasksResponse, error) {
+			r.agg.EXPECT().GetTasks(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(func(ctx context.Context, _ *fxv1.GetTasksRequest, _ ...grpc.CallOption) (*fxv1.GetTasksResponse, error) {
 				if err := at(ctx, "ask for tasks"); err != nil {
 					return nil, err
 				}

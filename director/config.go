@@ -3,9 +3,10 @@ package director
 import (
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/telemetry"
 	"net"
 	"time"
+
+	"github.com/fx-fl/fx/internal/telemetry"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"

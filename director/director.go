@@ -21,13 +21,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/telemetry"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/fx-fl/fx/internal/telemetry"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"

@@ -33,6 +33,7 @@ type submitStream interface {
 // plan all check out is the file moved into place and the record written;
 // any failure removes the file and leaves no record.
 func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, error) {
+	started := time.Now()
 	done, err := d.startUpload(owner)
 	if err != nil {
 		return nil, err
@@ -211,6 +212,7 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 		return nil, err
 	}
 	d.exps[id] = e
+	d.traceSubmission(e, started)
 	d.log.Info("experiment submitted", "experiment", id, "name", name, "owner", owner, "bytes", got)
 	if d.cfg.ReviewPolicy == ReviewAuto {
 		if err := d.approveLocked(e); err != nil {

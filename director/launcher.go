@@ -4,13 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/telemetry"
 	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/fx-fl/fx/internal/telemetry"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
@@ -56,6 +59,9 @@ type LaunchSpec struct {
 	// Metrics, if set, are the director's series, which the aggregator
 	// records its rounds into.
 	Metrics *telemetry.Metrics
+	// Trace is the experiment's span, the parent of its rounds' (invalid
+	// when tracing is off).
+	Trace trace.SpanContext
 }
 
 // Aggregator is a launched aggregator, as the director drives it.
@@ -114,6 +120,7 @@ func (InProcess) Launch(spec LaunchSpec) (Aggregator, error) {
 		PauseRetry:    spec.PauseRetry,
 		Serving:       spec.Serving,
 		Metrics:       spec.Metrics,
+		Trace:         spec.Trace,
 	})
 }
 

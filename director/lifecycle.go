@@ -9,6 +9,11 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/fx-fl/fx/internal/tracing"
+
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/director/store"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
@@ -115,6 +120,8 @@ func (d *Director) offerLocked(e *expState) error {
 		return err
 	}
 	d.log.Info("experiment offered", "experiment", e.rec.ID, "envoys", len(invited), "answer_by", rec.AnswerBy)
+	e.offer.End()
+	_, e.offer = tracing.Start(trace.ContextWithSpan(context.Background(), e.span), "offer", attribute.Int("envoys", len(invited)))
 	for _, p := range invited {
 		d.sendLocked(p.Envoy, d.offerAssignment(e))
 	}
@@ -396,6 +403,7 @@ func (d *Director) startLocked(e *expState, leftOut string) error {
 		return err
 	}
 	d.log.Info("experiment running", "experiment", e.rec.ID, "participants", e.partNames(fxv1.ParticipantState_TRAINING))
+	e.offer.End()
 	for _, name := range closed {
 		d.sendLocked(name, stopAssignment(e.rec.ID, rec.State, closedWhy))
 	}
@@ -452,6 +460,7 @@ func (d *Director) launchLocked(e *expState) {
 		PauseRetry:    d.cfg.PauseRetry,
 		Serving:       func() { d.aggregatorServing(e.rec.ID, rs) },
 		Metrics:       d.metrics,
+		Trace:         e.span.SpanContext(),
 	}
 	d.log.Info("aggregator starting", "experiment", e.rec.ID, "address", rs.address)
 	d.runs.Add(1)
@@ -557,6 +566,9 @@ func (d *Director) endLocked(e *expState, state fxv1.ExperimentState, reason str
 		e.run = nil
 	}
 	d.log.Info("experiment ended", "experiment", e.rec.ID, "state", state, "reason", reason)
+	e.offer.End()
+	e.span.SetAttributes(attribute.String("state", state.String()), attribute.String("reason", reason))
+	e.span.End()
 	for name, p := range e.parts {
 		if p.State != fxv1.ParticipantState_DECLINED {
 			d.sendLocked(name, stopAssignment(e.rec.ID, state, e.rec.Reason))

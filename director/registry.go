@@ -4,10 +4,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/fx-fl/fx/internal/version"
 	"hash/fnv"
 	"slices"
 	"time"
+
+	"github.com/fx-fl/fx/internal/version"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"

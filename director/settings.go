@@ -6,6 +6,8 @@ import (
 	"os"
 	"time"
 
+	"github.com/fx-fl/fx/internal/tracing"
+
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/fx-fl/fx/aggregator"
@@ -67,6 +69,9 @@ type Settings struct {
 	Metrics struct {
 		Listen string `mapstructure:"listen"`
 	} `mapstructure:"metrics"`
+	// Tracing sends spans to an OTLP collector; off when its endpoint is
+	// empty. The process sets it up (tracing.Setup) before New.
+	Tracing tracing.Config `mapstructure:"tracing"`
 }
 
 // DefaultSettings are what a configuration file overrides.

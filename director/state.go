@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -35,15 +36,22 @@ type expState struct {
 	// lastRun is the run most recently stopped, so Remove can wait for it
 	// to let go of the experiment's files.
 	lastRun *runState
+	// span follows the experiment from its submission to its end, and
+	// offer its OFFERED time (see internal/tracing); they record nothing
+	// when tracing is off, and a restarted director starts new ones.
+	span, offer trace.Span
 }
 
 func newExpState(rec store.Experiment, plan *experiment.Plan) *expState {
+	none := trace.SpanFromContext(context.Background())
 	return &expState{
 		rec:      rec,
 		plan:     plan,
 		parts:    map[string]*store.Participant{},
 		metrics:  newMetricLog(),
 		progress: map[string]aggregator.Progress{},
+		span:     none,
+		offer:    none,
 	}
 }
 

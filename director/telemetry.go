@@ -1,8 +1,15 @@
 package director
 
 import (
+	"context"
+
 	"errors"
 	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/fx-fl/fx/internal/tracing"
 
 	"github.com/fx-fl/fx/director/store"
 	"github.com/fx-fl/fx/internal/telemetry"
@@ -90,4 +97,17 @@ func (d *Director) readiness() error {
 		return errors.New("the director is starting")
 	}
 	return nil
+}
+
+// traceSubmission starts the experiment's span, from the submission's
+// start, with the submission as its first child.
+func (d *Director) traceSubmission(e *expState, started time.Time) {
+	if !tracing.Enabled() {
+		return
+	}
+	attrs := []attribute.KeyValue{attribute.String("experiment.id", e.rec.ID), attribute.String("experiment.name", e.rec.Name), attribute.String("owner", e.rec.Owner)}
+	ctx, span := tracing.Tracer().Start(context.Background(), "experiment "+e.rec.Name, trace.WithTimestamp(started), trace.WithAttributes(attrs...), trace.WithNewRoot())
+	e.span = span
+	_, submit := tracing.Tracer().Start(ctx, "submit", trace.WithTimestamp(started), trace.WithAttributes(attribute.Int64("archive.bytes", e.rec.ArchiveSize)))
+	submit.End()
 }

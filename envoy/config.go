@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fx-fl/fx/internal/tracing"
+
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/fx-fl/fx/dataset"
@@ -164,6 +166,9 @@ type Config struct {
 	// Metrics is the plain-HTTP listener for /metrics, /healthz and
 	// /readyz (see internal/telemetry); off when Listen is empty.
 	Metrics MetricsConfig `mapstructure:"metrics"`
+	// Tracing sends spans to an OTLP collector; off when its endpoint is
+	// empty. The process sets it up (tracing.Setup) before New.
+	Tracing tracing.Config `mapstructure:"tracing"`
 
 	// ConfigFile is the file the configuration was read from, if any: it
 	// is hidden from runners, with the key and the work directory.

@@ -4,13 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/telemetry"
 	"net"
 	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
 	"time"
+
+	"github.com/fx-fl/fx/internal/telemetry"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"

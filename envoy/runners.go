@@ -4,11 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/fx-fl/fx/internal/telemetry"
 	"io"
 	"maps"
 	osexec "os/exec"
 	"path/filepath"
+
+	"github.com/fx-fl/fx/internal/telemetry"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fx-fl/fx/internal/tracing"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -82,11 +84,12 @@ func ServerOptions(k *Keyring, rules Rules) []grpc.ServerOption {
 
 // serverOptions are ServerOptions with a given Authorizer.
 func serverOptions(k *Keyring, a *Authorizer) []grpc.ServerOption {
-	return append([]grpc.ServerOption{
+	opts := append([]grpc.ServerOption{
 		grpc.Creds(limitHandshakes(coalescingCreds{credentials.NewTLS(k.ServerConfig())}, defaultHandshakeLimits())),
 		grpc.ChainUnaryInterceptor(a.UnaryServerInterceptor(), validateUnary),
 		grpc.ChainStreamInterceptor(a.StreamServerInterceptor(), validateStream),
 	}, bulkServerOptions()...)
+	return append(opts, tracing.ServerOptions()...)
 }
 
 // Flow control for bulk streams. fx moves models and archives as streams of

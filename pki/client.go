@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fx-fl/fx/internal/tracing"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -127,11 +129,12 @@ func DialOptions(k *Keyring, serverName string) []grpc.DialOption {
 // interceptors that turn a handshake refusal into an Unauthenticated status
 // that says why, and flow control for bulk streams.
 func ClientDialOptions(config func(serverName string) *tls.Config, serverName string) []grpc.DialOption {
-	return append([]grpc.DialOption{
+	opts := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(&clientCreds{config: config, serverName: serverName}),
 		grpc.WithChainUnaryInterceptor(UnaryClientInterceptor()),
 		grpc.WithChainStreamInterceptor(StreamClientInterceptor()),
 	}, bulkDialOptions()...)
+	return append(opts, tracing.DialOptions()...)
 }
 
 // NewClient creates a gRPC client connection to target with DialOptions and

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fx-fl/fx/internal/tracing"
+
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"google.golang.org/grpc/codes"
@@ -33,6 +35,7 @@ var directorFlagKeys = map[string]string{
 	"tls-crl":         "tls.crl",
 	"aggregator-host": "aggregator.host",
 	"metrics-listen":  "metrics.listen",
+	"otlp-endpoint":   "tracing.endpoint",
 }
 
 func newDirectorCommand(opts *globalOptions) *cobra.Command {
@@ -81,6 +84,11 @@ from their last completed round, and stops gracefully on SIGINT or SIGTERM.`,
 				return err
 			}
 			cfg.Version = buildVersion()
+			stopTracing, err := tracing.Setup(cmd.Context(), s.Tracing, "director", cfg.Version)
+			if err != nil {
+				return err
+			}
+			defer stopTracing(context.Background())
 			d, err := director.New(cfg)
 			if err != nil {
 				return err
@@ -101,6 +109,7 @@ from their last completed round, and stops gracefully on SIGINT or SIGTERM.`,
 	f.String("tls-crl", "", "the federation's certificate revocation list")
 	f.String("aggregator-host", "", "interface aggregators listen on")
 	f.String("metrics-listen", "", "host:port of the plain-HTTP /metrics, /healthz and /readyz listener (off when empty; keep it on loopback unless a remote Prometheus scrapes it)")
+	f.String("otlp-endpoint", "", "host:port of an OpenTelemetry collector (OTLP/gRPC) to send traces to (off when empty; tracing.insecure for one without TLS)")
 	return cmd
 }
 

@@ -12,6 +12,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/fx-fl/fx/internal/tracing"
+
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
@@ -33,6 +35,7 @@ var envoyFlagKeys = map[string]string{
 	"max-experiments": "max_experiments",
 	"shard":           "shard.shard",
 	"metrics-listen":  "metrics.listen",
+	"otlp-endpoint":   "tracing.endpoint",
 }
 
 func newEnvoyCommand(opts *globalOptions) *cobra.Command {
@@ -107,6 +110,11 @@ stops on SIGINT or SIGTERM.`,
 					return err
 				}
 			}
+			stopTracing, err := tracing.Setup(cmd.Context(), cfg.Tracing, "envoy", cfg.Version)
+			if err != nil {
+				return err
+			}
+			defer stopTracing(context.Background())
 			e, err := envoy.New(cfg)
 			if err != nil {
 				return err
@@ -130,6 +138,7 @@ stops on SIGINT or SIGTERM.`,
 	f.StringSlice("tags", nil, "labels researchers select the data by")
 	f.String("shard", "", "the part of the data set this site holds, i/N (shard.shard)")
 	f.String("metrics-listen", "", "host:port of the plain-HTTP /metrics, /healthz and /readyz listener (off when empty; keep it on loopback unless a remote Prometheus scrapes it)")
+	f.String("otlp-endpoint", "", "host:port of an OpenTelemetry collector (OTLP/gRPC) to send traces to (off when empty; tracing.insecure for one without TLS)")
 	return cmd
 }
 

@@ -2,10 +2,11 @@ package main
 
 import (
 	"fmt"
-	"github.com/fx-fl/fx/internal/version"
 	"io"
 	"runtime"
 	"strings"
+
+	"github.com/fx-fl/fx/internal/version"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/cobra"

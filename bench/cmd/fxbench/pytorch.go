@@ -389,6 +389,9 @@ type fedOptions struct {
 	// metrics gives the director and every envoy a metrics listener on
 	// loopback (procFederation.metrics lists them).
 	metrics bool
+	// otlp, if set, is an OTLP/gRPC collector (without TLS) every party
+	// sends its traces to.
+	otlp string
 }
 
 // startProcFederation starts `fx director start` and n `fx envoy start`
@@ -436,7 +439,11 @@ func startProcFederation(bin string, p *benchPKI, n int, dir string, o fedOption
 		}
 		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		f.metrics = append(f.metrics, addr)
-		return fmt.Sprintf("metrics: {listen: %q}\n", addr), nil
+		yaml := fmt.Sprintf("metrics: {listen: %q}\n", addr)
+		if o.otlp != "" {
+			yaml += fmt.Sprintf("tracing: {endpoint: %q, insecure: true}\n", o.otlp)
+		}
+		return yaml, nil
 	}
 	d := p.Director
 	dm, err := metricsYAML()

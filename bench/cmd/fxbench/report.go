@@ -479,20 +479,20 @@ func reportLarge(p func(string, ...any), dir string) {
 
 // reportTelemetry writes the section of `fxbench telemetry`.
 func reportTelemetry(p func(string, ...any), dir string) {
-	p("## The cost of metrics\n\n")
+	p("## The cost of metrics and tracing\n\n")
 	var r telemetryResult
 	if b, err := os.ReadFile(filepath.Join(dir, "telemetry.json")); err != nil || json.Unmarshal(b, &r) != nil {
 		p("Not measured (no telemetry.json).\n\n")
 		return
 	}
-	p("A director and %d envoys as separate `fx` processes run %d rounds of the built-in MLP on Fashion-MNIST, a fresh federation per trial, in trials that alternate the metrics listeners off and on; with them on, every party's `/metrics` is read every %s (Prometheus's default is 1m). A round is the time from one round's aggregate to the next, median from the second round. Started %s, load `%s`; ended `%s`.\n\n", r.Envoys, r.Rounds, r.Scrape, r.Start.Format("15:04 MST"), r.Uptime, r.UptimeEnd)
-	p("| trial | metrics | rounds (s) | median (s) | scrapes |\n|---|---|---|---|---|\n")
+	p("A director and %d envoys as separate `fx` processes run %d rounds of the built-in MLP on Fashion-MNIST, a fresh federation per trial, in trials that alternate metrics and tracing off and on; with them on, every party's `/metrics` is read every %s (Prometheus's default is 1m) and every party exports its spans by OTLP to a collector in the benchmark's process. A round is the time from one round's aggregate to the next, median from the second round. Started %s, load `%s`; ended `%s`.\n\n", r.Envoys, r.Rounds, r.Scrape, r.Start.Format("15:04 MST"), r.Uptime, r.UptimeEnd)
+	p("| trial | metrics and tracing | rounds (s) | median (s) | scrapes | spans |\n|---|---|---|---|---|---|\n")
 	for i, t := range r.Trials {
 		kind := "off"
 		if t.Metrics {
 			kind = "on"
 		}
-		p("| %d | %s | %s | %.3f | %d |\n", i+1, kind, fmtSeconds(t.Rounds), t.Median, t.Scrapes)
+		p("| %d | %s | %s | %.3f | %d | %d |\n", i+1, kind, fmtSeconds(t.Rounds), t.Median, t.Scrapes, t.Spans)
 	}
-	p("\nRound with metrics %.3f s, without %.3f s: **cost %+.1f %%** (goal < 2 %%).\n\n", r.On, r.Off, 100*r.Cost)
+	p("\nRound with metrics and tracing %.3f s, without %.3f s: **cost %+.1f %%** (goal < 2 %%).\n\n", r.On, r.Off, 100*r.Cost)
 }

@@ -6,12 +6,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	coltracepb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
+	"google.golang.org/grpc"
 
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/atomicfile"
@@ -24,9 +28,11 @@ type telemetryTrial struct {
 	// out of Median).
 	Rounds []float64
 	Median float64
-	// Scrapes and ScrapedBytes count the /metrics reads of the trial.
+	// Scrapes and ScrapedBytes count the /metrics reads of the trial,
+	// Spans the spans the parties exported.
 	Scrapes      int64
 	ScrapedBytes int64
+	Spans        int64
 }
 
 type telemetryResult struct {
@@ -40,10 +46,11 @@ type telemetryResult struct {
 	Off, On, Cost float64
 }
 
-// telemetryMain is fxbench telemetry: the cost of the metrics listeners
-// and their scrapes on round time, with a director and N envoys as
-// separate fx processes running the built-in MLP on Fashion-MNIST, in
-// trials that alternate metrics off and on.
+// telemetryMain is fxbench telemetry: the cost of metrics (listeners and
+// their scrapes) and tracing (every party exporting its spans by OTLP to a
+// collector in this process) on round time, with a director and N envoys
+// as separate fx processes running the built-in MLP on Fashion-MNIST, in
+// trials that alternate both off and both on.
 func telemetryMain(args []string) error {
 	fs := flag.NewFlagSet("telemetry", flag.ExitOnError)
 	envoys := fs.Int("envoys", 10, "envoys, each a process")
@@ -77,11 +84,16 @@ func telemetryMain(args []string) error {
 	if _, err := p.envoys(*envoys, 0); err != nil {
 		return err
 	}
+	collector, err := startSpanSink()
+	if err != nil {
+		return err
+	}
+	defer collector.stop()
 	res := &telemetryResult{Start: time.Now().UTC(), Uptime: uptime(), Envoys: *envoys, Rounds: *rounds, Scrape: scrape.String()}
 	var off, on []float64
 	for i := range 2 * *trials {
 		t := telemetryTrial{Metrics: i%2 == 1}
-		if err := runTelemetryTrial(bin, p, *envoys, *rounds, *scrape, filepath.Join(work, fmt.Sprintf("trial-%d", i)), &t); err != nil {
+		if err := runTelemetryTrial(bin, p, *envoys, *rounds, *scrape, collector, filepath.Join(work, fmt.Sprintf("trial-%d", i)), &t); err != nil {
 			return err
 		}
 		kind := "off"
@@ -90,13 +102,13 @@ func telemetryMain(args []string) error {
 		} else {
 			off = append(off, t.Median)
 		}
-		fmt.Printf("metrics %s: rounds %s s, median %.3f s; %d scrapes, %.1f KiB each\n", kind, fmtSeconds(t.Rounds), t.Median, t.Scrapes, float64(t.ScrapedBytes)/float64(max(1, t.Scrapes))/1024)
+		fmt.Printf("metrics and tracing %s: rounds %s s, median %.3f s; %d scrapes, %.1f KiB each; %d spans\n", kind, fmtSeconds(t.Rounds), t.Median, t.Scrapes, float64(t.ScrapedBytes)/float64(max(1, t.Scrapes))/1024, t.Spans)
 		res.Trials = append(res.Trials, t)
 	}
 	res.Off, res.On = median(off), median(on)
 	res.Cost = res.On/res.Off - 1
 	res.UptimeEnd = uptime()
-	fmt.Printf("round with metrics %.3f s / without %.3f s: cost %+.1f %% (goal < 2 %%), %d envoys, scraped every %s; load %s → %s\n",
+	fmt.Printf("round with metrics and tracing %.3f s / without %.3f s: cost %+.1f %% (goal < 2 %%), %d envoys, scraped every %s; load %s → %s\n",
 		res.On, res.Off, 100*res.Cost, *envoys, scrape, res.Uptime, res.UptimeEnd)
 	if *out != "" {
 		return atomicfile.ReplaceJSON(*out, res)
@@ -106,9 +118,14 @@ func telemetryMain(args []string) error {
 
 // runTelemetryTrial runs one experiment on a fresh federation, scraping
 // every party's metrics while it runs when t.Metrics.
-func runTelemetryTrial(bin string, p *benchPKI, n, rounds int, scrape time.Duration, dir string, t *telemetryTrial) error {
+func runTelemetryTrial(bin string, p *benchPKI, n, rounds int, scrape time.Duration, collector *spanSink, dir string, t *telemetryTrial) error {
+	otlp := ""
+	if t.Metrics {
+		otlp = collector.addr
+	}
+	spansBefore := collector.spans.Load()
 	fed, err := startProcFederation(bin, p, n, filepath.Join(dir, "fed"), fedOptions{
-		python: "/usr/bin/python3", threads: "1", tag: "fashion-mnist", metrics: t.Metrics,
+		python: "/usr/bin/python3", threads: "1", tag: "fashion-mnist", metrics: t.Metrics, otlp: otlp,
 		shard: func(i, n int) string {
 			return fmt.Sprintf("{kind: idx, path: %s, shard: %d/%d, seed: 1}", fashionDir, i, n)
 		},
@@ -160,8 +177,41 @@ stragglers: {deadline: 10m, min_reporting: %d}
 	}
 	t.Rounds, t.Median = times, median(times[1:])
 	t.Scrapes, t.ScrapedBytes = scrapes.Load(), scraped.Load()
+	fed.stop() // flushes the parties' spans
+	t.Spans = collector.spans.Load() - spansBefore
 	return nil
 }
+
+// spanSink is an OTLP/gRPC trace collector that counts the spans it is
+// sent and keeps none: the far end of the parties' exporters.
+type spanSink struct {
+	coltracepb.UnimplementedTraceServiceServer
+	addr  string
+	srv   *grpc.Server
+	spans atomic.Int64
+}
+
+func startSpanSink() (*spanSink, error) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	s := &spanSink{addr: lis.Addr().String(), srv: grpc.NewServer()}
+	coltracepb.RegisterTraceServiceServer(s.srv, s)
+	go s.srv.Serve(lis)
+	return s, nil
+}
+
+func (s *spanSink) Export(_ context.Context, req *coltracepb.ExportTraceServiceRequest) (*coltracepb.ExportTraceServiceResponse, error) {
+	for _, rs := range req.GetResourceSpans() {
+		for _, ss := range rs.GetScopeSpans() {
+			s.spans.Add(int64(len(ss.GetSpans())))
+		}
+	}
+	return &coltracepb.ExportTraceServiceResponse{}, nil
+}
+
+func (s *spanSink) stop() { s.srv.Stop() }
 
 // readMetrics reads a /metrics page as Prometheus would and returns its
 // size.
