@@ -118,7 +118,7 @@ stragglers: {deadline: 1m}
 		}
 		download := child(r, "download")
 		call := child(download, "fx.v1.Aggregator/FetchModel") // the client side
-		child(call, "fx.v1.Aggregator/FetchModel")              // the aggregator's, across the wire
+		child(call, "fx.v1.Aggregator/FetchModel")             // the aggregator's, across the wire
 		upload := child(r, "upload train")
 		child(upload, "fx.v1.Aggregator/UploadResult")
 	}
