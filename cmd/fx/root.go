@@ -48,6 +48,7 @@ certificate.`,
 	root.AddCommand(newExperimentCommand())
 	root.AddCommand(newEnvoysCommand())
 	root.AddCommand(newQuickstartCommand(opts))
+	root.AddCommand(newDashboardCommand(opts))
 	root.Version = buildVersion()
 	root.SetVersionTemplate("fx {{.Version}}\n")
 	root.Long += "\n\n" + exitCodesHelp
