@@ -47,12 +47,14 @@ for arg in "$@"; do
 done
 
 start=$SECONDS
-step() { printf '\n==> packaging: %s\n' "$*"; }
+step() { printf '\n==> packaging [%ds]: %s\n' "$((SECONDS - start))" "$*"; }
 die() { printf 'packaging check FAILED: %s\n' "$*" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/fx-packaging-check.XXXXXX)
 pip_build_dirs=()
+base_pid=
 cleanup() {
+  if [ -n "$base_pid" ]; then kill "$base_pid" 2>/dev/null || true; fi
   podman rm -f fx-check-director fx-check-systemd >/dev/null 2>&1 || true
   podman volume rm -f fx-check-data >/dev/null 2>&1 || true
   for d in "${pip_build_dirs[@]}"; do rm -rf "$d"; done
@@ -75,6 +77,20 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
   podman runc debootstrap systemd curl file git ca-certificates util-linux \
   python3-venv python3-pip python3-setuptools python3-setuptools-scm python3-packaging \
   python3-grpcio python3-protobuf python3-numpy >/dev/null
+
+# The systemd step's Debian base (debootstrap: mostly downloading) is made
+# once and kept; make it in the background while Go compiles.
+make_base() {
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3,python3-numpy \
+    bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || return 1
+  tar -C "$work/rootfs" -c . | podman import -q --change 'CMD ["/sbin/init"]' - "$base_image" >/dev/null || return 1
+  rm -rf "$work/rootfs"
+}
+if ! podman image exists "$base_image"; then
+  echo "making $base_image with debootstrap from $mirror, in the background (once; kept for later runs)"
+  make_base &
+  base_pid=$!
+fi
 
 step "fx: a static binary (CGO_ENABLED=0 go build -trimpath -ldflags \"-s -w\" ./cmd/fx)"
 version=$(git describe --tags --always --dirty 2>/dev/null || echo devel)
@@ -194,12 +210,14 @@ systemd-sysusers --root="$work/sysroot" - <packaging/systemd/fx.sysusers
 grep -q '^fx:x:[0-9]*:[0-9]*:.*:/var/lib/fx:' "$work/sysroot/etc/passwd" || die "fx.sysusers made no fx user"
 
 step "systemd: boot systemd in a container; the director and an envoy from the units, one experiment"
-if ! podman image exists "$base_image"; then
-  echo "making $base_image with debootstrap from $mirror (once; kept for later runs)"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3,python3-numpy \
-    bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log" >&2; die "debootstrap"; }
-  tar -C "$work/rootfs" -c . | podman import --change 'CMD ["/sbin/init"]' - "$base_image" >/dev/null
-  rm -rf "$work/rootfs"
+if [ -n "$base_pid" ]; then
+  echo "waiting for $base_image"
+  if ! wait "$base_pid"; then
+    base_pid=
+    tail -20 "$work/debootstrap.log" >&2
+    die "making $base_image with debootstrap failed"
+  fi
+  base_pid=
 fi
 sd=$work/systemd-ctx
 mkdir -p "$sd/usr/local/bin" "$sd/usr/lib/sysusers.d" "$sd/etc/systemd/system" "$sd/etc/fx/pki" "$sd/root"
