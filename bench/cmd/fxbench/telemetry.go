@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,6 +34,11 @@ type telemetryTrial struct {
 	Scrapes      int64
 	ScrapedBytes int64
 	Spans        int64
+	// CPU is the CPU seconds (user + system) all the parties' processes
+	// spent from the submission to the experiment's end: on a shared
+	// machine a steadier measure of what metrics and tracing cost than
+	// the wall time.
+	CPU float64
 }
 
 type telemetryResult struct {
@@ -42,8 +48,14 @@ type telemetryResult struct {
 	Scrape            string
 	Trials            []telemetryTrial
 	// Off and On are the medians of the trials' medians without and with
-	// metrics; Cost is On/Off − 1 (goal < 2 %).
+	// metrics and tracing. Pairs are each on trial's cost against the off
+	// trial just before it (on/off − 1); Cost is their median (goal < 2 %):
+	// pairing cancels the drift of a shared machine between trials.
 	Off, On, Cost float64
+	Pairs         []float64
+	// CPUPairs and CPUCost are the same for the parties' CPU seconds.
+	CPUPairs []float64
+	CPUCost  float64
 }
 
 // telemetryMain is fxbench telemetry: the cost of metrics (listeners and
@@ -102,14 +114,18 @@ func telemetryMain(args []string) error {
 		} else {
 			off = append(off, t.Median)
 		}
-		fmt.Printf("metrics and tracing %s: rounds %s s, median %.3f s; %d scrapes, %.1f KiB each; %d spans\n", kind, fmtSeconds(t.Rounds), t.Median, t.Scrapes, float64(t.ScrapedBytes)/float64(max(1, t.Scrapes))/1024, t.Spans)
+		fmt.Printf("metrics and tracing %s: rounds %s s, median %.3f s; CPU %.1f s; %d scrapes, %.1f KiB each; %d spans\n", kind, fmtSeconds(t.Rounds), t.Median, t.CPU, t.Scrapes, float64(t.ScrapedBytes)/float64(max(1, t.Scrapes))/1024, t.Spans)
 		res.Trials = append(res.Trials, t)
 	}
 	res.Off, res.On = median(off), median(on)
-	res.Cost = res.On/res.Off - 1
+	for i := range on {
+		res.Pairs = append(res.Pairs, on[i]/off[i]-1)
+		res.CPUPairs = append(res.CPUPairs, res.Trials[2*i+1].CPU/res.Trials[2*i].CPU-1)
+	}
+	res.Cost, res.CPUCost = median(res.Pairs), median(res.CPUPairs)
 	res.UptimeEnd = uptime()
-	fmt.Printf("round with metrics and tracing %.3f s / without %.3f s: cost %+.1f %% (goal < 2 %%), %d envoys, scraped every %s; load %s → %s\n",
-		res.On, res.Off, 100*res.Cost, *envoys, scrape, res.Uptime, res.UptimeEnd)
+	fmt.Printf("round with metrics and tracing %.3f s, without %.3f s; paired costs %s %%, median %+.1f %% (goal < 2 %%); CPU of all parties, paired: %s %%, median %+.1f %%; %d envoys, scraped every %s; load %s → %s\n",
+		res.On, res.Off, percents(res.Pairs), 100*res.Cost, percents(res.CPUPairs), 100*res.CPUCost, *envoys, scrape, res.Uptime, res.UptimeEnd)
 	if *out != "" {
 		return atomicfile.ReplaceJSON(*out, res)
 	}
@@ -169,7 +185,18 @@ stragglers: {deadline: 10m, min_reporting: %d}
 			}
 		})
 	}
+	cpu := func() float64 {
+		var sum float64
+		for _, p := range fed.procs {
+			if c, err := procCPU(p.Process.Pid); err == nil {
+				sum += c
+			}
+		}
+		return sum
+	}
+	cpuBefore := cpu()
 	times, _, err := fed.run(exp, name, rounds)
+	t.CPU = cpu() - cpuBefore
 	stopScraping()
 	wg.Wait()
 	if err != nil {
@@ -231,4 +258,13 @@ func readMetrics(ctx context.Context, url string) (int64, error) {
 		return 0, fmt.Errorf("%s: %s", url, resp.Status)
 	}
 	return io.Copy(io.Discard, resp.Body)
+}
+
+// percents formats fractions as signed percentages.
+func percents(v []float64) string {
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = fmt.Sprintf("%+.1f", 100*x)
+	}
+	return strings.Join(parts, ", ")
 }
