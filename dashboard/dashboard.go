@@ -125,9 +125,6 @@ func New(cfg Config) (*Server, error) {
 	return s, nil
 }
 
-// Handler is the dashboard with its guards.
-func (s *Server) Handler() http.Handler { return s.handler }
-
 // Serve answers on l until ctx ends, then stops accepting and waits (a
 // few seconds at most) for requests in flight. Event streams and downloads
 // end with ctx.

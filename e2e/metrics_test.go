@@ -87,10 +87,15 @@ func TestPrometheusScrapesTheFederation(t *testing.T) {
 		t.Logf("%s: %s", q.want, q.query)
 	}
 
-	// A stopping envoy is not ready: it has let go of the director.
-	f.envoys["site-2"].stop(t)
-	if code, _, _ := httpGet("http://" + targets["site-2"] + "/readyz"); code == http.StatusOK {
-		t.Error("a stopped envoy's /readyz still answers ready")
+	// An envoy cut from its director is not ready, and says why, while
+	// its process (and /healthz) goes on.
+	f.director.stop(t)
+	f.waitFor(60*time.Second, "site-2's /readyz to answer 503", func() (bool, error) {
+		code, body, err := httpGet("http://" + targets["site-2"] + "/readyz")
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "not connected to the director"), fmt.Errorf("%d %q %v", code, body, err)
+	})
+	if code, _, err := httpGet("http://" + targets["site-2"] + "/healthz"); code != http.StatusOK {
+		t.Errorf("site-2's /healthz without a director: %d %v", code, err)
 	}
 }
 

@@ -17,9 +17,6 @@ import (
 // certificate (Kubernetes, a load balancer). It serves nothing else and
 // changes nothing: the federation's own services stay behind mutual TLS.
 type Server struct {
-	// Listen is host:port. Loopback unless operators need remote
-	// scrapers: the series name no data, but tell the load of the site.
-	Listen  string
 	Metrics *Metrics
 	// Ready says whether the process can do its work; its error, the
 	// reason it cannot, is /readyz's 503 body.
@@ -27,17 +24,9 @@ type Server struct {
 	Logger hclog.Logger
 }
 
-// Run serves until ctx ends. It returns at once with an error if the
-// address cannot be listened on.
-func (s Server) Run(ctx context.Context) error {
-	lis, err := net.Listen("tcp", s.Listen)
-	if err != nil {
-		return fmt.Errorf("metrics listener: %w", err)
-	}
-	return s.Serve(ctx, lis)
-}
-
-// Serve is Run on a listener of the caller's.
+// Serve answers on lis until ctx ends. The parties listen themselves, so
+// that a metrics.listen address that cannot be listened on stops them at
+// start, before anything else runs.
 func (s Server) Serve(ctx context.Context, lis net.Listener) error {
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	if s.Logger != nil {

@@ -182,16 +182,6 @@ func (p *proc) setTask(task string, round int) {
 	p.output.Store(0)
 }
 
-// isFlooded reports whether the output passed the limit.
-func (p *proc) isFlooded() bool {
-	select {
-	case <-p.flooded:
-		return true
-	default:
-		return false
-	}
-}
-
 // hasExited reports whether the main process has exited.
 func (p *proc) hasExited() bool {
 	select {

@@ -37,14 +37,6 @@ func needPython(t *testing.T) {
 	}
 }
 
-// needTorch skips a test when the system Python lacks PyTorch.
-func needTorch(t *testing.T) {
-	t.Helper()
-	if err := osexec.Command(systemPython, "-c", "import torch").Run(); err != nil {
-		t.Skipf("%s cannot import torch (%v): apt-get install python3-torch", systemPython, err)
-	}
-}
-
 // syntheticData is a small learnable data set, as an envoy loads it.
 func syntheticData(t *testing.T) *dataset.Dataset {
 	t.Helper()
