@@ -211,15 +211,23 @@ func robustAggregate(updates []Model, what string, trim int) (Model, error) {
 			copy(t.Data, srcs[0])
 		}
 		if !finite {
-			for i, m := range idx {
-				if err := m[ref.Name].CheckFinite(); err != nil {
-					return nil, fmt.Errorf("%s: update %d: %w", what, i, err)
-				}
-			}
+			return nil, nonFiniteUpdate(idx, ref.Name, what)
 		}
 		out = append(out, t)
 	}
 	return out, nil
+}
+
+// nonFiniteUpdate names the first update whose tensor name holds a NaN or
+// Inf, once a kernel has reported that one does: the kernels only notice, so
+// that the common, finite case costs no second pass.
+func nonFiniteUpdate(idx []map[string]*Tensor, name, what string) error {
+	for i, m := range idx {
+		if err := m[name].CheckFinite(); err != nil {
+			return fmt.Errorf("%s: update %d: %w", what, i, err)
+		}
+	}
+	return fmt.Errorf("%s: tensor %q: %w", what, name, ErrNonFinite)
 }
 
 // robustReduce sets each dst[j] from the sorted values of srcs at j. A block
@@ -259,18 +267,16 @@ func robustReduce[T float](dst []T, srcs [][]byte, dt DType, trim int) bool {
 // decodeStrided writes the elements of raw to dst[0], dst[stride], ... and
 // reports whether they were all finite (x-x is 0 exactly for finite x).
 func decodeStrided[T float](dst []T, stride int, raw []byte, dt DType) bool {
-	count := len(raw) / dt.Size()
-	var vals []T
-	if v, ok := viewAs[T](raw, dt); ok {
-		vals = v
-	} else {
-		vals = make([]T, count)
-		for i := range vals {
-			vals[i] = T(decodeElem(raw, dt, i))
-		}
-	}
 	var nonFinite T
-	for i, v := range vals {
+	if vals, ok := viewAs[T](raw, dt); ok {
+		for i, v := range vals {
+			dst[i*stride] = v
+			nonFinite += v - v
+		}
+		return nonFinite == 0
+	}
+	for i := range len(raw) / dt.Size() {
+		v := T(decodeElem(raw, dt, i))
 		dst[i*stride] = v
 		nonFinite += v - v
 	}
