@@ -1,0 +1,178 @@
+package privacy
+
+import (
+	crand "crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"math/rand/v2"
+
+	"github.com/fx-fl/fx/tensor"
+)
+
+// Release says what ClipAndNoise did to an update.
+type Release struct {
+	// Norm is the L2 norm of the update Δ = trained − global over every
+	// float tensor, before clipping. It is computed from the site's data
+	// without noise: log it at the site, never send it anywhere.
+	Norm float64
+	// Scale is min(1, C/Norm), the factor Δ was multiplied by.
+	Scale float64
+	// Std is the standard deviation of the noise added to each element, σ·C.
+	Std float64
+	// Elements is the number of float elements noised.
+	Elements int64
+	// Reset names the non-float tensors, which were set back to the global
+	// model's values (see ClipAndNoise).
+	Reset []string
+}
+
+// ClipAndNoise turns a model trained at the site into one whose update may
+// leave it under differential privacy: with Δ = trained − global over all
+// float tensors taken together, it writes
+//
+//	trained = global + Δ·min(1, clip/‖Δ‖₂) + N(0, (noise·clip)²)
+//
+// element by element back into trained, in each tensor's own dtype. clip is
+// the L2 bound C on the whole update (so C is the sensitivity of what a site
+// sends) and noise is the noise multiplier σ that the accountant charges.
+//
+// The standard deviation σ·C is per site. In client-level DP with FedAvg
+// (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+// Models") the sum of the clipped updates needs noise σ·C in total: a site
+// that adds it alone protects itself even from the aggregator, and the sum
+// of n sites then carries σ·C·√n. Callers that rely on secure aggregation to
+// hide single updates may pass σ/√n to share the noise; the ledger must then
+// be charged with what protects the site, which is the caller's decision.
+//
+// Non-float tensors (step counters such as BatchNorm's num_batches_tracked)
+// cannot be noised, and left as trained they would carry site data — the
+// number of batches, hence the size of the dataset — out un-noised. They are
+// set to the global model's values, so they carry nothing from the site, and
+// named in Release.Reset.
+//
+// Memory: nothing beyond the two models; it reads every float tensor twice
+// (the norm, then the write). Noise comes from ChaCha8 (math/rand/v2), a
+// cryptographically strong generator, seeded with 32 bytes from crypto/rand
+// for each call: without the seed its output cannot be told from random,
+// and it is an order of magnitude faster than drawing every sample from the
+// operating system. Like Opacus and TF Privacy, it samples the Gaussian in
+// floating point, which is subject to Mironov's 2012 attack on the low-order
+// bits of floating-point noise; rounding the result to the tensor's dtype
+// blurs those bits, most of all in F16 and BF16.
+//
+// On an error about the layout or the values of the inputs, trained is
+// untouched. If a noisy value overflows its dtype (F16 tops out at 65504)
+// the error says so and trained is half written: it must not be uploaded.
+func ClipAndNoise(global, trained tensor.Model, clip, noise float64) (Release, error) {
+	var seed [32]byte
+	crand.Read(seed[:])
+	return clipAndNoise(global, trained, clip, noise, rand.New(rand.NewChaCha8(seed)))
+}
+
+func clipAndNoise(global, trained tensor.Model, clip, noise float64, rng *rand.Rand) (Release, error) {
+	if !(clip > 0) || math.IsInf(clip, 1) {
+		return Release{}, fmt.Errorf("clip norm %v: want a finite number > 0", clip)
+	}
+	if !(noise >= 0) || math.IsInf(noise, 1) {
+		return Release{}, fmt.Errorf("noise multiplier %v: want a finite number ≥ 0", noise)
+	}
+	if err := trained.Validate(); err != nil {
+		return Release{}, fmt.Errorf("trained model: %w", err)
+	}
+	if err := global.Validate(); err != nil {
+		return Release{}, fmt.Errorf("global model: %w", err)
+	}
+	if err := global.Matches(trained); err != nil {
+		return Release{}, fmt.Errorf("trained model does not match the global model: %w", err)
+	}
+	index := global.Index()
+
+	var sumSq float64
+	var rel Release
+	for _, t := range trained {
+		if !t.DType.IsFloat() {
+			continue
+		}
+		c := codecs[t.DType]
+		g := index[t.Name].Data
+		var ss float64
+		for off := 0; off < len(t.Data); off += c.size {
+			d := c.get(t.Data[off:]) - c.get(g[off:])
+			ss += d * d
+		}
+		if math.IsNaN(ss) || math.IsInf(ss, 0) {
+			return Release{}, fmt.Errorf("tensor %q: the update is not finite (NaN, Inf or beyond 1e154 in the trained or global model): fix the training before it can be released", t.Name)
+		}
+		sumSq += ss
+		rel.Elements += int64(len(t.Data) / c.size)
+	}
+	rel.Norm = math.Sqrt(sumSq)
+	rel.Scale = 1
+	if rel.Norm > clip {
+		rel.Scale = clip / rel.Norm
+	}
+	rel.Std = noise * clip
+
+	// trained − (1−scale)·Δ is global + scale·Δ; written this way an update
+	// within the bound (scale 1) keeps trained's values exactly.
+	shrink := 1 - rel.Scale
+	for _, t := range trained {
+		g := index[t.Name].Data
+		if !t.DType.IsFloat() {
+			copy(t.Data, g)
+			rel.Reset = append(rel.Reset, t.Name)
+			continue
+		}
+		c := codecs[t.DType]
+		for off := 0; off < len(t.Data); off += c.size {
+			tv := c.get(t.Data[off:])
+			v := tv - shrink*(tv-c.get(g[off:]))
+			if rel.Std > 0 {
+				v += rel.Std * rng.NormFloat64()
+			}
+			if !c.put(t.Data[off:], v) {
+				return Release{}, fmt.Errorf("tensor %q element %d: the noisy value %g overflows %s: lower the clip norm or the noise multiplier; this model must not be uploaded", t.Name, off/c.size, v, t.DType)
+			}
+		}
+	}
+	return rel, nil
+}
+
+// codec reads and writes one little-endian element of a float dtype as a
+// float64; put reports false when the value overflows the dtype.
+type codec struct {
+	size int
+	get  func([]byte) float64
+	put  func([]byte, float64) bool
+}
+
+var codecs = map[tensor.DType]codec{
+	tensor.F64: {8,
+		func(b []byte) float64 { return math.Float64frombits(binary.LittleEndian.Uint64(b)) },
+		func(b []byte, v float64) bool {
+			binary.LittleEndian.PutUint64(b, math.Float64bits(v))
+			return !math.IsInf(v, 0)
+		}},
+	tensor.F32: {4,
+		func(b []byte) float64 { return float64(math.Float32frombits(binary.LittleEndian.Uint32(b))) },
+		func(b []byte, v float64) bool {
+			f := float32(v)
+			binary.LittleEndian.PutUint32(b, math.Float32bits(f))
+			return !math.IsInf(float64(f), 0)
+		}},
+	tensor.F16: {2,
+		func(b []byte) float64 { return float64(tensor.F16ToFloat32(binary.LittleEndian.Uint16(b))) },
+		func(b []byte, v float64) bool {
+			h := tensor.Float32ToF16(float32(v))
+			binary.LittleEndian.PutUint16(b, h)
+			return h&0x7c00 != 0x7c00
+		}},
+	tensor.BF16: {2,
+		func(b []byte) float64 { return float64(tensor.BF16ToFloat32(binary.LittleEndian.Uint16(b))) },
+		func(b []byte, v float64) bool {
+			h := tensor.Float32ToBF16(float32(v))
+			binary.LittleEndian.PutUint16(b, h)
+			return h&0x7f80 != 0x7f80
+		}},
+}
