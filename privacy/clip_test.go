@@ -210,7 +210,9 @@ func TestIntegerTensorsAreReset(t *testing.T) {
 }
 
 func TestClipAndNoiseRefusesBadInput(t *testing.T) {
-	base := func() tensor.Model { return model(t, 8, func(i int) float64 { return float64(i) }, tensor.F32, tensor.F16) }
+	base := func() tensor.Model {
+		return model(t, 8, func(i int) float64 { return float64(i) }, tensor.F32, tensor.F16)
+	}
 	nan := base()
 	codecs[tensor.F32].put(nan[0].Data[4:], math.NaN())
 	for _, c := range []struct {
