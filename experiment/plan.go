@@ -54,6 +54,8 @@ const (
 	AlgFedAvg      = "fedavg"
 	AlgMedian      = "median"
 	AlgTrimmedMean = "trimmed_mean"
+	AlgKrum        = "krum"
+	AlgMultiKrum   = "multi_krum"
 	AlgFedAdam     = "fedadam"
 	AlgFedYogi     = "fedyogi"
 	AlgFedAdagrad  = "fedadagrad"
@@ -106,6 +108,10 @@ const (
 	// DefaultTrim is the fraction trimmed from each end by trimmed_mean
 	// (ignored by the other algorithms).
 	DefaultTrim = 0.1
+	// DefaultByzantine is the number of Byzantine updates krum and
+	// multi_krum tolerate (ignored by the other algorithms): one, since
+	// tolerating none is what fedavg does at a fraction of the cost.
+	DefaultByzantine = 1
 	// DefaultDeadline closes a round that is still waiting: a round never
 	// waits forever for a site that went away.
 	DefaultDeadline = 10 * time.Minute
@@ -242,17 +248,23 @@ type RunnerSpec struct {
 // and Tau configure the server optimiser of fedadam, fedyogi and fedadagrad;
 // zero means that algorithm's own default, and other algorithms ignore them.
 type Aggregation struct {
-	// Algorithm is one of fedavg, median, trimmed_mean, fedadam, fedyogi,
-	// fedadagrad (algorithm).
+	// Algorithm is one of fedavg, median, trimmed_mean, krum, multi_krum,
+	// fedadam, fedyogi, fedadagrad (algorithm).
 	Algorithm string `yaml:"algorithm" json:"algorithm"`
 	// Weights says how fedavg and the server optimisers weigh each train
 	// update: samples, registered or equal (weights). Reported sample counts
-	// are bounded by the envoy's registered ones under every policy; median
-	// and trimmed_mean weigh no update.
+	// are bounded by the envoy's registered ones under every policy; median,
+	// trimmed_mean, krum and multi_krum weigh no update.
 	Weights string `yaml:"weights" json:"weights"`
 	// Trim is the fraction dropped from each end by trimmed_mean, in
 	// [0, 0.5) (trim).
 	Trim float64 `yaml:"trim" json:"trim"`
+	// Byzantine is how many Byzantine updates krum and multi_krum tolerate,
+	// f ≥ 0 (byzantine); each round needs at least 2f+3 updates.
+	Byzantine int `yaml:"byzantine" json:"byzantine"`
+	// Select is how many of the best-scored updates multi_krum averages, in
+	// [1, n−f]; 0 means n−f, all but f of the round's n updates (select).
+	Select int `yaml:"select,omitempty" json:"select,omitempty"`
 	// LR is the server learning rate, ≥ 0 (lr).
 	LR float64 `yaml:"lr,omitempty" json:"lr,omitempty"`
 	// Beta1 and Beta2 are the moment decay rates, in [0, 1) (beta1, beta2).
@@ -304,6 +316,7 @@ func DefaultPlan() Plan {
 			Algorithm: DefaultAlgorithm,
 			Weights:   DefaultWeights,
 			Trim:      DefaultTrim,
+			Byzantine: DefaultByzantine,
 		},
 		Stragglers: Stragglers{
 			Deadline:     Duration(DefaultDeadline),
@@ -679,11 +692,11 @@ func validateJSONValue(v *problems, key string, x any) {
 func (p *Plan) validateAggregation(v *problems) {
 	a := &p.Aggregation
 	switch a.Algorithm {
-	case AlgFedAvg, AlgMedian, AlgTrimmedMean, AlgFedAdam, AlgFedYogi, AlgFedAdagrad:
+	case AlgFedAvg, AlgMedian, AlgTrimmedMean, AlgKrum, AlgMultiKrum, AlgFedAdam, AlgFedYogi, AlgFedAdagrad:
 	case "":
-		v.add("aggregation.algorithm", "must not be empty: fedavg, median, trimmed_mean, fedadam, fedyogi or fedadagrad (default fedavg)")
+		v.add("aggregation.algorithm", "must not be empty: fedavg, median, trimmed_mean, krum, multi_krum, fedadam, fedyogi or fedadagrad (default fedavg)")
 	default:
-		v.add("aggregation.algorithm", fmt.Sprintf("must be fedavg, median, trimmed_mean, fedadam, fedyogi or fedadagrad, got %q", a.Algorithm))
+		v.add("aggregation.algorithm", fmt.Sprintf("must be fedavg, median, trimmed_mean, krum, multi_krum, fedadam, fedyogi or fedadagrad, got %q", a.Algorithm))
 	}
 	switch a.Weights {
 	case WeightsSamples, WeightsRegistered, WeightsEqual:
@@ -693,6 +706,7 @@ func (p *Plan) validateAggregation(v *problems) {
 	if !(a.Trim >= 0 && a.Trim < 0.5) {
 		v.add("aggregation.trim", fmt.Sprintf("must be in [0,0.5), got %v", a.Trim))
 	}
+	p.validateKrum(v)
 	if !(a.LR >= 0) || math.IsInf(a.LR, 0) {
 		v.add("aggregation.lr", fmt.Sprintf("must be a finite number ≥ 0 (0 means the algorithm's default), got %v", a.LR))
 	}
@@ -704,6 +718,35 @@ func (p *Plan) validateAggregation(v *problems) {
 	}
 	if !(a.Tau >= 0) || math.IsInf(a.Tau, 0) {
 		v.add("aggregation.tau", fmt.Sprintf("must be a finite number ≥ 0 (0 means the algorithm's default), got %v", a.Tau))
+	}
+}
+
+// validateKrum checks byzantine and select. An experiment runs with at least
+// participants.min sites, so that is the round size a plan can be held to
+// here; a round that closes with fewer updates fails when it aggregates.
+func (p *Plan) validateKrum(v *problems) {
+	a := &p.Aggregation
+	krum := a.Algorithm == AlgKrum || a.Algorithm == AlgMultiKrum
+	f, sites := a.Byzantine, p.Participants.Min
+	switch {
+	case f < 0:
+		v.add("aggregation.byzantine", fmt.Sprintf("must be 0 or more (the Byzantine updates krum and multi_krum tolerate), got %d", f))
+	case krum && sites >= 1 && sites < 2*f+3:
+		fix := fmt.Sprintf("raise participants.min to %d or lower byzantine to %d", 2*f+3, (sites-3)/2)
+		if sites < 3 {
+			fix = fmt.Sprintf("raise participants.min to %d (even byzantine 0 needs 3)", 2*f+3)
+		}
+		v.add("aggregation.byzantine", fmt.Sprintf("is %d, so %s needs at least 2f+3 = %d updates a round, but participants.min is %d: %s",
+			f, a.Algorithm, 2*f+3, sites, fix))
+	}
+	switch {
+	case a.Select < 0:
+		v.add("aggregation.select", fmt.Sprintf("must be 1 or more, or 0 for all but byzantine of each round's updates, got %d", a.Select))
+	case a.Select > 0 && a.Algorithm != AlgMultiKrum:
+		v.add("aggregation.select", fmt.Sprintf("is only used with algorithm multi_krum, not %s", a.Algorithm))
+	case a.Select > 0 && f >= 0 && sites >= 1 && a.Select > sites-f:
+		v.add("aggregation.select", fmt.Sprintf("is %d, but a round of participants.min = %d updates with byzantine %d holds only %d honest ones: select at most %d, or 0 for all but byzantine",
+			a.Select, sites, f, sites-f, sites-f))
 	}
 }
 
