@@ -37,7 +37,8 @@ type roundState struct {
 	// (a spilled stage that could not be read back), which fail the round.
 	committing sync.WaitGroup
 	commitErr  error
-	// updates holds whole train updates for median and trimmed mean.
+	// updates holds whole train updates for median, trimmed mean, krum
+	// and multi-krum.
 	updates []tensor.Model
 	// partial are train uploads whose connection broke, kept until they
 	// are resumed, started over, or the round closes: by collaborator.
@@ -118,8 +119,8 @@ type stage interface {
 // optimisers fold it into the Accumulator's running sum, staged while it
 // streams in memory up to MemoryStageBudget and on disk beyond, so memory
 // holds about one model plus the budget however many collaborators upload
-// at once. Median and trimmed mean need every update
-// at the round's close: they keep each one whole in memory, N models for N
+// at once. Median, trimmed mean, krum and multi-krum need every update at
+// the round's close: they keep each one whole in memory, N models for N
 // collaborators.
 func (a *Aggregator) newStage(r *roundState) (stage, error) {
 	if a.collects() {
@@ -131,10 +132,11 @@ func (a *Aggregator) newStage(r *roundState) (stage, error) {
 // collects reports whether the algorithm needs every update at once.
 func (a *Aggregator) collects() bool {
 	alg := a.plan.Aggregation.Algorithm
-	return alg == "median" || alg == "trimmed_mean"
+	return alg == "median" || alg == "trimmed_mean" || alg == "krum" || alg == "multi_krum"
 }
 
-// collectStage assembles an update in memory for median and trimmed mean.
+// collectStage assembles an update in memory for the algorithms that
+// collect (see collects).
 type collectStage struct {
 	a     *Aggregator
 	r     *roundState
@@ -178,6 +180,14 @@ func (a *Aggregator) aggregate(r *roundState) (tensor.Model, error) {
 		return tensor.Median(r.updates)
 	case "trimmed_mean":
 		return tensor.TrimmedMean(r.updates, a.plan.Aggregation.Trim)
+	case "krum":
+		return tensor.Krum(r.updates, a.plan.Aggregation.Byzantine)
+	case "multi_krum":
+		f, m := a.plan.Aggregation.Byzantine, a.plan.Aggregation.Select
+		if m == 0 {
+			m = len(r.updates) - f // the plan's default: all but f
+		}
+		return tensor.MultiKrum(r.updates, f, m)
 	}
 	avg, err := a.acc.TakeMean()
 	if err != nil {
