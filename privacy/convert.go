@@ -87,11 +87,29 @@ func (m SampledGaussian) Epsilon(delta float64) (float64, error) {
 // stay within (eps, delta)-DP. It is how a researcher picks σ for a plan:
 // the ε a mechanism spends falls as σ grows, so a bisection finds it.
 func MinNoise(rate float64, steps int, eps, delta float64) (float64, error) {
+	return minNoise(nil, rate, steps, eps, delta)
+}
+
+// minNoise is MinNoise on top of spent, an RDP curve over DefaultOrders (nil
+// for nothing spent).
+func minNoise(spent []float64, rate float64, steps int, eps, delta float64) (float64, error) {
 	if err := checkEpsilon(eps); err != nil {
 		return 0, err
 	}
+	total := make([]float64, len(defaultOrders))
 	spends := func(sigma float64) (float64, error) {
-		return SampledGaussian{Noise: sigma, Rate: rate, Steps: steps}.Epsilon(delta)
+		rdp, err := SampledGaussian{Noise: sigma, Rate: rate, Steps: steps}.RDP(defaultOrders)
+		if err != nil {
+			return 0, err
+		}
+		for i := range total {
+			total[i] = rdp[i]
+			if spent != nil {
+				total[i] += spent[i]
+			}
+		}
+		e, _, err := Epsilon(defaultOrders, total, delta)
+		return e, err
 	}
 	if _, err := spends(1); err != nil {
 		return 0, err
