@@ -247,13 +247,13 @@ func (s *Bolt) Close() error { return s.db.Close() }
 
 type boltKV struct{ tx *bolt.Tx }
 
-func (k boltKV) get(bucket, key string) []byte {
+func (k boltKV) get(bucket, key string) ([]byte, error) {
 	v := k.tx.Bucket([]byte(bucket)).Get([]byte(key))
 	if v == nil {
-		return nil
+		return nil, nil
 	}
 	// bbolt's slices are valid only during the transaction.
-	return bytes.Clone(v)
+	return bytes.Clone(v), nil
 }
 
 func (k boltKV) put(bucket, key string, val []byte) error {

@@ -79,12 +79,12 @@ type memKV struct {
 	readOnly bool
 }
 
-func (k memKV) get(bucket, key string) []byte {
+func (k memKV) get(bucket, key string) ([]byte, error) {
 	v, ok := k.buckets[bucket][key]
 	if !ok {
-		return nil
+		return nil, nil
 	}
-	return slices.Clone(v)
+	return slices.Clone(v), nil
 }
 
 func (k memKV) put(bucket, key string, val []byte) error {

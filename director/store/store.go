@@ -5,10 +5,15 @@
 // this state and from the files under the director's data directory after a
 // restart, so this is the one thing that must survive a crash intact.
 //
-// Records are JSON, which keeps a store readable with bbolt's own tools and
-// lets fields be added without a migration. Every change goes through Update,
-// one transaction: a state transition and the participant changes that go
-// with it are written together or not at all.
+// Records are JSON, which keeps a store readable with bbolt's own tools (or
+// psql) and lets fields be added without a migration. Every change goes
+// through Update, one transaction: a state transition and the participant
+// changes that go with it are written together or not at all.
+//
+// There are two durable implementations, Bolt (one file in the director's
+// data directory, the default) and Postgres (a PostgreSQL database), and
+// Mem for tests. All three are written on one small key-value surface (kv),
+// so the typed records, their keys and their order are the same in each.
 package store
 
 import (
@@ -127,7 +132,10 @@ type Store interface {
 	// View runs fn in a read-only transaction.
 	View(fn func(Tx) error) error
 	// Update runs fn in a read-write transaction, committed if fn returns
-	// nil and rolled back otherwise.
+	// nil and rolled back otherwise. fn may run more than once when the
+	// transaction has to be retried (Postgres, after a serialization
+	// failure), so it must act only through its Tx: only the last run's
+	// writes are committed.
 	Update(fn func(Tx) error) error
 	// Batch is Update for many independent writers at once: fn may share
 	// its transaction, and so one commit, with other Batch calls made
@@ -150,10 +158,12 @@ var allBuckets = []string{bucketExperiments, bucketParticipants, bucketEnvoys, b
 // kv is the small key-value surface both implementations provide; the typed
 // Tx is written once on top of it.
 type kv interface {
-	get(bucket, key string) []byte
+	// get returns nil, nil when the key does not exist.
+	get(bucket, key string) ([]byte, error)
 	put(bucket, key string, val []byte) error
 	del(bucket, key string) error
-	// scan calls fn for every key with the prefix, in key order.
+	// scan calls fn for every key with the prefix, in the order of the
+	// keys' bytes. fn must not use the kv.
 	scan(bucket, prefix string, fn func(key string, val []byte) error) error
 }
 
@@ -162,7 +172,10 @@ type tx struct{ kv kv }
 func participantKey(expID, envoy string) string { return expID + "/" + envoy }
 
 func getJSON[T any](t tx, bucket, key, what string) (*T, error) {
-	b := t.kv.get(bucket, key)
+	b, err := t.kv.get(bucket, key)
+	if err != nil {
+		return nil, fmt.Errorf("%s %q: %w", what, key, err)
+	}
 	if b == nil {
 		return nil, fmt.Errorf("%s %q: %w", what, key, ErrNotFound)
 	}
