@@ -429,3 +429,20 @@ func TestInvalidParameters(t *testing.T) {
 		t.Error("mismatched orders and RDP accepted")
 	}
 }
+
+// TestLogErfcTail: past x = 20 logErfc switches to the asymptotic
+// expansion; up to 26, where math.Erfc still has its full relative
+// precision, the two must agree, and beyond it the expansion must keep
+// going where erfc underflows (log erfc(30) ≈ −904.6, from
+// erfc(30) = 2.5646562037561116e-393, printed by mpmath).
+func TestLogErfcTail(t *testing.T) {
+	for x := 20.0; x <= 26; x += 0.25 {
+		if got, want := logErfc(x), math.Log(math.Erfc(x)); !relClose(got, want, 1e-13) {
+			t.Errorf("logErfc(%v) = %.17g, log(erfc) %.17g", x, got, want)
+		}
+	}
+	want := math.Log(2.5646562037561116) - 393*math.Ln10
+	if got := logErfc(30); !relClose(got, want, 1e-13) {
+		t.Errorf("logErfc(30) = %.17g, want %.17g", got, want)
+	}
+}

@@ -12,17 +12,17 @@ import (
 // every experiment that ever trains on it.
 type Budget struct {
 	// Epsilon is the most ε the dataset may reach, at Delta.
-	Epsilon float64 `json:"epsilon" yaml:"epsilon"`
+	Epsilon float64 `json:"epsilon" yaml:"epsilon" mapstructure:"epsilon"`
 	// Delta is the δ at which ε is computed; keep it below 1/(number of
 	// people whose data the dataset holds).
-	Delta float64 `json:"delta" yaml:"delta"`
+	Delta float64 `json:"delta" yaml:"delta" mapstructure:"delta"`
 	// MinNoise is the smallest noise multiplier σ a round may use (0: any
 	// that fits the budget). It stops a plan from spending the whole budget
 	// in a few barely-noised rounds.
-	MinNoise float64 `json:"min_noise_multiplier" yaml:"min_noise_multiplier"`
+	MinNoise float64 `json:"min_noise_multiplier" yaml:"min_noise_multiplier" mapstructure:"min_noise_multiplier"`
 	// MaxClip is the largest clip norm C a round may use (0: any). ε does
 	// not depend on C, but the noise's scale and the update's size do.
-	MaxClip float64 `json:"max_clip_norm" yaml:"max_clip_norm"`
+	MaxClip float64 `json:"max_clip_norm" yaml:"max_clip_norm" mapstructure:"max_clip_norm"`
 }
 
 // Validate checks the budget itself, with messages for whoever wrote it.

@@ -2,10 +2,12 @@ package privacy
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -197,9 +199,14 @@ func curve(entries []Entry) ([]float64, error) {
 	for _, e := range entries {
 		steps[mech{e.Noise, e.Rate}] += e.Steps
 	}
+	// Add the groups in a fixed order, so that the same entries always give
+	// the same ε to the last bit.
+	groups := slices.SortedFunc(maps.Keys(steps), func(a, b mech) int {
+		return cmp.Or(cmp.Compare(a.noise, b.noise), cmp.Compare(a.rate, b.rate))
+	})
 	total := make([]float64, len(defaultOrders))
-	for m, n := range steps {
-		rdp, err := SampledGaussian{Noise: m.noise, Rate: m.rate, Steps: n}.RDP(defaultOrders)
+	for _, m := range groups {
+		rdp, err := SampledGaussian{Noise: m.noise, Rate: m.rate, Steps: steps[m]}.RDP(defaultOrders)
 		if err != nil {
 			return nil, err
 		}
