@@ -293,9 +293,11 @@ func TestLargeModel(t *testing.T) {
 }
 
 // TestAggregationAlgorithms: every aggregation algorithm a plan may name
-// trains the MLP on three sites to a useful model. The six experiments are
+// trains the MLP on three sites to a useful model. The eight experiments are
 // submitted at once: four run side by side (the director's limit) and the
-// others wait their turn.
+// others wait their turn. Three sites are as many as Krum needs tolerating
+// no Byzantine site (2f+3); its selection is tested with Byzantine updates in
+// the aggregator's and tensor's tests.
 func TestAggregationAlgorithms(t *testing.T) {
 	sites := []string{"site-1", "site-2", "site-3"}
 	f := newFed(t, []string{"alice"}, sites)
@@ -310,6 +312,8 @@ func TestAggregationAlgorithms(t *testing.T) {
 		"fedavg":       "{algorithm: fedavg}",
 		"median":       "{algorithm: median}",
 		"trimmed_mean": "{algorithm: trimmed_mean, trim: 0.34}",
+		"krum":         "{algorithm: krum, byzantine: 0}",
+		"multi_krum":   "{algorithm: multi_krum, byzantine: 0, select: 2}",
 		"fedadam":      "{algorithm: fedadam, lr: 0.1}",
 		"fedyogi":      "{algorithm: fedyogi, lr: 0.1}",
 		"fedadagrad":   "{algorithm: fedadagrad, lr: 0.5}",
