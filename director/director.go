@@ -6,7 +6,8 @@
 // and models back to researchers.
 //
 // All state that must survive a restart is in a store.Store (bbolt in
-// DataDir) plus the archive and aggregator files under DataDir; everything
+// DataDir, or a PostgreSQL database) plus the archive and aggregator files
+// under DataDir; everything
 // else (liveness, metric events, live progress) is rebuilt from them, so a
 // director killed at any point comes back with every experiment in its
 // state and running ones resumed from their last completed round.
@@ -98,11 +99,11 @@ func New(cfg Config) (*Director, error) {
 	}
 	st := cfg.Store
 	if st == nil {
-		bolt, err := openStore(cfg.DataDir)
+		opened, err := openStore(cfg)
 		if err != nil {
 			return nil, fmt.Errorf("director: %w", err)
 		}
-		st = bolt
+		st = opened
 	}
 	metrics := cfg.Metrics
 	if metrics == nil && (cfg.MetricsListen != "" || cfg.MetricsListener != nil) {

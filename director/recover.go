@@ -35,13 +35,22 @@ const (
 
 func storePath(dataDir string) string { return filepath.Join(dataDir, storeFile) }
 
-// openStore opens the bbolt store in dataDir. A damaged store is refused
-// with what to do.
-func openStore(dataDir string) (*store.Bolt, error) {
-	st, err := store.OpenBolt(storePath(dataDir))
+// openStore opens the store cfg names: the PostgreSQL database of
+// PostgresDSN, or the bbolt store in DataDir. A damaged bbolt store is
+// refused with what to do.
+func openStore(cfg Config) (store.Store, error) {
+	if cfg.PostgresDSN != "" {
+		st, err := store.OpenPostgres(context.Background(), cfg.PostgresDSN)
+		if err != nil {
+			return nil, fmt.Errorf("store.postgres.dsn: %w", err)
+		}
+		cfg.Logger.Named("director").Info("state kept in PostgreSQL; the director takes no snapshots of it: back the database up with pg_dump or point-in-time recovery", "database", st.Target())
+		return st, nil
+	}
+	st, err := store.OpenBolt(storePath(cfg.DataDir))
 	var de *store.DamagedError
 	if errors.As(err, &de) {
-		return nil, fmt.Errorf("%w. The director cannot start on it: run `fx director recover --data-dir %s`, which sets the damaged file aside and restores %s", err, dataDir, newestSnapshot(dataDir))
+		return nil, fmt.Errorf("%w. The director cannot start on it: run `fx director recover --data-dir %s`, which sets the damaged file aside and restores %s", err, cfg.DataDir, newestSnapshot(cfg.DataDir))
 	}
 	return st, err
 }
@@ -80,6 +89,11 @@ func (d *Director) checkStoreMatches() error {
 	what := "holds no experiment"
 	if len(d.exps) > 0 {
 		what = fmt.Sprintf("records %d experiments, none of them", len(d.exps))
+	}
+	if d.cfg.PostgresDSN != "" {
+		db, _ := store.PostgresTarget(d.cfg.PostgresDSN)
+		return fmt.Errorf("the %s %s, but %s holds %d experiment directories (%s): the database is new, emptied or another federation's, and starting would forget those experiments. Point store.postgres.dsn at this director's database, or restore it from its backup (pg_restore, point-in-time recovery); to start a new federation instead, move %s away",
+			db, what, filepath.Join(d.cfg.DataDir, "experiments"), len(unknown), listShort(unknown), filepath.Join(d.cfg.DataDir, "experiments"))
 	}
 	return fmt.Errorf("the store %s %s, but %s holds %d experiment directories (%s): the store is new, emptied or another data directory's, and starting would forget those experiments. Run `fx director recover --data-dir %s` to restore %s and reconcile it with them; to start a new federation instead, move %s away",
 		storePath(d.cfg.DataDir), what, filepath.Join(d.cfg.DataDir, "experiments"), len(unknown), listShort(unknown), d.cfg.DataDir, newestSnapshot(d.cfg.DataDir), filepath.Join(d.cfg.DataDir, "experiments"))
@@ -122,7 +136,8 @@ func listShort(ids []string) string {
 }
 
 // snapshotter is the part of a store that can copy itself; the bbolt store
-// is one, the test stores are not.
+// is one, the test stores are not, and neither is PostgreSQL's: a database
+// is backed up with its own tools.
 type snapshotter interface {
 	Snapshot(dir string, now time.Time, keep int) (string, error)
 }
@@ -146,7 +161,7 @@ func (d *Director) snapshot() {
 
 // snapshotLoop snapshots the store every SnapshotInterval until ctx ends.
 func (d *Director) snapshotLoop(ctx context.Context) {
-	if d.cfg.SnapshotInterval <= 0 {
+	if _, ok := backing(d.store).(snapshotter); !ok || d.cfg.SnapshotInterval <= 0 {
 		return
 	}
 	d.every(ctx, d.cfg.SnapshotInterval, d.snapshot)
@@ -156,6 +171,9 @@ func (d *Director) snapshotLoop(ctx context.Context) {
 type RecoverConfig struct {
 	// DataDir is the director's data_dir.
 	DataDir string
+	// PostgresDSN is the director's PostgreSQL store, if it has one:
+	// Recover then refuses, for it restores bbolt snapshots only.
+	PostgresDSN string
 	// StartEmpty allows recovering without a good snapshot: the store
 	// starts empty and every experiment directory is set aside.
 	StartEmpty bool
@@ -179,7 +197,7 @@ type Recovery struct {
 	Actions []string
 }
 
-// Recover makes data_dir startable again after its store was damaged,
+// Recover makes data_dir startable again after its bbolt store was damaged,
 // lost or replaced: it sets the store aside and restores the newest
 // snapshot that passes store.Verify (an intact store that matches the data
 // directory is kept), then reconciles the records with the experiment
@@ -202,6 +220,13 @@ func Recover(cfg RecoverConfig) (*Recovery, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.PostgresDSN != "" {
+		db, err := store.PostgresTarget(cfg.PostgresDSN)
+		if err != nil {
+			return nil, fmt.Errorf("store.postgres.dsn: %w", err)
+		}
+		return nil, fmt.Errorf("this director keeps its state in the %s (store.kind postgres), and `fx director recover` restores only the bbolt store's snapshots (data_dir/snapshots): restore the database from its backup with PostgreSQL's tools (pg_restore of a pg_dump, or point-in-time recovery), then start the director", db)
 	}
 	dbPath := storePath(cfg.DataDir)
 	if inUse, err := store.InUse(dbPath); err != nil {

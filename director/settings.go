@@ -36,7 +36,18 @@ type Settings struct {
 		// CRL is optional; with it revoked parties are refused.
 		CRL string `mapstructure:"crl"`
 	} `mapstructure:"tls"`
-	DataDir         string        `mapstructure:"data_dir"`
+	DataDir string `mapstructure:"data_dir"`
+	// Store is where the director keeps its state: bbolt, a file in
+	// data_dir (the default), or postgres, a PostgreSQL database.
+	Store struct {
+		Kind     string `mapstructure:"kind"`
+		Postgres struct {
+			// DSN is a postgres:// URL or keyword=value pairs. It may
+			// carry a password: FX_STORE_POSTGRES_DSN keeps it out of
+			// the file, and nothing logs it.
+			DSN string `mapstructure:"dsn"`
+		} `mapstructure:"postgres"`
+	} `mapstructure:"store"`
 	HeartbeatPeriod time.Duration `mapstructure:"heartbeat_period"`
 	OfflineAfter    time.Duration `mapstructure:"offline_after"`
 	ReviewPolicy    string        `mapstructure:"review_policy"`
@@ -81,6 +92,7 @@ func DefaultSettings() Settings {
 	s.ListenAddress = "127.0.0.1:50051"
 	s.Advertise.Host = "localhost"
 	s.DataDir = "./director-data"
+	s.Store.Kind = StoreBolt
 	s.HeartbeatPeriod = DefaultHeartbeatPeriod
 	s.OfflineAfter = DefaultOfflineAfter
 	s.ReviewPolicy = ReviewManual
@@ -136,8 +148,17 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 			bad("tls.crl", "%v", err)
 		}
 	}
+	switch {
+	case s.Store.Kind != StoreBolt && s.Store.Kind != StorePostgres:
+		bad("store.kind", "%q: use %s (a file in data_dir) or %s (a PostgreSQL database, store.postgres.dsn)", s.Store.Kind, StoreBolt, StorePostgres)
+	case s.Store.Kind == StorePostgres && s.Store.Postgres.DSN == "":
+		bad("store.postgres.dsn", "is required with store.kind %s: the database's postgres:// URL or keyword=value pairs", StorePostgres)
+	case s.Store.Kind == StoreBolt && s.Store.Postgres.DSN != "":
+		bad("store.postgres.dsn", "is set, but store.kind is %s: set store.kind to %s to keep the state in that database, or remove the DSN", StoreBolt, StorePostgres)
+	}
 	cfg := Config{
 		DataDir:                 s.DataDir,
+		PostgresDSN:             s.PostgresDSN(),
 		ListenAddress:           s.ListenAddress,
 		AdvertiseHost:           s.Advertise.Host,
 		ServerName:              s.Advertise.ServerName,
@@ -192,6 +213,21 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 	}
 	cfg.ServerOptions, cfg.AggregatorServerOptions = ServerOptions(k)
 	return cfg, nil
+}
+
+// Store kinds (store.kind).
+const (
+	StoreBolt     = "bbolt"
+	StorePostgres = "postgres"
+)
+
+// PostgresDSN is the PostgreSQL store's connection string, or "" when the
+// store is bbolt.
+func (s Settings) PostgresDSN() string {
+	if s.Store.Kind != StorePostgres {
+		return ""
+	}
+	return s.Store.Postgres.DSN
 }
 
 // reserve turns disk_reserve_bytes into Config.DiskReserve, whose zero

@@ -136,7 +136,11 @@ did; then start the director.
 
 Without a good snapshot it changes nothing, unless --start-empty: then the
 director starts with an empty store and every experiment directory is set
-aside under data_dir/orphaned.`,
+aside under data_dir/orphaned.
+
+With store.kind postgres there are no snapshots and it refuses: restore the
+database from its backups with PostgreSQL's tools (pg_restore, point-in-time
+recovery).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := loadDirectorSettings(file, cmd.Flags())
@@ -144,7 +148,7 @@ aside under data_dir/orphaned.`,
 				return err
 			}
 			rec, err := director.Recover(director.RecoverConfig{
-				DataDir: s.DataDir, StartEmpty: startEmpty, Logger: opts.logger(cmd.ErrOrStderr()),
+				DataDir: s.DataDir, PostgresDSN: s.PostgresDSN(), StartEmpty: startEmpty, Logger: opts.logger(cmd.ErrOrStderr()),
 			})
 			if rec != nil {
 				printRecovery(cmd.OutOrStdout(), s.DataDir, rec)
