@@ -86,6 +86,13 @@ type TaskMessage struct {
 	InputModel string `json:"input_model"`
 	// OutputModel is where train writes its model; empty otherwise.
 	OutputModel string `json:"output_model,omitempty"`
+	// OutputReuse, when set with OutputModel, is a model file fx no longer
+	// needs: the runner may rename it to OutputModel and overwrite it in
+	// place, which is several times faster than writing a new file of a
+	// large model (its pages are in memory already). Its header is zeroed,
+	// so a runner that renames it and writes nothing fails the check of
+	// its output instead of sending an old model as trained.
+	OutputReuse string `json:"output_reuse,omitempty"`
 	// TimeoutSeconds and Deadline bound the task.
 	TimeoutSeconds float64   `json:"timeout_seconds"`
 	Deadline       time.Time `json:"deadline"`
@@ -116,6 +123,9 @@ type persistent struct {
 	// last: the round's global model serves two tasks and the trained
 	// model the local validation, each written (or read back) once.
 	files []modelFile
+	// spare are model files no longer needed, kept to be overwritten by
+	// the next model or trained weights instead of writing new files.
+	spare spareFiles
 	// closes counts Close calls, so that a Start still waiting for the
 	// lock when Close came does not start a process nobody will stop;
 	// starting tracks Starts in flight, which Close waits for.
@@ -204,9 +214,13 @@ func (r *Runner) runPersistent(ctx context.Context, task runner.Task, model tens
 	if msg.Train {
 		ps.seq++
 		msg.OutputModel = filepath.Join(ps.scratch, "models", fmt.Sprintf("trained-%d.safetensors", ps.seq))
+		msg.OutputReuse = ps.spare.lend()
 		defer func() {
 			if !ps.holds(msg.OutputModel) {
 				os.Remove(msg.OutputModel)
+			}
+			if msg.OutputReuse != "" {
+				ps.spare.returned(msg.OutputReuse)
 			}
 		}()
 	}
@@ -480,7 +494,7 @@ func (r *Runner) closePersistent() error {
 		t.Stop()
 		r.endSession(s, "the experiment's runner is closing")
 	}
-	ps.files = nil
+	ps.files, ps.spare = nil, spareFiles{}
 	if ps.scratch == "" {
 		return nil
 	}
@@ -502,7 +516,7 @@ func (r *Runner) modelPath(model tensor.Model) (string, error) {
 	}
 	ps.seq++
 	path := filepath.Join(ps.scratch, "models", fmt.Sprintf("model-%d.safetensors", ps.seq))
-	if err := tensor.WriteScratchFile(path, model, nil); err != nil {
+	if err := ps.spare.write(path, model); err != nil {
 		return "", fmt.Errorf("exec runner: handing the model to the runner: %w", err)
 	}
 	ps.remember(model, path)
@@ -524,7 +538,7 @@ func (ps *persistent) remember(model tensor.Model, path string) {
 	}
 	ps.files = append(ps.files, modelFile{model: ref, path: path})
 	for len(ps.files) > maxModelFiles {
-		os.Remove(ps.files[0].path)
+		ps.spare.keep(ps.files[0].path)
 		ps.files = ps.files[1:]
 	}
 }
