@@ -109,6 +109,16 @@ func fakeRunner(behaviour string) int {
 			case "wrong-id":
 				send(map[string]any{"type": msgDone, "id": msg.ID + 7, "samples": 1})
 				continue
+			case "rename-only":
+				// Takes the file fx lends for the output and writes nothing.
+				if msg.OutputReuse != "" {
+					if err := os.Rename(msg.OutputReuse, msg.OutputModel); err != nil {
+						fmt.Fprintln(os.Stderr, "fake runner:", err)
+						return 2
+					}
+					send(map[string]any{"type": msgDone, "id": msg.ID, "samples": 10})
+					continue
+				}
 			}
 			m, _, err := tensor.ReadFile(msg.InputModel)
 			if err != nil {
@@ -477,4 +487,29 @@ func TestModelFilesDoNotKeepModels(t *testing.T) {
 		t.Error("a kept file does not know its model by identity")
 	}
 	runtime.KeepAlive(held)
+}
+
+// TestLentFileIsNoModel: a runner that takes the old file lent for its
+// output and writes nothing does not pass an old model off as trained.
+func TestLentFileIsNoModel(t *testing.T) {
+	f := newFixture(t)
+	r := f.runner(t, f.fakeConfig(t, "rename-only"))
+	ctx := context.Background()
+	global := testModel()
+	for n := 1; ; n++ {
+		trained, err := round(ctx, r, n, global)
+		if err != nil {
+			if !errors.Is(err, ErrOutput) || !strings.Contains(err.Error(), "not a valid safetensors file") {
+				t.Fatalf("round %d: %v, want the output refused as no model", n, err)
+			}
+			if n < 3 {
+				t.Fatalf("round %d failed before any file could be lent: %v", n, err)
+			}
+			return
+		}
+		if n == 5 {
+			t.Fatal("5 rounds passed: no file was ever lent, or an old model passed for trained")
+		}
+		global = trained
+	}
 }

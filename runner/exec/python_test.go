@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/experiment"
@@ -243,5 +244,47 @@ func TestExamplePlan(t *testing.T) {
 	c.Seed = plan.Runner.Seed
 	if _, err := New(c); err != nil {
 		t.Fatalf("the example plan's command does not resolve: %v", err)
+	}
+}
+
+// TestPythonRunnerReusesModelFiles: over rounds, the persistent runner and
+// fx.site write each model over a file of an earlier one instead of new
+// files (the kernel's fresh pages are what makes big models slow), and
+// every round still trains from its own global model.
+func TestPythonRunnerReusesModelFiles(t *testing.T) {
+	needPython(t)
+	r, err := New(pythonConfig(t, hclog.NewNullLogger(), ModePersistent))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	ctx := context.Background()
+	global := softmaxModel(8, 3, tensor.F32)
+	var settled time.Time
+	for n := 1; n <= 6; n++ {
+		trained, err := round(ctx, r, n, global)
+		if err != nil {
+			t.Fatalf("round %d: %v", n, err)
+		}
+		if bytes.Equal(trained[0].Data, global[0].Data) {
+			t.Fatalf("round %d: training left fc0.weight unchanged", n)
+		}
+		global = trained
+		if n == 2 {
+			settled = time.Now() // by now two models are kept and two spare
+		}
+	}
+	files, err := filepath.Glob(filepath.Join(r.persistent.scratch, "models", "*"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no model files: %v", err)
+	}
+	for _, f := range files {
+		var st unix.Statx_t
+		if err := unix.Statx(unix.AT_FDCWD, f, 0, unix.STATX_BTIME, &st); err != nil || st.Mask&unix.STATX_BTIME == 0 {
+			t.Skipf("the file system does not tell when %s was made: %v", f, err)
+		}
+		if born := time.Unix(st.Btime.Sec, int64(st.Btime.Nsec)); born.After(settled) {
+			t.Errorf("%s was made in round 3 or later (%s after round 2 ended): model files are not reused", filepath.Base(f), born.Sub(settled))
+		}
 	}
 }
