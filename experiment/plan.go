@@ -165,6 +165,36 @@ type Plan struct {
 	BestModel BestModel `yaml:"best_model" json:"best_model"`
 	// Retention says which rounds' models stay on the director's disk.
 	Retention Retention `yaml:"retention" json:"retention"`
+	// Privacy states the experiment's privacy protections (privacy).
+	Privacy Privacy `yaml:"privacy,omitempty" json:"privacy,omitzero"`
+}
+
+// Privacy states the protections the experiment asks the sites to apply
+// (privacy). Each site enforces them itself, before anything leaves it.
+type Privacy struct {
+	// DP, when set, makes every site clip and noise its update each round
+	// (privacy.dp); see docs/privacy.md.
+	DP *DP `yaml:"dp,omitempty" json:"dp,omitempty"`
+}
+
+// DP is client-level differential privacy, applied at each site to the
+// update it sends (privacy.dp): the update (trained − global model) is
+// clipped to L2 norm ClipNorm and Gaussian noise of standard deviation
+// NoiseMultiplier·ClipNorm is added, whatever the runner did. A site that
+// keeps a privacy budget charges every round to it and declines a plan that
+// does not fit; it may require DP and set a minimum noise multiplier and a
+// maximum clip norm.
+type DP struct {
+	// NoiseMultiplier is σ, the noise's standard deviation in units of
+	// ClipNorm (noise_multiplier); ε per round depends on it alone.
+	NoiseMultiplier float64 `yaml:"noise_multiplier" json:"noise_multiplier"`
+	// ClipNorm is C, the bound on the L2 norm of a site's whole update
+	// (clip_norm): too small slows learning, too large adds noise.
+	ClipNorm float64 `yaml:"clip_norm" json:"clip_norm"`
+	// Delta is the δ at which the researcher states ε (delta), kept in
+	// each site's ledger for the record; 0 states none. Each site accounts
+	// at its own budget's δ.
+	Delta float64 `yaml:"delta,omitempty" json:"delta,omitempty"`
 }
 
 // Retention says which rounds' global models the director keeps once the
@@ -526,6 +556,7 @@ func (p *Plan) validate(limits bool) error {
 	p.validateStragglers(&v)
 	p.validateTasks(&v)
 	p.validateBestModel(&v)
+	p.validatePrivacy(&v)
 
 	if len(v) == 0 {
 		return nil
@@ -812,6 +843,26 @@ func (p *Plan) validateBestModel(v *problems) {
 	}
 }
 
+// validatePrivacy checks the DP parameters as numbers; whether a site
+// accepts them is its own budget's decision, at the offer. Any aggregation
+// combines with DP: the noise is added at the site, and what the
+// aggregator does with noised updates is post-processing.
+func (p *Plan) validatePrivacy(v *problems) {
+	dp := p.Privacy.DP
+	if dp == nil {
+		return
+	}
+	if !(dp.NoiseMultiplier > 0) || math.IsInf(dp.NoiseMultiplier, 0) {
+		v.add("privacy.dp.noise_multiplier", fmt.Sprintf("must be a finite number > 0, the noise's standard deviation in units of clip_norm (around 1 for DP-SGD; 5 or more for client-level DP over a few sites), got %v", dp.NoiseMultiplier))
+	}
+	if !(dp.ClipNorm > 0) || math.IsInf(dp.ClipNorm, 0) {
+		v.add("privacy.dp.clip_norm", fmt.Sprintf("must be a finite number > 0, the bound on the L2 norm of a site's update (a typical update's norm, say), got %v", dp.ClipNorm))
+	}
+	if !(dp.Delta >= 0 && dp.Delta < 1) {
+		v.add("privacy.dp.delta", fmt.Sprintf("must be in (0,1), below 1/(records in a site's data) such as 1e-5, or left out; got %v", dp.Delta))
+	}
+}
+
 type problems []Problem
 
 func (v *problems) add(key, msg string) { *v = append(*v, Problem{Key: key, Message: msg}) }
@@ -825,6 +876,9 @@ func (v *problems) add(key, msg string) { *v = append(*v, Problem{Key: key, Mess
 func checkSchema(n *yaml.Node, t reflect.Type, prefix string, out *[]Problem) {
 	for n.Kind == yaml.AliasNode && n.Alias != nil {
 		n = n.Alias
+	}
+	if t.Kind() == reflect.Pointer { // an optional section, such as privacy.dp
+		t = t.Elem()
 	}
 	switch {
 	case t == reflect.TypeFor[Duration]():

@@ -141,6 +141,47 @@ func TestPlanMarshalRoundTrip(t *testing.T) {
 	}
 }
 
+// TestPlanPrivacyRoundTrip: a plan's DP parameters survive Marshal and
+// JSON, and a plan without them marshals without a privacy key.
+func TestPlanPrivacyRoundTrip(t *testing.T) {
+	p, err := ParsePlan([]byte(base + builtinRunner + "privacy: {dp: {noise_multiplier: 5.5, clip_norm: 0.5, delta: 1e-6}}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := DP{NoiseMultiplier: 5.5, ClipNorm: 0.5, Delta: 1e-6}
+	if p.Privacy.DP == nil || *p.Privacy.DP != want {
+		t.Fatalf("privacy.dp is %+v, want %+v", p.Privacy.DP, want)
+	}
+	out, err := p.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, err := ParsePlan(out)
+	if err != nil || !reflect.DeepEqual(p, q) {
+		t.Fatalf("round trip: %v\n%s", err, out)
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var j Plan
+	if err := json.Unmarshal(b, &j); err != nil || j.Privacy.DP == nil || *j.Privacy.DP != want {
+		t.Fatalf("through JSON: %v %s", err, b)
+	}
+
+	plain, err := ParsePlan([]byte(base + builtinRunner))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err = plain.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := json.Marshal(plain); strings.Contains(string(out), "privacy") || strings.Contains(string(b), "privacy") {
+		t.Errorf("a plan without DP marshals a privacy key:\n%s\n%s", out, b)
+	}
+}
+
 func TestPlanMarshalWritesDurationsAsWritten(t *testing.T) {
 	p, err := ParsePlan(readTestdata(t, "full.yaml"))
 	if err != nil {
@@ -332,6 +373,16 @@ func TestParsePlanRules(t *testing.T) {
 		{"best_model.task train", base + builtinRunner + "best_model: {task: train}\n", []string{"best_model.task"}, "not train"},
 		{"best_model.task unknown", base + builtinRunner + "best_model: {task: foo}\n", []string{"best_model.task"}, ""},
 		{"best_model.task local", base + builtinRunner + "best_model: {task: locally_tuned_model_validation, metric: loss, mode: min}\n", nil, ""},
+
+		{"privacy.dp", base + builtinRunner + "privacy: {dp: {noise_multiplier: 5, clip_norm: 1, delta: 1e-5}}\n", nil, ""},
+		{"privacy.dp without delta", base + builtinRunner + "privacy: {dp: {noise_multiplier: 5, clip_norm: 1}}\n", nil, ""},
+		{"privacy.dp with any aggregation", base + builtinRunner + "aggregation: {algorithm: median}\nprivacy: {dp: {noise_multiplier: 5, clip_norm: 1}}\n", nil, ""},
+		{"privacy.dp empty", base + builtinRunner + "privacy: {dp: {}}\n", []string{"privacy.dp.noise_multiplier", "privacy.dp.clip_norm"}, "privacy.dp.noise_multiplier: must be a finite number > 0"},
+		{"privacy.dp bad numbers", base + builtinRunner + "privacy: {dp: {noise_multiplier: -1, clip_norm: .inf, delta: 1}}\n",
+			[]string{"privacy.dp.noise_multiplier", "privacy.dp.clip_norm", "privacy.dp.delta"}, "privacy.dp.delta: must be in (0,1)"},
+		{"privacy.dp unknown key", base + builtinRunner + "privacy: {dp: {noise_multiplier: 5, clip_norm: 1, epsilon: 3}}\n", []string{"privacy.dp.epsilon"}, "privacy.dp.epsilon: unknown key (privacy.dp takes noise_multiplier, clip_norm, delta)"},
+		{"privacy.dp wrong type", base + builtinRunner + "privacy: {dp: {noise_multiplier: lots, clip_norm: 1}}\n", []string{"privacy.dp.noise_multiplier"}, ""},
+		{"privacy unknown key", base + builtinRunner + "privacy: {secure: true}\n", []string{"privacy.secure"}, "privacy takes dp"},
 
 		{"unknown top-level key", base + builtinRunner + "roundz: 3\n", []string{"roundz"}, "line 4: roundz: unknown key"},
 		{"unknown nested key", base + builtinRunner + "participants:\n  min: 1\n  mn: 2\n", []string{"participants.mn"}, "line 6: participants.mn: unknown key (participants takes min, max, envoys"},
