@@ -69,6 +69,7 @@ func (b Budget) Admit(c Charge) error {
 type ExceededError struct {
 	Dataset    string
 	Experiment string
+	Name       string // the experiment's name (owner/name), if known
 	Budget     Budget
 	Spent      float64 // ε spent before, at Budget.Delta
 	Would      float64 // ε after the rounds asked for
@@ -82,9 +83,13 @@ type ExceededError struct {
 
 func (e *ExceededError) Error() string {
 	var b strings.Builder
-	what := fmt.Sprintf("the next round of experiment %s", e.Experiment)
+	exp := e.Experiment
+	if e.Name != "" {
+		exp = e.Name
+	}
+	what := fmt.Sprintf("the next round of experiment %s", exp)
 	if e.Rounds != 1 {
-		what = fmt.Sprintf("%d rounds of experiment %s", e.Rounds, e.Experiment)
+		what = fmt.Sprintf("%d rounds of experiment %s", e.Rounds, exp)
 	}
 	fmt.Fprintf(&b, "%s would bring ε on dataset %q to %.3g at δ = %g, above this site's budget of %g (%.3g spent so far)",
 		what, e.Dataset, e.Would, e.Budget.Delta, e.Budget.Epsilon, e.Spent)

@@ -24,7 +24,10 @@ import (
 // client-level DP, one round's clipped and noised update.
 type Charge struct {
 	Experiment string `json:"experiment"`
-	Round      int    `json:"round"`
+	// Name is the experiment as people know it (owner/name), for whoever
+	// reads the ledger or a refusal; Experiment alone identifies it.
+	Name  string `json:"name,omitempty"`
+	Round int    `json:"round"`
 	// The mechanism: noise multiplier σ, sampling rate q (1 when the whole
 	// dataset's update is noised once) and steps (1 per round then).
 	SampledGaussian
@@ -386,7 +389,7 @@ func check(f *ledgerFile, dataset string, b Budget, c Charge, rounds int) (int, 
 		sigma = 0 // nothing spent on top of this fits
 	}
 	return fit, &ExceededError{
-		Dataset: dataset, Experiment: c.Experiment, Budget: b,
+		Dataset: dataset, Experiment: c.Experiment, Name: c.Name, Budget: b,
 		Spent: before, Would: would, Rounds: rounds, Fit: min(fit, rounds),
 		Noise: c.Noise, MinNoise: sigma,
 	}

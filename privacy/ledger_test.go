@@ -249,6 +249,11 @@ func TestReviewAndRemaining(t *testing.T) {
 	if want := fmt.Sprintf("%d rounds of this experiment fit", k); !strings.Contains(err.Error(), want) {
 		t.Errorf("%q does not say %q", err, want)
 	}
+	named := per
+	named.Name = "alice/fashion"
+	if err := l.Review("shard-0", budget3, named, 50); err == nil || !strings.Contains(err.Error(), "50 rounds of experiment alice/fashion would bring") {
+		t.Errorf("a refusal of a named experiment: %v, want it named", err)
+	}
 	// The suggested σ is enough for all 50, and only just.
 	at := per
 	at.Noise = ex.MinNoise
