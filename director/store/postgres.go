@@ -33,13 +33,12 @@ import (
 // Batch is Update: PostgreSQL commits are cheap next to bbolt's fsync per
 // commit, which is what bbolt's Batch saves.
 //
-// One database serves one director: OpenPostgres holds a session-level
-// advisory lock until Close, and a second director on the same database is
-// refused (several directors, active and standby, are not supported yet).
+// Several directors may share one database, one leading and the others
+// standing by: see leader.go. Update writes only while Campaign's
+// leadership lasts.
 type Postgres struct {
 	pool *pgxpool.Pool
-	// owner is the connection holding the one-director lock.
-	owner *pgx.Conn
+	leaderState
 	// target names the database in messages: host, port and database,
 	// never the password.
 	target string
@@ -107,8 +106,9 @@ func dsnError(err error) error {
 	return fmt.Errorf("%s: %s", what, msg)
 }
 
-// OpenPostgres connects to the database dsn names, takes the one-director
-// lock, and brings its schema up to this build's version (see migrate). A
+// OpenPostgres connects to the database dsn names and brings its schema up
+// to this build's version (see migrate); it writes nothing else until
+// Campaign makes it the leader. A
 // database whose schema is newer than this build knows is refused: a newer
 // fx has used it. Errors never quote dsn.
 func OpenPostgres(ctx context.Context, dsn string) (*Postgres, error) {
@@ -119,41 +119,36 @@ func OpenPostgres(ctx context.Context, dsn string) (*Postgres, error) {
 	where := target(cfg.ConnConfig)
 	ctx, cancel := context.WithTimeout(ctx, pgConnectTimeout)
 	defer cancel()
-	owner, err := pgx.ConnectConfig(ctx, cfg.ConnConfig.Copy())
+	conn, err := pgx.ConnectConfig(ctx, cfg.ConnConfig.Copy())
 	if err != nil {
 		return nil, fmt.Errorf("cannot connect to the %s: %w", where, err)
 	}
-	s := &Postgres{owner: owner, target: where}
-	if err := s.open(ctx, cfg); err != nil {
-		_ = s.Close()
+	defer func() { _ = conn.Close(context.Background()) }()
+	if err := prepare(ctx, conn, where); err != nil {
 		return nil, err
-	}
-	return s, nil
-}
-
-func (s *Postgres) open(ctx context.Context, cfg *pgxpool.Config) error {
-	var enc string
-	if err := s.owner.QueryRow(ctx, "SHOW server_encoding").Scan(&enc); err != nil {
-		return fmt.Errorf("the %s: %w", s.target, err)
-	}
-	if enc != "UTF8" {
-		return fmt.Errorf("the %s has encoding %s: the director's records need UTF8 (CREATE DATABASE ... ENCODING 'UTF8', PostgreSQL's default)", s.target, enc)
-	}
-	var locked bool
-	if err := s.owner.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", lockDirector).Scan(&locked); err != nil {
-		return fmt.Errorf("the %s: %w", s.target, err)
-	}
-	if !locked {
-		return fmt.Errorf("the %s is in use by another director: several directors on one database are not supported yet; stop the other director, or give this one a database of its own", s.target)
-	}
-	if err := migrate(ctx, s.owner); err != nil {
-		return fmt.Errorf("the %s: %w", s.target, err)
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return fmt.Errorf("cannot connect to the %s: %w", s.target, err)
+		return nil, fmt.Errorf("cannot connect to the %s: %w", where, err)
 	}
-	s.pool = pool
+	s := &Postgres{pool: pool, target: where}
+	s.connConfig = cfg.ConnConfig
+	s.lost = make(chan struct{})
+	return s, nil
+}
+
+// prepare checks the database's encoding and migrates its schema.
+func prepare(ctx context.Context, conn *pgx.Conn, where string) error {
+	var enc string
+	if err := conn.QueryRow(ctx, "SHOW server_encoding").Scan(&enc); err != nil {
+		return fmt.Errorf("the %s: %w", where, err)
+	}
+	if enc != "UTF8" {
+		return fmt.Errorf("the %s has encoding %s: the director's records need UTF8 (CREATE DATABASE ... ENCODING 'UTF8', PostgreSQL's default)", where, enc)
+	}
+	if err := migrate(ctx, conn); err != nil {
+		return fmt.Errorf("the %s: %w", where, err)
+	}
 	return nil
 }
 
@@ -173,14 +168,12 @@ func (s *Postgres) Update(fn func(Tx) error) error {
 // Batch implements Store: it is Update (see Postgres).
 func (s *Postgres) Batch(fn func(Tx) error) error { return s.Update(fn) }
 
-// Close implements Store. Closing the lock's connection releases the lock.
+// Close implements Store. A leader steps down: closing the lock's
+// connection releases the lock.
 func (s *Postgres) Close() error {
-	if s.pool != nil {
-		s.pool.Close()
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), pgConnectTimeout)
-	defer cancel()
-	return s.owner.Close(ctx)
+	s.release()
+	s.pool.Close()
+	return nil
 }
 
 // run runs fn in a transaction, again from the start after a
@@ -201,6 +194,12 @@ func (s *Postgres) run(opts pgx.TxOptions, fn func(Tx) error) error {
 }
 
 func (s *Postgres) attempt(opts pgx.TxOptions, fn func(Tx) error) error {
+	write := opts.AccessMode != pgx.ReadOnly
+	if write {
+		if err := s.standing(); err != nil {
+			return err
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), pgTxTimeout)
 	defer cancel()
 	ptx, err := s.pool.BeginTx(ctx, opts)
@@ -209,6 +208,11 @@ func (s *Postgres) attempt(opts pgx.TxOptions, fn func(Tx) error) error {
 	}
 	// Rolling back a committed transaction does nothing.
 	defer func() { _ = ptx.Rollback(ctx) }()
+	if write {
+		if err := s.fence(ctx, ptx); err != nil {
+			return err
+		}
+	}
 	if err := fn(tx{kv: pgKV{ctx: ctx, tx: ptx}}); err != nil {
 		return err
 	}
