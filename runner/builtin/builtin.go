@@ -1,7 +1,9 @@
 // Package builtin implements runner.Runner with models written in plain Go —
 // multinomial logistic regression ("softmax") and a multilayer perceptron
 // ("mlp") trained by minibatch SGD with momentum — so a federation can run an
-// experiment without any code or interpreter from the researcher.
+// experiment without any code or interpreter from the researcher. With a
+// proximal μ (Config.ProximalMu) training is FedProx's: the gradient of
+// (μ/2)·‖w − w_global‖² joins the loss's at every step.
 //
 // Tensors are named "fc0.weight", "fc0.bias", "fc1.weight", ... and stored as
 // F32 with PyTorch's nn.Linear shapes ([out, in] and [out]), so a model
@@ -42,6 +44,11 @@ type Config struct {
 	Hyperparameters map[string]any
 	// Data is the site's data set; the runner reads it and never changes it.
 	Data *dataset.Dataset
+	// ProximalMu is FedProx's μ, the plan's training.proximal_mu: train
+	// minimises the loss plus (μ/2)·‖w − w_global‖², w_global being the
+	// model the task starts from. 0 is plain SGD. It costs a second copy
+	// of the weights, held only when μ > 0.
+	ProximalMu float64
 }
 
 // Runner trains and validates one built-in model on one site's data. Its
@@ -50,6 +57,7 @@ type Runner struct {
 	mu     sync.Mutex
 	model  string
 	hp     Hyperparameters
+	prox   float64 // FedProx's proximal μ
 	data   *dataset.Dataset
 	layout tensor.Model
 	net    *network
@@ -66,6 +74,9 @@ func New(c Config) (*Runner, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !(c.ProximalMu >= 0) || math.IsInf(c.ProximalMu, 0) {
+		return nil, fmt.Errorf("builtin %s: proximal μ %v: want a finite number ≥ 0 (training.proximal_mu)", c.Model, c.ProximalMu)
+	}
 	if c.Data == nil {
 		return nil, fmt.Errorf("builtin %s: no data set", c.Model)
 	}
@@ -80,6 +91,7 @@ func New(c Config) (*Runner, error) {
 	r := &Runner{
 		model:  c.Model,
 		hp:     hp,
+		prox:   c.ProximalMu,
 		data:   c.Data,
 		layout: layout(sizes),
 		net:    newNetwork(sizes, max(batch, evalBatch), parallelGemm),
@@ -91,6 +103,9 @@ func New(c Config) (*Runner, error) {
 		r.params[weightName(l)] = r.net.w[l]
 		r.params[biasName(l)] = r.net.b[l]
 	}
+	if r.prox > 0 {
+		r.net.keepGlobal()
+	}
 	return r, nil
 }
 
@@ -101,7 +116,9 @@ func (r *Runner) Hyperparameters() Hyperparameters { return r.hp }
 // starting from model with fresh momentum. Samples are visited in an order
 // drawn from seed+round, so rounds differ but a rerun repeats exactly. The
 // metrics are the mean loss and accuracy over the last epoch's minibatches,
-// measured as they were trained on (as PyTorch training loops report them).
+// measured as they were trained on (as PyTorch training loops report them);
+// with a proximal μ the loss is the data's alone, without the proximal term,
+// so that it compares with plain training's.
 func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model) (runner.Result, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -110,11 +127,14 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 	}
 	net, hp, train := r.net, r.hp, &r.data.Train
 	net.clearMomentum()
+	if r.prox > 0 {
+		net.saveGlobal()
+	}
 	rng := rand.New(rand.NewPCG(uint64(hp.Seed+int64(task.Round)), streamShuffle))
 	for i := range r.perm {
 		r.perm[i] = i
 	}
-	lr, mu, wd := float32(hp.LR), float32(hp.Momentum), float32(hp.WeightDecay)
+	lr, momentum, wd, prox := float32(hp.LR), float32(hp.Momentum), float32(hp.WeightDecay), float32(r.prox)
 	var lossSum float64
 	var correct int
 	for epoch := range hp.Epochs {
@@ -133,8 +153,8 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 			l, c := net.score(y, true)
 			lossSum += l
 			correct += c
-			net.backward(len(idx), mu)
-			net.step(lr, wd)
+			net.backward(len(idx), momentum)
+			net.step(lr, wd, prox)
 		}
 		if math.IsNaN(lossSum) || math.IsInf(lossSum, 0) {
 			return runner.Result{}, fmt.Errorf("builtin %s: training diverged in round %d, epoch %d (loss %v): lower lr (now %g)",

@@ -21,6 +21,9 @@ type network struct {
 	// vw, vb hold the SGD momentum buffers; backward adds the gradient into
 	// them, so with beta 0 they hold the plain gradient.
 	vw, vb [][]float32
+	// gw, gb hold the global model a FedProx train task started from, the
+	// centre of its proximal term; nil when the plan sets no proximal_mu.
+	gw, gb [][]float32
 	// act[l] is the input of layer l for the current batch, act[layers]
 	// the class probabilities; act[0] is the buffer gather fills, input the
 	// samples the last forward pass read (act[0] or rows of a split).
@@ -178,14 +181,48 @@ func (n *network) backward(rows int, beta float32) {
 }
 
 // step applies one SGD update from the momentum buffers, adding the weight
-// decay term to them first as PyTorch's SGD does.
-func (n *network) step(lr, weightDecay float32) {
+// decay term to them first as PyTorch's SGD does, and FedProx's proximal
+// term μ(w − w_global), the gradient of (μ/2)·‖w − w_global‖², to every
+// weight and bias, as the FedProx paper and its PyTorch code add it to the
+// loss before the optimiser sees the gradient.
+func (n *network) step(lr, weightDecay, mu float32) {
 	for l := range n.layers() {
 		if weightDecay != 0 {
 			axpy(weightDecay, n.w[l], n.vw[l])
 		}
+		if mu != 0 {
+			addProximal(mu, n.w[l], n.gw[l], n.vw[l])
+			addProximal(mu, n.b[l], n.gb[l], n.vb[l])
+		}
 		axpy(-lr, n.vw[l], n.w[l])
 		axpy(-lr, n.vb[l], n.b[l])
+	}
+}
+
+// addProximal computes v += mu·(w − g), subtracting first so that the
+// term is exactly zero where the weights still equal the global model.
+func addProximal(mu float32, w, g, v []float32) {
+	g, v = g[:len(w)], v[:len(w)]
+	for i, x := range w {
+		v[i] += mu * (x - g[i])
+	}
+}
+
+// keepGlobal allocates the proximal term's copy of the global model, once.
+func (n *network) keepGlobal() {
+	n.gw = make([][]float32, n.layers())
+	n.gb = make([][]float32, n.layers())
+	for l := range n.layers() {
+		n.gw[l] = make([]float32, len(n.w[l]))
+		n.gb[l] = make([]float32, len(n.b[l]))
+	}
+}
+
+// saveGlobal copies the loaded weights as the proximal term's centre.
+func (n *network) saveGlobal() {
+	for l := range n.layers() {
+		copy(n.gw[l], n.w[l])
+		copy(n.gb[l], n.b[l])
 	}
 }
 
