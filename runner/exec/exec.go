@@ -26,6 +26,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	osexec "os/exec"
 	"path/filepath"
@@ -151,6 +152,11 @@ type Config struct {
 	Hyperparameters map[string]any
 	// Seed is the plan's runner.seed.
 	Seed int64
+	// ProximalMu is the plan's training.proximal_mu, FedProx's μ, handed
+	// to the command with every task (proximal_mu): its train task should
+	// add (μ/2)·‖w − w_global‖² to the loss. fx cannot add it for the
+	// command, which owns its training loop.
+	ProximalMu float64
 	// Data is the site's data settings (the shard descriptor: kind, path,
 	// shard, shapes, classes...), handed to the command as they are. They
 	// must encode as JSON.
@@ -218,6 +224,7 @@ type Runner struct {
 	grace      time.Duration
 	maxOutput  int64
 	hyper      json.RawMessage
+	proxMu     float64
 	data       json.RawMessage
 	dataset    *dataset.Dataset
 	seed       int64
@@ -284,6 +291,9 @@ func New(c Config) (*Runner, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !(c.ProximalMu >= 0) || math.IsInf(c.ProximalMu, 0) {
+		return nil, fmt.Errorf("exec runner: proximal μ %v: want a finite number ≥ 0 (training.proximal_mu)", c.ProximalMu)
+	}
 	hyper, err := encodeSettings("hyperparameters", c.Hyperparameters)
 	if err != nil {
 		return nil, err
@@ -311,6 +321,7 @@ func New(c Config) (*Runner, error) {
 		grace:      cmp0(c.KillGrace, DefaultKillGrace),
 		maxOutput:  cmp0(c.MaxOutputBytes, DefaultMaxOutputBytes),
 		hyper:      hyper,
+		proxMu:     c.ProximalMu,
 		data:       data,
 		dataset:    c.Dataset,
 		library:    c.PythonLibrary,

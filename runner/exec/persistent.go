@@ -81,6 +81,10 @@ type TaskMessage struct {
 	Task  string `json:"task"`
 	Train bool   `json:"train"`
 	Round int    `json:"round"`
+	// ProximalMu is the plan's training.proximal_mu, FedProx's μ: train
+	// adds (μ/2)·‖w − w_global‖² to its loss, w_global being InputModel.
+	// 0 is plain training.
+	ProximalMu float64 `json:"proximal_mu"`
 	// InputModel is the model to start from (safetensors). The file stays
 	// unchanged while the task runs and may be handed to later tasks.
 	InputModel string `json:"input_model"`
@@ -209,7 +213,7 @@ func (r *Runner) runPersistent(ctx context.Context, task runner.Task, model tens
 	ps.nextID++
 	msg := TaskMessage{
 		Type: msgTask, ID: ps.nextID, Task: task.Name, Train: runner.IsTrain(task.Name), Round: task.Round,
-		InputModel: input, TimeoutSeconds: r.timeout.Seconds(), Deadline: deadline.UTC().Truncate(time.Second),
+		ProximalMu: r.proxMu, InputModel: input, TimeoutSeconds: r.timeout.Seconds(), Deadline: deadline.UTC().Truncate(time.Second),
 	}
 	if msg.Train {
 		ps.seq++

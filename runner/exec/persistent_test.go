@@ -87,6 +87,7 @@ func fakeRunner(behaviour string) int {
 			return 0
 		}
 		appendSpy("inputs", msg.Task+" "+msg.InputModel)
+		appendSpy("proximal_mu", fmt.Sprintf("%s %v", msg.Task, msg.ProximalMu))
 		fmt.Printf("working on %s round %d\n", msg.Task, msg.Round)
 		if msg.Train {
 			switch behaviour {

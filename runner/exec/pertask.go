@@ -42,6 +42,10 @@ type TaskSpec struct {
 	// Seed is the plan's runner.seed; runners derive per-round randomness
 	// from seed and round so reruns repeat.
 	Seed int64 `json:"seed"`
+	// ProximalMu is the plan's training.proximal_mu, FedProx's μ: train
+	// adds (μ/2)·‖w − w_global‖² to its loss, w_global being InputModel.
+	// 0 is plain training.
+	ProximalMu float64 `json:"proximal_mu"`
 	// Hyperparameters are the plan's runner.hyperparameters ({} if none).
 	Hyperparameters json.RawMessage `json:"hyperparameters"`
 	// Data holds the site's data settings ({} if none).
@@ -192,6 +196,7 @@ func (r *Runner) prepare(task runner.Task, model tensor.Model, deadline time.Tim
 			Train:           runner.IsTrain(task.Name),
 			Round:           task.Round,
 			Seed:            r.seed,
+			ProximalMu:      r.proxMu,
 			Hyperparameters: r.hyper,
 			Data:            r.data,
 			DataFile:        dataFile,
