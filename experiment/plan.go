@@ -156,10 +156,13 @@ type Plan struct {
 	Runner RunnerSpec `yaml:"runner" json:"runner"`
 	// Aggregation says how the aggregator combines updates.
 	Aggregation Aggregation `yaml:"aggregation" json:"aggregation"`
+	// Training says what the sites' local training optimises.
+	Training Training `yaml:"training" json:"training"`
 	// Stragglers says when a round closes without everyone.
 	Stragglers Stragglers `yaml:"stragglers" json:"stragglers"`
 	// Tasks are the tasks each collaborator runs every round, in order
-	// (tasks). Must include train, once.
+	// (tasks). Must include train, once, or be only
+	// aggregated_model_validation: an evaluation (see Evaluation).
 	Tasks []string `yaml:"tasks" json:"tasks"`
 	// BestModel says which round's model is kept as the best.
 	BestModel BestModel `yaml:"best_model" json:"best_model"`
@@ -207,6 +210,36 @@ type Retention struct {
 	// Every keeps every Nth round's model as well (every): 1 keeps every
 	// round's (the default), 0 only those always kept.
 	Every int `yaml:"every" json:"every"`
+}
+
+// Evaluation reports whether the plan only scores a model it is given: its
+// tasks hold no train, only aggregated_model_validation. Such an experiment
+// has one round, in which every site validates the archive's
+// model.safetensors; nothing trains and no new model is made.
+func (p *Plan) Evaluation() bool { return !slices.Contains(p.Tasks, runner.TaskTrain) }
+
+// TrainingRounds is the number of rounds that train a new global model:
+// the plan's rounds, or 0 for an evaluation, whose one round only scores
+// the initial model.
+func (p *Plan) TrainingRounds() int {
+	if p.Evaluation() {
+		return 0
+	}
+	return p.Rounds
+}
+
+// InitialModelNeed says why the archive must hold the initial model
+// (InitialModelFile), or "" when the aggregator can make one (a built-in
+// model trained from scratch). The reason completes "the archive has no
+// model.safetensors at its root: ".
+func (p *Plan) InitialModelNeed() string {
+	switch {
+	case p.Evaluation():
+		return "an evaluation (tasks without train) scores the model you give it, so put that model there (fx experiment model NAME -o model.safetensors downloads one an experiment trained)"
+	case p.Runner.Kind != RunnerBuiltin:
+		return fmt.Sprintf("runner kind %s needs the initial model there (the aggregator initialises built-in models only)", p.Runner.Kind)
+	}
+	return ""
 }
 
 // KeptModels is the most models the plan's retention keeps on disk at
@@ -302,6 +335,21 @@ type Aggregation struct {
 	Beta2 float64 `yaml:"beta2,omitempty" json:"beta2,omitempty"`
 	// Tau is the adaptivity (the denominator's epsilon), ≥ 0 (tau).
 	Tau float64 `yaml:"tau,omitempty" json:"tau,omitempty"`
+}
+
+// Training says what each site's local training optimises besides the
+// model's own loss (training). It is the site's side of an algorithm, so it
+// applies whatever the runner kind and the aggregation algorithm: FedProx
+// is proximal_mu with fedavg, and the proximal term combines as well with
+// the server optimisers or the robust algorithms.
+type Training struct {
+	// ProximalMu is FedProx's μ (proximal_mu), ≥ 0: each site minimises
+	// its loss plus (μ/2)·‖w − w_global‖², w_global being the round's
+	// global model, which keeps local models from drifting apart when the
+	// sites' data differ (Li et al. 2020, "Federated Optimization in
+	// Heterogeneous Networks"). 0, the default, is plain local training.
+	// Runners get it with every task.
+	ProximalMu float64 `yaml:"proximal_mu,omitempty" json:"proximal_mu,omitempty"`
 }
 
 // Stragglers is the policy that closes a round (stragglers). A round closes
@@ -553,6 +601,7 @@ func (p *Plan) validate(limits bool) error {
 	p.validateParticipants(&v)
 	p.validateRunner(&v)
 	p.validateAggregation(&v)
+	p.validateTraining(&v)
 	p.validateStragglers(&v)
 	p.validateTasks(&v)
 	p.validateBestModel(&v)
@@ -781,6 +830,15 @@ func (p *Plan) validateKrum(v *problems) {
 	}
 }
 
+func (p *Plan) validateTraining(v *problems) {
+	switch mu := p.Training.ProximalMu; {
+	case !(mu >= 0) || math.IsInf(mu, 0):
+		v.add("training.proximal_mu", fmt.Sprintf("must be a finite number ≥ 0 (0: plain local training; FedProx's authors tried 0.001 to 1), got %v", mu))
+	case mu > 0 && p.Evaluation() && len(p.Tasks) > 0:
+		v.add("training.proximal_mu", "is only used by the train task, and this plan's tasks do not train: remove it, or add train to tasks")
+	}
+}
+
 func (p *Plan) validateStragglers(v *problems) {
 	s := &p.Stragglers
 	if s.Deadline <= 0 {
@@ -798,7 +856,8 @@ func (p *Plan) validateStragglers(v *problems) {
 
 func (p *Plan) validateTasks(v *problems) {
 	if len(p.Tasks) == 0 {
-		v.add("tasks", fmt.Sprintf("must list at least train; leave the key out for the default [%s]", strings.Join(DefaultTasks(), ", ")))
+		v.add("tasks", fmt.Sprintf("must list at least train (or only %s, to evaluate a given model); leave the key out for the default [%s]",
+			runner.TaskAggregatedValidation, strings.Join(DefaultTasks(), ", ")))
 		return
 	}
 	seen := map[string]int{}
@@ -815,11 +874,17 @@ func (p *Plan) validateTasks(v *problems) {
 		seen[t] = i
 	}
 	train, hasTrain := seen[runner.TaskTrain]
-	if !hasTrain {
-		v.add("tasks", "must include train")
-	}
-	if local, ok := seen[runner.TaskLocalValidation]; ok && hasTrain && local < train {
+	local, hasLocal := seen[runner.TaskLocalValidation]
+	switch {
+	case hasLocal && !hasTrain:
+		v.add(fmt.Sprintf("tasks[%d]", local), fmt.Sprintf("%s validates the weights train produces, and there is no train: add train before it, or list only %s to evaluate a given model",
+			runner.TaskLocalValidation, runner.TaskAggregatedValidation))
+	case hasLocal && local < train:
 		v.add(fmt.Sprintf("tasks[%d]", local), fmt.Sprintf("%s validates the weights train produces, so it must come after train", runner.TaskLocalValidation))
+	case !hasTrain && len(seen) > 0 && p.Rounds > 1:
+		// An evaluation scores one given model: a second round would
+		// score the same model on the same data again.
+		v.add("rounds", fmt.Sprintf("is %d, but an evaluation (tasks without train) scores the given model once: set rounds: 1, or add train to tasks", p.Rounds))
 	}
 }
 

@@ -54,6 +54,7 @@ func TestParsePlanMinimalGetsDefaults(t *testing.T) {
 		{"aggregation.byzantine", p.Aggregation.Byzantine, 1},
 		{"aggregation.select", p.Aggregation.Select, 0},
 		{"aggregation.lr", p.Aggregation.LR, 0.0},
+		{"training.proximal_mu", p.Training.ProximalMu, 0.0},
 		{"stragglers.deadline", p.Stragglers.Deadline.Std(), 10 * time.Minute},
 		{"stragglers.min_reporting", p.Stragglers.MinReporting, 1},
 		{"stragglers.percent", p.Stragglers.Percent, 1.0},
@@ -102,6 +103,7 @@ func TestParsePlanFull(t *testing.T) {
 			},
 		},
 		Aggregation: Aggregation{Algorithm: AlgFedAdam, Weights: WeightsSamples, Trim: 0.2, Byzantine: DefaultByzantine, LR: 0.01, Beta1: 0.9, Beta2: 0.99, Tau: 0.001},
+		Training:    Training{ProximalMu: 0.01},
 		Stragglers:  Stragglers{Deadline: Duration(5 * time.Minute), MinReporting: 2, Percent: 0.75},
 		Tasks:       []string{runner.TaskTrain, runner.TaskLocalValidation},
 		BestModel:   BestModel{Metric: "loss", Mode: ModeMin, Task: runner.TaskLocalValidation},
@@ -362,11 +364,28 @@ func TestParsePlanRules(t *testing.T) {
 
 		{"tasks empty", base + builtinRunner + "tasks: []\n", []string{"tasks", "best_model.task"}, "must list at least train"},
 		{"tasks null", base + builtinRunner + "tasks:\n", []string{"tasks", "best_model.task"}, ""},
-		{"tasks without train", base + builtinRunner + "tasks: [aggregated_model_validation]\n", []string{"tasks"}, "must include train"},
+		{"evaluation", "name: exp\nrounds: 1\n" + builtinRunner + "tasks: [aggregated_model_validation]\n", nil, ""},
+		{"evaluation of several rounds", base + builtinRunner + "tasks: [aggregated_model_validation]\n", []string{"rounds"},
+			"rounds: is 2, but an evaluation (tasks without train) scores the given model once: set rounds: 1"},
+		{"local validation without train", "name: exp\nrounds: 1\n" + builtinRunner + "tasks: [aggregated_model_validation, locally_tuned_model_validation]\n", []string{"tasks[1]"},
+			"there is no train: add train before it, or list only aggregated_model_validation"},
+		{"evaluation judged on a task it does not run", "name: exp\nrounds: 1\n" + builtinRunner + "tasks: [aggregated_model_validation]\nbest_model: {task: locally_tuned_model_validation}\n",
+			[]string{"best_model.task"}, "is not in tasks"},
 		{"tasks unknown", base + builtinRunner + "tasks: [train, evaluate]\n", []string{"tasks[1]", "best_model.task"}, `unknown task "evaluate"`},
 		{"tasks duplicate", base + builtinRunner + "tasks: [aggregated_model_validation, train, train]\n", []string{"tasks[2]"}, "already listed at tasks[1]"},
 		{"tasks local validation before train", base + builtinRunner + "tasks: [aggregated_model_validation, locally_tuned_model_validation, train]\n", []string{"tasks[1]"}, "must come after train"},
 		{"tasks train only needs a best_model task", base + builtinRunner + "tasks: [train]\n", []string{"best_model.task"}, "is not in tasks"},
+
+		{"training.proximal_mu", base + builtinRunner + "training: {proximal_mu: 0.01}\n", nil, ""},
+		{"training.proximal_mu zero", base + builtinRunner + "training: {proximal_mu: 0}\n", nil, ""},
+		{"training.proximal_mu with a server optimiser", base + builtinRunner + "aggregation: {algorithm: fedadam}\ntraining: {proximal_mu: 1}\n", nil, ""},
+		{"training.proximal_mu negative", base + builtinRunner + "training: {proximal_mu: -0.1}\n", []string{"training.proximal_mu"}, "training.proximal_mu: must be a finite number ≥ 0"},
+		{"training.proximal_mu NaN", base + builtinRunner + "training: {proximal_mu: .nan}\n", []string{"training.proximal_mu"}, "got NaN"},
+		{"training.proximal_mu infinite", base + builtinRunner + "training: {proximal_mu: .inf}\n", []string{"training.proximal_mu"}, "got +Inf"},
+		{"training.proximal_mu a string", base + builtinRunner + "training: {proximal_mu: small}\n", []string{"training.proximal_mu"}, "want a number"},
+		{"training.proximal_mu in an evaluation", "name: exp\nrounds: 1\n" + builtinRunner + "tasks: [aggregated_model_validation]\ntraining: {proximal_mu: 0.1}\n",
+			[]string{"training.proximal_mu"}, "only used by the train task"},
+		{"training unknown key", base + builtinRunner + "training: {mu: 0.1}\n", []string{"training.mu"}, "unknown key (training takes proximal_mu)"},
 
 		{"best_model.metric empty", base + builtinRunner + "best_model: {metric: ''}\n", []string{"best_model.metric"}, ""},
 		{"best_model.mode unknown", base + builtinRunner + "best_model: {mode: maximum}\n", []string{"best_model.mode"}, `got "maximum"`},
@@ -452,14 +471,14 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	p.Aggregation.Trim = 0.7
 	p.Stragglers.Percent = 1.5
 	p.Stragglers.Deadline = 0
-	p.Tasks = []string{"aggregated_model_validation"}
+	p.Tasks = []string{"locally_tuned_model_validation"}
 	p.BestModel.Mode = "up"
 	err := p.Validate()
 	var ve *ValidationError
 	if !errors.As(err, &ve) {
 		t.Fatalf("want *ValidationError, got %v", err)
 	}
-	want := []string{"name", "rounds", "runner.command", "aggregation.trim", "stragglers.deadline", "stragglers.percent", "tasks", "best_model.mode"}
+	want := []string{"name", "rounds", "runner.command", "aggregation.trim", "stragglers.deadline", "stragglers.percent", "tasks[0]", "best_model.mode", "best_model.task"}
 	var got []string
 	for _, pr := range ve.Problems {
 		got = append(got, pr.Key)
@@ -469,6 +488,45 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "stragglers.percent: must be in (0,1], got 1.5") {
 		t.Errorf("message lacks the percent problem: %v", err)
+	}
+}
+
+func TestEvaluationPlan(t *testing.T) {
+	eval, err := ParsePlan([]byte("name: eval\nrounds: 1\n" + builtinRunner + "tasks: [aggregated_model_validation]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	train, err := ParsePlan([]byte(base + builtinRunner))
+	if err != nil {
+		t.Fatal(err)
+	}
+	exec, err := ParsePlan([]byte(base + "runner: {kind: exec, command: [x]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name       string
+		p          *Plan
+		evaluation bool
+		training   int
+		need       string // a part of InitialModelNeed; "" for none
+	}{
+		{"evaluation", eval, true, 0, "an evaluation (tasks without train) scores the model you give it"},
+		{"builtin training", train, false, 2, ""},
+		{"exec training", exec, false, 2, "runner kind exec needs the initial model"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := c.p.Evaluation(); got != c.evaluation {
+				t.Errorf("Evaluation() = %v, want %v", got, c.evaluation)
+			}
+			if got := c.p.TrainingRounds(); got != c.training {
+				t.Errorf("TrainingRounds() = %d, want %d", got, c.training)
+			}
+			got := c.p.InitialModelNeed()
+			if (c.need == "") != (got == "") || !strings.Contains(got, c.need) {
+				t.Errorf("InitialModelNeed() = %q, want one containing %q", got, c.need)
+			}
+		})
 	}
 }
 
