@@ -94,7 +94,7 @@ func DefaultRunner(in RunnerInput) (runner.Runner, error) {
 		if _, ok := hp["seed"]; !ok {
 			hp["seed"] = plan.Runner.Seed
 		}
-		r, err := builtin.New(builtin.Config{Model: plan.Runner.Model, Hyperparameters: hp, Data: in.Data})
+		r, err := builtin.New(builtin.Config{Model: plan.Runner.Model, Hyperparameters: hp, Data: in.Data, ProximalMu: plan.Training.ProximalMu})
 		if err != nil {
 			return nil, fmt.Errorf("builtin runner: %w", err)
 		}
@@ -118,6 +118,7 @@ func DefaultRunner(in RunnerInput) (runner.Runner, error) {
 			Timeout:         plan.Runner.Timeout.Std(),
 			Hyperparameters: plan.Runner.Hyperparameters,
 			Seed:            plan.Runner.Seed,
+			ProximalMu:      plan.Training.ProximalMu,
 			Data:            data,
 			Dataset:         in.Data,
 			PythonLibrary:   pysdk.SiteLibrary,
