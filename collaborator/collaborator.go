@@ -76,6 +76,9 @@ type Config struct {
 	// Metrics, if set, receive the round's phases, bytes moved and task
 	// outcomes (see internal/telemetry).
 	Metrics *telemetry.Metrics
+	// Privacy, if set, clips and noises every trained model before it can
+	// leave the site, and charges the site's ledger first (privacy.go).
+	Privacy *Privacy
 }
 
 // Defaults for Config.
@@ -373,14 +376,10 @@ func (c *Collaborator) uploadInOrder(ctx context.Context, cancel context.CancelF
 func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Result, error) {
 	switch task.Name {
 	case runner.TaskTrain:
-		res, err := c.cfg.Runner.Train(ctx, task, c.model)
-		if err != nil {
-			return res, err
+		if c.cfg.Privacy != nil {
+			return c.trainPrivately(ctx, task)
 		}
-		if err := c.model.Matches(res.Model); err != nil {
-			return res, fmt.Errorf("the runner's trained model does not match the global model: %w", err)
-		}
-		return res, nil
+		return c.train(ctx, task)
 	case runner.TaskLocalValidation:
 		trained, err := c.trainedWeights(ctx, task.Round)
 		if err != nil {
@@ -392,6 +391,18 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 	}
 }
 
+// train runs the train task and checks the trained model's layout.
+func (c *Collaborator) train(ctx context.Context, task runner.Task) (runner.Result, error) {
+	res, err := c.cfg.Runner.Train(ctx, task, c.model)
+	if err != nil {
+		return res, err
+	}
+	if err := c.model.Matches(res.Model); err != nil {
+		return res, fmt.Errorf("the runner's trained model does not match the global model: %w", err)
+	}
+	return res, nil
+}
+
 // trainedWeights returns this round's trained weights: from its train
 // result, or, when a restart lost them before the local validation was
 // computed, by training again — the built-in runners are deterministic, so
@@ -401,7 +412,9 @@ func (c *Collaborator) trainedWeights(ctx context.Context, round int) (tensor.Mo
 		return res.Model, nil
 	}
 	c.log.Info("trained weights of this round were lost in a restart; training again for the local validation", "round", round)
-	res, err := c.cfg.Runner.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: round}, c.model)
+	// Through runTask, so that under differential privacy these are the
+	// weights the round released (see trainPrivately).
+	res, err := c.runTask(ctx, runner.Task{Name: runner.TaskTrain, Round: round})
 	if err != nil {
 		return nil, err
 	}

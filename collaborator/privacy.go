@@ -1,0 +1,123 @@
+package collaborator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/fx-fl/fx/privacy"
+	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/tensor"
+)
+
+// Privacy is client-level differential privacy applied at the site: the
+// update of every trained model (trained − the round's global model) is
+// clipped to Clip and noised with N(0, (Noise·Clip)²) before it can leave,
+// whatever the runner did, since the runner is the experiment's code and
+// the site's promise cannot depend on it.
+type Privacy struct {
+	// Noise is the noise multiplier σ and Clip the clip norm C, from the
+	// plan; Delta is the plan's stated δ, kept in the ledger for the record.
+	Noise, Clip, Delta float64
+	// Ledger, if set, is charged for every release on Dataset within
+	// Budget, durably and before the release can leave: a charge the
+	// budget refuses fails the train task (an error matching
+	// privacy.ErrRefused), and nothing is uploaded. Nil: the update is
+	// noised but not accounted (the site keeps no budget).
+	Ledger  *privacy.Ledger
+	Dataset string
+	Budget  privacy.Budget
+	// Name is the experiment as people know it (owner/name), for the
+	// ledger's readers.
+	Name string
+}
+
+// releasedFile keeps the round's released (noised) model in the work
+// directory: a collaborator restarted before its upload went through
+// sends these very bytes again, already charged, instead of training and
+// spending the budget again.
+const releasedFile = "released.safetensors"
+
+// Metadata keys of releasedFile.
+const (
+	releasedRound   = "fx.round"
+	releasedSamples = "fx.samples"
+)
+
+// trainPrivately runs the train task under Privacy: the release of the
+// round is the trained model, charged, then clipped and noised in place,
+// so the upload, its retries, a re-upload to a restarted aggregator and
+// the local validation all see the same noised bytes. The train metrics
+// (loss and accuracy as the runner trained on the raw data) are dropped:
+// they are not part of what the noise protects.
+func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (runner.Result, error) {
+	p := c.cfg.Privacy
+	if res, ok := c.replayRelease(task.Round); ok {
+		c.log.Info("sending the update released before the restart; the round is charged already", "round", task.Round)
+		return res, nil
+	}
+	res, err := c.train(ctx, task)
+	if err != nil {
+		return res, err
+	}
+	if p.Ledger != nil {
+		charge := privacy.Charge{
+			Experiment: c.cfg.ExperimentID, Name: p.Name, Round: task.Round,
+			SampledGaussian: privacy.SampledGaussian{Noise: p.Noise, Rate: 1, Steps: 1},
+			Clip:            p.Clip, Delta: p.Delta,
+		}
+		if _, err := p.Ledger.Charge(p.Dataset, p.Budget, charge); err != nil {
+			return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
+		}
+	}
+	rel, err := privacy.ClipAndNoise(c.model, res.Model, p.Clip, p.Noise)
+	if err != nil {
+		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
+	}
+	// The raw norm is computed from the data without noise: it stays in
+	// the site's log.
+	c.log.Info("update clipped and noised", "round", task.Round, "norm", rel.Norm, "scale", rel.Scale, "noise_std", rel.Std, "reset", rel.Reset)
+	res.Metrics = nil
+	c.keepRelease(task.Round, res)
+	return res, nil
+}
+
+// keepRelease writes the released model to the work directory for
+// replayRelease. Without it a restart costs a round of budget more, not
+// privacy, so a failure is only logged. It need not survive a crash of the
+// machine either: the page cache's copy serves a restarted process.
+func (c *Collaborator) keepRelease(round int, res runner.Result) {
+	meta := map[string]string{releasedRound: strconv.Itoa(round), releasedSamples: strconv.FormatInt(res.Samples, 10)}
+	if err := tensor.WriteScratchFile(filepath.Join(c.cfg.WorkDir, releasedFile), res.Model, meta); err != nil {
+		c.log.Warn("cannot keep the released update for a restart; a restart before its upload will train and charge the round again", "round", round, "error", err)
+	}
+}
+
+// replayRelease returns the model released for round before a restart, if
+// the work directory holds it and the ledger holds its charge: bytes the
+// ledger does not know of (it was restored from an older backup) are not
+// sent, and the round is trained and charged again.
+func (c *Collaborator) replayRelease(round int) (runner.Result, bool) {
+	path := filepath.Join(c.cfg.WorkDir, releasedFile)
+	m, meta, err := tensor.ReadFile(path)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			c.log.Warn("cannot read the update released before a restart; training the round again", "error", err)
+		}
+		return runner.Result{}, false
+	}
+	samples, err := strconv.ParseInt(meta[releasedSamples], 10, 64)
+	if meta[releasedRound] != strconv.Itoa(round) || err != nil || c.model.Matches(m) != nil {
+		return runner.Result{}, false // another round's, or not this model's
+	}
+	if p := c.cfg.Privacy; p.Ledger != nil {
+		charged, err := p.Ledger.Charged(p.Dataset, c.cfg.ExperimentID, round)
+		if err != nil || !charged {
+			return runner.Result{}, false
+		}
+	}
+	return runner.Result{Samples: samples, Model: m}, true
+}
