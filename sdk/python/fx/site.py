@@ -499,8 +499,11 @@ class Task:
         self.input_model: str = spec["input_model"]
         self.output_model: Optional[str] = spec.get("output_model") or None
         self.deadline: Optional[str] = spec.get("deadline")
+        #: FedProx's μ, the plan's training.proximal_mu (0.0: plain training); see proximal_term
+        self.proximal_mu: float = float(spec.get("proximal_mu") or 0.0)
         self.sent = False
         self._entries: Optional[Dict[str, _Entry]] = None
+        self._global: Optional[Dict[str, Any]] = None
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, round={self.round})"
@@ -525,6 +528,36 @@ class Task:
     def state_dict(self) -> Dict[str, Any]:
         """The model to start from, as {name: torch.Tensor}, names and dtypes as the experiment's model."""
         return _torch_tensors(self.input_model)
+
+    def proximal_term(self, model: Any) -> Any:
+        """FedProx's proximal term, (μ/2)·Σ‖p − p_global‖² over the module's trainable parameters, as a
+        torch scalar to add to the loss of every step of the train task::
+
+            loss = F.cross_entropy(model(x), y) + task.proximal_term(model)
+
+        μ is the plan's training.proximal_mu and p_global the model this task started from: read once,
+        on the first call, as a copy on each parameter's device and dtype that no gradient reaches.
+        With μ = 0 it is a constant 0. Numpy training loops add μ·(w − w_global) to their gradients
+        themselves, from ``task.proximal_mu`` and ``task.model()``."""
+        if not self.train:
+            raise RuntimeError(f"{self!r}: proximal_term() belongs in the train task's loss")
+        torch = _torch()
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if self.proximal_mu == 0 or not params:
+            device = params[0][1].device if params else None
+            return torch.zeros((), device=device)
+        if self._global is None:
+            stored = _torch_tensors(self.input_model)
+            missing = [name for name, _ in params if name not in stored]
+            if missing:
+                raise ValueError(
+                    f"the module's parameters {missing[:5]} are not in the task's model: "
+                    "pass the module whose state_dict the task's model loads into"
+                )
+            # Copies, so the model file's buffer is not held for the task's length.
+            self._global = {name: stored[name].to(device=p.device, dtype=p.dtype, copy=True) for name, p in params}
+        total = sum(((p - self._global[name]) ** 2).sum() for name, p in params)
+        return (self.proximal_mu / 2) * total
 
     def send(self, weights: Any = None, *, samples: int, metrics: Optional[Mapping[str, float]] = None) -> None:
         """Reports the task's result: for train, the new weights (a module, a state_dict or numpy
