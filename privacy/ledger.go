@@ -234,6 +234,17 @@ func (l *Ledger) Spent(dataset string, delta float64) (float64, error) {
 	return eps, err
 }
 
+// EpsilonOf is the ε at delta of the given entries composed, such as one
+// experiment's entries: what that experiment alone spent.
+func EpsilonOf(entries []Entry, delta float64) (float64, error) {
+	rdp, err := curve(entries)
+	if err != nil {
+		return 0, err
+	}
+	eps, _, err := Epsilon(defaultOrders, rdp, delta)
+	return eps, err
+}
+
 // Entries returns the dataset's charges, oldest first.
 func (l *Ledger) Entries(dataset string) ([]Entry, error) {
 	var out []Entry

@@ -60,6 +60,16 @@ func TestLedgerRefusesTheChargeThatExceedsTheBudget(t *testing.T) {
 	if spent != want || spent > budget3.Epsilon {
 		t.Errorf("spent %v after %d rounds, want %v ≤ %v", spent, k, want, budget3.Epsilon)
 	}
+	entries, err := l.Entries("shard-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if of, err := EpsilonOf(entries, budget3.Delta); err != nil || of != spent {
+		t.Errorf("EpsilonOf the entries = %v, %v; want what Spent says, %v", of, err, spent)
+	}
+	if of, _ := EpsilonOf(entries[:1], budget3.Delta); !(of > 0 && of < spent) {
+		t.Errorf("EpsilonOf one entry = %v, want in (0, %v)", of, spent)
+	}
 
 	next := round("exp1", k+1, sigma)
 	for name, err := range map[string]error{
