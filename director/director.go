@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fx-fl/fx/internal/telemetry"
@@ -52,6 +53,12 @@ type Director struct {
 	log   hclog.Logger
 	store store.Store
 	clock Clock
+	// elector is the store's, when several directors share it: then Run
+	// stands by until it leads (see leader.go), and only then loads the
+	// state.
+	elector store.Elector
+	// leading opens the Director service to callers (see gate).
+	leading atomic.Bool
 
 	// registering orders the registrations of each envoy; see
 	// registerEnvoy. Taken before mu.
@@ -67,6 +74,8 @@ type Director struct {
 	runs    sync.WaitGroup
 	stopped bool // Run is shutting down: aggregators stop but stay RUNNING
 	serving bool // Run serves the Director service
+	// standby, while this director does not lead, says why and who does.
+	standby string
 
 	// metrics, if not nil, are what the director and its aggregators
 	// record (see internal/telemetry).
@@ -105,6 +114,7 @@ func New(cfg Config) (*Director, error) {
 		}
 		st = opened
 	}
+	elector, _ := backing(st).(store.Elector)
 	metrics := cfg.Metrics
 	if metrics == nil && (cfg.MetricsListen != "" || cfg.MetricsListener != nil) {
 		metrics = telemetry.New(cfg.Version, telemetry.RoleDirector)
@@ -116,6 +126,7 @@ func New(cfg Config) (*Director, error) {
 		cfg:      cfg,
 		log:      cfg.Logger.Named("director"),
 		store:    st,
+		elector:  elector,
 		metrics:  metrics,
 		clock:    cfg.Clock,
 		exps:     map[string]*expState{},
@@ -125,20 +136,24 @@ func New(cfg Config) (*Director, error) {
 		ready:    make(chan struct{}),
 		shutdown: make(chan struct{}),
 	}
-	if err := d.load(); err != nil {
-		if cfg.Store == nil {
-			_ = st.Close()
+	// A director that must win an election first loads the state then
+	// (campaign): what the store holds now may change before.
+	if elector == nil {
+		if err := d.load(); err != nil {
+			if cfg.Store == nil {
+				_ = st.Close()
+			}
+			return nil, fmt.Errorf("director: load state: %w", err)
 		}
-		return nil, fmt.Errorf("director: load state: %w", err)
-	}
-	if err := d.checkStoreMatches(); err != nil {
-		if cfg.Store == nil {
-			_ = st.Close()
+		if err := d.checkStoreMatches(); err != nil {
+			if cfg.Store == nil {
+				_ = st.Close()
+			}
+			return nil, fmt.Errorf("director: %w", err)
 		}
-		return nil, fmt.Errorf("director: %w", err)
+		// A copy of the store as it loaded: recovery always has one to go back to.
+		d.snapshot()
 	}
-	// A copy of the store as it loaded: recovery always has one to go back to.
-	d.snapshot()
 	d.registerGauges()
 	return d, nil
 }
@@ -313,11 +328,31 @@ func (d *Director) Run(ctx context.Context) error {
 		}()
 	}
 
-	srv := grpc.NewServer(append(slices.Clone(d.cfg.ServerOptions), keepaliveOptions()...)...)
+	srv := grpc.NewServer(append(append(slices.Clone(d.cfg.ServerOptions), keepaliveOptions()...), d.gateOptions()...)...)
 	fxv1.RegisterDirectorServer(srv, &service{d: d})
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
 	reflection.Register(srv)
+
+	serveErr := make(chan error, 1)
+	serve := func() { go func() { serveErr <- srv.Serve(lis) }() }
+	// lost is closed when an elected director loses the lead; never
+	// otherwise.
+	var lost <-chan struct{}
+	var lead *store.Leadership
+	if d.elector != nil {
+		// A standby serves from the start, refusing calls with the
+		// leader's address.
+		serve()
+		var err error
+		lead, err = d.campaign(ctx, d.elector, hs, lis.Addr())
+		if lead == nil {
+			hs.Shutdown()
+			stopGRPC(srv, d.cfg.StopTimeout)
+			return err
+		}
+		lost = lead.Lost()
+	}
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus(fxv1.Director_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 
@@ -325,15 +360,21 @@ func (d *Director) Run(ctx context.Context) error {
 	defer cancelRuns()
 	d.start(runCtx)
 
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(lis) }()
+	d.leading.Store(true)
+	if d.elector == nil {
+		serve()
+	}
 	d.mu.Lock()
 	d.serving = true
+	d.standby = ""
 	d.mu.Unlock()
+	// The loops end with ctx, or when the lead is lost.
+	loopCtx, stopLoops := context.WithCancel(ctx)
+	defer stopLoops()
 	sweepDone := make(chan struct{})
-	go func() { defer close(sweepDone); d.sweepLoop(ctx) }()
+	go func() { defer close(sweepDone); d.sweepLoop(loopCtx) }()
 	snapshotsDone := make(chan struct{})
-	go func() { defer close(snapshotsDone); d.snapshotLoop(ctx) }()
+	go func() { defer close(snapshotsDone); d.snapshotLoop(loopCtx) }()
 	d.log.Info("director serving", "address", lis.Addr().String(), "version", d.cfg.Version)
 
 	var err error
@@ -341,7 +382,14 @@ func (d *Director) Run(ctx context.Context) error {
 	case <-ctx.Done():
 	case err = <-serveErr:
 		err = fmt.Errorf("director: serve: %w", err)
+	case <-lost:
+		// Its aggregators stop below; the new leader resumes them.
+		err = fmt.Errorf("director: %w; stopping, with the experiments left to the new leader (run this director again, under a supervisor that restarts it, to stand by)", lead.Err())
+		d.log.Error("lost the lead", "error", lead.Err())
 	}
+	stopLoops()
+	d.leading.Store(false)
+	d.setStandby("this director is stopping")
 	hs.Shutdown()
 	d.mu.Lock()
 	d.stopped = true

@@ -369,6 +369,10 @@ func (f *fed) start() {
 	f.d, f.cancel, f.done = d, cancel, make(chan error, 1)
 	go func() { f.done <- d.Run(ctx) }()
 	f.addr = d.Addr().String()
+	if d.elector != nil {
+		// Alone on its database, it wins the election at once.
+		eventually(f.t, "the director to lead", d.leading.Load)
+	}
 }
 
 func (f *fed) stop() {

@@ -2,13 +2,18 @@ package director
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/fx-fl/fx/director/store"
 
 	"github.com/fx-fl/fx/internal/testpg"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
@@ -16,8 +21,7 @@ import (
 
 // TestPostgresStore runs a director on a PostgreSQL database (a real
 // server, internal/testpg): experiments submitted, approved, run and
-// finished; the state is in the database, not in data_dir; a second
-// director on the database is refused while the first runs; and after a
+// finished; the state is in the database, not in data_dir; and after a
 // restart on the same database every experiment is back as it was and the
 // running one resumes.
 func TestPostgresStore(t *testing.T) {
@@ -68,17 +72,6 @@ func TestPostgresStore(t *testing.T) {
 	}
 	if snaps, _ := os.ReadDir(filepath.Join(f.dataDir, snapshotsDir)); len(snaps) != 0 {
 		t.Errorf("the director took bbolt snapshots with a PostgreSQL store: %d files", len(snaps))
-	}
-
-	// One database serves one director.
-	second := f.config()
-	second.DataDir = t.TempDir()
-	second.Listener.Close()
-	if d, err := New(second); err == nil || !strings.Contains(err.Error(), "in use by another director") {
-		if d != nil {
-			_ = d.store.Close()
-		}
-		t.Errorf("a second director on the database: %v, want a refusal", err)
 	}
 
 	before := map[string]*fxv1.Experiment{}
@@ -150,4 +143,93 @@ func TestStoreSettings(t *testing.T) {
 	if s.PostgresDSN() != "postgres://fx@db/fx" {
 		t.Errorf("PostgresDSN() = %q", s.PostgresDSN())
 	}
+}
+
+// TestStandbyTakesOver: two directors on one database and one data_dir.
+// The second stands by: it refuses calls UNAVAILABLE naming the leader's
+// address, and /readyz says it is a standby. The leader's lock session is
+// then cut (as when its host dies): the leader is deposed (its Run ends
+// with ErrNotLeader, its aggregator stopped), and the standby leads,
+// reloads the state and relaunches the running experiment's aggregator,
+// which finishes it.
+func TestStandbyTakesOver(t *testing.T) {
+	srv := testpg.Start(t)
+	dsn := srv.NewDatabase(t)
+	f := newFed(t, func(c *Config) { c.PostgresDSN = dsn })
+	ctx := ctxT(t)
+	f.register("a", "fashion")
+	f.register("b", "fashion")
+	exp := f.submitPlan("alice", planTwo)
+	f.waitState(exp.Id, fxv1.ExperimentState_OFFERED)
+	for _, n := range []string{"a", "b"} {
+		_, err := f.answer(n, exp.Id, true)
+		must(t, err)
+	}
+	f.waitState(exp.Id, fxv1.ExperimentState_RUNNING)
+	agg := f.launcher.agg(t, exp.Id, 1)
+	agg.completeRound(t)
+
+	// The standby: another director, its own launcher, the same files.
+	cfg := f.config()
+	standbyLauncher := newFakeLauncher()
+	cfg.Launcher = standbyLauncher
+	standby, err := New(cfg)
+	must(t, err)
+	sctx, stopStandby := context.WithCancel(context.Background())
+	standbyDone := make(chan error, 1)
+	go func() { standbyDone <- standby.Run(sctx) }()
+	defer func() {
+		stopStandby()
+		if err := <-standbyDone; err != nil {
+			t.Errorf("the standby's Run: %v", err)
+		}
+	}()
+	leader := f.d
+	leaderAddr := leader.Addr().String()
+	f.addr = standby.Addr().String()
+	f.mu.Lock()
+	f.clients = map[string]fxv1.DirectorClient{}
+	f.mu.Unlock()
+	var refusal error
+	eventually(t, "the standby to name the leader", func() bool {
+		_, refusal = f.researcher("alice").GetExperiment(ctx, &fxv1.GetExperimentRequest{Experiment: &fxv1.ExperimentRef{Id: exp.Id}})
+		return code(refusal) == codes.Unavailable && strings.Contains(refusal.Error(), "the leader is at "+leaderAddr)
+	})
+	if err := standby.readiness(); err == nil || !strings.Contains(err.Error(), "standby") {
+		t.Errorf("the standby's readiness = %v, want not ready, saying it is a standby", err)
+	}
+
+	// The leader's lock session dies; its process does not.
+	conn, err := pgx.Connect(ctx, dsn)
+	must(t, err)
+	defer conn.Close(context.Background())
+	_, err = conn.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+	must(t, err)
+	select {
+	case err := <-f.done:
+		if !errors.Is(err, store.ErrNotLeader) {
+			t.Errorf("the deposed leader's Run = %v, want ErrNotLeader", err)
+		}
+		f.cancel()
+		f.cancel = nil
+	case <-time.After(waitTimeout):
+		t.Fatal("the deposed leader still runs")
+	}
+	select {
+	case <-agg.stopped:
+	default:
+		t.Error("the deposed leader's Run returned with its aggregator still running")
+	}
+
+	eventually(t, "the standby to lead", standby.leading.Load)
+	got := f.get("alice", exp.Id)
+	if got.GetState() != fxv1.ExperimentState_RUNNING || got.GetRound() != 2 {
+		t.Fatalf("after the takeover the experiment is %s in round %d, want RUNNING in round 2 (round 1 completed before)", got.GetState(), got.GetRound())
+	}
+	if standby.readiness() != nil {
+		t.Errorf("the new leader's readiness = %v", standby.readiness())
+	}
+	agg2 := standbyLauncher.agg(t, exp.Id, 1)
+	agg2.result <- nil
+	f.waitState(exp.Id, fxv1.ExperimentState_FINISHED)
 }

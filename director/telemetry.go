@@ -86,13 +86,16 @@ func (d *Director) registerGauges() {
 }
 
 // readiness is /readyz's answer: nil once Run serves, until it starts
-// stopping. The store is open for as long as that holds.
+// stopping; a standby is not ready, and says who leads. The store is open
+// for as long as that holds.
 func (d *Director) readiness() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	switch {
 	case d.stopped:
 		return errors.New("the director is stopping")
+	case !d.serving && d.standby != "":
+		return errors.New(d.standby)
 	case !d.serving:
 		return errors.New("the director is starting")
 	}
