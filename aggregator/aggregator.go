@@ -310,19 +310,20 @@ func (a *Aggregator) memoryNeed() (need, held int64) {
 // rounds: a server optimiser steps from it.
 func (a *Aggregator) keepsModel() bool { return a.opt != nil }
 
-// lastRound is the number of the final round: the plan's rounds, plus one
-// validation-only round that scores the final model when the plan validates
-// the aggregated model.
+// lastRound is the number of the final round: the plan's training rounds,
+// plus one validation-only round that scores the final model when the plan
+// validates the aggregated model. An evaluation has no training round, so
+// that validation of the initial model is its one round.
 func (a *Aggregator) lastRound() int {
 	if slices.Contains(a.plan.Tasks, runner.TaskAggregatedValidation) {
-		return a.plan.Rounds + 1
+		return a.plan.TrainingRounds() + 1
 	}
-	return a.plan.Rounds
+	return a.plan.TrainingRounds()
 }
 
 // tasksFor is the task list of a round.
 func (a *Aggregator) tasksFor(round int) []string {
-	if round > a.plan.Rounds {
+	if round > a.plan.TrainingRounds() {
 		return []string{runner.TaskAggregatedValidation}
 	}
 	return a.plan.Tasks
@@ -517,7 +518,16 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	}
 	a.mu.Unlock()
 
-	training := r.number <= a.plan.Rounds
+	training := r.number <= a.plan.TrainingRounds()
+	if a.plan.Evaluation() {
+		// No train result: the evaluation's reports are its sites'
+		// scores, and min_reporting bounds those.
+		trainers = reporters(results)
+		if len(trainers) < a.plan.Stragglers.MinReporting {
+			return fmt.Errorf("the evaluation closed with results from %d of the %d sites stragglers.min_reporting requires (missing: %v)",
+				len(trainers), a.plan.Stragglers.MinReporting, missing)
+		}
+	}
 	if training && len(trainers) < a.plan.Stragglers.MinReporting {
 		why := "deadline"
 		if !atDeadline {
@@ -584,6 +594,15 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	}
 	a.startRound(r.number + 1)
 	return nil
+}
+
+// reporters lists, in order, the collaborators with a result among results.
+func reporters(results []TaskResult) []string {
+	seen := map[string]bool{}
+	for _, r := range results {
+		seen[r.Collaborator] = true
+	}
+	return sortedKeys(seen)
 }
 
 // scoreBest updates the best model from a round's aggregates. The aggregated

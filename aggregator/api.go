@@ -41,7 +41,8 @@ type RoundSummary struct {
 	Results    []TaskResult                  `json:"results"`
 	Aggregates map[string]map[string]float64 `json:"aggregates"`
 	// Reported lists the collaborators whose train result went into the
-	// round's model; Missing those that did not report before it closed.
+	// round's model (in an evaluation, whose scores it counted); Missing
+	// those that did not report before it closed.
 	Reported []string `json:"reported"`
 	Missing  []string `json:"missing,omitempty"`
 }
