@@ -164,11 +164,12 @@ func (d *Director) submit(owner string, stream submitStream) (*fxv1.Experiment, 
 	if string(man.Plan) != h.GetPlanYaml() {
 		return nil, fmt.Errorf("the header's plan differs from the archive's %s: send the archive's plan.yaml byte for byte: %w", experiment.PlanFile, ErrInvalidArgument)
 	}
-	// Only built-in models get an initial model from the aggregator; an
-	// experiment without one could never start, after every site had
-	// downloaded and reviewed it.
-	if plan.Runner.Kind != experiment.RunnerBuiltin && !slices.ContainsFunc(man.Files, func(f experiment.FileInfo) bool { return f.Path == InitialModelFile }) {
-		return nil, fmt.Errorf("the archive has no %s at its root: runner kind %s needs the initial model there (the aggregator initialises built-in models only): %w", InitialModelFile, plan.Runner.Kind, ErrInvalidArgument)
+	// Only built-in models get an initial model from the aggregator, and an
+	// evaluation scores the one it is given; an experiment without the
+	// model it needs could never start, after every site had downloaded
+	// and reviewed it.
+	if need := plan.InitialModelNeed(); need != "" && !slices.ContainsFunc(man.Files, func(f experiment.FileInfo) bool { return f.Path == InitialModelFile }) {
+		return nil, fmt.Errorf("the archive has no %s at its root: %s: %w", InitialModelFile, need, ErrInvalidArgument)
 	}
 	if err := d.checkDiskBudget(plan, man); err != nil {
 		return nil, err

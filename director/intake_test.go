@@ -67,6 +67,7 @@ rounds: 2
 runner: {kind: builtin, model: mlp}
 colour: blue
 `
+	evaluation := strings.Replace(planTwo, "rounds: 2", "rounds: 1", 1) + "tasks: [aggregated_model_validation]\n"
 	tests := []struct {
 		name string
 		up   upload
@@ -89,6 +90,8 @@ colour: blue
 		{"path escapes", upload{plan: planTwo, data: zipWith(t, map[string]string{"plan.yaml": planTwo, "../evil": "x"})}, codes.InvalidArgument, ""},
 		{"no plan in archive", upload{plan: planTwo, data: zipWith(t, map[string]string{"train.py": "x"})}, codes.InvalidArgument, ""},
 		{"plan differs", upload{plan: otherPlan, data: good}, codes.InvalidArgument, "differs"},
+		{"evaluation without its model", upload{plan: evaluation, data: archive(t, evaluation, nil)}, codes.InvalidArgument,
+			"the archive has no model.safetensors at its root: an evaluation (tasks without train) scores the model you give it"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -139,8 +139,8 @@ func initialModel(spec LaunchSpec) (tensor.Model, error) {
 		return m, err
 	}
 	plan := spec.Plan
-	if plan.Runner.Kind != experiment.RunnerBuiltin {
-		return nil, fmt.Errorf("the archive has no %s: runner kind %s needs the initial model in the archive (the aggregator initialises built-in models only)", InitialModelFile, plan.Runner.Kind)
+	if need := plan.InitialModelNeed(); need != "" {
+		return nil, fmt.Errorf("the archive has no %s: %s", InitialModelFile, need)
 	}
 	// Every participant must hold data of one shape, or no single model fits.
 	names := slices.Sorted(maps.Keys(spec.Shards))

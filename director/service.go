@@ -379,7 +379,7 @@ func (s *service) DownloadModel(req *fxv1.DownloadModelRequest, stream grpc.Serv
 			if e.metrics.round() == 0 {
 				return fmt.Errorf("experiment %s has no completed round yet: %w", e.rec.Name, ErrNotFound)
 			}
-			round = min(e.metrics.round(), e.rec.Rounds)
+			round = min(e.metrics.round(), e.plan.TrainingRounds()) // an evaluation's model is the one it was given
 		case fxv1.ModelSelector_ROUND:
 			if req.GetRound() < 0 {
 				return fmt.Errorf("round %d is negative: use 0 for the initial model: %w", req.GetRound(), ErrInvalidArgument)
