@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -57,7 +58,8 @@ func PrepareUpload(dirOrArchive string) (u *Upload, err error) {
 	if err := u.hashFile(); err != nil {
 		return nil, err
 	}
-	if err := u.checkPlan(dirOrArchive + ": " + PlanFile); err != nil {
+	hasModel := slices.ContainsFunc(m.Files, func(f FileInfo) bool { return f.Path == InitialModelFile })
+	if err := u.checkPlan(dirOrArchive+": "+PlanFile, hasModel); err != nil {
 		return nil, err
 	}
 	return u, nil
@@ -73,7 +75,8 @@ func packUpload(dir string) (u *Upload, err error) {
 		return nil, fmt.Errorf("reading the plan: %w", err)
 	}
 	u = &Upload{Plan: plan, temp: true}
-	if err := u.checkPlan(planPath); err != nil {
+	fi, err := os.Stat(filepath.Join(dir, InitialModelFile))
+	if err := u.checkPlan(planPath, err == nil && fi.Mode().IsRegular()); err != nil {
 		return nil, err
 	}
 	f, err := os.CreateTemp("", "fx-experiment-*.tar.gz")
@@ -99,12 +102,15 @@ func packUpload(dir string) (u *Upload, err error) {
 	return u, nil
 }
 
-// checkPlan parses the plan as the director will, so an invalid plan is
-// reported with every problem before connecting.
-func (u *Upload) checkPlan(where string) error {
+// checkPlan parses the plan as the director will, so an invalid plan, or
+// one missing the initial model it needs, is reported before connecting.
+func (u *Upload) checkPlan(where string, hasModel bool) error {
 	p, err := ParsePlan(u.Plan)
 	if err != nil {
 		return fmt.Errorf("%s: %w", where, err)
+	}
+	if need := p.InitialModelNeed(); need != "" && !hasModel {
+		return fmt.Errorf("%s: the experiment has no %s beside its plan: %s", where, InitialModelFile, need)
 	}
 	u.Name = p.Name
 	return nil
