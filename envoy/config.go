@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fx-fl/fx/internal/directors"
 	"github.com/fx-fl/fx/internal/tracing"
 
 	"github.com/hashicorp/go-hclog"
@@ -51,10 +52,13 @@ const (
 
 // DirectorConfig says where the director listens.
 type DirectorConfig struct {
-	// Address is host:port of the director.
+	// Address is host:port of the director; with active and standby
+	// directors, every director's host:port separated by commas (or one
+	// dns:///name:port with a record per director): the envoy follows
+	// whichever leads (internal/directors).
 	Address string `mapstructure:"address"`
 	// ServerName is the name the director's certificate must carry; empty
-	// means the host part of Address.
+	// means the host part of Address (of each address, with several).
 	ServerName string `mapstructure:"server_name"`
 }
 
@@ -220,8 +224,8 @@ func (c *Config) AdminSocketPath() string {
 
 // directorServerName is the name the director's certificate must carry.
 func (c *Config) directorServerName() string {
-	if c.Director.ServerName != "" {
-		return c.Director.ServerName
+	if c.Director.ServerName != "" || directors.Several(c.Director.Address) {
+		return c.Director.ServerName // "": each address's own host
 	}
 	host, _, err := net.SplitHostPort(c.Director.Address)
 	if err != nil {
@@ -242,9 +246,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.Director.Address == "" {
-		add("director.address is required (host:port of the director)")
-	} else if _, port, err := net.SplitHostPort(c.Director.Address); err != nil || port == "" {
-		add("director.address %q is not host:port", c.Director.Address)
+		add("director.address is required (host:port of the director, or of each director separated by commas)")
+	} else if _, err := directors.Split(c.Director.Address); err != nil {
+		add("%v", err)
 	}
 	if c.Credentials == nil {
 		for _, f := range []struct{ key, path string }{{"tls.cert", c.TLS.Cert}, {"tls.key", c.TLS.Key}, {"tls.ca", c.TLS.CA}} {

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fx-fl/fx/internal/directors"
 	"github.com/fx-fl/fx/internal/telemetry"
 
 	"github.com/hashicorp/go-hclog"
@@ -96,7 +97,11 @@ func New(cfg Config) (*Envoy, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.WorkDir, "experiments"), 0o700); err != nil {
 		return nil, fmt.Errorf("work_dir: %w", err)
 	}
-	conn, err := grpc.NewClient(cfg.Director.Address, dialOptions(creds, cfg.Retry, cfg.directorServerName())...)
+	var conn *grpc.ClientConn
+	target, directorOpts, err := directors.Dial(cfg.Director.Address)
+	if err == nil {
+		conn, err = grpc.NewClient(target, append(dialOptions(creds, cfg.Retry, cfg.directorServerName()), directorOpts...)...)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("director.address %q: %w", cfg.Director.Address, err)
 	}
