@@ -30,6 +30,7 @@ const (
 	AdminReject  = "reject"
 	AdminStatus  = "status"
 	AdminInspect = "inspect"
+	AdminPrivacy = "privacy"
 )
 
 // adminIOTimeout bounds one admin exchange, so a stuck client cannot hold a
@@ -46,13 +47,16 @@ const maxAdminRequest = 64 << 10
 
 // AdminRequest is one command on the admin socket.
 type AdminRequest struct {
-	// Command is pending, approve, reject, inspect or status.
+	// Command is pending, approve, reject, inspect, status or privacy.
 	Command string `json:"command"`
 	// Experiment names the offer to decide or inspect: its id, its name,
 	// or owner/name when two owners used the same name.
 	Experiment string `json:"experiment,omitempty"`
 	// Reason is shown to the researcher when rejecting.
 	Reason string `json:"reason,omitempty"`
+	// Noise lists the noise multipliers to tell the rounds left at
+	// (privacy); none: the budget's minimum, those used, 5 and 10.
+	Noise []float64 `json:"noise,omitempty"`
 }
 
 // AdminResponse answers an AdminRequest.
@@ -67,6 +71,8 @@ type AdminResponse struct {
 	Status *Status `json:"status,omitempty"`
 	// Inspected is the offer to inspect (command inspect).
 	Inspected *Inspection `json:"inspected,omitempty"`
+	// Privacy is the privacy policy and ledger (command privacy).
+	Privacy *PrivacyStatus `json:"privacy,omitempty"`
 }
 
 // Inspection is where a pending offer's verified archive is, so that the
@@ -231,8 +237,14 @@ func (e *Envoy) adminExchange(c net.Conn) AdminResponse {
 			return AdminResponse{Error: err.Error()}
 		}
 		return AdminResponse{OK: true, Inspected: &in}
+	case AdminPrivacy:
+		st, err := e.Privacy(req.Noise)
+		if err != nil {
+			return AdminResponse{Error: err.Error()}
+		}
+		return AdminResponse{OK: true, Privacy: &st}
 	}
-	return AdminResponse{Error: fmt.Sprintf("unknown command %q: use %s, %s, %s, %s or %s", req.Command, AdminPending, AdminInspect, AdminApprove, AdminReject, AdminStatus)}
+	return AdminResponse{Error: fmt.Sprintf("unknown command %q: use %s, %s, %s, %s, %s or %s", req.Command, AdminPending, AdminInspect, AdminApprove, AdminReject, AdminStatus, AdminPrivacy)}
 }
 
 // Status reports the connection and every experiment the envoy holds.
@@ -311,8 +323,12 @@ func summarize(p *experiment.Plan) string {
 			runner += " " + string(b)
 		}
 	}
-	return fmt.Sprintf("%d rounds; runner %s; aggregation %s; tasks %s; at least %d participants",
-		p.Rounds, runner, p.Aggregation.Algorithm, strings.Join(p.Tasks, ", "), p.Participants.Min)
+	dp := "no differential privacy"
+	if d := p.Privacy.DP; d != nil {
+		dp = fmt.Sprintf("differential privacy with noise multiplier %v and clip norm %v", d.NoiseMultiplier, d.ClipNorm)
+	}
+	return fmt.Sprintf("%d rounds; runner %s; aggregation %s; tasks %s; at least %d participants; %s",
+		p.Rounds, runner, p.Aggregation.Algorithm, strings.Join(p.Tasks, ", "), p.Participants.Min, dp)
 }
 
 // Inspect tells where the archive of a pending offer (named as for

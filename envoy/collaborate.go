@@ -28,6 +28,7 @@ func DefaultCollaborator(ctx context.Context, spec CollaboratorSpec) error {
 		Logger:       spec.Logger,
 		Retry:        spec.Retry.schedule(),
 		Metrics:      spec.Metrics,
+		Privacy:      spec.Privacy,
 	})
 	if err != nil {
 		return err

@@ -16,6 +16,7 @@ import (
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/backoff"
+	"github.com/fx-fl/fx/privacy"
 )
 
 // Review policies: how the data owner decides on an offered experiment.
@@ -123,6 +124,28 @@ type ExecConfig struct {
 	ShareLogs bool `mapstructure:"share_logs"`
 }
 
+// PrivacyConfig is the data owner's differential-privacy policy
+// (privacy); docs/privacy.md explains it.
+type PrivacyConfig struct {
+	// RequireDP declines every plan that does not state privacy.dp: no
+	// update leaves the site without clipping and noise. It needs Budget.
+	RequireDP bool `mapstructure:"require_dp"`
+	// Budget is what the site's data may spend over every experiment ever
+	// run on it, kept in the ledger <work_dir>/privacy.json. A plan whose
+	// rounds do not all fit, or whose σ or C the budget refuses, is
+	// declined with the numbers; every round is charged before its update
+	// leaves. Unset (no epsilon): plans with DP are clipped and noised as
+	// they ask, but not accounted.
+	Budget privacy.Budget `mapstructure:"budget"`
+	// Dataset names the site's data in the ledger; empty: the envoy's name.
+	// Rename it only when the envoy serves other data: a new name starts
+	// with an untouched budget.
+	Dataset string `mapstructure:"dataset"`
+}
+
+// budgeted reports whether the site keeps a privacy budget.
+func (p PrivacyConfig) budgeted() bool { return p.Budget != (privacy.Budget{}) }
+
 // RetryConfig is the capped exponential backoff of every retry loop of the
 // envoy and its collaborators, and of the gRPC connections under them: Max
 // bounds every pause between two attempts to reach the director or an
@@ -160,6 +183,8 @@ type Config struct {
 	Shard  dataset.Config `mapstructure:"shard"`
 	Review ReviewConfig   `mapstructure:"review"`
 	Exec   ExecConfig     `mapstructure:"exec"`
+	// Privacy is the site's differential-privacy policy and budget.
+	Privacy PrivacyConfig `mapstructure:"privacy"`
 	// AdminSocket is the unix socket `fx envoy pending|approve|reject` talk
 	// to; empty means <work_dir>/admin/envoy.sock.
 	AdminSocket string `mapstructure:"admin_socket"`
@@ -303,6 +328,18 @@ func (c *Config) Validate() error {
 	}
 	if c.Exec.Python != "" && !filepath.IsAbs(c.Exec.Python) {
 		add("exec.python %q must be an absolute path to an interpreter, such as /usr/bin/python3", c.Exec.Python)
+	}
+	if c.Privacy.budgeted() {
+		if err := c.Privacy.Budget.Validate(); err != nil {
+			add("privacy.budget: %s", strings.TrimPrefix(err.Error(), "privacy budget: "))
+		}
+	} else if c.Privacy.RequireDP {
+		add("privacy.require_dp needs privacy.budget (at least epsilon and delta, such as {epsilon: 3, delta: 1e-5}): the site must account for what it requires")
+	}
+	if c.Privacy.Dataset != "" {
+		if err := experiment.ValidateName("privacy.dataset", c.Privacy.Dataset); err != nil {
+			add("%v", err)
+		}
 	}
 	if c.RPCTimeout <= 0 {
 		add("rpc_timeout must be positive, got %s", c.RPCTimeout)

@@ -20,6 +20,7 @@ import (
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/pki"
+	"github.com/fx-fl/fx/privacy"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner/sandbox"
 )
@@ -44,6 +45,8 @@ type Envoy struct {
 	// sandboxErr is why exec runners are refused here (they should be
 	// sandboxed and cannot be), or nil.
 	sandboxErr error
+	// ledger is the site's privacy ledger (see privacy.go).
+	ledger *privacy.Ledger
 
 	// runCtx is Run's context; every experiment goroutine derives from it.
 	runCtx context.Context
@@ -97,12 +100,17 @@ func New(cfg Config) (*Envoy, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.WorkDir, "experiments"), 0o700); err != nil {
 		return nil, fmt.Errorf("work_dir: %w", err)
 	}
+	ledger, err := openLedger(cfg.WorkDir)
+	if err != nil {
+		return nil, err
+	}
 	var conn *grpc.ClientConn
 	target, directorOpts, err := directors.Dial(cfg.Director.Address)
 	if err == nil {
 		conn, err = grpc.NewClient(target, append(dialOptions(creds, cfg.Retry, cfg.directorServerName()), directorOpts...)...)
 	}
 	if err != nil {
+		ledger.Close()
 		return nil, fmt.Errorf("director.address %q: %w", cfg.Director.Address, err)
 	}
 	e := &Envoy{
@@ -116,6 +124,7 @@ func New(cfg Config) (*Envoy, error) {
 		client:    fxv1.NewDirectorClient(conn),
 		newRunner: cfg.NewRunner,
 		runCollab: cfg.RunCollaborator,
+		ledger:    ledger,
 		exps:      map[string]*exp{},
 	}
 	if cfg.Metrics.Listen != "" || cfg.Metrics.Listener != nil {
@@ -172,6 +181,7 @@ func describeShard(d *dataset.Dataset, tags []string) *fxv1.DatasetShard {
 // cannot be created, the work directory cannot be read).
 func (e *Envoy) Run(ctx context.Context) error {
 	defer e.conn.Close()
+	defer e.ledger.Close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	e.runCtx = ctx

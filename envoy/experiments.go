@@ -275,10 +275,10 @@ func (e *Envoy) running() []string {
 // Start brings it back.
 func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, link *aggregatorLink, done chan struct{}) {
 	e.mu.Lock()
-	id, plan := x.rec.ID, x.plan
+	id, plan, rec := x.rec.ID, x.plan, x.rec
 	e.mu.Unlock()
 	log := e.log.With("experiment", id)
-	err := e.runCollaborator(ctx, id, plan, s, link)
+	err := e.runCollaborator(ctx, id, plan, e.collaboratorPrivacy(rec, plan), s, link)
 	if ctx.Err() != nil {
 		log.Debug("collaborator stopped")
 		return
@@ -309,7 +309,7 @@ func (e *Envoy) collaborate(ctx context.Context, x *exp, s *fxv1.Start, link *ag
 
 // runCollaborator builds the plan's runner on the site's data and runs a
 // collaborator with it.
-func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment.Plan, s *fxv1.Start, link *aggregatorLink) error {
+func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment.Plan, dp *collaborator.Privacy, s *fxv1.Start, link *aggregatorLink) error {
 	output, stopSharing := e.shareOutput(ctx, id)
 	defer stopSharing()
 	r, err := e.newRunner(e.runnerInput(id, plan, output))
@@ -339,6 +339,7 @@ func (e *Envoy) runCollaborator(ctx context.Context, id string, plan *experiment
 		WorkDir:      filepath.Join(e.expDir(id), collaboratorDir),
 		Logger:       e.log,
 		Metrics:      e.metrics,
+		Privacy:      dp,
 	})
 }
 

@@ -112,8 +112,14 @@ func (e *Envoy) review(ctx context.Context, x *exp, done chan struct{}) (decisio
 	e.mu.Lock()
 	rec := x.rec
 	e.mu.Unlock()
-	if _, err := experiment.ParsePlan([]byte(rec.PlanYAML)); err != nil {
+	offered, err := experiment.ParsePlan([]byte(rec.PlanYAML))
+	if err != nil {
 		return decision{reason: fmt.Sprintf("the offered plan is invalid: %v", err)}, nil
+	}
+	// Before the download: a plan the privacy budget declines costs
+	// nothing more.
+	if reason := e.reviewPrivacy(rec, offered); reason != "" {
+		return decision{reason: reason}, nil
 	}
 	if !isSHA256(rec.ArchiveSHA256) {
 		return decision{reason: fmt.Sprintf("the offer's archive_sha256 %q is not a lower-case hex sha256", rec.ArchiveSHA256)}, nil

@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 
+	"github.com/fx-fl/fx/collaborator"
 	"github.com/fx-fl/fx/dataset"
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/runner"
@@ -197,6 +198,10 @@ type CollaboratorSpec struct {
 	Logger  hclog.Logger
 	// Metrics, if set, receive the collaborator's transfers and tasks.
 	Metrics *telemetry.Metrics
+	// Privacy, if set, is the differential privacy every trained model
+	// gets before it leaves the site: the plan's, charged to the site's
+	// ledger when it keeps a budget.
+	Privacy *collaborator.Privacy
 }
 
 // CollaboratorFunc runs a collaborator until the experiment ends for it

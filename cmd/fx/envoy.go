@@ -49,11 +49,12 @@ runs a collaborator for each accepted experiment.
 
 Under the manual policy, offers wait until someone at the site runs
 'fx envoy approve' or 'fx envoy reject'; 'fx envoy pending' lists them and
-'fx envoy inspect' shows one's code. These
+'fx envoy inspect' shows one's code; 'fx envoy privacy' shows the privacy
+budget and what each dataset spent. These
 commands talk to the running envoy through its admin socket, which only the
 envoy's user can open.`,
 	}
-	cmd.AddCommand(newEnvoyStartCommand(opts), newEnvoyStatusCommand(), newEnvoyPendingCommand(), newEnvoyInspectCommand(), newEnvoyDecideCommand(true), newEnvoyDecideCommand(false))
+	cmd.AddCommand(newEnvoyStartCommand(opts), newEnvoyStatusCommand(), newEnvoyPendingCommand(), newEnvoyInspectCommand(), newEnvoyDecideCommand(true), newEnvoyDecideCommand(false), newEnvoyPrivacyCommand())
 	return cmd
 }
 
