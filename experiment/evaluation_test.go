@@ -5,6 +5,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
 )
 
 // An evaluation, like an exec plan, is refused before any upload when the
@@ -27,4 +30,23 @@ func TestPrepareUploadWantsTheEvaluatedModel(t *testing.T) {
 		t.Fatalf("PrepareUpload with the model: %v", err)
 	}
 	u.Close()
+}
+
+func TestEvaluationOf(t *testing.T) {
+	ev := func(round int32, task, site string, samples int64, acc float64) *fxv1.MetricEvent {
+		return &fxv1.MetricEvent{Round: round, Task: task, Collaborator: site, Samples: samples, Metrics: map[string]float64{"accuracy": acc}}
+	}
+	events := []*fxv1.MetricEvent{
+		ev(1, runner.TaskAggregatedValidation, "site-b", 300, 0.7),
+		ev(1, runner.TaskAggregatedValidation, "site-a", 100, 0.9),
+		ev(1, runner.TaskAggregatedValidation, "", 400, 0.75),
+		ev(2, runner.TaskAggregatedValidation, "site-a", 100, 0.1), // not the evaluation's round
+	}
+	got := EvaluationOf(events)
+	if len(got.Sites) != 2 || got.Sites[0] != events[1] || got.Sites[1] != events[0] || got.Overall != events[2] {
+		t.Fatalf("EvaluationOf = %v, want site-a, site-b and the aggregate of round 1", got)
+	}
+	if EvaluationOf(nil).Overall != nil {
+		t.Error("an evaluation without events has an overall score")
+	}
 }

@@ -552,7 +552,17 @@ func newExperimentStatusCommand(o *researcherOptions) *cobra.Command {
 			if o.structured() {
 				return o.write(cmd.OutOrStdout(), e)
 			}
-			return printExperiment(cmd.OutOrStdout(), e)
+			if err := printExperiment(cmd.OutOrStdout(), e); err != nil {
+				return err
+			}
+			if !isEvaluation(e) || !experiment.Ended(e.GetState()) {
+				return nil
+			}
+			ev, err := c.Evaluation(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return printEvaluation(cmd.OutOrStdout(), ev)
 		},
 	}
 	return cmd
@@ -588,6 +598,48 @@ func printExperiment(w io.Writer, e *fxv1.Experiment) error {
 			last = fmt.Sprint(p.GetLastRound())
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", p.GetEnvoy(), p.GetState(), last, orDash(p.GetTask()), orDash(p.GetReason()))
+	}
+	return tw.Flush()
+}
+
+// isEvaluation reports whether e's plan only scores a given model.
+func isEvaluation(e *fxv1.Experiment) bool {
+	p, err := experiment.ParseStoredPlan([]byte(e.GetPlanYaml()))
+	return err == nil && p.Evaluation()
+}
+
+// printEvaluation lists each site's score of an evaluated model and the
+// overall one, a column per metric.
+func printEvaluation(w io.Writer, ev *experiment.Evaluation) error {
+	if ev.Overall == nil && len(ev.Sites) == 0 {
+		_, err := fmt.Fprintln(w, "\nno site reported an evaluation")
+		return err
+	}
+	names := map[string]bool{}
+	for _, s := range append([]*fxv1.MetricEvent{ev.Overall}, ev.Sites...) {
+		for k := range s.GetMetrics() {
+			names[k] = true
+		}
+	}
+	metrics := slices.Sorted(maps.Keys(names))
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "\nEVALUATION\tSAMPLES\t%s\n", strings.ToUpper(strings.Join(metrics, "\t")))
+	row := func(name string, s *fxv1.MetricEvent) {
+		cells := []string{name, fmt.Sprint(s.GetSamples())}
+		for _, m := range metrics {
+			cell := "-"
+			if v, ok := s.GetMetrics()[m]; ok {
+				cell = fmt.Sprintf("%.4g", v)
+			}
+			cells = append(cells, cell)
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
+	}
+	for _, s := range ev.Sites {
+		row(s.GetCollaborator(), s)
+	}
+	if ev.Overall != nil {
+		row("overall (weighted by samples)", ev.Overall)
 	}
 	return tw.Flush()
 }
