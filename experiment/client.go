@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"strings"
 	"time"
 
@@ -16,6 +15,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
+	"github.com/fx-fl/fx/internal/directors"
 	"github.com/fx-fl/fx/pki"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 )
@@ -58,7 +58,10 @@ var ErrUnreachable = errors.New("director unreachable")
 
 // ClientConfig says how a researcher's program reaches the director.
 type ClientConfig struct {
-	// Director is the director's address, host:port. Required.
+	// Director is the director's address, host:port. Required. With
+	// active and standby directors: every director's host:port separated
+	// by commas, or one dns:///name:port with a record per director; calls
+	// go to whichever leads (internal/directors).
 	Director string
 	// ServerName is the name the director's certificate must carry; empty
 	// means the host of Director.
@@ -138,8 +141,9 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 	if cfg.Director == "" {
 		return nil, errors.New("no director address: give it as host:port (the CLI's --director or FX_DIRECTOR)")
 	}
-	if _, _, err := net.SplitHostPort(cfg.Director); err != nil {
-		return nil, fmt.Errorf("director address %q is not host:port: %w", cfg.Director, err)
+	target, directorOpts, err := directors.Dial(cfg.Director)
+	if err != nil {
+		return nil, err
 	}
 	k, err := pki.NewKeyring(pki.KeyringConfig{Files: pki.Files{Cert: cfg.Cert, Key: cfg.Key, CA: cfg.CA}})
 	if err != nil {
@@ -161,8 +165,9 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Client, error) {
 			Backoff:           grpcbackoff.Config{BaseDelay: cfg.Retry.Initial, Multiplier: 1.6, Jitter: 0.2, MaxDelay: cfg.Retry.Max},
 			MinConnectTimeout: 20 * time.Second,
 		}),
-	}, cfg.DialOptions...)
-	conn, err := pki.NewClient(cfg.Director, k, cfg.ServerName, opts...)
+	}, directorOpts...)
+	opts = append(opts, cfg.DialOptions...)
+	conn, err := pki.NewClient(target, k, cfg.ServerName, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("director %s: %w", cfg.Director, err)
 	}
@@ -194,7 +199,9 @@ func (c *Client) probe(ctx context.Context) error {
 		case codes.Unavailable:
 			last = err
 			// Waiting would not change these: say so at once.
-			if why := hopeless(err); why != "" {
+			// With several directors one may be down while another
+			// takes over: only waiting tells.
+			if why := hopeless(err); why != "" && !directors.Several(c.cfg.Director) {
 				return fmt.Errorf("%w: cannot reach the director at %s: %s", ErrUnreachable, c.cfg.Director, why)
 			}
 			switch st := c.conn.GetState(); st {
