@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import ipaddress
+import json
 import os
 import random
 import time
@@ -32,6 +34,36 @@ _RETRYABLE = (
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
+
+
+_DIRECTOR_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": "fx.v1.Director"}}
+)
+
+
+def _director_target(director: str) -> str:
+    """The gRPC target for a director address: host:port, a dns:/// target
+    with a record per director, or, for active and standby directors,
+    their IP:port entries separated by commas (gRPC's ipv4:/ipv6: lists).
+    Host names cannot be listed here: give one DNS name instead."""
+    if director.startswith("dns:"):
+        return director
+    parts = [p.strip() for p in director.split(",")]
+    if not director or any(":" not in p for p in parts):
+        raise FXError(f"director {director!r} is not host:port (or several, separated by commas)")
+    if len(parts) == 1:
+        return parts[0]
+    hosts = [p.rsplit(":", 1)[0] for p in parts]
+    try:
+        families = {ipaddress.ip_address(h.strip("[]")).version for h in hosts}
+    except ValueError:
+        raise FXError(
+            f"director {director!r}: several directors can be listed by IP address only here; "
+            "for host names give one DNS name with a record per director (dns:///name:port)"
+        ) from None
+    if len(families) != 1:
+        raise FXError(f"director {director!r}: list IPv4 or IPv6 addresses, not both")
+    return ("ipv4:" if families == {4} else "ipv6:") + ",".join(parts)
 
 
 def _ts(t: Any) -> Optional[_dt.datetime]:
@@ -191,8 +223,7 @@ class Federation:
         timeout: float = 10,
         reconnect_timeout: float = 60,
     ):
-        if not director or ":" not in director:
-            raise FXError(f"director {director!r} is not host:port")
+        target = _director_target(director)
         self.director = director
         self.timeout = float(timeout)
         self.reconnect_timeout = float(reconnect_timeout)
@@ -206,10 +237,13 @@ class Federation:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000),
+            # With several directors (active and standby) call the one
+            # whose health service says it serves: the leader.
+            ("grpc.service_config", _DIRECTOR_SERVICE_CONFIG),
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        self._channel = grpc.secure_channel(director, creds, options=options)
+        self._channel = grpc.secure_channel(target, creds, options=options)
         self._stub = pb_grpc.DirectorStub(self._channel)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
