@@ -292,8 +292,8 @@ func TestLargeModel(t *testing.T) {
 	t.Logf("model of %.1f MiB, largest tensor %.1f MiB", float64(len(b))/(1<<20), float64(len(m.Get("fc0.weight").Data))/(1<<20))
 }
 
-// TestAggregationAlgorithms: every aggregation algorithm a plan may name
-// trains the MLP on three sites to a useful model. The eight experiments are
+// TestAggregationAlgorithms: every aggregation algorithm a plan may name,
+// and FedProx, trains the MLP on three sites to a useful model. The nine experiments are
 // submitted at once: four run side by side (the director's limit) and the
 // others wait their turn. Three sites are as many as Krum needs tolerating
 // no Byzantine site (2f+3); its selection is tested with Byzantine updates in
@@ -317,6 +317,8 @@ func TestAggregationAlgorithms(t *testing.T) {
 		"fedadam":      "{algorithm: fedadam, lr: 0.1}",
 		"fedyogi":      "{algorithm: fedyogi, lr: 0.1}",
 		"fedadagrad":   "{algorithm: fedadagrad, lr: 0.5}",
+		// FedProx: FedAvg with the proximal term in the sites' training.
+		"fedprox": "{algorithm: fedavg}\ntraining: {proximal_mu: 0.1}",
 	}
 	for alg, spec := range algorithms {
 		plan := syntheticPlan("agg-"+strings.ReplaceAll(alg, "_", "-"), 3, "", "")
