@@ -481,6 +481,16 @@ class RunnerLogLine:
         return f"{self.time:%H:%M:%S}  {self.envoy}  {where}  {self.stream}: {self.text}"
 
 
+@dataclass
+class Evaluation:
+    """What an evaluation (a plan whose tasks are only aggregated_model_validation) found: each
+    site's score of the given model, by envoy, and the overall score, the sites' mean weighted by
+    their validation samples (None if no site reported)."""
+
+    sites: Dict[str, MetricEvent]
+    overall: Optional[MetricEvent]
+
+
 class Experiment:
     """An experiment at the director. ``last`` is the status last fetched."""
 
@@ -528,6 +538,25 @@ class Experiment:
         if not follow and not self.status().ended:
             idle = 2.0
         yield from self._watch(after, idle)
+
+    def evaluation(self) -> Evaluation:
+        """The results of an evaluation that has ended (see docs/experiments.md, "Evaluating a
+        trained model"); the same events ``metrics()`` yields, picked out."""
+        if not self.status().ended:
+            raise FXError(f"experiment {self.name} is {self.last.state}: its evaluation is known once it has ended")
+        sites: Dict[str, MetricEvent] = {}
+        overall = None
+        for ev in self.metrics(follow=False):
+            if ev.round != 1 or ev.task != "aggregated_model_validation":
+                raise FXError(
+                    f"experiment {self.name} is not an evaluation (it reported {ev.task} in round {ev.round}): "
+                    "metrics_frame() holds its validations"
+                )
+            if ev.aggregate:
+                overall = ev
+            else:
+                sites[ev.collaborator] = ev
+        return Evaluation(dict(sorted(sites.items())), overall)
 
     def _watch(self, after: int, idle: Optional[float]) -> Iterator[MetricEvent]:
         """WatchMetrics from after, reopened after failures. With idle, a call

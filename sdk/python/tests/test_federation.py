@@ -408,3 +408,24 @@ stragglers: {{deadline: 2m, min_reporting: 2}}
     assert "site data: 300 training samples of (8,), 3 classes" in texts
     assert any(l.task == "train" and l.round == 1 and l.text == "round 1: trained" for l in lines), texts
     assert [l.text for l in exp.logs(envoy="site-2")] == []
+
+
+def test_evaluation_of_the_last_model(fed, finished, make_experiment):
+    exp, events, _, _ = finished
+    with pytest.raises(fx.FXError, match="not an evaluation"):
+        exp.evaluation()
+    plan = SYNTH_PLAN.format(name="synth-eval", rounds=1, epochs=1) + "tasks: [aggregated_model_validation]\n"
+    d = make_experiment("synth-eval", plan=plan)
+    exp.save_model("last", d / "model.safetensors")
+    ev = fed.submit(d)
+    ev.wait(timeout=120)
+    result = ev.evaluation()
+    assert sorted(result.sites) == ["site-1", "site-2"]
+    total = sum(s.samples for s in result.sites.values())
+    mean = sum(s.samples * s.metrics["accuracy"] for s in result.sites.values()) / total
+    assert result.overall.samples == total
+    assert result.overall.metrics["accuracy"] == pytest.approx(mean, abs=1e-12)
+    # The same sites scored the same model in the training's final validation.
+    final = [e for e in events if e.round == 4 and e.task == "aggregated_model_validation" and not e.aggregate]
+    assert {e.collaborator: e.metrics["accuracy"] for e in final} == pytest.approx(
+        {n: s.metrics["accuracy"] for n, s in result.sites.items()}, abs=1e-12)
