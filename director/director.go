@@ -102,10 +102,6 @@ func New(cfg Config) (*Director, error) {
 			return nil, fmt.Errorf("director: data_dir: %w", err)
 		}
 	}
-	// Uploads interrupted by a crash are never resumed; their bytes are junk.
-	if err := clearDir(filepath.Join(cfg.DataDir, "tmp")); err != nil {
-		return nil, fmt.Errorf("director: data_dir: %w", err)
-	}
 	st := cfg.Store
 	if st == nil {
 		opened, err := openStore(cfg)
@@ -115,6 +111,17 @@ func New(cfg Config) (*Director, error) {
 		st = opened
 	}
 	elector, _ := backing(st).(store.Elector)
+	// Uploads interrupted by a crash are never resumed; their bytes are
+	// junk. A standby leaves them to the leader, which may be receiving
+	// them: it clears them when it takes the lead (campaign).
+	if elector == nil {
+		if err := clearDir(filepath.Join(cfg.DataDir, "tmp")); err != nil {
+			if cfg.Store == nil {
+				_ = st.Close()
+			}
+			return nil, fmt.Errorf("director: data_dir: %w", err)
+		}
+	}
 	metrics := cfg.Metrics
 	if metrics == nil && (cfg.MetricsListen != "" || cfg.MetricsListener != nil) {
 		metrics = telemetry.New(cfg.Version, telemetry.RoleDirector)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -167,6 +168,9 @@ func (d *Director) campaign(ctx context.Context, el store.Elector, hs *health.Se
 		if !backoff.Sleep(ctx, wait) {
 			return nil, nil
 		}
+	}
+	if err := clearDir(filepath.Join(d.cfg.DataDir, "tmp")); err != nil {
+		return nil, fmt.Errorf("director: data_dir: %w", err)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
