@@ -44,10 +44,13 @@ const DefaultRejoinGrace = 2 * time.Minute
 // this, else each in a file (an unlinked temporary, read back once from
 // the page cache), so memory stays near one model plus this however many
 // collaborators upload a large model at once. It is small because the
-// aggregator's goal is two models and 128 MiB: the global model, the sum,
-// and the process's own needs. Folding a kept upload is about three times
-// as fast as a spilled one (BenchmarkFold), whose bytes go to disk.
-const MemoryStageBudget = 64 << 20
+// director's goal is two models and 128 MiB: the global model, the sum,
+// and the process's own needs (membudget.Base and the runtime's, about 80
+// MiB measured), which leaves this much for stages: at 64 MiB, a 64 MiB
+// model's director peaked at 2 × P + 146 MiB. Folding a kept upload is
+// about three times as fast as a spilled one (BenchmarkFold), whose bytes
+// go to the page cache.
+const MemoryStageBudget = 32 << 20
 
 // Config is what an aggregator needs to run one experiment.
 type Config struct {

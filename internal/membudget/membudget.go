@@ -27,8 +27,11 @@ import (
 )
 
 // Base is the least the process is given besides its reservations: gRPC's
-// buffers and frames in flight, the logs, the director's registry.
-const Base = 128 << 20
+// buffers and frames in flight, the logs, the garbage between two
+// collections. 64 MiB keeps a process within two models and 128 MiB of
+// resident memory, the runtime and the binary's pages included (fxbench
+// large: 2 × P + 50–80 MiB at 512 MiB; with 128 MiB here, 2 × P + 140–170).
+const Base = 64 << 20
 
 var (
 	mu       sync.Mutex
