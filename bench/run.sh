@@ -10,7 +10,7 @@
 #                      default "1000 10000 10000:0"
 #   BENCH_WINDOW       capacity measurement window (default 60s)
 #   BENCH_MAX_CONNECTING  first calls in flight for N > 1000 (default 128; 0: no limit)
-#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large telemetry fashion
+#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large telemetry failover fashion
 #   BENCH_LARGE_SIZES  model sizes of fxbench large in MiB (default "64,512,1024")
 #   FX_BENCH_ARCHIVE_MIB  archive size of the director's submission benchmark (default 1 GiB)
 set -u
@@ -97,6 +97,16 @@ if [[ $SKIP != *" telemetry "* ]]; then
 	$GO build -o "$OUT/fx" ./cmd/fx || exit 1
 	if ! "$OUT/fxbench" telemetry -fx "$OUT/fx" -pki "$OUT/pki" -out "$OUT/telemetry.json" 2>&1 | tee "$OUT/telemetry.txt"; then
 		echo "!! telemetry failed (see $OUT/telemetry.txt)"
+		status=1
+	fi
+fi
+
+if [[ $SKIP != *" failover "* ]]; then
+	# Needs PostgreSQL's server binaries (apt-get install postgresql).
+	echo "== fxbench failover"
+	$GO build -o "$OUT/fx" ./cmd/fx || exit 1
+	if ! "$OUT/fxbench" failover -fx "$OUT/fx" -pki "$OUT/pki" -out "$OUT/failover.json" 2>&1 | tee "$OUT/failover.txt"; then
+		echo "!! failover failed (see $OUT/failover.txt)"
 		status=1
 	fi
 fi

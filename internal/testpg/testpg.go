@@ -3,7 +3,8 @@
 // temporary directory, and a server that listens only on a unix socket in
 // that directory, so nothing outside this machine's owner of the directory
 // (and root) can reach it, and no TCP port has to be found free. The server
-// is stopped and its directory removed when the test ends.
+// is stopped and its directory removed when the test ends. Programs that
+// are not tests (fxbench failover) use Launch and Stop instead.
 //
 // Without the binaries a test skips, unless FX_REQUIRE_POSTGRES=1 (CI sets
 // it): then it fails, so that the PostgreSQL tests cannot silently stop
@@ -20,6 +21,7 @@ package testpg
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -47,10 +49,18 @@ const port = 5432
 // shared machine under the race detector.
 const startTimeout = time.Minute
 
-// Server is a running PostgreSQL server owned by one test.
+// ErrNotInstalled is matched by Launch's error when PostgreSQL's binaries
+// are missing: a test skips on it rather than fails (unless RequireEnv).
+var ErrNotInstalled = errors.New("PostgreSQL is not installed")
+
+// Server is a running PostgreSQL server, owned by one test or program.
 type Server struct {
 	dir  string // the cluster's directory and the socket's
 	user string // the superuser, trusted on the socket
+
+	srv    *exec.Cmd
+	exited chan error // the server's exit, once
+	log    *logBuffer
 
 	mu  sync.Mutex
 	dbs int
@@ -60,28 +70,52 @@ type Server struct {
 // and FX_REQUIRE_POSTGRES is not 1. The server stops when t ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	s, err := Launch()
+	switch {
+	case errors.Is(err, ErrNotInstalled) && os.Getenv(RequireEnv) != "1":
+		t.Skipf("%v; skipping the PostgreSQL test (set %s=1 to make this a failure)", err, RequireEnv)
+	case errors.Is(err, ErrNotInstalled):
+		t.Fatalf("%v, and %s=1 requires PostgreSQL", err, RequireEnv)
+	case err != nil:
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := s.Stop(); err != nil {
+			t.Error(err)
+		}
+		if t.Failed() {
+			t.Logf("postgres log:\n%s", s.Log())
+		}
+	})
+	return s
+}
+
+// Launch starts a server in a new temporary directory, for a program that
+// is not a test (fxbench failover); Stop it when done. Tests use Start.
+func Launch() (_ *Server, err error) {
 	bin, err := binDir()
 	if err != nil {
-		if os.Getenv(RequireEnv) == "1" {
-			t.Fatalf("%v, and %s=1 requires PostgreSQL", err, RequireEnv)
-		}
-		t.Skipf("%v; skipping the PostgreSQL test (set %s=1 to make this a failure)", err, RequireEnv)
+		return nil, err
 	}
 	cred, owner, err := credential()
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	dir, err := os.MkdirTemp("", "fx-testpg-")
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(dir)
+		}
+	}()
 	if cred != nil {
 		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 	}
-	s := &Server{dir: dir, user: owner}
+	s := &Server{dir: dir, user: owner, exited: make(chan error, 1), log: &logBuffer{}}
 	data := filepath.Join(dir, "data")
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
@@ -89,24 +123,23 @@ func Start(t testing.TB) *Server {
 		"--pgdata", data, "--username", owner, "--auth", "trust",
 		"--encoding", "UTF8", "--locale", "C", "--no-sync", "--no-instructions")
 	if out, err := initdb.CombinedOutput(); err != nil {
-		t.Fatalf("initdb: %v\n%s", err, out)
+		return nil, fmt.Errorf("initdb: %v\n%s", err, out)
 	}
-	// Durability is not what these tests check: fsync off makes them fast.
-	srv := command(context.Background(), cred, filepath.Join(bin, "postgres"),
+	// Durability is not what these servers are for: fsync off makes them
+	// fast.
+	s.srv = command(context.Background(), cred, filepath.Join(bin, "postgres"),
 		"-D", data, "-k", dir, "-p", strconv.Itoa(port), "-c", "listen_addresses=",
 		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
-	log := &logBuffer{}
-	srv.Stdout, srv.Stderr = log, log
-	if err := srv.Start(); err != nil {
-		t.Fatalf("start postgres: %v", err)
+	s.srv.Stdout, s.srv.Stderr = s.log, s.log
+	if err := s.srv.Start(); err != nil {
+		return nil, fmt.Errorf("start postgres: %w", err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- srv.Wait() }()
-	t.Cleanup(func() { stop(t, srv, exited, log) })
-	if err := s.waitReady(ctx, exited); err != nil {
-		t.Fatalf("postgres did not start: %v\n%s", err, log)
+	go func() { s.exited <- s.srv.Wait() }()
+	if err := s.waitReady(ctx); err != nil {
+		_ = s.Stop()
+		return nil, fmt.Errorf("postgres did not start: %v\n%s", err, s.log)
 	}
-	return s
+	return s, nil
 }
 
 // binDir finds the directory of Debian's PostgreSQL binaries, the newest
@@ -119,7 +152,7 @@ func binDir() (string, error) {
 			return d, nil
 		}
 	}
-	return "", fmt.Errorf("no PostgreSQL binaries (initdb, postgres) under /usr/lib/postgresql/*/bin: apt-get install postgresql")
+	return "", fmt.Errorf("%w: no binaries (initdb, postgres) under /usr/lib/postgresql/*/bin: apt-get install postgresql", ErrNotInstalled)
 }
 
 func version(binDir string) int {
@@ -161,14 +194,15 @@ func command(ctx context.Context, cred *syscall.Credential, name string, args ..
 }
 
 // waitReady waits until the server accepts a connection, or has exited.
-func (s *Server) waitReady(ctx context.Context, exited <-chan error) error {
+func (s *Server) waitReady(ctx context.Context) error {
 	for {
 		conn, err := pgx.Connect(ctx, s.DSN("postgres"))
 		if err == nil {
 			return conn.Close(ctx)
 		}
 		select {
-		case err := <-exited:
+		case err := <-s.exited:
+			s.exited <- err // for Stop
 			return fmt.Errorf("the server exited: %v", err)
 		case <-ctx.Done():
 			return fmt.Errorf("not accepting connections after %s: %v", startTimeout, err)
@@ -177,21 +211,24 @@ func (s *Server) waitReady(ctx context.Context, exited <-chan error) error {
 	}
 }
 
-// stop asks for a fast shutdown (SIGINT: connections are ended, the
-// cluster is left consistent), and kills the server if that takes too long.
-func stop(t testing.TB, srv *exec.Cmd, exited <-chan error, log *logBuffer) {
-	_ = srv.Process.Signal(syscall.SIGINT)
+// Stop asks for a fast shutdown (SIGINT: connections are ended, the
+// cluster is left consistent), kills the server if that takes too long,
+// and removes its directory. Call it once.
+func (s *Server) Stop() error {
+	var err error
+	_ = s.srv.Process.Signal(syscall.SIGINT)
 	select {
-	case <-exited:
+	case <-s.exited:
 	case <-time.After(30 * time.Second):
-		_ = srv.Process.Kill()
-		<-exited
-		t.Errorf("postgres did not stop within 30s of SIGINT; killed it")
+		_ = s.srv.Process.Kill()
+		<-s.exited
+		err = errors.New("postgres did not stop within 30s of SIGINT; killed it")
 	}
-	if t.Failed() {
-		t.Logf("postgres log:\n%s", log)
-	}
+	return errors.Join(err, os.RemoveAll(s.dir))
 }
+
+// Log is what the server has written to its stdout and stderr.
+func (s *Server) Log() string { return s.log.String() }
 
 // DSN is the connection string of database db as the superuser.
 func (s *Server) DSN(db string) string {
@@ -203,6 +240,15 @@ func (s *Server) DSN(db string) string {
 // server do not see each other's data.
 func (s *Server) NewDatabase(t testing.TB) string {
 	t.Helper()
+	dsn, err := s.CreateDatabase()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dsn
+}
+
+// CreateDatabase is NewDatabase for a program that is not a test.
+func (s *Server) CreateDatabase() (string, error) {
 	s.mu.Lock()
 	s.dbs++
 	name := fmt.Sprintf("fx_test_%d", s.dbs)
@@ -211,13 +257,13 @@ func (s *Server) NewDatabase(t testing.TB) string {
 	defer cancel()
 	conn, err := pgx.Connect(ctx, s.DSN("postgres"))
 	if err != nil {
-		t.Fatal(err)
+		return "", err
 	}
 	defer conn.Close(ctx)
 	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		t.Fatalf("create database %s: %v", name, err)
+		return "", fmt.Errorf("create database %s: %w", name, err)
 	}
-	return s.DSN(name)
+	return s.DSN(name), nil
 }
 
 // logBuffer collects the server's stdout and stderr, for a test that

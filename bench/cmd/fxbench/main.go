@@ -7,6 +7,7 @@
 //	fxbench fashion              federated Fashion-MNIST to 0.85 vs centralised training
 //	fxbench pytorch              a PyTorch MLP through fx's runner vs directly vs the built-in MLP
 //	fxbench large                models of 64 MiB to 1 GiB through director and envoy processes vs raw gRPC
+//	fxbench failover             time for a standby director to take over from a killed leader
 //	fxbench report               collect bench/out into bench/RESULTS.md
 //
 // See bench/README.md.
@@ -37,6 +38,8 @@ func main() {
 		err = largeMain(args)
 	case "telemetry":
 		err = telemetryMain(args)
+	case "failover":
+		err = failoverMain(args)
 	case "rawmove": // the child processes of large's baseline
 		err = rawmoveMain(args)
 	case "report":
@@ -80,6 +83,12 @@ commands:
              (default 10) as separate fx processes run the built-in MLP on
              Fashion-MNIST, in trials alternating metrics listeners off and
              on (every party's /metrics read every -scrape); the ratio
+  failover   two directors as separate fx processes on one PostgreSQL
+             database (started for the run) and data_dir, N envoys (default
+             3) given both addresses; the leader is killed (SIGKILL) mid-round,
+             in -trials fresh federations: the time until the standby serves
+             and until the next round completes, against the goals < 15 s
+             and < 15 s + one round
   report     write bench/RESULTS.md from the outputs in bench/out
 
 Run "fxbench <command> -h" for a command's flags.
