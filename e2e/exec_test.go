@@ -65,11 +65,12 @@ func TestExecFailures(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, "run.sh"), []byte(crash), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		// Refused at once: it could never start, and sites would download
-		// and review it for nothing.
+		// Refused at once, by the CLI before it uploads anything (the
+		// director refuses such an archive too): it could never
+		// start, and sites would download and review it for nothing.
 		r := f.exp("alice", "submit", dir)
-		if r.err == nil || !strings.Contains(r.stderr, "InvalidArgument") || !strings.Contains(r.stderr, "model.safetensors") {
-			t.Errorf("submitting an exec experiment without model.safetensors: %v %q, want InvalidArgument naming model.safetensors", r.err, r.stderr)
+		if r.err == nil || !strings.Contains(r.stderr, "model.safetensors") || !strings.Contains(r.stderr, "needs the initial model") {
+			t.Errorf("submitting an exec experiment without model.safetensors: %v %q, want a refusal naming model.safetensors", r.err, r.stderr)
 		} else {
 			t.Logf("refused: %s", strings.TrimSpace(r.stderr))
 		}

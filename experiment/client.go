@@ -204,6 +204,11 @@ func (c *Client) probe(ctx context.Context) error {
 			if why := hopeless(err); why != "" && !directors.Several(c.cfg.Director) {
 				return fmt.Errorf("%w: cannot reach the director at %s: %s", ErrUnreachable, c.cfg.Director, why)
 			}
+			// Every director of a federation refuses the same
+			// certificate: waiting for another would not help.
+			if refused := healthRefusal(err); refused != nil {
+				return c.wrap(fmt.Sprintf("connecting to the director at %s", c.cfg.Director), refused)
+			}
 			switch st := c.conn.GetState(); st {
 			case connectivity.Ready:
 				// The director itself answered Unavailable (it is
@@ -245,6 +250,24 @@ func hopeless(err error) string {
 		return "its certificate does not carry the name this client checks (" + msg + "): give the name it carries as the server name (--server-name, FX_SERVER_NAME), or ask the CA for a certificate with this one"
 	}
 	return ""
+}
+
+// healthRefusal digs out the director's refusal of this client's
+// certificate (Unauthenticated or PermissionDenied) from the UNAVAILABLE
+// that client-side health checking reports for it, with several
+// directors, or nil.
+func healthRefusal(err error) error {
+	msg := statusMessage(err)
+	if !strings.Contains(msg, "health check RPC error") {
+		return nil
+	}
+	for _, code := range []codes.Code{codes.Unauthenticated, codes.PermissionDenied} {
+		marker := "code = " + code.String() + " desc = "
+		if i := strings.Index(msg, marker); i >= 0 {
+			return status.Error(code, msg[i+len(marker):])
+		}
+	}
+	return nil
 }
 
 // Close releases the connection.
