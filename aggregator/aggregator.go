@@ -504,7 +504,8 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	r.closed = true // uploads from now on are late
 	r.dropPartials()
 	a.mu.Unlock()
-	r.committing.Wait()
+	closing := time.Now()
+	r.committing.Wait() // the last results' folds
 
 	a.mu.Lock()
 	if err := r.commitErr; err != nil {
@@ -541,6 +542,7 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	}
 
 	model := a.model
+	var foldTook time.Duration
 	if training {
 		start := time.Now()
 		_, fold := tracing.Start(r.ctx, "fold", attribute.Int("results", len(trainers)))
@@ -549,6 +551,7 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 		if err != nil {
 			return fmt.Errorf("round %d: aggregation failed: %w", r.number, err)
 		}
+		foldTook = time.Since(closing)
 		a.cfg.Metrics.Phase(telemetry.PhaseFold, time.Since(start))
 		model = next
 	}
@@ -570,10 +573,14 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	if err != nil {
 		return err
 	}
-	a.cfg.Metrics.Phase(telemetry.PhaseCheckpoint, time.Since(start))
+	checkpointTook := time.Since(start)
+	a.cfg.Metrics.Phase(telemetry.PhaseCheckpoint, checkpointTook)
 	a.cfg.Metrics.RoundCompleted(time.Since(r.opened))
 	r.span.End()
-	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates)
+	// Where the end of the round went: the last results' fold and the
+	// round's files (the operator's first question when rounds are slow).
+	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates,
+		"took", time.Since(r.opened).Round(time.Millisecond), "fold", foldTook.Round(time.Millisecond), "checkpoint", checkpointTook.Round(time.Millisecond))
 	a.cfg.Sink.RoundCompleted(summary, best)
 	if r.number < a.lastRound() {
 		if err := a.checkRoom(ctx, r.number+1); err != nil {

@@ -485,6 +485,7 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 		if c.model != nil && c.modelRound == round {
 			c.cfg.Metrics.Phase(telemetry.PhaseDownload, time.Since(start))
 			c.cfg.Metrics.Transferred(telemetry.Received, time.Since(start))
+			c.log.Info("model received", "round", round, "bytes", c.model.Bytes(), "took", time.Since(start).Round(time.Millisecond))
 		}
 	}()
 	return c.retry(ctx, fmt.Sprintf("download the round %d model", round), func(ctx context.Context) error {
@@ -610,6 +611,7 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 			if err == nil && !late {
 				c.cfg.Metrics.Phase(telemetry.PhaseUpload, time.Since(start))
 				c.cfg.Metrics.Transferred(telemetry.Sent, time.Since(start))
+				c.log.Info("trained model uploaded", "round", round, "bytes", res.Model.Bytes(), "took", time.Since(start).Round(time.Millisecond))
 			}
 		}()
 	}
