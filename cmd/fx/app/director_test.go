@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"bytes"
@@ -64,7 +64,7 @@ func inDir(t *testing.T, dir string) {
 func TestDirectorStartBadSettings(t *testing.T) {
 	dir := t.TempDir()
 	directorPKI(t, dir)
-	example, err := os.ReadFile(filepath.Join("..", "..", "configs", "director.yaml"))
+	example, err := os.ReadFile(filepath.Join("..", "..", "..", "configs", "director.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +121,7 @@ func TestDirectorStartBadSettings(t *testing.T) {
 func TestDirectorStartAndReview(t *testing.T) {
 	dir := t.TempDir()
 	directorPKI(t, dir)
-	cfgPath, err := filepath.Abs(filepath.Join("..", "..", "configs", "director.yaml"))
+	cfgPath, err := filepath.Abs(filepath.Join("..", "..", "..", "configs", "director.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}

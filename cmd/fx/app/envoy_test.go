@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"bytes"
@@ -88,7 +88,7 @@ func TestEnvoyStartRefusesBadSettings(t *testing.T) {
 }
 
 func TestExampleEnvoyConfigLoads(t *testing.T) {
-	cfg, err := loadEnvoyConfig(filepath.Join("..", "..", "configs", "envoy.yaml"), nil)
+	cfg, err := loadEnvoyConfig(filepath.Join("..", "..", "..", "configs", "envoy.yaml"), nil)
 	if err != nil {
 		t.Fatalf("configs/envoy.yaml: %v", err)
 	}

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"bytes"
@@ -289,7 +289,7 @@ func checkTensorBoard(t *testing.T, dir string, want []exportedRow) {
 		t.Logf("no %s with google.protobuf: the event files were read by fx's reader only", python)
 		return
 	}
-	cmd := exec.Command(python, filepath.Join("..", "..", "experiment", "tfevents", "testdata", "read_events.py"), dir)
+	cmd := exec.Command(python, filepath.Join("..", "..", "..", "experiment", "tfevents", "testdata", "read_events.py"), dir)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

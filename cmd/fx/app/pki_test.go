@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"bytes"
@@ -210,11 +210,11 @@ func TestPKIBootstrapScript(t *testing.T) {
 		// building the binary the same way reuses them.
 		args = append(args, "-race")
 	}
-	build := exec.Command(goTool, append(args, ".")...)
+	build := exec.Command(goTool, append(args, "..")...) // cmd/fx, the binary
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	script, err := filepath.Abs(filepath.Join("..", "..", "scripts", "pki-bootstrap.sh"))
+	script, err := filepath.Abs(filepath.Join("..", "..", "..", "scripts", "pki-bootstrap.sh"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -302,7 +302,7 @@ func TestPKIBootstrapScript(t *testing.T) {
 		if got := strings.Join(hostsOf(k.Certificate()), ","); got != want || k.Identity().Name != "director.example.org" {
 			t.Errorf("director %s with hosts %s, want director.example.org with %s", k.Identity().Name, got, want)
 		}
-		s, err := loadDirectorSettings(filepath.Join("..", "..", "configs", "director.yaml"), nil)
+		s, err := loadDirectorSettings(filepath.Join("..", "..", "..", "configs", "director.yaml"), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
