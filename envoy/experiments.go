@@ -452,7 +452,7 @@ func (e *Envoy) unpackedPlan(id string) (*experiment.Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	return experiment.ParsePlan(data)
+	return experiment.ParsePlanAnyAlgorithm(data)
 }
 
 // publicReason is what the site says off-site about a failure: fx's own

@@ -112,7 +112,7 @@ func (e *Envoy) review(ctx context.Context, x *exp, done chan struct{}) (decisio
 	e.mu.Lock()
 	rec := x.rec
 	e.mu.Unlock()
-	offered, err := experiment.ParsePlan([]byte(rec.PlanYAML))
+	offered, err := experiment.ParsePlanAnyAlgorithm([]byte(rec.PlanYAML))
 	if err != nil {
 		return decision{reason: fmt.Sprintf("the offered plan is invalid: %v", err)}, nil
 	}
@@ -378,7 +378,7 @@ func (e *Envoy) unpack(rec record) (*experiment.Plan, error) {
 		os.RemoveAll(dest)
 		return nil, fmt.Errorf("%w: the archive's plan.yaml differs from the plan in the offer", experiment.ErrInvalidArchive)
 	}
-	plan, err := experiment.ParsePlan(m.Plan)
+	plan, err := experiment.ParsePlanAnyAlgorithm(m.Plan)
 	if err != nil {
 		return nil, fmt.Errorf("the archive's plan.yaml: %w", err)
 	}

@@ -103,9 +103,11 @@ func packUpload(dir string) (u *Upload, err error) {
 }
 
 // checkPlan parses the plan as the director will, so an invalid plan, or
-// one missing the initial model it needs, is reported before connecting.
+// one missing the initial model it needs, is reported before connecting;
+// all but an aggregation.algorithm this binary does not know, which the
+// director's fx may have registered.
 func (u *Upload) checkPlan(where string, hasModel bool) error {
-	p, err := ParsePlan(u.Plan)
+	p, err := ParsePlanAnyAlgorithm(u.Plan) // the director checks the algorithm
 	if err != nil {
 		return fmt.Errorf("%s: %w", where, err)
 	}

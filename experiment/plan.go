@@ -6,11 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"reflect"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -60,6 +62,67 @@ const (
 	AlgFedYogi     = "fedyogi"
 	AlgFedAdagrad  = "fedadagrad"
 )
+
+// builtinAlgorithms are the aggregation algorithms fx ships, in the order
+// error messages list them.
+var builtinAlgorithms = []string{AlgFedAvg, AlgMedian, AlgTrimmedMean, AlgKrum, AlgMultiKrum, AlgFedAdam, AlgFedYogi, AlgFedAdagrad}
+
+// algorithmName is what a registered algorithm may be called: a plan key's
+// value, easy to type, and never a path.
+var algorithmName = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,63}$`)
+
+// registered holds the algorithms registered in this process (see
+// RegisterAlgorithm), by name, with their options' check.
+var registered = struct {
+	sync.RWMutex
+	m map[string]func(options map[string]any) error
+}{m: map[string]func(map[string]any) error{}}
+
+// RegisterAlgorithm makes name a valid aggregation.algorithm in this
+// process, besides the built-in ones; checkOptions, if not nil, checks the
+// plan's aggregation.options for it, so that the director refuses a bad
+// option at submission rather than the aggregator at the first round.
+// aggregator.RegisterStrategy calls it: register strategies there, not
+// here. It panics, like database/sql.Register, on a name that is built in,
+// already registered or not lowercase letters, digits, '_' and '-' (at most
+// 64, starting with a letter): those are mistakes in the program, not in a
+// plan.
+func RegisterAlgorithm(name string, checkOptions func(options map[string]any) error) {
+	if !algorithmName.MatchString(name) {
+		panic(fmt.Sprintf("experiment.RegisterAlgorithm: %q is not a valid algorithm name (lowercase letters, digits, '_' and '-', starting with a letter, at most 64)", name))
+	}
+	if slices.Contains(builtinAlgorithms, name) {
+		panic(fmt.Sprintf("experiment.RegisterAlgorithm: %s is a built-in algorithm: choose another name", name))
+	}
+	registered.Lock()
+	defer registered.Unlock()
+	if _, dup := registered.m[name]; dup {
+		panic(fmt.Sprintf("experiment.RegisterAlgorithm: %s is already registered", name))
+	}
+	if checkOptions == nil {
+		checkOptions = func(map[string]any) error { return nil }
+	}
+	registered.m[name] = checkOptions
+}
+
+// Algorithms lists the aggregation algorithms a plan may name in this
+// process: the built-in ones, then the registered ones in name order.
+func Algorithms() []string {
+	registered.RLock()
+	defer registered.RUnlock()
+	return append(slices.Clone(builtinAlgorithms), slices.Sorted(maps.Keys(registered.m))...)
+}
+
+// BuiltinAlgorithm reports whether algorithm is one of the aggregation
+// algorithms fx ships (as opposed to one registered by the program).
+func BuiltinAlgorithm(algorithm string) bool { return slices.Contains(builtinAlgorithms, algorithm) }
+
+func registeredCheck(name string) (func(map[string]any) error, bool) {
+	registered.RLock()
+	defer registered.RUnlock()
+	check, ok := registered.m[name]
+	return check, ok
+}
 
 // How train updates are weighed (aggregation.weights).
 const (
@@ -312,8 +375,14 @@ type RunnerSpec struct {
 // zero means that algorithm's own default, and other algorithms ignore them.
 type Aggregation struct {
 	// Algorithm is one of fedavg, median, trimmed_mean, krum, multi_krum,
-	// fedadam, fedyogi, fedadagrad (algorithm).
+	// fedadam, fedyogi, fedadagrad, or a strategy the fx binary registered
+	// (see RegisterAlgorithm and aggregator.RegisterStrategy) (algorithm).
 	Algorithm string `yaml:"algorithm" json:"algorithm"`
+	// Options configure a registered strategy, handed to it as they are
+	// (options): JSON values, which the strategy checks. The built-in
+	// algorithms take the keys below instead, so options is refused with
+	// them.
+	Options map[string]any `yaml:"options,omitempty" json:"options,omitempty"`
 	// Weights says how fedavg and the server optimisers weigh each train
 	// update: samples, registered or equal (weights). Reported sample counts
 	// are bounded by the envoy's registered ones under every policy; median,
@@ -468,15 +537,26 @@ func (e *ValidationError) Unwrap() error { return ErrInvalidPlan }
 // not one YAML mapping is refused; then every rule of Plan.Validate is
 // checked. Problems come back together in a *ValidationError where possible,
 // and every error matches ErrInvalidPlan.
-func ParsePlan(data []byte) (*Plan, error) { return parsePlan(data, true) }
+func ParsePlan(data []byte) (*Plan, error) { return parsePlan(data, true, false) }
+
+// ParsePlanAnyAlgorithm is ParsePlan for a party that does not aggregate
+// (an envoy, the researcher's client): an aggregation.algorithm that is
+// neither built in nor registered in this process passes if it is a
+// well-formed name, since the director that aggregates may run an fx
+// built with strategies this binary lacks. The director's ParsePlan at
+// submission refuses a name it does not know.
+func ParsePlanAnyAlgorithm(data []byte) (*Plan, error) { return parsePlan(data, true, true) }
 
 // ParseStoredPlan reads a plan the director accepted before: like
 // ParsePlan, except that limits added since (rounds ≤ MaxRounds) are not
 // applied, so that an experiment recorded before them still loads. Such
 // an experiment cannot start again: the aggregator validates its plan.
-func ParseStoredPlan(data []byte) (*Plan, error) { return parsePlan(data, false) }
+// Nor is its algorithm checked against those registered (see
+// ParsePlanAnyAlgorithm): a director built without the strategy an
+// experiment used still lists it, and fails it if it runs again.
+func ParseStoredPlan(data []byte) (*Plan, error) { return parsePlan(data, false, true) }
 
-func parsePlan(data []byte, limits bool) (*Plan, error) {
+func parsePlan(data []byte, limits, anyAlgorithm bool) (*Plan, error) {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil {
@@ -522,7 +602,7 @@ func parsePlan(data []byte, limits bool) (*Plan, error) {
 		return nil, &ValidationError{Problems: schema}
 	}
 	p.normalize()
-	if err := p.validate(limits); err != nil {
+	if err := p.validate(limits, anyAlgorithm); err != nil {
 		return nil, err
 	}
 	return &p, nil
@@ -565,15 +645,18 @@ func (p *Plan) normalize() {
 	if len(p.Runner.Hyperparameters) == 0 {
 		p.Runner.Hyperparameters = nil
 	}
+	if len(p.Aggregation.Options) == 0 {
+		p.Aggregation.Options = nil
+	}
 }
 
 // Validate checks every rule of the plan and reports all the problems it
 // finds in one *ValidationError, each naming its key path. It checks the plan
 // as it is: defaults are not filled in here (ParsePlan starts from
 // DefaultPlan), so a zero deadline, say, is reported rather than replaced.
-func (p *Plan) Validate() error { return p.validate(true) }
+func (p *Plan) Validate() error { return p.validate(true, false) }
 
-func (p *Plan) validate(limits bool) error {
+func (p *Plan) validate(limits, anyAlgorithm bool) error {
 	var v problems
 
 	if p.Name == "" {
@@ -600,7 +683,7 @@ func (p *Plan) validate(limits bool) error {
 
 	p.validateParticipants(&v)
 	p.validateRunner(&v)
-	p.validateAggregation(&v)
+	p.validateAggregation(&v, anyAlgorithm)
 	p.validateTraining(&v)
 	p.validateStragglers(&v)
 	p.validateTasks(&v)
@@ -769,14 +852,35 @@ func validateJSONValue(v *problems, key string, x any) {
 	}
 }
 
-func (p *Plan) validateAggregation(v *problems) {
+func (p *Plan) validateAggregation(v *problems, anyAlgorithm bool) {
 	a := &p.Aggregation
-	switch a.Algorithm {
-	case AlgFedAvg, AlgMedian, AlgTrimmedMean, AlgKrum, AlgMultiKrum, AlgFedAdam, AlgFedYogi, AlgFedAdagrad:
-	case "":
-		v.add("aggregation.algorithm", "must not be empty: fedavg, median, trimmed_mean, krum, multi_krum, fedadam, fedyogi or fedadagrad (default fedavg)")
+	known := func() string {
+		names := Algorithms()
+		return strings.Join(names[:len(names)-1], ", ") + " or " + names[len(names)-1]
+	}
+	check, isRegistered := registeredCheck(a.Algorithm)
+	switch {
+	case BuiltinAlgorithm(a.Algorithm):
+		if len(a.Options) > 0 {
+			v.add("aggregation.options", fmt.Sprintf("configure a registered strategy, and %s is built in: remove options and use its own keys (weights, trim, byzantine, select, lr, beta1, beta2, tau)", a.Algorithm))
+		}
+	case a.Algorithm == "":
+		v.add("aggregation.algorithm", fmt.Sprintf("must not be empty: %s (default fedavg)", known()))
+	case isRegistered:
+		if err := check(a.Options); err != nil {
+			v.add("aggregation.options", fmt.Sprintf("for %s: %v", a.Algorithm, err))
+		}
+	case anyAlgorithm && algorithmName.MatchString(a.Algorithm):
+		// Another fx binary's strategy: the director checks it.
 	default:
-		v.add("aggregation.algorithm", fmt.Sprintf("must be fedavg, median, trimmed_mean, krum, multi_krum, fedadam, fedyogi or fedadagrad, got %q", a.Algorithm))
+		v.add("aggregation.algorithm", fmt.Sprintf("must be %s, got %q (a strategy of your own must be registered in the director's fx binary: see docs/experiments.md, Custom strategies)", known(), a.Algorithm))
+	}
+	for _, k := range slices.Sorted(maps.Keys(a.Options)) {
+		if k == "" {
+			v.add("aggregation.options", "keys must not be empty")
+			continue
+		}
+		validateJSONValue(v, "aggregation.options."+k, a.Options[k])
 	}
 	switch a.Weights {
 	case WeightsSamples, WeightsRegistered, WeightsEqual:

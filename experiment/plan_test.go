@@ -320,7 +320,7 @@ func TestParsePlanRules(t *testing.T) {
 		{"runner.hyperparameters NaN", base + "runner: {kind: exec, command: [x], hyperparameters: {opt: {lr: .nan}}}\n", []string{"runner.hyperparameters.opt.lr"}, "finite"},
 		{"runner.hyperparameters Inf in a list", base + "runner: {kind: exec, command: [x], hyperparameters: {xs: [1, .inf]}}\n", []string{"runner.hyperparameters.xs[1]"}, ""},
 
-		{"aggregation.algorithm unknown", base + builtinRunner + "aggregation: {algorithm: bulyan}\n", []string{"aggregation.algorithm"}, `krum, multi_krum, fedadam, fedyogi or fedadagrad, got "bulyan"`},
+		{"aggregation.algorithm unknown", base + builtinRunner + "aggregation: {algorithm: bulyan}\n", []string{"aggregation.algorithm"}, `krum, multi_krum, fedadam, fedyogi, fedadagrad or test-clipped, got "bulyan"`},
 		{"aggregation.algorithm empty", base + builtinRunner + "aggregation: {algorithm: ''}\n", []string{"aggregation.algorithm"}, ""},
 		{"aggregation.trim 0.5", base + builtinRunner + "aggregation: {algorithm: trimmed_mean, trim: 0.5}\n", []string{"aggregation.trim"}, "must be in [0,0.5), got 0.5"},
 		{"aggregation.trim negative", base + builtinRunner + "aggregation: {trim: -0.1}\n", []string{"aggregation.trim"}, ""},
@@ -609,5 +609,98 @@ func TestParsePlanReportsEveryProblemAtOnce(t *testing.T) {
 	}
 	if lines := strings.Split(err.Error(), "\n"); len(lines) != 5 || !strings.HasPrefix(lines[1], "  line 2: rounds") {
 		t.Errorf("error %q: want a header and one line per problem", err)
+	}
+}
+
+// testStrategy is registered once per test binary (registration is for
+// the process's life, and a second one panics).
+const testStrategy = "test-clipped"
+
+func init() {
+	RegisterAlgorithm(testStrategy, func(options map[string]any) error {
+		switch c := options["clip"].(type) {
+		case int:
+			if c <= 0 {
+				return errors.New("clip must be > 0")
+			}
+		case float64:
+			if c <= 0 {
+				return errors.New("clip must be > 0")
+			}
+		}
+		return nil
+	})
+}
+
+func TestRegisteredAlgorithms(t *testing.T) {
+	const base = "name: e\nrounds: 1\nrunner: {kind: builtin, model: mlp}\n"
+	cases := []struct {
+		name       string
+		parse      func([]byte) (*Plan, error)
+		yaml       string
+		key, wants string // the problem's key and part of its message; "" for a valid plan
+	}{
+		{"registered", ParsePlan, "aggregation: {algorithm: test-clipped, options: {clip: 2.5, note: x}}\n", "", ""},
+		{"registered without options", ParsePlan, "aggregation: {algorithm: test-clipped}\n", "", ""},
+		{"the strategy's own check", ParsePlan, "aggregation: {algorithm: test-clipped, options: {clip: -1}}\n", "aggregation.options", "for test-clipped: clip must be > 0"},
+		{"options must be JSON", ParsePlan, "aggregation: {algorithm: test-clipped, options: {clip: .nan}}\n", "aggregation.options.clip", "finite"},
+		{"options with a built-in", ParsePlan, "aggregation: {algorithm: median, options: {clip: 1}}\n", "aggregation.options", "median is built in"},
+		{"unregistered lists built-in and registered", ParsePlan, "aggregation: {algorithm: geomedian}\n", "aggregation.algorithm", `fedyogi, fedadagrad or test-clipped, got "geomedian"`},
+		{"unregistered where nothing aggregates", ParsePlanAnyAlgorithm, "aggregation: {algorithm: geomedian, options: {iterations: 5}}\n", "", ""},
+		{"malformed where nothing aggregates", ParsePlanAnyAlgorithm, "aggregation: {algorithm: ../x}\n", "aggregation.algorithm", `got "../x"`},
+		{"stored plans load", ParseStoredPlan, "aggregation: {algorithm: geomedian}\n", "", ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p, err := c.parse([]byte(base + c.yaml))
+			if c.key == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if again, err := p.Marshal(); err != nil || !strings.Contains(string(again), "algorithm: ") {
+					t.Fatalf("marshal: %v\n%s", err, again)
+				}
+				return
+			}
+			var ve *ValidationError
+			if !errors.As(err, &ve) {
+				t.Fatalf("want a ValidationError, got %v", err)
+			}
+			for _, pr := range ve.Problems {
+				if pr.Key == c.key && strings.Contains(pr.Message, c.wants) {
+					return
+				}
+			}
+			t.Fatalf("want %s: …%s…, got %v", c.key, c.wants, err)
+		})
+	}
+	if got := Algorithms(); got[len(got)-1] != testStrategy || !slices.Contains(got, AlgKrum) {
+		t.Fatalf("Algorithms() = %v", got)
+	}
+	// A plan with a strategy survives Marshal and ParsePlan unchanged.
+	p, err := ParsePlan([]byte(base + "aggregation: {algorithm: test-clipped, options: {clip: 2.5, nested: {a: [1, 2]}}}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := p.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := ParsePlan(b)
+	if err != nil || !reflect.DeepEqual(back, p) {
+		t.Fatalf("round trip: %v\n%+v\n%+v", err, back, p)
+	}
+}
+
+func TestRegisterAlgorithmRefusesMistakes(t *testing.T) {
+	for _, name := range []string{"fedavg", testStrategy, "Geo", "", "a/b"} {
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Errorf("RegisterAlgorithm(%q) did not panic", name)
+				}
+			}()
+			RegisterAlgorithm(name, nil)
+		}()
 	}
 }
