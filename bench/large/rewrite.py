@@ -17,6 +17,8 @@ for task in site.tasks():
         for weights in model.values():
             weights += np.float32(1e-3)
         task.send(model, samples=len(data.train), metrics={"loss": 0.0})
-        del model  # else the next round's model is read while this one is held
+        # Drop every reference (the loop variable too), else the next
+        # round's model is read into new memory while this one is held.
+        del model, weights
     else:
         task.send(samples=len(data.valid), metrics={"accuracy": 0.5})

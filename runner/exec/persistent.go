@@ -218,6 +218,7 @@ func (r *Runner) runPersistent(ctx context.Context, task runner.Task, model tens
 	if msg.Train {
 		ps.seq++
 		msg.OutputModel = filepath.Join(ps.scratch, "models", fmt.Sprintf("trained-%d.safetensors", ps.seq))
+		ps.makeRoom()
 		msg.OutputReuse = ps.spare.lend()
 		defer func() {
 			if !ps.holds(msg.OutputModel) {
@@ -520,6 +521,7 @@ func (r *Runner) modelPath(model tensor.Model) (string, error) {
 	}
 	ps.seq++
 	path := filepath.Join(ps.scratch, "models", fmt.Sprintf("model-%d.safetensors", ps.seq))
+	ps.makeRoom()
 	if err := ps.spare.write(path, model); err != nil {
 		return "", fmt.Errorf("exec runner: handing the model to the runner: %w", err)
 	}
@@ -542,6 +544,18 @@ func (ps *persistent) remember(model tensor.Model, path string) {
 	}
 	ps.files = append(ps.files, modelFile{model: ref, path: path})
 	for len(ps.files) > maxModelFiles {
+		ps.spare.keep(ps.files[0].path)
+		ps.files = ps.files[1:]
+	}
+}
+
+// makeRoom, before a new model file is written, lets the least recently
+// used kept file go to the spares when the kept files are full, so that
+// the new one is written over it: two model files serve every round (the
+// global model, then the trained weights over the last round's), and the
+// page cache holds no third copy of a model.
+func (ps *persistent) makeRoom() {
+	if len(ps.files) >= maxModelFiles {
 		ps.spare.keep(ps.files[0].path)
 		ps.files = ps.files[1:]
 	}

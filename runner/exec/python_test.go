@@ -271,7 +271,7 @@ func TestPythonRunnerReusesModelFiles(t *testing.T) {
 		}
 		global = trained
 		if n == 2 {
-			settled = time.Now() // by now two models are kept and two spare
+			settled = time.Now() // by now both kept model files exist
 		}
 	}
 	files, err := filepath.Glob(filepath.Join(r.persistent.scratch, "models", "*"))

@@ -10,9 +10,9 @@ import (
 	"github.com/fx-fl/fx/tensor"
 )
 
-// maxSpareFiles is how many unneeded model files are kept for reuse: one
-// for the next round's global model, one for its trained weights.
-const maxSpareFiles = 2
+// maxSpareFiles is how many unneeded model files are kept for reuse: the
+// one a new model is about to be written over (see persistent.makeRoom).
+const maxSpareFiles = 1
 
 // spareFiles are model files the runner no longer needs, kept to be
 // overwritten in place by the next model handed over or trained. Writing a
@@ -20,7 +20,8 @@ const maxSpareFiles = 2
 // page, and under some hypervisors that costs several times the copy
 // itself (a 512 MiB model: 0.4–2.3 s into a new file, 0.1 s over an old
 // one); an old file's pages are already in memory. Each round hands the
-// runner one model and takes back one, so two files go round.
+// runner one model and takes back one, each over the file of the model
+// that round made useless.
 type spareFiles struct{ paths []string }
 
 // keep takes path, a file no longer needed, as a spare, or removes it when
