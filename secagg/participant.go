@@ -46,16 +46,16 @@ type Participant struct {
 	cfg ParticipantConfig
 	fp  fixedPoint
 
-	mu      sync.Mutex
-	step    int // the next call the participant accepts
-	cKey    *ecdh.PrivateKey
-	sKey    *ecdh.PrivateKey
-	keys    *KeyList
-	index   map[string]int // U1 name → position
-	weight  float64        // this participant's share of U1's total weight
-	peers   []string       // U2, self included, once the bundle arrived
-	held    map[string][2][shareSize]byte
-	reveals map[string]revealKind // per peer, what this participant disclosed
+	mu       sync.Mutex
+	step     int // the next call the participant accepts
+	cKey     *ecdh.PrivateKey
+	sKey     *ecdh.PrivateKey
+	keys     *KeyList
+	index    map[string]int // U1 name → position
+	weight   float64        // this participant's share of U1's total weight
+	peers    []string       // U2, self included, once the bundle arrived
+	held     map[string][2][shareSize]byte
+	reveals  map[string]revealKind // per peer, what this participant disclosed
 	selfSeed []byte                // b
 }
 
@@ -351,9 +351,13 @@ func (m *Masker) MaskChunk(tensorIndex int, elemOffset int64, raw []byte, dtype 
 			return nil, fmt.Errorf("secure aggregation: tensor %d: %w", tensorIndex, err)
 		}
 		applyStreams(w, m.streams, tensorIndex, elemOffset+int64(lo))
-		out := dst[4*lo:]
-		for i, v := range w {
-			binary.LittleEndian.PutUint32(out[4*i:], v)
+		out := dst[4*lo : 4*hi]
+		if o, ok := view(out); ok {
+			copy(o, w)
+		} else {
+			for i, v := range w {
+				binary.LittleEndian.PutUint32(out[4*i:], v)
+			}
 		}
 	}
 	return dst, nil

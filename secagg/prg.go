@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sync"
+	"unsafe"
 )
 
 // The PRG is AES-256 in counter mode, keyed by a 32-byte seed derived with
@@ -42,6 +43,35 @@ func newStream(key []byte, neg bool) (stream, error) {
 	return stream{block: b, neg: neg}, nil
 }
 
+// words views keystream bytes as little-endian uint32s, in place where the
+// host is little-endian (every platform fx ships for), and by a copy
+// elsewhere. The keystream buffers come from make, so they are aligned.
+func words(b []byte) []uint32 {
+	if w, ok := view(b); ok {
+		return w
+	}
+	w := make([]uint32, len(b)/4)
+	for i := range w {
+		w[i] = binary.LittleEndian.Uint32(b[4*i:])
+	}
+	return w
+}
+
+// view is b as little-endian uint32s in place, if the host and b's
+// alignment allow it.
+func view(b []byte) ([]uint32, bool) {
+	p := unsafe.Pointer(unsafe.SliceData(b))
+	if !hostLittleEndian || uintptr(p)%4 != 0 {
+		return nil, false
+	}
+	return unsafe.Slice((*uint32)(p), len(b)/4), true
+}
+
+var hostLittleEndian = func() bool {
+	x := uint16(1)
+	return *(*byte)(unsafe.Pointer(&x)) == 1
+}()
+
 // applyStreams adds (or subtracts) every stream's mask for elements
 // [elemOffset, elemOffset+len(dst)) of tensor t to dst, mod 2^32.
 func applyStreams(dst []uint32, streams []stream, t int, elemOffset int64) {
@@ -59,14 +89,14 @@ func applyStreams(dst []uint32, streams []stream, t int, elemOffset int64) {
 		for _, s := range streams {
 			cipher.NewCTR(s.block, iv[:]).XORKeyStream(ks, zeros[:n])
 			d := dst[lo:hi]
-			k := ks[skip:]
+			k := words(ks[skip:])[:len(d)]
 			if s.neg {
 				for i := range d {
-					d[i] -= binary.LittleEndian.Uint32(k[4*i:])
+					d[i] -= k[i]
 				}
 			} else {
 				for i := range d {
-					d[i] += binary.LittleEndian.Uint32(k[4*i:])
+					d[i] += k[i]
 				}
 			}
 		}

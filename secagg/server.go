@@ -287,9 +287,15 @@ func (s *Server) AddMaskedChunk(from string, tensorIndex int, elemOffset int64, 
 		hi := min(n, lo+lockBlock-g%lockBlock)
 		m := &s.stripes[(g/lockBlock)%lockStripes]
 		m.Lock()
-		d, src := sum[lo:hi], masked[4*lo:]
-		for i := range d {
-			d[i] += binary.LittleEndian.Uint32(src[4*i:])
+		d, src := sum[lo:hi], masked[4*lo:4*hi]
+		if w, ok := view(src); ok {
+			for i, v := range w[:len(d)] {
+				d[i] += v
+			}
+		} else {
+			for i := range d {
+				d[i] += binary.LittleEndian.Uint32(src[4*i:])
+			}
 		}
 		m.Unlock()
 		lo = hi
