@@ -122,7 +122,6 @@ func BenchmarkUnmask(b *testing.B) {
 		fold/n, unmask/n, plain/n, ratio)
 }
 
-
 // BenchmarkStreams is the PRG alone: 10 streams' masks added to 256 Ki
 // elements, reported in bytes of keystream.
 func BenchmarkStreams(b *testing.B) {
