@@ -125,6 +125,9 @@ type Aggregator struct {
 	acc *tensor.Accumulator
 	// opt is the server optimiser; nil unless the plan names one.
 	opt *tensor.Optimizer
+	// strategy is the registered strategy the plan names; nil for a
+	// built-in algorithm.
+	strategy Strategy
 	// maxTotalWeight is what the participants' train updates can weigh
 	// together at most in a round: the accumulator folds weights as
 	// fractions of it, so no accepted weight can overflow the sum.
@@ -191,6 +194,14 @@ func New(cfg Config) (*Aggregator, error) {
 			return nil, fmt.Errorf("aggregator: participant %s has no registered sample counts: they bound what its results may claim", name)
 		}
 	}
+	var strategy Strategy
+	if alg := cfg.Plan.Aggregation.Algorithm; !experiment.BuiltinAlgorithm(alg) {
+		s, ok := strategyFor(alg)
+		if !ok {
+			return nil, fmt.Errorf("aggregator: aggregation.algorithm %s is registered as a plan algorithm but not as an aggregator strategy: register it with aggregator.RegisterStrategy", alg)
+		}
+		strategy = s
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
@@ -216,6 +227,7 @@ func New(cfg Config) (*Aggregator, error) {
 		cfg:      cfg,
 		log:      cfg.Logger.Named("aggregator").With("experiment", cfg.ExperimentID),
 		plan:     cfg.Plan,
+		strategy: strategy,
 		closeReq: make(chan struct{}, 1),
 		changed:  make(chan struct{}),
 		parts:    map[string]*participant{},
@@ -296,9 +308,13 @@ func (a *Aggregator) Run(ctx context.Context) error {
 // which becomes the next model at the round's close while the next sum is
 // made; the upload stages it keeps in memory; a server optimiser's two
 // moments and the copies a checkpoint writes of them. Median and trimmed
-// mean hold every update instead of a sum.
+// mean hold every update instead of a sum; a registered strategy holds the
+// global model besides.
 func (a *Aggregator) memoryNeed() (need, held int64) {
 	p, n := a.modelBytes, int64(len(a.parts))
+	if a.strategy != nil {
+		return (n + 2) * p, p
+	}
 	if a.collects() {
 		return (n + 1) * p, 0
 	}
@@ -310,8 +326,8 @@ func (a *Aggregator) memoryNeed() (need, held int64) {
 }
 
 // keepsModel reports whether the global model stays in memory between
-// rounds: a server optimiser steps from it.
-func (a *Aggregator) keepsModel() bool { return a.opt != nil }
+// rounds: a server optimiser steps from it, and a strategy is given it.
+func (a *Aggregator) keepsModel() bool { return a.opt != nil || a.strategy != nil }
 
 // lastRound is the number of the final round: the plan's training rounds,
 // plus one validation-only round that scores the final model when the plan
@@ -546,7 +562,7 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	if training {
 		start := time.Now()
 		_, fold := tracing.Start(r.ctx, "fold", attribute.Int("results", len(trainers)))
-		next, err := a.aggregate(r)
+		next, err := a.aggregate(ctx, r)
 		fold.End()
 		if err != nil {
 			return fmt.Errorf("round %d: aggregation failed: %w", r.number, err)

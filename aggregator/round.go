@@ -37,9 +37,11 @@ type roundState struct {
 	// (a spilled stage that could not be read back), which fail the round.
 	committing sync.WaitGroup
 	commitErr  error
-	// updates holds whole train updates for median, trimmed mean, krum
-	// and multi-krum.
+	// updates holds whole train updates for median, trimmed mean, krum,
+	// multi-krum and registered strategies; weights their weights, which
+	// only strategies use.
 	updates []tensor.Model
+	weights []float64
 	// partial are train uploads whose connection broke, kept until they
 	// are resumed, started over, or the round closes: by collaborator.
 	partial map[string]*partialUpload
@@ -132,7 +134,7 @@ func (a *Aggregator) newStage(r *roundState) (stage, error) {
 // collects reports whether the algorithm needs every update at once.
 func (a *Aggregator) collects() bool {
 	alg := a.plan.Aggregation.Algorithm
-	return alg == "median" || alg == "trimmed_mean" || alg == "krum" || alg == "multi_krum"
+	return alg == "median" || alg == "trimmed_mean" || alg == "krum" || alg == "multi_krum" || a.strategy != nil
 }
 
 // collectStage assembles an update in memory for the algorithms that
@@ -155,10 +157,11 @@ func (s *collectStage) Keep(name string, elem int64, raw []byte, dtype tensor.DT
 	return nil
 }
 
-func (s *collectStage) Commit(float64) error {
+func (s *collectStage) Commit(weight float64) error {
 	s.a.mu.Lock()
 	defer s.a.mu.Unlock()
 	s.r.updates = append(s.r.updates, s.model)
+	s.r.weights = append(s.r.weights, weight)
 	return nil
 }
 
@@ -174,7 +177,10 @@ func newLike(layout tensor.Model) tensor.Model {
 }
 
 // aggregate computes the round's new global model with the plan's algorithm.
-func (a *Aggregator) aggregate(r *roundState) (tensor.Model, error) {
+func (a *Aggregator) aggregate(ctx context.Context, r *roundState) (tensor.Model, error) {
+	if a.strategy != nil {
+		return a.runStrategy(ctx, r)
+	}
 	switch a.plan.Aggregation.Algorithm {
 	case "median":
 		return tensor.Median(r.updates)
