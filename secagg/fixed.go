@@ -23,7 +23,10 @@ func newFixedPoint(r float64) (fixedPoint, error) {
 	if !(r >= 0x1p-60 && r <= maxRange) {
 		return fixedPoint{}, fmt.Errorf("range %v: want a clipping bound R in [2^-60, 2^30]", r)
 	}
-	_, k := math.Frexp(r) // r ≤ 2^k
+	frac, k := math.Frexp(r) // r = frac·2^k, frac in [0.5, 1)
+	if frac == 0.5 {
+		k-- // r = 2^(k−1) exactly
+	}
 	return fixedPoint{r: r, fracBits: 30 - k}, nil
 }
 

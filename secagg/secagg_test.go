@@ -349,3 +349,35 @@ func TestSteps(t *testing.T) {
 		}
 	}
 }
+
+func TestFixedPointBits(t *testing.T) {
+	for _, c := range []struct {
+		r    float64
+		bits int
+	}{{1, 30}, {0.75, 30}, {1.5, 29}, {2, 29}, {64, 24}, {1 << 30, 0}, {0x1p-10, 40}} {
+		fp, err := newFixedPoint(c.r)
+		if err != nil || fp.fracBits != c.bits {
+			t.Errorf("range %v: %d fractional bits, %v; want %d", c.r, fp.fracBits, err, c.bits)
+		}
+	}
+	for _, r := range []float64{0, -1, math.NaN(), math.Inf(1), 1<<30 + 1} {
+		if _, err := newFixedPoint(r); err == nil {
+			t.Errorf("range %v accepted", r)
+		}
+	}
+	// The extremes of the range and of the weights do not wrap: n inputs
+	// of +R (or −R) weighted to a total of 1 sum to about ±2^30.
+	fp, _ := newFixedPoint(3)
+	var sum uint32
+	w := make([]uint32, 1)
+	raw := tensor.FromFloat32("x", []int64{1}, []float32{1e30}).Data // clipped to R
+	for range 7 {
+		if err := fp.encode(w, raw, tensor.F32, 1.0/7, 0); err != nil {
+			t.Fatal(err)
+		}
+		sum += w[0]
+	}
+	if got := fp.decode(sum, 1); math.Abs(got-3) > 7*fp.resolution() {
+		t.Fatalf("7 × R/7 decodes to %v, want 3", got)
+	}
+}
