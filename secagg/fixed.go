@@ -80,8 +80,9 @@ func quantize(v, r, s float64, ok bool) (uint32, bool) {
 	return uint32(int32(v - 0.5)), ok
 }
 
+// unit is the value of one step of the sum times scale: 2^-f·scale.
+func (fp fixedPoint) unit(scale float64) float64 { return math.Ldexp(scale, -fp.fracBits) }
+
 // decode turns a sum mod 2^32 back into a float: its two's-complement value
-// times 2^-f times scale.
-func (fp fixedPoint) decode(v uint32, scale float64) float64 {
-	return float64(int32(v)) * math.Ldexp(scale, -fp.fracBits)
-}
+// times unit.
+func decode(v uint32, unit float64) float64 { return float64(int32(v)) * unit }

@@ -57,9 +57,32 @@ func layoutOf(dt tensor.DType, sizes ...int64) tensor.Model {
 	return m
 }
 
-// newFixture makes participants p00…, their random inputs in [−1.2R, 1.2R]
-// (so clipping is exercised) and the server.
+// newFixture makes participants site-00…, their random inputs in
+// [−1.2R, 1.2R] (so clipping is exercised) and the server.
 func newFixture(t testing.TB, n, threshold int, r float64, layout tensor.Model, seed uint64) *fixture {
+	t.Helper()
+	f := newParties(t, n, threshold, r, layout, seed)
+	rng := rand.New(rand.NewPCG(seed, 2))
+	for _, id := range f.ids {
+		var m tensor.Model
+		for _, l := range layout {
+			vals := make([]float32, l.Elements())
+			for j := range vals {
+				vals[j] = float32((rng.Float64()*2.4 - 1.2) * r)
+			}
+			tt := tensor.New(l.Name, l.DType, l.Shape)
+			if err := tt.SetFloat32(vals); err != nil {
+				t.Fatal(err)
+			}
+			m = append(m, tt)
+		}
+		f.inputs[id] = m
+	}
+	return f
+}
+
+// newParties makes the participants and the server, without inputs.
+func newParties(t testing.TB, n, threshold int, r float64, layout tensor.Model, seed uint64) *fixture {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 1))
 	f := &fixture{t: t, session: Session{Experiment: "alice/study", Round: 7}, layout: layout,
@@ -77,19 +100,6 @@ func newFixture(t testing.TB, n, threshold int, r float64, layout tensor.Model, 
 			t.Fatal(err)
 		}
 		f.ids, f.weights, f.parts[id] = append(f.ids, id), append(f.weights, w), p
-		var m tensor.Model
-		for _, l := range layout {
-			vals := make([]float32, l.Elements())
-			for j := range vals {
-				vals[j] = float32((rng.Float64()*2.4 - 1.2) * r)
-			}
-			tt := tensor.New(l.Name, l.DType, l.Shape)
-			if err := tt.SetFloat32(vals); err != nil {
-				t.Fatal(err)
-			}
-			m = append(m, tt)
-		}
-		f.inputs[id] = m
 	}
 	return f
 }

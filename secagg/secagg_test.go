@@ -377,7 +377,7 @@ func TestFixedPointBits(t *testing.T) {
 		}
 		sum += w[0]
 	}
-	if got := fp.decode(sum, 1); math.Abs(got-3) > 7*fp.resolution() {
+	if got := decode(sum, fp.unit(1)); math.Abs(got-3) > 7*fp.resolution() {
 		t.Fatalf("7 × R/7 decodes to %v, want 3", got)
 	}
 }

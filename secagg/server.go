@@ -500,6 +500,7 @@ func (r *Result) MeanChunk(tensorIndex int, elemOffset int64, dst []byte, dtype 
 		return s.errorf("mean chunk: %d bytes of %s at element %d of tensor %d is not within the layout", len(dst), dtype, elemOffset, tensorIndex)
 	}
 	n := len(dst) / size
+	unit := s.fp.unit(r.scale)
 	wp := wordPool.Get().(*[]uint32)
 	defer wordPool.Put(wp)
 	for lo := 0; lo < n; lo += maskBlock {
@@ -512,19 +513,19 @@ func (r *Result) MeanChunk(tensorIndex int, elemOffset int64, dst []byte, dtype 
 		switch dtype {
 		case tensor.F32:
 			for i, v := range w {
-				binary.LittleEndian.PutUint32(out[4*i:], math.Float32bits(float32(s.fp.decode(v, r.scale))))
+				binary.LittleEndian.PutUint32(out[4*i:], math.Float32bits(float32(decode(v, unit))))
 			}
 		case tensor.F64:
 			for i, v := range w {
-				binary.LittleEndian.PutUint64(out[8*i:], math.Float64bits(s.fp.decode(v, r.scale)))
+				binary.LittleEndian.PutUint64(out[8*i:], math.Float64bits(decode(v, unit)))
 			}
 		case tensor.F16:
 			for i, v := range w {
-				binary.LittleEndian.PutUint16(out[2*i:], tensor.Float32ToF16(float32(s.fp.decode(v, r.scale))))
+				binary.LittleEndian.PutUint16(out[2*i:], tensor.Float32ToF16(float32(decode(v, unit))))
 			}
 		case tensor.BF16:
 			for i, v := range w {
-				binary.LittleEndian.PutUint16(out[2*i:], tensor.Float32ToBF16(float32(s.fp.decode(v, r.scale))))
+				binary.LittleEndian.PutUint16(out[2*i:], tensor.Float32ToBF16(float32(decode(v, unit))))
 			}
 		}
 	}
