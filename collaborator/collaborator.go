@@ -435,6 +435,17 @@ type pendingResult struct {
 
 func (c *Collaborator) pendingPath() string { return filepath.Join(c.cfg.WorkDir, "pending.json") }
 
+// dropResults lets another round's results go, handing its trained
+// weights back to a runner that reads the next ones into their memory.
+func (c *Collaborator) dropResults() {
+	if res, ok := c.results[runner.TaskTrain]; ok && res.Model != nil {
+		if r, ok := c.cfg.Runner.(runner.Recycler); ok {
+			r.Recycle(res.Model)
+		}
+	}
+	c.results = nil
+}
+
 // savePending keeps the round's metrics-only results. The train result is
 // not kept: if it was not uploaded before a restart, the round's train task
 // is handed out again and runs again.
@@ -519,7 +530,7 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 			return status.Errorf(codes.Aborted, "the resumed download announced another model (%v, had %v)", h, want)
 		case local != nil:
 			if c.resultsRound != round {
-				c.results = nil
+				c.dropResults()
 			}
 			c.model, c.modelRound = local, round
 			c.log.Info("round's model read from the experiment's own file instead of downloading it", "round", round, "file", c.cfg.InitialModel, "bytes", h.GetBytes())
@@ -531,7 +542,7 @@ func (c *Collaborator) fetchModel(ctx context.Context, round int) error {
 			reuse := c.model
 			c.model = nil
 			if c.resultsRound != round {
-				c.results = nil
+				c.dropResults()
 			}
 			c.budget(h.GetBytes())
 			// The header's size bounds what the frames may announce.

@@ -631,3 +631,49 @@ func TestCancellationAtEveryStep(t *testing.T) {
 		})
 	}
 }
+
+// recyclingRunner is a runner that takes trained weights back.
+type recyclingRunner struct {
+	runner.Runner
+	mu       sync.Mutex
+	recycled []tensor.Model
+}
+
+func (r *recyclingRunner) Recycle(m tensor.Model) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.recycled = append(r.recycled, m)
+}
+
+// TestTrainedWeightsGoBackToTheRunner: once the next round's model
+// arrives, the last round's trained weights are handed back to a runner
+// that reads the next ones into their memory, and only then.
+func TestTrainedWeightsGoBackToTheRunner(t *testing.T) {
+	rec := &recyclingRunner{}
+	r := newRig(t, func(c *Config) { rec.Runner = c.Runner; c.Runner = rec })
+	global := testModel(1)
+	r.expectTasks(runTasks(1, runner.TaskTrain), runTasks(2, runner.TaskTrain), quit("finished"))
+	r.serveModel(global)
+	r.acceptUploads(accept)
+	var trained []tensor.Model
+	train := trainer(t, global, 1, 5)
+	r.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(
+		func(ctx context.Context, task runner.Task, m tensor.Model) (runner.Result, error) {
+			res, err := train(ctx, task, m)
+			rec.mu.Lock()
+			if len(rec.recycled) != len(trained) {
+				t.Errorf("round %d: %d models recycled before it trained, want %d", task.Round, len(rec.recycled), len(trained))
+			}
+			rec.mu.Unlock()
+			trained = append(trained, res.Model)
+			return res, err
+		}).Times(2)
+	if err := r.run(context.Background()); !isQuit(err, "finished") {
+		t.Fatalf("Run = %v, want QUIT after round 2", err)
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.recycled) != 1 || len(trained) != 2 || &rec.recycled[0][0].Data[0] != &trained[0][0].Data[0] {
+		t.Fatalf("recycled %d models, want round 1's trained weights once", len(rec.recycled))
+	}
+}

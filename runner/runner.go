@@ -62,3 +62,13 @@ type Runner interface {
 	// Validate evaluates model and returns metrics only.
 	Validate(ctx context.Context, task Task, model tensor.Model) (Result, error)
 }
+
+// Recycler is a Runner that can put the memory of a model it trained
+// earlier to use again: the collaborator hands back a round's trained
+// weights once it is done with them, and the runner reads the next trained
+// weights into their buffers instead of new memory (fresh memory costs a
+// page fault a page, which for a model of hundreds of MB is seconds).
+type Recycler interface {
+	// Recycle takes m, which the caller will not use again.
+	Recycle(m tensor.Model)
+}

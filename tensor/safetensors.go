@@ -346,7 +346,7 @@ func Read(r io.Reader) (Model, map[string]string, error) {
 			return nil, nil, err
 		}
 	}
-	m, err := readData(r, h, known)
+	m, err := readData(r, h, known, nil)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -363,13 +363,20 @@ func Read(r io.Reader) (Model, map[string]string, error) {
 // allocated outright; beyond it, its buffer doubles as data arrives.
 const growStep = 16 << 20
 
-// readData reads the tensors of h from r, positioned at the data section.
-func readData(r io.Reader, h *Header, sizeKnown bool) (Model, error) {
+// readData reads the tensors of h from r, positioned at the data section,
+// into the buffers of reuse's tensors of the same name, dtype and size
+// where it has them (see ReadFileReusing), else into new ones.
+func readData(r io.Reader, h *Header, sizeKnown bool, reuse Model) (Model, error) {
 	m := make(Model, 0, len(h.Tensors))
 	for _, ti := range h.Tensors {
 		n := ti.End - ti.Begin
 		var data []byte
-		if sizeKnown || n <= growStep {
+		if old := reuse.Get(ti.Name); sizeKnown && old != nil && old.DType == ti.DType && int64(len(old.Data)) == n {
+			data, old.Data = old.Data, nil
+			if _, err := io.ReadFull(r, data); err != nil {
+				return nil, fmt.Errorf("safetensors: tensor %q: data_offsets out of range or file truncated: %w", ti.Name, noEOF(err))
+			}
+		} else if sizeKnown || n <= growStep {
 			data = alignedBytes(n)
 			if _, err := io.ReadFull(r, data); err != nil {
 				return nil, fmt.Errorf("safetensors: tensor %q: data_offsets out of range or file truncated: %w", ti.Name, noEOF(err))
@@ -407,6 +414,14 @@ func readGrowing(r io.Reader, n int64) ([]byte, error) {
 
 // ReadFile reads a safetensors file; see Read.
 func ReadFile(path string) (Model, map[string]string, error) {
+	return ReadFileReusing(path, nil)
+}
+
+// ReadFileReusing is ReadFile into the memory of reuse, a model the caller
+// no longer needs: each tensor of the file goes into the buffer of reuse's
+// tensor of the same name, dtype and size, which gives it up (its Data
+// becomes nil); the others get new memory. The tensors returned are new.
+func ReadFileReusing(path string, reuse Model) (Model, map[string]string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("safetensors: %w", err)
@@ -416,7 +431,7 @@ func ReadFile(path string) (Model, map[string]string, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}
-	m, err := readData(bufio.NewReaderSize(f, 1<<20), h, true)
+	m, err := readData(bufio.NewReaderSize(f, 1<<20), h, true, reuse)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", path, err)
 	}

@@ -334,3 +334,29 @@ func TestWriteFileAtomic(t *testing.T) {
 		t.Error("reading a missing file succeeded")
 	}
 }
+
+// TestReadFileReusing: a tensor of the file goes into the buffer of the
+// reused model's tensor of the same name, dtype and size, which gives it
+// up; a tensor without such a match gets new memory.
+func TestReadFileReusing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "m.safetensors")
+	want := Model{FromFloat32("a", []int64{3}, []float32{1, 2, 3}), FromFloat32("b", []int64{2}, []float32{4, 5})}
+	if err := WriteFile(path, want, nil); err != nil {
+		t.Fatal(err)
+	}
+	reuse := Model{FromFloat32("a", []int64{3}, []float32{9, 9, 9}), FromFloat32("b", []int64{3}, []float32{9, 9, 9})}
+	bufA, bufB := &reuse[0].Data[0], &reuse[1].Data[0]
+	got, _, err := ReadFileReusing(path, reuse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := want.Matches(got); err != nil || !slices.Equal(got[0].Float32s(), want[0].Float32s()) || !slices.Equal(got[1].Float32s(), want[1].Float32s()) {
+		t.Fatalf("read %v, want %v (%v)", got, want, err)
+	}
+	if &got[0].Data[0] != bufA || reuse[0].Data != nil {
+		t.Error("tensor a was not read into the reused buffer, or the reused tensor kept it")
+	}
+	if &got[1].Data[0] == bufB || reuse[1].Data == nil {
+		t.Error("tensor b was read into a buffer of another size")
+	}
+}

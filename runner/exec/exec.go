@@ -242,9 +242,34 @@ type Runner struct {
 
 	// persistent is the process of ModePersistent and its files.
 	persistent *persistent
+
+	// recycled is trained weights the collaborator handed back (Recycle):
+	// the next trained model is read into their memory.
+	recycledMu sync.Mutex
+	recycled   tensor.Model
 }
 
-var _ runner.Runner = (*Runner)(nil)
+var (
+	_ runner.Runner   = (*Runner)(nil)
+	_ runner.Recycler = (*Runner)(nil)
+)
+
+// Recycle keeps m, trained weights the collaborator is done with, for the
+// next trained model to be read into.
+func (r *Runner) Recycle(m tensor.Model) {
+	r.recycledMu.Lock()
+	r.recycled = m
+	r.recycledMu.Unlock()
+}
+
+// takeRecycled hands over the recycled model, if any, once.
+func (r *Runner) takeRecycled() tensor.Model {
+	r.recycledMu.Lock()
+	defer r.recycledMu.Unlock()
+	m := r.recycled
+	r.recycled = nil
+	return m
+}
 
 // New checks the configuration and resolves the command, so that a plan
 // that cannot run at this site fails before its first task rather than in

@@ -223,8 +223,9 @@ func readRegular(path string, limit int64, what string) ([]byte, error) {
 // readModel reads and checks output/model.safetensors against the input
 // model: the same tensors, dtypes and shapes, every value finite. The header
 // is checked before any data is read, so a wrong or oversized file costs no
-// allocation. The tensors are returned in the input model's order.
-func readModel(path string, input tensor.Model) (tensor.Model, error) {
+// allocation. The tensors are returned in the input model's order, read
+// into reuse's memory where it fits (a model handed back by Recycle).
+func readModel(path string, input, reuse tensor.Model) (tensor.Model, error) {
 	what := "output model (" + ModelFileName + ")"
 	if _, err := statOutput(path, what); err != nil {
 		return nil, err
@@ -236,7 +237,7 @@ func readModel(path string, input tensor.Model) (tensor.Model, error) {
 	if err := input.Matches(hdr.Layout()); err != nil {
 		return nil, fmt.Errorf("%s does not match the input model: %w", what, err)
 	}
-	m, _, err := tensor.ReadFile(path)
+	m, _, err := tensor.ReadFileReusing(path, reuse)
 	if err != nil {
 		return nil, fmt.Errorf("%s is not a valid safetensors file: %w", what, err)
 	}

@@ -262,7 +262,7 @@ func (r *Runner) runPersistent(ctx context.Context, task runner.Task, model tens
 		return fail(fmt.Errorf("%w: %w", ErrOutput, err))
 	}
 	if msg.Train {
-		if res.Model, err = readModel(msg.OutputModel, model); err != nil {
+		if res.Model, err = readModel(msg.OutputModel, model, r.takeRecycled()); err != nil {
 			stderr = s.p.tail.lines()
 			return fail(fmt.Errorf("%w: %w", ErrOutput, err))
 		}

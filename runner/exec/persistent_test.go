@@ -514,3 +514,41 @@ func TestLentFileIsNoModel(t *testing.T) {
 		global = trained
 	}
 }
+
+// TestTrainReadsIntoRecycledWeights: trained weights handed back with
+// Recycle take the next trained model, in place of new memory, and the
+// next model is right.
+func TestTrainReadsIntoRecycledWeights(t *testing.T) {
+	f := newFixture(t)
+	r := f.runner(t, f.fakeConfig(t, "ok"))
+	ctx := context.Background()
+	global := testModel()
+	first, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 1}, global)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buffers := map[string]*byte{}
+	for _, tn := range first.Model {
+		buffers[tn.Name] = &tn.Data[0]
+	}
+	r.Recycle(first.Model)
+	second, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 2}, global)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tn := range second.Model {
+		if &tn.Data[0] != buffers[tn.Name] {
+			t.Errorf("tensor %s of the second trained model is in new memory, not the recycled one's", tn.Name)
+		}
+		if got, want := tn.Float32s()[0], global.Get(tn.Name).Float32s()[0]/2; got != want {
+			t.Errorf("tensor %s[0] = %v, want %v", tn.Name, got, want)
+		}
+	}
+	third, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 3}, global)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if &third.Model[0].Data[0] == &second.Model[0].Data[0] {
+		t.Error("a model nobody recycled was read over")
+	}
+}

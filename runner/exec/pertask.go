@@ -139,7 +139,7 @@ func (r *Runner) runPerTask(ctx context.Context, task runner.Task, model tensor.
 		return res, fail(fmt.Errorf("%w: %w", ErrOutput, err))
 	}
 	if runner.IsTrain(task.Name) {
-		if res.Model, err = readModel(td.outputModel, model); err != nil {
+		if res.Model, err = readModel(td.outputModel, model, r.takeRecycled()); err != nil {
 			return res, fail(fmt.Errorf("%w: %w", ErrOutput, err))
 		}
 	}
