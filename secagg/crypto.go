@@ -20,6 +20,13 @@ type Session struct {
 
 func (s Session) String() string { return fmt.Sprintf("experiment %q round %d", s.Experiment, s.Round) }
 
+func (s Session) validate() error {
+	if s.Experiment == "" || len(s.Experiment) > maxExperiment {
+		return fmt.Errorf("session: experiment id of %d bytes, want 1 to %d", len(s.Experiment), maxExperiment)
+	}
+	return nil
+}
+
 // bytes is the session's canonical encoding, as used in key derivation and
 // associated data.
 func (s Session) bytes() []byte {

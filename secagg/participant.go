@@ -101,6 +101,9 @@ func NewParticipant(cfg ParticipantConfig) (*Participant, error) {
 	if err := validateID(cfg.ID); err != nil {
 		return nil, fmt.Errorf("secure aggregation: %w", err)
 	}
+	if err := cfg.Session.validate(); err != nil {
+		return nil, fmt.Errorf("secure aggregation: participant %q: %w", cfg.ID, err)
+	}
 	if err := checkParams(cfg.Threshold, cfg.Range, cfg.Weight); err != nil {
 		return nil, fmt.Errorf("secure aggregation: participant %q: %w", cfg.ID, err)
 	}

@@ -343,6 +343,7 @@ func TestSteps(t *testing.T) {
 		{Session: Session{"e", 1}, ID: "a", Threshold: 2, Range: 0, Weight: 1},
 		{Session: Session{"e", 1}, ID: "a", Threshold: 2, Range: 1, Weight: math.Inf(1)},
 		{Session: Session{"e", 1}, ID: "", Threshold: 2, Range: 1, Weight: 1},
+		{Session: Session{"", 1}, ID: "a", Threshold: 2, Range: 1, Weight: 1},
 	} {
 		if _, err := NewParticipant(c); err == nil {
 			t.Fatalf("%+v accepted", c)

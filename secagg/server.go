@@ -85,6 +85,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if err := checkParams(cfg.Threshold, cfg.Range, 1); err != nil {
 		return nil, fmt.Errorf("secure aggregation: %w", err)
 	}
+	if err := cfg.Session.validate(); err != nil {
+		return nil, fmt.Errorf("secure aggregation: %w", err)
+	}
 	if len(cfg.Layout) == 0 {
 		return nil, fmt.Errorf("secure aggregation: empty layout")
 	}
