@@ -59,8 +59,8 @@ func BenchmarkMask(b *testing.B) {
 	ratio := float64(perOp) / float64(plain/time.Duration(b.N))
 	b.ReportMetric(ratio, "x-plain-fold")
 	b.Logf("mask %d float32 against %d streams: %v (%.2f GB/s of input, %.2f GB/s of keystream); plain fold %v; ratio %.1f×",
-		benchParams, m.Overhead(), perOp, float64(len(raw))/perOp.Seconds()/1e9,
-		float64(len(raw)*m.Overhead())/perOp.Seconds()/1e9, plain/time.Duration(b.N), ratio)
+		benchParams, m.Streams(), perOp, float64(len(raw))/perOp.Seconds()/1e9,
+		float64(len(raw)*m.Streams())/perOp.Seconds()/1e9, plain/time.Duration(b.N), ratio)
 }
 
 // BenchmarkUnmask is the aggregator's side: fold 10 masked 25M-element

@@ -325,8 +325,9 @@ type Masker struct {
 	streams []stream // the self mask, then the pairwise masks
 }
 
-// Overhead is how many PRG streams a chunk's mask takes: 1 + |U2| − 1.
-func (m *Masker) Overhead() int { return len(m.streams) }
+// Streams is how many PRG streams make a chunk's mask: the self mask and
+// one per other member of U2, so |U2| in all.
+func (m *Masker) Streams() int { return len(m.streams) }
 
 var wordPool = sync.Pool{New: func() any { b := make([]uint32, maskBlock); return &b }}
 
