@@ -117,10 +117,16 @@ type SampleCounts struct {
 
 // Aggregator runs one experiment's rounds.
 type Aggregator struct {
-	cfg    Config
-	log    hclog.Logger
-	plan   *experiment.Plan
-	layout tensor.Model // names, dtypes and shapes of the model; no data
+	cfg  Config
+	log  hclog.Logger
+	plan *experiment.Plan
+	// layout holds the names, dtypes and shapes of the tensors that are
+	// aggregated, no data: the whole model's, less the sites' local ones
+	// (see local.go), which whole has too.
+	layout, whole tensor.Model
+	// local are the global model's local tensors (aggregation.local), at
+	// their initial values; nil when the plan keeps none.
+	local tensor.Model
 	// acc sums the round's train updates (FedAvg and the server optimisers).
 	acc *tensor.Accumulator
 	// opt is the server optimiser; nil unless the plan names one.
@@ -569,7 +575,7 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 		}
 		foldTook = time.Since(closing)
 		a.cfg.Metrics.Phase(telemetry.PhaseFold, time.Since(start))
-		model = next
+		model = a.withLocal(next)
 	}
 	summary := RoundSummary{
 		Round:      r.number,

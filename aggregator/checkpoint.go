@@ -508,7 +508,12 @@ func (a *Aggregator) restore(ctx context.Context) error {
 		a.resumed = true
 		a.log.Info("resuming from checkpoint", "completed_round", completed)
 	}
-	a.layout = layoutOf(a.model)
+	local, err := a.splitLocal(a.model)
+	if err != nil {
+		return err
+	}
+	a.local = local
+	a.whole, a.layout = layoutOf(a.model), layoutOf(a.shared(a.model))
 	a.modelBytes = a.model.Bytes()
 	if completed == 0 {
 		// Round 1 starts from the initial model, which the collaborators
@@ -525,7 +530,7 @@ func (a *Aggregator) restore(ctx context.Context) error {
 			return err
 		}
 		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{
-			Layout: a.model, SpillDir: spill, MemoryBudget: MemoryStageBudget, MaxTotalWeight: a.maxTotalWeight})
+			Layout: a.shared(a.model), SpillDir: spill, MemoryBudget: MemoryStageBudget, MaxTotalWeight: a.maxTotalWeight})
 		if err != nil {
 			return fmt.Errorf("aggregator: %w", err)
 		}

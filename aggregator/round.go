@@ -202,7 +202,7 @@ func (a *Aggregator) aggregate(ctx context.Context, r *roundState) (tensor.Model
 	if a.opt == nil {
 		return avg, nil
 	}
-	next, err := a.opt.Step(a.model, avg)
+	next, err := a.opt.Step(a.shared(a.model), avg)
 	if err != nil {
 		return nil, err
 	}

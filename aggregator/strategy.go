@@ -51,7 +51,8 @@ type StrategyRound struct {
 	// Number is the round, from 1.
 	Number int
 	// Global is the model the round started from, which the updates were
-	// trained from. Read only.
+	// trained from, less the tensors the plan keeps at the sites
+	// (aggregation.local), which are never uploaded. Read only.
 	Global tensor.Model
 	// Updates are the round's train updates, in the order they arrived;
 	// at least stragglers.min_reporting of them. Each has Global's
@@ -111,7 +112,7 @@ func (a *Aggregator) runStrategy(ctx context.Context, r *roundState) (tensor.Mod
 		updates[i] = Update{Model: m, Weight: r.weights[i]}
 	}
 	name := a.plan.Aggregation.Algorithm
-	out, err := a.strategy.Aggregate(ctx, StrategyRound{Number: r.number, Global: a.model, Updates: updates, Options: a.plan.Aggregation.Options})
+	out, err := a.strategy.Aggregate(ctx, StrategyRound{Number: r.number, Global: a.shared(a.model), Updates: updates, Options: a.plan.Aggregation.Options})
 	if err != nil {
 		return nil, fmt.Errorf("strategy %s: %w", name, err)
 	}

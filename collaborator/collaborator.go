@@ -79,6 +79,9 @@ type Config struct {
 	// Privacy, if set, clips and noises every trained model before it can
 	// leave the site, and charges the site's ledger first (privacy.go).
 	Privacy *Privacy
+	// Local are the plan's aggregation.local: names or path.Match patterns
+	// of the tensors this site keeps to itself (local.go).
+	Local []string
 }
 
 // Defaults for Config.
@@ -288,6 +291,9 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 	if err != nil {
 		return err
 	}
+	if err := c.personalise(round); err != nil {
+		return err
+	}
 	if c.resultsRound != round || c.results == nil {
 		c.resultsRound, c.results = round, c.loadPending(round)
 	}
@@ -376,10 +382,15 @@ func (c *Collaborator) uploadInOrder(ctx context.Context, cancel context.CancelF
 func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Result, error) {
 	switch task.Name {
 	case runner.TaskTrain:
+		train := c.train
 		if c.cfg.Privacy != nil {
-			return c.trainPrivately(ctx, task)
+			train = c.trainPrivately
 		}
-		return c.train(ctx, task)
+		res, err := train(ctx, task)
+		if err == nil {
+			err = c.keepLocal(task.Round, res.Model)
+		}
+		return res, err
 	case runner.TaskLocalValidation:
 		trained, err := c.trainedWeights(ctx, task.Round)
 		if err != nil {
@@ -622,7 +633,7 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 			if err == nil && !late {
 				c.cfg.Metrics.Phase(telemetry.PhaseUpload, time.Since(start))
 				c.cfg.Metrics.Transferred(telemetry.Sent, time.Since(start))
-				c.log.Info("trained model uploaded", "round", round, "bytes", res.Model.Bytes(), "took", time.Since(start).Round(time.Millisecond))
+				c.log.Info("trained model uploaded", "round", round, "bytes", c.shared(res.Model).Bytes(), "took", time.Since(start).Round(time.Millisecond))
 			}
 		}()
 	}
@@ -655,7 +666,7 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 				return stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Frame{Frame: f}})
 			})
 			enc.ResumeAt(from)
-			err := enc.EncodeModel(res.Model)
+			err := enc.EncodeModel(c.shared(res.Model)) // the local tensors stay here
 			if err != nil && !errors.Is(err, io.EOF) {
 				return stalled(ctx, err)
 			}

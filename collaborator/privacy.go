@@ -73,7 +73,8 @@ func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (ru
 			return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
 		}
 	}
-	rel, err := privacy.ClipAndNoise(c.model, res.Model, p.Clip, p.Noise)
+	// Only what leaves the site: its local tensors (local.go) do not.
+	rel, err := privacy.ClipAndNoise(c.shared(c.model), c.shared(res.Model), p.Clip, p.Noise)
 	if err != nil {
 		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
 	}

@@ -29,6 +29,7 @@ func DefaultCollaborator(ctx context.Context, spec CollaboratorSpec) error {
 		Retry:        spec.Retry.schedule(),
 		Metrics:      spec.Metrics,
 		Privacy:      spec.Privacy,
+		Local:        localTensors(spec.Plan),
 	})
 	if err != nil {
 		return err
@@ -108,4 +109,13 @@ func (c *linkConn) Close() error {
 	delete(c.link.conns, c)
 	c.link.mu.Unlock()
 	return c.Conn.Close()
+}
+
+// localTensors are the plan's personalised layers (aggregation.local),
+// which the collaborator keeps at the site.
+func localTensors(p *experiment.Plan) []string {
+	if p == nil {
+		return nil
+	}
+	return p.Aggregation.Local
 }

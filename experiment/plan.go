@@ -8,6 +8,7 @@ import (
 	"io"
 	"maps"
 	"math"
+	"path"
 	"reflect"
 	"regexp"
 	"slices"
@@ -116,6 +117,17 @@ func Algorithms() []string {
 // BuiltinAlgorithm reports whether algorithm is one of the aggregation
 // algorithms fx ships (as opposed to one registered by the program).
 func BuiltinAlgorithm(algorithm string) bool { return slices.Contains(builtinAlgorithms, algorithm) }
+
+// IsLocal reports whether the tensor name is one the sites keep to
+// themselves (aggregation.local).
+func (a *Aggregation) IsLocal(name string) bool {
+	for _, p := range a.Local {
+		if ok, _ := path.Match(p, name); ok {
+			return true
+		}
+	}
+	return false
+}
 
 func registeredCheck(name string) (func(map[string]any) error, bool) {
 	registered.RLock()
@@ -383,6 +395,13 @@ type Aggregation struct {
 	// algorithms take the keys below instead, so options is refused with
 	// them.
 	Options map[string]any `yaml:"options,omitempty" json:"options,omitempty"`
+	// Local names the tensors each site keeps to itself (local): tensor
+	// names or path.Match patterns such as "fc2.*". Those are personalised
+	// layers (FedPer's head, FedBN's batch norms): each site trains its
+	// own, keeps them in its work directory across rounds, and never
+	// uploads them; the aggregator aggregates the other tensors and leaves
+	// the global model's local ones at their initial values.
+	Local []string `yaml:"local,omitempty" json:"local,omitempty"`
 	// Weights says how fedavg and the server optimisers weigh each train
 	// update: samples, registered or equal (weights). Reported sample counts
 	// are bounded by the envoy's registered ones under every policy; median,
@@ -648,6 +667,9 @@ func (p *Plan) normalize() {
 	if len(p.Aggregation.Options) == 0 {
 		p.Aggregation.Options = nil
 	}
+	if len(p.Aggregation.Local) == 0 {
+		p.Aggregation.Local = nil
+	}
 }
 
 // Validate checks every rule of the plan and reports all the problems it
@@ -882,6 +904,7 @@ func (p *Plan) validateAggregation(v *problems, anyAlgorithm bool) {
 		}
 		validateJSONValue(v, "aggregation.options."+k, a.Options[k])
 	}
+	p.validateLocal(v)
 	switch a.Weights {
 	case WeightsSamples, WeightsRegistered, WeightsEqual:
 	default:
@@ -902,6 +925,28 @@ func (p *Plan) validateAggregation(v *problems, anyAlgorithm bool) {
 	}
 	if !(a.Tau >= 0) || math.IsInf(a.Tau, 0) {
 		v.add("aggregation.tau", fmt.Sprintf("must be a finite number ≥ 0 (0 means the algorithm's default), got %v", a.Tau))
+	}
+}
+
+// validateLocal checks aggregation.local's patterns. Whether they match
+// the model's tensors the aggregator checks when it loads the model: the
+// plan alone does not know them.
+func (p *Plan) validateLocal(v *problems) {
+	seen := map[string]int{}
+	for i, pat := range p.Aggregation.Local {
+		key := fmt.Sprintf("aggregation.local[%d]", i)
+		if _, err := path.Match(pat, ""); err != nil || strings.TrimSpace(pat) == "" {
+			v.add(key, fmt.Sprintf("must be a tensor name or a pattern such as fc2.* (path.Match syntax), got %q", pat))
+			continue
+		}
+		if j, dup := seen[pat]; dup {
+			v.add(key, fmt.Sprintf("%q is already listed at aggregation.local[%d]", pat, j))
+			continue
+		}
+		seen[pat] = i
+	}
+	if len(p.Aggregation.Local) > 0 && p.Evaluation() && len(p.Tasks) > 0 {
+		v.add("aggregation.local", "keeps the tensors each site trains for itself, and this plan's tasks do not train: remove it, or add train to tasks")
 	}
 }
 

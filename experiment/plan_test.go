@@ -704,3 +704,46 @@ func TestRegisterAlgorithmRefusesMistakes(t *testing.T) {
 		}()
 	}
 }
+
+func TestAggregationLocal(t *testing.T) {
+	const base = "name: e\nrounds: 2\nrunner: {kind: builtin, model: mlp}\n"
+	cases := []struct {
+		name, yaml string
+		key, wants string // "" for a valid plan
+	}{
+		{"names and patterns", "aggregation: {local: [fc2.weight, 'fc2.*', 'bn?.*']}\n", "", ""},
+		{"with a robust algorithm", "participants: {min: 3}\naggregation: {algorithm: krum, byzantine: 0, local: ['fc2.*']}\n", "", ""},
+		{"bad pattern", "aggregation: {local: ['fc[2']}\n", "aggregation.local[0]", `pattern such as fc2.*`},
+		{"empty", "aggregation: {local: ['']}\n", "aggregation.local[0]", ""},
+		{"duplicate", "aggregation: {local: [a, a]}\n", "aggregation.local[1]", "already listed at aggregation.local[0]"},
+		{"an evaluation trains nothing", "rounds: 1\ntasks: [aggregated_model_validation]\naggregation: {local: ['fc2.*']}\n", "aggregation.local", "do not train"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			yaml := base + c.yaml
+			if strings.HasPrefix(c.yaml, "rounds:") {
+				yaml = strings.Replace(base, "rounds: 2\n", "", 1) + c.yaml
+			}
+			p, err := ParsePlan([]byte(yaml))
+			if c.key == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !p.Aggregation.IsLocal("fc2.weight") || !p.Aggregation.IsLocal("fc2.bias") || p.Aggregation.IsLocal("fc1.weight") {
+					t.Fatalf("IsLocal with %v", p.Aggregation.Local)
+				}
+				return
+			}
+			var ve *ValidationError
+			if !errors.As(err, &ve) {
+				t.Fatalf("want a ValidationError, got %v", err)
+			}
+			for _, pr := range ve.Problems {
+				if pr.Key == c.key && strings.Contains(pr.Message, c.wants) {
+					return
+				}
+			}
+			t.Fatalf("want %s: …%s…, got %v", c.key, c.wants, err)
+		})
+	}
+}
