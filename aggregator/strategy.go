@@ -3,6 +3,7 @@ package aggregator
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/fx-fl/fx/experiment"
@@ -115,6 +116,9 @@ func (a *Aggregator) runStrategy(ctx context.Context, r *roundState) (tensor.Mod
 	out, err := a.strategy.Aggregate(ctx, StrategyRound{Number: r.number, Global: a.shared(a.model), Updates: updates, Options: a.plan.Aggregation.Options})
 	if err != nil {
 		return nil, fmt.Errorf("strategy %s: %w", name, err)
+	}
+	if slices.Contains(out, nil) {
+		return nil, fmt.Errorf("strategy %s returned a model with a nil tensor", name)
 	}
 	if err := out.Validate(); err != nil {
 		return nil, fmt.Errorf("strategy %s returned an invalid model: %w", name, err)
