@@ -3,6 +3,7 @@ package e2e
 import (
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -18,7 +19,11 @@ import (
 func TestCustomStrategy(t *testing.T) {
 	requireE2E(t)
 	custom := filepath.Join(t.TempDir(), "fx-geomedian")
-	build := exec.Command("go", "build", "-o", custom, "./examples/custom-strategy")
+	goCmd, err := exec.LookPath("go")
+	if err != nil {
+		goCmd = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	build := exec.Command(goCmd, "build", "-o", custom, "./examples/custom-strategy")
 	build.Dir = ".."
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./examples/custom-strategy: %v\n%s", err, out)
