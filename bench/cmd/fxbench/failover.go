@@ -81,22 +81,12 @@ func failoverMain(args []string) error {
 	if *envoys < 1 || *trials < 1 || *killAfter < 2 || *rounds < *killAfter+2 || *epochs < 1 {
 		return errors.New("want -envoys ≥ 1, -trials ≥ 1, -kill-after ≥ 2 (a round time to measure), -rounds ≥ kill-after + 2, -epochs ≥ 1")
 	}
-	bin, err := fxBinary(*fxBin)
+	setup, err := setUpFederation(*fxBin, "fxbench-failover-", *keep, *pkiDir, *envoys)
 	if err != nil {
 		return err
 	}
-	work, done, err := workDir("fxbench-failover-", *keep)
-	if err != nil {
-		return err
-	}
-	defer done()
-	p, err := openBenchPKI(*pkiDir)
-	if err != nil {
-		return err
-	}
-	if _, err := p.envoys(*envoys, 0); err != nil {
-		return err
-	}
+	defer setup.done()
+	bin, work, p := setup.bin, setup.work, setup.pki
 	pg, err := testpg.Launch()
 	if err != nil {
 		return fmt.Errorf("postgresql: %w", err)

@@ -80,26 +80,16 @@ func largeMain(args []string) error {
 	if err := exec.Command(*python, "-c", "import numpy").Run(); err != nil {
 		return fmt.Errorf("%s cannot import numpy (%v): apt-get install python3-numpy", *python, err)
 	}
-	bin, err := fxBinary(*fxBin)
-	if err != nil {
-		return err
-	}
 	script, err := os.ReadFile(filepath.Join("bench", "large", "rewrite.py"))
 	if err != nil {
 		return fmt.Errorf("run from the repository root: %w", err)
 	}
-	work, done, err := workDir("fxbench-large-", *keep)
+	setup, err := setUpFederation(*fxBin, "fxbench-large-", *keep, *pkiDir, *envoys)
 	if err != nil {
 		return err
 	}
-	defer done()
-	p, err := openBenchPKI(*pkiDir)
-	if err != nil {
-		return err
-	}
-	if _, err := p.envoys(*envoys, 0); err != nil {
-		return err
-	}
+	defer setup.done()
+	bin, work, p := setup.bin, setup.work, setup.pki
 	res := &largeResult{Start: time.Now().UTC(), Uptime: uptime(), Envoys: *envoys, Rounds: *rounds,
 		Runner: "bench/large/rewrite.py: Python (numpy) through fx.site, adds a constant to every weight each train task"}
 	for i, size := range sizeMiBs {

@@ -106,6 +106,34 @@ func raiseNoFile(need uint64) (uint64, error) {
 
 func mib(b uint64) float64 { return float64(b) / (1 << 20) }
 
+// federationSetup is what a benchmark of fx processes starts from: the fx
+// binary, a work directory (removed by done unless kept) and certificates
+// for the director, a researcher and the envoys.
+type federationSetup struct {
+	bin, work string
+	done      func()
+	pki       *benchPKI
+}
+
+func setUpFederation(fxBin, prefix string, keep bool, pkiDir string, envoys int) (*federationSetup, error) {
+	bin, err := fxBinary(fxBin)
+	if err != nil {
+		return nil, err
+	}
+	p, err := openBenchPKI(pkiDir)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := p.envoys(envoys, 0); err != nil {
+		return nil, err
+	}
+	work, done, err := workDir(prefix, keep)
+	if err != nil {
+		return nil, err
+	}
+	return &federationSetup{bin: bin, work: work, done: done, pki: p}, nil
+}
+
 // fxBinary is the absolute path of the fx binary a benchmark runs as its
 // parties, which must have been built.
 func fxBinary(path string) (string, error) {

@@ -80,22 +80,12 @@ func telemetryMain(args []string) error {
 	if _, err := os.Stat(fashionDir); err != nil {
 		return fmt.Errorf("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): %w", err)
 	}
-	bin, err := fxBinary(*fxBin)
+	setup, err := setUpFederation(*fxBin, "fxbench-telemetry-", *keep, *pkiDir, *envoys)
 	if err != nil {
 		return err
 	}
-	work, done, err := workDir("fxbench-telemetry-", *keep)
-	if err != nil {
-		return err
-	}
-	defer done()
-	p, err := openBenchPKI(*pkiDir)
-	if err != nil {
-		return err
-	}
-	if _, err := p.envoys(*envoys, 0); err != nil {
-		return err
-	}
+	defer setup.done()
+	bin, work, p := setup.bin, setup.work, setup.pki
 	collector, err := startSpanSink()
 	if err != nil {
 		return err
