@@ -120,8 +120,8 @@ func (c *Collaborator) keepLocal(round int, trained tensor.Model) error {
 		}
 	}
 	cur := filepath.Join(c.cfg.WorkDir, localFile)
-	if _, meta, err := tensor.ReadFile(cur); err == nil {
-		if r, err := strconv.Atoi(meta[localRound]); err == nil && r < round {
+	if h, err := tensor.ReadHeaderFile(cur); err == nil { // the round it holds, not its tensors
+		if r, err := strconv.Atoi(h.Metadata[localRound]); err == nil && r < round {
 			if err := os.Rename(cur, filepath.Join(c.cfg.WorkDir, localPrevFile)); err != nil {
 				return fmt.Errorf("keep the site's own local tensors: %w", err)
 			}
