@@ -5,7 +5,6 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
-	"time"
 
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/runner"
@@ -30,18 +29,7 @@ func TestRoundsFedAvg(t *testing.T) {
 		{Step: 2, Samples: 2, Accuracy: func(r int) float64 { return 0.4 + 0.1*float64(r) }},
 		{Step: 4, Samples: 1, Accuracy: func(r int) float64 { return 0.3 + 0.1*float64(r) }},
 	}
-	var results []<-chan error
-	for i, name := range f.parts {
-		results = append(results, f.collab(ctx, name, runners[i], t.TempDir()))
-	}
-	if err := f.wait(30 * time.Second); err != nil {
-		t.Fatalf("Run: %v", err)
-	}
-	for i, res := range results {
-		if err := <-res; !finished(err) {
-			t.Errorf("collaborator %s: %v, want quit", f.parts[i], err)
-		}
-	}
+	f.runToEnd(ctx, runners)
 	// Σ w·step / Σ w = (1·1 + 2·2 + 1·4) / 4 = 2.25 per round.
 	const perRound = 2.25
 	for round := 0; round <= 3; round++ {

@@ -34,18 +34,7 @@ func TestEvaluationRound(t *testing.T) {
 		{Samples: 300, Accuracy: func(int) float64 { return 0.7 }},
 		{Samples: 100, Accuracy: func(int) float64 { return 0.5 }},
 	}
-	var results []<-chan error
-	for i, name := range f.parts {
-		results = append(results, f.collab(ctx, name, runners[i], t.TempDir()))
-	}
-	if err := f.wait(30 * time.Second); err != nil {
-		t.Fatalf("Run: %v", err)
-	}
-	for i, res := range results {
-		if err := <-res; !finished(err) {
-			t.Errorf("collaborator %s: %v, want quit", f.parts[i], err)
-		}
-	}
+	f.runToEnd(ctx, runners)
 	for i, r := range runners {
 		if got, want := r.tasks(), []runner.Task{{Name: runner.TaskAggregatedValidation, Round: 1}}; !slices.Equal(got, want) {
 			t.Errorf("%s ran %v, want %v", f.parts[i], got, want)

@@ -167,6 +167,24 @@ func (f *federation) collab(ctx context.Context, name string, r runner.Runner, w
 	return out
 }
 
+// runToEnd runs one collaborator per participant, each with its runner,
+// until the experiment ends, and checks that every one was told to quit.
+func (f *federation) runToEnd(ctx context.Context, runners []*stepRunner) {
+	f.t.Helper()
+	var results []<-chan error
+	for i, name := range f.parts {
+		results = append(results, f.collab(ctx, name, runners[i], f.t.TempDir()))
+	}
+	if err := f.wait(30 * time.Second); err != nil {
+		f.t.Fatalf("Run: %v", err)
+	}
+	for i, res := range results {
+		if err := <-res; !finished(err) {
+			f.t.Errorf("collaborator %s: %v, want quit", f.parts[i], err)
+		}
+	}
+}
+
 // finished reports whether a collaborator's Run ended normally.
 func finished(err error) bool {
 	var q *collaborator.Quit

@@ -1,7 +1,6 @@
 package app
 
 import (
-	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -45,19 +44,7 @@ func TestEnvoyPrivacyCommand(t *testing.T) {
 		}
 	}
 	l.Close()
-	e, err := envoy.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	startEnvoy(t, cfg, true)
 
 	var out string
 	deadline := time.Now().Add(20 * time.Second)

@@ -38,6 +38,37 @@ func envoyCerts(t *testing.T) (envoyFiles, researcher pki.Files) {
 	return issue(pki.RoleEnvoy, "envoy-1"), issue(pki.RoleResearcher, "rita")
 }
 
+// parkedCollaborator stands in for an envoy's collaborators in tests that
+// talk to its admin socket, not its rounds: it waits to be stopped.
+func parkedCollaborator(ctx context.Context, _ envoy.CollaboratorSpec) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// startEnvoy runs an envoy from cfg until the test ends; with checkRun, Run
+// must then return nil. Run's result arrives on the channel returned, which
+// is closed after it, so a test may watch for an envoy that ends early.
+func startEnvoy(t *testing.T, cfg envoy.Config, checkRun bool) <-chan error {
+	t.Helper()
+	e, err := envoy.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- e.Run(ctx)
+		close(done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err, ok := <-done; ok && checkRun && err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	return done
+}
+
 func writeEnvoyConfig(t *testing.T, body string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "envoy.yaml")
@@ -115,23 +146,8 @@ func TestEnvoyAdminCommands(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.RunCollaborator = func(ctx context.Context, _ envoy.CollaboratorSpec) error {
-		<-ctx.Done()
-		return ctx.Err()
-	}
-	e, err := envoy.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	cfg.RunCollaborator = parkedCollaborator
+	done := startEnvoy(t, cfg, true)
 
 	// The envoy serves its socket even while the director is unreachable;
 	// wait for it to appear.

@@ -1,7 +1,6 @@
 package app
 
 import (
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -137,21 +136,8 @@ func TestEnvoyInspect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.RunCollaborator = func(ctx context.Context, _ envoy.CollaboratorSpec) error {
-		<-ctx.Done()
-		return ctx.Err()
-	}
-	e, err := envoy.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	cfg.RunCollaborator = parkedCollaborator
+	startEnvoy(t, cfg, false)
 
 	dir, contents := reviewedExperiment(t, "study", "hand-reviewed")
 	if out, _, err := fx(t, "experiment", "submit", dir, "--profile", f.profile); err != nil {
