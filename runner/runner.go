@@ -69,7 +69,6 @@ type Runner interface {
 // weights into their buffers instead of new memory (fresh memory costs a
 // page fault a page, which for a model of hundreds of MB is seconds).
 type Recycler interface {
-	// Recycle takes m, which the caller will not use again. Like Train
-	// and Validate, it is not called concurrently with them.
+	// Recycle takes m, which the caller will not use again.
 	Recycle(m tensor.Model)
 }

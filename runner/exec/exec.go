@@ -244,9 +244,9 @@ type Runner struct {
 	persistent *persistent
 
 	// recycled is trained weights the collaborator handed back (Recycle):
-	// the next trained model is read into their memory. Like the tasks,
-	// Recycle comes from the collaborator's one goroutine.
-	recycled tensor.Model
+	// the next trained model is read into their memory.
+	recycledMu sync.Mutex
+	recycled   tensor.Model
 }
 
 var (
@@ -256,10 +256,16 @@ var (
 
 // Recycle keeps m, trained weights the collaborator is done with, for the
 // next trained model to be read into.
-func (r *Runner) Recycle(m tensor.Model) { r.recycled = m }
+func (r *Runner) Recycle(m tensor.Model) {
+	r.recycledMu.Lock()
+	r.recycled = m
+	r.recycledMu.Unlock()
+}
 
 // takeRecycled hands over the recycled model, if any, once.
 func (r *Runner) takeRecycled() tensor.Model {
+	r.recycledMu.Lock()
+	defer r.recycledMu.Unlock()
 	m := r.recycled
 	r.recycled = nil
 	return m
