@@ -100,6 +100,65 @@ func (GetTasksResponse_Action) EnumDescriptor() ([]byte, []int) {
 	return file_fx_v1_aggregator_proto_rawDescGZIP(), []int{1, 0}
 }
 
+type SecureAggregationRequest_Step int32
+
+const (
+	SecureAggregationRequest_STEP_UNSPECIFIED SecureAggregationRequest_Step = 0
+	// message: secagg.AdvertiseKeys; answer: secagg.KeyList.
+	SecureAggregationRequest_ADVERTISE SecureAggregationRequest_Step = 1
+	// message: secagg.EncryptedShares; answer: the caller's secagg.ShareBundle.
+	SecureAggregationRequest_SHARE_KEYS SecureAggregationRequest_Step = 2
+	// message: none; answer: secagg.UnmaskRequest.
+	SecureAggregationRequest_UNMASK_REQUEST SecureAggregationRequest_Step = 3
+	// message: secagg.UnmaskResponse; answer: none.
+	SecureAggregationRequest_UNMASK SecureAggregationRequest_Step = 4
+)
+
+// Enum value maps for SecureAggregationRequest_Step.
+var (
+	SecureAggregationRequest_Step_name = map[int32]string{
+		0: "STEP_UNSPECIFIED",
+		1: "ADVERTISE",
+		2: "SHARE_KEYS",
+		3: "UNMASK_REQUEST",
+		4: "UNMASK",
+	}
+	SecureAggregationRequest_Step_value = map[string]int32{
+		"STEP_UNSPECIFIED": 0,
+		"ADVERTISE":        1,
+		"SHARE_KEYS":       2,
+		"UNMASK_REQUEST":   3,
+		"UNMASK":           4,
+	}
+)
+
+func (x SecureAggregationRequest_Step) Enum() *SecureAggregationRequest_Step {
+	p := new(SecureAggregationRequest_Step)
+	*p = x
+	return p
+}
+
+func (x SecureAggregationRequest_Step) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SecureAggregationRequest_Step) Descriptor() protoreflect.EnumDescriptor {
+	return file_fx_v1_aggregator_proto_enumTypes[1].Descriptor()
+}
+
+func (SecureAggregationRequest_Step) Type() protoreflect.EnumType {
+	return &file_fx_v1_aggregator_proto_enumTypes[1]
+}
+
+func (x SecureAggregationRequest_Step) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SecureAggregationRequest_Step.Descriptor instead.
+func (SecureAggregationRequest_Step) EnumDescriptor() ([]byte, []int) {
+	return file_fx_v1_aggregator_proto_rawDescGZIP(), []int{9, 0}
+}
+
 type GetTasksRequest struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	ExperimentId string                 `protobuf:"bytes,1,opt,name=experiment_id,json=experimentId,proto3" json:"experiment_id,omitempty"`
@@ -753,6 +812,140 @@ func (x *UploadPositionResponse) GetBytes() int64 {
 	return 0
 }
 
+type SecureAggregationRequest struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	ExperimentId string                 `protobuf:"bytes,1,opt,name=experiment_id,json=experimentId,proto3" json:"experiment_id,omitempty"`
+	// Must equal the caller's CN.
+	Collaborator string `protobuf:"bytes,2,opt,name=collaborator,proto3" json:"collaborator,omitempty"`
+	// The round (the one GetTasks named).
+	Round int32                         `protobuf:"varint,3,opt,name=round,proto3" json:"round,omitempty"`
+	Step  SecureAggregationRequest_Step `protobuf:"varint,4,opt,name=step,proto3,enum=fx.v1.SecureAggregationRequest_Step" json:"step,omitempty"`
+	// The caller's secagg message of the step, in secagg's binary encoding.
+	Message       []byte `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SecureAggregationRequest) Reset() {
+	*x = SecureAggregationRequest{}
+	mi := &file_fx_v1_aggregator_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SecureAggregationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SecureAggregationRequest) ProtoMessage() {}
+
+func (x *SecureAggregationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_aggregator_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SecureAggregationRequest.ProtoReflect.Descriptor instead.
+func (*SecureAggregationRequest) Descriptor() ([]byte, []int) {
+	return file_fx_v1_aggregator_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SecureAggregationRequest) GetExperimentId() string {
+	if x != nil {
+		return x.ExperimentId
+	}
+	return ""
+}
+
+func (x *SecureAggregationRequest) GetCollaborator() string {
+	if x != nil {
+		return x.Collaborator
+	}
+	return ""
+}
+
+func (x *SecureAggregationRequest) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *SecureAggregationRequest) GetStep() SecureAggregationRequest_Step {
+	if x != nil {
+		return x.Step
+	}
+	return SecureAggregationRequest_STEP_UNSPECIFIED
+}
+
+func (x *SecureAggregationRequest) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+type SecureAggregationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The step has closed and message is the aggregator's answer; false: it
+	// is still open, call again.
+	Ready bool `protobuf:"varint,1,opt,name=ready,proto3" json:"ready,omitempty"`
+	// The answer of the step, in secagg's binary encoding.
+	Message       []byte `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SecureAggregationResponse) Reset() {
+	*x = SecureAggregationResponse{}
+	mi := &file_fx_v1_aggregator_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SecureAggregationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SecureAggregationResponse) ProtoMessage() {}
+
+func (x *SecureAggregationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_aggregator_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SecureAggregationResponse.ProtoReflect.Descriptor instead.
+func (*SecureAggregationResponse) Descriptor() ([]byte, []int) {
+	return file_fx_v1_aggregator_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SecureAggregationResponse) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *SecureAggregationResponse) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
 var File_fx_v1_aggregator_proto protoreflect.FileDescriptor
 
 const file_fx_v1_aggregator_proto_rawDesc = "" +
@@ -807,14 +1000,32 @@ const file_fx_v1_aggregator_proto_rawDesc = "" +
 	"\x04task\x18\x04 \x01(\tB\a\xbaH\x04r\x02(@R\x04task\"H\n" +
 	"\x16UploadPositionResponse\x12\x18\n" +
 	"\atensors\x18\x01 \x01(\x05R\atensors\x12\x14\n" +
-	"\x05bytes\x18\x02 \x01(\x03R\x05bytes2\xc4\x02\n" +
+	"\x05bytes\x18\x02 \x01(\x03R\x05bytes\"\xc7\x02\n" +
+	"\x18SecureAggregationRequest\x12,\n" +
+	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
+	"\fcollaborator\x18\x02 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\x12\x14\n" +
+	"\x05round\x18\x03 \x01(\x05R\x05round\x128\n" +
+	"\x04step\x18\x04 \x01(\x0e2$.fx.v1.SecureAggregationRequest.StepR\x04step\x12#\n" +
+	"\amessage\x18\x05 \x01(\fB\t\xbaH\x06z\x04\x18\x80\x80@R\amessage\"[\n" +
+	"\x04Step\x12\x14\n" +
+	"\x10STEP_UNSPECIFIED\x10\x00\x12\r\n" +
+	"\tADVERTISE\x10\x01\x12\x0e\n" +
+	"\n" +
+	"SHARE_KEYS\x10\x02\x12\x12\n" +
+	"\x0eUNMASK_REQUEST\x10\x03\x12\n" +
+	"\n" +
+	"\x06UNMASK\x10\x04\"K\n" +
+	"\x19SecureAggregationResponse\x12\x14\n" +
+	"\x05ready\x18\x01 \x01(\bR\x05ready\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\fR\amessage2\xa3\x03\n" +
 	"\n" +
 	"Aggregator\x12B\n" +
 	"\bGetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x05\xca\xf3\x18\x01\x02\x12J\n" +
 	"\n" +
 	"FetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x05\xca\xf3\x18\x01\x020\x01\x12P\n" +
 	"\fUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x05\xca\xf3\x18\x01\x02(\x01\x12T\n" +
-	"\x0eUploadPosition\x12\x1c.fx.v1.UploadPositionRequest\x1a\x1d.fx.v1.UploadPositionResponse\"\x05\xca\xf3\x18\x01\x02B&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3"
+	"\x0eUploadPosition\x12\x1c.fx.v1.UploadPositionRequest\x1a\x1d.fx.v1.UploadPositionResponse\"\x05\xca\xf3\x18\x01\x02\x12]\n" +
+	"\x11SecureAggregation\x12\x1f.fx.v1.SecureAggregationRequest\x1a .fx.v1.SecureAggregationResponse\"\x05\xca\xf3\x18\x01\x02B&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3"
 
 var (
 	file_fx_v1_aggregator_proto_rawDescOnce sync.Once
@@ -828,43 +1039,49 @@ func file_fx_v1_aggregator_proto_rawDescGZIP() []byte {
 	return file_fx_v1_aggregator_proto_rawDescData
 }
 
-var file_fx_v1_aggregator_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_fx_v1_aggregator_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_fx_v1_aggregator_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_fx_v1_aggregator_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_fx_v1_aggregator_proto_goTypes = []any{
-	(GetTasksResponse_Action)(0),   // 0: fx.v1.GetTasksResponse.Action
-	(*GetTasksRequest)(nil),        // 1: fx.v1.GetTasksRequest
-	(*GetTasksResponse)(nil),       // 2: fx.v1.GetTasksResponse
-	(*FetchModelRequest)(nil),      // 3: fx.v1.FetchModelRequest
-	(*FetchModelResponse)(nil),     // 4: fx.v1.FetchModelResponse
-	(*UploadResultRequest)(nil),    // 5: fx.v1.UploadResultRequest
-	(*ResultHeader)(nil),           // 6: fx.v1.ResultHeader
-	(*UploadResultResponse)(nil),   // 7: fx.v1.UploadResultResponse
-	(*UploadPositionRequest)(nil),  // 8: fx.v1.UploadPositionRequest
-	(*UploadPositionResponse)(nil), // 9: fx.v1.UploadPositionResponse
-	nil,                            // 10: fx.v1.ResultHeader.MetricsEntry
-	(*ModelHeader)(nil),            // 11: fx.v1.ModelHeader
-	(*TensorFrame)(nil),            // 12: fx.v1.TensorFrame
+	(GetTasksResponse_Action)(0),       // 0: fx.v1.GetTasksResponse.Action
+	(SecureAggregationRequest_Step)(0), // 1: fx.v1.SecureAggregationRequest.Step
+	(*GetTasksRequest)(nil),            // 2: fx.v1.GetTasksRequest
+	(*GetTasksResponse)(nil),           // 3: fx.v1.GetTasksResponse
+	(*FetchModelRequest)(nil),          // 4: fx.v1.FetchModelRequest
+	(*FetchModelResponse)(nil),         // 5: fx.v1.FetchModelResponse
+	(*UploadResultRequest)(nil),        // 6: fx.v1.UploadResultRequest
+	(*ResultHeader)(nil),               // 7: fx.v1.ResultHeader
+	(*UploadResultResponse)(nil),       // 8: fx.v1.UploadResultResponse
+	(*UploadPositionRequest)(nil),      // 9: fx.v1.UploadPositionRequest
+	(*UploadPositionResponse)(nil),     // 10: fx.v1.UploadPositionResponse
+	(*SecureAggregationRequest)(nil),   // 11: fx.v1.SecureAggregationRequest
+	(*SecureAggregationResponse)(nil),  // 12: fx.v1.SecureAggregationResponse
+	nil,                                // 13: fx.v1.ResultHeader.MetricsEntry
+	(*ModelHeader)(nil),                // 14: fx.v1.ModelHeader
+	(*TensorFrame)(nil),                // 15: fx.v1.TensorFrame
 }
 var file_fx_v1_aggregator_proto_depIdxs = []int32{
 	0,  // 0: fx.v1.GetTasksResponse.action:type_name -> fx.v1.GetTasksResponse.Action
-	11, // 1: fx.v1.FetchModelResponse.header:type_name -> fx.v1.ModelHeader
-	12, // 2: fx.v1.FetchModelResponse.frame:type_name -> fx.v1.TensorFrame
-	6,  // 3: fx.v1.UploadResultRequest.header:type_name -> fx.v1.ResultHeader
-	12, // 4: fx.v1.UploadResultRequest.frame:type_name -> fx.v1.TensorFrame
-	10, // 5: fx.v1.ResultHeader.metrics:type_name -> fx.v1.ResultHeader.MetricsEntry
-	1,  // 6: fx.v1.Aggregator.GetTasks:input_type -> fx.v1.GetTasksRequest
-	3,  // 7: fx.v1.Aggregator.FetchModel:input_type -> fx.v1.FetchModelRequest
-	5,  // 8: fx.v1.Aggregator.UploadResult:input_type -> fx.v1.UploadResultRequest
-	8,  // 9: fx.v1.Aggregator.UploadPosition:input_type -> fx.v1.UploadPositionRequest
-	2,  // 10: fx.v1.Aggregator.GetTasks:output_type -> fx.v1.GetTasksResponse
-	4,  // 11: fx.v1.Aggregator.FetchModel:output_type -> fx.v1.FetchModelResponse
-	7,  // 12: fx.v1.Aggregator.UploadResult:output_type -> fx.v1.UploadResultResponse
-	9,  // 13: fx.v1.Aggregator.UploadPosition:output_type -> fx.v1.UploadPositionResponse
-	10, // [10:14] is the sub-list for method output_type
-	6,  // [6:10] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	14, // 1: fx.v1.FetchModelResponse.header:type_name -> fx.v1.ModelHeader
+	15, // 2: fx.v1.FetchModelResponse.frame:type_name -> fx.v1.TensorFrame
+	7,  // 3: fx.v1.UploadResultRequest.header:type_name -> fx.v1.ResultHeader
+	15, // 4: fx.v1.UploadResultRequest.frame:type_name -> fx.v1.TensorFrame
+	13, // 5: fx.v1.ResultHeader.metrics:type_name -> fx.v1.ResultHeader.MetricsEntry
+	1,  // 6: fx.v1.SecureAggregationRequest.step:type_name -> fx.v1.SecureAggregationRequest.Step
+	2,  // 7: fx.v1.Aggregator.GetTasks:input_type -> fx.v1.GetTasksRequest
+	4,  // 8: fx.v1.Aggregator.FetchModel:input_type -> fx.v1.FetchModelRequest
+	6,  // 9: fx.v1.Aggregator.UploadResult:input_type -> fx.v1.UploadResultRequest
+	9,  // 10: fx.v1.Aggregator.UploadPosition:input_type -> fx.v1.UploadPositionRequest
+	11, // 11: fx.v1.Aggregator.SecureAggregation:input_type -> fx.v1.SecureAggregationRequest
+	3,  // 12: fx.v1.Aggregator.GetTasks:output_type -> fx.v1.GetTasksResponse
+	5,  // 13: fx.v1.Aggregator.FetchModel:output_type -> fx.v1.FetchModelResponse
+	8,  // 14: fx.v1.Aggregator.UploadResult:output_type -> fx.v1.UploadResultResponse
+	10, // 15: fx.v1.Aggregator.UploadPosition:output_type -> fx.v1.UploadPositionResponse
+	12, // 16: fx.v1.Aggregator.SecureAggregation:output_type -> fx.v1.SecureAggregationResponse
+	12, // [12:17] is the sub-list for method output_type
+	7,  // [7:12] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_fx_v1_aggregator_proto_init() }
@@ -887,8 +1104,8 @@ func file_fx_v1_aggregator_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fx_v1_aggregator_proto_rawDesc), len(file_fx_v1_aggregator_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   10,
+			NumEnums:      2,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

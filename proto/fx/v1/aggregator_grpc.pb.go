@@ -42,10 +42,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Aggregator_GetTasks_FullMethodName       = "/fx.v1.Aggregator/GetTasks"
-	Aggregator_FetchModel_FullMethodName     = "/fx.v1.Aggregator/FetchModel"
-	Aggregator_UploadResult_FullMethodName   = "/fx.v1.Aggregator/UploadResult"
-	Aggregator_UploadPosition_FullMethodName = "/fx.v1.Aggregator/UploadPosition"
+	Aggregator_GetTasks_FullMethodName          = "/fx.v1.Aggregator/GetTasks"
+	Aggregator_FetchModel_FullMethodName        = "/fx.v1.Aggregator/FetchModel"
+	Aggregator_UploadResult_FullMethodName      = "/fx.v1.Aggregator/UploadResult"
+	Aggregator_UploadPosition_FullMethodName    = "/fx.v1.Aggregator/UploadPosition"
+	Aggregator_SecureAggregation_FullMethodName = "/fx.v1.Aggregator/SecureAggregation"
 )
 
 // AggregatorClient is the client API for Aggregator service.
@@ -92,6 +93,28 @@ type AggregatorClient interface {
 	// Errors: NOT_FOUND (not a participant, or another experiment);
 	// PERMISSION_DENIED (collaborator is not the caller's CN).
 	UploadPosition(ctx context.Context, in *UploadPositionRequest, opts ...grpc.CallOption) (*UploadPositionResponse, error)
+	// SecureAggregation carries one step of secure aggregation
+	// (aggregation.secure; docs/privacy.md) between a collaborator and the
+	// aggregator, which relays what the collaborators send each other: they
+	// never talk to each other directly. The message is the package secagg's
+	// binary encoding, carried as it is. Each call is a long poll: the
+	// aggregator records the caller's message (a repeat of the same bytes is
+	// harmless) and answers ready with its own message once the step has
+	// closed, or not ready when its poll window passes first (call again at
+	// once, with the same message). The steps of a round, in order:
+	// ADVERTISE (after training: the caller's AdvertiseKeys; answer: the
+	// KeyList), SHARE_KEYS (EncryptedShares; answer: the caller's
+	// ShareBundle), then the masked train upload through UploadResult, then
+	// UNMASK_REQUEST (no message; answer: the UnmaskRequest, once the round's
+	// uploads are in) and UNMASK (the caller's UnmaskResponse; answer: empty).
+	// Role: envoy.
+	// Errors: NOT_FOUND (not a participant, or another experiment);
+	// PERMISSION_DENIED (collaborator is not the caller's CN);
+	// FAILED_PRECONDITION (the experiment does not use secure aggregation,
+	// the round is not the current one, or the step closed without the
+	// caller: it sits this round out); INVALID_ARGUMENT (a message that does
+	// not decode, or that the step refuses, with the reason).
+	SecureAggregation(ctx context.Context, in *SecureAggregationRequest, opts ...grpc.CallOption) (*SecureAggregationResponse, error)
 }
 
 type aggregatorClient struct {
@@ -154,6 +177,16 @@ func (c *aggregatorClient) UploadPosition(ctx context.Context, in *UploadPositio
 	return out, nil
 }
 
+func (c *aggregatorClient) SecureAggregation(ctx context.Context, in *SecureAggregationRequest, opts ...grpc.CallOption) (*SecureAggregationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SecureAggregationResponse)
+	err := c.cc.Invoke(ctx, Aggregator_SecureAggregation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AggregatorServer is the server API for Aggregator service.
 // All implementations must embed UnimplementedAggregatorServer
 // for forward compatibility.
@@ -198,6 +231,28 @@ type AggregatorServer interface {
 	// Errors: NOT_FOUND (not a participant, or another experiment);
 	// PERMISSION_DENIED (collaborator is not the caller's CN).
 	UploadPosition(context.Context, *UploadPositionRequest) (*UploadPositionResponse, error)
+	// SecureAggregation carries one step of secure aggregation
+	// (aggregation.secure; docs/privacy.md) between a collaborator and the
+	// aggregator, which relays what the collaborators send each other: they
+	// never talk to each other directly. The message is the package secagg's
+	// binary encoding, carried as it is. Each call is a long poll: the
+	// aggregator records the caller's message (a repeat of the same bytes is
+	// harmless) and answers ready with its own message once the step has
+	// closed, or not ready when its poll window passes first (call again at
+	// once, with the same message). The steps of a round, in order:
+	// ADVERTISE (after training: the caller's AdvertiseKeys; answer: the
+	// KeyList), SHARE_KEYS (EncryptedShares; answer: the caller's
+	// ShareBundle), then the masked train upload through UploadResult, then
+	// UNMASK_REQUEST (no message; answer: the UnmaskRequest, once the round's
+	// uploads are in) and UNMASK (the caller's UnmaskResponse; answer: empty).
+	// Role: envoy.
+	// Errors: NOT_FOUND (not a participant, or another experiment);
+	// PERMISSION_DENIED (collaborator is not the caller's CN);
+	// FAILED_PRECONDITION (the experiment does not use secure aggregation,
+	// the round is not the current one, or the step closed without the
+	// caller: it sits this round out); INVALID_ARGUMENT (a message that does
+	// not decode, or that the step refuses, with the reason).
+	SecureAggregation(context.Context, *SecureAggregationRequest) (*SecureAggregationResponse, error)
 	mustEmbedUnimplementedAggregatorServer()
 }
 
@@ -219,6 +274,9 @@ func (UnimplementedAggregatorServer) UploadResult(grpc.ClientStreamingServer[Upl
 }
 func (UnimplementedAggregatorServer) UploadPosition(context.Context, *UploadPositionRequest) (*UploadPositionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UploadPosition not implemented")
+}
+func (UnimplementedAggregatorServer) SecureAggregation(context.Context, *SecureAggregationRequest) (*SecureAggregationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SecureAggregation not implemented")
 }
 func (UnimplementedAggregatorServer) mustEmbedUnimplementedAggregatorServer() {}
 func (UnimplementedAggregatorServer) testEmbeddedByValue()                    {}
@@ -295,6 +353,24 @@ func _Aggregator_UploadPosition_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Aggregator_SecureAggregation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SecureAggregationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AggregatorServer).SecureAggregation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Aggregator_SecureAggregation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AggregatorServer).SecureAggregation(ctx, req.(*SecureAggregationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Aggregator_ServiceDesc is the grpc.ServiceDesc for Aggregator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -309,6 +385,10 @@ var Aggregator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UploadPosition",
 			Handler:    _Aggregator_UploadPosition_Handler,
+		},
+		{
+			MethodName: "SecureAggregation",
+			Handler:    _Aggregator_SecureAggregation_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

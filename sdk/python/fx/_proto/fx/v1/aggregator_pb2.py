@@ -22,7 +22,7 @@ DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/aggregator.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x16\x66x/v1/aggregator.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x12\x66x/v1/tensor.proto\"P\n\x0fGetTasksRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\"\xaf\x01\n\x10GetTasksResponse\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.fx.v1.GetTasksResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04QUIT\x10\x03\"\xa1\x01\n\x11\x46\x65tchModelRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x1f\n\x0eresume_tensors\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1d\n\x0cresume_bytes\x18\x05 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"g\n\x12\x46\x65tchModelResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fx.v1.ModelHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"i\n\x13UploadResultRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.ResultHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"\xc7\x03\n\x0cResultHeader\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\xcb\x01\n\x07metrics\x18\x06 \x03(\x0b\x32 .fx.v1.ResultHeader.MetricsEntryB\x97\x01\xbaH\x93\x01\x9a\x01\x8f\x01\x10\x80\x02\"\x89\x01r\x05 \x01(\x80\x01\xba\x01\x7f\n\x15metric_name.printable\x12\x38\x61 metric name must not hold control characters or U+FFFD\x1a,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')\x12\x1f\n\x0eresume_tensors\x18\x07 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1d\n\x0cresume_bytes\x18\x08 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x14UploadResultResponse\x12\x17\n\x0fremaining_tasks\x18\x01 \x03(\t\"|\n\x15UploadPositionRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\"8\n\x16UploadPositionResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x32\xc0\x02\n\nAggregator\x12\x41\n\x08GetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x04\xc8\xf3\x18\x02\x12I\n\nFetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12O\n\x0cUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x04\xc8\xf3\x18\x02(\x01\x12S\n\x0eUploadPosition\x12\x1c.fx.v1.UploadPositionRequest\x1a\x1d.fx.v1.UploadPositionResponse\"\x04\xc8\xf3\x18\x02\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  serialized_pb=_b('\n\x16\x66x/v1/aggregator.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x12\x66x/v1/tensor.proto\"P\n\x0fGetTasksRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\"\xaf\x01\n\x10GetTasksResponse\x12.\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1e.fx.v1.GetTasksResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"=\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x07\n\x03RUN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x08\n\x04QUIT\x10\x03\"\xa1\x01\n\x11\x46\x65tchModelRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x1f\n\x0eresume_tensors\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1d\n\x0cresume_bytes\x18\x05 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"g\n\x12\x46\x65tchModelResponse\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fx.v1.ModelHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"i\n\x13UploadResultRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.ResultHeaderH\x00\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.fx.v1.TensorFrameH\x00\x42\x06\n\x04part\"\xc7\x03\n\x0cResultHeader\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\xcb\x01\n\x07metrics\x18\x06 \x03(\x0b\x32 .fx.v1.ResultHeader.MetricsEntryB\x97\x01\xbaH\x93\x01\x9a\x01\x8f\x01\x10\x80\x02\"\x89\x01r\x05 \x01(\x80\x01\xba\x01\x7f\n\x15metric_name.printable\x12\x38\x61 metric name must not hold control characters or U+FFFD\x1a,this.matches(r\'^[^\\x00-\\x1f\\x7f\\x{FFFD}]*$\')\x12\x1f\n\x0eresume_tensors\x18\x07 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1d\n\x0cresume_bytes\x18\x08 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"/\n\x14UploadResultResponse\x12\x17\n\x0fremaining_tasks\x18\x01 \x03(\t\"|\n\x15UploadPositionRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\"8\n\x16UploadPositionResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\x05\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\x95\x02\n\x18SecureAggregationRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\x0c\x63ollaborator\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x32\n\x04step\x18\x04 \x01(\x0e\x32$.fx.v1.SecureAggregationRequest.Step\x12\x1a\n\x07message\x18\x05 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@\"[\n\x04Step\x12\x14\n\x10STEP_UNSPECIFIED\x10\x00\x12\r\n\tADVERTISE\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x12\n\x0eUNMASK_REQUEST\x10\x03\x12\n\n\x06UNMASK\x10\x04\";\n\x19SecureAggregationResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x32\x9e\x03\n\nAggregator\x12\x41\n\x08GetTasks\x12\x16.fx.v1.GetTasksRequest\x1a\x17.fx.v1.GetTasksResponse\"\x04\xc8\xf3\x18\x02\x12I\n\nFetchModel\x12\x18.fx.v1.FetchModelRequest\x1a\x19.fx.v1.FetchModelResponse\"\x04\xc8\xf3\x18\x02\x30\x01\x12O\n\x0cUploadResult\x12\x1a.fx.v1.UploadResultRequest\x1a\x1b.fx.v1.UploadResultResponse\"\x04\xc8\xf3\x18\x02(\x01\x12S\n\x0eUploadPosition\x12\x1c.fx.v1.UploadPositionRequest\x1a\x1d.fx.v1.UploadPositionResponse\"\x04\xc8\xf3\x18\x02\x12\\\n\x11SecureAggregation\x12\x1f.fx.v1.SecureAggregationRequest\x1a .fx.v1.SecureAggregationResponse\"\x04\xc8\xf3\x18\x02\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
   ,
   dependencies=[buf_dot_validate_dot_validate__pb2.DESCRIPTOR,fx_dot_v1_dot_options__pb2.DESCRIPTOR,fx_dot_v1_dot_tensor__pb2.DESCRIPTOR,])
 
@@ -57,6 +57,40 @@ _GETTASKSRESPONSE_ACTION = _descriptor.EnumDescriptor(
   serialized_end=361,
 )
 _sym_db.RegisterEnumDescriptor(_GETTASKSRESPONSE_ACTION)
+
+_SECUREAGGREGATIONREQUEST_STEP = _descriptor.EnumDescriptor(
+  name='Step',
+  full_name='fx.v1.SecureAggregationRequest.Step',
+  filename=None,
+  file=DESCRIPTOR,
+  values=[
+    _descriptor.EnumValueDescriptor(
+      name='STEP_UNSPECIFIED', index=0, number=0,
+      options=None,
+      type=None),
+    _descriptor.EnumValueDescriptor(
+      name='ADVERTISE', index=1, number=1,
+      options=None,
+      type=None),
+    _descriptor.EnumValueDescriptor(
+      name='SHARE_KEYS', index=2, number=2,
+      options=None,
+      type=None),
+    _descriptor.EnumValueDescriptor(
+      name='UNMASK_REQUEST', index=3, number=3,
+      options=None,
+      type=None),
+    _descriptor.EnumValueDescriptor(
+      name='UNMASK', index=4, number=4,
+      options=None,
+      type=None),
+  ],
+  containing_type=None,
+  options=None,
+  serialized_start=1617,
+  serialized_end=1708,
+)
+_sym_db.RegisterEnumDescriptor(_SECUREAGGREGATIONREQUEST_STEP)
 
 
 _GETTASKSREQUEST = _descriptor.Descriptor(
@@ -528,6 +562,104 @@ _UPLOADPOSITIONRESPONSE = _descriptor.Descriptor(
   serialized_end=1428,
 )
 
+
+_SECUREAGGREGATIONREQUEST = _descriptor.Descriptor(
+  name='SecureAggregationRequest',
+  full_name='fx.v1.SecureAggregationRequest',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='experiment_id', full_name='fx.v1.SecureAggregationRequest.experiment_id', index=0,
+      number=1, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='collaborator', full_name='fx.v1.SecureAggregationRequest.collaborator', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='round', full_name='fx.v1.SecureAggregationRequest.round', index=2,
+      number=3, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='step', full_name='fx.v1.SecureAggregationRequest.step', index=3,
+      number=4, type=14, cpp_type=8, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='message', full_name='fx.v1.SecureAggregationRequest.message', index=4,
+      number=5, type=12, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b(""),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006z\004\030\200\200@')), file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+    _SECUREAGGREGATIONREQUEST_STEP,
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1431,
+  serialized_end=1708,
+)
+
+
+_SECUREAGGREGATIONRESPONSE = _descriptor.Descriptor(
+  name='SecureAggregationResponse',
+  full_name='fx.v1.SecureAggregationResponse',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='ready', full_name='fx.v1.SecureAggregationResponse.ready', index=0,
+      number=1, type=8, cpp_type=7, label=1,
+      has_default_value=False, default_value=False,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='message', full_name='fx.v1.SecureAggregationResponse.message', index=1,
+      number=2, type=12, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b(""),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=1710,
+  serialized_end=1769,
+)
+
 _GETTASKSRESPONSE.fields_by_name['action'].enum_type = _GETTASKSRESPONSE_ACTION
 _GETTASKSRESPONSE_ACTION.containing_type = _GETTASKSRESPONSE
 _FETCHMODELRESPONSE.fields_by_name['header'].message_type = fx_dot_v1_dot_tensor__pb2._MODELHEADER
@@ -548,6 +680,8 @@ _UPLOADRESULTREQUEST.oneofs_by_name['part'].fields.append(
 _UPLOADRESULTREQUEST.fields_by_name['frame'].containing_oneof = _UPLOADRESULTREQUEST.oneofs_by_name['part']
 _RESULTHEADER_METRICSENTRY.containing_type = _RESULTHEADER
 _RESULTHEADER.fields_by_name['metrics'].message_type = _RESULTHEADER_METRICSENTRY
+_SECUREAGGREGATIONREQUEST.fields_by_name['step'].enum_type = _SECUREAGGREGATIONREQUEST_STEP
+_SECUREAGGREGATIONREQUEST_STEP.containing_type = _SECUREAGGREGATIONREQUEST
 DESCRIPTOR.message_types_by_name['GetTasksRequest'] = _GETTASKSREQUEST
 DESCRIPTOR.message_types_by_name['GetTasksResponse'] = _GETTASKSRESPONSE
 DESCRIPTOR.message_types_by_name['FetchModelRequest'] = _FETCHMODELREQUEST
@@ -557,6 +691,8 @@ DESCRIPTOR.message_types_by_name['ResultHeader'] = _RESULTHEADER
 DESCRIPTOR.message_types_by_name['UploadResultResponse'] = _UPLOADRESULTRESPONSE
 DESCRIPTOR.message_types_by_name['UploadPositionRequest'] = _UPLOADPOSITIONREQUEST
 DESCRIPTOR.message_types_by_name['UploadPositionResponse'] = _UPLOADPOSITIONRESPONSE
+DESCRIPTOR.message_types_by_name['SecureAggregationRequest'] = _SECUREAGGREGATIONREQUEST
+DESCRIPTOR.message_types_by_name['SecureAggregationResponse'] = _SECUREAGGREGATIONRESPONSE
 _sym_db.RegisterFileDescriptor(DESCRIPTOR)
 
 GetTasksRequest = _reflection.GeneratedProtocolMessageType('GetTasksRequest', (_message.Message,), dict(
@@ -630,6 +766,20 @@ UploadPositionResponse = _reflection.GeneratedProtocolMessageType('UploadPositio
   ))
 _sym_db.RegisterMessage(UploadPositionResponse)
 
+SecureAggregationRequest = _reflection.GeneratedProtocolMessageType('SecureAggregationRequest', (_message.Message,), dict(
+  DESCRIPTOR = _SECUREAGGREGATIONREQUEST,
+  __module__ = 'fx.v1.aggregator_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.SecureAggregationRequest)
+  ))
+_sym_db.RegisterMessage(SecureAggregationRequest)
+
+SecureAggregationResponse = _reflection.GeneratedProtocolMessageType('SecureAggregationResponse', (_message.Message,), dict(
+  DESCRIPTOR = _SECUREAGGREGATIONRESPONSE,
+  __module__ = 'fx.v1.aggregator_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.SecureAggregationResponse)
+  ))
+_sym_db.RegisterMessage(SecureAggregationResponse)
+
 
 DESCRIPTOR.has_options = True
 DESCRIPTOR._options = _descriptor._ParseOptions(descriptor_pb2.FileOptions(), _b('Z$github.com/fx-fl/fx/proto/fx/v1;fxv1'))
@@ -665,6 +815,12 @@ _UPLOADPOSITIONREQUEST.fields_by_name['collaborator'].has_options = True
 _UPLOADPOSITIONREQUEST.fields_by_name['collaborator']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
 _UPLOADPOSITIONREQUEST.fields_by_name['task'].has_options = True
 _UPLOADPOSITIONREQUEST.fields_by_name['task']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_SECUREAGGREGATIONREQUEST.fields_by_name['experiment_id'].has_options = True
+_SECUREAGGREGATIONREQUEST.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_SECUREAGGREGATIONREQUEST.fields_by_name['collaborator'].has_options = True
+_SECUREAGGREGATIONREQUEST.fields_by_name['collaborator']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_SECUREAGGREGATIONREQUEST.fields_by_name['message'].has_options = True
+_SECUREAGGREGATIONREQUEST.fields_by_name['message']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\006z\004\030\200\200@'))
 
 _AGGREGATOR = _descriptor.ServiceDescriptor(
   name='Aggregator',
@@ -672,8 +828,8 @@ _AGGREGATOR = _descriptor.ServiceDescriptor(
   file=DESCRIPTOR,
   index=0,
   options=None,
-  serialized_start=1431,
-  serialized_end=1751,
+  serialized_start=1772,
+  serialized_end=2186,
   methods=[
   _descriptor.MethodDescriptor(
     name='GetTasks',
@@ -709,6 +865,15 @@ _AGGREGATOR = _descriptor.ServiceDescriptor(
     containing_service=None,
     input_type=_UPLOADPOSITIONREQUEST,
     output_type=_UPLOADPOSITIONRESPONSE,
+    options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002')),
+  ),
+  _descriptor.MethodDescriptor(
+    name='SecureAggregation',
+    full_name='fx.v1.Aggregator.SecureAggregation',
+    index=4,
+    containing_service=None,
+    input_type=_SECUREAGGREGATIONREQUEST,
+    output_type=_SECUREAGGREGATIONRESPONSE,
     options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\002')),
   ),
 ])

@@ -34,6 +34,11 @@ class AggregatorStub(object):
         request_serializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionRequest.SerializeToString,
         response_deserializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionResponse.FromString,
         )
+    self.SecureAggregation = channel.unary_unary(
+        '/fx.v1.Aggregator/SecureAggregation',
+        request_serializer=fx_dot_v1_dot_aggregator__pb2.SecureAggregationRequest.SerializeToString,
+        response_deserializer=fx_dot_v1_dot_aggregator__pb2.SecureAggregationResponse.FromString,
+        )
 
 
 class AggregatorServicer(object):
@@ -100,6 +105,33 @@ class AggregatorServicer(object):
     context.set_details('Method not implemented!')
     raise NotImplementedError('Method not implemented!')
 
+  def SecureAggregation(self, request, context):
+    """SecureAggregation carries one step of secure aggregation
+    (aggregation.secure; docs/privacy.md) between a collaborator and the
+    aggregator, which relays what the collaborators send each other: they
+    never talk to each other directly. The message is the package secagg's
+    binary encoding, carried as it is. Each call is a long poll: the
+    aggregator records the caller's message (a repeat of the same bytes is
+    harmless) and answers ready with its own message once the step has
+    closed, or not ready when its poll window passes first (call again at
+    once, with the same message). The steps of a round, in order:
+    ADVERTISE (after training: the caller's AdvertiseKeys; answer: the
+    KeyList), SHARE_KEYS (EncryptedShares; answer: the caller's
+    ShareBundle), then the masked train upload through UploadResult, then
+    UNMASK_REQUEST (no message; answer: the UnmaskRequest, once the round's
+    uploads are in) and UNMASK (the caller's UnmaskResponse; answer: empty).
+    Role: envoy.
+    Errors: NOT_FOUND (not a participant, or another experiment);
+    PERMISSION_DENIED (collaborator is not the caller's CN);
+    FAILED_PRECONDITION (the experiment does not use secure aggregation,
+    the round is not the current one, or the step closed without the
+    caller: it sits this round out); INVALID_ARGUMENT (a message that does
+    not decode, or that the step refuses, with the reason).
+    """
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details('Method not implemented!')
+    raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
   rpc_method_handlers = {
@@ -122,6 +154,11 @@ def add_AggregatorServicer_to_server(servicer, server):
           servicer.UploadPosition,
           request_deserializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionRequest.FromString,
           response_serializer=fx_dot_v1_dot_aggregator__pb2.UploadPositionResponse.SerializeToString,
+      ),
+      'SecureAggregation': grpc.unary_unary_rpc_method_handler(
+          servicer.SecureAggregation,
+          request_deserializer=fx_dot_v1_dot_aggregator__pb2.SecureAggregationRequest.FromString,
+          response_serializer=fx_dot_v1_dot_aggregator__pb2.SecureAggregationResponse.SerializeToString,
       ),
   }
   generic_handler = grpc.method_handlers_generic_handler(
