@@ -266,6 +266,469 @@ func (ModelSelector) EnumDescriptor() ([]byte, []int) {
 	return file_fx_v1_director_proto_rawDescGZIP(), []int{2}
 }
 
+// AggregatorReport is what an aggregator process tells its director. The
+// first report of a channel names the launch (experiment_id and
+// launch_token) and carries no event; the later ones carry one event each.
+type AggregatorReport struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	ExperimentId string                 `protobuf:"bytes,1,opt,name=experiment_id,json=experimentId,proto3" json:"experiment_id,omitempty"`
+	// The launch spec's token: a secret of one start of the process.
+	LaunchToken string `protobuf:"bytes,2,opt,name=launch_token,json=launchToken,proto3" json:"launch_token,omitempty"`
+	// Types that are valid to be assigned to Event:
+	//
+	//	*AggregatorReport_Serving
+	//	*AggregatorReport_RoundCompleted
+	//	*AggregatorReport_Progress
+	//	*AggregatorReport_Pause
+	Event         isAggregatorReport_Event `protobuf_oneof:"event"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AggregatorReport) Reset() {
+	*x = AggregatorReport{}
+	mi := &file_fx_v1_director_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregatorReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregatorReport) ProtoMessage() {}
+
+func (x *AggregatorReport) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregatorReport.ProtoReflect.Descriptor instead.
+func (*AggregatorReport) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *AggregatorReport) GetExperimentId() string {
+	if x != nil {
+		return x.ExperimentId
+	}
+	return ""
+}
+
+func (x *AggregatorReport) GetLaunchToken() string {
+	if x != nil {
+		return x.LaunchToken
+	}
+	return ""
+}
+
+func (x *AggregatorReport) GetEvent() isAggregatorReport_Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *AggregatorReport) GetServing() *AggregatorServing {
+	if x != nil {
+		if x, ok := x.Event.(*AggregatorReport_Serving); ok {
+			return x.Serving
+		}
+	}
+	return nil
+}
+
+func (x *AggregatorReport) GetRoundCompleted() *AggregatorRoundCompleted {
+	if x != nil {
+		if x, ok := x.Event.(*AggregatorReport_RoundCompleted); ok {
+			return x.RoundCompleted
+		}
+	}
+	return nil
+}
+
+func (x *AggregatorReport) GetProgress() *AggregatorProgress {
+	if x != nil {
+		if x, ok := x.Event.(*AggregatorReport_Progress); ok {
+			return x.Progress
+		}
+	}
+	return nil
+}
+
+func (x *AggregatorReport) GetPause() *AggregatorPause {
+	if x != nil {
+		if x, ok := x.Event.(*AggregatorReport_Pause); ok {
+			return x.Pause
+		}
+	}
+	return nil
+}
+
+type isAggregatorReport_Event interface {
+	isAggregatorReport_Event()
+}
+
+type AggregatorReport_Serving struct {
+	// The aggregator loaded (or resumed) its model and serves.
+	Serving *AggregatorServing `protobuf:"bytes,3,opt,name=serving,proto3,oneof"`
+}
+
+type AggregatorReport_RoundCompleted struct {
+	// A round completed and its checkpoint is durable.
+	RoundCompleted *AggregatorRoundCompleted `protobuf:"bytes,4,opt,name=round_completed,json=roundCompleted,proto3,oneof"`
+}
+
+type AggregatorReport_Progress struct {
+	// A collaborator took or finished a task.
+	Progress *AggregatorProgress `protobuf:"bytes,5,opt,name=progress,proto3,oneof"`
+}
+
+type AggregatorReport_Pause struct {
+	// The aggregator paused for a resource (reason set), or runs again
+	// (reason empty).
+	Pause *AggregatorPause `protobuf:"bytes,6,opt,name=pause,proto3,oneof"`
+}
+
+func (*AggregatorReport_Serving) isAggregatorReport_Event() {}
+
+func (*AggregatorReport_RoundCompleted) isAggregatorReport_Event() {}
+
+func (*AggregatorReport_Progress) isAggregatorReport_Event() {}
+
+func (*AggregatorReport_Pause) isAggregatorReport_Event() {}
+
+type AggregatorServing struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AggregatorServing) Reset() {
+	*x = AggregatorServing{}
+	mi := &file_fx_v1_director_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregatorServing) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregatorServing) ProtoMessage() {}
+
+func (x *AggregatorServing) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregatorServing.ProtoReflect.Descriptor instead.
+func (*AggregatorServing) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{1}
+}
+
+type AggregatorRoundCompleted struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The round's summary as its round file holds it (JSON).
+	Summary []byte `protobuf:"bytes,1,opt,name=summary,proto3" json:"summary,omitempty"`
+	// The best model after the round (JSON), empty if none yet.
+	Best          []byte `protobuf:"bytes,2,opt,name=best,proto3" json:"best,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AggregatorRoundCompleted) Reset() {
+	*x = AggregatorRoundCompleted{}
+	mi := &file_fx_v1_director_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregatorRoundCompleted) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregatorRoundCompleted) ProtoMessage() {}
+
+func (x *AggregatorRoundCompleted) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregatorRoundCompleted.ProtoReflect.Descriptor instead.
+func (*AggregatorRoundCompleted) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *AggregatorRoundCompleted) GetSummary() []byte {
+	if x != nil {
+		return x.Summary
+	}
+	return nil
+}
+
+func (x *AggregatorRoundCompleted) GetBest() []byte {
+	if x != nil {
+		return x.Best
+	}
+	return nil
+}
+
+type AggregatorProgress struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Collaborator string                 `protobuf:"bytes,1,opt,name=collaborator,proto3" json:"collaborator,omitempty"`
+	Round        int32                  `protobuf:"varint,2,opt,name=round,proto3" json:"round,omitempty"`
+	// The task whose result is due next, empty when it owes nothing.
+	Task string `protobuf:"bytes,3,opt,name=task,proto3" json:"task,omitempty"`
+	// The last training round whose every task it reported; -1 if none.
+	LastRound     int32 `protobuf:"varint,4,opt,name=last_round,json=lastRound,proto3" json:"last_round,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AggregatorProgress) Reset() {
+	*x = AggregatorProgress{}
+	mi := &file_fx_v1_director_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregatorProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregatorProgress) ProtoMessage() {}
+
+func (x *AggregatorProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregatorProgress.ProtoReflect.Descriptor instead.
+func (*AggregatorProgress) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *AggregatorProgress) GetCollaborator() string {
+	if x != nil {
+		return x.Collaborator
+	}
+	return ""
+}
+
+func (x *AggregatorProgress) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *AggregatorProgress) GetTask() string {
+	if x != nil {
+		return x.Task
+	}
+	return ""
+}
+
+func (x *AggregatorProgress) GetLastRound() int32 {
+	if x != nil {
+		return x.LastRound
+	}
+	return 0
+}
+
+type AggregatorPause struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AggregatorPause) Reset() {
+	*x = AggregatorPause{}
+	mi := &file_fx_v1_director_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregatorPause) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregatorPause) ProtoMessage() {}
+
+func (x *AggregatorPause) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregatorPause.ProtoReflect.Descriptor instead.
+func (*AggregatorPause) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AggregatorPause) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// AggregatorCommand is what a director tells its aggregator process.
+type AggregatorCommand struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Command:
+	//
+	//	*AggregatorCommand_Drop
+	Command       isAggregatorCommand_Command `protobuf_oneof:"command"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AggregatorCommand) Reset() {
+	*x = AggregatorCommand{}
+	mi := &file_fx_v1_director_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregatorCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregatorCommand) ProtoMessage() {}
+
+func (x *AggregatorCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregatorCommand.ProtoReflect.Descriptor instead.
+func (*AggregatorCommand) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *AggregatorCommand) GetCommand() isAggregatorCommand_Command {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *AggregatorCommand) GetDrop() *AggregatorDrop {
+	if x != nil {
+		if x, ok := x.Command.(*AggregatorCommand_Drop); ok {
+			return x.Drop
+		}
+	}
+	return nil
+}
+
+type isAggregatorCommand_Command interface {
+	isAggregatorCommand_Command()
+}
+
+type AggregatorCommand_Drop struct {
+	// Drop a participant that reported a failure.
+	Drop *AggregatorDrop `protobuf:"bytes,1,opt,name=drop,proto3,oneof"`
+}
+
+func (*AggregatorCommand_Drop) isAggregatorCommand_Command() {}
+
+type AggregatorDrop struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Collaborator  string                 `protobuf:"bytes,1,opt,name=collaborator,proto3" json:"collaborator,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AggregatorDrop) Reset() {
+	*x = AggregatorDrop{}
+	mi := &file_fx_v1_director_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AggregatorDrop) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AggregatorDrop) ProtoMessage() {}
+
+func (x *AggregatorDrop) ProtoReflect() protoreflect.Message {
+	mi := &file_fx_v1_director_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AggregatorDrop.ProtoReflect.Descriptor instead.
+func (*AggregatorDrop) Descriptor() ([]byte, []int) {
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *AggregatorDrop) GetCollaborator() string {
+	if x != nil {
+		return x.Collaborator
+	}
+	return ""
+}
+
+func (x *AggregatorDrop) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // DatasetShard describes the data an envoy holds, without revealing it.
 type DatasetShard struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -290,7 +753,7 @@ type DatasetShard struct {
 
 func (x *DatasetShard) Reset() {
 	*x = DatasetShard{}
-	mi := &file_fx_v1_director_proto_msgTypes[0]
+	mi := &file_fx_v1_director_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -302,7 +765,7 @@ func (x *DatasetShard) String() string {
 func (*DatasetShard) ProtoMessage() {}
 
 func (x *DatasetShard) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[0]
+	mi := &file_fx_v1_director_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -315,7 +778,7 @@ func (x *DatasetShard) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DatasetShard.ProtoReflect.Descriptor instead.
 func (*DatasetShard) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{0}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DatasetShard) GetDescription() string {
@@ -389,7 +852,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_fx_v1_director_proto_msgTypes[1]
+	mi := &file_fx_v1_director_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -401,7 +864,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[1]
+	mi := &file_fx_v1_director_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -414,7 +877,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{1}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Device) GetKind() string {
@@ -453,7 +916,7 @@ type RegisterEnvoyRequest struct {
 
 func (x *RegisterEnvoyRequest) Reset() {
 	*x = RegisterEnvoyRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[2]
+	mi := &file_fx_v1_director_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -465,7 +928,7 @@ func (x *RegisterEnvoyRequest) String() string {
 func (*RegisterEnvoyRequest) ProtoMessage() {}
 
 func (x *RegisterEnvoyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[2]
+	mi := &file_fx_v1_director_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -478,7 +941,7 @@ func (x *RegisterEnvoyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterEnvoyRequest.ProtoReflect.Descriptor instead.
 func (*RegisterEnvoyRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{2}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RegisterEnvoyRequest) GetEnvoyName() string {
@@ -521,7 +984,7 @@ type RegisterEnvoyResponse struct {
 
 func (x *RegisterEnvoyResponse) Reset() {
 	*x = RegisterEnvoyResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[3]
+	mi := &file_fx_v1_director_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -533,7 +996,7 @@ func (x *RegisterEnvoyResponse) String() string {
 func (*RegisterEnvoyResponse) ProtoMessage() {}
 
 func (x *RegisterEnvoyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[3]
+	mi := &file_fx_v1_director_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -546,7 +1009,7 @@ func (x *RegisterEnvoyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterEnvoyResponse.ProtoReflect.Descriptor instead.
 func (*RegisterEnvoyResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{3}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RegisterEnvoyResponse) GetHeartbeatPeriod() *durationpb.Duration {
@@ -581,7 +1044,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[4]
+	mi := &file_fx_v1_director_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -593,7 +1056,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[4]
+	mi := &file_fx_v1_director_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -606,7 +1069,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{4}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HeartbeatRequest) GetEnvoyName() string {
@@ -633,7 +1096,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[5]
+	mi := &file_fx_v1_director_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -645,7 +1108,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[5]
+	mi := &file_fx_v1_director_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -658,7 +1121,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{5}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *HeartbeatResponse) GetNextHeartbeat() *durationpb.Duration {
@@ -678,7 +1141,7 @@ type WatchAssignmentsRequest struct {
 
 func (x *WatchAssignmentsRequest) Reset() {
 	*x = WatchAssignmentsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[6]
+	mi := &file_fx_v1_director_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -690,7 +1153,7 @@ func (x *WatchAssignmentsRequest) String() string {
 func (*WatchAssignmentsRequest) ProtoMessage() {}
 
 func (x *WatchAssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[6]
+	mi := &file_fx_v1_director_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -703,7 +1166,7 @@ func (x *WatchAssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchAssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*WatchAssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{6}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *WatchAssignmentsRequest) GetEnvoyName() string {
@@ -729,7 +1192,7 @@ type Assignment struct {
 
 func (x *Assignment) Reset() {
 	*x = Assignment{}
-	mi := &file_fx_v1_director_proto_msgTypes[7]
+	mi := &file_fx_v1_director_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +1204,7 @@ func (x *Assignment) String() string {
 func (*Assignment) ProtoMessage() {}
 
 func (x *Assignment) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[7]
+	mi := &file_fx_v1_director_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +1217,7 @@ func (x *Assignment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assignment.ProtoReflect.Descriptor instead.
 func (*Assignment) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{7}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Assignment) GetExperimentId() string {
@@ -840,7 +1303,7 @@ type Offer struct {
 
 func (x *Offer) Reset() {
 	*x = Offer{}
-	mi := &file_fx_v1_director_proto_msgTypes[8]
+	mi := &file_fx_v1_director_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -852,7 +1315,7 @@ func (x *Offer) String() string {
 func (*Offer) ProtoMessage() {}
 
 func (x *Offer) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[8]
+	mi := &file_fx_v1_director_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -865,7 +1328,7 @@ func (x *Offer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Offer.ProtoReflect.Descriptor instead.
 func (*Offer) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{8}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Offer) GetName() string {
@@ -925,7 +1388,7 @@ type Start struct {
 
 func (x *Start) Reset() {
 	*x = Start{}
-	mi := &file_fx_v1_director_proto_msgTypes[9]
+	mi := &file_fx_v1_director_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1400,7 @@ func (x *Start) String() string {
 func (*Start) ProtoMessage() {}
 
 func (x *Start) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[9]
+	mi := &file_fx_v1_director_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1413,7 @@ func (x *Start) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Start.ProtoReflect.Descriptor instead.
 func (*Start) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{9}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Start) GetAggregatorAddress() string {
@@ -986,7 +1449,7 @@ type Stop struct {
 
 func (x *Stop) Reset() {
 	*x = Stop{}
-	mi := &file_fx_v1_director_proto_msgTypes[10]
+	mi := &file_fx_v1_director_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -998,7 +1461,7 @@ func (x *Stop) String() string {
 func (*Stop) ProtoMessage() {}
 
 func (x *Stop) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[10]
+	mi := &file_fx_v1_director_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1011,7 +1474,7 @@ func (x *Stop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stop.ProtoReflect.Descriptor instead.
 func (*Stop) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{10}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Stop) GetState() ExperimentState {
@@ -1039,7 +1502,7 @@ type DownloadArchiveRequest struct {
 
 func (x *DownloadArchiveRequest) Reset() {
 	*x = DownloadArchiveRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[11]
+	mi := &file_fx_v1_director_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1051,7 +1514,7 @@ func (x *DownloadArchiveRequest) String() string {
 func (*DownloadArchiveRequest) ProtoMessage() {}
 
 func (x *DownloadArchiveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[11]
+	mi := &file_fx_v1_director_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1064,7 +1527,7 @@ func (x *DownloadArchiveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadArchiveRequest.ProtoReflect.Descriptor instead.
 func (*DownloadArchiveRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{11}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DownloadArchiveRequest) GetExperimentId() string {
@@ -1093,7 +1556,7 @@ type ArchiveChunk struct {
 
 func (x *ArchiveChunk) Reset() {
 	*x = ArchiveChunk{}
-	mi := &file_fx_v1_director_proto_msgTypes[12]
+	mi := &file_fx_v1_director_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1105,7 +1568,7 @@ func (x *ArchiveChunk) String() string {
 func (*ArchiveChunk) ProtoMessage() {}
 
 func (x *ArchiveChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[12]
+	mi := &file_fx_v1_director_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1118,7 +1581,7 @@ func (x *ArchiveChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ArchiveChunk.ProtoReflect.Descriptor instead.
 func (*ArchiveChunk) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{12}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ArchiveChunk) GetOffset() int64 {
@@ -1149,7 +1612,7 @@ type AnswerOfferRequest struct {
 
 func (x *AnswerOfferRequest) Reset() {
 	*x = AnswerOfferRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[13]
+	mi := &file_fx_v1_director_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1161,7 +1624,7 @@ func (x *AnswerOfferRequest) String() string {
 func (*AnswerOfferRequest) ProtoMessage() {}
 
 func (x *AnswerOfferRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[13]
+	mi := &file_fx_v1_director_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1174,7 +1637,7 @@ func (x *AnswerOfferRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AnswerOfferRequest.ProtoReflect.Descriptor instead.
 func (*AnswerOfferRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{13}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AnswerOfferRequest) GetExperimentId() string {
@@ -1215,7 +1678,7 @@ type AnswerOfferResponse struct {
 
 func (x *AnswerOfferResponse) Reset() {
 	*x = AnswerOfferResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[14]
+	mi := &file_fx_v1_director_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1227,7 +1690,7 @@ func (x *AnswerOfferResponse) String() string {
 func (*AnswerOfferResponse) ProtoMessage() {}
 
 func (x *AnswerOfferResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[14]
+	mi := &file_fx_v1_director_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1240,7 +1703,7 @@ func (x *AnswerOfferResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AnswerOfferResponse.ProtoReflect.Descriptor instead.
 func (*AnswerOfferResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{14}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AnswerOfferResponse) GetState() ExperimentState {
@@ -1265,7 +1728,7 @@ type ReportFailureRequest struct {
 
 func (x *ReportFailureRequest) Reset() {
 	*x = ReportFailureRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[15]
+	mi := &file_fx_v1_director_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1277,7 +1740,7 @@ func (x *ReportFailureRequest) String() string {
 func (*ReportFailureRequest) ProtoMessage() {}
 
 func (x *ReportFailureRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[15]
+	mi := &file_fx_v1_director_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1290,7 +1753,7 @@ func (x *ReportFailureRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportFailureRequest.ProtoReflect.Descriptor instead.
 func (*ReportFailureRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{15}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ReportFailureRequest) GetExperimentId() string {
@@ -1329,7 +1792,7 @@ type ReportFailureResponse struct {
 
 func (x *ReportFailureResponse) Reset() {
 	*x = ReportFailureResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[16]
+	mi := &file_fx_v1_director_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1341,7 +1804,7 @@ func (x *ReportFailureResponse) String() string {
 func (*ReportFailureResponse) ProtoMessage() {}
 
 func (x *ReportFailureResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[16]
+	mi := &file_fx_v1_director_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1354,7 +1817,7 @@ func (x *ReportFailureResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportFailureResponse.ProtoReflect.Descriptor instead.
 func (*ReportFailureResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{16}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{23}
 }
 
 // RunnerLogLine is one line a runner wrote at a site.
@@ -1378,7 +1841,7 @@ type RunnerLogLine struct {
 
 func (x *RunnerLogLine) Reset() {
 	*x = RunnerLogLine{}
-	mi := &file_fx_v1_director_proto_msgTypes[17]
+	mi := &file_fx_v1_director_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1390,7 +1853,7 @@ func (x *RunnerLogLine) String() string {
 func (*RunnerLogLine) ProtoMessage() {}
 
 func (x *RunnerLogLine) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[17]
+	mi := &file_fx_v1_director_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1403,7 +1866,7 @@ func (x *RunnerLogLine) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunnerLogLine.ProtoReflect.Descriptor instead.
 func (*RunnerLogLine) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{17}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RunnerLogLine) GetSequence() int64 {
@@ -1467,7 +1930,7 @@ type PushRunnerLogsRequest struct {
 
 func (x *PushRunnerLogsRequest) Reset() {
 	*x = PushRunnerLogsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[18]
+	mi := &file_fx_v1_director_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1479,7 +1942,7 @@ func (x *PushRunnerLogsRequest) String() string {
 func (*PushRunnerLogsRequest) ProtoMessage() {}
 
 func (x *PushRunnerLogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[18]
+	mi := &file_fx_v1_director_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1492,7 +1955,7 @@ func (x *PushRunnerLogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushRunnerLogsRequest.ProtoReflect.Descriptor instead.
 func (*PushRunnerLogsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{18}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PushRunnerLogsRequest) GetExperimentId() string {
@@ -1524,7 +1987,7 @@ type PushRunnerLogsResponse struct {
 
 func (x *PushRunnerLogsResponse) Reset() {
 	*x = PushRunnerLogsResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[19]
+	mi := &file_fx_v1_director_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1536,7 +1999,7 @@ func (x *PushRunnerLogsResponse) String() string {
 func (*PushRunnerLogsResponse) ProtoMessage() {}
 
 func (x *PushRunnerLogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[19]
+	mi := &file_fx_v1_director_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +2012,7 @@ func (x *PushRunnerLogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushRunnerLogsResponse.ProtoReflect.Descriptor instead.
 func (*PushRunnerLogsResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{19}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{26}
 }
 
 type WatchRunnerLogsRequest struct {
@@ -1567,7 +2030,7 @@ type WatchRunnerLogsRequest struct {
 
 func (x *WatchRunnerLogsRequest) Reset() {
 	*x = WatchRunnerLogsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[20]
+	mi := &file_fx_v1_director_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1579,7 +2042,7 @@ func (x *WatchRunnerLogsRequest) String() string {
 func (*WatchRunnerLogsRequest) ProtoMessage() {}
 
 func (x *WatchRunnerLogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[20]
+	mi := &file_fx_v1_director_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1592,7 +2055,7 @@ func (x *WatchRunnerLogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunnerLogsRequest.ProtoReflect.Descriptor instead.
 func (*WatchRunnerLogsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{20}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *WatchRunnerLogsRequest) GetExperiment() *ExperimentRef {
@@ -1640,7 +2103,7 @@ type Participant struct {
 
 func (x *Participant) Reset() {
 	*x = Participant{}
-	mi := &file_fx_v1_director_proto_msgTypes[21]
+	mi := &file_fx_v1_director_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1652,7 +2115,7 @@ func (x *Participant) String() string {
 func (*Participant) ProtoMessage() {}
 
 func (x *Participant) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[21]
+	mi := &file_fx_v1_director_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1665,7 +2128,7 @@ func (x *Participant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Participant.ProtoReflect.Descriptor instead.
 func (*Participant) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{21}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Participant) GetEnvoy() string {
@@ -1743,7 +2206,7 @@ type Experiment struct {
 
 func (x *Experiment) Reset() {
 	*x = Experiment{}
-	mi := &file_fx_v1_director_proto_msgTypes[22]
+	mi := &file_fx_v1_director_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1755,7 +2218,7 @@ func (x *Experiment) String() string {
 func (*Experiment) ProtoMessage() {}
 
 func (x *Experiment) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[22]
+	mi := &file_fx_v1_director_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1768,7 +2231,7 @@ func (x *Experiment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Experiment.ProtoReflect.Descriptor instead.
 func (*Experiment) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{22}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Experiment) GetId() string {
@@ -1888,7 +2351,7 @@ type ModelSummary struct {
 
 func (x *ModelSummary) Reset() {
 	*x = ModelSummary{}
-	mi := &file_fx_v1_director_proto_msgTypes[23]
+	mi := &file_fx_v1_director_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1900,7 +2363,7 @@ func (x *ModelSummary) String() string {
 func (*ModelSummary) ProtoMessage() {}
 
 func (x *ModelSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[23]
+	mi := &file_fx_v1_director_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1913,7 +2376,7 @@ func (x *ModelSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelSummary.ProtoReflect.Descriptor instead.
 func (*ModelSummary) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{23}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ModelSummary) GetRound() int32 {
@@ -1952,7 +2415,7 @@ type ExperimentRef struct {
 
 func (x *ExperimentRef) Reset() {
 	*x = ExperimentRef{}
-	mi := &file_fx_v1_director_proto_msgTypes[24]
+	mi := &file_fx_v1_director_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1964,7 +2427,7 @@ func (x *ExperimentRef) String() string {
 func (*ExperimentRef) ProtoMessage() {}
 
 func (x *ExperimentRef) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[24]
+	mi := &file_fx_v1_director_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1977,7 +2440,7 @@ func (x *ExperimentRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExperimentRef.ProtoReflect.Descriptor instead.
 func (*ExperimentRef) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{24}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ExperimentRef) GetId() string {
@@ -2014,7 +2477,7 @@ type SubmitExperimentRequest struct {
 
 func (x *SubmitExperimentRequest) Reset() {
 	*x = SubmitExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[25]
+	mi := &file_fx_v1_director_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2026,7 +2489,7 @@ func (x *SubmitExperimentRequest) String() string {
 func (*SubmitExperimentRequest) ProtoMessage() {}
 
 func (x *SubmitExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[25]
+	mi := &file_fx_v1_director_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2039,7 +2502,7 @@ func (x *SubmitExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitExperimentRequest.ProtoReflect.Descriptor instead.
 func (*SubmitExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{25}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SubmitExperimentRequest) GetPart() isSubmitExperimentRequest_Part {
@@ -2103,7 +2566,7 @@ type SubmitHeader struct {
 
 func (x *SubmitHeader) Reset() {
 	*x = SubmitHeader{}
-	mi := &file_fx_v1_director_proto_msgTypes[26]
+	mi := &file_fx_v1_director_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2115,7 +2578,7 @@ func (x *SubmitHeader) String() string {
 func (*SubmitHeader) ProtoMessage() {}
 
 func (x *SubmitHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[26]
+	mi := &file_fx_v1_director_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2128,7 +2591,7 @@ func (x *SubmitHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitHeader.ProtoReflect.Descriptor instead.
 func (*SubmitHeader) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{26}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SubmitHeader) GetName() string {
@@ -2168,7 +2631,7 @@ type SubmitExperimentResponse struct {
 
 func (x *SubmitExperimentResponse) Reset() {
 	*x = SubmitExperimentResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[27]
+	mi := &file_fx_v1_director_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2180,7 +2643,7 @@ func (x *SubmitExperimentResponse) String() string {
 func (*SubmitExperimentResponse) ProtoMessage() {}
 
 func (x *SubmitExperimentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[27]
+	mi := &file_fx_v1_director_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2193,7 +2656,7 @@ func (x *SubmitExperimentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitExperimentResponse.ProtoReflect.Descriptor instead.
 func (*SubmitExperimentResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{27}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SubmitExperimentResponse) GetExperiment() *Experiment {
@@ -2212,7 +2675,7 @@ type GetExperimentRequest struct {
 
 func (x *GetExperimentRequest) Reset() {
 	*x = GetExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[28]
+	mi := &file_fx_v1_director_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2224,7 +2687,7 @@ func (x *GetExperimentRequest) String() string {
 func (*GetExperimentRequest) ProtoMessage() {}
 
 func (x *GetExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[28]
+	mi := &file_fx_v1_director_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2237,7 +2700,7 @@ func (x *GetExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExperimentRequest.ProtoReflect.Descriptor instead.
 func (*GetExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{28}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GetExperimentRequest) GetExperiment() *ExperimentRef {
@@ -2264,7 +2727,7 @@ type ListExperimentsRequest struct {
 
 func (x *ListExperimentsRequest) Reset() {
 	*x = ListExperimentsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[29]
+	mi := &file_fx_v1_director_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2276,7 +2739,7 @@ func (x *ListExperimentsRequest) String() string {
 func (*ListExperimentsRequest) ProtoMessage() {}
 
 func (x *ListExperimentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[29]
+	mi := &file_fx_v1_director_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2289,7 +2752,7 @@ func (x *ListExperimentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExperimentsRequest.ProtoReflect.Descriptor instead.
 func (*ListExperimentsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{29}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListExperimentsRequest) GetStates() []ExperimentState {
@@ -2331,7 +2794,7 @@ type ListExperimentsResponse struct {
 
 func (x *ListExperimentsResponse) Reset() {
 	*x = ListExperimentsResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[30]
+	mi := &file_fx_v1_director_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2343,7 +2806,7 @@ func (x *ListExperimentsResponse) String() string {
 func (*ListExperimentsResponse) ProtoMessage() {}
 
 func (x *ListExperimentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[30]
+	mi := &file_fx_v1_director_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2356,7 +2819,7 @@ func (x *ListExperimentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListExperimentsResponse.ProtoReflect.Descriptor instead.
 func (*ListExperimentsResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{30}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListExperimentsResponse) GetExperiments() []*Experiment {
@@ -2384,7 +2847,7 @@ type WatchMetricsRequest struct {
 
 func (x *WatchMetricsRequest) Reset() {
 	*x = WatchMetricsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[31]
+	mi := &file_fx_v1_director_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2396,7 +2859,7 @@ func (x *WatchMetricsRequest) String() string {
 func (*WatchMetricsRequest) ProtoMessage() {}
 
 func (x *WatchMetricsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[31]
+	mi := &file_fx_v1_director_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2409,7 +2872,7 @@ func (x *WatchMetricsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMetricsRequest.ProtoReflect.Descriptor instead.
 func (*WatchMetricsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{31}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *WatchMetricsRequest) GetExperiment() *ExperimentRef {
@@ -2446,7 +2909,7 @@ type MetricEvent struct {
 
 func (x *MetricEvent) Reset() {
 	*x = MetricEvent{}
-	mi := &file_fx_v1_director_proto_msgTypes[32]
+	mi := &file_fx_v1_director_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2458,7 +2921,7 @@ func (x *MetricEvent) String() string {
 func (*MetricEvent) ProtoMessage() {}
 
 func (x *MetricEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[32]
+	mi := &file_fx_v1_director_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2471,7 +2934,7 @@ func (x *MetricEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MetricEvent.ProtoReflect.Descriptor instead.
 func (*MetricEvent) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{32}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *MetricEvent) GetSequence() int64 {
@@ -2535,7 +2998,7 @@ type DownloadModelRequest struct {
 
 func (x *DownloadModelRequest) Reset() {
 	*x = DownloadModelRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[33]
+	mi := &file_fx_v1_director_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2547,7 +3010,7 @@ func (x *DownloadModelRequest) String() string {
 func (*DownloadModelRequest) ProtoMessage() {}
 
 func (x *DownloadModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[33]
+	mi := &file_fx_v1_director_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2560,7 +3023,7 @@ func (x *DownloadModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadModelRequest.ProtoReflect.Descriptor instead.
 func (*DownloadModelRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{33}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DownloadModelRequest) GetExperiment() *ExperimentRef {
@@ -2597,7 +3060,7 @@ type DownloadModelResponse struct {
 
 func (x *DownloadModelResponse) Reset() {
 	*x = DownloadModelResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[34]
+	mi := &file_fx_v1_director_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2609,7 +3072,7 @@ func (x *DownloadModelResponse) String() string {
 func (*DownloadModelResponse) ProtoMessage() {}
 
 func (x *DownloadModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[34]
+	mi := &file_fx_v1_director_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2622,7 +3085,7 @@ func (x *DownloadModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadModelResponse.ProtoReflect.Descriptor instead.
 func (*DownloadModelResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{34}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DownloadModelResponse) GetPart() isDownloadModelResponse_Part {
@@ -2683,7 +3146,7 @@ type ModelInfo struct {
 
 func (x *ModelInfo) Reset() {
 	*x = ModelInfo{}
-	mi := &file_fx_v1_director_proto_msgTypes[35]
+	mi := &file_fx_v1_director_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2695,7 +3158,7 @@ func (x *ModelInfo) String() string {
 func (*ModelInfo) ProtoMessage() {}
 
 func (x *ModelInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[35]
+	mi := &file_fx_v1_director_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2708,7 +3171,7 @@ func (x *ModelInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ModelInfo.ProtoReflect.Descriptor instead.
 func (*ModelInfo) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{35}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ModelInfo) GetRound() int32 {
@@ -2749,7 +3212,7 @@ type CancelExperimentRequest struct {
 
 func (x *CancelExperimentRequest) Reset() {
 	*x = CancelExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[36]
+	mi := &file_fx_v1_director_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2761,7 +3224,7 @@ func (x *CancelExperimentRequest) String() string {
 func (*CancelExperimentRequest) ProtoMessage() {}
 
 func (x *CancelExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[36]
+	mi := &file_fx_v1_director_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2774,7 +3237,7 @@ func (x *CancelExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelExperimentRequest.ProtoReflect.Descriptor instead.
 func (*CancelExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{36}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CancelExperimentRequest) GetExperiment() *ExperimentRef {
@@ -2800,7 +3263,7 @@ type RemoveExperimentRequest struct {
 
 func (x *RemoveExperimentRequest) Reset() {
 	*x = RemoveExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[37]
+	mi := &file_fx_v1_director_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2812,7 +3275,7 @@ func (x *RemoveExperimentRequest) String() string {
 func (*RemoveExperimentRequest) ProtoMessage() {}
 
 func (x *RemoveExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[37]
+	mi := &file_fx_v1_director_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2825,7 +3288,7 @@ func (x *RemoveExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveExperimentRequest.ProtoReflect.Descriptor instead.
 func (*RemoveExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{37}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RemoveExperimentRequest) GetExperiment() *ExperimentRef {
@@ -2843,7 +3306,7 @@ type RemoveExperimentResponse struct {
 
 func (x *RemoveExperimentResponse) Reset() {
 	*x = RemoveExperimentResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[38]
+	mi := &file_fx_v1_director_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2855,7 +3318,7 @@ func (x *RemoveExperimentResponse) String() string {
 func (*RemoveExperimentResponse) ProtoMessage() {}
 
 func (x *RemoveExperimentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[38]
+	mi := &file_fx_v1_director_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2868,7 +3331,7 @@ func (x *RemoveExperimentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveExperimentResponse.ProtoReflect.Descriptor instead.
 func (*RemoveExperimentResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{38}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{45}
 }
 
 type ReviewExperimentRequest struct {
@@ -2882,7 +3345,7 @@ type ReviewExperimentRequest struct {
 
 func (x *ReviewExperimentRequest) Reset() {
 	*x = ReviewExperimentRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[39]
+	mi := &file_fx_v1_director_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2894,7 +3357,7 @@ func (x *ReviewExperimentRequest) String() string {
 func (*ReviewExperimentRequest) ProtoMessage() {}
 
 func (x *ReviewExperimentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[39]
+	mi := &file_fx_v1_director_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2907,7 +3370,7 @@ func (x *ReviewExperimentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReviewExperimentRequest.ProtoReflect.Descriptor instead.
 func (*ReviewExperimentRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{39}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ReviewExperimentRequest) GetExperiment() *ExperimentRef {
@@ -2940,7 +3403,7 @@ type ListEnvoysRequest struct {
 
 func (x *ListEnvoysRequest) Reset() {
 	*x = ListEnvoysRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[40]
+	mi := &file_fx_v1_director_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2952,7 +3415,7 @@ func (x *ListEnvoysRequest) String() string {
 func (*ListEnvoysRequest) ProtoMessage() {}
 
 func (x *ListEnvoysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[40]
+	mi := &file_fx_v1_director_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2965,7 +3428,7 @@ func (x *ListEnvoysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEnvoysRequest.ProtoReflect.Descriptor instead.
 func (*ListEnvoysRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{40}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListEnvoysRequest) GetTags() []string {
@@ -3007,7 +3470,7 @@ type ListEnvoysResponse struct {
 
 func (x *ListEnvoysResponse) Reset() {
 	*x = ListEnvoysResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[41]
+	mi := &file_fx_v1_director_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3019,7 +3482,7 @@ func (x *ListEnvoysResponse) String() string {
 func (*ListEnvoysResponse) ProtoMessage() {}
 
 func (x *ListEnvoysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[41]
+	mi := &file_fx_v1_director_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3032,7 +3495,7 @@ func (x *ListEnvoysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEnvoysResponse.ProtoReflect.Descriptor instead.
 func (*ListEnvoysResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{41}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListEnvoysResponse) GetEnvoys() []*EnvoyInfo {
@@ -3067,7 +3530,7 @@ type EnvoyInfo struct {
 
 func (x *EnvoyInfo) Reset() {
 	*x = EnvoyInfo{}
-	mi := &file_fx_v1_director_proto_msgTypes[42]
+	mi := &file_fx_v1_director_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3079,7 +3542,7 @@ func (x *EnvoyInfo) String() string {
 func (*EnvoyInfo) ProtoMessage() {}
 
 func (x *EnvoyInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[42]
+	mi := &file_fx_v1_director_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3092,7 +3555,7 @@ func (x *EnvoyInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnvoyInfo.ProtoReflect.Descriptor instead.
 func (*EnvoyInfo) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{42}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *EnvoyInfo) GetName() string {
@@ -3171,7 +3634,7 @@ type SearchDatasetsRequest struct {
 
 func (x *SearchDatasetsRequest) Reset() {
 	*x = SearchDatasetsRequest{}
-	mi := &file_fx_v1_director_proto_msgTypes[43]
+	mi := &file_fx_v1_director_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3183,7 +3646,7 @@ func (x *SearchDatasetsRequest) String() string {
 func (*SearchDatasetsRequest) ProtoMessage() {}
 
 func (x *SearchDatasetsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[43]
+	mi := &file_fx_v1_director_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3196,7 +3659,7 @@ func (x *SearchDatasetsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchDatasetsRequest.ProtoReflect.Descriptor instead.
 func (*SearchDatasetsRequest) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{43}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *SearchDatasetsRequest) GetTags() []string {
@@ -3252,7 +3715,7 @@ type SearchDatasetsResponse struct {
 
 func (x *SearchDatasetsResponse) Reset() {
 	*x = SearchDatasetsResponse{}
-	mi := &file_fx_v1_director_proto_msgTypes[44]
+	mi := &file_fx_v1_director_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3264,7 +3727,7 @@ func (x *SearchDatasetsResponse) String() string {
 func (*SearchDatasetsResponse) ProtoMessage() {}
 
 func (x *SearchDatasetsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[44]
+	mi := &file_fx_v1_director_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3277,7 +3740,7 @@ func (x *SearchDatasetsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchDatasetsResponse.ProtoReflect.Descriptor instead.
 func (*SearchDatasetsResponse) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{44}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *SearchDatasetsResponse) GetMatches() []*DatasetMatch {
@@ -3305,7 +3768,7 @@ type DatasetMatch struct {
 
 func (x *DatasetMatch) Reset() {
 	*x = DatasetMatch{}
-	mi := &file_fx_v1_director_proto_msgTypes[45]
+	mi := &file_fx_v1_director_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3317,7 +3780,7 @@ func (x *DatasetMatch) String() string {
 func (*DatasetMatch) ProtoMessage() {}
 
 func (x *DatasetMatch) ProtoReflect() protoreflect.Message {
-	mi := &file_fx_v1_director_proto_msgTypes[45]
+	mi := &file_fx_v1_director_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3330,7 +3793,7 @@ func (x *DatasetMatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DatasetMatch.ProtoReflect.Descriptor instead.
 func (*DatasetMatch) Descriptor() ([]byte, []int) {
-	return file_fx_v1_director_proto_rawDescGZIP(), []int{45}
+	return file_fx_v1_director_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *DatasetMatch) GetEnvoy() string {
@@ -3358,7 +3821,34 @@ var File_fx_v1_director_proto protoreflect.FileDescriptor
 
 const file_fx_v1_director_proto_rawDesc = "" +
 	"\n" +
-	"\x14fx/v1/director.proto\x12\x05fx.v1\x1a\x1bbuf/validate/validate.proto\x1a\x13fx/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcf\x02\n" +
+	"\x14fx/v1/director.proto\x12\x05fx.v1\x1a\x1bbuf/validate/validate.proto\x1a\x13fx/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x02\n" +
+	"\x10AggregatorReport\x12,\n" +
+	"\rexperiment_id\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fexperimentId\x12+\n" +
+	"\flaunch_token\x18\x02 \x01(\tB\b\xbaH\x05r\x03(\x80\x01R\vlaunchToken\x124\n" +
+	"\aserving\x18\x03 \x01(\v2\x18.fx.v1.AggregatorServingH\x00R\aserving\x12J\n" +
+	"\x0fround_completed\x18\x04 \x01(\v2\x1f.fx.v1.AggregatorRoundCompletedH\x00R\x0eroundCompleted\x127\n" +
+	"\bprogress\x18\x05 \x01(\v2\x19.fx.v1.AggregatorProgressH\x00R\bprogress\x12.\n" +
+	"\x05pause\x18\x06 \x01(\v2\x16.fx.v1.AggregatorPauseH\x00R\x05pauseB\a\n" +
+	"\x05event\"\x13\n" +
+	"\x11AggregatorServing\"^\n" +
+	"\x18AggregatorRoundCompleted\x12$\n" +
+	"\asummary\x18\x01 \x01(\fB\n" +
+	"\xbaH\az\x05\x18\x80\x92\xf4\x01R\asummary\x12\x1c\n" +
+	"\x04best\x18\x02 \x01(\fB\b\xbaH\x05z\x03\x18\x80 R\x04best\"\x93\x01\n" +
+	"\x12AggregatorProgress\x12+\n" +
+	"\fcollaborator\x18\x01 \x01(\tB\a\xbaH\x04r\x02(@R\fcollaborator\x12\x14\n" +
+	"\x05round\x18\x02 \x01(\x05R\x05round\x12\x1b\n" +
+	"\x04task\x18\x03 \x01(\tB\a\xbaH\x04r\x02(@R\x04task\x12\x1d\n" +
+	"\n" +
+	"last_round\x18\x04 \x01(\x05R\tlastRound\"3\n" +
+	"\x0fAggregatorPause\x12 \n" +
+	"\x06reason\x18\x01 \x01(\tB\b\xbaH\x05r\x03(\x80 R\x06reason\"K\n" +
+	"\x11AggregatorCommand\x12+\n" +
+	"\x04drop\x18\x01 \x01(\v2\x15.fx.v1.AggregatorDropH\x00R\x04dropB\t\n" +
+	"\acommand\"L\n" +
+	"\x0eAggregatorDrop\x12\"\n" +
+	"\fcollaborator\x18\x01 \x01(\tR\fcollaborator\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\xcf\x02\n" +
 	"\fDatasetShard\x12*\n" +
 	"\vdescription\x18\x01 \x01(\tB\b\xbaH\x05r\x03(\x80\bR\vdescription\x12\"\n" +
 	"\x04tags\x18\x02 \x03(\tB\x0e\xbaH\v\x92\x01\b\x10 \"\x04r\x02(@R\x04tags\x12+\n" +
@@ -3632,7 +4122,7 @@ const file_fx_v1_director_proto_rawDesc = "" +
 	"\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\b\n" +
 	"\x04BEST\x10\x01\x12\b\n" +
 	"\x04LAST\x10\x02\x12\t\n" +
-	"\x05ROUND\x10\x032\x99\f\n" +
+	"\x05ROUND\x10\x032\xec\f\n" +
 	"\bDirector\x12Q\n" +
 	"\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x05\xca\xf3\x18\x01\x02\x12E\n" +
 	"\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x05\xca\xf3\x18\x01\x02\x12N\n" +
@@ -3653,7 +4143,8 @@ const file_fx_v1_director_proto_rawDesc = "" +
 	"ListEnvoys\x12\x18.fx.v1.ListEnvoysRequest\x1a\x19.fx.v1.ListEnvoysResponse\"\x06\xca\xf3\x18\x02\x03\x04\x12U\n" +
 	"\x0eSearchDatasets\x12\x1c.fx.v1.SearchDatasetsRequest\x1a\x1d.fx.v1.SearchDatasetsResponse\"\x06\xca\xf3\x18\x02\x03\x04\x12M\n" +
 	"\x11ApproveExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x05\xca\xf3\x18\x01\x04\x12L\n" +
-	"\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x05\xca\xf3\x18\x01\x04B&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3"
+	"\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x05\xca\xf3\x18\x01\x04\x12Q\n" +
+	"\x11AggregatorChannel\x12\x17.fx.v1.AggregatorReport\x1a\x18.fx.v1.AggregatorCommand\"\x05\xca\xf3\x18\x01\x01(\x010\x01B&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3"
 
 var (
 	file_fx_v1_director_proto_rawDescOnce sync.Once
@@ -3668,150 +4159,164 @@ func file_fx_v1_director_proto_rawDescGZIP() []byte {
 }
 
 var file_fx_v1_director_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_fx_v1_director_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
+var file_fx_v1_director_proto_msgTypes = make([]protoimpl.MessageInfo, 56)
 var file_fx_v1_director_proto_goTypes = []any{
 	(ExperimentState)(0),             // 0: fx.v1.ExperimentState
 	(ParticipantState)(0),            // 1: fx.v1.ParticipantState
 	(ModelSelector)(0),               // 2: fx.v1.ModelSelector
-	(*DatasetShard)(nil),             // 3: fx.v1.DatasetShard
-	(*Device)(nil),                   // 4: fx.v1.Device
-	(*RegisterEnvoyRequest)(nil),     // 5: fx.v1.RegisterEnvoyRequest
-	(*RegisterEnvoyResponse)(nil),    // 6: fx.v1.RegisterEnvoyResponse
-	(*HeartbeatRequest)(nil),         // 7: fx.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),        // 8: fx.v1.HeartbeatResponse
-	(*WatchAssignmentsRequest)(nil),  // 9: fx.v1.WatchAssignmentsRequest
-	(*Assignment)(nil),               // 10: fx.v1.Assignment
-	(*Offer)(nil),                    // 11: fx.v1.Offer
-	(*Start)(nil),                    // 12: fx.v1.Start
-	(*Stop)(nil),                     // 13: fx.v1.Stop
-	(*DownloadArchiveRequest)(nil),   // 14: fx.v1.DownloadArchiveRequest
-	(*ArchiveChunk)(nil),             // 15: fx.v1.ArchiveChunk
-	(*AnswerOfferRequest)(nil),       // 16: fx.v1.AnswerOfferRequest
-	(*AnswerOfferResponse)(nil),      // 17: fx.v1.AnswerOfferResponse
-	(*ReportFailureRequest)(nil),     // 18: fx.v1.ReportFailureRequest
-	(*ReportFailureResponse)(nil),    // 19: fx.v1.ReportFailureResponse
-	(*RunnerLogLine)(nil),            // 20: fx.v1.RunnerLogLine
-	(*PushRunnerLogsRequest)(nil),    // 21: fx.v1.PushRunnerLogsRequest
-	(*PushRunnerLogsResponse)(nil),   // 22: fx.v1.PushRunnerLogsResponse
-	(*WatchRunnerLogsRequest)(nil),   // 23: fx.v1.WatchRunnerLogsRequest
-	(*Participant)(nil),              // 24: fx.v1.Participant
-	(*Experiment)(nil),               // 25: fx.v1.Experiment
-	(*ModelSummary)(nil),             // 26: fx.v1.ModelSummary
-	(*ExperimentRef)(nil),            // 27: fx.v1.ExperimentRef
-	(*SubmitExperimentRequest)(nil),  // 28: fx.v1.SubmitExperimentRequest
-	(*SubmitHeader)(nil),             // 29: fx.v1.SubmitHeader
-	(*SubmitExperimentResponse)(nil), // 30: fx.v1.SubmitExperimentResponse
-	(*GetExperimentRequest)(nil),     // 31: fx.v1.GetExperimentRequest
-	(*ListExperimentsRequest)(nil),   // 32: fx.v1.ListExperimentsRequest
-	(*ListExperimentsResponse)(nil),  // 33: fx.v1.ListExperimentsResponse
-	(*WatchMetricsRequest)(nil),      // 34: fx.v1.WatchMetricsRequest
-	(*MetricEvent)(nil),              // 35: fx.v1.MetricEvent
-	(*DownloadModelRequest)(nil),     // 36: fx.v1.DownloadModelRequest
-	(*DownloadModelResponse)(nil),    // 37: fx.v1.DownloadModelResponse
-	(*ModelInfo)(nil),                // 38: fx.v1.ModelInfo
-	(*CancelExperimentRequest)(nil),  // 39: fx.v1.CancelExperimentRequest
-	(*RemoveExperimentRequest)(nil),  // 40: fx.v1.RemoveExperimentRequest
-	(*RemoveExperimentResponse)(nil), // 41: fx.v1.RemoveExperimentResponse
-	(*ReviewExperimentRequest)(nil),  // 42: fx.v1.ReviewExperimentRequest
-	(*ListEnvoysRequest)(nil),        // 43: fx.v1.ListEnvoysRequest
-	(*ListEnvoysResponse)(nil),       // 44: fx.v1.ListEnvoysResponse
-	(*EnvoyInfo)(nil),                // 45: fx.v1.EnvoyInfo
-	(*SearchDatasetsRequest)(nil),    // 46: fx.v1.SearchDatasetsRequest
-	(*SearchDatasetsResponse)(nil),   // 47: fx.v1.SearchDatasetsResponse
-	(*DatasetMatch)(nil),             // 48: fx.v1.DatasetMatch
-	nil,                              // 49: fx.v1.Experiment.LatestMetricsEntry
-	nil,                              // 50: fx.v1.MetricEvent.MetricsEntry
-	nil,                              // 51: fx.v1.ModelInfo.MetricsEntry
-	(*durationpb.Duration)(nil),      // 52: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),    // 53: google.protobuf.Timestamp
+	(*AggregatorReport)(nil),         // 3: fx.v1.AggregatorReport
+	(*AggregatorServing)(nil),        // 4: fx.v1.AggregatorServing
+	(*AggregatorRoundCompleted)(nil), // 5: fx.v1.AggregatorRoundCompleted
+	(*AggregatorProgress)(nil),       // 6: fx.v1.AggregatorProgress
+	(*AggregatorPause)(nil),          // 7: fx.v1.AggregatorPause
+	(*AggregatorCommand)(nil),        // 8: fx.v1.AggregatorCommand
+	(*AggregatorDrop)(nil),           // 9: fx.v1.AggregatorDrop
+	(*DatasetShard)(nil),             // 10: fx.v1.DatasetShard
+	(*Device)(nil),                   // 11: fx.v1.Device
+	(*RegisterEnvoyRequest)(nil),     // 12: fx.v1.RegisterEnvoyRequest
+	(*RegisterEnvoyResponse)(nil),    // 13: fx.v1.RegisterEnvoyResponse
+	(*HeartbeatRequest)(nil),         // 14: fx.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),        // 15: fx.v1.HeartbeatResponse
+	(*WatchAssignmentsRequest)(nil),  // 16: fx.v1.WatchAssignmentsRequest
+	(*Assignment)(nil),               // 17: fx.v1.Assignment
+	(*Offer)(nil),                    // 18: fx.v1.Offer
+	(*Start)(nil),                    // 19: fx.v1.Start
+	(*Stop)(nil),                     // 20: fx.v1.Stop
+	(*DownloadArchiveRequest)(nil),   // 21: fx.v1.DownloadArchiveRequest
+	(*ArchiveChunk)(nil),             // 22: fx.v1.ArchiveChunk
+	(*AnswerOfferRequest)(nil),       // 23: fx.v1.AnswerOfferRequest
+	(*AnswerOfferResponse)(nil),      // 24: fx.v1.AnswerOfferResponse
+	(*ReportFailureRequest)(nil),     // 25: fx.v1.ReportFailureRequest
+	(*ReportFailureResponse)(nil),    // 26: fx.v1.ReportFailureResponse
+	(*RunnerLogLine)(nil),            // 27: fx.v1.RunnerLogLine
+	(*PushRunnerLogsRequest)(nil),    // 28: fx.v1.PushRunnerLogsRequest
+	(*PushRunnerLogsResponse)(nil),   // 29: fx.v1.PushRunnerLogsResponse
+	(*WatchRunnerLogsRequest)(nil),   // 30: fx.v1.WatchRunnerLogsRequest
+	(*Participant)(nil),              // 31: fx.v1.Participant
+	(*Experiment)(nil),               // 32: fx.v1.Experiment
+	(*ModelSummary)(nil),             // 33: fx.v1.ModelSummary
+	(*ExperimentRef)(nil),            // 34: fx.v1.ExperimentRef
+	(*SubmitExperimentRequest)(nil),  // 35: fx.v1.SubmitExperimentRequest
+	(*SubmitHeader)(nil),             // 36: fx.v1.SubmitHeader
+	(*SubmitExperimentResponse)(nil), // 37: fx.v1.SubmitExperimentResponse
+	(*GetExperimentRequest)(nil),     // 38: fx.v1.GetExperimentRequest
+	(*ListExperimentsRequest)(nil),   // 39: fx.v1.ListExperimentsRequest
+	(*ListExperimentsResponse)(nil),  // 40: fx.v1.ListExperimentsResponse
+	(*WatchMetricsRequest)(nil),      // 41: fx.v1.WatchMetricsRequest
+	(*MetricEvent)(nil),              // 42: fx.v1.MetricEvent
+	(*DownloadModelRequest)(nil),     // 43: fx.v1.DownloadModelRequest
+	(*DownloadModelResponse)(nil),    // 44: fx.v1.DownloadModelResponse
+	(*ModelInfo)(nil),                // 45: fx.v1.ModelInfo
+	(*CancelExperimentRequest)(nil),  // 46: fx.v1.CancelExperimentRequest
+	(*RemoveExperimentRequest)(nil),  // 47: fx.v1.RemoveExperimentRequest
+	(*RemoveExperimentResponse)(nil), // 48: fx.v1.RemoveExperimentResponse
+	(*ReviewExperimentRequest)(nil),  // 49: fx.v1.ReviewExperimentRequest
+	(*ListEnvoysRequest)(nil),        // 50: fx.v1.ListEnvoysRequest
+	(*ListEnvoysResponse)(nil),       // 51: fx.v1.ListEnvoysResponse
+	(*EnvoyInfo)(nil),                // 52: fx.v1.EnvoyInfo
+	(*SearchDatasetsRequest)(nil),    // 53: fx.v1.SearchDatasetsRequest
+	(*SearchDatasetsResponse)(nil),   // 54: fx.v1.SearchDatasetsResponse
+	(*DatasetMatch)(nil),             // 55: fx.v1.DatasetMatch
+	nil,                              // 56: fx.v1.Experiment.LatestMetricsEntry
+	nil,                              // 57: fx.v1.MetricEvent.MetricsEntry
+	nil,                              // 58: fx.v1.ModelInfo.MetricsEntry
+	(*durationpb.Duration)(nil),      // 59: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 60: google.protobuf.Timestamp
 }
 var file_fx_v1_director_proto_depIdxs = []int32{
-	4,  // 0: fx.v1.DatasetShard.devices:type_name -> fx.v1.Device
-	3,  // 1: fx.v1.RegisterEnvoyRequest.shard:type_name -> fx.v1.DatasetShard
-	52, // 2: fx.v1.RegisterEnvoyResponse.heartbeat_period:type_name -> google.protobuf.Duration
-	52, // 3: fx.v1.RegisterEnvoyResponse.offline_after:type_name -> google.protobuf.Duration
-	52, // 4: fx.v1.HeartbeatResponse.next_heartbeat:type_name -> google.protobuf.Duration
-	11, // 5: fx.v1.Assignment.offer:type_name -> fx.v1.Offer
-	12, // 6: fx.v1.Assignment.start:type_name -> fx.v1.Start
-	13, // 7: fx.v1.Assignment.stop:type_name -> fx.v1.Stop
-	53, // 8: fx.v1.Offer.answer_by:type_name -> google.protobuf.Timestamp
-	0,  // 9: fx.v1.Stop.state:type_name -> fx.v1.ExperimentState
-	0,  // 10: fx.v1.AnswerOfferResponse.state:type_name -> fx.v1.ExperimentState
-	53, // 11: fx.v1.RunnerLogLine.time:type_name -> google.protobuf.Timestamp
-	20, // 12: fx.v1.PushRunnerLogsRequest.lines:type_name -> fx.v1.RunnerLogLine
-	27, // 13: fx.v1.WatchRunnerLogsRequest.experiment:type_name -> fx.v1.ExperimentRef
-	1,  // 14: fx.v1.Participant.state:type_name -> fx.v1.ParticipantState
-	53, // 15: fx.v1.Participant.updated_at:type_name -> google.protobuf.Timestamp
-	0,  // 16: fx.v1.Experiment.state:type_name -> fx.v1.ExperimentState
-	53, // 17: fx.v1.Experiment.created_at:type_name -> google.protobuf.Timestamp
-	53, // 18: fx.v1.Experiment.updated_at:type_name -> google.protobuf.Timestamp
-	24, // 19: fx.v1.Experiment.participants:type_name -> fx.v1.Participant
-	26, // 20: fx.v1.Experiment.best:type_name -> fx.v1.ModelSummary
-	49, // 21: fx.v1.Experiment.latest_metrics:type_name -> fx.v1.Experiment.LatestMetricsEntry
-	29, // 22: fx.v1.SubmitExperimentRequest.header:type_name -> fx.v1.SubmitHeader
-	25, // 23: fx.v1.SubmitExperimentResponse.experiment:type_name -> fx.v1.Experiment
-	27, // 24: fx.v1.GetExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	0,  // 25: fx.v1.ListExperimentsRequest.states:type_name -> fx.v1.ExperimentState
-	25, // 26: fx.v1.ListExperimentsResponse.experiments:type_name -> fx.v1.Experiment
-	27, // 27: fx.v1.WatchMetricsRequest.experiment:type_name -> fx.v1.ExperimentRef
-	50, // 28: fx.v1.MetricEvent.metrics:type_name -> fx.v1.MetricEvent.MetricsEntry
-	53, // 29: fx.v1.MetricEvent.time:type_name -> google.protobuf.Timestamp
-	27, // 30: fx.v1.DownloadModelRequest.experiment:type_name -> fx.v1.ExperimentRef
-	2,  // 31: fx.v1.DownloadModelRequest.selector:type_name -> fx.v1.ModelSelector
-	38, // 32: fx.v1.DownloadModelResponse.info:type_name -> fx.v1.ModelInfo
-	51, // 33: fx.v1.ModelInfo.metrics:type_name -> fx.v1.ModelInfo.MetricsEntry
-	27, // 34: fx.v1.CancelExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	27, // 35: fx.v1.RemoveExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	27, // 36: fx.v1.ReviewExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
-	45, // 37: fx.v1.ListEnvoysResponse.envoys:type_name -> fx.v1.EnvoyInfo
-	53, // 38: fx.v1.EnvoyInfo.last_seen:type_name -> google.protobuf.Timestamp
-	53, // 39: fx.v1.EnvoyInfo.registered_at:type_name -> google.protobuf.Timestamp
-	3,  // 40: fx.v1.EnvoyInfo.shard:type_name -> fx.v1.DatasetShard
-	48, // 41: fx.v1.SearchDatasetsResponse.matches:type_name -> fx.v1.DatasetMatch
-	3,  // 42: fx.v1.DatasetMatch.shard:type_name -> fx.v1.DatasetShard
-	5,  // 43: fx.v1.Director.RegisterEnvoy:input_type -> fx.v1.RegisterEnvoyRequest
-	7,  // 44: fx.v1.Director.Heartbeat:input_type -> fx.v1.HeartbeatRequest
-	9,  // 45: fx.v1.Director.WatchAssignments:input_type -> fx.v1.WatchAssignmentsRequest
-	14, // 46: fx.v1.Director.DownloadArchive:input_type -> fx.v1.DownloadArchiveRequest
-	16, // 47: fx.v1.Director.AnswerOffer:input_type -> fx.v1.AnswerOfferRequest
-	18, // 48: fx.v1.Director.ReportFailure:input_type -> fx.v1.ReportFailureRequest
-	21, // 49: fx.v1.Director.PushRunnerLogs:input_type -> fx.v1.PushRunnerLogsRequest
-	28, // 50: fx.v1.Director.SubmitExperiment:input_type -> fx.v1.SubmitExperimentRequest
-	31, // 51: fx.v1.Director.GetExperiment:input_type -> fx.v1.GetExperimentRequest
-	32, // 52: fx.v1.Director.ListExperiments:input_type -> fx.v1.ListExperimentsRequest
-	34, // 53: fx.v1.Director.WatchMetrics:input_type -> fx.v1.WatchMetricsRequest
-	23, // 54: fx.v1.Director.WatchRunnerLogs:input_type -> fx.v1.WatchRunnerLogsRequest
-	36, // 55: fx.v1.Director.DownloadModel:input_type -> fx.v1.DownloadModelRequest
-	39, // 56: fx.v1.Director.CancelExperiment:input_type -> fx.v1.CancelExperimentRequest
-	40, // 57: fx.v1.Director.RemoveExperiment:input_type -> fx.v1.RemoveExperimentRequest
-	43, // 58: fx.v1.Director.ListEnvoys:input_type -> fx.v1.ListEnvoysRequest
-	46, // 59: fx.v1.Director.SearchDatasets:input_type -> fx.v1.SearchDatasetsRequest
-	42, // 60: fx.v1.Director.ApproveExperiment:input_type -> fx.v1.ReviewExperimentRequest
-	42, // 61: fx.v1.Director.RejectExperiment:input_type -> fx.v1.ReviewExperimentRequest
-	6,  // 62: fx.v1.Director.RegisterEnvoy:output_type -> fx.v1.RegisterEnvoyResponse
-	8,  // 63: fx.v1.Director.Heartbeat:output_type -> fx.v1.HeartbeatResponse
-	10, // 64: fx.v1.Director.WatchAssignments:output_type -> fx.v1.Assignment
-	15, // 65: fx.v1.Director.DownloadArchive:output_type -> fx.v1.ArchiveChunk
-	17, // 66: fx.v1.Director.AnswerOffer:output_type -> fx.v1.AnswerOfferResponse
-	19, // 67: fx.v1.Director.ReportFailure:output_type -> fx.v1.ReportFailureResponse
-	22, // 68: fx.v1.Director.PushRunnerLogs:output_type -> fx.v1.PushRunnerLogsResponse
-	30, // 69: fx.v1.Director.SubmitExperiment:output_type -> fx.v1.SubmitExperimentResponse
-	25, // 70: fx.v1.Director.GetExperiment:output_type -> fx.v1.Experiment
-	33, // 71: fx.v1.Director.ListExperiments:output_type -> fx.v1.ListExperimentsResponse
-	35, // 72: fx.v1.Director.WatchMetrics:output_type -> fx.v1.MetricEvent
-	20, // 73: fx.v1.Director.WatchRunnerLogs:output_type -> fx.v1.RunnerLogLine
-	37, // 74: fx.v1.Director.DownloadModel:output_type -> fx.v1.DownloadModelResponse
-	25, // 75: fx.v1.Director.CancelExperiment:output_type -> fx.v1.Experiment
-	41, // 76: fx.v1.Director.RemoveExperiment:output_type -> fx.v1.RemoveExperimentResponse
-	44, // 77: fx.v1.Director.ListEnvoys:output_type -> fx.v1.ListEnvoysResponse
-	47, // 78: fx.v1.Director.SearchDatasets:output_type -> fx.v1.SearchDatasetsResponse
-	25, // 79: fx.v1.Director.ApproveExperiment:output_type -> fx.v1.Experiment
-	25, // 80: fx.v1.Director.RejectExperiment:output_type -> fx.v1.Experiment
-	62, // [62:81] is the sub-list for method output_type
-	43, // [43:62] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	4,  // 0: fx.v1.AggregatorReport.serving:type_name -> fx.v1.AggregatorServing
+	5,  // 1: fx.v1.AggregatorReport.round_completed:type_name -> fx.v1.AggregatorRoundCompleted
+	6,  // 2: fx.v1.AggregatorReport.progress:type_name -> fx.v1.AggregatorProgress
+	7,  // 3: fx.v1.AggregatorReport.pause:type_name -> fx.v1.AggregatorPause
+	9,  // 4: fx.v1.AggregatorCommand.drop:type_name -> fx.v1.AggregatorDrop
+	11, // 5: fx.v1.DatasetShard.devices:type_name -> fx.v1.Device
+	10, // 6: fx.v1.RegisterEnvoyRequest.shard:type_name -> fx.v1.DatasetShard
+	59, // 7: fx.v1.RegisterEnvoyResponse.heartbeat_period:type_name -> google.protobuf.Duration
+	59, // 8: fx.v1.RegisterEnvoyResponse.offline_after:type_name -> google.protobuf.Duration
+	59, // 9: fx.v1.HeartbeatResponse.next_heartbeat:type_name -> google.protobuf.Duration
+	18, // 10: fx.v1.Assignment.offer:type_name -> fx.v1.Offer
+	19, // 11: fx.v1.Assignment.start:type_name -> fx.v1.Start
+	20, // 12: fx.v1.Assignment.stop:type_name -> fx.v1.Stop
+	60, // 13: fx.v1.Offer.answer_by:type_name -> google.protobuf.Timestamp
+	0,  // 14: fx.v1.Stop.state:type_name -> fx.v1.ExperimentState
+	0,  // 15: fx.v1.AnswerOfferResponse.state:type_name -> fx.v1.ExperimentState
+	60, // 16: fx.v1.RunnerLogLine.time:type_name -> google.protobuf.Timestamp
+	27, // 17: fx.v1.PushRunnerLogsRequest.lines:type_name -> fx.v1.RunnerLogLine
+	34, // 18: fx.v1.WatchRunnerLogsRequest.experiment:type_name -> fx.v1.ExperimentRef
+	1,  // 19: fx.v1.Participant.state:type_name -> fx.v1.ParticipantState
+	60, // 20: fx.v1.Participant.updated_at:type_name -> google.protobuf.Timestamp
+	0,  // 21: fx.v1.Experiment.state:type_name -> fx.v1.ExperimentState
+	60, // 22: fx.v1.Experiment.created_at:type_name -> google.protobuf.Timestamp
+	60, // 23: fx.v1.Experiment.updated_at:type_name -> google.protobuf.Timestamp
+	31, // 24: fx.v1.Experiment.participants:type_name -> fx.v1.Participant
+	33, // 25: fx.v1.Experiment.best:type_name -> fx.v1.ModelSummary
+	56, // 26: fx.v1.Experiment.latest_metrics:type_name -> fx.v1.Experiment.LatestMetricsEntry
+	36, // 27: fx.v1.SubmitExperimentRequest.header:type_name -> fx.v1.SubmitHeader
+	32, // 28: fx.v1.SubmitExperimentResponse.experiment:type_name -> fx.v1.Experiment
+	34, // 29: fx.v1.GetExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	0,  // 30: fx.v1.ListExperimentsRequest.states:type_name -> fx.v1.ExperimentState
+	32, // 31: fx.v1.ListExperimentsResponse.experiments:type_name -> fx.v1.Experiment
+	34, // 32: fx.v1.WatchMetricsRequest.experiment:type_name -> fx.v1.ExperimentRef
+	57, // 33: fx.v1.MetricEvent.metrics:type_name -> fx.v1.MetricEvent.MetricsEntry
+	60, // 34: fx.v1.MetricEvent.time:type_name -> google.protobuf.Timestamp
+	34, // 35: fx.v1.DownloadModelRequest.experiment:type_name -> fx.v1.ExperimentRef
+	2,  // 36: fx.v1.DownloadModelRequest.selector:type_name -> fx.v1.ModelSelector
+	45, // 37: fx.v1.DownloadModelResponse.info:type_name -> fx.v1.ModelInfo
+	58, // 38: fx.v1.ModelInfo.metrics:type_name -> fx.v1.ModelInfo.MetricsEntry
+	34, // 39: fx.v1.CancelExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	34, // 40: fx.v1.RemoveExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	34, // 41: fx.v1.ReviewExperimentRequest.experiment:type_name -> fx.v1.ExperimentRef
+	52, // 42: fx.v1.ListEnvoysResponse.envoys:type_name -> fx.v1.EnvoyInfo
+	60, // 43: fx.v1.EnvoyInfo.last_seen:type_name -> google.protobuf.Timestamp
+	60, // 44: fx.v1.EnvoyInfo.registered_at:type_name -> google.protobuf.Timestamp
+	10, // 45: fx.v1.EnvoyInfo.shard:type_name -> fx.v1.DatasetShard
+	55, // 46: fx.v1.SearchDatasetsResponse.matches:type_name -> fx.v1.DatasetMatch
+	10, // 47: fx.v1.DatasetMatch.shard:type_name -> fx.v1.DatasetShard
+	12, // 48: fx.v1.Director.RegisterEnvoy:input_type -> fx.v1.RegisterEnvoyRequest
+	14, // 49: fx.v1.Director.Heartbeat:input_type -> fx.v1.HeartbeatRequest
+	16, // 50: fx.v1.Director.WatchAssignments:input_type -> fx.v1.WatchAssignmentsRequest
+	21, // 51: fx.v1.Director.DownloadArchive:input_type -> fx.v1.DownloadArchiveRequest
+	23, // 52: fx.v1.Director.AnswerOffer:input_type -> fx.v1.AnswerOfferRequest
+	25, // 53: fx.v1.Director.ReportFailure:input_type -> fx.v1.ReportFailureRequest
+	28, // 54: fx.v1.Director.PushRunnerLogs:input_type -> fx.v1.PushRunnerLogsRequest
+	35, // 55: fx.v1.Director.SubmitExperiment:input_type -> fx.v1.SubmitExperimentRequest
+	38, // 56: fx.v1.Director.GetExperiment:input_type -> fx.v1.GetExperimentRequest
+	39, // 57: fx.v1.Director.ListExperiments:input_type -> fx.v1.ListExperimentsRequest
+	41, // 58: fx.v1.Director.WatchMetrics:input_type -> fx.v1.WatchMetricsRequest
+	30, // 59: fx.v1.Director.WatchRunnerLogs:input_type -> fx.v1.WatchRunnerLogsRequest
+	43, // 60: fx.v1.Director.DownloadModel:input_type -> fx.v1.DownloadModelRequest
+	46, // 61: fx.v1.Director.CancelExperiment:input_type -> fx.v1.CancelExperimentRequest
+	47, // 62: fx.v1.Director.RemoveExperiment:input_type -> fx.v1.RemoveExperimentRequest
+	50, // 63: fx.v1.Director.ListEnvoys:input_type -> fx.v1.ListEnvoysRequest
+	53, // 64: fx.v1.Director.SearchDatasets:input_type -> fx.v1.SearchDatasetsRequest
+	49, // 65: fx.v1.Director.ApproveExperiment:input_type -> fx.v1.ReviewExperimentRequest
+	49, // 66: fx.v1.Director.RejectExperiment:input_type -> fx.v1.ReviewExperimentRequest
+	3,  // 67: fx.v1.Director.AggregatorChannel:input_type -> fx.v1.AggregatorReport
+	13, // 68: fx.v1.Director.RegisterEnvoy:output_type -> fx.v1.RegisterEnvoyResponse
+	15, // 69: fx.v1.Director.Heartbeat:output_type -> fx.v1.HeartbeatResponse
+	17, // 70: fx.v1.Director.WatchAssignments:output_type -> fx.v1.Assignment
+	22, // 71: fx.v1.Director.DownloadArchive:output_type -> fx.v1.ArchiveChunk
+	24, // 72: fx.v1.Director.AnswerOffer:output_type -> fx.v1.AnswerOfferResponse
+	26, // 73: fx.v1.Director.ReportFailure:output_type -> fx.v1.ReportFailureResponse
+	29, // 74: fx.v1.Director.PushRunnerLogs:output_type -> fx.v1.PushRunnerLogsResponse
+	37, // 75: fx.v1.Director.SubmitExperiment:output_type -> fx.v1.SubmitExperimentResponse
+	32, // 76: fx.v1.Director.GetExperiment:output_type -> fx.v1.Experiment
+	40, // 77: fx.v1.Director.ListExperiments:output_type -> fx.v1.ListExperimentsResponse
+	42, // 78: fx.v1.Director.WatchMetrics:output_type -> fx.v1.MetricEvent
+	27, // 79: fx.v1.Director.WatchRunnerLogs:output_type -> fx.v1.RunnerLogLine
+	44, // 80: fx.v1.Director.DownloadModel:output_type -> fx.v1.DownloadModelResponse
+	32, // 81: fx.v1.Director.CancelExperiment:output_type -> fx.v1.Experiment
+	48, // 82: fx.v1.Director.RemoveExperiment:output_type -> fx.v1.RemoveExperimentResponse
+	51, // 83: fx.v1.Director.ListEnvoys:output_type -> fx.v1.ListEnvoysResponse
+	54, // 84: fx.v1.Director.SearchDatasets:output_type -> fx.v1.SearchDatasetsResponse
+	32, // 85: fx.v1.Director.ApproveExperiment:output_type -> fx.v1.Experiment
+	32, // 86: fx.v1.Director.RejectExperiment:output_type -> fx.v1.Experiment
+	8,  // 87: fx.v1.Director.AggregatorChannel:output_type -> fx.v1.AggregatorCommand
+	68, // [68:88] is the sub-list for method output_type
+	48, // [48:68] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_fx_v1_director_proto_init() }
@@ -3820,16 +4325,25 @@ func file_fx_v1_director_proto_init() {
 		return
 	}
 	file_fx_v1_options_proto_init()
-	file_fx_v1_director_proto_msgTypes[7].OneofWrappers = []any{
+	file_fx_v1_director_proto_msgTypes[0].OneofWrappers = []any{
+		(*AggregatorReport_Serving)(nil),
+		(*AggregatorReport_RoundCompleted)(nil),
+		(*AggregatorReport_Progress)(nil),
+		(*AggregatorReport_Pause)(nil),
+	}
+	file_fx_v1_director_proto_msgTypes[5].OneofWrappers = []any{
+		(*AggregatorCommand_Drop)(nil),
+	}
+	file_fx_v1_director_proto_msgTypes[14].OneofWrappers = []any{
 		(*Assignment_Offer)(nil),
 		(*Assignment_Start)(nil),
 		(*Assignment_Stop)(nil),
 	}
-	file_fx_v1_director_proto_msgTypes[25].OneofWrappers = []any{
+	file_fx_v1_director_proto_msgTypes[32].OneofWrappers = []any{
 		(*SubmitExperimentRequest_Header)(nil),
 		(*SubmitExperimentRequest_Chunk)(nil),
 	}
-	file_fx_v1_director_proto_msgTypes[34].OneofWrappers = []any{
+	file_fx_v1_director_proto_msgTypes[41].OneofWrappers = []any{
 		(*DownloadModelResponse_Info)(nil),
 		(*DownloadModelResponse_Chunk)(nil),
 	}
@@ -3839,7 +4353,7 @@ func file_fx_v1_director_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fx_v1_director_proto_rawDesc), len(file_fx_v1_director_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   49,
+			NumMessages:   56,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -70,6 +70,7 @@ const (
 	Director_SearchDatasets_FullMethodName    = "/fx.v1.Director/SearchDatasets"
 	Director_ApproveExperiment_FullMethodName = "/fx.v1.Director/ApproveExperiment"
 	Director_RejectExperiment_FullMethodName  = "/fx.v1.Director/RejectExperiment"
+	Director_AggregatorChannel_FullMethodName = "/fx.v1.Director/AggregatorChannel"
 )
 
 // DirectorClient is the client API for Director service.
@@ -214,6 +215,21 @@ type DirectorClient interface {
 	// Role: admin.
 	// Errors: NOT_FOUND; FAILED_PRECONDITION (not PENDING).
 	RejectExperiment(ctx context.Context, in *ReviewExperimentRequest, opts ...grpc.CallOption) (*Experiment, error)
+	// AggregatorChannel connects an aggregator that runs as a process of its
+	// own (`fx aggregator run`, under the director setting launcher: process)
+	// to the director that launched it. The aggregator presents the
+	// director's own certificate: the director accepts the channel only from
+	// a caller whose CN is its own, whose first report names an aggregator it
+	// is running with the token of that launch's spec. The aggregator reports
+	// what it does (it serves, a round completed, a collaborator's progress,
+	// it paused or resumed); the director sends it the participants to drop.
+	// The channel ends when either side stops; the aggregator opens it again.
+	// Role: director.
+	// Errors: PERMISSION_DENIED (another party's certificate, or a token that
+	// is not the launch's); NOT_FOUND (no such aggregator runs);
+	// FAILED_PRECONDITION (the director runs its aggregators in its own
+	// process).
+	AggregatorChannel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[AggregatorReport, AggregatorCommand], error)
 }
 
 type directorClient struct {
@@ -462,6 +478,19 @@ func (c *directorClient) RejectExperiment(ctx context.Context, in *ReviewExperim
 	return out, nil
 }
 
+func (c *directorClient) AggregatorChannel(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[AggregatorReport, AggregatorCommand], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Director_ServiceDesc.Streams[6], Director_AggregatorChannel_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[AggregatorReport, AggregatorCommand]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Director_AggregatorChannelClient = grpc.BidiStreamingClient[AggregatorReport, AggregatorCommand]
+
 // DirectorServer is the server API for Director service.
 // All implementations must embed UnimplementedDirectorServer
 // for forward compatibility.
@@ -604,6 +633,21 @@ type DirectorServer interface {
 	// Role: admin.
 	// Errors: NOT_FOUND; FAILED_PRECONDITION (not PENDING).
 	RejectExperiment(context.Context, *ReviewExperimentRequest) (*Experiment, error)
+	// AggregatorChannel connects an aggregator that runs as a process of its
+	// own (`fx aggregator run`, under the director setting launcher: process)
+	// to the director that launched it. The aggregator presents the
+	// director's own certificate: the director accepts the channel only from
+	// a caller whose CN is its own, whose first report names an aggregator it
+	// is running with the token of that launch's spec. The aggregator reports
+	// what it does (it serves, a round completed, a collaborator's progress,
+	// it paused or resumed); the director sends it the participants to drop.
+	// The channel ends when either side stops; the aggregator opens it again.
+	// Role: director.
+	// Errors: PERMISSION_DENIED (another party's certificate, or a token that
+	// is not the launch's); NOT_FOUND (no such aggregator runs);
+	// FAILED_PRECONDITION (the director runs its aggregators in its own
+	// process).
+	AggregatorChannel(grpc.BidiStreamingServer[AggregatorReport, AggregatorCommand]) error
 	mustEmbedUnimplementedDirectorServer()
 }
 
@@ -670,6 +714,9 @@ func (UnimplementedDirectorServer) ApproveExperiment(context.Context, *ReviewExp
 }
 func (UnimplementedDirectorServer) RejectExperiment(context.Context, *ReviewExperimentRequest) (*Experiment, error) {
 	return nil, status.Error(codes.Unimplemented, "method RejectExperiment not implemented")
+}
+func (UnimplementedDirectorServer) AggregatorChannel(grpc.BidiStreamingServer[AggregatorReport, AggregatorCommand]) error {
+	return status.Error(codes.Unimplemented, "method AggregatorChannel not implemented")
 }
 func (UnimplementedDirectorServer) mustEmbedUnimplementedDirectorServer() {}
 func (UnimplementedDirectorServer) testEmbeddedByValue()                  {}
@@ -988,6 +1035,13 @@ func _Director_RejectExperiment_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Director_AggregatorChannel_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(DirectorServer).AggregatorChannel(&grpc.GenericServerStream[AggregatorReport, AggregatorCommand]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Director_AggregatorChannelServer = grpc.BidiStreamingServer[AggregatorReport, AggregatorCommand]
+
 // Director_ServiceDesc is the grpc.ServiceDesc for Director service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1078,6 +1132,12 @@ var Director_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "DownloadModel",
 			Handler:       _Director_DownloadModel_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "AggregatorChannel",
+			Handler:       _Director_AggregatorChannel_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "fx/v1/director.proto",

@@ -24,7 +24,7 @@ DESCRIPTOR = _descriptor.FileDescriptor(
   name='fx/v1/director.proto',
   package='fx.v1',
   syntax='proto3',
-  serialized_pb=_b('\n\x14\x66x/v1/director.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x01\n\x0c\x44\x61tasetShard\x12\x1d\n\x0b\x64\x65scription\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80\x08\x12\x1c\n\x04tags\x18\x02 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x1e\n\x0csample_shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x1e\n\x0ctarget_shape\x18\x04 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x15\n\rtrain_samples\x18\x05 \x01(\x03\x12\x15\n\rvalid_samples\x18\x06 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x07 \x01(\x05\x12(\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\r.fx.v1.DeviceB\x08\xbaH\x05\x92\x01\x02\x10@\"M\n\x06\x44\x65vice\x12\x15\n\x04kind\x18\x01 \x01(\tB\x07\xbaH\x04r\x02( \x12\x16\n\x04name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x8a\x01\n\x14RegisterEnvoyRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x03 \x01(\x05\x12\x18\n\x07version\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\"~\n\x15RegisterEnvoyResponse\x12\x33\n\x10heartbeat_period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\roffline_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x10HeartbeatRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12,\n\x13running_experiments\x18\x02 \x03(\tB\x0f\xbaH\x0c\x92\x01\t\x10\x80 \"\x04r\x02(@\"F\n\x11HeartbeatResponse\x12\x31\n\x0enext_heartbeat\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x17WatchAssignmentsRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\"\x86\x01\n\nAssignment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x1d\n\x05offer\x18\x02 \x01(\x0b\x32\x0c.fx.v1.OfferH\x00\x12\x1d\n\x05start\x18\x03 \x01(\x0b\x32\x0c.fx.v1.StartH\x00\x12\x1b\n\x04stop\x18\x04 \x01(\x0b\x32\x0b.fx.v1.StopH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05Offer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\t\x12\x11\n\tplan_yaml\x18\x05 \x01(\t\x12-\n\tanswer_by\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x05Start\x12\x1a\n\x12\x61ggregator_address\x18\x01 \x01(\t\x12\x1e\n\x16\x61ggregator_server_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"=\n\x04Stop\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\x16\x44ownloadArchiveRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0e\n\x06offset\x18\x02 \x01(\x03\",\n\x0c\x41rchiveChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"{\n\x12\x41nswerOfferRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x18\n\x06reason\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"<\n\x13\x41nswerOfferResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\"|\n\x14ReportFailureRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x18\n\x06reason\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x17\n\x15ReportFailureResponse\"\xba\x01\n\rRunnerLogLine\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x16\n\x05\x65nvoy\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x17\n\x06stream\x18\x06 \x01(\tB\x07\xbaH\x04r\x02(\x10\x12\x16\n\x04text\x18\x07 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x84\x01\n\x15PushRunnerLogsRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12.\n\x05lines\x18\x03 \x03(\x0b\x32\x14.fx.v1.RunnerLogLineB\t\xbaH\x06\x92\x01\x03\x10\xe8\x07\"\x18\n\x16PushRunnerLogsResponse\"\x82\x01\n\x16WatchRunnerLogsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x05\x65nvoy\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\xa6\x01\n\x0bParticipant\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.fx.v1.ParticipantState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x05\x12\x0c\n\x04task\x18\x05 \x01(\t\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x03\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tplan_yaml\x18\x06 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x07 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05round\x18\x0b \x01(\x05\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12(\n\x0cparticipants\x18\r \x03(\x0b\x32\x12.fx.v1.Participant\x12!\n\x04\x62\x65st\x18\x0e \x01(\x0b\x32\x13.fx.v1.ModelSummary\x12<\n\x0elatest_metrics\x18\x0f \x03(\x0b\x32$.fx.v1.Experiment.LatestMetricsEntry\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x0cModelSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"S\n\rExperimentRef\x12\x13\n\x02id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x15\n\x04name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x16\n\x05owner\x18\x03 \x01(\tB\x07\xbaH\x04r\x02(@\"d\n\x17SubmitExperimentRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.SubmitHeaderH\x00\x12\x1a\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x06\n\x04part\"j\n\x0cSubmitHeader\x12\x15\n\x04name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x17\n\x06sha256\x18\x03 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1c\n\tplan_yaml\x18\x04 \x01(\tB\t\xbaH\x06r\x04(\x80\x80@\"A\n\x18SubmitExperimentResponse\x12%\n\nexperiment\x18\x01 \x01(\x0b\x32\x11.fx.v1.Experiment\"@\n\x14GetExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x9f\x01\n\x16ListExperimentsRequest\x12\x30\n\x06states\x18\x01 \x03(\x0e\x32\x16.fx.v1.ExperimentStateB\x08\xbaH\x05\x92\x01\x02\x10\x10\x12\x16\n\x05owner\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\tpage_size\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"Z\n\x17ListExperimentsResponse\x12&\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x11.fx.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"W\n\x13WatchMetricsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xef\x01\n\x0bMetricEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.fx.v1.MetricEvent.MetricsEntry\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"w\n\x14\x44ownloadModelRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12&\n\x08selector\x18\x02 \x01(\x0e\x32\x14.fx.v1.ModelSelector\x12\r\n\x05round\x18\x03 \x01(\x05\"R\n\x15\x44ownloadModelResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x10.fx.v1.ModelInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x98\x01\n\tModelInfo\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.fx.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"]\n\x17\x43\x61ncelExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"C\n\x17RemoveExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x1a\n\x18RemoveExperimentResponse\"]\n\x17ReviewExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x83\x01\n\x11ListEnvoysRequest\x12\x1c\n\x04tags\x18\x01 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x13\n\x0bonline_only\x18\x02 \x01(\x08\x12\x1d\n\tpage_size\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"O\n\x12ListEnvoysResponse\x12 \n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x10.fx.v1.EnvoyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xee\x01\n\tEnvoyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05shard\x18\x05 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xperiments\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xcb\x01\n\x15SearchDatasetsRequest\x12\x1c\n\x04tags\x18\x01 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x1e\n\x0csample_shape\x18\x02 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x1e\n\x0ctarget_shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x17\n\x0finclude_offline\x18\x04 \x01(\x08\x12\x1d\n\tpage_size\x18\x05 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x06 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"W\n\x16SearchDatasetsResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.fx.v1.DatasetMatch\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x0c\x44\x61tasetMatch\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\"\n\x05shard\x18\x03 \x01(\x0b\x32\x13.fx.v1.DatasetShard*\xa9\x01\n\x0f\x45xperimentState\x12 \n\x1c\x45XPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\x0b\n\x07OFFERED\x10\x03\x12\x0b\n\x07RUNNING\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\r\n\tCANCELLED\x10\x07\x12\x0c\n\x08REJECTED\x10\x08\x12\n\n\x06PAUSED\x10\t*\x9a\x01\n\x10ParticipantState\x12!\n\x1dPARTICIPANT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07INVITED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0c\n\x08TRAINING\x10\x04\x12\x10\n\x0c\x44ISCONNECTED\x10\x05\x12\x0b\n\x07\x44ROPPED\x10\x06\x12\r\n\tCOMPLETED\x10\x07*N\n\rModelSelector\x12\x1e\n\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x45ST\x10\x01\x12\x08\n\x04LAST\x10\x02\x12\t\n\x05ROUND\x10\x03\x32\xa4\x0c\n\x08\x44irector\x12P\n\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x04\xc8\xf3\x18\x02\x12\x44\n\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x04\xc8\xf3\x18\x02\x12M\n\x10WatchAssignments\x12\x1e.fx.v1.WatchAssignmentsRequest\x1a\x11.fx.v1.Assignment\"\x04\xc8\xf3\x18\x02\x30\x01\x12Q\n\x0f\x44ownloadArchive\x12\x1d.fx.v1.DownloadArchiveRequest\x1a\x13.fx.v1.ArchiveChunk\"\x08\xc8\xf3\x18\x02\xc8\xf3\x18\x04\x30\x01\x12J\n\x0b\x41nswerOffer\x12\x19.fx.v1.AnswerOfferRequest\x1a\x1a.fx.v1.AnswerOfferResponse\"\x04\xc8\xf3\x18\x02\x12P\n\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x04\xc8\xf3\x18\x02\x12S\n\x0ePushRunnerLogs\x12\x1c.fx.v1.PushRunnerLogsRequest\x1a\x1d.fx.v1.PushRunnerLogsResponse\"\x04\xc8\xf3\x18\x02\x12[\n\x10SubmitExperiment\x12\x1e.fx.v1.SubmitExperimentRequest\x1a\x1f.fx.v1.SubmitExperimentResponse\"\x04\xc8\xf3\x18\x03(\x01\x12I\n\rGetExperiment\x12\x1b.fx.v1.GetExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12Z\n\x0fListExperiments\x12\x1d.fx.v1.ListExperimentsRequest\x1a\x1e.fx.v1.ListExperimentsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12J\n\x0cWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12R\n\x0fWatchRunnerLogs\x12\x1d.fx.v1.WatchRunnerLogsRequest\x1a\x14.fx.v1.RunnerLogLine\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12V\n\rDownloadModel\x12\x1b.fx.v1.DownloadModelRequest\x1a\x1c.fx.v1.DownloadModelResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12O\n\x10\x43\x61ncelExperiment\x12\x1e.fx.v1.CancelExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12]\n\x10RemoveExperiment\x12\x1e.fx.v1.RemoveExperimentRequest\x1a\x1f.fx.v1.RemoveExperimentResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12K\n\nListEnvoys\x12\x18.fx.v1.ListEnvoysRequest\x1a\x19.fx.v1.ListEnvoysResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12W\n\x0eSearchDatasets\x12\x1c.fx.v1.SearchDatasetsRequest\x1a\x1d.fx.v1.SearchDatasetsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12L\n\x11\x41pproveExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x12K\n\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
+  serialized_pb=_b('\n\x14\x66x/v1/director.proto\x12\x05\x66x.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x13\x66x/v1/options.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9c\x02\n\x10\x41ggregatorReport\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1e\n\x0claunch_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80\x01\x12+\n\x07serving\x18\x03 \x01(\x0b\x32\x18.fx.v1.AggregatorServingH\x00\x12:\n\x0fround_completed\x18\x04 \x01(\x0b\x32\x1f.fx.v1.AggregatorRoundCompletedH\x00\x12-\n\x08progress\x18\x05 \x01(\x0b\x32\x19.fx.v1.AggregatorProgressH\x00\x12\'\n\x05pause\x18\x06 \x01(\x0b\x32\x16.fx.v1.AggregatorPauseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11\x41ggregatorServing\"O\n\x18\x41ggregatorRoundCompleted\x12\x1b\n\x07summary\x18\x01 \x01(\x0c\x42\n\xbaH\x07z\x05\x18\x80\x92\xf4\x01\x12\x16\n\x04\x62\x65st\x18\x02 \x01(\x0c\x42\x08\xbaH\x05z\x03\x18\x80 \"m\n\x12\x41ggregatorProgress\x12\x1d\n\x0c\x63ollaborator\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x15\n\x04task\x18\x03 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x12\n\nlast_round\x18\x04 \x01(\x05\"+\n\x0f\x41ggregatorPause\x12\x18\n\x06reason\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"E\n\x11\x41ggregatorCommand\x12%\n\x04\x64rop\x18\x01 \x01(\x0b\x32\x15.fx.v1.AggregatorDropH\x00\x42\t\n\x07\x63ommand\"6\n\x0e\x41ggregatorDrop\x12\x14\n\x0c\x63ollaborator\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xf4\x01\n\x0c\x44\x61tasetShard\x12\x1d\n\x0b\x64\x65scription\x18\x01 \x01(\tB\x08\xbaH\x05r\x03(\x80\x08\x12\x1c\n\x04tags\x18\x02 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x1e\n\x0csample_shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x1e\n\x0ctarget_shape\x18\x04 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x15\n\rtrain_samples\x18\x05 \x01(\x03\x12\x15\n\rvalid_samples\x18\x06 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x07 \x01(\x05\x12(\n\x07\x64\x65vices\x18\x08 \x03(\x0b\x32\r.fx.v1.DeviceB\x08\xbaH\x05\x92\x01\x02\x10@\"M\n\x06\x44\x65vice\x12\x15\n\x04kind\x18\x01 \x01(\tB\x07\xbaH\x04r\x02( \x12\x16\n\x04name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x8a\x01\n\x14RegisterEnvoyRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\"\n\x05shard\x18\x02 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x03 \x01(\x05\x12\x18\n\x07version\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\"~\n\x15RegisterEnvoyResponse\x12\x33\n\x10heartbeat_period\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\roffline_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"]\n\x10HeartbeatRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12,\n\x13running_experiments\x18\x02 \x03(\tB\x0f\xbaH\x0c\x92\x01\t\x10\x80 \"\x04r\x02(@\"F\n\x11HeartbeatResponse\x12\x31\n\x0enext_heartbeat\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x17WatchAssignmentsRequest\x12\x1b\n\nenvoy_name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\"\x86\x01\n\nAssignment\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x1d\n\x05offer\x18\x02 \x01(\x0b\x32\x0c.fx.v1.OfferH\x00\x12\x1d\n\x05start\x18\x03 \x01(\x0b\x32\x0c.fx.v1.StartH\x00\x12\x1b\n\x04stop\x18\x04 \x01(\x0b\x32\x0b.fx.v1.StopH\x00\x42\x06\n\x04kind\"\x94\x01\n\x05Offer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x04 \x01(\t\x12\x11\n\tplan_yaml\x18\x05 \x01(\t\x12-\n\tanswer_by\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x05Start\x12\x1a\n\x12\x61ggregator_address\x18\x01 \x01(\t\x12\x1e\n\x16\x61ggregator_server_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"=\n\x04Stop\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"H\n\x16\x44ownloadArchiveRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0e\n\x06offset\x18\x02 \x01(\x03\",\n\x0c\x41rchiveChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"{\n\x12\x41nswerOfferRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\x12\x18\n\x06reason\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"<\n\x13\x41nswerOfferResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.fx.v1.ExperimentState\"|\n\x14ReportFailureRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x18\n\x06reason\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x17\n\x15ReportFailureResponse\"\xba\x01\n\rRunnerLogLine\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x16\n\x05\x65nvoy\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x04task\x18\x04 \x01(\tB\x07\xbaH\x04r\x02(@\x12\r\n\x05round\x18\x05 \x01(\x05\x12\x17\n\x06stream\x18\x06 \x01(\tB\x07\xbaH\x04r\x02(\x10\x12\x16\n\x04text\x18\x07 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x84\x01\n\x15PushRunnerLogsRequest\x12\x1e\n\rexperiment_id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1b\n\nenvoy_name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12.\n\x05lines\x18\x03 \x03(\x0b\x32\x14.fx.v1.RunnerLogLineB\t\xbaH\x06\x92\x01\x03\x10\xe8\x07\"\x18\n\x16PushRunnerLogsResponse\"\x82\x01\n\x16WatchRunnerLogsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x05\x65nvoy\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\xa6\x01\n\x0bParticipant\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.fx.v1.ParticipantState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nlast_round\x18\x04 \x01(\x05\x12\x0c\n\x04task\x18\x05 \x01(\t\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xed\x03\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fx.v1.ExperimentState\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tplan_yaml\x18\x06 \x01(\t\x12\x14\n\x0c\x61rchive_size\x18\x07 \x01(\x03\x12\x16\n\x0e\x61rchive_sha256\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05round\x18\x0b \x01(\x05\x12\x0e\n\x06rounds\x18\x0c \x01(\x05\x12(\n\x0cparticipants\x18\r \x03(\x0b\x32\x12.fx.v1.Participant\x12!\n\x04\x62\x65st\x18\x0e \x01(\x0b\x32\x13.fx.v1.ModelSummary\x12<\n\x0elatest_metrics\x18\x0f \x03(\x0b\x32$.fx.v1.Experiment.LatestMetricsEntry\x1a\x34\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"<\n\x0cModelSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"S\n\rExperimentRef\x12\x13\n\x02id\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x15\n\x04name\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x16\n\x05owner\x18\x03 \x01(\tB\x07\xbaH\x04r\x02(@\"d\n\x17SubmitExperimentRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.fx.v1.SubmitHeaderH\x00\x12\x1a\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\x06\n\x04part\"j\n\x0cSubmitHeader\x12\x15\n\x04name\x18\x01 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x17\n\x06sha256\x18\x03 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1c\n\tplan_yaml\x18\x04 \x01(\tB\t\xbaH\x06r\x04(\x80\x80@\"A\n\x18SubmitExperimentResponse\x12%\n\nexperiment\x18\x01 \x01(\x0b\x32\x11.fx.v1.Experiment\"@\n\x14GetExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x9f\x01\n\x16ListExperimentsRequest\x12\x30\n\x06states\x18\x01 \x03(\x0e\x32\x16.fx.v1.ExperimentStateB\x08\xbaH\x05\x92\x01\x02\x10\x10\x12\x16\n\x05owner\x18\x02 \x01(\tB\x07\xbaH\x04r\x02(@\x12\x1d\n\tpage_size\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"Z\n\x17ListExperimentsResponse\x12&\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x11.fx.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"W\n\x13WatchMetricsRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xef\x01\n\x0bMetricEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0c\x63ollaborator\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x30\n\x07metrics\x18\x06 \x03(\x0b\x32\x1f.fx.v1.MetricEvent.MetricsEntry\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"w\n\x14\x44ownloadModelRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12&\n\x08selector\x18\x02 \x01(\x0e\x32\x14.fx.v1.ModelSelector\x12\r\n\x05round\x18\x03 \x01(\x05\"R\n\x15\x44ownloadModelResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x10.fx.v1.ModelInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x98\x01\n\tModelInfo\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12.\n\x07metrics\x18\x04 \x03(\x0b\x32\x1d.fx.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"]\n\x17\x43\x61ncelExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"C\n\x17RemoveExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\"\x1a\n\x18RemoveExperimentResponse\"]\n\x17ReviewExperimentRequest\x12(\n\nexperiment\x18\x01 \x01(\x0b\x32\x14.fx.v1.ExperimentRef\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80 \"\x83\x01\n\x11ListEnvoysRequest\x12\x1c\n\x04tags\x18\x01 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x13\n\x0bonline_only\x18\x02 \x01(\x08\x12\x1d\n\tpage_size\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"O\n\x12ListEnvoysResponse\x12 \n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x10.fx.v1.EnvoyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xee\x01\n\tEnvoyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12-\n\tlast_seen\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rregistered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05shard\x18\x05 \x01(\x0b\x32\x13.fx.v1.DatasetShard\x12\x17\n\x0fmax_experiments\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xperiments\x18\x07 \x03(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xcb\x01\n\x15SearchDatasetsRequest\x12\x1c\n\x04tags\x18\x01 \x03(\tB\x0e\xbaH\x0b\x92\x01\x08\x10 \"\x04r\x02(@\x12\x1e\n\x0csample_shape\x18\x02 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x1e\n\x0ctarget_shape\x18\x03 \x03(\x03\x42\x08\xbaH\x05\x92\x01\x02\x10 \x12\x17\n\x0finclude_offline\x18\x04 \x01(\x08\x12\x1d\n\tpage_size\x18\x05 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x1c\n\npage_token\x18\x06 \x01(\tB\x08\xbaH\x05r\x03(\x80\x02\"W\n\x16SearchDatasetsResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.fx.v1.DatasetMatch\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x0c\x44\x61tasetMatch\x12\r\n\x05\x65nvoy\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\"\n\x05shard\x18\x03 \x01(\x0b\x32\x13.fx.v1.DatasetShard*\xa9\x01\n\x0f\x45xperimentState\x12 \n\x1c\x45XPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06QUEUED\x10\x02\x12\x0b\n\x07OFFERED\x10\x03\x12\x0b\n\x07RUNNING\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\r\n\tCANCELLED\x10\x07\x12\x0c\n\x08REJECTED\x10\x08\x12\n\n\x06PAUSED\x10\t*\x9a\x01\n\x10ParticipantState\x12!\n\x1dPARTICIPANT_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07INVITED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0c\n\x08TRAINING\x10\x04\x12\x10\n\x0c\x44ISCONNECTED\x10\x05\x12\x0b\n\x07\x44ROPPED\x10\x06\x12\r\n\tCOMPLETED\x10\x07*N\n\rModelSelector\x12\x1e\n\x1aMODEL_SELECTOR_UNSPECIFIED\x10\x00\x12\x08\n\x04\x42\x45ST\x10\x01\x12\x08\n\x04LAST\x10\x02\x12\t\n\x05ROUND\x10\x03\x32\xf6\x0c\n\x08\x44irector\x12P\n\rRegisterEnvoy\x12\x1b.fx.v1.RegisterEnvoyRequest\x1a\x1c.fx.v1.RegisterEnvoyResponse\"\x04\xc8\xf3\x18\x02\x12\x44\n\tHeartbeat\x12\x17.fx.v1.HeartbeatRequest\x1a\x18.fx.v1.HeartbeatResponse\"\x04\xc8\xf3\x18\x02\x12M\n\x10WatchAssignments\x12\x1e.fx.v1.WatchAssignmentsRequest\x1a\x11.fx.v1.Assignment\"\x04\xc8\xf3\x18\x02\x30\x01\x12Q\n\x0f\x44ownloadArchive\x12\x1d.fx.v1.DownloadArchiveRequest\x1a\x13.fx.v1.ArchiveChunk\"\x08\xc8\xf3\x18\x02\xc8\xf3\x18\x04\x30\x01\x12J\n\x0b\x41nswerOffer\x12\x19.fx.v1.AnswerOfferRequest\x1a\x1a.fx.v1.AnswerOfferResponse\"\x04\xc8\xf3\x18\x02\x12P\n\rReportFailure\x12\x1b.fx.v1.ReportFailureRequest\x1a\x1c.fx.v1.ReportFailureResponse\"\x04\xc8\xf3\x18\x02\x12S\n\x0ePushRunnerLogs\x12\x1c.fx.v1.PushRunnerLogsRequest\x1a\x1d.fx.v1.PushRunnerLogsResponse\"\x04\xc8\xf3\x18\x02\x12[\n\x10SubmitExperiment\x12\x1e.fx.v1.SubmitExperimentRequest\x1a\x1f.fx.v1.SubmitExperimentResponse\"\x04\xc8\xf3\x18\x03(\x01\x12I\n\rGetExperiment\x12\x1b.fx.v1.GetExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12Z\n\x0fListExperiments\x12\x1d.fx.v1.ListExperimentsRequest\x1a\x1e.fx.v1.ListExperimentsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12J\n\x0cWatchMetrics\x12\x1a.fx.v1.WatchMetricsRequest\x1a\x12.fx.v1.MetricEvent\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12R\n\x0fWatchRunnerLogs\x12\x1d.fx.v1.WatchRunnerLogsRequest\x1a\x14.fx.v1.RunnerLogLine\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12V\n\rDownloadModel\x12\x1b.fx.v1.DownloadModelRequest\x1a\x1c.fx.v1.DownloadModelResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x30\x01\x12O\n\x10\x43\x61ncelExperiment\x12\x1e.fx.v1.CancelExperimentRequest\x1a\x11.fx.v1.Experiment\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12]\n\x10RemoveExperiment\x12\x1e.fx.v1.RemoveExperimentRequest\x1a\x1f.fx.v1.RemoveExperimentResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12K\n\nListEnvoys\x12\x18.fx.v1.ListEnvoysRequest\x1a\x19.fx.v1.ListEnvoysResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12W\n\x0eSearchDatasets\x12\x1c.fx.v1.SearchDatasetsRequest\x1a\x1d.fx.v1.SearchDatasetsResponse\"\x08\xc8\xf3\x18\x03\xc8\xf3\x18\x04\x12L\n\x11\x41pproveExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x12K\n\x10RejectExperiment\x12\x1e.fx.v1.ReviewExperimentRequest\x1a\x11.fx.v1.Experiment\"\x04\xc8\xf3\x18\x04\x12P\n\x11\x41ggregatorChannel\x12\x17.fx.v1.AggregatorReport\x1a\x18.fx.v1.AggregatorCommand\"\x04\xc8\xf3\x18\x01(\x01\x30\x01\x42&Z$github.com/fx-fl/fx/proto/fx/v1;fxv1b\x06proto3')
   ,
   dependencies=[buf_dot_validate_dot_validate__pb2.DESCRIPTOR,fx_dot_v1_dot_options__pb2.DESCRIPTOR,google_dot_protobuf_dot_duration__pb2.DESCRIPTOR,google_dot_protobuf_dot_timestamp__pb2.DESCRIPTOR,])
 
@@ -77,8 +77,8 @@ _EXPERIMENTSTATE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=5562,
-  serialized_end=5731,
+  serialized_start=6234,
+  serialized_end=6403,
 )
 _sym_db.RegisterEnumDescriptor(_EXPERIMENTSTATE)
 
@@ -124,8 +124,8 @@ _PARTICIPANTSTATE = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=5734,
-  serialized_end=5888,
+  serialized_start=6406,
+  serialized_end=6560,
 )
 _sym_db.RegisterEnumDescriptor(_PARTICIPANTSTATE)
 
@@ -155,8 +155,8 @@ _MODELSELECTOR = _descriptor.EnumDescriptor(
   ],
   containing_type=None,
   options=None,
-  serialized_start=5890,
-  serialized_end=5968,
+  serialized_start=6562,
+  serialized_end=6640,
 )
 _sym_db.RegisterEnumDescriptor(_MODELSELECTOR)
 
@@ -184,6 +184,292 @@ BEST = 1
 LAST = 2
 ROUND = 3
 
+
+
+_AGGREGATORREPORT = _descriptor.Descriptor(
+  name='AggregatorReport',
+  full_name='fx.v1.AggregatorReport',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='experiment_id', full_name='fx.v1.AggregatorReport.experiment_id', index=0,
+      number=1, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='launch_token', full_name='fx.v1.AggregatorReport.launch_token', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\001')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='serving', full_name='fx.v1.AggregatorReport.serving', index=2,
+      number=3, type=11, cpp_type=10, label=1,
+      has_default_value=False, default_value=None,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='round_completed', full_name='fx.v1.AggregatorReport.round_completed', index=3,
+      number=4, type=11, cpp_type=10, label=1,
+      has_default_value=False, default_value=None,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='progress', full_name='fx.v1.AggregatorReport.progress', index=4,
+      number=5, type=11, cpp_type=10, label=1,
+      has_default_value=False, default_value=None,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='pause', full_name='fx.v1.AggregatorReport.pause', index=5,
+      number=6, type=11, cpp_type=10, label=1,
+      has_default_value=False, default_value=None,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+    _descriptor.OneofDescriptor(
+      name='event', full_name='fx.v1.AggregatorReport.event',
+      index=0, containing_type=None, fields=[]),
+  ],
+  serialized_start=147,
+  serialized_end=431,
+)
+
+
+_AGGREGATORSERVING = _descriptor.Descriptor(
+  name='AggregatorServing',
+  full_name='fx.v1.AggregatorServing',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=433,
+  serialized_end=452,
+)
+
+
+_AGGREGATORROUNDCOMPLETED = _descriptor.Descriptor(
+  name='AggregatorRoundCompleted',
+  full_name='fx.v1.AggregatorRoundCompleted',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='summary', full_name='fx.v1.AggregatorRoundCompleted.summary', index=0,
+      number=1, type=12, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b(""),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007z\005\030\200\222\364\001')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='best', full_name='fx.v1.AggregatorRoundCompleted.best', index=1,
+      number=2, type=12, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b(""),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005z\003\030\200 ')), file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=454,
+  serialized_end=533,
+)
+
+
+_AGGREGATORPROGRESS = _descriptor.Descriptor(
+  name='AggregatorProgress',
+  full_name='fx.v1.AggregatorProgress',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='collaborator', full_name='fx.v1.AggregatorProgress.collaborator', index=0,
+      number=1, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='round', full_name='fx.v1.AggregatorProgress.round', index=1,
+      number=2, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='task', full_name='fx.v1.AggregatorProgress.task', index=2,
+      number=3, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@')), file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='last_round', full_name='fx.v1.AggregatorProgress.last_round', index=3,
+      number=4, type=5, cpp_type=1, label=1,
+      has_default_value=False, default_value=0,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=535,
+  serialized_end=644,
+)
+
+
+_AGGREGATORPAUSE = _descriptor.Descriptor(
+  name='AggregatorPause',
+  full_name='fx.v1.AggregatorPause',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='reason', full_name='fx.v1.AggregatorPause.reason', index=0,
+      number=1, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=_descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 ')), file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=646,
+  serialized_end=689,
+)
+
+
+_AGGREGATORCOMMAND = _descriptor.Descriptor(
+  name='AggregatorCommand',
+  full_name='fx.v1.AggregatorCommand',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='drop', full_name='fx.v1.AggregatorCommand.drop', index=0,
+      number=1, type=11, cpp_type=10, label=1,
+      has_default_value=False, default_value=None,
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+    _descriptor.OneofDescriptor(
+      name='command', full_name='fx.v1.AggregatorCommand.command',
+      index=0, containing_type=None, fields=[]),
+  ],
+  serialized_start=691,
+  serialized_end=760,
+)
+
+
+_AGGREGATORDROP = _descriptor.Descriptor(
+  name='AggregatorDrop',
+  full_name='fx.v1.AggregatorDrop',
+  filename=None,
+  file=DESCRIPTOR,
+  containing_type=None,
+  fields=[
+    _descriptor.FieldDescriptor(
+      name='collaborator', full_name='fx.v1.AggregatorDrop.collaborator', index=0,
+      number=1, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+    _descriptor.FieldDescriptor(
+      name='reason', full_name='fx.v1.AggregatorDrop.reason', index=1,
+      number=2, type=9, cpp_type=9, label=1,
+      has_default_value=False, default_value=_b("").decode('utf-8'),
+      message_type=None, enum_type=None, containing_type=None,
+      is_extension=False, extension_scope=None,
+      options=None, file=DESCRIPTOR),
+  ],
+  extensions=[
+  ],
+  nested_types=[],
+  enum_types=[
+  ],
+  options=None,
+  is_extendable=False,
+  syntax='proto3',
+  extension_ranges=[],
+  oneofs=[
+  ],
+  serialized_start=762,
+  serialized_end=816,
+)
 
 
 _DATASETSHARD = _descriptor.Descriptor(
@@ -261,8 +547,8 @@ _DATASETSHARD = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=147,
-  serialized_end=391,
+  serialized_start=819,
+  serialized_end=1063,
 )
 
 
@@ -306,8 +592,8 @@ _DEVICE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=393,
-  serialized_end=470,
+  serialized_start=1065,
+  serialized_end=1142,
 )
 
 
@@ -358,8 +644,8 @@ _REGISTERENVOYREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=473,
-  serialized_end=611,
+  serialized_start=1145,
+  serialized_end=1283,
 )
 
 
@@ -396,8 +682,8 @@ _REGISTERENVOYRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=613,
-  serialized_end=739,
+  serialized_start=1285,
+  serialized_end=1411,
 )
 
 
@@ -434,8 +720,8 @@ _HEARTBEATREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=741,
-  serialized_end=834,
+  serialized_start=1413,
+  serialized_end=1506,
 )
 
 
@@ -465,8 +751,8 @@ _HEARTBEATRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=836,
-  serialized_end=906,
+  serialized_start=1508,
+  serialized_end=1578,
 )
 
 
@@ -496,8 +782,8 @@ _WATCHASSIGNMENTSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=908,
-  serialized_end=962,
+  serialized_start=1580,
+  serialized_end=1634,
 )
 
 
@@ -551,8 +837,8 @@ _ASSIGNMENT = _descriptor.Descriptor(
       name='kind', full_name='fx.v1.Assignment.kind',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=965,
-  serialized_end=1099,
+  serialized_start=1637,
+  serialized_end=1771,
 )
 
 
@@ -617,8 +903,8 @@ _OFFER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1102,
-  serialized_end=1250,
+  serialized_start=1774,
+  serialized_end=1922,
 )
 
 
@@ -662,8 +948,8 @@ _START = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1252,
-  serialized_end=1334,
+  serialized_start=1924,
+  serialized_end=2006,
 )
 
 
@@ -700,8 +986,8 @@ _STOP = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1336,
-  serialized_end=1397,
+  serialized_start=2008,
+  serialized_end=2069,
 )
 
 
@@ -738,8 +1024,8 @@ _DOWNLOADARCHIVEREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1399,
-  serialized_end=1471,
+  serialized_start=2071,
+  serialized_end=2143,
 )
 
 
@@ -776,8 +1062,8 @@ _ARCHIVECHUNK = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1473,
-  serialized_end=1517,
+  serialized_start=2145,
+  serialized_end=2189,
 )
 
 
@@ -828,8 +1114,8 @@ _ANSWEROFFERREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1519,
-  serialized_end=1642,
+  serialized_start=2191,
+  serialized_end=2314,
 )
 
 
@@ -859,8 +1145,8 @@ _ANSWEROFFERRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1644,
-  serialized_end=1704,
+  serialized_start=2316,
+  serialized_end=2376,
 )
 
 
@@ -911,8 +1197,8 @@ _REPORTFAILUREREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1706,
-  serialized_end=1830,
+  serialized_start=2378,
+  serialized_end=2502,
 )
 
 
@@ -935,8 +1221,8 @@ _REPORTFAILURERESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1832,
-  serialized_end=1855,
+  serialized_start=2504,
+  serialized_end=2527,
 )
 
 
@@ -1008,8 +1294,8 @@ _RUNNERLOGLINE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=1858,
-  serialized_end=2044,
+  serialized_start=2530,
+  serialized_end=2716,
 )
 
 
@@ -1053,8 +1339,8 @@ _PUSHRUNNERLOGSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2047,
-  serialized_end=2179,
+  serialized_start=2719,
+  serialized_end=2851,
 )
 
 
@@ -1077,8 +1363,8 @@ _PUSHRUNNERLOGSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2181,
-  serialized_end=2205,
+  serialized_start=2853,
+  serialized_end=2877,
 )
 
 
@@ -1129,8 +1415,8 @@ _WATCHRUNNERLOGSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2208,
-  serialized_end=2338,
+  serialized_start=2880,
+  serialized_end=3010,
 )
 
 
@@ -1195,8 +1481,8 @@ _PARTICIPANT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2341,
-  serialized_end=2507,
+  serialized_start=3013,
+  serialized_end=3179,
 )
 
 
@@ -1233,8 +1519,8 @@ _EXPERIMENT_LATESTMETRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2951,
-  serialized_end=3003,
+  serialized_start=3623,
+  serialized_end=3675,
 )
 
 _EXPERIMENT = _descriptor.Descriptor(
@@ -1361,8 +1647,8 @@ _EXPERIMENT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=2510,
-  serialized_end=3003,
+  serialized_start=3182,
+  serialized_end=3675,
 )
 
 
@@ -1406,8 +1692,8 @@ _MODELSUMMARY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3005,
-  serialized_end=3065,
+  serialized_start=3677,
+  serialized_end=3737,
 )
 
 
@@ -1451,8 +1737,8 @@ _EXPERIMENTREF = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3067,
-  serialized_end=3150,
+  serialized_start=3739,
+  serialized_end=3822,
 )
 
 
@@ -1492,8 +1778,8 @@ _SUBMITEXPERIMENTREQUEST = _descriptor.Descriptor(
       name='part', full_name='fx.v1.SubmitExperimentRequest.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=3152,
-  serialized_end=3252,
+  serialized_start=3824,
+  serialized_end=3924,
 )
 
 
@@ -1544,8 +1830,8 @@ _SUBMITHEADER = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3254,
-  serialized_end=3360,
+  serialized_start=3926,
+  serialized_end=4032,
 )
 
 
@@ -1575,8 +1861,8 @@ _SUBMITEXPERIMENTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3362,
-  serialized_end=3427,
+  serialized_start=4034,
+  serialized_end=4099,
 )
 
 
@@ -1606,8 +1892,8 @@ _GETEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3429,
-  serialized_end=3493,
+  serialized_start=4101,
+  serialized_end=4165,
 )
 
 
@@ -1658,8 +1944,8 @@ _LISTEXPERIMENTSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3496,
-  serialized_end=3655,
+  serialized_start=4168,
+  serialized_end=4327,
 )
 
 
@@ -1696,8 +1982,8 @@ _LISTEXPERIMENTSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3657,
-  serialized_end=3747,
+  serialized_start=4329,
+  serialized_end=4419,
 )
 
 
@@ -1734,8 +2020,8 @@ _WATCHMETRICSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3749,
-  serialized_end=3836,
+  serialized_start=4421,
+  serialized_end=4508,
 )
 
 
@@ -1772,8 +2058,8 @@ _METRICEVENT_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4032,
-  serialized_end=4078,
+  serialized_start=4704,
+  serialized_end=4750,
 )
 
 _METRICEVENT = _descriptor.Descriptor(
@@ -1844,8 +2130,8 @@ _METRICEVENT = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=3839,
-  serialized_end=4078,
+  serialized_start=4511,
+  serialized_end=4750,
 )
 
 
@@ -1889,8 +2175,8 @@ _DOWNLOADMODELREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4080,
-  serialized_end=4199,
+  serialized_start=4752,
+  serialized_end=4871,
 )
 
 
@@ -1930,8 +2216,8 @@ _DOWNLOADMODELRESPONSE = _descriptor.Descriptor(
       name='part', full_name='fx.v1.DownloadModelResponse.part',
       index=0, containing_type=None, fields=[]),
   ],
-  serialized_start=4201,
-  serialized_end=4283,
+  serialized_start=4873,
+  serialized_end=4955,
 )
 
 
@@ -1968,8 +2254,8 @@ _MODELINFO_METRICSENTRY = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4032,
-  serialized_end=4078,
+  serialized_start=4704,
+  serialized_end=4750,
 )
 
 _MODELINFO = _descriptor.Descriptor(
@@ -2019,8 +2305,8 @@ _MODELINFO = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4286,
-  serialized_end=4438,
+  serialized_start=4958,
+  serialized_end=5110,
 )
 
 
@@ -2057,8 +2343,8 @@ _CANCELEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4440,
-  serialized_end=4533,
+  serialized_start=5112,
+  serialized_end=5205,
 )
 
 
@@ -2088,8 +2374,8 @@ _REMOVEEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4535,
-  serialized_end=4602,
+  serialized_start=5207,
+  serialized_end=5274,
 )
 
 
@@ -2112,8 +2398,8 @@ _REMOVEEXPERIMENTRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4604,
-  serialized_end=4630,
+  serialized_start=5276,
+  serialized_end=5302,
 )
 
 
@@ -2150,8 +2436,8 @@ _REVIEWEXPERIMENTREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4632,
-  serialized_end=4725,
+  serialized_start=5304,
+  serialized_end=5397,
 )
 
 
@@ -2202,8 +2488,8 @@ _LISTENVOYSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4728,
-  serialized_end=4859,
+  serialized_start=5400,
+  serialized_end=5531,
 )
 
 
@@ -2240,8 +2526,8 @@ _LISTENVOYSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4861,
-  serialized_end=4940,
+  serialized_start=5533,
+  serialized_end=5612,
 )
 
 
@@ -2320,8 +2606,8 @@ _ENVOYINFO = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=4943,
-  serialized_end=5181,
+  serialized_start=5615,
+  serialized_end=5853,
 )
 
 
@@ -2386,8 +2672,8 @@ _SEARCHDATASETSREQUEST = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=5184,
-  serialized_end=5387,
+  serialized_start=5856,
+  serialized_end=6059,
 )
 
 
@@ -2424,8 +2710,8 @@ _SEARCHDATASETSRESPONSE = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=5389,
-  serialized_end=5476,
+  serialized_start=6061,
+  serialized_end=6148,
 )
 
 
@@ -2469,10 +2755,30 @@ _DATASETMATCH = _descriptor.Descriptor(
   extension_ranges=[],
   oneofs=[
   ],
-  serialized_start=5478,
-  serialized_end=5559,
+  serialized_start=6150,
+  serialized_end=6231,
 )
 
+_AGGREGATORREPORT.fields_by_name['serving'].message_type = _AGGREGATORSERVING
+_AGGREGATORREPORT.fields_by_name['round_completed'].message_type = _AGGREGATORROUNDCOMPLETED
+_AGGREGATORREPORT.fields_by_name['progress'].message_type = _AGGREGATORPROGRESS
+_AGGREGATORREPORT.fields_by_name['pause'].message_type = _AGGREGATORPAUSE
+_AGGREGATORREPORT.oneofs_by_name['event'].fields.append(
+  _AGGREGATORREPORT.fields_by_name['serving'])
+_AGGREGATORREPORT.fields_by_name['serving'].containing_oneof = _AGGREGATORREPORT.oneofs_by_name['event']
+_AGGREGATORREPORT.oneofs_by_name['event'].fields.append(
+  _AGGREGATORREPORT.fields_by_name['round_completed'])
+_AGGREGATORREPORT.fields_by_name['round_completed'].containing_oneof = _AGGREGATORREPORT.oneofs_by_name['event']
+_AGGREGATORREPORT.oneofs_by_name['event'].fields.append(
+  _AGGREGATORREPORT.fields_by_name['progress'])
+_AGGREGATORREPORT.fields_by_name['progress'].containing_oneof = _AGGREGATORREPORT.oneofs_by_name['event']
+_AGGREGATORREPORT.oneofs_by_name['event'].fields.append(
+  _AGGREGATORREPORT.fields_by_name['pause'])
+_AGGREGATORREPORT.fields_by_name['pause'].containing_oneof = _AGGREGATORREPORT.oneofs_by_name['event']
+_AGGREGATORCOMMAND.fields_by_name['drop'].message_type = _AGGREGATORDROP
+_AGGREGATORCOMMAND.oneofs_by_name['command'].fields.append(
+  _AGGREGATORCOMMAND.fields_by_name['drop'])
+_AGGREGATORCOMMAND.fields_by_name['drop'].containing_oneof = _AGGREGATORCOMMAND.oneofs_by_name['command']
 _DATASETSHARD.fields_by_name['devices'].message_type = _DEVICE
 _REGISTERENVOYREQUEST.fields_by_name['shard'].message_type = _DATASETSHARD
 _REGISTERENVOYRESPONSE.fields_by_name['heartbeat_period'].message_type = google_dot_protobuf_dot_duration__pb2._DURATION
@@ -2540,6 +2846,13 @@ _ENVOYINFO.fields_by_name['registered_at'].message_type = google_dot_protobuf_do
 _ENVOYINFO.fields_by_name['shard'].message_type = _DATASETSHARD
 _SEARCHDATASETSRESPONSE.fields_by_name['matches'].message_type = _DATASETMATCH
 _DATASETMATCH.fields_by_name['shard'].message_type = _DATASETSHARD
+DESCRIPTOR.message_types_by_name['AggregatorReport'] = _AGGREGATORREPORT
+DESCRIPTOR.message_types_by_name['AggregatorServing'] = _AGGREGATORSERVING
+DESCRIPTOR.message_types_by_name['AggregatorRoundCompleted'] = _AGGREGATORROUNDCOMPLETED
+DESCRIPTOR.message_types_by_name['AggregatorProgress'] = _AGGREGATORPROGRESS
+DESCRIPTOR.message_types_by_name['AggregatorPause'] = _AGGREGATORPAUSE
+DESCRIPTOR.message_types_by_name['AggregatorCommand'] = _AGGREGATORCOMMAND
+DESCRIPTOR.message_types_by_name['AggregatorDrop'] = _AGGREGATORDROP
 DESCRIPTOR.message_types_by_name['DatasetShard'] = _DATASETSHARD
 DESCRIPTOR.message_types_by_name['Device'] = _DEVICE
 DESCRIPTOR.message_types_by_name['RegisterEnvoyRequest'] = _REGISTERENVOYREQUEST
@@ -2590,6 +2903,55 @@ DESCRIPTOR.enum_types_by_name['ExperimentState'] = _EXPERIMENTSTATE
 DESCRIPTOR.enum_types_by_name['ParticipantState'] = _PARTICIPANTSTATE
 DESCRIPTOR.enum_types_by_name['ModelSelector'] = _MODELSELECTOR
 _sym_db.RegisterFileDescriptor(DESCRIPTOR)
+
+AggregatorReport = _reflection.GeneratedProtocolMessageType('AggregatorReport', (_message.Message,), dict(
+  DESCRIPTOR = _AGGREGATORREPORT,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.AggregatorReport)
+  ))
+_sym_db.RegisterMessage(AggregatorReport)
+
+AggregatorServing = _reflection.GeneratedProtocolMessageType('AggregatorServing', (_message.Message,), dict(
+  DESCRIPTOR = _AGGREGATORSERVING,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.AggregatorServing)
+  ))
+_sym_db.RegisterMessage(AggregatorServing)
+
+AggregatorRoundCompleted = _reflection.GeneratedProtocolMessageType('AggregatorRoundCompleted', (_message.Message,), dict(
+  DESCRIPTOR = _AGGREGATORROUNDCOMPLETED,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.AggregatorRoundCompleted)
+  ))
+_sym_db.RegisterMessage(AggregatorRoundCompleted)
+
+AggregatorProgress = _reflection.GeneratedProtocolMessageType('AggregatorProgress', (_message.Message,), dict(
+  DESCRIPTOR = _AGGREGATORPROGRESS,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.AggregatorProgress)
+  ))
+_sym_db.RegisterMessage(AggregatorProgress)
+
+AggregatorPause = _reflection.GeneratedProtocolMessageType('AggregatorPause', (_message.Message,), dict(
+  DESCRIPTOR = _AGGREGATORPAUSE,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.AggregatorPause)
+  ))
+_sym_db.RegisterMessage(AggregatorPause)
+
+AggregatorCommand = _reflection.GeneratedProtocolMessageType('AggregatorCommand', (_message.Message,), dict(
+  DESCRIPTOR = _AGGREGATORCOMMAND,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.AggregatorCommand)
+  ))
+_sym_db.RegisterMessage(AggregatorCommand)
+
+AggregatorDrop = _reflection.GeneratedProtocolMessageType('AggregatorDrop', (_message.Message,), dict(
+  DESCRIPTOR = _AGGREGATORDROP,
+  __module__ = 'fx.v1.director_pb2'
+  # @@protoc_insertion_point(class_scope:fx.v1.AggregatorDrop)
+  ))
+_sym_db.RegisterMessage(AggregatorDrop)
 
 DatasetShard = _reflection.GeneratedProtocolMessageType('DatasetShard', (_message.Message,), dict(
   DESCRIPTOR = _DATASETSHARD,
@@ -2940,6 +3302,20 @@ _sym_db.RegisterMessage(DatasetMatch)
 
 DESCRIPTOR.has_options = True
 DESCRIPTOR._options = _descriptor._ParseOptions(descriptor_pb2.FileOptions(), _b('Z$github.com/fx-fl/fx/proto/fx/v1;fxv1'))
+_AGGREGATORREPORT.fields_by_name['experiment_id'].has_options = True
+_AGGREGATORREPORT.fields_by_name['experiment_id']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_AGGREGATORREPORT.fields_by_name['launch_token'].has_options = True
+_AGGREGATORREPORT.fields_by_name['launch_token']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\001'))
+_AGGREGATORROUNDCOMPLETED.fields_by_name['summary'].has_options = True
+_AGGREGATORROUNDCOMPLETED.fields_by_name['summary']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\007z\005\030\200\222\364\001'))
+_AGGREGATORROUNDCOMPLETED.fields_by_name['best'].has_options = True
+_AGGREGATORROUNDCOMPLETED.fields_by_name['best']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005z\003\030\200 '))
+_AGGREGATORPROGRESS.fields_by_name['collaborator'].has_options = True
+_AGGREGATORPROGRESS.fields_by_name['collaborator']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_AGGREGATORPROGRESS.fields_by_name['task'].has_options = True
+_AGGREGATORPROGRESS.fields_by_name['task']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\004r\002(@'))
+_AGGREGATORPAUSE.fields_by_name['reason'].has_options = True
+_AGGREGATORPAUSE.fields_by_name['reason']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200 '))
 _DATASETSHARD.fields_by_name['description'].has_options = True
 _DATASETSHARD.fields_by_name['description']._options = _descriptor._ParseOptions(descriptor_pb2.FieldOptions(), _b('\272H\005r\003(\200\010'))
 _DATASETSHARD.fields_by_name['tags'].has_options = True
@@ -3049,8 +3425,8 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
   file=DESCRIPTOR,
   index=0,
   options=None,
-  serialized_start=5971,
-  serialized_end=7543,
+  serialized_start=6643,
+  serialized_end=8297,
   methods=[
   _descriptor.MethodDescriptor(
     name='RegisterEnvoy',
@@ -3222,6 +3598,15 @@ _DIRECTOR = _descriptor.ServiceDescriptor(
     input_type=_REVIEWEXPERIMENTREQUEST,
     output_type=_EXPERIMENT,
     options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\004')),
+  ),
+  _descriptor.MethodDescriptor(
+    name='AggregatorChannel',
+    full_name='fx.v1.Director.AggregatorChannel',
+    index=19,
+    containing_service=None,
+    input_type=_AGGREGATORREPORT,
+    output_type=_AGGREGATORCOMMAND,
+    options=_descriptor._ParseOptions(descriptor_pb2.MethodOptions(), _b('\310\363\030\001')),
   ),
 ])
 _sym_db.RegisterServiceDescriptor(_DIRECTOR)

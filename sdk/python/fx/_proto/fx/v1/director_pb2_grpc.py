@@ -109,6 +109,11 @@ class DirectorStub(object):
         request_serializer=fx_dot_v1_dot_director__pb2.ReviewExperimentRequest.SerializeToString,
         response_deserializer=fx_dot_v1_dot_director__pb2.Experiment.FromString,
         )
+    self.AggregatorChannel = channel.stream_stream(
+        '/fx.v1.Director/AggregatorChannel',
+        request_serializer=fx_dot_v1_dot_director__pb2.AggregatorReport.SerializeToString,
+        response_deserializer=fx_dot_v1_dot_director__pb2.AggregatorCommand.FromString,
+        )
 
 
 class DirectorServicer(object):
@@ -352,6 +357,28 @@ class DirectorServicer(object):
     context.set_details('Method not implemented!')
     raise NotImplementedError('Method not implemented!')
 
+  def AggregatorChannel(self, request_iterator, context):
+    """----------------------------------------------------------- aggregators
+
+    AggregatorChannel connects an aggregator that runs as a process of its
+    own (`fx aggregator run`, under the director setting launcher: process)
+    to the director that launched it. The aggregator presents the
+    director's own certificate: the director accepts the channel only from
+    a caller whose CN is its own, whose first report names an aggregator it
+    is running with the token of that launch's spec. The aggregator reports
+    what it does (it serves, a round completed, a collaborator's progress,
+    it paused or resumed); the director sends it the participants to drop.
+    The channel ends when either side stops; the aggregator opens it again.
+    Role: director.
+    Errors: PERMISSION_DENIED (another party's certificate, or a token that
+    is not the launch's); NOT_FOUND (no such aggregator runs);
+    FAILED_PRECONDITION (the director runs its aggregators in its own
+    process).
+    """
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details('Method not implemented!')
+    raise NotImplementedError('Method not implemented!')
+
 
 def add_DirectorServicer_to_server(servicer, server):
   rpc_method_handlers = {
@@ -449,6 +476,11 @@ def add_DirectorServicer_to_server(servicer, server):
           servicer.RejectExperiment,
           request_deserializer=fx_dot_v1_dot_director__pb2.ReviewExperimentRequest.FromString,
           response_serializer=fx_dot_v1_dot_director__pb2.Experiment.SerializeToString,
+      ),
+      'AggregatorChannel': grpc.stream_stream_rpc_method_handler(
+          servicer.AggregatorChannel,
+          request_deserializer=fx_dot_v1_dot_director__pb2.AggregatorReport.FromString,
+          response_serializer=fx_dot_v1_dot_director__pb2.AggregatorCommand.SerializeToString,
       ),
   }
   generic_handler = grpc.method_handlers_generic_handler(
