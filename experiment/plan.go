@@ -423,6 +423,65 @@ type Aggregation struct {
 	Beta2 float64 `yaml:"beta2,omitempty" json:"beta2,omitempty"`
 	// Tau is the adaptivity (the denominator's epsilon), ≥ 0 (tau).
 	Tau float64 `yaml:"tau,omitempty" json:"tau,omitempty"`
+	// Secure turns on secure aggregation (secure): the aggregator learns
+	// only the weighted sum of each round's train updates, never one site's
+	// (docs/privacy.md). It combines with fedavg and the server optimisers,
+	// which work on the mean, and not with the algorithms that look at each
+	// update.
+	Secure bool `yaml:"secure,omitempty" json:"secure,omitempty"`
+	// SecureThreshold is secure aggregation's threshold t, at least 2 and
+	// at most participants.min (secure_threshold): a round closes only if
+	// at least t sites upload and help unmask, and t − 1 colluding sites
+	// learn nothing of another's update. 0 means a majority of
+	// participants.min (SecureThresholdOrDefault).
+	SecureThreshold int `yaml:"secure_threshold,omitempty" json:"secure_threshold,omitempty"`
+	// SecureRange is secure aggregation's clipping range R (secure_range):
+	// every element of a site's update (trained − global) is clipped to
+	// [−R, R] and sent in fixed point with 30 − ⌈log2 R⌉ fractional bits.
+	// 0 means DefaultSecureRange.
+	SecureRange float64 `yaml:"secure_range,omitempty" json:"secure_range,omitempty"`
+}
+
+// DefaultSecureRange is aggregation.secure_range when the plan gives none:
+// updates (trained − global) of up to 4 in magnitude per element pass
+// unclipped, summed with 28 fractional bits.
+const DefaultSecureRange = 4.0
+
+// Bounds of aggregation.secure_range (package secagg's).
+const (
+	MinSecureRange = 0x1p-60
+	MaxSecureRange = 0x1p30
+)
+
+// SecureThresholdOrDefault is the threshold t of secure aggregation: the
+// plan's secure_threshold, or else a majority of participants.min,
+// ⌊min/2⌋ + 1, and at least 2.
+func (p *Plan) SecureThresholdOrDefault() int {
+	if t := p.Aggregation.SecureThreshold; t > 0 {
+		return t
+	}
+	return max(2, p.Participants.Min/2+1)
+}
+
+// SecureRangeOrDefault is the clipping range R of secure aggregation: the
+// plan's secure_range, or DefaultSecureRange.
+func (p *Plan) SecureRangeOrDefault() float64 {
+	if r := p.Aggregation.SecureRange; r > 0 {
+		return r
+	}
+	return DefaultSecureRange
+}
+
+// SecureAlgorithm reports whether an aggregation algorithm works on the
+// mean of the updates alone, so that it combines with secure aggregation:
+// fedavg and the server optimisers do; median, trimmed_mean, krum,
+// multi_krum and registered strategies look at each update.
+func SecureAlgorithm(algorithm string) bool {
+	switch algorithm {
+	case AlgFedAvg, AlgFedAdam, AlgFedYogi, AlgFedAdagrad:
+		return true
+	}
+	return false
 }
 
 // Training says what each site's local training optimises besides the
@@ -914,6 +973,7 @@ func (p *Plan) validateAggregation(v *problems, anyAlgorithm bool) {
 		v.add("aggregation.trim", fmt.Sprintf("must be in [0,0.5), got %v", a.Trim))
 	}
 	p.validateKrum(v)
+	p.validateSecure(v)
 	if !(a.LR >= 0) || math.IsInf(a.LR, 0) {
 		v.add("aggregation.lr", fmt.Sprintf("must be a finite number ≥ 0 (0 means the algorithm's default), got %v", a.LR))
 	}
@@ -925,6 +985,42 @@ func (p *Plan) validateAggregation(v *problems, anyAlgorithm bool) {
 	}
 	if !(a.Tau >= 0) || math.IsInf(a.Tau, 0) {
 		v.add("aggregation.tau", fmt.Sprintf("must be a finite number ≥ 0 (0 means the algorithm's default), got %v", a.Tau))
+	}
+}
+
+// validateSecure checks secure aggregation's settings and what it
+// combines with.
+func (p *Plan) validateSecure(v *problems) {
+	a := &p.Aggregation
+	if !a.Secure {
+		if a.SecureThreshold != 0 {
+			v.add("aggregation.secure_threshold", "is only used with secure: true")
+		}
+		if a.SecureRange != 0 {
+			v.add("aggregation.secure_range", "is only used with secure: true")
+		}
+		return
+	}
+	if a.Algorithm != "" && !SecureAlgorithm(a.Algorithm) {
+		v.add("aggregation.secure", fmt.Sprintf("cannot be combined with algorithm %s: it needs each site's update, and under secure aggregation the aggregator sees only their sum; use fedavg, fedadam, fedyogi or fedadagrad, or turn secure off", a.Algorithm))
+	}
+	if a.Weights == WeightsRegistered {
+		v.add("aggregation.secure", "cannot be combined with weights: registered (a site does not know the count the director holds for it, and must mask its update with its weight); use samples or equal")
+	}
+	if p.Evaluation() && len(p.Tasks) > 0 {
+		v.add("aggregation.secure", "sums the sites' train updates, and this plan's tasks do not train: remove it, or add train to tasks")
+	}
+	if p.Participants.Min < 2 {
+		v.add("aggregation.secure", fmt.Sprintf("needs at least 2 participants (a sum of one site's update is that update): raise participants.min from %d", p.Participants.Min))
+	}
+	switch t := a.SecureThreshold; {
+	case t < 0 || t == 1:
+		v.add("aggregation.secure_threshold", fmt.Sprintf("must be at least 2 (with 1 the aggregator could unmask a single site's update), or 0 for a majority of participants.min, got %d", t))
+	case t > 0 && p.Participants.Min >= 2 && t > p.Participants.Min:
+		v.add("aggregation.secure_threshold", fmt.Sprintf("is %d, above participants.min %d: a round with participants.min sites could never close; lower it or raise participants.min", t, p.Participants.Min))
+	}
+	if r := a.SecureRange; r != 0 && !(r >= MinSecureRange && r <= MaxSecureRange) {
+		v.add("aggregation.secure_range", fmt.Sprintf("must be in [2^-60, 2^30] (the largest magnitude of an update element; 0 means %v), got %v", DefaultSecureRange, r))
 	}
 }
 
