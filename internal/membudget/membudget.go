@@ -21,6 +21,7 @@ package membudget
 import (
 	"math"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"sync"
@@ -51,6 +52,10 @@ func Reserve(n, held int64) (release func()) {
 	}
 	mu.Lock()
 	if reserved == 0 {
+		// Collect first: the last collection may have found live what is
+		// garbage now (an aggregator's initial model, written to its round
+		// file and dropped), which would stay in the limit for good.
+		runtime.GC()
 		base = Base + max(0, liveHeap()-held)
 	}
 	reserved += n

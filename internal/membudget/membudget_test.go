@@ -2,6 +2,7 @@ package membudget
 
 import (
 	"math"
+	"runtime"
 	"runtime/debug"
 	"testing"
 )
@@ -46,5 +47,31 @@ func TestOperatorsLimitWins(t *testing.T) {
 	defer release()
 	if got := goLimit(); got != before {
 		t.Fatalf("with GOMEMLIMIT set, a reservation changed the limit from %d to %d", before, got)
+	}
+}
+
+// sink keeps a test's allocation reachable until the test drops it.
+var sink []byte
+
+// A model the process held when the runtime last collected, and has
+// dropped since, is garbage: the first reservation must not count it as
+// what the process needs besides, or the limit keeps it for good.
+func TestGarbageIsNotCountedInTheBase(t *testing.T) {
+	if operator {
+		t.Skip("GOMEMLIMIT is set in this environment")
+	}
+	before := goLimit()
+	defer debug.SetMemoryLimit(before)
+	const model = 256 << 20
+	sink = make([]byte, model)
+	for i := range sink {
+		sink[i] = 1
+	}
+	runtime.GC() // the last collection finds the model live
+	sink = nil
+	release := Reserve(1<<30, 0)
+	defer release()
+	if base >= Base+model {
+		t.Fatalf("base %d MiB counts the dropped %d MiB model (Base %d MiB)", base>>20, model>>20, Base>>20)
 	}
 }
