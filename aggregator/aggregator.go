@@ -38,19 +38,24 @@ const DefaultPollWindow = 20 * time.Second
 // short deadline would close before anyone could report, and fail.
 const DefaultRejoinGrace = 2 * time.Minute
 
-// MemoryStageBudget decides where train uploads wait between arriving and
-// being folded into the round's sum: in memory (the received chunks
-// themselves, no copy) while the uploads staged there take no more than
-// this, else each in a file (an unlinked temporary, read back once from
-// the page cache), so memory stays near one model plus this however many
-// collaborators upload a large model at once. It is small because the
-// director's goal is two models and 128 MiB: the global model, the sum,
-// and the process's own needs (membudget.Base and the runtime's, about 80
-// MiB measured), which leaves this much for stages: at 64 MiB, a 64 MiB
-// model's director peaked at 2 × P + 146 MiB. Folding a kept upload is
-// about three times as fast as a spilled one (BenchmarkFold), whose bytes
-// go to the page cache.
-const MemoryStageBudget = 32 << 20
+// StageBudget decides where train uploads wait between arriving and being
+// folded into the round's sum: in memory (the received chunks themselves,
+// no copy) while the uploads staged there take no more than this, else
+// each in a file (an unlinked temporary, read back once from the page
+// cache), so memory stays near two models however many collaborators
+// upload a large model at once. It is one model of modelBytes (at least
+// MinStageBudget): the director's goal is two models and 128 MiB, the
+// round's sum and one upload, plus the process's own needs (membudget.Base
+// and the runtime's). One upload in memory is what makes the fold fast:
+// uploads that arrive one after another never touch the disk, and folding
+// a kept upload is several times as fast as folding a spilled one, whose
+// bytes go through the page cache (BenchmarkFold: first touches of new
+// page-cache pages cost more than the fold on virtual machines).
+func StageBudget(modelBytes int64) int64 { return max(MinStageBudget, modelBytes) }
+
+// MinStageBudget is the least StageBudget gives: small models' uploads
+// stage in memory even when several arrive at once.
+const MinStageBudget = 32 << 20
 
 // Config is what an aggregator needs to run one experiment.
 type Config struct {
@@ -310,10 +315,10 @@ func (a *Aggregator) Run(ctx context.Context) error {
 
 // memoryNeed is the most this aggregator holds, for the process's memory
 // budget, and how much of it it holds already (the model, and a server
-// optimiser's moments, restored): the global model and the running sum,
-// which becomes the next model at the round's close while the next sum is
-// made; the upload stages it keeps in memory; a server optimiser's two
-// moments and the copies a checkpoint writes of them. Median and trimmed
+// optimiser's moments, restored): the running sum, which becomes the next
+// model at the round's close and whose memory the next sum reuses; the
+// upload stages it keeps in memory (StageBudget); a server optimiser's
+// global model, two moments and the copies a checkpoint writes of them. Median and trimmed
 // mean hold every update instead of a sum; a registered strategy holds the
 // global model besides.
 func (a *Aggregator) memoryNeed() (need, held int64) {
@@ -324,7 +329,7 @@ func (a *Aggregator) memoryNeed() (need, held int64) {
 	if a.collects() {
 		return (n + 1) * p, 0
 	}
-	need, held = p+min(MemoryStageBudget, n*p), p
+	need, held = p+min(StageBudget(p), n*p), p
 	if a.keepsModel() {
 		need, held = need+5*p, held+3*p
 	}

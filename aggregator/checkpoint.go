@@ -530,7 +530,7 @@ func (a *Aggregator) restore(ctx context.Context) error {
 			return err
 		}
 		acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{
-			Layout: a.shared(a.model), SpillDir: spill, MemoryBudget: MemoryStageBudget, MaxTotalWeight: a.maxTotalWeight})
+			Layout: a.shared(a.model), SpillDir: spill, MemoryBudget: StageBudget(a.shared(a.model).Bytes()), MaxTotalWeight: a.maxTotalWeight})
 		if err != nil {
 			return fmt.Errorf("aggregator: %w", err)
 		}

@@ -42,7 +42,7 @@ func newFoldRound(updates, params int) *foldRound {
 }
 
 // accumulator is the round's sum as the aggregator sets it up: a spool
-// directory and aggregator.MemoryStageBudget of stages in memory.
+// directory and aggregator.StageBudget of stages in memory.
 func (r *foldRound) accumulator(b *testing.B) *tensor.Accumulator {
 	total := 0.0
 	for _, w := range r.weights {
@@ -51,7 +51,7 @@ func (r *foldRound) accumulator(b *testing.B) *tensor.Accumulator {
 	acc, err := tensor.NewAccumulator(tensor.AccumulatorConfig{
 		Layout:         tensor.Model{tensor.New("w", tensor.F32, []int64{int64(r.params)})},
 		SpillDir:       b.TempDir(),
-		MemoryBudget:   aggregator.MemoryStageBudget,
+		MemoryBudget:   aggregator.StageBudget(int64(4 * r.params)),
 		MaxTotalWeight: total,
 	})
 	if err != nil {

@@ -119,9 +119,8 @@ type stage interface {
 
 // newStage picks how the round keeps a train upload. FedAvg and the server
 // optimisers fold it into the Accumulator's running sum, staged while it
-// streams in memory up to MemoryStageBudget and on disk beyond, so memory
-// holds about one model plus the budget however many collaborators upload
-// at once. Median, trimmed mean, krum and multi-krum need every update at
+// streams in memory up to StageBudget (one model) and on disk beyond, so
+// memory holds about two models however many collaborators upload at once. Median, trimmed mean, krum and multi-krum need every update at
 // the round's close: they keep each one whole in memory, N models for N
 // collaborators.
 func (a *Aggregator) newStage(r *roundState) (stage, error) {
