@@ -22,6 +22,9 @@ import (
 // what was meant to stay at the sites, and at least one tensor must be
 // left to aggregate.
 func (a *Aggregator) splitLocal(m tensor.Model) (tensor.Model, error) {
+	if err := a.checkSecureLayout(m); err != nil {
+		return nil, err
+	}
 	agg := &a.plan.Aggregation
 	if len(agg.Local) == 0 {
 		return nil, nil

@@ -45,6 +45,9 @@ type roundState struct {
 	// partial are train uploads whose connection broke, kept until they
 	// are resumed, started over, or the round closes: by collaborator.
 	partial map[string]*partialUpload
+	// sec is the round's secure aggregation (secure.go), made on its
+	// first message; nil without aggregation.secure.
+	sec *secureRound
 }
 
 // partialUpload is what a broken train upload left: its stage, the decoder
@@ -194,7 +197,11 @@ func (a *Aggregator) aggregate(ctx context.Context, r *roundState) (tensor.Model
 		}
 		return tensor.MultiKrum(r.updates, f, m)
 	}
-	avg, err := a.acc.TakeMean()
+	takeMean := a.acc.TakeMean
+	if a.plan.Aggregation.Secure {
+		takeMean = func() (tensor.Model, error) { return a.secureMean(ctx, r) }
+	}
+	avg, err := takeMean()
 	if err != nil {
 		return nil, err
 	}

@@ -387,6 +387,9 @@ func (a *Aggregator) trainStage(r *roundState, name string, h *fxv1.ResultHeader
 	if p != nil {
 		p.st.Discard()
 	}
+	if a.plan.Aggregation.Secure {
+		return a.secureTrainStage(r, name, h)
+	}
 	st, err := a.newStage(r)
 	if err != nil {
 		return nil, nil, status.Errorf(codes.Internal, "stage upload: %v", err)

@@ -1,0 +1,205 @@
+package aggregator_test
+
+import (
+	"context"
+	"math"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/fx-fl/fx/collaborator"
+	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/testpki"
+	"github.com/fx-fl/fx/pki"
+	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
+	"github.com/fx-fl/fx/runner"
+	"github.com/fx-fl/fx/secagg"
+)
+
+// secureCollab runs a collaborator that takes part in the plan's secure
+// aggregation.
+func (f *federation) secureCollab(ctx context.Context, name string, r runner.Runner) <-chan error {
+	f.t.Helper()
+	k := f.ca.Keyring(pki.RoleEnvoy, name)
+	c, err := collaborator.New(collaborator.Config{
+		ExperimentID: experimentID,
+		Name:         name,
+		Address:      f.addr,
+		DialOptions:  testpki.DialOptions(k, "localhost"),
+		Runner:       r,
+		WorkDir:      f.t.TempDir(),
+		Logger:       testLogger(f.t, name),
+		Secure: &collaborator.Secure{
+			Threshold:    f.plan.SecureThresholdOrDefault(),
+			Range:        f.plan.SecureRangeOrDefault(),
+			EqualWeights: f.plan.Aggregation.Weights == experiment.WeightsEqual,
+		},
+	})
+	if err != nil {
+		f.t.Fatalf("collaborator.New: %v", err)
+	}
+	out := make(chan error, 1)
+	go func() { out <- c.Run(ctx) }()
+	return out
+}
+
+// secureTolerance is how far a secure round's weight may be from the exact
+// FedAvg: the fixed-point error, n·2^-(f+1) with f = 30 − ⌈log2 R⌉, plus
+// one float32 rounding of the value.
+func secureTolerance(n int, r, v float64) float64 {
+	f := 30 - math.Ceil(math.Log2(r))
+	return float64(n)*math.Pow(2, -(f+1)) + math.Abs(v)*0x1p-23
+}
+
+// A secure experiment's models are the plain FedAvg's within the fixed
+// point's precision, round after round, with a server optimiser too.
+func TestSecureEqualsFedAvg(t *testing.T) {
+	for _, alg := range []string{"fedavg", "fedadam"} {
+		t.Run(alg, func(t *testing.T) {
+			plain := "name: test\nrounds: 2\nparticipants: {min: 3}\nrunner: {kind: builtin, model: mlp}\n" +
+				"stragglers: {deadline: 30s, min_reporting: 3}\naggregation: {algorithm: " + alg + ", lr: 0.1}\n"
+			secure := strings.Replace(plain, "lr: 0.1}", "lr: 0.1, secure: true, secure_range: 2}", 1)
+			runners := func() []*stepRunner {
+				return []*stepRunner{{Step: 0.25, Samples: 1}, {Step: -0.5, Samples: 3}, {Step: 1.125, Samples: 2}}
+			}
+			ref := newFederation(t, parsePlan(t, plain), "alpha", "beta", "gamma")
+			ref.start()
+			ref.runToEnd(t.Context(), runners())
+
+			f := newFederation(t, parsePlan(t, secure), "alpha", "beta", "gamma")
+			f.start()
+			var results []<-chan error
+			for i, r := range runners() {
+				results = append(results, f.secureCollab(t.Context(), f.parts[i], r))
+			}
+			if err := f.wait(60 * time.Second); err != nil {
+				t.Fatalf("Run: %v", err)
+			}
+			for i, res := range results {
+				if err := <-res; !finished(err) {
+					t.Errorf("collaborator %s: %v, want quit", f.parts[i], err)
+				}
+			}
+			for round := 1; round <= 2; round++ {
+				want, got := readModel(t, ref.dir, round), readModel(t, f.dir, round)
+				for _, name := range []string{"fc.weight", "fc.bias"} {
+					w, g := values(want, name), values(got, name)
+					for i := range w {
+						if d := math.Abs(float64(g[i] - w[i])); d > float64(round)*secureTolerance(3, 2, float64(w[i])) {
+							t.Errorf("round %d %s[%d] = %v, plain FedAvg %v (off by %g)", round, name, i, g[i], w[i], d)
+						}
+					}
+				}
+			}
+			if sums := f.sink.summaries(); len(sums) < 2 || len(sums[0].Reported) != 3 {
+				t.Fatalf("summaries %+v, want every site reported in round 1", sums)
+			}
+		})
+	}
+}
+
+// A site that takes part in the key exchange and then dies before it
+// uploads: the round closes with the survivors' correct mean (the dead
+// site's pairwise masks removed with the shares of its mask key that the
+// survivors reveal), and the next round goes on without it once its key
+// advertisement step times out.
+func TestSecureSurvivesADroppedSite(t *testing.T) {
+	plan := parsePlan(t, `
+name: test
+rounds: 2
+participants: {min: 3}
+runner: {kind: builtin, model: mlp}
+stragglers: {deadline: 8s, min_reporting: 2, percent: 0.6}
+aggregation: {secure: true, secure_threshold: 2}
+tasks: [train, locally_tuned_model_validation]
+best_model: {task: locally_tuned_model_validation, metric: accuracy, mode: max}
+`)
+	f := newFederation(t, plan, "alpha", "beta", "gamma")
+	f.start()
+	ctx := t.Context()
+
+	// gamma advertises and shares its keys in round 1, by hand, and then
+	// is gone.
+	gammaDone := make(chan error, 1)
+	go func() { gammaDone <- f.exchangeKeysThenDie(ctx, "gamma", 1, 5) }()
+
+	a := f.secureCollab(ctx, "alpha", &stepRunner{Step: 0.5, Samples: 1})
+	b := f.secureCollab(ctx, "beta", &stepRunner{Step: -1, Samples: 3})
+	if err := <-gammaDone; err != nil {
+		t.Fatalf("gamma: %v", err)
+	}
+	if err := f.wait(60 * time.Second); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	for _, res := range []<-chan error{a, b} {
+		if err := <-res; !finished(err) {
+			t.Errorf("collaborator: %v, want quit", err)
+		}
+	}
+	// Each round: (1·0.5 + 3·(−1)) / 4 = −0.625 from the survivors alone.
+	for round := 1; round <= 2; round++ {
+		got := values(readModel(t, f.dir, round), "fc.weight")
+		for i, v := range []float32{1, 2, 3, 4, 5, 6} {
+			want := float64(v) - 0.625*float64(round)
+			if d := math.Abs(float64(got[i]) - want); d > float64(round)*secureTolerance(2, experiment.DefaultSecureRange, want) {
+				t.Errorf("round %d fc.weight[%d] = %v, want %v", round, i, got[i], want)
+			}
+		}
+	}
+	sums := f.sink.summaries()
+	if len(sums) != 2 {
+		t.Fatalf("%d summaries, want 2", len(sums))
+	}
+	for _, s := range sums {
+		if strings.Join(s.Reported, ",") != "alpha,beta" || strings.Join(s.Missing, ",") != "gamma" {
+			t.Errorf("round %d reported %v missing %v, want alpha and beta, gamma missing", s.Round, s.Reported, s.Missing)
+		}
+	}
+}
+
+// exchangeKeysThenDie is a participant that advertises its keys and sends
+// its shares in round, through the aggregator, and then stops calling.
+func (f *federation) exchangeKeysThenDie(ctx context.Context, name string, round int, weight float64) error {
+	k := f.ca.Keyring(pki.RoleEnvoy, name)
+	conn, err := grpc.NewClient(f.addr, testpki.DialOptions(k, "localhost")...)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	client := fxv1.NewAggregatorClient(conn)
+	p, err := secagg.NewParticipant(secagg.ParticipantConfig{
+		Session: secagg.Session{Experiment: experimentID, Round: uint64(round)}, ID: name,
+		Threshold: f.plan.SecureThresholdOrDefault(), Range: f.plan.SecureRangeOrDefault(), Weight: weight,
+	})
+	if err != nil {
+		return err
+	}
+	step := func(s fxv1.SecureAggregationRequest_Step, msg []byte) ([]byte, error) {
+		for {
+			resp, err := client.SecureAggregation(ctx, &fxv1.SecureAggregationRequest{
+				ExperimentId: experimentID, Collaborator: name, Round: int32(round), Step: s, Message: msg})
+			if err != nil || resp.GetReady() {
+				return resp.GetMessage(), err
+			}
+		}
+	}
+	adv, _ := p.Advertise()
+	msg, _ := adv.MarshalBinary()
+	answer, err := step(fxv1.SecureAggregationRequest_ADVERTISE, msg)
+	if err != nil {
+		return err
+	}
+	var keys secagg.KeyList
+	if err := keys.UnmarshalBinary(answer); err != nil {
+		return err
+	}
+	shares, err := p.ShareKeys(&keys)
+	if err != nil {
+		return err
+	}
+	msg, _ = shares.MarshalBinary()
+	_, err = step(fxv1.SecureAggregationRequest_SHARE_KEYS, msg)
+	return err
+}
