@@ -82,6 +82,9 @@ type Config struct {
 	// Local are the plan's aggregation.local: names or path.Match patterns
 	// of the tensors this site keeps to itself (local.go).
 	Local []string
+	// Secure, if set, takes part in secure aggregation: the train upload
+	// is the masked update (secure.go).
+	Secure *Secure
 }
 
 // Defaults for Config.
@@ -109,6 +112,7 @@ type aggregator interface {
 	FetchModel(ctx context.Context, in *fxv1.FetchModelRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[fxv1.FetchModelResponse], error)
 	UploadResult(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[fxv1.UploadResultRequest, fxv1.UploadResultResponse], error)
 	UploadPosition(ctx context.Context, in *fxv1.UploadPositionRequest, opts ...grpc.CallOption) (*fxv1.UploadPositionResponse, error)
+	SecureAggregation(ctx context.Context, in *fxv1.SecureAggregationRequest, opts ...grpc.CallOption) (*fxv1.SecureAggregationResponse, error)
 }
 
 // Collaborator runs one experiment's tasks at one site.
@@ -137,6 +141,8 @@ type Collaborator struct {
 	release  func()
 	// triedLocal is set once the InitialModel file was read.
 	triedLocal bool
+	// sec is the round's secure aggregation, once its keys are exchanged.
+	sec *secureState
 }
 
 // New checks the configuration and prepares the connection (gRPC connects
@@ -341,6 +347,9 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 	case err != nil:
 		return err
 	}
+	if runErr == nil {
+		runErr = c.secureUnmask(ctx, round)
+	}
 	return runErr
 }
 
@@ -389,6 +398,9 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 		res, err := train(ctx, task)
 		if err == nil {
 			err = c.keepLocal(task.Round, res.Model)
+		}
+		if err == nil && c.cfg.Secure != nil {
+			err = c.secureKeys(ctx, task.Round, res)
 		}
 		return res, err
 	case runner.TaskLocalValidation:
@@ -627,6 +639,10 @@ func (c *Collaborator) budget(modelBytes int64) {
 // carries on with the next round.
 func (c *Collaborator) upload(ctx context.Context, round int, task string, res runner.Result) (late bool, err error) {
 	attempt := 0
+	if runner.IsTrain(task) && c.cfg.Secure != nil && (c.sec == nil || c.sec.round != round) {
+		c.log.Warn("result not counted: this site took no part in the round's secure aggregation", "round", round, "task", task)
+		return true, nil
+	}
 	if runner.IsTrain(task) {
 		start := time.Now()
 		defer func() {
@@ -666,7 +682,12 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 				return stream.Send(&fxv1.UploadResultRequest{Part: &fxv1.UploadResultRequest_Frame{Frame: f}})
 			})
 			enc.ResumeAt(from)
-			err := enc.EncodeModel(c.shared(res.Model)) // the local tensors stay here
+			var err error
+			if c.cfg.Secure != nil {
+				err = c.encodeMasked(enc, round, res.Model)
+			} else {
+				err = enc.EncodeModel(c.shared(res.Model)) // the local tensors stay here
+			}
 			if err != nil && !errors.Is(err, io.EOF) {
 				return stalled(ctx, err)
 			}

@@ -82,6 +82,26 @@ func (mr *MockAggregatorMockRecorder) GetTasks(ctx, in any, opts ...any) *gomock
 	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "GetTasks", reflect.TypeOf((*MockAggregator)(nil).GetTasks), varargs...)
 }
 
+// SecureAggregation mocks base method.
+func (m *MockAggregator) SecureAggregation(ctx context.Context, in *fxv1.SecureAggregationRequest, opts ...grpc.CallOption) (*fxv1.SecureAggregationResponse, error) {
+	m.ctrl.T.Helper()
+	varargs := []any{ctx, in}
+	for _, a := range opts {
+		varargs = append(varargs, a)
+	}
+	ret := m.ctrl.Call(m, "SecureAggregation", varargs...)
+	ret0, _ := ret[0].(*fxv1.SecureAggregationResponse)
+	ret1, _ := ret[1].(error)
+	return ret0, ret1
+}
+
+// SecureAggregation indicates an expected call of SecureAggregation.
+func (mr *MockAggregatorMockRecorder) SecureAggregation(ctx, in any, opts ...any) *gomock.Call {
+	mr.mock.ctrl.T.Helper()
+	varargs := append([]any{ctx, in}, opts...)
+	return mr.mock.ctrl.RecordCallWithMethodType(mr.mock, "SecureAggregation", reflect.TypeOf((*MockAggregator)(nil).SecureAggregation), varargs...)
+}
+
 // UploadPosition mocks base method.
 func (m *MockAggregator) UploadPosition(ctx context.Context, in *fxv1.UploadPositionRequest, opts ...grpc.CallOption) (*fxv1.UploadPositionResponse, error) {
 	m.ctrl.T.Helper()
