@@ -30,6 +30,7 @@ func DefaultCollaborator(ctx context.Context, spec CollaboratorSpec) error {
 		Metrics:      spec.Metrics,
 		Privacy:      spec.Privacy,
 		Local:        localTensors(spec.Plan),
+		Secure:       secureAggregation(spec.Plan),
 	})
 	if err != nil {
 		return err
@@ -118,4 +119,16 @@ func localTensors(p *experiment.Plan) []string {
 		return nil
 	}
 	return p.Aggregation.Local
+}
+
+// secureAggregation is the plan's secure aggregation, if it asks for it.
+func secureAggregation(p *experiment.Plan) *collaborator.Secure {
+	if p == nil || !p.Aggregation.Secure {
+		return nil
+	}
+	return &collaborator.Secure{
+		Threshold:    p.SecureThresholdOrDefault(),
+		Range:        p.SecureRangeOrDefault(),
+		EqualWeights: p.Aggregation.Weights == experiment.WeightsEqual,
+	}
 }
