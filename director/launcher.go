@@ -62,6 +62,11 @@ type LaunchSpec struct {
 	// Trace is the experiment's span, the parent of its rounds' (invalid
 	// when tracing is off).
 	Trace trace.SpanContext
+	// DirectorAddress is where this director serves, as its own host can
+	// dial it, and ServerName the name its certificate carries: where an
+	// aggregator process reports (see Process).
+	DirectorAddress string
+	ServerName      string
 }
 
 // Aggregator is a launched aggregator, as the director drives it.
@@ -138,6 +143,12 @@ func initialModel(spec LaunchSpec) (tensor.Model, error) {
 	if err != nil || found {
 		return m, err
 	}
+	return builtinInitialModel(spec)
+}
+
+// builtinInitialModel is the initial model of a plan without one of its
+// own: the built-in model's initial weights for the participants' data.
+func builtinInitialModel(spec LaunchSpec) (tensor.Model, error) {
 	plan := spec.Plan
 	if need := plan.InitialModelNeed(); need != "" {
 		return nil, fmt.Errorf("the archive has no %s: %s", InitialModelFile, need)
@@ -155,7 +166,7 @@ func initialModel(spec LaunchSpec) (tensor.Model, error) {
 				names[0], n, first.GetSampleShape(), first.GetClasses(), s.GetSampleShape(), s.GetClasses())
 		}
 	}
-	m, err = builtin.InitialModel(plan.Runner.Model, plan.Runner.Hyperparameters, first.GetSampleShape(), int(first.GetClasses()))
+	m, err := builtin.InitialModel(plan.Runner.Model, plan.Runner.Hyperparameters, first.GetSampleShape(), int(first.GetClasses()))
 	if err != nil {
 		return nil, fmt.Errorf("built-in %s model for samples %v and %d classes: %w", plan.Runner.Model, first.GetSampleShape(), first.GetClasses(), err)
 	}

@@ -461,7 +461,13 @@ func (d *Director) launchLocked(e *expState) {
 		Serving:       func() { d.aggregatorServing(e.rec.ID, rs) },
 		Metrics:       d.metrics,
 		Trace:         e.span.SpanContext(),
+		ServerName:    d.cfg.ServerName,
 	}
+	d.addrMu.Lock()
+	if d.addr != nil {
+		spec.DirectorAddress = localAddress(d.addr)
+	}
+	d.addrMu.Unlock()
 	d.log.Info("aggregator starting", "experiment", e.rec.ID, "address", rs.address)
 	d.runs.Add(1)
 	go d.runAggregator(ctx, e.rec.ID, rs, spec)

@@ -62,6 +62,9 @@ type Settings struct {
 		PortMin int `mapstructure:"port_min"`
 		PortMax int `mapstructure:"port_max"`
 	} `mapstructure:"aggregator"`
+	// Launcher is how aggregators run: LauncherInProcess, goroutines of
+	// the director, or LauncherProcess, a child process each (Process).
+	Launcher    string        `mapstructure:"launcher"`
 	StopTimeout time.Duration `mapstructure:"stop_timeout"`
 	// UploadIdleTimeout abandons an upload that sends nothing for this long.
 	UploadIdleTimeout time.Duration `mapstructure:"upload_idle_timeout"`
@@ -100,6 +103,7 @@ func DefaultSettings() Settings {
 	s.MaxArchiveBytes = DefaultMaxArchiveBytes
 	s.MaxUploadsPerResearcher = DefaultMaxUploadsPerResearcher
 	s.Aggregator.Host = DefaultAggregatorHost
+	s.Launcher = LauncherInProcess
 	s.StopTimeout = DefaultStopTimeout
 	s.UploadIdleTimeout = DefaultUploadIdleTimeout
 	s.Snapshots.Interval = DefaultSnapshotInterval
@@ -155,6 +159,9 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 		bad("store.postgres.dsn", "is required with store.kind %s: the database's postgres:// URL or keyword=value pairs", StorePostgres)
 	case s.Store.Kind == StoreBolt && s.Store.Postgres.DSN != "":
 		bad("store.postgres.dsn", "is set, but store.kind is %s: set store.kind to %s to keep the state in that database, or remove the DSN", StoreBolt, StorePostgres)
+	}
+	if s.Launcher != LauncherInProcess && s.Launcher != LauncherProcess {
+		bad("launcher", "%q: use %s (aggregators run inside the director) or %s (each experiment's aggregator runs as a child process of the director, restarted from its checkpoint if it dies)", s.Launcher, LauncherInProcess, LauncherProcess)
 	}
 	cfg := Config{
 		DataDir:                 s.DataDir,
@@ -212,6 +219,14 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 		return Config{}, fmt.Errorf("%s: %q is not among the names of %s (%v): envoys could not verify the aggregators", key, cfg.ServerName, s.TLS.Cert, err)
 	}
 	cfg.ServerOptions, cfg.AggregatorServerOptions = ServerOptions(k)
+	if s.Launcher == LauncherProcess {
+		// The children present the director's certificate and report to
+		// it with it: only this certificate's CN may open their channel.
+		cfg.Launcher = &Process{
+			TLS:      pki.Files{Cert: s.TLS.Cert, Key: s.TLS.Key, CA: s.TLS.CA, CRL: s.TLS.CRL},
+			Identity: k.Identity().Name,
+		}
+	}
 	return cfg, nil
 }
 

@@ -85,6 +85,9 @@ func TestDirectorStartBadSettings(t *testing.T) {
 			return strings.Replace(s, `server_name: ""`, "server_name: nope.example", 1)
 		}, nil, "advertise.server_name"},
 		{"flag over file", func(s string) string { return s }, []string{"--review-policy", "maybe"}, "review_policy"},
+		{"bad launcher", func(s string) string { return strings.Replace(s, "launcher: inprocess", "launcher: processes", 1) }, nil,
+			`launcher: "processes": use inprocess (aggregators run inside the director) or process`},
+		{"bad launcher flag", func(s string) string { return s }, []string{"--launcher", "kubernetes"}, `launcher: "kubernetes": use inprocess`},
 		{"not a director certificate", func(s string) string {
 			return strings.NewReplacer("pki/director/localhost.crt", "pki/admin/admin.crt", "pki/director/localhost.key", "pki/admin/admin.key").Replace(s)
 		}, nil, "tls.cert"},

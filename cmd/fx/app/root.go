@@ -45,6 +45,7 @@ certificate.`,
 	root.AddCommand(newEnvoyCommand(opts))
 	root.AddCommand(newPKICommand())
 	root.AddCommand(newDirectorCommand(opts))
+	root.AddCommand(newAggregatorCommand(opts))
 	root.AddCommand(newExperimentCommand())
 	root.AddCommand(newEnvoysCommand())
 	root.AddCommand(newQuickstartCommand(opts))

@@ -609,7 +609,8 @@ func (x *AggregatorPause) GetReason() string {
 	return ""
 }
 
-// AggregatorCommand is what a director tells its aggregator process.
+// AggregatorCommand is what a director tells its aggregator process. Its
+// first, with no command, says that it accepted the channel.
 type AggregatorCommand struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Command:
