@@ -246,8 +246,10 @@ func (a *Aggregator) secureRecord(r *roundState, sec *secureRound, name string, 
 		if len(msg) > 0 {
 			return invalid(errors.New("the unmask request step carries no message"))
 		}
-		if sec.bundles != nil && sec.bundles[name] == nil {
-			return status.Errorf(codes.FailedPrecondition, "secure aggregation: %s holds no shares of round %d", name, r.number)
+		if sec.adverts[name] == nil || (sec.bundles != nil && sec.bundles[name] == nil) {
+			// Its keys went to another aggregator (this one restarted),
+			// or the key exchange closed without it.
+			return status.Errorf(codes.FailedPrecondition, "secure aggregation: %s holds no shares of round %d here", name, r.number)
 		}
 		return nil
 	case fxv1.SecureAggregationRequest_UNMASK:
@@ -578,8 +580,9 @@ func (a *Aggregator) secureMean(ctx context.Context, r *roundState) (tensor.Mode
 // from: in memory when it is kept, else read from its round file.
 func (a *Aggregator) currentShared(r *roundState) (tensor.Model, error) {
 	a.mu.Lock()
-	m := a.model
+	m, done := a.useModel()
 	a.mu.Unlock()
+	defer done()
 	if m == nil {
 		var err error
 		if m, _, err = tensor.ReadFile(ModelPath(a.cfg.Dir, r.number-1)); err != nil {

@@ -203,3 +203,76 @@ func (f *federation) exchangeKeysThenDie(ctx context.Context, name string, round
 	_, err = step(fxv1.SecureAggregationRequest_SHARE_KEYS, msg)
 	return err
 }
+
+// validateGate holds the local validation of one round until its gate
+// closes.
+type validateGate struct {
+	stepRunner
+	gate  chan struct{}
+	round int
+}
+
+func (g *validateGate) Validate(ctx context.Context, task runnerTask, m modelT) (runnerResult, error) {
+	if task.Round == g.round && task.Name == runner.TaskLocalValidation {
+		select {
+		case <-g.gate:
+		case <-ctx.Done():
+			return runnerResult{}, ctx.Err()
+		}
+	}
+	return g.stepRunner.Validate(ctx, task, m)
+}
+
+// The aggregator stops (its director restarts) in round 2 of a secure
+// experiment, after both sites exchanged keys and uploaded their masked
+// updates there and before the round closed. The restarted aggregator
+// knows none of the round's keys: it hands round 2 out again, the sites
+// exchange fresh keys for the updates they kept and upload them masked
+// again, and the round's model is the mean of both.
+func TestSecureRoundResumedAfterRestart(t *testing.T) {
+	plan := parsePlan(t, `
+name: test
+rounds: 2
+participants: {min: 2}
+runner: {kind: builtin, model: mlp}
+stragglers: {deadline: 30s, min_reporting: 2}
+aggregation: {secure: true}
+`)
+	f := newFederation(t, plan, "alpha", "beta")
+	f.start()
+	ctx := t.Context()
+	gate := make(chan struct{})
+	alphaRunner := &stepRunner{Step: 1, Samples: 1}
+	beta := &validateGate{stepRunner: stepRunner{Step: 3, Samples: 1}, gate: gate, round: 2}
+	a := f.secureCollab(ctx, "alpha", alphaRunner)
+	b := f.secureCollab(ctx, "beta", beta)
+	f.sink.waitProgress(t, "alpha", 2, 20*time.Second)
+	if err := f.stop(); err == nil {
+		t.Fatal("a cancelled aggregator returned nil")
+	}
+	f.sink = newSink()
+	f.start()
+	close(gate)
+	if err := f.wait(60 * time.Second); err != nil {
+		t.Fatalf("resumed Run: %v", err)
+	}
+	for name, done := range map[string]<-chan error{"alpha": a, "beta": b} {
+		if err := <-done; !finished(err) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if n := countTasks(alphaRunner, runner.TaskTrain, 2); n != 1 {
+		t.Errorf("alpha trained round 2 %d times, want once: the kept update is sent again", n)
+	}
+	sums := f.sink.summaries()
+	if len(sums) == 0 || sums[0].Round != 2 || strings.Join(sums[0].Reported, ",") != "alpha,beta" {
+		t.Fatalf("the resumed round 2: %+v, want both updates", sums)
+	}
+	// Each round moves every weight by (1 + 3) / 2.
+	got := values(readModel(t, f.dir, 2), "fc.bias")
+	for i, v := range got {
+		if d := math.Abs(float64(v) - 4); d > 2*secureTolerance(2, experiment.DefaultSecureRange, 4) {
+			t.Errorf("round 2 bias[%d] = %v, want 4", i, v)
+		}
+	}
+}

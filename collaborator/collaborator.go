@@ -319,6 +319,13 @@ func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) 
 		res, ok := c.results[task]
 		if ok {
 			kept = append(kept, task)
+			// A round handed out again (its aggregator restarted) needs
+			// a key exchange of its own for the kept update.
+			if runner.IsTrain(task) && c.cfg.Secure != nil {
+				if runErr = c.secureKeys(ctx, round, res); runErr != nil {
+					break
+				}
+			}
 		} else {
 			start := time.Now()
 			tctx, span := tracing.Start(ctx, "task "+task, c.spanAttrs(round)...)
