@@ -280,6 +280,7 @@ type directorOptions struct {
 	fixedAggPort    bool   // aggregators on one known port
 	maxConcurrent   int    // experiments offered or running at once; 0: 4
 	metricsListen   string // metrics.listen (host:port); empty: off
+	launcher        string // launcher: inprocess (default) or process
 }
 
 // newFed makes a directory, a CA and certificates for a director, the
@@ -436,6 +437,9 @@ func (f *fed) writeDirectorConfig(o directorOptions) {
 	}
 	if o.metricsListen != "" {
 		extra += fmt.Sprintf("metrics: {listen: %q}\n", o.metricsListen)
+	}
+	if o.launcher != "" {
+		extra += fmt.Sprintf("launcher: %s\n", o.launcher)
 	}
 	cfg := fmt.Sprintf(`listen_address: %s
 advertise:
