@@ -157,14 +157,21 @@ type Aggregator struct {
 	// memory only while a server optimiser needs it (keepsModel); else it
 	// is nil and served from its round file, which the round wrote anyway:
 	// the aggregator then holds the running sum and not the model too.
-	model    tensor.Model
-	round    *roundState
-	parts    map[string]*participant
-	best     *Best
-	ended    bool   // no more rounds: pollers get QUIT
-	endWhy   string // the reason QUIT carries
-	stopping bool   // Run was cancelled: pollers get UNAVAILABLE, never QUIT
-	optSteps int
+	model tensor.Model
+	// pending is the save of the last round's files while this round
+	// runs (see writebehind.go); nil before the first.
+	pending *pendingSave
+	// holdSaves, when set (by tests, export_test.go), keeps write-behind
+	// saves from starting until it is closed, or Run is cancelled: then
+	// the save does not happen, as after a crash.
+	holdSaves <-chan struct{}
+	round     *roundState
+	parts     map[string]*participant
+	best      *Best
+	ended     bool   // no more rounds: pollers get QUIT
+	endWhy    string // the reason QUIT carries
+	stopping  bool   // Run was cancelled: pollers get UNAVAILABLE, never QUIT
+	optSteps  int
 	// resumed: Run resumed from a checkpoint, so its first round waits
 	// for the participants to rejoin (see RejoinGrace).
 	resumed bool
@@ -297,6 +304,9 @@ func (a *Aggregator) Run(ctx context.Context) error {
 	}
 
 	err := a.loop(ctx)
+	if serr := a.awaitSave(); err == nil {
+		err = serr // no file is written after Run returns
+	}
 	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
 		// Stopped from outside (the director shutting down or cancelling):
 		// the experiment has not ended, so collaborators must not be told
@@ -447,6 +457,10 @@ func (a *Aggregator) loop(ctx context.Context) error {
 				atDeadline = true
 				break wait
 			case <-a.closeReq:
+				if err := a.saveFailed(); err != nil {
+					timer.Stop()
+					return err
+				}
 				a.mu.Lock()
 				ready := a.readyToClose(r)
 				deadline := r.deadline
@@ -533,6 +547,9 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	a.mu.Unlock()
 	closing := time.Now()
 	r.committing.Wait() // the last results' folds
+	if err := a.awaitSave(); err != nil {
+		return err // the last round's files; see writebehind.go
+	}
 
 	a.mu.Lock()
 	if err := r.commitErr; err != nil {
@@ -593,38 +610,46 @@ func (a *Aggregator) closeRound(ctx context.Context, r *roundState, atDeadline b
 	participants := len(a.active())
 	a.mu.Unlock()
 	best := a.scoreBest(summary, participants)
-	start := time.Now()
-	_, checkpoint := tracing.Start(r.ctx, "checkpoint")
-	err := a.saveRound(ctx, summary, model, training, best)
-	checkpoint.End()
-	if err != nil {
+	saved := &savedRound{r: r, summary: summary, best: best, fold: foldTook}
+	last := r.number >= a.lastRound()
+	if !last && training && a.roomFor(2) == nil {
+		// Write the round's files while the next round runs (see
+		// writebehind.go): its collaborators download the model from
+		// memory meanwhile. The disk has room for both rounds' files;
+		// short of it the round's files are written first, as below, so
+		// that a full disk pauses the experiment before the next round.
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		a.model, a.best = model, best
+		a.writeBehind(ctx, saved, model)
+		a.startRound(r.number + 1)
+		return nil
+	}
+	if err := a.save(ctx, saved, model, training); err != nil {
 		return err
 	}
-	checkpointTook := time.Since(start)
-	a.cfg.Metrics.Phase(telemetry.PhaseCheckpoint, checkpointTook)
-	a.cfg.Metrics.RoundCompleted(time.Since(r.opened))
-	r.span.End()
-	// Where the end of the round went: the last results' fold and the
-	// round's files (the operator's first question when rounds are slow).
-	a.log.Info("round completed", "round", r.number, "reported", len(trainers), "missing", missing, "metrics", summary.Aggregates,
-		"took", time.Since(r.opened).Round(time.Millisecond), "fold", foldTook.Round(time.Millisecond), "checkpoint", checkpointTook.Round(time.Millisecond))
-	a.cfg.Sink.RoundCompleted(summary, best)
-	if r.number < a.lastRound() {
+	if !last {
 		if err := a.checkRoom(ctx, r.number+1); err != nil {
 			return err
 		}
 	}
 
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	a.model, a.best = model, best
+	var giveBack tensor.Model
 	if !a.keepsModel() {
 		a.model = nil // its round file serves it (see the field)
 		if training && a.acc != nil {
-			a.acc.GiveBack(model) // the next round's sum reuses its memory
+			giveBack = model // the next round's sum reuses its memory
 		}
 	}
-	if r.number >= a.lastRound() {
+	a.mu.Unlock()
+	if giveBack != nil {
+		a.acc.GiveBack(giveBack)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if last {
 		a.ended, a.endWhy = true, "the experiment has finished"
 		a.broadcast()
 		return nil

@@ -692,15 +692,19 @@ var errNoRoom = errors.New("no room for it")
 // Dir must have room for the round's files and DiskReserve besides, or the
 // experiment pauses (see persist) until it has.
 func (a *Aggregator) checkRoom(ctx context.Context, round int) error {
-	return a.persist(ctx, fmt.Sprintf("before round %d", round), func() error {
-		need := a.roundBytes()
-		free, ok := disk.Free(a.cfg.Dir)
-		if !ok || free-need >= a.cfg.DiskReserve {
-			return nil
-		}
-		return fmt.Errorf("%d bytes are free; the round needs up to %d and %d are kept in reserve (disk_reserve_bytes): %w",
-			free, need, a.cfg.DiskReserve, errNoRoom)
-	})
+	return a.persist(ctx, fmt.Sprintf("before round %d", round), func() error { return a.roomFor(1) })
+}
+
+// roomFor reports whether the disk has room for rounds rounds' files
+// beside the reserve (errNoRoom if not).
+func (a *Aggregator) roomFor(rounds int64) error {
+	need := rounds * a.roundBytes()
+	free, ok := disk.Free(a.cfg.Dir)
+	if !ok || free-need >= a.cfg.DiskReserve {
+		return nil
+	}
+	return fmt.Errorf("%d bytes are free; the round needs up to %d and %d are kept in reserve (disk_reserve_bytes): %w",
+		free, need, a.cfg.DiskReserve, errNoRoom)
 }
 
 // aggregateMetrics is, per task, the sample-weighted mean of each metric over

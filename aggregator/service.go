@@ -116,11 +116,13 @@ func (s *service) FetchModel(req *fxv1.FetchModelRequest, stream fxv1.Aggregator
 	round := int(req.GetRound())
 	a := s.a
 	a.mu.Lock()
-	current, model := a.round.number, a.model
+	current := a.round.number
+	model, done := a.useModel()
 	if a.ended {
 		current = a.lastRound() + 1
 	}
 	a.mu.Unlock()
+	defer done()
 	// A download that broke goes on where the collaborator's decoder is.
 	start := time.Now()
 	enc := tensor.NewEncoder(func(f *fxv1.TensorFrame) error {

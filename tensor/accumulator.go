@@ -118,6 +118,7 @@ type Accumulator struct {
 	committing float64
 	count      int
 	generation int
+	takenAt    int   // the generation whose sums TakeMean handed over
 	intsSet    bool  // integer tensors hold the first committed upload's values
 	broken     error // a commit failed after folding part of its upload
 }
@@ -135,7 +136,7 @@ type accSlot struct {
 	ints     []byte // integer tensors: the value Mean reports
 	intsInit []byte // integer tensors: the layout's value, restored by Reset
 	// taken32 and taken64 are the sums TakeMean handed over, which
-	// GiveBack may return for Reset to reuse.
+	// GiveBack may return to be the sum again, before or after Reset.
 	taken32 []float32
 	taken64 []float64
 }
@@ -280,6 +281,7 @@ func (a *Accumulator) AddChunk(name string, elemOffset int64, raw []byte, dtype 
 	}
 	a.gate.RLock()
 	defer a.gate.RUnlock()
+	a.ensureSums()
 	a.fold(s, elemOffset, raw, weight*a.scale)
 	return nil
 }
@@ -375,7 +377,7 @@ func (a *Accumulator) Mean() (Model, error) { return a.mean(false) }
 // TakeMean is Mean without a second copy of the model: F32 and F64 sums are
 // divided in place and handed over as the result's data, so the round's
 // close needs no memory beyond the sum it already holds. The accumulator
-// then counts no uploads until Reset, which allocates fresh sums.
+// then counts no uploads until Reset; GiveBack returns the memory.
 func (a *Accumulator) TakeMean() (Model, error) { return a.mean(true) }
 
 func (a *Accumulator) mean(take bool) (Model, error) {
@@ -437,7 +439,7 @@ func (a *Accumulator) mean(take bool) (Model, error) {
 	}
 	if take {
 		a.mu.Lock()
-		a.broken = errTaken
+		a.broken, a.takenAt = errTaken, a.generation
 		a.mu.Unlock()
 	}
 	return out, nil
@@ -483,13 +485,19 @@ func scaleParallel[T float](dst, src []T, a T) {
 }
 
 // GiveBack returns the model TakeMean handed over, once the caller is done
-// with it (has written it to disk, say): the next Reset clears and reuses
-// its memory instead of allocating a new sum, so a round's close needs no
-// second model's worth. The caller must not use m afterwards. Tensors that
-// are not the ones TakeMean handed over are ignored.
+// with it (has written it to disk, say): its memory becomes the sum again
+// instead of a new one, so rounds need no second model's worth. It may
+// come before the next Reset, which then clears it, or after (the caller
+// served the model while the next round began), when it is cleared here,
+// unless a fold of the new round needed a sum first and allocated one.
+// The caller must not use m afterwards. Tensors that are not the ones
+// TakeMean handed over are ignored.
 func (a *Accumulator) GiveBack(m Model) {
 	a.gate.Lock()
 	defer a.gate.Unlock()
+	a.mu.Lock()
+	reset := a.generation != a.takenAt // the sum must be zero already
+	a.mu.Unlock()
 	for i := range a.slots {
 		s := &a.slots[i]
 		t := m.Get(s.name)
@@ -497,10 +505,37 @@ func (a *Accumulator) GiveBack(m Model) {
 		case t == nil || len(t.Data) == 0:
 		case s.taken32 != nil && s.sum32 == nil && &t.Data[0] == &asBytes(s.taken32)[0]:
 			s.sum32 = s.taken32
+			if reset {
+				clearParallel(s.sum32)
+			}
 		case s.taken64 != nil && s.sum64 == nil && &t.Data[0] == &asBytes(s.taken64)[0]:
 			s.sum64 = s.taken64
+			if reset {
+				clearParallel(s.sum64)
+			}
 		}
 		s.taken32, s.taken64 = nil, nil
+	}
+}
+
+// clearParallel zeroes x over both cores.
+func clearParallel[T float](x []T) {
+	parallelBlocks(len(x), blockElems, func(lo, hi int) { clear(x[lo:hi]) })
+}
+
+// ensureSums allocates the sums Reset left out because TakeMean's were not
+// given back yet, at the first fold that needs them. The caller holds the
+// gate for reading.
+func (a *Accumulator) ensureSums() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for i := range a.slots {
+		switch s := &a.slots[i]; {
+		case s.dtype == F64 && s.sum64 == nil:
+			s.sum64 = make([]float64, s.n)
+		case (s.dtype == F32 || s.dtype == F16 || s.dtype == BF16) && s.sum32 == nil:
+			s.sum32 = make([]float32, s.n)
+		}
 	}
 }
 
@@ -508,21 +543,17 @@ func (a *Accumulator) GiveBack(m Model) {
 var errTaken = errors.New("its mean was taken; Reset it for the next round")
 
 // Reset zeroes the sum for a new round. Uploads begun before Reset can no
-// longer be committed. It waits for commits in progress.
+// longer be committed. It waits for commits in progress. A sum TakeMean
+// handed over and GiveBack has not returned yet stays out until it is
+// returned, or until the first fold of the round allocates a new one: a
+// caller may serve the last model from that memory while the round begins.
 func (a *Accumulator) Reset() {
 	a.gate.Lock()
 	defer a.gate.Unlock()
 	for i := range a.slots {
 		s := &a.slots[i]
-		switch {
-		case s.dtype == F64 && s.sum64 == nil:
-			s.sum64 = make([]float64, s.n) // handed over by TakeMean
-		case (s.dtype == F32 || s.dtype == F16 || s.dtype == BF16) && s.sum32 == nil:
-			s.sum32 = make([]float32, s.n)
-		}
-		s.taken32, s.taken64 = nil, nil
-		clear(s.sum32)
-		clear(s.sum64)
+		clearParallel(s.sum32)
+		clearParallel(s.sum64)
 		copy(s.ints, s.intsInit)
 	}
 	a.mu.Lock()
@@ -704,6 +735,7 @@ func (u *Upload) Commit(weight float64) error {
 	if err != nil {
 		return err
 	}
+	a.ensureSums()
 	if err := u.foldStage(weight * a.scale); err != nil {
 		a.mu.Lock()
 		a.committing -= weight

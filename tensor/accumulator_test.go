@@ -825,66 +825,90 @@ func TestMemoryBudgetSpillsBeyondIt(t *testing.T) {
 	}
 }
 
-// TestGiveBackReusesTheMean: the model TakeMean handed over, given back,
-// becomes the next round's sum (cleared), and the sums are right again.
+// TestGiveBackReusesTheMean: the model TakeMean handed over, given back
+// before or after the next Reset, becomes the next round's sum (cleared);
+// given back only after the next round's first fold, which needed a sum
+// and allocated one, it is left alone. The sums are right in every order.
 func TestGiveBackReusesTheMean(t *testing.T) {
-	rng := rand.New(rand.NewPCG(9, 10))
-	updates, _ := makeUpdates(rng, 2, 100)
-	acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
-	if err != nil {
-		t.Fatal(err)
-	}
-	commit := func(m Model) {
-		up, err := acc.Begin()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := chunks(rng, m, up.AddChunk); err != nil {
-			t.Fatal(err)
-		}
-		if err := up.Commit(1); err != nil {
-			t.Fatal(err)
-		}
-	}
-	commit(updates[0])
-	mean, err := acc.TakeMean()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var given *Tensor
-	for _, tn := range mean {
-		if tn.DType == F32 && len(tn.Data) > 0 {
-			given = tn
-			break
-		}
-	}
-	if given == nil {
-		t.Fatal("no F32 tensor in the test model")
-	}
-	acc.GiveBack(mean)
-	acc.Reset()
-	s := acc.slots[acc.index[given.Name]]
-	if &asBytes(s.sum32)[0] != &given.Data[0] {
-		t.Error("Reset allocated a new sum although the mean was given back")
-	}
-	for _, v := range s.sum32 {
-		if v != 0 {
-			t.Fatal("the reused sum was not cleared")
-		}
-	}
-	commit(updates[1])
-	plain, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
-	if err != nil {
-		t.Fatal(err)
-	}
-	up, _ := plain.Begin()
-	if err := chunks(rng, updates[1], up.AddChunk); err != nil {
-		t.Fatal(err)
-	}
-	if err := up.Commit(1); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(sums(acc), sums(plain)) {
-		t.Error("a round summed into the given-back memory differs from one summed into fresh memory")
+	for _, order := range []string{"give back, reset", "reset, give back", "reset, fold, give back"} {
+		t.Run(order, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(9, 10))
+			updates, _ := makeUpdates(rng, 2, 100)
+			acc, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
+			if err != nil {
+				t.Fatal(err)
+			}
+			commit := func(m Model) {
+				up, err := acc.Begin()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := chunks(rng, m, up.AddChunk); err != nil {
+					t.Fatal(err)
+				}
+				if err := up.Commit(1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			commit(updates[0])
+			mean, err := acc.TakeMean()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var given *Tensor
+			for _, tn := range mean {
+				if tn.DType == F32 && len(tn.Data) > 0 {
+					given = tn
+					break
+				}
+			}
+			if given == nil {
+				t.Fatal("no F32 tensor in the test model")
+			}
+			reused := func() bool {
+				s := acc.slots[acc.index[given.Name]]
+				return s.sum32 != nil && &asBytes(s.sum32)[0] == &given.Data[0]
+			}
+			switch order {
+			case "give back, reset":
+				acc.GiveBack(mean)
+				acc.Reset()
+			case "reset, give back":
+				acc.Reset()
+				acc.GiveBack(mean)
+			case "reset, fold, give back":
+				acc.Reset()
+				commit(updates[1])
+				acc.GiveBack(mean) // too late: the round has its sum
+				if reused() {
+					t.Fatal("the mean given back replaced the sum the round had folded into")
+				}
+			}
+			if order != "reset, fold, give back" {
+				if !reused() {
+					t.Fatal("a new sum was allocated although the mean was given back")
+				}
+				for _, v := range acc.slots[acc.index[given.Name]].sum32 {
+					if v != 0 {
+						t.Fatal("the reused sum was not cleared")
+					}
+				}
+				commit(updates[1])
+			}
+			plain, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
+			if err != nil {
+				t.Fatal(err)
+			}
+			up, _ := plain.Begin()
+			if err := chunks(rng, updates[1], up.AddChunk); err != nil {
+				t.Fatal(err)
+			}
+			if err := up.Commit(1); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(sums(acc), sums(plain)) {
+				t.Error("a round summed into the given-back memory differs from one summed into fresh memory")
+			}
+		})
 	}
 }
