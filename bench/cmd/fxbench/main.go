@@ -8,6 +8,7 @@
 //	fxbench pytorch              a PyTorch MLP through fx's runner vs directly vs the built-in MLP
 //	fxbench large                models of 64 MiB to 1 GiB through director and envoy processes vs raw gRPC
 //	fxbench failover             time for a standby director to take over from a killed leader
+//	fxbench secure               a secure aggregation round vs a plain one, through director and envoy processes
 //	fxbench report               collect bench/out into bench/RESULTS.md
 //
 // See bench/README.md.
@@ -40,6 +41,8 @@ func main() {
 		err = telemetryMain(args)
 	case "failover":
 		err = failoverMain(args)
+	case "secure":
+		err = secureMain(args)
 	case "rawmove": // the child processes of large's baseline
 		err = rawmoveMain(args)
 	case "report":
@@ -89,6 +92,11 @@ commands:
              in -trials fresh federations: the time until the standby serves
              and until the next round completes, against the goals < 15 s
              and < 15 s + one round
+  secure     secure aggregation's cost: a director and N envoys (default 10)
+             as separate fx processes run experiments of a -params model
+             (default 25M float32) with bench/large/rewrite.py, plain and
+             with aggregation.secure, alternating; per trial the median
+             round time of each and their ratio (goal ≤ 2)
   report     write bench/RESULTS.md from the outputs in bench/out
 
 Run "fxbench <command> -h" for a command's flags.
