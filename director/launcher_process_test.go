@@ -47,12 +47,31 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// realAggregator is `fx aggregator run`: RunAggregatorProcess, stopped by
+// SIGTERM as fx's main stops it.
+func realAggregator() int {
+	if len(os.Args) != 5 || os.Args[3] != "--spec" {
+		fmt.Fprintf(os.Stderr, "aggregator: unexpected arguments %q\n", os.Args[1:])
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	if err := RunAggregatorProcess(ctx, os.Args[4], hclog.New(&hclog.LoggerOptions{Name: "fx", Output: os.Stderr})); err != nil {
+		fmt.Fprintln(os.Stderr, "aggregator:", err)
+		return 1
+	}
+	return 0
+}
+
 // fakeAggregator is an aggregator process for the launcher's tests. It
 // reads its spec, checks the socket it inherited, records its start, then:
 // crash exits 3; crash-once crashes at its first start and finishes at the
 // next; fail ends the experiment failed; term waits for SIGTERM and exits
 // 0; stubborn ignores SIGTERM.
 func fakeAggregator(mode string) int {
+	if mode == "real" {
+		return realAggregator()
+	}
 	if len(os.Args) != 5 || os.Args[1] != "aggregator" || os.Args[2] != "run" || os.Args[3] != "--spec" {
 		fmt.Fprintf(os.Stderr, "fake aggregator: unexpected arguments %q\n", os.Args[1:])
 		return 2
@@ -518,5 +537,87 @@ func TestAggregatorChannel(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the channel outlived the director's shutdown")
+	}
+}
+
+// TestRealAggregatorProcess runs an experiment with the process launcher
+// and a real aggregator process (this binary, running RunAggregatorProcess):
+// it reports serving over its channel, so the envoys get the Start
+// assignment, and it serves them over mutual TLS with the director's
+// certificate; a participant the director drops is dropped by the child
+// (its next poll is told to quit); cancelling the experiment stops the
+// child.
+func TestRealAggregatorProcess(t *testing.T) {
+	proc := &Process{
+		Executable: os.Args[0],
+		Identity:   "director.test",
+		Env:        []string{fakeModeEnv + "=real"},
+	}
+	f := newFed(t, func(c *Config) { c.Launcher = proc })
+	proc.TLS = pki.PartyFiles(filepath.Join(f.certDir, string(pki.RoleDirector)+"-director.test"), "director.test")
+	ctx := ctxT(t)
+	for _, n := range []string{"a", "b", "c"} {
+		f.register(n, "fashion")
+	}
+	w := f.watch("a")
+	e := f.submitPlan("alice", planTwo)
+	f.waitState(e.Id, fxv1.ExperimentState_OFFERED)
+	for _, n := range []string{"a", "b", "c"} {
+		_, err := f.answer(n, e.Id, true)
+		must(t, err)
+	}
+	start := w.next(t, e.Id, "start").GetStart()
+	expDir := filepath.Join(f.dataDir, "experiments", e.Id)
+	logPath := filepath.Join(expDir, ProcessLogFile)
+	defer func() {
+		if t.Failed() {
+			log, _ := os.ReadFile(logPath)
+			t.Logf("the aggregator's log:\n%s", log)
+		}
+	}()
+	if pid, err := os.ReadFile(filepath.Join(expDir, ProcessPIDFile)); err != nil || strings.TrimSpace(string(pid)) == strconv.Itoa(os.Getpid()) {
+		t.Fatalf("pid file: %q, %v; want a child's", pid, err)
+	}
+
+	poll := func(name string) (*fxv1.GetTasksResponse, error) {
+		k, err := pki.NewKeyring(pki.KeyringConfig{Files: pki.PartyFiles(filepath.Join(f.certDir, "envoy-"+name), name)})
+		must(t, err)
+		conn, err := pki.NewClient(start.GetAggregatorAddress(), k, start.GetAggregatorServerName())
+		must(t, err)
+		t.Cleanup(func() { conn.Close() })
+		return fxv1.NewAggregatorClient(conn).GetTasks(ctx, &fxv1.GetTasksRequest{ExperimentId: e.Id, Collaborator: name})
+	}
+	tasks, err := poll("a")
+	must(t, err)
+	if tasks.GetAction() != fxv1.GetTasksResponse_RUN || tasks.GetRound() != 1 || len(tasks.GetTasks()) != 3 {
+		t.Fatalf("GetTasks = %v", tasks)
+	}
+
+	_, err = f.envoy("b").ReportFailure(ctx, &fxv1.ReportFailureRequest{ExperimentId: e.Id, EnvoyName: "b", Round: 1, Reason: "its runner crashed"})
+	must(t, err)
+	quit, err := poll("b")
+	must(t, err)
+	if quit.GetAction() != fxv1.GetTasksResponse_QUIT || !strings.Contains(quit.GetReason(), "its runner crashed") {
+		t.Errorf("GetTasks of the dropped envoy = %v, want QUIT with the director's reason", quit)
+	}
+
+	_, err = f.researcher("alice").CancelExperiment(ctx, &fxv1.CancelExperimentRequest{Experiment: &fxv1.ExperimentRef{Id: e.Id}})
+	must(t, err)
+	f.d.mu.Lock()
+	last := f.d.exps[e.Id].lastRun
+	f.d.mu.Unlock()
+	select {
+	case <-last.done:
+	case <-time.After(time.Minute):
+		t.Fatal("the aggregator process did not stop within a minute of the cancellation")
+	}
+	if _, err := os.Stat(filepath.Join(expDir, ProcessPIDFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pid file after the child stopped: %v", err)
+	}
+	log, _ := os.ReadFile(logPath)
+	for _, want := range []string{"the director drops a participant", "aggregator process stopped"} {
+		if !strings.Contains(string(log), want) {
+			t.Errorf("the aggregator's log does not say %q", want)
+		}
 	}
 }
