@@ -375,7 +375,11 @@ func (a *Aggregator) tasksFor(round int) []string {
 // them is back, or from RejoinGrace from now, whichever comes first.
 // Callers hold a.mu.
 func (a *Aggregator) startRound(n int) {
-	if a.acc != nil {
+	switch p := a.pending; {
+	case a.acc == nil:
+	case p != nil && !p.released && !a.keepsModel():
+		a.acc.ResetForGiveBack() // the model being written is the next sum (see writebehind.go)
+	default:
 		a.acc.Reset()
 	}
 	now := a.cfg.Now()

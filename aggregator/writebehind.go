@@ -23,12 +23,13 @@ import (
 // never reported completed without its files, and none is lost.
 //
 // Memory stays at two models. The model is the running sum TakeMean
-// handed over; the next round's sum is not allocated but waits for it
-// (tensor.Accumulator.Reset and GiveBack): once the files are written and
-// no download is streaming it from memory, the model goes back to the
+// handed over; the next round's sum is not allocated but is that memory
+// again (tensor.Accumulator.ResetForGiveBack): once the save has ended and
+// no download is streaming the model from memory, it goes back to the
 // accumulator, and downloads read the round file. Uploads come after a
 // download and the tasks, so the sum is usually back before the first
-// fold needs it; a fold that comes first allocates a new one.
+// upload is whole; one that comes first waits, staged (in memory up to
+// StageBudget, then on disk), and its fold goes on once the sum is back.
 //
 // One save runs at a time: the next round's close waits for it, so the
 // files of rounds are written in order and the checkpoint names them in
@@ -50,7 +51,7 @@ type pendingSave struct {
 	done  chan struct{}
 	err   error // the save's outcome, set before done is closed
 	// Under Aggregator.mu:
-	written  bool // the save ended without error
+	ended    bool // the save ended (err says how)
 	readers  int  // callers using model outside the lock (useModel)
 	released bool // model went back to the accumulator
 }
@@ -98,7 +99,7 @@ func (a *Aggregator) writeBehind(ctx context.Context, s *savedRound, model tenso
 			err = a.save(ctx, s, model, true)
 		}
 		a.mu.Lock()
-		p.err, p.written = err, err == nil
+		p.err, p.ended = err, true
 		giveBack := a.release(p)
 		a.mu.Unlock()
 		if giveBack != nil {
@@ -130,13 +131,15 @@ func (a *Aggregator) useModel() (tensor.Model, func()) {
 	}
 }
 
-// release marks p's model released once its files are written and nothing
-// reads it, and returns it for the caller to give back to the accumulator
-// after unlocking (GiveBack waits for folds in progress); from then on the
-// round file serves downloads. A server optimiser or a strategy keeps the
-// model, so nothing is given back. Callers hold a.mu.
+// release marks p's model released once its save has ended (a failed one
+// too: the experiment ends then, and folds waiting for the sum must not
+// wait for good) and nothing reads it, and returns it for the caller to
+// give back to the accumulator after unlocking (GiveBack waits for folds
+// in progress); from then on the round file serves downloads. A server
+// optimiser or a strategy keeps the model, so nothing is given back.
+// Callers hold a.mu.
 func (a *Aggregator) release(p *pendingSave) tensor.Model {
-	if !p.written || p.readers > 0 || p.released {
+	if !p.ended || p.readers > 0 || p.released {
 		return nil
 	}
 	p.released = true

@@ -118,9 +118,12 @@ type Accumulator struct {
 	committing float64
 	count      int
 	generation int
-	takenAt    int   // the generation whose sums TakeMean handed over
-	intsSet    bool  // integer tensors hold the first committed upload's values
-	broken     error // a commit failed after folding part of its upload
+	takenAt    int // the generation whose sums TakeMean handed over
+	// sumBack, while set, is closed when GiveBack has brought back the
+	// sums ResetForGiveBack left out; folds wait for it.
+	sumBack chan struct{}
+	intsSet bool  // integer tensors hold the first committed upload's values
+	broken  error // a commit failed after folding part of its upload
 }
 
 // accSlot is one tensor of the layout and its running sum.
@@ -279,9 +282,8 @@ func (a *Accumulator) AddChunk(name string, elemOffset int64, raw []byte, dtype 
 	if err := CheckFiniteRaw(raw, dtype, elemOffset); err != nil {
 		return fmt.Errorf("accumulator: tensor %q: %w", name, err)
 	}
-	a.gate.RLock()
+	a.readSums()
 	defer a.gate.RUnlock()
-	a.ensureSums()
 	a.fold(s, elemOffset, raw, weight*a.scale)
 	return nil
 }
@@ -486,17 +488,18 @@ func scaleParallel[T float](dst, src []T, a T) {
 
 // GiveBack returns the model TakeMean handed over, once the caller is done
 // with it (has written it to disk, say): its memory becomes the sum again
-// instead of a new one, so rounds need no second model's worth. It may
-// come before the next Reset, which then clears it, or after (the caller
-// served the model while the next round began), when it is cleared here,
-// unless a fold of the new round needed a sum first and allocated one.
-// The caller must not use m afterwards. Tensors that are not the ones
-// TakeMean handed over are ignored.
+// instead of a new one, so rounds need no second model's worth. Before the
+// next Reset, which then clears it; or after ResetForGiveBack, when it is
+// cleared here and the folds waiting for it go on. The caller must not use
+// m afterwards. Tensors that are not the ones TakeMean handed over are
+// ignored; a sum still missing afterwards is allocated, so that no fold
+// waits for good.
 func (a *Accumulator) GiveBack(m Model) {
 	a.gate.Lock()
 	defer a.gate.Unlock()
 	a.mu.Lock()
 	reset := a.generation != a.takenAt // the sum must be zero already
+	back := a.sumBack
 	a.mu.Unlock()
 	for i := range a.slots {
 		s := &a.slots[i]
@@ -516,6 +519,13 @@ func (a *Accumulator) GiveBack(m Model) {
 		}
 		s.taken32, s.taken64 = nil, nil
 	}
+	if back != nil {
+		a.allocateSums()
+		a.mu.Lock()
+		a.sumBack = nil
+		a.mu.Unlock()
+		close(back)
+	}
 }
 
 // clearParallel zeroes x over both cores.
@@ -523,12 +533,9 @@ func clearParallel[T float](x []T) {
 	parallelBlocks(len(x), blockElems, func(lo, hi int) { clear(x[lo:hi]) })
 }
 
-// ensureSums allocates the sums Reset left out because TakeMean's were not
-// given back yet, at the first fold that needs them. The caller holds the
-// gate for reading.
-func (a *Accumulator) ensureSums() {
-	a.mu.Lock()
-	defer a.mu.Unlock()
+// allocateSums gives every float tensor without a sum a new, zero one.
+// The caller holds the gate for writing.
+func (a *Accumulator) allocateSums() {
 	for i := range a.slots {
 		switch s := &a.slots[i]; {
 		case s.dtype == F64 && s.sum64 == nil:
@@ -539,27 +546,68 @@ func (a *Accumulator) ensureSums() {
 	}
 }
 
+// readSums read-locks the gate for a fold, once the sums ResetForGiveBack
+// left out are back (GiveBack needs the gate, so the wait is outside it).
+func (a *Accumulator) readSums() {
+	for {
+		a.mu.Lock()
+		back := a.sumBack
+		a.mu.Unlock()
+		if back != nil {
+			<-back
+		}
+		a.gate.RLock()
+		a.mu.Lock()
+		back = a.sumBack // a ResetForGiveBack in between
+		a.mu.Unlock()
+		if back == nil {
+			return
+		}
+		a.gate.RUnlock()
+	}
+}
+
 // errTaken marks an accumulator whose sums TakeMean handed over.
 var errTaken = errors.New("its mean was taken; Reset it for the next round")
 
 // Reset zeroes the sum for a new round. Uploads begun before Reset can no
 // longer be committed. It waits for commits in progress. A sum TakeMean
-// handed over and GiveBack has not returned yet stays out until it is
-// returned, or until the first fold of the round allocates a new one: a
-// caller may serve the last model from that memory while the round begins.
-func (a *Accumulator) Reset() {
+// handed over and GiveBack has not returned is replaced by a new one.
+func (a *Accumulator) Reset() { a.reset(false) }
+
+// ResetForGiveBack is Reset for a caller that still uses the model
+// TakeMean handed over (serves it while writing it to disk, say) and will
+// give it back: instead of a second model's worth of memory, the new
+// round's sum is that model's, and folds wait for GiveBack. Uploads stage
+// meanwhile as usual.
+func (a *Accumulator) ResetForGiveBack() { a.reset(true) }
+
+func (a *Accumulator) reset(awaitGiveBack bool) {
 	a.gate.Lock()
 	defer a.gate.Unlock()
+	missing := false
 	for i := range a.slots {
 		s := &a.slots[i]
+		if s.sum32 == nil && s.sum64 == nil && s.dtype.IsFloat() {
+			missing = true
+		}
 		clearParallel(s.sum32)
 		clearParallel(s.sum64)
 		copy(s.ints, s.intsInit)
+	}
+	if missing && !awaitGiveBack {
+		a.allocateSums()
+		for i := range a.slots {
+			a.slots[i].taken32, a.slots[i].taken64 = nil, nil
+		}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.total, a.committing, a.count, a.intsSet, a.broken = 0, 0, 0, false, nil
 	a.generation++
+	if missing && awaitGiveBack && a.sumBack == nil {
+		a.sumBack = make(chan struct{})
+	}
 }
 
 // Upload stages one update until it is committed or discarded; see
@@ -717,7 +765,7 @@ func (u *Upload) Commit(weight float64) error {
 			}
 		}
 	}
-	a.gate.RLock()
+	a.readSums()
 	defer a.gate.RUnlock()
 	a.mu.Lock()
 	var err error
@@ -735,7 +783,6 @@ func (u *Upload) Commit(weight float64) error {
 	if err != nil {
 		return err
 	}
-	a.ensureSums()
 	if err := u.foldStage(weight * a.scale); err != nil {
 		a.mu.Lock()
 		a.committing -= weight

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // testMaxWeight is the maximum total weight of the tests' accumulators that
@@ -826,11 +827,11 @@ func TestMemoryBudgetSpillsBeyondIt(t *testing.T) {
 }
 
 // TestGiveBackReusesTheMean: the model TakeMean handed over, given back
-// before or after the next Reset, becomes the next round's sum (cleared);
-// given back only after the next round's first fold, which needed a sum
-// and allocated one, it is left alone. The sums are right in every order.
+// before Reset or after ResetForGiveBack, becomes the next round's sum
+// (cleared); after ResetForGiveBack a commit waits for it. A Reset without
+// it allocates a new sum. The sums are right in every order.
 func TestGiveBackReusesTheMean(t *testing.T) {
-	for _, order := range []string{"give back, reset", "reset, give back", "reset, fold, give back"} {
+	for _, order := range []string{"give back, reset", "reset for give back, give back", "reset for give back, commit, give back", "reset"} {
 		t.Run(order, func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(9, 10))
 			updates, _ := makeUpdates(rng, 2, 100)
@@ -838,19 +839,23 @@ func TestGiveBackReusesTheMean(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			commit := func(m Model) {
+			var mu sync.Mutex // rng is not safe for concurrent use
+			commit := func(m Model) error {
 				up, err := acc.Begin()
 				if err != nil {
-					t.Fatal(err)
+					return err
 				}
-				if err := chunks(rng, m, up.AddChunk); err != nil {
-					t.Fatal(err)
+				mu.Lock()
+				err = chunks(rng, m, up.AddChunk)
+				mu.Unlock()
+				if err != nil {
+					return err
 				}
-				if err := up.Commit(1); err != nil {
-					t.Fatal(err)
-				}
+				return up.Commit(1)
 			}
-			commit(updates[0])
+			if err := commit(updates[0]); err != nil {
+				t.Fatal(err)
+			}
 			mean, err := acc.TakeMean()
 			if err != nil {
 				t.Fatal(err)
@@ -873,27 +878,43 @@ func TestGiveBackReusesTheMean(t *testing.T) {
 			case "give back, reset":
 				acc.GiveBack(mean)
 				acc.Reset()
-			case "reset, give back":
-				acc.Reset()
+			case "reset for give back, give back":
+				acc.ResetForGiveBack()
 				acc.GiveBack(mean)
-			case "reset, fold, give back":
+			case "reset for give back, commit, give back":
+				acc.ResetForGiveBack()
+				committed := make(chan error, 1)
+				go func() { committed <- commit(updates[1]) }()
+				select {
+				case err := <-committed:
+					t.Fatalf("a commit went on before the sum was given back (%v)", err)
+				case <-time.After(50 * time.Millisecond):
+				}
+				acc.GiveBack(mean)
+				if err := <-committed; err != nil {
+					t.Fatal(err)
+				}
+				if !reused() {
+					t.Fatal("the commit folded into another sum than the one given back")
+				}
+			case "reset":
 				acc.Reset()
-				commit(updates[1])
-				acc.GiveBack(mean) // too late: the round has its sum
 				if reused() {
-					t.Fatal("the mean given back replaced the sum the round had folded into")
+					t.Fatal("Reset reused the mean although it was not given back")
 				}
 			}
-			if order != "reset, fold, give back" {
-				if !reused() {
+			if order != "reset for give back, commit, give back" {
+				if order != "reset" && !reused() {
 					t.Fatal("a new sum was allocated although the mean was given back")
 				}
 				for _, v := range acc.slots[acc.index[given.Name]].sum32 {
 					if v != 0 {
-						t.Fatal("the reused sum was not cleared")
+						t.Fatal("the new round's sum is not zero")
 					}
 				}
-				commit(updates[1])
+				if err := commit(updates[1]); err != nil {
+					t.Fatal(err)
+				}
 			}
 			plain, err := NewAccumulator(AccumulatorConfig{Layout: updates[0], MaxTotalWeight: testMaxWeight})
 			if err != nil {
