@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
 
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/collaborator"
@@ -46,6 +47,9 @@ type federation struct {
 	// diskReserve and pauseRetry go to the aggregator's Config.
 	diskReserve int64
 	pauseRetry  time.Duration
+	// serverOptions are added to the aggregator's (an interceptor that
+	// counts calls, say).
+	serverOptions []grpc.ServerOption
 }
 
 // defaultRegistered is what the tests' participants register: more samples
@@ -102,7 +106,7 @@ func (f *federation) start() {
 		InitialModel:  f.initial,
 		Dir:           f.dir,
 		Listener:      lis,
-		ServerOptions: testpki.ServerOptions(f.server, fxv1.AggregatorRoles()),
+		ServerOptions: append(testpki.ServerOptions(f.server, fxv1.AggregatorRoles()), f.serverOptions...),
 		Sink:          f.sink,
 		Logger:        testLogger(f.t, "aggregator"),
 		PollWindow:    2 * time.Second,

@@ -66,6 +66,10 @@ type secureRound struct {
 	request                    []byte            // once the inputs closed
 	survivors                  []string
 	failed                     string // why the round's secure aggregation failed
+	// out are the sites that sit this round out: a step of the key
+	// exchange closed without them, so no update of theirs can count.
+	// GetTasks hands them nothing more in the round.
+	out map[string]bool
 	// staged counts the masked bytes staged in memory; it is atomic, as
 	// stages are discarded under a.mu.
 	staged atomic.Int64
@@ -117,7 +121,7 @@ func (a *Aggregator) secureOf(r *roundState) (*secureRound, error) {
 	r.sec = &secureRound{
 		srv: srv, threshold: t, layout: masked, index: index,
 		adverts: map[string][]byte{}, shares: map[string][]byte{}, responses: map[string][]byte{},
-		weights: map[string]float64{},
+		weights: map[string]float64{}, out: map[string]bool{},
 	}
 	return r.sec, nil
 }
@@ -150,6 +154,7 @@ func (s *service) SecureAggregation(ctx context.Context, req *fxv1.SecureAggrega
 			err = status.Errorf(codes.Internal, "secure aggregation: %v", err)
 		} else {
 			err = a.secureRecord(r, sec, name, step, req.GetMessage())
+			a.sitOut(r, sec, name, step, err)
 		}
 	}
 	a.mu.Unlock()
@@ -161,6 +166,7 @@ func (s *service) SecureAggregation(ctx context.Context, req *fxv1.SecureAggrega
 	for {
 		a.mu.Lock()
 		answer, ready, cutoff, err := a.secureAnswer(r, sec, name, step)
+		a.sitOut(r, sec, name, step, err)
 		changed := a.changed
 		a.mu.Unlock()
 		if err != nil || ready {
@@ -277,6 +283,22 @@ func (a *Aggregator) secureRecord(r *roundState, sec *secureRound, name string, 
 	}
 	a.broadcast()
 	return nil
+}
+
+// sitOut notes that a site sits round r out when a step of its key
+// exchange refused it for the round. Callers hold a.mu.
+func (a *Aggregator) sitOut(r *roundState, sec *secureRound, name string, step fxv1.SecureAggregationRequest_Step, err error) {
+	key := step == fxv1.SecureAggregationRequest_ADVERTISE || step == fxv1.SecureAggregationRequest_SHARE_KEYS
+	if key && status.Code(err) == codes.FailedPrecondition && a.round == r && !sec.out[name] {
+		sec.out[name] = true
+		a.log.Info("secure aggregation: a site sits the round out", "round", r.number, "collaborator", name, "reason", status.Convert(err).Message())
+	}
+}
+
+// sitsOut reports whether name sits round r out (see secureRound.out).
+// Callers hold a.mu.
+func (a *Aggregator) sitsOut(r *roundState, name string) bool {
+	return r.sec != nil && r.sec.out[name]
 }
 
 // checkSecureWeight checks an advertised weight against the plan's
@@ -583,7 +605,8 @@ func (a *Aggregator) currentShared(r *roundState) (tensor.Model, error) {
 	m, done := a.useModel()
 	a.mu.Unlock()
 	defer done()
-	if m == nil {
+	kept := m != nil // another's memory: add to a copy
+	if !kept {
 		var err error
 		if m, _, err = tensor.ReadFile(ModelPath(a.cfg.Dir, r.number-1)); err != nil {
 			return nil, fmt.Errorf("secure aggregation: the round's global model: %w", err)
@@ -596,7 +619,10 @@ func (a *Aggregator) currentShared(r *roundState) (tensor.Model, error) {
 		if t == nil || !t.DType.IsFloat() {
 			return nil, fmt.Errorf("secure aggregation: the round's global model has no float tensor %q", l.Name)
 		}
-		out[i] = t.Clone()
+		if kept {
+			t = t.Clone()
+		}
+		out[i] = t
 	}
 	return out, nil
 }

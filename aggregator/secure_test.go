@@ -2,8 +2,10 @@ package aggregator_test
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -274,5 +276,89 @@ aggregation: {secure: true}
 		if d := math.Abs(float64(v) - 4); d > 2*secureTolerance(2, experiment.DefaultSecureRange, 4) {
 			t.Errorf("round 2 bias[%d] = %v, want 4", i, v)
 		}
+	}
+}
+
+// A site that trains slowly in round 1 misses the key advertisement, which
+// closes without it once t sites advertised and half the time to the
+// deadline passed: it sits the round out — asked for nothing more in it,
+// not spinning on refused calls — and the round closes at its deadline with
+// the two others' mean; in round 2 it takes part again.
+func TestSecureSlowSiteSitsOut(t *testing.T) {
+	plan := parsePlan(t, `
+name: test
+rounds: 2
+participants: {min: 3}
+runner: {kind: builtin, model: mlp}
+stragglers: {deadline: 6s, min_reporting: 2}
+aggregation: {secure: true, secure_threshold: 2}
+`)
+	f := newFederation(t, plan, "alpha", "beta", "gamma")
+	var mu sync.Mutex
+	advertised := map[string]int{} // gamma's ADVERTISE calls, by round
+	f.serverOptions = []grpc.ServerOption{grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		if r, ok := req.(*fxv1.SecureAggregationRequest); ok && r.GetCollaborator() == "gamma" && r.GetStep() == fxv1.SecureAggregationRequest_ADVERTISE {
+			mu.Lock()
+			advertised[fmt.Sprint(r.GetRound())]++
+			mu.Unlock()
+		}
+		return h(ctx, req)
+	})}
+	f.start()
+	ctx := t.Context()
+	gate := make(chan struct{})
+	a := f.secureCollab(ctx, "alpha", &stepRunner{Step: 1, Samples: 1})
+	b := f.secureCollab(ctx, "beta", &stepRunner{Step: 3, Samples: 1})
+	g := f.secureCollab(ctx, "gamma", &gatedRunner{stepRunner: stepRunner{Step: 2, Samples: 2}, gate: gate, gateRound: 1})
+	// alpha's train is counted only after the key exchange closed, and it
+	// closed without gamma, whose training is held until then.
+	waitFor(t, 20*time.Second, "alpha's round-1 update", func() bool {
+		f.sink.mu.Lock()
+		defer f.sink.mu.Unlock()
+		for _, p := range f.sink.progress {
+			if p.Collaborator == "alpha" && p.Round == 1 && (p.Task == runner.TaskLocalValidation || p.LastRound >= 1) {
+				return true
+			}
+		}
+		return false
+	})
+	close(gate)
+	if err := f.wait(60 * time.Second); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	for name, done := range map[string]<-chan error{"alpha": a, "beta": b, "gamma": g} {
+		if err := <-done; !finished(err) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	mu.Lock()
+	if advertised["1"] != 1 || advertised["2"] != 1 {
+		t.Errorf("gamma's key advertisements by round: %v, want one in each", advertised)
+	}
+	mu.Unlock()
+	sums := f.sink.summaries()
+	if len(sums) < 2 || strings.Join(sums[0].Reported, ",") != "alpha,beta" || strings.Join(sums[1].Reported, ",") != "alpha,beta,gamma" {
+		t.Fatalf("summaries %+v, want alpha and beta in round 1, everyone in round 2", sums)
+	}
+	// Round 1: (1 + 3) / 2 = 2; round 2: (1 + 3 + 2·2) / 4 = 2 more.
+	// (Steps stay within the range R = 4, beyond which they are clipped.)
+	for round, want := range map[int]float64{1: 2, 2: 4} {
+		for i, v := range values(readModel(t, f.dir, round), "fc.bias") {
+			if d := math.Abs(float64(v) - want); d > 2*secureTolerance(3, experiment.DefaultSecureRange, want) {
+				t.Errorf("round %d bias[%d] = %v, want %v", round, i, v, want)
+			}
+		}
+	}
+}
+
+// waitFor waits until cond holds, failing the test after timeout.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not happen within %s", what, timeout)
+		}
+		<-time.After(10 * time.Millisecond)
 	}
 }

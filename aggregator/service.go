@@ -80,7 +80,7 @@ func (s *service) GetTasks(ctx context.Context, req *fxv1.GetTasksRequest) (*fxv
 			return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_QUIT, Reason: reason}, nil
 		}
 		r := a.round
-		if tasks := r.remaining(name); !r.closed && len(tasks) > 0 {
+		if tasks := r.remaining(name); !r.closed && len(tasks) > 0 && !a.sitsOut(r, name) {
 			p.task = tasks[0]
 			progress := a.progressOf(p)
 			a.mu.Unlock()
