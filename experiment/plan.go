@@ -62,11 +62,12 @@ const (
 	AlgFedAdam     = "fedadam"
 	AlgFedYogi     = "fedyogi"
 	AlgFedAdagrad  = "fedadagrad"
+	// AlgScaffold is in scaffold.go.
 )
 
 // builtinAlgorithms are the aggregation algorithms fx ships, in the order
 // error messages list them.
-var builtinAlgorithms = []string{AlgFedAvg, AlgMedian, AlgTrimmedMean, AlgKrum, AlgMultiKrum, AlgFedAdam, AlgFedYogi, AlgFedAdagrad}
+var builtinAlgorithms = []string{AlgFedAvg, AlgMedian, AlgTrimmedMean, AlgKrum, AlgMultiKrum, AlgFedAdam, AlgFedYogi, AlgFedAdagrad, AlgScaffold}
 
 // algorithmName is what a registered algorithm may be called: a plan key's
 // value, easy to type, and never a path.
@@ -766,6 +767,7 @@ func (p *Plan) validate(limits, anyAlgorithm bool) error {
 	p.validateRunner(&v)
 	p.validateAggregation(&v, anyAlgorithm)
 	p.validateTraining(&v)
+	p.validateScaffold(&v)
 	p.validateStragglers(&v)
 	p.validateTasks(&v)
 	p.validateBestModel(&v)

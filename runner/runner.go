@@ -38,6 +38,14 @@ func ValidateTaskName(task string) error {
 type Task struct {
 	Name  string
 	Round int
+	// Correction, set on a SCAFFOLD experiment's train task, is the
+	// control-variate correction c − c_i (the server's variate minus the
+	// site's), one F32 tensor per float tensor of the model, with its
+	// shape: the runner adds it to the gradient of that tensor at every
+	// local step, and reports Steps and StepSize. Nil otherwise. A runner
+	// that cannot apply it must fail the task. The runner must not
+	// modify it.
+	Correction map[string]*tensor.Tensor
 }
 
 // Result is what a task produced.
@@ -49,6 +57,12 @@ type Result struct {
 	Samples int64
 	// Metrics are named scalars such as "loss" and "accuracy".
 	Metrics map[string]float64
+	// Steps and StepSize, reported by a train task with a Correction, are
+	// SCAFFOLD's K and η: the local steps taken and the step each took per
+	// unit of gradient, so that (global − trained)/(K·η) is the mean
+	// corrected gradient the site followed.
+	Steps    int64
+	StepSize float64
 }
 
 // Runner runs tasks on one site's data. A collaborator holds one Runner for

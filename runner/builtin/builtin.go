@@ -125,6 +125,10 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 	if err := r.load(model); err != nil {
 		return runner.Result{}, err
 	}
+	if err := r.setCorrection(task.Correction); err != nil {
+		return runner.Result{}, err
+	}
+	defer r.setCorrection(nil)
 	net, hp, train := r.net, r.hp, &r.data.Train
 	net.clearMomentum()
 	if r.prox > 0 {
@@ -137,6 +141,7 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 	lr, momentum, wd, prox := float32(hp.LR), float32(hp.Momentum), float32(hp.WeightDecay), float32(r.prox)
 	var lossSum float64
 	var correct int
+	var steps int64
 	for epoch := range hp.Epochs {
 		rng.Shuffle(len(r.perm), func(i, j int) { r.perm[i], r.perm[j] = r.perm[j], r.perm[i] })
 		lossSum, correct = 0, 0
@@ -155,6 +160,7 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 			correct += c
 			net.backward(len(idx), momentum)
 			net.step(lr, wd, prox)
+			steps++
 		}
 		if math.IsNaN(lossSum) || math.IsInf(lossSum, 0) {
 			return runner.Result{}, fmt.Errorf("builtin %s: training diverged in round %d, epoch %d (loss %v): lower lr (now %g)",
@@ -169,11 +175,13 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 		}
 	}
 	n := float64(train.N)
-	return runner.Result{
+	res := runner.Result{
 		Model:   out,
 		Samples: int64(train.N),
 		Metrics: map[string]float64{"loss": lossSum / n, "accuracy": float64(correct) / n},
-	}, nil
+	}
+	r.scaffoldResult(task, &res, steps)
+	return res, nil
 }
 
 // Validate evaluates model on the validation split.

@@ -24,6 +24,9 @@ type network struct {
 	// gw, gb hold the global model a FedProx train task started from, the
 	// centre of its proximal term; nil when the plan sets no proximal_mu.
 	gw, gb [][]float32
+	// cw, cb are a SCAFFOLD train task's correction c − c_i, added to the
+	// gradient at every step; nil otherwise (scaffold.go).
+	cw, cb [][]float32
 	// act[l] is the input of layer l for the current batch, act[layers]
 	// the class probabilities; act[0] is the buffer gather fills, input the
 	// samples the last forward pass read (act[0] or rows of a split).
@@ -193,6 +196,10 @@ func (n *network) step(lr, weightDecay, mu float32) {
 		if mu != 0 {
 			addProximal(mu, n.w[l], n.gw[l], n.vw[l])
 			addProximal(mu, n.b[l], n.gb[l], n.vb[l])
+		}
+		if n.cw != nil {
+			axpy(1, n.cw[l], n.vw[l])
+			axpy(1, n.cb[l], n.vb[l])
 		}
 		axpy(-lr, n.vw[l], n.w[l])
 		axpy(-lr, n.vb[l], n.b[l])
