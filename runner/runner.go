@@ -38,13 +38,18 @@ func ValidateTaskName(task string) error {
 type Task struct {
 	Name  string
 	Round int
-	// Correction, set on a SCAFFOLD experiment's train task, is the
-	// control-variate correction c − c_i (the server's variate minus the
-	// site's), one F32 tensor per float tensor of the model, with its
-	// shape: the runner adds it to the gradient of that tensor at every
-	// local step, and reports Steps and StepSize. Nil otherwise. A runner
-	// that cannot apply it must fail the task. The runner must not
-	// modify it.
+	// Scaffold is set on a SCAFFOLD experiment's train task; nil
+	// otherwise. A runner that cannot apply it must fail the task.
+	Scaffold *Scaffold
+}
+
+// Scaffold is what a SCAFFOLD train task adds (see Task.Scaffold).
+type Scaffold struct {
+	// Correction is the control-variate correction c − c_i (the server's
+	// variate minus the site's), one F32 tensor per float tensor of the
+	// model, by its name and with its shape: the runner adds it to the
+	// gradient of that tensor at every local step, and reports
+	// Result.Steps and Result.StepSize. The runner must not modify it.
 	Correction map[string]*tensor.Tensor
 }
 
@@ -57,7 +62,7 @@ type Result struct {
 	Samples int64
 	// Metrics are named scalars such as "loss" and "accuracy".
 	Metrics map[string]float64
-	// Steps and StepSize, reported by a train task with a Correction, are
+	// Steps and StepSize, reported by a train task with Scaffold, are
 	// SCAFFOLD's K and η: the local steps taken and the step each took per
 	// unit of gradient, so that (global − trained)/(K·η) is the mean
 	// corrected gradient the site followed.

@@ -125,7 +125,7 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 	if err := r.load(model); err != nil {
 		return runner.Result{}, err
 	}
-	if err := r.setCorrection(task.Correction); err != nil {
+	if err := r.setCorrection(task.Scaffold); err != nil {
 		return runner.Result{}, err
 	}
 	defer r.setCorrection(nil)

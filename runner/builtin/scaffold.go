@@ -7,7 +7,7 @@ import (
 	"github.com/fx-fl/fx/tensor"
 )
 
-// SCAFFOLD (runner.Task.Correction): a train task of a SCAFFOLD experiment
+// SCAFFOLD (runner.Task.Scaffold): a train task of a SCAFFOLD experiment
 // carries the correction c − c_i for every weight and bias, which is added
 // to the gradient at every step, before momentum, as the weight decay and
 // FedProx's proximal term are (see network.step). The task reports its K
@@ -19,12 +19,13 @@ import (
 // setCorrection points the network at the task's correction tensors, after
 // checking there is one for every weight and bias and nothing else; nil
 // clears it. The tensors are read, never written.
-func (r *Runner) setCorrection(corr map[string]*tensor.Tensor) error {
+func (r *Runner) setCorrection(s *runner.Scaffold) error {
 	n := r.net
-	if corr == nil {
+	if s == nil {
 		n.cw, n.cb = nil, nil
 		return nil
 	}
+	corr := s.Correction
 	if len(corr) != len(r.layout) {
 		return fmt.Errorf("builtin %s: SCAFFOLD correction has %d tensors, the model %d (%s)", r.model, len(corr), len(r.layout), describe(r.layout))
 	}
@@ -54,7 +55,7 @@ func (r *Runner) scaffoldStepSize() float64 { return r.hp.LR / (1 - r.hp.Momentu
 
 // scaffoldResult completes a train result of a task with a correction.
 func (r *Runner) scaffoldResult(task runner.Task, res *runner.Result, steps int64) {
-	if task.Correction == nil {
+	if task.Scaffold == nil {
 		return
 	}
 	res.Steps, res.StepSize = steps, r.scaffoldStepSize()

@@ -40,7 +40,7 @@ func TestStepScaffold(t *testing.T) {
 
 // correction returns a correction of the model's layout whose every
 // element is k.
-func correction(m tensor.Model, k float32) map[string]*tensor.Tensor {
+func correction(m tensor.Model, k float32) *runner.Scaffold {
 	out := map[string]*tensor.Tensor{}
 	for _, t := range m {
 		c := tensor.New(t.Name, tensor.F32, t.Shape)
@@ -50,7 +50,7 @@ func correction(m tensor.Model, k float32) map[string]*tensor.Tensor {
 		}
 		out[t.Name] = c
 	}
-	return out
+	return &runner.Scaffold{Correction: out}
 }
 
 // TestTrainScaffold trains one full-batch SGD step without momentum with
@@ -79,7 +79,7 @@ func TestTrainScaffold(t *testing.T) {
 	if plain.Steps != 0 || plain.StepSize != 0 {
 		t.Errorf("a task without a correction reports K = %d, η = %v: want neither", plain.Steps, plain.StepSize)
 	}
-	corrected, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 1, Correction: correction(global, k)}, global)
+	corrected, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 1, Scaffold: correction(global, k)}, global)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +108,7 @@ func TestTrainScaffold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 1, Correction: correction(global, 0)}, global)
+	res, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 1, Scaffold: correction(global, 0)}, global)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,13 +127,13 @@ func TestScaffoldCorrectionRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	missing := correction(global, 0)
+	missing := correction(global, 0).Correction
 	delete(missing, "fc0.bias")
 	missing["other"] = tensor.New("other", tensor.F32, []int64{2})
-	short := correction(global, 0)
+	short := correction(global, 0).Correction
 	short["fc0.bias"] = tensor.New("fc0.bias", tensor.F32, []int64{1})
 	for name, corr := range map[string]map[string]*tensor.Tensor{"missing": missing, "short": short} {
-		_, err := r.Train(context.Background(), runner.Task{Name: runner.TaskTrain, Round: 1, Correction: corr}, global)
+		_, err := r.Train(context.Background(), runner.Task{Name: runner.TaskTrain, Round: 1, Scaffold: &runner.Scaffold{Correction: corr}}, global)
 		if err == nil || !strings.Contains(err.Error(), "fc0.bias") {
 			t.Errorf("%s: error %v, want one naming fc0.bias", name, err)
 		}

@@ -401,7 +401,7 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 	if !runner.IsTrain(task.Name) {
 		return runner.Result{}, fmt.Errorf("exec runner: Train called for task %q; only %q trains", task.Name, runner.TaskTrain)
 	}
-	if task.Correction != nil {
+	if task.Scaffold != nil {
 		return runner.Result{}, errors.New("exec runner: SCAFFOLD's gradient correction cannot be handed to the command yet (aggregation.algorithm scaffold needs runner.kind builtin)")
 	}
 	return r.run(ctx, task, model)
