@@ -107,8 +107,7 @@ type Process struct {
 	// DirectorGrace: see ProcessSpec.
 	DirectorGrace time.Duration
 
-	mu      sync.Mutex
-	running map[string]*procAggregator // by experiment id
+	chans channels
 }
 
 // History implements Launcher: the children write where the director reads.
@@ -159,13 +158,11 @@ func (p *Process) Launch(spec LaunchSpec) (Aggregator, error) {
 		log = hclog.NewNullLogger()
 	}
 	a := &procAggregator{
-		p:       p,
+		chans:   &p.chans,
+		policy:  newRestartPolicy(p.MaxRestarts, p.RestartWindow, p.RestartBackoff, "aggregator process", LauncherProcess),
 		spec:    spec,
-		exe:     exe,
-		lisFile: lisFile,
 		log:     log.Named("aggregator-process"),
-		expDir:  expDir,
-		initial: initial,
+		outcome: filepath.Join(expDir, ProcessOutcomeFile),
 		child: ProcessSpec{
 			ExperimentID:  spec.ExperimentID,
 			Plan:          string(plan),
@@ -184,6 +181,7 @@ func (p *Process) Launch(spec LaunchSpec) (Aggregator, error) {
 		},
 		dropsChanged: make(chan struct{}),
 	}
+	a.starter = &procStarter{p: p, a: a, exe: exe, lisFile: lisFile, expDir: expDir, initial: initial}
 	return a, nil
 }
 
@@ -229,73 +227,96 @@ func prepareInitialModel(spec LaunchSpec, path string) (string, error) {
 
 // register makes a the aggregator of its experiment whose channel Process
 // accepts.
-func (p *Process) register(a *procAggregator) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.running == nil {
-		p.running = map[string]*procAggregator{}
+func (p *Process) register(a *procAggregator) { p.chans.register(a) }
+
+// channels are a launcher's running aggregators, by experiment id: those
+// whose Director.AggregatorChannel it accepts.
+type channels struct {
+	mu      sync.Mutex
+	running map[string]*procAggregator
+}
+
+func (c *channels) register(a *procAggregator) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.running == nil {
+		c.running = map[string]*procAggregator{}
 	}
-	p.running[a.spec.ExperimentID] = a
+	c.running[a.spec.ExperimentID] = a
 }
 
-func (p *Process) unregister(a *procAggregator) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.running[a.spec.ExperimentID] == a {
-		delete(p.running, a.spec.ExperimentID)
+func (c *channels) unregister(a *procAggregator) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.running[a.spec.ExperimentID] == a {
+		delete(c.running, a.spec.ExperimentID)
 	}
 }
 
-func (p *Process) lookup(id string) *procAggregator {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.running[id]
+func (c *channels) lookup(id string) *procAggregator {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.running[id]
 }
 
-func (p *Process) maxRestarts() int {
-	if p.MaxRestarts > 0 {
-		return p.MaxRestarts
+// restartPolicy bounds how often a launched aggregator (what, of launcher)
+// is started again: more than max deaths within window fail its
+// experiment, and backoff spaces the starts.
+type restartPolicy struct {
+	max            int
+	window         time.Duration
+	backoff        backoff.Config
+	what, launcher string
+}
+
+// newRestartPolicy is a launcher's policy, with the defaults for the
+// settings left zero.
+func newRestartPolicy(maxRestarts int, window time.Duration, b backoff.Config, what, launcher string) restartPolicy {
+	r := restartPolicy{max: maxRestarts, window: window, backoff: b, what: what, launcher: launcher}
+	if r.max <= 0 {
+		r.max = DefaultMaxRestarts
 	}
-	return DefaultMaxRestarts
-}
-
-func (p *Process) restartWindow() time.Duration {
-	if p.RestartWindow > 0 {
-		return p.RestartWindow
+	if r.window <= 0 {
+		r.window = DefaultRestartWindow
 	}
-	return DefaultRestartWindow
-}
-
-func (p *Process) restartBackoff() backoff.Config {
-	if p.RestartBackoff.Initial > 0 && p.RestartBackoff.Max > 0 {
-		return p.RestartBackoff
+	if r.backoff.Initial <= 0 || r.backoff.Max <= 0 {
+		r.backoff = DefaultRestartBackoff
 	}
-	return DefaultRestartBackoff
+	return r
 }
 
-func (p *Process) stopGrace() time.Duration {
-	if p.StopGrace > 0 {
-		return p.StopGrace
+func stopGrace(d time.Duration) time.Duration {
+	if d > 0 {
+		return d
 	}
 	return DefaultStopGrace
 }
 
-// procAggregator is one experiment's aggregator process, as the director
-// drives it: Run starts the child and starts it again when it dies; the
-// child's channel brings its events to the LaunchSpec's Sink and Serving,
-// and takes Drop's to the child.
+// procAggregator is one experiment's aggregator outside the director (a
+// child process, a pod), as the director drives it: Run starts it, through
+// its starter, and starts it again when it dies, as its policy allows; its
+// channel brings its events to the LaunchSpec's Sink and Serving, and takes
+// Drop's to it.
 type procAggregator struct {
-	p       *Process
+	chans   *channels
+	policy  restartPolicy
+	starter starter
 	spec    LaunchSpec
-	exe     string
-	lisFile *os.File
 	log     hclog.Logger
-	expDir  string
-	initial string // the initial model file written for the child, if any
 	child   ProcessSpec
+	// outcome is the director's path of the outcome file that child.Outcome
+	// names.
+	outcome string
+	// ownReadiness: the starter calls announce when the aggregator can be
+	// reached (a pod's readiness), rather than its channel's serving
+	// report.
+	ownReadiness bool
+	// address is where the participants reach the aggregator when the
+	// starter decides it (a Service), set before announce.
+	address string
 
 	mu           sync.Mutex
-	token        string // the running child's; "" between children
+	token        string // the running start's; "" between starts
 	drops        [][2]string
 	dropsChanged chan struct{}
 	served       bool
@@ -304,6 +325,19 @@ type procAggregator struct {
 	// catchUp; lastRound is the last round handed to it.
 	sinkMu    sync.Mutex
 	lastRound int
+}
+
+// starter runs an aggregator for a procAggregator: one start at a time.
+type starter interface {
+	// start runs the aggregator with spec (its token new) until it ends,
+	// or until ctx ends and it has been stopped. It returns how it ended
+	// ("exit status 2", "signal: killed"), and an error only when it could
+	// not be started.
+	start(ctx context.Context, spec ProcessSpec) (how string, err error)
+	// why is how it ended with what it last said and where its log is.
+	why(how string) string
+	// close releases what the launch holds, after the last start.
+	close()
 }
 
 // Drop implements Aggregator: the drop reaches the running child at once,
@@ -318,19 +352,15 @@ func (a *procAggregator) Drop(collaborator, reason string) {
 
 // Run implements Aggregator.
 func (a *procAggregator) Run(ctx context.Context) error {
-	defer a.spec.Listener.Close()
-	defer a.lisFile.Close()
-	if a.initial != "" && a.initial != aggregator.ModelPath(a.spec.Dir, 0) {
-		defer os.Remove(a.initial)
-	}
-	a.p.register(a)
-	defer a.p.unregister(a)
+	defer a.starter.close()
+	a.chans.register(a)
+	defer a.chans.unregister(a)
 	var deaths []time.Time
-	b := backoff.New(a.p.restartBackoff())
-	window := a.p.restartWindow()
+	b := backoff.New(a.policy.backoff)
+	window := a.policy.window
 	for {
 		started := time.Now()
-		how, err := a.runChild(ctx)
+		how, err := a.startOnce(ctx)
 		// Rounds the child completed but could not report.
 		a.catchUp()
 		if err != nil {
@@ -339,10 +369,10 @@ func (a *procAggregator) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		outcome, err := readOutcome(a.child.Outcome)
+		outcome, err := readOutcome(a.outcome)
 		switch {
 		case err != nil:
-			a.log.Error("the aggregator process's outcome cannot be read; taking it for a crash", "error", err)
+			a.log.Error("the "+a.policy.what+"'s outcome cannot be read; taking it for a crash", "error", err)
 		case outcome != nil && outcome.Finished:
 			return nil
 		case outcome != nil:
@@ -350,56 +380,33 @@ func (a *procAggregator) Run(ctx context.Context) error {
 		}
 		now := time.Now()
 		deaths = append(slices.DeleteFunc(deaths, func(t time.Time) bool { return now.Sub(t) > window }), now)
-		logPath := filepath.Join(a.expDir, ProcessLogFile)
-		why := how
-		if last := lastLogLine(logPath); last != "" {
-			why += "; it last logged: " + last
-		}
-		if len(deaths) > a.p.maxRestarts() {
-			return fmt.Errorf("the aggregator process died %d times within %s, the most the process launcher restarts (last: %s; its log: %s)",
-				len(deaths), window, why, logPath)
+		why := a.starter.why(how)
+		if len(deaths) > a.policy.max {
+			return fmt.Errorf("the %s died %d times within %s, the most the %s launcher restarts (last: %s)",
+				a.policy.what, len(deaths), window, a.policy.launcher, why)
 		}
 		if now.Sub(started) > window {
 			b.Reset()
 		}
 		delay := b.Next()
-		a.log.Warn("the aggregator process died; starting it again from its checkpoint", "how", how, "deaths_in_window", len(deaths), "after", delay, "log", logPath)
+		a.log.Warn("the "+a.policy.what+" died; starting it again from its checkpoint", "how", why, "deaths_in_window", len(deaths), "after", delay)
 		if !backoff.Sleep(ctx, delay) {
 			return ctx.Err()
 		}
 	}
 }
 
-// runChild starts a child and waits until it exits, or ctx ends and it has
-// been stopped. It returns how the child ended ("exit status 2", "signal:
-// killed"), and an error only when the child could not start.
-func (a *procAggregator) runChild(ctx context.Context) (string, error) {
+// startOnce runs one start with a new token, from a cleared outcome.
+func (a *procAggregator) startOnce(ctx context.Context) (string, error) {
 	token, err := newToken()
 	if err != nil {
 		return "", err
 	}
 	spec := a.child
 	spec.Token = token
-	specPath := filepath.Join(a.expDir, ProcessSpecFile)
-	if err := WriteProcessSpec(specPath, &spec); err != nil {
-		return "", fmt.Errorf("cannot write the aggregator's launch spec: %w", err)
-	}
-	if err := os.Remove(spec.Outcome); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := os.Remove(a.outcome); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return "", fmt.Errorf("cannot clear the aggregator's outcome: %w", err)
 	}
-	logPath := filepath.Join(a.expDir, ProcessLogFile)
-	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return "", fmt.Errorf("cannot open the aggregator's log: %w", err)
-	}
-	defer logf.Close()
-	fmt.Fprintf(logf, "===== fx director: starting the aggregator process at %s: %s aggregator run --spec %s\n", time.Now().UTC().Format(time.RFC3339Nano), a.exe, specPath)
-	cmd := exec.Command(a.exe, "aggregator", "run", "--spec", specPath)
-	cmd.Env = childEnv(a.p.Env)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.ExtraFiles = []*os.File{a.lisFile}
-	cmd.SysProcAttr = childProcAttr()
-
 	a.mu.Lock()
 	a.token = token
 	a.mu.Unlock()
@@ -408,6 +415,75 @@ func (a *procAggregator) runChild(ctx context.Context) (string, error) {
 		a.token = ""
 		a.mu.Unlock()
 	}()
+	return a.starter.start(ctx, spec)
+}
+
+// Address is where the participants reach the aggregator, when its
+// launcher decides it (a Kubernetes Service), or "": at the listener the
+// director bound.
+func (a *procAggregator) Address() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.address
+}
+
+// announce tells the director, once, that the aggregator serves.
+func (a *procAggregator) announce() {
+	a.mu.Lock()
+	first := !a.served
+	a.served = true
+	a.mu.Unlock()
+	if first && a.spec.Serving != nil {
+		a.spec.Serving()
+	}
+}
+
+// procStarter runs an aggregator as a child process of the director.
+type procStarter struct {
+	p       *Process
+	a       *procAggregator
+	exe     string
+	lisFile *os.File
+	expDir  string
+	initial string // the initial model file written for the child, if any
+}
+
+func (s *procStarter) close() {
+	s.a.spec.Listener.Close()
+	s.lisFile.Close()
+	if s.initial != "" && s.initial != aggregator.ModelPath(s.a.spec.Dir, 0) {
+		os.Remove(s.initial)
+	}
+}
+
+func (s *procStarter) why(how string) string {
+	logPath := filepath.Join(s.expDir, ProcessLogFile)
+	if last := lastLogLine(logPath); last != "" {
+		how += "; it last logged: " + last
+	}
+	return how + "; its log: " + logPath
+}
+
+// start starts a child and waits until it exits, or ctx ends and it has
+// been stopped.
+func (s *procStarter) start(ctx context.Context, spec ProcessSpec) (string, error) {
+	specPath := filepath.Join(s.expDir, ProcessSpecFile)
+	if err := WriteProcessSpec(specPath, &spec); err != nil {
+		return "", fmt.Errorf("cannot write the aggregator's launch spec: %w", err)
+	}
+	logPath := filepath.Join(s.expDir, ProcessLogFile)
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return "", fmt.Errorf("cannot open the aggregator's log: %w", err)
+	}
+	defer logf.Close()
+	fmt.Fprintf(logf, "===== fx director: starting the aggregator process at %s: %s aggregator run --spec %s\n", time.Now().UTC().Format(time.RFC3339Nano), s.exe, specPath)
+	cmd := exec.Command(s.exe, "aggregator", "run", "--spec", specPath)
+	cmd.Env = childEnv(s.p.Env)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{s.lisFile}
+	cmd.SysProcAttr = childProcAttr()
+
 	started, exited := make(chan error, 1), make(chan error, 1)
 	go func() {
 		// The child's death signal (childProcAttr) follows the thread
@@ -422,30 +498,32 @@ func (a *procAggregator) runChild(ctx context.Context) (string, error) {
 		exited <- cmd.Wait()
 	}()
 	if err := <-started; err != nil {
-		return "", fmt.Errorf("cannot start the aggregator process (%s): %w", a.exe, err)
+		return "", fmt.Errorf("cannot start the aggregator process (%s): %w", s.exe, err)
 	}
-	pidPath := filepath.Join(a.expDir, ProcessPIDFile)
+	log := s.a.log
+	pidPath := filepath.Join(s.expDir, ProcessPIDFile)
 	if err := atomicfile.Replace(pidPath, []byte(strconv.Itoa(cmd.Process.Pid)+"\n")); err != nil {
-		a.log.Warn("cannot write the aggregator process's pid file", "error", err)
+		log.Warn("cannot write the aggregator process's pid file", "error", err)
 	}
 	defer os.Remove(pidPath)
-	a.log.Info("aggregator process started", "pid", cmd.Process.Pid, "log", logPath)
+	log.Info("aggregator process started", "pid", cmd.Process.Pid, "log", logPath)
 	select {
 	case <-exited:
 	case <-ctx.Done():
 		_ = cmd.Process.Signal(syscall.SIGTERM)
-		t := time.NewTimer(a.p.stopGrace())
+		grace := stopGrace(s.p.StopGrace)
+		t := time.NewTimer(grace)
 		select {
 		case <-exited:
 			t.Stop()
 		case <-t.C:
-			a.log.Warn("the aggregator process did not stop in time after SIGTERM; killing it", "pid", cmd.Process.Pid, "grace", a.p.stopGrace())
+			log.Warn("the aggregator process did not stop in time after SIGTERM; killing it", "pid", cmd.Process.Pid, "grace", grace)
 			_ = cmd.Process.Kill()
 			<-exited
 		}
 	}
 	how := cmd.ProcessState.String()
-	a.log.Info("aggregator process ended", "pid", cmd.Process.Pid, "how", how)
+	log.Info("aggregator process ended", "pid", cmd.Process.Pid, "how", how)
 	return how, nil
 }
 
@@ -512,12 +590,8 @@ func (a *procAggregator) catchUp() {
 func (a *procAggregator) handle(r *fxv1.AggregatorReport) error {
 	switch ev := r.GetEvent().(type) {
 	case *fxv1.AggregatorReport_Serving:
-		a.mu.Lock()
-		first := !a.served
-		a.served = true
-		a.mu.Unlock()
-		if first && a.spec.Serving != nil {
-			a.spec.Serving()
+		if !a.ownReadiness {
+			a.announce()
 		}
 	case *fxv1.AggregatorReport_RoundCompleted:
 		var s aggregator.RoundSummary
@@ -568,23 +642,29 @@ func (s *service) AggregatorChannel(stream grpc.BidiStreamingServer[fxv1.Aggrega
 	return cs.serveChannel(stream, s.d.shutdown)
 }
 
-// serveChannel checks who opens a channel and for which launch, then
-// passes its events on and sends it the drops, until the child goes, the
-// director stops, or the child sends what cannot be read.
+// serveChannel hands the channel to the process launcher's aggregators.
 func (p *Process) serveChannel(stream grpc.BidiStreamingServer[fxv1.AggregatorReport, fxv1.AggregatorCommand], shutdown <-chan struct{}) error {
+	return p.chans.serve(p.Identity, stream, shutdown)
+}
+
+// serve checks who opens a channel (identity's certificate only) and for
+// which launch, then passes its events on and sends it the drops, until
+// the aggregator goes, the director stops, or it sends what cannot be
+// read.
+func (c *channels) serve(identity string, stream grpc.BidiStreamingServer[fxv1.AggregatorReport, fxv1.AggregatorCommand], shutdown <-chan struct{}) error {
 	ctx := stream.Context()
 	id, ok := pki.IdentityFromContext(ctx)
 	if !ok {
 		return status.Error(codes.Unauthenticated, "no caller identity")
 	}
-	if id.Name != p.Identity {
-		return status.Errorf(codes.PermissionDenied, "an aggregator channel is open only to this director's own certificate (%s), not %s", p.Identity, id)
+	if id.Name != identity {
+		return status.Errorf(codes.PermissionDenied, "an aggregator channel is open only to this director's own certificate (%s), not %s", identity, id)
 	}
 	first, err := stream.Recv()
 	if err != nil {
 		return err
 	}
-	a := p.lookup(first.GetExperimentId())
+	a := c.lookup(first.GetExperimentId())
 	if a == nil {
 		return status.Errorf(codes.NotFound, "no aggregator process of experiment %q runs under this director", first.GetExperimentId())
 	}

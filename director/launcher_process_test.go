@@ -437,7 +437,7 @@ func TestAggregatorChannel(t *testing.T) {
 	var served int
 	var servedMu sync.Mutex
 	a := &procAggregator{
-		p: p, log: hclog.NewNullLogger(), token: "tok", dropsChanged: make(chan struct{}),
+		chans: &p.chans, log: hclog.NewNullLogger(), token: "tok", dropsChanged: make(chan struct{}),
 		spec: LaunchSpec{ExperimentID: "e1", Dir: t.TempDir(), Sink: sink, Serving: func() {
 			servedMu.Lock()
 			served++
