@@ -330,7 +330,11 @@ func (a *Aggregator) Run(ctx context.Context) error {
 // upload stages it keeps in memory (StageBudget); a server optimiser's
 // global model, two moments and the copies a checkpoint writes of them. Median and trimmed
 // mean hold every update instead of a sum; a registered strategy holds the
-// global model besides.
+// global model besides. Secure aggregation (secure.go) holds no plain sum
+// but the round's secure sum, 4 bytes an element, allocated in the round,
+// and the global model that the round's mean is added to at its close
+// (then written behind the next round); its masked uploads, 4 bytes an
+// element too, stage in memory up to StageBudget and on disk beyond.
 func (a *Aggregator) memoryNeed() (need, held int64) {
 	p, n := a.modelBytes, int64(len(a.parts))
 	if a.strategy != nil {
@@ -340,6 +344,10 @@ func (a *Aggregator) memoryNeed() (need, held int64) {
 		return (n + 1) * p, 0
 	}
 	need, held = p+min(StageBudget(p), n*p), p
+	if a.plan.Aggregation.Secure {
+		s := secureSumBytes(a.layout)
+		need, held = p+s+min(StageBudget(p), n*s), 0
+	}
 	if a.keepsModel() {
 		need, held = need+5*p, held+3*p
 	}

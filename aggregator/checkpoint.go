@@ -524,7 +524,7 @@ func (a *Aggregator) restore(ctx context.Context) error {
 	if err := a.restoreOptimizer(p); err != nil {
 		return err
 	}
-	if !a.collects() {
+	if !a.collects() && !a.plan.Aggregation.Secure { // secure rounds sum in secagg's ring (secure.go)
 		spill := filepath.Join(a.cfg.Dir, "spool")
 		if err := os.MkdirAll(spill, 0o700); err != nil {
 			return err

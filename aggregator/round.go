@@ -212,7 +212,9 @@ func (a *Aggregator) aggregate(ctx context.Context, r *roundState) (tensor.Model
 	if err != nil {
 		return nil, err
 	}
-	a.acc.GiveBack(avg) // the next round's sum reuses its memory
+	if a.acc != nil { // nil under secure aggregation, whose mean is a model of its own
+		a.acc.GiveBack(avg) // the next round's sum reuses its memory
+	}
 	a.optSteps++
 	return next, nil
 }

@@ -90,6 +90,16 @@ func (a *Aggregator) checkSecureLayout(m tensor.Model) error {
 	return nil
 }
 
+// secureSumBytes is the size of a secure round's sum of layout, and of
+// one masked upload: 4 bytes an element, whatever the dtype.
+func secureSumBytes(layout tensor.Model) int64 {
+	var n int64
+	for _, t := range layout {
+		n += t.Elements()
+	}
+	return 4 * n
+}
+
 // secureOf returns round r's secure aggregation, made on first use.
 // Callers hold a.mu.
 func (a *Aggregator) secureOf(r *roundState) (*secureRound, error) {

@@ -2,8 +2,13 @@ package aggregator_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math"
+	"os"
+	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +16,7 @@ import (
 
 	"google.golang.org/grpc"
 
+	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/collaborator"
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/testpki"
@@ -360,5 +366,47 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 			t.Fatalf("%s did not happen within %s", what, timeout)
 		}
 		<-time.After(10 * time.Millisecond)
+	}
+}
+
+// A secure aggregator allocates no plain accumulator, so it has no spool
+// directory for one's stages, and it reserves for the process's memory
+// limit what it holds: the global model P, the round's secure sum (4 bytes
+// an element) and its masked uploads staged in memory, at most StageBudget
+// and at most one per participant: P + 4E + min(StageBudget(P), N·4E).
+func TestSecureMemoryNeed(t *testing.T) {
+	if _, ok := os.LookupEnv("GOMEMLIMIT"); ok {
+		t.Skip("GOMEMLIMIT is set: the aggregator leaves the memory limit alone")
+	}
+	const plan = "name: test\nrounds: 1\nparticipants: {min: 3}\nrunner: {kind: builtin, model: mlp}\n" +
+		"stragglers: {deadline: 30s}\naggregation: {algorithm: fedavg"
+	limit := func() int64 { return debug.SetMemoryLimit(-1) }
+	// A plain aggregator runs first, so that the process's reservation is
+	// not zero when the secure one reserves: its reservation then adds to
+	// the limit exactly.
+	plain := newFederation(t, parsePlan(t, plan+"}\n"), "alpha", "beta", "gamma")
+	before := limit()
+	plain.start()
+	waitFor(t, 10*time.Second, "the plain aggregator's reservation", func() bool { return limit() != before })
+	if _, err := os.Stat(filepath.Join(plain.dir, "spool")); err != nil {
+		t.Fatalf("the plain aggregator's spool: %v", err)
+	}
+	withPlain := limit()
+
+	f := newFederation(t, parsePlan(t, plan+", secure: true}\n"), "alpha", "beta", "gamma")
+	f.start()
+	waitFor(t, 10*time.Second, "the secure aggregator's reservation", func() bool { return limit() != withPlain })
+	p := f.initial.Bytes()
+	var elems int64
+	for _, x := range f.initial {
+		elems += x.Elements()
+	}
+	sum := 4 * elems
+	want := p + sum + min(aggregator.StageBudget(p), 3*sum)
+	if got := limit() - withPlain; got != want {
+		t.Errorf("the secure aggregator reserved %d bytes, want %d: the model %d, the secure sum %d, three masked uploads staged %d", got, want, p, sum, 3*sum)
+	}
+	if _, err := os.Stat(filepath.Join(f.dir, "spool")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the secure aggregator's directory has a spool for a plain accumulator's stages (%v): it allocated one", err)
 	}
 }
