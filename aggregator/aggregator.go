@@ -356,7 +356,9 @@ func (a *Aggregator) memoryNeed() (need, held int64) {
 
 // keepsModel reports whether the global model stays in memory between
 // rounds: a server optimiser steps from it, and a strategy is given it.
-func (a *Aggregator) keepsModel() bool { return a.opt != nil || a.strategy != nil }
+func (a *Aggregator) keepsModel() bool {
+	return a.opt != nil || a.strategy != nil || a.plan.Scaffold() // SCAFFOLD steps x and c from it (scaffold.go)
+}
 
 // lastRound is the number of the final round: the plan's training rounds,
 // plus one validation-only round that scores the final model when the plan

@@ -468,6 +468,9 @@ func Participants(dir string) ([]string, error) {
 // says why in the log, sets aside the files of the rounds it could not
 // trust (they run again) and writes the checkpoint anew.
 func (a *Aggregator) restore(ctx context.Context) error {
+	if err := a.addControlVariates(); err != nil { // SCAFFOLD's server variate (scaffold.go)
+		return err
+	}
 	p, err := resume(a.cfg.Dir, a.plan.TrainingRounds(), a.cfg.ExperimentID, a.usesOptimizer())
 	if err != nil {
 		return err

@@ -205,6 +205,12 @@ func (a *Aggregator) aggregate(ctx context.Context, r *roundState) (tensor.Model
 	if err != nil {
 		return nil, err
 	}
+	if a.plan.Scaffold() {
+		a.mu.Lock()
+		trained := len(r.trainers)
+		a.mu.Unlock()
+		return a.scaffoldStep(a.model, avg, trained)
+	}
 	if a.opt == nil {
 		return avg, nil
 	}

@@ -85,6 +85,11 @@ type Config struct {
 	// Secure, if set, takes part in secure aggregation: the train upload
 	// is the masked update (secure.go).
 	Secure *Secure
+	// Scaffold is set for a SCAFFOLD experiment (the plan's
+	// aggregation.algorithm scaffold): train corrects the runner's
+	// gradients by the control variates and uploads the change of the
+	// site's own, which it keeps in WorkDir (scaffold.go).
+	Scaffold bool
 }
 
 // Defaults for Config.
@@ -402,6 +407,9 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 		if c.cfg.Privacy != nil {
 			train = c.trainPrivately
 		}
+		if c.cfg.Scaffold {
+			train = c.trainScaffold
+		}
 		res, err := train(ctx, task)
 		if err == nil {
 			err = c.keepLocal(task.Round, res.Model)
@@ -415,9 +423,9 @@ func (c *Collaborator) runTask(ctx context.Context, task runner.Task) (runner.Re
 		if err != nil {
 			return runner.Result{}, err
 		}
-		return c.cfg.Runner.Validate(ctx, task, trained)
+		return c.cfg.Runner.Validate(ctx, task, c.weights(trained))
 	default:
-		return c.cfg.Runner.Validate(ctx, task, c.model)
+		return c.cfg.Runner.Validate(ctx, task, c.weights(c.model))
 	}
 }
 

@@ -31,6 +31,7 @@ func DefaultCollaborator(ctx context.Context, spec CollaboratorSpec) error {
 		Privacy:      spec.Privacy,
 		Local:        localTensors(spec.Plan),
 		Secure:       secureAggregation(spec.Plan),
+		Scaffold:     spec.Plan != nil && spec.Plan.Scaffold(),
 	})
 	if err != nil {
 		return err
