@@ -529,8 +529,12 @@ func (a *Aggregator) secureMean(ctx context.Context, r *roundState) (tensor.Mode
 	a.mu.Lock()
 	sec := r.sec
 	if sec == nil || sec.bundles == nil {
+		err := fmt.Errorf("secure aggregation: the round's key exchange did not complete (fewer than the threshold of %d sites took part in time)", a.plan.SecureThresholdOrDefault())
+		if sec != nil {
+			err = a.withLeavers(sec, err)
+		}
 		a.mu.Unlock()
-		return nil, fmt.Errorf("secure aggregation: the round's key exchange did not complete (fewer than the threshold of %d sites took part in time)", a.plan.SecureThresholdOrDefault())
+		return nil, err
 	}
 	a.mu.Unlock()
 	req, err := sec.srv.UnmaskRequest() // waits for folds under way
@@ -540,6 +544,7 @@ func (a *Aggregator) secureMean(ctx context.Context, r *roundState) (tensor.Mode
 	}
 	a.mu.Lock()
 	if err != nil {
+		err = a.withLeavers(sec, err)
 		sec.failed = err.Error()
 		a.broadcast()
 		a.mu.Unlock()
@@ -576,6 +581,7 @@ func (a *Aggregator) secureMean(ctx context.Context, r *roundState) (tensor.Mode
 		case <-deadline.C:
 			err := fmt.Errorf("secure aggregation: %d sites answered the unmask request within %s, fewer than the threshold %d", answered, time.Since(asked).Round(time.Second), sec.threshold)
 			a.mu.Lock()
+			err = a.withLeavers(sec, err)
 			sec.failed = err.Error()
 			a.broadcast()
 			a.mu.Unlock()
@@ -587,6 +593,7 @@ func (a *Aggregator) secureMean(ctx context.Context, r *roundState) (tensor.Mode
 	res, err := sec.srv.Result()
 	if err != nil {
 		a.mu.Lock()
+		err = a.withLeavers(sec, err)
 		sec.failed = err.Error()
 		a.broadcast()
 		a.mu.Unlock()
@@ -606,6 +613,24 @@ func (a *Aggregator) secureMean(ctx context.Context, r *roundState) (tensor.Mode
 		out[i] = byName[l.Name]
 	}
 	return out, nil
+}
+
+// withLeavers adds to the failure of a secure round why the sites that
+// advertised keys in it and were dropped since left (the reason their
+// envoy reported: a share that failed to open, say), so that the
+// researcher reads why the round fell short and not only by how much.
+// Callers hold a.mu.
+func (a *Aggregator) withLeavers(sec *secureRound, err error) error {
+	var why []string
+	for _, name := range sortedKeys(sec.adverts) {
+		if p := a.parts[name]; p != nil && p.dropped != "" {
+			why = append(why, fmt.Sprintf("%s left the round: %s", name, p.dropped))
+		}
+	}
+	if len(why) == 0 {
+		return err
+	}
+	return fmt.Errorf("%w; %s", err, strings.Join(why, "; "))
 }
 
 // currentShared is the aggregated tensors of the model round r started

@@ -9,12 +9,15 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/fx-fl/fx/aggregator"
 	"github.com/fx-fl/fx/collaborator"
@@ -408,5 +411,233 @@ func TestSecureMemoryNeed(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(f.dir, "spool")); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("the secure aggregator's directory has a spool for a plain accumulator's stages (%v): it allocated one", err)
+	}
+}
+
+// tamperBundleTo is a server option that corrupts one byte of the first
+// sealed share in the share bundle the aggregator relays to site to, as
+// an aggregator or a relay that alters a share on the way would. It
+// reports the share's sender on from.
+func tamperBundleTo(t *testing.T, to string, from chan<- string) grpc.ServerOption {
+	return grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		resp, err := h(ctx, req)
+		r, ok := req.(*fxv1.SecureAggregationRequest)
+		if !ok || err != nil || r.GetCollaborator() != to || r.GetStep() != fxv1.SecureAggregationRequest_SHARE_KEYS || !resp.(*fxv1.SecureAggregationResponse).GetReady() {
+			return resp, err
+		}
+		var b secagg.ShareBundle
+		if err := b.UnmarshalBinary(resp.(*fxv1.SecureAggregationResponse).GetMessage()); err != nil || len(b.Shares) == 0 {
+			t.Errorf("the bundle relayed to %s: %v, %d shares", to, err, len(b.Shares))
+			return resp, err
+		}
+		s := &b.Shares[0]
+		s.Sealed = slices.Clone(s.Sealed) // not the aggregator's copy
+		s.Sealed[len(s.Sealed)/2] ^= 0x40
+		msg, err := b.MarshalBinary()
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case from <- s.From:
+		default:
+		}
+		return &fxv1.SecureAggregationResponse{Ready: true, Message: msg}, nil
+	})
+}
+
+// A share altered on its way to a site: the site refuses to mask its
+// update with it and fails the round, naming the sender and the recipient
+// of the share (the envoy reports this to the director, which drops the
+// site and tells the aggregator why); its update never leaves the site.
+// With enough sites left the round closes with their mean; with fewer
+// than the threshold it fails, and its error says why the site left.
+func TestSecureTamperedShare(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		threshold int
+	}{{"round goes on without the site", 2}, {"too few left: the round fails naming why", 3}} {
+		t.Run(tc.name, func(t *testing.T) {
+			plan := parsePlan(t, fmt.Sprintf(`
+name: test
+rounds: 1
+participants: {min: 3}
+runner: {kind: builtin, model: mlp}
+stragglers: {deadline: 30s, min_reporting: 2}
+aggregation: {secure: true, secure_threshold: %d}
+`, tc.threshold))
+			f := newFederation(t, plan, "alpha", "beta", "gamma")
+			from := make(chan string, 1)
+			f.serverOptions = []grpc.ServerOption{tamperBundleTo(t, "beta", from)}
+			f.start()
+			ctx := t.Context()
+			a := f.secureCollab(ctx, "alpha", &stepRunner{Step: 0.5, Samples: 1})
+			b := f.secureCollab(ctx, "beta", &stepRunner{Step: 2, Samples: 2})
+			g := f.secureCollab(ctx, "gamma", &stepRunner{Step: -1, Samples: 3})
+
+			var err error
+			select {
+			case err = <-b:
+			case <-time.After(30 * time.Second):
+				t.Fatal("beta did not fail on the tampered share")
+			}
+			sender := <-from
+			var re *collaborator.RoundError
+			if !errors.As(err, &re) || re.Round != 1 {
+				t.Fatalf("beta: %v, want a failure of round 1", err)
+			}
+			if want := fmt.Sprintf("the share from %q to %q fails authentication: tampered with", sender, "beta"); !strings.Contains(err.Error(), want) {
+				t.Fatalf("beta: %v, want it to say %q", err, want)
+			}
+			// What the director does with the envoy's report.
+			f.agg.Drop("beta", re.Err.Error())
+
+			runErr := f.wait(60 * time.Second)
+			for name, done := range map[string]<-chan error{"alpha": a, "gamma": g} {
+				if err := <-done; !finished(err) {
+					t.Errorf("%s: %v, want quit", name, err)
+				}
+			}
+			sums := f.sink.summaries()
+			if tc.threshold == 3 {
+				if runErr == nil {
+					t.Fatal("the round closed with two of three sites under a threshold of 3")
+				}
+				for _, want := range []string{"fewer than the threshold 3", "beta left the round", "fails authentication"} {
+					if !strings.Contains(runErr.Error(), want) {
+						t.Errorf("the round's failure %q does not say %q", runErr, want)
+					}
+				}
+				if len(sums) != 0 {
+					t.Errorf("summaries %+v of a failed round", sums)
+				}
+				return
+			}
+			if runErr != nil {
+				t.Fatalf("Run: %v", runErr)
+			}
+			if len(sums) == 0 || strings.Join(sums[0].Reported, ",") != "alpha,gamma" {
+				t.Fatalf("summaries %+v, want round 1 with alpha and gamma alone", sums)
+			}
+			// (1·0.5 + 3·(−1)) / 4 = −0.625: beta's update is not in it.
+			for i, v := range values(readModel(t, f.dir, 1), "fc.weight") {
+				want := float64(i+1) - 0.625
+				if d := math.Abs(float64(v) - want); d > secureTolerance(2, experiment.DefaultSecureRange, want) {
+					t.Errorf("fc.weight[%d] = %v, want %v", i, v, want)
+				}
+			}
+		})
+	}
+}
+
+// Messages of the key exchange and the unmasking replayed in round 2 from
+// round 1 — by the site that sent them, over its own authenticated
+// connection — are refused, each with an error that says it is replayed
+// or misrouted, and one replayed in another site's name is refused naming
+// both; the round then closes as if they had not been sent.
+func TestSecureReplayedMessagesRefused(t *testing.T) {
+	plan := parsePlan(t, `
+name: test
+rounds: 2
+participants: {min: 2}
+runner: {kind: builtin, model: mlp}
+stragglers: {deadline: 30s, min_reporting: 2}
+aggregation: {secure: true}
+`)
+	f := newFederation(t, plan, "alpha", "beta")
+	type key struct {
+		who  string
+		step fxv1.SecureAggregationRequest_Step
+	}
+	var (
+		mu      sync.Mutex
+		round1  = map[key][]byte{}   // the messages each site sent in round 1
+		refused = map[string]error{} // the replays' answers, by what was replayed
+		tried   = map[key]bool{}     // replayed in round 2 already
+	)
+	// replay sends msg as a step of round 2 over a connection of its own
+	// with the certificate of site as.
+	replay := func(as string, step fxv1.SecureAggregationRequest_Step, msg []byte) error {
+		k := f.ca.Keyring(pki.RoleEnvoy, as)
+		conn, err := grpc.NewClient(f.addr, testpki.DialOptions(k, "localhost")...)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		_, err = fxv1.NewAggregatorClient(conn).SecureAggregation(t.Context(), &fxv1.SecureAggregationRequest{
+			ExperimentId: experimentID, Collaborator: as, Round: 2, Step: step, Message: msg})
+		return err
+	}
+	f.serverOptions = []grpc.ServerOption{grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		r, ok := req.(*fxv1.SecureAggregationRequest)
+		if !ok || len(r.GetMessage()) == 0 {
+			return h(ctx, req)
+		}
+		k := key{r.GetCollaborator(), r.GetStep()}
+		mu.Lock()
+		if r.GetRound() == 1 {
+			round1[k] = slices.Clone(r.GetMessage())
+			mu.Unlock()
+			return h(ctx, req)
+		}
+		first := !tried[k]
+		tried[k] = true
+		old := round1[k]
+		alphaAdvert := round1[key{"alpha", fxv1.SecureAggregationRequest_ADVERTISE}]
+		mu.Unlock()
+		if first {
+			// Before the site's own message of round 2 arrives, its
+			// message of round 1 again; and before beta advertises, beta
+			// sending alpha's advertisement.
+			err := replay(k.who, k.step, old)
+			mu.Lock()
+			refused[k.who+" "+k.step.String()] = err
+			mu.Unlock()
+			if k == (key{"beta", fxv1.SecureAggregationRequest_ADVERTISE}) {
+				err := replay("beta", k.step, alphaAdvert)
+				mu.Lock()
+				refused["beta as alpha"] = err
+				mu.Unlock()
+			}
+		}
+		return h(ctx, req)
+	})}
+	f.start()
+	ctx := t.Context()
+	a := f.secureCollab(ctx, "alpha", &stepRunner{Step: 1, Samples: 1})
+	b := f.secureCollab(ctx, "beta", &stepRunner{Step: 3, Samples: 1})
+	if err := f.wait(60 * time.Second); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	for name, done := range map[string]<-chan error{"alpha": a, "beta": b} {
+		if err := <-done; !finished(err) {
+			t.Errorf("%s: %v, want quit", name, err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, who := range []string{"alpha", "beta"} {
+		for _, step := range []fxv1.SecureAggregationRequest_Step{fxv1.SecureAggregationRequest_ADVERTISE, fxv1.SecureAggregationRequest_SHARE_KEYS, fxv1.SecureAggregationRequest_UNMASK} {
+			what := who + " " + step.String()
+			err, ok := refused[what]
+			switch {
+			case !ok:
+				t.Errorf("%s was not replayed in round 2", what)
+			case status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "replayed or misrouted") || !strings.Contains(err.Error(), who):
+				t.Errorf("%s replayed from round 1: %v, want it refused as replayed, naming %s", what, err, who)
+			}
+		}
+	}
+	if err := refused["beta as alpha"]; status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), `beta sent keys in the name of "alpha"`) {
+		t.Errorf("beta sending alpha's advertisement: %v, want it refused naming both", err)
+	}
+	sums := f.sink.summaries()
+	if len(sums) < 2 || strings.Join(sums[1].Reported, ",") != "alpha,beta" {
+		t.Fatalf("summaries %+v, want round 2 with both sites", sums)
+	}
+	// Each round moves every weight by (1 + 3) / 2.
+	for i, v := range values(readModel(t, f.dir, 2), "fc.bias") {
+		if d := math.Abs(float64(v) - 4); d > 2*secureTolerance(2, experiment.DefaultSecureRange, 4) {
+			t.Errorf("round 2 bias[%d] = %v, want 4", i, v)
+		}
 	}
 }
