@@ -320,7 +320,7 @@ func TestParsePlanRules(t *testing.T) {
 		{"runner.hyperparameters NaN", base + "runner: {kind: exec, command: [x], hyperparameters: {opt: {lr: .nan}}}\n", []string{"runner.hyperparameters.opt.lr"}, "finite"},
 		{"runner.hyperparameters Inf in a list", base + "runner: {kind: exec, command: [x], hyperparameters: {xs: [1, .inf]}}\n", []string{"runner.hyperparameters.xs[1]"}, ""},
 
-		{"aggregation.algorithm unknown", base + builtinRunner + "aggregation: {algorithm: bulyan}\n", []string{"aggregation.algorithm"}, `krum, multi_krum, fedadam, fedyogi, fedadagrad or test-clipped, got "bulyan"`},
+		{"aggregation.algorithm unknown", base + builtinRunner + "aggregation: {algorithm: bulyan}\n", []string{"aggregation.algorithm"}, `krum, multi_krum, fedadam, fedyogi, fedadagrad, scaffold or test-clipped, got "bulyan"`},
 		{"aggregation.algorithm empty", base + builtinRunner + "aggregation: {algorithm: ''}\n", []string{"aggregation.algorithm"}, ""},
 		{"aggregation.trim 0.5", base + builtinRunner + "aggregation: {algorithm: trimmed_mean, trim: 0.5}\n", []string{"aggregation.trim"}, "must be in [0,0.5), got 0.5"},
 		{"aggregation.trim negative", base + builtinRunner + "aggregation: {trim: -0.1}\n", []string{"aggregation.trim"}, ""},
@@ -377,6 +377,14 @@ func TestParsePlanRules(t *testing.T) {
 		{"tasks train only needs a best_model task", base + builtinRunner + "tasks: [train]\n", []string{"best_model.task"}, "is not in tasks"},
 
 		{"training.proximal_mu", base + builtinRunner + "training: {proximal_mu: 0.01}\n", nil, ""},
+
+		{"scaffold", base + builtinRunner + "aggregation: {algorithm: scaffold}\n", nil, ""},
+		{"scaffold with a server lr and fedprox", base + builtinRunner + "aggregation: {algorithm: scaffold, lr: 0.5, weights: equal}\ntraining: {proximal_mu: 0.01}\n", nil, ""},
+		{"scaffold with exec", base + "runner: {kind: exec, command: [./train.sh]}\naggregation: {algorithm: scaffold}\n", []string{"aggregation.algorithm"}, "the exec runner does not yet hand the control variates"},
+		{"scaffold with local", base + builtinRunner + "aggregation: {algorithm: scaffold, local: ['fc1.*']}\n", []string{"aggregation.local"}, "cannot be combined with scaffold yet"},
+		{"scaffold with dp", base + builtinRunner + "aggregation: {algorithm: scaffold}\nprivacy: {dp: {noise_multiplier: 5, clip_norm: 1, delta: 1e-5}}\n", []string{"privacy.dp"}, "cannot be combined with scaffold yet"},
+		{"scaffold with beta1", base + builtinRunner + "aggregation: {algorithm: scaffold, beta1: 0.9}\n", []string{"aggregation.algorithm"}, "scaffold takes only lr"},
+		{"scaffold in an evaluation", "name: exp\nrounds: 1\n" + builtinRunner + "tasks: [aggregated_model_validation]\naggregation: {algorithm: scaffold}\n", []string{"aggregation.algorithm"}, "this plan's tasks do not train"},
 		{"training.proximal_mu zero", base + builtinRunner + "training: {proximal_mu: 0}\n", nil, ""},
 		{"training.proximal_mu with a server optimiser", base + builtinRunner + "aggregation: {algorithm: fedadam}\ntraining: {proximal_mu: 1}\n", nil, ""},
 		{"training.proximal_mu negative", base + builtinRunner + "training: {proximal_mu: -0.1}\n", []string{"training.proximal_mu"}, "training.proximal_mu: must be a finite number ≥ 0"},
@@ -645,7 +653,7 @@ func TestRegisteredAlgorithms(t *testing.T) {
 		{"the strategy's own check", ParsePlan, "aggregation: {algorithm: test-clipped, options: {clip: -1}}\n", "aggregation.options", "for test-clipped: clip must be > 0"},
 		{"options must be JSON", ParsePlan, "aggregation: {algorithm: test-clipped, options: {clip: .nan}}\n", "aggregation.options.clip", "finite"},
 		{"options with a built-in", ParsePlan, "aggregation: {algorithm: median, options: {clip: 1}}\n", "aggregation.options", "median is built in"},
-		{"unregistered lists built-in and registered", ParsePlan, "aggregation: {algorithm: geomedian}\n", "aggregation.algorithm", `fedyogi, fedadagrad or test-clipped, got "geomedian"`},
+		{"unregistered lists built-in and registered", ParsePlan, "aggregation: {algorithm: geomedian}\n", "aggregation.algorithm", `fedyogi, fedadagrad, scaffold or test-clipped, got "geomedian"`},
 		{"unregistered where nothing aggregates", ParsePlanAnyAlgorithm, "aggregation: {algorithm: geomedian, options: {iterations: 5}}\n", "", ""},
 		{"malformed where nothing aggregates", ParsePlanAnyAlgorithm, "aggregation: {algorithm: ../x}\n", "aggregation.algorithm", `got "../x"`},
 		{"stored plans load", ParseStoredPlan, "aggregation: {algorithm: geomedian}\n", "", ""},
