@@ -59,7 +59,7 @@ func TestCustomStrategy(t *testing.T) {
 	bad := strings.Replace(plan, "algorithm: geomedian,", "algorithm: geomedain,", 1)
 	bad = strings.Replace(bad, "name: geo", "name: typo", 1)
 	r := f.exp("alice", "submit", writePlan(t, bad))
-	if r.err == nil || !strings.Contains(r.stderr, `fedadagrad or geomedian, got "geomedain"`) {
+	if r.err == nil || !strings.Contains(r.stderr, `fedadagrad, scaffold or geomedian, got "geomedain"`) {
 		t.Fatalf("submitting a misspelt algorithm: %v\n%s", r.err, r.stderr)
 	}
 	// And the example's options are checked at submission too.
