@@ -24,6 +24,7 @@ import (
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/testpki"
 	"github.com/fx-fl/fx/pki"
+	"github.com/fx-fl/fx/privacy"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/secagg"
@@ -32,6 +33,13 @@ import (
 // secureCollab runs a collaborator that takes part in the plan's secure
 // aggregation.
 func (f *federation) secureCollab(ctx context.Context, name string, r runner.Runner) <-chan error {
+	f.t.Helper()
+	return f.secureCollabDP(ctx, name, r, nil)
+}
+
+// secureCollabDP is secureCollab with differential privacy at the site:
+// dp, if set, clips and noises the update before it is masked.
+func (f *federation) secureCollabDP(ctx context.Context, name string, r runner.Runner, dp *collaborator.Privacy) <-chan error {
 	f.t.Helper()
 	k := f.ca.Keyring(pki.RoleEnvoy, name)
 	c, err := collaborator.New(collaborator.Config{
@@ -47,6 +55,7 @@ func (f *federation) secureCollab(ctx context.Context, name string, r runner.Run
 			Range:        f.plan.SecureRangeOrDefault(),
 			EqualWeights: f.plan.Aggregation.Weights == experiment.WeightsEqual,
 		},
+		Privacy: dp,
 	})
 	if err != nil {
 		f.t.Fatalf("collaborator.New: %v", err)
@@ -638,6 +647,117 @@ aggregation: {secure: true}
 	for i, v := range values(readModel(t, f.dir, 2), "fc.bias") {
 		if d := math.Abs(float64(v) - 4); d > 2*secureTolerance(2, experiment.DefaultSecureRange, 4) {
 			t.Errorf("round 2 bias[%d] = %v, want 4", i, v)
+		}
+	}
+}
+
+// Secure aggregation with differential privacy at every site: each site
+// clips its update to C and noises it with N(0, (σC)²) before masking it,
+// and charges its ledger for the round. The rounds complete; each round's
+// model moves by the weighted mean of the clipped updates plus noise within
+// 6 standard deviations of the mean's noise (σC·√Σw²/Σw ≈ 0.031), so
+// neither by the unclipped mean (0.37 away) nor by the clipped one exactly;
+// and each site's ledger records one charge for each round, with ε > 0 at
+// δ. (σ is small so that the clipping shows beside the noise; the budget
+// is lax to match.)
+func TestSecureWithDP(t *testing.T) {
+	const (
+		clip, sigma, delta = 1.0, 0.05, 1e-5
+		rounds             = 2
+	)
+	plan := parsePlan(t, `
+name: test
+rounds: 2
+participants: {min: 3}
+runner: {kind: builtin, model: mlp}
+stragglers: {deadline: 30s, min_reporting: 3}
+aggregation: {secure: true, secure_threshold: 2}
+`)
+	f := newFederation(t, plan, "alpha", "beta", "gamma")
+	f.start()
+	ctx := t.Context()
+	// Updates of norm |step|·√8 (8 weights), far above C = 1: clipped to
+	// ±1/√8 an element. Their weighted mean unclipped is
+	// (1·1 + 3·0.5 + 2·(−2))/6 = −0.25, clipped (1 + 3 − 2)/6/√8 ≈ 0.118.
+	type update struct {
+		step    float32
+		samples int64
+	}
+	steps := map[string]update{"alpha": {1, 1}, "beta": {0.5, 3}, "gamma": {-2, 2}}
+	ledgers := map[string]*privacy.Ledger{}
+	var results []<-chan error
+	for _, name := range f.parts {
+		l, err := privacy.Open(filepath.Join(t.TempDir(), "privacy.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		ledgers[name] = l
+		s := steps[name]
+		results = append(results, f.secureCollabDP(ctx, name, &stepRunner{Step: s.step, Samples: s.samples}, &collaborator.Privacy{
+			Noise: sigma, Clip: clip, Delta: delta, Ledger: l, Dataset: "records",
+			Budget: privacy.Budget{Epsilon: 1e6, Delta: delta}, Name: "researcher/test",
+		}))
+	}
+	if err := f.wait(60 * time.Second); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	for i, res := range results {
+		if err := <-res; !finished(err) {
+			t.Errorf("collaborator %s: %v, want quit", f.parts[i], err)
+		}
+	}
+	sums := f.sink.summaries()
+	if len(sums) < rounds || strings.Join(sums[0].Reported, ",") != "alpha,beta,gamma" || strings.Join(sums[1].Reported, ",") != "alpha,beta,gamma" {
+		t.Fatalf("summaries %+v, want every site in both rounds", sums)
+	}
+
+	var w, w2, clipped float64
+	for _, s := range steps {
+		sw := float64(s.samples)
+		w, w2 = w+sw, w2+sw*sw
+		clipped += sw * math.Copysign(clip/math.Sqrt(8), float64(s.step))
+	}
+	clipped /= w
+	noise := sigma * clip * math.Sqrt(w2) / w // of the mean, per element
+	noisy := 0
+	for round := 1; round <= rounds; round++ {
+		prev, cur := readModel(t, f.dir, round-1), readModel(t, f.dir, round)
+		for _, name := range []string{"fc.weight", "fc.bias"} {
+			p, c := values(prev, name), values(cur, name)
+			for i := range c {
+				moved := float64(c[i]) - float64(p[i])
+				if d := math.Abs(moved - clipped); d > 6*noise {
+					t.Errorf("round %d %s[%d] moved by %v, want the clipped mean %.4f within 6 × %.4f of noise", round, name, i, moved, clipped, noise)
+				}
+				if math.Abs(moved-clipped) > 1e-4 {
+					noisy++
+				}
+			}
+		}
+	}
+	if noisy == 0 {
+		t.Error("every weight moved by the clipped mean exactly: no noise was added")
+	}
+
+	for _, name := range f.parts {
+		entries, err := ledgers[name].Entries("records")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var charged []int
+		for _, e := range entries {
+			charged = append(charged, e.Round)
+			if e.Experiment != experimentID || e.Noise != sigma || e.Clip != clip {
+				t.Errorf("%s's ledger entry %+v, want experiment %s, σ %v, C %v", name, e, experimentID, sigma, clip)
+			}
+		}
+		if !slices.Equal(charged, []int{1, 2}) {
+			t.Errorf("%s's ledger charged rounds %v, want [1 2]", name, charged)
+		}
+		eps, err := privacy.EpsilonOf(entries, delta)
+		if err != nil || !(eps > 0) || math.IsInf(eps, 0) {
+			t.Errorf("%s's ledger: ε %v (%v), want a finite ε > 0 for its two rounds", name, eps, err)
 		}
 	}
 }
