@@ -1,6 +1,10 @@
 package experiment
 
-import "strings"
+import (
+	"strings"
+
+	"github.com/fx-fl/fx/runner"
+)
 
 // AlgScaffold is SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic
 // Controlled Averaging for Federated Learning", option II control
@@ -15,7 +19,7 @@ const AlgScaffold = "scaffold"
 // SCAFFOLD experiment: the global model carries the server's variate c as
 // ScaffoldPrefix + name for each of its float tensors, and a site's train
 // upload carries the change of its own variate, Δc_i, under the same names.
-const ScaffoldPrefix = "scaffold.c/"
+const ScaffoldPrefix = runner.ControlVariatePrefix
 
 // DefaultScaffoldLR is SCAFFOLD's server learning rate η_g when
 // aggregation.lr is 0: the new global model is the mean of the sites'.

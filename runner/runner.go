@@ -43,6 +43,13 @@ type Task struct {
 	Scaffold *Scaffold
 }
 
+// ControlVariatePrefix starts the names of SCAFFOLD's control variates in
+// a SCAFFOLD experiment's models: the global model carries the server's
+// variate of tensor NAME as ControlVariatePrefix+NAME. Runners never see
+// them in a task's model (the collaborator takes them out), but a global
+// model a researcher downloads has them.
+const ControlVariatePrefix = "scaffold.c/"
+
 // Scaffold is what a SCAFFOLD train task adds (see Task.Scaffold).
 type Scaffold struct {
 	// Correction is the control-variate correction c − c_i (the server's

@@ -139,3 +139,26 @@ func TestScaffoldCorrectionRefused(t *testing.T) {
 		}
 	}
 }
+
+// Evaluate scores a SCAFFOLD experiment's model, control variates and all,
+// as it scores the weights alone.
+func TestEvaluateLeavesOutControlVariates(t *testing.T) {
+	d := synthetic(t, dataset.Config{Features: 4, Classes: 2, TrainSamples: 10, ValidSamples: 2, TestSamples: 20, Seed: 1})
+	global, err := InitialModel(ModelSoftmax, nil, d.SampleShape, d.Classes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	plain, err := Evaluate(ctx, ModelSoftmax, nil, global, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	with := append(global.Clone(), tensor.New(runner.ControlVariatePrefix+"fc0.weight", tensor.F32, global[0].Shape))
+	got, err := Evaluate(ctx, ModelSoftmax, nil, with, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Metrics["accuracy"] != plain.Metrics["accuracy"] || got.Metrics["loss"] != plain.Metrics["loss"] {
+		t.Fatalf("with control variates %v, without %v", got.Metrics, plain.Metrics)
+	}
+}
