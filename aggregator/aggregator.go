@@ -331,10 +331,11 @@ func (a *Aggregator) Run(ctx context.Context) error {
 // global model, two moments and the copies a checkpoint writes of them. Median and trimmed
 // mean hold every update instead of a sum; a registered strategy holds the
 // global model besides. Secure aggregation (secure.go) holds no plain sum
-// but the round's secure sum, 4 bytes an element, allocated in the round,
-// and the global model that the round's mean is added to at its close
-// (then written behind the next round); its masked uploads, 4 bytes an
-// element too, stage in memory up to StageBudget and on disk beyond.
+// but the round's secure sum, 4 bytes an element, allocated in the round
+// and given back once its mean is added to the global model at the close
+// (the model is then written behind the next round, whose sum is
+// allocated afresh); its masked uploads, 4 bytes an element too, stage in
+// memory up to StageBudget and on disk beyond.
 func (a *Aggregator) memoryNeed() (need, held int64) {
 	p, n := a.modelBytes, int64(len(a.parts))
 	if a.strategy != nil {

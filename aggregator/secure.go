@@ -604,6 +604,7 @@ func (a *Aggregator) secureMean(ctx context.Context, r *roundState) (tensor.Mode
 		return nil, err
 	}
 	mean, err := addMean(global, res)
+	res.Release() // the sum: the round's save, running beside the next round, keeps r and its Server (memoryNeed)
 	if err != nil {
 		return nil, err
 	}

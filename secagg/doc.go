@@ -97,7 +97,7 @@
 // Result.MeanChunk removes the masks from a range of the sum and decodes it,
 // so the mean can be streamed out chunk by chunk; Result.Model does every
 // chunk on all cores. Memory at the server: the sum, one model at 4 bytes
-// per element, whatever n.
+// per element, whatever n, until Result.Release gives it back.
 //
 // # What the wiring must do
 //

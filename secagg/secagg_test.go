@@ -382,3 +382,23 @@ func TestFixedPointBits(t *testing.T) {
 		t.Fatalf("7 × R/7 decodes to %v, want 3", got)
 	}
 }
+
+// TestRelease: a released Result's sum is gone, and reading the mean after
+// it is an error, not a panic or a mean of zeros.
+func TestRelease(t *testing.T) {
+	const r = 2.0
+	f := newFixture(t, 3, 2, r, layoutOf(tensor.F32, 1, 100), 7)
+	f.maskAndSend(f.shareKeys(f.advertise()), 11)
+	res, err := f.unmask()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.checkMean(res, r, f.ids)
+	res.Release()
+	if res.s.sums != nil {
+		t.Error("the sum is still held after Release")
+	}
+	if err := res.MeanChunk(0, 0, make([]byte, 4), tensor.F32); err == nil || !strings.Contains(err.Error(), "released") {
+		t.Errorf("MeanChunk after Release: %v, want an error saying the sum was released", err)
+	}
+}

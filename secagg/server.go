@@ -497,6 +497,9 @@ func (r *Result) Survivors() []string { return slices.Clone(r.s.request.Survivor
 // precision (see the package documentation).
 func (r *Result) MeanChunk(tensorIndex int, elemOffset int64, dst []byte, dtype tensor.DType) error {
 	s := r.s
+	if s.sums == nil {
+		return s.errorf("mean chunk: the sum was released")
+	}
 	size := dtype.Size()
 	if !dtype.IsFloat() || tensorIndex < 0 || tensorIndex >= len(s.elems) || len(dst)%size != 0 ||
 		elemOffset < 0 || elemOffset+int64(len(dst)/size) > s.elems[tensorIndex] {
@@ -533,6 +536,19 @@ func (r *Result) MeanChunk(tensorIndex int, elemOffset int64, dst []byte, dtype 
 		}
 	}
 	return nil
+}
+
+// Release gives the sum's memory back once the mean has been read: a
+// caller that keeps the Server or the Result (a record of the round) need
+// not keep a model's worth of words with it. Call it after the last
+// MeanChunk or Model has returned; they fail from then on.
+func (r *Result) Release() {
+	s := r.s
+	s.gate.Lock()
+	defer s.gate.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.sums = nil
 }
 
 // Model returns the mean as tensors of the layout, unmasked a chunk at a
