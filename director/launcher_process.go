@@ -137,52 +137,66 @@ func (p *Process) Launch(spec LaunchSpec) (Aggregator, error) {
 		return nil, fmt.Errorf("process launcher: a %T cannot be handed to a child process", spec.Listener)
 	}
 	expDir := filepath.Dir(spec.Dir)
-	initial, err := prepareInitialModel(spec, filepath.Join(expDir, ProcessInitialFile))
+	child, log, err := newChildSpec(spec, p.Identity, expDir)
 	if err != nil {
 		return nil, err
-	}
-	plan, err := spec.Plan.Marshal()
-	if err != nil {
-		return nil, fmt.Errorf("plan: %w", err)
 	}
 	lisFile, err := fl.File()
 	if err != nil {
 		return nil, fmt.Errorf("process launcher: the aggregator's socket: %w", err)
 	}
+	child.ListenFD = 3 // the first of ExtraFiles
+	child.TLS = p.TLS
+	child.Director = spec.DirectorAddress
+	child.DirectorGrace = p.DirectorGrace
+	a := &procAggregator{
+		chans:        &p.chans,
+		policy:       newRestartPolicy(p.MaxRestarts, p.RestartWindow, p.RestartBackoff, "aggregator process", LauncherProcess),
+		spec:         spec,
+		log:          log.Named("aggregator-process"),
+		outcome:      child.Outcome,
+		child:        child,
+		dropsChanged: make(chan struct{}),
+	}
+	a.starter = &procStarter{p: p, a: a, exe: exe, lisFile: lisFile, expDir: expDir, initial: child.InitialModel}
+	return a, nil
+}
+
+// newChildSpec is what every launcher's launch spec holds alike, with the
+// director's paths (expDir is the experiment's directory): the initial
+// model prepared (prepareInitialModel; InitialModel is "" when there is a
+// checkpoint) and the outcome file beside the aggregator directory. The
+// launcher adds where the aggregator listens and reaches the director. It
+// returns the logger too (spec.Logger, or a null one).
+func newChildSpec(spec LaunchSpec, identity, expDir string) (ProcessSpec, hclog.Logger, error) {
+	initial, err := prepareInitialModel(spec, filepath.Join(expDir, ProcessInitialFile))
+	if err != nil {
+		return ProcessSpec{}, nil, err
+	}
+	plan, err := spec.Plan.Marshal()
+	if err != nil {
+		return ProcessSpec{}, nil, fmt.Errorf("plan: %w", err)
+	}
 	serverName := spec.ServerName
 	if serverName == "" {
-		serverName = p.Identity
+		serverName = identity
 	}
 	log := spec.Logger
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	a := &procAggregator{
-		chans:   &p.chans,
-		policy:  newRestartPolicy(p.MaxRestarts, p.RestartWindow, p.RestartBackoff, "aggregator process", LauncherProcess),
-		spec:    spec,
-		log:     log.Named("aggregator-process"),
-		outcome: filepath.Join(expDir, ProcessOutcomeFile),
-		child: ProcessSpec{
-			ExperimentID:  spec.ExperimentID,
-			Plan:          string(plan),
-			Participants:  spec.Participants,
-			Registered:    spec.Registered,
-			InitialModel:  initial,
-			Dir:           spec.Dir,
-			ListenFD:      3, // the first of ExtraFiles
-			TLS:           p.TLS,
-			Director:      spec.DirectorAddress,
-			ServerName:    serverName,
-			Outcome:       filepath.Join(expDir, ProcessOutcomeFile),
-			DiskReserve:   spec.DiskReserve,
-			PauseRetry:    spec.PauseRetry,
-			DirectorGrace: p.DirectorGrace,
-		},
-		dropsChanged: make(chan struct{}),
-	}
-	a.starter = &procStarter{p: p, a: a, exe: exe, lisFile: lisFile, expDir: expDir, initial: initial}
-	return a, nil
+	return ProcessSpec{
+		ExperimentID: spec.ExperimentID,
+		Plan:         string(plan),
+		Participants: spec.Participants,
+		Registered:   spec.Registered,
+		InitialModel: initial,
+		Dir:          spec.Dir,
+		ServerName:   serverName,
+		Outcome:      filepath.Join(expDir, ProcessOutcomeFile),
+		DiskReserve:  spec.DiskReserve,
+		PauseRetry:   spec.PauseRetry,
+	}, log, nil
 }
 
 // prepareInitialModel writes round 0's model to path for a child that has
@@ -451,8 +465,14 @@ type procStarter struct {
 func (s *procStarter) close() {
 	s.a.spec.Listener.Close()
 	s.lisFile.Close()
-	if s.initial != "" && s.initial != aggregator.ModelPath(s.a.spec.Dir, 0) {
-		os.Remove(s.initial)
+	removeInitialModel(s.initial, s.a.spec.Dir)
+}
+
+// removeInitialModel removes the initial model file written for a launch,
+// unless it is the aggregator directory's own round-0 model.
+func removeInitialModel(initial, dir string) {
+	if initial != "" && initial != aggregator.ModelPath(dir, 0) {
+		os.Remove(initial)
 	}
 }
 

@@ -509,6 +509,13 @@ func (d *Director) aggregatorServing(id string, rs *runState) {
 		return
 	}
 	rs.serving = true
+	// A launcher that decides where its aggregators are reached (a
+	// Kubernetes Service) says so now.
+	if a, ok := rs.agg.(interface{ Address() string }); ok {
+		if addr := a.Address(); addr != "" {
+			rs.address = addr
+		}
+	}
 	participants := e.partNames(fxv1.ParticipantState_TRAINING)
 	d.log.Info("aggregator serving", "experiment", id, "address", rs.address, "participants", participants)
 	for _, name := range participants {

@@ -3,8 +3,16 @@ package director
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"strings"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/fx-fl/fx/internal/tracing"
 
@@ -63,9 +71,12 @@ type Settings struct {
 		PortMax int `mapstructure:"port_max"`
 	} `mapstructure:"aggregator"`
 	// Launcher is how aggregators run: LauncherInProcess, goroutines of
-	// the director, or LauncherProcess, a child process each (Process).
-	Launcher    string        `mapstructure:"launcher"`
-	StopTimeout time.Duration `mapstructure:"stop_timeout"`
+	// the director, LauncherProcess, a child process each (Process), or
+	// LauncherKubernetes, a Job each (Kubernetes).
+	Launcher string `mapstructure:"launcher"`
+	// Kubernetes configures launcher kubernetes.
+	Kubernetes  KubernetesSettings `mapstructure:"kubernetes"`
+	StopTimeout time.Duration      `mapstructure:"stop_timeout"`
 	// UploadIdleTimeout abandons an upload that sends nothing for this long.
 	UploadIdleTimeout time.Duration `mapstructure:"upload_idle_timeout"`
 	// Snapshots are the copies of the store that `fx director recover`
@@ -160,8 +171,12 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 	case s.Store.Kind == StoreBolt && s.Store.Postgres.DSN != "":
 		bad("store.postgres.dsn", "is set, but store.kind is %s: set store.kind to %s to keep the state in that database, or remove the DSN", StoreBolt, StorePostgres)
 	}
-	if s.Launcher != LauncherInProcess && s.Launcher != LauncherProcess {
-		bad("launcher", "%q: use %s (aggregators run inside the director) or %s (each experiment's aggregator runs as a child process of the director, restarted from its checkpoint if it dies)", s.Launcher, LauncherInProcess, LauncherProcess)
+	switch s.Launcher {
+	case LauncherInProcess, LauncherProcess:
+	case LauncherKubernetes:
+		s.Kubernetes.check(bad)
+	default:
+		bad("launcher", "%q: use %s (aggregators run inside the director), %s (each experiment's aggregator runs as a child process of the director, restarted from its checkpoint if it dies) or %s (each runs as a Job in a Kubernetes cluster: the kubernetes block)", s.Launcher, LauncherInProcess, LauncherProcess, LauncherKubernetes)
 	}
 	cfg := Config{
 		DataDir:                 s.DataDir,
@@ -227,8 +242,161 @@ func (s Settings) Config(logger hclog.Logger) (Config, error) {
 			Identity: k.Identity().Name,
 		}
 	}
+	if s.Launcher == LauncherKubernetes {
+		kl, err := s.Kubernetes.launcher(s.DataDir)
+		if err != nil {
+			return Config{}, err
+		}
+		kl.TLS = pki.Files{Cert: s.TLS.Cert, Key: s.TLS.Key, CA: s.TLS.CA, CRL: s.TLS.CRL}
+		kl.Identity = k.Identity().Name
+		cfg.Launcher = kl
+	}
 	return cfg, nil
 }
+
+// KubernetesSettings are the kubernetes block: where and how the
+// Kubernetes launcher runs aggregators (see Kubernetes).
+type KubernetesSettings struct {
+	// Kubeconfig is a kubeconfig file; empty: the director runs in the
+	// cluster and uses its pod's service account.
+	Kubeconfig string `mapstructure:"kubeconfig"`
+	// Namespace holds the aggregators' objects; empty: the director's own
+	// (in the cluster) or the kubeconfig context's.
+	Namespace       string `mapstructure:"namespace"`
+	Image           string `mapstructure:"image"`
+	ImagePullPolicy string `mapstructure:"image_pull_policy"`
+	// PVC is the PersistentVolumeClaim the director's data_dir is on.
+	PVC string `mapstructure:"pvc"`
+	// ServiceType is ClusterIP, NodePort or LoadBalancer; AdvertiseHost
+	// the host envoys dial for a NodePort (and, if set, a LoadBalancer).
+	ServiceType   string `mapstructure:"service_type"`
+	AdvertiseHost string `mapstructure:"advertise_host"`
+	Port          int    `mapstructure:"port"`
+	// DirectorAddress is where the aggregator pods reach the director.
+	DirectorAddress string `mapstructure:"director_address"`
+	// TLSSecret names an existing Secret with the director's tls.crt,
+	// tls.key, ca.crt (and crl.pem); empty: the launcher copies tls.*.
+	TLSSecret string `mapstructure:"tls_secret"`
+	Resources struct {
+		Requests KubernetesResources `mapstructure:"requests"`
+		Limits   KubernetesResources `mapstructure:"limits"`
+	} `mapstructure:"resources"`
+}
+
+// KubernetesResources are CPU and memory quantities ("500m", "4Gi").
+type KubernetesResources struct {
+	CPU    string `mapstructure:"cpu"`
+	Memory string `mapstructure:"memory"`
+}
+
+func (r KubernetesResources) list() corev1.ResourceList {
+	l := corev1.ResourceList{}
+	if r.CPU != "" {
+		l[corev1.ResourceCPU] = resource.MustParse(r.CPU)
+	}
+	if r.Memory != "" {
+		l[corev1.ResourceMemory] = resource.MustParse(r.Memory)
+	}
+	if len(l) == 0 {
+		return nil
+	}
+	return l
+}
+
+// check reports what the kubernetes block lacks or gets wrong.
+func (ks KubernetesSettings) check(bad func(key, format string, args ...any)) {
+	if ks.Image == "" {
+		bad("kubernetes.image", "is required with launcher %s: the fx container image the aggregator pods run (packaging/container/build.sh makes it), for example registry.example.org/fx:1.0", LauncherKubernetes)
+	}
+	if ks.PVC == "" {
+		bad("kubernetes.pvc", "is required with launcher %s: the PersistentVolumeClaim that data_dir is on (the director mounts it at data_dir; the aggregator pods mount their experiment's directory from it)", LauncherKubernetes)
+	}
+	if ks.DirectorAddress == "" {
+		bad("kubernetes.director_address", "is required with launcher %s: host:port where the aggregator pods reach this director, for example fx-director.fx.svc:50051 (a name the director's certificate carries)", LauncherKubernetes)
+	} else if _, _, err := net.SplitHostPort(ks.DirectorAddress); err != nil {
+		bad("kubernetes.director_address", "%q: write host:port (%v)", ks.DirectorAddress, err)
+	}
+	switch corev1.ServiceType(ks.ServiceType) {
+	case "", corev1.ServiceTypeClusterIP, corev1.ServiceTypeLoadBalancer:
+	case corev1.ServiceTypeNodePort:
+		if ks.AdvertiseHost == "" {
+			bad("kubernetes.advertise_host", "is required with kubernetes.service_type NodePort: the host (a node's name or address) envoys dial with each aggregator's node port")
+		}
+	default:
+		bad("kubernetes.service_type", "%q: use ClusterIP (envoys in the cluster), NodePort or LoadBalancer", ks.ServiceType)
+	}
+	switch corev1.PullPolicy(ks.ImagePullPolicy) {
+	case "", corev1.PullAlways, corev1.PullIfNotPresent, corev1.PullNever:
+	default:
+		bad("kubernetes.image_pull_policy", "%q: use Always, IfNotPresent or Never (or leave it out)", ks.ImagePullPolicy)
+	}
+	if ks.Port < 0 || ks.Port > 65535 {
+		bad("kubernetes.port", "%d: a TCP port, or 0 for %d", ks.Port, DefaultKubernetesPort)
+	}
+	for key, q := range map[string]string{
+		"kubernetes.resources.requests.cpu": ks.Resources.Requests.CPU, "kubernetes.resources.requests.memory": ks.Resources.Requests.Memory,
+		"kubernetes.resources.limits.cpu": ks.Resources.Limits.CPU, "kubernetes.resources.limits.memory": ks.Resources.Limits.Memory,
+	} {
+		if q == "" {
+			continue
+		}
+		if _, err := resource.ParseQuantity(q); err != nil {
+			bad(key, "%q: write a Kubernetes quantity such as 500m or 2 (CPU), 4Gi (memory)", q)
+		}
+	}
+}
+
+// launcher makes the Kubernetes launcher of checked settings: the client
+// from the kubeconfig or, without one, the pod's service account.
+func (ks KubernetesSettings) launcher(dataDir string) (*Kubernetes, error) {
+	var rc *rest.Config
+	ns := ks.Namespace
+	if ks.Kubeconfig != "" {
+		cc := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(&clientcmd.ClientConfigLoadingRules{ExplicitPath: ks.Kubeconfig}, &clientcmd.ConfigOverrides{})
+		var err error
+		if rc, err = cc.ClientConfig(); err != nil {
+			return nil, fmt.Errorf("kubernetes.kubeconfig: %s: %w", ks.Kubeconfig, err)
+		}
+		if ns == "" {
+			if ns, _, err = cc.Namespace(); err != nil {
+				return nil, fmt.Errorf("kubernetes.kubeconfig: %s: its namespace: %w", ks.Kubeconfig, err)
+			}
+		}
+	} else {
+		var err error
+		if rc, err = rest.InClusterConfig(); err != nil {
+			return nil, fmt.Errorf("kubernetes.kubeconfig: not set, and the director does not run in a Kubernetes pod (%v): set it to a kubeconfig file", err)
+		}
+		if ns == "" {
+			b, err := os.ReadFile(inClusterNamespaceFile)
+			if err != nil {
+				return nil, fmt.Errorf("kubernetes.namespace: not set, and the pod's own cannot be read (%v): set it", err)
+			}
+			ns = strings.TrimSpace(string(b))
+		}
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: %w", err)
+	}
+	return &Kubernetes{
+		Client:          client,
+		Namespace:       ns,
+		Image:           ks.Image,
+		ImagePullPolicy: corev1.PullPolicy(ks.ImagePullPolicy),
+		PVC:             ks.PVC,
+		DataDir:         dataDir,
+		ServiceType:     corev1.ServiceType(ks.ServiceType),
+		AdvertiseHost:   ks.AdvertiseHost,
+		Port:            int32(ks.Port),
+		Resources:       corev1.ResourceRequirements{Requests: ks.Resources.Requests.list(), Limits: ks.Resources.Limits.list()},
+		TLSSecret:       ks.TLSSecret,
+		DirectorAddress: ks.DirectorAddress,
+	}, nil
+}
+
+// inClusterNamespaceFile holds the namespace of a pod's service account.
+const inClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 // Store kinds (store.kind).
 const (

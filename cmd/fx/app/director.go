@@ -109,7 +109,7 @@ from their last completed round, and stops gracefully on SIGINT or SIGTERM.`,
 	f.String("tls-ca", "", "the federation root certificate (PEM)")
 	f.String("tls-crl", "", "the federation's certificate revocation list")
 	f.String("aggregator-host", "", "interface aggregators listen on")
-	f.String("launcher", "", "how aggregators run: inprocess (inside the director, the default) or process (a child 'fx aggregator run' per experiment: its own memory, restarted from its checkpoint if it dies)")
+	f.String("launcher", "", "how aggregators run: inprocess (inside the director, the default), process (a child 'fx aggregator run' per experiment: its own memory, restarted from its checkpoint if it dies) or kubernetes (a Job and Service per experiment in a cluster: the kubernetes block of the config file)")
 	f.String("metrics-listen", "", "host:port of the plain-HTTP /metrics, /healthz and /readyz listener (off when empty; keep it on loopback unless a remote Prometheus scrapes it)")
 	f.String("otlp-endpoint", "", "host:port of an OpenTelemetry collector (OTLP/gRPC) to send traces to (off when empty; tracing.insecure for one without TLS)")
 	return cmd
