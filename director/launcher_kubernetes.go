@@ -60,6 +60,9 @@ const (
 	DefaultKubernetesPort = 50052
 	// KubernetesContainer is the aggregator's container in its pod.
 	KubernetesContainer = "aggregator"
+	// KubernetesImageUser is the user and group the fx image runs as
+	// (packaging/container/Containerfile), and the pods' fsGroup.
+	KubernetesImageUser = 65532
 )
 
 // Labels on everything the Kubernetes launcher creates.
@@ -661,6 +664,17 @@ func (s *kubeStarter) job(startID string) *batchv1.Job {
 					TerminationGracePeriodSeconds: &grace,
 					AutomountServiceAccountToken:  ptr.To(false),
 					EnableServiceLinks:            ptr.To(false),
+					// The fx image's user, as the fx-director chart runs the
+					// director: the files on the claim and the Secrets'
+					// (group-readable) are theirs.
+					SecurityContext: &corev1.PodSecurityContext{
+						RunAsNonRoot:        ptr.To(true),
+						RunAsUser:           ptr.To[int64](KubernetesImageUser),
+						RunAsGroup:          ptr.To[int64](KubernetesImageUser),
+						FSGroup:             ptr.To[int64](KubernetesImageUser),
+						FSGroupChangePolicy: ptr.To(corev1.FSGroupChangeOnRootMismatch),
+						SeccompProfile:      &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+					},
 					Containers: []corev1.Container{{
 						Name:                     KubernetesContainer,
 						Image:                    s.k.Image,
@@ -676,6 +690,7 @@ func (s *kubeStarter) job(startID string) *batchv1.Job {
 						VolumeMounts: []corev1.VolumeMount{
 							{Name: "spec", MountPath: KubernetesSpecDir, ReadOnly: true},
 							{Name: "data", MountPath: s.mountPath, SubPath: s.subPath},
+							{Name: "tmp", MountPath: "/tmp"},
 						},
 						SecurityContext: &corev1.SecurityContext{
 							AllowPrivilegeEscalation: ptr.To(false),
@@ -686,8 +701,9 @@ func (s *kubeStarter) job(startID string) *batchv1.Job {
 					}},
 					Volumes: []corev1.Volume{
 						{Name: "spec", VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{
-							Sources: projections, DefaultMode: ptr.To[int32](0o400),
+							Sources: projections, DefaultMode: ptr.To[int32](0o440),
 						}}},
+						{Name: "tmp", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}},
 						{Name: "data", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: s.k.PVC}}},
 					},
 				},

@@ -297,6 +297,9 @@ func TestKubernetesLauncherObjects(t *testing.T) {
 	if got := c.Resources.Limits.Memory().String(); got != "2Gi" {
 		t.Errorf("memory limit %s, want 2Gi", got)
 	}
+	if sc := ps.SecurityContext; sc == nil || *sc.RunAsUser != KubernetesImageUser || *sc.FSGroup != KubernetesImageUser {
+		t.Errorf("pod security context %+v: want the image's user and fsGroup, which the claim's and the Secrets' files are readable by", sc)
+	}
 	if *ps.TerminationGracePeriodSeconds != 7 {
 		t.Errorf("grace %d s, want StopGrace's 7", *ps.TerminationGracePeriodSeconds)
 	}
@@ -451,8 +454,7 @@ func TestKubernetesLauncherPodFailure(t *testing.T) {
 func slicesEqualVolumes(a, b batchv1.Job) bool {
 	va, vb := a.Spec.Template.Spec.Volumes, b.Spec.Template.Spec.Volumes
 	ma, mb := a.Spec.Template.Spec.Containers[0].VolumeMounts, b.Spec.Template.Spec.Containers[0].VolumeMounts
-	return len(va) == len(vb) && va[1].PersistentVolumeClaim.ClaimName == vb[1].PersistentVolumeClaim.ClaimName &&
-		reflect.DeepEqual(ma, mb)
+	return len(va) > 0 && reflect.DeepEqual(va, vb) && reflect.DeepEqual(ma, mb)
 }
 
 // Cancelling Run (the experiment cancelled or removed, the director

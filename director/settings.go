@@ -312,7 +312,7 @@ func (ks KubernetesSettings) check(bad func(key, format string, args ...any)) {
 		bad("kubernetes.pvc", "is required with launcher %s: the PersistentVolumeClaim that data_dir is on (the director mounts it at data_dir; the aggregator pods mount their experiment's directory from it)", LauncherKubernetes)
 	}
 	if ks.DirectorAddress == "" {
-		bad("kubernetes.director_address", "is required with launcher %s: host:port where the aggregator pods reach this director, for example fx-director.fx.svc:50051 (a name the director's certificate carries)", LauncherKubernetes)
+		bad("kubernetes.director_address", "is required with launcher %s: host:port where the aggregator pods reach this director, for example fx-director.fx.svc:50051 (the pods check the director's certificate against advertise.server_name, not this host)", LauncherKubernetes)
 	} else if _, _, err := net.SplitHostPort(ks.DirectorAddress); err != nil {
 		bad("kubernetes.director_address", "%q: write host:port (%v)", ks.DirectorAddress, err)
 	}
