@@ -388,6 +388,9 @@ func (c *Collaborator) uploadInOrder(ctx context.Context, cancel context.CancelF
 		uctx, span := tracing.Start(ctx, "upload "+r.task, c.spanAttrs(round)...)
 		late, err := c.upload(uctx, round, r.task, r.res)
 		span.End()
+		if err == nil && !late && runner.IsTrain(r.task) {
+			err = c.confirmVariate(round) // SCAFFOLD's c_i⁺, now that c will have its Δc_i (scaffold.go)
+		}
 		if err == nil && late {
 			err = errLate
 		}

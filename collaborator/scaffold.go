@@ -26,16 +26,22 @@ import (
 //     tensor (runner.Task.Scaffold), which the runner adds to the gradient at
 //     every local step, and which reports K steps of size η;
 //   - from the trained weights y_i computes c_i⁺ = c_i − c + (x − y_i)/(K·η);
-//   - keeps c_i⁺, durably, before anything of the round is uploaded;
-//   - uploads y_i under the weights' names and Δc_i = c_i⁺ − c_i under c's.
+//   - keeps c_i⁺, durably, as pending, before anything of the round is
+//     uploaded;
+//   - uploads y_i under the weights' names and Δc_i = c_i⁺ − c_i under c's;
+//   - once the aggregator has taken that upload, c_i⁺ becomes the site's
+//     variate (confirmVariate). An upload that came too late (the round
+//     closed without it) leaves the site's variate as it was: the server's
+//     c never had its Δc_i, and c stays the mean of the sites' variates.
 //
 // The validations score the weights alone. Like the personalised layers
 // (local.go), two files keep the variate, each with the round that made
 // it, so that a round run again after a restart starts from the variate
-// the site had before that round.
+// the site had before that round; a third holds the pending one.
 const (
 	scaffoldFile     = "scaffold.safetensors"
 	scaffoldPrevFile = "scaffold.prev.safetensors"
+	scaffoldNextFile = "scaffold.next.safetensors"
 )
 
 // weights returns m without SCAFFOLD's control variates: what the runner
@@ -185,9 +191,34 @@ func (c *Collaborator) keptVariate(round int) (tensor.Model, int, error) {
 	return nil, 0, nil
 }
 
-// keepVariate keeps the site's control variate c_i⁺ made in round, durably;
-// the newest file kept so far moves aside if an earlier round made it.
+// keepVariate keeps the site's control variate c_i⁺ made in round,
+// durably, as pending until its upload is taken (confirmVariate).
 func (c *Collaborator) keepVariate(round int, ci tensor.Model) error {
+	if err := tensor.WriteFile(filepath.Join(c.cfg.WorkDir, scaffoldNextFile), ci, map[string]string{localRound: strconv.Itoa(round)}); err != nil {
+		return fmt.Errorf("SCAFFOLD: keep the site's control variate: %w", err)
+	}
+	return nil
+}
+
+// confirmVariate makes the pending variate of round the site's, once the
+// aggregator took round's train upload: the newest file kept so far moves
+// aside if an earlier round made it. Nothing is pending when the upload
+// was of results kept from before (it was confirmed then).
+func (c *Collaborator) confirmVariate(round int) error {
+	if !c.cfg.Scaffold {
+		return nil
+	}
+	next := filepath.Join(c.cfg.WorkDir, scaffoldNextFile)
+	h, err := tensor.ReadHeaderFile(next)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("SCAFFOLD: the site's pending control variate: %w", err)
+	}
+	if r, err := strconv.Atoi(h.Metadata[localRound]); err != nil || r != round {
+		return nil // another round's, whose upload was not taken
+	}
 	cur := filepath.Join(c.cfg.WorkDir, scaffoldFile)
 	if h, err := tensor.ReadHeaderFile(cur); err == nil {
 		if r, err := strconv.Atoi(h.Metadata[localRound]); err == nil && r < round {
@@ -196,7 +227,7 @@ func (c *Collaborator) keepVariate(round int, ci tensor.Model) error {
 			}
 		}
 	}
-	if err := tensor.WriteFile(cur, ci, map[string]string{localRound: strconv.Itoa(round)}); err != nil {
+	if err := os.Rename(next, cur); err != nil {
 		return fmt.Errorf("SCAFFOLD: keep the site's control variate: %w", err)
 	}
 	return nil
