@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -76,6 +77,17 @@ const (
 	labelNameValue      = "fx-aggregator"
 	labelManagedByValue = "fx-director"
 )
+
+// KubernetesRBAC is everything the Kubernetes launcher asks of the API
+// server, in its namespace: the rules of the Role the fx-director chart
+// gives the director (packaging/helm/fx-director/templates/rbac.yaml,
+// which a test compares with these).
+var KubernetesRBAC = []rbacv1.PolicyRule{
+	{APIGroups: []string{"batch"}, Resources: []string{"jobs"}, Verbs: []string{"create", "list", "delete"}},
+	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"watch"}},
+	{APIGroups: []string{""}, Resources: []string{"services"}, Verbs: []string{"create", "get", "delete"}},
+	{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create", "get", "update", "delete"}},
+}
 
 // Kubernetes runs each experiment's aggregator in the cluster, through
 // client-go: per experiment a Secret (fx-agg-ID: the launch spec and, unless

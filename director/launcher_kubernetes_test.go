@@ -15,11 +15,15 @@ import (
 
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/fx-fl/fx/internal/backoff"
 	"github.com/fx-fl/fx/pki"
@@ -34,7 +38,10 @@ import (
 const k8sNS = "fx"
 
 type k8sFixture struct {
+	// cs is the launcher's client, whose actions are the launcher's
+	// alone; api is the test's, on the same objects.
 	cs      *fake.Clientset
+	api     *fake.Clientset
 	k       *Kubernetes
 	spec    LaunchSpec
 	expDir  string
@@ -91,7 +98,7 @@ func newK8sFixture(t *testing.T, objects ...runtime.Object) *k8sFixture {
 		served++
 		mu.Unlock()
 	}
-	return &k8sFixture{cs: cs, k: k, spec: spec, expDir: expDir, tlsData: tlsData, served: func() int {
+	return &k8sFixture{cs: cs, api: sharedClientset(cs), k: k, spec: spec, expDir: expDir, tlsData: tlsData, served: func() int {
 		mu.Lock()
 		defer mu.Unlock()
 		return served
@@ -109,9 +116,40 @@ func (f *k8sFixture) run(t *testing.T, ctx context.Context) (*procAggregator, <-
 	return agg.(*procAggregator), done
 }
 
+// sharedClientset is a second client of cs's objects, as
+// fake.NewClientset wires one.
+func sharedClientset(cs *fake.Clientset) *fake.Clientset {
+	o := cs.Tracker()
+	api := &fake.Clientset{}
+	api.AddReactor("*", "*", k8stesting.ObjectReaction(o))
+	api.AddWatchReactor("*", func(action k8stesting.Action) (bool, watch.Interface, error) {
+		var opts metav1.ListOptions
+		if w, ok := action.(k8stesting.WatchActionImpl); ok {
+			opts = w.ListOptions
+		}
+		w, err := o.Watch(action.GetResource(), action.GetNamespace(), opts)
+		return err == nil, w, err
+	})
+	return api
+}
+
+// allowed checks that every call the launcher made is one KubernetesRBAC
+// (and so the chart's Role) grants.
+func (f *k8sFixture) allowed(t *testing.T) {
+	t.Helper()
+	for _, a := range f.cs.Actions() {
+		r := a.GetResource()
+		if a.GetSubresource() != "" || !slices.ContainsFunc(KubernetesRBAC, func(p rbacv1.PolicyRule) bool {
+			return slices.Contains(p.APIGroups, r.Group) && slices.Contains(p.Resources, r.Resource) && slices.Contains(p.Verbs, a.GetVerb())
+		}) {
+			t.Errorf("the launcher called %s %s/%s %s, which KubernetesRBAC does not grant", a.GetVerb(), r.Group, r.Resource, a.GetSubresource())
+		}
+	}
+}
+
 func (f *k8sFixture) jobs(t *testing.T) []batchv1.Job {
 	t.Helper()
-	l, err := f.cs.BatchV1().Jobs(k8sNS).List(context.Background(), metav1.ListOptions{})
+	l, err := f.api.BatchV1().Jobs(k8sNS).List(context.Background(), metav1.ListOptions{})
 	must(t, err)
 	return l.Items
 }
@@ -140,7 +178,7 @@ func (f *k8sFixture) podOf(t *testing.T, job batchv1.Job) *corev1.Pod {
 		Spec:       job.Spec.Template.Spec,
 		Status:     corev1.PodStatus{Phase: corev1.PodPending},
 	}
-	pod, err := f.cs.CoreV1().Pods(k8sNS).Create(context.Background(), pod, metav1.CreateOptions{})
+	pod, err := f.api.CoreV1().Pods(k8sNS).Create(context.Background(), pod, metav1.CreateOptions{})
 	must(t, err)
 	return pod
 }
@@ -150,7 +188,7 @@ func (f *k8sFixture) setPod(t *testing.T, pod *corev1.Pod, status corev1.PodStat
 	t.Helper()
 	pod = pod.DeepCopy()
 	pod.Status = status
-	pod, err := f.cs.CoreV1().Pods(k8sNS).UpdateStatus(context.Background(), pod, metav1.UpdateOptions{})
+	pod, err := f.api.CoreV1().Pods(k8sNS).UpdateStatus(context.Background(), pod, metav1.UpdateOptions{})
 	must(t, err)
 	return pod
 }
@@ -179,7 +217,7 @@ func endedStatus(phase corev1.PodPhase, code int32, reason, message string) core
 
 func (f *k8sFixture) launchSpec(t *testing.T) ProcessSpec {
 	t.Helper()
-	s, err := f.cs.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	s, err := f.api.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
 	must(t, err)
 	var spec ProcessSpec
 	must(t, json.Unmarshal(s.Data[KubernetesSpecKey], &spec))
@@ -194,16 +232,17 @@ func (f *k8sFixture) nothingLeft(t *testing.T) {
 	if j := f.jobs(t); len(j) != 0 {
 		t.Errorf("%d jobs left: %s", len(j), j[0].Name)
 	}
-	if l, err := f.cs.CoreV1().Services(k8sNS).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 0 {
+	if l, err := f.api.CoreV1().Services(k8sNS).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 0 {
 		t.Errorf("services left: %v %v", l, err)
 	}
-	if l, err := f.cs.CoreV1().Secrets(k8sNS).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 0 {
+	if l, err := f.api.CoreV1().Secrets(k8sNS).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 0 {
 		t.Errorf("secrets left: %v %v", l, err)
 	}
 	deletes := map[string]int{}
+	f.allowed(t)
 	for _, a := range f.cs.Actions() {
 		d, ok := a.(k8stesting.DeleteActionImpl)
-		if !ok || d.GetResource().Resource == "pods" { // the test's own, playing the kubelet
+		if !ok {
 			continue
 		}
 		deletes[d.GetResource().Resource]++
@@ -236,17 +275,19 @@ func TestKubernetesLauncherObjects(t *testing.T) {
 	a, done := f.run(t, context.Background())
 	job := f.waitJob(t, leftover.Name, other.Name)
 	eventually(t, "the earlier director's job deleted", func() bool {
-		_, err := f.cs.BatchV1().Jobs(k8sNS).Get(context.Background(), leftover.Name, metav1.GetOptions{})
+		_, err := f.api.BatchV1().Jobs(k8sNS).Get(context.Background(), leftover.Name, metav1.GetOptions{})
 		return err != nil
 	})
-	if _, err := f.cs.BatchV1().Jobs(k8sNS).Get(context.Background(), other.Name, metav1.GetOptions{}); err != nil {
+	if _, err := f.api.BatchV1().Jobs(k8sNS).Get(context.Background(), other.Name, metav1.GetOptions{}); err != nil {
 		t.Errorf("another experiment's job was touched: %v", err)
 	}
-	must(t, f.cs.BatchV1().Jobs(k8sNS).Delete(context.Background(), other.Name, metav1.DeleteOptions{}))
-	f.cs.ClearActions()
+	must(t, f.api.BatchV1().Jobs(k8sNS).Delete(context.Background(), other.Name, metav1.DeleteOptions{}))
+	if n := len(f.jobs(t)); n != 1 {
+		t.Errorf("%d jobs, want the new one", n)
+	}
 
 	// The Secret: the spec, with the pod's paths, and the TLS files.
-	secret, err := f.cs.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	secret, err := f.api.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
 	must(t, err)
 	for key, want := range f.tlsData {
 		if got := string(secret.Data[key]); got != string(want) {
@@ -339,7 +380,7 @@ func TestKubernetesLauncherObjects(t *testing.T) {
 	}
 
 	// The Service selects the pods of every start.
-	svc, err := f.cs.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	svc, err := f.api.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
 	must(t, err)
 	if svc.Spec.Type != corev1.ServiceTypeClusterIP || len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != DefaultKubernetesPort || svc.Spec.Ports[0].TargetPort.StrVal != "grpc" {
 		t.Errorf("service %s %v", svc.Spec.Type, svc.Spec.Ports)
@@ -414,7 +455,7 @@ func TestKubernetesLauncherPodFailure(t *testing.T) {
 
 	job2 := f.waitJob(t, job1.Name)
 	eventually(t, "the failed pod's job deleted", func() bool {
-		_, err := f.cs.BatchV1().Jobs(k8sNS).Get(context.Background(), job1.Name, metav1.GetOptions{})
+		_, err := f.api.BatchV1().Jobs(k8sNS).Get(context.Background(), job1.Name, metav1.GetOptions{})
 		return err != nil
 	})
 	spec2 := f.launchSpec(t)
@@ -426,7 +467,7 @@ func TestKubernetesLauncherPodFailure(t *testing.T) {
 	}
 	// A pod deleted (its node lost) counts as a death too.
 	pod2 := f.setPod(t, f.podOf(t, job2), readyStatus())
-	must(t, f.cs.CoreV1().Pods(k8sNS).Delete(context.Background(), pod2.Name, metav1.DeleteOptions{}))
+	must(t, f.api.CoreV1().Pods(k8sNS).Delete(context.Background(), pod2.Name, metav1.DeleteOptions{}))
 
 	job3 := f.waitJob(t, job1.Name, job2.Name)
 	pod3 := f.setPod(t, f.podOf(t, job3), readyStatus())
@@ -490,7 +531,7 @@ func TestKubernetesLauncherTLSSecretNodePort(t *testing.T) {
 	defer cancel()
 	a, done := f.run(t, ctx)
 	job := f.waitJob(t)
-	secret, err := f.cs.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	secret, err := f.api.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
 	must(t, err)
 	if _, ok := secret.Data[KubernetesTLSKeyKey]; ok || len(secret.Data) != 1 {
 		t.Errorf("the launcher's secret holds %d keys, the key among them: want the spec only", len(secret.Data))
@@ -501,13 +542,13 @@ func TestKubernetesLauncherTLSSecretNodePort(t *testing.T) {
 	}
 	f.setPod(t, f.podOf(t, job), readyStatus())
 	// The API server assigns node ports; the fake does not, so the test does.
-	svc, err := f.cs.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	svc, err := f.api.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
 	must(t, err)
 	if svc.Spec.Type != corev1.ServiceTypeNodePort {
 		t.Errorf("service type %s", svc.Spec.Type)
 	}
 	svc.Spec.Ports[0].NodePort = 31234
-	_, err = f.cs.CoreV1().Services(k8sNS).Update(context.Background(), svc, metav1.UpdateOptions{})
+	_, err = f.api.CoreV1().Services(k8sNS).Update(context.Background(), svc, metav1.UpdateOptions{})
 	must(t, err)
 	eventually(t, "the address announced", func() bool { return f.served() == 1 })
 	if got := a.Address(); got != "node1.example.org:31234" {
@@ -515,6 +556,7 @@ func TestKubernetesLauncherTLSSecretNodePort(t *testing.T) {
 	}
 	cancel()
 	<-done
+	f.allowed(t)
 }
 
 // Launch refuses what cannot become a pod, saying what is missing.
@@ -561,5 +603,32 @@ func TestKubernetesSettings(t *testing.T) {
 	s.Launcher = "k8s"
 	if _, err := s.Config(nil); err == nil || !strings.Contains(err.Error(), "or kubernetes (each runs as a Job") {
 		t.Errorf("launcher k8s: %v", err)
+	}
+}
+
+// The fx-director chart's Role grants what the launcher uses, and no more.
+func TestKubernetesRBACChart(t *testing.T) {
+	data, err := os.ReadFile("../packaging/helm/fx-director/templates/rbac.yaml")
+	must(t, err)
+	text := string(data)
+	_, rules, ok := strings.Cut(text, "\nrules:\n")
+	rules, _, ok2 := strings.Cut(rules, "{{- end }}")
+	if !ok || !ok2 {
+		t.Fatal("rbac.yaml has no rules block ending the template")
+	}
+	var got []struct {
+		APIGroups []string `yaml:"apiGroups"`
+		Resources []string `yaml:"resources"`
+		Verbs     []string `yaml:"verbs"`
+	}
+	must(t, yaml.Unmarshal([]byte(rules), &got))
+	if len(got) != len(KubernetesRBAC) {
+		t.Fatalf("the chart's Role has %d rules, KubernetesRBAC %d", len(got), len(KubernetesRBAC))
+	}
+	for i, r := range KubernetesRBAC {
+		g := got[i]
+		if !slices.Equal(g.APIGroups, r.APIGroups) || !slices.Equal(g.Resources, r.Resources) || !slices.Equal(g.Verbs, r.Verbs) {
+			t.Errorf("the chart's rule %d is %+v, KubernetesRBAC's %+v", i, g, r)
+		}
 	}
 }

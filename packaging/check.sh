@@ -111,6 +111,7 @@ values=$chart/ci/test-values.yaml
 helm() { (cd "$repo/packaging/tools" && go tool helm "$@"); }
 chartcheck() { (cd "$repo/packaging/tools" && go run ./chartcheck "$@"); }
 helm lint --strict "$chart" -f "$values"
+helm lint --strict "$chart" -f "$values" --set config.launcher=kubernetes
 
 step "helm: template, and check what it renders"
 check_args=(-secret fx-director-pki -advertise director.example.org)
@@ -125,6 +126,16 @@ helm template fx "$chart" -f "$values" --set metrics.port=9100 --set service.grp
   chartcheck "${check_args[@]}" -crl -metrics-port 9100 -grpc-port 443 -aggregator-min 40000 -aggregator-max 40003
 helm template fx "$chart" -f "$values" --set persistence.existingClaim=fx-data |
   chartcheck "${check_args[@]}" -crl -existing-claim fx-data
+# The kubernetes launcher: its ServiceAccount, Role and RoleBinding, and the
+# config's kubernetes block.
+helm template fx "$chart" -f "$values" --set config.launcher=kubernetes |
+  chartcheck "${check_args[@]}" -crl -launcher kubernetes
+helm template fx "$chart" -f "$values" --set config.launcher=kubernetes --set persistence.existingClaim=fx-data \
+  --set config.kubernetes.service_type=NodePort --set config.kubernetes.advertise_host=node1.example.org |
+  chartcheck "${check_args[@]}" -crl -launcher kubernetes -existing-claim fx-data
+if helm template fx "$chart" -f "$values" --set config.launcher=kubernetes | chartcheck "${check_args[@]}" -crl 2>/dev/null; then
+  die "chartcheck accepted RBAC objects the launcher does not need"
+fi
 # chartcheck itself: a misspelt field must not pass.
 if sed '0,/containerPort:/s//containerPorts:/' "$work/rendered.yaml" | chartcheck "${check_args[@]}" -crl 2>/dev/null; then
   die "chartcheck accepted a StatefulSet with a misspelt field (containerPorts)"
@@ -144,6 +155,9 @@ refused "value must be one of 'auto', 'manual'" -f "$values" --set config.review
 refused "give a range of 1 to 100 ports" -f "$values" --set config.aggregator.port_max=50000
 refused "config.data_dir is set by the chart" -f "$values" --set config.data_dir=/srv
 refused "minimum: got 0" -f "$values" --set metrics.port=0
+refused "value must be one of 'inprocess', 'process', 'kubernetes'" -f "$values" --set config.launcher=k8s
+refused "config.kubernetes.pvc is set by the chart" -f "$values" --set config.launcher=kubernetes --set config.kubernetes.pvc=other
+refused "additional properties 'memory' not allowed" -f "$values" --set config.launcher=kubernetes --set config.kubernetes.memory=4Gi
 
 step "director: the image runs the chart's director.yaml with the Secret's PKI and a fresh /data volume"
 pki=$work/pki

@@ -7,7 +7,11 @@
 // whole at /pki, the director's configuration from the ConfigMap, the
 // probes on the metrics listener's /healthz and /readyz (or on the gRPC
 // port without it), the metrics port kept off the main Service, and a
-// director.yaml whose keys point at those mounts and ports.
+// director.yaml whose keys point at those mounts and ports. With
+// -launcher kubernetes: a ServiceAccount that the director runs as, bound
+// to a Role with exactly the rules of fx's director.KubernetesRBAC, and the
+// config's kubernetes block pointing at the data claim, the PKI Secret and
+// the director's Service; without it, none of those and no token mounted.
 //
 // packaging/check.sh runs it; -config-out writes the rendered director.yaml
 // for the check that starts the director in the image with it.
@@ -26,6 +30,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -42,12 +47,16 @@ type want struct {
 	aggMin      int32
 	aggMax      int32
 	claim       string
+	launcher    string
 }
 
 type rendered struct {
 	statefulSets []*appsv1.StatefulSet
 	configMaps   []*corev1.ConfigMap
 	services     []*corev1.Service
+	accounts     []*corev1.ServiceAccount
+	roles        []*rbacv1.Role
+	bindings     []*rbacv1.RoleBinding
 }
 
 func main() {
@@ -62,6 +71,7 @@ func main() {
 	flag.IntVar(&aggMin, "aggregator-min", 50100, "config.aggregator.port_min")
 	flag.IntVar(&aggMax, "aggregator-max", 50109, "config.aggregator.port_max")
 	flag.StringVar(&w.claim, "existing-claim", "", "persistence.existingClaim")
+	flag.StringVar(&w.launcher, "launcher", "inprocess", "config.launcher")
 	configOut := flag.String("config-out", "", "write the rendered director.yaml here")
 	flag.Parse()
 	w.metricsPort, w.grpcPort, w.aggMin, w.aggMax = int32(metricsPort), int32(grpcPort), int32(aggMin), int32(aggMax)
@@ -88,8 +98,12 @@ func main() {
 	if w.metrics {
 		probes = fmt.Sprintf("/healthz and /readyz on metrics:%d", w.metricsPort)
 	}
-	fmt.Printf("chartcheck: %d StatefulSet (1 replica, probes %s), %d ConfigMap, %d Services: ok\n",
-		len(r.statefulSets), probes, len(r.configMaps), len(r.services))
+	rbac := ""
+	if w.launcher == "kubernetes" {
+		rbac = fmt.Sprintf(", launcher kubernetes: %d ServiceAccount, %d Role (%d rules), %d RoleBinding", len(r.accounts), len(r.roles), len(kubernetesRBAC), len(r.bindings))
+	}
+	fmt.Printf("chartcheck: %d StatefulSet (1 replica, probes %s), %d ConfigMap, %d Services%s: ok\n",
+		len(r.statefulSets), probes, len(r.configMaps), len(r.services), rbac)
 }
 
 // decode splits the YAML stream and decodes each document strictly.
@@ -120,6 +134,12 @@ func decode(in io.Reader) (rendered, error) {
 			r.configMaps = append(r.configMaps, o)
 		case *corev1.Service:
 			r.services = append(r.services, o)
+		case *corev1.ServiceAccount:
+			r.accounts = append(r.accounts, o)
+		case *rbacv1.Role:
+			r.roles = append(r.roles, o)
+		case *rbacv1.RoleBinding:
+			r.bindings = append(r.bindings, o)
 		default:
 			return r, fmt.Errorf("document %d: unexpected %s", n, gvk)
 		}
@@ -312,6 +332,14 @@ func check(r rendered, w want) (string, []error) {
 		Metrics *struct {
 			Listen string `json:"listen"`
 		} `json:"metrics"`
+		Launcher   string `json:"launcher"`
+		Kubernetes *struct {
+			PVC             string `json:"pvc"`
+			Namespace       string `json:"namespace"`
+			DirectorAddress string `json:"director_address"`
+			TLSSecret       string `json:"tls_secret"`
+			Image           string `json:"image"`
+		} `json:"kubernetes"`
 	}
 	if err := yaml.Unmarshal([]byte(text), &cfg); err != nil {
 		fail("director.yaml: %v", err)
@@ -342,5 +370,72 @@ func check(r rendered, w want) (string, []error) {
 	case !w.metrics && cfg.Metrics != nil:
 		fail("director.yaml has metrics without metrics.enabled")
 	}
+	checkLauncher(r, w, sts, fail)
+	if w.launcher == "kubernetes" {
+		claim := w.claim
+		if claim == "" {
+			claim = "data-" + sts.Name + "-0"
+		}
+		wantAddr := fmt.Sprintf("%s.%s.svc:%d", main.Name, namespace, w.grpcPort)
+		switch k := cfg.Kubernetes; {
+		case cfg.Launcher != "kubernetes" || k == nil:
+			fail("director.yaml: launcher %q, kubernetes %v: want launcher kubernetes and its block", cfg.Launcher, k)
+		case k.PVC != claim || k.TLSSecret != w.secret || k.DirectorAddress != wantAddr || k.Namespace != namespace || k.Image == "":
+			fail("director.yaml kubernetes %+v: want pvc %s (data_dir's claim), tls_secret %s, director_address %s, namespace %s and an image", *k, claim, w.secret, wantAddr, namespace)
+		}
+	} else if cfg.Kubernetes != nil {
+		fail("director.yaml has a kubernetes block with launcher %q", cfg.Launcher)
+	}
 	return text, errs
+}
+
+// namespace is helm template's release namespace.
+const namespace = "default"
+
+// kubernetesRBAC mirrors fx's director.KubernetesRBAC (director/
+// launcher_kubernetes.go): what the kubernetes launcher asks of the API
+// server. A test in fx compares that with the chart's rbac.yaml too.
+var kubernetesRBAC = []rbacv1.PolicyRule{
+	{APIGroups: []string{"batch"}, Resources: []string{"jobs"}, Verbs: []string{"create", "list", "delete"}},
+	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"watch"}},
+	{APIGroups: []string{""}, Resources: []string{"services"}, Verbs: []string{"create", "get", "delete"}},
+	{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create", "get", "update", "delete"}},
+}
+
+// checkLauncher checks the ServiceAccount, Role and RoleBinding that the
+// kubernetes launcher needs, and their absence otherwise.
+func checkLauncher(r rendered, w want, sts *appsv1.StatefulSet, fail func(string, ...any)) {
+	pod := sts.Spec.Template.Spec
+	automount := pod.AutomountServiceAccountToken != nil && *pod.AutomountServiceAccountToken
+	if w.launcher != "kubernetes" {
+		if len(r.accounts)+len(r.roles)+len(r.bindings) > 0 || automount || pod.ServiceAccountName != "" {
+			fail("launcher %s: want no ServiceAccount, Role or RoleBinding and no service account token in the pod", w.launcher)
+		}
+		return
+	}
+	if len(r.accounts) != 1 || len(r.roles) != 1 || len(r.bindings) != 1 {
+		fail("launcher kubernetes: want 1 ServiceAccount, 1 Role and 1 RoleBinding; got %d, %d and %d", len(r.accounts), len(r.roles), len(r.bindings))
+		return
+	}
+	sa, role, rb := r.accounts[0], r.roles[0], r.bindings[0]
+	if pod.ServiceAccountName != sa.Name || !automount {
+		fail("StatefulSet %s: runs as %q (token mounted %v), want ServiceAccount %s with its token", sts.Name, pod.ServiceAccountName, automount, sa.Name)
+	}
+	if len(role.Rules) != len(kubernetesRBAC) {
+		fail("Role %s: %d rules, want %d", role.Name, len(role.Rules), len(kubernetesRBAC))
+	} else {
+		for i, want := range kubernetesRBAC {
+			got := role.Rules[i]
+			if !slices.Equal(got.APIGroups, want.APIGroups) || !slices.Equal(got.Resources, want.Resources) || !slices.Equal(got.Verbs, want.Verbs) ||
+				len(got.ResourceNames)+len(got.NonResourceURLs) > 0 {
+				fail("Role %s rule %d: %+v, want %+v", role.Name, i, got, want)
+			}
+		}
+	}
+	if rb.RoleRef.Kind != "Role" || rb.RoleRef.Name != role.Name || rb.RoleRef.APIGroup != rbacv1.GroupName {
+		fail("RoleBinding %s: binds %+v, want Role %s", rb.Name, rb.RoleRef, role.Name)
+	}
+	if len(rb.Subjects) != 1 || rb.Subjects[0].Kind != "ServiceAccount" || rb.Subjects[0].Name != sa.Name || rb.Subjects[0].Namespace != namespace {
+		fail("RoleBinding %s: subjects %+v, want ServiceAccount %s/%s", rb.Name, rb.Subjects, namespace, sa.Name)
+	}
 }

@@ -46,6 +46,23 @@ The director's configuration: .Values.config with the keys the chart owns
 {{- if .Values.metrics.enabled -}}
 {{- $_ := set $owned "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.metrics.port))) -}}
 {{- end -}}
+{{- if eq (include "fx-director.launcher" .) "kubernetes" -}}
+{{- $k := deepCopy (.Values.config.kubernetes | default dict) -}}
+{{- range $key := list "pvc" "namespace" "director_address" "tls_secret" "kubeconfig" }}
+{{- if hasKey $k $key }}
+{{- fail (printf "config.kubernetes.%s is set by the chart (the data claim, the release's namespace, the director's Service, pki.secretName, the pod's service account): remove it from config" $key) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $k "pvc" (include "fx-director.dataClaim" .) -}}
+{{- $_ := set $k "namespace" .Release.Namespace -}}
+{{- $_ := set $k "director_address" (printf "%s.%s.svc:%d" (include "fx-director.fullname" .) .Release.Namespace (int .Values.service.grpcPort)) -}}
+{{- $_ := set $k "tls_secret" $pki -}}
+{{- if not $k.image }}
+{{- $_ := set $k "image" (include "fx-director.image" .) -}}
+{{- $_ := set $k "image_pull_policy" .Values.image.pullPolicy -}}
+{{- end }}
+{{- $_ := set $owned "kubernetes" $k -}}
+{{- end -}}
 {{- toYaml (mergeOverwrite (deepCopy .Values.config) $owned) -}}
 {{- end }}
 
@@ -58,5 +75,24 @@ The director's configuration: .Values.config with the keys the chart owns
 {{- end -}}
 {{- range $p := untilStep $lo (int (add $hi 1)) 1 }}
 {{ $p }}
+{{- end -}}
+{{- end }}
+
+{{/* The fx image, which the director and its aggregator pods run. */}}
+{{- define "fx-director.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* config.launcher: inprocess (the default), process or kubernetes. */}}
+{{- define "fx-director.launcher" -}}
+{{ .Values.config.launcher | default "inprocess" }}
+{{- end }}
+
+{{/* The claim data_dir is on: the existing one, or the StatefulSet's. */}}
+{{- define "fx-director.dataClaim" -}}
+{{- if .Values.persistence.existingClaim -}}
+{{ .Values.persistence.existingClaim }}
+{{- else -}}
+data-{{ include "fx-director.fullname" . }}-0
 {{- end -}}
 {{- end }}
