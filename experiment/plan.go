@@ -1003,7 +1003,7 @@ func (p *Plan) validateSecure(v *problems) {
 		}
 		return
 	}
-	if a.Algorithm != "" && !SecureAlgorithm(a.Algorithm) {
+	if a.Algorithm != "" && !SecureAlgorithm(a.Algorithm) && a.Algorithm != AlgScaffold { // scaffold's reason: validateScaffold
 		v.add("aggregation.secure", fmt.Sprintf("cannot be combined with algorithm %s: it needs each site's update, and under secure aggregation the aggregator sees only their sum; use fedavg, fedadam, fedyogi or fedadagrad, or turn secure off", a.Algorithm))
 	}
 	if a.Weights == WeightsRegistered {

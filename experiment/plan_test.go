@@ -383,6 +383,7 @@ func TestParsePlanRules(t *testing.T) {
 		{"scaffold with exec", base + "runner: {kind: exec, command: [./train.sh]}\naggregation: {algorithm: scaffold}\n", []string{"aggregation.algorithm"}, "the exec runner does not yet hand the control variates"},
 		{"scaffold with local", base + builtinRunner + "aggregation: {algorithm: scaffold, local: ['fc1.*']}\n", []string{"aggregation.local"}, "cannot be combined with scaffold yet"},
 		{"scaffold with dp", base + builtinRunner + "aggregation: {algorithm: scaffold}\nprivacy: {dp: {noise_multiplier: 5, clip_norm: 1, delta: 1e-5}}\n", []string{"privacy.dp"}, "cannot be combined with scaffold yet"},
+		{"scaffold with secure", base + builtinRunner + "participants: {min: 3}\naggregation: {algorithm: scaffold, secure: true}\n", []string{"aggregation.secure"}, "the control variates are not masked"},
 		{"scaffold with beta1", base + builtinRunner + "aggregation: {algorithm: scaffold, beta1: 0.9}\n", []string{"aggregation.algorithm"}, "scaffold takes only lr"},
 		{"scaffold in an evaluation", "name: exp\nrounds: 1\n" + builtinRunner + "tasks: [aggregated_model_validation]\naggregation: {algorithm: scaffold}\n", []string{"aggregation.algorithm"}, "this plan's tasks do not train"},
 		{"training.proximal_mu zero", base + builtinRunner + "training: {proximal_mu: 0}\n", nil, ""},
