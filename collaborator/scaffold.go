@@ -11,6 +11,7 @@ import (
 	"strconv"
 
 	"github.com/fx-fl/fx/experiment"
+	"github.com/fx-fl/fx/internal/membudget"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/tensor"
 )
@@ -62,6 +63,11 @@ func (c *Collaborator) weights(m tensor.Model) tensor.Model {
 // trainScaffold runs SCAFFOLD's train task (see above).
 func (c *Collaborator) trainScaffold(ctx context.Context, task runner.Task) (runner.Result, error) {
 	x := c.weights(c.model)
+	// Besides the round's model (x and c) and the trained weights, which
+	// the collaborator's budget holds, the task holds the site's variate,
+	// the correction (which becomes c_i⁺) and Δc_i: three F32 copies of
+	// the weights.
+	defer membudget.Reserve(3*f32Bytes(x), 0)()
 	index := c.model.Index()
 	kept, from, err := c.keptVariate(task.Round)
 	if err != nil {
@@ -159,6 +165,17 @@ func (c *Collaborator) trainScaffold(ctx context.Context, task runner.Task) (run
 	}
 	res.Model = upload
 	return res, nil
+}
+
+// f32Bytes is the size of m's float tensors in F32.
+func f32Bytes(m tensor.Model) int64 {
+	var n int64
+	for _, t := range m {
+		if t.DType.IsFloat() {
+			n += 4 * t.Elements()
+		}
+	}
+	return n
 }
 
 // controlled returns the name of the tensor a control variate's name is of.
