@@ -377,6 +377,21 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 	sel := labels.SelectorFromSet(map[string]string{LabelExperiment: s.spec.ExperimentID, LabelStart: startID}).String()
 	b := backoff.New(backoff.Config{Initial: 200 * time.Millisecond, Max: 10 * time.Second})
 	var waiting string
+	// The address is found (a load balancer's may take a while) beside the
+	// watch, which must go on seeing the pod end meanwhile.
+	actx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	readied := false
+	onReady := func() {
+		if !readied {
+			readied = true
+			wg.Go(func() { s.ready(actx) })
+		}
+	}
 	for {
 		// A watch without a resource version starts with every pod that
 		// matches: a pod made before it opened is seen too.
@@ -391,7 +406,7 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 			}
 			continue
 		}
-		how, done := s.watchPods(ctx, w, startID, &waiting)
+		how, done := s.watchPods(ctx, w, startID, &waiting, onReady)
 		w.Stop()
 		if done {
 			return how
@@ -406,7 +421,7 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 }
 
 // watchPods reads one watch until a pod ends (done) or the watch closes.
-func (s *kubeStarter) watchPods(ctx context.Context, w watch.Interface, startID string, waiting *string) (string, bool) {
+func (s *kubeStarter) watchPods(ctx context.Context, w watch.Interface, startID string, waiting *string, onReady func()) (string, bool) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -445,7 +460,7 @@ func (s *kubeStarter) watchPods(ctx context.Context, w watch.Interface, startID 
 			}
 			*waiting = st.waiting
 			if st.ready {
-				s.ready(ctx)
+				onReady()
 			}
 		}
 	}

@@ -632,3 +632,68 @@ func TestKubernetesRBACChart(t *testing.T) {
 		}
 	}
 }
+
+// A LoadBalancer Service is announced at the balancer's address once it
+// has one; while it has none the pod is still followed: one that fails
+// meanwhile is followed by a new Job.
+func TestKubernetesLauncherLoadBalancer(t *testing.T) {
+	f := newK8sFixture(t)
+	f.k.ServiceType = corev1.ServiceTypeLoadBalancer
+	f.k.AddressPoll = time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a, done := f.run(t, ctx)
+	job1 := f.waitJob(t)
+	pod1 := f.setPod(t, f.podOf(t, job1), readyStatus())
+	f.setPod(t, pod1, endedStatus(corev1.PodFailed, 1, "Error", "lost"))
+	job2 := f.waitJob(t, job1.Name)
+	if n := f.served(); n != 0 {
+		t.Fatalf("announced %d times before the balancer had an address", n)
+	}
+	f.setPod(t, f.podOf(t, job2), readyStatus())
+	svc, err := f.api.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	must(t, err)
+	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{Hostname: "lb.example.org"}}
+	_, err = f.api.CoreV1().Services(k8sNS).UpdateStatus(context.Background(), svc, metav1.UpdateOptions{})
+	must(t, err)
+	eventually(t, "the address announced", func() bool { return f.served() == 1 })
+	if got := a.Address(); got != "lb.example.org:50052" {
+		t.Errorf("address %q, want the balancer's", got)
+	}
+	cancel()
+	<-done
+	f.nothingLeft(t)
+}
+
+// The client comes from kubeconfig, with its context's namespace unless
+// kubernetes.namespace says otherwise; without kubeconfig outside a pod the
+// error says what to set.
+func TestKubernetesSettingsClient(t *testing.T) {
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	must(t, os.WriteFile(kubeconfig, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: t0k}}]
+contexts: [{name: x, context: {cluster: c, user: u, namespace: fx-aggs}}]
+current-context: x
+`), 0o600))
+	var ks KubernetesSettings
+	ks.Kubeconfig, ks.Image, ks.PVC, ks.DirectorAddress = kubeconfig, "fx:1", "data", "d:1"
+	ks.Resources.Limits.Memory = "4Gi"
+	k, err := ks.launcher("/data")
+	must(t, err)
+	if k.Namespace != "fx-aggs" || k.Client == nil || k.DataDir != "/data" || k.Resources.Limits.Memory().String() != "4Gi" {
+		t.Errorf("launcher: namespace %q, data %q, limits %v", k.Namespace, k.DataDir, k.Resources.Limits)
+	}
+	ks.Namespace = "other"
+	if k, err = ks.launcher("/data"); err != nil || k.Namespace != "other" {
+		t.Errorf("kubernetes.namespace other: %v, %v", k, err)
+	}
+	if _, err := os.Stat(inClusterNamespaceFile); err == nil {
+		t.Skip("running in a pod")
+	}
+	ks.Kubeconfig = ""
+	if _, err := ks.launcher("/data"); err == nil || !strings.Contains(err.Error(), "kubernetes.kubeconfig: not set, and the director does not run in a Kubernetes pod") {
+		t.Errorf("without kubeconfig outside a pod: %v", err)
+	}
+}
