@@ -401,8 +401,8 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 	if !runner.IsTrain(task.Name) {
 		return runner.Result{}, fmt.Errorf("exec runner: Train called for task %q; only %q trains", task.Name, runner.TaskTrain)
 	}
-	if task.Scaffold != nil {
-		return runner.Result{}, errors.New("exec runner: SCAFFOLD's gradient correction cannot be handed to the command yet (aggregation.algorithm scaffold needs runner.kind builtin)")
+	if task.Scaffold != nil && r.persistent == nil {
+		return runner.Result{}, errors.New("exec runner: SCAFFOLD's gradient correction is handed to the command by the persistent protocol only (aggregation.algorithm scaffold needs runner.mode persistent)")
 	}
 	return r.run(ctx, task, model)
 }

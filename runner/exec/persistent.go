@@ -85,6 +85,8 @@ type TaskMessage struct {
 	// adds (μ/2)·‖w − w_global‖² to its loss, w_global being InputModel.
 	// 0 is plain training.
 	ProximalMu float64 `json:"proximal_mu"`
+	// Scaffold is set on a SCAFFOLD experiment's train task (scaffold.go).
+	Scaffold *ScaffoldSpec `json:"scaffold,omitempty"`
 	// InputModel is the model to start from (safetensors). The file stays
 	// unchanged while the task runs and may be handed to later tasks.
 	InputModel string `json:"input_model"`
@@ -114,6 +116,9 @@ type ReplyMessage struct {
 	Metrics map[string]json.RawMessage `json:"metrics,omitempty"`
 	// Error says why the task "failed".
 	Error string `json:"error,omitempty"`
+	// Steps and StepSize are a SCAFFOLD train task's K and η (scaffold.go).
+	Steps    int64   `json:"steps,omitempty"`
+	StepSize float64 `json:"step_size,omitempty"`
 }
 
 // persistent is the state of a ModePersistent Runner.
@@ -229,6 +234,12 @@ func (r *Runner) runPersistent(ctx context.Context, task runner.Task, model tens
 			}
 		}()
 	}
+	if task.Scaffold != nil {
+		msg.Scaffold = &ScaffoldSpec{Correction: ps.correctionFile()}
+		if err := writeCorrection(msg.Scaffold.Correction, task.Scaffold, model); err != nil {
+			return fail(err)
+		}
+	}
 	// What the runner printed for the previous task may still be in its
 	// pipes: it keeps that task's label.
 	s.p.settle()
@@ -260,6 +271,12 @@ func (r *Runner) runPersistent(ctx context.Context, task runner.Task, model tens
 	if err != nil {
 		stderr = s.p.tail.lines()
 		return fail(fmt.Errorf("%w: %w", ErrOutput, err))
+	}
+	if msg.Scaffold != nil {
+		if res.Steps, res.StepSize, err = scaffoldSteps(&rep); err != nil {
+			stderr = s.p.tail.lines()
+			return fail(fmt.Errorf("%w: %w", ErrOutput, err))
+		}
 	}
 	if msg.Train {
 		if res.Model, err = readModel(msg.OutputModel, model, r.takeRecycled()); err != nil {

@@ -501,6 +501,11 @@ class Task:
         self.deadline: Optional[str] = spec.get("deadline")
         #: FedProx's μ, the plan's training.proximal_mu (0.0: plain training); see proximal_term
         self.proximal_mu: float = float(spec.get("proximal_mu") or 0.0)
+        self._correction_path: Optional[str] = (spec.get("scaffold") or {}).get("correction")
+        #: True for a SCAFFOLD experiment's train task: apply scaffold_correct(model) to every step's
+        #: gradients, and send steps= and step_size=
+        self.scaffold: bool = self._correction_path is not None
+        self._correction: Optional[Dict[str, Any]] = None
         self.sent = False
         self._entries: Optional[Dict[str, _Entry]] = None
         self._global: Optional[Dict[str, Any]] = None
@@ -559,12 +564,66 @@ class Task:
         total = sum(((p - self._global[name]) ** 2).sum() for name, p in params)
         return (self.proximal_mu / 2) * total
 
-    def send(self, weights: Any = None, *, samples: int, metrics: Optional[Mapping[str, float]] = None) -> None:
+    def scaffold_correction(self) -> Dict[str, np.ndarray]:
+        """SCAFFOLD's correction c − c_i for this train task, as {parameter name: float32 numpy
+        array}: numpy training loops add it to each parameter's gradient at every step. Empty when
+        the experiment does not run SCAFFOLD."""
+        if not self.scaffold:
+            return {}
+        return _numpy_arrays(self._correction_path)
+
+    def scaffold_correct(self, model: Any) -> None:
+        """Applies SCAFFOLD's correction to the gradients of a torch module, in place: call it after
+        ``loss.backward()`` and before ``optimizer.step()`` at every step of the train task::
+
+            loss.backward()
+            task.scaffold_correct(model)   # SCAFFOLD: g ← g + (c − c_i)
+            optimizer.step()
+
+        and report the steps taken and their size with ``task.send(..., steps=K, step_size=lr)``
+        (with momentum β, ``step_size=lr / (1 - β)``). It does nothing when the experiment does not
+        run SCAFFOLD, so one script serves every plan. The correction is read once, on the first
+        call, onto each parameter's device and dtype."""
+        if not self.scaffold:
+            return
+        if not self.train:
+            raise RuntimeError(f"{self!r}: scaffold_correct() belongs in the train task's steps")
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if self._correction is None:
+            stored = _torch_tensors(self._correction_path)
+            missing = [name for name, _ in params if name not in stored]
+            if missing:
+                raise ValueError(
+                    f"the module's parameters {missing[:5]} have no SCAFFOLD correction: "
+                    "pass the module whose state_dict the task's model loads into"
+                )
+            self._correction = {name: stored[name].to(device=p.device, dtype=p.dtype, copy=True) for name, p in params}
+        for name, p in params:
+            if p.grad is not None:
+                p.grad.add_(self._correction[name])
+
+    def send(
+        self,
+        weights: Any = None,
+        *,
+        samples: int,
+        metrics: Optional[Mapping[str, float]] = None,
+        steps: Optional[int] = None,
+        step_size: Optional[float] = None,
+    ) -> None:
         """Reports the task's result: for train, the new weights (a module, a state_dict or numpy
         arrays with the model's names and shapes; dtypes are converted to the model's), and for
-        every task the number of local samples used (FedAvg's weight) and named metrics."""
+        every task the number of local samples used (FedAvg's weight) and named metrics. A SCAFFOLD
+        train task (``task.scaffold``) also reports the local steps it took and their size."""
         if self.sent:
             raise RuntimeError(f"{self!r}: send() was already called")
+        extra: Dict[str, Any] = {}
+        if self.scaffold and self.train:
+            if steps is None or step_size is None:
+                raise ValueError(f"{self!r}: a SCAFFOLD train task must send steps= (local steps taken) and step_size= (their size)")
+            extra = {"steps": int(steps), "step_size": float(step_size)}
+            if extra["steps"] < 1 or not (math.isfinite(extra["step_size"]) and extra["step_size"] > 0):
+                raise ValueError(f"steps must be ≥ 1 and step_size a finite number > 0, got {steps} and {step_size}")
         samples = int(samples)
         if samples < 0:
             raise ValueError(f"samples must be ≥ 0, got {samples}")
@@ -578,7 +637,7 @@ class Task:
             if weights is None:
                 raise ValueError(f"{self!r}: the train task must send the trained weights")
             self._write_weights(weights)
-        result = {"samples": samples, "metrics": clean}
+        result = {"samples": samples, "metrics": clean, **extra}
         if self._per_task:
             tmp = self._spec["output_metrics"] + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
