@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path"
@@ -335,15 +336,15 @@ func (s *kubeStarter) start(ctx context.Context, spec ProcessSpec) (string, erro
 	}
 	if !s.made {
 		if err := s.deleteJobs(ctx, ""); err != nil {
-			return "", fmt.Errorf("kubernetes launcher: the jobs an earlier director left: %w", err)
+			return notStarted(fmt.Errorf("kubernetes launcher: the jobs an earlier director left: %w", err))
 		}
 	}
 	if err := s.putSecret(ctx, data); err != nil {
-		return "", fmt.Errorf("kubernetes launcher: secret %s/%s: %w", s.ns(), s.name, err)
+		return notStarted(fmt.Errorf("kubernetes launcher: secret %s/%s: %w", s.ns(), s.name, err))
 	}
 	if !s.made {
 		if err := s.makeService(ctx); err != nil {
-			return "", fmt.Errorf("kubernetes launcher: service %s/%s: %w", s.ns(), s.name, err)
+			return notStarted(fmt.Errorf("kubernetes launcher: service %s/%s: %w", s.ns(), s.name, err))
 		}
 		s.made = true
 	}
@@ -357,7 +358,7 @@ func (s *kubeStarter) start(ctx context.Context, spec ProcessSpec) (string, erro
 	_, err = s.k.Client.BatchV1().Jobs(s.ns()).Create(cctx, job, metav1.CreateOptions{})
 	cancel()
 	if err != nil {
-		return "", fmt.Errorf("kubernetes launcher: job %s/%s: %w", s.ns(), job.Name, err)
+		return notStarted(fmt.Errorf("kubernetes launcher: job %s/%s: %w", s.ns(), job.Name, err))
 	}
 	s.log.Info("aggregator job created", "job", job.Name, "namespace", s.ns())
 	how := s.follow(ctx, startID)
@@ -368,6 +369,20 @@ func (s *kubeStarter) start(ctx context.Context, spec ProcessSpec) (string, erro
 	}
 	s.log.Info("aggregator pod ended", "job", job.Name, "how", how)
 	return how, nil
+}
+
+// notStarted is how a start that could not be made ends: an error, which
+// fails the experiment, when no retry can mend it (the API server refuses
+// the launcher's rights or its objects, the certificate files cannot be
+// read); otherwise (the API server unreachable, overloaded) a death, which
+// the restart policy retries with backoff and bounds.
+func notStarted(err error) (string, error) {
+	var pathErr *fs.PathError
+	if errors.As(err, &pathErr) || apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err) ||
+		apierrors.IsInvalid(err) || apierrors.IsBadRequest(err) || apierrors.IsNotFound(err) {
+		return "", err
+	}
+	return "could not be started: " + err.Error(), nil
 }
 
 // follow watches the pods of a start until one ends (how it did) or ctx

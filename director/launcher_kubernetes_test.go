@@ -16,9 +16,11 @@ import (
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
@@ -695,5 +697,47 @@ current-context: x
 	ks.Kubeconfig = ""
 	if _, err := ks.launcher("/data"); err == nil || !strings.Contains(err.Error(), "kubernetes.kubeconfig: not set, and the director does not run in a Kubernetes pod") {
 		t.Errorf("without kubeconfig outside a pod: %v", err)
+	}
+}
+
+// An API server that fails a call for a while costs a restart, with
+// backoff; one that refuses the launcher's rights fails the experiment at
+// once, saying so.
+func TestKubernetesLauncherAPIErrors(t *testing.T) {
+	f := newK8sFixture(t)
+	var mu sync.Mutex
+	refusals := 0
+	f.cs.PrependReactor("create", "jobs", func(k8stesting.Action) (bool, runtime.Object, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if refusals < 2 {
+			refusals++
+			return true, nil, apierrors.NewInternalError(errors.New("etcdserver: request timed out"))
+		}
+		return false, nil, nil
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	_, done := f.run(t, ctx)
+	f.waitJob(t)
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Run: %v, want context.Canceled after the job was made on the third try", err)
+	}
+
+	f = newK8sFixture(t)
+	f.cs.PrependReactor("create", "services", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "services"}, "fx-agg-e1", errors.New(`User "system:serviceaccount:fx:fx" cannot create resource "services"`))
+	})
+	_, done = f.run(t, context.Background())
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "service fx/fx-agg-e1") || !strings.Contains(err.Error(), "cannot create resource") {
+			t.Errorf("Run: %v, want the refusal", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("Run goes on without the rights to make a Service")
+	}
+	if n := len(f.jobs(t)); n != 0 {
+		t.Errorf("%d jobs made without a Service", n)
 	}
 }
