@@ -380,7 +380,8 @@ func TestParsePlanRules(t *testing.T) {
 
 		{"scaffold", base + builtinRunner + "aggregation: {algorithm: scaffold}\n", nil, ""},
 		{"scaffold with a server lr and fedprox", base + builtinRunner + "aggregation: {algorithm: scaffold, lr: 0.5, weights: equal}\ntraining: {proximal_mu: 0.01}\n", nil, ""},
-		{"scaffold with exec", base + "runner: {kind: exec, command: [./train.sh]}\naggregation: {algorithm: scaffold}\n", []string{"aggregation.algorithm"}, "the exec runner does not yet hand the control variates"},
+		{"scaffold with exec", base + "runner: {kind: exec, command: [./train.sh]}\naggregation: {algorithm: scaffold}\n", nil, ""},
+		{"scaffold with exec per task", base + "runner: {kind: exec, command: [./train.sh], mode: per_task}\naggregation: {algorithm: scaffold}\n", []string{"aggregation.algorithm"}, "persistent runner protocol only"},
 		{"scaffold with local", base + builtinRunner + "aggregation: {algorithm: scaffold, local: ['fc1.*']}\n", []string{"aggregation.local"}, "cannot be combined with scaffold yet"},
 		{"scaffold with dp", base + builtinRunner + "aggregation: {algorithm: scaffold}\nprivacy: {dp: {noise_multiplier: 5, clip_norm: 1, delta: 1e-5}}\n", []string{"privacy.dp"}, "cannot be combined with scaffold yet"},
 		{"scaffold with secure", base + builtinRunner + "participants: {min: 3}\naggregation: {algorithm: scaffold, secure: true}\n", []string{"aggregation.secure"}, "the control variates are not masked"},

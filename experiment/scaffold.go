@@ -47,8 +47,8 @@ func (p *Plan) validateScaffold(v *problems) {
 		return
 	}
 	a := &p.Aggregation
-	if p.Runner.Kind == RunnerExec {
-		v.add("aggregation.algorithm", "scaffold needs a runner that applies its gradient correction, and the exec runner does not yet hand the control variates to your code: use runner.kind builtin, or fedavg with training.proximal_mu (FedProx) for sites that differ")
+	if p.Runner.Kind == RunnerExec && p.Runner.Mode == RunnerModePerTask {
+		v.add("aggregation.algorithm", "scaffold hands your code its gradient correction through the persistent runner protocol only: remove runner.mode per_task (persistent is the default)")
 	}
 	if p.Evaluation() {
 		v.add("aggregation.algorithm", "scaffold changes how sites train, and this plan's tasks do not train: use fedavg, or add train to tasks")
