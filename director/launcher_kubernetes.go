@@ -152,6 +152,9 @@ type Kubernetes struct {
 	StopGrace time.Duration
 	// DirectorGrace: see ProcessSpec.
 	DirectorGrace time.Duration
+	// ReadyTimeout is how long a start's pod may take to be Ready before
+	// the start counts as a death; DefaultKubernetesReadyTimeout when zero.
+	ReadyTimeout time.Duration
 	// AddressPoll is how often a NodePort or LoadBalancer Service is read
 	// until its address is known; 2 s when zero.
 	AddressPoll time.Duration
@@ -167,6 +170,16 @@ func (*Kubernetes) History(dir string) ([]aggregator.RoundSummary, *aggregator.B
 // serveChannel hands the channel to the Kubernetes launcher's aggregators.
 func (k *Kubernetes) serveChannel(stream grpc.BidiStreamingServer[fxv1.AggregatorReport, fxv1.AggregatorCommand], shutdown <-chan struct{}) error {
 	return k.chans.serve(k.Identity, stream, shutdown)
+}
+
+// DefaultKubernetesReadyTimeout: see Kubernetes.ReadyTimeout.
+const DefaultKubernetesReadyTimeout = 10 * time.Minute
+
+func (k *Kubernetes) readyTimeout() time.Duration {
+	if k.ReadyTimeout > 0 {
+		return k.ReadyTimeout
+	}
+	return DefaultKubernetesReadyTimeout
 }
 
 func (k *Kubernetes) port() int32 {
@@ -400,10 +413,15 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 		cancel()
 		wg.Wait()
 	}()
+	// A pod that is not Ready in time (an image that cannot be pulled, a
+	// quota that admits no pod, a node that never comes) counts as a death.
+	late := time.NewTimer(s.k.readyTimeout())
+	defer late.Stop()
 	readied := false
 	onReady := func() {
 		if !readied {
 			readied = true
+			late.Stop()
 			wg.Go(func() { s.ready(actx) })
 		}
 	}
@@ -421,7 +439,7 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 			}
 			continue
 		}
-		how, done := s.watchPods(ctx, w, startID, &waiting, onReady)
+		how, done := s.watchPods(ctx, w, startID, &waiting, onReady, late.C)
 		w.Stop()
 		if done {
 			return how
@@ -436,11 +454,17 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 }
 
 // watchPods reads one watch until a pod ends (done) or the watch closes.
-func (s *kubeStarter) watchPods(ctx context.Context, w watch.Interface, startID string, waiting *string, onReady func()) (string, bool) {
+func (s *kubeStarter) watchPods(ctx context.Context, w watch.Interface, startID string, waiting *string, onReady func(), late <-chan time.Time) (string, bool) {
 	for {
 		select {
 		case <-ctx.Done():
 			return "stopped", true
+		case <-late:
+			how := fmt.Sprintf("its pod was not Ready within %s", s.k.readyTimeout())
+			if *waiting != "" {
+				how += " (" + *waiting + ")"
+			}
+			return how, true
 		case ev, ok := <-w.ResultChan():
 			if !ok {
 				return "", false

@@ -741,3 +741,34 @@ func TestKubernetesLauncherAPIErrors(t *testing.T) {
 		t.Errorf("%d jobs made without a Service", n)
 	}
 }
+
+// A pod that is not Ready within ReadyTimeout (here its image cannot be
+// pulled) counts as a death: a new Job, and past the bound the experiment
+// fails saying why the pod waited.
+func TestKubernetesLauncherReadyTimeout(t *testing.T) {
+	f := newK8sFixture(t)
+	f.k.ReadyTimeout = 2 * time.Second
+	f.k.MaxRestarts = 1
+	_, done := f.run(t, context.Background())
+	pullFails := corev1.PodStatus{Phase: corev1.PodPending, ContainerStatuses: []corev1.ContainerStatus{{
+		Name: KubernetesContainer, State: corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{Reason: "ImagePullBackOff", Message: "registry.example.org/fx:1: not found"}},
+	}}}
+	job1 := f.waitJob(t)
+	f.setPod(t, f.podOf(t, job1), pullFails)
+	job2 := f.waitJob(t, job1.Name)
+	f.setPod(t, f.podOf(t, job2), pullFails)
+	select {
+	case err := <-done:
+		for _, want := range []string{"died 2 times", "its pod was not Ready within 2s (ImagePullBackOff: registry.example.org/fx:1: not found)"} {
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Run: %v, want it to say %q", err, want)
+			}
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("Run waits for a pod that never gets ready")
+	}
+	if n := f.served(); n != 0 {
+		t.Errorf("announced %d times", n)
+	}
+	f.nothingLeft(t)
+}

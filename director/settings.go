@@ -274,6 +274,9 @@ type KubernetesSettings struct {
 	Port          int    `mapstructure:"port"`
 	// DirectorAddress is where the aggregator pods reach the director.
 	DirectorAddress string `mapstructure:"director_address"`
+	// ReadyTimeout is how long a pod may take to be Ready before it
+	// counts as a death (restarted, bounded); 0: 10m.
+	ReadyTimeout time.Duration `mapstructure:"ready_timeout"`
 	// TLSSecret names an existing Secret with the director's tls.crt,
 	// tls.key, ca.crt (and crl.pem); empty: the launcher copies tls.*.
 	TLSSecret string `mapstructure:"tls_secret"`
@@ -329,6 +332,9 @@ func (ks KubernetesSettings) check(bad func(key, format string, args ...any)) {
 	case "", corev1.PullAlways, corev1.PullIfNotPresent, corev1.PullNever:
 	default:
 		bad("kubernetes.image_pull_policy", "%q: use Always, IfNotPresent or Never (or leave it out)", ks.ImagePullPolicy)
+	}
+	if ks.ReadyTimeout < 0 {
+		bad("kubernetes.ready_timeout", "%s is negative: a duration such as 10m, or 0 for %s", ks.ReadyTimeout, DefaultKubernetesReadyTimeout)
 	}
 	if ks.Port < 0 || ks.Port > 65535 {
 		bad("kubernetes.port", "%d: a TCP port, or 0 for %d", ks.Port, DefaultKubernetesPort)
@@ -392,6 +398,7 @@ func (ks KubernetesSettings) launcher(dataDir string) (*Kubernetes, error) {
 		Resources:       corev1.ResourceRequirements{Requests: ks.Resources.Requests.list(), Limits: ks.Resources.Limits.list()},
 		TLSSecret:       ks.TLSSecret,
 		DirectorAddress: ks.DirectorAddress,
+		ReadyTimeout:    ks.ReadyTimeout,
 	}, nil
 }
 
