@@ -102,7 +102,8 @@ var KubernetesRBAC = []rbacv1.PolicyRule{
 //
 // The Service's address is announced to the participants once the pod is
 // Ready (a TCP readiness probe on the port: the Service routes to it). A
-// pod that fails, or is deleted, is followed by a new Job after a backoff,
+// pod that fails, is deleted, or is not Ready within ReadyTimeout is
+// followed by a new Job after a backoff,
 // resuming from the checkpoint on the claim; more than MaxRestarts deaths
 // within RestartWindow fail the experiment, as with Process (they share
 // procAggregator). Every start has a new token in the spec Secret; the pod
