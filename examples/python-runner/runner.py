@@ -7,7 +7,9 @@ envoy puts on PYTHONPATH). It trains multinomial logistic regression with
 minibatch SGD and momentum — the tensors of fx's built-in "softmax" model, in
 PyTorch's nn.Linear convention: fc0.weight [classes, features], fc0.bias
 [classes] — so it doubles as a cross-check of the built-in one and as a
-template for runners in other frameworks. It needs numpy only.
+template for runners in other frameworks. It needs numpy only. Under
+aggregation.algorithm scaffold it adds SCAFFOLD's correction to every step's
+gradient and reports its steps and their size.
 
     runner.py init --features 784 --classes 10 [--seed 1] [--out model.safetensors]
         writes an initial model for the experiment archive
@@ -66,10 +68,16 @@ def evaluate(w, b, x, y, batch=1024):
     return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
-def train(w, b, x, y, hp, seed, round_):
+def train(w, b, x, y, hp, seed, round_, correction=None):
     """Minibatch SGD with momentum (PyTorch's form: v = mu*v + g; w -= lr*v), visiting
-    samples in an order drawn from (seed, round) so that a rerun repeats."""
+    samples in an order drawn from (seed, round) so that a rerun repeats. With SCAFFOLD's
+    correction ({name: c - c_i}) it is added to every step's gradient. Returns the metrics
+    and the number of steps taken."""
     rng = np.random.default_rng([seed & M64, round_ & M64])
+    cw, cb = 0.0, 0.0
+    if correction:
+        cw, cb = correction["fc0.weight"].astype(np.float64), correction["fc0.bias"].astype(np.float64)
+    steps = 0
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     lr, mu, wd, bs = hp["lr"], hp["momentum"], hp["weight_decay"], hp["batch_size"]
     metrics = {}
@@ -84,13 +92,14 @@ def train(w, b, x, y, hp, seed, round_):
                 raise ValueError(f"training diverged in epoch {epoch + 1}; lower the learning rate")
             loss_sum += loss * len(yb)
             correct += c
-            vw = mu * vw + grad.T @ xb + wd * w
-            vb = mu * vb + grad.sum(axis=0)
+            vw = mu * vw + grad.T @ xb + wd * w + cw
+            vb = mu * vb + grad.sum(axis=0) + cb
             w -= lr * vw
             b -= lr * vb
+            steps += 1
         metrics = {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
         print(f"epoch {epoch + 1}/{hp['epochs']}: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}", file=sys.stderr)
-    return metrics
+    return metrics, steps
 
 
 def main():
@@ -113,8 +122,10 @@ def main():
         w = model["fc0.weight"].astype(np.float64)
         b = model["fc0.bias"].astype(np.float64)
         if task.train:
-            metrics = train(w, b, x_train, data.train.y, hp, seed, task.round)
-            task.send({"fc0.weight": w, "fc0.bias": b}, samples=len(data.train), metrics=metrics)
+            metrics, steps = train(w, b, x_train, data.train.y, hp, seed, task.round, task.scaffold_correction())
+            # SCAFFOLD's η: the step a unit of gradient takes under momentum (ignored without SCAFFOLD).
+            eta = hp["lr"] / (1 - hp["momentum"]) if hp["momentum"] < 1 else None
+            task.send({"fc0.weight": w, "fc0.bias": b}, samples=len(data.train), metrics=metrics, steps=steps, step_size=eta)
         else:
             task.send(samples=len(data.valid), metrics=evaluate(w, b, x_valid, data.valid.y))
         print(f"{task.name} round {task.round} done in {time.monotonic() - started:.2f}s", file=sys.stderr)
