@@ -293,7 +293,7 @@ func TestLargeModel(t *testing.T) {
 }
 
 // TestAggregationAlgorithms: every aggregation algorithm a plan may name,
-// and FedProx, trains the MLP on three sites to a useful model. The nine experiments are
+// FedProx and SCAFFOLD, trains the MLP on three sites to a useful model. The ten experiments are
 // submitted at once: four run side by side (the director's limit) and the
 // others wait their turn. Three sites are as many as Krum needs tolerating
 // no Byzantine site (2f+3); its selection is tested with Byzantine updates in
@@ -319,6 +319,8 @@ func TestAggregationAlgorithms(t *testing.T) {
 		"fedadagrad":   "{algorithm: fedadagrad, lr: 0.5}",
 		// FedProx: FedAvg with the proximal term in the sites' training.
 		"fedprox": "{algorithm: fedavg}\ntraining: {proximal_mu: 0.1}",
+		// SCAFFOLD: control variates at the server and the sites.
+		"scaffold": "{algorithm: scaffold}",
 	}
 	for alg, spec := range algorithms {
 		plan := syntheticPlan("agg-"+strings.ReplaceAll(alg, "_", "-"), 3, "", "")
