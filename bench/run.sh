@@ -10,7 +10,7 @@
 #                      default "1000 10000 10000:0"
 #   BENCH_WINDOW       capacity measurement window (default 60s)
 #   BENCH_MAX_CONNECTING  first calls in flight for N > 1000 (default 128; 0: no limit)
-#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large telemetry failover fashion
+#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large telemetry failover privacy fashion
 #   BENCH_LARGE_SIZES  model sizes of fxbench large in MiB (default "64,512,1024")
 #   FX_BENCH_ARCHIVE_MIB  archive size of the director's submission benchmark (default 1 GiB)
 set -u
@@ -109,6 +109,18 @@ if [[ $SKIP != *" failover "* ]]; then
 		echo "!! failover failed (see $OUT/failover.txt)"
 		status=1
 	fi
+fi
+
+if [[ $SKIP != *" privacy "* ]]; then
+	# Secure aggregation and DP against plain rounds, 10 envoys × 25M parameters.
+	$GO build -o "$OUT/fx" ./cmd/fx || exit 1
+	for mode in secure dp; do
+		echo "== fxbench secure -mode $mode"
+		if ! "$OUT/fxbench" secure -mode $mode -fx "$OUT/fx" -pki "$OUT/pki" -out "$OUT/$mode.json" 2>&1 | tee "$OUT/$mode.txt"; then
+			echo "!! secure -mode $mode failed (see $OUT/$mode.txt)"
+			status=1
+		fi
+	done
 fi
 
 if [[ $SKIP != *" fashion "* ]]; then

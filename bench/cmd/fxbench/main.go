@@ -8,7 +8,7 @@
 //	fxbench pytorch              a PyTorch MLP through fx's runner vs directly vs the built-in MLP
 //	fxbench large                models of 64 MiB to 1 GiB through director and envoy processes vs raw gRPC
 //	fxbench failover             time for a standby director to take over from a killed leader
-//	fxbench secure               a secure aggregation round vs a plain one, through director and envoy processes
+//	fxbench secure               a secure aggregation (or, -mode dp, DP) round vs a plain one, through director and envoy processes
 //	fxbench report               collect bench/out into bench/RESULTS.md
 //
 // See bench/README.md.
@@ -95,8 +95,9 @@ commands:
   secure     secure aggregation's cost: a director and N envoys (default 10)
              as separate fx processes run experiments of a -params model
              (default 25M float32) with bench/large/rewrite.py, plain and
-             with aggregation.secure, alternating; per trial the median
-             round time of each and their ratio (goal ≤ 2)
+             with aggregation.secure (-mode dp: with privacy.dp, at envoys
+             keeping a budget), alternating; per trial the median round
+             time of each and their ratio (goal ≤ 2; DP ≤ 1.1)
   report     write bench/RESULTS.md from the outputs in bench/out
 
 Run "fxbench <command> -h" for a command's flags.

@@ -392,6 +392,9 @@ type fedOptions struct {
 	// otlp, if set, is an OTLP/gRPC collector (without TLS) every party
 	// sends its traces to.
 	otlp string
+	// envoyYAML, if set, is appended to every envoy's configuration (a
+	// privacy budget, say).
+	envoyYAML string
 }
 
 // startProcFederation starts `fx director start` and n `fx envoy start`
@@ -482,7 +485,7 @@ exec:
   python: %s
   env: [PATH=/usr/bin:/bin, OMP_NUM_THREADS=%s]
 max_experiments: 1
-`, name, addr, e.Cert, e.Key, e.CA, filepath.Join(dir, name), o.tag, o.shard(i, n), o.python, o.threads), "envoy", "start"); err != nil {
+%s`, name, addr, e.Cert, e.Key, e.CA, filepath.Join(dir, name), o.tag, o.shard(i, n), o.python, o.threads, o.envoyYAML), "envoy", "start"); err != nil {
 			f.stop()
 			return nil, err
 		}
@@ -590,10 +593,11 @@ func (f *procFederation) run(dir, name string, rounds int) ([]float64, float64, 
 		if ev.GetCollaborator() != "" {
 			return
 		}
-		switch ev.GetTask() {
-		case runner.TaskTrain:
-			done[int(ev.GetRound())] = ev.GetTime().AsTime()
-		case runner.TaskAggregatedValidation:
+		// Every event of a round carries the round's completion time; a
+		// round under DP has no train aggregate (its metrics stay at the
+		// sites), so any aggregate marks it.
+		done[int(ev.GetRound())] = ev.GetTime().AsTime()
+		if ev.GetTask() == runner.TaskAggregatedValidation {
 			acc = ev.GetMetrics()["accuracy"]
 		}
 	})

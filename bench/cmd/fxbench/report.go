@@ -380,6 +380,7 @@ func reportMain(args []string) error {
 	reportLarge(p, *dir)
 	reportTelemetry(p, *dir)
 	_ = reportFailover(p, *dir, "failover.json") // a missing result is said in the section
+	reportPrivacy(p, *dir)
 	if err := os.WriteFile(*out, w.Bytes(), 0o644); err != nil {
 		return err
 	}
