@@ -29,10 +29,14 @@ import (
 
 // Base is the least the process is given besides its reservations: gRPC's
 // buffers and frames in flight, the logs, the garbage between two
-// collections. 64 MiB keeps a process within two models and 128 MiB of
-// resident memory, the runtime and the binary's pages included (fxbench
-// large: 2 × P + 50–80 MiB at 512 MiB; with 128 MiB here, 2 × P + 140–170).
-const Base = 64 << 20
+// collections. It is what is left of the 128 MiB a process may hold besides
+// two models once the binary's own pages are counted: the fx binary
+// resident at start is about 74 MiB since it carries the Kubernetes
+// launcher's client-go (44 MiB before). With 48 MiB, fxbench large measured
+// 2 × P + 117–120 MiB at 64 MiB and 2 × P + 98–121 MiB at 512 MiB; 64 MiB
+// went past 2 × P + 128 at 64 MiB, and 32 MiB made 512 MiB rounds slower
+// (collections back to back near the limit).
+const Base = 48 << 20
 
 var (
 	mu       sync.Mutex
