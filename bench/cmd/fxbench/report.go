@@ -73,6 +73,7 @@ func reportMain(args []string) error {
 	fs := flag.NewFlagSet("report", flag.ExitOnError)
 	dir := fs.String("dir", "bench/out", "where bench/run.sh left its outputs")
 	out := fs.String("out", "bench/RESULTS.md", "the table to write")
+	notes := fs.String("notes", "bench/notes", "the analysis written by hand for a section (NAME.md), kept after its table")
 	_ = fs.Parse(args)
 
 	var w bytes.Buffer
@@ -378,14 +379,27 @@ func reportMain(args []string) error {
 	p("\n")
 	reportPyTorch(p, *dir)
 	reportLarge(p, *dir)
+	reportNotes(p, *notes, "large")
 	reportTelemetry(p, *dir)
 	_ = reportFailover(p, *dir, "failover.json") // a missing result is said in the section
+	reportNotes(p, *notes, "failover")
 	reportPrivacy(p, *dir)
 	if err := os.WriteFile(*out, w.Bytes(), 0o644); err != nil {
 		return err
 	}
 	fmt.Printf("wrote %s\n", *out)
 	return nil
+}
+
+// reportNotes writes the analysis people wrote for a section (where a
+// round's time went, what changed since the last run) from NAME.md in dir:
+// a regenerated RESULTS.md keeps it. A missing file writes nothing.
+func reportNotes(p func(string, ...any), dir, name string) {
+	b, err := os.ReadFile(filepath.Join(dir, name+".md"))
+	if err != nil {
+		return
+	}
+	p("%s\n\n", strings.TrimSpace(string(b)))
 }
 
 func readTrim(path string) string {
