@@ -2,10 +2,14 @@ package privacy
 
 import (
 	crand "crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"runtime"
+	"sync"
+	"sync/atomic"
 
 	"github.com/fx-fl/fx/tensor"
 )
@@ -52,11 +56,12 @@ type Release struct {
 // named in Release.Reset.
 //
 // Memory: nothing beyond the two models; it reads every float tensor twice
-// (the norm, then the write). Noise comes from ChaCha8 (math/rand/v2), a
-// cryptographically strong generator, seeded with 32 bytes from crypto/rand
-// for each call: without the seed its output cannot be told from random,
-// and it is an order of magnitude faster than drawing every sample from the
-// operating system. Like Opacus and TF Privacy, it samples the Gaussian in
+// (the norm, then the write), both on every core. Noise comes from ChaCha8
+// (math/rand/v2), a cryptographically strong generator, keyed for each
+// block of 65536 elements by sha256 of 32 bytes from crypto/rand drawn for
+// the call and the block's place: without the seed its output cannot be
+// told from random, and it is an order of magnitude faster than drawing
+// every sample from the operating system. Like Opacus and TF Privacy, it samples the Gaussian in
 // floating point, which is subject to Mironov's 2012 attack on the low-order
 // bits of floating-point noise; rounding the result to the tensor's dtype
 // blurs those bits, most of all in F16 and BF16.
@@ -67,10 +72,53 @@ type Release struct {
 func ClipAndNoise(global, trained tensor.Model, clip, noise float64) (Release, error) {
 	var seed [32]byte
 	crand.Read(seed[:])
-	return clipAndNoise(global, trained, clip, noise, rand.New(rand.NewChaCha8(seed)))
+	return clipAndNoise(global, trained, clip, noise, seed)
 }
 
-func clipAndNoise(global, trained tensor.Model, clip, noise float64, rng *rand.Rand) (Release, error) {
+// noiseBlock is how many elements one generator stream noises: the work is
+// spread over every core a block at a time, each block drawing from its own
+// ChaCha8 stream keyed by sha256(seed, tensor, block), so the noise does
+// not depend on which worker took which block.
+const noiseBlock = 1 << 16
+
+// block is a run of one float tensor's elements.
+type block struct {
+	tensor, index int // the tensor's position in trained, the block's in it
+	lo, hi        int // element range
+}
+
+// blocks cuts trained's float tensors into noiseBlock runs.
+func blocks(trained tensor.Model) []block {
+	var out []block
+	for i, t := range trained {
+		if !t.DType.IsFloat() {
+			continue
+		}
+		n := len(t.Data) / codecs[t.DType].size
+		for k, lo := 0, 0; lo < n; k, lo = k+1, lo+noiseBlock {
+			out = append(out, block{tensor: i, index: k, lo: lo, hi: min(n, lo+noiseBlock)})
+		}
+	}
+	return out
+}
+
+// onEveryCore runs do(i) for i in [0, n) on every core.
+func onEveryCore(n int, do func(i int)) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
+				do(i)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func clipAndNoise(global, trained tensor.Model, clip, noise float64, seed [32]byte) (Release, error) {
 	if !(clip > 0) || math.IsInf(clip, 1) {
 		return Release{}, fmt.Errorf("clip norm %v: want a finite number > 0", clip)
 	}
@@ -87,25 +135,32 @@ func clipAndNoise(global, trained tensor.Model, clip, noise float64, rng *rand.R
 		return Release{}, fmt.Errorf("trained model does not match the global model: %w", err)
 	}
 	index := global.Index()
+	work := blocks(trained)
 
-	var sumSq float64
-	var rel Release
-	for _, t := range trained {
-		if !t.DType.IsFloat() {
-			continue
-		}
-		c := codecs[t.DType]
-		g := index[t.Name].Data
+	// The norm: each block's sum of squares, added in block order so that
+	// the result does not depend on the scheduling.
+	sums := make([]float64, len(work))
+	onEveryCore(len(work), func(i int) {
+		b := work[i]
+		t := trained[b.tensor]
+		c, g := codecs[t.DType], index[t.Name].Data
 		var ss float64
-		for off := 0; off < len(t.Data); off += c.size {
+		for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
 			d := c.get(t.Data[off:]) - c.get(g[off:])
 			ss += d * d
 		}
+		sums[i] = ss
+	})
+	var rel Release
+	var sumSq float64
+	for i, ss := range sums {
 		if math.IsNaN(ss) || math.IsInf(ss, 0) {
-			return Release{}, fmt.Errorf("tensor %q: the update is not finite (NaN, Inf or beyond 1e154 in the trained or global model): fix the training before it can be released", t.Name)
+			return Release{}, fmt.Errorf("tensor %q: the update is not finite (NaN, Inf or beyond 1e154 in the trained or global model): fix the training before it can be released", trained[work[i].tensor].Name)
 		}
 		sumSq += ss
-		rel.Elements += int64(len(t.Data) / c.size)
+	}
+	for _, b := range work {
+		rel.Elements += int64(b.hi - b.lo)
 	}
 	rel.Norm = math.Sqrt(sumSq)
 	rel.Scale = 1
@@ -117,26 +172,49 @@ func clipAndNoise(global, trained tensor.Model, clip, noise float64, rng *rand.R
 	// trained − (1−scale)·Δ is global + scale·Δ; written this way an update
 	// within the bound (scale 1) keeps trained's values exactly.
 	shrink := 1 - rel.Scale
-	for _, t := range trained {
-		g := index[t.Name].Data
-		if !t.DType.IsFloat() {
-			copy(t.Data, g)
-			rel.Reset = append(rel.Reset, t.Name)
-			continue
+	errs := make([]error, len(work))
+	onEveryCore(len(work), func(i int) {
+		b := work[i]
+		t := trained[b.tensor]
+		c, g := codecs[t.DType], index[t.Name].Data
+		var rng *rand.Rand
+		if rel.Std > 0 {
+			rng = rand.New(rand.NewChaCha8(blockSeed(seed, b)))
 		}
-		c := codecs[t.DType]
-		for off := 0; off < len(t.Data); off += c.size {
+		for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
 			tv := c.get(t.Data[off:])
 			v := tv - shrink*(tv-c.get(g[off:]))
-			if rel.Std > 0 {
+			if rng != nil {
 				v += rel.Std * rng.NormFloat64()
 			}
 			if !c.put(t.Data[off:], v) {
-				return Release{}, fmt.Errorf("tensor %q element %d: the noisy value %g overflows %s: lower the clip norm or the noise multiplier; this model must not be uploaded", t.Name, off/c.size, v, t.DType)
+				errs[i] = fmt.Errorf("tensor %q element %d: the noisy value %g overflows %s: lower the clip norm or the noise multiplier; this model must not be uploaded", t.Name, off/c.size, v, t.DType)
+				return
 			}
+		}
+	})
+	for _, err := range errs {
+		if err != nil {
+			return Release{}, err // the first in the model's order
+		}
+	}
+	for _, t := range trained {
+		if !t.DType.IsFloat() {
+			copy(t.Data, index[t.Name].Data)
+			rel.Reset = append(rel.Reset, t.Name)
 		}
 	}
 	return rel, nil
+}
+
+// blockSeed keys block b's generator: sha256 of the call's seed and the
+// block's place, so every block draws from a stream of its own.
+func blockSeed(seed [32]byte, b block) [32]byte {
+	var msg [48]byte
+	copy(msg[:], seed[:])
+	binary.LittleEndian.PutUint64(msg[32:], uint64(b.tensor))
+	binary.LittleEndian.PutUint64(msg[40:], uint64(b.index))
+	return sha256.Sum256(msg[:])
 }
 
 // codec reads and writes one little-endian element of a float dtype as a

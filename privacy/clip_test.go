@@ -252,3 +252,38 @@ func TestNoiseOverflowIsAnError(t *testing.T) {
 		t.Errorf("error %v, want an overflow", err)
 	}
 }
+
+// TestBlocksDrawTheirOwnNoise: the noise is drawn a block at a time on
+// every core, each block from a stream of its own. Two blocks drawing the
+// same stream (a seed not told apart by the block's place) would pass the
+// statistics above but repeat the noise; their correlation must be that of
+// independent draws, and a seed must give the same noise on every run.
+func TestBlocksDrawTheirOwnNoise(t *testing.T) {
+	const n = 4 * noiseBlock
+	zero := func(int) float64 { return 0 }
+	global, trained := model(t, n, zero, tensor.F64), model(t, n, zero, tensor.F64)
+	var seed [32]byte
+	seed[0] = 7
+	if _, err := clipAndNoise(global, trained, 1, 1, seed); err != nil {
+		t.Fatal(err)
+	}
+	v := trained[0].Float64s()
+	for k := 1; k < 4; k++ {
+		a, b := v[:noiseBlock], v[k*noiseBlock:(k+1)*noiseBlock]
+		var ab, aa, bb float64
+		for i := range a {
+			ab, aa, bb = ab+a[i]*b[i], aa+a[i]*a[i], bb+b[i]*b[i]
+		}
+		// Independent standard normals: correlation within 6/√n of 0.
+		if r := ab / math.Sqrt(aa*bb); math.Abs(r) > 6/math.Sqrt(noiseBlock) {
+			t.Errorf("blocks 0 and %d correlate at %v: they draw the same noise", k, r)
+		}
+	}
+	again := model(t, n, zero, tensor.F64)
+	if _, err := clipAndNoise(global, again, 1, 1, seed); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(again[0].Data, trained[0].Data) {
+		t.Error("one seed gave different noise on two runs: the blocks' streams depend on the scheduling")
+	}
+}
