@@ -86,8 +86,9 @@ func TestDirectorStartBadSettings(t *testing.T) {
 		}, nil, "advertise.server_name"},
 		{"flag over file", func(s string) string { return s }, []string{"--review-policy", "maybe"}, "review_policy"},
 		{"bad launcher", func(s string) string { return strings.Replace(s, "launcher: inprocess", "launcher: processes", 1) }, nil,
-			`launcher: "processes": use inprocess (aggregators run inside the director) or process`},
-		{"bad launcher flag", func(s string) string { return s }, []string{"--launcher", "kubernetes"}, `launcher: "kubernetes": use inprocess`},
+			`launcher: "processes": use inprocess (aggregators run inside the director), process (`},
+		{"bad launcher flag", func(s string) string { return s }, []string{"--launcher", "docker"}, `launcher: "docker": use inprocess`},
+		{"kubernetes launcher without its block", func(s string) string { return s }, []string{"--launcher", "kubernetes"}, "kubernetes.image: is required with launcher kubernetes"},
 		{"not a director certificate", func(s string) string {
 			return strings.NewReplacer("pki/director/localhost.crt", "pki/admin/admin.crt", "pki/director/localhost.key", "pki/admin/admin.key").Replace(s)
 		}, nil, "tls.cert"},
