@@ -77,12 +77,9 @@ func largeMain(args []string) error {
 	if *envoys < 1 || *rounds < 2 || *trials < 1 {
 		return errors.New("want -envoys ≥ 1, -rounds ≥ 2, -trials ≥ 1")
 	}
-	if err := exec.Command(*python, "-c", "import numpy").Run(); err != nil {
-		return fmt.Errorf("%s cannot import numpy (%v): apt-get install python3-numpy", *python, err)
-	}
-	script, err := os.ReadFile(filepath.Join("bench", "large", "rewrite.py"))
+	script, err := rewriteScript(*python)
 	if err != nil {
-		return fmt.Errorf("run from the repository root: %w", err)
+		return err
 	}
 	setup, err := setUpFederation(*fxBin, "fxbench-large-", *keep, *pkiDir, *envoys)
 	if err != nil {
@@ -290,4 +287,17 @@ func problemsSince(dir string, from map[string]int64) []string {
 		}
 	}
 	return out
+}
+
+// rewriteScript is bench/large/rewrite.py, the runner the large-model and
+// secure benchmarks hand their envoys, once python can run it (numpy).
+func rewriteScript(python string) ([]byte, error) {
+	if err := exec.Command(python, "-c", "import numpy").Run(); err != nil {
+		return nil, fmt.Errorf("%s cannot import numpy (%v): apt-get install python3-numpy", python, err)
+	}
+	script, err := os.ReadFile(filepath.Join("bench", "large", "rewrite.py"))
+	if err != nil {
+		return nil, fmt.Errorf("run from the repository root: %w", err)
+	}
+	return script, nil
 }

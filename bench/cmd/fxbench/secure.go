@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -103,12 +102,9 @@ func secureMain(args []string) error {
 	default:
 		return fmt.Errorf("-mode %q: want secure or dp", *mode)
 	}
-	if err := exec.Command(*python, "-c", "import numpy").Run(); err != nil {
-		return fmt.Errorf("%s cannot import numpy (%v): apt-get install python3-numpy", *python, err)
-	}
-	script, err := os.ReadFile(filepath.Join("bench", "large", "rewrite.py"))
+	script, err := rewriteScript(*python)
 	if err != nil {
-		return fmt.Errorf("run from the repository root: %w", err)
+		return err
 	}
 	setup, err := setUpFederation(*fxBin, "fxbench-secure-", *keep, *pkiDir, *envoys)
 	if err != nil {
