@@ -9,7 +9,6 @@ import (
 	"io"
 	"math"
 	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -19,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/fx-fl/fx/internal/parallel"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/secagg"
 	"github.com/fx-fl/fx/tensor"
@@ -677,39 +677,20 @@ func addMean(g tensor.Model, res *secagg.Result) (tensor.Model, error) {
 			jobs = append(jobs, job{i, lo})
 		}
 	}
-	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		next int
-		ferr error
-	)
-	for range runtime.GOMAXPROCS(0) {
-		wg.Go(func() {
-			buf := make([]byte, 8*chunk)
-			for {
-				mu.Lock()
-				if next == len(jobs) || ferr != nil {
-					mu.Unlock()
-					return
-				}
-				j := jobs[next]
-				next++
-				mu.Unlock()
-				t := g[j.t]
-				n := min(int64(chunk), t.Elements()-j.lo)
-				d := buf[:8*n]
-				if err := res.MeanChunk(j.t, j.lo, d, tensor.F64); err != nil {
-					mu.Lock()
-					ferr = err
-					mu.Unlock()
-					return
-				}
-				addInto(t, j.lo, d)
+	err := parallel.Each(len(jobs), func() func(int) error {
+		buf := make([]byte, 8*chunk)
+		return func(k int) error {
+			j := jobs[k]
+			t := g[j.t]
+			d := buf[:8*min(int64(chunk), t.Elements()-j.lo)]
+			if err := res.MeanChunk(j.t, j.lo, d, tensor.F64); err != nil {
+				return err
 			}
-		})
-	}
-	wg.Wait()
-	return g, ferr
+			addInto(t, j.lo, d)
+			return nil
+		}
+	})
+	return g, err
 }
 
 // addInto adds the float64 little-endian values of delta to t's elements

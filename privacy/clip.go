@@ -7,10 +7,8 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"runtime"
-	"sync"
-	"sync/atomic"
 
+	"github.com/fx-fl/fx/internal/parallel"
 	"github.com/fx-fl/fx/tensor"
 )
 
@@ -102,22 +100,6 @@ func blocks(trained tensor.Model) []block {
 	return out
 }
 
-// onEveryCore runs do(i) for i in [0, n) on every core.
-func onEveryCore(n int, do func(i int)) {
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(runtime.GOMAXPROCS(0), n) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
-				do(i)
-			}
-		}()
-	}
-	wg.Wait()
-}
-
 func clipAndNoise(global, trained tensor.Model, clip, noise float64, seed [32]byte) (Release, error) {
 	if !(clip > 0) || math.IsInf(clip, 1) {
 		return Release{}, fmt.Errorf("clip norm %v: want a finite number > 0", clip)
@@ -140,16 +122,19 @@ func clipAndNoise(global, trained tensor.Model, clip, noise float64, seed [32]by
 	// The norm: each block's sum of squares, added in block order so that
 	// the result does not depend on the scheduling.
 	sums := make([]float64, len(work))
-	onEveryCore(len(work), func(i int) {
-		b := work[i]
-		t := trained[b.tensor]
-		c, g := codecs[t.DType], index[t.Name].Data
-		var ss float64
-		for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
-			d := c.get(t.Data[off:]) - c.get(g[off:])
-			ss += d * d
+	parallel.Each(len(work), func() func(int) error {
+		return func(i int) error {
+			b := work[i]
+			t := trained[b.tensor]
+			c, g := codecs[t.DType], index[t.Name].Data
+			var ss float64
+			for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
+				d := c.get(t.Data[off:]) - c.get(g[off:])
+				ss += d * d
+			}
+			sums[i] = ss
+			return nil
 		}
-		sums[i] = ss
 	})
 	var rel Release
 	var sumSq float64
@@ -173,24 +158,27 @@ func clipAndNoise(global, trained tensor.Model, clip, noise float64, seed [32]by
 	// within the bound (scale 1) keeps trained's values exactly.
 	shrink := 1 - rel.Scale
 	errs := make([]error, len(work))
-	onEveryCore(len(work), func(i int) {
-		b := work[i]
-		t := trained[b.tensor]
-		c, g := codecs[t.DType], index[t.Name].Data
-		var rng *rand.Rand
-		if rel.Std > 0 {
-			rng = rand.New(rand.NewChaCha8(blockSeed(seed, b)))
-		}
-		for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
-			tv := c.get(t.Data[off:])
-			v := tv - shrink*(tv-c.get(g[off:]))
-			if rng != nil {
-				v += rel.Std * rng.NormFloat64()
+	parallel.Each(len(work), func() func(int) error {
+		return func(i int) error {
+			b := work[i]
+			t := trained[b.tensor]
+			c, g := codecs[t.DType], index[t.Name].Data
+			var rng *rand.Rand
+			if rel.Std > 0 {
+				rng = rand.New(rand.NewChaCha8(blockSeed(seed, b)))
 			}
-			if !c.put(t.Data[off:], v) {
-				errs[i] = fmt.Errorf("tensor %q element %d: the noisy value %g overflows %s: lower the clip norm or the noise multiplier; this model must not be uploaded", t.Name, off/c.size, v, t.DType)
-				return
+			for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
+				tv := c.get(t.Data[off:])
+				v := tv - shrink*(tv-c.get(g[off:]))
+				if rng != nil {
+					v += rel.Std * rng.NormFloat64()
+				}
+				if !c.put(t.Data[off:], v) {
+					errs[i] = fmt.Errorf("tensor %q element %d: the noisy value %g overflows %s: lower the clip norm or the noise multiplier; this model must not be uploaded", t.Name, off/c.size, v, t.DType)
+					return nil // every block runs: the first overflow in the model's order is reported
+				}
 			}
+			return nil
 		}
 	})
 	for _, err := range errs {

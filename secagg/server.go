@@ -5,11 +5,11 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
 
+	"github.com/fx-fl/fx/internal/parallel"
 	"github.com/fx-fl/fx/tensor"
 )
 
@@ -571,31 +571,11 @@ func (r *Result) Model() (tensor.Model, error) {
 			jobs = append(jobs, job{i, off, t.Data[off*size : end*size]})
 		}
 	}
-	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		next int
-		ferr error
-	)
-	for range runtime.GOMAXPROCS(0) {
-		wg.Go(func() {
-			for {
-				mu.Lock()
-				if next == len(jobs) || ferr != nil {
-					mu.Unlock()
-					return
-				}
-				j := jobs[next]
-				next++
-				mu.Unlock()
-				if err := r.MeanChunk(j.t, j.off, j.dst, out[j.t].DType); err != nil {
-					mu.Lock()
-					ferr = err
-					mu.Unlock()
-				}
-			}
-		})
-	}
-	wg.Wait()
-	return out, ferr
+	err := parallel.Each(len(jobs), func() func(int) error {
+		return func(k int) error {
+			j := jobs[k]
+			return r.MeanChunk(j.t, j.off, j.dst, out[j.t].DType)
+		}
+	})
+	return out, err
 }
