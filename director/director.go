@@ -248,12 +248,30 @@ func (d *Director) rebuildMetrics(e *expState, pos store.MetricPosition) error {
 	summaries, best, err := d.cfg.Launcher.History(dir)
 	for _, s := range summaries {
 		e.metrics.add(s, roundTime(dir, s.Round), e.plan)
+		// A round whose files became durable after the last director
+		// recorded anything (it died between the aggregator's checkpoint
+		// and the report) completed all the same: say so once, here.
+		if s.Round > pos.Round {
+			d.log.Info("round completed", "experiment", e.rec.ID, "round", s.Round, "reported", len(s.Reported), "missing", len(s.Missing), "learned_from", "its files, at load")
+		}
 	}
 	e.metrics.best = best
-	if e.metrics.round() < pos.Round {
+	switch {
+	case e.metrics.round() < pos.Round:
 		d.log.Warn("the aggregator directory has fewer rounds than the store recorded", "experiment", e.rec.ID, "files", e.metrics.round(), "recorded", pos.Round)
+	case e.metrics.round() > pos.Round:
+		d.recordMetricPosition(e.rec.ID, e.metrics)
 	}
 	return err
+}
+
+// recordMetricPosition stores how far an experiment's metric log reaches,
+// so that the next load knows which rounds no director has recorded.
+func (d *Director) recordMetricPosition(id string, m *metricLog) {
+	pos := store.MetricPosition{Round: m.round(), Sequence: int64(len(m.events))}
+	if err := d.store.Update(func(tx store.Tx) error { return tx.PutMetricPosition(id, pos) }); err != nil {
+		d.log.Error("cannot record metric position", "experiment", id, "error", err)
+	}
 }
 
 func roundTime(dir string, round int) time.Time {

@@ -227,6 +227,16 @@ func (a *fakeAgg) dropped() []string {
 // for every task.
 func (a *fakeAgg) completeRound(t *testing.T) aggregator.RoundSummary {
 	t.Helper()
+	s, best := a.writeRound(t)
+	a.spec.Sink.RoundCompleted(s, best)
+	return s
+}
+
+// writeRound writes the next round's files as the aggregator's checkpoint
+// does, without telling the sink: what a director that dies between the
+// two leaves behind.
+func (a *fakeAgg) writeRound(t *testing.T) (aggregator.RoundSummary, *aggregator.Best) {
+	t.Helper()
 	a.mu.Lock()
 	if a.round == 0 {
 		hist, _, err := (&fakeLauncher{}).History(a.spec.Dir)
@@ -256,8 +266,7 @@ func (a *fakeAgg) completeRound(t *testing.T) aggregator.RoundSummary {
 	must(t, os.WriteFile(aggregator.RoundPath(a.spec.Dir, r), data, 0o600))
 	data, _ = json.Marshal(best)
 	must(t, os.WriteFile(filepath.Join(a.spec.Dir, "best.json"), data, 0o600))
-	a.spec.Sink.RoundCompleted(s, best)
-	return s
+	return s, best
 }
 
 func must(t testing.TB, err error) {

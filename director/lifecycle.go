@@ -693,10 +693,7 @@ func (s *sink) RoundCompleted(summary aggregator.RoundSummary, best *aggregator.
 		b := *best
 		e.metrics.best = &b
 	}
-	pos := store.MetricPosition{Round: e.metrics.round(), Sequence: int64(len(e.metrics.events))}
-	if err := d.store.Update(func(tx store.Tx) error { return tx.PutMetricPosition(s.id, pos) }); err != nil {
-		d.log.Error("cannot record metric position", "experiment", s.id, "error", err)
-	}
+	d.recordMetricPosition(s.id, e.metrics)
 	d.log.Info("round completed", "experiment", s.id, "round", summary.Round, "reported", len(summary.Reported), "missing", len(summary.Missing))
 }
 

@@ -1,11 +1,13 @@
 package director
 
 import (
+	"fmt"
 	"maps"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/fx-fl/fx/aggregator"
@@ -104,6 +106,59 @@ func TestRestart(t *testing.T) {
 	}
 	approve(pending.Id)
 	f.waitState(pending.Id, fxv1.ExperimentState_OFFERED)
+}
+
+// TestRoundDurableButUnreportedIsCompletedAtLoad: a director that dies
+// after the aggregator's checkpoint of a round is durable but before the
+// round is reported leaves the round in the files only. The next director
+// (a restart, or a standby taking over) completes it from them: in its
+// metric log, in its log once, and in the store, so the load after does
+// not say it again.
+func TestRoundDurableButUnreportedIsCompletedAtLoad(t *testing.T) {
+	var logs syncBuffer
+	f := newFed(t, func(c *Config) {
+		c.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Info, Output: &logs})
+	})
+	f.register("a", "fashion")
+	f.register("b", "fashion")
+	exp := f.submitPlan("alice", "name: unreported\nrounds: 3\nparticipants: {min: 2, tags: [fashion]}\nrunner: {kind: builtin, model: mlp}\n")
+	f.waitState(exp.Id, fxv1.ExperimentState_OFFERED)
+	for _, n := range []string{"a", "b"} {
+		_, err := f.answer(n, exp.Id, true)
+		must(t, err)
+	}
+	f.waitState(exp.Id, fxv1.ExperimentState_RUNNING)
+	agg := f.launcher.agg(t, exp.Id, 1)
+	agg.completeRound(t)
+	agg.writeRound(t) // round 2 durable, never reported
+
+	completions := func(round int) int {
+		n := 0
+		for _, line := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(line, "round completed:") && strings.Contains(line, fmt.Sprintf(" round=%d ", round)) {
+				n++
+			}
+		}
+		return n
+	}
+	f.restart()
+	if n := completions(2); n != 1 {
+		t.Errorf("round 2 logged completed %d times after the load, want once:\n%s", n, logs.String())
+	}
+	if got := f.get("", exp.Id).GetRound(); got != 3 {
+		t.Errorf("experiment in round %d after the load, want 3", got)
+	}
+	evs := watchAll(t, f, exp.Id, 18) // 9 a round: 2 sites × 3 tasks, 3 aggregates
+	if r := evs[17].GetRound(); r != 2 {
+		t.Errorf("last event of the metric log is round %d's, want round 2's", r)
+	}
+	f.restart()
+	if n := completions(2); n != 1 {
+		t.Errorf("round 2 logged completed %d times after a second load, want once", n)
+	}
+	if n := completions(1); n != 1 {
+		t.Errorf("round 1 logged completed %d times, want once (reported, never learned from the files)", n)
+	}
 }
 
 // watchAll reads the first n metric events of an experiment.

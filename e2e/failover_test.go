@@ -95,12 +95,17 @@ func TestDirectorFailover(t *testing.T) {
 	if !strings.Contains(log, "leading") || !strings.Contains(log, "taking over from a leader that did not step down") {
 		t.Errorf("director-2's log does not say it took the lead from a dead leader:\n%s", tail(log, 3000))
 	}
-	resumed := false
+	// The leader was killed in round killRound or, rounds being short, a
+	// little later: the standby resumes after the last durable round,
+	// which is not before the one the leader was seen in.
+	resumed := 0
 	for _, line := range strings.Split(log, "\n") {
-		resumed = resumed || strings.Contains(line, "round started:") && logField(line, "resumed") == "true" && atoi(logField(line, "round")) == int(killRound)
+		if strings.Contains(line, "round started:") && logField(line, "resumed") == "true" {
+			resumed = atoi(logField(line, "round"))
+		}
 	}
-	if !resumed {
-		t.Errorf("director-2 did not resume round %d", killRound)
+	if resumed < int(killRound) {
+		t.Errorf("director-2 resumed round %d, want round %d or later", resumed, killRound)
 	}
 
 	// Every round once in the events, reported by every site once.
