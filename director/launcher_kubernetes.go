@@ -27,7 +27,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/utils/ptr"
 
 	"github.com/fx-fl/fx/aggregator"
@@ -113,8 +113,9 @@ var KubernetesRBAC = []rbacv1.PolicyRule{
 // Jobs (with their pods: background propagation), the Service and the
 // Secret are deleted; a start deletes the Jobs an earlier director left.
 type Kubernetes struct {
-	// Client reaches the cluster. Required.
-	Client kubernetes.Interface
+	// Client reaches the cluster (see kubeapi.go for why not the typed
+	// clientset). Required.
+	Client dynamic.Interface
 	// Namespace holds everything the launcher creates. Required.
 	Namespace string
 	// Image is the fx container image the pods run. Required.
@@ -369,7 +370,7 @@ func (s *kubeStarter) start(ctx context.Context, spec ProcessSpec) (string, erro
 	startID = startID[:8]
 	job := s.job(startID)
 	cctx, cancel := context.WithTimeout(ctx, apiTimeout)
-	_, err = s.k.Client.BatchV1().Jobs(s.ns()).Create(cctx, job, metav1.CreateOptions{})
+	_, err = kubeJobs.in(s.k.Client, s.ns()).Create(cctx, job)
 	cancel()
 	if err != nil {
 		return notStarted(fmt.Errorf("kubernetes launcher: job %s/%s: %w", s.ns(), job.Name, err))
@@ -404,6 +405,7 @@ func notStarted(err error) (string, error) {
 // announced.
 func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 	sel := labels.SelectorFromSet(map[string]string{LabelExperiment: s.spec.ExperimentID, LabelStart: startID}).String()
+	pods := kubePods.in(s.k.Client, s.ns())
 	b := backoff.New(backoff.Config{Initial: 200 * time.Millisecond, Max: 10 * time.Second})
 	var waiting string
 	// The address is found (a load balancer's may take a while) beside the
@@ -429,7 +431,7 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 	for {
 		// A watch without a resource version starts with every pod that
 		// matches: a pod made before it opened is seen too.
-		w, err := s.k.Client.CoreV1().Pods(s.ns()).Watch(ctx, metav1.ListOptions{LabelSelector: sel})
+		w, err := pods.Watch(ctx, sel)
 		if err != nil {
 			if ctx.Err() != nil {
 				return "stopped"
@@ -440,7 +442,7 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 			}
 			continue
 		}
-		how, done := s.watchPods(ctx, w, startID, &waiting, onReady, late.C)
+		how, done := s.watchPods(ctx, pods, w, startID, &waiting, onReady, late.C)
 		w.Stop()
 		if done {
 			return how
@@ -455,7 +457,7 @@ func (s *kubeStarter) follow(ctx context.Context, startID string) string {
 }
 
 // watchPods reads one watch until a pod ends (done) or the watch closes.
-func (s *kubeStarter) watchPods(ctx context.Context, w watch.Interface, startID string, waiting *string, onReady func(), late <-chan time.Time) (string, bool) {
+func (s *kubeStarter) watchPods(ctx context.Context, pods kubeObjects[corev1.Pod], w watch.Interface, startID string, waiting *string, onReady func(), late <-chan time.Time) (string, bool) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -470,8 +472,8 @@ func (s *kubeStarter) watchPods(ctx context.Context, w watch.Interface, startID 
 			if !ok {
 				return "", false
 			}
-			pod, isPod := ev.Object.(*corev1.Pod)
-			if !isPod {
+			pod := pods.Object(ev.Object)
+			if pod == nil {
 				if ev.Type == watch.Error {
 					s.log.Debug("the pod watch reported an error; opening it again", "status", apierrors.FromObject(ev.Object))
 					return "", false
@@ -592,7 +594,7 @@ func (s *kubeStarter) address(ctx context.Context) (string, error) {
 	}
 	for {
 		cctx, cancel := context.WithTimeout(ctx, apiTimeout)
-		svc, err := s.k.Client.CoreV1().Services(s.ns()).Get(cctx, s.name, metav1.GetOptions{})
+		svc, err := kubeServices.in(s.k.Client, s.ns()).Get(cctx, s.name)
 		cancel()
 		if err == nil && len(svc.Spec.Ports) > 0 {
 			switch typ {
@@ -647,15 +649,15 @@ func (s *kubeStarter) putSecret(ctx context.Context, spec []byte) error {
 			secret.Data[key] = b
 		}
 	}
-	secrets := s.k.Client.CoreV1().Secrets(s.ns())
+	secrets := kubeSecrets.in(s.k.Client, s.ns())
 	cctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
-	got, err := secrets.Create(cctx, secret, metav1.CreateOptions{})
+	got, err := secrets.Create(cctx, secret)
 	if apierrors.IsAlreadyExists(err) {
 		var old *corev1.Secret
-		if old, err = secrets.Get(cctx, s.name, metav1.GetOptions{}); err == nil {
+		if old, err = secrets.Get(cctx, s.name); err == nil {
 			secret.ResourceVersion = old.ResourceVersion
-			got, err = secrets.Update(cctx, secret, metav1.UpdateOptions{})
+			got, err = secrets.Update(cctx, secret)
 		}
 	}
 	if err != nil {
@@ -688,7 +690,7 @@ func (s *kubeStarter) makeService(ctx context.Context) error {
 	}
 	cctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
-	_, err := s.k.Client.CoreV1().Services(s.ns()).Create(cctx, svc, metav1.CreateOptions{})
+	_, err := kubeServices.in(s.k.Client, s.ns()).Create(cctx, svc)
 	if apierrors.IsAlreadyExists(err) {
 		return nil // an earlier director's: the same selector and port
 	}
@@ -786,16 +788,16 @@ func (s *kubeStarter) deleteJobs(ctx context.Context, startID string) error {
 	if startID != "" {
 		set[LabelStart] = startID
 	}
-	jobs := s.k.Client.BatchV1().Jobs(s.ns())
+	jobs := kubeJobs.in(s.k.Client, s.ns())
 	cctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
-	list, err := jobs.List(cctx, metav1.ListOptions{LabelSelector: labels.SelectorFromSet(set).String()})
+	list, err := jobs.List(cctx, labels.SelectorFromSet(set).String())
 	if err != nil {
 		return err
 	}
 	var errs []error
-	for _, j := range list.Items {
-		err := jobs.Delete(cctx, j.Name, metav1.DeleteOptions{PropagationPolicy: ptr.To(metav1.DeletePropagationBackground)})
+	for _, j := range list {
+		err := jobs.Delete(cctx, j.Name)
 		if err != nil && !apierrors.IsNotFound(err) {
 			errs = append(errs, err)
 		}
@@ -808,12 +810,11 @@ func (s *kubeStarter) close() {
 	removeInitialModel(s.initial, s.spec.Dir)
 	ctx, cancel := context.WithTimeout(context.Background(), apiTimeout)
 	defer cancel()
-	bg := metav1.DeleteOptions{PropagationPolicy: ptr.To(metav1.DeletePropagationBackground)}
 	errs := []error{s.deleteJobs(ctx, "")}
-	if err := s.k.Client.CoreV1().Services(s.ns()).Delete(ctx, s.name, bg); err != nil && !apierrors.IsNotFound(err) {
+	if err := kubeServices.in(s.k.Client, s.ns()).Delete(ctx, s.name); err != nil && !apierrors.IsNotFound(err) {
 		errs = append(errs, err)
 	}
-	if err := s.k.Client.CoreV1().Secrets(s.ns()).Delete(ctx, s.name, bg); err != nil && !apierrors.IsNotFound(err) {
+	if err := kubeSecrets.in(s.k.Client, s.ns()).Delete(ctx, s.name); err != nil && !apierrors.IsNotFound(err) {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {

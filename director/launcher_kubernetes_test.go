@@ -22,7 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/kubernetes/fake"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
 	k8stesting "k8s.io/client-go/testing"
 
 	"go.yaml.in/yaml/v3"
@@ -33,7 +33,7 @@ import (
 )
 
 // These tests run the Kubernetes launcher against client-go's fake
-// clientset: it stores and watches objects, but no controller runs, so the
+// dynamic client: it stores and watches objects, but no controller runs, so the
 // tests play the Job controller and the kubelet (they create each Job's pod
 // and move its status). No cluster runs on the machines that test fx.
 
@@ -42,8 +42,8 @@ const k8sNS = "fx"
 type k8sFixture struct {
 	// cs is the launcher's client, whose actions are the launcher's
 	// alone; api is the test's, on the same objects.
-	cs      *fake.Clientset
-	api     *fake.Clientset
+	cs      *dynamicfake.FakeDynamicClient
+	api     *dynamicfake.FakeDynamicClient
 	k       *Kubernetes
 	spec    LaunchSpec
 	expDir  string
@@ -71,7 +71,7 @@ func newK8sFixture(t *testing.T, objects ...runtime.Object) *k8sFixture {
 			files.CA = p
 		}
 	}
-	cs := fake.NewClientset(objects...)
+	cs := dynamicfake.NewSimpleDynamicClient(k8sScheme(t), objects...)
 	k := &Kubernetes{
 		Client:          cs,
 		Namespace:       k8sNS,
@@ -100,7 +100,7 @@ func newK8sFixture(t *testing.T, objects ...runtime.Object) *k8sFixture {
 		served++
 		mu.Unlock()
 	}
-	return &k8sFixture{cs: cs, api: sharedClientset(cs), k: k, spec: spec, expDir: expDir, tlsData: tlsData, served: func() int {
+	return &k8sFixture{cs: cs, api: sharedClient(t, cs), k: k, spec: spec, expDir: expDir, tlsData: tlsData, served: func() int {
 		mu.Lock()
 		defer mu.Unlock()
 		return served
@@ -118,11 +118,22 @@ func (f *k8sFixture) run(t *testing.T, ctx context.Context) (*procAggregator, <-
 	return agg.(*procAggregator), done
 }
 
-// sharedClientset is a second client of cs's objects, as
-// fake.NewClientset wires one.
-func sharedClientset(cs *fake.Clientset) *fake.Clientset {
+// k8sScheme knows the kinds the launcher handles, as the fake client
+// needs to store and list them.
+func k8sScheme(t *testing.T) *runtime.Scheme {
+	t.Helper()
+	s := runtime.NewScheme()
+	must(t, corev1.AddToScheme(s))
+	must(t, batchv1.AddToScheme(s))
+	return s
+}
+
+// sharedClient is a second client of cs's objects, wired as
+// dynamicfake.NewSimpleDynamicClient wires its own.
+func sharedClient(t *testing.T, cs *dynamicfake.FakeDynamicClient) *dynamicfake.FakeDynamicClient {
 	o := cs.Tracker()
-	api := &fake.Clientset{}
+	api := dynamicfake.NewSimpleDynamicClient(k8sScheme(t))
+	api.ReactionChain, api.WatchReactionChain = nil, nil
 	api.AddReactor("*", "*", k8stesting.ObjectReaction(o))
 	api.AddWatchReactor("*", func(action k8stesting.Action) (bool, watch.Interface, error) {
 		var opts metav1.ListOptions
@@ -151,9 +162,9 @@ func (f *k8sFixture) allowed(t *testing.T) {
 
 func (f *k8sFixture) jobs(t *testing.T) []batchv1.Job {
 	t.Helper()
-	l, err := f.api.BatchV1().Jobs(k8sNS).List(context.Background(), metav1.ListOptions{})
+	l, err := kubeJobs.in(f.api, k8sNS).List(context.Background(), "")
 	must(t, err)
-	return l.Items
+	return l
 }
 
 // waitJob waits for a Job other than those named in not, and returns it.
@@ -180,7 +191,7 @@ func (f *k8sFixture) podOf(t *testing.T, job batchv1.Job) *corev1.Pod {
 		Spec:       job.Spec.Template.Spec,
 		Status:     corev1.PodStatus{Phase: corev1.PodPending},
 	}
-	pod, err := f.api.CoreV1().Pods(k8sNS).Create(context.Background(), pod, metav1.CreateOptions{})
+	pod, err := kubePods.in(f.api, k8sNS).Create(context.Background(), pod)
 	must(t, err)
 	return pod
 }
@@ -190,9 +201,19 @@ func (f *k8sFixture) setPod(t *testing.T, pod *corev1.Pod, status corev1.PodStat
 	t.Helper()
 	pod = pod.DeepCopy()
 	pod.Status = status
-	pod, err := f.api.CoreV1().Pods(k8sNS).UpdateStatus(context.Background(), pod, metav1.UpdateOptions{})
+	pod, err := updateStatus(f.api, kubePods, pod)
 	must(t, err)
 	return pod
+}
+
+// updateStatus plays a controller: it writes obj's status.
+func updateStatus[T any](api *dynamicfake.FakeDynamicClient, kind kubeKind[T], obj *T) (*T, error) {
+	o := kind.in(api, k8sNS)
+	u, err := o.toUnstructured(obj)
+	if err != nil {
+		return nil, err
+	}
+	return o.typed(api.Resource(kind.gvr).Namespace(k8sNS).UpdateStatus(context.Background(), u, metav1.UpdateOptions{}))
 }
 
 func readyStatus() corev1.PodStatus {
@@ -219,7 +240,7 @@ func endedStatus(phase corev1.PodPhase, code int32, reason, message string) core
 
 func (f *k8sFixture) launchSpec(t *testing.T) ProcessSpec {
 	t.Helper()
-	s, err := f.api.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	s, err := kubeSecrets.in(f.api, k8sNS).Get(context.Background(), "fx-agg-e1")
 	must(t, err)
 	var spec ProcessSpec
 	must(t, json.Unmarshal(s.Data[KubernetesSpecKey], &spec))
@@ -234,10 +255,10 @@ func (f *k8sFixture) nothingLeft(t *testing.T) {
 	if j := f.jobs(t); len(j) != 0 {
 		t.Errorf("%d jobs left: %s", len(j), j[0].Name)
 	}
-	if l, err := f.api.CoreV1().Services(k8sNS).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 0 {
+	if l, err := kubeServices.in(f.api, k8sNS).List(ctx, ""); err != nil || len(l) != 0 {
 		t.Errorf("services left: %v %v", l, err)
 	}
-	if l, err := f.api.CoreV1().Secrets(k8sNS).List(ctx, metav1.ListOptions{}); err != nil || len(l.Items) != 0 {
+	if l, err := kubeSecrets.in(f.api, k8sNS).List(ctx, ""); err != nil || len(l) != 0 {
 		t.Errorf("secrets left: %v %v", l, err)
 	}
 	deletes := map[string]int{}
@@ -277,19 +298,19 @@ func TestKubernetesLauncherObjects(t *testing.T) {
 	a, done := f.run(t, context.Background())
 	job := f.waitJob(t, leftover.Name, other.Name)
 	eventually(t, "the earlier director's job deleted", func() bool {
-		_, err := f.api.BatchV1().Jobs(k8sNS).Get(context.Background(), leftover.Name, metav1.GetOptions{})
+		_, err := kubeJobs.in(f.api, k8sNS).Get(context.Background(), leftover.Name)
 		return err != nil
 	})
-	if _, err := f.api.BatchV1().Jobs(k8sNS).Get(context.Background(), other.Name, metav1.GetOptions{}); err != nil {
+	if _, err := kubeJobs.in(f.api, k8sNS).Get(context.Background(), other.Name); err != nil {
 		t.Errorf("another experiment's job was touched: %v", err)
 	}
-	must(t, f.api.BatchV1().Jobs(k8sNS).Delete(context.Background(), other.Name, metav1.DeleteOptions{}))
+	must(t, kubeJobs.in(f.api, k8sNS).Delete(context.Background(), other.Name))
 	if n := len(f.jobs(t)); n != 1 {
 		t.Errorf("%d jobs, want the new one", n)
 	}
 
 	// The Secret: the spec, with the pod's paths, and the TLS files.
-	secret, err := f.api.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	secret, err := kubeSecrets.in(f.api, k8sNS).Get(context.Background(), "fx-agg-e1")
 	must(t, err)
 	for key, want := range f.tlsData {
 		if got := string(secret.Data[key]); got != string(want) {
@@ -382,7 +403,7 @@ func TestKubernetesLauncherObjects(t *testing.T) {
 	}
 
 	// The Service selects the pods of every start.
-	svc, err := f.api.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	svc, err := kubeServices.in(f.api, k8sNS).Get(context.Background(), "fx-agg-e1")
 	must(t, err)
 	if svc.Spec.Type != corev1.ServiceTypeClusterIP || len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != DefaultKubernetesPort || svc.Spec.Ports[0].TargetPort.StrVal != "grpc" {
 		t.Errorf("service %s %v", svc.Spec.Type, svc.Spec.Ports)
@@ -457,7 +478,7 @@ func TestKubernetesLauncherPodFailure(t *testing.T) {
 
 	job2 := f.waitJob(t, job1.Name)
 	eventually(t, "the failed pod's job deleted", func() bool {
-		_, err := f.api.BatchV1().Jobs(k8sNS).Get(context.Background(), job1.Name, metav1.GetOptions{})
+		_, err := kubeJobs.in(f.api, k8sNS).Get(context.Background(), job1.Name)
 		return err != nil
 	})
 	spec2 := f.launchSpec(t)
@@ -469,7 +490,7 @@ func TestKubernetesLauncherPodFailure(t *testing.T) {
 	}
 	// A pod deleted (its node lost) counts as a death too.
 	pod2 := f.setPod(t, f.podOf(t, job2), readyStatus())
-	must(t, f.api.CoreV1().Pods(k8sNS).Delete(context.Background(), pod2.Name, metav1.DeleteOptions{}))
+	must(t, kubePods.in(f.api, k8sNS).Delete(context.Background(), pod2.Name))
 
 	job3 := f.waitJob(t, job1.Name, job2.Name)
 	pod3 := f.setPod(t, f.podOf(t, job3), readyStatus())
@@ -533,7 +554,7 @@ func TestKubernetesLauncherTLSSecretNodePort(t *testing.T) {
 	defer cancel()
 	a, done := f.run(t, ctx)
 	job := f.waitJob(t)
-	secret, err := f.api.CoreV1().Secrets(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	secret, err := kubeSecrets.in(f.api, k8sNS).Get(context.Background(), "fx-agg-e1")
 	must(t, err)
 	if _, ok := secret.Data[KubernetesTLSKeyKey]; ok || len(secret.Data) != 1 {
 		t.Errorf("the launcher's secret holds %d keys, the key among them: want the spec only", len(secret.Data))
@@ -544,13 +565,13 @@ func TestKubernetesLauncherTLSSecretNodePort(t *testing.T) {
 	}
 	f.setPod(t, f.podOf(t, job), readyStatus())
 	// The API server assigns node ports; the fake does not, so the test does.
-	svc, err := f.api.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	svc, err := kubeServices.in(f.api, k8sNS).Get(context.Background(), "fx-agg-e1")
 	must(t, err)
 	if svc.Spec.Type != corev1.ServiceTypeNodePort {
 		t.Errorf("service type %s", svc.Spec.Type)
 	}
 	svc.Spec.Ports[0].NodePort = 31234
-	_, err = f.api.CoreV1().Services(k8sNS).Update(context.Background(), svc, metav1.UpdateOptions{})
+	_, err = kubeServices.in(f.api, k8sNS).Update(context.Background(), svc)
 	must(t, err)
 	eventually(t, "the address announced", func() bool { return f.served() == 1 })
 	if got := a.Address(); got != "node1.example.org:31234" {
@@ -653,10 +674,10 @@ func TestKubernetesLauncherLoadBalancer(t *testing.T) {
 		t.Fatalf("announced %d times before the balancer had an address", n)
 	}
 	f.setPod(t, f.podOf(t, job2), readyStatus())
-	svc, err := f.api.CoreV1().Services(k8sNS).Get(context.Background(), "fx-agg-e1", metav1.GetOptions{})
+	svc, err := kubeServices.in(f.api, k8sNS).Get(context.Background(), "fx-agg-e1")
 	must(t, err)
 	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{Hostname: "lb.example.org"}}
-	_, err = f.api.CoreV1().Services(k8sNS).UpdateStatus(context.Background(), svc, metav1.UpdateOptions{})
+	_, err = updateStatus(f.api, kubeServices, svc)
 	must(t, err)
 	eventually(t, "the address announced", func() bool { return f.served() == 1 })
 	if got := a.Address(); got != "lb.example.org:50052" {

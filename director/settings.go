@@ -10,7 +10,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -381,7 +381,7 @@ func (ks KubernetesSettings) launcher(dataDir string) (*Kubernetes, error) {
 			ns = strings.TrimSpace(string(b))
 		}
 	}
-	client, err := kubernetes.NewForConfig(rc)
+	client, err := dynamic.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes: %w", err)
 	}

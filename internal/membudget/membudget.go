@@ -30,11 +30,12 @@ import (
 // Base is the least the process is given besides its reservations: gRPC's
 // buffers and frames in flight, the logs, the garbage between two
 // collections. It is what is left of the 128 MiB a process may hold besides
-// two models once the binary's own pages are counted: the fx binary
-// resident at start is about 74 MiB since it carries the Kubernetes
-// launcher's client-go (44 MiB before). With 48 MiB, fxbench large measured
-// 2 × P + 117–120 MiB at 64 MiB and 2 × P + 98–121 MiB at 512 MiB; 64 MiB
-// went past 2 × P + 128 at 64 MiB, and 32 MiB made 512 MiB rounds slower
+// two models once the binary's own pages are counted: `fx version` peaks
+// at about 50 MiB resident (44 MiB before the Kubernetes launcher, 74 MiB
+// while it linked client-go's typed clientset; see director/kubeapi.go).
+// With 48 MiB and the 74 MiB binary, fxbench large measured 2 × P + 117–120
+// MiB at 64 MiB and 2 × P + 98–121 MiB at 512 MiB; 64 MiB went past
+// 2 × P + 128 at 64 MiB then, and 32 MiB made 512 MiB rounds slower
 // (collections back to back near the limit).
 const Base = 48 << 20
 
