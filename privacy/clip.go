@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
-	"math/rand/v2"
 
 	"github.com/fx-fl/fx/internal/parallel"
 	"github.com/fx-fl/fx/tensor"
@@ -53,16 +52,19 @@ type Release struct {
 // set to the global model's values, so they carry nothing from the site, and
 // named in Release.Reset.
 //
-// Memory: nothing beyond the two models; it reads every float tensor twice
-// (the norm, then the write), both on every core. Noise comes from ChaCha8
-// (math/rand/v2), a cryptographically strong generator, keyed for each
-// block of 65536 elements by sha256 of 32 bytes from crypto/rand drawn for
-// the call and the block's place: without the seed its output cannot be
-// told from random, and it is an order of magnitude faster than drawing
-// every sample from the operating system. Like Opacus and TF Privacy, it samples the Gaussian in
-// floating point, which is subject to Mironov's 2012 attack on the low-order
-// bits of floating-point noise; rounding the result to the tensor's dtype
-// blurs those bits, most of all in F16 and BF16.
+// Memory: nothing beyond the two models and a few kilobytes per core; it
+// reads every float tensor twice (the norm, then the write), both on every
+// core, F32 and F64 in loops of their own. Noise comes from AES-256 in
+// counter mode (keystream in gaussian.go), a cryptographically strong
+// generator, keyed for each block of 65536 elements by sha256 of 32 bytes
+// from crypto/rand drawn for the call and the block's place: without the
+// seed its output cannot be told from random, and it is far faster than
+// drawing every sample from the operating system. The Gaussian is
+// math/rand/v2's ziggurat on that stream. Like Opacus and TF Privacy, it
+// samples the Gaussian in floating point, which is subject to Mironov's
+// 2012 attack on the low-order bits of floating-point noise; rounding the
+// result to the tensor's dtype blurs those bits, most of all in F16 and
+// BF16.
 //
 // On an error about the layout or the values of the inputs, trained is
 // untouched. If a noisy value overflows its dtype (F16 tops out at 65504)
@@ -75,14 +77,24 @@ func ClipAndNoise(global, trained tensor.Model, clip, noise float64) (Release, e
 
 // noiseBlock is how many elements one generator stream noises: the work is
 // spread over every core a block at a time, each block drawing from its own
-// ChaCha8 stream keyed by sha256(seed, tensor, block), so the noise does
+// keystream keyed by sha256(seed, tensor, block), so the noise does
 // not depend on which worker took which block.
 const noiseBlock = 1 << 16
+
+// noiseRun is how many samples a worker draws before adding them: few
+// enough that they stay in the cache.
+const noiseRun = 1024
 
 // block is a run of one float tensor's elements.
 type block struct {
 	tensor, index int // the tensor's position in trained, the block's in it
 	lo, hi        int // element range
+	size          int // bytes per element
+}
+
+// bytes is the block's part of data, a tensor of the block's dtype.
+func (b block) bytes(data []byte) []byte {
+	return data[b.lo*b.size : b.hi*b.size]
 }
 
 // blocks cuts trained's float tensors into noiseBlock runs.
@@ -92,9 +104,10 @@ func blocks(trained tensor.Model) []block {
 		if !t.DType.IsFloat() {
 			continue
 		}
-		n := len(t.Data) / codecs[t.DType].size
+		size := codecs[t.DType].size
+		n := len(t.Data) / size
 		for k, lo := 0, 0; lo < n; k, lo = k+1, lo+noiseBlock {
-			out = append(out, block{tensor: i, index: k, lo: lo, hi: min(n, lo+noiseBlock)})
+			out = append(out, block{tensor: i, index: k, lo: lo, hi: min(n, lo+noiseBlock), size: size})
 		}
 	}
 	return out
@@ -126,13 +139,7 @@ func clipAndNoise(global, trained tensor.Model, clip, noise float64, seed [32]by
 		return func(i int) error {
 			b := work[i]
 			t := trained[b.tensor]
-			c, g := codecs[t.DType], index[t.Name].Data
-			var ss float64
-			for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
-				d := c.get(t.Data[off:]) - c.get(g[off:])
-				ss += d * d
-			}
-			sums[i] = ss
+			sums[i] = sumSquares(t.DType, b.bytes(t.Data), b.bytes(index[t.Name].Data))
 			return nil
 		}
 	})
@@ -159,23 +166,29 @@ func clipAndNoise(global, trained tensor.Model, clip, noise float64, seed [32]by
 	shrink := 1 - rel.Scale
 	errs := make([]error, len(work))
 	parallel.Each(len(work), func() func(int) error {
+		var z []float64 // the noise of a run of noiseRun elements
+		if rel.Std > 0 {
+			z = make([]float64, noiseRun)
+		}
 		return func(i int) error {
 			b := work[i]
 			t := trained[b.tensor]
-			c, g := codecs[t.DType], index[t.Name].Data
-			var rng *rand.Rand
-			if rel.Std > 0 {
-				rng = rand.New(rand.NewChaCha8(blockSeed(seed, b)))
+			td, gd := b.bytes(t.Data), b.bytes(index[t.Name].Data)
+			var g *gaussian
+			if z != nil {
+				g = &gaussian{newKeystream(blockSeed(seed, b))}
 			}
-			for off := b.lo * c.size; off < b.hi*c.size; off += c.size {
-				tv := c.get(t.Data[off:])
-				v := tv - shrink*(tv-c.get(g[off:]))
-				if rng != nil {
-					v += rel.Std * rng.NormFloat64()
+			for lo := 0; lo < b.hi-b.lo; lo += noiseRun {
+				hi := min(b.hi-b.lo, lo+noiseRun)
+				var noise []float64
+				if g != nil {
+					noise = z[:hi-lo]
+					g.fill(noise, rel.Std)
 				}
-				if !c.put(t.Data[off:], v) {
-					errs[i] = fmt.Errorf("tensor %q element %d: the noisy value %g overflows %s: lower the clip norm or the noise multiplier; this model must not be uploaded", t.Name, off/c.size, v, t.DType)
-					return nil // every block runs: the first overflow in the model's order is reported
+				if at, v, ok := clipNoise(t.DType, td[lo*b.size:hi*b.size], gd[lo*b.size:hi*b.size], shrink, noise); !ok {
+					// Every block runs: the first overflow in the model's order is reported.
+					errs[i] = fmt.Errorf("tensor %q element %d: the noisy value %g overflows %s: lower the clip norm or the noise multiplier; this model must not be uploaded", t.Name, b.lo+lo+at, v, t.DType)
+					return nil
 				}
 			}
 			return nil
@@ -204,6 +217,98 @@ func blockSeed(seed [32]byte, b block) [32]byte {
 	binary.LittleEndian.PutUint64(msg[40:], uint64(b.index))
 	return sha256.Sum256(msg[:])
 }
+
+// sumSquares is Σ(t−g)² over two runs of elements of dtype d. F32 and F64,
+// the dtypes of nearly every model, have loops of their own that the
+// compiler keeps in registers; four partial sums let the additions overlap.
+func sumSquares(d tensor.DType, t, g []byte) float64 {
+	var s [4]float64
+	switch d {
+	case tensor.F32:
+		g = g[:len(t)]
+		for k := 0; k+16 <= len(t); k += 16 {
+			for j := range 4 {
+				x := float64(f32(t[k+4*j:])) - float64(f32(g[k+4*j:]))
+				s[j] += x * x
+			}
+		}
+		for k := len(t) &^ 15; k+4 <= len(t); k += 4 {
+			x := float64(f32(t[k:])) - float64(f32(g[k:]))
+			s[0] += x * x
+		}
+	case tensor.F64:
+		g = g[:len(t)]
+		for k := 0; k+32 <= len(t); k += 32 {
+			for j := range 4 {
+				x := f64(t[k+8*j:]) - f64(g[k+8*j:])
+				s[j] += x * x
+			}
+		}
+		for k := len(t) &^ 31; k+8 <= len(t); k += 8 {
+			x := f64(t[k:]) - f64(g[k:])
+			s[0] += x * x
+		}
+	default:
+		c := codecs[d]
+		for off := 0; off+c.size <= len(t); off += c.size {
+			x := c.get(t[off:]) - c.get(g[off:])
+			s[0] += x * x
+		}
+	}
+	return (s[0] + s[1]) + (s[2] + s[3])
+}
+
+// clipNoise writes t − shrink·(t−g) + noise over t, element by element
+// (no noise if noise is nil, else one value per element). On a value its
+// dtype cannot hold it stops and returns the element's index and the value,
+// with ok false. As sumSquares, F32 and F64 have loops of their own.
+func clipNoise(d tensor.DType, t, g []byte, shrink float64, noise []float64) (at int, v float64, ok bool) {
+	switch d {
+	case tensor.F32:
+		g = g[:len(t)]
+		for k := 0; k+4 <= len(t); k += 4 {
+			tv := float64(f32(t[k:]))
+			v := tv - shrink*(tv-float64(f32(g[k:])))
+			if noise != nil {
+				v += noise[k/4]
+			}
+			f := float32(v)
+			if f > math.MaxFloat32 || f < -math.MaxFloat32 {
+				return k / 4, v, false
+			}
+			binary.LittleEndian.PutUint32(t[k:], math.Float32bits(f))
+		}
+	case tensor.F64:
+		g = g[:len(t)]
+		for k := 0; k+8 <= len(t); k += 8 {
+			tv := f64(t[k:])
+			v := tv - shrink*(tv-f64(g[k:]))
+			if noise != nil {
+				v += noise[k/8]
+			}
+			if v > math.MaxFloat64 || v < -math.MaxFloat64 {
+				return k / 8, v, false
+			}
+			binary.LittleEndian.PutUint64(t[k:], math.Float64bits(v))
+		}
+	default:
+		c := codecs[d]
+		for off := 0; off+c.size <= len(t); off += c.size {
+			tv := c.get(t[off:])
+			v := tv - shrink*(tv-c.get(g[off:]))
+			if noise != nil {
+				v += noise[off/c.size]
+			}
+			if !c.put(t[off:], v) {
+				return off / c.size, v, false
+			}
+		}
+	}
+	return 0, 0, true
+}
+
+func f32(b []byte) float32 { return math.Float32frombits(binary.LittleEndian.Uint32(b)) }
+func f64(b []byte) float64 { return math.Float64frombits(binary.LittleEndian.Uint64(b)) }
 
 // codec reads and writes one little-endian element of a float dtype as a
 // float64; put reports false when the value overflows the dtype.

@@ -2,7 +2,9 @@ package privacy
 
 import (
 	"bytes"
+	"fmt"
 	"math"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
@@ -285,5 +287,114 @@ func TestBlocksDrawTheirOwnNoise(t *testing.T) {
 	}
 	if !bytes.Equal(again[0].Data, trained[0].Data) {
 		t.Error("one seed gave different noise on two runs: the blocks' streams depend on the scheduling")
+	}
+}
+
+// TestGaussianIsNormFloat64: the sampler's ziggurat is math/rand/v2's,
+// tables and rare paths included (a million draws take the tail and wedge
+// paths thousands of times): on the same keystream it returns exactly
+// (*rand.Rand).NormFloat64's samples, so it inherits their distribution.
+func TestGaussianIsNormFloat64(t *testing.T) {
+	const n = 1_000_000
+	key := [32]byte{3}
+	want := rand.New(newKeystream(key))
+	got := make([]float64, n)
+	g := gaussian{newKeystream(key)}
+	for lo := 0; lo < n; lo += 1000 { // runs of other lengths than the keystream's buffer
+		g.fill(got[lo:lo+1000], 1)
+	}
+	var tail int
+	for i, v := range got {
+		if w := want.NormFloat64(); v != w {
+			t.Fatalf("sample %d is %v, NormFloat64 drew %v", i, v, w)
+		}
+		if math.Abs(v) > rn {
+			tail++
+		}
+	}
+	if tail == 0 {
+		t.Error("no sample beyond the base strip: the tail path went untested")
+	}
+}
+
+// TestNoiseIsNormal: the share of noise within k standard deviations, for
+// k from 0.5 to 4, is the normal's within six standard errors — the shape
+// of the distribution, tails included, beyond TestNoiseStatistics' moments.
+func TestNoiseIsNormal(t *testing.T) {
+	const n = 1_000_000
+	const std = 2.0
+	zero := func(int) float64 { return 0 }
+	global, trained := model(t, n, zero, tensor.F32), model(t, n, zero, tensor.F32)
+	if _, err := ClipAndNoise(global, trained, 1, std); err != nil {
+		t.Fatal(err)
+	}
+	v := trained[0].Float32s()
+	for _, k := range []float64{0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4} {
+		var within int
+		for _, x := range v {
+			if math.Abs(float64(x)) <= k*std {
+				within++
+			}
+		}
+		p := math.Erf(k / math.Sqrt2)
+		if share := float64(within) / n; math.Abs(share-p) > 6*math.Sqrt(p*(1-p)/n) {
+			t.Errorf("%v of the noise lies within %v sd, a normal has %v", share, k, p)
+		}
+	}
+}
+
+// TestTypedLoopsMatchTheCodecs: the F32 and F64 loops of the norm and the
+// write compute what the dtype-generic codec loop does.
+func TestTypedLoopsMatchTheCodecs(t *testing.T) {
+	const n = 1003 // not a multiple of the unrolling
+	for _, d := range []tensor.DType{tensor.F32, tensor.F64} {
+		g := model(t, n, func(i int) float64 { return math.Sin(float64(i)) }, d)[0]
+		tr := model(t, n, func(i int) float64 { return math.Sin(float64(i)) + math.Cos(float64(7*i)) }, d)[0]
+		noise := make([]float64, n)
+		for i := range noise {
+			noise[i] = math.Sin(float64(3 * i))
+		}
+		c := codecs[d]
+		var want float64
+		for off := 0; off < len(tr.Data); off += c.size {
+			x := c.get(tr.Data[off:]) - c.get(g.Data[off:])
+			want += x * x
+		}
+		if got := sumSquares(d, tr.Data, g.Data); math.Abs(got-want) > 1e-12*want {
+			t.Errorf("%s: sum of squares %v, the codec's %v", d, got, want)
+		}
+		generic := tr.Clone()
+		for i := range n {
+			off := i * c.size
+			v := c.get(generic.Data[off:])
+			c.put(generic.Data[off:], v-0.25*(v-c.get(g.Data[off:]))+noise[i])
+		}
+		if _, _, ok := clipNoise(d, tr.Data, g.Data, 0.25, noise); !ok {
+			t.Fatalf("%s: overflow", d)
+		}
+		if !bytes.Equal(tr.Data, generic.Data) {
+			t.Errorf("%s: the typed write differs from the codec's", d)
+		}
+	}
+}
+
+// TestOverflowNamesTheElement: the overflow error names the element in the
+// tensor, not in the block or the run of noise it was drawn in.
+func TestOverflowNamesTheElement(t *testing.T) {
+	const n = 3 * noiseRun
+	big := func(i int) float64 {
+		if i >= 2500 && i < 2600 {
+			return 65504 // F16's largest
+		}
+		return 0
+	}
+	global, trained := model(t, n, big, tensor.F16), model(t, n, big, tensor.F16)
+	_, err := ClipAndNoise(global, trained, 1, 1000)
+	if err == nil {
+		t.Fatal("no overflow")
+	}
+	var at int
+	if _, scan := fmt.Sscanf(err.Error()[strings.Index(err.Error(), "element"):], "element %d", &at); scan != nil || at < 2500 || at >= 2600 {
+		t.Errorf("error %q: want an element in [2500, 2600)", err)
 	}
 }
