@@ -138,7 +138,7 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 	for i := range r.perm {
 		r.perm[i] = i
 	}
-	lr, momentum, wd, prox := float32(hp.LR), float32(hp.Momentum), float32(hp.WeightDecay), float32(r.prox)
+	lr, momentum, wd, prox := float32(hp.RoundLR(task.Round)), float32(hp.Momentum), float32(hp.WeightDecay), float32(r.prox)
 	var lossSum float64
 	var correct int
 	var steps int64
@@ -164,7 +164,7 @@ func (r *Runner) Train(ctx context.Context, task runner.Task, model tensor.Model
 		}
 		if math.IsNaN(lossSum) || math.IsInf(lossSum, 0) {
 			return runner.Result{}, fmt.Errorf("builtin %s: training diverged in round %d, epoch %d (loss %v): lower lr (now %g)",
-				r.model, task.Round, epoch+1, lossSum, hp.LR)
+				r.model, task.Round, epoch+1, lossSum, hp.RoundLR(task.Round))
 		}
 	}
 	out := make(tensor.Model, len(model))

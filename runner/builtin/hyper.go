@@ -23,8 +23,13 @@ func Models() []string { return []string{ModelMLP, ModelSoftmax} }
 type Hyperparameters struct {
 	// Hidden lists the widths of the hidden layers (mlp only).
 	Hidden []int
-	// LR is the SGD learning rate.
+	// LR is the SGD learning rate (of round 1, with LRDecay).
 	LR float64
+	// LRDecay multiplies the learning rate once per round: round t trains
+	// at LR·LRDecay^(t−1). A federation's rounds play the part of a
+	// centralised run's epochs, where a decaying step is how SGD settles
+	// into a minimum instead of circling it; 1 (the default) keeps LR.
+	LRDecay float64
 	// Momentum is the SGD momentum (PyTorch's form: v = μv + g; w -= lr·v).
 	Momentum float64
 	// BatchSize is the number of samples per SGD step.
@@ -58,7 +63,7 @@ const (
 	maxParams    = 1 << 28
 )
 
-var hyperKeys = []string{"batch_size", "epochs", "hidden", "lr", "momentum", "seed", "weight_decay"}
+var hyperKeys = []string{"batch_size", "epochs", "hidden", "lr", "lr_decay", "momentum", "seed", "weight_decay"}
 
 // ParseHyperparameters reads a plan's hyper-parameters for model, as decoded
 // from YAML or JSON: numbers may be any Go integer or float type (integral
@@ -68,6 +73,7 @@ var hyperKeys = []string{"batch_size", "epochs", "hidden", "lr", "momentum", "se
 func ParseHyperparameters(model string, hyper map[string]any) (Hyperparameters, error) {
 	hp := Hyperparameters{
 		LR:        DefaultLR,
+		LRDecay:   1,
 		Momentum:  DefaultMomentum,
 		BatchSize: DefaultBatchSize,
 		Epochs:    DefaultEpochs,
@@ -97,6 +103,11 @@ func ParseHyperparameters(model string, hyper map[string]any) (Hyperparameters, 
 			hp.LR, err = toFloat(v)
 			if err == nil && !(hp.LR > 0 && !math.IsInf(hp.LR, 0)) {
 				err = fmt.Errorf("%v must be a positive finite number", v)
+			}
+		case "lr_decay":
+			hp.LRDecay, err = toFloat(v)
+			if err == nil && !(hp.LRDecay > 0 && hp.LRDecay <= 1) {
+				err = fmt.Errorf("%v must lie in (0, 1] (1: no decay)", v)
 			}
 		case "momentum":
 			hp.Momentum, err = toFloat(v)
@@ -245,4 +256,13 @@ func toInts(v any) ([]int, error) {
 		out[i] = n
 	}
 	return out, nil
+}
+
+// RoundLR is the learning rate of a train task in round (1-based; rounds
+// before 1, such as an evaluation's, count as 1): LR·LRDecay^(round−1).
+func (hp Hyperparameters) RoundLR(round int) float64 {
+	if hp.LRDecay == 0 || hp.LRDecay == 1 || round <= 1 {
+		return hp.LR
+	}
+	return hp.LR * math.Pow(hp.LRDecay, float64(round-1))
 }

@@ -51,12 +51,15 @@ func (r *Runner) setCorrection(s *runner.Scaffold) error {
 }
 
 // scaffoldStepSize is SCAFFOLD's η for the runner's settings (see above).
-func (r *Runner) scaffoldStepSize() float64 { return r.hp.LR / (1 - r.hp.Momentum) }
+// The round's learning rate is the one its steps took (lr_decay).
+func (r *Runner) scaffoldStepSize(round int) float64 {
+	return r.hp.RoundLR(round) / (1 - r.hp.Momentum)
+}
 
 // scaffoldResult completes a train result of a task with a correction.
 func (r *Runner) scaffoldResult(task runner.Task, res *runner.Result, steps int64) {
 	if task.Scaffold == nil {
 		return
 	}
-	res.Steps, res.StepSize = steps, r.scaffoldStepSize()
+	res.Steps, res.StepSize = steps, r.scaffoldStepSize(task.Round)
 }
