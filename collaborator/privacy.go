@@ -103,7 +103,18 @@ func (c *Collaborator) keepRelease(round int, res runner.Result) {
 // sent, and the round is trained and charged again.
 func (c *Collaborator) replayRelease(round int) (runner.Result, bool) {
 	path := filepath.Join(c.cfg.WorkDir, releasedFile)
-	m, meta, err := tensor.ReadFile(path)
+	// The file is nearly always the last round's, left by an upload that
+	// went through: its header says so without reading the whole model,
+	// which costs as much as a pass over it, every round, at every site.
+	h, err := tensor.ReadHeaderFile(path)
+	if err == nil && h.Metadata[releasedRound] != strconv.Itoa(round) {
+		return runner.Result{}, false
+	}
+	var m tensor.Model
+	var meta map[string]string
+	if err == nil {
+		m, meta, err = tensor.ReadFile(path)
+	}
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
 			c.log.Warn("cannot read the update released before a restart; training the round again", "error", err)
