@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"github.com/fx-fl/fx/privacy"
 	"github.com/fx-fl/fx/runner"
@@ -63,6 +64,8 @@ func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (ru
 	if err != nil {
 		return res, err
 	}
+	// What DP costs the round at this site, step by step, for the log.
+	start := time.Now()
 	if p.Ledger != nil {
 		charge := privacy.Charge{
 			Experiment: c.cfg.ExperimentID, Name: p.Name, Round: task.Round,
@@ -73,16 +76,19 @@ func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (ru
 			return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
 		}
 	}
+	charged := time.Since(start)
 	// Only what leaves the site: its local tensors (local.go) do not.
 	rel, err := privacy.ClipAndNoise(c.shared(c.model), c.shared(res.Model), p.Clip, p.Noise)
 	if err != nil {
 		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
 	}
-	// The raw norm is computed from the data without noise: it stays in
-	// the site's log.
-	c.log.Info("update clipped and noised", "round", task.Round, "norm", rel.Norm, "scale", rel.Scale, "noise_std", rel.Std, "reset", rel.Reset)
+	noised := time.Since(start) - charged
 	res.Metrics = nil
 	c.keepRelease(task.Round, res)
+	// The raw norm is computed from the data without noise: it stays in
+	// the site's log.
+	c.log.Info("update clipped and noised", "round", task.Round, "norm", rel.Norm, "scale", rel.Scale, "noise_std", rel.Std, "reset", rel.Reset,
+		"charge_took", charged.Round(time.Millisecond), "noise_took", noised.Round(time.Millisecond), "keep_took", (time.Since(start) - charged - noised).Round(time.Millisecond))
 	return res, nil
 }
 
