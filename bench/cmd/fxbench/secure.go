@@ -26,6 +26,12 @@ type secureTrial struct {
 	Plain, Secure             []float64
 	PlainMedian, SecureMedian float64
 	Ratio                     float64
+	// PlainCPU and SecureCPU are the CPU seconds (user + system) the fx
+	// processes, director and envoys, spent during each experiment: what
+	// the compared feature costs, apart from how much of the shared
+	// machine the other jobs left to the federation. The runners'
+	// processes are not counted; they run the same script in both.
+	PlainCPU, SecureCPU float64
 }
 
 type secureResult struct {
@@ -43,6 +49,10 @@ type secureResult struct {
 	Plan, Site string
 	Runner     string
 	Trials     []secureTrial
+	// CPURatio is the median over the trials of SecureCPU / PlainCPU, and
+	// CPUPerRound the median of (SecureCPU − PlainCPU) / Rounds: the CPU
+	// seconds the feature adds to a round, over all the parties.
+	CPURatio, CPUPerRound float64
 	// Ratio is the median over the trials (the upper one for an even
 	// count) of secure (or DP) / plain round time; Goal is the issue's
 	// (2 for secure aggregation and 1.1 for DP, at 10 envoys × 25M
@@ -160,7 +170,7 @@ stragglers: {deadline: 1h, min_reporting: %d}
 %s`, name, *rounds, *envoys, a, *envoys, p)
 		return dir, os.WriteFile(filepath.Join(dir, experiment.PlanFile), []byte(plan), 0o600)
 	}
-	var ratios []float64
+	var ratios, cpuRatios, cpuAdded []float64
 	for trial := range *trials {
 		var tr secureTrial
 		kinds := []bool{false, true}
@@ -179,27 +189,32 @@ stragglers: {deadline: 1h, min_reporting: %d}
 			if err != nil {
 				return err
 			}
+			cpu0 := fed.cpu()
 			times, _, err := fed.run(dir, name, *rounds)
 			if err != nil {
 				return fmt.Errorf("%s: %w (logs in %s)", name, err, fed.dir)
 			}
-			fmt.Printf("%s: rounds %s s (the first from the submission), median %.2f s\n", name, fmtSeconds(times), median(times[1:]))
+			cpu := fed.cpu() - cpu0
+			fmt.Printf("%s: rounds %s s (the first from the submission), median %.2f s; the fx processes' CPU %.1f s; load %s\n", name, fmtSeconds(times), median(times[1:]), cpu, loadAverage(uptime()))
 			if secure {
-				tr.Secure, tr.SecureMedian = times, median(times[1:])
+				tr.Secure, tr.SecureMedian, tr.SecureCPU = times, median(times[1:]), cpu
 			} else {
-				tr.Plain, tr.PlainMedian = times, median(times[1:])
+				tr.Plain, tr.PlainMedian, tr.PlainCPU = times, median(times[1:]), cpu
 			}
 		}
 		tr.Ratio = tr.SecureMedian / tr.PlainMedian
 		ratios = append(ratios, tr.Ratio)
-		fmt.Printf("trial %d (%s): %s round %.2f s / plain round %.2f s = %.2f× (goal ≤ %v)\n", trial+1, tr.Order, *mode, tr.SecureMedian, tr.PlainMedian, tr.Ratio, res.Goal)
+		cpuRatios = append(cpuRatios, tr.SecureCPU/tr.PlainCPU)
+		cpuAdded = append(cpuAdded, (tr.SecureCPU-tr.PlainCPU)/float64(*rounds))
+		fmt.Printf("trial %d (%s): %s round %.2f s / plain round %.2f s = %.2f× (goal ≤ %v); CPU %.1f s / %.1f s = %.2f×\n", trial+1, tr.Order, *mode, tr.SecureMedian, tr.PlainMedian, tr.Ratio, res.Goal, tr.SecureCPU, tr.PlainCPU, tr.SecureCPU/tr.PlainCPU)
 		res.Trials = append(res.Trials, tr)
 	}
 	res.LogProblems = problemsSince(fed.dir, before)
 	res.Ratio = median(ratios)
+	res.CPURatio, res.CPUPerRound = median(cpuRatios), median(cpuAdded)
 	res.UptimeEnd = uptime()
-	fmt.Printf("%d envoys × %d parameters: %s / plain round time %.2f× (median of %d trials; goal ≤ %v); %d log lines of timeouts or retries\n",
-		*envoys, *params, *mode, res.Ratio, *trials, res.Goal, len(res.LogProblems))
+	fmt.Printf("%d envoys × %d parameters: %s / plain round time %.2f× (median of %d trials; goal ≤ %v); the fx processes' CPU %.2f×, %+.1f s a round; %d log lines of timeouts or retries; load %s → %s\n",
+		*envoys, *params, *mode, res.Ratio, *trials, res.Goal, res.CPURatio, res.CPUPerRound, len(res.LogProblems), loadAverage(res.Uptime), loadAverage(res.UptimeEnd))
 	for _, l := range res.LogProblems[:min(5, len(res.LogProblems))] {
 		fmt.Printf("   %s\n", l)
 	}
@@ -207,6 +222,19 @@ stragglers: {deadline: 1h, min_reporting: %d}
 		return atomicfile.ReplaceJSON(*out, res)
 	}
 	return nil
+}
+
+// cpu is the CPU seconds (user + system) the federation's fx processes
+// have spent so far; a process that cannot be read (it exited) counts
+// nothing.
+func (f *procFederation) cpu() float64 {
+	var sum float64
+	for _, p := range f.procs {
+		if s, err := procCPU(p.Process.Pid); err == nil {
+			sum += s
+		}
+	}
+	return sum
 }
 
 // loadAverage is the load average part of uptime's line.
@@ -268,6 +296,13 @@ func reportPrivacy(p func(string, ...any), dir string) {
 		p(". Per trial (order: round times in s, the first from the submission):")
 		for i, t := range r.Trials {
 			p(" %d (%s): plain %s, %s %s, %.2f×;", i+1, t.Order, fmtSeconds(t.Plain), r.Mode, fmtSeconds(t.Secure), t.Ratio)
+		}
+		if r.CPURatio > 0 {
+			p(" CPU (user + system) of the fx processes, director and envoys, per experiment:")
+			for i, t := range r.Trials {
+				p(" %d: plain %.1f s, %s %.1f s;", i+1, t.PlainCPU, r.Mode, t.SecureCPU)
+			}
+			p(" %s costs %.2f× plain's CPU, %+.1f s a round over all the parties (medians), whatever the other jobs on the machine took.", r.Mode, r.CPURatio, r.CPUPerRound)
 		}
 		p(" %d log lines of timeouts or retries.\n", len(r.LogProblems))
 	}
