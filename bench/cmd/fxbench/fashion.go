@@ -1,368 +1,650 @@
 package main
 
 import (
-	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/fx-fl/fx/dataset"
-	"github.com/fx-fl/fx/director"
-	"github.com/fx-fl/fx/envoy"
 	"github.com/fx-fl/fx/experiment"
 	"github.com/fx-fl/fx/internal/atomicfile"
-	"github.com/fx-fl/fx/pki"
+	"github.com/fx-fl/fx/privacy"
 	fxv1 "github.com/fx-fl/fx/proto/fx/v1"
 	"github.com/fx-fl/fx/runner"
 	"github.com/fx-fl/fx/runner/builtin"
+	"github.com/fx-fl/fx/tensor"
 )
 
 // fashionDir is where Debian's dataset-fashion-mnist package installs the
 // data (as fx quickstart expects it).
 const fashionDir = "/usr/share/datasets/fashion-mnist"
 
-// The model and hyper-parameters of fx quickstart's plan: the built-in MLP
-// with one hidden layer of 128, momentum SGD, one local epoch per round.
-var fashionHyper = map[string]any{"hidden": []any{128}, "lr": 0.05, "momentum": 0.9, "batch_size": 64, "epochs": 1}
+// fashionHyperYAML is the built-in MLP every algorithm trains (see
+// bench/notes/fashion.md for how it was chosen): two hidden layers of 256
+// and 128, two local epochs of momentum SGD per round at a learning rate
+// that decays by 0.9 a round, so that the late rounds settle.
+const fashionHyperYAML = "{hidden: [256, 128], lr: 0.05, lr_decay: 0.9, momentum: 0.9, batch_size: 64, epochs: 2}"
 
-const fashionHyperYAML = "{hidden: [128], lr: 0.05, momentum: 0.9, batch_size: 64, epochs: 1}"
+// fashionAlgo is one federated algorithm of the benchmark: what its plan
+// says beside the runner. The same settings serve every sharding.
+type fashionAlgo struct {
+	Name        string
+	Aggregation string // the plan's aggregation, a YAML flow mapping
+	Training    string // the plan's training ("": none)
+	Hyper       string // the built-in MLP's hyper-parameters
+}
 
-type fashionStep struct {
-	N        int     // round or epoch
-	Seconds  float64 // since the start, when this round's / epoch's model existed
-	Accuracy float64 // of that model, on the 10000 test images
+// fashionAlgos are the algorithms of issue 21's benchmark, run in this
+// order. One whose plan does not validate (an fx without FedBuff) is
+// reported as skipped, with the reason.
+var fashionAlgos = []fashionAlgo{
+	{Name: "fedavg", Aggregation: "{algorithm: fedavg}", Hyper: fashionHyperYAML},
+	{Name: "fedprox", Aggregation: "{algorithm: fedavg}", Training: "{proximal_mu: 0.001}", Hyper: fashionHyperYAML},
+	{Name: "scaffold", Aggregation: "{algorithm: scaffold}", Hyper: fashionHyperYAML},
+	{Name: "fedadam", Aggregation: "{algorithm: fedadam, lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 0.001}", Hyper: fashionHyperYAML},
+	{Name: "fedbuff", Aggregation: "{algorithm: fedavg, mode: async, buffer: 2}", Hyper: fashionHyperYAML},
+}
+
+// fashionSharding is how the training images are cut across the envoys,
+// with the rounds run and the accuracy goal of issue 21.
+type fashionSharding struct {
+	Name   string
+	Alpha  float64 // dataset.Config.DirichletAlpha (0: IID)
+	Rounds int
+	Goal   float64
+}
+
+// fashionPoint is one model's accuracy on the 10000 test images.
+type fashionPoint struct {
+	Round int // round (or centralised step); 0 is the initial model
+	// Seconds from the submission (the start of centralised training)
+	// until this model existed.
+	Seconds  float64
+	Accuracy float64
+	// Step is the L2 norm of this model minus the previous round's (the
+	// global update; 0 for round 0 and centralised steps), which says how
+	// a DP clip norm compares with the updates.
+	Step float64 `json:",omitempty"`
+}
+
+// fashionDP is what a DP curve's plan and sites said, and what the sites'
+// ledgers recorded at the end.
+type fashionDP struct {
+	NoiseMultiplier, ClipNorm, Delta float64
+	// Epsilon is what the plan's rounds spend at Delta by the accountant;
+	// Budget is every envoy's privacy configuration.
+	Epsilon float64
+	Budget  string
+	// Spent is each envoy's ε at Delta from its ledger after the run, and
+	// Charged the rounds it recorded.
+	Spent   []float64
+	Charged []int
+}
+
+// fashionCurve is one experiment: an algorithm on a sharding.
+type fashionCurve struct {
+	Sharding  string
+	Algorithm string
+	Plan      string     // what the plan adds to the common part (runner, aggregation, training, privacy)
+	Skipped   string     `json:",omitempty"` // why it was not run
+	DP        *fashionDP `json:",omitempty"`
+	Goal      float64
+	Points    []fashionPoint
+	// Best is the highest test accuracy of a round's model, at BestRound;
+	// Reached is the first round at Goal or above (0: none).
+	Best               float64
+	BestRound, Reached int
+	Uptime, UptimeEnd  string
 }
 
 type fashionResult struct {
-	Start     time.Time
-	Uptime    string
-	Target    float64
-	Envoys    int
-	Sharding  string
-	Model     string
-	Federated struct {
-		// SetupSeconds: PKI, director and envoys started, data loaded, all
-		// envoys online — before the clock below starts.
-		SetupSeconds float64
-		// Rounds until the aggregated model first reached Target.
-		Rounds int
-		// Seconds from the submission until that round's model existed
-		// (its round completed); KnownSeconds until its accuracy was
-		// reported (the next round's aggregated_model_validation).
-		Seconds, KnownSeconds float64
-		Steps                 []fashionStep
-	}
-	Central struct {
-		Epochs                int
-		Seconds, KnownSeconds float64
-		Steps                 []fashionStep
-	}
-	// Federated / central wall time to the target (Seconds).
-	TimeRatio float64
-	// Runs is how many times both were run; the figures above are those of
-	// the run with the median ratio, and every run's ratio is in Ratios.
-	Runs   int
-	Ratios []float64 `json:",omitempty"`
+	Start             time.Time
+	Uptime, UptimeEnd string
+	Envoys            int
+	Data              string
+	// Central is the baseline: the fedavg settings trained on all the
+	// envoys' training images in one process, one train task per step.
+	Central      []fashionPoint
+	CentralHyper string
+	Curves       []fashionCurve
 }
 
 func fashionMain(args []string) error {
 	fs := flag.NewFlagSet("fashion", flag.ExitOnError)
-	target := fs.Float64("target", 0.85, "validation accuracy to reach")
-	envoys := fs.Int("envoys", 4, "envoys (data sites), each holding one IID shard")
-	maxRounds := fs.Int("max-rounds", 12, "give up after this many rounds / epochs")
+	envoys := fs.Int("envoys", 4, "envoys (data sites), each a process holding one shard")
+	roundsIID := fs.Int("rounds-iid", 15, "rounds of every IID experiment")
+	roundsSkew := fs.Int("rounds-skew", 20, "rounds of every label-skewed experiment")
+	alpha := fs.Float64("alpha", 0.5, "the label skew's Dirichlet α")
+	algos := fs.String("algorithms", "fedavg,fedprox,scaffold,fedadam,fedbuff", "comma-separated algorithms to run (of fedavg, fedprox, scaffold, fedadam, fedbuff)")
+	shardings := fs.String("shardings", "iid,skew", "comma-separated shardings to run: iid, skew")
+	hyper := fs.String("hyper", "", "the MLP's hyper-parameters for every algorithm, a YAML flow mapping (default "+fashionHyperYAML+")")
+	central := fs.Bool("central", true, "train the centralised baseline")
+	dp := fs.Bool("dp", true, "also run fedavg on IID with client-level DP at every site (-dp-epsilon at δ 1e-5 over -rounds-iid rounds)")
+	dpEps := fs.Float64("dp-epsilon", 3, "the ε every site's budget allows at δ 1e-5; σ is the least that fits the rounds")
+	// Every update of this MLP is far longer than C (clipping binds), so
+	// C does not change how much signal survives the noise, only the
+	// scale of the weights: 0.1 keeps the noised model's losses finite.
+	dpClip := fs.Float64("dp-clip", 0.1, "the DP clip norm C")
+	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
 	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
 	out := fs.String("out", "", "write the result as JSON here")
-	runs := fs.Int("runs", 3, "run both this many times and keep the run with the median ratio")
+	plot := fs.String("plot", "", "draw the curves into this PNG with -plot-script (needs -out)")
+	plotScript := fs.String("plot-script", "bench/fashion/plot.py", "the plotting script (python3 with matplotlib)")
+	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
-	if *runs < 1 {
-		return errors.New("-runs must be at least 1")
-	}
 	if _, err := os.Stat(fashionDir); err != nil {
 		return fmt.Errorf("%s is missing: apt-get install dataset-fashion-mnist", fashionDir)
 	}
-	var all []*fashionResult
-	var ratios []float64
-	for run := 1; run <= *runs; run++ {
-		fmt.Printf("== run %d of %d\n", run, *runs)
-		res := &fashionResult{Start: time.Now().UTC(), Target: *target, Envoys: *envoys, Sharding: "IID, shard i/N with seed 1 (as fx quickstart)",
-			Model: "mlp " + fashionHyperYAML}
-		if b, err := exec.Command("uptime").Output(); err == nil {
-			res.Uptime = strings.TrimSpace(string(b))
-		}
-		// The baseline first: the same model on all 60000 training images.
-		if err := centralRun(res, *maxRounds); err != nil {
-			return fmt.Errorf("centralised: %w", err)
-		}
-		if err := federatedRun(res, *pkiDir, *maxRounds); err != nil {
-			return fmt.Errorf("federated: %w", err)
-		}
-		if res.Central.Epochs == 0 || res.Federated.Rounds == 0 {
-			return fmt.Errorf("run %d: the target %.2f was not reached within %d rounds/epochs", run, *target, *maxRounds)
-		}
-		res.TimeRatio = res.Federated.Seconds / res.Central.Seconds
-		fmt.Printf("run %d: centralised %d epochs %.1fs, federated %d rounds %.1fs: %.2f×\n", run,
-			res.Central.Epochs, res.Central.Seconds, res.Federated.Rounds, res.Federated.Seconds, res.TimeRatio)
-		all = append(all, res)
-		ratios = append(ratios, res.TimeRatio)
+	if *plot != "" && *out == "" {
+		return errors.New("-plot draws from the JSON of -out: give both")
 	}
-	slices.SortFunc(all, func(a, b *fashionResult) int { return cmp.Compare(a.TimeRatio, b.TimeRatio) })
-	res := all[len(all)/2]
-	res.Runs, res.Ratios = *runs, ratios
-	fmt.Printf("\nfashion: target accuracy %.2f, %s, %d envoys (%s)\n", res.Target, res.Model, res.Envoys, res.Sharding)
-	fmt.Printf("  centralised: %d epochs, %.1fs (accuracy known after %.1fs)\n", res.Central.Epochs, res.Central.Seconds, res.Central.KnownSeconds)
-	fmt.Printf("  federated:   %d rounds, %.1fs from submission (accuracy reported after %.1fs; setup before submission %.1fs)\n",
-		res.Federated.Rounds, res.Federated.Seconds, res.Federated.KnownSeconds, res.Federated.SetupSeconds)
-	fmt.Printf("  federated/centralised wall time: %.2f× (median of %d runs: %v)\n", res.TimeRatio, res.Runs, ratios)
-	if *out != "" {
-		if err := atomicfile.ReplaceJSON(*out, res); err != nil {
-			return err
+	var runAlgos []fashionAlgo
+	for _, name := range strings.Split(*algos, ",") {
+		i := slices.IndexFunc(fashionAlgos, func(a fashionAlgo) bool { return a.Name == strings.TrimSpace(name) })
+		if i < 0 {
+			return fmt.Errorf("-algorithms: unknown %q (want fedavg, fedprox, scaffold, fedadam, fedbuff)", name)
+		}
+		a := fashionAlgos[i]
+		if *hyper != "" {
+			a.Hyper = *hyper
+		}
+		runAlgos = append(runAlgos, a)
+	}
+	var runShardings []fashionSharding
+	for _, name := range strings.Split(*shardings, ",") {
+		switch strings.TrimSpace(name) {
+		case "iid":
+			runShardings = append(runShardings, fashionSharding{Name: "IID", Rounds: *roundsIID, Goal: 0.88})
+		case "skew":
+			runShardings = append(runShardings, fashionSharding{Name: fmt.Sprintf("Dirichlet α = %g", *alpha), Alpha: *alpha, Rounds: *roundsSkew, Goal: 0.87})
+		default:
+			return fmt.Errorf("-shardings: unknown %q (want iid, skew)", name)
 		}
 	}
-	return nil
-}
-
-// centralRun trains on the whole training set, one epoch per Train call (as
-// one federated round is one local epoch), validating on the test images
-// after each epoch, until the target.
-func centralRun(res *fashionResult, maxEpochs int) error {
-	d, err := dataset.Load(dataset.Config{Kind: dataset.KindIDX, Path: fashionDir})
+	setup, err := setUpFederation(*fxBin, "fxbench-fashion-", *keep, *pkiDir, *envoys)
 	if err != nil {
 		return err
 	}
-	ctx := context.Background()
-	r, err := builtin.New(builtin.Config{Model: builtin.ModelMLP, Hyperparameters: fashionHyper, Data: d})
+	defer setup.done()
+	test, err := dataset.LoadTest(dataset.Config{Kind: dataset.KindIDX, Path: fashionDir, Seed: 1})
 	if err != nil {
 		return err
 	}
-	m, err := builtin.InitialModel(builtin.ModelMLP, fashionHyper, d.SampleShape, d.Classes)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("centralised: %d training and %d validation images (held out of the training files)\n", d.Train.N, d.Valid.N)
-	start := time.Now()
-	for epoch := 1; epoch <= maxEpochs; epoch++ {
-		tr, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: epoch}, m)
-		if err != nil {
-			return err
-		}
-		m = tr.Model
-		trained := time.Since(start).Seconds()
-		v, err := r.Validate(ctx, runner.Task{Name: runner.TaskAggregatedValidation, Round: epoch}, m)
-		if err != nil {
-			return err
-		}
-		acc := v.Metrics["accuracy"]
-		res.Central.Steps = append(res.Central.Steps, fashionStep{epoch, trained, acc})
-		fmt.Printf("centralised: epoch %d: accuracy %.4f, %.1fs\n", epoch, acc, trained)
-		if acc >= res.Target {
-			res.Central.Epochs, res.Central.Seconds, res.Central.KnownSeconds = epoch, trained, time.Since(start).Seconds()
+	res := &fashionResult{Start: time.Now().UTC(), Uptime: uptime(), Envoys: *envoys,
+		Data: fmt.Sprintf("Fashion-MNIST (%s), shards of the training images with seed 1 (20%% held out at each site for validation); accuracy on the %d t10k test images, which no envoy holds", fashionDir, test.Test.N)}
+	fmt.Printf("fashion: %d envoys, load average %s\n", *envoys, loadAverage(res.Uptime))
+	save := func() error {
+		if *out == "" {
 			return nil
 		}
+		return atomicfile.ReplaceJSON(*out, res)
+	}
+	if *central {
+		h := fashionHyperYAML
+		if *hyper != "" {
+			h = *hyper
+		}
+		res.CentralHyper = h
+		if res.Central, err = fashionCentral(h, max(*roundsIID, *roundsSkew), test); err != nil {
+			return fmt.Errorf("centralised: %w", err)
+		}
+	}
+	for _, sh := range runShardings {
+		for _, a := range runAlgos {
+			c, err := fashionExperiment(setup, *envoys, sh, a, nil, test)
+			if err != nil {
+				return fmt.Errorf("%s on %s: %w", a.Name, sh.Name, err)
+			}
+			res.Curves = append(res.Curves, *c)
+			if err := save(); err != nil {
+				return err
+			}
+		}
+	}
+	if *dp {
+		sh := fashionSharding{Name: "IID", Rounds: *roundsIID, Goal: 0.88}
+		a := fashionAlgos[0]
+		if *hyper != "" {
+			a.Hyper = *hyper
+		}
+		sigma, err := privacy.MinNoise(1, sh.Rounds, *dpEps, 1e-5)
+		if err != nil {
+			return err
+		}
+		// Every site keeps a budget of ε at δ with this plan's σ and C
+		// as its floor and ceiling: its ledger must accept every round.
+		d := &fashionDP{NoiseMultiplier: sigma, ClipNorm: *dpClip, Delta: 1e-5,
+			Budget: fmt.Sprintf("privacy: {budget: {epsilon: %v, delta: 1e-5, min_noise_multiplier: %v, max_clip_norm: %v}}", *dpEps, sigma, *dpClip)}
+		rdp, err := privacy.SampledGaussian{Noise: sigma, Rate: 1, Steps: sh.Rounds}.RDP(privacy.DefaultOrders())
+		if err != nil {
+			return err
+		}
+		if d.Epsilon, _, err = privacy.Epsilon(privacy.DefaultOrders(), rdp, d.Delta); err != nil {
+			return err
+		}
+		c, err := fashionExperiment(setup, *envoys, sh, a, d, test)
+		if err != nil {
+			return fmt.Errorf("%s with DP on %s: %w", a.Name, sh.Name, err)
+		}
+		res.Curves = append(res.Curves, *c)
+	}
+	res.UptimeEnd = uptime()
+	fmt.Printf("\nfashion: accuracy on the %d test images per round (load average %s → %s)\n", test.Test.N, loadAverage(res.Uptime), loadAverage(res.UptimeEnd))
+	if len(res.Central) > 0 {
+		fmt.Printf("  %-28s %s\n", "centralised", fmtPoints(res.Central))
+	}
+	for _, c := range res.Curves {
+		name := c.Sharding + " " + c.Algorithm
+		if c.DP != nil {
+			name += " +DP"
+		}
+		if c.Skipped != "" {
+			fmt.Printf("  %-28s skipped: %s\n", name, c.Skipped)
+			continue
+		}
+		fmt.Printf("  %-28s best %.4f at round %d; goal %.2f %s\n", name, c.Best, c.BestRound, c.Goal, reachedText(c))
+	}
+	if err := save(); err != nil {
+		return err
+	}
+	if *plot != "" {
+		cmd := exec.Command("/usr/bin/python3", *plotScript, *out, *plot)
+		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("plotting with %s: %w (python3-matplotlib installed?)", *plotScript, err)
+		}
+		fmt.Printf("wrote %s\n", *plot)
 	}
 	return nil
 }
 
-// federatedRun starts a director and the envoys in this process, as fx
-// quickstart does (each envoy with its own certificate and shard, gRPC over
-// mutual TLS on 127.0.0.1), submits the quickstart plan with up to
-// maxRounds rounds, and follows the metric stream until the aggregated model
-// reaches the target; then it cancels the experiment.
-func federatedRun(res *fashionResult, pkiDir string, maxRounds int) error {
-	setup := time.Now()
-	p, err := openBenchPKI(pkiDir)
-	if err != nil {
-		return err
+// reachedText says whether a curve reached its goal, and when.
+func reachedText(c fashionCurve) string {
+	if c.Reached > 0 {
+		return fmt.Sprintf("reached at round %d", c.Reached)
 	}
-	if _, err := p.envoys(res.Envoys, 0); err != nil {
-		return err
+	return fmt.Sprintf("not reached in %d rounds", len(c.Points)-1)
+}
+
+func fmtPoints(ps []fashionPoint) string {
+	var s []string
+	for _, p := range ps {
+		s = append(s, fmt.Sprintf("%d:%.4f", p.Round, p.Accuracy))
 	}
-	rdir := filepath.Join(pkiDir, "researcher")
-	rfiles := pki.PartyFiles(rdir, "bench")
-	if _, err := pki.NewKeyring(pki.KeyringConfig{Files: rfiles}); err != nil {
-		if _, rfiles, err = p.ca.IssueTo(rdir, pki.IssueRequest{Role: pki.RoleResearcher, Name: "bench"}); err != nil {
-			return err
+	return strings.Join(s, " ")
+}
+
+// parseHyper decodes a YAML flow mapping of hyper-parameters, as a plan
+// holds them, for the runner the evaluation builds.
+func parseHyper(flow string) (map[string]any, error) {
+	var m map[string]any
+	if err := yaml.Unmarshal([]byte(flow), &m); err != nil {
+		return nil, fmt.Errorf("hyper-parameters %s: %w", flow, err)
+	}
+	return m, nil
+}
+
+// fashionScore fills a curve's summary from its points: the best round
+// and the first at the goal (round 0, the initial model, never counts).
+func fashionScore(c *fashionCurve) {
+	c.Best, c.BestRound, c.Reached = 0, 0, 0
+	for _, p := range c.Points {
+		if p.Round == 0 {
+			continue
+		}
+		if p.Accuracy > c.Best {
+			c.Best, c.BestRound = p.Accuracy, p.Round
+		}
+		if c.Reached == 0 && p.Accuracy >= c.Goal {
+			c.Reached = p.Round
 		}
 	}
-	work, err := os.MkdirTemp("", "fxbench-fashion-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(work)
-	logf, err := os.Create(filepath.Join(work, "parties.log"))
-	if err != nil {
-		return err
-	}
-	defer logf.Close()
-	logger := hclog.New(&hclog.LoggerOptions{Output: logf, Level: hclog.Info})
+}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer cancel()
-	failures := make(chan error, res.Envoys+1)
-
-	s := director.DefaultSettings()
-	s.ListenAddress, s.Advertise.Host, s.Aggregator.Host = "127.0.0.1:0", "127.0.0.1", "127.0.0.1"
-	s.TLS.Cert, s.TLS.Key, s.TLS.CA, s.TLS.CRL = p.Director.Cert, p.Director.Key, p.Director.CA, p.Director.CRL
-	s.DataDir = filepath.Join(work, "director")
-	s.HeartbeatPeriod, s.OfflineAfter = 2*time.Second, 10*time.Second
-	s.ReviewPolicy = director.ReviewAuto
-	dcfg, err := s.Config(logger.Named("director"))
-	if err != nil {
-		return err
+// fashionPlan is the plan of one experiment, and the part of it that
+// differs between experiments.
+func fashionPlan(name string, rounds, envoys int, a fashionAlgo, dp *fashionDP) (plan, differs string) {
+	differs = fmt.Sprintf("runner: {kind: builtin, model: mlp, hyperparameters: %s}\naggregation: %s\n", a.Hyper, a.Aggregation)
+	if a.Training != "" {
+		differs += "training: " + a.Training + "\n"
 	}
-	d, err := director.New(dcfg)
-	if err != nil {
-		return err
+	if dp != nil {
+		differs += fmt.Sprintf("privacy: {dp: {noise_multiplier: %v, clip_norm: %v, delta: %v}}\n", dp.NoiseMultiplier, dp.ClipNorm, dp.Delta)
 	}
-	wg.Go(func() {
-		if err := d.Run(ctx); err != nil && ctx.Err() == nil {
-			failures <- fmt.Errorf("director: %w", err)
-		}
-	})
-	addr := d.Addr().String()
-	for i := 1; i <= res.Envoys; i++ {
-		f := p.envoyFiles(i)
-		cfg := envoy.DefaultConfig()
-		cfg.Name = envoyName(i)
-		cfg.Director = envoy.DirectorConfig{Address: addr, ServerName: "localhost"}
-		cfg.TLS = envoy.TLSConfig{Cert: f.Cert, Key: f.Key, CA: f.CA}
-		cfg.WorkDir = filepath.Join(work, fmt.Sprintf("e%d", i))
-		cfg.Tags = []string{"fashion-mnist"}
-		cfg.Shard = dataset.Config{Kind: dataset.KindIDX, Path: fashionDir, Shard: fmt.Sprintf("%d/%d", i, res.Envoys), Seed: 1}
-		cfg.Review = envoy.ReviewConfig{Policy: envoy.PolicyAuto}
-		cfg.Logger, cfg.Version = logger.Named(cfg.Name), "bench"
-		e, err := envoy.New(cfg)
-		if err != nil {
-			return fmt.Errorf("%s: %w", cfg.Name, err)
-		}
-		wg.Go(func() {
-			if err := e.Run(ctx); err != nil && ctx.Err() == nil {
-				failures <- fmt.Errorf("%s: %w", cfg.Name, err)
-			}
-		})
-	}
-	client, err := experiment.Dial(ctx, experiment.ClientConfig{Director: addr, ServerName: "localhost", Cert: rfiles.Cert, Key: rfiles.Key, CA: rfiles.CA})
-	if err != nil {
-		return err
-	}
-	defer client.Close()
-	if err := waitOnline(ctx, client, res.Envoys, failures); err != nil {
-		return err
-	}
-	res.Federated.SetupSeconds = time.Since(setup).Seconds()
-
-	expDir := filepath.Join(work, "experiment")
-	if err := os.MkdirAll(expDir, 0o700); err != nil {
-		return err
-	}
-	plan := fmt.Sprintf(`name: bench-fashion-mlp
+	plan = fmt.Sprintf(`name: %s
 rounds: %d
 participants: {min: %d, tags: [fashion-mnist]}
-runner: {kind: builtin, model: mlp, hyperparameters: %s}
-aggregation: {algorithm: fedavg}
-stragglers: {deadline: 5m, min_reporting: %d}
-best_model: {metric: accuracy, mode: max}
-`, maxRounds, res.Envoys, fashionHyperYAML, res.Envoys)
-	if err := os.WriteFile(filepath.Join(expDir, experiment.PlanFile), []byte(plan), 0o600); err != nil {
-		return err
-	}
-	start := time.Now()
-	exp, err := client.Submit(ctx, expDir, experiment.SubmitOptions{})
-	if err != nil {
-		return fmt.Errorf("submit: %w", err)
-	}
-	fmt.Printf("federated: %d envoys online after %.1fs of setup; submitted %s\n", res.Envoys, res.Federated.SetupSeconds, exp.GetId())
+stragglers: {deadline: 10m, min_reporting: %d}
+retention: {every: 1}
+`, name, rounds, envoys, envoys) + differs
+	return plan, strings.TrimSpace(differs)
+}
 
-	// Round r's aggregate train event marks when round r's model existed;
-	// round r+1's aggregated_model_validation is that model's accuracy.
-	var mu sync.Mutex
-	completed := map[int]time.Time{}
-	reached := make(chan struct{})
-	var once sync.Once
-	since := func(t time.Time) float64 { return t.Sub(start).Seconds() }
-	each := func(ev *fxv1.MetricEvent) {
+// fashionExperiment runs one curve on a federation of its own (a director
+// and the envoys as fx processes, fresh work directories and, under DP,
+// fresh ledgers), then downloads every round's global model as a
+// researcher would and scores it on the test images.
+func fashionExperiment(setup *federationSetup, n int, sh fashionSharding, a fashionAlgo, dp *fashionDP, test *dataset.Dataset) (*fashionCurve, error) {
+	kind := a.Name
+	if dp != nil {
+		kind += "-dp"
+	}
+	skew := "iid"
+	if sh.Alpha > 0 {
+		skew = fmt.Sprintf("alpha%g", sh.Alpha)
+	}
+	name := "fashion-" + skew + "-" + kind
+	plan, differs := fashionPlan(name, sh.Rounds, n, a, dp)
+	c := &fashionCurve{Sharding: sh.Name, Algorithm: a.Name, Plan: differs, DP: dp, Goal: sh.Goal, Uptime: uptime()}
+	if _, err := experiment.ParsePlan([]byte(plan)); err != nil {
+		if a.Name == "fedbuff" {
+			c.Skipped = strings.Join(strings.Fields(fmt.Sprintf("this fx refuses the plan (%v)", err)), " ")
+			fmt.Printf("== %s: skipped: %s\n", name, c.Skipped)
+			return c, nil
+		}
+		return nil, err
+	}
+	hyper, err := parseHyper(a.Hyper)
+	if err != nil {
+		return nil, err
+	}
+	fmt.Printf("== %s (%s, %d rounds, load average %s)\n%s\n", name, sh.Name, sh.Rounds, loadAverage(c.Uptime), differs)
+	var site string
+	if dp != nil {
+		site = dp.Budget + "\n"
+	}
+	dir := filepath.Join(setup.work, name)
+	fed, err := startProcFederation(setup.bin, setup.pki, n, dir, fedOptions{
+		python: "/usr/bin/python3", threads: "1", tag: "fashion-mnist", envoyYAML: site,
+		shard: func(i, n int) string {
+			if sh.Alpha > 0 {
+				return fmt.Sprintf("{kind: idx, path: %s, shard: %d/%d, seed: 1, dirichlet_alpha: %v}", fashionDir, i, n, sh.Alpha)
+			}
+			return fmt.Sprintf("{kind: idx, path: %s, shard: %d/%d, seed: 1}", fashionDir, i, n)
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer fed.stop()
+	expDir := filepath.Join(dir, "experiment")
+	if err := os.MkdirAll(expDir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(expDir, experiment.PlanFile), []byte(plan), 0o600); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
+	defer cancel()
+	submitted := time.Now()
+	if _, err := fed.client.Submit(ctx, expDir, experiment.SubmitOptions{}); err != nil {
+		return nil, fmt.Errorf("submit: %w", err)
+	}
+	// Every aggregate event of a round carries the round's completion
+	// time (a DP round has no train aggregate, so any marks it).
+	done := map[int]time.Time{}
+	exp, err := fed.client.WaitFunc(ctx, name, func(ev *fxv1.MetricEvent) {
 		if ev.GetCollaborator() != "" {
 			return
 		}
-		mu.Lock()
-		defer mu.Unlock()
 		r := int(ev.GetRound())
-		switch ev.GetTask() {
-		case runner.TaskTrain:
-			completed[r] = ev.GetTime().AsTime()
-		case runner.TaskAggregatedValidation:
-			model := r - 1
-			acc := ev.GetMetrics()["accuracy"]
-			if model == 0 {
-				fmt.Printf("federated: initial model: accuracy %.4f\n", acc)
-				return
+		if _, seen := done[r]; !seen {
+			done[r] = ev.GetTime().AsTime()
+			msg := fmt.Sprintf("%s: round %d done at %.1fs", name, r, done[r].Sub(submitted).Seconds())
+			if r > sh.Rounds { // the validation that follows the last round
+				msg = fmt.Sprintf("%s: final validation at %.1fs", name, done[r].Sub(submitted).Seconds())
 			}
-			done, ok := completed[model]
-			if !ok {
-				return
+			if ev.GetTask() == runner.TaskAggregatedValidation && r > 1 {
+				msg += fmt.Sprintf(" (sites' validation of round %d's model: %.4f)", r-1, ev.GetMetrics()["accuracy"])
 			}
-			res.Federated.Steps = append(res.Federated.Steps, fashionStep{model, since(done), acc})
-			fmt.Printf("federated: round %d: accuracy %.4f, model at %.1fs, reported at %.1fs\n", model, acc, since(done), since(ev.GetTime().AsTime()))
-			if acc >= res.Target && res.Federated.Rounds == 0 {
-				res.Federated.Rounds, res.Federated.Seconds, res.Federated.KnownSeconds = model, since(done), since(ev.GetTime().AsTime())
-				once.Do(func() { close(reached) })
-			}
+			fmt.Println(msg)
 		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w (logs in %s)", err, dir)
 	}
-	wctx, wcancel := context.WithCancel(ctx)
-	defer wcancel()
-	waited := make(chan error, 1)
-	go func() {
-		_, err := client.WaitFunc(wctx, exp.GetName(), each)
-		waited <- err
-	}()
-	select {
-	case <-reached:
-		cctx, ccancel := context.WithTimeout(ctx, 30*time.Second)
-		_, err := client.Cancel(cctx, exp.GetName(), "benchmark reached its target")
-		ccancel()
-		if err != nil {
-			fmt.Printf("federated: cancel: %v\n", err)
+	if exp.GetState() != fxv1.ExperimentState_FINISHED {
+		return nil, fmt.Errorf("experiment ended %s: %s (logs in %s)", exp.GetState(), exp.GetReason(), dir)
+	}
+	var prev tensor.Model
+	for r := 0; r <= sh.Rounds; r++ {
+		var at float64
+		if r > 0 {
+			t, ok := done[r]
+			if !ok {
+				return nil, fmt.Errorf("no aggregate of round %d", r)
+			}
+			at = t.Sub(submitted).Seconds()
 		}
-	case err := <-waited:
+		m, _, err := fed.client.Model(ctx, name, experiment.SelectRound(r))
+		if err != nil {
+			return nil, fmt.Errorf("the model of round %d: %w", r, err)
+		}
+		acc, err := fashionAccuracy(ctx, hyper, m, test)
+		if err != nil {
+			return nil, fmt.Errorf("the model of round %d: %w", r, err)
+		}
+		pt := fashionPoint{Round: r, Seconds: at, Accuracy: acc}
+		if r > 0 {
+			pt.Step = distance(prev, m)
+		}
+		c.Points, prev = append(c.Points, pt), m
+	}
+	fashionScore(c)
+	fmt.Printf("%s: test accuracy per round %s; best %.4f at round %d, goal %.2f %s\n", name, fmtPoints(c.Points), c.Best, c.BestRound, c.Goal, reachedText(*c))
+	fed.stop()
+	if dp != nil {
+		if err := readLedgers(dir, n, dp); err != nil {
+			return nil, err
+		}
+		fmt.Printf("%s: σ %.3f, C %v: ε %.3f at δ %v by the accountant; the sites' ledgers: ε %v over %v rounds\n", name, dp.NoiseMultiplier, dp.ClipNorm, dp.Epsilon, dp.Delta, dp.Spent, dp.Charged)
+	}
+	c.UptimeEnd = uptime()
+	return c, nil
+}
+
+// readLedgers reads what every envoy's ledger recorded for its data (the
+// dataset is named after the envoy).
+func readLedgers(dir string, n int, dp *fashionDP) error {
+	for i := 1; i <= n; i++ {
+		l, err := privacy.Open(filepath.Join(dir, envoyName(i), "privacy.json"))
 		if err != nil {
 			return err
 		}
-	case err := <-failures:
-		return err
-	case <-time.After(30 * time.Minute):
-		return errors.New("no result within 30 minutes")
+		entries, err := l.Entries(envoyName(i))
+		if err == nil {
+			var eps float64
+			if eps, err = privacy.EpsilonOf(entries, dp.Delta); err == nil {
+				steps := 0
+				for _, e := range entries {
+					steps += e.Steps
+				}
+				dp.Spent, dp.Charged = append(dp.Spent, eps), append(dp.Charged, steps)
+			}
+		}
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("%s's ledger: %w", envoyName(i), err)
+		}
 	}
-	wcancel()
-	mu.Lock()
-	slices.SortFunc(res.Federated.Steps, func(a, b fashionStep) int { return a.N - b.N })
-	mu.Unlock()
 	return nil
 }
 
-// waitOnline waits until n envoys are online, or a party fails, for at
-// most 2 minutes.
-func waitOnline(ctx context.Context, c *experiment.Client, n int, failures <-chan error) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- c.WaitForEnvoys(ctx, n) }()
-	select {
-	case err := <-failures:
-		return err
-	case err := <-done:
-		return err
+// distance is the L2 norm of b − a over the float32 tensors of a that b
+// has too (SCAFFOLD's control variates left out).
+func distance(a, b tensor.Model) float64 {
+	byName := map[string]*tensor.Tensor{}
+	for _, t := range b {
+		byName[t.Name] = t
 	}
+	var sum float64
+	for _, t := range a {
+		u := byName[t.Name]
+		if u == nil || t.DType != tensor.F32 || u.DType != tensor.F32 || experiment.IsControlVariate(t.Name) {
+			continue
+		}
+		x, y := t.Float32s(), u.Float32s()
+		for i := range min(len(x), len(y)) {
+			d := float64(y[i] - x[i])
+			sum += d * d
+		}
+	}
+	return math.Sqrt(sum)
+}
+
+// fashionAccuracy scores a model on the test images.
+func fashionAccuracy(ctx context.Context, hyper map[string]any, m tensor.Model, test *dataset.Dataset) (float64, error) {
+	r, err := builtin.Evaluate(ctx, builtin.ModelMLP, hyper, m, test)
+	if err != nil {
+		return 0, err
+	}
+	return r.Metrics["accuracy"], nil
+}
+
+// fashionCentral trains the model on all the training images the envoys
+// share (the same 80%, in one process), one train task per step, and
+// scores each step's model on the test images.
+func fashionCentral(hyperYAML string, steps int, test *dataset.Dataset) ([]fashionPoint, error) {
+	hyper, err := parseHyper(hyperYAML)
+	if err != nil {
+		return nil, err
+	}
+	d, err := dataset.Load(dataset.Config{Kind: dataset.KindIDX, Path: fashionDir, Seed: 1})
+	if err != nil {
+		return nil, err
+	}
+	ctx := context.Background()
+	r, err := builtin.New(builtin.Config{Model: builtin.ModelMLP, Hyperparameters: hyper, Data: d})
+	if err != nil {
+		return nil, err
+	}
+	m, err := builtin.InitialModel(builtin.ModelMLP, hyper, d.SampleShape, d.Classes)
+	if err != nil {
+		return nil, err
+	}
+	fmt.Printf("centralised: %d training images, %s\n", d.Train.N, hyperYAML)
+	start := time.Now()
+	acc, err := fashionAccuracy(ctx, hyper, m, test)
+	if err != nil {
+		return nil, err
+	}
+	points := []fashionPoint{{Round: 0, Accuracy: acc}}
+	for step := 1; step <= steps; step++ {
+		tr, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: step}, m)
+		if err != nil {
+			return nil, err
+		}
+		m = tr.Model
+		at := time.Since(start).Seconds()
+		if acc, err = fashionAccuracy(ctx, hyper, m, test); err != nil {
+			return nil, err
+		}
+		points = append(points, fashionPoint{Round: step, Seconds: at, Accuracy: acc})
+		fmt.Printf("centralised: step %d: test accuracy %.4f, %.1fs\n", step, acc, at)
+	}
+	return points, nil
+}
+
+// reportFashion writes the section of `fxbench fashion` (fashion.json):
+// per sharding, each algorithm's test accuracy per round against issue
+// 21's goal, the centralised baseline, and the DP curve beside the
+// non-private one.
+func reportFashion(p func(string, ...any), dir string) {
+	p("## Federated Fashion-MNIST: learning quality per algorithm\n\n")
+	var r fashionResult
+	if b, err := os.ReadFile(filepath.Join(dir, "fashion.json")); err != nil || json.Unmarshal(b, &r) != nil || len(r.Curves) == 0 {
+		p("Not measured (no fashion.json of this benchmark).\n\n")
+		return
+	}
+	p("`fxbench fashion`: for each sharding and algorithm, a federation of its own — a director and %d envoys as separate `fx` processes over mTLS on 127.0.0.1 — runs the built-in MLP; ", r.Envoys)
+	p("every round's global model is then downloaded as a researcher would (`fx experiment model --round`) and scored on the held-out test set. Data: %s. ", r.Data)
+	p("Goals (issue 21): IID ≥ 0.88 within 15 rounds; Dirichlet α = 0.5 label skew ≥ 0.87 within 20 rounds with the best algorithm. ")
+	p("Started %s; load average (1, 5, 15 min) %s → %s. The curves: [fashion.png](fashion.png).\n\n", r.Start.Format("2006-01-02 15:04 MST"), loadAverage(r.Uptime), loadAverage(r.UptimeEnd))
+	p("![test accuracy per round](fashion.png)\n\n")
+	p("| sharding | algorithm | best test accuracy (round) | goal | first round at the goal | wall time (s) | test accuracy per round (1, 2, …) |\n|---|---|---|---|---|---|---|\n")
+	if len(r.Central) > 1 {
+		last := r.Central[len(r.Central)-1]
+		c := fashionCurve{Goal: 0.88, Points: r.Central}
+		fashionScore(&c)
+		p("| centralised (baseline) | one process, all %d shards' training images, one train task per step | %.4f (%d) | — | %s | %.1f | %s |\n", r.Envoys, c.Best, c.BestRound, roundOrNone(c.Reached, 0.88), last.Seconds, accuracies(r.Central))
+	}
+	for _, c := range r.Curves {
+		name := c.Algorithm
+		if c.DP != nil {
+			name += fmt.Sprintf(" + DP (σ %.2f, C %v: ε %.2f at δ %v)", c.DP.NoiseMultiplier, c.DP.ClipNorm, c.DP.Epsilon, c.DP.Delta)
+		}
+		if c.Skipped != "" {
+			p("| %s | %s | skipped: %s | | | | |\n", c.Sharding, name, strings.ReplaceAll(strings.Join(strings.Fields(c.Skipped), " "), "|", "/"))
+			continue
+		}
+		met := "not met"
+		if c.Reached > 0 {
+			met = "**met**"
+		}
+		p("| %s | %s | %.4f (%d) | ≥ %.2f: %s | %s | %.1f | %s |\n", c.Sharding, name, c.Best, c.BestRound, c.Goal, met, roundOrNone(c.Reached, c.Goal), c.Points[len(c.Points)-1].Seconds, accuracies(c.Points))
+	}
+	p("\nWhat each plan adds to `rounds`, `participants: {min: %d}`, `stragglers` and `retention: {every: 1}`:\n\n", r.Envoys)
+	seen := map[string]bool{}
+	for _, c := range r.Curves {
+		key := c.Algorithm
+		if c.DP != nil {
+			key += " + DP"
+		}
+		if seen[key] || c.Plan == "" {
+			continue
+		}
+		seen[key] = true
+		p("- %s: `%s`", key, strings.ReplaceAll(c.Plan, "\n", "`, `"))
+		if c.DP != nil {
+			p("; every envoy: `%s`; the ledgers recorded ε %s over %v rounds", c.DP.Budget, fmtFloats(c.DP.Spent, "%.3f"), c.DP.Charged)
+			for _, plain := range r.Curves {
+				if plain.DP == nil && plain.Skipped == "" && plain.Sharding == c.Sharding && plain.Algorithm == c.Algorithm && len(plain.Points) > 1 {
+					p("; the non-private run's global update (the mean of the sites') had L2 norm %.2f in round 1 and %.2f in round %d, against C = %v",
+						plain.Points[1].Step, plain.Points[len(plain.Points)-1].Step, len(plain.Points)-1, c.DP.ClipNorm)
+				}
+			}
+		}
+		p("\n")
+	}
+	if r.CentralHyper != "" {
+		p("- centralised: the same MLP, `%s`\n", r.CentralHyper)
+	}
+	p("\n")
+}
+
+// accuracies lists a curve's test accuracies from round 1 on.
+func accuracies(ps []fashionPoint) string {
+	var s []string
+	for _, x := range ps {
+		if x.Round > 0 {
+			s = append(s, fmt.Sprintf("%.4f", x.Accuracy))
+		}
+	}
+	return strings.Join(s, ", ")
+}
+
+func roundOrNone(round int, goal float64) string {
+	if round == 0 {
+		return fmt.Sprintf("none (%.2f not reached)", goal)
+	}
+	return fmt.Sprintf("%d", round)
+}
+
+func fmtFloats(v []float64, format string) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = fmt.Sprintf(format, x)
+	}
+	return strings.Join(s, ", ")
 }

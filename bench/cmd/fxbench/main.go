@@ -4,7 +4,7 @@
 // them as JSON for `fxbench report`, which makes bench/RESULTS.md.
 //
 //	fxbench capacity -n 1000     director capacity: N envoys heartbeating over mTLS
-//	fxbench fashion              federated Fashion-MNIST to 0.85 vs centralised training
+//	fxbench fashion              federated Fashion-MNIST: test accuracy per round per algorithm and sharding, and with DP
 //	fxbench pytorch              a PyTorch MLP through fx's runner vs directly vs the built-in MLP
 //	fxbench large                models of 64 MiB to 1 GiB through director and envoy processes vs raw gRPC
 //	fxbench failover             time for a standby director to take over from a killed leader
@@ -69,8 +69,11 @@ commands:
              connection and certificate, register and heartbeat; baseline:
              the same connections calling grpc.health.v1 Check on a bare
              gRPC server with the same mTLS
-  fashion    federated Fashion-MNIST (built-in MLP, 4 envoys) to a target
-             accuracy; baseline: centralised training of the same model
+  fashion    federated Fashion-MNIST (built-in MLP, a director and 4 envoys
+             as fx processes per curve): test accuracy of every round's
+             model for fedavg, fedprox, scaffold, fedadam and fedbuff on IID
+             and Dirichlet α = 0.5 shards, and fedavg with DP at ε ≈ 3;
+             baseline: centralised training of the same model
   pytorch    the same PyTorch MLP three ways on the same shards: directly in
              one Python process (the floor), through fx's persistent exec
              runner with N envoys as separate fx processes, and fx's

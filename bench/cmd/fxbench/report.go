@@ -347,36 +347,8 @@ func reportMain(args []string) error {
 	}
 	p("\n")
 
-	// Federated Fashion-MNIST.
-	p("## Federated Fashion-MNIST\n\n")
-	var fr fashionResult
-	if b, err := os.ReadFile(filepath.Join(*dir, "fashion.json")); err != nil || json.Unmarshal(b, &fr) != nil {
-		p("Not measured (no fashion.json).\n")
-	} else {
-		p("Built-in %s; %d envoys (%s), each its own certificate, director and envoys in one process over mTLS on 127.0.0.1, FedAvg, the quickstart plan with more rounds. ", fr.Model, fr.Envoys, fr.Sharding)
-		p("Accuracy is the aggregated validation accuracy (the envoys' validation shards together are the 20%% of the training images held out of training; the 10000 test images are not used). ")
-		p("Time: from the submission until the round whose model reached %.2f completed (the accuracy itself is reported with the next round's aggregated_model_validation). ", fr.Target)
-		p("Baseline, same run: the same model, hyper-parameters and initialisation trained centrally (runner/builtin, one epoch per step) on the same training images, validated on the same held-out images after each epoch. Started %s, load `%s`.\n\n", fr.Start.Format("15:04 MST"), fr.Uptime)
-		p("| run | to %.2f | wall time | accuracy known after | per step (s, accuracy) |\n|---|---|---|---|---|\n", fr.Target)
-		steps := func(v []fashionStep) string {
-			var s []string
-			for _, x := range v {
-				s = append(s, fmt.Sprintf("%d: %.1f s %.4f", x.N, x.Seconds, x.Accuracy))
-			}
-			return strings.Join(s, "; ")
-		}
-		p("| centralised (baseline) | %d epochs | %.1f s | %.1f s | %s |\n", fr.Central.Epochs, fr.Central.Seconds, fr.Central.KnownSeconds, steps(fr.Central.Steps))
-		p("| federated, %d envoys | %d rounds | %.1f s | %.1f s | %s |\n", fr.Envoys, fr.Federated.Rounds, fr.Federated.Seconds, fr.Federated.KnownSeconds, steps(fr.Federated.Steps))
-		p("| **federated/centralised** | | **%.2f×** | | setup before submission (PKI, director, envoys loading shards, all online): %.1f s |\n", fr.TimeRatio, fr.Federated.SetupSeconds)
-		if fr.Runs > 1 {
-			var rs []string
-			for _, r := range fr.Ratios {
-				rs = append(rs, fmt.Sprintf("%.2f×", r))
-			}
-			p("\nBoth were run %d times; the rows above are the run with the median ratio. Every run's federated/centralised ratio: %s.\n", fr.Runs, strings.Join(rs, ", "))
-		}
-	}
-	p("\n")
+	reportFashion(p, *dir)
+	reportNotes(p, *notes, "fashion")
 	reportPyTorch(p, *dir)
 	reportLarge(p, *dir)
 	reportNotes(p, *notes, "large")
