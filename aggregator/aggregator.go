@@ -145,6 +145,9 @@ type Aggregator struct {
 	maxTotalWeight float64
 	// modelBytes is the size of the model's data.
 	modelBytes int64
+	// buffer is K, the train updates that close an asynchronous step
+	// (aggregation.mode async, fedbuff.go); unused in synchronous rounds.
+	buffer int
 	// initialDigest is the initial model's tensor.Digest, which round 1's
 	// download announces (empty once round 1 is past at start).
 	initialDigest string
@@ -249,6 +252,7 @@ func New(cfg Config) (*Aggregator, error) {
 		closeReq: make(chan struct{}, 1),
 		changed:  make(chan struct{}),
 		parts:    map[string]*participant{},
+		buffer:   cfg.Plan.BufferFor(len(cfg.Participants)),
 	}
 	for _, name := range cfg.Participants {
 		a.parts[name] = &participant{name: name, lastRound: -1}
@@ -273,14 +277,18 @@ func (a *Aggregator) maxWeight(name string) int64 {
 // weight is a train update's FedAvg weight under the plan's
 // aggregation.weights. checkSamples has bounded the reported samples by
 // the registered ones, so it is at most maxWeight.
+//
+// A stale update of an asynchronous step weighs that times the plan's
+// staleness function, at most 1, so the bound holds (fedbuff.go).
 func (a *Aggregator) weight(r TaskResult) float64 {
+	f := a.plan.StalenessWeight(r.Staleness)
 	switch a.plan.Aggregation.Weights {
 	case experiment.WeightsEqual:
-		return 1
+		return f
 	case experiment.WeightsRegistered:
-		return float64(a.cfg.Registered[r.Collaborator].Train)
+		return f * float64(a.cfg.Registered[r.Collaborator].Train)
 	}
-	return float64(r.Samples)
+	return f * float64(r.Samples)
 }
 
 // Run serves the experiment until every round is complete (nil), a round
@@ -349,7 +357,10 @@ func (a *Aggregator) memoryNeed() (need, held int64) {
 		s := secureSumBytes(a.layout)
 		need, held = p+s+min(StageBudget(p), n*s), 0
 	}
-	if a.keepsModel() {
+	switch {
+	case a.plan.Async():
+		need, held = need+p, held+p // the global model the step starts from
+	case a.keepsModel():
 		need, held = need+5*p, held+3*p
 	}
 	return need, held
@@ -358,7 +369,9 @@ func (a *Aggregator) memoryNeed() (need, held int64) {
 // keepsModel reports whether the global model stays in memory between
 // rounds: a server optimiser steps from it, and a strategy is given it.
 func (a *Aggregator) keepsModel() bool {
-	return a.opt != nil || a.strategy != nil || a.plan.Scaffold() // SCAFFOLD steps x and c from it (scaffold.go)
+	// SCAFFOLD steps x and c from it (scaffold.go), an asynchronous step
+	// x (fedbuff.go).
+	return a.opt != nil || a.strategy != nil || a.plan.Scaffold() || a.plan.Async()
 }
 
 // lastRound is the number of the final round: the plan's training rounds,
@@ -512,6 +525,9 @@ func (a *Aggregator) active() []string {
 // the plan's percentage of them has (and at least min_reporting). Callers
 // hold a.mu.
 func (a *Aggregator) readyToClose(r *roundState) bool {
+	if a.plan.Async() && r.number <= a.plan.TrainingRounds() {
+		return a.asyncReady(r) // K updates close a step (fedbuff.go)
+	}
 	active := a.active()
 	complete := 0
 	for _, name := range active {

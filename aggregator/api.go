@@ -32,6 +32,10 @@ type TaskResult struct {
 	Task         string             `json:"task"`
 	Samples      int64              `json:"samples"`
 	Metrics      map[string]float64 `json:"metrics"`
+	// Staleness is, in an asynchronous step (aggregation.mode async), how
+	// many steps behind this one the model the result was computed from
+	// is; 0 for a fresh result and in synchronous rounds.
+	Staleness int `json:"staleness,omitempty"`
 }
 
 // RoundSummary is a completed round: every result that counted, and per task

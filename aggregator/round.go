@@ -197,6 +197,13 @@ func (a *Aggregator) aggregate(ctx context.Context, r *roundState) (tensor.Model
 		}
 		return tensor.MultiKrum(r.updates, f, m)
 	}
+	if a.plan.Async() {
+		mean, err := a.acc.TakeMean() // the mean update, Σ w·f(s)·Δ / Σ w·f(s)
+		if err != nil {
+			return nil, err
+		}
+		return asyncStep(a.shared(a.model), mean, a.plan.AsyncLR())
+	}
 	takeMean := a.acc.TakeMean
 	if a.plan.Aggregation.Secure {
 		takeMean = func() (tensor.Model, error) { return a.secureMean(ctx, r) }

@@ -80,7 +80,9 @@ func (s *service) GetTasks(ctx context.Context, req *fxv1.GetTasksRequest) (*fxv
 			return &fxv1.GetTasksResponse{Action: fxv1.GetTasksResponse_QUIT, Reason: reason}, nil
 		}
 		r := a.round
-		if tasks := r.remaining(name); !r.closed && len(tasks) > 0 && !a.sitsOut(r, name) {
+		// An asynchronous step hands a site no tasks once its update is
+		// in: at most one per site per step (fedbuff.go).
+		if tasks := r.remaining(name); !r.closed && len(tasks) > 0 && !a.sitsOut(r, name) && !(a.plan.Async() && r.trainers[name]) {
 			p.task = tasks[0]
 			progress := a.progressOf(p)
 			a.mu.Unlock()
@@ -202,7 +204,7 @@ func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error 
 	if err := a.checkSamples(name, h); err != nil {
 		return err
 	}
-	r, err := a.openUpload(name, h)
+	r, stale, err := a.openUpload(stream.Context(), name, h)
 	if err != nil {
 		return err
 	}
@@ -241,7 +243,7 @@ func (s *service) UploadResult(stream fxv1.Aggregator_UploadResultServer) error 
 		return status.Errorf(codes.InvalidArgument, "task %s returns metrics only, but the upload carries tensors", h.Task)
 	}
 
-	result := TaskResult{Collaborator: name, Task: h.Task, Samples: h.SampleCount, Metrics: h.Metrics}
+	result := TaskResult{Collaborator: name, Task: h.Task, Samples: h.SampleCount, Metrics: h.Metrics, Staleness: stale}
 	if err := a.countResult(r, result, st); err != nil {
 		a.cfg.Metrics.Result(resultOutcome(err))
 		return err
@@ -300,29 +302,48 @@ func (a *Aggregator) checkSamples(name string, h *fxv1.ResultHeader) error {
 }
 
 // openUpload checks that the result is due in the current round and marks
-// it in flight, so a concurrent duplicate is refused.
-func (a *Aggregator) openUpload(name string, h *fxv1.ResultHeader) (*roundState, error) {
+// it in flight, so a concurrent duplicate is refused. In asynchronous
+// rounds the header's round is the one whose model the result was computed
+// from, and stale is how far the current round is ahead of it (fedbuff.go).
+//
+// An asynchronous step that is closing has its updates; an upload that
+// arrives meanwhile waits for the next step and counts there, rather than
+// being refused as late and trained again.
+func (a *Aggregator) openUpload(ctx context.Context, name string, h *fxv1.ResultHeader) (r *roundState, stale int, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	r := a.round
+	for a.plan.Async() && a.round.closed && !a.ended && !a.stopping {
+		changed := a.changed
+		a.mu.Unlock()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			a.mu.Lock()
+			return nil, 0, status.FromContextError(ctx.Err()).Err()
+		}
+		a.mu.Lock()
+	}
+	r = a.round
+	if a.ended {
+		return nil, 0, status.Error(codes.FailedPrecondition, "the experiment has ended; the result is late")
+	}
+	if stale, err = a.staleness(r, int(h.Round), h.Task); err != nil {
+		return nil, 0, err
+	}
 	switch {
-	case a.ended:
-		return nil, status.Error(codes.FailedPrecondition, "the experiment has ended; the result is late")
-	case int(h.Round) != r.number:
-		return nil, status.Errorf(codes.FailedPrecondition, "result for round %d refused: the current round is %d", h.Round, r.number)
 	case r.closed:
-		return nil, status.Errorf(codes.FailedPrecondition, "round %d has closed; the result is late", r.number)
+		return nil, 0, status.Errorf(codes.FailedPrecondition, "round %d has closed; the result is late", r.number)
 	case a.parts[name].dropped != "":
-		return nil, status.Errorf(codes.FailedPrecondition, "envoy %s was dropped from the experiment: %s", name, a.parts[name].dropped)
+		return nil, 0, status.Errorf(codes.FailedPrecondition, "envoy %s was dropped from the experiment: %s", name, a.parts[name].dropped)
 	case !slices.Contains(r.tasks, h.Task):
-		return nil, status.Errorf(codes.InvalidArgument, "task %s is not part of round %d (tasks: %v)", h.Task, r.number, r.tasks)
+		return nil, 0, status.Errorf(codes.InvalidArgument, "task %s is not part of round %d (tasks: %v)", h.Task, r.number, r.tasks)
 	case r.reported[name][h.Task]:
-		return nil, status.Errorf(codes.AlreadyExists, "%s already reported %s in round %d", name, h.Task, r.number)
+		return nil, 0, status.Errorf(codes.AlreadyExists, "%s already reported %s in round %d", name, h.Task, r.number)
 	case r.inflight[name][h.Task]:
-		return nil, status.Errorf(codes.AlreadyExists, "an upload of %s for round %d from %s is already in progress", h.Task, r.number, name)
+		return nil, 0, status.Errorf(codes.AlreadyExists, "an upload of %s for round %d from %s is already in progress", h.Task, r.number, name)
 	}
 	mark(r.inflight, name, h.Task, true)
-	return r, nil
+	return r, stale, nil
 }
 
 // countResult counts a received result, unless its round closed
@@ -469,7 +490,9 @@ func (s *service) UploadPosition(ctx context.Context, req *fxv1.UploadPositionRe
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	r := a.round
-	if r == nil || int(req.GetRound()) != r.number || !runner.IsTrain(req.GetTask()) || r.partial[name] == nil {
+	// The kept upload's header names the round it was for: the current
+	// one, or in asynchronous rounds the one its model came from.
+	if r == nil || !runner.IsTrain(req.GetTask()) || r.partial[name] == nil || r.partial[name].header.GetRound() != req.GetRound() {
 		return &fxv1.UploadPositionResponse{}, nil
 	}
 	pos := r.partial[name].dec.Position()

@@ -90,6 +90,10 @@ type Config struct {
 	// gradients by the control variates and uploads the change of the
 	// site's own, which it keeps in WorkDir (scaffold.go).
 	Scaffold bool
+	// Async is set for asynchronous rounds (the plan's aggregation.mode
+	// async): the train upload is the update, trained − global model,
+	// which the aggregator sums across steps (fedbuff.go).
+	Async bool
 }
 
 // Defaults for Config.
@@ -661,6 +665,13 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 		c.log.Warn("result not counted: this site took no part in the round's secure aggregation", "round", round, "task", task)
 		return true, nil
 	}
+	upload := c.shared(res.Model) // the local tensors stay here
+	if runner.IsTrain(task) && c.cfg.Async {
+		var err error
+		if upload, err = delta(c.shared(c.model), upload); err != nil {
+			return false, err
+		}
+	}
 	if runner.IsTrain(task) {
 		start := time.Now()
 		defer func() {
@@ -704,7 +715,7 @@ func (c *Collaborator) upload(ctx context.Context, round int, task string, res r
 			if c.cfg.Secure != nil {
 				err = c.encodeMasked(enc, round, res.Model)
 			} else {
-				err = enc.EncodeModel(c.shared(res.Model)) // the local tensors stay here
+				err = enc.EncodeModel(upload)
 			}
 			if err != nil && !errors.Is(err, io.EOF) {
 				return stalled(ctx, err)

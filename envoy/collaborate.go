@@ -32,6 +32,7 @@ func DefaultCollaborator(ctx context.Context, spec CollaboratorSpec) error {
 		Local:        localTensors(spec.Plan),
 		Secure:       secureAggregation(spec.Plan),
 		Scaffold:     spec.Plan != nil && spec.Plan.Scaffold(),
+		Async:        spec.Plan != nil && spec.Plan.Async(),
 	})
 	if err != nil {
 		return err

@@ -441,6 +441,18 @@ type Aggregation struct {
 	// [−R, R] and sent in fixed point with 30 − ⌈log2 R⌉ fractional bits.
 	// 0 means DefaultSecureRange.
 	SecureRange float64 `yaml:"secure_range,omitempty" json:"secure_range,omitempty"`
+	// Mode is sync (the default: a round waits for its sites, see
+	// stragglers) or async (mode): FedBuff's buffered asynchronous rounds,
+	// in which a server step is taken as soon as Buffer updates have
+	// arrived, whatever model they were trained from (fedbuff.go).
+	Mode string `yaml:"mode,omitempty" json:"mode,omitempty"`
+	// Buffer is K, the train updates that close an asynchronous server
+	// step (buffer), at most participants.min; 0 means one less than the
+	// experiment's participants (BufferFor).
+	Buffer int `yaml:"buffer,omitempty" json:"buffer,omitempty"`
+	// Staleness says how an asynchronous step weighs an update trained
+	// from an older model, and which it refuses (staleness).
+	Staleness Staleness `yaml:"staleness,omitempty" json:"staleness,omitzero"`
 }
 
 // DefaultSecureRange is aggregation.secure_range when the plan gives none:
@@ -768,6 +780,7 @@ func (p *Plan) validate(limits, anyAlgorithm bool) error {
 	p.validateAggregation(&v, anyAlgorithm)
 	p.validateTraining(&v)
 	p.validateScaffold(&v)
+	p.validateAsync(&v)
 	p.validateStragglers(&v)
 	p.validateTasks(&v)
 	p.validateBestModel(&v)
