@@ -9,6 +9,7 @@
 //	fxbench large                models of 64 MiB to 1 GiB through director and envoy processes vs raw gRPC
 //	fxbench failover             time for a standby director to take over from a killed leader
 //	fxbench secure               a secure aggregation (or, -mode dp, DP) round vs a plain one, through director and envoy processes
+//	fxbench fedbuff              asynchronous (FedBuff) vs synchronous rounds with one site 5× slower
 //	fxbench report               collect bench/out into bench/RESULTS.md
 //
 // See bench/README.md.
@@ -43,6 +44,8 @@ func main() {
 		err = failoverMain(args)
 	case "secure":
 		err = secureMain(args)
+	case "fedbuff":
+		err = fedbuffMain(args)
 	case "rawmove": // the child processes of large's baseline
 		err = rawmoveMain(args)
 	case "report":
@@ -101,6 +104,10 @@ commands:
              with aggregation.secure (-mode dp: with privacy.dp, at envoys
              keeping a budget), alternating; per trial the median round
              time of each and their ratio (goal ≤ 2; DP ≤ 1.1)
+  fedbuff    asynchronous rounds: a director and 4 envoys as fx processes,
+             one of them 5× slower (an exec runner that sleeps), run the
+             same server steps synchronously and with aggregation.mode
+             async, alternating; the wall-time ratio (goal ≤ 0.5)
   report     write bench/RESULTS.md from the outputs in bench/out
 
 Run "fxbench <command> -h" for a command's flags.

@@ -395,6 +395,9 @@ type fedOptions struct {
 	// envoyYAML, if set, is appended to every envoy's configuration (a
 	// privacy budget, say).
 	envoyYAML string
+	// env, if set, gives envoy i (from 1) more environment variables for
+	// its runners (exec.env): a per-site setting of the runner script.
+	env func(i int) []string
 }
 
 // startProcFederation starts `fx director start` and n `fx envoy start`
@@ -473,6 +476,12 @@ aggregator: {host: 127.0.0.1, port_min: 0, port_max: 0}
 			f.stop()
 			return nil, err
 		}
+		var env string
+		if o.env != nil {
+			for _, v := range o.env(i) {
+				env += ", " + v
+			}
+		}
 		if err := start(name, em+fmt.Sprintf(`name: %s
 director: {address: "%s", server_name: localhost}
 tls: {cert: %s, key: %s, ca: %s}
@@ -483,9 +492,9 @@ review: {policy: auto}
 exec:
   allow: true
   python: %s
-  env: [PATH=/usr/bin:/bin, OMP_NUM_THREADS=%s]
+  env: [PATH=/usr/bin:/bin, OMP_NUM_THREADS=%s%s]
 max_experiments: 1
-%s`, name, addr, e.Cert, e.Key, e.CA, filepath.Join(dir, name), o.tag, o.shard(i, n), o.python, o.threads, o.envoyYAML), "envoy", "start"); err != nil {
+%s`, name, addr, e.Cert, e.Key, e.CA, filepath.Join(dir, name), o.tag, o.shard(i, n), o.python, o.threads, env, o.envoyYAML), "envoy", "start"); err != nil {
 			f.stop()
 			return nil, err
 		}
