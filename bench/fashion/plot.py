@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: write the file only
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def main():
@@ -41,6 +42,8 @@ def main():
         for c in mine:
             pts = [p for p in c["Points"] if p["Round"] > 0]
             label = c["Algorithm"]
+            if full and not c.get("DP"):
+                label += " (no DP)"
             style = "-"
             if c.get("DP"):
                 dp = c["DP"]
@@ -59,6 +62,7 @@ def main():
             low = min(p["Accuracy"] for c in mine for p in c["Points"] if p["Round"] > 0)
             ax.set_ylim(max(0.0, min(low, goal) - 0.02), max(0.9, goal + 0.02))
         ax.set_xlim(0.5, rounds + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy on the 10000 test images")
