@@ -66,29 +66,40 @@ func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (ru
 	}
 	// What DP costs the round at this site, step by step, for the log.
 	start := time.Now()
-	if p.Ledger != nil {
-		charge := privacy.Charge{
-			Experiment: c.cfg.ExperimentID, Name: p.Name, Round: task.Round,
-			SampledGaussian: privacy.SampledGaussian{Noise: p.Noise, Rate: 1, Steps: 1},
-			Clip:            p.Clip, Delta: p.Delta,
+	// The charge (a durable write: an fsync) and the noise (computation in
+	// memory) overlap; the release leaves nothing before both are done, so
+	// the ε is still charged before the update can leave the site.
+	chargeErr := make(chan error, 1)
+	var charged time.Duration
+	go func() {
+		var err error
+		if p.Ledger != nil {
+			charge := privacy.Charge{
+				Experiment: c.cfg.ExperimentID, Name: p.Name, Round: task.Round,
+				SampledGaussian: privacy.SampledGaussian{Noise: p.Noise, Rate: 1, Steps: 1},
+				Clip:            p.Clip, Delta: p.Delta,
+			}
+			_, err = p.Ledger.Charge(p.Dataset, p.Budget, charge)
 		}
-		if _, err := p.Ledger.Charge(p.Dataset, p.Budget, charge); err != nil {
-			return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
-		}
-	}
-	charged := time.Since(start)
+		charged = time.Since(start) // before the send: read after the receive
+		chargeErr <- err
+	}()
 	// Only what leaves the site: its local tensors (local.go) do not.
 	rel, err := privacy.ClipAndNoise(c.shared(c.model), c.shared(res.Model), p.Clip, p.Noise)
+	noised := time.Since(start)
+	if cerr := <-chargeErr; cerr != nil {
+		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", cerr)
+	}
 	if err != nil {
 		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
 	}
-	noised := time.Since(start) - charged
 	res.Metrics = nil
+	kept := time.Now()
 	c.keepRelease(task.Round, res)
 	// The raw norm is computed from the data without noise: it stays in
 	// the site's log.
 	c.log.Info("update clipped and noised", "round", task.Round, "norm", rel.Norm, "scale", rel.Scale, "noise_std", rel.Std, "reset", rel.Reset,
-		"charge_took", charged.Round(time.Millisecond), "noise_took", noised.Round(time.Millisecond), "keep_took", (time.Since(start) - charged - noised).Round(time.Millisecond))
+		"charge_took", charged.Round(time.Millisecond), "noise_took", noised.Round(time.Millisecond), "keep_took", time.Since(kept).Round(time.Millisecond))
 	return res, nil
 }
 
