@@ -10,7 +10,7 @@
 #                      default "1000 10000 10000:0"
 #   BENCH_WINDOW       capacity measurement window (default 60s)
 #   BENCH_MAX_CONNECTING  first calls in flight for N > 1000 (default 128; 0: no limit)
-#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large telemetry failover privacy fashion
+#   BENCH_SKIP         space-separated parts to skip: go capacity pytorch large telemetry failover privacy fedbuff fashion
 #   BENCH_LARGE_SIZES  model sizes of fxbench large in MiB (default "64,512,1024")
 #   FX_BENCH_ARCHIVE_MIB  archive size of the director's submission benchmark (default 1 GiB)
 set -u
@@ -121,6 +121,16 @@ if [[ $SKIP != *" privacy "* ]]; then
 			status=1
 		fi
 	done
+fi
+
+if [[ $SKIP != *" fedbuff "* ]]; then
+	# Asynchronous against synchronous rounds with one site 5× slower.
+	echo "== fxbench fedbuff"
+	$GO build -o "$OUT/fx" ./cmd/fx || exit 1
+	if ! "$OUT/fxbench" fedbuff -fx "$OUT/fx" -pki "$OUT/pki" -out "$OUT/fedbuff.json" 2>&1 | tee "$OUT/fedbuff.txt"; then
+		echo "!! fedbuff failed (see $OUT/fedbuff.txt)"
+		status=1
+	fi
 fi
 
 if [[ $SKIP != *" fashion "* ]]; then
