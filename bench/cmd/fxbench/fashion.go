@@ -43,6 +43,10 @@ type fashionAlgo struct {
 	Aggregation string // the plan's aggregation, a YAML flow mapping
 	Training    string // the plan's training ("": none)
 	Hyper       string // the built-in MLP's hyper-parameters
+	// MinReporting is the plan's stragglers.min_reporting (0: every
+	// envoy); an asynchronous step closes with its buffer's K updates,
+	// so FedBuff's must be at most K.
+	MinReporting int
 }
 
 // fashionAlgos are the algorithms of issue 21's benchmark, run in this
@@ -53,7 +57,7 @@ var fashionAlgos = []fashionAlgo{
 	{Name: "fedprox", Aggregation: "{algorithm: fedavg}", Training: "{proximal_mu: 0.001}", Hyper: fashionHyperYAML},
 	{Name: "scaffold", Aggregation: "{algorithm: scaffold}", Hyper: fashionHyperYAML},
 	{Name: "fedadam", Aggregation: "{algorithm: fedadam, lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 0.001}", Hyper: fashionHyperYAML},
-	{Name: "fedbuff", Aggregation: "{algorithm: fedavg, mode: async, buffer: 2}", Hyper: fashionHyperYAML},
+	{Name: "fedbuff", Aggregation: "{algorithm: fedavg, mode: async, buffer: 3}", Hyper: fashionHyperYAML, MinReporting: 3},
 }
 
 // fashionSharding is how the training images are cut across the envoys,
@@ -118,6 +122,49 @@ type fashionResult struct {
 	Central      []fashionPoint
 	CentralHyper string
 	Curves       []fashionCurve
+	// Updates are the later runs (-update) whose curves replaced or
+	// joined this run's, each with its own time and load.
+	Updates []fashionUpdate `json:",omitempty"`
+}
+
+// fashionUpdate is one -update run.
+type fashionUpdate struct {
+	Start             time.Time
+	Uptime, UptimeEnd string
+	Curves            []string // sharding and algorithm of each curve it ran
+}
+
+// curveKey names a curve within a result: its sharding, algorithm and
+// whether it ran with DP.
+func curveKey(c fashionCurve) string {
+	k := c.Sharding + " " + c.Algorithm
+	if c.DP != nil {
+		k += " +DP"
+	}
+	return k
+}
+
+// mergeFashion puts the curves of a later run into an earlier result:
+// each replaces the earlier curve of the same key in place, or is
+// appended; the earlier centralised baseline stays unless the later run
+// trained one.
+func mergeFashion(old, later *fashionResult) *fashionResult {
+	merged := *old
+	merged.Curves = slices.Clone(old.Curves)
+	u := fashionUpdate{Start: later.Start, Uptime: later.Uptime, UptimeEnd: later.UptimeEnd}
+	for _, c := range later.Curves {
+		u.Curves = append(u.Curves, curveKey(c))
+		if i := slices.IndexFunc(merged.Curves, func(o fashionCurve) bool { return curveKey(o) == curveKey(c) }); i >= 0 {
+			merged.Curves[i] = c
+		} else {
+			merged.Curves = append(merged.Curves, c)
+		}
+	}
+	if len(later.Central) > 0 {
+		merged.Central, merged.CentralHyper = later.Central, later.CentralHyper
+	}
+	merged.Updates = append(slices.Clone(old.Updates), u)
+	return &merged
 }
 
 func fashionMain(args []string) error {
@@ -141,6 +188,7 @@ func fashionMain(args []string) error {
 	out := fs.String("out", "", "write the result as JSON here")
 	plot := fs.String("plot", "", "draw the curves into this PNG with -plot-script (needs -out)")
 	plotScript := fs.String("plot-script", "bench/fashion/plot.py", "the plotting script (python3 with matplotlib)")
+	update := fs.Bool("update", false, "merge into the result already in -out: this run's curves replace those of the same sharding and algorithm (to re-run one algorithm without the others)")
 	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
 	if _, err := os.Stat(fashionDir); err != nil {
@@ -184,9 +232,26 @@ func fashionMain(args []string) error {
 	res := &fashionResult{Start: time.Now().UTC(), Uptime: uptime(), Envoys: *envoys,
 		Data: fmt.Sprintf("Fashion-MNIST (%s), shards of the training images with seed 1 (20%% held out at each site for validation); accuracy on the %d t10k test images, which no envoy holds", fashionDir, test.Test.N)}
 	fmt.Printf("fashion: %d envoys, load average %s\n", *envoys, loadAverage(res.Uptime))
+	var earlier *fashionResult
+	if *update {
+		if *out == "" {
+			return errors.New("-update merges into -out: give it")
+		}
+		b, err := os.ReadFile(*out)
+		if err == nil {
+			earlier = new(fashionResult)
+			err = json.Unmarshal(b, earlier)
+		}
+		if err != nil {
+			return fmt.Errorf("-update: %w", err)
+		}
+	}
 	save := func() error {
 		if *out == "" {
 			return nil
+		}
+		if earlier != nil {
+			return atomicfile.ReplaceJSON(*out, mergeFashion(earlier, res))
 		}
 		return atomicfile.ReplaceJSON(*out, res)
 	}
@@ -322,12 +387,16 @@ func fashionPlan(name string, rounds, envoys int, a fashionAlgo, dp *fashionDP) 
 	if dp != nil {
 		differs += fmt.Sprintf("privacy: {dp: {noise_multiplier: %v, clip_norm: %v, delta: %v}}\n", dp.NoiseMultiplier, dp.ClipNorm, dp.Delta)
 	}
+	stragglers := fmt.Sprintf("stragglers: {deadline: 10m, min_reporting: %d}\n", envoys)
+	if a.MinReporting > 0 {
+		differs += fmt.Sprintf("stragglers: {deadline: 10m, min_reporting: %d}\n", a.MinReporting)
+		stragglers = ""
+	}
 	plan = fmt.Sprintf(`name: %s
 rounds: %d
 participants: {min: %d, tags: [fashion-mnist]}
-stragglers: {deadline: 10m, min_reporting: %d}
-retention: {every: 1}
-`, name, rounds, envoys, envoys) + differs
+%sretention: {every: 1}
+`, name, rounds, envoys, stragglers) + differs
 	return plan, strings.TrimSpace(differs)
 }
 
@@ -571,6 +640,9 @@ func reportFashion(p func(string, ...any), dir string) {
 	p("every round's global model is then downloaded as a researcher would (`fx experiment model --round`) and scored on the held-out test set. Data: %s. ", r.Data)
 	p("Goals (issue 21): IID ≥ 0.88 within 15 rounds; Dirichlet α = 0.5 label skew ≥ 0.87 within 20 rounds with the best algorithm. ")
 	p("Started %s; load average (1, 5, 15 min) %s → %s. The curves: [fashion.png](fashion.png).\n\n", r.Start.Format("2006-01-02 15:04 MST"), loadAverage(r.Uptime), loadAverage(r.UptimeEnd))
+	for _, u := range r.Updates {
+		p("Re-run later with `-update`, started %s (load average %s → %s): %s.\n\n", u.Start.Format("2006-01-02 15:04 MST"), loadAverage(u.Uptime), loadAverage(u.UptimeEnd), strings.Join(u.Curves, ", "))
+	}
 	p("![test accuracy per round](fashion.png)\n\n")
 	p("| sharding | algorithm | best test accuracy (round) | goal | first round at the goal | wall time (s) | test accuracy per round (1, 2, …) |\n|---|---|---|---|---|---|---|\n")
 	if len(r.Central) > 1 {

@@ -11,14 +11,11 @@ import (
 	"github.com/fx-fl/fx/experiment"
 )
 
-// TestFashionPlansParse: every algorithm's plan (but FedBuff's, which
-// needs an fx with asynchronous rounds) and the DP plan are plans fx
-// accepts, so that the benchmark does not fail after its first curves.
+// TestFashionPlansParse: every algorithm's plan and the DP plan are plans
+// fx accepts, so that the benchmark does not fail (or skip FedBuff) after
+// its first curves.
 func TestFashionPlansParse(t *testing.T) {
 	for _, a := range fashionAlgos {
-		if a.Name == "fedbuff" {
-			continue
-		}
 		plan, _ := fashionPlan("t-"+a.Name, 15, 4, a, nil)
 		if _, err := experiment.ParsePlan([]byte(plan)); err != nil {
 			t.Errorf("%s: %v\n%s", a.Name, err, plan)
@@ -93,5 +90,35 @@ func TestReportFashion(t *testing.T) {
 	reportFashion(func(f string, a ...any) { fmt.Fprintf(&w, f, a...) }, t.TempDir())
 	if !strings.Contains(w.String(), "Not measured") {
 		t.Errorf("without fashion.json: %s", w.String())
+	}
+}
+
+// TestMergeFashion: a later run's curve replaces the one of the same
+// sharding and algorithm in place (a DP curve is another), a new one is
+// appended, the earlier baseline stays, and the update is recorded.
+func TestMergeFashion(t *testing.T) {
+	old := &fashionResult{Central: []fashionPoint{{Round: 1, Accuracy: 0.8}}, Curves: []fashionCurve{
+		{Sharding: "IID", Algorithm: "fedavg", Best: 0.1},
+		{Sharding: "IID", Algorithm: "fedbuff", Skipped: "refused"},
+		{Sharding: "IID", Algorithm: "fedavg", DP: &fashionDP{}, Best: 0.2},
+	}}
+	later := &fashionResult{Uptime: "load average: 1.00, 2.00, 3.00", Curves: []fashionCurve{
+		{Sharding: "IID", Algorithm: "fedbuff", Best: 0.88},
+		{Sharding: "skew", Algorithm: "fedbuff", Best: 0.87},
+	}}
+	m := mergeFashion(old, later)
+	var got []string
+	for _, c := range m.Curves {
+		got = append(got, fmt.Sprintf("%s %.2f %s", curveKey(c), c.Best, c.Skipped))
+	}
+	want := []string{"IID fedavg 0.10 ", "IID fedbuff 0.88 ", "IID fedavg +DP 0.20 ", "skew fedbuff 0.87 "}
+	if strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Errorf("curves %q, want %q", got, want)
+	}
+	if len(m.Central) != 1 || len(m.Updates) != 1 || strings.Join(m.Updates[0].Curves, ",") != "IID fedbuff,skew fedbuff" {
+		t.Errorf("central %v, updates %+v", m.Central, m.Updates)
+	}
+	if old.Curves[1].Skipped != "refused" {
+		t.Error("the earlier result was changed")
 	}
 }
