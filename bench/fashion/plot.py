@@ -64,7 +64,7 @@ def main():
         ax.set_xlim(0.5, rounds + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
-        ax.set_xlabel("round")
+        ax.set_xlabel("round (fedbuff: server step)")
         ax.set_ylabel("accuracy on the 10000 test images")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
