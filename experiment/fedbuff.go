@@ -158,6 +158,18 @@ func (p *Plan) validateAsync(v *problems) {
 	case k > 0 && sites >= 1 && k > sites:
 		v.add("aggregation.buffer", fmt.Sprintf("is %d but participants.min is %d: an experiment that starts with %d sites could never fill a step; lower buffer or raise participants.min", k, sites, sites))
 	}
+	// A step closes with K updates, and one that closes with fewer than
+	// min_reporting fails the experiment: K must allow it. With buffer 0,
+	// K is the participants but one, at least participants.min − 1.
+	if k, mr := a.Buffer, p.Stragglers.MinReporting; k >= 0 && mr >= 1 {
+		what := fmt.Sprintf("buffer %d", k)
+		if k == 0 && p.Participants.Min >= 1 {
+			k, what = max(1, p.Participants.Min-1), fmt.Sprintf("the default buffer (participants − 1, %d with participants.min %d)", max(1, p.Participants.Min-1), p.Participants.Min)
+		}
+		if k > 0 && mr > k {
+			v.add("stragglers.min_reporting", fmt.Sprintf("is %d, but an asynchronous step closes with %s updates and would fail: lower min_reporting to at most %d, or set aggregation.buffer", mr, what, k))
+		}
+	}
 	st := a.Staleness
 	switch st.Function {
 	case "", StalenessPolynomial:

@@ -34,6 +34,9 @@ func TestAsyncPlanRules(t *testing.T) {
 		{"exponent with constant", base + builtinRunner + "aggregation: {mode: async, staleness: {function: constant, exponent: 2}}\n", []string{"aggregation.staleness.exponent"}, "only used with function: polynomial"},
 		{"negative max", base + builtinRunner + "aggregation: {mode: async, staleness: {max: -2}}\n", []string{"aggregation.staleness.max"}, "must be at least 1"},
 
+		{"min_reporting above buffer", base + builtinRunner + four + "aggregation: {mode: async, buffer: 2}\nstragglers: {min_reporting: 3}\n", []string{"stragglers.min_reporting"}, "closes with buffer 2 updates"},
+		{"min_reporting above the default buffer", base + builtinRunner + four + "aggregation: {mode: async}\nstragglers: {min_reporting: 4}\n", []string{"stragglers.min_reporting"}, "the default buffer (participants − 1, 3 with participants.min 4)"},
+		{"min_reporting at buffer", base + builtinRunner + four + "aggregation: {mode: async, buffer: 3}\nstragglers: {min_reporting: 3}\n", nil, ""},
 		{"async with median", base + builtinRunner + "aggregation: {mode: async, algorithm: median}\n", []string{"aggregation.mode"}, "cannot be combined with algorithm median"},
 		{"async with trimmed_mean", base + builtinRunner + "aggregation: {mode: async, algorithm: trimmed_mean}\n", []string{"aggregation.mode"}, "cannot be combined with algorithm trimmed_mean"},
 		{"async with krum", base + builtinRunner + "participants: {min: 5}\naggregation: {mode: async, algorithm: krum}\n", []string{"aggregation.mode"}, "cannot be combined with algorithm krum"},
