@@ -50,3 +50,57 @@ func TestFedBuff(t *testing.T) {
 		t.Errorf("the final model's aggregated validation accuracy is %.4f, want ≥ 0.6 on the easy synthetic data", acc)
 	}
 }
+
+// TestFedBuffDirectorKilled: the director (and its aggregator) is killed
+// with SIGKILL in the middle of an asynchronous experiment whose sites are
+// slow and of different speeds. Restarted, it resumes from the last
+// completed step: the updates in that step's buffer are lost, their sites
+// train again, and the experiment finishes every step, each step's
+// aggregates published once.
+func TestFedBuffDirectorKilled(t *testing.T) {
+	requireE2E(t)
+	sites := []string{"site-1", "site-2", "site-3"}
+	f := newFed(t, []string{"alice"}, sites)
+	f.startDirector(directorOptions{})
+	f.startEnvoy("site-1", syntheticShard(1, 3, "features: 64\ntrain_samples: 10000\nvalid_samples: 2000\n"))
+	f.startEnvoy("site-2", syntheticShard(2, 3, "features: 64\ntrain_samples: 10000\nvalid_samples: 2000\n"))
+	f.startEnvoy("site-3", slowShard(3, 3))
+	c := f.researcher("alice")
+	f.waitEnvoysOnline(c, sites...)
+
+	const steps = 5
+	plan := strings.Replace(syntheticPlan("fedbuff-kill", steps, slowHyper, ""), "aggregation: {algorithm: fedavg}",
+		"aggregation: {mode: async, buffer: 2}", 1)
+	plan = strings.Replace(plan, "participants: {min: 2,", "participants: {min: 3,", 1)
+	f.submit("alice", writePlan(t, plan))
+	var killStep int32
+	f.waitFor(2*time.Minute, "a step past the first to run", func() (bool, error) {
+		e, err := getExp(c, "fedbuff-kill")
+		if err != nil {
+			return false, err
+		}
+		if e.GetState() == fxv1.ExperimentState_FINISHED {
+			t.Fatal("finished before the moment came")
+		}
+		killStep = e.GetRound()
+		return e.GetState() == fxv1.ExperimentState_RUNNING && killStep >= 2 && killStep < steps, nil
+	})
+	f.director.kill(t)
+	t.Logf("killed the director in step %d", killStep)
+	f.restartDirector()
+	done := f.waitState(c, "fedbuff-kill", 4*time.Minute, fxv1.ExperimentState_FINISHED)
+	if done.GetRound() != steps {
+		t.Errorf("finished at step %d, want %d", done.GetRound(), steps)
+	}
+	evs := f.watchEvents("alice", "fedbuff-kill")
+	checkSequences(t, evs)
+	agg := aggregates(t, evs) // fails on an aggregate published twice
+	for step := 1; step <= steps; step++ {
+		if got := reporters(evs, step, runner.TaskTrain); len(got) != 2 {
+			t.Errorf("step %d counted the train updates of %v, want exactly K = 2", step, got)
+		}
+		if _, ok := agg[step][runner.TaskTrain]; !ok {
+			t.Errorf("step %d: no train aggregate", step)
+		}
+	}
+}
