@@ -39,12 +39,11 @@ import (
 // same.
 //
 // The price is the stage, a model's worth of bytes per upload in flight. In
-// memory it is a model-sized buffer the chunks are copied into, kept for
-// the next upload when this one ends: a copy into memory touched before
-// is cheaper than holding on to the freshly allocated wire frames, whose
-// memory the runtime hands back and takes anew (on some hypervisors a
-// page's first touch costs more than copying it). Memory stages are
-// bounded by AccumulatorConfig.MemoryBudget; an upload begun
+// memory it is the chunks themselves: Upload.Keep holds on to the caller's
+// chunk (the decoded wire frame, which the receiver allocated anyway)
+// instead of copying it, so staging costs no pass over the bytes;
+// Upload.AddChunk copies for callers that reuse their buffers. Memory
+// stages are bounded by AccumulatorConfig.MemoryBudget; an upload begun
 // when the stages in memory would pass it is staged in a file in
 // AccumulatorConfig.SpillDir instead (unlinked at once, so nothing is left
 // behind even after a crash), at the cost of writing it to disk and
@@ -111,7 +110,6 @@ type Accumulator struct {
 	// times as fast as growing a new one. There are never more than uploads
 	// were staged at once; Close frees them.
 	spares    []*os.File
-	memSpares [][]byte // in-memory stages kept for the next upload
 	memStaged int64
 	closed    bool
 	total     float64 // the weights counted, unscaled
@@ -621,10 +619,10 @@ type Upload struct {
 
 	mu   sync.Mutex
 	next []int64 // per slot: elements staged so far
-	// mem is an in-memory stage, laid out as a stage file is; or file is a
-	// spilled one.
-	mem  []byte
-	file *os.File
+	// chunks is an in-memory stage: per slot, its chunks in order. Or
+	// file is a spilled one.
+	chunks [][][]byte
+	file   *os.File
 	// unlinked is set once the stage file's name is gone.
 	unlinked bool
 	err      error // first error: the upload can no longer be committed
@@ -644,7 +642,7 @@ func (a *Accumulator) Begin() (*Upload, error) {
 	u := &Upload{acc: a, generation: gen, next: make([]int64, len(a.slots))}
 	switch {
 	case inMemory:
-		u.mem = a.takeMemStage()
+		u.chunks = make([][][]byte, len(a.slots))
 	default:
 		if f := a.takeSpare(); f != nil {
 			u.file, u.unlinked = f, true
@@ -669,30 +667,31 @@ func (a *Accumulator) Begin() (*Upload, error) {
 // finite. The first error spoils the upload: later calls and Commit return
 // it, and the caller should Discard.
 func (u *Upload) AddChunk(name string, elemOffset int64, raw []byte, dtype DType) error {
-	return u.add(name, elemOffset, raw, dtype)
+	return u.add(name, elemOffset, raw, dtype, false)
 }
 
-// Keep is AddChunk, for the aggregator's stages, some of which keep the
-// caller's chunk; this one copies it, so raw is the caller's again on
-// return.
+// Keep is AddChunk without the copy: an in-memory stage holds raw itself
+// until the upload is committed or discarded, so the caller must not
+// change it until then. A receiver whose decoder hands it freshly
+// allocated chunks stages them at no cost this way.
 func (u *Upload) Keep(name string, elemOffset int64, raw []byte, dtype DType) error {
-	return u.add(name, elemOffset, raw, dtype)
+	return u.add(name, elemOffset, raw, dtype, true)
 }
 
-func (u *Upload) add(name string, elemOffset int64, raw []byte, dtype DType) error {
+func (u *Upload) add(name string, elemOffset int64, raw []byte, dtype DType, keep bool) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if err := u.usable(); err != nil {
 		return err
 	}
-	if err := u.stage(name, elemOffset, raw, dtype); err != nil {
+	if err := u.stage(name, elemOffset, raw, dtype, keep); err != nil {
 		u.err = fmt.Errorf("upload rejected: %w", err)
 		return u.err
 	}
 	return nil
 }
 
-func (u *Upload) stage(name string, elemOffset int64, raw []byte, dtype DType) error {
+func (u *Upload) stage(name string, elemOffset int64, raw []byte, dtype DType, keep bool) error {
 	s, n, err := u.acc.slot(name, elemOffset, raw, dtype)
 	if err != nil {
 		return err
@@ -707,13 +706,15 @@ func (u *Upload) stage(name string, elemOffset int64, raw []byte, dtype DType) e
 	if err := CheckFiniteRaw(raw, dtype, elemOffset); err != nil {
 		return fmt.Errorf("tensor %q: %w", name, err)
 	}
-	at := s.stageOff + elemOffset*int64(dtype.Size())
-	if u.file != nil {
-		if _, err := u.file.WriteAt(raw, at); err != nil {
+	switch {
+	case u.file != nil:
+		if _, err := u.file.WriteAt(raw, s.stageOff+elemOffset*int64(dtype.Size())); err != nil {
 			return fmt.Errorf("stage tensor %q: %w", name, err)
 		}
-	} else {
-		copy(u.mem[at:], raw)
+	case keep:
+		u.chunks[i] = append(u.chunks[i], raw)
+	default:
+		u.chunks[i] = append(u.chunks[i], slices.Clone(raw))
 	}
 	u.next[i] += n
 	return nil
@@ -812,14 +813,15 @@ func (u *Upload) Commit(weight float64) error {
 // be: small enough to stay in the cache between its read and its fold
 // (measured: 256 KiB folded 10 × 100 MB 10–40 % faster than 1 MiB or
 // more; mapping the file instead of reading it was four times slower).
-// Memory stages are folded in pieces of the same size.
+// Kept chunks are folded as they came (at most MaxChunk each).
 const stagePiece = 256 << 10
 
-// stagedPiece is a run of one float tensor's elements at byte offset off
-// of the stage (its memory or its file).
+// stagedPiece is a run of one float tensor's elements in the stage: raw
+// (in memory) or at byte offset off of the stage file.
 type stagedPiece struct {
 	slot *accSlot
 	elem int64
+	raw  []byte
 	off  int64
 	n    int64 // bytes
 }
@@ -837,6 +839,14 @@ func (u *Upload) foldStage(weight float64) error {
 			continue
 		}
 		size := int64(s.dtype.Size())
+		if u.file == nil {
+			var elem int64
+			for _, c := range u.chunks[i] {
+				pieces = append(pieces, stagedPiece{slot: s, elem: elem, raw: c, n: int64(len(c))})
+				elem += int64(len(c)) / size
+			}
+			continue
+		}
 		step := int64(stagePiece) / size * size
 		for off := int64(0); off < s.n*size; off += step {
 			pieces = append(pieces, stagedPiece{slot: s, elem: off / size, off: s.stageOff + off, n: min(step, s.n*size-off)})
@@ -860,10 +870,8 @@ func (u *Upload) foldStage(weight float64) error {
 					return
 				}
 				p := pieces[k]
-				var raw []byte
-				if u.file == nil {
-					raw = u.mem[p.off : p.off+p.n]
-				} else {
+				raw := p.raw
+				if u.file != nil {
 					raw = buf[:p.n]
 					if _, err := u.file.ReadAt(raw, p.off); err != nil {
 						errs[w] = fmt.Errorf("upload: read back staged tensor %q: %w", p.slot.name, err)
@@ -882,7 +890,10 @@ func (u *Upload) foldStage(weight float64) error {
 // read fills dst with slot i's staged bytes.
 func (u *Upload) read(dst []byte, i int) error {
 	if u.file == nil {
-		copy(dst, u.mem[u.acc.slots[i].stageOff:])
+		at := 0
+		for _, c := range u.chunks[i] {
+			at += copy(dst[at:], c)
+		}
 		return nil
 	}
 	_, err := u.file.ReadAt(dst, u.acc.slots[i].stageOff)
@@ -905,9 +916,11 @@ func (u *Upload) Discard() {
 // release frees the stage; the caller holds u.mu.
 func (u *Upload) release() {
 	u.done = true
-	if u.mem != nil {
-		u.acc.keepMemStage(u.mem)
-		u.mem = nil
+	if u.chunks != nil {
+		u.chunks = nil
+		u.acc.mu.Lock()
+		u.acc.memStaged -= u.acc.stageBytes
+		u.acc.mu.Unlock()
 	}
 	if u.file != nil {
 		if !u.unlinked || !u.acc.keepSpare(u.file) {
@@ -917,33 +930,6 @@ func (u *Upload) release() {
 			os.Remove(u.file.Name()) // best effort: the file holds nothing that must survive
 		}
 		u.file = nil
-	}
-}
-
-// takeMemStage returns memory for an in-memory stage: a stage's kept from
-// an earlier upload, or new. Memory is reused for the reason files are:
-// on some hypervisors a page's first touch costs more than copying it (a
-// new stage of 256 MiB made uploads a third slower than a kept one). The
-// caller has counted it in memStaged.
-func (a *Accumulator) takeMemStage() []byte {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if n := len(a.memSpares); n > 0 {
-		m := a.memSpares[n-1]
-		a.memSpares = a.memSpares[:n-1]
-		return m
-	}
-	return alignedBytes(a.stageBytes)
-}
-
-// keepMemStage takes back an in-memory stage for the next upload, unless
-// the accumulator is closed, and uncounts it from memStaged.
-func (a *Accumulator) keepMemStage(m []byte) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.memStaged -= a.stageBytes
-	if !a.closed {
-		a.memSpares = append(a.memSpares, m)
 	}
 }
 
@@ -977,7 +963,7 @@ func (a *Accumulator) keepSpare(f *os.File) bool {
 func (a *Accumulator) Close() error {
 	a.mu.Lock()
 	spares := a.spares
-	a.spares, a.memSpares, a.closed = nil, nil, true
+	a.spares, a.closed = nil, true
 	a.mu.Unlock()
 	var errs []error
 	for _, f := range spares {
