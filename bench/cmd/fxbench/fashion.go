@@ -183,13 +183,10 @@ func fashionMain(args []string) error {
 	// C does not change how much signal survives the noise, only the
 	// scale of the weights: 0.1 keeps the noised model's losses finite.
 	dpClip := fs.Float64("dp-clip", 0.1, "the DP clip norm C")
-	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
-	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
-	out := fs.String("out", "", "write the result as JSON here")
+	pkiDir, fxBin, out, keep := federationFlags(fs)
 	plot := fs.String("plot", "", "draw the curves into this PNG with -plot-script (needs -out)")
 	plotScript := fs.String("plot-script", "bench/fashion/plot.py", "the plotting script (python3 with matplotlib)")
 	update := fs.Bool("update", false, "merge into the result already in -out: this run's curves replace those of the same sharding and algorithm (to re-run one algorithm without the others)")
-	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
 	if _, err := os.Stat(fashionDir); err != nil {
 		return fmt.Errorf("%s is missing: apt-get install dataset-fashion-mnist", fashionDir)

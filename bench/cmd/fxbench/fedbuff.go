@@ -14,32 +14,6 @@ import (
 	"github.com/fx-fl/fx/tensor"
 )
 
-// fedbuffScript is the benchmark's site runner: a train task sleeps
-// FXBENCH_TRAIN_SECONDS (the envoy's exec.env sets it, 5× longer at the
-// slow site) and then adds a small constant to every weight, so a site's
-// training time is what the benchmark sets and costs the shared machine no
-// CPU; validations send fixed metrics.
-const fedbuffScript = `import os
-import time
-
-import numpy as np
-
-from fx import site
-
-delay = float(os.environ["FXBENCH_TRAIN_SECONDS"])
-data = site.data()
-for task in site.tasks():
-    if task.train:
-        time.sleep(delay)
-        model = task.model()
-        for weights in model.values():
-            weights += np.float32(1e-3)
-        task.send(model, samples=len(data.train), metrics={"loss": 0.0})
-        del model, weights
-    else:
-        task.send(samples=len(data.valid), metrics={"accuracy": 0.5})
-`
-
 // fedbuffTrial is one pair of experiments, synchronous and asynchronous,
 // on the same federation.
 type fedbuffTrial struct {
@@ -78,11 +52,8 @@ func fedbuffMain(args []string) error {
 	slow := fs.Float64("slow", 5, "how many times longer the slow site's train task takes")
 	buffer := fs.Int("buffer", 0, "aggregation.buffer of the asynchronous experiments (0: envoys − 1)")
 	trials := fs.Int("trials", 3, "pairs of experiments (sync, async), alternating which goes first; odd, so the ratio is a true median")
-	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
-	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
+	pkiDir, fxBin, out, keep := federationFlags(fs)
 	python := fs.String("python", "/usr/bin/python3", "the runners' interpreter (with numpy)")
-	out := fs.String("out", "", "write the result as JSON here")
-	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
 	if *envoys < 2 || *steps < 1 || *trials < 1 || *train <= 0 || *slow < 1 || *buffer < 0 || *buffer > *envoys {
 		return errors.New("want -envoys ≥ 2, -steps ≥ 1, -trials ≥ 1, -train > 0, -slow ≥ 1, 0 ≤ -buffer ≤ -envoys")
@@ -93,8 +64,11 @@ func fedbuffMain(args []string) error {
 	}
 	res := &fedbuffResult{Envoys: *envoys, Steps: *steps, Train: *train, Slow: *slow, Buffer: k, Goal: 0.5,
 		Async: fmt.Sprintf("aggregation: {mode: async, buffer: %d}", k)}
-	if _, err := rewriteScript(*python); err != nil {
-		return err // the numpy check
+	// bench/large/rewrite.py; each site's train task sleeps
+	// FXBENCH_TRAIN_SECONDS first (5× longer at the slow site).
+	script, err := rewriteScript(*python)
+	if err != nil {
+		return err
 	}
 	setup, err := setUpFederation(*fxBin, "fxbench-fedbuff-", *keep, *pkiDir, *envoys)
 	if err != nil {
@@ -126,7 +100,7 @@ func fedbuffMain(args []string) error {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return "", err
 		}
-		if err := os.WriteFile(filepath.Join(dir, "slow.py"), []byte(fedbuffScript), 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, "rewrite.py"), script, 0o600); err != nil {
 			return "", err
 		}
 		agg := "aggregation: {algorithm: fedavg}"
@@ -138,7 +112,7 @@ func fedbuffMain(args []string) error {
 		plan := fmt.Sprintf(`name: %s
 rounds: %d
 participants: {min: %d, tags: [fedbuff]}
-runner: {kind: exec, command: [python3, slow.py], timeout: 1h}
+runner: {kind: exec, command: [python3, rewrite.py], timeout: 1h}
 tasks: [train, locally_tuned_model_validation]
 %s
 stragglers: {deadline: 1h, min_reporting: 1}

@@ -60,11 +60,8 @@ func largeMain(args []string) error {
 	envoys := fs.Int("envoys", 4, "envoys, each a process with its own runner")
 	rounds := fs.Int("rounds", 3, "rounds per size (the first, with start-up, is reported apart)")
 	trials := fs.Int("trials", 3, "raw baseline trials per size")
-	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
-	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
+	pkiDir, fxBin, out, keep := federationFlags(fs)
 	python := fs.String("python", "/usr/bin/python3", "the runners' interpreter (with numpy)")
-	out := fs.String("out", "", "write the result as JSON here")
-	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
 	var sizeMiBs []int
 	for _, s := range strings.Split(*sizes, ",") {

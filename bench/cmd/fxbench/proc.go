@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -159,4 +160,15 @@ func workDir(prefix string, keep bool) (dir string, done func(), err error) {
 		return dir, func() {}, nil
 	}
 	return dir, func() { os.RemoveAll(dir) }, nil
+}
+
+// federationFlags defines the flags of every benchmark that runs a
+// federation of fx processes: the certificate cache, the fx binary, the
+// JSON result and whether to keep the work directory.
+func federationFlags(fs *flag.FlagSet) (pkiDir, fxBin, out *string, keep *bool) {
+	pkiDir = fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
+	fxBin = fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
+	out = fs.String("out", "", "write the result as JSON here")
+	keep = fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
+	return pkiDir, fxBin, out, keep
 }

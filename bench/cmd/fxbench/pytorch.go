@@ -90,12 +90,9 @@ func pytorchMain(args []string) error {
 	envoys := fs.Int("envoys", 4, "envoys (data sites), each holding one IID shard of Fashion-MNIST")
 	rounds := fs.Int("rounds", 5, "rounds of each run")
 	runs := fs.Int("runs", 3, "alternate the three ways this many times")
-	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
-	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
+	pkiDir, fxBin, out, keep := federationFlags(fs)
 	python := fs.String("python", "/usr/bin/python3", "the interpreter (with numpy and torch) of the floor and the sites")
 	threads := fs.String("threads", "1", "OMP_NUM_THREADS of each site's runner and of the floor")
-	out := fs.String("out", "", "write the result as JSON here")
-	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
 	if *runs < 1 || *rounds < 2 || *envoys < 1 {
 		return errors.New("want -runs ≥ 1, -rounds ≥ 2, -envoys ≥ 1")

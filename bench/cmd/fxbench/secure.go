@@ -82,11 +82,8 @@ func secureMain(args []string) error {
 	rounds := fs.Int("rounds", 3, "rounds per experiment (the first, with start-up, is reported apart)")
 	trials := fs.Int("trials", 3, "pairs of experiments (plain, secure), alternating which goes first; odd, so the ratio is a true median")
 	rng := fs.Float64("range", 1, "aggregation.secure_range of the secure experiments")
-	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
-	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
+	pkiDir, fxBin, out, keep := federationFlags(fs)
 	python := fs.String("python", "/usr/bin/python3", "the runners' interpreter (with numpy)")
-	out := fs.String("out", "", "write the result as JSON here")
-	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
 	_ = fs.Parse(args)
 	if *envoys < 2 || *rounds < 2 || *trials < 1 || *params < 8 {
 		return errors.New("want -envoys ≥ 2, -rounds ≥ 2, -trials ≥ 1, -params ≥ 8")

@@ -69,10 +69,7 @@ func telemetryMain(args []string) error {
 	rounds := fs.Int("rounds", 8, "rounds per trial (the first, with start-up, is left out)")
 	trials := fs.Int("trials", 2, "trials of each kind, alternated: off, on, off, on, ...")
 	scrape := fs.Duration("scrape", time.Second, "how often every party's /metrics is read in the trials with metrics (Prometheus's default is 1m; 15s is common)")
-	pkiDir := fs.String("pki", "bench/out/pki", "certificate cache (shared with capacity)")
-	fxBin := fs.String("fx", "bench/out/fx", "the fx binary the director and envoys run")
-	out := fs.String("out", "", "write the result as JSON here")
-	keep := fs.Bool("keep", false, "keep the work directory (configurations, logs) and say where")
+	pkiDir, fxBin, out, keep := federationFlags(fs)
 	_ = fs.Parse(args)
 	if *envoys < 1 || *rounds < 2 || *trials < 1 || *scrape <= 0 {
 		return errors.New("want -envoys ≥ 1, -rounds ≥ 2, -trials ≥ 1, -scrape > 0")
