@@ -306,13 +306,13 @@ func (a *Aggregator) checkSamples(name string, h *fxv1.ResultHeader) error {
 // rounds the header's round is the one whose model the result was computed
 // from, and stale is how far the current round is ahead of it (fedbuff.go).
 //
-// An asynchronous step that is closing has its updates; an upload that
-// arrives meanwhile waits for the next step and counts there, rather than
-// being refused as late and trained again.
+// An asynchronous step that has its K train updates, or is closing, takes
+// no more; a train upload that arrives meanwhile waits for the next step
+// and counts there, rather than being refused as late and trained again.
 func (a *Aggregator) openUpload(ctx context.Context, name string, h *fxv1.ResultHeader) (r *roundState, stale int, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for a.plan.Async() && a.round.closed && !a.ended && !a.stopping {
+	for a.plan.Async() && (a.round.closed || runner.IsTrain(h.Task) && a.asyncReady(a.round)) && !a.ended && !a.stopping {
 		changed := a.changed
 		a.mu.Unlock()
 		select {
@@ -359,6 +359,13 @@ func (a *Aggregator) countResult(r *roundState, result TaskResult, st stage) err
 			st.Discard()
 		}
 		return status.Errorf(codes.FailedPrecondition, "round %d closed while the result was arriving; it is late", r.number)
+	}
+	if st != nil && a.plan.Async() && a.asyncReady(r) {
+		// Opened before the step had its K updates, and others filled it
+		// meanwhile: a step counts K, no more (fedbuff.go).
+		a.mu.Unlock()
+		st.Discard()
+		return status.Errorf(codes.FailedPrecondition, "step %d had its %d updates while this one was arriving; train again from the newest model", r.number, a.buffer)
 	}
 	p := a.parts[result.Collaborator]
 	mark(r.reported, result.Collaborator, result.Task, true)
