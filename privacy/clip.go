@@ -219,41 +219,53 @@ func blockSeed(seed [32]byte, b block) [32]byte {
 }
 
 // sumSquares is Σ(t−g)² over two runs of elements of dtype d. F32 and F64,
-// the dtypes of nearly every model, have loops of their own that the
-// compiler keeps in registers; four partial sums let the additions overlap.
+// the dtypes of nearly every model, run on typed views of the bytes
+// (tensor.View: tensors are aligned, and blocks cut them at whole
+// elements), in loops the compiler keeps in registers; four partial sums let
+// the additions overlap. Other dtypes, and bytes no view fits, go through
+// the codec.
 func sumSquares(d tensor.DType, t, g []byte) float64 {
-	var s [4]float64
 	switch d {
 	case tensor.F32:
-		g = g[:len(t)]
-		for k := 0; k+16 <= len(t); k += 16 {
-			for j := range 4 {
-				x := float64(f32(t[k+4*j:])) - float64(f32(g[k+4*j:]))
-				s[j] += x * x
+		if tv, ok := tensor.View[float32](t); ok {
+			if gv, ok := tensor.View[float32](g); ok {
+				return sumSquaresOf(tv, gv)
 			}
-		}
-		for k := len(t) &^ 15; k+4 <= len(t); k += 4 {
-			x := float64(f32(t[k:])) - float64(f32(g[k:]))
-			s[0] += x * x
 		}
 	case tensor.F64:
-		g = g[:len(t)]
-		for k := 0; k+32 <= len(t); k += 32 {
-			for j := range 4 {
-				x := f64(t[k+8*j:]) - f64(g[k+8*j:])
-				s[j] += x * x
+		if tv, ok := tensor.View[float64](t); ok {
+			if gv, ok := tensor.View[float64](g); ok {
+				return sumSquaresOf(tv, gv)
 			}
 		}
-		for k := len(t) &^ 31; k+8 <= len(t); k += 8 {
-			x := f64(t[k:]) - f64(g[k:])
-			s[0] += x * x
-		}
-	default:
-		c := codecs[d]
-		for off := 0; off+c.size <= len(t); off += c.size {
-			x := c.get(t[off:]) - c.get(g[off:])
-			s[0] += x * x
-		}
+	}
+	c := codecs[d]
+	var s float64
+	for off := 0; off+c.size <= len(t); off += c.size {
+		x := c.get(t[off:]) - c.get(g[off:])
+		s += x * x
+	}
+	return s
+}
+
+func sumSquaresOf[T float32 | float64](t, g []T) float64 {
+	var s [4]float64
+	g = g[:len(t)]
+	k := 0
+	for ; k+4 <= len(t); k += 4 {
+		t4, g4 := t[k:k+4:k+4], g[k:k+4:k+4]
+		x0 := float64(t4[0]) - float64(g4[0])
+		x1 := float64(t4[1]) - float64(g4[1])
+		x2 := float64(t4[2]) - float64(g4[2])
+		x3 := float64(t4[3]) - float64(g4[3])
+		s[0] += x0 * x0
+		s[1] += x1 * x1
+		s[2] += x2 * x2
+		s[3] += x3 * x3
+	}
+	for ; k < len(t); k++ {
+		x := float64(t[k]) - float64(g[k])
+		s[0] += x * x
 	}
 	return (s[0] + s[1]) + (s[2] + s[3])
 }
@@ -261,54 +273,74 @@ func sumSquares(d tensor.DType, t, g []byte) float64 {
 // clipNoise writes t − shrink·(t−g) + noise over t, element by element
 // (no noise if noise is nil, else one value per element). On a value its
 // dtype cannot hold it stops and returns the element's index and the value,
-// with ok false. As sumSquares, F32 and F64 have loops of their own.
+// with ok false. As sumSquares, F32 and F64 run on typed views.
 func clipNoise(d tensor.DType, t, g []byte, shrink float64, noise []float64) (at int, v float64, ok bool) {
 	switch d {
 	case tensor.F32:
-		g = g[:len(t)]
-		for k := 0; k+4 <= len(t); k += 4 {
-			tv := float64(f32(t[k:]))
-			v := tv - shrink*(tv-float64(f32(g[k:])))
-			if noise != nil {
-				v += noise[k/4]
+		if tv, ok := tensor.View[float32](t); ok {
+			if gv, ok := tensor.View[float32](g); ok {
+				return clipNoise32(tv, gv, shrink, noise)
 			}
-			f := float32(v)
-			if f > math.MaxFloat32 || f < -math.MaxFloat32 {
-				return k / 4, v, false
-			}
-			binary.LittleEndian.PutUint32(t[k:], math.Float32bits(f))
 		}
 	case tensor.F64:
-		g = g[:len(t)]
-		for k := 0; k+8 <= len(t); k += 8 {
-			tv := f64(t[k:])
-			v := tv - shrink*(tv-f64(g[k:]))
-			if noise != nil {
-				v += noise[k/8]
+		if tv, ok := tensor.View[float64](t); ok {
+			if gv, ok := tensor.View[float64](g); ok {
+				return clipNoise64(tv, gv, shrink, noise)
 			}
-			if v > math.MaxFloat64 || v < -math.MaxFloat64 {
-				return k / 8, v, false
-			}
-			binary.LittleEndian.PutUint64(t[k:], math.Float64bits(v))
 		}
-	default:
-		c := codecs[d]
-		for off := 0; off+c.size <= len(t); off += c.size {
-			tv := c.get(t[off:])
-			v := tv - shrink*(tv-c.get(g[off:]))
-			if noise != nil {
-				v += noise[off/c.size]
-			}
-			if !c.put(t[off:], v) {
-				return off / c.size, v, false
-			}
+	}
+	c := codecs[d]
+	for off := 0; off+c.size <= len(t); off += c.size {
+		tv := c.get(t[off:])
+		v := tv - shrink*(tv-c.get(g[off:]))
+		if noise != nil {
+			v += noise[off/c.size]
+		}
+		if !c.put(t[off:], v) {
+			return off / c.size, v, false
 		}
 	}
 	return 0, 0, true
 }
 
-func f32(b []byte) float32 { return math.Float32frombits(binary.LittleEndian.Uint32(b)) }
-func f64(b []byte) float64 { return math.Float64frombits(binary.LittleEndian.Uint64(b)) }
+func clipNoise32(t, g []float32, shrink float64, noise []float64) (at int, v float64, ok bool) {
+	g = g[:len(t)]
+	if noise != nil {
+		noise = noise[:len(t)]
+	}
+	for k, tk := range t {
+		tv := float64(tk)
+		v := tv - shrink*(tv-float64(g[k]))
+		if noise != nil {
+			v += noise[k]
+		}
+		f := float32(v)
+		if f > math.MaxFloat32 || f < -math.MaxFloat32 {
+			return k, v, false
+		}
+		t[k] = f
+	}
+	return 0, 0, true
+}
+
+func clipNoise64(t, g []float64, shrink float64, noise []float64) (at int, v float64, ok bool) {
+	g = g[:len(t)]
+	if noise != nil {
+		noise = noise[:len(t)]
+	}
+	for k, tv := range t {
+		v := tv - shrink*(tv-g[k])
+		if noise != nil {
+			v += noise[k]
+		}
+		if v > math.MaxFloat64 || v < -math.MaxFloat64 {
+			return k, v, false
+		}
+		t[k] = v
+	}
+	return 0, 0, true
+}
+
 
 // codec reads and writes one little-endian element of a float dtype as a
 // float64; put reports false when the value overflows the dtype.

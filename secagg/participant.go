@@ -356,7 +356,7 @@ func (m *Masker) MaskChunk(tensorIndex int, elemOffset int64, raw []byte, dtype 
 		}
 		applyStreams(w, m.streams, tensorIndex, elemOffset+int64(lo))
 		out := dst[4*lo : 4*hi]
-		if o, ok := view(out); ok {
+		if o, ok := tensor.View[uint32](out); ok {
 			copy(o, w)
 		} else {
 			for i, v := range w {

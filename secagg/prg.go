@@ -6,7 +6,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sync"
-	"unsafe"
+
+	"github.com/fx-fl/fx/tensor"
 )
 
 // The PRG is AES-256 in counter mode, keyed by a 32-byte seed derived with
@@ -50,7 +51,7 @@ func newStream(key []byte, neg bool) (stream, error) {
 // host is little-endian (every platform fx ships for), and by a copy
 // elsewhere. The keystream buffers come from make, so they are aligned.
 func words(b []byte) []uint32 {
-	if w, ok := view(b); ok {
+	if w, ok := tensor.View[uint32](b); ok {
 		return w
 	}
 	w := make([]uint32, len(b)/4)
@@ -59,21 +60,6 @@ func words(b []byte) []uint32 {
 	}
 	return w
 }
-
-// view is b as little-endian uint32s in place, if the host and b's
-// alignment allow it.
-func view(b []byte) ([]uint32, bool) {
-	p := unsafe.Pointer(unsafe.SliceData(b))
-	if !hostLittleEndian || uintptr(p)%4 != 0 {
-		return nil, false
-	}
-	return unsafe.Slice((*uint32)(p), len(b)/4), true
-}
-
-var hostLittleEndian = func() bool {
-	x := uint16(1)
-	return *(*byte)(unsafe.Pointer(&x)) == 1
-}()
 
 // applyStreams adds (or subtracts) every stream's mask for elements
 // [elemOffset, elemOffset+len(dst)) of tensor t to dst, mod 2^32.

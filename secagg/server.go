@@ -291,7 +291,7 @@ func (s *Server) AddMaskedChunk(from string, tensorIndex int, elemOffset int64, 
 		m := &s.stripes[(g/lockBlock)%lockStripes]
 		m.Lock()
 		d, src := sum[lo:hi], masked[4*lo:4*hi]
-		if w, ok := view(src); ok {
+		if w, ok := tensor.View[uint32](src); ok {
 			for i, v := range w[:len(d)] {
 				d[i] += v
 			}

@@ -212,14 +212,30 @@ func bytesAs[T float32 | float64](b []byte) []T {
 	}
 	var zero T
 	size := int(unsafe.Sizeof(zero))
-	n := len(b) / size
-	if n == 0 {
-		return nil
-	}
-	if !aligned(b, size) {
+	v, ok := View[T](b)
+	if !ok && len(b) >= size {
 		panic(fmt.Sprintf("tensor: data is not %d-byte aligned; allocate tensors with New", size))
 	}
-	return unsafe.Slice((*T)(unsafe.Pointer(unsafe.SliceData(b))), n)
+	return v
+}
+
+// View is b's memory as little-endian elements of T, shared, not copied:
+// what lets loops over tensor data run on typed values instead of decoding
+// bytes. ok is false, and the caller decodes the bytes itself, when the host
+// is big-endian or b does not start on a multiple of T's size (a slice of a
+// tensor made by New, cut at a multiple of T's size, always does). Bytes
+// past the last whole element are left out.
+func View[T uint32 | float32 | float64](b []byte) (v []T, ok bool) {
+	var zero T
+	size := int(unsafe.Sizeof(zero))
+	if !hostLittleEndian || !aligned(b, size) {
+		return nil, false
+	}
+	n := len(b) / size
+	if n == 0 {
+		return nil, true
+	}
+	return unsafe.Slice((*T)(unsafe.Pointer(unsafe.SliceData(b))), n), true
 }
 
 // aligned reports whether b starts on a multiple of align bytes.
