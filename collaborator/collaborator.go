@@ -23,6 +23,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -152,6 +153,11 @@ type Collaborator struct {
 	triedLocal bool
 	// sec is the round's secure aggregation, once its keys are exchanged.
 	sec *secureState
+	// Under differential privacy (privacy.go): unreleased is the round
+	// this process charged for an attempt that released nothing (0:
+	// none), and keeping writes the released update in the background.
+	unreleased int
+	keeping    sync.WaitGroup
 }
 
 // New checks the configuration and prepares the connection (gRPC connects
@@ -236,6 +242,7 @@ func (e *RoundError) Unwrap() error { return e.Err }
 // the aggregator stays unreachable for MaxUnreachable, or ctx is cancelled.
 func (c *Collaborator) Run(ctx context.Context) error {
 	defer c.conn.Close()
+	defer c.keeping.Wait()
 	defer func() {
 		if c.release != nil {
 			c.release()
@@ -483,6 +490,7 @@ func (c *Collaborator) pendingPath() string { return filepath.Join(c.cfg.WorkDir
 // dropResults lets another round's results go, handing its trained
 // weights back to a runner that reads the next ones into their memory.
 func (c *Collaborator) dropResults() {
+	c.keeping.Wait() // it may be writing the trained weights to a file
 	if res, ok := c.results[runner.TaskTrain]; ok && res.Model != nil {
 		if r, ok := c.cfg.Runner.(runner.Recycler); ok {
 			r.Recycle(res.Model)

@@ -54,59 +54,90 @@ const (
 // the local validation all see the same noised bytes. The train metrics
 // (loss and accuracy as the runner trained on the raw data) are dropped:
 // they are not part of what the noise protects.
+//
+// The charge is a durable write, fsyncs that take seconds on a disk busy
+// with models, and it depends on nothing the training computes: it runs
+// while the runner trains, and the noise waits for it, so the ε is still
+// charged before the update can leave the site. A charge the budget
+// refuses stops the training. A charge whose training then failed stands
+// (nothing in this process released it; the ledger cannot know that after
+// a crash), and a retry of the round in this process uses it rather than
+// charging again.
 func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (runner.Result, error) {
 	p := c.cfg.Privacy
 	if res, ok := c.replayRelease(task.Round); ok {
 		c.log.Info("sending the update released before the restart; the round is charged already", "round", task.Round)
 		return res, nil
 	}
+	start := time.Now()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	charged := make(chan error, 1)
+	var chargeTook time.Duration
+	go func() {
+		err := c.chargeRound(task.Round)
+		chargeTook = time.Since(start) // before the send: read after the receive
+		if err != nil {
+			cancel(err)
+		}
+		charged <- err
+	}()
 	res, err := c.train(ctx, task)
+	if cerr := <-charged; cerr != nil {
+		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", cerr)
+	}
 	if err != nil {
 		return res, err
 	}
-	// What DP costs the round at this site, step by step, for the log.
-	start := time.Now()
-	// The charge (a durable write: an fsync) and the noise (computation in
-	// memory) overlap; the release leaves nothing before both are done, so
-	// the ε is still charged before the update can leave the site.
-	chargeErr := make(chan error, 1)
-	var charged time.Duration
-	go func() {
-		var err error
-		if p.Ledger != nil {
-			charge := privacy.Charge{
-				Experiment: c.cfg.ExperimentID, Name: p.Name, Round: task.Round,
-				SampledGaussian: privacy.SampledGaussian{Noise: p.Noise, Rate: 1, Steps: 1},
-				Clip:            p.Clip, Delta: p.Delta,
-			}
-			_, err = p.Ledger.Charge(p.Dataset, p.Budget, charge)
-		}
-		charged = time.Since(start) // before the send: read after the receive
-		chargeErr <- err
-	}()
+	trained := time.Now()
+	// From here the update may leave the site: a retry needs a charge
+	// of its own.
+	c.unreleased = 0
 	// Only what leaves the site: its local tensors (local.go) do not.
 	rel, err := privacy.ClipAndNoise(c.shared(c.model), c.shared(res.Model), p.Clip, p.Noise)
-	noised := time.Since(start)
-	if cerr := <-chargeErr; cerr != nil {
-		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", cerr)
+	if rw, ok := c.cfg.Runner.(runner.Rewriter); ok {
+		rw.Rewritten(res.Model) // its copy holds the raw trained weights
 	}
 	if err != nil {
 		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", err)
 	}
 	res.Metrics = nil
-	kept := time.Now()
 	c.keepRelease(task.Round, res)
 	// The raw norm is computed from the data without noise: it stays in
 	// the site's log.
 	c.log.Info("update clipped and noised", "round", task.Round, "norm", rel.Norm, "scale", rel.Scale, "noise_std", rel.Std, "reset", rel.Reset,
-		"charge_took", charged.Round(time.Millisecond), "noise_took", noised.Round(time.Millisecond), "keep_took", time.Since(kept).Round(time.Millisecond))
+		"charge_took", chargeTook.Round(time.Millisecond), "noise_took", time.Since(trained).Round(time.Millisecond))
 	return res, nil
 }
 
+// chargeRound charges the round's release to the site's budget, unless
+// this process charged it already for an attempt that released nothing.
+func (c *Collaborator) chargeRound(round int) error {
+	p := c.cfg.Privacy
+	if p.Ledger == nil || c.unreleased == round {
+		return nil
+	}
+	charge := privacy.Charge{
+		Experiment: c.cfg.ExperimentID, Name: p.Name, Round: round,
+		SampledGaussian: privacy.SampledGaussian{Noise: p.Noise, Rate: 1, Steps: 1},
+		Clip:            p.Clip, Delta: p.Delta,
+	}
+	if _, err := p.Ledger.Charge(p.Dataset, p.Budget, charge); err != nil {
+		return err
+	}
+	c.unreleased = round
+	return nil
+}
+
 // keepRelease writes the released model to the work directory for
-// replayRelease. Without it a restart costs a round of budget more, not
-// privacy, so a failure is only logged. It need not survive a crash of the
-// machine either: the page cache's copy serves a restarted process.
+// replayRelease, in the background: the upload and the local validation
+// read the same memory meanwhile, and what waits for it is whatever
+// reuses that memory or reads the file (dropResults, replayRelease, the
+// end of Run). Without the file a restart costs a round of budget more,
+// not privacy — a release that left without its file is charged again
+// when the round is trained again — so a failure is only logged. It need
+// not survive a crash of the machine either: the page cache's copy serves
+// a restarted process.
 //
 // The last round's file is removed before this one is written rather than
 // replaced by the rename: ext4 (auto_da_alloc) forces a file that replaces
@@ -119,12 +150,17 @@ func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (ru
 func (c *Collaborator) keepRelease(round int, res runner.Result) {
 	meta := map[string]string{releasedRound: strconv.Itoa(round), releasedSamples: strconv.FormatInt(res.Samples, 10)}
 	path := filepath.Join(c.cfg.WorkDir, releasedFile)
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		c.log.Warn("cannot remove the update released in an earlier round", "error", err)
-	}
-	if err := tensor.WriteScratchFile(path, res.Model, meta); err != nil {
-		c.log.Warn("cannot keep the released update for a restart; a restart before its upload will train and charge the round again", "round", round, "error", err)
-	}
+	c.keeping.Go(func() {
+		start := time.Now()
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			c.log.Warn("cannot remove the update released in an earlier round", "error", err)
+		}
+		if err := tensor.WriteScratchFile(path, res.Model, meta); err != nil {
+			c.log.Warn("cannot keep the released update for a restart; a restart before its upload will train and charge the round again", "round", round, "error", err)
+			return
+		}
+		c.log.Debug("released update kept for a restart", "round", round, "took", time.Since(start).Round(time.Millisecond))
+	})
 }
 
 // replayRelease returns the model released for round before a restart, if
@@ -132,6 +168,7 @@ func (c *Collaborator) keepRelease(round int, res runner.Result) {
 // ledger does not know of (it was restored from an older backup) are not
 // sent, and the round is trained and charged again.
 func (c *Collaborator) replayRelease(round int) (runner.Result, bool) {
+	c.keeping.Wait()
 	path := filepath.Join(c.cfg.WorkDir, releasedFile)
 	// The file is nearly always the last round's, left by an upload that
 	// went through: its header says so without reading the whole model,

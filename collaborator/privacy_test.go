@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/mock/gomock"
 	"google.golang.org/grpc/codes"
@@ -86,6 +87,16 @@ func openTestLedger(t *testing.T, dir string) *privacy.Ledger {
 	return l
 }
 
+// rewriter is a runner that keeps copies of what it trained, as the exec
+// runner's persistent process does: it records what it is told was
+// rewritten.
+type rewriter struct {
+	runner.Runner
+	told *[]tensor.Model
+}
+
+func (r rewriter) Rewritten(m tensor.Model) { *r.told = append(*r.told, m) }
+
 func withPrivacy(p *Privacy) func(*Config) { return func(c *Config) { c.Privacy = p } }
 
 // TestDPUploadsTheClippedAndNoisedUpdateNotTheTrainedOne: with privacy on,
@@ -98,7 +109,9 @@ func TestDPUploadsTheClippedAndNoisedUpdateNotTheTrainedOne(t *testing.T) {
 	const clip, sigma = 1.0, 0.05
 	ledger := openTestLedger(t, t.TempDir())
 	lax := privacy.Budget{Epsilon: 1000, Delta: 1e-5}
-	r := newRig(t, withPrivacy(&Privacy{Noise: sigma, Clip: clip, Delta: 1e-5, Ledger: ledger, Dataset: "site-1", Budget: lax, Name: "alice/dp"}))
+	var rewritten []tensor.Model
+	r := newRig(t, withPrivacy(&Privacy{Noise: sigma, Clip: clip, Delta: 1e-5, Ledger: ledger, Dataset: "site-1", Budget: lax, Name: "alice/dp"}),
+		func(c *Config) { c.Runner = rewriter{Runner: c.Runner, told: &rewritten} })
 	global := dpModel()
 	r.expectTasks(runTasks(1, runner.TaskTrain, runner.TaskLocalValidation), quit("finished"))
 	r.serveModel(global)
@@ -127,6 +140,9 @@ func TestDPUploadsTheClippedAndNoisedUpdateNotTheTrainedOne(t *testing.T) {
 	}
 	if tensor.Digest(validated) != tensor.Digest(sent) {
 		t.Error("the local validation did not score the released model")
+	}
+	if len(rewritten) != 1 || tensor.Digest(rewritten[0]) != tensor.Digest(sent) {
+		t.Errorf("the runner was told of %d rewritten models, want the released one: a copy it keeps of the raw trained weights would reach the local validation", len(rewritten))
 	}
 
 	// residual = sent − (global + Δ·C/‖Δ‖) is the noise alone: its
@@ -166,7 +182,8 @@ func TestDPUploadsTheClippedAndNoisedUpdateNotTheTrainedOne(t *testing.T) {
 
 // TestDPARoundTheBudgetRefusesUploadsNothing: a round the budget cannot
 // afford ends the collaborator's part with the ledger's reason, charges
-// nothing, and sends nothing of the training.
+// nothing, sends nothing of the training, and stops the training, which
+// the charge runs beside.
 func TestDPARoundTheBudgetRefusesUploadsNothing(t *testing.T) {
 	ledger := openTestLedger(t, t.TempDir())
 	// At σ = 1 a single round spends ε ≈ 4.75, above 3.
@@ -176,8 +193,19 @@ func TestDPARoundTheBudgetRefusesUploadsNothing(t *testing.T) {
 	r.serveModel(global)
 	r.acceptUploads(accept)
 	r.runner.EXPECT().Validate(gomock.Any(), runner.Task{Name: runner.TaskAggregatedValidation, Round: 3}, gomock.Any()).Return(validation(0.5), nil)
-	r.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(dpTrainer(0.1, 42))
+	stopped := make(chan struct{})
+	r.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(
+		func(ctx context.Context, _ runner.Task, _ tensor.Model) (runner.Result, error) {
+			<-ctx.Done() // a training that would run on: the refusal must stop it
+			close(stopped)
+			return runner.Result{}, ctx.Err()
+		})
 	err := r.run(context.Background())
+	select {
+	case <-stopped:
+	default:
+		t.Error("the training was not stopped")
+	}
 	var re *RoundError
 	if !errors.As(err, &re) || re.Round != 3 || !errors.Is(err, privacy.ErrRefused) {
 		t.Fatalf("Run = %v, want a round 3 error matching privacy.ErrRefused", err)
@@ -192,6 +220,48 @@ func TestDPARoundTheBudgetRefusesUploadsNothing(t *testing.T) {
 	}
 	if entries, _ := ledger.Entries("site-1"); len(entries) != 0 {
 		t.Errorf("a refused round was charged: %+v", entries)
+	}
+}
+
+// TestDPChargeRunsBesideTheTraining: the round is charged while the runner
+// trains, not after it, and an attempt whose training failed leaves a
+// charge that the round's next attempt in the process uses rather than
+// charging again.
+func TestDPChargeRunsBesideTheTraining(t *testing.T) {
+	ledger := openTestLedger(t, t.TempDir())
+	lax := privacy.Budget{Epsilon: 1000, Delta: 1e-5}
+	r := newRig(t, withPrivacy(&Privacy{Noise: 1, Clip: 1, Delta: 1e-5, Ledger: ledger, Dataset: "site-1", Budget: lax}))
+	r.c.model, r.c.modelRound = dpModel(), 1
+	// The training waits for the charge: done after it, it would wait for
+	// good (the bound only keeps a broken build from hanging).
+	waitForCharge := func(ctx context.Context, _ runner.Task, _ tensor.Model) error {
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if ok, err := ledger.Charged("site-1", "exp", 1); err != nil || ok {
+				return err
+			}
+		}
+		return errors.New("the round was not charged while it trained")
+	}
+	gomock.InOrder(
+		r.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(
+			func(ctx context.Context, task runner.Task, m tensor.Model) (runner.Result, error) {
+				if err := waitForCharge(ctx, task, m); err != nil {
+					return runner.Result{}, err
+				}
+				return runner.Result{}, errors.New("out of memory")
+			}),
+		r.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(dpTrainer(0.1, 42)),
+	)
+	task := runner.Task{Name: runner.TaskTrain, Round: 1}
+	if _, err := r.c.trainPrivately(context.Background(), task); err == nil || !strings.Contains(err.Error(), "out of memory") {
+		t.Fatalf("first attempt: %v, want the training's error", err)
+	}
+	if _, err := r.c.trainPrivately(context.Background(), task); err != nil {
+		t.Fatalf("second attempt: %v", err)
+	}
+	r.c.keeping.Wait()
+	if entries, _ := ledger.Entries("site-1"); len(entries) != 1 {
+		t.Errorf("the ledger holds %d charges for one release, want 1", len(entries))
 	}
 }
 

@@ -98,3 +98,15 @@ type Recycler interface {
 	// Recycle takes m, which the caller will not use again.
 	Recycle(m tensor.Model)
 }
+
+// Rewriter is a Runner that may keep a copy of a model it returned, for a
+// later task to read (the exec runner's persistent process keeps the
+// trained weights' file for the local validation). A collaborator that
+// changes such a model's values in place — differential privacy clips and
+// noises the trained weights before anything sees them — says so, and the
+// runner lets its copy go: a later task is handed the new values, never
+// the ones it trained.
+type Rewriter interface {
+	// Rewritten says m's values changed since the runner returned it.
+	Rewritten(m tensor.Model)
+}

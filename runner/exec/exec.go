@@ -252,6 +252,7 @@ type Runner struct {
 var (
 	_ runner.Runner   = (*Runner)(nil)
 	_ runner.Recycler = (*Runner)(nil)
+	_ runner.Rewriter = (*Runner)(nil)
 )
 
 // Recycle keeps m, trained weights the collaborator is done with, for the
@@ -260,6 +261,27 @@ func (r *Runner) Recycle(m tensor.Model) {
 	r.recycledMu.Lock()
 	r.recycled = m
 	r.recycledMu.Unlock()
+}
+
+// Rewritten drops the file a persistent process trained m into, if it is
+// kept: its values are no longer m's. The file becomes a spare, so the
+// next model written (m's new values, for the local validation) goes over
+// the weights the site trained rather than beside them. A per-task runner
+// keeps no files.
+func (r *Runner) Rewritten(m tensor.Model) {
+	ps := r.persistent
+	if ps == nil {
+		return
+	}
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	for i, f := range ps.files {
+		if f.is(m) {
+			ps.files = append(ps.files[:i], ps.files[i+1:]...)
+			ps.spare.keep(f.path)
+			return
+		}
+	}
 }
 
 // takeRecycled hands over the recycled model, if any, once.

@@ -515,6 +515,44 @@ func TestLentFileIsNoModel(t *testing.T) {
 	}
 }
 
+// TestRewrittenModelIsWrittenAgain: trained weights the collaborator
+// changed in place after training (differential privacy noises them) reach
+// the local validation with their new values, not as the file the runner
+// trained into.
+func TestRewrittenModelIsWrittenAgain(t *testing.T) {
+	f := newFixture(t)
+	r := f.runner(t, f.fakeConfig(t, "ok"))
+	ctx := context.Background()
+	res, err := r.Train(ctx, runner.Task{Name: runner.TaskTrain, Round: 1}, testModel())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tn := range res.Model {
+		for i := range tn.Float32s() {
+			tn.Float32s()[i] = 42
+		}
+	}
+	r.Rewritten(res.Model)
+	if _, err := r.Validate(ctx, runner.Task{Name: runner.TaskLocalValidation, Round: 1}, res.Model); err != nil {
+		t.Fatal(err)
+	}
+	inputs := f.spyLines(t, "inputs")
+	if len(inputs) != 2 {
+		t.Fatalf("the runner saw %d tasks, want 2: %q", len(inputs), inputs)
+	}
+	path := strings.Fields(inputs[1])[1]
+	if strings.Contains(filepath.Base(path), "trained-") {
+		t.Fatalf("the local validation read %s, the file the runner trained into", path)
+	}
+	got, _, err := tensor.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := got[0].Float32s()[0]; v != 42 {
+		t.Errorf("the local validation's model holds %v, want the rewritten 42", v)
+	}
+}
+
 // TestTrainReadsIntoRecycledWeights: trained weights handed back with
 // Recycle take the next trained model, in place of new memory, and the
 // next model is right.
