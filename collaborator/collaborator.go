@@ -153,11 +153,11 @@ type Collaborator struct {
 	triedLocal bool
 	// sec is the round's secure aggregation, once its keys are exchanged.
 	sec *secureState
-	// Under differential privacy (privacy.go): unreleased is the round
-	// this process charged for an attempt that released nothing (0:
-	// none), and keeping writes the released update in the background.
-	unreleased int
-	keeping    sync.WaitGroup
+	// Under differential privacy (privacy.go): charging is the round's
+	// charge while nothing of the round is released, and keeping writes
+	// the released update in the background.
+	charging *charge
+	keeping  sync.WaitGroup
 }
 
 // New checks the configuration and prepares the connection (gRPC connects
@@ -307,6 +307,7 @@ func (c *Collaborator) Run(ctx context.Context) error {
 // starts: when a restarted aggregator hands this round out again, they are
 // uploaded again rather than computed again.
 func (c *Collaborator) runRound(ctx context.Context, round int, tasks []string) error {
+	c.chargeAhead(round, tasks)
 	dctx, download := tracing.Start(ctx, "download", c.spanAttrs(round)...)
 	err := c.fetchModel(dctx, round)
 	download.End()

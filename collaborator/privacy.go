@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -55,44 +56,44 @@ const (
 // (loss and accuracy as the runner trained on the raw data) are dropped:
 // they are not part of what the noise protects.
 //
-// The charge is a durable write, fsyncs that take seconds on a disk busy
-// with models, and it depends on nothing the training computes: it runs
-// while the runner trains, and the noise waits for it, so the ε is still
-// charged before the update can leave the site. A charge the budget
-// refuses stops the training. A charge whose training then failed stands
-// (nothing in this process released it; the ledger cannot know that after
-// a crash), and a retry of the round in this process uses it rather than
-// charging again.
+// The noise waits for the round's charge (chargeFor), which runRound
+// started with the round, so the ε is charged before the update can leave
+// the site; a charge the budget refuses stops the training.
 func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (runner.Result, error) {
 	p := c.cfg.Privacy
-	if res, ok := c.replayRelease(task.Round); ok {
-		c.log.Info("sending the update released before the restart; the round is charged already", "round", task.Round)
-		return res, nil
+	// A charge made ahead means the round had no release to send again
+	// (chargeAhead): the ledger holds the charge of the new one.
+	if ch := c.charging; ch == nil || ch.round != task.Round {
+		if res, ok := c.replayRelease(task.Round); ok {
+			c.log.Info("sending the update released before the restart; the round is charged already", "round", task.Round)
+			return res, nil
+		}
 	}
-	start := time.Now()
+	ch := c.chargeFor(task.Round)
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	charged := make(chan error, 1)
-	var chargeTook time.Duration
 	go func() {
-		err := c.chargeRound(task.Round)
-		chargeTook = time.Since(start) // before the send: read after the receive
-		if err != nil {
-			cancel(err)
+		select {
+		case <-ch.done:
+			if ch.err != nil {
+				cancel(ch.err)
+			}
+		case <-ctx.Done():
 		}
-		charged <- err
 	}()
 	res, err := c.train(ctx, task)
-	if cerr := <-charged; cerr != nil {
-		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", cerr)
+	trained := time.Now()
+	<-ch.done
+	if ch.err != nil {
+		return runner.Result{}, fmt.Errorf("differential privacy: the trained update stays at this site: %w", ch.err)
 	}
 	if err != nil {
 		return res, err
 	}
-	trained := time.Now()
-	// From here the update may leave the site: a retry needs a charge
-	// of its own.
-	c.unreleased = 0
+	noising := time.Now()
+	// From here the update may leave the site: another attempt at the
+	// round needs a charge of its own.
+	c.charging = nil
 	// Only what leaves the site: its local tensors (local.go) do not.
 	rel, err := privacy.ClipAndNoise(c.shared(c.model), c.shared(res.Model), p.Clip, p.Noise)
 	if rw, ok := c.cfg.Runner.(runner.Rewriter); ok {
@@ -106,27 +107,69 @@ func (c *Collaborator) trainPrivately(ctx context.Context, task runner.Task) (ru
 	// The raw norm is computed from the data without noise: it stays in
 	// the site's log.
 	c.log.Info("update clipped and noised", "round", task.Round, "norm", rel.Norm, "scale", rel.Scale, "noise_std", rel.Std, "reset", rel.Reset,
-		"charge_took", chargeTook.Round(time.Millisecond), "noise_took", time.Since(trained).Round(time.Millisecond))
+		"charge_wait", noising.Sub(trained).Round(time.Millisecond), "noise_took", time.Since(noising).Round(time.Millisecond))
 	return res, nil
 }
 
-// chargeRound charges the round's release to the site's budget, unless
-// this process charged it already for an attempt that released nothing.
-func (c *Collaborator) chargeRound(round int) error {
+// charge is a round's charge to the site's budget.
+type charge struct {
+	round int
+	done  chan struct{} // closed once err is set
+	err   error
+}
+
+// chargeFor returns the round's charge, starting it unless one is in
+// flight or was made for an attempt of the round that released nothing.
+//
+// The charge is a durable write — fsyncs that take seconds on a disk busy
+// with models — and depends on nothing the round computes, so it runs
+// beside the round's download and tasks instead of after the training. A
+// charge whose training then failed stands (nothing in this process
+// released it, but after a crash the ledger cannot know that), and another
+// attempt at the round in this process uses it rather than charging again.
+func (c *Collaborator) chargeFor(round int) *charge {
+	if ch := c.charging; ch != nil && ch.round == round {
+		select {
+		case <-ch.done:
+			if ch.err == nil {
+				return ch
+			}
+		default:
+			return ch // in flight
+		}
+	}
+	ch := &charge{round: round, done: make(chan struct{})}
+	c.charging = ch
 	p := c.cfg.Privacy
-	if p.Ledger == nil || c.unreleased == round {
-		return nil
+	go func() {
+		defer close(ch.done)
+		if p.Ledger == nil {
+			return
+		}
+		_, ch.err = p.Ledger.Charge(p.Dataset, p.Budget, privacy.Charge{
+			Experiment: c.cfg.ExperimentID, Name: p.Name, Round: round,
+			SampledGaussian: privacy.SampledGaussian{Noise: p.Noise, Rate: 1, Steps: 1},
+			Clip:            p.Clip, Delta: p.Delta,
+		})
+	}()
+	return ch
+}
+
+// chargeAhead starts the round's charge as the round starts, if the round
+// will train under a budget and has no update to send again (one computed
+// before and kept in memory, or one released before a restart).
+func (c *Collaborator) chargeAhead(round int, tasks []string) {
+	p := c.cfg.Privacy
+	if p == nil || p.Ledger == nil || !slices.ContainsFunc(tasks, runner.IsTrain) {
+		return
 	}
-	charge := privacy.Charge{
-		Experiment: c.cfg.ExperimentID, Name: p.Name, Round: round,
-		SampledGaussian: privacy.SampledGaussian{Noise: p.Noise, Rate: 1, Steps: 1},
-		Clip:            p.Clip, Delta: p.Delta,
+	if _, ok := c.results[runner.TaskTrain]; ok && c.resultsRound == round {
+		return
 	}
-	if _, err := p.Ledger.Charge(p.Dataset, p.Budget, charge); err != nil {
-		return err
+	if c.releaseKept(round) {
+		return
 	}
-	c.unreleased = round
-	return nil
+	c.chargeFor(round)
 }
 
 // keepRelease writes the released model to the work directory for
@@ -168,35 +211,43 @@ func (c *Collaborator) keepRelease(round int, res runner.Result) {
 // ledger does not know of (it was restored from an older backup) are not
 // sent, and the round is trained and charged again.
 func (c *Collaborator) replayRelease(round int) (runner.Result, bool) {
-	c.keeping.Wait()
-	path := filepath.Join(c.cfg.WorkDir, releasedFile)
-	// The file is nearly always the last round's, left by an upload that
-	// went through: its header says so without reading the whole model,
-	// which costs as much as a pass over it, every round, at every site.
-	h, err := tensor.ReadHeaderFile(path)
-	if err == nil && h.Metadata[releasedRound] != strconv.Itoa(round) {
+	if !c.releaseKept(round) {
 		return runner.Result{}, false
 	}
-	var m tensor.Model
-	var meta map[string]string
-	if err == nil {
-		m, meta, err = tensor.ReadFile(path)
-	}
+	m, meta, err := tensor.ReadFile(filepath.Join(c.cfg.WorkDir, releasedFile))
 	if err != nil {
-		if !errors.Is(err, os.ErrNotExist) {
-			c.log.Warn("cannot read the update released before a restart; training the round again", "error", err)
-		}
+		c.log.Warn("cannot read the update released before a restart; training the round again", "error", err)
 		return runner.Result{}, false
 	}
 	samples, err := strconv.ParseInt(meta[releasedSamples], 10, 64)
 	if meta[releasedRound] != strconv.Itoa(round) || err != nil || c.model.Matches(m) != nil {
 		return runner.Result{}, false // another round's, or not this model's
 	}
+	return runner.Result{Samples: samples, Model: m}, true
+}
+
+// releaseKept reports whether the work directory holds the update released
+// for round and the ledger its charge. The file is nearly always the last
+// round's, left by an upload that went through: its header says so without
+// reading the whole model, which costs as much as a pass over it, every
+// round, at every site.
+func (c *Collaborator) releaseKept(round int) bool {
+	c.keeping.Wait()
+	h, err := tensor.ReadHeaderFile(filepath.Join(c.cfg.WorkDir, releasedFile))
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			c.log.Warn("cannot read the update released before a restart; training the round again", "error", err)
+		}
+		return false
+	}
+	if h.Metadata[releasedRound] != strconv.Itoa(round) {
+		return false
+	}
 	if p := c.cfg.Privacy; p.Ledger != nil {
 		charged, err := p.Ledger.Charged(p.Dataset, c.cfg.ExperimentID, round)
 		if err != nil || !charged {
-			return runner.Result{}, false
+			return false
 		}
 	}
-	return runner.Result{Samples: samples, Model: m}, true
+	return true
 }

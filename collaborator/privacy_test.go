@@ -3,6 +3,7 @@ package collaborator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"path/filepath"
 	"slices"
@@ -223,29 +224,55 @@ func TestDPARoundTheBudgetRefusesUploadsNothing(t *testing.T) {
 	}
 }
 
-// TestDPChargeRunsBesideTheTraining: the round is charged while the runner
-// trains, not after it, and an attempt whose training failed leaves a
-// charge that the round's next attempt in the process uses rather than
-// charging again.
+// charged waits until the ledger holds the round's charge; the bound only
+// keeps a broken build from hanging.
+func charged(ledger *privacy.Ledger, round int) error {
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if ok, err := ledger.Charged("site-1", "exp", round); err != nil || ok {
+			return err
+		}
+	}
+	return fmt.Errorf("round %d was not charged before its training ended", round)
+}
+
+// TestDPChargeStartsWithTheRound: the round is charged while its first
+// task runs, not after the training: the first task waits for the charge
+// and would wait for good if it came later.
+func TestDPChargeStartsWithTheRound(t *testing.T) {
+	ledger := openTestLedger(t, t.TempDir())
+	lax := privacy.Budget{Epsilon: 1000, Delta: 1e-5}
+	r := newRig(t, withPrivacy(&Privacy{Noise: 1, Clip: 1, Delta: 1e-5, Ledger: ledger, Dataset: "site-1", Budget: lax}))
+	r.expectTasks(runTasks(1, runner.TaskAggregatedValidation, runner.TaskTrain), quit("finished"))
+	r.serveModel(dpModel())
+	r.acceptUploads(accept)
+	gomock.InOrder(
+		r.runner.EXPECT().Validate(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(
+			func(context.Context, runner.Task, tensor.Model) (runner.Result, error) {
+				return validation(0.5), charged(ledger, 1)
+			}),
+		r.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(dpTrainer(0.1, 42)),
+	)
+	if err := r.run(context.Background()); !isQuit(err, "finished") {
+		t.Fatalf("Run = %v, want QUIT finished", err)
+	}
+	if entries, _ := ledger.Entries("site-1"); len(entries) != 1 {
+		t.Errorf("the ledger holds %d charges for one release, want 1", len(entries))
+	}
+}
+
+// TestDPChargeRunsBesideTheTraining: without a charge started ahead, the
+// train task charges while the runner trains, and an attempt whose
+// training failed leaves a charge that the round's next attempt in the
+// process uses rather than charging again.
 func TestDPChargeRunsBesideTheTraining(t *testing.T) {
 	ledger := openTestLedger(t, t.TempDir())
 	lax := privacy.Budget{Epsilon: 1000, Delta: 1e-5}
 	r := newRig(t, withPrivacy(&Privacy{Noise: 1, Clip: 1, Delta: 1e-5, Ledger: ledger, Dataset: "site-1", Budget: lax}))
 	r.c.model, r.c.modelRound = dpModel(), 1
-	// The training waits for the charge: done after it, it would wait for
-	// good (the bound only keeps a broken build from hanging).
-	waitForCharge := func(ctx context.Context, _ runner.Task, _ tensor.Model) error {
-		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-			if ok, err := ledger.Charged("site-1", "exp", 1); err != nil || ok {
-				return err
-			}
-		}
-		return errors.New("the round was not charged while it trained")
-	}
 	gomock.InOrder(
 		r.runner.EXPECT().Train(gomock.Any(), gomock.Any(), gomock.Any()).DoAndReturn(
-			func(ctx context.Context, task runner.Task, m tensor.Model) (runner.Result, error) {
-				if err := waitForCharge(ctx, task, m); err != nil {
+			func(context.Context, runner.Task, tensor.Model) (runner.Result, error) {
+				if err := charged(ledger, 1); err != nil {
 					return runner.Result{}, err
 				}
 				return runner.Result{}, errors.New("out of memory")
