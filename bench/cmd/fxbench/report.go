@@ -356,6 +356,7 @@ func reportMain(args []string) error {
 	_ = reportFailover(p, *dir, "failover.json") // a missing result is said in the section
 	reportNotes(p, *notes, "failover")
 	reportPrivacy(p, *dir)
+	reportNotes(p, *notes, "privacy")
 	reportFedBuff(p, *dir)
 	if err := os.WriteFile(*out, w.Bytes(), 0o644); err != nil {
 		return err
