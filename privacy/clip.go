@@ -341,7 +341,6 @@ func clipNoise64(t, g []float64, shrink float64, noise []float64) (at int, v flo
 	return 0, 0, true
 }
 
-
 // codec reads and writes one little-endian element of a float dtype as a
 // float64; put reports false when the value overflows the dtype.
 type codec struct {
