@@ -58,7 +58,7 @@ func largeMain(args []string) error {
 	fs := flag.NewFlagSet("large", flag.ExitOnError)
 	sizes := fs.String("sizes", "64,512,1024", "model sizes in MiB, comma-separated")
 	envoys := fs.Int("envoys", 4, "envoys, each a process with its own runner")
-	rounds := fs.Int("rounds", 3, "rounds per size (the first, with start-up, is reported apart)")
+	rounds := fs.Int("rounds", 5, "rounds per size (the first, with start-up, is reported apart; the last, whose files no next round overlaps, is one of the rest the median is taken over)")
 	trials := fs.Int("trials", 3, "raw baseline trials per size")
 	pkiDir, fxBin, out, keep := federationFlags(fs)
 	python := fs.String("python", "/usr/bin/python3", "the runners' interpreter (with numpy)")

@@ -61,11 +61,14 @@ type secureResult struct {
 	LogProblems []string
 }
 
-// dpPlan and dpSite are the DP settings of -mode dp: the plan and the
-// site budget docs/privacy.md uses as its examples.
+// dpPlan and dpSite are the DP settings of -mode dp: the site budget
+// docs/privacy.md uses as its example (ε = 3 at δ = 1e-5), and a noise
+// multiplier that affords the default trials × rounds within it (16
+// rounds at σ = 6). What DP costs does not depend on σ.
 const (
-	dpPlan = "{dp: {noise_multiplier: 5, clip_norm: 1, delta: 1e-5}}"
-	dpSite = "privacy: {budget: {epsilon: 3, delta: 1e-5, min_noise_multiplier: 5, max_clip_norm: 1}}\n"
+	dpSigma = 6
+	dpPlan  = "{dp: {noise_multiplier: 6, clip_norm: 1, delta: 1e-5}}"
+	dpSite  = "privacy: {budget: {epsilon: 3, delta: 1e-5, min_noise_multiplier: 6, max_clip_norm: 1}}\n"
 )
 
 // secureAggregation is the aggregation of -mode secure's experiments.
@@ -79,7 +82,7 @@ func secureMain(args []string) error {
 	mode := fs.String("mode", "secure", "what to compare with the plain experiments: secure (aggregation.secure) or dp (privacy.dp "+dpPlan+", every envoy with the budget "+strings.TrimSpace(dpSite)+")")
 	params := fs.Int64("params", 25_000_000, "model parameters (float32), in 8 tensors")
 	envoys := fs.Int("envoys", 10, "envoys, each a process with its own runner")
-	rounds := fs.Int("rounds", 3, "rounds per experiment (the first, with start-up, is reported apart)")
+	rounds := fs.Int("rounds", 5, "rounds per experiment (the first, with start-up, is reported apart; the last, whose files no next round overlaps, is one of the rest the median is taken over)")
 	trials := fs.Int("trials", 3, "pairs of experiments (plain, secure), alternating which goes first; odd, so the ratio is a true median")
 	rng := fs.Float64("range", 1, "aggregation.secure_range of the secure experiments")
 	pkiDir, fxBin, out, keep := federationFlags(fs)
@@ -102,9 +105,9 @@ func secureMain(args []string) error {
 		priv = "privacy: " + dpPlan + "\n"
 		res.Plan = strings.TrimSpace(priv)
 		// Every DP round is charged to the site's ledger, across the
-		// trials: they must fit in the budget (σ = 5, q = 1).
-		if n, err := privacy.MaxSteps(nil, 5, 1, 3, 1e-5); err != nil || *trials**rounds > n {
-			return fmt.Errorf("-mode dp: %d trials × %d rounds do not fit in the site budget (ε = 3 at δ = 1e-5 affords %d rounds at σ = 5; %v)", *trials, *rounds, n, err)
+		// trials: they must fit in the budget (q = 1).
+		if n, err := privacy.MaxSteps(nil, dpSigma, 1, 3, 1e-5); err != nil || *trials**rounds > n {
+			return fmt.Errorf("-mode dp: %d trials × %d rounds do not fit in the site budget (ε = 3 at δ = 1e-5 affords %d rounds at σ = %d; %v)", *trials, *rounds, n, dpSigma, err)
 		}
 	default:
 		return fmt.Errorf("-mode %q: want secure or dp", *mode)
