@@ -95,18 +95,7 @@ func asyncStep(global, avg tensor.Model, lr float64) (tensor.Model, error) {
 				us[i] = gs[i] + lr*d
 			}
 		case tensor.F16, tensor.BF16:
-			us, err := u.Float32Copy()
-			if err != nil {
-				return nil, err
-			}
-			gs, err := g.Float32Copy()
-			if err != nil {
-				return nil, err
-			}
-			for i, d := range us {
-				us[i] = gs[i] + eta*d
-			}
-			if err := u.SetFloat32(us); err != nil {
+			if err := tensor.CombineFloat32(u, g, func(x, d float32) float32 { return x + eta*d }); err != nil {
 				return nil, err
 			}
 		}

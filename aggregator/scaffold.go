@@ -137,18 +137,7 @@ func scaffoldStep(global, avg tensor.Model, lr, fraction float64) (tensor.Model,
 			}
 			continue
 		}
-		us, err := u.Float32Copy()
-		if err != nil {
-			return nil, err
-		}
-		gs, err := g.Float32Copy()
-		if err != nil {
-			return nil, err
-		}
-		for i, v := range us {
-			us[i] = f(gs[i], v)
-		}
-		if err := u.SetFloat32(us); err != nil {
+		if err := tensor.CombineFloat32(u, g, f); err != nil {
 			return nil, err
 		}
 	}

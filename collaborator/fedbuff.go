@@ -41,18 +41,8 @@ func delta(base, trained tensor.Model) (tensor.Model, error) {
 				ds[i] = ys[i] - xs[i]
 			}
 		case tensor.F16, tensor.BF16:
-			xs, err := x.Float32Copy()
-			if err != nil {
-				return nil, err
-			}
-			ys, err := y.Float32Copy()
-			if err != nil {
-				return nil, err
-			}
-			for i := range ys {
-				ys[i] -= xs[i]
-			}
-			if err := d.SetFloat32(ys); err != nil {
+			copy(d.Data, y.Data)
+			if err := tensor.CombineFloat32(d, x, func(x, y float32) float32 { return y - x }); err != nil {
 				return nil, err
 			}
 		default:

@@ -279,13 +279,13 @@ func clipNoise(d tensor.DType, t, g []byte, shrink float64, noise []float64) (at
 	case tensor.F32:
 		if tv, ok := tensor.View[float32](t); ok {
 			if gv, ok := tensor.View[float32](g); ok {
-				return clipNoise32(tv, gv, shrink, noise)
+				return clipNoiseOf(tv, gv, shrink, noise)
 			}
 		}
 	case tensor.F64:
 		if tv, ok := tensor.View[float64](t); ok {
 			if gv, ok := tensor.View[float64](g); ok {
-				return clipNoise64(tv, gv, shrink, noise)
+				return clipNoiseOf(tv, gv, shrink, noise)
 			}
 		}
 	}
@@ -303,7 +303,10 @@ func clipNoise(d tensor.DType, t, g []byte, shrink float64, noise []float64) (at
 	return 0, 0, true
 }
 
-func clipNoise32(t, g []float32, shrink float64, noise []float64) (at int, v float64, ok bool) {
+// clipNoiseOf is clipNoise's loop for F32 and F64: the value is computed
+// in float64 and stored in T, and overflows when it rounds to an infinity
+// of T.
+func clipNoiseOf[T float32 | float64](t, g []T, shrink float64, noise []float64) (at int, v float64, ok bool) {
 	g = g[:len(t)]
 	if noise != nil {
 		noise = noise[:len(t)]
@@ -314,29 +317,11 @@ func clipNoise32(t, g []float32, shrink float64, noise []float64) (at int, v flo
 		if noise != nil {
 			v += noise[k]
 		}
-		f := float32(v)
-		if f > math.MaxFloat32 || f < -math.MaxFloat32 {
+		f := T(v)
+		if math.IsInf(float64(f), 0) {
 			return k, v, false
 		}
 		t[k] = f
-	}
-	return 0, 0, true
-}
-
-func clipNoise64(t, g []float64, shrink float64, noise []float64) (at int, v float64, ok bool) {
-	g = g[:len(t)]
-	if noise != nil {
-		noise = noise[:len(t)]
-	}
-	for k, tv := range t {
-		v := tv - shrink*(tv-g[k])
-		if noise != nil {
-			v += noise[k]
-		}
-		if v > math.MaxFloat64 || v < -math.MaxFloat64 {
-			return k, v, false
-		}
-		t[k] = v
 	}
 	return 0, 0, true
 }

@@ -253,6 +253,16 @@ func TestNoiseOverflowIsAnError(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "overflows F16") {
 		t.Errorf("error %v, want an overflow", err)
 	}
+	// The typed F32 loop: values near float32's largest overflow it, and
+	// the same values in F64 do not.
+	near := func(int) float64 { return 3.4e38 }
+	_, err = ClipAndNoise(model(t, 16, near, tensor.F32), model(t, 16, near, tensor.F32), 1e37, 100) // std 1e39
+	if err == nil || !strings.Contains(err.Error(), "overflows F32") {
+		t.Errorf("F32: error %v, want an overflow", err)
+	}
+	if _, err := ClipAndNoise(model(t, 16, near, tensor.F64), model(t, 16, near, tensor.F64), 1e37, 100); err != nil {
+		t.Errorf("F64: %v", err)
+	}
 }
 
 // TestBlocksDrawTheirOwnNoise: the noise is drawn a block at a time on

@@ -186,6 +186,29 @@ func (t *Tensor) SetFloat32(values []float32) error {
 	return nil
 }
 
+// CombineFloat32 sets each element of dst to f(a's element, dst's
+// element), computed in float32 and rounded back to dst's dtype: the
+// elementwise steps of the server optimisers and of asynchronous updates
+// for the dtypes without a typed view (F16, BF16), whose callers run F32
+// (and F64) in loops of their own. dst and a must share a layout.
+func CombineFloat32(dst, a *Tensor, f func(a, d float32) float32) error {
+	ds, err := dst.Float32Copy()
+	if err != nil {
+		return err
+	}
+	as, err := a.Float32Copy()
+	if err != nil {
+		return err
+	}
+	if len(as) != len(ds) {
+		return fmt.Errorf("tensor %q has %d elements, %q %d", dst.Name, len(ds), a.Name, len(as))
+	}
+	for i, d := range ds {
+		ds[i] = f(as[i], d)
+	}
+	return dst.SetFloat32(ds)
+}
+
 // ConvertFloat returns a copy of a float tensor with dtype d. It goes through
 // float32: widening is exact, narrowing rounds to nearest even (F64 to F16 or
 // BF16 rounds twice, which can differ from one direct rounding in the last

@@ -313,3 +313,28 @@ func putElem(b []byte, d DType, v uint64) {
 		binary.LittleEndian.PutUint64(b, v)
 	}
 }
+
+// TestCombineFloat32: the elementwise step of the low-precision dtypes
+// computes f(a, dst) in float32 and rounds it back to dst's dtype, and
+// refuses tensors of different sizes.
+func TestCombineFloat32(t *testing.T) {
+	for _, d := range []DType{F16, BF16, F64} {
+		dst, a := New("x", d, []int64{3}), New("g", d, []int64{3})
+		if err := dst.SetFloat32([]float32{0.5, -1, 4}); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.SetFloat32([]float32{1, 2, 3}); err != nil {
+			t.Fatal(err)
+		}
+		if err := CombineFloat32(dst, a, func(a, d float32) float32 { return a + 2*d }); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := dst.Float32Copy()
+		if want := []float32{2, 0, 11}; got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
+			t.Errorf("%s: %v, want %v", d, got, want)
+		}
+	}
+	if err := CombineFloat32(New("x", F16, []int64{3}), New("g", F16, []int64{4}), func(a, d float32) float32 { return a }); err == nil {
+		t.Error("tensors of 3 and 4 elements combined")
+	}
+}
